@@ -1,0 +1,23 @@
+// The CAF actor-system configuration every moe process starts from: our message types, the
+// I/O middleman (remote actors between processes), and quiet defaults for logging.
+// Thread safety: build one config per actor_system, on the thread that creates the system.
+#pragma once
+
+#include <caf/actor_system_config.hpp>
+
+#include <cstddef>
+
+namespace moe::runtime {
+
+class actor_system_config : public caf::actor_system_config {
+ public:
+  struct options {
+    size_t num_worker_threads = 0;  ///< 0: CAF's default (one per core).
+    bool load_middleman = true;     ///< Off for tests of local actors only.
+  };
+
+  actor_system_config();
+  explicit actor_system_config(const options& opts);
+};
+
+}  // namespace moe::runtime
