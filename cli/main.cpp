@@ -10,6 +10,8 @@ int main(int argc, char** argv) {
   moe::cli::command_context ctx;
   moe::cli::add_version_command(app, ctx);
   moe::cli::add_demo_command(app, ctx);
+  moe::cli::add_run_command(app, ctx);
+  moe::cli::add_init_model_command(app, ctx);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -12,6 +12,7 @@ const char* to_string(model_errc e) noexcept {
     case model_errc::io_error: return "io_error";
     case model_errc::bad_input: return "bad_input";
     case model_errc::kernel_failed: return "kernel_failed";
+    case model_errc::cache_full: return "cache_full";
   }
   return "unknown";
 }

@@ -17,6 +17,7 @@ enum class model_errc : uint8_t {
   io_error,              ///< Maybe transient: a file could not be opened, mapped or written.
   bad_input,             ///< Permanent for this request: token ids, lengths or options invalid.
   kernel_failed,         ///< Permanent: a kernel rejected its arguments (a bug or unsupported).
+  cache_full,            ///< Transient: no free KV-cache blocks; retry when sequences finish.
 };
 
 [[nodiscard]] const char* to_string(model_errc e) noexcept;

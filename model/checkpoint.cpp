@@ -1,0 +1,212 @@
+#include "model/checkpoint.hpp"
+
+#include <unordered_map>
+
+#include "base/assert.hpp"
+#include "model/dequantize.hpp"
+#include "model/model_errc.hpp"
+#include "model/progress_bar.hpp"
+
+namespace moe::model {
+
+namespace {
+
+constexpr std::string_view scale_suffix = "_scale_inv";
+
+int64_t product(std::span<const int64_t> shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string where(const safetensors_set& files, std::string_view name) {
+  return " (in " + files.file_of(name).string() + ")";
+}
+
+std::string_view dtype_name(kernels::dtype t) { return kernels::safetensors_name(t); }
+
+// "'a' (and 3 more)" for error lists, so one message reports the scale of a problem.
+std::string first_and_count(const std::vector<std::string>& names) {
+  std::string s = "'" + names.front() + "'";
+  if (names.size() > 1) s += " (and " + std::to_string(names.size() - 1) + " more)";
+  return s;
+}
+
+bool is_fp8(const tensor_view* v) { return v != nullptr && v->dtype == kernels::dtype::f8_e4m3; }
+
+caf::expected<std::vector<float>> read_scale(const safetensors_set& files,
+                                             const weight_spec& spec,
+                                             const fp8_quant_config& quant) {
+  const std::string name = scale_name(spec.name);
+  const tensor_view* scale = files.find(name);
+  if (scale == nullptr) {
+    return make_error(model_errc::missing_tensor,
+                      "missing tensor '" + name + "': the block scales of F8_E4M3 weight '" +
+                          spec.name + "'");
+  }
+  const std::vector<int64_t> want = {(spec.shape[0] + quant.block_rows - 1) / quant.block_rows,
+                                     (spec.shape[1] + quant.block_cols - 1) / quant.block_cols};
+  if (scale->shape != want) {
+    return make_error(model_errc::bad_tensor, name + ": shape " + shape_string(scale->shape) +
+                                                  ", expected " + shape_string(want) +
+                                                  where(files, name));
+  }
+  if (!is_float_type(scale->dtype) || scale->dtype == kernels::dtype::f8_e4m3) {
+    return make_error(model_errc::bad_tensor, name + ": dtype " +
+                                                  std::string(dtype_name(scale->dtype)) +
+                                                  ", expected F32, BF16 or F16" +
+                                                  where(files, name));
+  }
+  std::vector<float> values(static_cast<size_t>(product(want)));
+  decode_to_f32(scale->dtype, scale->data, values);
+  return values;
+}
+
+}  // namespace
+
+host_tensor::host_tensor(std::vector<int64_t> shape)
+    : shape_(std::move(shape)), values_(static_cast<size_t>(product(shape_))) {}
+
+host_tensor::host_tensor(std::vector<int64_t> shape, std::vector<float> values)
+    : shape_(std::move(shape)), values_(std::move(values)) {
+  MOE_ASSERT(static_cast<int64_t>(values_.size()) == product(shape_));
+}
+
+const host_tensor* checkpoint::find(std::string_view name) const noexcept {
+  auto it = tensors.find(name);
+  return it != tensors.end() ? &it->second : nullptr;
+}
+
+host_tensor* checkpoint::find(std::string_view name) noexcept {
+  auto it = tensors.find(name);
+  return it != tensors.end() ? &it->second : nullptr;
+}
+
+caf::expected<host_tensor> read_weight(const safetensors_set& files, const weight_spec& spec,
+                                       const model_config& config) {
+  const tensor_view* view = files.find(spec.name);
+  if (view == nullptr) {
+    return make_error(model_errc::missing_tensor, "missing tensor '" + spec.name + "'");
+  }
+  if (view->shape != spec.shape) {
+    return make_error(model_errc::bad_tensor, spec.name + ": shape " + shape_string(view->shape) +
+                                                  ", expected " + shape_string(spec.shape) +
+                                                  where(files, spec.name));
+  }
+  host_tensor out(spec.shape);
+  if (view->dtype != kernels::dtype::f8_e4m3) {
+    if (!is_float_type(view->dtype)) {
+      return make_error(model_errc::bad_tensor,
+                        spec.name + ": dtype " + std::string(dtype_name(view->dtype)) +
+                            ", expected F32, BF16 or F16" + where(files, spec.name));
+    }
+    decode_to_f32(view->dtype, view->data, out.data());
+    return out;
+  }
+  if (spec.kind != weight_kind::projection) {
+    return make_error(model_errc::bad_tensor,
+                      spec.name + ": dtype F8_E4M3, expected F32, BF16 or F16 (only projection "
+                                  "weights may be FP8)" + where(files, spec.name));
+  }
+  if (!config.quantization) {
+    return make_error(model_errc::bad_tensor,
+                      spec.name + ": dtype F8_E4M3, but config.json has no quantization_config "
+                                  "to give its block size" + where(files, spec.name));
+  }
+  auto scale = read_scale(files, spec, *config.quantization);
+  if (!scale) return scale.error();
+  dequantize_fp8_blocks(view->data, spec.shape[0], spec.shape[1], *scale,
+                        config.quantization->block_rows, config.quantization->block_cols,
+                        out.data());
+  return out;
+}
+
+caf::expected<std::vector<weight_spec>> check_tensor_names(const safetensors_set& files,
+                                                           const model_config& config,
+                                                           const load_options& options) {
+  std::vector<weight_spec> specs = expected_weights(config, /*include_mtp=*/true);
+  std::unordered_map<std::string_view, const weight_spec*> by_name;
+  bool mtp_present = false;
+  for (const auto& s : specs) {
+    by_name.emplace(s.name, &s);
+    mtp_present = mtp_present || (s.mtp && files.find(s.name) != nullptr);
+  }
+
+  std::vector<std::string> unexpected;
+  std::string unexpected_why;  // of the first one; the message names it
+  for (std::string_view name : files.names()) {
+    if (by_name.count(name) != 0) continue;
+    std::string why = ": not a tensor of this model config";
+    if (name.ends_with(scale_suffix)) {
+      auto base = by_name.find(name.substr(0, name.size() - scale_suffix.size()));
+      if (base != by_name.end() && base->second->kind == weight_kind::projection) {
+        if (is_fp8(files.find(base->first))) continue;
+        why = ": a block scale, but '" + std::string(base->first) + "' is not stored as F8_E4M3";
+      }
+    }
+    if (unexpected.empty()) unexpected_why = why + where(files, name);
+    unexpected.emplace_back(name);
+  }
+  if (!unexpected.empty()) {
+    return make_error(model_errc::unexpected_tensor,
+                      "unexpected tensor " + first_and_count(unexpected) + unexpected_why);
+  }
+
+  std::vector<weight_spec> selected;
+  std::vector<std::string> missing;
+  for (auto& s : specs) {
+    if (s.mtp && (options.mtp == mtp_policy::skip ||
+                  (options.mtp == mtp_policy::load_if_present && !mtp_present))) {
+      continue;
+    }
+    if (options.filter && !options.filter(s.name)) continue;
+    const tensor_view* view = files.find(s.name);
+    if (view == nullptr) {
+      if (!s.optional) missing.push_back(s.name);
+      continue;
+    }
+    if (is_fp8(view) && s.kind == weight_kind::projection &&
+        files.find(scale_name(s.name)) == nullptr) {
+      missing.push_back(scale_name(s.name));
+    }
+    selected.push_back(std::move(s));
+  }
+  if (!missing.empty()) {
+    return make_error(model_errc::missing_tensor, "missing tensor " + first_and_count(missing));
+  }
+  return selected;
+}
+
+caf::expected<checkpoint> load_checkpoint(const safetensors_set& files, const model_config& config,
+                                          const load_options& options) {
+  auto selected = check_tensor_names(files, config, options);
+  if (!selected) return selected.error();
+  uint64_t total_bytes = 0;
+  for (const auto& s : *selected) {
+    total_bytes += files.find(s.name)->data.size();
+    if (const tensor_view* scale = files.find(scale_name(s.name))) total_bytes += scale->data.size();
+  }
+  progress_bar progress("loading", total_bytes,
+                        options.progress.value_or(progress_bar::stderr_is_terminal()));
+  checkpoint out;
+  out.config = config;
+  for (const auto& s : *selected) {
+    auto tensor = read_weight(files, s, config);
+    if (!tensor) return tensor.error();
+    out.tensors.emplace(s.name, std::move(*tensor));
+    uint64_t n = files.find(s.name)->data.size();
+    if (const tensor_view* scale = files.find(scale_name(s.name))) n += scale->data.size();
+    progress.advance(n);
+  }
+  return out;
+}
+
+caf::expected<checkpoint> load_checkpoint(const std::filesystem::path& dir_or_file,
+                                          const model_config& config,
+                                          const load_options& options) {
+  auto files = safetensors_set::open(dir_or_file);
+  if (!files) return files.error();
+  return load_checkpoint(*files, config, options);
+}
+
+}  // namespace moe::model

@@ -1,0 +1,61 @@
+// The compressed, paged latent KV cache of an attention shard: for every layer, per token, only
+// the normed kv_lora_rank latent and the rotary key (kernels/cpu/mla_attention.hpp has the
+// entry layout). Blocks of `block_size` tokens are shared by all layers: a sequence owns a list
+// of block ids, and block b of layer l is pool(l) + b * block_size * (R + dr).
+//
+// Ownership: owns the pools. Thread safety: confined to the attention shard that owns it.
+// Invariant: every block id is either free or owned by exactly one sequence.
+#pragma once
+
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include "base/error.hpp"
+#include "kernels/cpu/mla_attention.hpp"
+
+namespace moe::model {
+
+struct latent_cache_options {
+  int64_t num_blocks = 256;
+  int64_t block_size = 16;
+};
+
+class latent_cache {
+ public:
+  latent_cache(int64_t num_layers, int64_t latent_dim, int64_t rope_dim,
+               const latent_cache_options& options);
+
+  [[nodiscard]] const kernels::cpu::mla_cache_layout& layout() const noexcept { return layout_; }
+  [[nodiscard]] float* pool(int64_t layer) noexcept { return pools_[layer].data(); }
+  [[nodiscard]] const float* pool(int64_t layer) const noexcept { return pools_[layer].data(); }
+
+  /// Makes room for `seq` to hold `num_tokens` tokens in all (allocating blocks as needed).
+  /// model_errc::cache_full (transient: retry when other sequences finish) when not enough
+  /// free blocks remain; nothing is allocated then.
+  [[nodiscard]] caf::error reserve(uint64_t seq, int64_t num_tokens);
+  /// Tokens `seq` has room for, 0 for an unknown sequence.
+  [[nodiscard]] int64_t capacity(uint64_t seq) const noexcept;
+  /// The slot of token `pos` of `seq` (block_id * block_size + offset); requires pos < capacity.
+  [[nodiscard]] int64_t slot(uint64_t seq, int64_t pos) const;
+  /// The block ids of `seq`, in order.
+  [[nodiscard]] const std::vector<int32_t>& blocks(uint64_t seq) const;
+  /// Frees every block of `seq`; unknown sequences are ignored.
+  void release(uint64_t seq);
+
+  [[nodiscard]] int64_t num_free_blocks() const noexcept {
+    return static_cast<int64_t>(free_.size());
+  }
+  [[nodiscard]] int64_t block_size() const noexcept {
+    return static_cast<int64_t>(layout_.block_size);
+  }
+  [[nodiscard]] bool contains(uint64_t seq) const noexcept { return owned_.count(seq) != 0; }
+
+ private:
+  kernels::cpu::mla_cache_layout layout_;
+  std::vector<std::vector<float>> pools_;
+  std::vector<int32_t> free_;  // a stack: the most recently freed block is reused first
+  std::unordered_map<uint64_t, std::vector<int32_t>> owned_;
+};
+
+}  // namespace moe::model
