@@ -154,6 +154,7 @@ caf::expected<safetensors_header> parse_safetensors_header(std::span<const std::
   safetensors_header out;
   out.data_offset = 8 + header_bytes;
   const uint64_t data_bytes = bytes.size() - out.data_offset;
+  // nlohmann::json objects are std::maps: iteration is by name, so out.tensors comes sorted.
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") {
       if (!it->is_object()) return bad_file(source, "__metadata__: expected an object");

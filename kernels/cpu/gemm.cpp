@@ -2,7 +2,10 @@
 
 #include <cblas.h>
 
+#include <chrono>
 #include <climits>
+
+#include "kernels/cpu/gemm_profile.hpp"
 
 namespace moe::kernels::cpu {
 namespace {
@@ -37,10 +40,16 @@ void run_one(const gemm_args& g, const float* a, const float* b, float* c) noexc
     scale_c(g, c);
     return;
   }
+  const bool profiled = gemm_profile_enabled();
+  const auto start = profiled ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   cblas_sgemm(CblasRowMajor, g.trans_a == transpose::yes ? CblasTrans : CblasNoTrans,
               g.trans_b == transpose::yes ? CblasTrans : CblasNoTrans, static_cast<int>(g.m),
               static_cast<int>(g.n), static_cast<int>(g.k), g.alpha, a, static_cast<int>(g.lda),
               b, static_cast<int>(g.ldb), g.beta, c, static_cast<int>(g.ldc));
+  if (profiled) {
+    gemm_profile_record(g.m, g.n, g.k,
+                        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
 }
 
 }  // namespace
