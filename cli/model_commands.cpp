@@ -4,6 +4,8 @@
 //   moe run ... --max-new-tokens 0 --dump-logits F writes float32 `logits` [1, T, vocab].
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstring>
 #include <memory>
 
@@ -34,7 +36,7 @@ caf::expected<std::shared_ptr<const model::checkpoint>> open_model(const std::st
 
 struct run_options {
   std::string model_dir;
-  std::vector<int64_t> prompt_ids;
+  std::string prompt_ids;  ///< Parsed here, not by CLI11: it turns "" into [0] and drops empty items.
   int64_t max_new_tokens = 16;
   std::optional<float> temperature;
   float top_p = 1.0f;
@@ -44,20 +46,44 @@ struct run_options {
   std::string dump_logits;
 };
 
+// "5,17,42" -> ids; every item must be a decimal integer (an empty item is an error).
+caf::expected<std::vector<int32_t>> parse_prompt_ids(const std::string& text) {
+  std::vector<int32_t> ids;
+  size_t begin = 0;
+  while (true) {
+    const size_t end = std::min(text.find(',', begin), text.size());
+    const std::string item = text.substr(begin, end - begin);
+    int64_t v = 0;
+    size_t used = 0;
+    bool ok = !item.empty();
+    try {
+      if (ok) v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      ok = false;
+    }
+    if (!ok || used != item.size()) {
+      return model::make_error(model::model_errc::bad_input,
+                               "--prompt-ids: '" + item + "' is not a token id (expected e.g. 5,17,42)");
+    }
+    if (v < 0 || v > INT32_MAX) {
+      return model::make_error(model::model_errc::bad_input,
+                               "token id " + std::to_string(v) + " is out of range");
+    }
+    ids.push_back(static_cast<int32_t>(v));
+    if (end == text.size()) break;
+    begin = end + 1;
+  }
+  return ids;
+}
+
 int run_model(const run_options& o) {
-  if (o.prompt_ids.empty()) return fail("run", model::make_error(model::model_errc::bad_input,
-                                                                 "--prompt-ids is empty"));
+  auto parsed = parse_prompt_ids(o.prompt_ids);
+  if (!parsed) return fail("run", parsed.error());
+  const std::vector<int32_t>& prompt = *parsed;
   auto ckpt = open_model(o.model_dir);
   if (!ckpt) return fail("run", ckpt.error());
   auto engine = model::reference_engine::create(*ckpt);
   if (!engine) return fail("run", engine.error());
-  std::vector<int32_t> prompt;
-  for (int64_t id : o.prompt_ids) {
-    if (id < 0 || id > INT32_MAX)
-      return fail("run", model::make_error(model::model_errc::bad_input,
-                                           "token id " + std::to_string(id) + " is out of range"));
-    prompt.push_back(static_cast<int32_t>(id));
-  }
   if (!o.dump_logits.empty()) {
     const model::sequence_input seq[] = {{1, prompt}};
     model::prefill_options po;
@@ -107,9 +133,7 @@ void add_run_command(CLI::App& app, command_context& ctx) {
   auto* cmd = app.add_subcommand("run", "Generate tokens with the single-process reference engine");
   cmd->add_option("--model", o->model_dir, "Checkpoint directory (config.json + safetensors)")
       ->required();
-  cmd->add_option("--prompt-ids", o->prompt_ids, "Prompt token ids, comma-separated")
-      ->required()
-      ->delimiter(',');
+  cmd->add_option("--prompt-ids", o->prompt_ids, "Prompt token ids, comma-separated")->required();
   cmd->add_option("--max-new-tokens", o->max_new_tokens, "Tokens to generate (0: none)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--temperature", o->temperature, "Sampling temperature (default: greedy)")
