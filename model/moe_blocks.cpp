@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <numeric>
 
+#include "kernels/cpu/elementwise.hpp"
 #include "kernels/cpu/gather.hpp"
 #include "kernels/cpu/gemm.hpp"
 #include "model/model_errc.hpp"
@@ -126,6 +127,15 @@ caf::error combine_expert_rows(const float* rows_out, const expert_rows& rows, f
                            num_tokens) != kernel_status::ok) {
     return make_error(model_errc::kernel_failed, "expert combine: a token index is out of range");
   }
+  return {};
+}
+
+caf::error moe_layer_output(const float* routed_rows_out, const expert_rows& rows,
+                            const float* shared_out, float* y, size_t num_tokens, size_t hidden) {
+  std::fill_n(y, num_tokens * hidden, 0.0f);
+  if (auto err = combine_expert_rows(routed_rows_out, rows, y, num_tokens, hidden)) return err;
+  if (shared_out && kc::add(y, shared_out, y, num_tokens * hidden) != kernel_status::ok)
+    return make_error(model_errc::kernel_failed, "moe output: add failed");
   return {};
 }
 

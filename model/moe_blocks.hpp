@@ -88,4 +88,11 @@ class expert_set {
 [[nodiscard]] caf::error combine_expert_rows(const float* rows_out, const expert_rows& rows,
                                              float* y, size_t num_tokens, size_t hidden);
 
+/// The MoE layer's output in the one order of additions every execution path uses (the
+/// reference engine and the router actor alike), so outputs do not depend on placement:
+/// y (T, hidden) = (sum of each token's routed rows, token-major) + shared_out (may be null).
+[[nodiscard]] caf::error moe_layer_output(const float* routed_rows_out, const expert_rows& rows,
+                                          const float* shared_out, float* y, size_t num_tokens,
+                                          size_t hidden);
+
 }  // namespace moe::model

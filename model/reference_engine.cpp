@@ -161,11 +161,13 @@ caf::error reference_engine::run_ffn(int64_t layer, const float* mlp_in, float* 
                                rows.weight_of_row.data(), rows_out_.data()))
     return err;
   ensure(y_, T * D);
-  std::fill_n(y_.begin(), T * D, 0.0f);
-  if (auto err = combine_expert_rows(rows_out_.data(), rows, y_.data(), T, D)) return err;
+  const float* shared = nullptr;
   if (m.shared) {
-    if (auto err = m.shared->forward(mlp_in, T, y_.data(), 1.0f, scratch_)) return err;
+    ensure(shared_, T * D);
+    if (auto err = m.shared->forward(mlp_in, T, shared_.data(), 0.0f, scratch_)) return err;
+    shared = shared_.data();
   }
+  if (auto err = moe_layer_output(rows_out_.data(), rows, shared, y_.data(), T, D)) return err;
   if (kc::add(x, y_.data(), x, T * D) != kernel_status::ok) return kernel_error("residual");
   return {};
 }

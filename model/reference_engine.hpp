@@ -115,7 +115,7 @@ class reference_engine {
   std::unordered_map<uint64_t, int64_t> lengths_;
   std::vector<std::vector<uint64_t>> expert_counts_;
   mlp_scratch scratch_;
-  std::vector<float> x_, mlp_in_, y_, rows_in_, rows_out_, topk_weight_;
+  std::vector<float> x_, mlp_in_, y_, shared_, rows_in_, rows_out_, topk_weight_;
   std::vector<int32_t> topk_idx_;
 };
 

@@ -1,0 +1,130 @@
+#include "actors/expert_group.hpp"
+
+#include <caf/all.hpp>
+
+#include <algorithm>
+#include <map>
+#include <optional>
+
+#include "model/mlp_block.hpp"
+#include "model/model_errc.hpp"
+#include "model/moe_blocks.hpp"
+
+namespace moe::actors {
+
+namespace {
+
+struct layer_blocks {
+  std::optional<model::expert_set> routed;
+  std::optional<model::mlp_block> shared;
+};
+
+struct expert_group_state {
+  std::shared_ptr<const model::checkpoint> weights;
+  std::map<int64_t, layer_blocks> layers;
+  model::mlp_scratch scratch;
+  int64_t hidden = 0;
+  static inline const char* name = "expert_group";
+};
+
+using pointer = expert_group_actor::stateful_pointer<expert_group_state>;
+
+caf::result<expert_result> forward(pointer self, expert_batch& b) {
+  auto& st = self->state;
+  auto it = st.layers.find(b.layer);
+  const size_t n = b.experts.size();
+  const size_t D = static_cast<size_t>(st.hidden);
+  if (it == st.layers.end())
+    return model::make_error(model::model_errc::bad_input,
+                             "expert group: layer " + std::to_string(b.layer) + " is not an MoE layer");
+  if (!b.rows.data() || b.rows.num_elements() != static_cast<int64_t>(n * D) ||
+      b.weights.size() != n)
+    return model::make_error(model::model_errc::bad_input, "expert group: malformed batch");
+  std::vector<float> out(n * D);
+  // Routed rows and shared rows are computed separately, each a grouped batch.
+  std::vector<int32_t> routed_rows, shared_rows;
+  for (size_t r = 0; r < n; ++r)
+    (b.experts[r] == shared_expert_row ? shared_rows : routed_rows).push_back(static_cast<int32_t>(r));
+  const float* x = b.rows.data();
+  if (!routed_rows.empty()) {
+    if (!it->second.routed)
+      return model::make_error(model::model_errc::bad_input, "expert group holds no routed experts");
+    std::vector<float> in(routed_rows.size() * D), res(routed_rows.size() * D);
+    std::vector<int32_t> experts(routed_rows.size());
+    std::vector<float> weights(routed_rows.size());
+    for (size_t i = 0; i < routed_rows.size(); ++i) {
+      const size_t r = static_cast<size_t>(routed_rows[i]);
+      std::copy_n(x + r * D, D, in.data() + i * D);
+      experts[i] = b.experts[r];
+      weights[i] = b.weights[r];
+    }
+    if (auto err = it->second.routed->run(in.data(), routed_rows.size(), experts.data(),
+                                          weights.data(), res.data()))
+      return err;
+    for (size_t i = 0; i < routed_rows.size(); ++i)
+      std::copy_n(res.data() + i * D, D, out.data() + static_cast<size_t>(routed_rows[i]) * D);
+  }
+  if (!shared_rows.empty()) {
+    if (!it->second.shared)
+      return model::make_error(model::model_errc::bad_input, "expert group holds no shared experts");
+    std::vector<float> in(shared_rows.size() * D), res(shared_rows.size() * D);
+    for (size_t i = 0; i < shared_rows.size(); ++i)
+      std::copy_n(x + static_cast<size_t>(shared_rows[i]) * D, D, in.data() + i * D);
+    if (auto err = it->second.shared->forward(in.data(), shared_rows.size(), res.data(), 0.0f,
+                                              st.scratch))
+      return err;
+    for (size_t i = 0; i < shared_rows.size(); ++i)
+      std::copy_n(res.data() + i * D, D, out.data() + static_cast<size_t>(shared_rows[i]) * D);
+  }
+  expert_result result;
+  result.layer = b.layer;
+  result.step = b.step;
+  result.rows = tensor_ref::wrap(std::move(out), {static_cast<int64_t>(n), st.hidden});
+  return result;
+}
+
+}  // namespace
+
+bool expert_group_needs(const expert_group_options& o, std::string_view name) {
+  if (o.holds_shared_experts && name.find(".mlp.shared_experts.") != std::string_view::npos)
+    return true;
+  const auto pos = name.find(".mlp.experts.");
+  if (pos == std::string_view::npos) return false;
+  const auto rest = name.substr(pos + 13);
+  const int64_t e = std::stoll(std::string(rest.substr(0, rest.find('.'))));
+  return std::find(o.experts.begin(), o.experts.end(), e) != o.experts.end();
+}
+
+caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys,
+                                                     std::shared_ptr<const model::checkpoint> weights,
+                                                     const expert_group_options& options) {
+  const auto& c = weights->config;
+  const auto lookup = model::lookup_in(*weights);
+  std::map<int64_t, layer_blocks> layers;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.is_moe_layer(l)) continue;
+    layer_blocks lb;
+    if (!options.experts.empty()) {
+      auto s = model::expert_set::bind(c, l, options.experts, lookup);
+      if (!s) return s.error();
+      lb.routed = std::move(*s);
+    }
+    if (options.holds_shared_experts && c.n_shared_experts > 0) {
+      auto m = model::mlp_block::bind("model.layers." + std::to_string(l) + ".mlp.shared_experts.",
+                                      c.hidden_size, c.shared_intermediate_size(), lookup);
+      if (!m) return m.error();
+      lb.shared = *m;
+    }
+    layers.emplace(l, std::move(lb));
+  }
+  auto impl = [](pointer self, std::shared_ptr<const model::checkpoint> w,
+                 std::map<int64_t, layer_blocks> blocks) -> expert_group_actor::behavior_type {
+    self->state.hidden = w->config.hidden_size;
+    self->state.weights = std::move(w);
+    self->state.layers = std::move(blocks);
+    return {[self](expert_forward_atom, expert_batch& b) { return forward(self, b); }};
+  };
+  return sys.spawn(impl, std::move(weights), std::move(layers));
+}
+
+}  // namespace moe::actors

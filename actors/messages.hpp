@@ -1,0 +1,185 @@
+// The messages the actors exchange and the typed interfaces they expose.
+//
+// Bulk data never rides inside a control message: a tensor_ref carries a shape and a transfer
+// id (what the data plane uses between processes) plus, within one process, a shared pointer
+// to the immutable buffer itself, which is handed over without a copy and never serialised.
+// Every type here is in the moe_actors type-ID block, so it can cross a process boundary.
+#pragma once
+
+#include <caf/atom.hpp>
+#include <caf/meta/type_name.hpp>
+#include <caf/type_id.hpp>
+#include <caf/typed_actor.hpp>
+#include <caf/replies_to.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moe::actors {
+
+/// A handle to a float32 tensor. `local` is set only while the tensor stays in its process.
+struct tensor_ref {
+  std::vector<int64_t> shape;
+  uint64_t transfer_id = 0;
+  std::shared_ptr<const std::vector<float>> local;
+
+  [[nodiscard]] const float* data() const noexcept { return local ? local->data() : nullptr; }
+  [[nodiscard]] int64_t num_elements() const noexcept {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+  /// Wraps an owned buffer (moved, not copied).
+  [[nodiscard]] static tensor_ref wrap(std::vector<float> values, std::vector<int64_t> shape) {
+    tensor_ref t;
+    t.shape = std::move(shape);
+    t.local = std::make_shared<const std::vector<float>>(std::move(values));
+    return t;
+  }
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, tensor_ref& x) {
+  return f(caf::meta::type_name("tensor_ref"), x.shape, x.transfer_id);
+}
+
+/// Rows for an expert group: row r is the input of one (token, chosen expert) pair.
+struct expert_batch {
+  int64_t layer = 0;
+  uint64_t step = 0;
+  uint32_t placement_version = 0;
+  tensor_ref rows;               ///< (n, hidden)
+  std::vector<int32_t> experts;  ///< (n) logical expert per row; shared_expert_row for shared
+  std::vector<float> weights;    ///< (n) routing weight per row (1 for shared rows)
+};
+
+/// Marks a row for the shared experts in expert_batch::experts.
+inline constexpr int32_t shared_expert_row = -1;
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, expert_batch& x) {
+  return f(caf::meta::type_name("expert_batch"), x.layer, x.step, x.placement_version, x.rows,
+           x.experts, x.weights);
+}
+
+/// weights[r] * expert(rows[r]) for every row, in the batch's row order.
+struct expert_result {
+  int64_t layer = 0;
+  uint64_t step = 0;
+  tensor_ref rows;  ///< (n, hidden)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, expert_result& x) {
+  return f(caf::meta::type_name("expert_result"), x.layer, x.step, x.rows);
+}
+
+/// Post-attention-normed states of one MoE layer, for the router.
+struct route_request {
+  int64_t layer = 0;
+  uint64_t step = 0;
+  tensor_ref x;  ///< (T, hidden)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, route_request& x) {
+  return f(caf::meta::type_name("route_request"), x.layer, x.step, x.x);
+}
+
+/// The layer's MoE output for the attention shard to add to its residual stream.
+struct route_result {
+  int64_t layer = 0;
+  uint64_t step = 0;
+  tensor_ref y;                         ///< (T, hidden)
+  std::vector<int32_t> expert_choices;  ///< (T, top_k), for load statistics and tests
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, route_result& x) {
+  return f(caf::meta::type_name("route_result"), x.layer, x.step, x.y, x.expert_choices);
+}
+
+/// How one sequence picks its next token.
+struct sampling_spec {
+  float temperature = 0.0f;  ///< 0: greedy
+  uint32_t top_k = 0;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, sampling_spec& x) {
+  return f(caf::meta::type_name("sampling_spec"), x.temperature, x.top_k, x.top_p, x.seed);
+}
+
+/// One sequence's share of a step: a whole prompt (prefill) or its newest token (decode).
+struct step_entry {
+  uint64_t sequence = 0;
+  std::vector<int32_t> tokens;  ///< prefill: the prompt; decode: exactly one token
+  sampling_spec sampling;
+  uint64_t sample_offset = 0;   ///< tokens this sequence has sampled so far (the RNG offset)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, step_entry& x) {
+  return f(caf::meta::type_name("step_entry"), x.sequence, x.tokens, x.sampling, x.sample_offset);
+}
+
+struct step_request {
+  uint64_t step = 0;
+  bool prefill = false;
+  std::vector<step_entry> entries;
+  bool want_logits = false;  ///< return each entry's last-position logits (tests, dumps)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, step_request& x) {
+  return f(caf::meta::type_name("step_request"), x.step, x.prefill, x.entries, x.want_logits);
+}
+
+struct step_result {
+  uint64_t step = 0;
+  std::vector<uint64_t> sequences;
+  std::vector<int32_t> tokens;  ///< the sampled next token of each sequence
+  tensor_ref logits;            ///< (entries, vocab) when asked for
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, step_result& x) {
+  return f(caf::meta::type_name("step_result"), x.step, x.sequences, x.tokens, x.logits);
+}
+
+using expert_forward_atom = caf::atom_constant<caf::atom("expert_fwd")>;
+using route_atom = caf::atom_constant<caf::atom("route")>;
+using step_atom = caf::atom_constant<caf::atom("step")>;
+using release_atom = caf::atom_constant<caf::atom("release")>;
+
+/// What a router may ask of an expert group.
+using expert_group_actor =
+    caf::typed_actor<caf::replies_to<expert_forward_atom, expert_batch>::with<expert_result>>;
+
+/// What an attention shard asks of its (co-located) router.
+using router_actor =
+    caf::typed_actor<caf::replies_to<route_atom, route_request>::with<route_result>>;
+
+/// What the controller asks of an attention shard.
+using attention_actor =
+    caf::typed_actor<caf::replies_to<step_atom, step_request>::with<step_result>,
+                     caf::reacts_to<release_atom, std::vector<uint64_t>>>;
+
+}  // namespace moe::actors
+
+CAF_BEGIN_TYPE_ID_BLOCK(moe_actors, caf::first_custom_type_id + 100)
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::tensor_ref))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::expert_batch))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::expert_result))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::route_request))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::route_result))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::sampling_spec))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::step_entry))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::step_request))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::step_result))
+CAF_ADD_TYPE_ID(moe_actors, (std::vector<uint64_t>))
+CAF_END_TYPE_ID_BLOCK(moe_actors)
