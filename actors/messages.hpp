@@ -151,6 +151,55 @@ typename Inspector::result_type inspect(Inspector& f, step_result& x) {
   return f(caf::meta::type_name("step_result"), x.step, x.sequences, x.tokens, x.logits);
 }
 
+// --- jobs (controller) ---------------------------------------------------------------------
+
+struct generation_job {
+  std::vector<int32_t> prompt;
+  int64_t max_new_tokens = 16;
+  sampling_spec sampling;
+  std::vector<int32_t> stop_token_ids;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, generation_job& x) {
+  return f(caf::meta::type_name("generation_job"), x.prompt, x.max_new_tokens, x.sampling,
+           x.stop_token_ids);
+}
+
+enum class job_state : uint8_t { queued, running, finished, cancelled, failed };
+[[nodiscard]] const char* to_string(job_state s) noexcept;
+
+/// Sent to a job's subscriber as tokens arrive, and once at the end (finished = true).
+struct job_event {
+  uint64_t job = 0;
+  std::vector<int32_t> tokens;  ///< new tokens since the previous event
+  bool finished = false;
+  job_state state = job_state::running;
+  std::string finish_reason;    ///< "length", "stop", "cancelled" or "error"
+  std::string error;            ///< set when state == failed
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, job_event& x) {
+  return f(caf::meta::type_name("job_event"), x.job, x.tokens, x.finished, x.state,
+           x.finish_reason, x.error);
+}
+
+struct job_status {
+  uint64_t job = 0;
+  job_state state = job_state::queued;
+  std::vector<int32_t> tokens;  ///< generated so far
+  std::string finish_reason;
+  std::string error;
+  int shard = -1;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, job_status& x) {
+  return f(caf::meta::type_name("job_status"), x.job, x.state, x.tokens, x.finish_reason,
+           x.error, x.shard);
+}
+
 using expert_forward_atom = caf::atom_constant<caf::atom("expert_fwd")>;
 using route_atom = caf::atom_constant<caf::atom("route")>;
 using step_atom = caf::atom_constant<caf::atom("step")>;
@@ -182,4 +231,7 @@ CAF_ADD_TYPE_ID(moe_actors, (moe::actors::step_entry))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::step_request))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::step_result))
 CAF_ADD_TYPE_ID(moe_actors, (std::vector<uint64_t>))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::generation_job))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::job_event))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::job_status))
 CAF_END_TYPE_ID_BLOCK(moe_actors)

@@ -1,0 +1,354 @@
+#include "actors/controller.hpp"
+
+#include <caf/all.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <map>
+#include <optional>
+
+#include "actors/controller_metrics.hpp"
+
+namespace moe::actors {
+
+const char* to_string(job_state s) noexcept {
+  switch (s) {
+    case job_state::queued: return "queued";
+    case job_state::running: return "running";
+    case job_state::finished: return "finished";
+    case job_state::cancelled: return "cancelled";
+    case job_state::failed: return "failed";
+  }
+  return "unknown";
+}
+
+caf::error make_error(controller_errc code, std::string text) {
+  return caf::error{static_cast<uint8_t>(code), caf::atom("controller"),
+                    caf::make_message(std::move(text))};
+}
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+double seconds_between(clock_type::time_point a, clock_type::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+struct job {
+  uint64_t id = 0;
+  generation_job spec;
+  caf::actor subscriber;
+  job_state state = job_state::queued;
+  std::vector<int32_t> tokens;
+  std::string finish_reason, error;
+  int shard = -1;
+  bool prefilled = false;
+  bool cancel_requested = false;
+  clock_type::time_point submitted, last_token;
+};
+
+struct shard_state {
+  attention_actor handle;
+  bool busy = false;
+  std::vector<uint64_t> running;  // prefilled jobs, decoded every step
+};
+
+struct controller_state {
+  controller_options options;
+  std::vector<shard_state> shards;
+  std::map<uint64_t, job> jobs;
+  std::deque<uint64_t> waiting;
+  uint64_t next_job = 1;
+  uint64_t next_step = 1;
+  std::optional<controller_metrics> metrics;
+  static inline const char* name = "controller";
+};
+
+using pointer = controller_actor::stateful_pointer<controller_state>;
+
+void pump(pointer self);
+
+void update_gauges(controller_state& st) {
+  if (!st.metrics) return;
+  size_t running = 0;
+  for (const auto& s : st.shards) running += s.running.size();
+  st.metrics->running_requests.Set(static_cast<double>(running));
+  st.metrics->waiting_requests.Set(static_cast<double>(st.waiting.size()));
+}
+
+void notify(pointer self, job& j, std::vector<int32_t> fresh) {
+  if (!j.subscriber) return;
+  job_event ev;
+  ev.job = j.id;
+  ev.tokens = std::move(fresh);
+  ev.state = j.state;
+  ev.finished = j.state == job_state::finished || j.state == job_state::cancelled ||
+                j.state == job_state::failed;
+  ev.finish_reason = j.finish_reason;
+  ev.error = j.error;
+  // Subscribers are dynamically typed (API bridges, test probes): an anonymous send.
+  caf::anon_send(j.subscriber, job_event_atom::value, std::move(ev));
+}
+
+// Ends a job: records the outcome, tells the subscriber, frees its cache on the shard.
+void end_job(pointer self, job& j, job_state state, std::string reason, std::string error = {}) {
+  auto& st = self->state;
+  const bool was_prefilled = j.prefilled;
+  j.state = state;
+  j.finish_reason = std::move(reason);
+  j.error = std::move(error);
+  if (j.shard >= 0) {
+    auto& sh = st.shards[static_cast<size_t>(j.shard)];
+    sh.running.erase(std::remove(sh.running.begin(), sh.running.end(), j.id), sh.running.end());
+    if (was_prefilled) self->send(sh.handle, release_atom::value, std::vector<uint64_t>{j.id});
+  }
+  if (st.metrics) {
+    switch (state) {
+      case job_state::finished:
+        st.metrics->requests_finished.Increment();
+        st.metrics->request_latency_seconds.Observe(seconds_between(j.submitted, clock_type::now()));
+        break;
+      case job_state::cancelled: st.metrics->requests_cancelled.Increment(); break;
+      case job_state::failed: st.metrics->requests_failed.Increment(); break;
+      default: break;
+    }
+  }
+  notify(self, j, {});
+}
+
+// Appends a sampled token; ends the job on its stop conditions.
+void accept_token(pointer self, job& j, int32_t token) {
+  auto& st = self->state;
+  const auto now = clock_type::now();
+  if (st.metrics) {
+    if (j.tokens.empty())
+      st.metrics->time_to_first_token_seconds.Observe(seconds_between(j.submitted, now));
+    else
+      st.metrics->inter_token_latency_seconds.Observe(seconds_between(j.last_token, now));
+    st.metrics->generated_tokens_total.Increment();
+  }
+  j.last_token = now;
+  j.tokens.push_back(token);
+  const auto& stops = j.spec.stop_token_ids;
+  const bool stop = std::find(stops.begin(), stops.end(), token) != stops.end();
+  const bool length = static_cast<int64_t>(j.tokens.size()) >= j.spec.max_new_tokens;
+  if (stop || length) {
+    // The last token goes out with the final event, so a subscriber sees each token once.
+    j.state = job_state::finished;
+    j.finish_reason = stop ? "stop" : "length";
+    const bool was_prefilled = j.prefilled;
+    auto& sh = st.shards[static_cast<size_t>(j.shard)];
+    sh.running.erase(std::remove(sh.running.begin(), sh.running.end(), j.id), sh.running.end());
+    if (was_prefilled) self->send(sh.handle, release_atom::value, std::vector<uint64_t>{j.id});
+    if (st.metrics) {
+      st.metrics->requests_finished.Increment();
+      st.metrics->request_latency_seconds.Observe(seconds_between(j.submitted, now));
+    }
+    notify(self, j, {token});
+    return;
+  }
+  notify(self, j, {token});
+}
+
+void on_step_done(pointer self, size_t s, const std::vector<uint64_t>& ids, bool prefill,
+                  const step_result& r) {
+  auto& st = self->state;
+  st.shards[s].busy = false;
+  for (size_t i = 0; i < r.sequences.size() && i < r.tokens.size(); ++i) {
+    auto it = st.jobs.find(r.sequences[i]);
+    if (it == st.jobs.end()) continue;
+    job& j = it->second;
+    if (prefill) {
+      j.prefilled = true;
+      st.shards[s].running.push_back(j.id);
+    }
+    if (j.cancel_requested) {
+      end_job(self, j, job_state::cancelled, "cancelled");
+      continue;
+    }
+    accept_token(self, j, r.tokens[i]);
+  }
+  (void)ids;
+  update_gauges(st);
+  pump(self);
+}
+
+void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bool prefill,
+                    const caf::error& err) {
+  auto& st = self->state;
+  st.shards[s].busy = false;
+  for (auto id : ids) {
+    auto it = st.jobs.find(id);
+    if (it == st.jobs.end()) continue;
+    // A failed prefill leaves nothing cached; a failed decode step leaves the prefix cached.
+    if (prefill) it->second.prefilled = false;
+    end_job(self, it->second, job_state::failed, "error", moe::error_text(err));
+  }
+  update_gauges(st);
+  pump(self);
+}
+
+void send_step(pointer self, size_t s, step_request req, std::vector<uint64_t> ids) {
+  auto& st = self->state;
+  st.shards[s].busy = true;
+  const bool prefill = req.prefill;
+  self->request(st.shards[s].handle, caf::infinite, step_atom::value, std::move(req))
+      .then([self, s, ids, prefill](step_result& r) { on_step_done(self, s, ids, prefill, r); },
+            [self, s, ids, prefill](caf::error& e) { on_step_failed(self, s, ids, prefill, e); });
+}
+
+step_entry entry_for(const job& j, bool prefill) {
+  step_entry e;
+  e.sequence = j.id;
+  e.tokens = prefill ? j.spec.prompt : std::vector<int32_t>{j.tokens.back()};
+  e.sampling = j.spec.sampling;
+  e.sample_offset = j.tokens.size();
+  return e;
+}
+
+void pump(pointer self) {
+  auto& st = self->state;
+  const auto& lim = st.options.limits;
+  // Idle shards, least loaded first: new requests go where the decode batch is smallest.
+  std::vector<size_t> order;
+  for (size_t s = 0; s < st.shards.size(); ++s)
+    if (!st.shards[s].busy) order.push_back(s);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return st.shards[a].running.size() < st.shards[b].running.size();
+  });
+  for (size_t s : order) {
+    auto& sh = st.shards[s];
+    // Prefill stage: new requests within the token budget and the running limit.
+    step_request req;
+    std::vector<uint64_t> ids;
+    int64_t tokens = 0;
+    while (!st.waiting.empty() &&
+           static_cast<int64_t>(sh.running.size() + ids.size()) < lim.max_running_requests) {
+      job& j = st.jobs.at(st.waiting.front());
+      const auto len = static_cast<int64_t>(j.spec.prompt.size());
+      if (!ids.empty() && tokens + len > lim.max_batch_tokens) break;
+      st.waiting.pop_front();
+      tokens += len;
+      j.state = job_state::running;
+      j.shard = static_cast<int>(s);
+      if (st.metrics) st.metrics->queue_seconds.Observe(seconds_between(j.submitted, clock_type::now()));
+      req.entries.push_back(entry_for(j, true));
+      ids.push_back(j.id);
+    }
+    if (!ids.empty()) {
+      req.prefill = true;
+      req.step = st.next_step++;
+      send_step(self, s, std::move(req), std::move(ids));
+      continue;
+    }
+    // Decode stage: every running sequence of this shard, minus those cancelled meanwhile.
+    for (auto id : std::vector<uint64_t>(sh.running)) {
+      job& j = st.jobs.at(id);
+      if (j.cancel_requested) end_job(self, j, job_state::cancelled, "cancelled");
+    }
+    if (sh.running.empty()) continue;
+    for (auto id : sh.running) {
+      req.entries.push_back(entry_for(st.jobs.at(id), false));
+      ids.push_back(id);
+    }
+    if (st.metrics) st.metrics->decode_step_tokens.Observe(static_cast<double>(ids.size()));
+    req.step = st.next_step++;
+    send_step(self, s, std::move(req), std::move(ids));
+  }
+  update_gauges(st);
+}
+
+caf::error validate(const controller_state& st, const generation_job& g) {
+  const auto& lim = st.options.limits;
+  if (g.prompt.empty()) return make_error(controller_errc::invalid_request, "the prompt is empty");
+  for (auto t : g.prompt) {
+    if (t < 0 || t >= st.options.vocab_size)
+      return make_error(controller_errc::invalid_request,
+                        "token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                            std::to_string(st.options.vocab_size) + ")");
+  }
+  if (static_cast<int64_t>(g.prompt.size()) > lim.max_batch_tokens)
+    return make_error(controller_errc::invalid_request,
+                      "the prompt has " + std::to_string(g.prompt.size()) +
+                          " tokens, more than max_batch_tokens (" + std::to_string(lim.max_batch_tokens) + ")");
+  if (g.max_new_tokens < 0 || g.max_new_tokens > lim.max_new_tokens_limit)
+    return make_error(controller_errc::invalid_request,
+                      "max_new_tokens must be in [0, " + std::to_string(lim.max_new_tokens_limit) + "]");
+  if (!(g.sampling.temperature >= 0.0f) || !(g.sampling.top_p > 0.0f && g.sampling.top_p <= 1.0f))
+    return make_error(controller_errc::invalid_request,
+                      "temperature must be >= 0 and top_p in (0, 1]");
+  return {};
+}
+
+}  // namespace
+
+controller_actor spawn_controller(caf::actor_system& sys, controller_options options) {
+  auto impl = [](pointer self, controller_options opts) -> controller_actor::behavior_type {
+    auto& st = self->state;
+    if (opts.metrics) st.metrics.emplace(*opts.metrics);
+    for (auto& s : opts.shards) st.shards.push_back({s, false, {}});
+    st.options = std::move(opts);
+    return {
+        [self](submit_atom, generation_job& g, caf::actor& subscriber) -> caf::result<uint64_t> {
+          auto& st = self->state;
+          if (auto err = validate(st, g)) {
+            if (st.metrics) st.metrics->requests_rejected.Increment();
+            return err;
+          }
+          if (static_cast<int64_t>(st.waiting.size()) >= st.options.limits.max_queue) {
+            if (st.metrics) st.metrics->requests_rejected.Increment();
+            return make_error(controller_errc::overloaded,
+                              "overloaded: " + std::to_string(st.waiting.size()) +
+                                  " requests are waiting (max_queue); retry later");
+          }
+          const uint64_t id = st.next_job++;
+          job& j = st.jobs[id];
+          j.id = id;
+          j.spec = std::move(g);
+          j.subscriber = std::move(subscriber);
+          j.submitted = clock_type::now();
+          if (j.spec.max_new_tokens == 0) {
+            end_job(self, j, job_state::finished, "length");
+            return id;
+          }
+          st.waiting.push_back(id);
+          pump(self);
+          return id;
+        },
+        [self](status_atom, uint64_t id) -> caf::result<job_status> {
+          auto& st = self->state;
+          auto it = st.jobs.find(id);
+          if (it == st.jobs.end())
+            return make_error(controller_errc::unknown_job, "no job " + std::to_string(id));
+          const job& j = it->second;
+          return job_status{j.id, j.state, j.tokens, j.finish_reason, j.error, j.shard};
+        },
+        [self](cancel_atom, uint64_t id) -> caf::result<bool> {
+          auto& st = self->state;
+          auto it = st.jobs.find(id);
+          if (it == st.jobs.end())
+            return make_error(controller_errc::unknown_job, "no job " + std::to_string(id));
+          job& j = it->second;
+          if (j.state == job_state::queued) {
+            st.waiting.erase(std::remove(st.waiting.begin(), st.waiting.end(), id), st.waiting.end());
+            end_job(self, j, job_state::cancelled, "cancelled");
+            update_gauges(st);
+            return true;
+          }
+          if (j.state != job_state::running) return false;
+          // A job inside a running step ends when that step returns; otherwise at once.
+          j.cancel_requested = true;
+          if (j.shard >= 0 && !st.shards[static_cast<size_t>(j.shard)].busy && j.prefilled) {
+            end_job(self, j, job_state::cancelled, "cancelled");
+            update_gauges(st);
+          }
+          return true;
+        },
+    };
+  };
+  return sys.spawn(impl, std::move(options));
+}
+
+}  // namespace moe::actors

@@ -1,0 +1,77 @@
+// The controller: requests and jobs. Continuous batching over the attention shards: new
+// requests wait in a bounded queue, join as a prefill step (a stage of their own) within the
+// per-step token budget, then their sequences join the shard's decode batch; finished,
+// cancelled or failed sequences leave between steps and free their cache.
+//
+// Every request gets exactly what it gets alone (greedy): a sequence's tokens depend only on
+// its prompt and sampling spec, never on its batch neighbours (see the exactness tests).
+// Thread safety: an actor; all state is confined to it.
+#pragma once
+
+#include <caf/fwd.hpp>
+#include <caf/typed_actor.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "actors/messages.hpp"
+#include "base/error.hpp"
+
+namespace moe::actors {
+
+struct controller_limits {
+  int64_t max_running_requests = 64;  ///< per shard, in the decode batch
+  int64_t max_batch_tokens = 4096;    ///< prompt tokens per prefill step
+  int64_t max_queue = 256;            ///< waiting requests; beyond: "overloaded"
+  int64_t max_new_tokens_limit = 4096;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, controller_limits& x) {
+  return f(caf::meta::type_name("controller_limits"), x.max_running_requests, x.max_batch_tokens,
+           x.max_queue, x.max_new_tokens_limit);
+}
+
+using submit_atom = caf::atom_constant<caf::atom("submit")>;
+using status_atom = caf::atom_constant<caf::atom("status")>;
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
+using job_event_atom = caf::atom_constant<caf::atom("job_event")>;
+
+/// Submit answers the job id, or controller_errc::overloaded / invalid_request. The subscriber
+/// (may be invalid) receives (job_event_atom, job_event) messages; none are lost or reordered.
+/// Cancel answers whether the job was still active.
+using controller_actor = caf::typed_actor<
+    caf::replies_to<submit_atom, generation_job, caf::actor>::with<uint64_t>,
+    caf::replies_to<status_atom, uint64_t>::with<job_status>,
+    caf::replies_to<cancel_atom, uint64_t>::with<bool>>;
+
+enum class controller_errc : uint8_t {
+  overloaded = 1,   ///< Transient: the queue is full; retry later.
+  invalid_request,  ///< Permanent: the request itself is malformed (the text says how).
+  unknown_job,      ///< Permanent: no job with that id.
+};
+
+[[nodiscard]] caf::error make_error(controller_errc code, std::string text);
+
+}  // namespace moe::actors
+
+MOE_ERROR_ENUM(moe::actors::controller_errc, "controller")
+
+namespace prometheus {
+class Registry;
+}
+
+namespace moe::actors {
+
+struct controller_options {
+  std::vector<attention_actor> shards;
+  controller_limits limits;
+  int64_t vocab_size = 0;  ///< token ids are checked here, so one bad request fails alone
+  std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
+};
+
+[[nodiscard]] controller_actor spawn_controller(caf::actor_system& sys, controller_options options);
+
+}  // namespace moe::actors
