@@ -9,6 +9,7 @@
 #include <optional>
 #include <unordered_map>
 
+#include "actors/actor_metrics.hpp"
 #include "kernels/cpu/elementwise.hpp"
 #include "kernels/cpu/sampling.hpp"
 #include "model/attention_block.hpp"
@@ -52,6 +53,10 @@ struct attention_state {
   std::deque<queued_step> queue;
   std::vector<uint64_t> pending_release;  // released while a step was in flight
   bool busy = false;
+  mailbox_gauge mailbox;
+  prometheus::Gauge* queued_steps = nullptr;
+  prometheus::Gauge* free_cache_blocks = nullptr;
+  std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
   static inline const char* name = "attention";
 };
 
@@ -247,6 +252,8 @@ void start_next(pointer self) {
     release_now(st, st.pending_release);
     st.pending_release.clear();
   }
+  if (st.queued_steps) st.queued_steps->Set(static_cast<double>(st.queue.size()));
+  if (st.free_cache_blocks) st.free_cache_blocks->Set(static_cast<double>(st.cache->num_free_blocks()));
   if (st.queue.empty()) return;
   auto ctx = std::make_shared<step_context>();
   ctx->job = std::move(st.queue.front());
@@ -296,7 +303,8 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
   auto impl = [](pointer self, std::shared_ptr<const model::checkpoint> w, model::embedding_head h,
                  std::vector<model::attention_block> attn,
                  std::vector<std::optional<model::mlp_block>> dns, router_actor r,
-                 model::latent_cache_options cache_opts) -> attention_actor::behavior_type {
+                 attention_options opts) -> attention_actor::behavior_type {
+    const auto& cache_opts = opts.cache;
     auto& st = self->state;
     const auto& cfg = w->config;
     st.cache = std::make_unique<model::latent_cache>(cfg.num_hidden_layers, cfg.kv_lora_rank,
@@ -306,8 +314,24 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
     st.attention = std::move(attn);
     st.dense = std::move(dns);
     st.router = std::move(r);
+    st.registry = opts.metrics;
+    if (opts.metrics) {
+      const std::string id = std::to_string(opts.shard);
+      st.mailbox = mailbox_gauge(*opts.metrics, "attention", id);
+      st.queued_steps = &prometheus::BuildGauge()
+                             .Name("moe_attention_queued_steps")
+                             .Help("Steps waiting behind the running one on an attention shard")
+                             .Register(*opts.metrics)
+                             .Add({{"shard", id}});
+      st.free_cache_blocks = &prometheus::BuildGauge()
+                                  .Name("moe_attention_free_cache_blocks")
+                                  .Help("Free blocks of the latent KV cache of a shard")
+                                  .Register(*opts.metrics)
+                                  .Add({{"shard", id}});
+    }
     return {
         [self](step_atom, step_request& req) -> caf::result<step_result> {
+          self->state.mailbox.set(self->mailbox().size());
           auto rp = self->make_response_promise<step_result>();
           self->state.queue.push_back({std::move(req), rp});
           start_next(self);
@@ -324,7 +348,7 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
     };
   };
   return sys.spawn(impl, std::move(weights), *head, std::move(attention), std::move(dense),
-                   std::move(router), options.cache);
+                   std::move(router), options);
 }
 
 }  // namespace moe::actors

@@ -14,11 +14,16 @@
 #include "model/checkpoint.hpp"
 #include "model/latent_cache.hpp"
 
+namespace prometheus {
+class Registry;
+}
+
 namespace moe::actors {
 
 struct attention_options {
   int shard = 0;
   model::latent_cache_options cache;
+  std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
 };
 
 [[nodiscard]] caf::expected<attention_actor> spawn_attention(

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <map>
+#include <chrono>
 #include <optional>
 
+#include "actors/actor_metrics.hpp"
 #include "model/mlp_block.hpp"
 #include "model/model_errc.hpp"
 #include "model/moe_blocks.hpp"
@@ -24,6 +26,9 @@ struct expert_group_state {
   std::map<int64_t, layer_blocks> layers;
   model::mlp_scratch scratch;
   int64_t hidden = 0;
+  mailbox_gauge mailbox;
+  prometheus::Histogram* forward_seconds = nullptr;
+  std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
   static inline const char* name = "expert_group";
 };
 
@@ -118,13 +123,27 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys,
     layers.emplace(l, std::move(lb));
   }
   auto impl = [](pointer self, std::shared_ptr<const model::checkpoint> w,
-                 std::map<int64_t, layer_blocks> blocks) -> expert_group_actor::behavior_type {
+                 std::map<int64_t, layer_blocks> blocks,
+                 expert_group_options opts) -> expert_group_actor::behavior_type {
     self->state.hidden = w->config.hidden_size;
     self->state.weights = std::move(w);
     self->state.layers = std::move(blocks);
-    return {[self](expert_forward_atom, expert_batch& b) { return forward(self, b); }};
+    self->state.registry = opts.metrics;
+    if (opts.metrics) {
+      self->state.mailbox = mailbox_gauge(*opts.metrics, "expert_group", std::to_string(opts.group));
+      self->state.forward_seconds = expert_forward_histogram(*opts.metrics, std::to_string(opts.group));
+    }
+    return {[self](expert_forward_atom, expert_batch& b) -> caf::result<expert_result> {
+      self->state.mailbox.set(self->mailbox().size());
+      const auto start = std::chrono::steady_clock::now();
+      auto r = forward(self, b);
+      if (self->state.forward_seconds)
+        self->state.forward_seconds->Observe(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      return r;
+    }};
   };
-  return sys.spawn(impl, std::move(weights), std::move(layers));
+  return sys.spawn(impl, std::move(weights), std::move(layers), options);
 }
 
 }  // namespace moe::actors

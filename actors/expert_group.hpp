@@ -12,12 +12,17 @@
 #include "base/error.hpp"
 #include "model/checkpoint.hpp"
 
+namespace prometheus {
+class Registry;
+}
+
 namespace moe::actors {
 
 struct expert_group_options {
   int group = 0;
   std::vector<int64_t> experts;  ///< logical experts held, the same for every MoE layer
   bool holds_shared_experts = false;
+  std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
 };
 
 /// Binds the group's blocks to `weights` (which must hold at least its experts; the group keeps

@@ -49,7 +49,8 @@ caf::expected<std::unique_ptr<local_cluster>> local_cluster::start(
   auto cluster = std::unique_ptr<local_cluster>(new local_cluster(sys));
   cluster->config_ = *cfg;
   std::vector<expert_group_route> routes;
-  for (const auto& g : layout.groups) {
+  for (auto g : layout.groups) {
+    g.metrics = layout.metrics;
     auto weights = load_part(model_dir, *cfg,
                              [g](std::string_view n) { return expert_group_needs(g, n); });
     if (!weights) return weights.error();
@@ -66,12 +67,14 @@ caf::expected<std::unique_ptr<local_cluster>> local_cluster::start(
     router_options ro;
     ro.shard = s;
     ro.groups = routes;
+    ro.metrics = layout.metrics;
     auto router = spawn_router(sys, *gate_weights, ro);
     if (!router) return router.error();
     cluster->routers_.push_back(*router);
     attention_options ao;
     ao.shard = s;
     ao.cache = layout.cache;
+    ao.metrics = layout.metrics;
     auto shard = spawn_attention(sys, *attention_weights, *router, ao);
     if (!shard) return shard.error();
     cluster->shards_.push_back(*shard);

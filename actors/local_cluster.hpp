@@ -25,6 +25,7 @@ struct cluster_layout {
   int num_attention_shards = 1;
   std::vector<expert_group_options> groups;  ///< experts sorted; shared experts in one group
   model::latent_cache_options cache;
+  std::shared_ptr<prometheus::Registry> metrics;  ///< shared by every actor; may be null
 };
 
 /// Even contiguous split of `num_experts` over `num_groups`, shared experts in group 0.

@@ -5,6 +5,7 @@
 #include <map>
 #include <optional>
 
+#include "actors/actor_metrics.hpp"
 #include "model/model_errc.hpp"
 #include "model/moe_blocks.hpp"
 
@@ -19,6 +20,8 @@ struct router_state {
   std::vector<std::vector<size_t>> holders;  // logical expert -> groups holding it
   std::optional<size_t> shared_group;
   int64_t hidden = 0;
+  mailbox_gauge mailbox;
+  routed_tokens_counter routed;
   static inline const char* name = "router";
 };
 
@@ -50,6 +53,7 @@ void finish(pointer self, pending_route& p) {
   r.layer = p.layer;
   r.step = p.step;
   r.y = tensor_ref::wrap(std::move(y), {static_cast<int64_t>(p.num_tokens), static_cast<int64_t>(D)});
+  self->state.routed.add(p.layer, p.choices);
   r.expert_choices = std::move(p.choices);
   p.promise.deliver(std::move(r));
 }
@@ -202,7 +206,18 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
     st.options = std::move(opts);
     st.holders = std::move(holders);
     st.shared_group = shared;
-    return {[self](route_atom, route_request& req) { return route(self, req); }};
+    if (st.options.metrics) {
+      const auto& c = st.weights->config;
+      std::vector<bool> moe_layers;
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers.push_back(c.is_moe_layer(l));
+      st.mailbox = mailbox_gauge(*st.options.metrics, "router", std::to_string(st.options.shard));
+      st.routed = routed_tokens_counter(*st.options.metrics, c.num_hidden_layers, c.n_routed_experts,
+                                        moe_layers);
+    }
+    return {[self](route_atom, route_request& req) {
+      self->state.mailbox.set(self->mailbox().size());
+      return route(self, req);
+    }};
   };
   return sys.spawn(impl, std::move(weights), std::move(gates), std::move(options),
                    std::move(holders), shared_group);

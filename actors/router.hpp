@@ -12,6 +12,10 @@
 #include "base/error.hpp"
 #include "model/checkpoint.hpp"
 
+namespace prometheus {
+class Registry;
+}
+
 namespace moe::actors {
 
 /// One expert group as the router sees it.
@@ -23,6 +27,7 @@ struct expert_group_route {
 
 struct router_options {
   int shard = 0;
+  std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
   uint32_t placement_version = 1;
   std::vector<expert_group_route> groups;
 };

@@ -38,7 +38,9 @@ struct harness {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
 
   explicit harness(controller_limits limits, int shards = 2, int groups = 3) {
-    auto c = local_cluster::start(sys, tiny(), even_layout(shards, groups, 16));
+    auto layout = even_layout(shards, groups, 16);
+    layout.metrics = registry;
+    auto c = local_cluster::start(sys, tiny(), layout);
     EXPECT_TRUE(c) << error_text(c.error());
     cluster = std::move(*c);
     controller_options o;
@@ -127,6 +129,17 @@ TEST(controller, concurrent_requests_each_get_what_they_get_alone) {
   const auto text = prometheus::TextSerializer().Serialize(h.registry->Collect());
   EXPECT_NE(text.find("moe_controller_requests_total{outcome=\"finished\"} 14"), std::string::npos)
       << text;
+  // Every generated token but the last of each request went through the routers of both MoE
+  // layers, plus the prompts: top-4 choices per token per layer.
+  size_t tokens_through_model = 0;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    tokens_through_model += jobs[i].prompt.size() + streamed[ids[i]].size() - 1;
+  double routed = 0;
+  for (const auto& fam : h.registry->Collect())
+    if (fam.name == "moe_router_tokens_routed_total")
+      for (const auto& m : fam.metric) routed += m.counter.value;
+  EXPECT_EQ(routed, static_cast<double>(tokens_through_model * 2 * 4));
+  EXPECT_NE(text.find("moe_actor_mailbox_depth{actor=\"expert_group\""), std::string::npos);
 }
 
 TEST(controller, stop_tokens_end_a_request_and_are_kept) {

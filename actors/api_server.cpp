@@ -1,0 +1,651 @@
+#include "actors/api_server.hpp"
+
+#include <capnp/rpc-twoparty.h>
+#include <capnp/rpc.h>
+#include <kj/async-io.h>
+#include <kj/async.h>
+#include <kj/timer.h>
+
+#include <caf/all.hpp>
+
+#include <cstdio>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "base/constant_time.hpp"
+#include "protocol/api_codec.hpp"
+
+namespace moe::actors {
+
+namespace {
+
+namespace wire = moe::protocol::capnp;
+using protocol::api_errc;
+
+// --- the controller's messages <-> the API's values ---------------------------------------
+
+protocol::api_job_state to_api(job_state s) {
+  switch (s) {
+    case job_state::queued: return protocol::api_job_state::queued;
+    case job_state::running: return protocol::api_job_state::running;
+    case job_state::finished: return protocol::api_job_state::finished;
+    case job_state::cancelled: return protocol::api_job_state::cancelled;
+    case job_state::failed: return protocol::api_job_state::failed;
+  }
+  return protocol::api_job_state::failed;
+}
+
+protocol::api_job_event to_api(job_event e) {
+  return {e.job, std::move(e.tokens), e.finished, to_api(e.state), std::move(e.finish_reason),
+          std::move(e.error)};
+}
+
+protocol::api_job_status to_api(job_status s) {
+  return {s.job, to_api(s.state), std::move(s.tokens), std::move(s.finish_reason),
+          std::move(s.error), static_cast<int32_t>(s.shard)};
+}
+
+generation_job to_controller(protocol::api_generation_spec s) {
+  generation_job j;
+  j.prompt = std::move(s.prompt);
+  j.max_new_tokens = s.max_new_tokens;
+  j.sampling.temperature = s.temperature;
+  j.sampling.top_k = s.top_k;
+  j.sampling.top_p = s.top_p;
+  j.sampling.seed = s.seed;
+  j.stop_token_ids = std::move(s.stop_token_ids);
+  return j;
+}
+
+kj::Exception api_exception(api_errc code, const std::string& text) {
+  return protocol::make_api_exception(code, text);
+}
+
+// A failed controller request as the exception the client sees: the controller's own codes
+// keep their meaning (overloaded stays retryable), anything else is "internal".
+kj::Exception to_exception(const caf::error& err, std::chrono::milliseconds timeout) {
+  if (err.category() == caf::atom("controller")) {
+    switch (static_cast<controller_errc>(err.code())) {
+      case controller_errc::overloaded: return api_exception(api_errc::overloaded, error_text(err));
+      case controller_errc::invalid_request:
+        return api_exception(api_errc::invalid_request, error_text(err));
+      case controller_errc::unknown_job:
+        return api_exception(api_errc::unknown_job, error_text(err));
+    }
+  }
+  if (err.category() == caf::atom("api")) {
+    return api_exception(static_cast<api_errc>(err.code()), error_text(err));
+  }
+  if (err == caf::sec::request_timeout) {
+    return api_exception(api_errc::internal, "the controller did not answer within " +
+                                                 std::to_string(timeout.count()) + " ms");
+  }
+  if (err == caf::sec::request_receiver_down) {
+    return api_exception(api_errc::internal, "the controller is not running");
+  }
+  return api_exception(api_errc::internal, "controller: " + caf::to_string(err));
+}
+
+// --- CAF threads -> the kj thread -------------------------------------------------------
+
+// The events of one job on their way from its subscriber actor (any CAF thread) to the kj
+// thread, which drains them in order. Also the one place where a job id and the stream's
+// abandonment meet, so that a job is cancelled exactly once however the two race.
+class event_channel {
+ public:
+  /// CAF thread. Events after abandon() are dropped.
+  void push(protocol::api_job_event e) {
+    kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (abandoned_) return;
+      events_.push_back(std::move(e));
+      waiter = kj::mv(waiter_);
+    }
+    if (waiter) waiter->fulfill();
+  }
+
+  /// CAF thread, when submit answered `id`. False: the stream was abandoned before, so the
+  /// caller must cancel the job (nobody else knows its id).
+  bool bind_job(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    job_id_ = id;
+    return !abandoned_;
+  }
+
+  /// kj thread. Drops queued and future events and wakes the reader. Returns the job id when
+  /// it is already known (the caller cancels it); otherwise bind_job will say so.
+  std::optional<uint64_t> abandon() {
+    kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter;
+    std::optional<uint64_t> id;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      abandoned_ = true;
+      events_.clear();
+      waiter = kj::mv(waiter_);
+      if (job_id_ != 0) id = job_id_;
+    }
+    if (waiter) waiter->fulfill();
+    return id;
+  }
+
+  /// kj thread: resolves when events are queued or the channel was abandoned.
+  kj::Promise<void> ready() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!events_.empty() || abandoned_) return kj::READY_NOW;
+    auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
+    waiter_ = kj::mv(paf.fulfiller);
+    return kj::mv(paf.promise);
+  }
+
+  /// kj thread: the queued events, oldest first.
+  std::vector<protocol::api_job_event> take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::exchange(events_, {});
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<protocol::api_job_event> events_;
+  kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter_;
+  uint64_t job_id_ = 0;
+  bool abandoned_ = false;
+};
+
+// Receives one job's events from the controller. Ends with the job's final event, or when
+// the controller goes down (then it reports the job as failed, so no client waits forever).
+caf::behavior job_subscriber(caf::event_based_actor* self, std::shared_ptr<event_channel> channel,
+                             controller_actor controller) {
+  self->monitor(controller);
+  self->set_down_handler([self, channel](caf::down_msg& msg) {
+    protocol::api_job_event e;
+    e.finished = true;
+    e.state = protocol::api_job_state::failed;
+    e.finish_reason = "error";
+    e.error = "the controller terminated: " + caf::to_string(msg.reason);
+    channel->push(std::move(e));
+    self->quit();
+  });
+  return {
+      [self, channel](job_event_atom, job_event& e) {
+        const bool last = e.finished;
+        channel->push(to_api(std::move(e)));
+        if (last) self->quit();
+      },
+  };
+}
+
+template <class T>
+using reply_fulfiller = std::shared_ptr<kj::Own<kj::CrossThreadPromiseFulfiller<caf::expected<T>>>>;
+
+// Sends one request to the controller from a short-lived actor and hands its answer to the
+// calling (kj) thread. `on_value` runs on the CAF thread first (submit uses it to cancel a job
+// whose caller has gone). The kj side may drop the promise at any time: fulfilling a dropped
+// promise does nothing.
+template <class T, class OnValue, class... Ts>
+kj::Promise<caf::expected<T>> ask(caf::actor_system& sys, const controller_actor& controller,
+                                  std::chrono::milliseconds timeout, OnValue on_value, Ts... xs) {
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<caf::expected<T>>();
+  reply_fulfiller<T> reply = std::make_shared<decltype(paf.fulfiller)>(kj::mv(paf.fulfiller));
+  sys.spawn([=](caf::event_based_actor* self) {
+    self->request(controller, caf::duration{timeout}, xs...)
+        .then(
+            [=](T& value) {
+              on_value(value);
+              (*reply)->fulfill(caf::expected<T>{std::move(value)});
+            },
+            [=](caf::error& err) { (*reply)->fulfill(caf::expected<T>{std::move(err)}); });
+  });
+  return kj::mv(paf.promise);
+}
+
+// --- the kj thread ----------------------------------------------------------------------
+
+struct connection_state;
+
+// One submitted job, from submit until its final event reached the client (or was given up).
+// kj thread only, apart from `channel`.
+struct job_stream {
+  std::shared_ptr<event_channel> channel = std::make_shared<event_channel>();
+  std::optional<wire::TokenSink::Client> sink;  // none: the client polls status()
+  caf::actor subscriber;
+  std::weak_ptr<connection_state> owner;
+  uint64_t job_id = 0;  // 0 until submit answered
+  bool cancel_sent = false;
+  bool done = false;
+};
+
+// kj thread only.
+struct connection_state {
+  bool open = true;
+  std::set<std::shared_ptr<job_stream>> streams;  // streaming to this client
+};
+
+}  // namespace
+
+struct api_server::impl {
+  impl(caf::actor_system& s, controller_actor c, api_server_options o)
+      : sys(s), controller(std::move(c)), options(std::move(o)), cluster(options.cluster) {}
+
+  caf::actor_system& sys;
+  controller_actor controller;
+  api_server_options options;
+
+  std::mutex cluster_mu;
+  protocol::api_cluster_description cluster;  // guarded by cluster_mu
+
+  uint16_t bound_port = 0;
+  std::thread thread;
+  kj::Own<kj::CrossThreadPromiseFulfiller<void>> stop_signal;  // set before start() returns
+  std::once_flag stop_once;
+
+  void run(std::promise<caf::expected<uint16_t>> started);
+};
+
+namespace {
+
+class server_core;
+
+class gateway_impl final : public wire::Gateway::Server {
+ public:
+  gateway_impl(server_core& core, std::shared_ptr<connection_state> conn)
+      : core_(core), conn_(std::move(conn)) {}
+
+ protected:
+  kj::Promise<void> login(LoginContext ctx) override;
+
+ private:
+  server_core& core_;
+  std::shared_ptr<connection_state> conn_;
+};
+
+class job_service_impl final : public wire::JobService::Server {
+ public:
+  job_service_impl(server_core& core, std::shared_ptr<connection_state> conn)
+      : core_(core), conn_(std::move(conn)) {}
+
+ protected:
+  kj::Promise<void> submit(SubmitContext ctx) override;
+  kj::Promise<void> status(StatusContext ctx) override;
+  kj::Promise<void> cancel(CancelContext ctx) override;
+  kj::Promise<void> describe(DescribeContext ctx) override;
+
+ private:
+  server_core& core_;
+  std::shared_ptr<connection_state> conn_;
+};
+
+::capnp::ReaderOptions reader_options() {
+  ::capnp::ReaderOptions o;
+  o.traversalLimitInWords = 8u << 20;  // 64 MiB: far above the largest allowed prompt
+  o.nestingLimit = 16;
+  return o;
+}
+
+struct connection {
+  connection(server_core& core, kj::Own<kj::AsyncIoStream>&& s)
+      : stream(kj::mv(s)),
+        network(*stream, ::capnp::rpc::twoparty::Side::SERVER, reader_options()),
+        state(std::make_shared<connection_state>()),
+        rpc(::capnp::makeRpcServer(network, wire::Gateway::Client(kj::heap<gateway_impl>(core, state)))) {}
+
+  kj::Own<kj::AsyncIoStream> stream;
+  ::capnp::TwoPartyVatNetwork network;
+  std::shared_ptr<connection_state> state;
+  ::capnp::RpcSystem<::capnp::rpc::twoparty::VatId> rpc;
+};
+
+// Everything the kj thread owns while serving. Destroying it closes every connection.
+class server_core final : private kj::TaskSet::ErrorHandler {
+ public:
+  server_core(api_server::impl& shared, kj::AsyncIoContext& io)
+      : shared_(shared), io_(io), tasks_(kj::heap<kj::TaskSet>(*this)) {}
+
+  void serve(kj::Own<kj::ConnectionReceiver> listener) {
+    listener_ = kj::mv(listener);
+    accepting_ = accept_loop();
+  }
+
+  // The stop sequence, up to closing the connections (the destructor does that).
+  kj::Promise<void> shutdown() {
+    stopping_ = true;
+    accepting_ = nullptr;
+    listener_ = nullptr;
+    for (const auto& s : streams_) request_cancel(*s);
+    auto deadline = io_.provider->getTimer().now() +
+                    shared_.options.stop_grace.count() * kj::MILLISECONDS;
+    return drain(deadline).then([this] {
+      auto left = streams_;
+      for (const auto& s : left) abandon(s);
+    });
+  }
+
+  [[nodiscard]] bool stopping() const noexcept { return stopping_; }
+  [[nodiscard]] const api_server_options& options() const noexcept { return shared_.options; }
+  [[nodiscard]] kj::Timer& timer() { return io_.provider->getTimer(); }
+
+  [[nodiscard]] protocol::api_cluster_description cluster() {
+    std::lock_guard<std::mutex> lock(shared_.cluster_mu);
+    return shared_.cluster;
+  }
+
+  // Counts a call as in flight until the returned guard is destroyed (stop waits for them).
+  struct in_flight_guard {
+    explicit in_flight_guard(size_t& n) : n_(n) { ++n_; }
+    ~in_flight_guard() { --n_; }
+    in_flight_guard(const in_flight_guard&) = delete;
+    in_flight_guard& operator=(const in_flight_guard&) = delete;
+    size_t& n_;
+  };
+  [[nodiscard]] kj::Own<in_flight_guard> enter() { return kj::heap<in_flight_guard>(in_flight_); }
+
+  template <class T, class... Ts>
+  kj::Promise<caf::expected<T>> ask(Ts... xs) {
+    return actors::ask<T>(shared_.sys, shared_.controller, shared_.options.request_timeout,
+                          [](const T&) {}, xs...);
+  }
+
+  kj::Promise<caf::expected<uint64_t>> ask_submit(generation_job job,
+                                                  const std::shared_ptr<job_stream>& s) {
+    auto controller = shared_.controller;
+    return actors::ask<uint64_t>(
+        shared_.sys, controller, shared_.options.request_timeout,
+        [channel = s->channel, controller](const uint64_t& id) {
+          if (!channel->bind_job(id)) caf::anon_send(controller, cancel_atom::value, id);
+        },
+        submit_atom::value, std::move(job), s->subscriber);
+  }
+
+  [[nodiscard]] kj::Exception to_exception(const caf::error& err) const {
+    return actors::to_exception(err, shared_.options.request_timeout);
+  }
+
+  std::shared_ptr<job_stream> open_stream(const std::shared_ptr<connection_state>& conn,
+                                          std::optional<wire::TokenSink::Client> sink) {
+    auto s = std::make_shared<job_stream>();
+    s->owner = conn;
+    if (sink) {
+      s->sink = kj::mv(*sink);
+      s->subscriber = shared_.sys.spawn(job_subscriber, s->channel, shared_.controller);
+      conn->streams.insert(s);
+      streams_.insert(s);
+    }
+    return s;
+  }
+
+  // Submit answered `id`: start forwarding events, unless the client or the server is gone.
+  void stream_accepted(const std::shared_ptr<job_stream>& s, uint64_t id) {
+    s->job_id = id;
+    if (s->done || !s->sink) return;
+    auto conn = s->owner.lock();
+    if (!conn || !conn->open) return abandon(s);
+    if (stopping_) request_cancel(*s);
+    tasks_->add(pump(s));
+  }
+
+  // Gives a stream up: its job is cancelled (once), its events dropped.
+  void abandon(const std::shared_ptr<job_stream>& s) {
+    if (s->done) return;
+    if (auto id = s->channel->abandon(); id && !s->cancel_sent) {
+      s->cancel_sent = true;
+      caf::anon_send(shared_.controller, cancel_atom::value, *id);
+    }
+    if (s->subscriber) caf::anon_send_exit(s->subscriber, caf::exit_reason::user_shutdown);
+    finish(s);
+  }
+
+  void on_disconnect(connection_state& conn) {
+    conn.open = false;
+    auto streams = conn.streams;
+    for (const auto& s : streams) abandon(s);
+  }
+
+  void adopt(kj::Own<kj::AsyncIoStream>&& stream) {
+    auto conn = kj::heap<connection>(*this, kj::mv(stream));
+    auto state = conn->state;
+    tasks_->add(conn->network.onDisconnect()
+                    .then([this, state] { on_disconnect(*state); })
+                    .attach(kj::mv(conn)));
+  }
+
+ private:
+  kj::Promise<void> accept_loop() {
+    return listener_->accept().then([this](kj::Own<kj::AsyncIoStream>&& stream) {
+      if (!stopping_) adopt(kj::mv(stream));
+      return accept_loop();
+    });
+  }
+
+  kj::Promise<void> drain(kj::TimePoint deadline) {
+    if ((streams_.empty() && in_flight_ == 0) || timer().now() >= deadline) return kj::READY_NOW;
+    return timer().afterDelay(5 * kj::MILLISECONDS).then([this, deadline] { return drain(deadline); });
+  }
+
+  void request_cancel(job_stream& s) {
+    if (s.job_id == 0 || s.cancel_sent) return;  // unknown yet: stream_accepted cancels it
+    s.cancel_sent = true;
+    caf::anon_send(shared_.controller, cancel_atom::value, s.job_id);
+  }
+
+  void finish(const std::shared_ptr<job_stream>& s) {
+    s->done = true;
+    if (auto conn = s->owner.lock()) conn->streams.erase(s);
+    streams_.erase(s);
+  }
+
+  // Forwards the job's events to its sink, one call at a time; events queued meanwhile are
+  // merged into one (tokens concatenated, the rest from the newest), which keeps a slow
+  // client from building up a backlog of calls.
+  kj::Promise<void> pump(std::shared_ptr<job_stream> s) {
+    return s->channel->ready().then([this, s]() -> kj::Promise<void> {
+      auto events = s->channel->take();
+      if (s->done || events.empty()) return kj::READY_NOW;  // abandoned
+      protocol::api_job_event merged = std::move(events.back());
+      if (events.size() > 1) {
+        std::vector<int32_t> tokens;
+        for (size_t i = 0; i + 1 < events.size(); ++i)
+          tokens.insert(tokens.end(), events[i].tokens.begin(), events[i].tokens.end());
+        tokens.insert(tokens.end(), merged.tokens.begin(), merged.tokens.end());
+        merged.tokens = std::move(tokens);
+      }
+      if (merged.job_id == 0) merged.job_id = s->job_id;
+      const bool last = merged.finished;
+      auto req = s->sink->eventRequest();
+      protocol::to_wire(merged, req.initEvent());
+      return req.send().ignoreResult().then(
+          [this, s, last]() -> kj::Promise<void> {
+            if (!last) return pump(s);
+            finish(s);
+            return kj::READY_NOW;
+          },
+          // The client is gone or its handler failed: nobody will read this job's tokens.
+          [this, s](kj::Exception&&) { abandon(s); });
+    });
+  }
+
+  void taskFailed(kj::Exception&& e) override {
+    if (e.getType() == kj::Exception::Type::DISCONNECTED) return;  // a client went away
+    std::fprintf(stderr, "moe api server: %s\n", e.getDescription().cStr());
+  }
+
+  api_server::impl& shared_;
+  kj::AsyncIoContext& io_;
+  bool stopping_ = false;
+  size_t in_flight_ = 0;
+  std::set<std::shared_ptr<job_stream>> streams_;
+  kj::Own<kj::ConnectionReceiver> listener_;
+  kj::Maybe<kj::Promise<void>> accepting_;
+  kj::Own<kj::TaskSet> tasks_;  // last: its connections refer to the members above
+};
+
+kj::Promise<void> gateway_impl::login(LoginContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  auto params = ctx.getParams();
+  auto given = params.getSecret();
+  if (!constant_time_equal(std::string_view(given.cStr(), given.size()),
+                           core_.options().secret)) {
+    // Answered late, to slow down guessing; the secret itself appears nowhere.
+    return core_.timer()
+        .afterDelay(core_.options().failed_login_delay.count() * kj::MILLISECONDS)
+        .then([]() -> kj::Promise<void> {
+          return api_exception(api_errc::unauthenticated, "the cluster secret was not accepted");
+        });
+  }
+  if (params.getClientVersion() != protocol::api_version()) {
+    return api_exception(api_errc::unsupported_version,
+                         "the client speaks API version " +
+                             std::to_string(params.getClientVersion()) + ", this server " +
+                             std::to_string(protocol::api_version()));
+  }
+  auto results = ctx.getResults();
+  results.setService(kj::heap<job_service_impl>(core_, conn_));
+  results.setServerVersion(protocol::api_version());
+  return kj::READY_NOW;
+}
+
+kj::Promise<void> job_service_impl::submit(SubmitContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  auto params = ctx.getParams();
+  auto job = params.getJob();
+  if (job.which() == wire::JobSpec::TRAINING) {
+    return api_exception(api_errc::invalid_request, "training jobs are not served yet");
+  }
+  if (job.which() != wire::JobSpec::GENERATION) {
+    return api_exception(api_errc::invalid_request, "job: unknown kind (a newer client?)");
+  }
+  auto spec = protocol::from_wire(job.getGeneration());
+  if (auto err = protocol::validate(spec, core_.options().limits)) {
+    return api_exception(api_errc::invalid_request, error_text(err));
+  }
+  std::optional<wire::TokenSink::Client> sink;
+  if (params.hasSink()) sink = params.getSink();
+  auto stream = core_.open_stream(conn_, kj::mv(sink));
+  // If this call is dropped before the controller answered (the client went away or cancelled
+  // the call), the stream is given up, which cancels the job if it was accepted after all.
+  auto answered = std::make_shared<bool>(false);
+  auto give_up = kj::defer([this, stream, answered] {
+    if (!*answered) core_.abandon(stream);
+  });
+  return core_.ask_submit(to_controller(std::move(spec)), stream)
+      .then([this, ctx, stream, answered](caf::expected<uint64_t> id) mutable -> kj::Promise<void> {
+        *answered = true;
+        if (!id) {
+          core_.abandon(stream);
+          return core_.to_exception(id.error());
+        }
+        ctx.getResults().setJobId(*id);
+        core_.stream_accepted(stream, *id);
+        return kj::READY_NOW;
+      })
+      .attach(kj::mv(give_up), core_.enter());
+}
+
+kj::Promise<void> job_service_impl::status(StatusContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  return core_.ask<job_status>(status_atom::value, ctx.getParams().getJobId())
+      .then([this, ctx](caf::expected<job_status> s) mutable -> kj::Promise<void> {
+        if (!s) return core_.to_exception(s.error());
+        protocol::to_wire(to_api(std::move(*s)), ctx.getResults().initStatus());
+        return kj::READY_NOW;
+      })
+      .attach(core_.enter());
+}
+
+kj::Promise<void> job_service_impl::cancel(CancelContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  return core_.ask<bool>(cancel_atom::value, ctx.getParams().getJobId())
+      .then([this, ctx](caf::expected<bool> was_active) mutable -> kj::Promise<void> {
+        if (!was_active) return core_.to_exception(was_active.error());
+        ctx.getResults().setWasActive(*was_active);
+        return kj::READY_NOW;
+      })
+      .attach(core_.enter());
+}
+
+kj::Promise<void> job_service_impl::describe(DescribeContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  protocol::to_wire(core_.cluster(), ctx.getResults().initCluster());
+  return kj::READY_NOW;
+}
+
+}  // namespace
+
+void api_server::impl::run(std::promise<caf::expected<uint16_t>> started) {
+  bool announced = false;
+  try {
+    auto io = kj::setupAsyncIo();
+    auto address = io.provider->getNetwork()
+                       .parseAddress(kj::StringPtr(options.host.c_str()), options.port)
+                       .wait(io.waitScope);
+    auto listener = address->listen();
+    bound_port = static_cast<uint16_t>(listener->getPort());
+    auto stop = kj::newPromiseAndCrossThreadFulfiller<void>();
+    stop_signal = kj::mv(stop.fulfiller);
+    {
+      server_core core(*this, io);
+      core.serve(kj::mv(listener));
+      announced = true;
+      started.set_value(bound_port);
+      stop.promise.wait(io.waitScope);
+      core.shutdown().wait(io.waitScope);
+    }
+  } catch (const kj::Exception& e) {
+    std::string what = e.getDescription().cStr();
+    if (!announced) {
+      started.set_value(protocol::make_error(
+          api_errc::unavailable,
+          "api server: cannot listen on " + options.host + ":" + std::to_string(options.port) +
+              ": " + what));
+      return;
+    }
+    std::fprintf(stderr, "moe api server: stopped on an error: %s\n", what.c_str());
+  }
+}
+
+api_server::api_server(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+api_server::~api_server() { stop(); }
+
+caf::expected<std::unique_ptr<api_server>> api_server::start(caf::actor_system& sys,
+                                                             controller_actor controller,
+                                                             api_server_options options) {
+  if (options.secret.empty()) {
+    return protocol::make_error(api_errc::invalid_request,
+                                "api server: the cluster secret is empty");
+  }
+  if (!controller) {
+    return protocol::make_error(api_errc::invalid_request, "api server: no controller");
+  }
+  auto p = std::make_unique<impl>(sys, std::move(controller), std::move(options));
+  std::promise<caf::expected<uint16_t>> started;
+  auto port = started.get_future();
+  p->thread = std::thread(
+      [raw = p.get(), st = std::move(started)]() mutable { raw->run(std::move(st)); });
+  auto bound = port.get();
+  if (!bound) {
+    p->thread.join();
+    return bound.error();
+  }
+  return std::unique_ptr<api_server>(new api_server(std::move(p)));
+}
+
+uint16_t api_server::port() const noexcept { return impl_->bound_port; }
+
+void api_server::set_cluster_description(protocol::api_cluster_description cluster) {
+  std::lock_guard<std::mutex> lock(impl_->cluster_mu);
+  impl_->cluster = std::move(cluster);
+}
+
+void api_server::stop() {
+  std::call_once(impl_->stop_once, [this] {
+    impl_->stop_signal->fulfill();
+    impl_->thread.join();
+    impl_->stop_signal = nullptr;
+  });
+}
+
+}  // namespace moe::actors

@@ -1,0 +1,78 @@
+// The job-submission API server (protocol/api.capnp): Cap'n Proto RPC in front of the
+// controller actor.
+//
+// The server runs its own thread with a kj event loop; RPC calls never block that loop on CAF.
+// Each call becomes a request to the controller from a short-lived CAF actor, whose answer is
+// handed back to the kj thread through a cross-thread promise. A submitted job with a token
+// sink gets a subscriber actor that receives the controller's (job_event_atom, job_event)
+// messages and hands them, in order, to the kj thread, which forwards them to the client's
+// TokenSink one call at a time (events queued meanwhile are merged).
+//
+// Authentication: a connection reaches only Gateway.login until it presents the cluster
+// secret (compared in constant time; the secret is never logged or echoed). If a client's
+// connection drops, every job that was streaming to it is cancelled.
+//
+// Lifecycle (a gate, as every service): start() binds and serves; stop() refuses new calls,
+// cancels the jobs still streaming, waits up to `stop_grace` for in-flight calls and the jobs'
+// final events to reach their clients, then closes every connection and joins the thread.
+// The actor system must outlive the server.
+//
+// Thread safety: start, port, set_cluster_description and stop may be called from any thread;
+// stop is idempotent and also run by the destructor.
+#pragma once
+
+#include <caf/fwd.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "actors/controller.hpp"
+#include "base/error.hpp"
+#include "protocol/api_types.hpp"
+
+namespace moe::actors {
+
+struct api_server_options {
+  std::string host = "127.0.0.1";  ///< Address to bind ("0.0.0.0" / "*" for every interface).
+  uint16_t port = 0;               ///< 0: an ephemeral port (see api_server::port()).
+  std::string secret;              ///< The cluster secret (config `cluster.secret`); non-empty.
+  protocol::api_cluster_description cluster;  ///< What describe() answers.
+  protocol::api_limits limits;
+  /// How long a controller request may take before the call fails with "internal: ...".
+  std::chrono::milliseconds request_timeout{30'000};
+  /// How long stop() waits for in-flight calls and the final events of cancelled jobs.
+  std::chrono::milliseconds stop_grace{2'000};
+  /// A wrong secret is answered only after this delay, to slow down guessing.
+  std::chrono::milliseconds failed_login_delay{200};
+};
+
+class api_server {
+ public:
+  /// Binds `options.host:options.port` and starts serving. Errors: api_errc::invalid_request
+  /// for an empty secret, api_errc::unavailable when the address cannot be bound.
+  [[nodiscard]] static caf::expected<std::unique_ptr<api_server>> start(
+      caf::actor_system& sys, controller_actor controller, api_server_options options);
+
+  ~api_server();
+  api_server(const api_server&) = delete;
+  api_server& operator=(const api_server&) = delete;
+
+  /// The bound port (the ephemeral one when options.port was 0).
+  [[nodiscard]] uint16_t port() const noexcept;
+
+  /// Replaces what describe() answers from now on (e.g. after the scheduler re-placed actors).
+  void set_cluster_description(protocol::api_cluster_description cluster);
+
+  /// Refuses new calls, drains (see above), closes every connection and joins the thread.
+  void stop();
+
+  struct impl;
+
+ private:
+  explicit api_server(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace moe::actors
