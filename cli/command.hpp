@@ -14,5 +14,6 @@ void add_version_command(CLI::App& app, command_context& ctx);
 void add_demo_command(CLI::App& app, command_context& ctx);
 void add_run_command(CLI::App& app, command_context& ctx);
 void add_init_model_command(CLI::App& app, command_context& ctx);
+void add_plan_command(CLI::App& app, command_context& ctx);
 
 }  // namespace moe::cli

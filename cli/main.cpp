@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   moe::cli::add_demo_command(app, ctx);
   moe::cli::add_run_command(app, ctx);
   moe::cli::add_init_model_command(app, ctx);
+  moe::cli::add_plan_command(app, ctx);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,642 @@
+#include "runtime/cluster_config.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <initializer_list>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+namespace moe::runtime {
+
+const char* to_string(cluster_config_errc e) noexcept {
+  switch (e) {
+    case cluster_config_errc::bad_config: return "bad_config";
+    case cluster_config_errc::io_error: return "io_error";
+  }
+  return "unknown";
+}
+
+caf::error make_error(cluster_config_errc code, std::string text) {
+  return caf::error{static_cast<uint8_t>(code), caf::atom("clustercfg"),
+                    caf::make_message(std::move(text))};
+}
+
+namespace {
+
+constexpr const char* redacted = "<redacted>";
+
+// ---- the parse context: records the first error, in "source:line: field: what" form ----
+
+struct context {
+  std::string source;
+  std::optional<std::string> error;
+
+  bool fail(int line, const std::string& field, const std::string& what) {
+    if (error) return false;
+    std::string at = line > 0 ? source + ":" + std::to_string(line) : source;
+    error = at + ": " + (field.empty() ? what : field + ": " + what);
+    return false;
+  }
+};
+
+// yaml-cpp marks are 0-based; a null value (`key:` with nothing after it) may carry no mark.
+int line_of(const YAML::Node& node) {
+  const YAML::Mark m = node.Mark();
+  return m.is_null() ? 0 : m.line + 1;
+}
+
+std::string describe(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Scalar: return "'" + node.Scalar() + "'";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Null: return "nothing";
+    case YAML::NodeType::Undefined: return "nothing";
+  }
+  return "nothing";
+}
+
+std::string join_path(const std::string& prefix, std::string_view key) {
+  return prefix.empty() ? std::string(key) : prefix + "." + std::string(key);
+}
+
+/// A value in the file: the node, its field path, and the line of its key (of its item in a list).
+struct value_ref {
+  YAML::Node node;
+  std::string field;
+  int line = 0;
+};
+
+/// A YAML mapping whose keys are checked against the schema: unknown and duplicate keys are
+/// errors naming the key's line.
+class mapping {
+ public:
+  mapping(context& ctx, const value_ref& at, std::initializer_list<std::string_view> keys)
+      : ctx_(ctx), at_(at) {
+    if (!at.node.IsMap()) {
+      ok_ = ctx.fail(at.line, at.field, "expected a mapping, got " + describe(at.node));
+      return;
+    }
+    std::set<std::string> seen;
+    for (const auto& kv : at.node) {
+      const std::string key = kv.first.IsScalar() ? kv.first.Scalar() : std::string{};
+      const int key_line = line_of(kv.first);
+      const std::string field = join_path(at.field, key);
+      if (key.empty() || std::find(keys.begin(), keys.end(), key) == keys.end()) {
+        ok_ = ctx.fail(key_line, kv.first.IsScalar() ? field : at.field,
+                       kv.first.IsScalar() ? "unknown key" : "expected a key name");
+        return;
+      }
+      if (!seen.insert(key).second) {
+        ok_ = ctx.fail(key_line, field, "duplicate key");
+        return;
+      }
+      // The key's line: a block mapping or list as value starts on the next line, and a null
+      // value has no mark; people look for the key.
+      entries_.push_back({kv.second, field, key_line});
+    }
+  }
+
+  [[nodiscard]] bool ok() const noexcept { return ok_; }
+  [[nodiscard]] const value_ref& where() const noexcept { return at_; }
+
+  /// The value of `key`, or nullptr when absent.
+  [[nodiscard]] const value_ref* find(std::string_view key) const {
+    const std::string field = join_path(at_.field, key);
+    for (const auto& e : entries_) {
+      if (e.field == field) return &e;
+    }
+    return nullptr;
+  }
+
+  /// The value of a required key; records "required" at the mapping's line when absent.
+  [[nodiscard]] const value_ref* require(std::string_view key, std::string_view hint) {
+    const value_ref* v = find(key);
+    if (v == nullptr) ctx_.fail(at_.line, join_path(at_.field, key), "required (" + std::string(hint) + ")");
+    return v;
+  }
+
+ private:
+  context& ctx_;
+  value_ref at_;
+  std::vector<value_ref> entries_;
+  bool ok_ = true;
+};
+
+std::optional<int64_t> to_int(const std::string& text) {
+  int64_t v = 0;
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  if (first != last && *first == '+') ++first;
+  auto [ptr, ec] = std::from_chars(first, last, v);
+  if (ec != std::errc{} || ptr != last || first == last) return std::nullopt;
+  return v;
+}
+
+// `max` of INT32_MAX or more is a sanity cap, not part of the schema: the message states `min`.
+bool read_int(context& ctx, const value_ref& v, int64_t min, int64_t max, int64_t& out) {
+  const bool capped = max >= INT32_MAX;
+  std::string expected;
+  if (min == 0 && capped) {
+    expected = "expected a non-negative integer";
+  } else if (capped) {
+    expected = "expected an integer >= " + std::to_string(min);
+  } else {
+    expected = "expected an integer in " + std::to_string(min) + ".." + std::to_string(max);
+  }
+  if (!v.node.IsScalar()) return ctx.fail(v.line, v.field, expected + ", got " + describe(v.node));
+  const auto parsed = to_int(v.node.Scalar());
+  if (!parsed || *parsed < min) return ctx.fail(v.line, v.field, expected + ", got " + describe(v.node));
+  if (*parsed > max) {
+    return ctx.fail(v.line, v.field,
+                    expected + ", got " + describe(v.node) + (capped ? " (at most " + std::to_string(max) + ")" : ""));
+  }
+  out = *parsed;
+  return true;
+}
+
+bool read_string(context& ctx, const value_ref& v, std::string& out) {
+  if (!v.node.IsScalar() || v.node.Scalar().empty()) {
+    return ctx.fail(v.line, v.field, "expected a non-empty string, got " + describe(v.node));
+  }
+  out = v.node.Scalar();
+  return true;
+}
+
+bool read_size(context& ctx, const value_ref& v, uint64_t& out) {
+  const auto size = v.node.IsScalar() ? parse_size(v.node.Scalar()) : std::nullopt;
+  if (!size) {
+    return ctx.fail(v.line, v.field,
+                    "expected a size like 8GiB, 512MiB or a byte count, got " + describe(v.node));
+  }
+  out = *size;
+  return true;
+}
+
+bool valid_node_name(const std::string& name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-' || c == '.';
+  });
+}
+
+// ---- sections ----
+
+bool parse_cluster(context& ctx, const value_ref& at, cluster_config& out) {
+  mapping m(ctx, at, {"name", "secret"});
+  if (!m.ok()) return false;
+  const value_ref* name = m.require("name", "a string naming the cluster");
+  if (name == nullptr || !read_string(ctx, *name, out.name)) return false;
+  const value_ref* secret = m.require("secret", "a non-empty shared secret every node presents");
+  if (secret == nullptr) return false;
+  if (!secret->node.IsScalar() || secret->node.Scalar().empty()) {
+    // Never echo the value: a secret pasted into the wrong shape is still a secret.
+    return ctx.fail(secret->line, secret->field, "expected a non-empty string");
+  }
+  out.secret = secret->node.Scalar();
+  return true;
+}
+
+bool parse_node(context& ctx, const value_ref& at, node_config& node) {
+  mapping m(ctx, at, {"name", "host", "devices", "memory", "gpu_memory"});
+  if (!m.ok()) return false;
+  node.line = at.line;
+  const value_ref* name = m.require("name", "a unique node name");
+  if (name == nullptr || !read_string(ctx, *name, node.name)) return false;
+  if (!valid_node_name(node.name)) {
+    return ctx.fail(name->line, name->field,
+                    "'" + node.name + "' may contain only letters, digits, '_', '-' and '.'");
+  }
+  if (const value_ref* host = m.find("host"); host && !read_string(ctx, *host, node.host)) return false;
+
+  const value_ref* devices = m.require("devices", "gpus and/or cpu_slots");
+  if (devices == nullptr) return false;
+  mapping d(ctx, *devices, {"gpus", "cpu_slots"});
+  if (!d.ok()) return false;
+  if (const value_ref* g = d.find("gpus"); g && !read_int(ctx, *g, 0, INT64_MAX, node.gpus)) return false;
+  if (const value_ref* c = d.find("cpu_slots"); c && !read_int(ctx, *c, 0, INT64_MAX, node.cpu_slots)) {
+    return false;
+  }
+  if (node.gpus + node.cpu_slots == 0) {
+    return ctx.fail(devices->line, devices->field, "at least one GPU or CPU slot is needed");
+  }
+
+  if (const value_ref* mem = m.find("memory")) {
+    if (!read_size(ctx, *mem, node.memory_bytes)) return false;
+  } else if (node.cpu_slots > 0) {
+    return ctx.fail(at.line, join_path(at.field, "memory"),
+                    "required when devices.cpu_slots > 0 (host memory, e.g. 8GiB)");
+  }
+  if (const value_ref* mem = m.find("gpu_memory")) {
+    if (!read_size(ctx, *mem, node.gpu_memory_bytes)) return false;
+  } else if (node.gpus > 0) {
+    return ctx.fail(at.line, join_path(at.field, "gpu_memory"),
+                    "required when devices.gpus > 0 (memory of each GPU, e.g. 80GiB)");
+  }
+  return true;
+}
+
+bool parse_nodes(context& ctx, const value_ref& at, std::vector<node_config>& out) {
+  if (!at.node.IsSequence() || at.node.size() == 0) {
+    return ctx.fail(at.line, at.field, "expected a non-empty list of nodes, got " + describe(at.node));
+  }
+  for (size_t i = 0; i < at.node.size(); ++i) {
+    const YAML::Node item = at.node[i];
+    const int line = line_of(item);
+    node_config node;
+    if (!parse_node(ctx, {item, at.field + "[" + std::to_string(i) + "]", line > 0 ? line : at.line},
+                    node)) {
+      return false;
+    }
+    for (size_t j = 0; j < out.size(); ++j) {
+      if (out[j].name == node.name) {
+        return ctx.fail(line, at.field + "[" + std::to_string(i) + "].name",
+                        "duplicate node name '" + node.name + "' (also nodes[" + std::to_string(j) + "])");
+      }
+    }
+    out.push_back(std::move(node));
+  }
+  return true;
+}
+
+bool parse_model(context& ctx, const value_ref& at, model_source& out) {
+  mapping m(ctx, at, {"path", "preset", "seed"});
+  if (!m.ok()) return false;
+  const value_ref* path = m.find("path");
+  const value_ref* preset = m.find("preset");
+  if (path != nullptr && preset != nullptr) {
+    const value_ref* later = path->line > preset->line ? path : preset;
+    return ctx.fail(later->line, later->field, "give exactly one of model.path and model.preset, not both");
+  }
+  if (path == nullptr && preset == nullptr) {
+    return ctx.fail(at.line, at.field, "give exactly one of path (a checkpoint directory) and preset");
+  }
+  std::string text;
+  if (path != nullptr) {
+    if (!read_string(ctx, *path, text)) return false;
+    out.path = text;
+    out.line = path->line;
+  } else {
+    if (!read_string(ctx, *preset, out.preset)) return false;
+    out.line = preset->line;
+  }
+  if (const value_ref* seed = m.find("seed")) {
+    if (preset == nullptr) return ctx.fail(seed->line, seed->field, "only valid with model.preset");
+    int64_t v = 0;
+    if (!read_int(ctx, *seed, 0, INT64_MAX, v)) return false;
+    out.seed = static_cast<uint64_t>(v);
+  }
+  return true;
+}
+
+// One expert id (5) or an inclusive range ("0-5") of a group's list.
+bool parse_expert_item(context& ctx, const value_ref& item, std::vector<int64_t>& out) {
+  const std::string expected = "expected an expert id (non-negative integer) or a range like \"0-5\"";
+  if (!item.node.IsScalar()) return ctx.fail(item.line, item.field, expected + ", got " + describe(item.node));
+  const std::string& text = item.node.Scalar();
+  if (const auto id = to_int(text)) {
+    if (*id < 0) return ctx.fail(item.line, item.field, expected + ", got " + describe(item.node));
+    out.push_back(*id);
+    return true;
+  }
+  const size_t dash = text.find('-', 1);
+  const auto lo = dash == std::string::npos ? std::nullopt : to_int(text.substr(0, dash));
+  const auto hi = dash == std::string::npos ? std::nullopt : to_int(text.substr(dash + 1));
+  if (!lo || !hi || *lo < 0 || *hi < *lo || *hi - *lo > (int64_t{1} << 20)) {
+    return ctx.fail(item.line, item.field, expected + ", got " + describe(item.node));
+  }
+  for (int64_t e = *lo; e <= *hi; ++e) out.push_back(e);
+  return true;
+}
+
+bool parse_expert_lists(context& ctx, const value_ref& at, expert_groups_config& out) {
+  if (!at.node.IsSequence() || at.node.size() == 0) {
+    return ctx.fail(at.line, at.field, "expected a list with one list of expert ids per group, got " +
+                                           describe(at.node));
+  }
+  for (size_t g = 0; g < at.node.size(); ++g) {
+    const YAML::Node list = at.node[g];
+    const std::string field = at.field + "[" + std::to_string(g) + "]";
+    const int line = line_of(list) > 0 ? line_of(list) : at.line;
+    if (!list.IsSequence() || list.size() == 0) {
+      return ctx.fail(line, field, "expected a non-empty list of expert ids, got " + describe(list));
+    }
+    std::vector<int64_t> experts;
+    for (size_t i = 0; i < list.size(); ++i) {
+      const int item_line = line_of(list[i]);
+      if (!parse_expert_item(ctx, {list[i], field + "[" + std::to_string(i) + "]", item_line > 0 ? item_line : line},
+                             experts)) {
+        return false;
+      }
+    }
+    std::sort(experts.begin(), experts.end());
+    if (auto dup = std::adjacent_find(experts.begin(), experts.end()); dup != experts.end()) {
+      return ctx.fail(line, field, "expert " + std::to_string(*dup) +
+                                       " listed twice (replicas go in different groups)");
+    }
+    out.experts.push_back(std::move(experts));
+    out.experts_lines.push_back(line);
+  }
+  return true;
+}
+
+bool parse_expert_groups(context& ctx, const value_ref& at, expert_groups_config& out) {
+  out.line = at.line;
+  if (at.node.IsScalar()) return read_int(ctx, at, 1, INT32_MAX, out.count);
+  if (!at.node.IsMap()) {
+    return ctx.fail(at.line, at.field,
+                    "expected an integer >= 1 or a mapping {count, experts}, got " + describe(at.node));
+  }
+  mapping m(ctx, at, {"count", "experts"});
+  if (!m.ok()) return false;
+  const value_ref* count = m.find("count");
+  const value_ref* experts = m.find("experts");
+  if (count == nullptr && experts == nullptr) {
+    return ctx.fail(at.line, join_path(at.field, "count"), "required (the number of expert groups)");
+  }
+  if (count != nullptr && !read_int(ctx, *count, 1, INT32_MAX, out.count)) return false;
+  if (experts == nullptr) return true;
+  if (!parse_expert_lists(ctx, *experts, out)) return false;
+  const auto num_lists = static_cast<int64_t>(out.experts.size());
+  if (count == nullptr) {
+    out.count = num_lists;
+  } else if (out.count != num_lists) {
+    return ctx.fail(experts->line, experts->field,
+                    std::to_string(num_lists) + " lists but count is " + std::to_string(out.count) +
+                        " (one list per group)");
+  }
+  return true;
+}
+
+bool parse_batching(context& ctx, const value_ref& at, batching_config& out) {
+  mapping m(ctx, at, {"max_running_requests", "max_batch_tokens", "max_queue", "max_new_tokens_limit"});
+  if (!m.ok()) return false;
+  const std::pair<std::string_view, int64_t*> fields[] = {
+      {"max_running_requests", &out.max_running_requests},
+      {"max_batch_tokens", &out.max_batch_tokens},
+      {"max_queue", &out.max_queue},
+      {"max_new_tokens_limit", &out.max_new_tokens_limit},
+  };
+  for (const auto& [key, target] : fields) {
+    if (const value_ref* v = m.find(key); v && !read_int(ctx, *v, 1, INT32_MAX, *target)) return false;
+  }
+  return true;
+}
+
+bool parse_ports(context& ctx, const value_ref& at, ports_config& out) {
+  mapping m(ctx, at, {"control", "api", "metrics"});
+  if (!m.ok()) return false;
+  const std::pair<std::string_view, uint16_t*> fields[] = {
+      {"control", &out.control}, {"api", &out.api}, {"metrics", &out.metrics}};
+  for (const auto& [key, target] : fields) {
+    const value_ref* v = m.find(key);
+    if (v == nullptr) continue;
+    int64_t port = 0;
+    if (!read_int(ctx, *v, 0, 65535, port)) return false;
+    *target = static_cast<uint16_t>(port);
+  }
+  // Every node binds all three: two equal fixed ports would collide on every node.
+  for (size_t i = 0; i < 3; ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (*fields[i].second == 0 || *fields[i].second != *fields[j].second) continue;
+      const value_ref* a = m.find(fields[i].first);
+      const value_ref* b = m.find(fields[j].first);
+      // Blame the port written last in the file (at least one of the two was written).
+      const bool blame_a = a != nullptr && (b == nullptr || a->line >= b->line);
+      const value_ref* blamed = blame_a ? a : b;
+      const auto& other = blame_a ? fields[j] : fields[i];
+      const bool other_default = (blame_a ? b : a) == nullptr;
+      return ctx.fail(blamed->line, blamed->field,
+                      std::to_string(*other.second) + " is also ports." + std::string(other.first) +
+                          (other_default ? " (its default)" : "") + "; 0 asks for an ephemeral port");
+    }
+  }
+  return true;
+}
+
+bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
+  if (!root.IsDefined() || root.IsNull()) {
+    return ctx.fail(0, "", "empty file (expected a mapping with cluster, nodes and model)");
+  }
+  const int root_line = line_of(root) > 0 ? line_of(root) : 1;
+  mapping m(ctx, {root, "", root_line},
+            {"cluster", "nodes", "model", "attention_shards", "expert_groups", "redundant_expert_slots",
+             "batching", "ports"});
+  if (!m.ok()) return false;
+  const value_ref* cluster = m.require("cluster", "name and secret");
+  if (cluster == nullptr || !parse_cluster(ctx, *cluster, out)) return false;
+  const value_ref* nodes = m.require("nodes", "a list of nodes with their devices");
+  if (nodes == nullptr || !parse_nodes(ctx, *nodes, out.nodes)) return false;
+  const value_ref* model = m.require("model", "path or preset");
+  if (model == nullptr || !parse_model(ctx, *model, out.model)) return false;
+  if (const value_ref* v = m.find("attention_shards");
+      v && !read_int(ctx, *v, 1, INT32_MAX, out.attention_shards)) {
+    return false;
+  }
+  if (const value_ref* v = m.find("expert_groups"); v && !parse_expert_groups(ctx, *v, out.expert_groups)) {
+    return false;
+  }
+  if (const value_ref* v = m.find("redundant_expert_slots");
+      v && !read_int(ctx, *v, 0, INT32_MAX, out.redundant_expert_slots)) {
+    return false;
+  }
+  if (const value_ref* v = m.find("batching"); v && !parse_batching(ctx, *v, out.batching)) return false;
+  if (const value_ref* v = m.find("ports"); v && !parse_ports(ctx, *v, out.ports)) return false;
+  return true;
+}
+
+}  // namespace
+
+caf::expected<cluster_config> parse_cluster_config(std::string_view yaml, std::string source_name) {
+  context ctx{std::move(source_name), std::nullopt};
+  cluster_config out;
+  out.source = ctx.source;
+  try {
+    const YAML::Node root = YAML::Load(std::string(yaml));
+    if (parse_document(ctx, root, out)) return out;
+  } catch (const YAML::Exception& e) {
+    // Syntax errors (and, defensively, anything else yaml-cpp throws while we walk the tree).
+    const int line = e.mark.is_null() ? 0 : e.mark.line + 1;
+    ctx.fail(line, "", "invalid YAML: " + e.msg);
+  }
+  return make_error(cluster_config_errc::bad_config, *ctx.error);
+}
+
+caf::expected<cluster_config> load_cluster_config(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return make_error(cluster_config_errc::io_error,
+                      "cannot read " + path.string() + ": " + std::strerror(errno));
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) {
+    return make_error(cluster_config_errc::io_error, "cannot read " + path.string());
+  }
+  auto config = parse_cluster_config(text.str(), path.string());
+  if (config && !config->model.path.empty() && config->model.path.is_relative()) {
+    config->model.path = (path.parent_path() / config->model.path).lexically_normal();
+  }
+  return config;
+}
+
+std::optional<uint64_t> parse_size(std::string_view text) {
+  while (!text.empty() && text.front() == ' ') text.remove_prefix(1);
+  while (!text.empty() && text.back() == ' ') text.remove_suffix(1);
+  size_t n = 0;
+  bool dot = false;
+  while (n < text.size() && ((text[n] >= '0' && text[n] <= '9') || (text[n] == '.' && !dot))) {
+    dot = dot || text[n] == '.';
+    ++n;
+  }
+  std::string_view number = text.substr(0, n);
+  std::string_view unit = text.substr(n);
+  while (!unit.empty() && unit.front() == ' ') unit.remove_prefix(1);
+  if (number.empty() || number == "." || number.front() == '.' || number.back() == '.') return std::nullopt;
+
+  struct unit_scale {
+    std::string_view name;
+    long double scale;
+  };
+  static constexpr long double ki = 1024.0L;
+  static constexpr unit_scale units[] = {
+      {"", 1}, {"B", 1},
+      {"KiB", ki}, {"MiB", ki * ki}, {"GiB", ki * ki * ki}, {"TiB", ki * ki * ki * ki},
+      {"Ki", ki}, {"Mi", ki * ki}, {"Gi", ki * ki * ki}, {"Ti", ki * ki * ki * ki},
+      {"kB", 1e3L}, {"KB", 1e3L}, {"MB", 1e6L}, {"GB", 1e9L}, {"TB", 1e12L},
+      {"k", 1e3L}, {"K", 1e3L}, {"M", 1e6L}, {"G", 1e9L}, {"T", 1e12L},
+  };
+  const unit_scale* match = nullptr;
+  for (const auto& u : units) {
+    if (u.name == unit) match = &u;
+  }
+  if (match == nullptr) return std::nullopt;
+  if (dot && match->scale == 1) return std::nullopt;  // fractional bytes
+  long double value = 0;
+  long double frac_scale = 1;
+  bool in_frac = false;
+  for (char c : number) {
+    if (c == '.') {
+      in_frac = true;
+      continue;
+    }
+    if (in_frac) {
+      frac_scale /= 10;
+      value += (c - '0') * frac_scale;
+    } else {
+      value = value * 10 + (c - '0');
+    }
+  }
+  const long double bytes = std::round(value * match->scale);
+  if (bytes >= 18446744073709551615.0L) return std::nullopt;
+  return static_cast<uint64_t>(bytes);
+}
+
+std::string format_bytes(uint64_t bytes) {
+  static constexpr const char* names[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  if (bytes < 1024) return std::to_string(bytes) + " B";
+  double v = static_cast<double>(bytes);
+  size_t u = 0;
+  while (v >= 1024.0 && u + 1 < std::size(names)) {
+    v /= 1024.0;
+    ++u;
+  }
+  char buf[32];
+  const double rounded = std::round(v * 10.0) / 10.0;
+  if (rounded == std::floor(rounded)) {
+    std::snprintf(buf, sizeof buf, "%.0f %s", rounded, names[u]);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.1f %s", rounded, names[u]);
+  }
+  return buf;
+}
+
+std::string format_id_ranges(const std::vector<int64_t>& ids) {
+  std::string s;
+  for (size_t i = 0; i < ids.size();) {
+    size_t j = i;
+    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+    if (!s.empty()) s += ",";
+    s += std::to_string(ids[i]);
+    if (j > i) s += "-" + std::to_string(ids[j]);
+    i = j + 1;
+  }
+  return s;
+}
+
+std::string to_string(const cluster_config& c) {
+  std::ostringstream out;
+  out << "cluster " << c.name << " (secret " << redacted << ")";
+  if (!c.source.empty()) out << " from " << c.source;
+  out << "\n";
+  for (const auto& n : c.nodes) {
+    out << "node " << n.name << " at " << n.host << ": " << n.gpus << " GPUs";
+    if (n.gpus > 0) out << " of " << format_bytes(n.gpu_memory_bytes);
+    out << ", " << n.cpu_slots << " CPU slots, memory " << format_bytes(n.memory_bytes) << "\n";
+  }
+  if (!c.model.preset.empty()) {
+    out << "model preset " << c.model.preset;
+    if (c.model.seed) out << " (seed " << *c.model.seed << ")";
+  } else {
+    out << "model " << c.model.path.string();
+  }
+  out << "\nattention_shards " << c.attention_shards << ", expert_groups " << c.expert_groups.count;
+  if (!c.expert_groups.experts.empty()) {
+    out << " [";
+    for (size_t g = 0; g < c.expert_groups.experts.size(); ++g) {
+      out << (g ? "; " : "") << format_id_ranges(c.expert_groups.experts[g]);
+    }
+    out << "]";
+  }
+  out << ", redundant_expert_slots " << c.redundant_expert_slots << "\n";
+  out << "batching: max_running_requests " << c.batching.max_running_requests << ", max_batch_tokens "
+      << c.batching.max_batch_tokens << ", max_queue " << c.batching.max_queue
+      << ", max_new_tokens_limit " << c.batching.max_new_tokens_limit << "\n";
+  out << "ports: control " << c.ports.control << ", api " << c.ports.api << ", metrics "
+      << c.ports.metrics << "\n";
+  return out.str();
+}
+
+nlohmann::json to_json(const cluster_config& c) {
+  nlohmann::json nodes = nlohmann::json::array();
+  for (const auto& n : c.nodes) {
+    nodes.push_back({{"name", n.name},
+                     {"host", n.host},
+                     {"devices", {{"gpus", n.gpus}, {"cpu_slots", n.cpu_slots}}},
+                     {"memory_bytes", n.memory_bytes},
+                     {"gpu_memory_bytes", n.gpu_memory_bytes}});
+  }
+  nlohmann::json model = nlohmann::json::object();
+  if (!c.model.preset.empty()) {
+    model["preset"] = c.model.preset;
+    if (c.model.seed) model["seed"] = *c.model.seed;
+  } else {
+    model["path"] = c.model.path.string();
+  }
+  nlohmann::json groups = {{"count", c.expert_groups.count}};
+  if (!c.expert_groups.experts.empty()) groups["experts"] = c.expert_groups.experts;
+  return {{"source", c.source},
+          {"cluster", {{"name", c.name}, {"secret", redacted}}},
+          {"nodes", std::move(nodes)},
+          {"model", std::move(model)},
+          {"attention_shards", c.attention_shards},
+          {"expert_groups", std::move(groups)},
+          {"redundant_expert_slots", c.redundant_expert_slots},
+          {"batching",
+           {{"max_running_requests", c.batching.max_running_requests},
+            {"max_batch_tokens", c.batching.max_batch_tokens},
+            {"max_queue", c.batching.max_queue},
+            {"max_new_tokens_limit", c.batching.max_new_tokens_limit}}},
+          {"ports", {{"control", c.ports.control}, {"api", c.ports.api}, {"metrics", c.ports.metrics}}}};
+}
+
+}  // namespace moe::runtime

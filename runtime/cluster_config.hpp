@@ -1,0 +1,123 @@
+// The actor config file (YAML, deploy/*.yaml) as a validated value: the cluster and its secret,
+// the nodes with their devices and memory, the model, how the model is cut into actors
+// (attention shards, expert groups, redundant expert slots), batching limits and ports.
+// docs/configuration.md documents the schema; this header is its single implementation.
+//
+// Errors name the file, the line and the field, in the form
+//   "deploy/local.yaml:12: nodes[1].devices.gpus: expected a non-negative integer"
+//   "deploy/x.yaml:7: batching.max_queue_len: unknown key"
+// Unknown keys are errors everywhere: a misspelt limit silently falling back to its default is
+// worse than a refusal to start. yaml-cpp throws; its exceptions are caught here and never
+// leave this unit.
+//
+// Only what can be checked without the model is checked here (types, ranges, uniqueness,
+// explicit expert lists being well-formed). Whether the expert lists cover the model's experts,
+// whether the model fits: the scheduler, which knows the model (scheduler/placement.hpp).
+//
+// The secret is held in plain text in memory (the node agents need it for the handshake) but
+// every rendering (to_string, to_json) redacts it.
+//
+// Thread safety: plain values; every function is pure apart from reading the file.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "base/error.hpp"
+
+namespace moe::runtime {
+
+enum class cluster_config_errc : uint8_t {
+  bad_config = 1,  ///< Permanent: the file is not valid YAML or violates the schema.
+  io_error,        ///< Maybe transient: the file could not be read.
+};
+
+[[nodiscard]] const char* to_string(cluster_config_errc e) noexcept;
+
+/// caf::error carrying `text` as its reason (moe::error_text returns it).
+[[nodiscard]] caf::error make_error(cluster_config_errc code, std::string text);
+
+/// One host (or one process on loopback) of the cluster.
+struct node_config {
+  std::string name;                ///< Unique; [A-Za-z0-9_.-]+, used in device names "n1/gpu0".
+  std::string host = "127.0.0.1";
+  int64_t gpus = 0;                ///< devices.gpus
+  int64_t cpu_slots = 0;           ///< devices.cpu_slots; every slot is a device of its own.
+  uint64_t memory_bytes = 0;       ///< Host memory, shared equally by the CPU slots.
+  uint64_t gpu_memory_bytes = 0;   ///< Memory of each GPU.
+  int line = 0;                    ///< Where the node's entry starts, for later messages.
+};
+
+/// Exactly one of path and preset is set.
+struct model_source {
+  std::filesystem::path path;  ///< A checkpoint directory (relative: to the config file's dir).
+  std::string preset;          ///< tiny, small, v2lite-8L (checked against the model component).
+  std::optional<uint64_t> seed;  ///< Seed of a preset's random weights.
+  int line = 0;                ///< Line of `path` or `preset`.
+};
+
+struct expert_groups_config {
+  int64_t count = 1;
+  /// Empty: the default even contiguous split of the routed experts over `count` groups.
+  /// Otherwise one list per group of logical expert ids, each list sorted and free of
+  /// duplicates; an expert in several lists is replicated.
+  std::vector<std::vector<int64_t>> experts;
+  int line = 0;                     ///< Line of `expert_groups`.
+  std::vector<int> experts_lines;   ///< Line of each group's list.
+};
+
+struct batching_config {
+  int64_t max_running_requests = 64;
+  int64_t max_batch_tokens = 4096;   ///< Token budget of one step (prefill and decode together).
+  int64_t max_queue = 256;
+  int64_t max_new_tokens_limit = 4096;
+};
+
+/// 0 asks for an ephemeral port.
+struct ports_config {
+  uint16_t control = 7100;
+  uint16_t api = 7101;
+  uint16_t metrics = 7102;
+};
+
+struct cluster_config {
+  std::string source;  ///< The file (or name) it was read from; prefixes later messages.
+  std::string name;
+  std::string secret;  ///< Non-empty. Never rendered: see to_string / to_json.
+  std::vector<node_config> nodes;
+  model_source model;
+  int64_t attention_shards = 1;
+  expert_groups_config expert_groups;
+  int64_t redundant_expert_slots = 0;
+  batching_config batching;
+  ports_config ports;
+};
+
+/// Parses YAML text; `source_name` prefixes every message. Relative model paths stay as written.
+[[nodiscard]] caf::expected<cluster_config> parse_cluster_config(std::string_view yaml,
+                                                                 std::string source_name);
+
+/// Reads and parses `path`; a relative model.path is resolved against the file's directory.
+[[nodiscard]] caf::expected<cluster_config> load_cluster_config(const std::filesystem::path& path);
+
+/// "8GiB", "512 MiB", "1.5GB", "4096" (bytes) -> bytes; nullopt when malformed or too large.
+[[nodiscard]] std::optional<uint64_t> parse_size(std::string_view text);
+/// 8589934592 -> "8 GiB", 1610612736 -> "1.5 GiB", 1000 -> "1000 B".
+[[nodiscard]] std::string format_bytes(uint64_t bytes);
+/// Sorted ids as ranges: {0,1,2,5,7,8} -> "0-2,5,7-8" (the form expert lists accept).
+[[nodiscard]] std::string format_id_ranges(const std::vector<int64_t>& sorted_ids);
+
+/// A readable multi-line summary; the secret appears as "<redacted>".
+[[nodiscard]] std::string to_string(const cluster_config& config);
+/// The config as JSON (sizes in bytes); "secret" is "<redacted>".
+[[nodiscard]] nlohmann::json to_json(const cluster_config& config);
+
+}  // namespace moe::runtime
+
+MOE_ERROR_ENUM(moe::runtime::cluster_config_errc, "clustercfg")
