@@ -179,31 +179,45 @@ caf::behavior job_subscriber(caf::event_based_actor* self, std::shared_ptr<event
   };
 }
 
+// A controller's answer on its way to the kj thread. (Not caf::expected: GCC 12 reports false
+// "maybe uninitialized" warnings for it inside kj's promise nodes.)
 template <class T>
-using reply_fulfiller = std::shared_ptr<kj::Own<kj::CrossThreadPromiseFulfiller<caf::expected<T>>>>;
+struct controller_reply {
+  std::optional<T> value;
+  caf::error error;  // set when value is not
+};
+
+template <class T>
+using reply_fulfiller =
+    std::shared_ptr<kj::Own<kj::CrossThreadPromiseFulfiller<controller_reply<T>>>>;
 
 // Sends one request to the controller from a short-lived actor and hands its answer to the
 // calling (kj) thread. `on_value` runs on the CAF thread first (submit uses it to cancel a job
 // whose caller has gone). The kj side may drop the promise at any time: fulfilling a dropped
 // promise does nothing.
 template <class T, class OnValue, class... Ts>
-kj::Promise<caf::expected<T>> ask(caf::actor_system& sys, const controller_actor& controller,
-                                  std::chrono::milliseconds timeout, OnValue on_value, Ts... xs) {
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<caf::expected<T>>();
+kj::Promise<controller_reply<T>> ask(caf::actor_system& sys, const controller_actor& controller,
+                                     std::chrono::milliseconds timeout, OnValue on_value,
+                                     Ts... xs) {
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<controller_reply<T>>();
   reply_fulfiller<T> reply = std::make_shared<decltype(paf.fulfiller)>(kj::mv(paf.fulfiller));
   sys.spawn([=](caf::event_based_actor* self) {
     self->request(controller, caf::duration{timeout}, xs...)
         .then(
             [=](T& value) {
               on_value(value);
-              (*reply)->fulfill(caf::expected<T>{std::move(value)});
+              (*reply)->fulfill(controller_reply<T>{std::move(value), caf::error{}});
             },
-            [=](caf::error& err) { (*reply)->fulfill(caf::expected<T>{std::move(err)}); });
+            [=](caf::error& err) {
+              (*reply)->fulfill(controller_reply<T>{std::nullopt, std::move(err)});
+            });
   });
   return kj::mv(paf.promise);
 }
 
 // --- the kj thread ----------------------------------------------------------------------
+// Continuations capture the server_core, never a capability object: the core outlives every
+// connection and call, a JobService may not.
 
 struct connection_state;
 
@@ -303,7 +317,9 @@ struct connection {
 class server_core final : private kj::TaskSet::ErrorHandler {
  public:
   server_core(api_server::impl& shared, kj::AsyncIoContext& io)
-      : shared_(shared), io_(io), tasks_(kj::heap<kj::TaskSet>(*this)) {}
+      : shared_(shared),
+        io_(io),
+        tasks_(kj::heap<kj::TaskSet>(static_cast<kj::TaskSet::ErrorHandler&>(*this))) {}
 
   void serve(kj::Own<kj::ConnectionReceiver> listener) {
     listener_ = kj::mv(listener);
@@ -344,12 +360,12 @@ class server_core final : private kj::TaskSet::ErrorHandler {
   [[nodiscard]] kj::Own<in_flight_guard> enter() { return kj::heap<in_flight_guard>(in_flight_); }
 
   template <class T, class... Ts>
-  kj::Promise<caf::expected<T>> ask(Ts... xs) {
+  kj::Promise<controller_reply<T>> ask(Ts... xs) {
     return actors::ask<T>(shared_.sys, shared_.controller, shared_.options.request_timeout,
                           [](const T&) {}, xs...);
   }
 
-  kj::Promise<caf::expected<uint64_t>> ask_submit(generation_job job,
+  kj::Promise<controller_reply<uint64_t>> ask_submit(generation_job job,
                                                   const std::shared_ptr<job_stream>& s) {
     auto controller = shared_.controller;
     return actors::ask<uint64_t>(
@@ -414,10 +430,19 @@ class server_core final : private kj::TaskSet::ErrorHandler {
 
  private:
   kj::Promise<void> accept_loop() {
-    return listener_->accept().then([this](kj::Own<kj::AsyncIoStream>&& stream) {
-      if (!stopping_) adopt(kj::mv(stream));
-      return accept_loop();
-    });
+    return listener_->accept()
+        .then(
+            [this](kj::Own<kj::AsyncIoStream>&& stream) -> kj::Promise<void> {
+              if (!stopping_) adopt(kj::mv(stream));
+              return kj::READY_NOW;
+            },
+            // E.g. out of file descriptors: keep serving the open connections, retry soon.
+            [this](kj::Exception&& e) -> kj::Promise<void> {
+              std::fprintf(stderr, "moe api server: accept failed: %s\n",
+                           e.getDescription().cStr());
+              return timer().afterDelay(100 * kj::MILLISECONDS);
+            })
+        .then([this] { return accept_loop(); });
   }
 
   kj::Promise<void> drain(kj::TimePoint deadline) {
@@ -527,18 +552,19 @@ kj::Promise<void> job_service_impl::submit(SubmitContext ctx) {
   // If this call is dropped before the controller answered (the client went away or cancelled
   // the call), the stream is given up, which cancels the job if it was accepted after all.
   auto answered = std::make_shared<bool>(false);
-  auto give_up = kj::defer([this, stream, answered] {
-    if (!*answered) core_.abandon(stream);
+  auto give_up = kj::defer([&core = core_, stream, answered] {
+    if (!*answered) core.abandon(stream);
   });
   return core_.ask_submit(to_controller(std::move(spec)), stream)
-      .then([this, ctx, stream, answered](caf::expected<uint64_t> id) mutable -> kj::Promise<void> {
+      .then([&core = core_, ctx, stream, answered](controller_reply<uint64_t> id) mutable
+            -> kj::Promise<void> {
         *answered = true;
-        if (!id) {
-          core_.abandon(stream);
-          return core_.to_exception(id.error());
+        if (!id.value) {
+          core.abandon(stream);
+          return core.to_exception(id.error);
         }
-        ctx.getResults().setJobId(*id);
-        core_.stream_accepted(stream, *id);
+        ctx.getResults().setJobId(*id.value);
+        core.stream_accepted(stream, *id.value);
         return kj::READY_NOW;
       })
       .attach(kj::mv(give_up), core_.enter());
@@ -547,9 +573,9 @@ kj::Promise<void> job_service_impl::submit(SubmitContext ctx) {
 kj::Promise<void> job_service_impl::status(StatusContext ctx) {
   if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
   return core_.ask<job_status>(status_atom::value, ctx.getParams().getJobId())
-      .then([this, ctx](caf::expected<job_status> s) mutable -> kj::Promise<void> {
-        if (!s) return core_.to_exception(s.error());
-        protocol::to_wire(to_api(std::move(*s)), ctx.getResults().initStatus());
+      .then([&core = core_, ctx](controller_reply<job_status> s) mutable -> kj::Promise<void> {
+        if (!s.value) return core.to_exception(s.error);
+        protocol::to_wire(to_api(std::move(*s.value)), ctx.getResults().initStatus());
         return kj::READY_NOW;
       })
       .attach(core_.enter());
@@ -558,9 +584,9 @@ kj::Promise<void> job_service_impl::status(StatusContext ctx) {
 kj::Promise<void> job_service_impl::cancel(CancelContext ctx) {
   if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
   return core_.ask<bool>(cancel_atom::value, ctx.getParams().getJobId())
-      .then([this, ctx](caf::expected<bool> was_active) mutable -> kj::Promise<void> {
-        if (!was_active) return core_.to_exception(was_active.error());
-        ctx.getResults().setWasActive(*was_active);
+      .then([&core = core_, ctx](controller_reply<bool> was_active) mutable -> kj::Promise<void> {
+        if (!was_active.value) return core.to_exception(was_active.error);
+        ctx.getResults().setWasActive(*was_active.value);
         return kj::READY_NOW;
       })
       .attach(core_.enter());

@@ -51,35 +51,44 @@ caf::result<expert_result> forward(pointer self, expert_batch& b) {
   for (size_t r = 0; r < n; ++r)
     (b.experts[r] == shared_expert_row ? shared_rows : routed_rows).push_back(static_cast<int32_t>(r));
   const float* x = b.rows.data();
-  if (!routed_rows.empty()) {
+  // The router sends routed and shared rows in separate batches: the common case computes
+  // straight from the received rows into the result, without staging copies.
+  if (shared_rows.empty()) {
     if (!it->second.routed)
       return model::make_error(model::model_errc::bad_input, "expert group holds no routed experts");
-    std::vector<float> in(routed_rows.size() * D), res(routed_rows.size() * D);
+    if (auto err = it->second.routed->run(x, n, b.experts.data(), b.weights.data(), out.data()))
+      return err;
+  } else if (routed_rows.empty()) {
+    if (!it->second.shared)
+      return model::make_error(model::model_errc::bad_input, "expert group holds no shared experts");
+    if (auto err = it->second.shared->forward(x, n, out.data(), 0.0f, st.scratch)) return err;
+  } else {
+    // A mixed batch (another router's choice): each kind computed on its own rows.
+    std::vector<float> routed_in(routed_rows.size() * D), routed_out(routed_rows.size() * D);
     std::vector<int32_t> experts(routed_rows.size());
     std::vector<float> weights(routed_rows.size());
     for (size_t i = 0; i < routed_rows.size(); ++i) {
       const size_t r = static_cast<size_t>(routed_rows[i]);
-      std::copy_n(x + r * D, D, in.data() + i * D);
+      std::copy_n(x + r * D, D, routed_in.data() + i * D);
       experts[i] = b.experts[r];
       weights[i] = b.weights[r];
     }
-    if (auto err = it->second.routed->run(in.data(), routed_rows.size(), experts.data(),
-                                          weights.data(), res.data()))
+    if (!it->second.routed || !it->second.shared)
+      return model::make_error(model::model_errc::bad_input,
+                               "expert group does not hold both routed and shared experts");
+    if (auto err = it->second.routed->run(routed_in.data(), routed_rows.size(), experts.data(),
+                                          weights.data(), routed_out.data()))
+      return err;
+    std::vector<float> shared_in(shared_rows.size() * D), shared_out(shared_rows.size() * D);
+    for (size_t i = 0; i < shared_rows.size(); ++i)
+      std::copy_n(x + static_cast<size_t>(shared_rows[i]) * D, D, shared_in.data() + i * D);
+    if (auto err = it->second.shared->forward(shared_in.data(), shared_rows.size(),
+                                              shared_out.data(), 0.0f, st.scratch))
       return err;
     for (size_t i = 0; i < routed_rows.size(); ++i)
-      std::copy_n(res.data() + i * D, D, out.data() + static_cast<size_t>(routed_rows[i]) * D);
-  }
-  if (!shared_rows.empty()) {
-    if (!it->second.shared)
-      return model::make_error(model::model_errc::bad_input, "expert group holds no shared experts");
-    std::vector<float> in(shared_rows.size() * D), res(shared_rows.size() * D);
+      std::copy_n(routed_out.data() + i * D, D, out.data() + static_cast<size_t>(routed_rows[i]) * D);
     for (size_t i = 0; i < shared_rows.size(); ++i)
-      std::copy_n(x + static_cast<size_t>(shared_rows[i]) * D, D, in.data() + i * D);
-    if (auto err = it->second.shared->forward(in.data(), shared_rows.size(), res.data(), 0.0f,
-                                              st.scratch))
-      return err;
-    for (size_t i = 0; i < shared_rows.size(); ++i)
-      std::copy_n(res.data() + i * D, D, out.data() + static_cast<size_t>(shared_rows[i]) * D);
+      std::copy_n(shared_out.data() + i * D, D, out.data() + static_cast<size_t>(shared_rows[i]) * D);
   }
   expert_result result;
   result.layer = b.layer;

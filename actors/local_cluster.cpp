@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "model/checkpoint.hpp"
+#include "actors/weights_loading.hpp"
 #include "model/model_errc.hpp"
 
 namespace moe::actors {
@@ -23,9 +24,7 @@ cluster_layout even_layout(int num_attention_shards, int num_groups, int64_t num
   return layout;
 }
 
-namespace {
-
-caf::expected<std::shared_ptr<const model::checkpoint>> load_part(
+caf::expected<std::shared_ptr<const model::checkpoint>> load_weights(
     const std::filesystem::path& dir, const model::model_config& c,
     std::function<bool(std::string_view)> filter) {
   model::load_options o;
@@ -36,8 +35,6 @@ caf::expected<std::shared_ptr<const model::checkpoint>> load_part(
   if (!ckpt) return ckpt.error();
   return std::make_shared<const model::checkpoint>(std::move(*ckpt));
 }
-
-}  // namespace
 
 caf::expected<std::unique_ptr<local_cluster>> local_cluster::start(
     caf::actor_system& sys, const std::filesystem::path& model_dir, const cluster_layout& layout) {
@@ -51,7 +48,7 @@ caf::expected<std::unique_ptr<local_cluster>> local_cluster::start(
   std::vector<expert_group_route> routes;
   for (auto g : layout.groups) {
     g.metrics = layout.metrics;
-    auto weights = load_part(model_dir, *cfg,
+    auto weights = load_weights(model_dir, *cfg,
                              [g](std::string_view n) { return expert_group_needs(g, n); });
     if (!weights) return weights.error();
     auto actor = spawn_expert_group(sys, *weights, g);
@@ -59,9 +56,9 @@ caf::expected<std::unique_ptr<local_cluster>> local_cluster::start(
     cluster->groups_.push_back(*actor);
     routes.push_back({*actor, g.experts, g.holds_shared_experts});
   }
-  auto gate_weights = load_part(model_dir, *cfg, router_needs);
+  auto gate_weights = load_weights(model_dir, *cfg, router_needs);
   if (!gate_weights) return gate_weights.error();
-  auto attention_weights = load_part(model_dir, *cfg, attention_needs);
+  auto attention_weights = load_weights(model_dir, *cfg, attention_needs);
   if (!attention_weights) return attention_weights.error();
   for (int s = 0; s < layout.num_attention_shards; ++s) {
     router_options ro;

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "cli/command.hpp"
+#include "cli/prompt_ids.hpp"
 #include "model/checkpoint.hpp"
 #include "model/config.hpp"
 #include "model/init_model.hpp"
@@ -36,7 +37,7 @@ caf::expected<std::shared_ptr<const model::checkpoint>> open_model(const std::st
 
 struct run_options {
   std::string model_dir;
-  std::string prompt_ids;  ///< Parsed here, not by CLI11: it turns "" into [0] and drops empty items.
+  std::string prompt_ids;  ///< Parsed by parse_token_ids (cli/prompt_ids.hpp), not by CLI11.
   int64_t max_new_tokens = 16;
   std::optional<float> temperature;
   float top_p = 1.0f;
@@ -46,38 +47,8 @@ struct run_options {
   std::string dump_logits;
 };
 
-// "5,17,42" -> ids; every item must be a decimal integer (an empty item is an error).
-caf::expected<std::vector<int32_t>> parse_prompt_ids(const std::string& text) {
-  std::vector<int32_t> ids;
-  size_t begin = 0;
-  while (true) {
-    const size_t end = std::min(text.find(',', begin), text.size());
-    const std::string item = text.substr(begin, end - begin);
-    int64_t v = 0;
-    size_t used = 0;
-    bool ok = !item.empty();
-    try {
-      if (ok) v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      ok = false;
-    }
-    if (!ok || used != item.size()) {
-      return model::make_error(model::model_errc::bad_input,
-                               "--prompt-ids: '" + item + "' is not a token id (expected e.g. 5,17,42)");
-    }
-    if (v < 0 || v > INT32_MAX) {
-      return model::make_error(model::model_errc::bad_input,
-                               "token id " + std::to_string(v) + " is out of range");
-    }
-    ids.push_back(static_cast<int32_t>(v));
-    if (end == text.size()) break;
-    begin = end + 1;
-  }
-  return ids;
-}
-
 int run_model(const run_options& o) {
-  auto parsed = parse_prompt_ids(o.prompt_ids);
+  auto parsed = parse_token_ids(o.prompt_ids, "--prompt-ids");
   if (!parsed) return fail("run", parsed.error());
   const std::vector<int32_t>& prompt = *parsed;
   auto ckpt = open_model(o.model_dir);

@@ -451,13 +451,22 @@ case_init_model_tiny_round_trip() {
 
 # The demo is the first thing a new user runs; it must work from nothing.
 case_demo_runs() {
-  moe demo --model-dir "$TMP/demo"
+  # The demo writes the embedded default model into the model cache on first use.
+  MOE_MODEL_CACHE="$TMP/cache" moe demo
   expect_success || return
-  grep -qF "generations" "$TMP/out" || { fail "demo output lacks 'generations'"; show_last; }
-  # Second run reuses the model it wrote.
-  moe demo --model-dir "$TMP/demo"
+  local want
+  for want in "placement" "generations (6 requests submitted concurrently through the API" \
+              "tokens routed per expert" "metrics: http://127.0.0.1:"; do
+    grep -qF "$want" "$TMP/out" || { fail "demo output lacks '$want'"; show_last; }
+  done
+  [[ -f "$TMP/cache/tiny-seed0/config.json" ]] || fail "demo did not write its model to the cache"
+  # A second run reuses the model it wrote and generates the same greedy tokens.
+  cp "$TMP/out" "$TMP/first_out"
+  MOE_MODEL_CACHE="$TMP/cache" moe demo
   expect_success || return
-  grep -qF "generations" "$TMP/out" || { fail "second demo run lacks 'generations'"; show_last; }
+  grep -F "[0] greedy" "$TMP/out" >"$TMP/second_line"
+  grep -F "[0] greedy" "$TMP/first_out" | cmp -s - "$TMP/second_line" ||
+    fail "the demo's greedy generation changed between runs"
 }
 
 case_bad_cli_arguments() {

@@ -1,0 +1,73 @@
+// The node agent: one per process (per host in a multi-host cluster). It owns the actors the
+// scheduler assigns to its node: it loads just their weights from the checkpoint, spawns them
+// (linked to itself, so they end with it) and hands their handles to whoever assembles the
+// graph. Spawning is two-phase because routers need every expert group's handle: first the
+// expert groups of all nodes, then the attention shards with their co-located routers.
+#pragma once
+
+#include <caf/atom.hpp>
+#include <caf/fwd.hpp>
+#include <caf/meta/type_name.hpp>
+#include <caf/replies_to.hpp>
+#include <caf/type_id.hpp>
+#include <caf/typed_actor.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "actors/messages.hpp"
+#include "model/latent_cache.hpp"
+#include "scheduler/scheduler_actor.hpp"
+
+namespace prometheus {
+class Registry;
+}
+
+namespace moe::actors {
+
+struct group_handles {
+  std::vector<int32_t> groups;
+  std::vector<expert_group_actor> handles;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, group_handles& x) {
+  return f(caf::meta::type_name("group_handles"), x.groups, x.handles);
+}
+
+struct shard_handles {
+  std::vector<int32_t> shards;
+  std::vector<attention_actor> handles;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, shard_handles& x) {
+  return f(caf::meta::type_name("shard_handles"), x.shards, x.handles);
+}
+
+using spawn_groups_atom = caf::atom_constant<caf::atom("spawn_grp")>;
+using spawn_shards_atom = caf::atom_constant<caf::atom("spawn_shrd")>;
+
+/// spawn_groups: the expert groups placed on this node. spawn_shards: the attention shards (and
+/// routers) placed here, given every group of the cluster.
+using node_agent_actor = caf::typed_actor<
+    caf::replies_to<spawn_groups_atom, scheduler::placement>::with<group_handles>,
+    caf::replies_to<spawn_shards_atom, scheduler::placement, group_handles>::with<shard_handles>>;
+
+struct node_agent_options {
+  std::string node;
+  std::filesystem::path model_dir;
+  model::latent_cache_options cache;
+  std::shared_ptr<prometheus::Registry> metrics;  ///< this process's registry; may be null
+};
+
+[[nodiscard]] node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options options);
+
+}  // namespace moe::actors
+
+CAF_BEGIN_TYPE_ID_BLOCK(moe_node, caf::first_custom_type_id + 250)
+CAF_ADD_TYPE_ID(moe_node, (moe::actors::group_handles))
+CAF_ADD_TYPE_ID(moe_node, (moe::actors::shard_handles))
+CAF_END_TYPE_ID_BLOCK(moe_node)

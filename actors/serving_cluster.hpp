@@ -1,0 +1,86 @@
+// A serving cluster in one process, from a cluster config: the scheduler actor plans the
+// placement, one node agent per configured node spawns that node's actors (expert groups first,
+// then attention shards with their co-located routers), then the controller, the process's
+// metrics endpoint and the job API come up. What `moe serve` and `moe demo` run; the
+// multi-process work runs the node agents in processes of their own.
+//
+// Lifecycle: start() brings everything up in dependency order; stop() takes it down in reverse,
+// draining first: the API stops accepting calls and lets in-flight ones finish (cancelling the
+// jobs still streaming), then the controller, the actors and the metrics endpoint go.
+// Thread safety: start/stop from one thread; accessors are safe after start.
+#pragma once
+
+#include <caf/fwd.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "actors/controller.hpp"
+#include "actors/node_agent.hpp"
+#include "runtime/cluster_config.hpp"
+#include "scheduler/placement.hpp"
+#include "scheduler/scheduler_actor.hpp"
+
+namespace prometheus {
+class Registry;
+}
+namespace moe::monitoring {
+class metrics_server;
+}
+
+namespace moe::actors {
+
+class api_server;
+
+struct serving_options {
+  /// Where a preset model (config `model.preset`) is written on first use.
+  std::filesystem::path preset_cache_dir;
+  /// Override the config's ports (0: ephemeral), e.g. for tests and the demo.
+  std::optional<uint16_t> api_port;
+  std::optional<uint16_t> metrics_port;
+  std::string bind_host = "127.0.0.1";
+};
+
+/// `$MOE_MODEL_CACHE`, else `$XDG_CACHE_HOME/moe-runtime`, else `~/.cache/moe-runtime`.
+[[nodiscard]] std::filesystem::path default_model_cache();
+
+/// The checkpoint directory of the config's model: its path, or the preset written (once) to
+/// `cache_dir/<preset>-seed<seed>`.
+[[nodiscard]] caf::expected<std::filesystem::path> resolve_model_dir(
+    const runtime::cluster_config& config, const std::filesystem::path& cache_dir);
+
+class serving_cluster {
+ public:
+  [[nodiscard]] static caf::expected<std::unique_ptr<serving_cluster>> start(
+      caf::actor_system& sys, const runtime::cluster_config& config, const serving_options& options);
+  ~serving_cluster();
+
+  [[nodiscard]] const scheduler::placement& placement() const noexcept { return placement_; }
+  [[nodiscard]] const model::model_config& model() const noexcept { return model_; }
+  [[nodiscard]] const std::filesystem::path& model_dir() const noexcept { return model_dir_; }
+  [[nodiscard]] controller_actor controller() const noexcept { return controller_; }
+  [[nodiscard]] uint16_t api_port() const;
+  [[nodiscard]] std::string metrics_url() const;
+  [[nodiscard]] const std::shared_ptr<prometheus::Registry>& registry() const noexcept {
+    return registry_;
+  }
+
+  void stop();
+
+ private:
+  serving_cluster() = default;
+  scheduler::placement placement_;
+  std::filesystem::path model_dir_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  model::model_config model_;
+  scheduler::scheduler_actor scheduler_;
+  std::vector<node_agent_actor> agents_;  // one per node of the config, all in this process
+  std::vector<attention_actor> shards_;
+  controller_actor controller_;
+  std::unique_ptr<monitoring::metrics_server> metrics_;
+  std::unique_ptr<api_server> api_;
+};
+
+}  // namespace moe::actors

@@ -1,0 +1,36 @@
+#include "cli/prompt_ids.hpp"
+
+#include <charconv>
+#include <climits>
+#include <string>
+
+#include "model/model_errc.hpp"
+
+namespace moe::cli {
+
+caf::expected<std::vector<int32_t>> parse_token_ids(std::string_view text, std::string_view flag) {
+  std::vector<int32_t> ids;
+  size_t begin = 0;
+  while (true) {
+    const size_t end = std::min(text.find(',', begin), text.size());
+    const std::string_view item = text.substr(begin, end - begin);
+    int64_t v = 0;
+    const auto [ptr, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (item.empty() || ec == std::errc::invalid_argument || ptr != item.data() + item.size()) {
+      return model::make_error(model::model_errc::bad_input,
+                               std::string(flag) + ": '" + std::string(item) +
+                                   "' is not a token id (expected e.g. 5,17,42)");
+    }
+    if (ec == std::errc::result_out_of_range || v < 0 || v > INT32_MAX) {
+      return model::make_error(model::model_errc::bad_input,
+                               std::string(flag) + ": token id " + std::string(item) +
+                                   " is out of range");
+    }
+    ids.push_back(static_cast<int32_t>(v));
+    if (end == text.size()) break;
+    begin = end + 1;
+  }
+  return ids;
+}
+
+}  // namespace moe::cli

@@ -1,0 +1,134 @@
+// `moe submit`: one generation job through a running cluster's job API (moe::client).
+// Output contract (as `moe run`): the generated token ids, space-separated, on one line of
+// stdout; on failure "moe submit: error: <why>" on stderr and exit status 1.
+//   moe submit --address 127.0.0.1:7101 --prompt-ids 5,17,42 --max-new-tokens 16
+// The cluster secret comes from --secret, --secret-file or MOE_CLUSTER_SECRET (prefer the
+// latter two: a command line is visible to every user of the machine).
+#include <fmt/format.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <optional>
+
+#include "cli/command.hpp"
+#include "cli/prompt_ids.hpp"
+#include "client/job_client.hpp"
+
+namespace moe::cli {
+
+namespace {
+
+struct submit_options {
+  std::string address;
+  std::string secret;
+  std::string secret_file;
+  std::string prompt_ids;  ///< Parsed by parse_token_ids, not CLI11 (see prompt_ids.hpp).
+  int64_t max_new_tokens = 16;
+  std::optional<float> temperature;
+  float top_p = 1.0f;
+  int64_t top_k = 0;
+  uint64_t seed = 0;
+  std::string stop_ids;
+  bool stream = false;
+};
+
+int fail(const std::string& text) {
+  fmt::print(stderr, "moe submit: error: {}\n", text);
+  return 1;
+}
+
+caf::expected<std::string> cluster_secret(const submit_options& o) {
+  if (!o.secret.empty()) return o.secret;
+  if (!o.secret_file.empty()) {
+    std::ifstream in(o.secret_file);
+    std::string line;
+    if (!in || !std::getline(in, line) || line.empty()) {
+      return client::make_error(client::client_errc::invalid_request,
+                                "--secret-file " + o.secret_file + ": cannot read a secret from it");
+    }
+    return line;
+  }
+  if (const char* env = std::getenv("MOE_CLUSTER_SECRET"); env && *env) return std::string(env);
+  return client::make_error(client::client_errc::invalid_request,
+                            "no cluster secret: give --secret-file or --secret, or set "
+                            "MOE_CLUSTER_SECRET");
+}
+
+int run_submit(const submit_options& o) {
+  auto address = client::parse_address(o.address);
+  if (!address) return fail(error_text(address.error()));
+  auto secret = cluster_secret(o);
+  if (!secret) return fail(error_text(secret.error()));
+  client::generation_request_spec spec;
+  auto prompt = parse_token_ids(o.prompt_ids, "--prompt-ids");
+  if (!prompt) return fail(error_text(prompt.error()));
+  spec.prompt = std::move(*prompt);
+  if (!o.stop_ids.empty()) {
+    auto stop = parse_token_ids(o.stop_ids, "--stop-ids");
+    if (!stop) return fail(error_text(stop.error()));
+    spec.stop_token_ids = std::move(*stop);
+  }
+  spec.max_new_tokens = o.max_new_tokens;
+  // The same sampling rules as `moe run`: greedy unless a temperature is given; top-k / top-p
+  // alone sample at temperature 1, as Hugging Face does.
+  if (o.temperature) {
+    spec.temperature = *o.temperature;
+  } else if (o.top_k > 0 || o.top_p < 1.0f) {
+    spec.temperature = 1.0f;
+  }
+  spec.top_p = o.top_p;
+  spec.top_k = static_cast<uint32_t>(o.top_k);
+  spec.seed = o.seed;
+
+  auto c = client::job_client::connect(address->first, address->second, *secret);
+  if (!c) return fail(error_text(c.error()));
+  if (!o.stream) {
+    auto tokens = (*c)->generate(spec);
+    if (!tokens) return fail(error_text(tokens.error()));
+    fmt::print("{}\n", fmt::join(*tokens, " "));
+    return 0;
+  }
+  // --stream: print each token as it arrives; the finished line is the same as without it.
+  bool first = true;
+  auto id = (*c)->submit(spec, [&first](const client::client_event& e) {
+    for (int32_t t : e.tokens) {
+      fmt::print("{}{}", first ? "" : " ", t);
+      first = false;
+    }
+    std::fflush(stdout);
+  });
+  if (!id) return fail(error_text(id.error()));
+  auto done = (*c)->wait(*id);
+  fmt::print("\n");
+  if (!done) return fail(error_text(done.error()));
+  if (done->state == client::job_state::failed) return fail("job failed: " + done->error);
+  if (done->state == client::job_state::cancelled) return fail("job was cancelled");
+  return 0;
+}
+
+}  // namespace
+
+void add_submit_command(CLI::App& app, command_context& ctx) {
+  auto o = std::make_shared<submit_options>();
+  auto* cmd = app.add_subcommand("submit", "Generate tokens on a running cluster (its job API)");
+  cmd->add_option("--address", o->address, "The cluster's API address, HOST:PORT")->required();
+  cmd->add_option("--secret", o->secret, "The cluster secret (visible in ps: prefer the others)");
+  cmd->add_option("--secret-file", o->secret_file, "A file whose first line is the cluster secret");
+  cmd->add_option("--prompt-ids", o->prompt_ids, "Prompt token ids, comma-separated")->required();
+  cmd->add_option("--max-new-tokens", o->max_new_tokens, "Tokens to generate (0: none)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--temperature", o->temperature, "Sampling temperature (default: greedy)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-p", o->top_p, "Nucleus sampling mass, in (0, 1]")
+      ->check(CLI::Range(0.0f, 1.0f));
+  cmd->add_option("--top-k", o->top_k, "Sample among the k most likely tokens (0: all)")
+      ->check(CLI::Range(int64_t{0}, int64_t{UINT32_MAX}));
+  cmd->add_option("--seed", o->seed, "Sampling seed");
+  cmd->add_option("--stop-ids", o->stop_ids, "Stop token ids, comma-separated");
+  cmd->add_flag("--stream", o->stream, "Print tokens as they arrive");
+  cmd->footer("The secret may also come from the environment variable MOE_CLUSTER_SECRET.");
+  cmd->callback([o, &ctx] { ctx.exit_code = run_submit(*o); });
+}
+
+}  // namespace moe::cli

@@ -1,0 +1,114 @@
+// moe::client: the C++ client of the job-submission API (protocol/api.capnp), for programs and
+// for `moe submit`. It speaks Cap'n Proto RPC to a cluster's API server; it knows nothing of
+// CAF actors (errors are caf::error values, as everywhere in the project).
+//
+//   auto c = moe::client::job_client::connect("127.0.0.1", 7101, secret);
+//   if (!c) ... c.error() names the cause (connection refused, unauthenticated, ...)
+//   auto tokens = (*c)->generate({.prompt = {5, 17, 42}, .max_new_tokens = 8});
+//
+// Every failure comes back as a client_errc error whose text names the cause; no exception
+// leaves this library (Cap'n Proto's are caught at each call).
+//
+// Thread safety: a job_client is confined to the thread that called connect(): Cap'n Proto
+// runs one event loop per thread, and events are delivered only while that thread is inside a
+// call of this class (submit, wait, status, cancel, describe, poll). Several clients may share
+// a thread. Ownership: the client owns its connection; destroying it closes the connection,
+// which makes the server cancel every job still streaming to it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "base/error.hpp"
+#include "protocol/api_types.hpp"
+
+namespace moe::client {
+
+enum class client_errc : uint8_t {
+  connection_failed = 1,  ///< Transient: the server could not be reached (refused, unresolved).
+  disconnected,           ///< Transient: the connection dropped; a submit may have been accepted.
+  unauthenticated,        ///< Permanent: the server did not accept the cluster secret.
+  unsupported_version,    ///< Permanent: client and server speak different API versions.
+  invalid_request,        ///< Permanent: the request is malformed (found here or by the server).
+  overloaded,             ///< Transient: the cluster's queue is full; retry later.
+  unknown_job,            ///< Permanent: the server knows no job with that id.
+  unavailable,            ///< Transient: the server is stopping.
+  timed_out,              ///< Transient: no answer within the time given.
+  job_failed,             ///< Permanent: the job failed on the cluster (the text says why).
+  job_cancelled,          ///< The job was cancelled (by a cancel call or a stopping server).
+  server_error,           ///< Maybe transient: any other failure the server reported.
+};
+
+[[nodiscard]] const char* to_string(client_errc code) noexcept;
+[[nodiscard]] caf::error make_error(client_errc code, std::string text);
+
+using generation_request_spec = protocol::api_generation_spec;
+using client_event = protocol::api_job_event;
+using client_status = protocol::api_job_status;
+using client_cluster_description = protocol::api_cluster_description;
+using job_state = protocol::api_job_state;
+
+struct client_options {
+  std::chrono::milliseconds connect_timeout{10'000};
+  /// Limit for one call (login, submit, status, cancel, describe); 0: none. wait() has its own.
+  std::chrono::milliseconds call_timeout{60'000};
+};
+
+/// "host:port", "[::1]:7101" -> (host, port); invalid_request when malformed.
+[[nodiscard]] caf::expected<std::pair<std::string, uint16_t>> parse_address(std::string_view text);
+
+class job_client {
+ public:
+  using event_handler = std::function<void(const client_event&)>;
+
+  /// Connects and logs in with the cluster secret.
+  [[nodiscard]] static caf::expected<std::unique_ptr<job_client>> connect(
+      const std::string& host, uint16_t port, const std::string& secret,
+      const client_options& options = {});
+
+  ~job_client();
+  job_client(const job_client&) = delete;
+  job_client& operator=(const job_client&) = delete;
+
+  /// Queues a generation job and answers its id. `on_event` (optional) sees the job's events in
+  /// order, on this thread, while this client is inside one of its calls; it may run before
+  /// submit returns. An exception thrown by it fails the job (the server cancels it).
+  [[nodiscard]] caf::expected<uint64_t> submit(const generation_request_spec& spec,
+                                               event_handler on_event = {});
+
+  /// Delivers events until job `job_id` (submitted by this client) has finished, and answers
+  /// its final state with every token it generated. timeout 0: no limit. A finished job is
+  /// forgotten once waited for.
+  [[nodiscard]] caf::expected<client_status> wait(uint64_t job_id,
+                                                  std::chrono::milliseconds timeout = {});
+
+  /// submit + wait: the generated tokens; job_failed / job_cancelled when it did not finish.
+  [[nodiscard]] caf::expected<std::vector<int32_t>> generate(const generation_request_spec& spec);
+
+  [[nodiscard]] caf::expected<client_status> status(uint64_t job_id);
+  /// Whether the job was still active.
+  [[nodiscard]] caf::expected<bool> cancel(uint64_t job_id);
+  [[nodiscard]] caf::expected<client_cluster_description> describe();
+
+  /// Delivers the events that have already arrived, without blocking.
+  void poll();
+
+  /// The API version the server announced at login.
+  [[nodiscard]] uint16_t server_version() const noexcept;
+
+  struct impl;
+
+ private:
+  explicit job_client(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace moe::client
+
+MOE_ERROR_ENUM(moe::client::client_errc, "client")

@@ -1,0 +1,184 @@
+#include "protocol/api_codec.hpp"
+
+#include <string_view>
+
+namespace moe::protocol {
+
+namespace {
+
+// Explicit mappings: reordering either enum must never change what a state means on the wire.
+capnp::JobState to_wire(api_job_state s) {
+  switch (s) {
+    case api_job_state::queued: return capnp::JobState::QUEUED;
+    case api_job_state::running: return capnp::JobState::RUNNING;
+    case api_job_state::finished: return capnp::JobState::FINISHED;
+    case api_job_state::cancelled: return capnp::JobState::CANCELLED;
+    case api_job_state::failed: return capnp::JobState::FAILED;
+  }
+  return capnp::JobState::FAILED;
+}
+
+// A state added by a newer server reads as failed: the safe reading for a client that cannot
+// know what it means.
+api_job_state from_wire(capnp::JobState s) {
+  switch (s) {
+    case capnp::JobState::QUEUED: return api_job_state::queued;
+    case capnp::JobState::RUNNING: return api_job_state::running;
+    case capnp::JobState::FINISHED: return api_job_state::finished;
+    case capnp::JobState::CANCELLED: return api_job_state::cancelled;
+    case capnp::JobState::FAILED: return api_job_state::failed;
+  }
+  return api_job_state::failed;
+}
+
+template <class List>
+void fill_ids(List list, const std::vector<int32_t>& ids) {
+  for (size_t i = 0; i < ids.size(); ++i) list.set(static_cast<unsigned>(i), ids[i]);
+}
+
+template <class Reader>
+std::vector<int32_t> read_ids(Reader list) {
+  std::vector<int32_t> out;
+  out.reserve(list.size());
+  for (auto v : list) out.push_back(v);
+  return out;
+}
+
+kj::StringPtr text(const std::string& s) { return kj::StringPtr(s.c_str(), s.size()); }
+std::string text(::capnp::Text::Reader r) { return std::string(r.cStr(), r.size()); }
+
+}  // namespace
+
+void to_wire(const api_generation_spec& spec, capnp::GenerationJob::Builder b) {
+  fill_ids(b.initPrompt(static_cast<unsigned>(spec.prompt.size())), spec.prompt);
+  b.setMaxNewTokens(spec.max_new_tokens);
+  b.setTemperature(spec.temperature);
+  b.setTopK(spec.top_k);
+  b.setTopP(spec.top_p);
+  b.setSeed(spec.seed);
+  fill_ids(b.initStopTokenIds(static_cast<unsigned>(spec.stop_token_ids.size())),
+           spec.stop_token_ids);
+}
+
+api_generation_spec from_wire(capnp::GenerationJob::Reader r) {
+  api_generation_spec spec;
+  spec.prompt = read_ids(r.getPrompt());
+  spec.max_new_tokens = r.getMaxNewTokens();
+  spec.temperature = r.getTemperature();
+  spec.top_k = r.getTopK();
+  spec.top_p = r.getTopP();
+  spec.seed = r.getSeed();
+  spec.stop_token_ids = read_ids(r.getStopTokenIds());
+  return spec;
+}
+
+void to_wire(const api_job_event& e, capnp::JobEvent::Builder b) {
+  b.setJobId(e.job_id);
+  fill_ids(b.initTokens(static_cast<unsigned>(e.tokens.size())), e.tokens);
+  b.setFinished(e.finished);
+  b.setState(to_wire(e.state));
+  b.setFinishReason(text(e.finish_reason));
+  b.setError(text(e.error));
+}
+
+api_job_event from_wire(capnp::JobEvent::Reader r) {
+  api_job_event e;
+  e.job_id = r.getJobId();
+  e.tokens = read_ids(r.getTokens());
+  e.finished = r.getFinished();
+  e.state = from_wire(r.getState());
+  e.finish_reason = text(r.getFinishReason());
+  e.error = text(r.getError());
+  return e;
+}
+
+void to_wire(const api_job_status& s, capnp::JobStatus::Builder b) {
+  b.setJobId(s.job_id);
+  b.setState(to_wire(s.state));
+  fill_ids(b.initTokens(static_cast<unsigned>(s.tokens.size())), s.tokens);
+  b.setFinishReason(text(s.finish_reason));
+  b.setError(text(s.error));
+  b.setShard(s.shard);
+}
+
+api_job_status from_wire(capnp::JobStatus::Reader r) {
+  api_job_status s;
+  s.job_id = r.getJobId();
+  s.state = from_wire(r.getState());
+  s.tokens = read_ids(r.getTokens());
+  s.finish_reason = text(r.getFinishReason());
+  s.error = text(r.getError());
+  s.shard = r.getShard();
+  return s;
+}
+
+void to_wire(const api_cluster_description& c, capnp::ClusterDescription::Builder b) {
+  b.setName(text(c.name));
+  auto nodes = b.initNodes(static_cast<unsigned>(c.nodes.size()));
+  for (size_t i = 0; i < c.nodes.size(); ++i) {
+    const api_node& n = c.nodes[i];
+    auto nb = nodes[static_cast<unsigned>(i)];
+    nb.setName(text(n.name));
+    nb.setHost(text(n.host));
+    auto devices = nb.initDevices(static_cast<unsigned>(n.devices.size()));
+    for (size_t d = 0; d < n.devices.size(); ++d)
+      devices.set(static_cast<unsigned>(d), text(n.devices[d]));
+  }
+  auto actors = b.initActors(static_cast<unsigned>(c.actors.size()));
+  for (size_t i = 0; i < c.actors.size(); ++i) {
+    const api_actor_info& a = c.actors[i];
+    auto ab = actors[static_cast<unsigned>(i)];
+    ab.setKind(text(a.kind));
+    ab.setId(text(a.id));
+    ab.setNode(text(a.node));
+    ab.setDevice(text(a.device));
+  }
+  b.setPlacementVersion(c.placement_version);
+  b.setPlacementJson(text(c.placement_json));
+}
+
+api_cluster_description from_wire(capnp::ClusterDescription::Reader r) {
+  api_cluster_description c;
+  c.name = text(r.getName());
+  for (auto n : r.getNodes()) {
+    api_node node;
+    node.name = text(n.getName());
+    node.host = text(n.getHost());
+    for (auto d : n.getDevices()) node.devices.push_back(text(d));
+    c.nodes.push_back(std::move(node));
+  }
+  for (auto a : r.getActors()) {
+    c.actors.push_back({text(a.getKind()), text(a.getId()), text(a.getNode()), text(a.getDevice())});
+  }
+  c.placement_version = r.getPlacementVersion();
+  c.placement_json = text(r.getPlacementJson());
+  return c;
+}
+
+kj::Exception make_api_exception(api_errc code, const std::string& message) {
+  auto type = kj::Exception::Type::FAILED;
+  if (code == api_errc::overloaded) type = kj::Exception::Type::OVERLOADED;
+  if (code == api_errc::unavailable) type = kj::Exception::Type::DISCONNECTED;
+  // A reason that already starts with its code ("overloaded: 3 waiting") keeps one prefix.
+  const std::string prefix = std::string(to_string(code)) + ": ";
+  const std::string text = message.rfind(prefix, 0) == 0 ? message : prefix + message;
+  return kj::Exception(type, __FILE__, __LINE__, kj::str(text.c_str()));
+}
+
+api_failure parse_api_exception(const kj::Exception& e) {
+  api_failure f;
+  f.type = e.getType();
+  std::string_view d(e.getDescription().cStr(), e.getDescription().size());
+  constexpr std::string_view remote = "remote exception: ";
+  if (d.substr(0, remote.size()) == remote) d.remove_prefix(remote.size());
+  if (auto colon = d.find(": "); colon != std::string_view::npos) {
+    if (auto code = parse_api_errc(d.substr(0, colon))) {
+      f.code = code;
+      d.remove_prefix(colon + 2);
+    }
+  }
+  f.text = std::string(d);
+  return f;
+}
+
+}  // namespace moe::protocol

@@ -1,0 +1,103 @@
+// The job-submission API (protocol/api.capnp) as plain C++ values, shared by the server
+// (actors/api_server.hpp) and the client library (client/job_client.hpp), so that neither
+// side's callers see Cap'n Proto types and both validate a request the same way.
+// Thread safety: plain values and pure functions.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/error.hpp"
+
+namespace moe::protocol {
+
+/// The API version this build speaks (the schema's apiVersion).
+[[nodiscard]] uint16_t api_version() noexcept;
+
+/// Why the server refused a call. On the wire: the exception description "<code>: <text>".
+enum class api_errc : uint8_t {
+  unauthenticated = 1,  ///< Permanent: the cluster secret was wrong.
+  unsupported_version,  ///< Permanent: client and server speak different API versions.
+  invalid_request,      ///< Permanent: the request is malformed (the text says which field).
+  overloaded,           ///< Transient: the controller's queue is full; retry later.
+  unknown_job,          ///< Permanent: no job with that id.
+  unavailable,          ///< Transient: the server is stopping; retry against another server.
+  internal,             ///< Maybe transient: the controller failed or did not answer.
+};
+
+[[nodiscard]] const char* to_string(api_errc code) noexcept;
+/// "overloaded" -> api_errc::overloaded; nullopt for anything else.
+[[nodiscard]] std::optional<api_errc> parse_api_errc(std::string_view code) noexcept;
+[[nodiscard]] caf::error make_error(api_errc code, std::string text);
+
+enum class api_job_state : uint8_t { queued, running, finished, cancelled, failed };
+[[nodiscard]] const char* to_string(api_job_state s) noexcept;
+
+struct api_generation_spec {
+  std::vector<int32_t> prompt;
+  int64_t max_new_tokens = 16;
+  float temperature = 0.0f;  ///< 0: greedy
+  uint32_t top_k = 0;        ///< 0: all tokens
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  std::vector<int32_t> stop_token_ids;
+};
+
+/// One step of a job's token stream; the last one has finished = true.
+struct api_job_event {
+  uint64_t job_id = 0;
+  std::vector<int32_t> tokens;  ///< New tokens since the previous event.
+  bool finished = false;
+  api_job_state state = api_job_state::running;
+  std::string finish_reason;    ///< "length", "stop", "cancelled" or "error" once finished.
+  std::string error;            ///< Set when state == failed.
+};
+
+struct api_job_status {
+  uint64_t job_id = 0;
+  api_job_state state = api_job_state::queued;
+  std::vector<int32_t> tokens;  ///< Generated so far.
+  std::string finish_reason;
+  std::string error;
+  int32_t shard = -1;
+};
+
+struct api_node {
+  std::string name;
+  std::string host;
+  std::vector<std::string> devices;
+};
+
+struct api_actor_info {
+  std::string kind;  ///< "attention", "router", "expert_group", "controller", ...
+  std::string id;
+  std::string node;
+  std::string device;
+};
+
+/// What describe() answers. The server is handed this value; it does not ask the scheduler.
+struct api_cluster_description {
+  std::string name;
+  std::vector<api_node> nodes;
+  std::vector<api_actor_info> actors;
+  uint64_t placement_version = 0;
+  std::string placement_json;
+};
+
+/// Bounds a server enforces before a request reaches the controller.
+struct api_limits {
+  size_t max_prompt_tokens = 1u << 20;
+  size_t max_stop_token_ids = 1024;
+};
+
+/// invalid_request naming the field, or nothing when `spec` is well-formed: a non-empty prompt
+/// of ids >= 0, max_new_tokens >= 0, temperature >= 0 and finite, top_p in (0, 1].
+[[nodiscard]] caf::error validate(const api_generation_spec& spec, const api_limits& limits = {});
+
+}  // namespace moe::protocol
+
+MOE_ERROR_ENUM(moe::protocol::api_errc, "api")

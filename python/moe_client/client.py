@@ -1,0 +1,479 @@
+"""Python client of the moe-runtime job-submission API (protocol/api.capnp), on pycapnp 2.x.
+
+`AsyncClient` is the asyncio API (pycapnp 2.x runs Cap'n Proto RPC on asyncio: every call must
+happen inside ``async with capnp.kj_loop():``). `Client` wraps it for synchronous code: it owns
+a private thread running an asyncio loop with the kj loop open, and forwards each call there.
+
+Errors: every failure raises a subclass of `MoeError` named after its cause, mirroring the C++
+client's client_errc. The server reports its own as exceptions whose description starts with a
+stable code ("overloaded: ..."), parsed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
+
+import capnp
+
+# pycapnp 2.x runs RPC on asyncio (capnp.kj_loop, AsyncIoStream); 1.x had its own event loop
+# and a different async API, which this module does not speak.
+if int(getattr(capnp, "__version__", "0").split(".")[0]) < 2:
+    raise ImportError(f"moe_client needs pycapnp >= 2.0, found {capnp.__version__}")
+
+# The schema ships inside the package (a copy of protocol/api.capnp, checked by the tests).
+# "/capnp/c++.capnp", which it imports, ships with pycapnp.
+_SCHEMA_PATH = Path(__file__).with_name("api.capnp")
+api = capnp.load(str(_SCHEMA_PATH), imports=[str(Path(capnp.__file__).resolve().parent.parent)])
+
+API_VERSION: int = api.apiVersion
+INT32_MAX = 2**31 - 1
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class MoeError(Exception):
+    """A failed call. `code` is the cause's name; `retryable` says whether a retry may help."""
+
+    code = "server_error"
+    retryable = False
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ConnectionFailed(MoeError):
+    code, retryable = "connection_failed", True
+
+
+class Disconnected(MoeError):
+    code, retryable = "disconnected", True
+
+
+class Unauthenticated(MoeError):
+    code = "unauthenticated"
+
+
+class UnsupportedVersion(MoeError):
+    code = "unsupported_version"
+
+
+class InvalidRequest(MoeError):
+    code = "invalid_request"
+
+
+class Overloaded(MoeError):
+    code, retryable = "overloaded", True
+
+
+class UnknownJob(MoeError):
+    code = "unknown_job"
+
+
+class Unavailable(MoeError):
+    code, retryable = "unavailable", True
+
+
+class TimedOut(MoeError):
+    code, retryable = "timed_out", True
+
+
+class JobFailed(MoeError):
+    code = "job_failed"
+
+
+class JobCancelled(MoeError):
+    code = "job_cancelled"
+
+
+class ServerError(MoeError):
+    code = "server_error"
+
+
+# The server's codes (api_errc in protocol/api_types.hpp) and the error each becomes.
+_SERVER_CODES = {
+    "unauthenticated": Unauthenticated,
+    "unsupported_version": UnsupportedVersion,
+    "invalid_request": InvalidRequest,
+    "overloaded": Overloaded,
+    "unknown_job": UnknownJob,
+    "unavailable": Unavailable,
+    "internal": ServerError,
+}
+
+
+def _from_kj(e: Exception, what: str) -> MoeError:
+    """A pycapnp exception as the MoeError naming its cause."""
+    description = getattr(e, "description", None) or str(e)
+    text = description
+    prefix = "remote exception: "
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    code, sep, rest = text.partition(": ")
+    if sep and code in _SERVER_CODES:
+        return _SERVER_CODES[code](f"{code}: {rest}")
+    kind = str(getattr(e, "type", ""))
+    if kind == "DISCONNECTED":
+        return Disconnected(f"{what}: connection lost: {text}")
+    if kind == "OVERLOADED":
+        return Overloaded(f"{what}: overloaded: {text}")
+    return ServerError(f"{what}: {text}")
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+@dataclass
+class JobEvent:
+    """One step of a job's stream: the tokens new since the previous event."""
+
+    job_id: int
+    tokens: List[int]
+    finished: bool
+    state: str  # "queued", "running", "finished", "cancelled", "failed"
+    finish_reason: str = ""
+    error: str = ""
+
+
+@dataclass
+class JobStatus:
+    job_id: int
+    state: str
+    tokens: List[int] = field(default_factory=list)  # every token generated so far
+    finish_reason: str = ""
+    error: str = ""
+    shard: int = -1
+
+
+@dataclass
+class Node:
+    name: str
+    host: str
+    devices: List[str]
+
+
+@dataclass
+class ActorInfo:
+    kind: str
+    id: str
+    node: str
+    device: str
+
+
+@dataclass
+class ClusterDescription:
+    name: str
+    nodes: List[Node]
+    actors: List[ActorInfo]
+    placement_version: int
+    placement_json: str
+
+
+def _event(r) -> JobEvent:
+    return JobEvent(r.jobId, list(r.tokens), r.finished, str(r.state), r.finishReason, r.error)
+
+
+def _status(r) -> JobStatus:
+    return JobStatus(r.jobId, str(r.state), list(r.tokens), r.finishReason, r.error, r.shard)
+
+
+def _cluster(r) -> ClusterDescription:
+    return ClusterDescription(
+        r.name,
+        [Node(n.name, n.host, list(n.devices)) for n in r.nodes],
+        [ActorInfo(a.kind, a.id, a.node, a.device) for a in r.actors],
+        r.placementVersion,
+        r.placementJson,
+    )
+
+
+def parse_address(address: str):
+    """"host:port" or "[::1]:port" -> (host, port); InvalidRequest when malformed."""
+    host, sep, port = address.rpartition(":")
+    bad = InvalidRequest(f"address '{address}' is not HOST:PORT (e.g. 127.0.0.1:7101)")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad
+    if ":" in host:
+        if not (host.startswith("[") and host.endswith("]")):
+            raise bad
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _check_ids(ids, name: str) -> List[int]:
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise InvalidRequest(f"invalid_request: {name}[{i}]: {t!r} is not an integer token id")
+        if t < 0:
+            raise InvalidRequest(f"invalid_request: {name}[{i}]: token id {t} is negative")
+        if t > INT32_MAX:
+            raise InvalidRequest(f"invalid_request: {name}[{i}]: token id {t} exceeds Int32")
+        out.append(t)
+    return out
+
+
+def _generation_spec(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids):
+    """The checks the server makes (protocol::validate), made before anything is sent."""
+    prompt = _check_ids(prompt_ids, "prompt")
+    if not prompt:
+        raise InvalidRequest("invalid_request: prompt: is empty")
+    if not isinstance(max_new_tokens, int) or not 0 <= max_new_tokens < 2**63:
+        raise InvalidRequest(f"invalid_request: maxNewTokens: {max_new_tokens!r} is not >= 0")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidRequest(f"invalid_request: temperature: {temperature} is not a finite number >= 0")
+    if not 0 < top_p <= 1:
+        raise InvalidRequest(f"invalid_request: topP: {top_p} is not in (0, 1]")
+    if not isinstance(top_k, int) or not 0 <= top_k < 2**32:
+        raise InvalidRequest(f"invalid_request: topK: {top_k!r} is not in [0, 2^32)")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InvalidRequest(f"invalid_request: seed: {seed!r} is not in [0, 2^64)")
+    spec = api.JobSpec.new_message()
+    g = spec.init("generation")
+    g.prompt = prompt
+    g.maxNewTokens = max_new_tokens
+    g.temperature = float(temperature)
+    g.topK = top_k
+    g.topP = float(top_p)
+    g.seed = seed
+    g.stopTokenIds = _check_ids(stop_ids, "stopTokenIds")
+    return spec
+
+
+# --- asyncio --------------------------------------------------------------------------------
+
+
+class _Job:
+    """What arrived for one submitted job (confined to the client's event loop)."""
+
+    def __init__(self, on_event: Optional[Callable[[JobEvent], None]]):
+        self.on_event = on_event
+        self.tokens: List[int] = []
+        self.final: Optional[JobStatus] = None
+        self.done = asyncio.get_running_loop().create_future()
+
+
+class _Sink(api.TokenSink.Server):
+    def __init__(self, job: _Job):
+        self._job = job
+
+    async def event(self, event, _context, **kwargs):
+        job = self._job
+        if job.final is not None:
+            return
+        e = _event(event)
+        job.tokens.extend(e.tokens)
+        failure = None
+        if job.on_event is not None:
+            try:
+                job.on_event(e)
+            except Exception as ex:  # a handler bug fails this job, not the connection
+                failure = f"the on_event handler raised {ex!r}"
+        if failure is not None:
+            e.finished, e.state, e.finish_reason, e.error = True, "failed", "error", failure
+        if e.finished:
+            job.final = JobStatus(e.job_id, e.state, list(job.tokens), e.finish_reason, e.error)
+            if not job.done.done():
+                job.done.set_result(None)
+        if failure is not None:
+            # Failing the call tells the server nobody reads this job any more: it cancels it.
+            raise RuntimeError("moe client: the on_event handler failed")
+
+
+class AsyncClient:
+    """The API as coroutines. Use inside ``async with capnp.kj_loop():``, on one event loop."""
+
+    def __init__(self, rpc, stream, service, server_version: int, call_timeout: Optional[float]):
+        self._rpc = rpc
+        self._stream = stream
+        self._service = service
+        self._jobs = {}
+        self._disconnected = asyncio.ensure_future(rpc.on_disconnect())
+        self.server_version = server_version
+        self.call_timeout = call_timeout
+
+    @classmethod
+    async def connect(cls, address: str, secret: str, *, connect_timeout: float = 10.0,
+                      call_timeout: Optional[float] = 60.0) -> "AsyncClient":
+        host, port = parse_address(address)
+        try:
+            stream = await asyncio.wait_for(
+                capnp.AsyncIoStream.create_connection(host=host, port=port), connect_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionFailed(f"cannot connect to {address}: no answer within "
+                                   f"{connect_timeout} s") from None
+        except OSError as e:
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise ConnectionFailed(f"cannot connect to {address}: {reason}") from None
+        rpc = capnp.TwoPartyClient(stream)
+        gateway = rpc.bootstrap().cast_as(api.Gateway)
+        try:
+            login = await asyncio.wait_for(gateway.login(secret, API_VERSION), call_timeout)
+        except asyncio.TimeoutError:
+            rpc.close()
+            raise TimedOut(f"login to {address}: no answer within {call_timeout} s") from None
+        except capnp.KjException as e:
+            rpc.close()
+            err = _from_kj(e, f"login to {address}")
+            if isinstance(err, (Disconnected, ServerError)):
+                raise ConnectionFailed(f"cannot log in to {address}: {err}") from None
+            raise err from None
+        return cls(rpc, stream, login.service, login.serverVersion, call_timeout)
+
+    async def _call(self, what: str, request):
+        try:
+            return await asyncio.wait_for(request, self.call_timeout)
+        except asyncio.TimeoutError:
+            raise TimedOut(f"{what}: no answer within {self.call_timeout} s") from None
+        except capnp.KjException as e:
+            raise _from_kj(e, what) from None
+
+    async def submit(self, prompt_ids: Iterable[int], max_new_tokens: int = 16, *,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int = 0, stop_ids: Iterable[int] = (),
+                     on_event: Optional[Callable[[JobEvent], None]] = None) -> int:
+        """Queues a generation job; answers its id. `on_event` sees its events in order (the
+        first may come before submit returns); if it raises, the job fails and is cancelled."""
+        spec = _generation_spec(list(prompt_ids), max_new_tokens, temperature, top_k, top_p,
+                                seed, list(stop_ids))
+        job = _Job(on_event)
+        result = await self._call("submit", self._service.submit(spec, _Sink(job)))
+        self._jobs[result.jobId] = job
+        return result.jobId
+
+    async def wait(self, job_id: int, timeout: Optional[float] = None) -> JobStatus:
+        """Until job `job_id` (submitted here) finished: its final state and every token."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(f"wait: job {job_id} was not submitted by this client, "
+                             "or was already waited for")
+        if job.final is None:
+            done, _ = await asyncio.wait({job.done, self._disconnected}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if job.final is None:
+                if not done:
+                    raise TimedOut(f"wait: job {job_id} did not finish within {timeout} s")
+                raise Disconnected(f"wait: connection lost before job {job_id} finished")
+        del self._jobs[job_id]
+        return job.final
+
+    async def generate(self, prompt_ids: Iterable[int], max_new_tokens: int = 16, **kwargs) -> List[int]:
+        """submit + wait: the generated tokens. JobFailed / JobCancelled when it did not finish."""
+        job_id = await self.submit(prompt_ids, max_new_tokens, **kwargs)
+        final = await self.wait(job_id)
+        if final.state == "failed":
+            raise JobFailed(f"job {job_id} failed: {final.error}")
+        if final.state == "cancelled":
+            raise JobCancelled(f"job {job_id} was cancelled" + (f": {final.error}" if final.error else ""))
+        return final.tokens
+
+    async def status(self, job_id: int) -> JobStatus:
+        return _status((await self._call("status", self._service.status(job_id))).status)
+
+    async def cancel(self, job_id: int) -> bool:
+        """Whether the job was still active."""
+        return (await self._call("cancel", self._service.cancel(job_id))).wasActive
+
+    async def describe(self) -> ClusterDescription:
+        return _cluster((await self._call("describe", self._service.describe())).cluster)
+
+    async def close(self) -> None:
+        """Closes the connection; the server cancels every job still streaming to it."""
+        self._disconnected.cancel()
+        self._service = None
+        self._rpc.close()
+        self._stream.close()
+
+
+# --- synchronous ----------------------------------------------------------------------------
+
+
+class Client:
+    """The API for synchronous code; thread-safe. The connection lives on a private thread
+    running an asyncio loop with the kj loop open; `on_event` callbacks run on that thread."""
+
+    def __init__(self, address: str, secret: Optional[str] = None, *,
+                 connect_timeout: float = 10.0, call_timeout: Optional[float] = 60.0):
+        if secret is None:
+            secret = os.environ.get("MOE_CLUSTER_SECRET", "")
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stopped = None  # an asyncio.Event, made on the loop's thread
+        self._client: Optional[AsyncClient] = None
+        self._thread = threading.Thread(target=self._run, name="moe-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        try:
+            self._client = self._do(AsyncClient.connect(
+                address, secret, connect_timeout=connect_timeout, call_timeout=call_timeout))
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def serve():
+            self._stopped = asyncio.Event()
+            async with capnp.kj_loop():
+                self._ready.set()
+                await self._stopped.wait()
+                if self._client is not None:
+                    await self._client.close()
+
+        try:
+            self._loop.run_until_complete(serve())
+        finally:
+            self._ready.set()
+            self._loop.close()
+
+    def _do(self, coro, timeout: Optional[float] = None):
+        if not self._thread.is_alive():
+            coro.close()
+            raise Disconnected("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    def submit(self, prompt_ids: Iterable[int], max_new_tokens: int = 16, **kwargs) -> int:
+        return self._do(self._client.submit(prompt_ids, max_new_tokens, **kwargs))
+
+    def wait(self, job_id: int, timeout: Optional[float] = None) -> JobStatus:
+        return self._do(self._client.wait(job_id, timeout))
+
+    def generate(self, prompt_ids: Iterable[int], max_new_tokens: int = 16, **kwargs) -> List[int]:
+        return self._do(self._client.generate(prompt_ids, max_new_tokens, **kwargs))
+
+    def status(self, job_id: int) -> JobStatus:
+        return self._do(self._client.status(job_id))
+
+    def cancel(self, job_id: int) -> bool:
+        return self._do(self._client.cancel(job_id))
+
+    def describe(self) -> ClusterDescription:
+        return self._do(self._client.describe())
+
+    @property
+    def server_version(self) -> int:
+        return self._client.server_version
+
+    def _shutdown(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(lambda: self._stopped and self._stopped.set())
+            self._thread.join()
+
+    def close(self) -> None:
+        """Closes the connection (the server cancels jobs still streaming) and the thread."""
+        self._shutdown()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,70 @@
+// An API server in front of the scripted fake controller (tests/unit/actors/fake_controller.hpp),
+// for client tests in other languages (tests/python). Prints "port N" on stdout once it serves,
+// then runs until its stdin closes (so it ends with the test that started it).
+//
+//   moe_api_test_server --secret S [--token-interval-ms 1] [--max-active 1000] [--fail-token T]
+#include <caf/all.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+
+#include "actors/actor_types.hpp"
+#include "actors/api_server.hpp"
+#include "runtime/actor_system.hpp"
+#include "tests/unit/actors/fake_controller.hpp"
+
+using namespace moe;
+
+int main(int argc, char** argv) {
+  std::string secret;
+  actors::testing::fake_controller_options fake;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    const std::string value = argv[i + 1];
+    if (flag == "--secret") {
+      secret = value;
+    } else if (flag == "--token-interval-ms") {
+      fake.token_interval = std::chrono::milliseconds(std::stoll(value));
+    } else if (flag == "--max-active") {
+      fake.max_active = std::stoull(value);
+    } else if (flag == "--fail-token") {
+      fake.fail_token = static_cast<int32_t>(std::stol(value));
+    } else {
+      std::fprintf(stderr, "api_test_server: unknown flag %s\n", flag.c_str());
+      return 2;
+    }
+  }
+  runtime::actor_system_config::options o;
+  o.load_middleman = false;
+  o.num_worker_threads = 2;
+  runtime::actor_system_config cfg{o};
+  actors::add_actor_message_types(cfg);
+  caf::actor_system sys{cfg};
+  auto log = std::make_shared<actors::testing::fake_controller_log>();
+  auto controller = actors::testing::spawn_fake_controller(sys, fake, log);
+
+  actors::api_server_options options;
+  options.secret = secret;
+  options.failed_login_delay = std::chrono::milliseconds(10);
+  options.cluster.name = "fake";
+  options.cluster.nodes = {{"n0", "127.0.0.1", {"n0/cpu0"}}};
+  options.cluster.actors = {{"controller", "controller", "n0", "n0/cpu0"}};
+  options.cluster.placement_version = 1;
+  options.cluster.placement_json = "{}";
+  auto server = actors::api_server::start(sys, controller, options);
+  if (!server) {
+    std::fprintf(stderr, "api_test_server: %s\n", error_text(server.error()).c_str());
+    caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
+    return 1;
+  }
+  std::printf("port %u\n", static_cast<unsigned>((*server)->port()));
+  std::fflush(stdout);
+  std::string line;
+  while (std::getline(std::cin, line)) {
+  }
+  (*server)->stop();
+  caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
+  return 0;
+}
