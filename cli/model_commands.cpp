@@ -37,18 +37,12 @@ caf::expected<std::shared_ptr<const model::checkpoint>> open_model(const std::st
 
 struct run_options {
   std::string model_dir;
-  std::string prompt_ids;  ///< Parsed by parse_token_ids (cli/prompt_ids.hpp), not by CLI11.
-  int64_t max_new_tokens = 16;
-  std::optional<float> temperature;
-  float top_p = 1.0f;
-  int64_t top_k = 0;
-  uint64_t seed = 0;
-  std::vector<int64_t> stop_ids;
+  generation_flags gen;
   std::string dump_logits;
 };
 
 int run_model(const run_options& o) {
-  auto parsed = parse_token_ids(o.prompt_ids, "--prompt-ids");
+  auto parsed = parse_token_ids(o.gen.prompt_ids, "--prompt-ids");
   if (!parsed) return fail("run", parsed.error());
   const std::vector<int32_t>& prompt = *parsed;
   auto ckpt = open_model(o.model_dir);
@@ -73,19 +67,23 @@ int run_model(const run_options& o) {
   }
   model::generation_request req;
   req.prompt = prompt;
-  req.max_new_tokens = o.max_new_tokens;
-  if (o.temperature) {
-    req.sampling.temperature = *o.temperature;
-    req.sampling.top_p = o.top_p;
-    req.sampling.top_k = static_cast<size_t>(o.top_k);
-  } else if (o.top_k > 0 || o.top_p < 1.0f) {
+  req.max_new_tokens = o.gen.max_new_tokens;
+  if (o.gen.temperature) {
+    req.sampling.temperature = *o.gen.temperature;
+    req.sampling.top_p = o.gen.top_p;
+    req.sampling.top_k = static_cast<size_t>(o.gen.top_k);
+  } else if (o.gen.top_k > 0 || o.gen.top_p < 1.0f) {
     // top-k / top-p without a temperature sample at temperature 1, as Hugging Face does.
     req.sampling.temperature = 1.0f;
-    req.sampling.top_p = o.top_p;
-    req.sampling.top_k = static_cast<size_t>(o.top_k);
+    req.sampling.top_p = o.gen.top_p;
+    req.sampling.top_k = static_cast<size_t>(o.gen.top_k);
   }
-  req.seed = o.seed;
-  for (int64_t s : o.stop_ids) req.stop_token_ids.push_back(static_cast<int32_t>(s));
+  req.seed = o.gen.seed;
+  if (!o.gen.stop_ids.empty()) {
+    auto stop = parse_token_ids(o.gen.stop_ids, "--stop-ids");
+    if (!stop) return fail("run", stop.error());
+    req.stop_token_ids = *stop;
+  }
   auto tokens = model::generate(*engine, std::span(&req, 1));
   if (!tokens) return fail("run", tokens.error());
   std::string line;
@@ -104,17 +102,7 @@ void add_run_command(CLI::App& app, command_context& ctx) {
   auto* cmd = app.add_subcommand("run", "Generate tokens with the single-process reference engine");
   cmd->add_option("--model", o->model_dir, "Checkpoint directory (config.json + safetensors)")
       ->required();
-  cmd->add_option("--prompt-ids", o->prompt_ids, "Prompt token ids, comma-separated")->required();
-  cmd->add_option("--max-new-tokens", o->max_new_tokens, "Tokens to generate (0: none)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--temperature", o->temperature, "Sampling temperature (default: greedy)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--top-p", o->top_p, "Nucleus sampling mass, in (0, 1]")
-      ->check(CLI::Range(0.0f, 1.0f));
-  cmd->add_option("--top-k", o->top_k, "Sample among the k most likely tokens (0: all)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--seed", o->seed, "Sampling seed");
-  cmd->add_option("--stop-ids", o->stop_ids, "Stop token ids, comma-separated")->delimiter(',');
+  add_generation_flags(*cmd, o->gen);
   cmd->add_option("--dump-logits", o->dump_logits,
                   "Write the prompt's logits as float32 `logits` [1, T, vocab] to this file");
   cmd->callback([o, &ctx] { ctx.exit_code = run_model(*o); });

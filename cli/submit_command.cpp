@@ -23,13 +23,7 @@ struct submit_options {
   std::string address;
   std::string secret;
   std::string secret_file;
-  std::string prompt_ids;  ///< Parsed by parse_token_ids, not CLI11 (see prompt_ids.hpp).
-  int64_t max_new_tokens = 16;
-  std::optional<float> temperature;
-  float top_p = 1.0f;
-  int64_t top_k = 0;
-  uint64_t seed = 0;
-  std::string stop_ids;
+  generation_flags gen;
   bool stream = false;
 };
 
@@ -61,25 +55,25 @@ int run_submit(const submit_options& o) {
   auto secret = cluster_secret(o);
   if (!secret) return fail(error_text(secret.error()));
   client::generation_request_spec spec;
-  auto prompt = parse_token_ids(o.prompt_ids, "--prompt-ids");
+  auto prompt = parse_token_ids(o.gen.prompt_ids, "--prompt-ids");
   if (!prompt) return fail(error_text(prompt.error()));
   spec.prompt = std::move(*prompt);
-  if (!o.stop_ids.empty()) {
-    auto stop = parse_token_ids(o.stop_ids, "--stop-ids");
+  if (!o.gen.stop_ids.empty()) {
+    auto stop = parse_token_ids(o.gen.stop_ids, "--stop-ids");
     if (!stop) return fail(error_text(stop.error()));
     spec.stop_token_ids = std::move(*stop);
   }
-  spec.max_new_tokens = o.max_new_tokens;
+  spec.max_new_tokens = o.gen.max_new_tokens;
   // The same sampling rules as `moe run`: greedy unless a temperature is given; top-k / top-p
   // alone sample at temperature 1, as Hugging Face does.
-  if (o.temperature) {
-    spec.temperature = *o.temperature;
-  } else if (o.top_k > 0 || o.top_p < 1.0f) {
+  if (o.gen.temperature) {
+    spec.temperature = *o.gen.temperature;
+  } else if (o.gen.top_k > 0 || o.gen.top_p < 1.0f) {
     spec.temperature = 1.0f;
   }
-  spec.top_p = o.top_p;
-  spec.top_k = static_cast<uint32_t>(o.top_k);
-  spec.seed = o.seed;
+  spec.top_p = o.gen.top_p;
+  spec.top_k = static_cast<uint32_t>(o.gen.top_k);
+  spec.seed = o.gen.seed;
 
   auto c = client::job_client::connect(address->first, address->second, *secret);
   if (!c) return fail(error_text(c.error()));
@@ -115,17 +109,7 @@ void add_submit_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--address", o->address, "The cluster's API address, HOST:PORT")->required();
   cmd->add_option("--secret", o->secret, "The cluster secret (visible in ps: prefer the others)");
   cmd->add_option("--secret-file", o->secret_file, "A file whose first line is the cluster secret");
-  cmd->add_option("--prompt-ids", o->prompt_ids, "Prompt token ids, comma-separated")->required();
-  cmd->add_option("--max-new-tokens", o->max_new_tokens, "Tokens to generate (0: none)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--temperature", o->temperature, "Sampling temperature (default: greedy)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--top-p", o->top_p, "Nucleus sampling mass, in (0, 1]")
-      ->check(CLI::Range(0.0f, 1.0f));
-  cmd->add_option("--top-k", o->top_k, "Sample among the k most likely tokens (0: all)")
-      ->check(CLI::Range(int64_t{0}, int64_t{UINT32_MAX}));
-  cmd->add_option("--seed", o->seed, "Sampling seed");
-  cmd->add_option("--stop-ids", o->stop_ids, "Stop token ids, comma-separated");
+  add_generation_flags(*cmd, o->gen);
   cmd->add_flag("--stream", o->stream, "Print tokens as they arrive");
   cmd->footer("The secret may also come from the environment variable MOE_CLUSTER_SECRET.");
   cmd->callback([o, &ctx] { ctx.exit_code = run_submit(*o); });
