@@ -27,29 +27,6 @@ void ensure(std::vector<T>& v, size_t n) {
 
 }  // namespace
 
-caf::expected<kernels::cpu::rope_params> make_rope_params(const model_config& c) {
-  kc::rope_params p;
-  p.head_dim = static_cast<size_t>(c.qk_rope_head_dim);
-  p.theta = c.rope.theta;
-  if (c.rope.kind == rope_kind::yarn) {
-    if (c.rope.attention_factor || !c.rope.truncate) {
-      return make_error(model_errc::bad_config,
-                        "rope_scaling: attention_factor and truncate=false are not supported");
-    }
-    p.has_yarn = true;
-    p.factor = c.rope.factor;
-    p.original_max_pos = static_cast<double>(c.rope.original_max_position_embeddings);
-    p.beta_fast = c.rope.beta_fast;
-    p.beta_slow = c.rope.beta_slow;
-    p.mscale = c.rope.mscale;
-    p.mscale_all_dim = c.rope.mscale_all_dim;
-  }
-  if (kc::rope_check(p) != kernels::kernel_status::ok) {
-    return make_error(model_errc::bad_config, "rope parameters rejected by the RoPE kernel");
-  }
-  return p;
-}
-
 caf::expected<attention_block> attention_block::bind(const model_config& c, int64_t layer,
                                                      const weight_lookup& weights) {
   attention_block b;
@@ -62,11 +39,10 @@ caf::expected<attention_block> attention_block::bind(const model_config& c, int6
   b.latent_dim_ = c.kv_lora_rank;
   b.q_rank_ = c.q_lora_rank.value_or(0);
   b.eps_ = static_cast<float>(c.rms_norm_eps);
-  auto rope = make_rope_params(c);
+  auto rope = rope_kernel_params(c);
   if (!rope) return rope.error();
   b.rope_params_ = *rope;
-  b.softmax_scale_ = static_cast<float>(std::pow(static_cast<double>(b.nope_ + b.rope_), -0.5) *
-                                        kc::rope_softmax_scale_multiplier(*rope));
+  b.softmax_scale_ = static_cast<float>(attention_softmax_scale(c));
 
   const std::string p = "model.layers." + std::to_string(layer) + ".";
   const std::string a = p + "self_attn.";

@@ -37,9 +37,6 @@ struct decode_layout {
   std::span<const int32_t> seq_lens;     ///< (B) cached tokens including the new one
 };
 
-/// The kernels' RoPE parameters for a model config; an error for RoPE variants they lack.
-[[nodiscard]] caf::expected<kernels::cpu::rope_params> make_rope_params(const model_config& c);
-
 class attention_block {
  public:
   [[nodiscard]] static caf::expected<attention_block> bind(const model_config& c, int64_t layer,

@@ -1,5 +1,7 @@
 #include "model/config.hpp"
 
+#include "base/assert.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -599,26 +601,33 @@ caf::expected<void> save_config(const model_config& config, const std::filesyste
   return {};
 }
 
-double yarn_mscale(double factor, double m) noexcept {
-  return factor <= 1.0 ? 1.0 : 0.1 * m * std::log(factor) + 1.0;
+caf::expected<kernels::cpu::rope_params> rope_kernel_params(const model_config& c) {
+  kernels::cpu::rope_params p;
+  p.head_dim = static_cast<size_t>(c.qk_rope_head_dim);
+  p.theta = c.rope.theta;
+  if (c.rope.kind == rope_kind::yarn) {
+    if (c.rope.attention_factor || !c.rope.truncate) {
+      return make_error(model_errc::bad_config,
+                        "rope_scaling: attention_factor and truncate=false are not supported");
+    }
+    p.has_yarn = true;
+    p.factor = c.rope.factor;
+    p.original_max_pos = static_cast<double>(c.rope.original_max_position_embeddings);
+    p.beta_fast = c.rope.beta_fast;
+    p.beta_slow = c.rope.beta_slow;
+    p.mscale = c.rope.mscale;
+    p.mscale_all_dim = c.rope.mscale_all_dim;
+  }
+  if (kernels::cpu::rope_check(p) != kernels::kernel_status::ok)
+    return make_error(model_errc::bad_config, "rope parameters rejected by the RoPE kernel");
+  return p;
 }
 
-double rope_attention_factor(const rope_config& rope) noexcept {
-  if (rope.kind != rope_kind::yarn) return 1.0;
-  if (rope.attention_factor) return *rope.attention_factor;
-  if (rope.mscale != 0.0 && rope.mscale_all_dim != 0.0) {
-    return yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim);
-  }
-  return yarn_mscale(rope.factor, 1.0);
-}
-
-double attention_softmax_scale(const model_config& config) noexcept {
-  double scale = 1.0 / std::sqrt(static_cast<double>(config.qk_head_dim()));
-  if (config.rope.kind == rope_kind::yarn && config.rope.mscale_all_dim != 0.0) {
-    double m = yarn_mscale(config.rope.factor, config.rope.mscale_all_dim);
-    scale *= m * m;
-  }
-  return scale;
+double attention_softmax_scale(const model_config& c) {
+  auto p = rope_kernel_params(c);
+  MOE_ASSERT(p);
+  return std::pow(static_cast<double>(c.qk_head_dim()), -0.5) *
+         kernels::cpu::rope_softmax_scale_multiplier(*p);
 }
 
 }  // namespace moe::model

@@ -40,6 +40,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "base/error.hpp"
+#include "kernels/cpu/rope.hpp"
 #include "kernels/dtype.hpp"
 
 namespace moe::model {
@@ -159,13 +160,12 @@ struct config_parse_options {
 [[nodiscard]] caf::expected<void> save_config(const model_config& config,
                                               const std::filesystem::path& file);
 
-/// YaRN's magnitude correction: 0.1 * m * ln(factor) + 1, or 1 for factor <= 1.
-[[nodiscard]] double yarn_mscale(double factor, double m) noexcept;
-/// The multiplier of cos/sin: 1 without YaRN; attention_factor if given; else
-/// mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set, else
-/// mscale(factor, 1).
-[[nodiscard]] double rope_attention_factor(const rope_config& rope) noexcept;
+/// The RoPE kernel's parameters for this model (kernels/cpu/rope.hpp holds the YaRN formulas,
+/// once). model_errc::bad_config for the variants the kernel lacks: an explicit
+/// attention_factor or truncate = false.
+[[nodiscard]] caf::expected<kernels::cpu::rope_params> rope_kernel_params(const model_config& config);
 /// qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN with mscale_all_dim set.
-[[nodiscard]] double attention_softmax_scale(const model_config& config) noexcept;
+/// Requires rope_kernel_params(config) to succeed (asserted).
+[[nodiscard]] double attention_softmax_scale(const model_config& config);
 
 }  // namespace moe::model

@@ -125,15 +125,18 @@ TEST(config, yarn_scales_follow_the_reference_formulas) {
   auto c = load_config(data_dir / "tiny-v3");
   ASSERT_TRUE(c) << error_of(c);
   const double m = 0.1 * std::log(40.0) + 1.0;
-  EXPECT_DOUBLE_EQ(yarn_mscale(40.0, 1.0), m);
-  EXPECT_DOUBLE_EQ(yarn_mscale(1.0, 1.0), 1.0);
-  EXPECT_DOUBLE_EQ(rope_attention_factor(c->rope), 1.0);  // mscale / mscale_all_dim
+  auto factor = [&] { return kernels::cpu::rope_attention_factor(*rope_kernel_params(*c)); };
+  EXPECT_DOUBLE_EQ(factor(), 1.0);  // mscale / mscale_all_dim
   EXPECT_DOUBLE_EQ(attention_softmax_scale(*c), m * m / std::sqrt(24.0));
   c->rope.mscale_all_dim = 0.0;  // falsy: default attention factor, no softmax correction
-  EXPECT_DOUBLE_EQ(rope_attention_factor(c->rope), m);
+  EXPECT_DOUBLE_EQ(factor(), m);
   EXPECT_DOUBLE_EQ(attention_softmax_scale(*c), 1.0 / std::sqrt(24.0));
   c->rope.kind = rope_kind::none;
-  EXPECT_DOUBLE_EQ(rope_attention_factor(c->rope), 1.0);
+  EXPECT_DOUBLE_EQ(factor(), 1.0);
+  c->rope.kind = rope_kind::yarn;
+  c->rope.attention_factor = 0.5;  // a transformers-5 override the kernel does not implement
+  ASSERT_FALSE(rope_kernel_params(*c));
+  EXPECT_NE(error_of(rope_kernel_params(*c)).find("attention_factor"), std::string::npos);
 }
 
 TEST(config, transformers5_rope_parameters) {
