@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <random>
@@ -139,12 +140,14 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {1, 32};
   int64_t prompt_len = 64, new_tokens = 17, block_size = 16;
   int groups = 1;
+  std::string caf_policy;
   app.add_option("--model", model_dir, "Checkpoint directory (default: preset small in --work-dir)");
   app.add_option("--work-dir", work_dir, "Where the default model is written");
   app.add_option("--batch", batches, "Batch sizes")->delimiter(',');
   app.add_option("--prompt-len", prompt_len, "Prompt tokens per request");
   app.add_option("--new-tokens", new_tokens, "Tokens generated per request (>= 2)");
   app.add_option("--groups", groups, "Expert groups of the actor layout");
+  app.add_option("--caf-policy", caf_policy, "CAF scheduler policy: sharing (default) or stealing");
   CLI11_PARSE(app, argc, argv);
   if (model_dir.empty()) {
     model_dir = (std::filesystem::path(work_dir) / "small").string();
@@ -163,6 +166,7 @@ int main(int argc, char** argv) {
 
   moe::runtime::actor_system_config::options so;
   so.load_middleman = false;
+  if (!caf_policy.empty()) so.scheduler_policy = caf_policy;
   moe::runtime::actor_system_config sys_cfg{so};
   ma::add_actor_message_types(sys_cfg);
   caf::actor_system sys{sys_cfg};
@@ -188,6 +192,7 @@ int main(int argc, char** argv) {
   json report = {{"benchmark", "actors_vs_reference"},
                  {"model", model_dir},
                  {"expert_groups", groups},
+                 {"caf_scheduler_policy", so.scheduler_policy},
                  {"prompt_len", prompt_len},
                  {"new_tokens", new_tokens},
                  {"runs", runs}};
