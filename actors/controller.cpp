@@ -92,8 +92,10 @@ void notify(pointer self, job& j, std::vector<int32_t> fresh) {
   caf::anon_send(j.subscriber, job_event_atom::value, std::move(ev));
 }
 
-// Ends a job: records the outcome, tells the subscriber, frees its cache on the shard.
-void end_job(pointer self, job& j, job_state state, std::string reason, std::string error = {}) {
+// Ends a job: records the outcome, tells the subscriber (with the job's last tokens, so each
+// token is delivered once), frees its cache on the shard.
+void end_job(pointer self, job& j, job_state state, std::string reason, std::string error = {},
+             std::vector<int32_t> last_tokens = {}) {
   auto& st = self->state;
   const bool was_prefilled = j.prefilled;
   j.state = state;
@@ -115,7 +117,7 @@ void end_job(pointer self, job& j, job_state state, std::string reason, std::str
       default: break;
     }
   }
-  notify(self, j, {});
+  notify(self, j, std::move(last_tokens));
 }
 
 // Appends a sampled token; ends the job on its stop conditions.
@@ -135,18 +137,7 @@ void accept_token(pointer self, job& j, int32_t token) {
   const bool stop = std::find(stops.begin(), stops.end(), token) != stops.end();
   const bool length = static_cast<int64_t>(j.tokens.size()) >= j.spec.max_new_tokens;
   if (stop || length) {
-    // The last token goes out with the final event, so a subscriber sees each token once.
-    j.state = job_state::finished;
-    j.finish_reason = stop ? "stop" : "length";
-    const bool was_prefilled = j.prefilled;
-    auto& sh = st.shards[static_cast<size_t>(j.shard)];
-    sh.running.erase(std::remove(sh.running.begin(), sh.running.end(), j.id), sh.running.end());
-    if (was_prefilled) self->send(sh.handle, release_atom::value, std::vector<uint64_t>{j.id});
-    if (st.metrics) {
-      st.metrics->requests_finished.Increment();
-      st.metrics->request_latency_seconds.Observe(seconds_between(j.submitted, now));
-    }
-    notify(self, j, {token});
+    end_job(self, j, job_state::finished, stop ? "stop" : "length", {}, {token});
     return;
   }
   notify(self, j, {token});
