@@ -1,6 +1,9 @@
 #include "actors/node_agent.hpp"
 
 #include <caf/all.hpp>
+#include <prometheus/counter.h>
+
+#include <chrono>
 
 #include "actors/attention.hpp"
 #include "actors/expert_group.hpp"
@@ -111,6 +114,15 @@ node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options opt
         [self](spawn_groups_atom, const scheduler::placement& p) { return spawn_groups(self, p); },
         [self](spawn_shards_atom, const scheduler::placement& p, const group_handles& g) {
           return spawn_shards(self, p, g);
+        },
+        [self](runtime::heartbeat_atom, runtime::node_heartbeat hb) {
+          hb.node = self->state.options.node;
+          hb.sent_unix_ms = static_cast<uint64_t>(
+              std::chrono::duration_cast<std::chrono::milliseconds>(
+                  std::chrono::system_clock::now().time_since_epoch())
+                  .count());
+          if (self->state.options.heartbeats_answered) self->state.options.heartbeats_answered->Increment();
+          return hb;
         },
     };
   };

@@ -19,9 +19,11 @@
 
 #include "actors/messages.hpp"
 #include "model/latent_cache.hpp"
+#include "runtime/caf_types.hpp"
 #include "scheduler/scheduler_actor.hpp"
 
 namespace prometheus {
+class Counter;
 class Registry;
 }
 
@@ -51,16 +53,22 @@ using spawn_groups_atom = caf::atom_constant<caf::atom("spawn_grp")>;
 using spawn_shards_atom = caf::atom_constant<caf::atom("spawn_shrd")>;
 
 /// spawn_groups: the expert groups placed on this node. spawn_shards: the attention shards (and
-/// routers) placed here, given every group of the cluster.
+/// routers) placed here, given every group of the cluster. heartbeat: a liveness probe of the
+/// coordinator (actors/cluster_membership.hpp); answered with the node's name, the same
+/// sequence and the node's clock.
 using node_agent_actor = caf::typed_actor<
     caf::replies_to<spawn_groups_atom, scheduler::placement>::with<group_handles>,
-    caf::replies_to<spawn_shards_atom, scheduler::placement, group_handles>::with<shard_handles>>;
+    caf::replies_to<spawn_shards_atom, scheduler::placement, group_handles>::with<shard_handles>,
+    caf::replies_to<runtime::heartbeat_atom, runtime::node_heartbeat>::with<runtime::node_heartbeat>>;
 
 struct node_agent_options {
   std::string node;
   std::filesystem::path model_dir;
   model::latent_cache_options cache;
   std::shared_ptr<prometheus::Registry> metrics;  ///< this process's registry; may be null
+  /// moe_node_heartbeats_answered_total of a node process (owned by its node_metrics, which
+  /// outlives the agent); null in a single-process cluster.
+  prometheus::Counter* heartbeats_answered = nullptr;
 };
 
 [[nodiscard]] node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options options);

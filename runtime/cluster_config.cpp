@@ -192,8 +192,23 @@ bool valid_node_name(const std::string& name) {
 // ---- sections ----
 
 bool parse_cluster(context& ctx, const value_ref& at, cluster_config& out) {
-  mapping m(ctx, at, {"name", "secret"});
+  mapping m(ctx, at, {"name", "secret", "heartbeat_interval_ms", "failure_timeout_ms"});
   if (!m.ok()) return false;
+  if (const value_ref* v = m.find("heartbeat_interval_ms");
+      v && !read_int(ctx, *v, 10, INT32_MAX, out.heartbeat_interval_ms)) {
+    return false;
+  }
+  if (const value_ref* v = m.find("failure_timeout_ms")) {
+    if (!read_int(ctx, *v, 10, INT32_MAX, out.failure_timeout_ms)) return false;
+    if (out.failure_timeout_ms <= out.heartbeat_interval_ms) {
+      return ctx.fail(v->line, v->field,
+                      "must exceed cluster.heartbeat_interval_ms (" +
+                          std::to_string(out.heartbeat_interval_ms) +
+                          "): a node gets at least one heartbeat before it is declared down");
+    }
+  } else if (out.failure_timeout_ms <= out.heartbeat_interval_ms) {
+    out.failure_timeout_ms = 6 * out.heartbeat_interval_ms;  // a long interval, default timeout
+  }
   const value_ref* name = m.require("name", "a string naming the cluster");
   if (name == nullptr || !read_string(ctx, *name, out.name)) return false;
   const value_ref* secret = m.require("secret", "a non-empty shared secret every node presents");
@@ -207,7 +222,7 @@ bool parse_cluster(context& ctx, const value_ref& at, cluster_config& out) {
 }
 
 bool parse_node(context& ctx, const value_ref& at, node_config& node) {
-  mapping m(ctx, at, {"name", "host", "devices", "memory", "gpu_memory"});
+  mapping m(ctx, at, {"name", "host", "devices", "memory", "gpu_memory", "control_port", "metrics_port"});
   if (!m.ok()) return false;
   node.line = at.line;
   const value_ref* name = m.require("name", "a unique node name");
@@ -217,6 +232,15 @@ bool parse_node(context& ctx, const value_ref& at, node_config& node) {
                     "'" + node.name + "' may contain only letters, digits, '_', '-' and '.'");
   }
   if (const value_ref* host = m.find("host"); host && !read_string(ctx, *host, node.host)) return false;
+  const std::pair<std::string_view, std::optional<uint16_t>*> ports[] = {
+      {"control_port", &node.control_port}, {"metrics_port", &node.metrics_port}};
+  for (const auto& [key, target] : ports) {
+    int64_t port = 0;
+    if (const value_ref* v = m.find(key)) {
+      if (!read_int(ctx, *v, 0, 65535, port)) return false;
+      *target = static_cast<uint16_t>(port);
+    }
+  }
 
   const value_ref* devices = m.require("devices", "gpus and/or cpu_slots");
   if (devices == nullptr) return false;
@@ -423,6 +447,36 @@ bool parse_ports(context& ctx, const value_ref& at, ports_config& out) {
   return true;
 }
 
+// Two node processes on one host cannot bind the same port, nor may one take the controller's
+// API or metrics port (the controller may run on any node's host). Ephemeral (0) never collides.
+bool check_node_ports(context& ctx, const cluster_config& c) {
+  struct use {
+    std::string host, what;
+  };
+  std::vector<std::pair<uint16_t, use>> taken;
+  for (size_t i = 0; i < c.nodes.size(); ++i) {
+    const std::string at = "nodes[" + std::to_string(i) + "]";
+    const std::pair<uint16_t, std::string> mine[] = {
+        {node_control_port(c, i), at + ".control_port"}, {node_metrics_port(c, i), at + ".metrics_port"}};
+    for (const auto& [port, field] : mine) {
+      if (port == 0) continue;
+      const bool defaulted = field.ends_with(".control_port") ? !c.nodes[i].control_port : !c.nodes[i].metrics_port;
+      auto clash = [&](const std::string& other) {
+        return ctx.fail(c.nodes[i].line, field,
+                        std::to_string(port) + (defaulted ? " (its default)" : "") + " is also " + other +
+                            " on host " + c.nodes[i].host + "; set control_port/metrics_port of the node");
+      };
+      if (port == c.ports.api) return clash("ports.api");
+      if (port == c.ports.metrics) return clash("ports.metrics");
+      for (const auto& [p, u] : taken) {
+        if (p == port && u.host == c.nodes[i].host) return clash(u.what);
+      }
+      taken.push_back({port, {c.nodes[i].host, field}});
+    }
+  }
+  return true;
+}
+
 bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   if (!root.IsDefined() || root.IsNull()) {
     return ctx.fail(0, "", "empty file (expected a mapping with cluster, nodes and model)");
@@ -451,10 +505,29 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   }
   if (const value_ref* v = m.find("batching"); v && !parse_batching(ctx, *v, out.batching)) return false;
   if (const value_ref* v = m.find("ports"); v && !parse_ports(ctx, *v, out.ports)) return false;
-  return true;
+  return check_node_ports(ctx, out);
 }
 
 }  // namespace
+
+uint16_t node_control_port(const cluster_config& c, size_t index) {
+  if (index < c.nodes.size() && c.nodes[index].control_port) return *c.nodes[index].control_port;
+  if (c.ports.control == 0) return 0;
+  return static_cast<uint16_t>(std::min<size_t>(65535, c.ports.control + 10 * index));
+}
+
+uint16_t node_metrics_port(const cluster_config& c, size_t index) {
+  if (index < c.nodes.size() && c.nodes[index].metrics_port) return *c.nodes[index].metrics_port;
+  if (c.ports.metrics == 0) return 0;
+  return static_cast<uint16_t>(std::min<size_t>(65535, c.ports.metrics + 10 * (index + 1)));
+}
+
+std::optional<size_t> find_node(const cluster_config& c, std::string_view name) {
+  for (size_t i = 0; i < c.nodes.size(); ++i) {
+    if (c.nodes[i].name == name) return i;
+  }
+  return std::nullopt;
+}
 
 caf::expected<cluster_config> parse_cluster_config(std::string_view yaml, std::string source_name) {
   context ctx{std::move(source_name), std::nullopt};
@@ -575,13 +648,17 @@ std::string format_id_ranges(const std::vector<int64_t>& ids) {
 
 std::string to_string(const cluster_config& c) {
   std::ostringstream out;
-  out << "cluster " << c.name << " (secret " << redacted << ")";
+  out << "cluster " << c.name << " (secret " << redacted << ", heartbeat every "
+      << c.heartbeat_interval_ms << " ms, failure timeout " << c.failure_timeout_ms << " ms)";
   if (!c.source.empty()) out << " from " << c.source;
   out << "\n";
   for (const auto& n : c.nodes) {
     out << "node " << n.name << " at " << n.host << ": " << n.gpus << " GPUs";
     if (n.gpus > 0) out << " of " << format_bytes(n.gpu_memory_bytes);
-    out << ", " << n.cpu_slots << " CPU slots, memory " << format_bytes(n.memory_bytes) << "\n";
+    out << ", " << n.cpu_slots << " CPU slots, memory " << format_bytes(n.memory_bytes);
+    if (n.control_port) out << ", control_port " << *n.control_port;
+    if (n.metrics_port) out << ", metrics_port " << *n.metrics_port;
+    out << "\n";
   }
   if (!c.model.preset.empty()) {
     out << "model preset " << c.model.preset;
@@ -609,11 +686,14 @@ std::string to_string(const cluster_config& c) {
 nlohmann::json to_json(const cluster_config& c) {
   nlohmann::json nodes = nlohmann::json::array();
   for (const auto& n : c.nodes) {
-    nodes.push_back({{"name", n.name},
-                     {"host", n.host},
-                     {"devices", {{"gpus", n.gpus}, {"cpu_slots", n.cpu_slots}}},
-                     {"memory_bytes", n.memory_bytes},
-                     {"gpu_memory_bytes", n.gpu_memory_bytes}});
+    nlohmann::json node = {{"name", n.name},
+                           {"host", n.host},
+                           {"devices", {{"gpus", n.gpus}, {"cpu_slots", n.cpu_slots}}},
+                           {"memory_bytes", n.memory_bytes},
+                           {"gpu_memory_bytes", n.gpu_memory_bytes}};
+    if (n.control_port) node["control_port"] = *n.control_port;
+    if (n.metrics_port) node["metrics_port"] = *n.metrics_port;
+    nodes.push_back(std::move(node));
   }
   nlohmann::json model = nlohmann::json::object();
   if (!c.model.preset.empty()) {
@@ -625,7 +705,11 @@ nlohmann::json to_json(const cluster_config& c) {
   nlohmann::json groups = {{"count", c.expert_groups.count}};
   if (!c.expert_groups.experts.empty()) groups["experts"] = c.expert_groups.experts;
   return {{"source", c.source},
-          {"cluster", {{"name", c.name}, {"secret", redacted}}},
+          {"cluster",
+           {{"name", c.name},
+            {"secret", redacted},
+            {"heartbeat_interval_ms", c.heartbeat_interval_ms},
+            {"failure_timeout_ms", c.failure_timeout_ms}}},
           {"nodes", std::move(nodes)},
           {"model", std::move(model)},
           {"attention_shards", c.attention_shards},

@@ -51,6 +51,10 @@ struct node_config {
   int64_t cpu_slots = 0;           ///< devices.cpu_slots; every slot is a device of its own.
   uint64_t memory_bytes = 0;       ///< Host memory, shared equally by the CPU slots.
   uint64_t gpu_memory_bytes = 0;   ///< Memory of each GPU.
+  /// The node process's control endpoint (its gatekeeper) and /metrics port; unset: the
+  /// defaults of node_control_port / node_metrics_port below.
+  std::optional<uint16_t> control_port;
+  std::optional<uint16_t> metrics_port;
   int line = 0;                    ///< Where the node's entry starts, for later messages.
 };
 
@@ -90,6 +94,10 @@ struct cluster_config {
   std::string source;  ///< The file (or name) it was read from; prefixes later messages.
   std::string name;
   std::string secret;  ///< Non-empty. Never rendered: see to_string / to_json.
+  /// Failure detection (actors/cluster_membership.hpp): a heartbeat every interval; a node
+  /// that has not answered one for failure_timeout_ms is down. failure_timeout_ms > interval.
+  int64_t heartbeat_interval_ms = 500;
+  int64_t failure_timeout_ms = 3000;
   std::vector<node_config> nodes;
   model_source model;
   int64_t attention_shards = 1;
@@ -98,6 +106,16 @@ struct cluster_config {
   batching_config batching;
   ports_config ports;
 };
+
+/// Where node `index` of the config publishes its gatekeeper: its `control_port`, else
+/// ports.control + 10 * index (0 stays 0: ephemeral). The stride of 10 keeps the defaults of
+/// several nodes on one host clear of ports.api and ports.metrics (7101, 7102 by default).
+[[nodiscard]] uint16_t node_control_port(const cluster_config& config, size_t index);
+/// The node process's /metrics port: its `metrics_port`, else ports.metrics + 10 * (index + 1)
+/// (0 stays 0): 7112, 7122, ... by default, clear of every default control port.
+[[nodiscard]] uint16_t node_metrics_port(const cluster_config& config, size_t index);
+/// Index of the node named `name`, or nullopt.
+[[nodiscard]] std::optional<size_t> find_node(const cluster_config& config, std::string_view name);
 
 /// Parses YAML text; `source_name` prefixes every message. Relative model paths stay as written.
 [[nodiscard]] caf::expected<cluster_config> parse_cluster_config(std::string_view yaml,

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "actors/actor_types.hpp"
+#include "actors/cluster_messages.hpp"
 #include "actors/controller.hpp"
 #include "actors/messages.hpp"
 #include "actors/node_agent.hpp"
@@ -46,7 +47,10 @@ TEST(message_types, every_type_is_registered_by_name) {
         "moe::actors::step_entry", "moe::actors::step_request", "moe::actors::step_result",
         "moe::actors::generation_job", "moe::actors::job_event", "moe::actors::job_status",
         "moe::actors::group_handles", "moe::actors::shard_handles", "moe::scheduler::placement",
-        "moe::runtime::node_heartbeat"}) {
+        "moe::runtime::node_heartbeat",
+        "moe::actors::node_credentials", "moe::actors::node_info", "moe::actors::node_join_reply",
+        "moe::actors::node_status", "moe::actors::member_event", "moe::actors::member_status",
+        "moe::actors::member_list"}) {
     EXPECT_TRUE(sys.types().make_value(name) != nullptr) << name << " is not registered";
   }
 }
@@ -104,4 +108,34 @@ TEST(message_types, control_messages_round_trip) {
   p.expert_groups.push_back({1, {"n2", false, 0}, {0, 1, 5}, true, 77});
   p.devices.push_back({{"n1", true, 2}, 5000, 1000});
   EXPECT_EQ(round_trip(sys, p), p);
+}
+
+TEST(message_types, cluster_control_messages_round_trip) {
+  auto cfg = make_config();
+  caf::actor_system sys{cfg};
+  node_status st;
+  st.info = {"n1", "10.0.0.2", 7110, 7122, 8, 0, 4242};
+  st.uptime_ms = 1234;
+  st.actors = {"node_gatekeeper", "node_agent"};
+  st.heartbeats_answered = 9;
+  st.refused_joins = 2;
+  auto s = round_trip(sys, st);
+  EXPECT_EQ(s.info.name, "n1");
+  EXPECT_EQ(s.info.control_port, 7110);
+  EXPECT_EQ(s.info.pid, 4242);
+  EXPECT_EQ(s.actors, st.actors);
+  EXPECT_EQ(s.refused_joins, 2u);
+
+  auto ev = round_trip(sys, member_event{"n0", member_state::up, member_state::down, "node agent down"});
+  EXPECT_EQ(ev.to, member_state::down);
+  EXPECT_EQ(ev.from, member_state::up);
+  EXPECT_EQ(ev.reason, "node agent down");
+
+  auto creds = round_trip(sys, node_credentials{"c", "s", "peer"});
+  EXPECT_EQ(creds.secret, "s");
+  member_list l;
+  l.members.push_back({"n0", "127.0.0.1", 7100, member_state::refused, "wrong cluster secret", {}});
+  auto lr = round_trip(sys, l);
+  ASSERT_EQ(lr.members.size(), 1u);
+  EXPECT_EQ(lr.members[0].state, member_state::refused);
 }

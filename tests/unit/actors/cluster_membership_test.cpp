@@ -1,0 +1,195 @@
+// cluster_membership against real `moe node` processes: it joins both nodes, notices a
+// SIGKILLed node at once (down message), a SIGSTOPped one after the failure timeout
+// (heartbeats), and a coordinator with the wrong secret ends up refused. Every child is a
+// session leader and is killed and reaped, whatever the test's outcome.
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <thread>
+
+#include "actors/actor_types.hpp"
+#include "actors/cluster_membership.hpp"
+#include "runtime/actor_system.hpp"
+
+using namespace moe;
+using namespace moe::actors;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A port the kernel just handed out; free again when this returns (a small race, acceptable
+// in a test; the node fails loudly if it lost it).
+uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+/// A `moe node` child in a session of its own; SIGKILLed and reaped on destruction.
+class node_child {
+ public:
+  node_child(const std::string& config, const std::string& name, const std::string& log) {
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::setsid();
+      std::FILE* out = std::freopen(log.c_str(), "w", stdout);
+      if (out != nullptr) ::dup2(::fileno(stdout), STDERR_FILENO);
+      const std::string moe = std::string(MOE_BINARY_DIR) + "/cli/moe";
+      ::execl(moe.c_str(), moe.c_str(), "node", "--config", config.c_str(), "--name", name.c_str(), nullptr);
+      _exit(127);
+    }
+  }
+  ~node_child() { kill_and_reap(); }
+  node_child(const node_child&) = delete;
+  node_child& operator=(const node_child&) = delete;
+
+  void signal(int sig) const {
+    if (pid_ > 0) ::kill(-pid_, sig);
+  }
+  void kill_and_reap() {
+    if (pid_ <= 0) return;
+    ::kill(-pid_, SIGCONT);
+    ::kill(-pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+runtime::actor_system_config make_config() {
+  runtime::actor_system_config::options o;
+  o.num_worker_threads = 2;
+  runtime::actor_system_config cfg{o};
+  add_actor_message_types(cfg);
+  return cfg;
+}
+
+std::string yaml(const std::string& secret, uint16_t p0, uint16_t m0, uint16_t p1, uint16_t m1) {
+  auto node = [](const char* name, uint16_t p, uint16_t m) {
+    return std::string("  - {name: ") + name + ", host: 127.0.0.1, control_port: " + std::to_string(p) +
+           ", metrics_port: " + std::to_string(m) + ", devices: {cpu_slots: 1}, memory: 1GiB}\n";
+  };
+  return "cluster:\n  name: membership-test\n  secret: " + secret +
+         "\n  heartbeat_interval_ms: 100\n  failure_timeout_ms: 1500\nnodes:\n" + node("n0", p0, m0) +
+         node("n1", p1, m1) + "model: {preset: tiny}\nports: {control: 0, api: 0, metrics: 0}\n";
+}
+
+/// Waits (bounded) for the event that moves `node` to `state`; the events seen go to `log`.
+std::optional<member_event> await_state(caf::scoped_actor& self, const std::string& node, member_state state,
+                                        std::chrono::seconds bound, std::string& log) {
+  const auto deadline = std::chrono::steady_clock::now() + bound;
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::optional<member_event> got;
+    self->receive([&](const member_event& ev) { got = ev; },
+                  caf::after(std::chrono::milliseconds(200)) >> [] {});
+    if (!got) continue;
+    log += got->node + ": " + to_string(got->from) + " -> " + to_string(got->to) + " (" + got->reason + ")\n";
+    if (got->node == node && got->to == state) return got;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong_secret) {
+  const auto dir = std::filesystem::temp_directory_path() / ("moe_membership_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const uint16_t p0 = free_port(), m0 = free_port(), p1 = free_port(), m1 = free_port();
+  const std::string good = yaml("right-secret", p0, m0, p1, m1);
+  std::ofstream(dir / "good.yaml") << good;
+  node_child n0((dir / "good.yaml").string(), "n0", (dir / "n0.log").string());
+  node_child n1((dir / "good.yaml").string(), "n1", (dir / "n1.log").string());
+
+  auto cfg = runtime::parse_cluster_config(good, "good.yaml");
+  ASSERT_TRUE(cfg) << error_text(cfg.error());
+  auto sys_cfg = make_config();
+  caf::actor_system sys{sys_cfg};
+  caf::scoped_actor self{sys};
+  auto registry = std::make_shared<prometheus::Registry>();
+  cluster_membership_options o;
+  o.config = *cfg;
+  o.metrics = registry;
+  o.join_retry = 100ms;  // the nodes may still be starting
+  auto membership = spawn_cluster_membership(sys, o);
+  self->send(membership, member_subscribe_atom::value, caf::actor_cast<caf::actor>(self));
+
+  // Both come up (whichever joins first); bounded by the nodes' start-up.
+  std::string log;
+  bool up0 = false, up1 = false;
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (!(up0 && up1) && std::chrono::steady_clock::now() < deadline) {
+    self->receive(
+        [&](const member_event& ev) {
+          log += ev.node + " -> " + to_string(ev.to) + " (" + ev.reason + ")\n";
+          if (ev.to == member_state::up) (ev.node == "n0" ? up0 : up1) = true;
+        },
+        caf::after(200ms) >> [] {});
+  }
+  ASSERT_TRUE(up0 && up1) << "events:\n" << log;
+
+  // A second coordinator with the wrong secret: both nodes refuse it, and it does not retry.
+  {
+    auto wrong = o;
+    wrong.config.secret = "wrong-secret";
+    wrong.metrics = nullptr;
+    auto other = spawn_cluster_membership(sys, wrong);
+    std::optional<member_list> members;
+    for (int i = 0; i < 100; ++i) {
+      self->request(other, 5s, members_atom::value).receive([&](member_list& l) { members = l; },
+                                                               [&](caf::error& e) { FAIL() << sys.render(e); });
+      if (members && std::all_of(members->members.begin(), members->members.end(),
+                                 [](const member_status& m) { return m.state == member_state::refused; })) {
+        break;
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    ASSERT_TRUE(members);
+    for (const auto& m : members->members) {
+      EXPECT_EQ(m.state, member_state::refused) << m.node << ": " << m.reason;
+      EXPECT_NE(m.reason.find("wrong cluster secret"), std::string::npos) << m.reason;
+    }
+    caf::anon_send_exit(other, caf::exit_reason::user_shutdown);
+  }
+
+  // SIGKILL: the connection drops and the monitor reports the agent down at once.
+  n0.signal(SIGKILL);
+  auto down0 = await_state(self, "n0", member_state::down, 30s, log);
+  ASSERT_TRUE(down0) << "events:\n" << log;
+  EXPECT_NE(down0->reason.find("node agent down"), std::string::npos) << down0->reason;
+  n0.kill_and_reap();
+
+  // SIGSTOP: the connection stays open; only the missing heartbeats tell.
+  n1.signal(SIGSTOP);
+  auto down1 = await_state(self, "n1", member_state::down, 30s, log);
+  n1.kill_and_reap();
+  ASSERT_TRUE(down1) << "events:\n" << log;
+  EXPECT_NE(down1->reason.find("no heartbeat answered"), std::string::npos) << down1->reason;
+
+  // Counted by cause, with the detection time observed from the last good heartbeat.
+  const auto text = prometheus::TextSerializer().Serialize(registry->Collect());
+  EXPECT_NE(text.find("moe_cluster_node_failures_total{cause=\"exit\"} 1"), std::string::npos) << text;
+  EXPECT_NE(text.find("moe_cluster_node_failures_total{cause=\"timeout\"} 1"), std::string::npos) << text;
+  EXPECT_NE(text.find("moe_cluster_failure_detection_seconds_count 2"), std::string::npos) << text;
+  EXPECT_NE(text.find("moe_cluster_nodes{state=\"down\"} 2"), std::string::npos) << text;
+
+  caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
+  std::filesystem::remove_all(dir);
+}
