@@ -470,7 +470,7 @@ int main(int argc, char** argv) {
     side.bandwidth_run(payload, sizes.back(), 4);  // warm-up: connections, registrations
     for (uint64_t bytes : sizes) {
       const uint64_t n_bw = std::clamp<uint64_t>(bytes_per_size / bytes, 8, 4000);
-      const uint64_t n_lat = std::clamp<uint64_t>((32ull << 20) / bytes, 4, 1000);
+      const uint64_t n_lat = std::clamp<uint64_t>((8ull << 20) / bytes, 4, 200);
       side.bandwidth_run(payload, bytes, std::max<uint64_t>(2, n_bw / 8));  // warm-up
       // Ours and ucx_perftest take turns, `repeats` times, so that drifting load on the shared
       // cores hits both alike; each reports its median.

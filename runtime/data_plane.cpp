@@ -458,7 +458,11 @@ uint64_t data_plane::next_transfer_tag() noexcept {
 caf::expected<data_plane::peer_id> data_plane::connect(const std::string& address) {
   auto where = parse_address(address);
   if (!where) return where.error();
-  if (std::this_thread::get_id() == impl_->thread_id) return impl_->do_connect(address, *where);
+  if (std::this_thread::get_id() == impl_->thread_id) {
+    // It would wait for the progress thread, which is this one; and UCX is in the middle of
+    // calling back, no moment to create an endpoint.
+    return make_error(data_plane_errc::invalid_argument, "connect() from a completion callback");
+  }
   impl::connect_command c{address, std::move(*where), {}};
   auto result = c.result.get_future();
   if (auto err = impl_->submit(std::move(c))) return err;

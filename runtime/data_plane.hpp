@@ -14,10 +14,11 @@
 // Only host memory: GPU tensors are staged through pinned host buffers (Debian's UCX has no CUDA).
 //
 // Thread safety: every member function may be called from any thread. The UCX worker is
-// confined to one progress thread; send, post_receive, cancel_receive and connect hand it a
-// command through a mutex-protected queue. Completion callbacks run on that progress thread:
-// they must be short and must not block or throw (an actor callback sends itself a message);
-// they may call send, post_receive, cancel_receive and connect, but never stop().
+// confined to one progress thread; send, post_receive, cancel_receive, mark_peer_lost and
+// connect hand it a command through a mutex-protected queue. Completion callbacks run on that
+// progress thread: they must be short and must not block or throw (an actor's callback sends
+// the actor a message); they may call send, post_receive, cancel_receive and mark_peer_lost,
+// but not connect (it returns invalid_argument there: connect first) and never stop().
 #pragma once
 
 #include <chrono>
@@ -47,6 +48,8 @@ enum class data_plane_errc : uint8_t {
   bad_address,       ///< Permanent: the address string cannot be parsed.
 };
 
+/// Errors of UCX itself come as ucx::ucx_errc (runtime/ucx/ucx.hpp): connect_failed and
+/// transfer_failed (transient), unavailable (permanent, from start()).
 [[nodiscard]] caf::error make_error(data_plane_errc code, std::string text);
 
 /// 64-bit UCX tag layout. The transfer tag a caller sees (tensor_frame_header::transfer_tag,

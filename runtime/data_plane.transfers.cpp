@@ -20,6 +20,8 @@ void on_connection(ucp_conn_request_h req, void* arg) noexcept {
   static_cast<impl*>(arg)->conn_requests.push_back(req);
 }
 
+namespace {
+
 void release(impl* owner, void* request) noexcept {
   if (request && !owner->worker_gone) ucp_request_free(request);
 }
@@ -80,6 +82,8 @@ ucp_request_param_t host_param() {
   p.memory_type = UCS_MEMORY_TYPE_HOST;
   return p;
 }
+
+}  // namespace
 
 }  // namespace moe::runtime::data_plane_detail
 

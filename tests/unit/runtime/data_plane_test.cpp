@@ -7,9 +7,11 @@
 #include <gtest/gtest.h>
 #include <prometheus/registry.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fcntl.h>
 #include <future>
+#include <map>
 #include <optional>
 #include <poll.h>
 #include <signal.h>
