@@ -41,6 +41,13 @@ struct pending_route {
   bool failed = false;
 };
 
+// The first failure answers the route request; answers arriving after it are dropped.
+void fail(pending_route& p, caf::error err) {
+  if (p.failed) return;
+  p.failed = true;
+  p.promise.deliver(std::move(err));
+}
+
 void finish(pointer self, pending_route& p) {
   const size_t D = static_cast<size_t>(self->state.hidden);
   std::vector<float> y(p.num_tokens * D);
@@ -116,21 +123,14 @@ caf::result<route_result> route(pointer self, route_request& req) {
               if (p->failed) return;
               const float* src = res.rows.data();
               const size_t Dh = static_cast<size_t>(self->state.hidden);
-              if (!src || res.rows.num_elements() != static_cast<int64_t>(rows.size() * Dh)) {
-                p->failed = true;
-                p->promise.deliver(model::make_error(model::model_errc::bad_input,
-                                                     "router: malformed expert result"));
-                return;
-              }
+              if (!src || res.rows.num_elements() != static_cast<int64_t>(rows.size() * Dh))
+                return fail(*p, model::make_error(model::model_errc::bad_input,
+                                                  "router: malformed expert result"));
               for (size_t i = 0; i < rows.size(); ++i)
                 std::copy_n(src + i * Dh, Dh, p->rows_out.data() + static_cast<size_t>(rows[i]) * Dh);
               if (--p->outstanding == 0) finish(self, *p);
             },
-            [p](caf::error& err) {
-              if (p->failed) return;
-              p->failed = true;
-              p->promise.deliver(std::move(err));
-            });
+            [p](caf::error& err) { fail(*p, std::move(err)); });
   }
   if (st.shared_group) {
     // Every token goes to the shared experts: the input tensor is handed over as it is.
@@ -150,11 +150,7 @@ caf::result<route_result> route(pointer self, route_request& req) {
               p->shared = res.rows.local;
               if (--p->outstanding == 0) finish(self, *p);
             },
-            [p](caf::error& err) {
-              if (p->failed) return;
-              p->failed = true;
-              p->promise.deliver(std::move(err));
-            });
+            [p](caf::error& err) { fail(*p, std::move(err)); });
   }
   if (p->outstanding == 0) finish(self, *p);
   return p->promise;
