@@ -3,6 +3,8 @@
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
+#include "runtime/control_plane.hpp"
+
 namespace moe::actors {
 
 namespace {
@@ -11,7 +13,7 @@ namespace {
 caf::error classify(caf::actor_system& sys, const caf::error& e, const std::string& what) {
   if (e.category() == caf::atom("node")) return e;
   if (e == caf::sec::request_timeout) return make_error(node_errc::timeout, what + ": no answer in time");
-  return make_error(node_errc::unreachable, what + ": " + sys.render(e));
+  return make_error(node_errc::unreachable, what + ": " + runtime::render_connect_error(sys, e));
 }
 
 }  // namespace
@@ -21,7 +23,7 @@ caf::expected<node_gatekeeper_actor> connect_gatekeeper(caf::actor_system& sys, 
   const std::string where = host + ":" + std::to_string(port);
   caf::scoped_actor self{sys};
   caf::expected<node_gatekeeper_actor> out{caf::error{}};
-  self->request(sys.middleman().actor_handle(), timeout, caf::connect_atom::value, host, port)
+  self->request(runtime::control_plane_handle(sys), timeout, caf::connect_atom::value, host, port)
       .receive(
           [&](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) {
             if (ptr) out = caf::actor_cast<node_gatekeeper_actor>(ptr);

@@ -207,7 +207,7 @@ int run_up(const cluster_options& o, const runtime::cluster_config& cfg) {
   }
   if (o.dry_run) return 0;
 
-  auto sys_cfg = make_networked_system_config(2);
+  auto sys_cfg = make_networked_system_config(cfg, 2);
   caf::actor_system sys{sys_cfg};
   const milliseconds call_timeout{static_cast<int64_t>(o.call_timeout_s * 1000)};
   std::vector<node_row> rows;
@@ -244,7 +244,7 @@ int run_status(const cluster_options& o, const runtime::cluster_config& cfg) {
     fmt::print(stderr, "moe cluster status: error: {}\n", error_text(targets.error()));
     return 1;
   }
-  auto sys_cfg = make_networked_system_config(2);
+  auto sys_cfg = make_networked_system_config(cfg, 2);
   caf::actor_system sys{sys_cfg};
   const milliseconds call_timeout{static_cast<int64_t>(o.call_timeout_s * 1000)};
   std::vector<node_row> rows;
@@ -265,7 +265,7 @@ int run_down(const cluster_options& o, const runtime::cluster_config& cfg) {
     fmt::print(stderr, "moe cluster down: error: {}\n", error_text(targets.error()));
     return 1;
   }
-  auto sys_cfg = make_networked_system_config(2);
+  auto sys_cfg = make_networked_system_config(cfg, 2);
   caf::actor_system sys{sys_cfg};
   const milliseconds call_timeout{static_cast<int64_t>(o.call_timeout_s * 1000)};
   const milliseconds grace{static_cast<int64_t>(std::max(1.0, o.timeout_s / 3) * 1000)};

@@ -36,10 +36,12 @@ caf::expected<runtime::cluster_config> load_cluster_with_secret(const std::strin
   return cfg;
 }
 
-runtime::actor_system_config make_networked_system_config(size_t num_worker_threads) {
+runtime::actor_system_config make_networked_system_config(const runtime::cluster_config& cluster,
+                                                          size_t num_worker_threads) {
   runtime::actor_system_config::options o;
   o.load_middleman = true;
   o.num_worker_threads = num_worker_threads;
+  o.tls = cluster.tls;
   runtime::actor_system_config cfg{o};
   actors::add_actor_message_types(cfg);
   return cfg;
@@ -69,7 +71,7 @@ int run_node(const node_options& o) {
     return 1;
   }
   spdlog::set_pattern(fmt::format("%Y-%m-%dT%H:%M:%S.%e %l [node {}] %v", o.name));
-  auto sys_cfg = make_networked_system_config();
+  auto sys_cfg = make_networked_system_config(*cfg);
   caf::actor_system sys{sys_cfg};
   actors::node_process_options po;
   po.node = o.name;
@@ -81,8 +83,8 @@ int run_node(const node_options& o) {
     return 1;
   }
   const auto& info = (*node)->info();
-  spdlog::info("up: cluster '{}', control {}:{}, metrics {}, pid {}", cfg->name, info.host, info.control_port,
-               (*node)->metrics_url(), info.pid);
+  spdlog::info("up: cluster '{}', control {}:{}{}, metrics {}, pid {}", cfg->name, info.host, info.control_port,
+               cfg->tls ? " (TLS)" : "", (*node)->metrics_url(), info.pid);
   std::fflush(stdout);
   int sig = 0;
   sigwait(&stop_signals, &sig);

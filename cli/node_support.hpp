@@ -1,6 +1,7 @@
 // What `moe node` and `moe cluster` share: the cluster config with an optional secret file
 // (how a Kubernetes Secret reaches a node without being written into the ConfigMap), and the
-// CAF configuration of a process that talks to other processes (middleman loaded).
+// CAF configuration of a process that talks to other processes (middleman loaded, TLS when the
+// config gives certificates).
 // Thread safety: plain functions.
 #pragma once
 
@@ -17,7 +18,10 @@ namespace moe::cli {
 [[nodiscard]] caf::expected<runtime::cluster_config> load_cluster_with_secret(const std::string& config_file,
                                                                               const std::string& secret_file);
 
-/// Our message types, the middleman, and `num_worker_threads` workers (0: CAF's default).
-[[nodiscard]] runtime::actor_system_config make_networked_system_config(size_t num_worker_threads = 0);
+/// Our message types, the middleman, and `num_worker_threads` workers (0: CAF's default); with
+/// CAF's OpenSSL module when `cluster` has a `tls` section, so that every control-plane
+/// connection of the process (runtime/control_plane.hpp) is TLS with certificates.
+[[nodiscard]] runtime::actor_system_config make_networked_system_config(const runtime::cluster_config& cluster,
+                                                                        size_t num_worker_threads = 0);
 
 }  // namespace moe::cli

@@ -16,6 +16,9 @@ foreach(part core io openssl)
 endforeach()
 set_property(TARGET caf::io APPEND PROPERTY INTERFACE_LINK_LIBRARIES caf::core)
 set_property(TARGET caf::openssl APPEND PROPERTY INTERFACE_LINK_LIBRARIES caf::io)
+# The TLS files of the cluster config are checked with libcrypto before CAF's openssl module
+# reads them (runtime/cluster_config.hpp: check_tls_files).
+find_package(OpenSSL REQUIRED)
 
 find_package(CapnProto CONFIG REQUIRED)
 find_package(ucx CONFIG REQUIRED)

@@ -1,6 +1,9 @@
 #include "runtime/actor_system.hpp"
 
 #include <caf/io/middleman.hpp>
+#include <caf/openssl/manager.hpp>
+
+#include "base/assert.hpp"
 
 #include "runtime/caf_types.hpp"
 
@@ -11,6 +14,20 @@ actor_system_config::actor_system_config() : actor_system_config(options{}) {}
 actor_system_config::actor_system_config(const options& opts) {
   add_message_types<caf::id_block::moe>();
   if (opts.load_middleman) load<caf::io::middleman>();
+  if (opts.tls) {
+    MOE_ASSERT(opts.load_middleman);  // CAF's openssl module runs on the middleman's multiplexer
+    load<caf::openssl::manager>();
+    // The "openssl" group of CAF 0.17's options (openssl.certificate, .key, .passphrase,
+    // .cafile, .capath) binds these members; its sessions read them for every connection. Any
+    // of them non-empty turns on authentication: TLS with SSL_VERIFY_PEER and
+    // SSL_VERIFY_FAIL_IF_NO_PEER_CERT on both sides (otherwise CAF falls back to anonymous
+    // ECDH, which encrypts but authenticates nobody).
+    openssl_certificate = opts.tls->certificate.string();
+    openssl_key = opts.tls->key.string();
+    openssl_passphrase = opts.tls->passphrase;
+    openssl_cafile = opts.tls->ca_file.string();
+    openssl_capath.clear();
+  }
   if (opts.num_worker_threads > 0) set("scheduler.max-threads", opts.num_worker_threads);
   set("scheduler.policy", caf::atom_from_string(opts.scheduler_policy));
   // No console logger and no caf-application.ini lookup surprises from CAF itself: our CLI

@@ -1,12 +1,16 @@
 // The CAF actor-system configuration every moe process starts from: our message types, the
-// I/O middleman (remote actors between processes), and quiet defaults for logging.
+// I/O middleman (remote actors between processes), optionally CAF's OpenSSL module (the control
+// plane over TLS, runtime/control_plane.hpp), and quiet defaults for logging.
 // Thread safety: build one config per actor_system, on the thread that creates the system.
 #pragma once
 
 #include <caf/actor_system_config.hpp>
 
 #include <cstddef>
+#include <optional>
 #include <string>
+
+#include "runtime/cluster_config.hpp"
 
 namespace moe::runtime {
 
@@ -21,6 +25,12 @@ class actor_system_config : public caf::actor_system_config {
     /// bench/actors_bench.cpp on 2 cores, stealing cost 27-37% of decode throughput against
     /// the reference engine where sharing cost 7-9%.
     std::string scheduler_policy = "sharing";
+    /// Set: load caf::openssl::manager with these files, so that control_plane_handle and
+    /// publish_control (runtime/control_plane.hpp) connect and listen over TLS, each side
+    /// presenting its certificate and refusing a peer whose certificate does not chain to
+    /// `ca_file`. Needs load_middleman. Check the files first (check_tls_files; load_cluster_config
+    /// does): CAF reads them only when a connection is made, and throws on its I/O thread.
+    std::optional<tls_config> tls;
   };
 
   actor_system_config();

@@ -1,5 +1,10 @@
 #include "runtime/cluster_config.hpp"
 
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -11,7 +16,9 @@
 #include <fstream>
 #include <initializer_list>
 #include <set>
+#include <memory>
 #include <sstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -191,8 +198,33 @@ bool valid_node_name(const std::string& name) {
 
 // ---- sections ----
 
+bool parse_tls(context& ctx, const value_ref& at, tls_config& out) {
+  mapping m(ctx, at, {"certificate", "key", "ca_file", "passphrase"});
+  if (!m.ok()) return false;
+  out.line = at.line;
+  const std::tuple<std::string_view, std::string_view, std::filesystem::path*, int*> paths[] = {
+      {"certificate", "a PEM file with this node's certificate", &out.certificate, &out.certificate_line},
+      {"key", "a PEM file with the certificate's private key", &out.key, &out.key_line},
+      {"ca_file", "a PEM file with the CA certificate that signed every node's certificate", &out.ca_file,
+       &out.ca_file_line},
+  };
+  for (const auto& [key, hint, target, line] : paths) {
+    const value_ref* v = m.require(key, hint);
+    std::string text;
+    if (v == nullptr || !read_string(ctx, *v, text)) return false;
+    *target = text;
+    *line = v->line;
+  }
+  if (const value_ref* v = m.find("passphrase")) {
+    // Never echo the value, as for the secret.
+    if (!v->node.IsScalar() || v->node.Scalar().empty()) return ctx.fail(v->line, v->field, "expected a non-empty string");
+    out.passphrase = v->node.Scalar();
+  }
+  return true;
+}
+
 bool parse_cluster(context& ctx, const value_ref& at, cluster_config& out) {
-  mapping m(ctx, at, {"name", "secret", "heartbeat_interval_ms", "failure_timeout_ms"});
+  mapping m(ctx, at, {"name", "secret", "heartbeat_interval_ms", "failure_timeout_ms", "tls"});
   if (!m.ok()) return false;
   if (const value_ref* v = m.find("heartbeat_interval_ms");
       v && !read_int(ctx, *v, 10, INT32_MAX, out.heartbeat_interval_ms)) {
@@ -218,6 +250,10 @@ bool parse_cluster(context& ctx, const value_ref& at, cluster_config& out) {
     return ctx.fail(secret->line, secret->field, "expected a non-empty string");
   }
   out.secret = secret->node.Scalar();
+  if (const value_ref* v = m.find("tls")) {
+    out.tls.emplace();
+    if (!parse_tls(ctx, *v, *out.tls)) return false;
+  }
   return true;
 }
 
@@ -508,7 +544,191 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   return check_node_ports(ctx, out);
 }
 
+// ---- the TLS files (check_tls_files) ----
+
+struct bio_free {
+  void operator()(BIO* b) const noexcept { BIO_free(b); }
+};
+struct x509_free {
+  void operator()(X509* x) const noexcept { X509_free(x); }
+};
+struct pkey_free {
+  void operator()(EVP_PKEY* k) const noexcept { EVP_PKEY_free(k); }
+};
+struct store_free {
+  void operator()(X509_STORE* s) const noexcept { X509_STORE_free(s); }
+};
+struct store_ctx_free {
+  void operator()(X509_STORE_CTX* c) const noexcept { X509_STORE_CTX_free(c); }
+};
+struct x509_stack_free {
+  void operator()(STACK_OF(X509) * s) const noexcept { sk_X509_pop_free(s, X509_free); }
+};
+using bio_ptr = std::unique_ptr<BIO, bio_free>;
+using x509_ptr = std::unique_ptr<X509, x509_free>;
+
+/// The whole file, or the reason it cannot be read (a directory reads as EISDIR).
+std::optional<std::string> read_whole_file(const std::filesystem::path& path, std::string& why) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) {
+    why = std::strerror(errno);
+    return std::nullopt;
+  }
+  std::string text;
+  char buf[4096];
+  size_t n = 0;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  const bool failed = std::ferror(f) != 0;
+  const int err = errno;
+  std::fclose(f);
+  if (failed) {
+    why = std::strerror(err);
+    return std::nullopt;
+  }
+  return text;
+}
+
+/// The reasons OpenSSL queued (its error queue is per thread; emptied here).
+std::string openssl_errors() {
+  std::string out;
+  while (const unsigned long e = ERR_get_error()) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof buf);
+    out += out.empty() ? "" : "; ";
+    out += buf;
+  }
+  return out;
+}
+
+bio_ptr memory_bio(const std::string& text) {
+  return bio_ptr{BIO_new_mem_buf(text.data(), static_cast<int>(text.size()))};
+}
+
+/// Every PEM certificate in `text`, in order.
+std::vector<x509_ptr> read_certificates(const std::string& text) {
+  std::vector<x509_ptr> out;
+  auto bio = memory_bio(text);
+  while (bio) {
+    x509_ptr cert{PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)};
+    if (!cert) break;
+    out.push_back(std::move(cert));
+  }
+  ERR_clear_error();  // the read past the last certificate queues "no start line"
+  return out;
+}
+
+// Never prompts on the terminal (OpenSSL's default for an encrypted key): no passphrase, no key.
+int passphrase_cb(char* buf, int size, int /*rwflag*/, void* user) {
+  const auto* passphrase = static_cast<const std::string*>(user);
+  if (passphrase->empty() || size <= 0) return -1;
+  const int n = static_cast<int>(std::min<size_t>(passphrase->size(), static_cast<size_t>(size)));
+  std::memcpy(buf, passphrase->data(), static_cast<size_t>(n));
+  return n;
+}
+
+bool key_is_encrypted(const std::string& pem) {
+  return pem.find("ENCRYPTED PRIVATE KEY") != std::string::npos || pem.find("Proc-Type: 4,ENCRYPTED") != std::string::npos;
+}
+
 }  // namespace
+
+caf::error check_tls_files(const cluster_config& config) {
+  if (!config.tls) return {};
+  const tls_config& tls = *config.tls;
+  auto fail = [&](cluster_config_errc code, int line, std::string_view key, const std::string& what) {
+    context ctx{config.source, std::nullopt};
+    ctx.fail(line, key.empty() ? "cluster.tls" : "cluster.tls." + std::string(key), what);
+    return make_error(code, *ctx.error);
+  };
+  struct file {
+    std::string_view key;
+    const std::filesystem::path& path;
+    int line;
+    std::string text;
+  };
+  file files[] = {{"certificate", tls.certificate, tls.certificate_line, {}},
+                  {"key", tls.key, tls.key_line, {}},
+                  {"ca_file", tls.ca_file, tls.ca_file_line, {}}};
+  for (auto& f : files) {
+    std::string why;
+    auto text = read_whole_file(f.path, why);
+    if (!text) return fail(cluster_config_errc::io_error, f.line, f.key, "cannot read " + f.path.string() + ": " + why);
+    f.text = std::move(*text);
+  }
+  const auto& [cert_file, key_file, ca_file] = files;
+
+  auto chain = read_certificates(cert_file.text);
+  if (chain.empty()) {
+    return fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key,
+                cert_file.path.string() + " holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
+  }
+  auto cas = read_certificates(ca_file.text);
+  if (cas.empty()) {
+    return fail(cluster_config_errc::bad_config, ca_file.line, ca_file.key,
+                ca_file.path.string() + " holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
+  }
+
+  auto key_bio = memory_bio(key_file.text);
+  std::string passphrase = tls.passphrase;
+  std::unique_ptr<EVP_PKEY, pkey_free> key{
+      key_bio ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, passphrase_cb, &passphrase) : nullptr};
+  if (!key) {
+    const std::string reason = openssl_errors();
+    std::string what;
+    if (key_is_encrypted(key_file.text)) {
+      what = tls.passphrase.empty() ? "the key in " + key_file.path.string() + " is encrypted: give cluster.tls.passphrase"
+                                    : "cannot decrypt the key in " + key_file.path.string() + " (wrong passphrase?)";
+    } else {
+      what = key_file.path.string() + " holds no PEM private key (-----BEGIN PRIVATE KEY-----)";
+    }
+    return fail(cluster_config_errc::bad_config, key_file.line, key_file.key,
+                what + (reason.empty() ? "" : ": " + reason));
+  }
+  if (X509_check_private_key(chain.front().get(), key.get()) != 1) {
+    ERR_clear_error();
+    return fail(cluster_config_errc::bad_config, key_file.line, key_file.key,
+                "the key in " + key_file.path.string() + " does not belong to the certificate in " +
+                    cert_file.path.string());
+  }
+
+  // Peers check this node's certificate against the same CA file (the config is shared): a
+  // certificate that does not chain to it would be refused by every peer, so refuse it here.
+  std::unique_ptr<X509_STORE, store_free> store{X509_STORE_new()};
+  std::unique_ptr<STACK_OF(X509), x509_stack_free> intermediates{sk_X509_new_null()};
+  std::unique_ptr<X509_STORE_CTX, store_ctx_free> verify{X509_STORE_CTX_new()};
+  if (!store || !intermediates || !verify) {
+    return fail(cluster_config_errc::io_error, tls.line, "", "out of memory checking the certificates");
+  }
+  for (auto& ca : cas) X509_STORE_add_cert(store.get(), ca.get());  // takes its own reference
+  for (size_t i = 1; i < chain.size(); ++i) {
+    if (sk_X509_push(intermediates.get(), chain[i].get()) > 0) chain[i].release();
+  }
+  // As OpenSSL checks it in a handshake: as a client certificate when this node connects (joins,
+  // status), as a server certificate when it accepts (its gatekeeper). The chain is the same.
+  const std::pair<int, const char*> purposes[] = {{X509_PURPOSE_SSL_SERVER, "server"},
+                                                  {X509_PURPOSE_SSL_CLIENT, "client"}};
+  for (const auto& [purpose, role] : purposes) {
+    int verified = 0;
+    if (X509_STORE_CTX_init(verify.get(), store.get(), chain.front().get(), intermediates.get()) == 1 &&
+        X509_STORE_CTX_set_purpose(verify.get(), purpose) == 1) {
+      verified = X509_verify_cert(verify.get());
+    }
+    const int code = X509_STORE_CTX_get_error(verify.get());
+    X509_STORE_CTX_cleanup(verify.get());
+    ERR_clear_error();
+    if (verified == 1) continue;
+    std::string why = "the certificate in " + cert_file.path.string();
+    if (code == X509_V_ERR_INVALID_PURPOSE) {
+      why += " cannot serve as a TLS " + std::string(role) + " certificate (every node is client and server: " +
+             "give it extendedKeyUsage serverAuth,clientAuth, or none)";
+    } else {
+      why += " does not verify against ca_file " + ca_file.path.string() + ": " +
+             X509_verify_cert_error_string(code) + " (peers would refuse it)";
+    }
+    return fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key, why);
+  }
+  return {};
+}
 
 uint16_t node_control_port(const cluster_config& c, size_t index) {
   if (index < c.nodes.size() && c.nodes[index].control_port) return *c.nodes[index].control_port;
@@ -556,8 +776,16 @@ caf::expected<cluster_config> load_cluster_config(const std::filesystem::path& p
     return make_error(cluster_config_errc::io_error, "cannot read " + path.string());
   }
   auto config = parse_cluster_config(text.str(), path.string());
-  if (config && !config->model.path.empty() && config->model.path.is_relative()) {
-    config->model.path = (path.parent_path() / config->model.path).lexically_normal();
+  if (!config) return config;
+  auto resolve = [&](std::filesystem::path& p) {
+    if (!p.empty() && p.is_relative()) p = (path.parent_path() / p).lexically_normal();
+  };
+  resolve(config->model.path);
+  if (config->tls) {
+    resolve(config->tls->certificate);
+    resolve(config->tls->key);
+    resolve(config->tls->ca_file);
+    if (auto err = check_tls_files(*config)) return err;
   }
   return config;
 }
@@ -652,6 +880,11 @@ std::string to_string(const cluster_config& c) {
       << c.heartbeat_interval_ms << " ms, failure timeout " << c.failure_timeout_ms << " ms)";
   if (!c.source.empty()) out << " from " << c.source;
   out << "\n";
+  if (c.tls) {
+    out << "control plane over TLS: certificate " << c.tls->certificate.string() << ", key "
+        << c.tls->key.string() << (c.tls->passphrase.empty() ? "" : " (passphrase <redacted>)") << ", ca_file "
+        << c.tls->ca_file.string() << "\n";
+  }
   for (const auto& n : c.nodes) {
     out << "node " << n.name << " at " << n.host << ": " << n.gpus << " GPUs";
     if (n.gpus > 0) out << " of " << format_bytes(n.gpu_memory_bytes);
@@ -704,12 +937,18 @@ nlohmann::json to_json(const cluster_config& c) {
   }
   nlohmann::json groups = {{"count", c.expert_groups.count}};
   if (!c.expert_groups.experts.empty()) groups["experts"] = c.expert_groups.experts;
+  nlohmann::json cluster = {{"name", c.name},
+                            {"secret", redacted},
+                            {"heartbeat_interval_ms", c.heartbeat_interval_ms},
+                            {"failure_timeout_ms", c.failure_timeout_ms}};
+  if (c.tls) {
+    cluster["tls"] = {{"certificate", c.tls->certificate.string()},
+                      {"key", c.tls->key.string()},
+                      {"ca_file", c.tls->ca_file.string()}};
+    if (!c.tls->passphrase.empty()) cluster["tls"]["passphrase"] = redacted;
+  }
   return {{"source", c.source},
-          {"cluster",
-           {{"name", c.name},
-            {"secret", redacted},
-            {"heartbeat_interval_ms", c.heartbeat_interval_ms},
-            {"failure_timeout_ms", c.failure_timeout_ms}}},
+          {"cluster", std::move(cluster)},
           {"nodes", std::move(nodes)},
           {"model", std::move(model)},
           {"attention_shards", c.attention_shards},

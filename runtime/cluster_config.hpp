@@ -15,7 +15,7 @@
 // whether the model fits: the scheduler, which knows the model (scheduler/placement.hpp).
 //
 // The secret is held in plain text in memory (the node agents need it for the handshake) but
-// every rendering (to_string, to_json) redacts it.
+// every rendering (to_string, to_json) redacts it; so is the TLS key's passphrase.
 //
 // Thread safety: plain values; every function is pure apart from reading the file.
 #pragma once
@@ -90,6 +90,20 @@ struct ports_config {
   uint16_t metrics = 7102;
 };
 
+/// cluster.tls: the control plane (CAF's middleman) over TLS, each side presenting a certificate
+/// signed by `ca_file` and refusing a peer that does not (runtime/control_plane.hpp). A relative
+/// path is relative to the config file's directory (load_cluster_config resolves it).
+struct tls_config {
+  std::filesystem::path certificate;  ///< PEM: this node's certificate (a chain may follow it).
+  std::filesystem::path key;          ///< PEM: its private key; encrypted ones need `passphrase`.
+  std::filesystem::path ca_file;      ///< PEM: the CA certificate(s) a peer's certificate must chain to.
+  std::string passphrase;             ///< Of an encrypted key; empty: none. Never rendered.
+  int line = 0;                       ///< Line of `tls`.
+  int certificate_line = 0;           ///< Lines of the three paths, for load_cluster_config's file checks.
+  int key_line = 0;
+  int ca_file_line = 0;
+};
+
 struct cluster_config {
   std::string source;  ///< The file (or name) it was read from; prefixes later messages.
   std::string name;
@@ -98,6 +112,7 @@ struct cluster_config {
   /// that has not answered one for failure_timeout_ms is down. failure_timeout_ms > interval.
   int64_t heartbeat_interval_ms = 500;
   int64_t failure_timeout_ms = 3000;
+  std::optional<tls_config> tls;  ///< cluster.tls; unset: the control plane runs in the clear.
   std::vector<node_config> nodes;
   model_source model;
   int64_t attention_shards = 1;
@@ -117,12 +132,25 @@ struct cluster_config {
 /// Index of the node named `name`, or nullopt.
 [[nodiscard]] std::optional<size_t> find_node(const cluster_config& config, std::string_view name);
 
-/// Parses YAML text; `source_name` prefixes every message. Relative model paths stay as written.
+/// Parses YAML text; `source_name` prefixes every message. Relative model and TLS paths stay as
+/// written, and no TLS file is opened (see check_tls_files).
 [[nodiscard]] caf::expected<cluster_config> parse_cluster_config(std::string_view yaml,
                                                                  std::string source_name);
 
-/// Reads and parses `path`; a relative model.path is resolved against the file's directory.
+/// Reads and parses `path`; a relative model.path and relative cluster.tls paths are resolved
+/// against the file's directory, and the TLS files are checked (check_tls_files).
 [[nodiscard]] caf::expected<cluster_config> load_cluster_config(const std::filesystem::path& path);
+
+/// Opens the files of config.tls (nothing to do without it) and checks what CAF would otherwise
+/// find out only when the first connection is made, by throwing on the middleman's thread: the
+/// certificate and the CA file are readable PEM certificates, the key is a readable PEM private
+/// key (decrypted with the passphrase when one is given) that matches the certificate, and the
+/// certificate verifies against the CA file as a TLS server and as a TLS client certificate
+/// (peers check it against the same file: every node's config names the same ca_file).
+/// Errors name the file, line and key, e.g.
+///   "deploy/x.yaml:6: cluster.tls.key: cannot read /etc/moe/tls/node.key: No such file or directory"
+/// io_error when a file cannot be read, bad_config when its content is wrong.
+[[nodiscard]] caf::error check_tls_files(const cluster_config& config);
 
 /// "8GiB", "512 MiB", "1.5GB", "4096" (bytes) -> bytes; nullopt when malformed or too large.
 [[nodiscard]] std::optional<uint64_t> parse_size(std::string_view text);
