@@ -75,6 +75,8 @@ kj::Exception to_exception(const caf::error& err, std::chrono::milliseconds time
         return api_exception(api_errc::invalid_request, error_text(err));
       case controller_errc::unknown_job:
         return api_exception(api_errc::unknown_job, error_text(err));
+      case controller_errc::unavailable:
+        return api_exception(api_errc::unavailable, error_text(err));
     }
   }
   if (err.category() == caf::atom("api")) {

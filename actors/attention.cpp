@@ -25,6 +25,7 @@ namespace kc = kernels::cpu;
 struct queued_step {
   step_request request;
   caf::typed_response_promise<step_result> promise;
+  caf::node_id reply_to;  // the requester's process, where logits must go
 };
 
 // Everything one step carries from layer to layer.
@@ -53,6 +54,7 @@ struct attention_state {
   std::deque<queued_step> queue;
   std::vector<uint64_t> pending_release;  // released while a step was in flight
   bool busy = false;
+  tensor_transport transport;
   mailbox_gauge mailbox;
   prometheus::Gauge* queued_steps = nullptr;
   prometheus::Gauge* free_cache_blocks = nullptr;
@@ -117,8 +119,12 @@ void complete(pointer self, const std::shared_ptr<step_context>& ctx) {
     auto& len = st.lengths[entries[i].sequence];
     len = ctx->job.request.prefill ? static_cast<int64_t>(entries[i].tokens.size()) : len + 1;
   }
-  if (ctx->job.request.want_logits)
+  if (ctx->job.request.want_logits) {
     out.logits = tensor_ref::wrap(std::move(logits), {static_cast<int64_t>(B), static_cast<int64_t>(V)});
+    const runtime::tensor_frame_meta meta{protocol::frame_kind::activations, 0, out.step, 0};
+    if (auto err = export_tensor(st.transport, self->node(), ctx->job.reply_to, out.logits, meta))
+      return fail(self, ctx, err);
+  }
   ctx->job.promise.deliver(std::move(out));
   st.busy = false;
   start_next(self);
@@ -315,6 +321,7 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
     st.dense = std::move(dns);
     st.router = std::move(r);
     st.registry = opts.metrics;
+    st.transport = opts.transport;
     if (opts.metrics) {
       const std::string id = std::to_string(opts.shard);
       st.mailbox = mailbox_gauge(*opts.metrics, "attention", id);
@@ -332,8 +339,10 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
     return {
         [self](step_atom, step_request& req) -> caf::result<step_result> {
           self->state.mailbox.set(self->mailbox().size());
+          const auto& sender = self->current_sender();
+          const caf::node_id reply_to = sender ? sender->node() : self->node();
           auto rp = self->make_response_promise<step_result>();
-          self->state.queue.push_back({std::move(req), rp});
+          self->state.queue.push_back({std::move(req), rp, reply_to});
           start_next(self);
           return rp;
         },

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "actors/messages.hpp"
+#include "actors/tensor_transport.hpp"
 #include "base/error.hpp"
 #include "model/checkpoint.hpp"
 #include "model/latent_cache.hpp"
@@ -24,6 +25,8 @@ struct attention_options {
   int shard = 0;
   model::latent_cache_options cache;
   std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
+  /// How logits (want_logits) reach a requester in another process (empty: one process).
+  tensor_transport transport;
 };
 
 [[nodiscard]] caf::expected<attention_actor> spawn_attention(

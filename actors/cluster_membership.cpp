@@ -10,6 +10,8 @@
 
 #include <optional>
 
+#include "runtime/control_plane.hpp"
+
 namespace moe::actors {
 
 namespace {
@@ -94,6 +96,7 @@ void transition(pointer self, member& m, member_state to, std::string reason) {
   if (to == member_state::down || to == member_state::refused) {
     if (m.agent) self->demonitor(m.agent.address());
     m.agent = nullptr;
+    m.status.agent = nullptr;
     m.next_join = clock_type::now() + st.options.join_retry;
   }
   update_gauges(st);
@@ -119,7 +122,7 @@ void start_join(pointer self, size_t i) {
   auto& m = st.members[i];
   m.join_in_flight = true;
   const std::string where = m.status.host + ":" + std::to_string(m.status.control_port);
-  auto mm = self->system().middleman().actor_handle();
+  auto mm = runtime::control_plane_handle(self->system());
   self->request(mm, st.options.join_timeout, caf::connect_atom::value, m.status.host, m.status.control_port)
       .then(
           [self, i, where](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) {
@@ -142,6 +145,7 @@ void start_join(pointer self, size_t i) {
                       }
                       m.status.info = r.info;
                       m.agent = r.agent;
+                      m.status.agent = r.agent;
                       m.last_good = clock_type::now();
                       self->monitor(m.agent);
                       transition(self, m, member_state::up, "joined (pid " + std::to_string(r.info.pid) + ")");
@@ -157,7 +161,9 @@ void start_join(pointer self, size_t i) {
                       join_failed(self, i, "join: " + self->system().render(e));
                     });
           },
-          [self, i, where](caf::error& e) { join_failed(self, i, "cannot connect to " + where + ": " + self->system().render(e)); });
+          [self, i, where](caf::error& e) {
+            join_failed(self, i, "cannot connect to " + where + ": " + runtime::render_connect_error(self->system(), e));
+          });
 }
 
 void send_heartbeat(pointer self, size_t i) {

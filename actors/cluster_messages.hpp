@@ -34,8 +34,9 @@ enum class node_errc : uint8_t {
 [[nodiscard]] caf::error make_error(node_errc code, std::string text);
 
 /// What a peer presents to a node's gatekeeper. The secret travels in the clear unless the
-/// middleman runs over TLS (caf::openssl); CAF's anonymous TLS authenticates nobody, so this
-/// check is what keeps strangers out either way. `peer` names the caller in the node's log.
+/// config has cluster.tls (then the middleman runs over TLS and peers must hold a certificate of
+/// the cluster's CA); it is checked either way, so a peer needs both with TLS on. `peer` names
+/// the caller in the node's log.
 struct node_credentials {
   std::string cluster;
   std::string secret;
@@ -56,12 +57,13 @@ struct node_info {
   int64_t gpus = 0;
   int64_t cpu_slots = 0;
   int64_t pid = 0;
+  std::string data_address;  ///< The node's data plane (runtime/data_plane.hpp address()).
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, node_info& x) {
   return f(caf::meta::type_name("node_info"), x.name, x.host, x.control_port, x.metrics_port, x.gpus,
-           x.cpu_slots, x.pid);
+           x.cpu_slots, x.pid, x.data_address);
 }
 
 /// The answer to an accepted join: the node and its agent, which the caller monitors and
@@ -122,12 +124,13 @@ struct member_status {
   member_state state = member_state::joining;
   std::string reason;
   node_info info;  ///< Filled once joined.
+  node_agent_actor agent;  ///< Set while the node is up or suspect.
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, member_status& x) {
   return f(caf::meta::type_name("member_status"), x.node, x.host, x.control_port, x.state, x.reason,
-           x.info);
+           x.info, x.agent);
 }
 
 struct member_list {

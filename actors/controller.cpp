@@ -53,6 +53,7 @@ struct shard_state {
   attention_actor handle;
   bool busy = false;
   std::vector<uint64_t> running;  // prefilled jobs, decoded every step
+  std::string lost;               // why the shard cannot work (a node it needs is down)
 };
 
 struct controller_state {
@@ -147,9 +148,10 @@ void on_step_done(pointer self, size_t s, const std::vector<uint64_t>& ids, bool
                   const step_result& r) {
   auto& st = self->state;
   st.shards[s].busy = false;
+  if (!st.shards[s].lost.empty()) return;  // its jobs failed when the shard was lost
   for (size_t i = 0; i < r.sequences.size() && i < r.tokens.size(); ++i) {
     auto it = st.jobs.find(r.sequences[i]);
-    if (it == st.jobs.end()) continue;
+    if (it == st.jobs.end() || it->second.state != job_state::running) continue;
     job& j = it->second;
     if (prefill) {
       j.prefilled = true;
@@ -170,9 +172,10 @@ void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bo
                     const caf::error& err) {
   auto& st = self->state;
   st.shards[s].busy = false;
+  if (!st.shards[s].lost.empty()) return;
   for (auto id : ids) {
     auto it = st.jobs.find(id);
-    if (it == st.jobs.end()) continue;
+    if (it == st.jobs.end() || it->second.state != job_state::running) continue;
     // A failed prefill leaves nothing cached; a failed decode step leaves the prefix cached.
     if (prefill) it->second.prefilled = false;
     end_job(self, it->second, job_state::failed, "error", moe::error_text(err));
@@ -205,7 +208,7 @@ void pump(pointer self) {
   // Idle shards, least loaded first: new requests go where the decode batch is smallest.
   std::vector<size_t> order;
   for (size_t s = 0; s < st.shards.size(); ++s)
-    if (!st.shards[s].busy) order.push_back(s);
+    if (!st.shards[s].busy && st.shards[s].lost.empty()) order.push_back(s);
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
     return st.shards[a].running.size() < st.shards[b].running.size();
   });
@@ -251,6 +254,42 @@ void pump(pointer self) {
   update_gauges(st);
 }
 
+// Why no shard can take work, or empty while one can.
+std::string unavailable_reason(const controller_state& st) {
+  for (const auto& sh : st.shards)
+    if (sh.lost.empty()) return {};
+  return st.shards.empty() ? "no attention shard" : st.shards.front().lost;
+}
+
+// A node went down: the shards that need it stop, and their jobs fail with the reason instead
+// of waiting for answers that will not come. Nothing is retried here (recovery re-places the
+// actors; until then the cluster is degraded).
+void on_member_event(pointer self, const member_event& ev) {
+  auto& st = self->state;
+  if (ev.to != member_state::down) return;
+  auto deps = st.options.shards_needing_node.find(ev.node);
+  if (deps == st.options.shards_needing_node.end()) return;
+  const std::string why = "node " + ev.node + " is down (" + ev.reason + ")";
+  for (size_t s : deps->second) {
+    if (s >= st.shards.size() || !st.shards[s].lost.empty()) continue;
+    auto& sh = st.shards[s];
+    sh.lost = why;
+    sh.busy = false;
+    for (auto& [id, j] : st.jobs) {
+      if (j.shard == static_cast<int>(s) && j.state == job_state::running) {
+        j.prefilled = false;  // its cache went with the shard, or is unreachable
+        end_job(self, j, job_state::failed, "error", "shard " + std::to_string(s) + " stopped: " + why);
+      }
+    }
+  }
+  if (auto reason = unavailable_reason(st); !reason.empty()) {
+    for (auto id : st.waiting) end_job(self, st.jobs.at(id), job_state::failed, "error", "cluster unavailable: " + reason);
+    st.waiting.clear();
+  }
+  update_gauges(st);
+  pump(self);
+}
+
 caf::error validate(const controller_state& st, const generation_job& g) {
   const auto& lim = st.options.limits;
   if (g.prompt.empty()) return make_error(controller_errc::invalid_request, "the prompt is empty");
@@ -279,7 +318,7 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
   auto impl = [](pointer self, controller_options opts) -> controller_actor::behavior_type {
     auto& st = self->state;
     if (opts.metrics) st.metrics.emplace(*opts.metrics);
-    for (auto& s : opts.shards) st.shards.push_back({s, false, {}});
+    for (auto& s : opts.shards) st.shards.push_back({s, false, {}, {}});
     st.options = std::move(opts);
     return {
         [self](submit_atom, generation_job& g, caf::actor& subscriber) -> caf::result<uint64_t> {
@@ -287,6 +326,10 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
           if (auto err = validate(st, g)) {
             if (st.metrics) st.metrics->requests_rejected.Increment();
             return err;
+          }
+          if (auto reason = unavailable_reason(st); !reason.empty()) {
+            if (st.metrics) st.metrics->requests_rejected.Increment();
+            return make_error(controller_errc::unavailable, "cluster unavailable: " + reason);
           }
           if (static_cast<int64_t>(st.waiting.size()) >= st.options.limits.max_queue) {
             if (st.metrics) st.metrics->requests_rejected.Increment();
@@ -337,6 +380,7 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
           }
           return true;
         },
+        [self](const member_event& ev) { on_member_event(self, ev); },
     };
   };
   return sys.spawn(impl, std::move(options));

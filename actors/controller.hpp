@@ -12,10 +12,12 @@
 #include <caf/typed_actor.hpp>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "actors/cluster_messages.hpp"
 #include "actors/messages.hpp"
 #include "base/error.hpp"
 
@@ -45,12 +47,14 @@ using job_event_atom = caf::atom_constant<caf::atom("job_event")>;
 using controller_actor = caf::typed_actor<
     caf::replies_to<submit_atom, generation_job, caf::actor>::with<uint64_t>,
     caf::replies_to<status_atom, uint64_t>::with<job_status>,
-    caf::replies_to<cancel_atom, uint64_t>::with<bool>>;
+    caf::replies_to<cancel_atom, uint64_t>::with<bool>,
+    caf::reacts_to<member_event>>;
 
 enum class controller_errc : uint8_t {
   overloaded = 1,   ///< Transient: the queue is full; retry later.
   invalid_request,  ///< Permanent: the request itself is malformed (the text says how).
   unknown_job,      ///< Permanent: no job with that id.
+  unavailable,      ///< Until the cluster is restored: a node the work needs is down.
 };
 
 [[nodiscard]] caf::error make_error(controller_errc code, std::string text);
@@ -70,6 +74,11 @@ struct controller_options {
   controller_limits limits;
   int64_t vocab_size = 0;  ///< token ids are checked here, so one bad request fails alone
   std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
+  /// Per node name, the shards (indices into `shards`) that cannot work without it: its own
+  /// attention shards, and every shard when it holds expert groups. A member_event saying the
+  /// node is down fails their jobs (running and, once no shard is left, waiting) with the
+  /// event's reason, and new submissions then fail with controller_errc::unavailable.
+  std::map<std::string, std::vector<size_t>> shards_needing_node;
 };
 
 [[nodiscard]] controller_actor spawn_controller(caf::actor_system& sys, controller_options options);

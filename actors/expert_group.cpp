@@ -29,12 +29,13 @@ struct expert_group_state {
   mailbox_gauge mailbox;
   prometheus::Histogram* forward_seconds = nullptr;
   std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
+  tensor_transport transport;
   static inline const char* name = "expert_group";
 };
 
 using pointer = expert_group_actor::stateful_pointer<expert_group_state>;
 
-caf::result<expert_result> forward(pointer self, expert_batch& b) {
+caf::expected<expert_result> forward(pointer self, expert_batch& b) {
   auto& st = self->state;
   auto it = st.layers.find(b.layer);
   const size_t n = b.experts.size();
@@ -97,6 +98,20 @@ caf::result<expert_result> forward(pointer self, expert_batch& b) {
   return result;
 }
 
+// Runs the batch and readies the result for the router's process.
+caf::expected<expert_result> answer(pointer self, expert_batch& b, const caf::node_id& reply_to) {
+  const auto start = std::chrono::steady_clock::now();
+  auto r = forward(self, b);
+  if (self->state.forward_seconds)
+    self->state.forward_seconds->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  if (!r) return r;
+  const runtime::tensor_frame_meta meta{protocol::frame_kind::expert_output, static_cast<uint32_t>(b.layer),
+                                        b.step, b.placement_version};
+  if (auto err = export_tensor(self->state.transport, self->node(), reply_to, r->rows, meta)) return err;
+  return r;
+}
+
 }  // namespace
 
 bool expert_group_needs(const expert_group_options& o, std::string_view name) {
@@ -142,14 +157,29 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys,
       self->state.mailbox = mailbox_gauge(*opts.metrics, "expert_group", std::to_string(opts.group));
       self->state.forward_seconds = expert_forward_histogram(*opts.metrics, std::to_string(opts.group));
     }
+    self->state.transport = opts.transport;
     return {[self](expert_forward_atom, expert_batch& b) -> caf::result<expert_result> {
       self->state.mailbox.set(self->mailbox().size());
-      const auto start = std::chrono::steady_clock::now();
-      auto r = forward(self, b);
-      if (self->state.forward_seconds)
-        self->state.forward_seconds->Observe(
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-      return r;
+      // The answer goes back to the router's process: captured now, before any fetch.
+      const auto& sender = self->current_sender();
+      const caf::node_id reply_to = sender ? sender->node() : self->node();
+      if (!is_remote(b.rows)) {
+        auto r = answer(self, b, reply_to);
+        if (!r) return std::move(r.error());
+        return std::move(*r);
+      }
+      auto rp = self->make_response_promise<expert_result>();
+      auto rows = std::move(b.rows);
+      with_local_tensor(
+          self, self->state.transport, std::move(rows),
+          [self, rp, b = std::move(b), reply_to](tensor_ref& landed) mutable {
+            b.rows = std::move(landed);
+            auto r = answer(self, b, reply_to);
+            if (r) rp.deliver(std::move(*r));
+            else rp.deliver(std::move(r.error()));
+          },
+          [rp](caf::error& e) mutable { rp.deliver(std::move(e)); });
+      return rp;
     }};
   };
   return sys.spawn(impl, std::move(weights), std::move(layers), options);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "actors/messages.hpp"
+#include "actors/tensor_transport.hpp"
 #include "base/error.hpp"
 #include "model/checkpoint.hpp"
 
@@ -23,6 +24,8 @@ struct expert_group_options {
   std::vector<int64_t> experts;  ///< logical experts held, the same for every MoE layer
   bool holds_shared_experts = false;
   std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
+  /// How rows from routers in other processes arrive and results go back (empty: one process).
+  tensor_transport transport;
 };
 
 /// Binds the group's blocks to `weights` (which must hold at least its experts; the group keeps

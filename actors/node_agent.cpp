@@ -4,8 +4,10 @@
 #include <prometheus/counter.h>
 
 #include <chrono>
+#include <spdlog/spdlog.h>
 
 #include "actors/attention.hpp"
+#include "actors/cluster_messages.hpp"
 #include "actors/expert_group.hpp"
 #include "actors/router.hpp"
 #include "actors/weights_loading.hpp"
@@ -19,10 +21,69 @@ namespace {
 struct node_agent_state {
   node_agent_options options;
   std::optional<model::model_config> config;
+  std::vector<caf::actor> owned;  // what this agent spawned (linked while it runs)
+  caf::actor owner;               // the coordinator of the open session, if any
   static inline const char* name = "node_agent";
 };
 
 using pointer = node_agent_actor::stateful_pointer<node_agent_state>;
+
+// The agent owns its actors: linked, they end with it.
+void own(pointer self, caf::actor a) {
+  self->link_to(a);
+  self->state.owned.push_back(std::move(a));
+}
+
+// Ends the actors spawned so far (a session closed, or its coordinator is gone).
+void drop_actors(pointer self) {
+  for (auto& a : self->state.owned) {
+    self->unlink_from(a);
+    self->send_exit(a, caf::exit_reason::user_shutdown);
+  }
+  self->state.owned.clear();
+}
+
+caf::result<caf::atom_value> open_session(pointer self, cluster_session& s) {
+  auto& st = self->state;
+  if (!s.owner) return make_error(node_errc::bad_request, "a session needs its coordinator's handle");
+  if (st.owner && st.owner != s.owner)
+    return make_error(node_errc::bad_request,
+                      "node " + st.options.node + " already serves another coordinator (" +
+                          to_string(st.owner.node()) + ")");
+  if (!st.owner) {
+    // A new session starts clean: nothing of an earlier coordinator survives into it.
+    drop_actors(self);
+    st.owner = s.owner;
+    self->monitor(st.owner);
+    spdlog::info("node {}: session opened by {}", st.options.node, to_string(st.owner.node()));
+  }
+  if (!s.model_dir.empty() && std::filesystem::exists(std::filesystem::path(s.model_dir) / "config.json") &&
+      st.options.model_dir != s.model_dir) {
+    st.options.model_dir = s.model_dir;
+    st.config.reset();
+  }
+  if (s.cache_num_blocks > 0) {
+    st.options.cache.block_size = s.cache_block_size;
+    st.options.cache.num_blocks = s.cache_num_blocks;
+  }
+  for (const auto& p : s.peers) {
+    if (p.node == self->node()) continue;
+    if (!st.options.transport)
+      return make_error(node_errc::bad_request, "node " + st.options.node + " has no data plane");
+    st.options.transport.exchange->add_peer(p.node, p.address);
+  }
+  return caf::atom("ok");
+}
+
+void close_session(pointer self, const char* why) {
+  auto& st = self->state;
+  if (!st.owner) return;
+  spdlog::info("node {}: session of {} closed ({}): dropping {} actors", st.options.node,
+               to_string(st.owner.node()), why, st.owned.size());
+  self->demonitor(st.owner);
+  st.owner = nullptr;
+  drop_actors(self);
+}
 
 caf::expected<const model::model_config*> model_config_of(node_agent_state& st) {
   if (!st.config) {
@@ -45,12 +106,13 @@ caf::result<group_handles> spawn_groups(pointer self, const scheduler::placement
     o.experts = g.experts;
     o.holds_shared_experts = g.holds_shared_experts;
     o.metrics = st.options.metrics;
+    o.transport = st.options.transport;
     auto weights = load_weights(st.options.model_dir, **cfg,
                                 [&o](std::string_view n) { return expert_group_needs(o, n); });
     if (!weights) return weights.error();
     auto actor = spawn_expert_group(self->system(), *weights, o);
     if (!actor) return actor.error();
-    self->link_to(*actor);  // the agent owns its actors: they end with it
+    own(self, caf::actor_cast<caf::actor>(*actor));
     out.groups.push_back(g.group);
     out.handles.push_back(*actor);
   }
@@ -89,16 +151,18 @@ caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement
     ro.placement_version = p.version;
     ro.groups = routes;
     ro.metrics = st.options.metrics;
+    ro.transport = st.options.transport;
     auto router = spawn_router(self->system(), gate_weights, ro);
     if (!router) return router.error();
-    self->link_to(*router);
+    own(self, caf::actor_cast<caf::actor>(*router));
     attention_options ao;
     ao.shard = a.shard;
     ao.cache = st.options.cache;
     ao.metrics = st.options.metrics;
+    ao.transport = st.options.transport;
     auto shard = spawn_attention(self->system(), attention_weights, *router, ao);
     if (!shard) return shard.error();
-    self->link_to(*shard);
+    own(self, caf::actor_cast<caf::actor>(*shard));
     out.shards.push_back(a.shard);
     out.handles.push_back(*shard);
   }
@@ -110,10 +174,19 @@ caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement
 node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options options) {
   auto impl = [](pointer self, node_agent_options opts) -> node_agent_actor::behavior_type {
     self->state.options = std::move(opts);
+    self->set_down_handler([self](caf::down_msg& dm) {
+      if (self->state.owner && dm.source == self->state.owner.address())
+        close_session(self, "its coordinator is gone");
+    });
     return {
         [self](spawn_groups_atom, const scheduler::placement& p) { return spawn_groups(self, p); },
         [self](spawn_shards_atom, const scheduler::placement& p, const group_handles& g) {
           return spawn_shards(self, p, g);
+        },
+        [self](open_session_atom, cluster_session& s) { return open_session(self, s); },
+        [self](close_session_atom) {
+          close_session(self, "closed by its coordinator");
+          return caf::atom("ok");
         },
         [self](runtime::heartbeat_atom, runtime::node_heartbeat hb) {
           hb.node = self->state.options.node;

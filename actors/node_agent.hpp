@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "actors/messages.hpp"
+#include "actors/tensor_transport.hpp"
 #include "model/latent_cache.hpp"
 #include "runtime/caf_types.hpp"
 #include "scheduler/scheduler_actor.hpp"
@@ -49,17 +50,53 @@ typename Inspector::result_type inspect(Inspector& f, shard_handles& x) {
   return f(caf::meta::type_name("shard_handles"), x.shards, x.handles);
 }
 
+/// Where one process of the cluster receives tensors: its CAF node and data plane address.
+struct data_plane_peer {
+  caf::node_id node;
+  std::string address;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, data_plane_peer& x) {
+  return f(caf::meta::type_name("data_plane_peer"), x.node, x.address);
+}
+
+/// A coordinator's claim on a node process: the node serves it until it closes the session or
+/// ends (the agent monitors `owner`); then the node drops the actors it spawned for it and can
+/// serve the next coordinator. `peers`: every process of the cluster with its data plane.
+/// `model_dir`: the checkpoint as the coordinator sees it; used when it exists on the node
+/// (one host, or shared storage), else the node keeps its own (the config's model.path, or the
+/// preset in its model cache).
+struct cluster_session {
+  caf::actor owner;
+  std::vector<data_plane_peer> peers;
+  std::string model_dir;
+  int64_t cache_block_size = 16;  ///< Latent KV cache of each attention shard: block size
+  int64_t cache_num_blocks = 0;   ///< and blocks (the scheduler's budget; 0: the node's default)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, cluster_session& x) {
+  return f(caf::meta::type_name("cluster_session"), x.owner, x.peers, x.model_dir,
+           x.cache_block_size, x.cache_num_blocks);
+}
+
 using spawn_groups_atom = caf::atom_constant<caf::atom("spawn_grp")>;
 using spawn_shards_atom = caf::atom_constant<caf::atom("spawn_shrd")>;
+using open_session_atom = caf::atom_constant<caf::atom("sess_open")>;
+using close_session_atom = caf::atom_constant<caf::atom("sess_close")>;
 
 /// spawn_groups: the expert groups placed on this node. spawn_shards: the attention shards (and
 /// routers) placed here, given every group of the cluster. heartbeat: a liveness probe of the
 /// coordinator (actors/cluster_membership.hpp); answered with the node's name, the same
-/// sequence and the node's clock.
+/// sequence and the node's clock. open_session / close_session: see cluster_session; opening
+/// fails (node_errc::bad_request) while another live coordinator holds the node.
 using node_agent_actor = caf::typed_actor<
     caf::replies_to<spawn_groups_atom, scheduler::placement>::with<group_handles>,
     caf::replies_to<spawn_shards_atom, scheduler::placement, group_handles>::with<shard_handles>,
-    caf::replies_to<runtime::heartbeat_atom, runtime::node_heartbeat>::with<runtime::node_heartbeat>>;
+    caf::replies_to<runtime::heartbeat_atom, runtime::node_heartbeat>::with<runtime::node_heartbeat>,
+    caf::replies_to<open_session_atom, cluster_session>::with<caf::atom_value>,
+    caf::replies_to<close_session_atom>::with<caf::atom_value>>;
 
 struct node_agent_options {
   std::string node;
@@ -69,6 +106,8 @@ struct node_agent_options {
   /// moe_node_heartbeats_answered_total of a node process (owned by its node_metrics, which
   /// outlives the agent); null in a single-process cluster.
   prometheus::Counter* heartbeats_answered = nullptr;
+  /// The process's data plane for tensors to and from other processes (empty: one process).
+  tensor_transport transport;
 };
 
 [[nodiscard]] node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options options);
@@ -78,4 +117,6 @@ struct node_agent_options {
 CAF_BEGIN_TYPE_ID_BLOCK(moe_node, caf::first_custom_type_id + 250)
 CAF_ADD_TYPE_ID(moe_node, (moe::actors::group_handles))
 CAF_ADD_TYPE_ID(moe_node, (moe::actors::shard_handles))
+CAF_ADD_TYPE_ID(moe_node, (moe::actors::data_plane_peer))
+CAF_ADD_TYPE_ID(moe_node, (moe::actors::cluster_session))
 CAF_END_TYPE_ID_BLOCK(moe_node)

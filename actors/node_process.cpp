@@ -14,6 +14,7 @@
 #include "actors/serving_cluster.hpp"
 #include "base/constant_time.hpp"
 #include "monitoring/metrics_server.hpp"
+#include "runtime/control_plane.hpp"
 
 namespace moe::actors {
 
@@ -57,6 +58,7 @@ struct node_metrics {
 namespace {
 
 using clock_type = std::chrono::steady_clock;
+
 
 struct gatekeeper_state {
   std::string cluster;
@@ -160,6 +162,22 @@ caf::expected<std::unique_ptr<node_process>> node_process::start(caf::actor_syst
                                                 std::to_string(config.model.seed.value_or(0)));
   ao.metrics = p->registry_;
   ao.heartbeats_answered = &p->metrics_->heartbeats_answered_total;
+  // The data plane: tensors to and from the other processes. Its port is ephemeral and reaches
+  // peers through the join reply; a bind-all node advertises its configured host.
+  runtime::data_plane_options dp;
+  dp.host = host;
+  if (host == "0.0.0.0") {
+    auto advertised = runtime::resolve_ipv4(node.host);
+    if (!advertised) return advertised.error();
+    dp.advertise_host = *advertised;
+  }
+  dp.plane_id = static_cast<uint32_t>(*index + 1);
+  dp.metrics = p->registry_;
+  auto exchange = runtime::tensor_exchange::start(std::move(dp));
+  if (!exchange) return exchange.error();
+  p->transport_ = make_tensor_transport(sys, std::move(*exchange));
+  p->info_.data_address = p->transport_.exchange->address();
+  ao.transport = p->transport_;
   p->agent_ = spawn_node_agent(sys, std::move(ao));
 
   // Metrics first: its port goes into the metadata the gatekeeper hands out.
@@ -183,7 +201,7 @@ caf::expected<std::unique_ptr<node_process>> node_process::start(caf::actor_syst
   auto bound_port = gs.bound_port;
   p->gatekeeper_ = sys.spawn(gatekeeper_impl, std::move(gs));
   const uint16_t want_port = runtime::node_control_port(config, *index);
-  auto port = sys.middleman().publish(p->gatekeeper_, want_port, host.c_str(), /*reuse_addr=*/true);
+  auto port = runtime::publish_control(sys, p->gatekeeper_, want_port, host, /*reuse_addr=*/true);
   if (!port) {
     p->stop();
     return make_error(node_errc::unreachable, "node " + node.name + ": cannot publish the control endpoint on " +
@@ -222,13 +240,15 @@ void node_process::stop() {
   if (uptime_thread_.joinable()) uptime_thread_.join();
   if (metrics_) metrics_->up.Set(0);
   if (gatekeeper_) {
-    if (info_.control_port != 0) sys_->middleman().unpublish(gatekeeper_, info_.control_port);
+    if (info_.control_port != 0) (void)runtime::unpublish_control(*sys_, gatekeeper_, info_.control_port);
     caf::anon_send_exit(gatekeeper_, caf::exit_reason::user_shutdown);
     gatekeeper_ = nullptr;
   }
   // The agent's spawned actors are linked to it: they end with it.
   if (agent_) caf::anon_send_exit(agent_, caf::exit_reason::user_shutdown);
   agent_ = nullptr;
+  if (transport_.fetcher) caf::anon_send_exit(transport_.fetcher, caf::exit_reason::user_shutdown);
+  transport_ = {};  // the last owner of the exchange stops its data plane
   if (metrics_server_) metrics_server_->stop();
 }
 

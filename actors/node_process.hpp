@@ -23,6 +23,7 @@
 #include <thread>
 
 #include "actors/cluster_messages.hpp"
+#include "actors/tensor_transport.hpp"
 #include "runtime/cluster_config.hpp"
 
 namespace prometheus {
@@ -64,6 +65,7 @@ class node_process {
   node_info info_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<node_metrics> metrics_;
+  tensor_transport transport_;
   node_agent_actor agent_;
   node_gatekeeper_actor gatekeeper_;
   std::unique_ptr<monitoring::metrics_server> metrics_server_;

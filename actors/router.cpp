@@ -65,6 +65,10 @@ void finish(pointer self, pending_route& p) {
   p.promise.deliver(std::move(r));
 }
 
+runtime::tensor_frame_meta frame_meta(const expert_batch& b) {
+  return {protocol::frame_kind::activations, static_cast<uint32_t>(b.layer), b.step, b.placement_version};
+}
+
 caf::result<route_result> route(pointer self, route_request& req) {
   auto& st = self->state;
   auto gate = st.gates.find(req.layer);
@@ -83,8 +87,10 @@ caf::result<route_result> route(pointer self, route_request& req) {
   p->num_tokens = T;
   p->choices.resize(T * k);
   std::vector<float> weights(T * k);
-  if (auto err = gate->second.route(req.x.data(), T, p->choices.data(), weights.data()))
-    return err;
+  if (auto err = gate->second.route(req.x.data(), T, p->choices.data(), weights.data())) {
+    fail(*p, std::move(err));  // the promise owns the answer now
+    return p->promise;
+  }
   p->rows = model::make_expert_rows(p->choices, weights, k);
   const size_t n = p->rows.size();
   p->rows_out.assign(n * D, 0.0f);
@@ -116,19 +122,30 @@ caf::result<route_result> route(pointer self, route_request& req) {
       b.weights[i] = p->rows.weight_of_row[r];
     }
     b.rows = tensor_ref::wrap(std::move(in), {static_cast<int64_t>(rows.size()), st.hidden});
+    const auto& group = st.options.groups[g].handle;
+    if (auto err = export_tensor(st.options.transport, self->node(), group.node(), b.rows, frame_meta(b))) {
+      fail(*p, std::move(err));  // answers the request; groups already asked are ignored
+      return p->promise;
+    }
     ++p->outstanding;
-    self->request(st.options.groups[g].handle, caf::infinite, expert_forward_atom::value, std::move(b))
+    self->request(group, caf::infinite, expert_forward_atom::value, std::move(b))
         .then(
             [self, p, rows](expert_result& res) {
               if (p->failed) return;
-              const float* src = res.rows.data();
-              const size_t Dh = static_cast<size_t>(self->state.hidden);
-              if (!src || res.rows.num_elements() != static_cast<int64_t>(rows.size() * Dh))
-                return fail(*p, model::make_error(model::model_errc::bad_input,
-                                                  "router: malformed expert result"));
-              for (size_t i = 0; i < rows.size(); ++i)
-                std::copy_n(src + i * Dh, Dh, p->rows_out.data() + static_cast<size_t>(rows[i]) * Dh);
-              if (--p->outstanding == 0) finish(self, *p);
+              with_local_tensor(
+                  self, self->state.options.transport, std::move(res.rows),
+                  [self, p, rows](tensor_ref& out) {
+                    if (p->failed) return;
+                    const float* src = out.data();
+                    const size_t Dh = static_cast<size_t>(self->state.hidden);
+                    if (!src || out.num_elements() != static_cast<int64_t>(rows.size() * Dh))
+                      return fail(*p, model::make_error(model::model_errc::bad_input,
+                                                        "router: malformed expert result"));
+                    for (size_t i = 0; i < rows.size(); ++i)
+                      std::copy_n(src + i * Dh, Dh, p->rows_out.data() + static_cast<size_t>(rows[i]) * Dh);
+                    if (--p->outstanding == 0) finish(self, *p);
+                  },
+                  [p](caf::error& err) { fail(*p, std::move(err)); });
             },
             [p](caf::error& err) { fail(*p, std::move(err)); });
   }
@@ -141,14 +158,27 @@ caf::result<route_result> route(pointer self, route_request& req) {
     b.rows = req.x;
     b.experts.assign(T, shared_expert_row);
     b.weights.assign(T, 1.0f);
+    const auto& group = st.options.groups[*st.shared_group].handle;
+    if (auto err = export_tensor(st.options.transport, self->node(), group.node(), b.rows, frame_meta(b))) {
+      fail(*p, std::move(err));  // answers the request; groups already asked are ignored
+      return p->promise;
+    }
     ++p->outstanding;
-    self->request(st.options.groups[*st.shared_group].handle, caf::infinite,
-                  expert_forward_atom::value, std::move(b))
+    self->request(group, caf::infinite, expert_forward_atom::value, std::move(b))
         .then(
-            [self, p](expert_result& res) {
+            [self, p, T](expert_result& res) {
               if (p->failed) return;
-              p->shared = res.rows.local;
-              if (--p->outstanding == 0) finish(self, *p);
+              with_local_tensor(
+                  self, self->state.options.transport, std::move(res.rows),
+                  [self, p, T](tensor_ref& out) {
+                    if (p->failed) return;
+                    if (out.num_elements() != static_cast<int64_t>(T) * self->state.hidden)
+                      return fail(*p, model::make_error(model::model_errc::bad_input,
+                                                        "router: malformed shared-expert result"));
+                    p->shared = out.local;
+                    if (--p->outstanding == 0) finish(self, *p);
+                  },
+                  [p](caf::error& err) { fail(*p, std::move(err)); });
             },
             [p](caf::error& err) { fail(*p, std::move(err)); });
   }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "actors/messages.hpp"
+#include "actors/tensor_transport.hpp"
 #include "base/error.hpp"
 #include "model/checkpoint.hpp"
 
@@ -30,6 +31,8 @@ struct router_options {
   std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
   uint32_t placement_version = 1;
   std::vector<expert_group_route> groups;
+  /// How rows reach expert groups in other processes (empty: all groups are in this one).
+  tensor_transport transport;
 };
 
 /// Errors: a gate weight is missing, a logical expert has no holder, or shared experts exist

@@ -3,7 +3,13 @@
 #include <caf/all.hpp>
 #include <prometheus/registry.h>
 
+#include <unistd.h>
+
 #include <cstdlib>
+#include <numeric>
+#include <random>
+#include <set>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "actors/api_server.hpp"
@@ -38,7 +44,7 @@ caf::expected<std::filesystem::path> resolve_model_dir(const runtime::cluster_co
 namespace {
 
 protocol::api_cluster_description describe(const runtime::cluster_config& config,
-                                            const scheduler::placement& p) {
+                                            const scheduler::placement& p, bool separate_controller) {
   protocol::api_cluster_description d;
   d.name = config.name;
   for (const auto& n : config.nodes) {
@@ -54,7 +60,7 @@ protocol::api_cluster_description describe(const runtime::cluster_config& config
   }
   for (const auto& g : p.expert_groups)
     d.actors.push_back({"expert_group", std::to_string(g.group), g.device.node, g.device.to_string()});
-  d.actors.push_back({"controller", "0", config.nodes.front().name, ""});
+  d.actors.push_back({"controller", "0", separate_controller ? "coordinator" : config.nodes.front().name, ""});
   d.placement_version = p.version;
   d.placement_json = scheduler::to_json(p).dump();
   return d;
@@ -62,9 +68,68 @@ protocol::api_cluster_description describe(const runtime::cluster_config& config
 
 }  // namespace
 
+namespace {
+
+// Every node's agent once each is up (join_nodes), in config order, with its data plane.
+caf::expected<member_list> await_members(caf::actor_system& sys, const cluster_membership_actor& membership,
+                                         const runtime::cluster_config& config, std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{sys};
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    member_list list;
+    caf::error failure;
+    self->request(membership, std::chrono::seconds(10), members_atom::value)
+        .receive([&](member_list& l) { list = std::move(l); }, [&](caf::error& e) { failure = std::move(e); });
+    if (failure) return failure;
+    std::string missing;
+    for (const auto& m : list.members) {
+      if (m.state == member_state::refused)
+        return make_error(node_errc::refused, "cluster " + config.name + ": node " + m.node + ": " + m.reason);
+      if (m.state != member_state::up && m.state != member_state::suspect)
+        missing += (missing.empty() ? "" : "; ") + m.node + " (" + m.host + ":" + std::to_string(m.control_port) +
+                   ", " + to_string(m.state) + (m.reason.empty() ? "" : ": " + m.reason) + ")";
+    }
+    if (missing.empty()) return list;
+    if (std::chrono::steady_clock::now() >= deadline)
+      return make_error(node_errc::unreachable,
+                        "cluster " + config.name + ": nodes not up after " + std::to_string(timeout.count()) +
+                            " ms: " + missing + " (start them with `moe cluster up --config " + config.source + "`)");
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+bool all_nodes_local(const runtime::cluster_config& config) {
+  return std::all_of(config.nodes.begin(), config.nodes.end(), [](const runtime::node_config& n) {
+    return n.host.starts_with("127.") || n.host == "localhost";
+  });
+}
+
+// Which shards cannot work without each node: its own shards, and all of them where it holds
+// expert groups (every shard's router reaches every group).
+std::map<std::string, std::vector<size_t>> shard_dependencies(const scheduler::placement& p,
+                                                             const std::vector<int32_t>& shard_ids) {
+  std::map<std::string, std::vector<size_t>> deps;
+  for (const auto& g : p.expert_groups) {
+    auto& d = deps[g.device.node];
+    d.resize(shard_ids.size());
+    std::iota(d.begin(), d.end(), size_t{0});
+  }
+  for (const auto& a : p.attention) {
+    auto it = std::find(shard_ids.begin(), shard_ids.end(), a.shard);
+    if (it == shard_ids.end()) continue;
+    auto& d = deps[a.device.node];
+    const auto index = static_cast<size_t>(it - shard_ids.begin());
+    if (std::find(d.begin(), d.end(), index) == d.end()) d.push_back(index);
+  }
+  return deps;
+}
+
+}  // namespace
+
 caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     caf::actor_system& sys, const runtime::cluster_config& config, const serving_options& options) {
   auto s = std::unique_ptr<serving_cluster>(new serving_cluster());
+  s->sys_ = &sys;
   auto model_cfg = scheduler::resolve_model_config(config);
   if (!model_cfg) return model_cfg.error();
   s->model_ = *model_cfg;
@@ -84,15 +149,71 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
                [&](caf::error& e) { failure = std::move(e); });
   if (failure) return failure;
 
-  const int64_t tokens = scheduler::kv_cache_tokens_per_shard(config, *model_cfg);
-  for (const auto& node : config.nodes) {
-    node_agent_options o;
-    o.node = node.name;
-    o.model_dir = s->model_dir_;
-    o.cache.block_size = 16;
-    o.cache.num_blocks = std::max<int64_t>(1, (tokens + 15) / 16);
-    o.metrics = s->registry_;
-    s->agents_.push_back(spawn_node_agent(sys, std::move(o)));
+  if (options.join_nodes) {
+    cluster_membership_options mo;
+    mo.config = config;
+    mo.peer_name = "coordinator";
+    mo.metrics = s->registry_;
+    s->membership_ = spawn_cluster_membership(sys, std::move(mo));
+    auto members = await_members(sys, s->membership_, config, options.join_timeout);
+    if (!members) return members.error();
+    // This process's own data plane: logits asked of remote shards come back through it.
+    runtime::data_plane_options dp;
+    dp.host = options.bind_host;
+    if (dp.host == "0.0.0.0") {
+      // Bound everywhere: the nodes reach us at this host's own address.
+      char name[256] = {};
+      ::gethostname(name, sizeof name - 1);
+      auto advertised = runtime::resolve_ipv4(name);
+      if (!advertised) return advertised.error();
+      dp.advertise_host = *advertised;
+    } else if (dp.host.starts_with("127.") && !all_nodes_local(config)) {
+      return make_error(node_errc::bad_request,
+                        "the coordinator binds " + dp.host + " but nodes run on other hosts: give --host an "
+                        "address they can reach (or 0.0.0.0)");
+    }
+    // Node n has plane n + 1; a coordinator takes a random id above them, so that a restarted
+    // coordinator is never mistaken by the nodes for its predecessor (whose goodbye they may
+    // still be processing).
+    std::random_device rd;
+    const uint32_t above = static_cast<uint32_t>(config.nodes.size()) + 1;
+    dp.plane_id = above + static_cast<uint32_t>(rd() % (runtime::data_plane_tag::max_plane_id - above));
+    dp.metrics = s->registry_;
+    auto exchange = runtime::tensor_exchange::start(std::move(dp));
+    if (!exchange) return exchange.error();
+    s->transport_ = make_tensor_transport(sys, std::move(*exchange));
+    cluster_session session;
+    session.owner = caf::actor_cast<caf::actor>(s->membership_);
+    session.model_dir = s->model_dir_.string();
+    session.cache_block_size = 16;
+    session.cache_num_blocks =
+        std::max<int64_t>(1, (scheduler::kv_cache_tokens_per_shard(config, *model_cfg) + 15) / 16);
+    session.peers.push_back({sys.node(), s->transport_.exchange->address()});
+    for (const auto& m : members->members) {
+      session.peers.push_back({m.agent.node(), m.info.data_address});
+      s->transport_.exchange->add_peer(m.agent.node(), m.info.data_address);
+      s->agents_.push_back(m.agent);
+    }
+    for (size_t i = 0; i < s->agents_.size(); ++i) {
+      self->request(s->agents_[i], std::chrono::seconds(30), open_session_atom::value, session)
+          .receive([](caf::atom_value) {},
+                   [&](caf::error& e) {
+                     failure = make_error(node_errc::bad_request, "node " + config.nodes[i].name +
+                                                                      ": cannot open a session: " + error_text(e));
+                   });
+      if (failure) return failure;
+    }
+  } else {
+    const int64_t tokens = scheduler::kv_cache_tokens_per_shard(config, *model_cfg);
+    for (const auto& node : config.nodes) {
+      node_agent_options o;
+      o.node = node.name;
+      o.model_dir = s->model_dir_;
+      o.cache.block_size = 16;
+      o.cache.num_blocks = std::max<int64_t>(1, (tokens + 15) / 16);
+      o.metrics = s->registry_;
+      s->agents_.push_back(spawn_node_agent(sys, std::move(o)));
+    }
   }
   // Phase 1: every node's expert groups; phase 2: attention shards and routers, which need them.
   group_handles groups;
@@ -117,7 +238,11 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     if (failure) return failure;
   }
   std::sort(shards.begin(), shards.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (auto& [id, handle] : shards) s->shards_.push_back(handle);
+  std::vector<int32_t> shard_ids;
+  for (auto& [id, handle] : shards) {
+    s->shards_.push_back(handle);
+    shard_ids.push_back(id);
+  }
 
   controller_options co;
   co.shards = s->shards_;
@@ -127,7 +252,10 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   co.limits.max_queue = config.batching.max_queue;
   co.limits.max_new_tokens_limit = config.batching.max_new_tokens_limit;
   co.metrics = s->registry_;
+  if (options.join_nodes) co.shards_needing_node = shard_dependencies(s->placement_, shard_ids);
   s->controller_ = spawn_controller(sys, co);
+  if (s->membership_)
+    caf::anon_send(s->membership_, member_subscribe_atom::value, caf::actor_cast<caf::actor>(s->controller_));
 
   auto metrics = monitoring::metrics_server::start(
       s->registry_, options.bind_host, options.metrics_port.value_or(config.ports.metrics));
@@ -138,7 +266,7 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   ao.host = options.bind_host;
   ao.port = options.api_port.value_or(config.ports.api);
   ao.secret = config.secret;
-  ao.cluster = describe(config, s->placement_);
+  ao.cluster = describe(config, s->placement_, options.join_nodes);
   auto api = api_server::start(sys, s->controller_, ao);
   if (!api) return api.error();
   s->api_ = std::move(*api);
@@ -156,9 +284,39 @@ void serving_cluster::stop() {
   api_.reset();
   if (controller_) caf::anon_send_exit(controller_, caf::exit_reason::user_shutdown);
   controller_ = nullptr;
-  // The node agents own their actors (linked): ending an agent ends them.
-  for (auto& a : agents_) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+  if (membership_) {
+    // The node processes stay up for the next coordinator: close our sessions (each node drops
+    // the actors it spawned for us). Nodes known to be down are skipped; one that does not
+    // answer drops them anyway once it sees the membership actor end.
+    caf::scoped_actor self{*sys_};
+    std::set<caf::actor_addr> up;
+    self->request(membership_, std::chrono::seconds(5), members_atom::value)
+        .receive(
+            [&](const member_list& l) {
+              for (const auto& m : l.members)
+                if (m.agent) up.insert(m.agent.address());
+            },
+            [](caf::error&) {});
+    for (auto& a : agents_) {
+      if (!up.count(a.address())) continue;
+      self->request(a, std::chrono::seconds(5), close_session_atom::value).receive([](caf::atom_value) {},
+                                                                                  [](caf::error&) {});
+    }
+    caf::anon_send_exit(membership_, caf::exit_reason::user_shutdown);
+    membership_ = nullptr;
+  } else {
+    // The node agents own their actors (linked): ending an agent ends them.
+    for (auto& a : agents_) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+  }
   agents_.clear();
+  if (transport_.fetcher) {
+    // The fetcher shares the exchange: once it has ended, dropping ours stops the data plane
+    // here, before stop() returns, not whenever the fetcher's state happens to go.
+    caf::scoped_actor self{*sys_};
+    caf::anon_send_exit(transport_.fetcher, caf::exit_reason::user_shutdown);
+    self->wait_for(transport_.fetcher);
+  }
+  transport_ = {};
   shards_.clear();
   if (scheduler_) caf::anon_send_exit(scheduler_, caf::exit_reason::user_shutdown);
   scheduler_ = nullptr;

@@ -1,8 +1,10 @@
 // A serving cluster in one process, from a cluster config: the scheduler actor plans the
 // placement, one node agent per configured node spawns that node's actors (expert groups first,
 // then attention shards with their co-located routers), then the controller, the process's
-// metrics endpoint and the job API come up. What `moe serve` and `moe demo` run; the
-// multi-process work runs the node agents in processes of their own.
+// metrics endpoint and the job API come up. What `moe serve` and `moe demo` run. With
+// join_nodes the node agents are those of `moe node` processes (one per node of the config),
+// joined with the cluster's secret and watched for failures; the controller fails the jobs
+// that need a node that went down.
 //
 // Lifecycle: start() brings everything up in dependency order; stop() takes it down in reverse,
 // draining first: the API stops accepting calls and lets in-flight ones finish (cancelling the
@@ -12,11 +14,13 @@
 
 #include <caf/fwd.hpp>
 
+#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
 
+#include "actors/cluster_membership.hpp"
 #include "actors/controller.hpp"
 #include "actors/node_agent.hpp"
 #include "runtime/cluster_config.hpp"
@@ -41,6 +45,13 @@ struct serving_options {
   std::optional<uint16_t> api_port;
   std::optional<uint16_t> metrics_port;
   std::string bind_host = "127.0.0.1";
+  /// The config's nodes run as `moe node` processes (`moe cluster up`, Kubernetes): join them
+  /// (actors/cluster_membership.hpp) and place the model's actors there; this process keeps
+  /// the scheduler, the controller, the job API and its /metrics. false: every node's agent
+  /// runs in this process.
+  bool join_nodes = false;
+  /// join_nodes: how long start() waits for every node to be up before it gives up.
+  std::chrono::milliseconds join_timeout{60'000};
 };
 
 /// `$MOE_MODEL_CACHE`, else `$XDG_CACHE_HOME/moe-runtime`, else `~/.cache/moe-runtime`.
@@ -61,8 +72,14 @@ class serving_cluster {
   [[nodiscard]] const model::model_config& model() const noexcept { return model_; }
   [[nodiscard]] const std::filesystem::path& model_dir() const noexcept { return model_dir_; }
   [[nodiscard]] controller_actor controller() const noexcept { return controller_; }
+  /// The attention shards in shard order (tests send them steps directly).
+  [[nodiscard]] const std::vector<attention_actor>& shards() const noexcept { return shards_; }
   [[nodiscard]] uint16_t api_port() const;
   [[nodiscard]] std::string metrics_url() const;
+  /// join_nodes: this process's data plane (remote shards' logits are fetched through it),
+  /// and the membership that watches the nodes. Empty in a single-process cluster.
+  [[nodiscard]] const tensor_transport& transport() const noexcept { return transport_; }
+  [[nodiscard]] cluster_membership_actor membership() const noexcept { return membership_; }
   [[nodiscard]] const std::shared_ptr<prometheus::Registry>& registry() const noexcept {
     return registry_;
   }
@@ -71,12 +88,17 @@ class serving_cluster {
 
  private:
   serving_cluster() = default;
+  caf::actor_system* sys_ = nullptr;
   scheduler::placement placement_;
   std::filesystem::path model_dir_;
   std::shared_ptr<prometheus::Registry> registry_;
   model::model_config model_;
   scheduler::scheduler_actor scheduler_;
-  std::vector<node_agent_actor> agents_;  // one per node of the config, all in this process
+  // One per node of the config: in this process, or (join_nodes) the node processes' agents,
+  // which serve this cluster in a session (node_agent.hpp, cluster_session) until stop().
+  std::vector<node_agent_actor> agents_;
+  cluster_membership_actor membership_;  // join_nodes: joins and watches the node processes
+  tensor_transport transport_;           // join_nodes: this process's data plane
   std::vector<attention_actor> shards_;
   controller_actor controller_;
   std::unique_ptr<monitoring::metrics_server> metrics_;

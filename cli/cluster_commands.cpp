@@ -1,8 +1,14 @@
-// `moe serve` and `moe demo`: a serving cluster in this process from a cluster config.
-//   moe serve --config FILE     runs until SIGINT/SIGTERM, then drains and stops.
-//   moe demo [--config FILE]    the embedded deploy/local.yaml with the embedded default model:
+// `moe serve` and `moe demo`: a serving cluster from a cluster config.
+//   moe serve --config FILE [--join-nodes]
+//                               runs until SIGINT/SIGTERM, then drains and stops. With
+//                               --join-nodes the config's nodes are `moe node` processes (moe
+//                               cluster up): this process joins them, places the model's actors
+//                               there and keeps the controller, the job API and its /metrics.
+//   moe demo [--config FILE] [--processes N]
+//                               the embedded deploy/local.yaml with the embedded default model:
 //                               submits prompts concurrently through the API and shows what
 //                               happened (generations, placement, tokens per expert, metrics).
+//                               --processes N: this process plus N-1 `moe node` processes.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <httplib.h>
@@ -11,12 +17,15 @@
 #include <caf/all.hpp>
 #include <csignal>
 #include <map>
+#include <sstream>
 #include <thread>
 
 #include "actors/actor_types.hpp"
 #include "actors/serving_cluster.hpp"
 #include "cli/command.hpp"
 #include "cli/embedded_config.hpp"
+#include "cli/local_nodes.hpp"
+#include "cli/node_support.hpp"
 #include "client/job_client.hpp"
 #include "runtime/actor_system.hpp"
 
@@ -50,20 +59,29 @@ sigset_t block_stop_signals() {
 
 struct serve_options {
   std::string config;
+  std::string secret_file;
   std::string host = "127.0.0.1";
   std::optional<uint16_t> api_port, metrics_port;
+  bool join_nodes = false;
+  double join_timeout_s = 60;
 };
 
 int run_serve(const serve_options& o) {
   const sigset_t stop_signals = block_stop_signals();
-  auto cfg = runtime::load_cluster_config(o.config);
+  auto cfg = load_cluster_with_secret(o.config, o.secret_file);
   if (!cfg) return fail("serve", cfg.error());
-  auto sys_cfg = make_system_config();
+  auto sys_cfg = o.join_nodes ? make_networked_system_config(*cfg) : make_system_config();
   caf::actor_system sys{sys_cfg};
   actors::serving_options so;
   so.bind_host = o.host;
   so.api_port = o.api_port;
   so.metrics_port = o.metrics_port;
+  so.join_nodes = o.join_nodes;
+  so.join_timeout = std::chrono::milliseconds(static_cast<int64_t>(o.join_timeout_s * 1000));
+  if (o.join_nodes)
+    fmt::print("joining {} node process(es) of '{}' (at most {:.0f} s)\n", cfg->nodes.size(), cfg->name,
+               o.join_timeout_s);
+  std::fflush(stdout);
   auto cluster = actors::serving_cluster::start(sys, *cfg, so);
   if (!cluster) return fail("serve", cluster.error());
   fmt::print("{}\n", scheduler::render_table((*cluster)->placement()));
@@ -100,18 +118,56 @@ std::map<int64_t, std::vector<double>> routed_tokens(prometheus::Registry& regis
   return out;
 }
 
-int run_demo(const std::string& config_file) {
+// Sums moe_router_tokens_routed_total by (layer, expert) from a Prometheus text exposition
+// (a node process's /metrics).
+void add_routed_tokens(const std::string& exposition, int64_t num_experts,
+                       std::map<int64_t, std::vector<double>>& out) {
+  std::istringstream in(exposition);
+  for (std::string line; std::getline(in, line);) {
+    if (!line.starts_with("moe_router_tokens_routed_total{")) continue;
+    auto label = [&](const std::string& name) -> int64_t {
+      const auto at = line.find(name + "=\"");
+      return at == std::string::npos ? -1 : std::stoll(line.substr(at + name.size() + 2));
+    };
+    const int64_t layer = label("layer"), expert = label("expert");
+    auto& row = out[layer];
+    row.resize(static_cast<size_t>(num_experts), 0.0);
+    if (expert >= 0 && expert < num_experts) row[static_cast<size_t>(expert)] += std::stod(line.substr(line.rfind(' ') + 1));
+  }
+}
+
+std::string scrape(const std::string& host, uint16_t port) {
+  httplib::Client scraper(host, port);
+  auto res = scraper.Get("/metrics");
+  return res && res->status == 200 ? res->body : std::string();
+}
+
+int run_demo(const std::string& config_file, int processes) {
   auto cfg = config_file.empty()
                  ? runtime::parse_cluster_config(embedded_local_config, "deploy/local.yaml (embedded)")
                  : runtime::load_cluster_config(config_file);
   if (!cfg) return fail("demo", cfg.error());
-  auto sys_cfg = make_system_config();
+  if (processes < 1) return fail("demo", make_error(runtime::cluster_config_errc::bad_config, "--processes must be at least 1"));
+  // --processes N: N-1 node processes hold the model's actors; this one is the coordinator.
+  std::unique_ptr<local_nodes> nodes;
+  if (processes > 1) {
+    auto started = local_nodes::start(*cfg, processes - 1);
+    if (!started) return fail("demo", started.error());
+    nodes = std::move(*started);
+    cfg = nodes->config();
+    fmt::print("started {} node processes (logs in {})\n", processes - 1, nodes->run_dir().string());
+  }
+  auto sys_cfg = nodes ? make_networked_system_config(*cfg) : make_system_config();
   caf::actor_system sys{sys_cfg};
   actors::serving_options so;
   so.api_port = 0;  // ephemeral: the demo never collides with a running `moe serve`
   so.metrics_port = 0;
+  so.join_nodes = nodes != nullptr;
   auto cluster = actors::serving_cluster::start(sys, *cfg, so);
-  if (!cluster) return fail("demo", cluster.error());
+  if (!cluster) {
+    if (nodes) fmt::print(stderr, "{}", nodes->log_tails());
+    return fail("demo", cluster.error());
+  }
   auto& c = **cluster;
   const auto& m = c.model();
   fmt::print("cluster '{}': model {} ({} layers, hidden {}, {} routed experts, top-{} of {} groups, "
@@ -161,8 +217,14 @@ int run_demo(const std::string& config_file) {
     fmt::print("  [{}] {} prompt {} -> {}\n", i, i % 2 == 1 ? "sampled" : "greedy ",
                fmt::join(prompts[i], " "), fmt::join(outputs[i], " "));
   }
+  // The routers run where the attention shards do: in this process, or in the node processes.
+  auto per_expert = routed_tokens(*c.registry(), m.n_routed_experts);
+  if (nodes) {
+    for (size_t i = 0; i < cfg->nodes.size(); ++i)
+      add_routed_tokens(scrape("127.0.0.1", runtime::node_metrics_port(*cfg, i)), m.n_routed_experts, per_expert);
+  }
   fmt::print("\ntokens routed per expert (moe_router_tokens_routed_total):\n");
-  for (const auto& [layer, counts] : routed_tokens(*c.registry(), m.n_routed_experts)) {
+  for (const auto& [layer, counts] : per_expert) {
     double total = 0, peak = 0;
     for (double v : counts) {
       total += v;
@@ -180,6 +242,11 @@ int run_demo(const std::string& config_file) {
   if (res && res->status == 200)
     for (size_t pos = 0; (pos = res->body.find("\nmoe_", pos)) != std::string::npos; ++pos) ++series;
   fmt::print("\nmetrics: {} ({} moe_* samples scraped just now)\n", url, series);
+  if (nodes) {
+    for (size_t i = 0; i < cfg->nodes.size(); ++i)
+      fmt::print("node {} (a process of its own): metrics at http://127.0.0.1:{}/metrics\n", cfg->nodes[i].name,
+                 runtime::node_metrics_port(*cfg, i));
+  }
   c.stop();
   return failures == 0 ? 0 : 1;
 }
@@ -193,14 +260,22 @@ void add_serve_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--host", o->host, "Address the API and metrics endpoints bind");
   cmd->add_option("--api-port", o->api_port, "Override ports.api (0: ephemeral)");
   cmd->add_option("--metrics-port", o->metrics_port, "Override ports.metrics (0: ephemeral)");
+  cmd->add_option("--secret-file", o->secret_file, "Read the cluster secret from this file (overrides cluster.secret)");
+  cmd->add_flag("--join-nodes", o->join_nodes,
+                "The config's nodes run as `moe node` processes (moe cluster up): join them and place the actors there");
+  cmd->add_option("--join-timeout", o->join_timeout_s, "--join-nodes: seconds to wait for every node (default 60)");
   cmd->callback([o, &ctx] { ctx.exit_code = run_serve(*o); });
 }
 
 void add_demo_command(CLI::App& app, command_context& ctx) {
   auto file = std::make_shared<std::string>();
+  auto processes = std::make_shared<int>(1);
   auto* cmd = app.add_subcommand("demo", "Run the embedded default cluster and model end to end");
   cmd->add_option("--config", *file, "Cluster config (default: the embedded deploy/local.yaml)");
-  cmd->callback([file, &ctx] { ctx.exit_code = run_demo(*file); });
+  cmd->add_option("--processes", *processes,
+                  "Run as N processes: this one (controller, API) and N-1 `moe node` processes holding the model's "
+                  "actors, the first node of the config split between them (default 1)");
+  cmd->callback([file, processes, &ctx] { ctx.exit_code = run_demo(*file, *processes); });
 }
 
 }  // namespace moe::cli

@@ -6,6 +6,7 @@
 #include <prometheus/registry.h>
 
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <cstdlib>
 #include <random>
 #include <sys/epoll.h>
@@ -119,6 +120,19 @@ data_plane_metrics::data_plane_metrics(prometheus::Registry& r) {
 
 }  // namespace data_plane_detail
 
+caf::expected<std::string> resolve_ipv4(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  addrinfo* found = nullptr;
+  if (int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &found); rc != 0 || found == nullptr)
+    return make_error(data_plane_errc::bad_address,
+                      "cannot resolve " + host + " to an IPv4 address: " + (rc != 0 ? gai_strerror(rc) : "no address"));
+  char text[INET_ADDRSTRLEN] = {};
+  ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(found->ai_addr)->sin_addr, text, sizeof text);
+  ::freeaddrinfo(found);
+  return std::string(text);
+}
+
 using namespace data_plane_detail;
 
 // --- start / submit -----------------------------------------------------------------------------
@@ -207,7 +221,8 @@ caf::expected<std::unique_ptr<impl>> impl::create(data_plane_options o) {
     if (auto s = ucp_listener_query(l, &attr); s != UCS_OK)
       return unavailable(s, "ucp_listener_query");
     const auto port = ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)->sin_port);
-    p->address = p->opts.host + ":" + std::to_string(port) + plane_suffix;
+    const auto& advertised = p->opts.advertise_host.empty() ? p->opts.host : p->opts.advertise_host;
+    p->address = advertised + ":" + std::to_string(port) + plane_suffix;
   } else {
     ucp_address_t* blob = nullptr;
     size_t length = 0;

@@ -48,6 +48,10 @@ enum class data_plane_errc : uint8_t {
   bad_address,       ///< Permanent: the address string cannot be parsed.
 };
 
+/// The IPv4 address peers should use for `host` (a DNS name in Kubernetes, an address
+/// elsewhere): for data_plane_options::advertise_host. Errors: bad_address.
+[[nodiscard]] caf::expected<std::string> resolve_ipv4(const std::string& host);
+
 /// Errors of UCX itself come as ucx::ucx_errc (runtime/ucx/ucx.hpp): connect_failed and
 /// transfer_failed (transient), unavailable (permanent, from start()).
 [[nodiscard]] caf::error make_error(data_plane_errc code, std::string text);
@@ -87,6 +91,8 @@ struct data_plane_options {
   /// IPv4 address the listener binds to and advertises.
   std::string host = "127.0.0.1";
   uint16_t port = 0;  ///< 0: an ephemeral port.
+  /// The IPv4 address address() names instead of `host` (for a listener on 0.0.0.0).
+  std::string advertise_host;
   /// true: client-server mode through a listener (needs tcp in tls); address() is host:port.
   /// false: no listener; address() carries the UCX worker address, which a peer passes to
   /// connect() over a side channel. This works with any transport, pure shared memory included.

@@ -8,8 +8,9 @@
 # Errors are RPC exceptions whose description starts with a stable code and a colon:
 #   unauthenticated:, unsupported_version:, invalid_request:, overloaded:, unknown_job:,
 #   unavailable:, internal:
-# `overloaded:` and `unavailable:` (the server is stopping) are transient (exception type
-# OVERLOADED / DISCONNECTED); the others are permanent for the same request.
+# `overloaded:` and `unavailable:` (the server is stopping, or a node the work needs is down)
+# are transient (exception type OVERLOADED / DISCONNECTED); the others are permanent for the
+# same request.
 #
 # Compatibility: fields are only ever added (with new ordinals); a change that old clients
 # would misread bumps apiVersion, and the server refuses other versions at login.

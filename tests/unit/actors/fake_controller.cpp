@@ -127,6 +127,7 @@ fake_actor::behavior_type fake_controller(fake_actor::stateful_pointer<fake_stat
         if (was_active) finish(id, it->second, job_state::cancelled, "cancelled", "", {});
         return was_active;
       },
+      [](const member_event&) {},  // a fake cluster has no nodes to lose
       [=](tick_atom, uint64_t id) {
         auto it = self->state.jobs.find(id);
         if (it == self->state.jobs.end() || !is_active(it->second.state)) return;

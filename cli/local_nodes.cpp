@@ -1,0 +1,142 @@
+#include "cli/local_nodes.hpp"
+
+#include <fmt/format.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <random>
+
+#include "cli/local_processes.hpp"
+
+namespace moe::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// A port the kernel just handed out. Free again when this returns: a node that loses the race
+// fails to start and says so.
+caf::expected<uint16_t> free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return make_error(process_errc::spawn_failed, "socket() failed");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+  ::close(fd);
+  if (!ok) return make_error(process_errc::spawn_failed, "cannot find a free port on 127.0.0.1");
+  return ntohs(a.sin_port);
+}
+
+std::string random_secret() {
+  std::random_device rd;
+  return fmt::format("{:016x}{:016x}", (uint64_t{rd()} << 32) | rd(), (uint64_t{rd()} << 32) | rd());
+}
+
+std::string quoted(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+std::string split_config_yaml(const runtime::cluster_config& base, int count, const std::vector<uint16_t>& ports,
+                              const std::string& secret) {
+  const auto& first = base.nodes.front();
+  const auto share = [count](int64_t v) { return std::max<int64_t>(v > 0 ? 1 : 0, v / count); };
+  std::string y = fmt::format("cluster:\n  name: {}\n  secret: {}\n  heartbeat_interval_ms: {}\n  failure_timeout_ms: {}\n",
+                              quoted(base.name + "-processes"), quoted(secret), base.heartbeat_interval_ms,
+                              base.failure_timeout_ms);
+  y += "nodes:\n";
+  for (int i = 0; i < count; ++i) {
+    y += fmt::format("  - name: n{}\n    host: 127.0.0.1\n    control_port: {}\n    metrics_port: {}\n    devices: {{gpus: {}, cpu_slots: {}}}\n",
+                     i, ports[2 * static_cast<size_t>(i)], ports[2 * static_cast<size_t>(i) + 1], share(first.gpus),
+                     share(first.cpu_slots));
+    if (first.cpu_slots > 0) y += fmt::format("    memory: {}\n", first.memory_bytes / static_cast<uint64_t>(count));
+    if (first.gpus > 0) y += fmt::format("    gpu_memory: {}\n", first.gpu_memory_bytes);
+  }
+  if (!base.model.preset.empty()) {
+    y += fmt::format("model:\n  preset: {}\n", base.model.preset);
+    if (base.model.seed) y += fmt::format("  seed: {}\n", *base.model.seed);
+  } else {
+    y += fmt::format("model:\n  path: {}\n", quoted(fs::absolute(base.model.path).string()));
+  }
+  y += fmt::format("attention_shards: {}\nexpert_groups:\n  count: {}\n", base.attention_shards, base.expert_groups.count);
+  if (!base.expert_groups.experts.empty()) {
+    y += "  experts:\n";
+    for (const auto& g : base.expert_groups.experts) {
+      std::string list;
+      for (auto e : g) list += (list.empty() ? "" : ", ") + std::to_string(e);
+      y += "    - [" + list + "]\n";
+    }
+  }
+  y += fmt::format("redundant_expert_slots: {}\n", base.redundant_expert_slots);
+  const auto& b = base.batching;
+  y += fmt::format("batching:\n  max_running_requests: {}\n  max_batch_tokens: {}\n  max_queue: {}\n  max_new_tokens_limit: {}\n",
+                   b.max_running_requests, b.max_batch_tokens, b.max_queue, b.max_new_tokens_limit);
+  y += fmt::format("ports:\n  control: {}\n  api: {}\n  metrics: {}\n", ports[0], base.ports.api, base.ports.metrics);
+  return y;
+}
+
+caf::expected<std::unique_ptr<local_nodes>> local_nodes::start(const runtime::cluster_config& base, int count) {
+  if (count < 1 || base.nodes.empty())
+    return make_error(process_errc::spawn_failed, "a local multi-process cluster needs at least one node");
+  auto n = std::unique_ptr<local_nodes>(new local_nodes());
+  std::string tmpl = (fs::temp_directory_path() / "moe-demo-XXXXXX").string();
+  if (::mkdtemp(tmpl.data()) == nullptr)
+    return make_error(process_errc::io_error, "cannot create a run directory under " + fs::temp_directory_path().string());
+  n->dir_ = tmpl;  // mode 0700: the config below holds the secret
+  std::vector<uint16_t> ports;
+  for (int i = 0; i < 2 * count; ++i) {
+    auto p = free_port();
+    if (!p) return p.error();
+    ports.push_back(*p);
+  }
+  const auto file = n->dir_ / "cluster.yaml";
+  {
+    std::ofstream out(file);
+    out << split_config_yaml(base, count, ports, random_secret());
+    if (!out) return make_error(process_errc::io_error, "cannot write " + file.string());
+  }
+  auto cfg = runtime::load_cluster_config(file);
+  if (!cfg) return cfg.error();
+  n->config_ = std::move(*cfg);
+  for (const auto& node : n->config_.nodes) {
+    auto pid = spawn_detached({self_executable(), "node", "--config", file.string(), "--name", node.name},
+                              n->dir_ / (node.name + ".log"));
+    if (!pid) return pid.error();
+    n->pids_.push_back(*pid);
+  }
+  return n;
+}
+
+std::string local_nodes::log_tails() const {
+  std::string out;
+  for (const auto& node : config_.nodes)
+    out += fmt::format("node {} ({}):\n{}", node.name, (dir_ / (node.name + ".log")).string(),
+                       tail_of_file(dir_ / (node.name + ".log"), 8));
+  return out;
+}
+
+local_nodes::~local_nodes() {
+  for (auto pid : pids_) signal_process_group(pid, SIGTERM);
+  for (auto pid : pids_) {
+    if (!wait_for_exit(pid, std::chrono::seconds(10))) {
+      signal_process_group(pid, SIGKILL);
+      (void)wait_for_exit(pid, std::chrono::seconds(5));
+    }
+  }
+  std::error_code ec;
+  if (!dir_.empty()) fs::remove_all(dir_, ec);
+}
+
+}  // namespace moe::cli

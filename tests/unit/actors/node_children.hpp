@@ -1,0 +1,64 @@
+// Real `moe node` processes for tests: each child runs in a session of its own (so a signal
+// reaches its whole process group) and is killed and reaped on destruction, whatever the
+// test's outcome. MOE_BINARY_DIR comes from CMake.
+#pragma once
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+
+namespace moe::test {
+
+// A port the kernel just handed out; free again when this returns (a small race, acceptable
+// in a test; the node fails loudly if it lost it).
+inline uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+/// A `moe node` child in a session of its own; SIGKILLed and reaped on destruction.
+class node_child {
+ public:
+  node_child(const std::string& config, const std::string& name, const std::string& log) {
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::setsid();
+      std::FILE* out = std::freopen(log.c_str(), "w", stdout);
+      if (out != nullptr) ::dup2(::fileno(stdout), STDERR_FILENO);
+      const std::string moe = std::string(MOE_BINARY_DIR) + "/cli/moe";
+      ::execl(moe.c_str(), moe.c_str(), "node", "--config", config.c_str(), "--name", name.c_str(), nullptr);
+      _exit(127);
+    }
+  }
+  ~node_child() { kill_and_reap(); }
+  node_child(const node_child&) = delete;
+  node_child& operator=(const node_child&) = delete;
+
+  void signal(int sig) const {
+    if (pid_ > 0) ::kill(-pid_, sig);
+  }
+  void kill_and_reap() {
+    if (pid_ <= 0) return;
+    ::kill(-pid_, SIGCONT);
+    ::kill(-pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+}  // namespace moe::test
