@@ -4,6 +4,7 @@
 #include <prometheus/counter.h>
 
 #include <chrono>
+#include <set>
 #include <spdlog/spdlog.h>
 
 #include "actors/attention.hpp"
@@ -13,6 +14,7 @@
 #include "actors/weights_loading.hpp"
 #include "model/config.hpp"
 #include "model/model_errc.hpp"
+#include "runtime/control_plane.hpp"
 
 namespace moe::actors {
 
@@ -71,6 +73,19 @@ caf::result<caf::atom_value> open_session(pointer self, cluster_session& s) {
     if (!st.options.transport)
       return make_error(node_errc::bad_request, "node " + st.options.node + " has no data plane");
     st.options.transport.exchange->add_peer(p.node, p.address);
+    // CAF relays messages to a node it knows only through the coordinator; a connection of our
+    // own makes router <-> expert group messages direct. Best effort: the relay still works.
+    // One side of each pair connects (BASP connections carry both directions).
+    if (p.control_port != 0 && self->node() < p.node) {
+      const std::string where = p.control_host + ":" + std::to_string(p.control_port);
+      self->request(runtime::control_plane_handle(self->system()), std::chrono::seconds(5), caf::connect_atom::value,
+                    p.control_host, p.control_port)
+          .then([](const caf::node_id&, caf::strong_actor_ptr&, const std::set<std::string>&) {},
+                [self, where](caf::error& e) {
+                  spdlog::warn("node {}: no direct control connection to {} (messages go through the coordinator): {}",
+                               self->state.options.node, where, runtime::render_connect_error(self->system(), e));
+                });
+    }
   }
   return caf::atom("ok");
 }

@@ -50,15 +50,19 @@ typename Inspector::result_type inspect(Inspector& f, shard_handles& x) {
   return f(caf::meta::type_name("shard_handles"), x.shards, x.handles);
 }
 
-/// Where one process of the cluster receives tensors: its CAF node and data plane address.
+/// One process of the cluster: its CAF node, where it receives tensors, and (for a node
+/// process; port 0 for the coordinator) its control endpoint, which the other nodes connect to
+/// so that their control messages go directly instead of through the coordinator.
 struct data_plane_peer {
   caf::node_id node;
   std::string address;
+  std::string control_host;
+  uint16_t control_port = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, data_plane_peer& x) {
-  return f(caf::meta::type_name("data_plane_peer"), x.node, x.address);
+  return f(caf::meta::type_name("data_plane_peer"), x.node, x.address, x.control_host, x.control_port);
 }
 
 /// A coordinator's claim on a node process: the node serves it until it closes the session or

@@ -188,9 +188,9 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     session.cache_block_size = 16;
     session.cache_num_blocks =
         std::max<int64_t>(1, (scheduler::kv_cache_tokens_per_shard(config, *model_cfg) + 15) / 16);
-    session.peers.push_back({sys.node(), s->transport_.exchange->address()});
+    session.peers.push_back({sys.node(), s->transport_.exchange->address(), {}, 0});
     for (const auto& m : members->members) {
-      session.peers.push_back({m.agent.node(), m.info.data_address});
+      session.peers.push_back({m.agent.node(), m.info.data_address, m.info.host, m.info.control_port});
       s->transport_.exchange->add_peer(m.agent.node(), m.info.data_address);
       s->agents_.push_back(m.agent);
     }
