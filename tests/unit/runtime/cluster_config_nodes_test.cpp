@@ -109,10 +109,18 @@ TEST(k8s_manifests, parse_and_carry_a_valid_cluster_config) {
         ASSERT_TRUE(cmd.IsSequence());
         EXPECT_EQ(cmd[1].as<std::string>(), "node");
       }
+      if (kind == "Deployment") {
+        const auto cmd = doc["spec"]["template"]["spec"]["containers"][0]["command"];
+        ASSERT_TRUE(cmd.IsSequence());
+        EXPECT_EQ(cmd[1].as<std::string>(), "serve");
+        bool joins = false;
+        for (const auto& arg : cmd) joins = joins || arg.as<std::string>() == "--join-nodes";
+        EXPECT_TRUE(joins) << "the controller must join the node pods";
+      }
     }
   }
   EXPECT_GE(num_files, 4);
-  for (const char* k : {"ConfigMap", "Secret", "StatefulSet", "Service", "Kustomization"}) {
+  for (const char* k : {"ConfigMap", "Secret", "StatefulSet", "Deployment", "Service", "Kustomization"}) {
     EXPECT_TRUE(kinds.count(k)) << k << " missing";
   }
 }
