@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "actors/actor_types.hpp"
+#include "cli/local_processes.hpp"
 #include "actors/controller.hpp"
 #include "actors/serving_cluster.hpp"
 #include "runtime/actor_system.hpp"
@@ -104,18 +105,6 @@ extern "C" void kill_nodes_and_exit(int sig) {
   for (int i = 0; i < n; ++i) ::unlink(run_files[i]);
   if (run_dir_path[0] != '\0') ::rmdir(run_dir_path);
   ::_exit(128 + sig);
-}
-
-std::string tail_of(const fs::path& path, size_t max_lines) {
-  std::ifstream in(path);
-  std::deque<std::string> lines;
-  for (std::string line; std::getline(in, line);) {
-    lines.push_back(std::move(line));
-    if (lines.size() > max_lines) lines.pop_front();
-  }
-  std::string out;
-  for (const auto& l : lines) out += "  | " + l + "\n";
-  return out;
 }
 
 // Owns the run dir and the `moe node` processes. Destruction stops and reaps every node and
@@ -204,7 +193,7 @@ class node_processes {
       int status = 0;
       const bool gone = ::waitpid(pids_[i], &status, WNOHANG) == pids_[i];
       out += "node " + names_[i] + " (pid " + std::to_string(pids_[i]) + (gone ? ", exited" : ", running") +
-             "), " + (dir_ / (names_[i] + ".log")).string() + ":\n" + tail_of(dir_ / (names_[i] + ".log"), 12);
+             "), " + (dir_ / (names_[i] + ".log")).string() + ":\n" + moe::cli::tail_of_file(dir_ / (names_[i] + ".log"), 12);
     }
     return out;
   }
@@ -229,17 +218,9 @@ class node_processes {
 };
 
 uint16_t free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw bench_failure("socket() failed");
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
-                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
-  ::close(fd);
-  if (!ok) throw bench_failure("cannot find a free port on 127.0.0.1");
-  return ntohs(a.sin_port);
+  auto p = moe::cli::free_loopback_port();
+  if (!p) throw bench_failure(moe::error_text(p.error()));
+  return *p;
 }
 
 std::string random_secret() {

@@ -1,9 +1,7 @@
 #include "cli/local_nodes.hpp"
 
 #include <fmt/format.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -16,22 +14,6 @@ namespace moe::cli {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A port the kernel just handed out. Free again when this returns: a node that loses the race
-// fails to start and says so.
-caf::expected<uint16_t> free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return make_error(process_errc::spawn_failed, "socket() failed");
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
-                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
-  ::close(fd);
-  if (!ok) return make_error(process_errc::spawn_failed, "cannot find a free port on 127.0.0.1");
-  return ntohs(a.sin_port);
-}
 
 std::string random_secret() {
   std::random_device rd;
@@ -97,7 +79,7 @@ caf::expected<std::unique_ptr<local_nodes>> local_nodes::start(const runtime::cl
   n->dir_ = tmpl;  // mode 0700: the config below holds the secret
   std::vector<uint16_t> ports;
   for (int i = 0; i < 2 * count; ++i) {
-    auto p = free_port();
+    auto p = free_loopback_port();
     if (!p) return p.error();
     ports.push_back(*p);
   }

@@ -1,7 +1,9 @@
 #include "cli/local_processes.hpp"
 
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -120,6 +122,20 @@ std::string tail_of_file(const std::filesystem::path& path, size_t max_lines) {
   std::string out;
   for (const auto& l : lines) out += "  | " + l + "\n";
   return out;
+}
+
+caf::expected<uint16_t> free_loopback_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return make_error(process_errc::spawn_failed, "socket() failed");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+  ::close(fd);
+  if (!ok) return make_error(process_errc::spawn_failed, "cannot find a free port on 127.0.0.1");
+  return ntohs(a.sin_port);
 }
 
 std::string self_executable() {

@@ -52,6 +52,10 @@ void signal_process_group(pid_t pid, int sig);
 /// The last `max_lines` lines of a file (for error messages about a node that did not start).
 [[nodiscard]] std::string tail_of_file(const std::filesystem::path& path, size_t max_lines);
 
+/// A TCP port on 127.0.0.1 that the kernel just handed out. Free again when this returns: a
+/// node that loses the race for it fails to start and says so.
+[[nodiscard]] caf::expected<uint16_t> free_loopback_port();
+
 /// This executable (/proc/self/exe), to start nodes with the same build.
 [[nodiscard]] std::string self_executable();
 

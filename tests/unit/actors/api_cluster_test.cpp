@@ -12,7 +12,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/local_cluster.hpp"
 #include "client/job_client.hpp"
-#include "model/safetensors.hpp"
+#include "tests/golden/golden_data.hpp"
 #include "runtime/actor_system.hpp"
 
 using namespace moe;
@@ -25,11 +25,7 @@ const std::string secret = "cluster secret for the api test";
 std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
 
 std::vector<int32_t> golden_ids(const std::string& name) {
-  auto f = model::safetensors_file::open(tiny() / "golden.safetensors");
-  const auto* v = f->find(name);
-  std::vector<int64_t> wide(v->data.size() / 8);
-  std::memcpy(wide.data(), v->data.data(), v->data.size());
-  return {wide.begin(), wide.end()};
+  return moe::testing::golden_file::open(tiny() / "golden.safetensors").ids(name);
 }
 
 runtime::actor_system_config make_config() {

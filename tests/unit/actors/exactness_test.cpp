@@ -8,7 +8,7 @@
 
 #include "actors/actor_types.hpp"
 #include "actors/local_cluster.hpp"
-#include "model/safetensors.hpp"
+#include "tests/golden/golden_data.hpp"
 #include "runtime/actor_system.hpp"
 
 using namespace moe;
@@ -18,19 +18,11 @@ namespace {
 std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
 
 std::vector<int32_t> golden_ids(const std::string& name) {
-  auto f = model::safetensors_file::open(tiny() / "golden.safetensors");
-  const auto* v = f->find(name);
-  std::vector<int64_t> wide(v->data.size() / 8);
-  std::memcpy(wide.data(), v->data.data(), v->data.size());
-  return {wide.begin(), wide.end()};
+  return moe::testing::golden_file::open(tiny() / "golden.safetensors").ids(name);
 }
 
 std::vector<float> golden_floats(const std::string& name) {
-  auto f = model::safetensors_file::open(tiny() / "golden.safetensors");
-  const auto* v = f->find(name);
-  std::vector<float> out(v->data.size() / 4);
-  std::memcpy(out.data(), v->data.data(), v->data.size());
-  return out;
+  return moe::testing::golden_file::open(tiny() / "golden.safetensors").floats(name);
 }
 
 struct layout_case {

@@ -114,7 +114,7 @@ TEST(message_types, cluster_control_messages_round_trip) {
   auto cfg = make_config();
   caf::actor_system sys{cfg};
   node_status st;
-  st.info = {"n1", "10.0.0.2", 7110, 7122, 8, 0, 4242};
+  st.info = {"n1", "10.0.0.2", 7110, 7122, 8, 0, 4242, "10.0.0.2:40001/2"};
   st.uptime_ms = 1234;
   st.actors = {"node_gatekeeper", "node_agent"};
   st.heartbeats_answered = 9;
@@ -123,6 +123,7 @@ TEST(message_types, cluster_control_messages_round_trip) {
   EXPECT_EQ(s.info.name, "n1");
   EXPECT_EQ(s.info.control_port, 7110);
   EXPECT_EQ(s.info.pid, 4242);
+  EXPECT_EQ(s.info.data_address, "10.0.0.2:40001/2");
   EXPECT_EQ(s.actors, st.actors);
   EXPECT_EQ(s.refused_joins, 2u);
 
@@ -134,8 +135,22 @@ TEST(message_types, cluster_control_messages_round_trip) {
   auto creds = round_trip(sys, node_credentials{"c", "s", "peer"});
   EXPECT_EQ(creds.secret, "s");
   member_list l;
-  l.members.push_back({"n0", "127.0.0.1", 7100, member_state::refused, "wrong cluster secret", {}});
+  l.members.push_back({"n0", "127.0.0.1", 7100, member_state::refused, "wrong cluster secret", {}, {}});
   auto lr = round_trip(sys, l);
   ASSERT_EQ(lr.members.size(), 1u);
   EXPECT_EQ(lr.members[0].state, member_state::refused);
+
+  // A coordinator's session: every process's node id and data plane, the checkpoint, the cache.
+  cluster_session session;
+  session.peers.push_back({sys.node(), "127.0.0.1:40000/7f", "127.0.0.1", 7100});
+  session.model_dir = "/models/tiny";
+  session.cache_block_size = 16;
+  session.cache_num_blocks = 300;
+  auto sr = round_trip(sys, session);
+  ASSERT_EQ(sr.peers.size(), 1u);
+  EXPECT_EQ(sr.peers[0].node, sys.node());
+  EXPECT_EQ(sr.peers[0].address, "127.0.0.1:40000/7f");
+  EXPECT_EQ(sr.peers[0].control_port, 7100);
+  EXPECT_EQ(sr.model_dir, "/models/tiny");
+  EXPECT_EQ(sr.cache_num_blocks, 300);
 }
