@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   moe::cli::add_run_command(app, ctx);
   moe::cli::add_init_model_command(app, ctx);
   moe::cli::add_plan_command(app, ctx);
+  moe::cli::add_plan_experts_command(app, ctx);
   moe::cli::add_submit_command(app, ctx);
   moe::cli::add_serve_command(app, ctx);
   moe::cli::add_node_command(app, ctx);
