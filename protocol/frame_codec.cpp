@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 
+#include "protocol/flat_message.hpp"
 #include "protocol/protocol_errc.hpp"
 #include "protocol/tensor_frame.capnp.h"
 
@@ -174,42 +175,13 @@ std::vector<std::byte> encode_frame_header(const tensor_frame_header& h) {
     b.setInline(kj::arrayPtr(reinterpret_cast<const kj::byte*>(h.inline_payload.data()),
                              h.inline_payload.size()));
   }
-  auto words = ::capnp::messageToFlatArray(message);
-  auto bytes = words.asBytes();
-  std::vector<std::byte> out(bytes.size());
-  std::memcpy(out.data(), bytes.begin(), bytes.size());
-  return out;
+  return detail::to_flat_bytes(message);
 }
 
 caf::expected<tensor_frame_header> decode_frame_header(std::span<const std::byte> bytes,
                                                        const frame_limits& limits) {
-  if (bytes.size() > limits.max_message_bytes) {
-    return make_error(protocol_errc::oversized, "tensor frame: " + std::to_string(bytes.size()) +
-                                                    " bytes exceed the limit of " +
-                                                    std::to_string(limits.max_message_bytes));
-  }
-  if (bytes.size() < sizeof(::capnp::word) || bytes.size() % sizeof(::capnp::word) != 0) {
-    return make_error(protocol_errc::truncated, "tensor frame: " + std::to_string(bytes.size()) +
-                                                    " bytes is not a whole number of words");
-  }
-  // Copy into word-aligned storage: network buffers carry no alignment promise.
-  kj::Array<::capnp::word> words = kj::heapArray<::capnp::word>(bytes.size() / sizeof(::capnp::word));
-  std::memcpy(words.begin(), bytes.data(), bytes.size());
-  ::capnp::ReaderOptions options;
-  options.traversalLimitInWords = limits.max_message_bytes / sizeof(::capnp::word) + 1;
-  options.nestingLimit = 16;
-  caf::expected<tensor_frame_header> result = make_error(protocol_errc::malformed, "not decoded");
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&] {
-                ::capnp::FlatArrayMessageReader reader(words.asPtr(), options);
-                result = decode_checked(reader.getRoot<schema::TensorFrame>(), limits);
-              })) {
-    const std::string what = e->getDescription().cStr();
-    const bool short_input = what.find("ended prematurely") != std::string::npos ||
-                             what.find("truncated") != std::string::npos;
-    return make_error(short_input ? protocol_errc::truncated : protocol_errc::malformed,
-                      "tensor frame: " + what);
-  }
-  return result;
+  return detail::read_flat_message<schema::TensorFrame>(bytes, limits.max_message_bytes, "tensor frame",
+                                             [&](auto root) { return decode_checked(root, limits); });
 }
 
 }  // namespace moe::protocol

@@ -9,6 +9,7 @@
 #include <unordered_set>
 
 #include "protocol/load_report.capnp.h"
+#include "protocol/flat_message.hpp"
 #include "protocol/protocol_errc.hpp"
 
 namespace moe::protocol {
@@ -137,42 +138,13 @@ std::vector<std::byte> encode_load_report(const expert_load_report& r) {
     fill_list(dst.initLogical(static_cast<unsigned>(src.logical.size())), src.logical);
     fill_list(dst.initPhysical(static_cast<unsigned>(src.physical.size())), src.physical);
   }
-  auto words = ::capnp::messageToFlatArray(message);
-  auto bytes = words.asBytes();
-  std::vector<std::byte> out(bytes.size());
-  std::memcpy(out.data(), bytes.begin(), bytes.size());
-  return out;
+  return detail::to_flat_bytes(message);
 }
 
 caf::expected<expert_load_report> decode_load_report(std::span<const std::byte> bytes,
                                                      const load_report_limits& limits) {
-  if (bytes.size() > limits.max_message_bytes) {
-    return make_error(protocol_errc::oversized, "load report: " + std::to_string(bytes.size()) +
-                                                    " bytes exceed the limit of " +
-                                                    std::to_string(limits.max_message_bytes));
-  }
-  if (bytes.size() < sizeof(::capnp::word) || bytes.size() % sizeof(::capnp::word) != 0) {
-    return make_error(protocol_errc::truncated, "load report: " + std::to_string(bytes.size()) +
-                                                    " bytes is not a whole number of words");
-  }
-  // Copy into word-aligned storage: network buffers carry no alignment promise.
-  kj::Array<::capnp::word> words = kj::heapArray<::capnp::word>(bytes.size() / sizeof(::capnp::word));
-  std::memcpy(words.begin(), bytes.data(), bytes.size());
-  ::capnp::ReaderOptions options;
-  options.traversalLimitInWords = limits.max_message_bytes / sizeof(::capnp::word) + 1;
-  options.nestingLimit = 16;
-  caf::expected<expert_load_report> result = make_error(protocol_errc::malformed, "not decoded");
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&] {
-                ::capnp::FlatArrayMessageReader reader(words.asPtr(), options);
-                result = decode_checked(reader.getRoot<schema::LoadReport>(), limits);
-              })) {
-    const std::string what = e->getDescription().cStr();
-    const bool short_input = what.find("ended prematurely") != std::string::npos ||
-                             what.find("truncated") != std::string::npos;
-    return make_error(short_input ? protocol_errc::truncated : protocol_errc::malformed,
-                      "load report: " + what);
-  }
-  return result;
+  return detail::read_flat_message<schema::LoadReport>(bytes, limits.max_message_bytes, "load report",
+                                             [&](auto root) { return decode_checked(root, limits); });
 }
 
 }  // namespace moe::protocol
