@@ -40,6 +40,8 @@ class local_cluster {
   ~local_cluster();
 
   [[nodiscard]] const std::vector<attention_actor>& shards() const noexcept { return shards_; }
+  /// One per shard, in shard order (tests ask them for load reports).
+  [[nodiscard]] const std::vector<router_actor>& routers() const noexcept { return routers_; }
   [[nodiscard]] const model::model_config& config() const noexcept { return config_; }
 
   /// Greedy or sampled generation as the reference generate() does it, with requests spread

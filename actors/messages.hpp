@@ -200,7 +200,19 @@ typename Inspector::result_type inspect(Inspector& f, job_status& x) {
            x.error, x.shard);
 }
 
+/// A router's expert load over its recent steps: a Cap'n Proto LoadReport
+/// (protocol/load_report.capnp, protocol/load_report_codec.hpp), as the scheduler receives it.
+struct load_report_bytes {
+  std::vector<uint8_t> capnp;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, load_report_bytes& x) {
+  return f(caf::meta::type_name("load_report_bytes"), x.capnp);
+}
+
 using expert_forward_atom = caf::atom_constant<caf::atom("expert_fwd")>;
+using load_report_atom = caf::atom_constant<caf::atom("load_rep")>;
 using route_atom = caf::atom_constant<caf::atom("route")>;
 using step_atom = caf::atom_constant<caf::atom("step")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
@@ -209,9 +221,11 @@ using release_atom = caf::atom_constant<caf::atom("release")>;
 using expert_group_actor =
     caf::typed_actor<caf::replies_to<expert_forward_atom, expert_batch>::with<expert_result>>;
 
-/// What an attention shard asks of its (co-located) router.
+/// What an attention shard asks of its (co-located) router; load_report: the expert load the
+/// router counted over its recent steps (router_options::load_window_steps).
 using router_actor =
-    caf::typed_actor<caf::replies_to<route_atom, route_request>::with<route_result>>;
+    caf::typed_actor<caf::replies_to<route_atom, route_request>::with<route_result>,
+                     caf::replies_to<load_report_atom>::with<load_report_bytes>>;
 
 /// What the controller asks of an attention shard.
 using attention_actor =
@@ -234,4 +248,5 @@ CAF_ADD_TYPE_ID(moe_actors, (std::vector<uint64_t>))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::generation_job))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::job_event))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::job_status))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::load_report_bytes))
 CAF_END_TYPE_ID_BLOCK(moe_actors)

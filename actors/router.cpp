@@ -1,13 +1,17 @@
 #include "actors/router.hpp"
 
 #include <caf/all.hpp>
+#include <spdlog/spdlog.h>
 
+#include <cstring>
 #include <map>
 #include <optional>
 
 #include "actors/actor_metrics.hpp"
 #include "model/model_errc.hpp"
 #include "model/moe_blocks.hpp"
+#include "protocol/load_report_codec.hpp"
+#include "scheduler/load_window.hpp"
 
 namespace moe::actors {
 
@@ -22,6 +26,9 @@ struct router_state {
   int64_t hidden = 0;
   mailbox_gauge mailbox;
   routed_tokens_counter routed;
+  std::optional<scheduler::load_window> load;
+  std::vector<std::map<int64_t, int32_t>> slot_of;  // per group: logical expert -> physical slot
+  bool load_error_logged = false;
   static inline const char* name = "router";
 };
 
@@ -103,6 +110,16 @@ caf::result<route_result> route(pointer self, route_request& req) {
     const auto e = static_cast<size_t>(p->rows.expert_of_row[r]);
     const auto& h = st.holders[e];
     group_rows[h[seen[e]++ % h.size()]].push_back(static_cast<int32_t>(r));
+  }
+  if (st.load) {
+    std::vector<int32_t> slots(n);
+    for (size_t g = 0; g < group_rows.size(); ++g)
+      for (auto r : group_rows[g]) slots[static_cast<size_t>(r)] = st.slot_of[g].at(p->rows.expert_of_row[static_cast<size_t>(r)]);
+    // Counting is bookkeeping: a refused sample (a step older than the window) never fails routing.
+    if (auto err = st.load->record(req.step, req.layer, p->choices, slots); err && !st.load_error_logged) {
+      st.load_error_logged = true;
+      spdlog::warn("router {}: expert load not counted: {}", st.options.shard, error_text(err));
+    }
   }
   const float* x = req.x.data();
   for (size_t g = 0; g < group_rows.size(); ++g) {
@@ -240,10 +257,37 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
       st.routed = routed_tokens_counter(*st.options.metrics, c.num_hidden_layers, c.n_routed_experts,
                                         moe_layers);
     }
+    int32_t next_slot = 0;
+    for (const auto& g : st.options.groups) {
+      std::map<int64_t, int32_t> slots;
+      for (auto e : g.experts) slots[e] = next_slot++;
+      st.slot_of.push_back(std::move(slots));
+    }
+    if (st.options.load_window_steps > 0) {
+      const auto& c = st.weights->config;
+      std::vector<int64_t> moe_layers;
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+        if (c.is_moe_layer(l)) moe_layers.push_back(l);
+      auto window = scheduler::load_window::make(std::move(moe_layers), c.n_routed_experts, std::max(1, next_slot),
+                                                 st.options.load_window_steps, st.options.placement_version);
+      if (window) st.load.emplace(std::move(*window));
+      else spdlog::warn("router {}: no expert load window: {}", st.options.shard, error_text(window.error()));
+    }
     return {[self](route_atom, route_request& req) {
-      self->state.mailbox.set(self->mailbox().size());
-      return route(self, req);
-    }};
+              self->state.mailbox.set(self->mailbox().size());
+              return route(self, req);
+            },
+            [self](load_report_atom) -> caf::result<load_report_bytes> {
+              auto& st = self->state;
+              if (!st.load)
+                return model::make_error(model::model_errc::bad_input,
+                                         "router " + std::to_string(st.options.shard) + " counts no expert load");
+              const auto bytes = protocol::encode_load_report(st.load->snapshot(static_cast<uint32_t>(st.options.shard)));
+              load_report_bytes out;
+              out.capnp.resize(bytes.size());
+              std::memcpy(out.capnp.data(), bytes.data(), bytes.size());
+              return out;
+            }};
   };
   return sys.spawn(impl, std::move(weights), std::move(gates), std::move(options),
                    std::move(holders), shared_group);

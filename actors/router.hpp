@@ -33,6 +33,9 @@ struct router_options {
   std::vector<expert_group_route> groups;
   /// How rows reach expert groups in other processes (empty: all groups are in this one).
   tensor_transport transport;
+  /// Expert load is counted over this many recent steps (scheduler/load_window.hpp): tokens per
+  /// logical expert and rows per physical slot (the groups' experts in placement order).
+  int64_t load_window_steps = 1024;
 };
 
 /// Errors: a gate weight is missing, a logical expert has no holder, or shared experts exist

@@ -5,11 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <numeric>
 
 #include "actors/actor_types.hpp"
 #include "actors/local_cluster.hpp"
-#include "tests/golden/golden_data.hpp"
+#include "protocol/load_report_codec.hpp"
 #include "runtime/actor_system.hpp"
+#include "tests/golden/golden_data.hpp"
 
 using namespace moe;
 
@@ -169,4 +171,65 @@ TEST(actor_errors, bad_token_ids_fail_the_step_and_leave_the_shard_usable) {
   auto g = (*cluster)->generate(good);
   ASSERT_TRUE(g) << error_text(g.error());
   EXPECT_EQ((*g)[0], golden_ids("greedy_tokens"));
+}
+
+// The router counts where tokens went: every routed token's top-k choices per MoE layer, and each
+// dispatched row on the physical slot (group, expert) that served it; replicas share an
+// expert's rows evenly. Reported as a Cap'n Proto LoadReport.
+TEST(router_load, counts_every_choice_and_row_and_spreads_replicas_evenly) {
+  runtime::actor_system_config::options o;
+  o.load_middleman = false;
+  runtime::actor_system_config cfg{o};
+  actors::add_actor_message_types(cfg);
+  caf::actor_system sys{cfg};
+  actors::cluster_layout replicas;
+  replicas.num_attention_shards = 1;
+  // Experts 5-8 have two replicas: slots 0-8 in group 0, slots 9-19 in group 1.
+  replicas.groups = {group(0, {0, 1, 2, 3, 4, 5, 6, 7, 8}, true), group(1, {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})};
+  auto cluster = actors::local_cluster::start(sys, tiny(), replicas);
+  ASSERT_TRUE(cluster) << error_text(cluster.error());
+  std::vector<model::generation_request> reqs(2);
+  reqs[0].prompt = golden_ids("greedy_prompt");
+  reqs[0].max_new_tokens = 6;
+  reqs[1].prompt = {5, 17, 42, 7, 9};
+  reqs[1].max_new_tokens = 4;
+  ASSERT_TRUE((*cluster)->generate(reqs));
+  // Tokens through each MoE layer: both prompts, then one per decode step of each sequence
+  // (the last sampled token is not fed back).
+  const uint64_t tokens = reqs[0].prompt.size() + reqs[1].prompt.size() + (6 - 1) + (4 - 1);
+  const auto& c = (*cluster)->config();
+  caf::scoped_actor self{sys};
+  actors::load_report_bytes bytes;
+  self->request((*cluster)->routers().at(0), std::chrono::seconds(10), actors::load_report_atom::value)
+      .receive([&](actors::load_report_bytes& b) { bytes = std::move(b); },
+               [&](caf::error& e) { FAIL() << error_text(e); });
+  auto report = protocol::decode_load_report(
+      std::span<const std::byte>(reinterpret_cast<const std::byte*>(bytes.capnp.data()), bytes.capnp.size()));
+  ASSERT_TRUE(report) << error_text(report.error());
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.is_moe_layer(l) ? 1 : 0;
+  ASSERT_EQ(report->layers.size(), static_cast<size_t>(moe_layers));
+  for (const auto& layer : report->layers) {
+    SCOPED_TRACE("layer " + std::to_string(layer.layer));
+    ASSERT_EQ(layer.logical.size(), 16u);
+    ASSERT_EQ(layer.physical.size(), 20u);
+    const auto k = static_cast<uint64_t>(c.num_experts_per_tok);
+    EXPECT_EQ(std::accumulate(layer.logical.begin(), layer.logical.end(), uint64_t{0}), tokens * k);
+    EXPECT_EQ(std::accumulate(layer.physical.begin(), layer.physical.end(), uint64_t{0}), tokens * k);
+    for (int e = 0; e < 16; ++e) {
+      // Slots of expert e: its place in group 0 (experts 0-8) and in group 1 (experts 5-15).
+      uint64_t rows = 0;
+      std::vector<uint64_t> replica_rows;
+      if (e <= 8) replica_rows.push_back(layer.physical[static_cast<size_t>(e)]);
+      if (e >= 5) replica_rows.push_back(layer.physical[static_cast<size_t>(9 + e - 5)]);
+      for (auto r : replica_rows) rows += r;
+      EXPECT_EQ(rows, layer.logical[static_cast<size_t>(e)]) << "expert " << e;
+      // Within a step the i-th row of an expert goes to replica i mod 2: per step the two
+      // replicas differ by at most one row, so over the window by at most one per step.
+      if (replica_rows.size() == 2) {
+        const auto gap = replica_rows[0] > replica_rows[1] ? replica_rows[0] - replica_rows[1] : replica_rows[1] - replica_rows[0];
+        EXPECT_LE(gap, report->last_step - report->first_step + 1) << "expert " << e;
+      }
+    }
+  }
 }
