@@ -27,7 +27,7 @@ struct router_state {
   mailbox_gauge mailbox;
   routed_tokens_counter routed;
   std::optional<scheduler::load_window> load;
-  std::vector<std::map<int64_t, int32_t>> slot_of;  // per group: logical expert -> physical slot
+  std::vector<std::vector<int32_t>> slot_of;  // [group][logical expert] -> physical slot, -1: not held
   bool load_error_logged = false;
   static inline const char* name = "router";
 };
@@ -114,7 +114,8 @@ caf::result<route_result> route(pointer self, route_request& req) {
   if (st.load) {
     std::vector<int32_t> slots(n);
     for (size_t g = 0; g < group_rows.size(); ++g)
-      for (auto r : group_rows[g]) slots[static_cast<size_t>(r)] = st.slot_of[g].at(p->rows.expert_of_row[static_cast<size_t>(r)]);
+      for (auto r : group_rows[g])
+        slots[static_cast<size_t>(r)] = st.slot_of[g][static_cast<size_t>(p->rows.expert_of_row[static_cast<size_t>(r)])];
     // Counting is bookkeeping: a refused sample (a step older than the window) never fails routing.
     if (auto err = st.load->record(req.step, req.layer, p->choices, slots); err && !st.load_error_logged) {
       st.load_error_logged = true;
@@ -259,8 +260,8 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
     }
     int32_t next_slot = 0;
     for (const auto& g : st.options.groups) {
-      std::map<int64_t, int32_t> slots;
-      for (auto e : g.experts) slots[e] = next_slot++;
+      std::vector<int32_t> slots(st.holders.size(), -1);
+      for (auto e : g.experts) slots[static_cast<size_t>(e)] = next_slot++;
       st.slot_of.push_back(std::move(slots));
     }
     if (st.options.load_window_steps > 0) {

@@ -3,29 +3,21 @@
 // test's outcome. MOE_BINARY_DIR comes from CMake.
 #pragma once
 
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <string>
 
+#include "cli/local_processes.hpp"
+
 namespace moe::test {
 
-// A port the kernel just handed out; free again when this returns (a small race, acceptable
-// in a test; the node fails loudly if it lost it).
+// A free loopback port (a small race until the node binds it; the node fails loudly if it lost it).
 inline uint16_t free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
+  auto p = cli::free_loopback_port();
+  return p ? *p : 0;
 }
 
 /// A `moe node` child in a session of its own; SIGKILLed and reaped on destruction.
