@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "actors/rebalancer.hpp"
 #include "base/constant_time.hpp"
 #include "protocol/api_codec.hpp"
 
@@ -49,6 +50,23 @@ protocol::api_job_status to_api(job_status s) {
           std::move(s.error), static_cast<int32_t>(s.shard)};
 }
 
+protocol::api_rebalance_report to_api(rebalance_report r) {
+  protocol::api_rebalance_report out;
+  out.changed = r.changed;
+  out.version_before = r.version_before;
+  out.version_after = r.version_after;
+  out.balance_before = r.balance_before;
+  out.balance_after = r.balance_after;
+  out.layer_balance_before = std::move(r.layer_balance_before);
+  out.layer_balance_after = std::move(r.layer_balance_after);
+  out.tokens_counted = r.tokens_counted;
+  out.replicas_moved = r.replicas_moved;
+  out.bytes_moved = r.bytes_moved;
+  out.duration_seconds = r.duration_seconds;
+  out.trigger = std::move(r.trigger);
+  return out;
+}
+
 generation_job to_controller(protocol::api_generation_spec s) {
   generation_job j;
   j.prompt = std::move(s.prompt);
@@ -65,6 +83,23 @@ kj::Exception api_exception(api_errc code, const std::string& text) {
   return protocol::make_api_exception(code, text);
 }
 
+// A failed request to `who` ("controller", "rebalancer") that its own codes do not explain:
+// the API's codes pass through, anything else is "internal".
+kj::Exception actor_failure(const caf::error& err, const std::string& who,
+                            std::chrono::milliseconds timeout) {
+  if (err.category() == caf::atom("api")) {
+    return api_exception(static_cast<api_errc>(err.code()), error_text(err));
+  }
+  if (err == caf::sec::request_timeout) {
+    return api_exception(api_errc::internal, "the " + who + " did not answer within " +
+                                                 std::to_string(timeout.count()) + " ms");
+  }
+  if (err == caf::sec::request_receiver_down) {
+    return api_exception(api_errc::internal, "the " + who + " is not running");
+  }
+  return api_exception(api_errc::internal, who + ": " + caf::to_string(err));
+}
+
 // A failed controller request as the exception the client sees: the controller's own codes
 // keep their meaning (overloaded stays retryable), anything else is "internal".
 kj::Exception to_exception(const caf::error& err, std::chrono::milliseconds timeout) {
@@ -79,17 +114,30 @@ kj::Exception to_exception(const caf::error& err, std::chrono::milliseconds time
         return api_exception(api_errc::unavailable, error_text(err));
     }
   }
-  if (err.category() == caf::atom("api")) {
-    return api_exception(static_cast<api_errc>(err.code()), error_text(err));
+  return actor_failure(err, "controller", timeout);
+}
+
+// A failed rebalance as the exception the client sees, the rebalancer's text kept. The codes
+// keep their retry semantics: busy (retry later), no_load and a failed phase (the placement
+// did not change; retry after traffic / once the cause is fixed) are transient; a layout that
+// cannot be rebalanced stays so.
+kj::Exception to_rebalance_exception(const caf::error& err, std::chrono::milliseconds timeout) {
+  if (err.category() == caf::atom("rebalance")) {
+    const std::string text = error_text(err);
+    switch (static_cast<rebalance_errc>(err.code())) {
+      case rebalance_errc::busy: return api_exception(api_errc::overloaded, text);
+      case rebalance_errc::no_load: return api_exception(api_errc::unavailable, text);
+      case rebalance_errc::unsupported: return api_exception(api_errc::invalid_request, text);
+      case rebalance_errc::failed: return api_exception(api_errc::unavailable, text);
+    }
   }
   if (err == caf::sec::request_timeout) {
-    return api_exception(api_errc::internal, "the controller did not answer within " +
-                                                 std::to_string(timeout.count()) + " ms");
+    // The rebalance itself goes on: say so, or a client would retry into "busy".
+    return api_exception(api_errc::internal,
+                         "the rebalancer did not answer within " + std::to_string(timeout.count()) +
+                             " ms (the rebalance may still be running)");
   }
-  if (err == caf::sec::request_receiver_down) {
-    return api_exception(api_errc::internal, "the controller is not running");
-  }
-  return api_exception(api_errc::internal, "controller: " + caf::to_string(err));
+  return actor_failure(err, "rebalancer", timeout);
 }
 
 // --- CAF threads -> the kj thread -------------------------------------------------------
@@ -181,37 +229,36 @@ caf::behavior job_subscriber(caf::event_based_actor* self, std::shared_ptr<event
   };
 }
 
-// A controller's answer on its way to the kj thread. (Not caf::expected: GCC 12 reports false
+// An actor's answer on its way to the kj thread. (Not caf::expected: GCC 12 reports false
 // "maybe uninitialized" warnings for it inside kj's promise nodes.)
 template <class T>
-struct controller_reply {
+struct actor_reply {
   std::optional<T> value;
   caf::error error;  // set when value is not
 };
 
 template <class T>
 using reply_fulfiller =
-    std::shared_ptr<kj::Own<kj::CrossThreadPromiseFulfiller<controller_reply<T>>>>;
+    std::shared_ptr<kj::Own<kj::CrossThreadPromiseFulfiller<actor_reply<T>>>>;
 
-// Sends one request to the controller from a short-lived actor and hands its answer to the
-// calling (kj) thread. `on_value` runs on the CAF thread first (submit uses it to cancel a job
-// whose caller has gone). The kj side may drop the promise at any time: fulfilling a dropped
-// promise does nothing.
-template <class T, class OnValue, class... Ts>
-kj::Promise<controller_reply<T>> ask(caf::actor_system& sys, const controller_actor& controller,
-                                     std::chrono::milliseconds timeout, OnValue on_value,
-                                     Ts... xs) {
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<controller_reply<T>>();
+// Sends one request to `dest` (the controller, the rebalancer) from a short-lived actor and
+// hands its answer to the calling (kj) thread. `on_value` runs on the CAF thread first (submit
+// uses it to cancel a job whose caller has gone). The kj side may drop the promise at any
+// time: fulfilling a dropped promise does nothing.
+template <class T, class Handle, class OnValue, class... Ts>
+kj::Promise<actor_reply<T>> ask(caf::actor_system& sys, const Handle& dest,
+                                std::chrono::milliseconds timeout, OnValue on_value, Ts... xs) {
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<actor_reply<T>>();
   reply_fulfiller<T> reply = std::make_shared<decltype(paf.fulfiller)>(kj::mv(paf.fulfiller));
   sys.spawn([=](caf::event_based_actor* self) {
-    self->request(controller, caf::duration{timeout}, xs...)
+    self->request(dest, caf::duration{timeout}, xs...)
         .then(
             [=](T& value) {
               on_value(value);
-              (*reply)->fulfill(controller_reply<T>{std::move(value), caf::error{}});
+              (*reply)->fulfill(actor_reply<T>{std::move(value), caf::error{}});
             },
             [=](caf::error& err) {
-              (*reply)->fulfill(controller_reply<T>{std::nullopt, std::move(err)});
+              (*reply)->fulfill(actor_reply<T>{std::nullopt, std::move(err)});
             });
   });
   return kj::mv(paf.promise);
@@ -289,6 +336,7 @@ class job_service_impl final : public wire::JobService::Server {
   kj::Promise<void> status(StatusContext ctx) override;
   kj::Promise<void> cancel(CancelContext ctx) override;
   kj::Promise<void> describe(DescribeContext ctx) override;
+  kj::Promise<void> rebalance(RebalanceContext ctx) override;
 
  private:
   server_core& core_;
@@ -362,12 +410,12 @@ class server_core final : private kj::TaskSet::ErrorHandler {
   [[nodiscard]] kj::Own<in_flight_guard> enter() { return kj::heap<in_flight_guard>(in_flight_); }
 
   template <class T, class... Ts>
-  kj::Promise<controller_reply<T>> ask(Ts... xs) {
+  kj::Promise<actor_reply<T>> ask(Ts... xs) {
     return actors::ask<T>(shared_.sys, shared_.controller, shared_.options.request_timeout,
                           [](const T&) {}, xs...);
   }
 
-  kj::Promise<controller_reply<uint64_t>> ask_submit(generation_job job,
+  kj::Promise<actor_reply<uint64_t>> ask_submit(generation_job job,
                                                   const std::shared_ptr<job_stream>& s) {
     auto controller = shared_.controller;
     return actors::ask<uint64_t>(
@@ -378,8 +426,19 @@ class server_core final : private kj::TaskSet::ErrorHandler {
         submit_atom::value, std::move(job), s->subscriber);
   }
 
+  // The caller checks that a rebalancer runs.
+  kj::Promise<actor_reply<rebalance_report>> ask_rebalance() {
+    return actors::ask<rebalance_report>(shared_.sys, shared_.options.rebalancer,
+                                         shared_.options.rebalance_timeout,
+                                         [](const rebalance_report&) {}, rebalance_atom::value);
+  }
+
   [[nodiscard]] kj::Exception to_exception(const caf::error& err) const {
     return actors::to_exception(err, shared_.options.request_timeout);
+  }
+
+  [[nodiscard]] kj::Exception to_rebalance_exception(const caf::error& err) const {
+    return actors::to_rebalance_exception(err, shared_.options.rebalance_timeout);
   }
 
   std::shared_ptr<job_stream> open_stream(const std::shared_ptr<connection_state>& conn,
@@ -558,7 +617,7 @@ kj::Promise<void> job_service_impl::submit(SubmitContext ctx) {
     if (!*answered) core.abandon(stream);
   });
   return core_.ask_submit(to_controller(std::move(spec)), stream)
-      .then([&core = core_, ctx, stream, answered](controller_reply<uint64_t> id) mutable
+      .then([&core = core_, ctx, stream, answered](actor_reply<uint64_t> id) mutable
             -> kj::Promise<void> {
         *answered = true;
         if (!id.value) {
@@ -575,7 +634,7 @@ kj::Promise<void> job_service_impl::submit(SubmitContext ctx) {
 kj::Promise<void> job_service_impl::status(StatusContext ctx) {
   if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
   return core_.ask<job_status>(status_atom::value, ctx.getParams().getJobId())
-      .then([&core = core_, ctx](controller_reply<job_status> s) mutable -> kj::Promise<void> {
+      .then([&core = core_, ctx](actor_reply<job_status> s) mutable -> kj::Promise<void> {
         if (!s.value) return core.to_exception(s.error);
         protocol::to_wire(to_api(std::move(*s.value)), ctx.getResults().initStatus());
         return kj::READY_NOW;
@@ -586,7 +645,7 @@ kj::Promise<void> job_service_impl::status(StatusContext ctx) {
 kj::Promise<void> job_service_impl::cancel(CancelContext ctx) {
   if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
   return core_.ask<bool>(cancel_atom::value, ctx.getParams().getJobId())
-      .then([&core = core_, ctx](controller_reply<bool> was_active) mutable -> kj::Promise<void> {
+      .then([&core = core_, ctx](actor_reply<bool> was_active) mutable -> kj::Promise<void> {
         if (!was_active.value) return core.to_exception(was_active.error);
         ctx.getResults().setWasActive(*was_active.value);
         return kj::READY_NOW;
@@ -598,6 +657,22 @@ kj::Promise<void> job_service_impl::describe(DescribeContext ctx) {
   if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
   protocol::to_wire(core_.cluster(), ctx.getResults().initCluster());
   return kj::READY_NOW;
+}
+
+kj::Promise<void> job_service_impl::rebalance(RebalanceContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  if (!core_.options().rebalancer) {
+    const auto& why = core_.options().rebalance_unavailable;
+    return api_exception(api_errc::unavailable, "rebalancing is not enabled on this cluster " +
+                                                    (why.empty() ? std::string("(no rebalancer runs)") : "(" + why + ")"));
+  }
+  return core_.ask_rebalance()
+      .then([&core = core_, ctx](actor_reply<rebalance_report> r) mutable -> kj::Promise<void> {
+        if (!r.value) return core.to_rebalance_exception(r.error);
+        protocol::to_wire(to_api(std::move(*r.value)), ctx.getResults().initReport());
+        return kj::READY_NOW;
+      })
+      .attach(core_.enter());
 }
 
 }  // namespace

@@ -1,12 +1,13 @@
 // The job-submission API server (protocol/api.capnp): Cap'n Proto RPC in front of the
-// controller actor.
+// controller actor (jobs) and the rebalancer actor (rebalance(), when one runs).
 //
 // The server runs its own thread with a kj event loop; RPC calls never block that loop on CAF.
-// Each call becomes a request to the controller from a short-lived CAF actor, whose answer is
-// handed back to the kj thread through a cross-thread promise. A submitted job with a token
-// sink gets a subscriber actor that receives the controller's (job_event_atom, job_event)
-// messages and hands them, in order, to the kj thread, which forwards them to the client's
-// TokenSink one call at a time (events queued meanwhile are merged).
+// Each call becomes a request to the controller (or the rebalancer) from a short-lived CAF
+// actor, whose answer is handed back to the kj thread through a cross-thread promise. A
+// submitted job with a token sink gets a subscriber actor that receives the controller's
+// (job_event_atom, job_event) messages and hands them, in order, to the kj thread, which
+// forwards them to the client's TokenSink one call at a time (events queued meanwhile are
+// merged).
 //
 // Authentication: a connection reaches only Gateway.login until it presents the cluster
 // secret (compared in constant time; the secret is never logged or echoed). If a client's
@@ -29,6 +30,7 @@
 #include <string>
 
 #include "actors/controller.hpp"
+#include "actors/rebalance_messages.hpp"
 #include "base/error.hpp"
 #include "protocol/api_types.hpp"
 
@@ -42,6 +44,14 @@ struct api_server_options {
   protocol::api_limits limits;
   /// How long a controller request may take before the call fails with "internal: ...".
   std::chrono::milliseconds request_timeout{30'000};
+  /// Answers rebalance(); null: the call fails with "unavailable: rebalancing is not enabled".
+  /// Not owned: the server only sends it requests.
+  rebalancer_actor rebalancer;
+  /// Without a rebalancer: why (the serving cluster's reason), appended to the error.
+  std::string rebalance_unavailable;
+  /// How long a rebalance may take before the call fails with "internal: ..." (a rebalance
+  /// loads weights, so far longer than request_timeout; it keeps running on the cluster).
+  std::chrono::milliseconds rebalance_timeout{600'000};
   /// How long stop() waits for in-flight calls and the final events of cancelled jobs.
   std::chrono::milliseconds stop_grace{2'000};
   /// A wrong secret is answered only after this delay, to slow down guessing.

@@ -64,6 +64,11 @@ struct controller_state {
   uint64_t next_job = 1;
   uint64_t next_step = 1;
   std::optional<controller_metrics> metrics;
+  // hold_steps: the active hold (0: none), whether its answer is still owed, and holds waiting.
+  uint64_t hold = 0;
+  uint64_t next_hold = 1;
+  std::optional<caf::typed_response_promise<uint64_t>> hold_answer;
+  std::deque<caf::typed_response_promise<uint64_t>> holds_waiting;
   static inline const char* name = "controller";
 };
 
@@ -202,9 +207,51 @@ step_entry entry_for(const job& j, bool prefill) {
   return e;
 }
 
+void start_hold(pointer self, caf::typed_response_promise<uint64_t> rp);
+
+bool all_idle(const controller_state& st) {
+  return std::none_of(st.shards.begin(), st.shards.end(), [](const shard_state& s) { return s.busy; });
+}
+
+// Answers the active hold once no step is in flight.
+void answer_hold(pointer self) {
+  auto& st = self->state;
+  if (st.hold == 0 || !st.hold_answer || !all_idle(st)) return;
+  st.hold_answer->deliver(st.hold);
+  st.hold_answer.reset();
+}
+
+void end_hold(pointer self, uint64_t id) {
+  auto& st = self->state;
+  if (id == 0 || st.hold != id) return;  // already ended (resumed, or expired)
+  st.hold = 0;
+  if (st.hold_answer) {
+    st.hold_answer->deliver(make_error(controller_errc::unavailable, "the step hold expired before the steps drained"));
+    st.hold_answer.reset();
+  }
+  if (!st.holds_waiting.empty()) {
+    auto next = std::move(st.holds_waiting.front());
+    st.holds_waiting.pop_front();
+    start_hold(self, std::move(next));
+  }
+  pump(self);
+}
+
+void start_hold(pointer self, caf::typed_response_promise<uint64_t> rp) {
+  auto& st = self->state;
+  st.hold = st.next_hold++;
+  st.hold_answer = std::move(rp);
+  self->delayed_send(self, st.options.max_step_hold, resume_steps_atom::value, st.hold);
+  answer_hold(self);
+}
+
 void pump(pointer self) {
   auto& st = self->state;
   const auto& lim = st.options.limits;
+  if (st.hold != 0) {
+    answer_hold(self);  // new steps wait until the hold ends
+    return;
+  }
   // Idle shards, least loaded first: new requests go where the decode batch is smallest.
   std::vector<size_t> order;
   for (size_t s = 0; s < st.shards.size(); ++s)
@@ -380,6 +427,14 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
           }
           return true;
         },
+        [self](hold_steps_atom) -> caf::result<uint64_t> {
+          auto& st = self->state;
+          auto rp = self->make_response_promise<uint64_t>();
+          if (st.hold != 0) st.holds_waiting.push_back(rp);
+          else start_hold(self, rp);
+          return rp;
+        },
+        [self](resume_steps_atom, uint64_t id) { end_hold(self, id); },
         [self](const member_event& ev) { on_member_event(self, ev); },
     };
   };

@@ -11,6 +11,7 @@
 #include <caf/fwd.hpp>
 #include <caf/typed_actor.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -44,10 +45,16 @@ using job_event_atom = caf::atom_constant<caf::atom("job_event")>;
 /// Submit answers the job id, or controller_errc::overloaded / invalid_request. The subscriber
 /// (may be invalid) receives (job_event_atom, job_event) messages; none are lost or reordered.
 /// Cancel answers whether the job was still active.
+/// hold_steps: no new step starts until resume_steps with the hold's id (or until
+/// controller_options::max_step_hold passed); answered with that id once every step in flight
+/// has returned, so the caller can change the cluster between two steps (the rebalancer
+/// switches the routers' placement there). One hold at a time: a second waits for the first.
 using controller_actor = caf::typed_actor<
     caf::replies_to<submit_atom, generation_job, caf::actor>::with<uint64_t>,
     caf::replies_to<status_atom, uint64_t>::with<job_status>,
     caf::replies_to<cancel_atom, uint64_t>::with<bool>,
+    caf::replies_to<hold_steps_atom>::with<uint64_t>,
+    caf::reacts_to<resume_steps_atom, uint64_t>,
     caf::reacts_to<member_event>>;
 
 enum class controller_errc : uint8_t {
@@ -79,6 +86,8 @@ struct controller_options {
   /// node is down fails their jobs (running and, once no shard is left, waiting) with the
   /// event's reason, and new submissions then fail with controller_errc::unavailable.
   std::map<std::string, std::vector<size_t>> shards_needing_node;
+  /// A hold_steps that is not resumed within this time ends by itself (its holder failed).
+  std::chrono::milliseconds max_step_hold{30'000};
 };
 
 [[nodiscard]] controller_actor spawn_controller(caf::actor_system& sys, controller_options options);

@@ -3,9 +3,11 @@
 #include <caf/all.hpp>
 
 #include <algorithm>
-#include <map>
+#include <charconv>
 #include <chrono>
+#include <map>
 #include <optional>
+#include <set>
 
 #include "actors/actor_metrics.hpp"
 #include "model/mlp_block.hpp"
@@ -16,31 +18,182 @@ namespace moe::actors {
 
 namespace {
 
+using replica_key = std::pair<int64_t, int64_t>;  // (layer, logical expert)
+
+// "model.layers.L.mlp.experts.E." -> (L, E); nullopt for any other tensor.
+std::optional<replica_key> replica_of(std::string_view name) {
+  constexpr std::string_view layers = "model.layers.", experts = ".mlp.experts.";
+  if (name.substr(0, layers.size()) != layers) return std::nullopt;
+  const auto pos = name.find(experts);
+  if (pos == std::string_view::npos) return std::nullopt;
+  int64_t l = 0, e = 0;
+  const auto lv = name.substr(layers.size(), pos - layers.size());
+  const auto rest = name.substr(pos + experts.size());
+  const auto ev = rest.substr(0, rest.find('.'));
+  if (std::from_chars(lv.data(), lv.data() + lv.size(), l).ec != std::errc{} ||
+      std::from_chars(ev.data(), ev.data() + ev.size(), e).ec != std::errc{})
+    return std::nullopt;
+  return replica_key{l, e};
+}
+
+uint64_t bytes_of(const model::checkpoint& c) {
+  uint64_t n = 0;
+  for (const auto& [name, t] : c.tensors) n += static_cast<uint64_t>(t.num_elements()) * sizeof(float);
+  return n;
+}
+
+// The weights a group holds: each routed replica in a checkpoint of its own, the shared
+// experts in another. Moving a host_tensor between maps keeps its buffer, so blocks bound to
+// it stay valid while its replica is held.
+class replica_store {
+ public:
+  /// Takes the routed replicas of `c` it does not hold yet and (keep_shared) the shared experts'
+  /// tensors; drops the rest. Returns the bytes taken.
+  uint64_t absorb(model::checkpoint&& c, bool keep_shared) {
+    uint64_t taken = 0;
+    for (auto& [name, tensor] : c.tensors) {
+      auto key = replica_of(name);
+      model::checkpoint* dst = nullptr;
+      if (key) {
+        auto& slot = routed_[*key];
+        if (!slot) slot = std::make_unique<model::checkpoint>();
+        if (slot->find(name)) continue;  // held already: keep the bound copy
+        dst = slot.get();
+      } else if (keep_shared && name.find(".mlp.shared_experts.") != std::string::npos) {
+        dst = &shared_;
+      } else {
+        continue;
+      }
+      taken += static_cast<uint64_t>(tensor.num_elements()) * sizeof(float);
+      dst->tensors.emplace(name, std::move(tensor));
+    }
+    return taken;
+  }
+  [[nodiscard]] bool holds(const replica_key& k) const { return routed_.count(k) != 0; }
+  /// Frees every routed replica not in `keep`; returns the bytes freed.
+  uint64_t keep_only(const std::set<replica_key>& keep) {
+    uint64_t freed = 0;
+    for (auto it = routed_.begin(); it != routed_.end();) {
+      if (keep.count(it->first)) {
+        ++it;
+        continue;
+      }
+      freed += bytes_of(*it->second);
+      it = routed_.erase(it);
+    }
+    return freed;
+  }
+  [[nodiscard]] model::weight_lookup lookup() const {
+    return [this](const std::string& name, std::span<const int64_t> shape) -> caf::expected<const float*> {
+      const model::checkpoint* src = &shared_;
+      if (auto key = replica_of(name)) {
+        auto it = routed_.find(*key);
+        if (it == routed_.end())
+          return model::make_error(model::model_errc::missing_tensor, "expert group does not hold " + name);
+        src = it->second.get();
+      }
+      return model::lookup_in(*src)(name, shape);
+    };
+  }
+
+ private:
+  std::map<replica_key, std::unique_ptr<model::checkpoint>> routed_;
+  model::checkpoint shared_;
+};
+
 struct layer_blocks {
   std::optional<model::expert_set> routed;
   std::optional<model::mlp_block> shared;
 };
 
-struct expert_group_state {
-  std::shared_ptr<const model::checkpoint> weights;
+// One placement version: per MoE layer, its blocks, and the replicas it uses.
+struct version_blocks {
   std::map<int64_t, layer_blocks> layers;
+  std::set<replica_key> replicas;
+};
+
+struct expert_group_state {
+  model::model_config config;
+  expert_group_options options;
+  replica_store store;
+  std::map<uint32_t, version_blocks> versions;
+  std::optional<uint32_t> preparing;  // a version whose replicas are loading
   model::mlp_scratch scratch;
   int64_t hidden = 0;
   mailbox_gauge mailbox;
   prometheus::Histogram* forward_seconds = nullptr;
   std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
-  tensor_transport transport;
   static inline const char* name = "expert_group";
 };
 
 using pointer = expert_group_actor::stateful_pointer<expert_group_state>;
 
+// Binds one version's blocks over the replicas in `store` (which must hold them all).
+caf::expected<version_blocks> bind_version(const model::model_config& c, const replica_store& store,
+                                           const std::vector<int64_t>& layers,
+                                           const std::vector<std::vector<int64_t>>& experts,
+                                           bool holds_shared) {
+  version_blocks v;
+  const auto lookup = store.lookup();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const int64_t l = layers[i];
+    layer_blocks lb;
+    if (!experts[i].empty()) {
+      auto s = model::expert_set::bind(c, l, experts[i], lookup);
+      if (!s) return s.error();
+      lb.routed = std::move(*s);
+      for (auto e : experts[i]) v.replicas.insert({l, e});
+    }
+    if (holds_shared && c.n_shared_experts > 0) {
+      auto m = model::mlp_block::bind("model.layers." + std::to_string(l) + ".mlp.shared_experts.",
+                                      c.hidden_size, c.shared_intermediate_size(), lookup);
+      if (!m) return m.error();
+      lb.shared = *m;
+    }
+    v.layers.emplace(l, std::move(lb));
+  }
+  return v;
+}
+
+std::vector<int64_t> moe_layers_of(const model::model_config& c) {
+  std::vector<int64_t> out;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    if (c.is_moe_layer(l)) out.push_back(l);
+  return out;
+}
+
+std::set<replica_key> held_replicas(const expert_group_state& st) {
+  std::set<replica_key> out;
+  for (const auto& [v, blocks] : st.versions) out.insert(blocks.replicas.begin(), blocks.replicas.end());
+  return out;
+}
+
+caf::error check_layout(const model::model_config& c, const group_layout& g) {
+  auto bad = [](std::string text) { return model::make_error(model::model_errc::bad_input, std::move(text)); };
+  if (g.layers != moe_layers_of(c)) return bad("placement version " + std::to_string(g.version) + ": layers do not match the model's MoE layers");
+  if (g.experts.size() != g.layers.size()) return bad("placement version " + std::to_string(g.version) + ": one expert list per MoE layer expected");
+  for (size_t i = 0; i < g.experts.size(); ++i) {
+    const auto& list = g.experts[i];
+    for (size_t j = 0; j < list.size(); ++j) {
+      if (list[j] < 0 || list[j] >= c.n_routed_experts || (j > 0 && list[j] <= list[j - 1]))
+        return bad("placement version " + std::to_string(g.version) + ": layer " + std::to_string(g.layers[i]) +
+                   ": expert ids must be sorted, unique and in [0, " + std::to_string(c.n_routed_experts) + ")");
+    }
+  }
+  return {};
+}
+
 caf::expected<expert_result> forward(pointer self, expert_batch& b) {
   auto& st = self->state;
-  auto it = st.layers.find(b.layer);
+  auto version = st.versions.find(b.placement_version);
+  if (version == st.versions.end())
+    return model::make_error(model::model_errc::bad_input,
+                             "expert group " + std::to_string(st.options.group) + ": placement version " +
+                                 std::to_string(b.placement_version) + " is not held");
+  auto it = version->second.layers.find(b.layer);
   const size_t n = b.experts.size();
   const size_t D = static_cast<size_t>(st.hidden);
-  if (it == st.layers.end())
+  if (it == version->second.layers.end())
     return model::make_error(model::model_errc::bad_input,
                              "expert group: layer " + std::to_string(b.layer) + " is not an MoE layer");
   if (!b.rows.data() || b.rows.num_elements() != static_cast<int64_t>(n * D) ||
@@ -108,8 +261,78 @@ caf::expected<expert_result> answer(pointer self, expert_batch& b, const caf::no
   if (!r) return r;
   const runtime::tensor_frame_meta meta{protocol::frame_kind::expert_output, static_cast<uint32_t>(b.layer),
                                         b.step, b.placement_version};
-  if (auto err = export_tensor(self->state.transport, self->node(), reply_to, r->rows, meta)) return err;
+  if (auto err = export_tensor(self->state.options.transport, self->node(), reply_to, r->rows, meta)) return err;
   return r;
+}
+
+using load_replicas_atom = caf::atom_constant<caf::atom("load_repl")>;
+
+// Loads the version's missing replicas on a thread of its own, then binds the version.
+caf::result<prepare_result> prepare(pointer self, group_layout& g) {
+  auto& st = self->state;
+  if (auto err = check_layout(st.config, g)) return err;
+  if (st.versions.count(g.version))
+    return model::make_error(model::model_errc::bad_input,
+                             "placement version " + std::to_string(g.version) + " is already held");
+  if (st.preparing)
+    return model::make_error(model::model_errc::bad_input,
+                             "expert group " + std::to_string(st.options.group) + " is already preparing version " +
+                                 std::to_string(*st.preparing));
+  std::set<replica_key> missing;
+  for (size_t i = 0; i < g.layers.size(); ++i)
+    for (auto e : g.experts[i])
+      if (!st.store.holds({g.layers[i], e})) missing.insert({g.layers[i], e});
+  auto rp = self->make_response_promise<prepare_result>();
+  auto finish = [self, rp, g](caf::expected<model::checkpoint> loaded, int64_t count) mutable -> void {
+    auto& st = self->state;
+    st.preparing.reset();
+    if (!loaded) {
+      rp.deliver(std::move(loaded.error()));
+      return;
+    }
+    prepare_result r;
+    r.replicas_loaded = count;
+    r.bytes_loaded = st.store.absorb(std::move(*loaded), false);
+    auto v = bind_version(st.config, st.store, g.layers, g.experts, st.options.holds_shared_experts);
+    if (!v) {
+      st.store.keep_only(held_replicas(st));
+      rp.deliver(std::move(v.error()));
+      return;
+    }
+    st.versions.emplace(g.version, std::move(*v));
+    rp.deliver(r);
+  };
+  if (missing.empty()) {
+    finish(model::checkpoint{}, 0);
+    return rp;
+  }
+  if (st.options.checkpoint_dir.empty())
+    return model::make_error(model::model_errc::bad_input,
+                             "expert group " + std::to_string(st.options.group) +
+                                 " cannot load new replicas: it was given no checkpoint directory");
+  st.preparing = g.version;
+  // The read can take long (a real expert is tens of MB): a detached worker does it, and this
+  // group answers batches meanwhile.
+  auto loaded = std::make_shared<caf::expected<model::checkpoint>>(model::checkpoint{});
+  auto worker = self->spawn<caf::detached>(
+      [loaded, dir = st.options.checkpoint_dir, cfg = st.config, missing](caf::blocking_actor* b) {
+        b->receive([&](load_replicas_atom) {
+          model::load_options o;
+          o.filter = [&missing](std::string_view name) {
+            auto key = replica_of(name);
+            return key && missing.count(*key) != 0;
+          };
+          o.mtp = model::mtp_policy::skip;
+          o.progress = false;
+          *loaded = model::load_checkpoint(dir, cfg, o);
+          return true;
+        });
+      });
+  const auto count = static_cast<int64_t>(missing.size());
+  self->request(worker, caf::infinite, load_replicas_atom::value)
+      .then([loaded, finish, count](bool) mutable { finish(std::move(*loaded), count); },
+            [finish](caf::error& err) mutable { finish(std::move(err), 0); });
+  return rp;
 }
 
 }  // namespace
@@ -117,72 +340,82 @@ caf::expected<expert_result> answer(pointer self, expert_batch& b, const caf::no
 bool expert_group_needs(const expert_group_options& o, std::string_view name) {
   if (o.holds_shared_experts && name.find(".mlp.shared_experts.") != std::string_view::npos)
     return true;
-  const auto pos = name.find(".mlp.experts.");
-  if (pos == std::string_view::npos) return false;
-  const auto rest = name.substr(pos + 13);
-  const int64_t e = std::stoll(std::string(rest.substr(0, rest.find('.'))));
-  return std::find(o.experts.begin(), o.experts.end(), e) != o.experts.end();
+  auto key = replica_of(name);
+  if (!key) return false;
+  return std::find(o.experts.begin(), o.experts.end(), key->second) != o.experts.end();
 }
 
-caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys,
-                                                     std::shared_ptr<const model::checkpoint> weights,
+caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys, model::checkpoint weights,
                                                      const expert_group_options& options) {
-  const auto& c = weights->config;
-  const auto lookup = model::lookup_in(*weights);
-  std::map<int64_t, layer_blocks> layers;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    if (!c.is_moe_layer(l)) continue;
-    layer_blocks lb;
-    if (!options.experts.empty()) {
-      auto s = model::expert_set::bind(c, l, options.experts, lookup);
-      if (!s) return s.error();
-      lb.routed = std::move(*s);
-    }
-    if (options.holds_shared_experts && c.n_shared_experts > 0) {
-      auto m = model::mlp_block::bind("model.layers." + std::to_string(l) + ".mlp.shared_experts.",
-                                      c.hidden_size, c.shared_intermediate_size(), lookup);
-      if (!m) return m.error();
-      lb.shared = *m;
-    }
-    layers.emplace(l, std::move(lb));
-  }
-  auto impl = [](pointer self, std::shared_ptr<const model::checkpoint> w,
-                 std::map<int64_t, layer_blocks> blocks,
+  auto config = weights.config;
+  auto store = std::make_unique<replica_store>();
+  store->absorb(std::move(weights), options.holds_shared_experts);
+  const auto layers = moe_layers_of(config);
+  std::vector<int64_t> experts = options.experts;
+  std::sort(experts.begin(), experts.end());
+  auto initial = bind_version(config, *store, layers, std::vector<std::vector<int64_t>>(layers.size(), experts),
+                              options.holds_shared_experts);
+  if (!initial) return initial.error();
+  store->keep_only(initial->replicas);
+  auto impl = [](pointer self, model::model_config c, std::shared_ptr<replica_store> store, version_blocks initial,
                  expert_group_options opts) -> expert_group_actor::behavior_type {
-    self->state.hidden = w->config.hidden_size;
-    self->state.weights = std::move(w);
-    self->state.layers = std::move(blocks);
-    self->state.registry = opts.metrics;
+    auto& st = self->state;
+    st.hidden = c.hidden_size;
+    st.config = std::move(c);
+    st.store = std::move(*store);
+    st.versions.emplace(opts.placement_version, std::move(initial));
+    st.registry = opts.metrics;
     if (opts.metrics) {
-      self->state.mailbox = mailbox_gauge(*opts.metrics, "expert_group", std::to_string(opts.group));
-      self->state.forward_seconds = expert_forward_histogram(*opts.metrics, std::to_string(opts.group));
+      st.mailbox = mailbox_gauge(*opts.metrics, "expert_group", std::to_string(opts.group));
+      st.forward_seconds = expert_forward_histogram(*opts.metrics, std::to_string(opts.group));
     }
-    self->state.transport = opts.transport;
-    return {[self](expert_forward_atom, expert_batch& b) -> caf::result<expert_result> {
-      self->state.mailbox.set(self->mailbox().size());
-      // The answer goes back to the router's process: captured now, before any fetch.
-      const auto& sender = self->current_sender();
-      const caf::node_id reply_to = sender ? sender->node() : self->node();
-      if (!is_remote(b.rows)) {
-        auto r = answer(self, b, reply_to);
-        if (!r) return std::move(r.error());
-        return std::move(*r);
-      }
-      auto rp = self->make_response_promise<expert_result>();
-      auto rows = std::move(b.rows);
-      with_local_tensor(
-          self, self->state.transport, std::move(rows),
-          [self, rp, b = std::move(b), reply_to](tensor_ref& landed) mutable {
-            b.rows = std::move(landed);
+    st.options = std::move(opts);
+    return {
+        [self](expert_forward_atom, expert_batch& b) -> caf::result<expert_result> {
+          self->state.mailbox.set(self->mailbox().size());
+          // The answer goes back to the router's process: captured now, before any fetch.
+          const auto& sender = self->current_sender();
+          const caf::node_id reply_to = sender ? sender->node() : self->node();
+          if (!is_remote(b.rows)) {
             auto r = answer(self, b, reply_to);
-            if (r) rp.deliver(std::move(*r));
-            else rp.deliver(std::move(r.error()));
-          },
-          [rp](caf::error& e) mutable { rp.deliver(std::move(e)); });
-      return rp;
-    }};
+            if (!r) return std::move(r.error());
+            return std::move(*r);
+          }
+          auto rp = self->make_response_promise<expert_result>();
+          auto rows = std::move(b.rows);
+          with_local_tensor(
+              self, self->state.options.transport, std::move(rows),
+              [self, rp, b = std::move(b), reply_to](tensor_ref& landed) mutable {
+                b.rows = std::move(landed);
+                auto r = answer(self, b, reply_to);
+                if (r) rp.deliver(std::move(*r));
+                else rp.deliver(std::move(r.error()));
+              },
+              [rp](caf::error& e) mutable { rp.deliver(std::move(e)); });
+          return rp;
+        },
+        [self](prepare_layout_atom, group_layout& g) { return prepare(self, g); },
+        [self](commit_layout_atom, uint32_t version) -> caf::result<uint64_t> {
+          auto& st = self->state;
+          if (!st.versions.count(version))
+            return model::make_error(model::model_errc::bad_input,
+                                     "expert group " + std::to_string(st.options.group) + ": cannot commit version " +
+                                         std::to_string(version) + ", which it does not hold");
+          for (auto it = st.versions.begin(); it != st.versions.end();)
+            it = it->first < version ? st.versions.erase(it) : std::next(it);
+          return st.store.keep_only(held_replicas(st));
+        },
+        [self](abort_layout_atom, uint32_t version) {
+          auto& st = self->state;
+          // The initial version, and a committed one, are never aborted: they are what serves.
+          if (st.versions.size() < 2 || st.versions.begin()->first == version) return;
+          st.versions.erase(version);
+          st.store.keep_only(held_replicas(st));
+        },
+    };
   };
-  return sys.spawn(impl, std::move(weights), std::move(layers), options);
+  return sys.spawn(impl, std::move(config), std::shared_ptr<replica_store>(std::move(store)), std::move(*initial),
+                   options);
 }
 
 }  // namespace moe::actors

@@ -24,14 +24,19 @@ cluster_layout even_layout(int num_attention_shards, int num_groups, int64_t num
   return layout;
 }
 
-caf::expected<std::shared_ptr<const model::checkpoint>> load_weights(
-    const std::filesystem::path& dir, const model::model_config& c,
-    std::function<bool(std::string_view)> filter) {
+caf::expected<model::checkpoint> load_weights_part(const std::filesystem::path& dir, const model::model_config& c,
+                                                  std::function<bool(std::string_view)> filter) {
   model::load_options o;
   o.filter = std::move(filter);
   o.mtp = model::mtp_policy::skip;
   o.progress = false;
-  auto ckpt = model::load_checkpoint(dir, c, o);
+  return model::load_checkpoint(dir, c, o);
+}
+
+caf::expected<std::shared_ptr<const model::checkpoint>> load_weights(
+    const std::filesystem::path& dir, const model::model_config& c,
+    std::function<bool(std::string_view)> filter) {
+  auto ckpt = load_weights_part(dir, c, std::move(filter));
   if (!ckpt) return ckpt.error();
   return std::make_shared<const model::checkpoint>(std::move(*ckpt));
 }
@@ -48,10 +53,11 @@ caf::expected<std::unique_ptr<local_cluster>> local_cluster::start(
   std::vector<expert_group_route> routes;
   for (auto g : layout.groups) {
     g.metrics = layout.metrics;
-    auto weights = load_weights(model_dir, *cfg,
-                             [g](std::string_view n) { return expert_group_needs(g, n); });
+    g.checkpoint_dir = model_dir;
+    auto weights = load_weights_part(model_dir, *cfg,
+                                     [g](std::string_view n) { return expert_group_needs(g, n); });
     if (!weights) return weights.error();
-    auto actor = spawn_expert_group(sys, *weights, g);
+    auto actor = spawn_expert_group(sys, std::move(*weights), g);
     if (!actor) return actor.error();
     cluster->groups_.push_back(*actor);
     routes.push_back({*actor, g.experts, g.holds_shared_experts});

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "actors/rebalance_messages.hpp"
+
 namespace moe::actors {
 
 /// A handle to a float32 tensor. `local` is set only while the tensor stays in its process.
@@ -217,15 +219,21 @@ using route_atom = caf::atom_constant<caf::atom("route")>;
 using step_atom = caf::atom_constant<caf::atom("step")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
 
-/// What a router may ask of an expert group.
+/// What a router may ask of an expert group, and the rebalancer (actors/rebalance_messages.hpp):
+/// prepare a placement version, commit one (dropping older ones) or abort a prepared one.
 using expert_group_actor =
-    caf::typed_actor<caf::replies_to<expert_forward_atom, expert_batch>::with<expert_result>>;
+    caf::typed_actor<caf::replies_to<expert_forward_atom, expert_batch>::with<expert_result>,
+                     caf::replies_to<prepare_layout_atom, group_layout>::with<prepare_result>,
+                     caf::replies_to<commit_layout_atom, uint32_t>::with<uint64_t>,
+                     caf::reacts_to<abort_layout_atom, uint32_t>>;
 
 /// What an attention shard asks of its (co-located) router; load_report: the expert load the
-/// router counted over its recent steps (router_options::load_window_steps).
+/// router counted over its recent steps (router_options::load_window_steps); switch_layout: use
+/// this placement version from the next route request on (answers the version).
 using router_actor =
     caf::typed_actor<caf::replies_to<route_atom, route_request>::with<route_result>,
-                     caf::replies_to<load_report_atom>::with<load_report_bytes>>;
+                     caf::replies_to<load_report_atom>::with<load_report_bytes>,
+                     caf::replies_to<switch_layout_atom, router_layout>::with<uint32_t>>;
 
 /// What the controller asks of an attention shard.
 using attention_actor =
@@ -249,4 +257,8 @@ CAF_ADD_TYPE_ID(moe_actors, (moe::actors::generation_job))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::job_event))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::job_status))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::load_report_bytes))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::group_layout))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::router_layout))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::prepare_result))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::rebalance_report))
 CAF_END_TYPE_ID_BLOCK(moe_actors)

@@ -64,6 +64,7 @@ caf::result<caf::atom_value> open_session(pointer self, cluster_session& s) {
     st.options.model_dir = s.model_dir;
     st.config.reset();
   }
+  if (s.load_window_steps > 0) st.options.load_window_steps = s.load_window_steps;
   if (s.cache_num_blocks > 0) {
     st.options.cache.block_size = s.cache_block_size;
     st.options.cache.num_blocks = s.cache_num_blocks;
@@ -122,10 +123,12 @@ caf::result<group_handles> spawn_groups(pointer self, const scheduler::placement
     o.holds_shared_experts = g.holds_shared_experts;
     o.metrics = st.options.metrics;
     o.transport = st.options.transport;
-    auto weights = load_weights(st.options.model_dir, **cfg,
-                                [&o](std::string_view n) { return expert_group_needs(o, n); });
+    o.placement_version = p.version;
+    o.checkpoint_dir = st.options.model_dir;
+    auto weights = load_weights_part(st.options.model_dir, **cfg,
+                                     [&o](std::string_view n) { return expert_group_needs(o, n); });
     if (!weights) return weights.error();
-    auto actor = spawn_expert_group(self->system(), *weights, o);
+    auto actor = spawn_expert_group(self->system(), std::move(*weights), o);
     if (!actor) return actor.error();
     own(self, caf::actor_cast<caf::actor>(*actor));
     out.groups.push_back(g.group);
@@ -167,6 +170,7 @@ caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement
     ro.groups = routes;
     ro.metrics = st.options.metrics;
     ro.transport = st.options.transport;
+    ro.load_window_steps = st.options.load_window_steps;
     auto router = spawn_router(self->system(), gate_weights, ro);
     if (!router) return router.error();
     own(self, caf::actor_cast<caf::actor>(*router));
@@ -180,6 +184,7 @@ caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement
     own(self, caf::actor_cast<caf::actor>(*shard));
     out.shards.push_back(a.shard);
     out.handles.push_back(*shard);
+    out.routers.push_back(*router);
   }
   return out;
 }

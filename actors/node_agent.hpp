@@ -43,11 +43,12 @@ typename Inspector::result_type inspect(Inspector& f, group_handles& x) {
 struct shard_handles {
   std::vector<int32_t> shards;
   std::vector<attention_actor> handles;
+  std::vector<router_actor> routers;  ///< each shard's co-located router
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, shard_handles& x) {
-  return f(caf::meta::type_name("shard_handles"), x.shards, x.handles);
+  return f(caf::meta::type_name("shard_handles"), x.shards, x.handles, x.routers);
 }
 
 /// One process of the cluster: its CAF node, where it receives tensors, and (for a node
@@ -77,12 +78,13 @@ struct cluster_session {
   std::string model_dir;
   int64_t cache_block_size = 16;  ///< Latent KV cache of each attention shard: block size
   int64_t cache_num_blocks = 0;   ///< and blocks (the scheduler's budget; 0: the node's default)
+  int64_t load_window_steps = 1024;  ///< Steps each router counts expert load over
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, cluster_session& x) {
   return f(caf::meta::type_name("cluster_session"), x.owner, x.peers, x.model_dir,
-           x.cache_block_size, x.cache_num_blocks);
+           x.cache_block_size, x.cache_num_blocks, x.load_window_steps);
 }
 
 using spawn_groups_atom = caf::atom_constant<caf::atom("spawn_grp")>;
@@ -112,6 +114,8 @@ struct node_agent_options {
   prometheus::Counter* heartbeats_answered = nullptr;
   /// The process's data plane for tensors to and from other processes (empty: one process).
   tensor_transport transport;
+  /// Steps each router counts expert load over (config rebalancing.load_window_steps).
+  int64_t load_window_steps = 1024;
 };
 
 [[nodiscard]] node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options options);

@@ -3,6 +3,7 @@
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -17,17 +18,72 @@ namespace moe::actors {
 
 namespace {
 
+// Where one MoE layer's experts are, in one placement version.
+struct layer_table {
+  std::vector<std::vector<size_t>> holders;   // logical expert -> groups holding it
+  std::vector<std::vector<int32_t>> slot_of;  // [group][logical expert] -> physical slot, -1: not held
+};
+
+struct placement_table {
+  uint32_t version = 0;
+  std::map<int64_t, layer_table> layers;
+  int32_t num_slots = 0;  // the groups' experts of a layer, in group order (the same count for every layer)
+};
+
+// Checks a layout against the model and the groups, and indexes it.
+caf::expected<placement_table> make_table(const router_layout& l, const model::model_config& c, size_t num_groups) {
+  auto bad = [&](std::string text) {
+    return model::make_error(model::model_errc::bad_input,
+                             "placement version " + std::to_string(l.version) + ": " + std::move(text));
+  };
+  std::vector<int64_t> moe_layers;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    if (c.is_moe_layer(i)) moe_layers.push_back(i);
+  if (l.layers != moe_layers) return bad("its layers are not the model's MoE layers");
+  if (l.experts.size() != l.layers.size()) return bad("one entry per MoE layer expected");
+  placement_table t;
+  t.version = l.version;
+  for (size_t i = 0; i < l.layers.size(); ++i) {
+    const auto& groups = l.experts[i];
+    if (groups.size() != num_groups)
+      return bad("layer " + std::to_string(l.layers[i]) + " names " + std::to_string(groups.size()) +
+                 " expert groups; the router has " + std::to_string(num_groups));
+    layer_table lt;
+    lt.holders.resize(static_cast<size_t>(c.n_routed_experts));
+    int32_t next_slot = 0;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      std::vector<int32_t> slots(lt.holders.size(), -1);
+      for (size_t j = 0; j < groups[g].size(); ++j) {
+        const int64_t e = groups[g][j];
+        if (e < 0 || e >= c.n_routed_experts)
+          return bad("expert " + std::to_string(e) + " does not exist");
+        if (slots[static_cast<size_t>(e)] >= 0)
+          return bad("expert group " + std::to_string(g) + " lists expert " + std::to_string(e) + " twice");
+        slots[static_cast<size_t>(e)] = next_slot++;
+        lt.holders[static_cast<size_t>(e)].push_back(g);
+      }
+      lt.slot_of.push_back(std::move(slots));
+    }
+    for (size_t e = 0; e < lt.holders.size(); ++e)
+      if (lt.holders[e].empty())
+        return bad("no expert group holds expert " + std::to_string(e) + " in layer " + std::to_string(l.layers[i]));
+    if (i == 0) t.num_slots = next_slot;
+    else if (next_slot != t.num_slots) return bad("layers hold different numbers of slots");
+    t.layers.emplace(l.layers[i], std::move(lt));
+  }
+  return t;
+}
+
 struct router_state {
   std::shared_ptr<const model::checkpoint> weights;
   std::map<int64_t, model::router_block> gates;
   router_options options;
-  std::vector<std::vector<size_t>> holders;  // logical expert -> groups holding it
+  placement_table table;
   std::optional<size_t> shared_group;
   int64_t hidden = 0;
   mailbox_gauge mailbox;
   routed_tokens_counter routed;
   std::optional<scheduler::load_window> load;
-  std::vector<std::vector<int32_t>> slot_of;  // [group][logical expert] -> physical slot, -1: not held
   bool load_error_logged = false;
   static inline const char* name = "router";
 };
@@ -102,20 +158,23 @@ caf::result<route_result> route(pointer self, route_request& req) {
   const size_t n = p->rows.size();
   p->rows_out.assign(n * D, 0.0f);
 
-  // Replica choice: the i-th row of an expert in this batch goes to holder i mod replicas, which
-  // keeps replicas even and depends only on the batch, so outputs stay deterministic.
+  // Replica choice: the i-th row of expert e in the batch of step s goes to holder
+  // (i + s + e) mod replicas. Rows alternate within a batch, and the starting replica rotates
+  // from step to step (small decode batches would otherwise always favour the first holder);
+  // the choice depends only on the batch, so outputs stay deterministic.
+  const auto& table = st.table.layers.at(req.layer);
   std::vector<std::vector<int32_t>> group_rows(st.options.groups.size());
-  std::vector<size_t> seen(st.holders.size(), 0);
+  std::vector<size_t> seen(table.holders.size(), 0);
   for (size_t r = 0; r < n; ++r) {
     const auto e = static_cast<size_t>(p->rows.expert_of_row[r]);
-    const auto& h = st.holders[e];
-    group_rows[h[seen[e]++ % h.size()]].push_back(static_cast<int32_t>(r));
+    const auto& h = table.holders[e];
+    group_rows[h[(seen[e]++ + req.step + e) % h.size()]].push_back(static_cast<int32_t>(r));
   }
   if (st.load) {
     std::vector<int32_t> slots(n);
     for (size_t g = 0; g < group_rows.size(); ++g)
       for (auto r : group_rows[g])
-        slots[static_cast<size_t>(r)] = st.slot_of[g][static_cast<size_t>(p->rows.expert_of_row[static_cast<size_t>(r)])];
+        slots[static_cast<size_t>(r)] = table.slot_of[g][static_cast<size_t>(p->rows.expert_of_row[static_cast<size_t>(r)])];
     // Counting is bookkeeping: a refused sample (a step older than the window) never fails routing.
     if (auto err = st.load->record(req.step, req.layer, p->choices, slots); err && !st.load_error_logged) {
       st.load_error_logged = true;
@@ -130,7 +189,7 @@ caf::result<route_result> route(pointer self, route_request& req) {
     expert_batch b;
     b.layer = req.layer;
     b.step = req.step;
-    b.placement_version = st.options.placement_version;
+    b.placement_version = st.table.version;
     b.experts.resize(rows.size());
     b.weights.resize(rows.size());
     for (size_t i = 0; i < rows.size(); ++i) {
@@ -172,7 +231,7 @@ caf::result<route_result> route(pointer self, route_request& req) {
     expert_batch b;
     b.layer = req.layer;
     b.step = req.step;
-    b.placement_version = st.options.placement_version;
+    b.placement_version = st.table.version;
     b.rows = req.x;
     b.experts.assign(T, shared_expert_row);
     b.weights.assign(T, 1.0f);
@@ -220,35 +279,37 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
     if (!g) return g.error();
     gates.emplace(l, std::move(*g));
   }
-  std::vector<std::vector<size_t>> holders(static_cast<size_t>(c.n_routed_experts));
   std::optional<size_t> shared_group;
-  for (size_t g = 0; g < options.groups.size(); ++g) {
-    for (int64_t e : options.groups[g].experts) {
-      if (e < 0 || e >= c.n_routed_experts)
-        return model::make_error(model::model_errc::bad_input,
-                                 "placement: expert " + std::to_string(e) + " does not exist");
-      holders[static_cast<size_t>(e)].push_back(g);
+  router_layout initial;
+  initial.version = options.placement_version;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.is_moe_layer(l)) continue;
+    initial.layers.push_back(l);
+    std::vector<std::vector<int64_t>> per_group;
+    for (const auto& g : options.groups) {
+      auto sorted = g.experts;
+      std::sort(sorted.begin(), sorted.end());
+      per_group.push_back(std::move(sorted));
     }
+    initial.experts.push_back(std::move(per_group));
+  }
+  auto table = make_table(initial, c, options.groups.size());
+  if (!table) return table.error();
+  for (size_t g = 0; g < options.groups.size(); ++g)
     if (options.groups[g].holds_shared_experts && !shared_group) shared_group = g;
-  }
-  for (size_t e = 0; e < holders.size(); ++e) {
-    if (holders[e].empty())
-      return model::make_error(model::model_errc::bad_input,
-                               "placement: no expert group holds expert " + std::to_string(e));
-  }
   if (c.n_shared_experts > 0 && !shared_group)
     return model::make_error(model::model_errc::bad_input,
                              "placement: no expert group holds the shared experts");
   auto impl = [](pointer self, std::shared_ptr<const model::checkpoint> w,
                  std::map<int64_t, model::router_block> gates, router_options opts,
-                 std::vector<std::vector<size_t>> holders,
+                 std::shared_ptr<placement_table> table,
                  std::optional<size_t> shared) -> router_actor::behavior_type {
     auto& st = self->state;
     st.hidden = w->config.hidden_size;
     st.weights = std::move(w);
     st.gates = std::move(gates);
     st.options = std::move(opts);
-    st.holders = std::move(holders);
+    st.table = std::move(*table);
     st.shared_group = shared;
     if (st.options.metrics) {
       const auto& c = st.weights->config;
@@ -258,12 +319,7 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
       st.routed = routed_tokens_counter(*st.options.metrics, c.num_hidden_layers, c.n_routed_experts,
                                         moe_layers);
     }
-    int32_t next_slot = 0;
-    for (const auto& g : st.options.groups) {
-      std::vector<int32_t> slots(st.holders.size(), -1);
-      for (auto e : g.experts) slots[static_cast<size_t>(e)] = next_slot++;
-      st.slot_of.push_back(std::move(slots));
-    }
+    const int32_t next_slot = st.table.num_slots;
     if (st.options.load_window_steps > 0) {
       const auto& c = st.weights->config;
       std::vector<int64_t> moe_layers;
@@ -288,10 +344,21 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
               out.capnp.resize(bytes.size());
               std::memcpy(out.capnp.data(), bytes.data(), bytes.size());
               return out;
+            },
+            [self](switch_layout_atom, const router_layout& layout) -> caf::result<uint32_t> {
+              auto& st = self->state;
+              auto table = make_table(layout, st.weights->config, st.options.groups.size());
+              if (!table) return std::move(table.error());
+              // Slot ids now name other replicas: the counts start over for the new version.
+              if (st.load) {
+                if (auto err = st.load->reset(layout.version, std::max(1, table->num_slots))) return err;
+              }
+              st.table = std::move(*table);
+              return st.table.version;
             }};
   };
   return sys.spawn(impl, std::move(weights), std::move(gates), std::move(options),
-                   std::move(holders), shared_group);
+                   std::make_shared<placement_table>(std::move(*table)), shared_group);
 }
 
 }  // namespace moe::actors

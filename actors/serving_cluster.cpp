@@ -11,8 +11,10 @@
 #include <set>
 #include <thread>
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 #include "actors/api_server.hpp"
+#include "actors/rebalancer.hpp"
 #include "model/init_model.hpp"
 #include "model/model_errc.hpp"
 #include "monitoring/metrics_server.hpp"
@@ -124,6 +126,47 @@ std::map<std::string, std::vector<size_t>> shard_dependencies(const scheduler::p
   return deps;
 }
 
+// The rebalancer of this cluster: the placement's layout (every MoE layer holds each group's
+// experts) as version placement.version, groups in group order with their nodes' indices.
+caf::expected<rebalancer_actor> spawn_cluster_rebalancer(caf::actor_system& sys, const runtime::cluster_config& config,
+                                                         const model::model_config& model, const scheduler::placement& p,
+                                                         const group_handles& handles,
+                                                         const std::vector<router_actor>& routers,
+                                                         const controller_actor& controller,
+                                                         std::shared_ptr<prometheus::Registry> registry) {
+  rebalancer_options o;
+  o.model = model;
+  o.routers = routers;
+  o.controller = controller;
+  o.metrics = std::move(registry);
+  o.current.version = p.version;
+  std::vector<std::vector<int64_t>> per_group(p.expert_groups.size());
+  o.groups.resize(p.expert_groups.size());
+  o.group_node.resize(p.expert_groups.size());
+  for (const auto& g : p.expert_groups) {
+    const auto index = static_cast<size_t>(g.group);
+    if (index >= o.groups.size()) return make_error(node_errc::bad_request, "expert group ids are not 0..n-1");
+    auto it = std::find(handles.groups.begin(), handles.groups.end(), g.group);
+    if (it == handles.groups.end())
+      return make_error(node_errc::bad_request, "no handle for expert group " + std::to_string(g.group));
+    o.groups[index] = handles.handles[static_cast<size_t>(it - handles.groups.begin())];
+    o.group_node[index] = static_cast<int>(runtime::find_node(config, g.device.node).value_or(0));
+    per_group[index] = g.experts;
+    std::sort(per_group[index].begin(), per_group[index].end());
+  }
+  for (int64_t l = 0; l < model.num_hidden_layers; ++l) {
+    if (!model.is_moe_layer(l)) continue;
+    o.current.layers.push_back(l);
+    o.current.experts.push_back(per_group);
+  }
+  o.max_moved_replicas = config.rebalancing.max_moved_replicas;
+  o.period = std::chrono::seconds(config.rebalancing.period_s);
+  o.min_improvement = static_cast<double>(config.rebalancing.min_improvement_pct) / 100.0;
+  o.stats_interval = std::chrono::seconds(10);
+  o.num_nodes = static_cast<int64_t>(config.nodes.size());
+  return spawn_rebalancer(sys, std::move(o));
+}
+
 }  // namespace
 
 caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
@@ -188,6 +231,7 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     session.cache_block_size = 16;
     session.cache_num_blocks =
         std::max<int64_t>(1, (scheduler::kv_cache_tokens_per_shard(config, *model_cfg) + 15) / 16);
+    session.load_window_steps = config.rebalancing.load_window_steps;
     session.peers.push_back({sys.node(), s->transport_.exchange->address(), {}, 0});
     for (const auto& m : members->members) {
       session.peers.push_back({m.agent.node(), m.info.data_address, m.info.host, m.info.control_port});
@@ -212,6 +256,7 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
       o.cache.block_size = 16;
       o.cache.num_blocks = std::max<int64_t>(1, (tokens + 15) / 16);
       o.metrics = s->registry_;
+      o.load_window_steps = config.rebalancing.load_window_steps;
       s->agents_.push_back(spawn_node_agent(sys, std::move(o)));
     }
   }
@@ -227,21 +272,28 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
             [&](caf::error& e) { failure = std::move(e); });
     if (failure) return failure;
   }
-  std::vector<std::pair<int32_t, attention_actor>> shards;
+  struct spawned_shard {
+    int32_t id;
+    attention_actor shard;
+    router_actor router;
+  };
+  std::vector<spawned_shard> shards;
   for (auto& agent : s->agents_) {
     self->request(agent, caf::infinite, spawn_shards_atom::value, s->placement_, groups)
         .receive(
             [&](shard_handles& h) {
-              for (size_t i = 0; i < h.shards.size(); ++i) shards.emplace_back(h.shards[i], h.handles[i]);
+              for (size_t i = 0; i < h.shards.size(); ++i)
+                shards.push_back({h.shards[i], h.handles[i], i < h.routers.size() ? h.routers[i] : router_actor{}});
             },
             [&](caf::error& e) { failure = std::move(e); });
     if (failure) return failure;
   }
-  std::sort(shards.begin(), shards.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::sort(shards.begin(), shards.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
   std::vector<int32_t> shard_ids;
-  for (auto& [id, handle] : shards) {
-    s->shards_.push_back(handle);
-    shard_ids.push_back(id);
+  for (auto& sh : shards) {
+    s->shards_.push_back(sh.shard);
+    s->routers_.push_back(sh.router);
+    shard_ids.push_back(sh.id);
   }
 
   controller_options co;
@@ -257,6 +309,15 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   if (s->membership_)
     caf::anon_send(s->membership_, member_subscribe_atom::value, caf::actor_cast<caf::actor>(s->controller_));
 
+  auto rebalancer = spawn_cluster_rebalancer(sys, config, *model_cfg, s->placement_, groups, s->routers_,
+                                             s->controller_, s->registry_);
+  // A layout the rebalancer cannot move (groups of unequal size) still serves, unbalanced.
+  if (rebalancer) s->rebalancer_ = *rebalancer;
+  else {
+    s->rebalance_unavailable_ = error_text(rebalancer.error());
+    spdlog::warn("online expert rebalancing is off for this cluster: {}", s->rebalance_unavailable_);
+  }
+
   auto metrics = monitoring::metrics_server::start(
       s->registry_, options.bind_host, options.metrics_port.value_or(config.ports.metrics));
   if (!metrics) return metrics.error();
@@ -267,6 +328,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   ao.port = options.api_port.value_or(config.ports.api);
   ao.secret = config.secret;
   ao.cluster = describe(config, s->placement_, options.join_nodes);
+  ao.rebalancer = s->rebalancer_;
+  ao.rebalance_unavailable = s->rebalance_unavailable_;
   auto api = api_server::start(sys, s->controller_, ao);
   if (!api) return api.error();
   s->api_ = std::move(*api);
@@ -282,6 +345,8 @@ std::string serving_cluster::metrics_url() const { return metrics_ ? metrics_->u
 void serving_cluster::stop() {
   if (api_) api_->stop();
   api_.reset();
+  if (rebalancer_) caf::anon_send_exit(rebalancer_, caf::exit_reason::user_shutdown);
+  rebalancer_ = nullptr;
   if (controller_) caf::anon_send_exit(controller_, caf::exit_reason::user_shutdown);
   controller_ = nullptr;
   if (membership_) {
@@ -318,6 +383,7 @@ void serving_cluster::stop() {
   }
   transport_ = {};
   shards_.clear();
+  routers_.clear();
   if (scheduler_) caf::anon_send_exit(scheduler_, caf::exit_reason::user_shutdown);
   scheduler_ = nullptr;
   if (metrics_) metrics_->stop();

@@ -23,6 +23,7 @@
 #include "actors/cluster_membership.hpp"
 #include "actors/controller.hpp"
 #include "actors/node_agent.hpp"
+#include "actors/rebalance_messages.hpp"
 #include "runtime/cluster_config.hpp"
 #include "scheduler/placement.hpp"
 #include "scheduler/scheduler_actor.hpp"
@@ -69,11 +70,19 @@ class serving_cluster {
   ~serving_cluster();
 
   [[nodiscard]] const scheduler::placement& placement() const noexcept { return placement_; }
+  [[nodiscard]] caf::actor_system& system() const noexcept { return *sys_; }
   [[nodiscard]] const model::model_config& model() const noexcept { return model_; }
   [[nodiscard]] const std::filesystem::path& model_dir() const noexcept { return model_dir_; }
   [[nodiscard]] controller_actor controller() const noexcept { return controller_; }
   /// The attention shards in shard order (tests send them steps directly).
   [[nodiscard]] const std::vector<attention_actor>& shards() const noexcept { return shards_; }
+  /// Each shard's router, in shard order (tests ask them for load reports).
+  [[nodiscard]] const std::vector<router_actor>& routers() const noexcept { return routers_; }
+  /// Online expert rebalancing (actors/rebalancer.hpp): on demand through this handle or
+  /// `moe rebalance`, and every rebalancing.period_s when set. Null when the layout cannot be
+  /// rebalanced; rebalance_unavailable() says why.
+  [[nodiscard]] rebalancer_actor rebalancer() const noexcept { return rebalancer_; }
+  [[nodiscard]] const std::string& rebalance_unavailable() const noexcept { return rebalance_unavailable_; }
   [[nodiscard]] uint16_t api_port() const;
   [[nodiscard]] std::string metrics_url() const;
   /// join_nodes: this process's data plane (remote shards' logits are fetched through it),
@@ -100,7 +109,10 @@ class serving_cluster {
   cluster_membership_actor membership_;  // join_nodes: joins and watches the node processes
   tensor_transport transport_;           // join_nodes: this process's data plane
   std::vector<attention_actor> shards_;
+  std::vector<router_actor> routers_;
   controller_actor controller_;
+  rebalancer_actor rebalancer_;
+  std::string rebalance_unavailable_;
   std::unique_ptr<monitoring::metrics_server> metrics_;
   std::unique_ptr<api_server> api_;
 };

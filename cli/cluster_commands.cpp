@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "actors/actor_types.hpp"
+#include "actors/rebalancer.hpp"
 #include "actors/serving_cluster.hpp"
 #include "cli/command.hpp"
 #include "cli/embedded_config.hpp"
@@ -142,6 +143,82 @@ std::string scrape(const std::string& host, uint16_t port) {
   return res && res->status == 200 ? res->body : std::string();
 }
 
+// Greedy generations of `prompts` through the API, concurrently; empty on any error (printed).
+std::vector<std::vector<int32_t>> generate_all(const actors::serving_cluster& c, const std::string& secret,
+                                               const std::vector<std::vector<int32_t>>& prompts, int64_t max_new_tokens) {
+  std::vector<std::vector<int32_t>> outputs(prompts.size());
+  std::vector<caf::error> errors(prompts.size());
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    clients.emplace_back([&, i] {
+      auto client = client::job_client::connect("127.0.0.1", c.api_port(), secret);
+      if (!client) {
+        errors[i] = client.error();
+        return;
+      }
+      client::generation_request_spec spec;
+      spec.prompt = prompts[i];
+      spec.max_new_tokens = max_new_tokens;
+      auto tokens = (*client)->generate(spec);
+      if (tokens) outputs[i] = *tokens;
+      else errors[i] = tokens.error();
+    });
+  }
+  for (auto& t : clients) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (!errors[i]) continue;
+    fmt::print("  [{}] error: {}\n", i, error_text(errors[i]));
+    return {};
+  }
+  return outputs;
+}
+
+caf::expected<actors::rebalance_report> ask_rebalance(caf::actor_system& sys, const actors::rebalancer_actor& r) {
+  caf::scoped_actor self{sys};
+  caf::expected<actors::rebalance_report> out{actors::rebalance_report{}};
+  self->request(r, std::chrono::minutes(5), actors::rebalance_atom::value)
+      .receive([&](actors::rebalance_report& rep) { out = std::move(rep); }, [&](caf::error& e) { out = std::move(e); });
+  return out;
+}
+
+// Skewed traffic (prompts of one repeated token send most rows to a few experts), a rebalance,
+// the same traffic again with identical greedy tokens, and the balance the routers measure now.
+bool demo_rebalance(actors::serving_cluster& c, const runtime::cluster_config& cfg) {
+  fmt::print("\nonline expert rebalancing:\n");
+  if (!c.rebalancer()) {
+    fmt::print("  off for this cluster: {}\n", c.rebalance_unavailable());
+    return true;
+  }
+  const std::vector<std::vector<int32_t>> hot = {{7, 7, 7, 7, 7, 7, 7, 7}, {7, 7, 7, 9, 7, 7, 7, 7},
+                                                 {7, 7, 11, 7, 7, 7, 7}, {7, 7, 7, 7, 13, 7}};
+  auto before = generate_all(c, cfg.secret, hot, 12);
+  if (before.empty()) return false;
+  auto& sys = c.system();
+  auto moved = ask_rebalance(sys, c.rebalancer());
+  if (!moved) {
+    fmt::print("  rebalance failed: {}\n", error_text(moved.error()));
+    return false;
+  }
+  const auto& r = *moved;
+  fmt::print("  skewed traffic ({} greedy requests of a repeated token), then `moe rebalance`:\n", hot.size());
+  fmt::print("    expert-group balance (max/mean load, mean over {} MoE layers): {:.3f} measured -> {:.3f} planned\n",
+             r.layer_balance_before.size(), r.balance_before, r.balance_after);
+  if (r.changed)
+    fmt::print("    placement version {} -> {}: {} replicas loaded ({} bytes) in {:.3f} s while serving\n",
+               r.version_before, r.version_after, r.replicas_moved, r.bytes_moved, r.duration_seconds);
+  else
+    fmt::print("    the placement was kept (already balanced)\n");
+  auto after = generate_all(c, cfg.secret, hot, 12);
+  if (after.empty()) return false;
+  const bool same = after == before;
+  fmt::print("    the same requests again: greedy tokens {}\n", same ? "identical" : "DIFFERENT (a bug)");
+  auto measured = ask_rebalance(sys, c.rebalancer());
+  if (measured)
+    fmt::print("    balance the routers measured under version {}: {:.3f}{}\n", measured->version_before,
+               measured->balance_before, measured->changed ? " (and it rebalanced again)" : "");
+  return same;
+}
+
 int run_demo(const std::string& config_file, int processes) {
   auto cfg = config_file.empty()
                  ? runtime::parse_cluster_config(embedded_local_config, "deploy/local.yaml (embedded)")
@@ -234,6 +311,7 @@ int run_demo(const std::string& config_file, int processes) {
     fmt::print("  layer {}: {}  (max/mean {:.2f})\n", layer, fmt::join(counts, " "),
                mean > 0 ? peak / mean : 0.0);
   }
+  if (!demo_rebalance(c, *cfg)) ++failures;
   // Scrape our own endpoint once, as Prometheus would.
   const auto url = c.metrics_url();
   httplib::Client scraper("127.0.0.1", std::stoi(url.substr(url.rfind(':') + 1)));

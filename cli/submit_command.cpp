@@ -6,13 +6,12 @@
 // latter two: a command line is visible to every user of the machine).
 #include <fmt/format.h>
 
-#include <cstdlib>
-#include <fstream>
 #include <memory>
 #include <optional>
 
 #include "cli/command.hpp"
 #include "cli/prompt_ids.hpp"
+#include "cli/client_secret.hpp"
 #include "client/job_client.hpp"
 
 namespace moe::cli {
@@ -32,27 +31,10 @@ int fail(const std::string& text) {
   return 1;
 }
 
-caf::expected<std::string> cluster_secret(const submit_options& o) {
-  if (!o.secret.empty()) return o.secret;
-  if (!o.secret_file.empty()) {
-    std::ifstream in(o.secret_file);
-    std::string line;
-    if (!in || !std::getline(in, line) || line.empty()) {
-      return client::make_error(client::client_errc::invalid_request,
-                                "--secret-file " + o.secret_file + ": cannot read a secret from it");
-    }
-    return line;
-  }
-  if (const char* env = std::getenv("MOE_CLUSTER_SECRET"); env && *env) return std::string(env);
-  return client::make_error(client::client_errc::invalid_request,
-                            "no cluster secret: give --secret-file or --secret, or set "
-                            "MOE_CLUSTER_SECRET");
-}
-
 int run_submit(const submit_options& o) {
   auto address = client::parse_address(o.address);
   if (!address) return fail(error_text(address.error()));
-  auto secret = cluster_secret(o);
+  auto secret = client_secret(o.secret, o.secret_file);
   if (!secret) return fail(error_text(secret.error()));
   client::generation_request_spec spec;
   auto prompt = parse_token_ids(o.gen.prompt_ids, "--prompt-ids");

@@ -95,6 +95,10 @@ caf::error to_error(const kj::Exception& e, const std::string& what) {
       return make_error(client_errc::disconnected, what + ": connection lost: " + f.text);
     case kj::Exception::Type::OVERLOADED:
       return make_error(client_errc::overloaded, what + ": overloaded: " + f.text);
+    case kj::Exception::Type::UNIMPLEMENTED:
+      return make_error(client_errc::server_error,
+                        what + ": the server does not implement this call (an older version?): " +
+                            f.text);
     default: return make_error(client_errc::server_error, what + ": " + f.text);
   }
 }
@@ -181,12 +185,17 @@ struct job_client::impl {
   // One unary call: its result, or an error naming `what` failed and why.
   template <class T>
   caf::expected<T> call(kj::Promise<T> p, const std::string& what) {
+    return call(kj::mv(p), what, options.call_timeout);
+  }
+
+  template <class T>
+  caf::expected<T> call(kj::Promise<T> p, const std::string& what,
+                        std::chrono::milliseconds timeout) {
     try {
-      auto v = await(kj::mv(p), options.call_timeout);
+      auto v = await(kj::mv(p), timeout);
       if (!v) {
-        return make_error(client_errc::timed_out, what + ": no answer within " +
-                                                      std::to_string(options.call_timeout.count()) +
-                                                      " ms");
+        return make_error(client_errc::timed_out,
+                          what + ": no answer within " + std::to_string(timeout.count()) + " ms");
       }
       return std::move(*v);
     } catch (const kj::Exception& e) {
@@ -358,6 +367,26 @@ caf::expected<client_cluster_description> job_client::describe() {
   } catch (const kj::Exception& e) {
     return to_error(e, "describe");
   }
+}
+
+caf::expected<client_rebalance_report> job_client::rebalance() {
+  caf::expected<client_rebalance_report> report =
+      make_error(client_errc::server_error, "rebalance: not sent");
+  try {
+    auto req = impl_->service->rebalanceRequest();
+    report = impl_->call(
+        req.send().then([](auto r) { return protocol::from_wire(r.getReport()); }), "rebalance",
+        impl_->options.rebalance_timeout);
+  } catch (const kj::Exception& e) {
+    return to_error(e, "rebalance");
+  }
+  if (report) {
+    if (auto err = protocol::validate(*report)) {
+      return make_error(client_errc::server_error,
+                        "rebalance: the server answered a malformed report: " + error_text(err));
+    }
+  }
+  return report;
 }
 
 void job_client::poll() {

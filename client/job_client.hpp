@@ -11,9 +11,9 @@
 //
 // Thread safety: a job_client is confined to the thread that called connect(): Cap'n Proto
 // runs one event loop per thread, and events are delivered only while that thread is inside a
-// call of this class (submit, wait, status, cancel, describe, poll). Several clients may share
-// a thread. Ownership: the client owns its connection; destroying it closes the connection,
-// which makes the server cancel every job still streaming to it.
+// call of this class (submit, wait, status, cancel, describe, rebalance, poll). Several
+// clients may share a thread. Ownership: the client owns its connection; destroying it closes
+// the connection, which makes the server cancel every job still streaming to it.
 #pragma once
 
 #include <chrono>
@@ -52,12 +52,16 @@ using generation_request_spec = protocol::api_generation_spec;
 using client_event = protocol::api_job_event;
 using client_status = protocol::api_job_status;
 using client_cluster_description = protocol::api_cluster_description;
+using client_rebalance_report = protocol::api_rebalance_report;
 using job_state = protocol::api_job_state;
 
 struct client_options {
   std::chrono::milliseconds connect_timeout{10'000};
   /// Limit for one call (login, submit, status, cancel, describe); 0: none. wait() has its own.
   std::chrono::milliseconds call_timeout{60'000};
+  /// Limit for rebalance() (it loads weights); 0: none. A little above the server's default
+  /// limit (api_server_options::rebalance_timeout), so that the server's answer wins.
+  std::chrono::milliseconds rebalance_timeout{660'000};
 };
 
 /// "host:port", "[::1]:7101" -> (host, port); invalid_request when malformed.
@@ -95,6 +99,14 @@ class job_client {
   /// Whether the job was still active.
   [[nodiscard]] caf::expected<bool> cancel(uint64_t job_id);
   [[nodiscard]] caf::expected<client_cluster_description> describe();
+
+  /// Rebalances the cluster's experts now (serving continues) and answers what the rebalance
+  /// did; blocks for as long as it runs (options.rebalance_timeout). Errors: unavailable
+  /// (rebalancing is not enabled on the cluster, no load counted yet, a phase failed: the text
+  /// says which; the placement did not change), overloaded (a rebalance is already running),
+  /// invalid_request (the layout cannot be rebalanced), server_error (e.g. an older server
+  /// without the call, or a malformed report), timed_out (the rebalance may still be running).
+  [[nodiscard]] caf::expected<client_rebalance_report> rebalance();
 
   /// Delivers the events that have already arrived, without blocking.
   void poll();

@@ -31,14 +31,14 @@ api_job_state from_wire(capnp::JobState s) {
   return api_job_state::failed;
 }
 
-template <class List>
-void fill_ids(List list, const std::vector<int32_t>& ids) {
-  for (size_t i = 0; i < ids.size(); ++i) list.set(static_cast<unsigned>(i), ids[i]);
+template <class List, class T>
+void fill_list(List list, const std::vector<T>& values) {
+  for (size_t i = 0; i < values.size(); ++i) list.set(static_cast<unsigned>(i), values[i]);
 }
 
-template <class Reader>
-std::vector<int32_t> read_ids(Reader list) {
-  std::vector<int32_t> out;
+template <class T, class Reader>
+std::vector<T> read_list(Reader list) {
+  std::vector<T> out;
   out.reserve(list.size());
   for (auto v : list) out.push_back(v);
   return out;
@@ -50,31 +50,31 @@ std::string text(::capnp::Text::Reader r) { return std::string(r.cStr(), r.size(
 }  // namespace
 
 void to_wire(const api_generation_spec& spec, capnp::GenerationJob::Builder b) {
-  fill_ids(b.initPrompt(static_cast<unsigned>(spec.prompt.size())), spec.prompt);
+  fill_list(b.initPrompt(static_cast<unsigned>(spec.prompt.size())), spec.prompt);
   b.setMaxNewTokens(spec.max_new_tokens);
   b.setTemperature(spec.temperature);
   b.setTopK(spec.top_k);
   b.setTopP(spec.top_p);
   b.setSeed(spec.seed);
-  fill_ids(b.initStopTokenIds(static_cast<unsigned>(spec.stop_token_ids.size())),
+  fill_list(b.initStopTokenIds(static_cast<unsigned>(spec.stop_token_ids.size())),
            spec.stop_token_ids);
 }
 
 api_generation_spec from_wire(capnp::GenerationJob::Reader r) {
   api_generation_spec spec;
-  spec.prompt = read_ids(r.getPrompt());
+  spec.prompt = read_list<int32_t>(r.getPrompt());
   spec.max_new_tokens = r.getMaxNewTokens();
   spec.temperature = r.getTemperature();
   spec.top_k = r.getTopK();
   spec.top_p = r.getTopP();
   spec.seed = r.getSeed();
-  spec.stop_token_ids = read_ids(r.getStopTokenIds());
+  spec.stop_token_ids = read_list<int32_t>(r.getStopTokenIds());
   return spec;
 }
 
 void to_wire(const api_job_event& e, capnp::JobEvent::Builder b) {
   b.setJobId(e.job_id);
-  fill_ids(b.initTokens(static_cast<unsigned>(e.tokens.size())), e.tokens);
+  fill_list(b.initTokens(static_cast<unsigned>(e.tokens.size())), e.tokens);
   b.setFinished(e.finished);
   b.setState(to_wire(e.state));
   b.setFinishReason(text(e.finish_reason));
@@ -84,7 +84,7 @@ void to_wire(const api_job_event& e, capnp::JobEvent::Builder b) {
 api_job_event from_wire(capnp::JobEvent::Reader r) {
   api_job_event e;
   e.job_id = r.getJobId();
-  e.tokens = read_ids(r.getTokens());
+  e.tokens = read_list<int32_t>(r.getTokens());
   e.finished = r.getFinished();
   e.state = from_wire(r.getState());
   e.finish_reason = text(r.getFinishReason());
@@ -95,7 +95,7 @@ api_job_event from_wire(capnp::JobEvent::Reader r) {
 void to_wire(const api_job_status& s, capnp::JobStatus::Builder b) {
   b.setJobId(s.job_id);
   b.setState(to_wire(s.state));
-  fill_ids(b.initTokens(static_cast<unsigned>(s.tokens.size())), s.tokens);
+  fill_list(b.initTokens(static_cast<unsigned>(s.tokens.size())), s.tokens);
   b.setFinishReason(text(s.finish_reason));
   b.setError(text(s.error));
   b.setShard(s.shard);
@@ -105,7 +105,7 @@ api_job_status from_wire(capnp::JobStatus::Reader r) {
   api_job_status s;
   s.job_id = r.getJobId();
   s.state = from_wire(r.getState());
-  s.tokens = read_ids(r.getTokens());
+  s.tokens = read_list<int32_t>(r.getTokens());
   s.finish_reason = text(r.getFinishReason());
   s.error = text(r.getError());
   s.shard = r.getShard();
@@ -153,6 +153,40 @@ api_cluster_description from_wire(capnp::ClusterDescription::Reader r) {
   c.placement_version = r.getPlacementVersion();
   c.placement_json = text(r.getPlacementJson());
   return c;
+}
+
+void to_wire(const api_rebalance_report& r, capnp::RebalanceReport::Builder b) {
+  b.setChanged(r.changed);
+  b.setVersionBefore(r.version_before);
+  b.setVersionAfter(r.version_after);
+  b.setBalanceBefore(r.balance_before);
+  b.setBalanceAfter(r.balance_after);
+  fill_list(b.initLayerBalanceBefore(static_cast<unsigned>(r.layer_balance_before.size())),
+            r.layer_balance_before);
+  fill_list(b.initLayerBalanceAfter(static_cast<unsigned>(r.layer_balance_after.size())),
+            r.layer_balance_after);
+  b.setTokensCounted(r.tokens_counted);
+  b.setReplicasMoved(r.replicas_moved);
+  b.setBytesMoved(r.bytes_moved);
+  b.setDurationSeconds(r.duration_seconds);
+  b.setTrigger(text(r.trigger));
+}
+
+api_rebalance_report from_wire(capnp::RebalanceReport::Reader r) {
+  api_rebalance_report out;
+  out.changed = r.getChanged();
+  out.version_before = r.getVersionBefore();
+  out.version_after = r.getVersionAfter();
+  out.balance_before = r.getBalanceBefore();
+  out.balance_after = r.getBalanceAfter();
+  out.layer_balance_before = read_list<double>(r.getLayerBalanceBefore());
+  out.layer_balance_after = read_list<double>(r.getLayerBalanceAfter());
+  out.tokens_counted = r.getTokensCounted();
+  out.replicas_moved = r.getReplicasMoved();
+  out.bytes_moved = r.getBytesMoved();
+  out.duration_seconds = r.getDurationSeconds();
+  out.trigger = text(r.getTrigger());
+  return out;
 }
 
 kj::Exception make_api_exception(api_errc code, const std::string& message) {

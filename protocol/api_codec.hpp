@@ -30,6 +30,9 @@ void to_wire(const api_job_status& s, capnp::JobStatus::Builder b);
 void to_wire(const api_cluster_description& c, capnp::ClusterDescription::Builder b);
 [[nodiscard]] api_cluster_description from_wire(capnp::ClusterDescription::Reader r);
 
+void to_wire(const api_rebalance_report& r, capnp::RebalanceReport::Builder b);
+[[nodiscard]] api_rebalance_report from_wire(capnp::RebalanceReport::Reader r);
+
 /// The exception a server throws for `code`: type OVERLOADED for overloaded, DISCONNECTED for
 /// unavailable (both mean "retry"), FAILED otherwise; description "<code>: <text>".
 [[nodiscard]] kj::Exception make_api_exception(api_errc code, const std::string& text);

@@ -1,6 +1,7 @@
 #include "protocol/api_types.hpp"
 
 #include <cmath>
+#include <cstdio>
 
 #include "protocol/api.capnp.h"
 
@@ -89,6 +90,58 @@ caf::error validate(const api_generation_spec& spec, const api_limits& limits) {
                           " ids exceed the limit of " + std::to_string(limits.max_stop_token_ids));
   }
   return check_ids(spec.stop_token_ids, "stopTokenIds");
+}
+
+namespace {
+
+bool is_ratio(double x) { return std::isfinite(x) && x >= 0.0; }
+
+std::string number(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", x);
+  return buf;
+}
+
+caf::error check_ratios(const std::vector<double>& ratios, const char* field) {
+  for (size_t i = 0; i < ratios.size(); ++i) {
+    if (!is_ratio(ratios[i])) {
+      return make_error(api_errc::invalid_request, std::string(field) + "[" + std::to_string(i) +
+                                                       "]: " + number(ratios[i]) +
+                                                       " is not a finite ratio >= 0");
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+caf::error validate(const api_rebalance_report& report) {
+  if (!is_ratio(report.balance_before)) {
+    return make_error(api_errc::invalid_request, "balanceBefore: " + number(report.balance_before) +
+                                                     " is not a finite ratio >= 0");
+  }
+  if (!is_ratio(report.balance_after)) {
+    return make_error(api_errc::invalid_request, "balanceAfter: " + number(report.balance_after) +
+                                                     " is not a finite ratio >= 0");
+  }
+  if (report.layer_balance_after.size() != report.layer_balance_before.size()) {
+    return make_error(api_errc::invalid_request,
+                      "layerBalanceAfter: " + std::to_string(report.layer_balance_after.size()) +
+                          " layers, layerBalanceBefore has " +
+                          std::to_string(report.layer_balance_before.size()));
+  }
+  if (auto err = check_ratios(report.layer_balance_before, "layerBalanceBefore")) return err;
+  if (auto err = check_ratios(report.layer_balance_after, "layerBalanceAfter")) return err;
+  if (report.replicas_moved < 0) {
+    return make_error(api_errc::invalid_request,
+                      "replicasMoved: " + std::to_string(report.replicas_moved) + " is negative");
+  }
+  if (!is_ratio(report.duration_seconds)) {
+    return make_error(api_errc::invalid_request, "durationSeconds: " +
+                                                     number(report.duration_seconds) +
+                                                     " is not a finite number >= 0");
+  }
+  return {};
 }
 
 }  // namespace moe::protocol

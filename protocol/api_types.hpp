@@ -88,6 +88,25 @@ struct api_cluster_description {
   std::string placement_json;
 };
 
+/// What rebalance() answers: one online expert rebalance (actors/rebalance_messages.hpp's
+/// rebalance_report). Balance ratios are max / mean expert-group load of a MoE layer (1 is
+/// perfect): `before` as measured under the old placement, `after` predicted for the new one
+/// from the same counts; balance_before / balance_after are the means over the MoE layers.
+struct api_rebalance_report {
+  bool changed = false;  ///< false: the placement was kept (nothing moved)
+  uint64_t version_before = 0;
+  uint64_t version_after = 0;
+  double balance_before = 0;
+  double balance_after = 0;
+  std::vector<double> layer_balance_before;  ///< per MoE layer, ascending layer id
+  std::vector<double> layer_balance_after;   ///< the same layers
+  uint64_t tokens_counted = 0;  ///< routed (token, expert) choices counted, all layers
+  int64_t replicas_moved = 0;   ///< (layer, expert) replicas some expert group loaded
+  uint64_t bytes_moved = 0;     ///< weight bytes those loads read
+  double duration_seconds = 0;  ///< from the load reports to the commit
+  std::string trigger;          ///< "on_demand" or "periodic"
+};
+
 /// Bounds a server enforces before a request reaches the controller.
 struct api_limits {
   size_t max_prompt_tokens = 1u << 20;
@@ -97,6 +116,11 @@ struct api_limits {
 /// invalid_request naming the field, or nothing when `spec` is well-formed: a non-empty prompt
 /// of ids >= 0, max_new_tokens >= 0, temperature >= 0 and finite, top_p in (0, 1].
 [[nodiscard]] caf::error validate(const api_generation_spec& spec, const api_limits& limits = {});
+
+/// invalid_request naming the field, or nothing when `report` is well-formed: balance ratios
+/// finite and >= 0, one entry per layer in both per-layer lists, replicasMoved >= 0,
+/// durationSeconds finite and >= 0. The client checks what a server answers.
+[[nodiscard]] caf::error validate(const api_rebalance_report& report);
 
 }  // namespace moe::protocol
 

@@ -452,6 +452,20 @@ bool parse_batching(context& ctx, const value_ref& at, batching_config& out) {
   return true;
 }
 
+bool parse_rebalancing(context& ctx, const value_ref& at, rebalancing_config& out) {
+  out.line = at.line;
+  mapping m(ctx, at, {"period_s", "load_window_steps", "max_moved_replicas", "min_improvement_pct"});
+  if (!m.ok()) return false;
+  if (const value_ref* v = m.find("period_s"); v && !read_int(ctx, *v, 0, INT32_MAX, out.period_s)) return false;
+  if (const value_ref* v = m.find("load_window_steps"); v && !read_int(ctx, *v, 1, 1 << 20, out.load_window_steps))
+    return false;
+  if (const value_ref* v = m.find("max_moved_replicas"); v && !read_int(ctx, *v, 0, INT32_MAX, out.max_moved_replicas))
+    return false;
+  if (const value_ref* v = m.find("min_improvement_pct"); v && !read_int(ctx, *v, 0, 100, out.min_improvement_pct))
+    return false;
+  return true;
+}
+
 bool parse_ports(context& ctx, const value_ref& at, ports_config& out) {
   mapping m(ctx, at, {"control", "api", "metrics"});
   if (!m.ok()) return false;
@@ -520,7 +534,7 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   const int root_line = line_of(root) > 0 ? line_of(root) : 1;
   mapping m(ctx, {root, "", root_line},
             {"cluster", "nodes", "model", "attention_shards", "expert_groups", "redundant_expert_slots",
-             "batching", "ports"});
+             "batching", "rebalancing", "ports"});
   if (!m.ok()) return false;
   const value_ref* cluster = m.require("cluster", "name and secret");
   if (cluster == nullptr || !parse_cluster(ctx, *cluster, out)) return false;
@@ -540,6 +554,7 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
     return false;
   }
   if (const value_ref* v = m.find("batching"); v && !parse_batching(ctx, *v, out.batching)) return false;
+  if (const value_ref* v = m.find("rebalancing"); v && !parse_rebalancing(ctx, *v, out.rebalancing)) return false;
   if (const value_ref* v = m.find("ports"); v && !parse_ports(ctx, *v, out.ports)) return false;
   return check_node_ports(ctx, out);
 }
@@ -911,6 +926,10 @@ std::string to_string(const cluster_config& c) {
   out << "batching: max_running_requests " << c.batching.max_running_requests << ", max_batch_tokens "
       << c.batching.max_batch_tokens << ", max_queue " << c.batching.max_queue
       << ", max_new_tokens_limit " << c.batching.max_new_tokens_limit << "\n";
+  out << "rebalancing: period_s " << c.rebalancing.period_s << ", load_window_steps " << c.rebalancing.load_window_steps
+      << ", max_moved_replicas "
+      << (c.rebalancing.max_moved_replicas < 0 ? std::string("unlimited") : std::to_string(c.rebalancing.max_moved_replicas))
+      << ", min_improvement_pct " << c.rebalancing.min_improvement_pct << "\n";
   out << "ports: control " << c.ports.control << ", api " << c.ports.api << ", metrics "
       << c.ports.metrics << "\n";
   return out.str();
@@ -959,6 +978,11 @@ nlohmann::json to_json(const cluster_config& c) {
             {"max_batch_tokens", c.batching.max_batch_tokens},
             {"max_queue", c.batching.max_queue},
             {"max_new_tokens_limit", c.batching.max_new_tokens_limit}}},
+          {"rebalancing",
+           {{"period_s", c.rebalancing.period_s},
+            {"load_window_steps", c.rebalancing.load_window_steps},
+            {"max_moved_replicas", c.rebalancing.max_moved_replicas},
+            {"min_improvement_pct", c.rebalancing.min_improvement_pct}}},
           {"ports", {{"control", c.ports.control}, {"api", c.ports.api}, {"metrics", c.ports.metrics}}}};
 }
 

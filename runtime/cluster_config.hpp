@@ -83,6 +83,15 @@ struct batching_config {
   int64_t max_new_tokens_limit = 4096;
 };
 
+/// Online expert load balancing (actors/rebalancer.hpp, docs/configuration.md).
+struct rebalancing_config {
+  int64_t period_s = 0;             ///< A rebalance every period; 0: only on demand (`moe rebalance`).
+  int64_t load_window_steps = 1024; ///< Steps each router counts expert load over.
+  int64_t max_moved_replicas = -1;  ///< Replicas one rebalance may load; -1: no limit.
+  int64_t min_improvement_pct = 2;  ///< A periodic rebalance moves only if the mean balance ratio improves by this (percent points).
+  int line = 0;                     ///< Line of `rebalancing` (0: not given).
+};
+
 /// 0 asks for an ephemeral port.
 struct ports_config {
   uint16_t control = 7100;
@@ -119,6 +128,7 @@ struct cluster_config {
   expert_groups_config expert_groups;
   int64_t redundant_expert_slots = 0;
   batching_config batching;
+  rebalancing_config rebalancing;
   ports_config ports;
 };
 

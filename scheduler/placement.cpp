@@ -93,16 +93,23 @@ caf::expected<std::vector<std::vector<int64_t>>> assign_experts(const runtime::c
                                 " experts hold at most " + std::to_string(num_experts * (n - 1)) +
                                 " (a group holds one copy of an expert at most)");
   }
+  // Sizes first: a group of more slots than the others would be the busiest under even load,
+  // and the rebalancer needs equal groups. Which experts get the replicas is a guess until the
+  // routers have measured the load (actors/rebalancer.hpp re-chooses them).
+  std::vector<int64_t> copies(static_cast<size_t>(num_experts), 1);
   for (int64_t k = 0; k < r; ++k) {
-    const int64_t e = k % num_experts;
-    size_t best = groups.size();
-    for (size_t g = 0; g < groups.size(); ++g) {
-      if (std::binary_search(groups[g].begin(), groups[g].end(), e)) continue;
-      if (best == groups.size() || groups[g].size() < groups[best].size()) best = g;
-    }
-    MOE_ASSERT(best < groups.size());  // guaranteed by the bound above
+    size_t best = 0;
+    for (size_t g = 1; g < groups.size(); ++g)
+      if (groups[g].size() < groups[best].size()) best = g;
     auto& list = groups[best];
-    list.insert(std::upper_bound(list.begin(), list.end(), e), e);
+    int64_t pick = -1;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (std::binary_search(list.begin(), list.end(), e)) continue;
+      if (pick < 0 || copies[static_cast<size_t>(e)] < copies[static_cast<size_t>(pick)]) pick = e;
+    }
+    MOE_ASSERT(pick >= 0);  // the smallest group lacks some expert, by the bound above
+    ++copies[static_cast<size_t>(pick)];
+    list.insert(std::upper_bound(list.begin(), list.end(), pick), pick);
   }
   return groups;
 }

@@ -11,9 +11,11 @@
 // Rules.
 //  - Experts: the config's explicit lists, or an even contiguous split of the routed experts
 //    over the groups (the first E % N groups get one more). redundant_expert_slots > 0 without
-//    explicit lists adds replicas round-robin over the logical experts (0, 1, 2, ...), each into
-//    the group with the fewest experts that does not hold it yet (load-driven choice comes with
-//    the load-balancing work). Every group holds the same experts in every MoE layer.
+//    explicit lists adds one replica at a time to the group with the fewest slots (lowest index
+//    on ties), copying the expert with the fewest copies (lowest id on ties) that the group does
+//    not hold yet, so that group sizes differ by one at most. Every group holds the same experts
+//    in every MoE layer; online rebalancing (actors/rebalancer.hpp) later re-chooses the replicas
+//    and their places per layer from the measured load.
 //  - Shared experts live in expert group 0 only: one copy is enough (they are not routed, so
 //    replicas would not spread load), and every token's rows go to that group anyway.
 //  - Each router is co-located with its attention shard (same device, same process): the

@@ -33,6 +33,14 @@ interface JobService {
   status @1 (jobId :UInt64) -> (status :JobStatus);
   cancel @2 (jobId :UInt64) -> (wasActive :Bool);
   describe @3 () -> (cluster :ClusterDescription);
+
+  rebalance @4 () -> (report :RebalanceReport);
+  # Rebalances the experts now (online: serving continues) and answers what it did. Takes as
+  # long as the rebalance (new replicas' weights are loaded): minutes, not milliseconds.
+  # Errors: unavailable (rebalancing is not enabled on this cluster; the routers counted no
+  # load yet; a phase failed and the placement did not change), overloaded (a rebalance is
+  # already running), invalid_request (this layout cannot be rebalanced; the text says why).
+  # Added within apiVersion 1: an older server answers it with an UNIMPLEMENTED exception.
 }
 
 struct JobSpec {
@@ -105,4 +113,22 @@ struct ClusterDescription {
     node @2 :Text;
     device @3 :Text;
   }
+}
+
+# What one rebalance did. Balance ratios are max / mean expert-group load of a MoE layer
+# (1 is perfect): `before` as measured under the old placement, `after` predicted for the new
+# one from the same counts; balanceBefore / balanceAfter are the means over the MoE layers.
+struct RebalanceReport {
+  changed @0 :Bool;                    # false: the placement was kept (nothing moved)
+  versionBefore @1 :UInt64;            # placement versions
+  versionAfter @2 :UInt64;             # == versionBefore when nothing changed
+  balanceBefore @3 :Float64;
+  balanceAfter @4 :Float64;
+  layerBalanceBefore @5 :List(Float64);  # per MoE layer, ascending layer id
+  layerBalanceAfter @6 :List(Float64);   # the same layers
+  tokensCounted @7 :UInt64;            # routed (token, expert) choices counted, all layers
+  replicasMoved @8 :Int64;             # (layer, expert) replicas some expert group loaded
+  bytesMoved @9 :UInt64;               # weight bytes those loads read
+  durationSeconds @10 :Float64;        # from the load reports to the commit
+  trigger @11 :Text;                   # "on_demand" or "periodic"
 }

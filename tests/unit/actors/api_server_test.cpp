@@ -1,7 +1,8 @@
 // The job-submission API end to end over 127.0.0.1: moe::client's job_client against the
-// api_server in front of a scripted fake controller (fake_controller.hpp). Streams arrive whole
-// and in order, every call answers, every failure is an error that names its cause, and the
-// server cancels what nobody reads any more (a client that went away, a stopping server).
+// api_server in front of a scripted fake controller (fake_controller.hpp) and, for rebalance(),
+// a scripted fake rebalancer (below). Streams arrive whole and in order, every call answers,
+// every failure is an error that names its cause, and the server cancels what nobody reads any
+// more (a client that went away, a stopping server).
 #include "actors/api_server.hpp"
 
 #include <capnp/ez-rpc.h>
@@ -9,10 +10,14 @@
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
+#include <deque>
+#include <functional>
 #include <thread>
 
 #include "actors/actor_types.hpp"
+#include "actors/rebalancer.hpp"
 #include "client/job_client.hpp"
 #include "protocol/api.capnp.h"
 #include "runtime/actor_system.hpp"
@@ -62,20 +67,102 @@ protocol::api_cluster_description two_node_cluster() {
   return c;
 }
 
+// --- a scripted stand-in for the rebalancer (actors/rebalancer.hpp) ---------------------
+
+// One answer of the fake rebalancer: the report, or else the error; after `delay`, or never.
+struct fake_rebalance_answer {
+  std::optional<actors::rebalance_report> report;
+  caf::error error;
+  std::chrono::milliseconds delay{0};
+  bool never = false;
+};
+
+fake_rebalance_answer answer_report(actors::rebalance_report r) { return {std::move(r), {}}; }
+
+fake_rebalance_answer answer_error(actors::rebalance_errc code, std::string text) {
+  return {std::nullopt, actors::make_error(code, std::move(text))};
+}
+
+using fake_tick_atom = caf::atom_constant<caf::atom("fake_tick")>;
+// The rebalancer's interface plus the tick that delivers a delayed answer.
+using fake_rebalancer_actor = actors::rebalancer_actor::extend<caf::reacts_to<fake_tick_atom>>;
+
+struct fake_rebalancer_state {
+  std::deque<std::pair<caf::typed_response_promise<actors::rebalance_report>,
+                       fake_rebalance_answer>>
+      delayed;
+};
+
+void deliver(caf::typed_response_promise<actors::rebalance_report>& rp,
+             const fake_rebalance_answer& a) {
+  if (a.report) {
+    rp.deliver(*a.report);
+  } else {
+    rp.deliver(a.error);
+  }
+}
+
+// Answers the i-th rebalance request with answers[i] (the last one again once they run out)
+// and counts the requests in `calls`.
+fake_rebalancer_actor::behavior_type fake_rebalancer(
+    fake_rebalancer_actor::stateful_pointer<fake_rebalancer_state> self,
+    std::vector<fake_rebalance_answer> answers, std::shared_ptr<std::atomic<int>> calls) {
+  return {
+      [=](actors::rebalance_atom) -> caf::result<actors::rebalance_report> {
+        const size_t i = static_cast<size_t>(calls->fetch_add(1));
+        const fake_rebalance_answer& a = answers[std::min(i, answers.size() - 1)];
+        if (a.delay.count() == 0 && !a.never) {
+          if (a.report) return *a.report;
+          return a.error;
+        }
+        auto rp = self->make_response_promise<actors::rebalance_report>();
+        self->state.delayed.emplace_back(rp, a);
+        if (!a.never) self->delayed_send(self, a.delay, fake_tick_atom::value);
+        return rp;
+      },
+      [=](fake_tick_atom) {
+        auto& [rp, a] = self->state.delayed.front();
+        deliver(rp, a);
+        self->state.delayed.pop_front();
+      },
+  };
+}
+
+actors::rebalance_report canned_report() {
+  actors::rebalance_report r;
+  r.changed = true;
+  r.version_before = 1;
+  r.version_after = 2;
+  r.balance_before = 1.84;
+  r.balance_after = 1.07;
+  r.layer_balance_before = {2.0, 1.75, 1.77};
+  r.layer_balance_after = {1.125, 1.0, 1.09};
+  r.tokens_counted = 48'213;
+  r.replicas_moved = 12;
+  r.bytes_moved = 3'250'585;
+  r.duration_seconds = 0.42;
+  r.trigger = "on_demand";
+  return r;
+}
+
 class api_server_test : public ::testing::Test {
  protected:
   ~api_server_test() override {
     if (server) server->stop();
     if (controller) caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
+    if (rebalancer) caf::anon_send_exit(rebalancer, caf::exit_reason::user_shutdown);
   }
 
-  void start(fake_controller_options opts = {}) {
+  void start(fake_controller_options opts = {},
+             const std::function<void(actors::api_server_options&)>& adjust = {}) {
     controller = actors::testing::spawn_fake_controller(sys, opts, log);
     actors::api_server_options o;
     o.secret = secret;
     o.cluster = two_node_cluster();
     o.stop_grace = 2s;
     o.failed_login_delay = 10ms;
+    o.rebalancer = rebalancer;
+    if (adjust) adjust(o);
     auto s = actors::api_server::start(sys, controller, o);
     ASSERT_TRUE(s) << error_text(s.error());
     server = std::move(*s);
@@ -92,11 +179,18 @@ class api_server_test : public ::testing::Test {
     return c ? std::move(*c) : nullptr;
   }
 
+  // A fake rebalancer that start() hands to the server.
+  void script_rebalancer(std::vector<fake_rebalance_answer> answers) {
+    rebalancer = sys.spawn(fake_rebalancer, std::move(answers), rebalance_calls);
+  }
+
   runtime::actor_system_config cfg = make_config();
   caf::actor_system sys{cfg};
   std::shared_ptr<actors::testing::fake_controller_log> log =
       std::make_shared<actors::testing::fake_controller_log>();
   actors::controller_actor controller;
+  actors::rebalancer_actor rebalancer;  // null unless script_rebalancer ran
+  std::shared_ptr<std::atomic<int>> rebalance_calls = std::make_shared<std::atomic<int>>(0);
   std::unique_ptr<actors::api_server> server;
 };
 
@@ -499,6 +593,189 @@ TEST_F(api_server_test, a_controller_that_dies_fails_the_stream_and_later_calls)
   ASSERT_FALSE(st);
   EXPECT_TRUE(is(st.error(), client::client_errc::server_error)) << error_text(st.error());
   EXPECT_NE(error_text(st.error()).find("controller"), std::string::npos);
+}
+
+// --- rebalance() ---------------------------------------------------------------------------
+
+TEST_F(api_server_test, rebalance_answers_the_rebalancers_report_intact) {
+  actors::rebalance_report same;  // the second rebalance: nothing to move
+  same.version_before = same.version_after = 2;
+  same.balance_before = same.balance_after = 1.03;
+  same.layer_balance_before = same.layer_balance_after = {1.01, 1.05};
+  same.tokens_counted = 700;
+  same.trigger = "on_demand";
+  script_rebalancer({answer_report(canned_report()), answer_report(same)});
+  start();
+  auto c = connected();
+  ASSERT_TRUE(c);
+  auto r = c->rebalance();
+  ASSERT_TRUE(r) << error_text(r.error());
+  EXPECT_TRUE(r->changed);
+  EXPECT_EQ(r->version_before, 1u);
+  EXPECT_EQ(r->version_after, 2u);
+  EXPECT_DOUBLE_EQ(r->balance_before, 1.84);
+  EXPECT_DOUBLE_EQ(r->balance_after, 1.07);
+  EXPECT_EQ(r->layer_balance_before, (std::vector<double>{2.0, 1.75, 1.77}));
+  EXPECT_EQ(r->layer_balance_after, (std::vector<double>{1.125, 1.0, 1.09}));
+  EXPECT_EQ(r->tokens_counted, 48'213u);
+  EXPECT_EQ(r->replicas_moved, 12);
+  EXPECT_EQ(r->bytes_moved, 3'250'585u);
+  EXPECT_DOUBLE_EQ(r->duration_seconds, 0.42);
+  EXPECT_EQ(r->trigger, "on_demand");
+  EXPECT_EQ(rebalance_calls->load(), 1);
+
+  auto unchanged = c->rebalance();
+  ASSERT_TRUE(unchanged) << error_text(unchanged.error());
+  EXPECT_FALSE(unchanged->changed);
+  EXPECT_EQ(unchanged->version_before, 2u);
+  EXPECT_EQ(unchanged->version_after, 2u);
+  EXPECT_DOUBLE_EQ(unchanged->balance_after, 1.03);
+  EXPECT_EQ(unchanged->layer_balance_before, (std::vector<double>{1.01, 1.05}));
+  EXPECT_EQ(unchanged->replicas_moved, 0);
+  EXPECT_EQ(unchanged->bytes_moved, 0u);
+  EXPECT_EQ(unchanged->tokens_counted, 700u);
+  EXPECT_EQ(rebalance_calls->load(), 2);
+}
+
+TEST_F(api_server_test, rebalance_errors_map_to_api_codes_and_keep_their_text) {
+  using actors::rebalance_errc;
+  struct error_case {
+    rebalance_errc code;
+    std::string text;
+    client::client_errc want;
+    std::string api_code;
+  };
+  const std::vector<error_case> cases = {
+      {rebalance_errc::busy, "a rebalance is already running (since 3 s)",
+       client::client_errc::overloaded, "overloaded"},
+      {rebalance_errc::no_load, "the routers counted no routed tokens yet; retry after traffic",
+       client::client_errc::unavailable, "unavailable"},
+      {rebalance_errc::unsupported, "expert groups hold unequal numbers of slots (4, 5)",
+       client::client_errc::invalid_request, "invalid_request"},
+      {rebalance_errc::failed, "prepare: expert group 2 failed to load layer 3 expert 7",
+       client::client_errc::unavailable, "unavailable"},
+  };
+  std::vector<fake_rebalance_answer> answers;
+  for (const auto& e : cases) answers.push_back(answer_error(e.code, e.text));
+  answers.push_back(answer_report(canned_report()));
+  script_rebalancer(answers);
+  start();
+  auto c = connected();
+  ASSERT_TRUE(c);
+  for (const auto& e : cases) {
+    auto r = c->rebalance();
+    ASSERT_FALSE(r) << e.text;
+    EXPECT_TRUE(is(r.error(), e.want)) << error_text(r.error());
+    EXPECT_EQ(error_text(r.error()), e.api_code + ": " + e.text);
+  }
+  // The connection and the server are fine after every refusal.
+  auto ok = c->rebalance();
+  ASSERT_TRUE(ok) << error_text(ok.error());
+  EXPECT_EQ(ok->version_after, 2u);
+  EXPECT_EQ(rebalance_calls->load(), static_cast<int>(cases.size()) + 1);
+}
+
+TEST_F(api_server_test, rebalance_without_a_rebalancer_says_it_is_not_enabled) {
+  start();  // no rebalancer
+  auto c = connected();
+  ASSERT_TRUE(c);
+  auto r = c->rebalance();
+  ASSERT_FALSE(r);
+  EXPECT_TRUE(is(r.error(), client::client_errc::unavailable)) << error_text(r.error());
+  const std::string want = "unavailable: rebalancing is not enabled on this cluster";
+  EXPECT_EQ(error_text(r.error()).rfind(want, 0), 0u) << error_text(r.error());
+  EXPECT_TRUE(c->describe());  // the connection is still fine
+}
+
+TEST_F(api_server_test, rebalance_is_unreachable_without_a_login) {
+  script_rebalancer({answer_error(actors::rebalance_errc::busy, "a rebalance is already running"),
+                     answer_report(canned_report())});
+  start();
+  // The C++ client cannot even get a service with a wrong secret.
+  EXPECT_FALSE(connect("not the secret"));
+
+  namespace wire = moe::protocol::capnp;
+  capnp::EzRpcClient rpc("127.0.0.1", server->port());
+  auto& ws = rpc.getWaitScope();
+  auto gateway = rpc.getMain<wire::Gateway>();
+  // The bootstrap capability is a Gateway: a JobService call on it reaches nothing.
+  try {
+    gateway.castAs<wire::JobService>().rebalanceRequest().send().wait(ws);
+    ADD_FAILURE() << "rebalance answered before login";
+  } catch (const kj::Exception& e) {
+    EXPECT_EQ(e.getType(), kj::Exception::Type::UNIMPLEMENTED) << e.getDescription().cStr();
+  }
+  auto wrong = gateway.loginRequest();
+  wrong.setSecret("not the secret");
+  wrong.setClientVersion(wire::API_VERSION);
+  try {
+    wrong.send().wait(ws);
+    ADD_FAILURE() << "a wrong secret logged in";
+  } catch (const kj::Exception& e) {
+    EXPECT_NE(std::string(e.getDescription().cStr()).find("unauthenticated"), std::string::npos);
+  }
+  EXPECT_EQ(rebalance_calls->load(), 0);
+
+  // Logged in, the call reaches the rebalancer; "busy" is a retryable OVERLOADED exception.
+  auto login = gateway.loginRequest();
+  login.setSecret(secret);
+  login.setClientVersion(wire::API_VERSION);
+  auto service = login.send().wait(ws).getService();
+  try {
+    service.rebalanceRequest().send().wait(ws);
+    ADD_FAILURE() << "busy was not refused";
+  } catch (const kj::Exception& e) {
+    EXPECT_EQ(e.getType(), kj::Exception::Type::OVERLOADED);
+    EXPECT_NE(std::string(e.getDescription().cStr())
+                  .find("overloaded: a rebalance is already running"),
+              std::string::npos)
+        << e.getDescription().cStr();
+  }
+  auto report = service.rebalanceRequest().send().wait(ws).getReport();
+  EXPECT_EQ(report.getTokensCounted(), 48'213u);
+  EXPECT_EQ(report.getLayerBalanceAfter().size(), 3u);
+  EXPECT_EQ(rebalance_calls->load(), 2);
+}
+
+TEST_F(api_server_test, rebalance_has_its_own_longer_timeout) {
+  auto slow = answer_report(canned_report());
+  slow.delay = 400ms;  // longer than request_timeout below
+  fake_rebalance_answer hung;
+  hung.never = true;
+  script_rebalancer({slow, hung});
+  start({}, [](actors::api_server_options& o) {
+    o.request_timeout = 100ms;
+    o.rebalance_timeout = 1500ms;
+  });
+  auto c = connected();
+  ASSERT_TRUE(c);
+  auto r = c->rebalance();
+  ASSERT_TRUE(r) << error_text(r.error());
+  EXPECT_EQ(r->replicas_moved, 12);
+
+  // One that outlives rebalance_timeout fails, and says the rebalance may still be running.
+  auto late = c->rebalance();
+  ASSERT_FALSE(late);
+  EXPECT_TRUE(is(late.error(), client::client_errc::server_error)) << error_text(late.error());
+  EXPECT_NE(error_text(late.error()).find("did not answer within 1500 ms"), std::string::npos)
+      << error_text(late.error());
+  EXPECT_NE(error_text(late.error()).find("may still be running"), std::string::npos);
+}
+
+TEST_F(api_server_test, a_rebalancer_that_is_gone_is_a_named_server_error) {
+  script_rebalancer({answer_report(canned_report())});
+  start();
+  auto c = connected();
+  ASSERT_TRUE(c);
+  caf::anon_send_exit(rebalancer, caf::exit_reason::kill);
+  // The exit is asynchronous: wait until the rebalancer is gone.
+  caf::scoped_actor self{sys};
+  self->wait_for(rebalancer);
+  auto r = c->rebalance();
+  ASSERT_FALSE(r);
+  EXPECT_TRUE(is(r.error(), client::client_errc::server_error)) << error_text(r.error());
+  EXPECT_NE(error_text(r.error()).find("the rebalancer is not running"), std::string::npos)
+      << error_text(r.error());
 }
 
 TEST(api_client, connection_refused_and_bad_addresses_are_named) {

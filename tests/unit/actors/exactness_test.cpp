@@ -224,8 +224,8 @@ TEST(router_load, counts_every_choice_and_row_and_spreads_replicas_evenly) {
       if (e >= 5) replica_rows.push_back(layer.physical[static_cast<size_t>(9 + e - 5)]);
       for (auto r : replica_rows) rows += r;
       EXPECT_EQ(rows, layer.logical[static_cast<size_t>(e)]) << "expert " << e;
-      // Within a step the i-th row of an expert goes to replica i mod 2: per step the two
-      // replicas differ by at most one row, so over the window by at most one per step.
+      // Within a step the rows of an expert alternate between the two replicas (router.cpp):
+      // per step they differ by at most one row, so over the window by at most one per step.
       if (replica_rows.size() == 2) {
         const auto gap = replica_rows[0] > replica_rows[1] ? replica_rows[0] - replica_rows[1] : replica_rows[1] - replica_rows[0];
         EXPECT_LE(gap, report->last_step - report->first_step + 1) << "expert " << e;

@@ -127,6 +127,8 @@ fake_actor::behavior_type fake_controller(fake_actor::stateful_pointer<fake_stat
         if (was_active) finish(id, it->second, job_state::cancelled, "cancelled", "", {});
         return was_active;
       },
+      [](hold_steps_atom) -> uint64_t { return 1; },  // a fake runs no steps: held at once
+      [](resume_steps_atom, uint64_t) {},
       [](const member_event&) {},  // a fake cluster has no nodes to lose
       [=](tick_atom, uint64_t id) {
         auto it = self->state.jobs.find(id);

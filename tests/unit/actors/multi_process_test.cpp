@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "actors/actor_types.hpp"
+#include "actors/rebalancer.hpp"
 #include "actors/serving_cluster.hpp"
 #include "tests/golden/golden_data.hpp"
 #include "node_children.hpp"
@@ -45,7 +46,8 @@ runtime::actor_system_config make_config() {
 }
 
 /// Two nodes of two CPU slots each: the scheduler puts the attention shard on n0/cpu0 and
-/// spreads the three expert groups over n0/cpu1, n1/cpu0 and n1/cpu1.
+/// spreads the three expert groups (six slots each: 16 experts and 2 replicas) over n0/cpu1,
+/// n1/cpu0 and n1/cpu1.
 struct two_nodes {
   std::filesystem::path dir;
   uint16_t ports[4];
@@ -56,7 +58,7 @@ struct two_nodes {
     };
     return "cluster:\n  name: multi-process-test\n  secret: " + secret +
            "\n  heartbeat_interval_ms: 100\n  failure_timeout_ms: 2000\nnodes:\n" + node("n0", 0) + node("n1", 1) +
-           "model: {path: " + tiny().string() + "}\nattention_shards: 1\nexpert_groups: {count: 3}\n" +
+           "model: {path: " + tiny().string() + "}\nattention_shards: 1\nexpert_groups: {count: 3}\nredundant_expert_slots: 2\n" +
            "ports: {control: 0, api: 0, metrics: 0}\n";
   }
   two_nodes() : dir(std::filesystem::temp_directory_path() / ("moe_multi_process_" + std::to_string(::getpid()))) {
@@ -161,6 +163,23 @@ TEST(multi_process, two_node_processes_reproduce_golden_tokens_and_logits) {
     ASSERT_FALSE(got.submit_error) << error_text(got.submit_error);
     EXPECT_EQ(got.last.state, job_state::finished) << got.last.error;
     EXPECT_EQ(got.tokens, expected);
+
+    if (round == 0) {
+      // Online rebalancing across processes: the groups in the node processes load their new
+      // replicas from their checkpoint, the router (in n0) switches, and the tokens stay golden.
+      ASSERT_TRUE((*cluster)->rebalancer()) << (*cluster)->rebalance_unavailable();
+      rebalance_report report;
+      self->request((*cluster)->rebalancer(), 60s, rebalance_atom::value)
+          .receive([&](rebalance_report& r) { report = std::move(r); },
+                   [&](caf::error& err) { FAIL() << error_text(err) << "\n" << env.logs(); });
+      EXPECT_TRUE(report.changed);
+      EXPECT_EQ(report.version_after, 2u);
+      EXPECT_GT(report.replicas_moved, 0);
+      EXPECT_LT(report.balance_after, report.balance_before);
+      auto again = run_job(self, (*cluster)->controller(), job);
+      EXPECT_EQ(again.last.state, job_state::finished) << again.last.error;
+      EXPECT_EQ(again.tokens, expected);
+    }
 
     // Logits asked of the remote shard come back over the coordinator's data plane.
     const auto ids = golden_ids("input_ids");

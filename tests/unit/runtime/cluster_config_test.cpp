@@ -161,15 +161,39 @@ TEST(cluster_config, deploy_files_parse) {
   EXPECT_EQ(local->nodes[0].gpus, 0);
   EXPECT_EQ(local->model.preset, "tiny");
   EXPECT_EQ(local->attention_shards, 1);
-  ASSERT_EQ(local->expert_groups.experts.size(), 3u);
-  EXPECT_EQ(local->expert_groups.experts[0].size(), 7u);
-  EXPECT_EQ(local->expert_groups.experts[1].size(), 5u);
-  EXPECT_EQ(local->expert_groups.experts[2].size(), 4u);
+  EXPECT_EQ(local->expert_groups.count, 4);
+  EXPECT_TRUE(local->expert_groups.experts.empty());
+  EXPECT_EQ(local->redundant_expert_slots, 4);
+  EXPECT_EQ(local->rebalancing.period_s, 0);
+  EXPECT_EQ(local->rebalancing.load_window_steps, 1024);
 
   auto two = load_cluster_config(deploy_dir / "local-2shards.yaml");
   ASSERT_TRUE(two) << error_text(two.error());
   EXPECT_EQ(two->attention_shards, 2);
   EXPECT_EQ(two->expert_groups.count, 4);
+}
+
+TEST(cluster_config, rebalancing_section) {
+  auto defaults = parse_cluster_config(base_yaml, "x.yaml");
+  ASSERT_TRUE(defaults) << error_text(defaults.error());
+  EXPECT_EQ(defaults->rebalancing.period_s, 0);
+  EXPECT_EQ(defaults->rebalancing.load_window_steps, 1024);
+  EXPECT_EQ(defaults->rebalancing.max_moved_replicas, -1);
+  EXPECT_EQ(defaults->rebalancing.min_improvement_pct, 2);
+  auto set = parse_cluster_config(
+      append("rebalancing: {period_s: 300, load_window_steps: 64, max_moved_replicas: 12, min_improvement_pct: 5}\n"),
+      "x.yaml");
+  ASSERT_TRUE(set) << error_text(set.error());
+  EXPECT_EQ(set->rebalancing.period_s, 300);
+  EXPECT_EQ(set->rebalancing.load_window_steps, 64);
+  EXPECT_EQ(set->rebalancing.max_moved_replicas, 12);
+  EXPECT_EQ(set->rebalancing.min_improvement_pct, 5);
+  EXPECT_NE(to_string(*set).find("rebalancing: period_s 300, load_window_steps 64, max_moved_replicas 12"), std::string::npos);
+  EXPECT_EQ(error_of(append("rebalancing: {load_window_steps: 0}\n")),
+            "x.yaml:13: rebalancing.load_window_steps: expected an integer in 1..1048576, got '0'");
+  EXPECT_EQ(error_of(append("rebalancing: {max_moved_replicas: -1}\n")),
+            "x.yaml:13: rebalancing.max_moved_replicas: expected a non-negative integer, got '-1'");
+  EXPECT_EQ(error_of(append("rebalancing: {every: 5}\n")), "x.yaml:13: rebalancing.every: unknown key");
 }
 
 TEST(cluster_config, load_resolves_relative_model_path_against_the_file) {

@@ -125,14 +125,15 @@ TEST(assign_experts, even_contiguous_split_with_remainder_first) {
   EXPECT_EQ((*groups)[2], (std::vector<int64_t>{11, 12, 13, 14, 15}));
 }
 
-TEST(assign_experts, redundant_slots_replicate_round_robin_into_the_smallest_group) {
+TEST(assign_experts, redundant_slots_go_to_the_smallest_group_as_its_least_copied_missing_expert) {
   auto c = cluster({cpu_node("n0", 1, gib)}, 1, 4);
   c.redundant_expert_slots = 5;
   auto groups = assign_experts(c, 16);
   ASSERT_TRUE(groups) << error_text(groups.error());
-  // Replicas of 0, 1, 2, 3, 4: each into the smallest group lacking it, lowest index first.
-  EXPECT_EQ((*groups)[0], (std::vector<int64_t>{0, 1, 2, 3, 4}));
-  EXPECT_EQ((*groups)[1], (std::vector<int64_t>{0, 3, 4, 5, 6, 7}));
+  // Each replica into the smallest group (lowest index first), copying the least-copied expert
+  // it lacks (lowest id first): groups stay within one slot of each other.
+  EXPECT_EQ((*groups)[0], (std::vector<int64_t>{0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ((*groups)[1], (std::vector<int64_t>{0, 4, 5, 6, 7}));
   EXPECT_EQ((*groups)[2], (std::vector<int64_t>{1, 8, 9, 10, 11}));
   EXPECT_EQ((*groups)[3], (std::vector<int64_t>{2, 12, 13, 14, 15}));
   std::multiset<int64_t> all;
@@ -250,8 +251,9 @@ TEST(placement, replicas_from_redundant_slots) {
   c.redundant_expert_slots = 2;
   auto p = plan_placement(c, tiny());
   ASSERT_TRUE(p) << error_text(p.error());
+  EXPECT_EQ(p->expert_groups[0].experts, (std::vector<int64_t>{0, 1, 2, 3, 4}));
   EXPECT_EQ(p->expert_groups[1].experts, (std::vector<int64_t>{0, 4, 5, 6, 7}));
-  EXPECT_EQ(p->expert_groups[2].experts, (std::vector<int64_t>{1, 8, 9, 10, 11}));
+  EXPECT_EQ(p->expert_groups[2].experts, (std::vector<int64_t>{8, 9, 10, 11}));
   size_t slots = 0;
   for (const auto& g : p->expert_groups) slots += g.experts.size();
   EXPECT_EQ(slots, 18u);
