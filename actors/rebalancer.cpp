@@ -60,6 +60,11 @@ class rebalancer_metrics {
                         .Name("moe_expert_group_window_rows")
                         .Help("Rows each expert group served per MoE layer over the routers' last load window")
                         .Register(r)),
+        replica_rows_(prometheus::BuildGauge()
+                          .Name("moe_expert_replica_window_rows")
+                          .Help("Rows each replica (expert group, logical expert) served per MoE layer over the "
+                                "routers' last load window")
+                          .Register(r)),
         rebalances_(prometheus::BuildCounter()
                         .Name("moe_rebalances_total")
                         .Help("Expert rebalances by outcome (moved, unchanged, failed)")
@@ -104,6 +109,18 @@ class rebalancer_metrics {
 
   void set_layout(const router_layout& l) {
     version_.Set(l.version);
+    // Replicas that moved away leave no stale series behind.
+    for (auto& layer : replica_series_by_slot_)
+      for (auto* g : layer) replica_rows_.Remove(g);
+    replica_series_by_slot_.clear();
+    for (size_t i = 0; i < l.experts.size(); ++i) {
+      std::vector<prometheus::Gauge*> slots;
+      for (size_t g = 0; g < l.experts[i].size(); ++g)
+        for (auto e : l.experts[i][g])
+          slots.push_back(&replica_rows_.Add(
+              {{"layer", std::to_string(l.layers[i])}, {"group", std::to_string(g)}, {"expert", std::to_string(e)}}));
+      replica_series_by_slot_.push_back(std::move(slots));
+    }
     for (size_t i = 0; i < l.experts.size() && i < replica_series_.size(); ++i) {
       std::vector<int> count(replica_series_[i].size(), 0);
       for (const auto& group : l.experts[i])
@@ -111,11 +128,15 @@ class rebalancer_metrics {
       for (size_t e = 0; e < count.size(); ++e) replica_series_[i][e]->Set(count[e]);
     }
   }
-  /// Per layer entry: the ratio (nullopt: nothing counted) and each group's rows.
-  void set_window(const std::vector<std::optional<double>>& ratio, const std::vector<std::vector<double>>& rows) {
+  /// Per layer entry: the ratio (nullopt: nothing counted), each group's rows and each slot's.
+  void set_window(const std::vector<std::optional<double>>& ratio, const std::vector<std::vector<double>>& rows,
+                  const std::vector<std::vector<double>>& slot_rows) {
     for (size_t i = 0; i < ratio.size() && i < balance_series_.size(); ++i) {
       if (ratio[i]) balance_series_[i]->Set(*ratio[i]);
       for (size_t g = 0; g < rows[i].size() && g < group_series_[i].size(); ++g) group_series_[i][g]->Set(rows[i][g]);
+      if (i >= replica_series_by_slot_.size()) continue;
+      for (size_t k = 0; k < slot_rows[i].size() && k < replica_series_by_slot_[i].size(); ++k)
+        replica_series_by_slot_[i][k]->Set(slot_rows[i][k]);
     }
   }
   void outcome(const rebalance_report& r) {
@@ -134,6 +155,7 @@ class rebalancer_metrics {
   prometheus::Family<prometheus::Gauge>& balance_;
   prometheus::Family<prometheus::Gauge>& replicas_;
   prometheus::Family<prometheus::Gauge>& group_rows_;
+  prometheus::Family<prometheus::Gauge>& replica_rows_;
   prometheus::Family<prometheus::Counter>& rebalances_;
   prometheus::Counter& moved_;
   prometheus::Counter& unchanged_;
@@ -145,12 +167,14 @@ class rebalancer_metrics {
   std::vector<prometheus::Gauge*> balance_series_;
   std::vector<std::vector<prometheus::Gauge*>> replica_series_;
   std::vector<std::vector<prometheus::Gauge*>> group_series_;
+  std::vector<std::vector<prometheus::Gauge*>> replica_series_by_slot_;  // [layer entry][slot] of the served layout
 };
 
 // The routers' windows summed: per layer entry, tokens per logical expert and rows per group.
 struct window_load {
   std::vector<std::vector<double>> logical;  // [layer entry][expert]
   std::vector<std::vector<double>> group_rows;  // [layer entry][group], as routed under `current`
+  std::vector<std::vector<double>> slot_rows;   // [layer entry][slot] of `current`
   uint64_t tokens = 0;
 };
 
@@ -250,6 +274,8 @@ caf::expected<window_load> sum_reports(const rebalancer_state& st, const std::ve
   window_load w;
   w.logical.assign(L, std::vector<double>(E, 0.0));
   w.group_rows.assign(L, std::vector<double>(G, 0.0));
+  w.slot_rows.resize(L);
+  for (size_t i = 0; i < L; ++i) w.slot_rows[i].assign(slot_group[i].size(), 0.0);
   for (const auto& bytes : reports) {
     auto r = protocol::decode_load_report(
         std::span<const std::byte>(reinterpret_cast<const std::byte*>(bytes.capnp.data()), bytes.capnp.size()));
@@ -269,7 +295,10 @@ caf::expected<window_load> sum_reports(const rebalancer_state& st, const std::ve
       }
       if (!same_version) continue;
       for (size_t s = 0; s < layer.physical.size() && s < slot_group[i].size(); ++s)
+      {
         w.group_rows[i][slot_group[i][s]] += static_cast<double>(layer.physical[s]);
+        w.slot_rows[i][s] += static_cast<double>(layer.physical[s]);
+      }
     }
   }
   return w;
@@ -324,7 +353,7 @@ void collect(pointer self, std::function<void(caf::expected<window_load>)> done)
 std::vector<std::optional<double>> publish_window(rebalancer_state& st, const window_load& w) {
   std::vector<std::optional<double>> ratio;
   for (const auto& rows : w.group_rows) ratio.push_back(balance_ratio(rows));
-  if (st.metrics) st.metrics->set_window(ratio, w.group_rows);
+  if (st.metrics) st.metrics->set_window(ratio, w.group_rows, w.slot_rows);
   return ratio;
 }
 

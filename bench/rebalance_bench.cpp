@@ -1,8 +1,8 @@
 // Online expert rebalancing under load, in one run: decode tokens/s and inter-token latency
 // (p50, p99) before, during and after a rebalance of a serving cluster (one process) decoding a
 // skewed workload: `--streams` jobs whose prompts repeat one token, which sends most rows to a
-// few experts. Each phase starts fresh streams half a second before it (so all three decode at
-// the same context lengths) and cancels them after it: "before" and "after" last
+// few experts. Each phase starts fresh streams, waits for their prefill and half a second of
+// decoding (so all three phases decode at the same context lengths) and cancels them after it: "before" and "after" last
 // `--phase-seconds`; "during" spans from the rebalance request to its answer (the groups' loads
 // of new replicas, the step hold and the routers' switch). An inter-token interval belongs to
 // the phase in which it ends. Ratios compare each phase with "before" of the same run.
@@ -147,6 +147,18 @@ int main(int argc, char** argv) {
       self->request(cluster.controller(), 30s, actors::submit_atom::value, j, caf::actor_cast<caf::actor>(collector))
           .receive([&](uint64_t id) { jobs.push_back(id); },
                    [&](caf::error& e) { std::fprintf(stderr, "submit: %s\n", error_text(e).c_str()); });
+    }
+    // Prefill first (every stream has its first token), then `warm` of decoding.
+    const auto deadline = clock_type::now() + 300s;
+    while (clock_type::now() < deadline) {
+      {
+        std::lock_guard<std::mutex> lock(log->mutex);
+        size_t started = 0;
+        for (auto id : jobs)
+          started += std::any_of(log->log.begin(), log->log.end(), [&](const token_arrival& a) { return a.job == id; });
+        if (started == jobs.size()) break;
+      }
+      std::this_thread::sleep_for(20ms);
     }
     std::this_thread::sleep_for(warm);
     return jobs;

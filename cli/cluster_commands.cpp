@@ -214,8 +214,10 @@ bool demo_rebalance(actors::serving_cluster& c, const runtime::cluster_config& c
   fmt::print("    the same requests again: greedy tokens {}\n", same ? "identical" : "DIFFERENT (a bug)");
   auto measured = ask_rebalance(sys, c.rebalancer());
   if (measured)
-    fmt::print("    balance the routers measured under version {}: {:.3f}{}\n", measured->version_before,
-               measured->balance_before, measured->changed ? " (and it rebalanced again)" : "");
+    fmt::print("    balance the routers measured for those requests under version {}: {:.3f} (the plan was made "
+               "from all traffic so far, the requests above included){}\n",
+               measured->version_before, measured->balance_before,
+               measured->changed ? "; a second rebalance moved again" : "");
   return same;
 }
 

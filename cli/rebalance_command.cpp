@@ -6,7 +6,7 @@
 //   balance ratio (mean over 3 MoE layers): 1.84 -> 1.07
 //   replicas moved: 12 (3.1 MiB)
 //   tokens counted: 48213
-//   took 0.42 s
+//   took 0.420 s
 // or "no change: the placement is already balanced (ratio 1.03)" first when nothing moved;
 // --json prints the whole report (per-layer ratios too) as one JSON object. On failure
 // "moe rebalance: error: <code>: <why>" on stderr and exit status 1 (`overloaded:` and
@@ -67,7 +67,7 @@ void print_human(const client::client_rebalance_report& r) {
     fmt::print("replicas moved: {} ({})\n", r.replicas_moved, runtime::format_bytes(r.bytes_moved));
   }
   fmt::print("tokens counted: {}\n", r.tokens_counted);
-  fmt::print("took {:.2f} s\n", r.duration_seconds);
+  fmt::print("took {:.3f} s\n", r.duration_seconds);
 }
 
 int run_rebalance(const rebalance_options& o) {

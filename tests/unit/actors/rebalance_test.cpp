@@ -142,6 +142,17 @@ TEST(expert_group_versions, prepare_loads_new_replicas_serves_both_versions_and_
   auto aborted = forward(self, group, batch(1, 3, {8}));
   EXPECT_FALSE(aborted);
   EXPECT_TRUE(forward(self, group, batch(1, 2, {0, 5})));
+
+  // A version aborted while its replicas load is dropped once they have loaded (the abort is
+  // queued right behind the prepare); the same version can then be prepared again.
+  auto pending = self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{10}, {11}}});
+  self->send(group, abort_layout_atom::value, uint32_t{3});
+  pending.receive([](prepare_result&) {},
+                  [](caf::error& e) { EXPECT_NE(error_text(e).find("aborted"), std::string::npos) << error_text(e); });
+  EXPECT_FALSE(forward(self, group, batch(1, 3, {10})));
+  self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{10}, {11}}})
+      .receive([](prepare_result& r) { EXPECT_EQ(r.replicas_loaded, 2); }, [&](caf::error& e) { FAIL() << error_text(e); });
+  EXPECT_TRUE(forward(self, group, batch(1, 3, {10})));
   caf::anon_send_exit(group, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(reference, caf::exit_reason::user_shutdown);
 }
@@ -173,13 +184,14 @@ TEST(router_layouts, a_router_switches_only_to_a_layout_that_covers_every_expert
 namespace {
 
 // One node, four expert groups of five slots (16 experts + 4 redundant), two attention shards.
-runtime::cluster_config serving_config(int64_t max_moved = -1) {
+runtime::cluster_config serving_config(int64_t max_moved = -1, int64_t period_s = 0) {
   std::string yaml =
       "cluster: {name: rebalance-test, secret: rebalance-secret}\n"
       "nodes:\n  - {name: n0, host: 127.0.0.1, devices: {cpu_slots: 4}, memory: 4GiB}\n"
       "model: {path: " + tiny().string() + "}\n"
       "attention_shards: 2\nexpert_groups: {count: 4}\nredundant_expert_slots: 4\n"
-      "rebalancing: {load_window_steps: 4096" + (max_moved >= 0 ? ", max_moved_replicas: " + std::to_string(max_moved) : std::string()) + "}\n"
+      "rebalancing: {load_window_steps: 4096, period_s: " + std::to_string(period_s) +
+      (max_moved >= 0 ? ", max_moved_replicas: " + std::to_string(max_moved) : std::string()) + "}\n"
       "ports: {control: 0, api: 0, metrics: 0}\n";
   auto c = runtime::parse_cluster_config(yaml, "rebalance-test.yaml");
   EXPECT_TRUE(c) << error_text(c.error());
@@ -303,6 +315,29 @@ TEST(online_rebalance, skewed_load_gets_balanced_and_greedy_tokens_do_not_change
   EXPECT_NE(text.find("moe_expert_balance_ratio{layer=\"1\"}"), std::string::npos);
   EXPECT_NE(text.find("moe_expert_replicas{expert=\"0\",layer=\"1\"}"), std::string::npos) << text;
   EXPECT_NE(text.find("moe_rebalance_bytes_moved_total"), std::string::npos);
+  EXPECT_NE(text.find("moe_expert_replica_window_rows{expert="), std::string::npos) << text;
+  c.stop();
+}
+
+TEST(online_rebalance, a_periodic_rebalance_moves_on_its_own) {
+  auto sys_cfg = make_config();
+  caf::actor_system sys{sys_cfg};
+  auto cluster = serving_cluster::start(sys, serving_config(-1, 1), local_options());
+  ASSERT_TRUE(cluster) << error_text(cluster.error());
+  auto& c = **cluster;
+  const auto jobs = skewed_jobs(6, 6);
+  const auto first = run_jobs(sys, c.controller(), jobs);
+  // The period is one second: the skewed window gets rebalanced without anyone asking.
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  std::string text;
+  while (std::chrono::steady_clock::now() < deadline) {
+    text = scrape(c);
+    if (text.find("moe_placement_version 2") != std::string::npos) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_NE(text.find("moe_placement_version 2"), std::string::npos) << text;
+  EXPECT_NE(text.find("moe_rebalances_total{outcome=\"moved\"} 1"), std::string::npos) << text;
+  EXPECT_EQ(run_jobs(sys, c.controller(), jobs), first);
   c.stop();
 }
 
