@@ -15,29 +15,12 @@
 #include <random>
 
 #include "scheduler/expert_plan.hpp"
+#include "scheduler/synthetic_load.hpp"
 #include "scheduler/plan_transition.hpp"
 
 using namespace moe::scheduler;
 
 namespace {
-
-expert_plan_request zipf_trace(double exponent, uint32_t seed) {
-  expert_plan_request r;
-  r.num_slots = 288;
-  r.num_groups = 8;
-  r.num_nodes = 4;
-  r.num_gpus = 32;
-  std::mt19937 rng(seed);
-  for (int l = 0; l < 61; ++l) {
-    std::vector<int> rank(256);
-    std::iota(rank.begin(), rank.end(), 1);
-    std::shuffle(rank.begin(), rank.end(), rng);
-    std::vector<double> w(256);
-    for (size_t e = 0; e < w.size(); ++e) w[e] = std::round(100000.0 / std::pow(rank[e], exponent));
-    r.load.push_back(std::move(w));
-  }
-  return r;
-}
 
 // No replication: 256 experts in order, 8 per GPU (the remaining slots unused).
 double naive_ratio(const expert_plan_request& r) {
@@ -108,7 +91,7 @@ int main() {
   nlohmann::json out = {{"benchmark", "expert_plan"}, {"layers", 61}, {"experts", 256}, {"slots", 288},
                         {"groups", 8}, {"nodes", 4}, {"gpus", 32}, {"runs", nlohmann::json::array()}};
   for (double exponent : {0.6, 1.0, 1.4}) {
-    const auto r = zipf_trace(exponent, 7);
+    const auto r = zipf_expert_load(61, exponent, 7);
     std::vector<double> ms;
     expert_plan plan;
     for (int rep = 0; rep < 5; ++rep) {
@@ -137,7 +120,7 @@ int main() {
   out["transitions"] = nlohmann::json::array();
   for (double exponent : {1.0, 1.4}) {
     out["transitions"].push_back(
-        {{"zipf_exponent", exponent}, {"previous", "even"}, {"runs", transition_runs(zipf_trace(exponent, 7))}});
+        {{"zipf_exponent", exponent}, {"previous", "even"}, {"runs", transition_runs(zipf_expert_load(61, exponent, 7))}});
   }
   std::cout << out.dump(1) << "\n";
   return 0;

@@ -2,6 +2,7 @@
 // of replica loads; Zipf-skewed traces at DeepSeek-V3 scale from an even layout, hand-made cases,
 // and bad input.
 #include "scheduler/plan_transition.hpp"
+#include "scheduler/synthetic_load.hpp"
 
 #include <gtest/gtest.h>
 
@@ -14,26 +15,6 @@
 using namespace moe::scheduler;
 
 namespace {
-
-// Zipf-like loads over 256 experts in 8 routing groups on 4 nodes x 8 GPUs, 288 slots, a
-// different ranking per layer.
-expert_plan_request zipf(int layers, double exponent, uint32_t seed) {
-  expert_plan_request r;
-  r.num_slots = 288;
-  r.num_groups = 8;
-  r.num_nodes = 4;
-  r.num_gpus = 32;
-  std::mt19937 rng(seed);
-  for (int l = 0; l < layers; ++l) {
-    std::vector<int> rank(256);
-    std::iota(rank.begin(), rank.end(), 1);
-    std::shuffle(rank.begin(), rank.end(), rng);
-    std::vector<double> w(256);
-    for (size_t e = 0; e < w.size(); ++e) w[e] = std::round(100000.0 / std::pow(rank[e], exponent));
-    r.load.push_back(std::move(w));
-  }
-  return r;
-}
 
 // 8 experts per GPU in order, the ninth slot a replica of the next GPU's first expert on the same
 // node: every routing group (32 experts) on one node.
@@ -134,7 +115,7 @@ TEST(plan_transition, one_move_balances_a_small_layer) {
 }
 
 TEST(plan_transition, budget_zero_keeps_the_previous_layout) {
-  const auto r = zipf(4, 1.0, 5);
+  const auto r = zipf_expert_load(4, 1.0, 5);
   const auto t = transition(r, 0);
   auto out = plan_transition_within_budget(t);
   ASSERT_TRUE(out) << moe::error_text(out.error());
@@ -148,7 +129,7 @@ TEST(plan_transition, budget_zero_keeps_the_previous_layout) {
 }
 
 TEST(plan_transition, unlimited_budget_balances_as_plan_experts_with_fewer_moves) {
-  const auto r = zipf(6, 1.0, 3);
+  const auto r = zipf_expert_load(6, 1.0, 3);
   auto planned = plan_experts(r);
   ASSERT_TRUE(planned);
   const auto t = transition(r, -1);
@@ -173,7 +154,7 @@ TEST(plan_transition, unlimited_budget_balances_as_plan_experts_with_fewer_moves
 TEST(plan_transition, a_relabelled_plan_needs_no_moves) {
   // The previous layout is plan_experts' own plan with its nodes, the GPUs within each node and the
   // slots within each GPU shuffled: relabelling finds it again.
-  const auto r = zipf(3, 1.0, 9);
+  const auto r = zipf_expert_load(3, 1.0, 9);
   auto planned = plan_experts(r);
   ASSERT_TRUE(planned);
   std::mt19937 rng(1);
@@ -209,7 +190,7 @@ TEST(plan_transition, a_relabelled_plan_needs_no_moves) {
 }
 
 TEST(plan_transition, moves_never_exceed_the_budget) {
-  const auto r = zipf(6, 1.0, 3);
+  const auto r = zipf_expert_load(6, 1.0, 3);
   for (int64_t budget : {1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597}) {
     SCOPED_TRACE("budget " + std::to_string(budget));
     const auto t = transition(r, budget);
@@ -224,7 +205,7 @@ TEST(plan_transition, moves_never_exceed_the_budget) {
 TEST(plan_transition, more_budget_never_balances_worse) {
   for (double exponent : {1.0, 1.4}) {
     SCOPED_TRACE("zipf exponent " + std::to_string(exponent));
-    const auto r = zipf(4, exponent, 17);
+    const auto r = zipf_expert_load(4, exponent, 17);
     auto unlimited = plan_transition_within_budget(transition(r, -1));
     ASSERT_TRUE(unlimited);
     const double previous = ratio(r, *plan_transition_within_budget(transition(r, 0)));
@@ -252,7 +233,7 @@ TEST(plan_transition, more_budget_never_balances_worse) {
 }
 
 TEST(plan_transition, node_local_layers_keep_groups_on_one_node) {
-  const auto r = zipf(4, 1.4, 21);
+  const auto r = zipf_expert_load(4, 1.4, 21);
   for (int64_t budget : {16, 64, 256}) {
     SCOPED_TRACE("budget " + std::to_string(budget));
     const auto t = transition(r, budget);
@@ -274,7 +255,7 @@ TEST(plan_transition, node_local_layers_keep_groups_on_one_node) {
 }
 
 TEST(plan_transition, the_same_request_gives_the_same_transition) {
-  const auto r = zipf(4, 1.0, 11);
+  const auto r = zipf_expert_load(4, 1.0, 11);
   for (int64_t budget : {-1, 100}) {
     auto a = plan_transition_within_budget(transition(r, budget));
     auto b = plan_transition_within_budget(transition(r, budget));
@@ -285,7 +266,7 @@ TEST(plan_transition, the_same_request_gives_the_same_transition) {
 }
 
 TEST(plan_transition, bad_requests_are_refused_with_the_reason) {
-  const auto base = transition(zipf(2, 1.0, 1), 10);
+  const auto base = transition(zipf_expert_load(2, 1.0, 1), 10);
   auto expect_error = [](const plan_transition_request& t, const std::string& part) {
     auto out = plan_transition_within_budget(t);
     ASSERT_FALSE(out);
