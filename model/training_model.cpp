@@ -1,0 +1,169 @@
+#include "model/training_model.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "base/assert.hpp"
+#include "kernels/cpu/backward.hpp"
+#include "kernels/cpu/gemm.hpp"
+#include "kernels/cpu/rmsnorm.hpp"
+#include "model/model_errc.hpp"
+#include "model/weight_lookup.hpp"
+
+namespace moe::model {
+
+namespace {
+
+namespace kc = kernels::cpu;
+using kernels::kernel_status;
+
+caf::error kernel_error(const char* what) {
+  return make_error(model_errc::kernel_failed, std::string("training: ") + what + " failed");
+}
+
+caf::expected<const float*> find_weight(const checkpoint& w, const std::string& name, std::vector<int64_t> shape) {
+  return lookup_in(w)(name, shape);
+}
+
+}  // namespace
+
+caf::expected<training_model> training_model::bind(std::shared_ptr<checkpoint> weights) {
+  if (!weights) return make_error(model_errc::bad_input, "training: no weights");
+  const auto& c = weights->config;
+  training_model m;
+  const auto lookup = lookup_in(*weights);
+  auto embed = find_weight(*weights, "model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  if (!embed) return embed.error();
+  auto norm = find_weight(*weights, "model.norm.weight", {c.hidden_size});
+  if (!norm) return norm.error();
+  m.embed_ = *embed;
+  m.norm_ = *norm;
+  if (c.tie_word_embeddings) {
+    m.head_ = m.embed_;
+  } else {
+    auto head = find_weight(*weights, "lm_head.weight", {c.vocab_size, c.hidden_size});
+    if (!head) return head.error();
+    m.head_ = *head;
+  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    auto attention = attention_training_block::bind(c, l, lookup);
+    if (!attention) return attention.error();
+    auto mlp = mlp_training_block::bind(c, l, lookup);
+    if (!mlp) return mlp.error();
+    m.layers_.push_back(layer{std::move(*attention), std::move(*mlp), attention_grads::for_config(c),
+                              mlp_half_grads::zeros(c, l)});
+  }
+  const auto V = static_cast<size_t>(c.vocab_size), D = static_cast<size_t>(c.hidden_size);
+  m.embed_grad_.assign(V * D, 0.0f);
+  m.norm_grad_.assign(D, 0.0f);
+  if (!c.tie_word_embeddings) m.head_grad_.assign(V * D, 0.0f);
+  m.weights_ = std::move(weights);
+  return m;
+}
+
+void training_model::zero_grads() {
+  std::fill(embed_grad_.begin(), embed_grad_.end(), 0.0f);
+  std::fill(norm_grad_.begin(), norm_grad_.end(), 0.0f);
+  std::fill(head_grad_.begin(), head_grad_.end(), 0.0f);
+  for (auto& l : layers_) {
+    l.attention_grad.zero();
+    l.mlp_grad.zero();
+  }
+}
+
+caf::expected<double> training_model::forward_backward(std::span<const std::vector<int32_t>> sequences) {
+  const auto& c = weights_->config;
+  const auto V = static_cast<size_t>(c.vocab_size), D = static_cast<size_t>(c.hidden_size);
+  if (sequences.empty()) return make_error(model_errc::bad_input, "training: an empty batch");
+  ids_.clear();
+  targets_.clear();
+  cu_seqlens_.assign(1, 0);
+  for (const auto& s : sequences) {
+    if (s.empty()) return make_error(model_errc::bad_input, "training: an empty sequence");
+    for (size_t i = 0; i < s.size(); ++i) {
+      if (s[i] < 0 || s[i] >= c.vocab_size)
+        return make_error(model_errc::bad_input, "training: token id " + std::to_string(s[i]) +
+                                                     " is outside the vocabulary [0, " + std::to_string(V) + ")");
+      ids_.push_back(s[i]);
+      targets_.push_back(i + 1 < s.size() ? s[i + 1] : -1);
+    }
+    cu_seqlens_.push_back(static_cast<int32_t>(ids_.size()));
+  }
+  if (std::all_of(targets_.begin(), targets_.end(), [](int32_t t) { return t < 0; }))
+    return make_error(model_errc::bad_input, "training: no sequence has two tokens, so nothing is predicted");
+  const size_t T = ids_.size();
+
+  // Forward. x_ keeps the residual stream after the last layer (the final norm's input).
+  x_.resize(T * D);
+  for (size_t t = 0; t < T; ++t)
+    std::memcpy(x_.data() + t * D, embed_ + static_cast<size_t>(ids_[t]) * D, D * sizeof(float));
+  mlp_in_.resize(T * D);
+  mlp_out_.resize(T * D);
+  for (auto& l : layers_) {
+    if (auto err = l.attention.forward(x_.data(), mlp_in_.data(), T, cu_seqlens_)) return err;
+    if (auto err = l.mlp.forward(mlp_in_.data(), mlp_out_.data(), T)) return err;
+    for (size_t i = 0; i < T * D; ++i) x_[i] += mlp_out_[i];
+  }
+  normed_.resize(T * D);
+  logits_.resize(T * V);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  if (kc::rmsnorm(x_.data(), norm_, normed_.data(), T, D, eps) != kernel_status::ok) return kernel_error("final norm");
+  if (kc::linear(normed_.data(), head_, logits_.data(), T, D, V) != kernel_status::ok) return kernel_error("LM head");
+  double loss = 0;
+  std::vector<float> dlogits(T * V);
+  if (kc::cross_entropy(logits_.data(), targets_.data(), T, V, &loss, dlogits.data()) != kernel_status::ok)
+    return kernel_error("cross-entropy");
+
+  // Backward, in reverse.
+  std::vector<float> dnormed(T * D), dx(T * D), dmlp_in(T * D);
+  float* head_grad = c.tie_word_embeddings ? embed_grad_.data() : head_grad_.data();
+  if (kc::linear_backward(normed_.data(), head_, dlogits.data(), dnormed.data(), head_grad, T, D, V) !=
+      kernel_status::ok)
+    return kernel_error("LM head backward");
+  if (kc::rmsnorm_backward(x_.data(), norm_, dnormed.data(), dx.data(), norm_grad_.data(), T, D, eps) !=
+      kernel_status::ok)
+    return kernel_error("final norm backward");
+  for (auto it = layers_.rbegin(); it != layers_.rend(); ++it) {
+    // x_out = x_mid + mlp(mlp_in): the residual passes dx on; the MLP half adds through mlp_in.
+    if (auto err = it->mlp.backward(dx.data(), dmlp_in.data(), it->mlp_grad)) return err;
+    if (auto err = it->attention.backward(dx.data(), dmlp_in.data(), dx.data(), it->attention_grad)) return err;
+  }
+  if (kc::embedding_backward(ids_.data(), dx.data(), embed_grad_.data(), T, V, D) != kernel_status::ok)
+    return kernel_error("embedding backward");
+  return loss;
+}
+
+std::vector<parameter_ref> training_model::parameters() {
+  const auto& c = weights_->config;
+  std::vector<parameter_ref> out;
+  auto add = [&](const std::string& name, std::vector<float>& grad) {
+    host_tensor* t = weights_->find(name);
+    MOE_ASSERT(t != nullptr && t->data().size() == grad.size());
+    out.push_back(parameter_ref{name, t->data(), grad});
+  };
+  add("model.embed_tokens.weight", embed_grad_);
+  auto add_mlp = [&](const std::string& prefix, mlp_grads& g) {
+    add(prefix + "gate_proj.weight", g.gate_proj);
+    add(prefix + "up_proj.weight", g.up_proj);
+    add(prefix + "down_proj.weight", g.down_proj);
+  };
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const std::string prefix = "model.layers." + std::to_string(l) + ".";
+    layers_[l].attention_grad.for_each([&](std::string_view suffix, std::vector<float>& g) {
+      add(prefix + std::string(suffix), g);
+    });
+    auto& m = layers_[l].mlp_grad;
+    if (!layers_[l].mlp.is_moe()) {
+      add_mlp(prefix + "mlp.", m.dense);
+      continue;
+    }
+    add(prefix + "mlp.gate.weight", m.gate);
+    for (size_t e = 0; e < m.experts.size(); ++e) add_mlp(prefix + "mlp.experts." + std::to_string(e) + ".", m.experts[e]);
+    if (c.n_shared_experts > 0) add_mlp(prefix + "mlp.shared_experts.", m.shared);
+  }
+  add("model.norm.weight", norm_grad_);
+  if (!c.tie_word_embeddings) add("lm_head.weight", head_grad_);
+  return out;
+}
+
+}  // namespace moe::model

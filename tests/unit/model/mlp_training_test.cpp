@@ -1,0 +1,411 @@
+// mlp_training_block on tiny-v3: its forward against the inference blocks, its backward against
+// central finite differences of a scalar objective, and the gate's non-differentiable parts.
+#include "model/mlp_training.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+
+#include "model/checkpoint.hpp"
+#include "model/mlp_block.hpp"
+#include "model/model_errc.hpp"
+#include "model/moe_blocks.hpp"
+#include "tests/unit/model/scratch_dir.hpp"
+
+namespace moe::model {
+namespace {
+
+using testing::error_of;
+
+const std::filesystem::path tiny_dir = std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3";
+constexpr size_t num_tokens = 8;
+
+struct tiny_model {
+  model_config config;
+  checkpoint ckpt;
+
+  static tiny_model load() {
+    auto c = load_config(tiny_dir);
+    EXPECT_TRUE(c) << error_of(c);
+    auto k = load_checkpoint(tiny_dir, *c);
+    EXPECT_TRUE(k) << error_of(k);
+    return tiny_model{*c, std::move(*k)};
+  }
+  std::span<float> tensor(const std::string& name) {
+    host_tensor* t = ckpt.find(name);
+    EXPECT_NE(t, nullptr) << name;
+    return t ? t->data() : std::span<float>{};
+  }
+  [[nodiscard]] size_t hidden() const { return static_cast<size_t>(config.hidden_size); }
+};
+
+std::vector<float> random_values(size_t n, std::mt19937& rng, float stddev = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+// How far token x (hidden) is from changing its routing in layer `layer`: the smaller of the
+// gap between the last kept and the first dropped group score, and the gap between the k-th and
+// (k+1)-th biased score among the kept groups' experts. Written from the routing's definition.
+double routing_margin(tiny_model& m, int64_t layer, const float* x) {
+  const auto& c = m.config;
+  const std::string p = "model.layers." + std::to_string(layer) + ".mlp.gate.";
+  const auto w = m.tensor(p + "weight");
+  const auto bias = m.tensor(p + "e_score_correction_bias");
+  const size_t E = c.n_routed_experts, D = m.hidden(), G = c.n_group, per = E / G;
+  std::vector<double> biased(E);
+  for (size_t e = 0; e < E; ++e) {
+    double logit = 0;
+    for (size_t d = 0; d < D; ++d) logit += double(x[d]) * w[e * D + d];
+    biased[e] = 1.0 / (1.0 + std::exp(-logit)) + bias[e];
+  }
+  std::vector<std::pair<double, size_t>> groups;
+  for (size_t g = 0; g < G; ++g) {
+    std::vector<double> s(biased.begin() + g * per, biased.begin() + (g + 1) * per);
+    std::sort(s.rbegin(), s.rend());
+    groups.emplace_back(s[0] + s[1], g);
+  }
+  std::sort(groups.rbegin(), groups.rend());
+  const size_t kept = c.topk_group;
+  double margin = kept < G ? groups[kept - 1].first - groups[kept].first : 1e9;
+  std::vector<double> candidates;
+  for (size_t i = 0; i < kept; ++i)
+    for (size_t e = 0; e < per; ++e) candidates.push_back(biased[groups[i].second * per + e]);
+  std::sort(candidates.rbegin(), candidates.rend());
+  const size_t k = c.num_experts_per_tok;
+  if (k < candidates.size()) margin = std::min(margin, candidates[k - 1] - candidates[k]);
+  return margin;
+}
+
+// T random rows whose routing margin in `layer` is at least `min_margin` (dense layers: any).
+std::vector<float> robust_rows(tiny_model& m, int64_t layer, size_t T, uint32_t seed,
+                               double min_margin = 2e-3) {
+  std::mt19937 rng(seed);
+  const size_t D = m.hidden();
+  std::vector<float> x;
+  for (int tries = 0; x.size() < T * D && tries < 10000; ++tries) {
+    auto row = random_values(D, rng);
+    if (m.config.is_moe_layer(layer) && routing_margin(m, layer, row.data()) < min_margin) continue;
+    x.insert(x.end(), row.begin(), row.end());
+  }
+  EXPECT_EQ(x.size(), T * D) << "too few rows with a routing margin of " << min_margin;
+  return x;
+}
+
+TEST(mlp_training, forward_matches_the_inference_blocks) {
+  auto m = tiny_model::load();
+  const auto lookup = lookup_in(m.ckpt);
+  const size_t D = m.hidden(), T = num_tokens;
+  std::mt19937 rng(7);
+  const auto x = random_values(T * D, rng);
+
+  // Layer 0: dense.
+  {
+    auto block = mlp_training_block::bind(m.config, 0, lookup);
+    ASSERT_TRUE(block) << error_of(block);
+    EXPECT_FALSE(block->is_moe());
+    auto ref = mlp_block::bind("model.layers.0.mlp.", D, m.config.intermediate_size, lookup);
+    ASSERT_TRUE(ref) << error_of(ref);
+    std::vector<float> y(T * D, NAN), want(T * D);
+    mlp_scratch scratch;
+    ASSERT_FALSE(ref->forward(x.data(), T, want.data(), 0.0f, scratch));
+    ASSERT_FALSE(block->forward(x.data(), y.data(), T));
+    for (size_t i = 0; i < T * D; ++i) ASSERT_NEAR(y[i], want[i], 1e-5) << i;
+    EXPECT_TRUE(block->routing().empty());
+  }
+
+  // Layer 1: MoE, composed as the reference engine composes it.
+  {
+    const int64_t layer = 1;
+    auto block = mlp_training_block::bind(m.config, layer, lookup);
+    ASSERT_TRUE(block) << error_of(block);
+    EXPECT_TRUE(block->is_moe());
+    auto router = router_block::bind(m.config, layer, lookup);
+    ASSERT_TRUE(router) << error_of(router);
+    std::vector<int64_t> all(m.config.n_routed_experts);
+    std::iota(all.begin(), all.end(), 0);
+    auto experts = expert_set::bind(m.config, layer, all, lookup);
+    ASSERT_TRUE(experts) << error_of(experts);
+    auto shared = mlp_block::bind("model.layers.1.mlp.shared_experts.", D,
+                                  m.config.shared_intermediate_size(), lookup);
+    ASSERT_TRUE(shared) << error_of(shared);
+
+    const size_t k = router->top_k();
+    std::vector<int32_t> idx(T * k);
+    std::vector<float> w(T * k);
+    ASSERT_FALSE(router->route(x.data(), T, idx.data(), w.data()));
+    const auto rows = make_expert_rows(idx, w, k);
+    std::vector<float> rows_in(rows.size() * D), rows_out(rows.size() * D);
+    for (size_t r = 0; r < rows.size(); ++r)
+      std::copy_n(x.data() + rows.token_of_row[r] * D, D, rows_in.data() + r * D);
+    ASSERT_FALSE(experts->run(rows_in.data(), rows.size(), rows.expert_of_row.data(),
+                              rows.weight_of_row.data(), rows_out.data()));
+    std::vector<float> shared_out(T * D), want(T * D);
+    mlp_scratch scratch;
+    ASSERT_FALSE(shared->forward(x.data(), T, shared_out.data(), 0.0f, scratch));
+    ASSERT_FALSE(moe_layer_output(rows_out.data(), rows, shared_out.data(), want.data(), T, D));
+
+    std::vector<float> y(T * D, NAN);
+    ASSERT_FALSE(block->forward(x.data(), y.data(), T));
+    for (size_t i = 0; i < T * D; ++i) ASSERT_NEAR(y[i], want[i], 1e-5) << i;
+    EXPECT_EQ(std::vector<int32_t>(block->routing().begin(), block->routing().end()), idx);
+    const auto bw = block->routing_weights();
+    for (size_t i = 0; i < T * k; ++i) EXPECT_EQ(bw[i], w[i]) << i;
+  }
+}
+
+// Central differences of L = sum(a * y) against backward(), over ~20 sampled entries of dx and
+// of every weight gradient of one layer; perturbations that change the routing are replaced.
+class gradient_check {
+ public:
+  gradient_check(tiny_model& m, int64_t layer, uint32_t seed)
+      : m_(m), layer_(layer), rng_(seed), block_(bind(m, layer)) {
+    const size_t D = m.hidden(), T = num_tokens;
+    x_ = robust_rows(m, layer, T, seed);
+    a_ = random_values(T * D, rng_);
+    y_.resize(T * D);
+    EXPECT_FALSE(block_.forward(x_.data(), y_.data(), T));
+    routing_.assign(block_.routing().begin(), block_.routing().end());
+    grads_ = mlp_half_grads::zeros(m.config, layer);
+    dx_.assign(T * D, NAN);
+    EXPECT_FALSE(block_.backward(a_.data(), dx_.data(), grads_));
+  }
+
+  /// Relative error ||fd - analytic|| / ||analytic|| over `samples` entries of `param`.
+  double check(std::span<float> param, std::span<const float> analytic, const std::string& what,
+               size_t samples = 20, float step = 1e-2f) {
+    EXPECT_EQ(param.size(), analytic.size()) << what;
+    std::uniform_int_distribution<size_t> pick(0, param.size() - 1);
+    double diff = 0, norm = 0;
+    size_t used = 0, flipped = 0;
+    std::set<size_t> seen;
+    for (int tries = 0; used < samples && tries < 200; ++tries) {
+      const size_t i = pick(rng_);
+      if (!seen.insert(i).second) continue;
+      const float orig = param[i];
+      param[i] = orig + step;
+      const float hi = param[i];
+      const auto [l_hi, same_hi] = objective();
+      param[i] = orig - step;
+      const float lo = param[i];
+      const auto [l_lo, same_lo] = objective();
+      param[i] = orig;
+      if (!same_hi || !same_lo) {
+        ++flipped;
+        continue;
+      }
+      const double fd = (l_hi - l_lo) / (double(hi) - double(lo));
+      diff += (fd - analytic[i]) * (fd - analytic[i]);
+      norm += double(analytic[i]) * analytic[i];
+      ++used;
+    }
+    EXPECT_EQ(used, samples) << what << ": " << flipped << " perturbations changed the routing";
+    EXPECT_GT(norm, 0.0) << what << ": every sampled gradient is zero";
+    const double rel = std::sqrt(diff / std::max(norm, 1e-30));
+    EXPECT_LT(rel, 2e-3) << what;
+    return rel;
+  }
+
+  void check_mlp(const std::string& prefix, mlp_grads& g) {
+    check(m_.tensor(prefix + "gate_proj.weight"), g.gate_proj, prefix + "gate_proj");
+    check(m_.tensor(prefix + "up_proj.weight"), g.up_proj, prefix + "up_proj");
+    check(m_.tensor(prefix + "down_proj.weight"), g.down_proj, prefix + "down_proj");
+  }
+
+  std::span<float> x() { return x_; }
+  const std::vector<float>& dx() const { return dx_; }
+  mlp_half_grads& grads() { return grads_; }
+  const std::vector<int32_t>& routing() const { return routing_; }
+
+ private:
+  static mlp_training_block bind(tiny_model& m, int64_t layer) {
+    auto b = mlp_training_block::bind(m.config, layer, lookup_in(m.ckpt));
+    EXPECT_TRUE(b) << error_of(b);
+    return std::move(*b);
+  }
+
+  // L at the current parameters, and whether the routing is the unperturbed one.
+  std::pair<double, bool> objective() {
+    std::vector<float> y(y_.size());
+    EXPECT_FALSE(block_.forward(x_.data(), y.data(), num_tokens));
+    double l = 0;
+    for (size_t i = 0; i < y.size(); ++i) l += double(a_[i]) * y[i];
+    return {l, std::ranges::equal(block_.routing(), routing_)};
+  }
+
+  tiny_model& m_;
+  int64_t layer_;
+  std::mt19937 rng_;
+  mlp_training_block block_;
+  std::vector<float> x_, a_, y_, dx_;
+  std::vector<int32_t> routing_;
+  mlp_half_grads grads_;
+};
+
+TEST(mlp_training, dense_backward_matches_finite_differences) {
+  auto m = tiny_model::load();
+  gradient_check g(m, 0, 11);
+  g.check(g.x(), g.dx(), "dx");
+  g.check_mlp("model.layers.0.mlp.", g.grads().dense);
+}
+
+TEST(mlp_training, moe_backward_matches_finite_differences) {
+  auto m = tiny_model::load();
+  const int64_t layer = 1;
+  gradient_check g(m, layer, 12);
+  g.check(g.x(), g.dx(), "dx");
+  // A smaller step: a gate weight moves its logit by about step * |x|, and routing margins are
+  // a few 1e-3.
+  g.check(m.tensor("model.layers.1.mlp.gate.weight"), g.grads().gate, "gate.weight", 20, 1e-3f);
+  g.check_mlp("model.layers.1.mlp.shared_experts.", g.grads().shared);
+
+  // The two experts with the most rows, and one with a single row when there is one.
+  std::vector<int> rows_of(m.config.n_routed_experts, 0);
+  for (int32_t e : g.routing()) ++rows_of[e];
+  std::vector<int> by_rows(rows_of.size());
+  std::iota(by_rows.begin(), by_rows.end(), 0);
+  std::stable_sort(by_rows.begin(), by_rows.end(),
+                   [&](int a, int b) { return rows_of[a] > rows_of[b]; });
+  std::vector<int> checked = {by_rows[0], by_rows[1]};
+  if (auto one = std::ranges::find(rows_of, 1); one != rows_of.end())
+    checked.push_back(static_cast<int>(one - rows_of.begin()));
+  for (int e : checked) {
+    ASSERT_GT(rows_of[e], 0);
+    g.check_mlp("model.layers.1.mlp.experts." + std::to_string(e) + ".", g.grads().experts[e]);
+  }
+  // Experts without rows get exactly nothing.
+  for (size_t e = 0; e < rows_of.size(); ++e) {
+    if (rows_of[e] != 0) continue;
+    const auto& ge = g.grads().experts[e];
+    for (const auto* v : {&ge.gate_proj, &ge.up_proj, &ge.down_proj})
+      EXPECT_TRUE(std::ranges::all_of(*v, [](float f) { return f == 0.0f; })) << "expert " << e;
+  }
+}
+
+TEST(mlp_training, correction_bias_changes_the_choice_but_not_the_output) {
+  auto m = tiny_model::load();
+  const int64_t layer = 1;
+  const size_t D = m.hidden(), T = num_tokens;
+  auto block = mlp_training_block::bind(m.config, layer, lookup_in(m.ckpt));
+  ASSERT_TRUE(block) << error_of(block);
+  const auto x = robust_rows(m, layer, T, 21);
+  std::vector<float> y(T * D), y2(T * D);
+  ASSERT_FALSE(block->forward(x.data(), y.data(), T));
+  const std::vector<int32_t> routing(block->routing().begin(), block->routing().end());
+
+  auto bias = m.tensor("model.layers.1.mlp.gate.e_score_correction_bias");
+  const std::vector<float> saved(bias.begin(), bias.end());
+  // A small shift of every bias that keeps every choice leaves y bit-identical: the weights use
+  // the unbiased scores, so dL/dbias is 0 wherever it exists.
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> tiny(-1e-4f, 1e-4f);
+  for (auto& b : bias) b += tiny(rng);
+  ASSERT_FALSE(block->forward(x.data(), y2.data(), T));
+  ASSERT_TRUE(std::ranges::equal(block->routing(), routing));
+  EXPECT_EQ(y, y2);
+
+  // A large bias on an expert token 0 did not choose makes every token choose it.
+  const size_t k = block->top_k();
+  int32_t boosted = 0;
+  while (std::find(routing.begin(), routing.begin() + k, boosted) != routing.begin() + k) ++boosted;
+  std::ranges::copy(saved, bias.begin());
+  bias[boosted] += 10.0f;
+  ASSERT_FALSE(block->forward(x.data(), y2.data(), T));
+  for (size_t t = 0; t < T; ++t)
+    EXPECT_EQ(block->routing()[t * k], boosted) << "token " << t;
+  EXPECT_NE(y, y2);
+  std::ranges::copy(saved, bias.begin());
+}
+
+TEST(mlp_training, gradients_accumulate_and_skip_unrouted_experts) {
+  auto m = tiny_model::load();
+  const int64_t layer = 1;
+  const size_t D = m.hidden();
+  auto block = mlp_training_block::bind(m.config, layer, lookup_in(m.ckpt));
+  ASSERT_TRUE(block) << error_of(block);
+  const auto x = robust_rows(m, layer, 1, 31);  // one token: top_k experts receive rows
+  std::vector<float> y(D), dx(D), dx2(D);
+  std::mt19937 rng(4);
+  const auto dy = random_values(D, rng);
+  ASSERT_FALSE(block->forward(x.data(), y.data(), 1));
+  auto once = mlp_half_grads::zeros(m.config, layer);
+  ASSERT_FALSE(block->backward(dy.data(), dx.data(), once));
+  auto twice = once;
+  ASSERT_FALSE(block->backward(dy.data(), dx2.data(), twice));
+  EXPECT_EQ(dx, dx2);  // written, not accumulated
+  for (size_t i = 0; i < once.gate.size(); ++i) EXPECT_FLOAT_EQ(twice.gate[i], 2 * once.gate[i]);
+
+  const std::set<int32_t> chosen(block->routing().begin(), block->routing().end());
+  EXPECT_EQ(chosen.size(), block->top_k());
+  for (size_t e = 0; e < once.experts.size(); ++e) {
+    const bool any = std::ranges::any_of(once.experts[e].down_proj, [](float f) { return f != 0; });
+    EXPECT_EQ(any, chosen.count(static_cast<int32_t>(e)) == 1) << "expert " << e;
+  }
+  // Only the chosen experts' gate rows get a gradient.
+  for (size_t e = 0; e < once.experts.size(); ++e) {
+    const bool any = std::any_of(once.gate.begin() + e * D, once.gate.begin() + (e + 1) * D,
+                                 [](float f) { return f != 0; });
+    EXPECT_EQ(any, chosen.count(static_cast<int32_t>(e)) == 1) << "gate row " << e;
+  }
+
+  once.zero();
+  EXPECT_TRUE(std::ranges::all_of(once.gate, [](float f) { return f == 0; }));
+  EXPECT_EQ(once.gate.size(), twice.gate.size());
+}
+
+TEST(mlp_training, argument_errors) {
+  auto m = tiny_model::load();
+  const size_t D = m.hidden();
+  const auto lookup = lookup_in(m.ckpt);
+  auto dense = mlp_training_block::bind(m.config, 0, lookup);
+  auto moe = mlp_training_block::bind(m.config, 1, lookup);
+  ASSERT_TRUE(dense && moe);
+  std::vector<float> x(D, 0.5f), y(D), dx(D);
+  auto moe_grads = mlp_half_grads::zeros(m.config, 1);
+  auto dense_grads = mlp_half_grads::zeros(m.config, 0);
+
+  auto code = [](const caf::error& e) { return static_cast<model_errc>(e.code()); };
+  auto err = moe->backward(y.data(), dx.data(), moe_grads);
+  ASSERT_TRUE(err);
+  EXPECT_EQ(code(err), model_errc::bad_input);
+  EXPECT_NE(error_text(err).find("without forward"), std::string::npos) << error_text(err);
+
+  err = moe->forward(nullptr, y.data(), 1);
+  ASSERT_TRUE(err);
+  EXPECT_EQ(code(err), model_errc::bad_input);
+  EXPECT_TRUE(moe->backward(y.data(), dx.data(), moe_grads));  // the failed forward left none
+
+  ASSERT_FALSE(moe->forward(x.data(), y.data(), 1));
+  err = moe->backward(y.data(), dx.data(), dense_grads);  // shaped for the wrong layer
+  ASSERT_TRUE(err);
+  EXPECT_EQ(code(err), model_errc::bad_input);
+  err = moe->backward(nullptr, dx.data(), moe_grads);
+  ASSERT_TRUE(err);
+  EXPECT_EQ(code(err), model_errc::bad_input);
+  EXPECT_FALSE(moe->backward(y.data(), dx.data(), moe_grads));
+
+  ASSERT_FALSE(dense->forward(x.data(), y.data(), 1));
+  EXPECT_TRUE(dense->backward(y.data(), dx.data(), moe_grads));
+  EXPECT_FALSE(dense->backward(y.data(), dx.data(), dense_grads));
+
+  // Binding reports the lookup's error for a missing tensor.
+  weight_lookup no_shared = [&](const std::string& name, std::span<const int64_t> shape) {
+    if (name.find("shared_experts") != std::string::npos)
+      return caf::expected<const float*>(make_error(model_errc::missing_tensor, name));
+    return lookup(name, shape);
+  };
+  auto missing = mlp_training_block::bind(m.config, 1, no_shared);
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(testing::code_of(missing), model_errc::missing_tensor);
+}
+
+}  // namespace
+}  // namespace moe::model
