@@ -18,6 +18,7 @@ void add_plan_command(CLI::App& app, command_context& ctx);
 void add_plan_experts_command(CLI::App& app, command_context& ctx);
 void add_submit_command(CLI::App& app, command_context& ctx);
 void add_rebalance_command(CLI::App& app, command_context& ctx);
+void add_train_command(CLI::App& app, command_context& ctx);
 void add_serve_command(CLI::App& app, command_context& ctx);
 void add_node_command(CLI::App& app, command_context& ctx);
 void add_cluster_command(CLI::App& app, command_context& ctx);

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   moe::cli::add_plan_experts_command(app, ctx);
   moe::cli::add_submit_command(app, ctx);
   moe::cli::add_rebalance_command(app, ctx);
+  moe::cli::add_train_command(app, ctx);
   moe::cli::add_serve_command(app, ctx);
   moe::cli::add_node_command(app, ctx);
   moe::cli::add_cluster_command(app, ctx);

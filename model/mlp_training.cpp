@@ -73,6 +73,13 @@ bool mlp_backward(const mlp_weight_refs& m, const float* x, size_t rows, const f
                              /*accumulate=*/true) == kernel_status::ok;
 }
 
+// The unbiased gate score sigmoid(x . w) in double, as the gate's backward differentiates it.
+double gate_score(const float* x, const float* w, size_t hidden) {
+  double logit = 0.0;
+  for (size_t d = 0; d < hidden; ++d) logit += static_cast<double>(x[d]) * w[d];
+  return 1.0 / (1.0 + std::exp(-logit));
+}
+
 bool fits(const mlp_grads& g, const mlp_weight_refs& m) {
   const size_t n = static_cast<size_t>(m.hidden * m.intermediate);
   return g.gate_proj.size() == n && g.up_proj.size() == n && g.down_proj.size() == n;
@@ -131,6 +138,7 @@ caf::expected<mlp_training_block> mlp_training_block::bind(const model_config& c
   auto gate = weights(prefix + "gate.weight", gate_shape);
   if (!gate) return gate.error();
   b.gate_weight_ = *gate;
+  b.expert_load_.assign(static_cast<size_t>(c.n_routed_experts), 0);
   b.norm_topk_prob_ = c.norm_topk_prob;
   b.routed_scaling_factor_ = static_cast<float>(c.routed_scaling_factor);
   b.experts_.reserve(static_cast<size_t>(c.n_routed_experts));
@@ -149,16 +157,41 @@ caf::expected<mlp_training_block> mlp_training_block::bind(const model_config& c
   return b;
 }
 
-caf::error mlp_training_block::forward(const float* x, float* y, size_t T) {
+caf::error mlp_training_block::forward(const float* x, float* y, size_t T,
+                                       std::span<const int32_t> cu_seqlens, double balance_alpha) {
+  have_forward_ = false;
+  balance_loss_ = 0.0;
+  balance_alpha_ = 0.0;
   if (T > 0 && (x == nullptr || y == nullptr)) {
     return make_error(model_errc::bad_input, "mlp training forward: null input or output");
   }
-  have_forward_ = false;
+  if (!cu_seqlens.empty()) {
+    bool ok = cu_seqlens.size() >= 2 && cu_seqlens.front() == 0 &&
+              cu_seqlens.back() == static_cast<int64_t>(T);
+    for (size_t s = 1; ok && s < cu_seqlens.size(); ++s) ok = cu_seqlens[s] >= cu_seqlens[s - 1];
+    if (!ok) {
+      return make_error(model_errc::bad_input,
+                        "mlp training forward: cu_seqlens must rise from 0 to the token count");
+    }
+  }
+  if (!std::isfinite(balance_alpha) || balance_alpha < 0.0) {
+    return make_error(model_errc::bad_input,
+                      "mlp training forward: balance_alpha must be finite and >= 0");
+  }
   num_tokens_ = T;
   const size_t D = hidden_;
   x_.assign(x, x + T * D);
   topk_idx_.clear();
   topk_weight_.clear();
+  std::ranges::fill(expert_load_, 0);
+  if (router_) {
+    balance_alpha_ = balance_alpha;
+    if (cu_seqlens.empty()) {
+      cu_seqlens_.assign({0, static_cast<int32_t>(T)});
+    } else {
+      cu_seqlens_.assign(cu_seqlens.begin(), cu_seqlens.end());
+    }
+  }
   if (T > 0) {
     if (router_) {
       if (auto err = forward_moe(x_.data(), y, T)) return err;
@@ -179,19 +212,9 @@ caf::error mlp_training_block::forward_moe(const float* x, float* y, size_t T) {
   topk_idx_.resize(T * k);
   topk_weight_.resize(T * k);
   if (auto err = router_->route(x, T, topk_idx_.data(), topk_weight_.data())) return err;
-
-  // The unbiased scores of the chosen experts only: T * k dot products instead of the gate GEMM
-  // the router already ran (it does not expose its logits).
-  topk_score_.resize(T * k);
-  for (size_t t = 0; t < T; ++t) {
-    const float* xt = x + t * D;
-    for (size_t j = 0; j < k; ++j) {
-      const float* w = gate_weight_ + static_cast<size_t>(topk_idx_[t * k + j]) * D;
-      double logit = 0.0;
-      for (size_t d = 0; d < D; ++d) logit += static_cast<double>(xt[d]) * w[d];
-      topk_score_[t * k + j] = static_cast<float>(1.0 / (1.0 + std::exp(-logit)));
-    }
-  }
+  for (int32_t e : topk_idx_) ++expert_load_[static_cast<size_t>(e)];
+  gate_scores(x, T);
+  if (balance_alpha_ > 0.0) balance_forward();
 
   // Routed experts, grouped as expert_set::run groups them (stable by expert id).
   rows_ = make_expert_rows(topk_idx_, topk_weight_, k);
@@ -240,6 +263,80 @@ caf::error mlp_training_block::forward_moe(const float* x, float* y, size_t T) {
     shared_out = shared_buf_.data();
   }
   return moe_layer_output(rows_buf_.data(), rows_, shared_out, y, T, D);
+}
+
+void mlp_training_block::gate_scores(const float* x, size_t T) {
+  const size_t D = hidden_, k = router_->top_k(), E = experts_.size();
+  topk_score_.resize(T * k);
+  if (balance_alpha_ > 0.0) {
+    // The balance loss needs every expert's score: the gate GEMM again, in double (the router
+    // does not expose its float logits); the chosen scores are the same numbers.
+    scores_.resize(T * E);
+    for (size_t t = 0; t < T; ++t) {
+      for (size_t e = 0; e < E; ++e)
+        scores_[t * E + e] = gate_score(x + t * D, gate_weight_ + e * D, D);
+    }
+    for (size_t i = 0; i < T * k; ++i)
+      topk_score_[i] = static_cast<float>(scores_[(i / k) * E + static_cast<size_t>(topk_idx_[i])]);
+    return;
+  }
+  // The chosen experts only: T * k dot products instead of the full gate GEMM.
+  for (size_t i = 0; i < T * k; ++i) {
+    const float* w = gate_weight_ + static_cast<size_t>(topk_idx_[i]) * D;
+    topk_score_[i] = static_cast<float>(gate_score(x + (i / k) * D, w, D));
+  }
+}
+
+// L = alpha / S * sum_s sum_i f_i^s P_i^s = sum_s sum_{t in s} sum_i c_i^s s'_{i,t} with
+// c_i^s = alpha / S * f_i^s / T_s, which is also dL/ds'_{i,t} (f being constant); keeps c.
+void mlp_training_block::balance_forward() {
+  const size_t k = router_->top_k(), E = experts_.size(), num_seqs = cu_seqlens_.size() - 1;
+  size_t num_counted = 0;
+  for (size_t s = 0; s < num_seqs; ++s) num_counted += cu_seqlens_[s + 1] > cu_seqlens_[s];
+  balance_coef_.assign(num_seqs * E, 0.0);
+  double loss = 0.0;
+  for (size_t s = 0; s < num_seqs; ++s) {
+    const size_t begin = cu_seqlens_[s], end = cu_seqlens_[s + 1], Ts = end - begin;
+    if (Ts == 0) continue;
+    double* c = balance_coef_.data() + s * E;
+    for (size_t i = begin * k; i < end * k; ++i) c[static_cast<size_t>(topk_idx_[i])] += 1.0;
+    // f_i = E / (k * Ts) * count_i, then * alpha / S / Ts.
+    const double scale = balance_alpha_ / static_cast<double>(num_counted) *
+                         static_cast<double>(E) / (static_cast<double>(k) * Ts * Ts);
+    for (size_t e = 0; e < E; ++e) c[e] *= scale;
+    for (size_t t = begin; t < end; ++t) {
+      const double* st = scores_.data() + t * E;
+      double sum = 0.0, dot = 0.0;
+      for (size_t e = 0; e < E; ++e) {
+        sum += st[e];
+        dot += c[e] * st[e];
+      }
+      loss += dot / sum;
+    }
+  }
+  balance_loss_ = loss;
+}
+
+// With s'_i = s_i / Z, Z = sum_j s_j: dL/ds_j = (c_j - sum_i c_i s'_i) / Z, then through the
+// sigmoid: dL/dlogit_j = dL/ds_j * s_j (1 - s_j). Adds to d_logits_ (T, E), every expert.
+void mlp_training_block::balance_backward() {
+  const size_t E = experts_.size(), num_seqs = cu_seqlens_.size() - 1;
+  for (size_t s = 0; s < num_seqs; ++s) {
+    const double* c = balance_coef_.data() + s * E;
+    const size_t begin = cu_seqlens_[s], end = cu_seqlens_[s + 1];
+    for (size_t t = begin; t < end; ++t) {
+      const double* st = scores_.data() + t * E;
+      double sum = 0.0, dot = 0.0;
+      for (size_t e = 0; e < E; ++e) {
+        sum += st[e];
+        dot += c[e] * st[e];
+      }
+      const double mean_c = dot / sum;
+      float* dl = d_logits_.data() + t * E;
+      for (size_t e = 0; e < E; ++e)
+        dl[e] = static_cast<float>(dl[e] + (c[e] - mean_c) / sum * st[e] * (1.0 - st[e]));
+    }
+  }
 }
 
 bool mlp_training_block::grads_fit(const mlp_half_grads& g) const noexcept {
@@ -345,6 +442,7 @@ caf::error mlp_training_block::backward_moe(const float* dy, float* dx, mlp_half
           static_cast<float>(ds * sj * (1.0 - sj));
     }
   }
+  if (balance_alpha_ > 0.0) balance_backward();
   if (kc::linear_backward(x_.data(), gate_weight_, d_logits_.data(), dx, grads.gate.data(), T, D,
                           E, /*accumulate=*/true) != kernel_status::ok)
     return kernel_error(layer_, "gate backward failed");

@@ -22,19 +22,42 @@
 #include "model/attention_training.hpp"
 #include "model/checkpoint.hpp"
 #include "model/mlp_training.hpp"
+#include "model/mtp_training.hpp"
 #include "model/optimizer.hpp"
 
 namespace moe::model {
 
+/// What the training step adds to the language-model loss.
+struct training_options {
+  /// Multi-token prediction modules trained (DeepSeek-V3: depth 1); each must be in the weights
+  /// (model.layers.{num_hidden_layers + d - 1}.*). 0: none.
+  int64_t mtp_depth = 0;
+  /// The MTP loss weight lambda: the step's loss adds (lambda / depth) * sum of the depths' mean
+  /// cross-entropies.
+  double mtp_weight = 0.3;
+};
+
 class training_model {
  public:
-  /// Binds every block to `weights` (which must hold the whole model, MTP aside).
-  [[nodiscard]] static caf::expected<training_model> bind(std::shared_ptr<checkpoint> weights);
+  /// Binds every block to `weights` (which must hold the whole model, and the MTP modules that
+  /// options.mtp_depth asks for).
+  [[nodiscard]] static caf::expected<training_model> bind(std::shared_ptr<checkpoint> weights,
+                                                          training_options options = {});
 
   /// Forward, loss and backward over `sequences` (each at least 1 token; tokens in [0, vocab)).
-  /// Adds the gradients of the mean loss to grads(); returns the loss. model_errc::bad_input for
-  /// an empty batch, a bad token or no predicted position at all.
-  [[nodiscard]] caf::expected<double> forward_backward(std::span<const std::vector<int32_t>> sequences);
+  /// Adds the gradients of the loss to grads(): the mean next-token cross-entropy plus, with
+  /// balance_alpha > 0, every MoE layer's sequence-wise balance loss (DeepSeek-V3's complementary
+  /// loss, mlp_training.hpp), plus the MTP loss (training_options). Returns the main model's
+  /// cross-entropy; balance_loss() and mtp_loss() have the rest.
+  /// model_errc::bad_input for an empty batch, a bad token or no predicted position at all.
+  [[nodiscard]] caf::expected<double> forward_backward(std::span<const std::vector<int32_t>> sequences,
+                                                       double balance_alpha = 0.0);
+
+  /// The last forward_backward's balance loss, summed over the MoE layers (0 with alpha 0).
+  [[nodiscard]] double balance_loss() const noexcept { return balance_loss_; }
+  /// The last forward_backward's MTP loss, (lambda / depth) * sum of the depths' mean
+  /// cross-entropies (0 without MTP).
+  [[nodiscard]] double mtp_loss() const noexcept { return mtp_loss_; }
 
   /// Sets every gradient to zero.
   void zero_grads();
@@ -43,6 +66,22 @@ class training_model {
   /// checkpoint) and its gradient: what the optimizer steps. e_score_correction_bias is not
   /// among them (it moves by the load-balancing rule, not by gradients).
   [[nodiscard]] std::vector<parameter_ref> parameters();
+
+  /// Clips every gradient to `max_norm` in global norm (clip_grad_norm); returns the norm before.
+  double clip_gradients(double max_norm);
+
+  /// The parameters' tensors (shapes included), as the optimizer updates them.
+  [[nodiscard]] const checkpoint& weights() const noexcept { return *weights_; }
+
+  /// Per MoE layer (ascending layer id), the last forward's load of each routed expert: how many
+  /// tokens chose it among their top-k. Empty before the first forward.
+  [[nodiscard]] std::vector<std::vector<int64_t>> expert_loads() const;
+
+  /// DeepSeek-V3's auxiliary-loss-free balancing, after a step: in every MoE layer each expert's
+  /// e_score_correction_bias moves by `speed` toward balance, b_i += speed * sign(mean load -
+  /// load_i), from the last forward's loads (the bias steers the top-k choice only; it carries no
+  /// gradient). speed 0 changes nothing.
+  void update_routing_bias(double speed);
 
   [[nodiscard]] const model_config& config() const noexcept { return weights_->config; }
 
@@ -54,8 +93,17 @@ class training_model {
     mlp_half_grads mlp_grad;
   };
 
+  struct mtp_depth {
+    mtp_training_module module;
+    mtp_grads grads;
+    std::vector<int32_t> next_tokens, targets;  // per row; -1: none
+    std::vector<float> h, normed, dlogits;       // the depth's hidden, its normed output, dL/dlogits
+  };
+
   std::shared_ptr<checkpoint> weights_;
+  training_options options_;
   std::vector<layer> layers_;
+  std::vector<mtp_depth> mtp_;
   const float* embed_ = nullptr;  // (vocab, hidden)
   const float* norm_ = nullptr;   // (hidden)
   const float* head_ = nullptr;   // (vocab, hidden)
@@ -63,6 +111,8 @@ class training_model {
   // Activations of the last forward.
   std::vector<float> x_, mlp_in_, mlp_out_, normed_, logits_;
   std::vector<int32_t> ids_, targets_, cu_seqlens_;
+  double balance_loss_ = 0;
+  double mtp_loss_ = 0;
 };
 
 }  // namespace moe::model

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <map>
 
 #include "model/checkpoint.hpp"
 #include "tests/golden/golden_data.hpp"
@@ -91,6 +92,77 @@ TEST(training_model, four_adamw_steps_give_the_golden_losses) {
     ASSERT_TRUE(loss) << error_text(loss.error());
     EXPECT_NEAR(*loss, golden["losses_before_each_step"][step].get<double>(), 1e-4) << "step " << step;
     ASSERT_FALSE(opt.step(m->parameters(), golden["lr"].get<double>()));
+  }
+}
+
+TEST(training_model, the_balance_loss_adds_to_the_gate_gradients_only) {
+  auto plain = training_model::bind(load_tiny());
+  auto balanced = training_model::bind(load_tiny());
+  ASSERT_TRUE(plain && balanced);
+  auto ce = plain->forward_backward(golden_batch());
+  auto ce2 = balanced->forward_backward(golden_batch(), 0.01);
+  ASSERT_TRUE(ce && ce2);
+  // The cross-entropy is the same; the balance loss (two MoE layers) comes on top.
+  EXPECT_EQ(*ce, *ce2);
+  EXPECT_EQ(plain->balance_loss(), 0.0);
+  EXPECT_GT(balanced->balance_loss(), 0.0);
+  const auto a = plain->parameters(), b = balanced->parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    const bool same = std::equal(a[i].grad.begin(), a[i].grad.end(), b[i].grad.begin());
+    // The balance loss reaches the gates, and through the inputs of the MoE layers everything
+    // upstream of them; the last layer's experts and the head see none of it.
+    if (a[i].name.find("layers.1.mlp.gate.weight") != std::string::npos ||
+        a[i].name.find("layers.2.mlp.gate.weight") != std::string::npos)
+      EXPECT_FALSE(same) << a[i].name;
+    if (a[i].name == "lm_head.weight" || a[i].name.find("layers.2.mlp.experts.") != std::string::npos)
+      EXPECT_TRUE(same) << a[i].name;
+  }
+}
+
+TEST(training_model, multi_token_prediction_gradients_match_finite_differences) {
+  auto weights = load_tiny();
+  weights->config.num_nextn_predict_layers = 1;
+  ASSERT_FALSE(add_random_mtp_weights(*weights, 1, 7));
+  training_options o;
+  o.mtp_depth = 1;
+  o.mtp_weight = 0.3;
+  auto m = training_model::bind(weights, o);
+  ASSERT_TRUE(m) << error_text(m.error());
+  const auto batch = golden_batch();
+  auto total = [&]() {
+    m->zero_grads();
+    auto ce = m->forward_backward(batch);
+    EXPECT_TRUE(ce);
+    return *ce + m->mtp_loss();
+  };
+  const double base = total();
+  EXPECT_GT(m->mtp_loss(), 0.0);
+  EXPECT_NEAR(base - m->mtp_loss(), golden_json()["loss"].get<double>(), 1e-4);  // the main loss is untouched
+  // Gradients of the MTP module, and of the shared embedding and head and the main model that
+  // the MTP loss reaches through them, against central differences of the total loss.
+  std::map<std::string, std::vector<float>> grads;
+  for (const auto& p : m->parameters()) grads[p.name].assign(p.grad.begin(), p.grad.end());
+  const std::pair<std::string, size_t> probes[] = {
+      {"model.layers.3.eh_proj.weight", 5},      {"model.layers.3.enorm.weight", 3},
+      {"model.layers.3.hnorm.weight", 9},        {"model.layers.3.shared_head.norm.weight", 1},
+      {"model.layers.3.self_attn.o_proj.weight", 77}, {"lm_head.weight", 64 * 7 + 3},
+      {"model.embed_tokens.weight", 64 * static_cast<size_t>(batch[0][5]) + 2},
+      {"model.layers.2.self_attn.o_proj.weight", 123}};
+  for (const auto& [name, index] : probes) {
+    host_tensor* t = weights->find(name);
+    ASSERT_NE(t, nullptr) << name;
+    float& w = t->data()[index];
+    const float saved = w;
+    const double h = 1e-2 * std::max(1e-2, static_cast<double>(std::abs(saved)));
+    w = static_cast<float>(saved + h);
+    const double up = total();
+    w = static_cast<float>(saved - h);
+    const double down = total();
+    w = saved;
+    const double fd = (up - down) / (2 * h);
+    const double ours = grads.at(name)[index];
+    EXPECT_NEAR(ours, fd, 2e-2 * std::abs(fd) + 1e-5) << name << "[" << index << "]";
   }
 }
 
