@@ -49,6 +49,7 @@ struct train_options {
   double balance_loss_weight = 0.0;
   int64_t mtp_depth = -1;  // -1: every MTP module the checkpoint has, when mtp_weight > 0
   std::string save;        // a training checkpoint written after the last step
+  int64_t micro_batches = 1;
 };
 
 int fail(const std::string& text) {
@@ -150,11 +151,25 @@ int run_train(const train_options& o) {
   model::adamw opt(ao);
   if (loaded->optimizer.steps() > 0) opt.restore(loaded->optimizer.steps(), loaded->optimizer.state());
   const int64_t first_step = loaded->step;
+  if (o.micro_batches < 1 || o.micro_batches > static_cast<int64_t>(batch->size()))
+    return fail("--micro-batches must be between 1 and the batch's " + std::to_string(batch->size()) + " rows");
+  // Micro-batches: consecutive slices of rows, each weighted by its share of the predicted
+  // positions (and of the sequences, for the balance loss), so the gradients add up to the batch's.
+  std::vector<std::vector<std::vector<int32_t>>> micro(static_cast<size_t>(o.micro_batches));
+  for (size_t r = 0; r < batch->size(); ++r)
+    micro[r * micro.size() / batch->size()].push_back((*batch)[r]);
+  const double predicted = static_cast<double>(model::training_model::predicted_positions(*batch));
   for (int64_t step = 0; step < o.steps; ++step) {
     m->zero_grads();
-    auto loss = m->forward_backward(*batch, o.balance_loss_weight);
-    if (!loss) return fail(error_text(loss.error()));
-    if (o.print_losses) fmt::print("{:.9g}\n", *loss);
+    double loss = 0;
+    for (const auto& part : micro) {
+      const double share = static_cast<double>(model::training_model::predicted_positions(part)) / predicted;
+      const double rows = static_cast<double>(part.size()) / static_cast<double>(batch->size());
+      auto part_loss = m->forward_backward(part, o.balance_loss_weight * rows, share);
+      if (!part_loss) return fail(error_text(part_loss.error()));
+      loss += share * *part_loss;
+    }
+    if (o.print_losses) fmt::print("{:.9g}\n", loss);
     if (step == 0 && !o.dump_grads.empty()) {
       if (auto written = dump_grads(o.dump_grads, *m); !written) return fail(error_text(written.error()));
     }
@@ -192,6 +207,8 @@ void add_train_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--balance-loss-weight", o->balance_loss_weight,
                   "Sequence-wise balance loss weight alpha (DeepSeek-V3 uses 0.0001; default 0 so that the check "
                   "contract reproduces the reference)");
+  cmd->add_option("--micro-batches", o->micro_batches,
+                  "Accumulate gradients over this many slices of the batch (default 1: the whole batch at once)");
   cmd->add_option("--save", o->save, "Write a training checkpoint (model, optimizer state, step) here after the last step");
   cmd->add_option("--grad-clip", o->grad_clip, "Clip gradients to this global norm (default 0: off)");
   cmd->add_flag("--print-losses", o->print_losses, "Print the loss before each step, one per line");

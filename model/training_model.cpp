@@ -82,8 +82,14 @@ void training_model::zero_grads() {
   for (auto& d : mtp_) d.grads.zero();
 }
 
+int64_t training_model::predicted_positions(std::span<const std::vector<int32_t>> sequences) noexcept {
+  int64_t n = 0;
+  for (const auto& s : sequences) n += s.empty() ? 0 : static_cast<int64_t>(s.size()) - 1;
+  return n;
+}
+
 caf::expected<double> training_model::forward_backward(std::span<const std::vector<int32_t>> sequences,
-                                                      double balance_alpha) {
+                                                      double balance_alpha, double loss_scale) {
   const auto& c = weights_->config;
   const auto V = static_cast<size_t>(c.vocab_size), D = static_cast<size_t>(c.hidden_size);
   if (sequences.empty()) return make_error(model_errc::bad_input, "training: an empty batch");
@@ -127,12 +133,18 @@ caf::expected<double> training_model::forward_backward(std::span<const std::vect
   std::vector<float> dlogits(T * V);
   if (kc::cross_entropy(logits_.data(), targets_.data(), T, V, &loss, dlogits.data()) != kernel_status::ok)
     return kernel_error("cross-entropy");
+  if (loss_scale != 1.0)
+    for (auto& g : dlogits) g = static_cast<float>(g * loss_scale);
 
   // Multi-token prediction: depth k from depth k-1's hidden state (depth 1: the main model's,
   // before its final norm) and the embedding of token i + k, predicting token i + k + 1.
   mtp_loss_ = 0;
   const double mtp_scale = mtp_.empty() ? 0.0 : options_.mtp_weight / static_cast<double>(mtp_.size());
-  std::vector<float> next_emb(T * D), mtp_logits(T * V);
+  std::vector<float> next_emb, mtp_logits;  // only with MTP: (T, vocab) is large
+  if (!mtp_.empty()) {
+    next_emb.resize(T * D);
+    mtp_logits.resize(T * V);
+  }
   for (size_t k = 0; k < mtp_.size(); ++k) {
     auto& d = mtp_[k];
     auto rows = make_mtp_token_rows(ids_, cu_seqlens_, static_cast<int64_t>(k + 1));
@@ -155,7 +167,7 @@ caf::expected<double> training_model::forward_backward(std::span<const std::vect
     d.dlogits.resize(T * V);
     if (kc::cross_entropy(mtp_logits.data(), d.targets.data(), T, V, &depth_loss, d.dlogits.data()) != kernel_status::ok)
       return kernel_error("MTP cross-entropy");
-    for (auto& g : d.dlogits) g = static_cast<float>(g * mtp_scale);
+    for (auto& g : d.dlogits) g = static_cast<float>(g * mtp_scale * loss_scale);
     mtp_loss_ += mtp_scale * depth_loss;
   }
 

@@ -50,8 +50,16 @@ class training_model {
   /// loss, mlp_training.hpp), plus the MTP loss (training_options). Returns the main model's
   /// cross-entropy; balance_loss() and mtp_loss() have the rest.
   /// model_errc::bad_input for an empty batch, a bad token or no predicted position at all.
+  ///
+  /// Gradient accumulation over micro-batches: the gradients of the cross-entropy and MTP terms
+  /// are multiplied by `loss_scale`, so that calls over the micro-batches of one batch, each with
+  /// loss_scale = its predicted positions / the batch's, add up to the whole batch's gradient
+  /// (predicted_positions() says how many a call has; split balance_alpha by sequences likewise).
   [[nodiscard]] caf::expected<double> forward_backward(std::span<const std::vector<int32_t>> sequences,
-                                                       double balance_alpha = 0.0);
+                                                       double balance_alpha = 0.0, double loss_scale = 1.0);
+
+  /// Positions `sequences` predict (every token but each sequence's last).
+  [[nodiscard]] static int64_t predicted_positions(std::span<const std::vector<int32_t>> sequences) noexcept;
 
   /// The last forward_backward's balance loss, summed over the MoE layers (0 with alpha 0).
   [[nodiscard]] double balance_loss() const noexcept { return balance_loss_; }

@@ -166,6 +166,35 @@ TEST(training_model, multi_token_prediction_gradients_match_finite_differences) 
   }
 }
 
+TEST(training_model, micro_batches_accumulate_to_the_full_batch_gradient) {
+  auto whole = training_model::bind(load_tiny());
+  auto parts = training_model::bind(load_tiny());
+  ASSERT_TRUE(whole && parts);
+  const auto batch = golden_batch();
+  auto loss = whole->forward_backward(batch);
+  ASSERT_TRUE(loss);
+  // One sequence per micro-batch, each weighted by its share of the predicted positions.
+  const double total = static_cast<double>(training_model::predicted_positions(batch));
+  double accumulated = 0;
+  for (const auto& row : batch) {
+    const std::vector<std::vector<int32_t>> micro = {row};
+    const double share = static_cast<double>(training_model::predicted_positions(micro)) / total;
+    auto part = parts->forward_backward(micro, 0.0, share);
+    ASSERT_TRUE(part);
+    accumulated += share * *part;
+  }
+  EXPECT_NEAR(accumulated, *loss, 1e-6);
+  const auto a = whole->parameters(), b = parts->parameters();
+  for (size_t i = 0; i < a.size(); ++i) {
+    double diff = 0, norm = 0;
+    for (size_t j = 0; j < a[i].grad.size(); ++j) {
+      diff += (static_cast<double>(a[i].grad[j]) - b[i].grad[j]) * (static_cast<double>(a[i].grad[j]) - b[i].grad[j]);
+      norm += static_cast<double>(a[i].grad[j]) * a[i].grad[j];
+    }
+    EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm) + 1e-12) << a[i].name;
+  }
+}
+
 TEST(training_model, bad_batches_are_refused) {
   auto m = training_model::bind(load_tiny());
   ASSERT_TRUE(m) << error_text(m.error());
