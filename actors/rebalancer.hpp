@@ -48,8 +48,9 @@ struct rebalancer_options {
   model::model_config model;
   std::vector<router_actor> routers;
   std::vector<expert_group_actor> groups;  ///< in group order
-  std::vector<int> group_node;             ///< node index of each group
-  int64_t num_nodes = 1;
+  /// Node index of each group. The planner keeps routing groups node-local when every node
+  /// holds as many groups; otherwise it plans globally.
+  std::vector<int> group_node;
   /// Holds steps while the routers switch; may be null when nothing else sends steps (tests).
   controller_actor controller;
   /// The layout the cluster serves now (version, per MoE layer per group experts).

@@ -163,7 +163,6 @@ caf::expected<rebalancer_actor> spawn_cluster_rebalancer(caf::actor_system& sys,
   o.period = std::chrono::seconds(config.rebalancing.period_s);
   o.min_improvement = static_cast<double>(config.rebalancing.min_improvement_pct) / 100.0;
   o.stats_interval = std::chrono::seconds(10);
-  o.num_nodes = static_cast<int64_t>(config.nodes.size());
   return spawn_rebalancer(sys, std::move(o));
 }
 
