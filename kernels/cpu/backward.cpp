@@ -44,16 +44,6 @@ void rmsnorm_dweight(const float* x, const float* dout, float* dweight, size_t r
   }
 }
 
-// Mirrors rope.cpp's layout check, which is not public: the same conditions, the same answers.
-kernel_status check_rope_layout(const rope_apply_args& a, size_t dim) noexcept {
-  if (a.num_tokens == 0 || a.num_heads == 0) return kernel_status::ok;
-  if (a.x == nullptr) return kernel_status::unsupported_shape;
-  if (a.num_heads > 1 && a.head_stride < dim) return kernel_status::unsupported_shape;
-  if (a.num_tokens > 1 && a.token_stride < (a.num_heads - 1) * a.head_stride + dim)
-    return kernel_status::unsupported_shape;
-  return kernel_status::ok;
-}
-
 // rope_apply maps an interleaved x to the de-interleaved
 //   y[i]        = x[2i] * cos[i] - x[2i+1] * sin[i]
 //   y[i + half] = x[2i+1] * cos[i] + x[2i] * sin[i]
@@ -76,7 +66,7 @@ template <class Position>
 kernel_status rope_backward_impl(const rope_params& p, const rope_apply_args& a,
                                  const Position* positions) noexcept {
   if (auto s = rope_check(p); s != kernel_status::ok) return s;
-  if (auto s = check_rope_layout(a, p.head_dim); s != kernel_status::ok) return s;
+  if (auto s = rope_check_layout(a, p.head_dim); s != kernel_status::ok) return s;
   if (a.num_tokens == 0 || a.num_heads == 0) return kernel_status::ok;
   if (positions == nullptr) return kernel_status::unsupported_shape;
   for (size_t t = 0; t < a.num_tokens; ++t)

@@ -5,6 +5,16 @@
 #include <numbers>
 
 namespace moe::kernels::cpu {
+
+kernel_status rope_check_layout(const rope_apply_args& a, size_t dim) noexcept {
+  if (a.num_tokens == 0 || a.num_heads == 0) return kernel_status::ok;
+  if (a.x == nullptr) return kernel_status::unsupported_shape;
+  if (a.num_heads > 1 && a.head_stride < dim) return kernel_status::unsupported_shape;
+  if (a.num_tokens > 1 && a.token_stride < (a.num_heads - 1) * a.head_stride + dim)
+    return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
 namespace {
 
 // YaRN's correction dimension: the rotary dim whose wavelength fits `num_rotations` times into
@@ -13,15 +23,6 @@ double correction_dim(const rope_params& p, double num_rotations) noexcept {
   const double d = static_cast<double>(p.head_dim);
   return d * std::log(p.original_max_pos / (num_rotations * 2.0 * std::numbers::pi)) /
          (2.0 * std::log(p.theta));
-}
-
-kernel_status check_layout(const rope_apply_args& a, size_t dim) noexcept {
-  if (a.num_tokens == 0 || a.num_heads == 0) return kernel_status::ok;
-  if (a.x == nullptr) return kernel_status::unsupported_shape;
-  if (a.num_heads > 1 && a.head_stride < dim) return kernel_status::unsupported_shape;
-  if (a.num_tokens > 1 && a.token_stride < (a.num_heads - 1) * a.head_stride + dim)
-    return kernel_status::unsupported_shape;
-  return kernel_status::ok;
 }
 
 // cos/sin halves (dim / 2) for one position, multiplied by the attention factor.
@@ -61,7 +62,7 @@ template <class Position>
 kernel_status apply_on_demand(const rope_params& p, const rope_apply_args& a,
                               const Position* positions) noexcept {
   if (auto s = rope_check(p); s != kernel_status::ok) return s;
-  if (auto s = check_layout(a, p.head_dim); s != kernel_status::ok) return s;
+  if (auto s = rope_check_layout(a, p.head_dim); s != kernel_status::ok) return s;
   if (a.num_tokens == 0 || a.num_heads == 0) return kernel_status::ok;
   if (positions == nullptr) return kernel_status::unsupported_shape;
   for (size_t t = 0; t < a.num_tokens; ++t)
@@ -84,7 +85,7 @@ kernel_status apply_from_table(const rope_params& p, const rope_apply_args& a,
                                const Position* positions, const float* cos, const float* sin,
                                size_t table_positions) noexcept {
   if (auto s = rope_check(p); s != kernel_status::ok) return s;
-  if (auto s = check_layout(a, p.head_dim); s != kernel_status::ok) return s;
+  if (auto s = rope_check_layout(a, p.head_dim); s != kernel_status::ok) return s;
   if (a.num_tokens == 0 || a.num_heads == 0) return kernel_status::ok;
   if (positions == nullptr || cos == nullptr || sin == nullptr)
     return kernel_status::unsupported_shape;

@@ -78,6 +78,10 @@ struct rope_apply_args {
   size_t head_stride = 0;
 };
 
+/// ok when `a` places num_tokens x num_heads vectors of head_dim floats without overlap (or is
+/// empty), else unsupported_shape: the layout check of rope_apply and rope_backward.
+[[nodiscard]] kernel_status rope_check_layout(const rope_apply_args& a, size_t head_dim) noexcept;
+
 /// Rotates x in place by the angles of each token's position, computing cos/sin on demand.
 /// positions: (num_tokens), each >= 0. unsupported_shape (x untouched) for a negative position,
 /// overlapping vectors (strides smaller than the vectors) or a bad rope_params.

@@ -14,10 +14,14 @@
 #include "model/safetensors_writer.hpp"
 #include "model/training_model.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tests/unit/model/tiny_training_data.hpp"
 #include "tests/unit/model/scratch_dir.hpp"
 
 using namespace moe;
 using namespace moe::model;
+using moe::model::testing::golden_batch;
+using moe::model::testing::load_tiny;
+using moe::model::testing::tiny_dir;
 using moe::model::testing::code_of;
 using moe::model::testing::error_of;
 using moe::model::testing::scratch_dir;
@@ -25,28 +29,6 @@ using moe::model::testing::scratch_dir;
 namespace {
 
 constexpr double lr = 1e-3;
-
-std::filesystem::path tiny() {
-  return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3";
-}
-
-std::shared_ptr<checkpoint> load_tiny() {
-  auto c = load_config(tiny());
-  EXPECT_TRUE(c) << error_text(c.error());
-  load_options o;
-  o.progress = false;
-  auto ckpt = load_checkpoint(tiny(), *c, o);
-  EXPECT_TRUE(ckpt) << error_text(ckpt.error());
-  return std::make_shared<checkpoint>(std::move(*ckpt));
-}
-
-// golden.safetensors' input_ids: two sequences of 16 tokens.
-std::vector<std::vector<int32_t>> golden_batch() {
-  const auto ids = moe::testing::golden_file::open(tiny() / "golden.safetensors").ids("input_ids");
-  const size_t half = ids.size() / 2;
-  return {std::vector<int32_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(half)),
-          std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(half), ids.end())};
-}
 
 // `num_steps` AdamW steps on the golden batch; the loss before each.
 std::vector<double> train(training_model& m, adamw& opt, int num_steps) {
@@ -254,7 +236,7 @@ TEST(training_checkpoint, mtp_modules_are_saved) {
 }
 
 TEST(training_checkpoint, a_model_only_directory_starts_at_step_zero) {
-  auto loaded = load_quiet(tiny());
+  auto loaded = load_quiet(tiny_dir());
   ASSERT_TRUE(loaded) << error_of(loaded);
   EXPECT_EQ(loaded->step, 0);
   EXPECT_EQ(loaded->optimizer.steps(), 0);

@@ -12,35 +12,19 @@
 
 #include "model/checkpoint.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tests/unit/model/tiny_training_data.hpp"
 
 using namespace moe;
 using namespace moe::model;
+using moe::model::testing::golden_batch;
+using moe::model::testing::load_tiny;
+using moe::model::testing::tiny_dir;
 
 namespace {
 
-std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
-
 nlohmann::json golden_json() {
-  std::ifstream in(tiny() / "golden.json");
+  std::ifstream in(tiny_dir() / "golden.json");
   return nlohmann::json::parse(in);
-}
-
-std::shared_ptr<checkpoint> load_tiny() {
-  auto c = load_config(tiny());
-  EXPECT_TRUE(c) << error_text(c.error());
-  load_options o;
-  o.progress = false;
-  auto ckpt = load_checkpoint(tiny(), *c, o);
-  EXPECT_TRUE(ckpt) << error_text(ckpt.error());
-  return std::make_shared<checkpoint>(std::move(*ckpt));
-}
-
-// golden.safetensors' input_ids: two sequences of 16 tokens.
-std::vector<std::vector<int32_t>> golden_batch() {
-  const auto ids = moe::testing::golden_file::open(tiny() / "golden.safetensors").ids("input_ids");
-  const size_t half = ids.size() / 2;
-  return {std::vector<int32_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(half)),
-          std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(half), ids.end())};
 }
 
 double relative_error(std::span<const float> got, const std::vector<float>& want) {
@@ -61,7 +45,7 @@ TEST(training_model, loss_and_every_gradient_match_transformers) {
   auto loss = m->forward_backward(golden_batch());
   ASSERT_TRUE(loss) << error_text(loss.error());
   EXPECT_NEAR(*loss, golden_json()["loss"].get<double>(), 1e-4);
-  const auto grads = moe::testing::golden_file::open(tiny() / "grads.safetensors");
+  const auto grads = moe::testing::golden_file::open(tiny_dir() / "grads.safetensors");
   const auto params = m->parameters();
   size_t checked = 0;
   for (const auto& p : params) {
@@ -113,10 +97,12 @@ TEST(training_model, the_balance_loss_adds_to_the_gate_gradients_only) {
     // The balance loss reaches the gates, and through the inputs of the MoE layers everything
     // upstream of them; the last layer's experts and the head see none of it.
     if (a[i].name.find("layers.1.mlp.gate.weight") != std::string::npos ||
-        a[i].name.find("layers.2.mlp.gate.weight") != std::string::npos)
+        a[i].name.find("layers.2.mlp.gate.weight") != std::string::npos) {
       EXPECT_FALSE(same) << a[i].name;
-    if (a[i].name == "lm_head.weight" || a[i].name.find("layers.2.mlp.experts.") != std::string::npos)
+    }
+    if (a[i].name == "lm_head.weight" || a[i].name.find("layers.2.mlp.experts.") != std::string::npos) {
       EXPECT_TRUE(same) << a[i].name;
+    }
   }
 }
 
