@@ -1,7 +1,9 @@
 // The whole model's training step on one process, the reference the distributed training runs
-// against: the forward over packed sequences with what backward needs kept (embedding, every
-// layer's attention half and MLP half, final norm, LM head), the mean next-token cross-entropy,
-// and the backward in reverse, gradients in hub names.
+// against: the forward over packed sequences with what backward needs kept, the mean next-token
+// cross-entropy, and the backward in reverse, gradients in hub names. It is trunk_training
+// (embedding, attention halves, dense MLPs, final norm, LM head, cross-entropy) driven with each
+// MoE layer's MLP local, plus the multi-token-prediction depths on the trunk's last hidden state,
+// so that it runs the same math as the distributed path, whose attention shards run the trunk.
 //
 // The loss is transformers' causal-LM loss: within each sequence, position p predicts token p + 1
 // (a sequence's last position predicts nothing), averaged over every predicted position of
@@ -13,17 +15,18 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "base/error.hpp"
-#include "model/attention_training.hpp"
 #include "model/checkpoint.hpp"
 #include "model/mlp_training.hpp"
 #include "model/mtp_training.hpp"
 #include "model/optimizer.hpp"
+#include "model/trunk_training.hpp"
 
 namespace moe::model {
 
@@ -49,7 +52,8 @@ class training_model {
   /// balance_alpha > 0, every MoE layer's sequence-wise balance loss (DeepSeek-V3's complementary
   /// loss, mlp_training.hpp), plus the MTP loss (training_options). Returns the main model's
   /// cross-entropy; balance_loss() and mtp_loss() have the rest.
-  /// model_errc::bad_input for an empty batch, a bad token or no predicted position at all.
+  /// model_errc::bad_input for an empty batch, a bad token, no predicted position at all, a
+  /// negative or non-finite balance_alpha or a non-finite loss_scale.
   ///
   /// Gradient accumulation over micro-batches: the gradients of the cross-entropy and MTP terms
   /// are multiplied by `loss_scale`, so that calls over the micro-batches of one batch, each with
@@ -94,11 +98,9 @@ class training_model {
   [[nodiscard]] const model_config& config() const noexcept { return weights_->config; }
 
  private:
-  struct layer {
-    attention_training_block attention;
+  struct moe_layer {
     mlp_training_block mlp;
-    attention_grads attention_grad;
-    mlp_half_grads mlp_grad;
+    mlp_half_grads grads;
   };
 
   struct mtp_depth {
@@ -108,17 +110,23 @@ class training_model {
     std::vector<float> h, normed, dlogits;       // the depth's hidden, its normed output, dL/dlogits
   };
 
+  [[nodiscard]] caf::error forward_layers(double balance_alpha);
+  [[nodiscard]] caf::error forward_mtp(double balance_alpha, double loss_scale);
+  [[nodiscard]] caf::error backward_mtp();
+  [[nodiscard]] caf::error backward_layers();
+  /// f(hub name, gradient) for every trainable tensor: the trunk's, the MoE layers', the MTP's.
+  void for_each_grad(const std::function<void(const std::string&, std::vector<float>&)>& f);
+
   std::shared_ptr<checkpoint> weights_;
   training_options options_;
-  std::vector<layer> layers_;
+  trunk_training trunk_;
+  std::vector<moe_layer> moe_layers_;  // ascending layer id
   std::vector<mtp_depth> mtp_;
-  const float* embed_ = nullptr;  // (vocab, hidden)
-  const float* norm_ = nullptr;   // (hidden)
-  const float* head_ = nullptr;   // (vocab, hidden)
-  std::vector<float> embed_grad_, norm_grad_, head_grad_;
-  // Activations of the last forward.
-  std::vector<float> x_, mlp_in_, mlp_out_, normed_, logits_;
-  std::vector<int32_t> ids_, targets_, cu_seqlens_;
+  // Scratch of forward_backward, kept so that equal batches reallocate nothing: an MoE layer's
+  // output and input gradient, and with MTP the next tokens' embeddings, the depth's logits
+  // (T, vocab) and the gradients passed between depths.
+  std::vector<float> moe_out_, dmoe_in_;
+  std::vector<float> next_emb_, mtp_logits_, dmtp_normed_, dh_next_, dh_prev_, dnext_emb_;
   double balance_loss_ = 0;
   double mtp_loss_ = 0;
 };
