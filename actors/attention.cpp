@@ -10,11 +10,13 @@
 #include <unordered_map>
 
 #include "actors/actor_metrics.hpp"
+#include "actors/training_owner.hpp"
 #include "kernels/cpu/elementwise.hpp"
 #include "kernels/cpu/sampling.hpp"
 #include "model/attention_block.hpp"
 #include "model/model_errc.hpp"
 #include "model/reference_engine.hpp"
+#include "model/trunk_training.hpp"
 
 namespace moe::actors {
 
@@ -42,11 +44,55 @@ struct step_context {
   std::vector<uint64_t> reserved;               // prefill sequences to free on failure
 };
 
+// The inference blocks of a shard, bound to its weights.
+struct serving_blocks {
+  model::embedding_head head;
+  std::vector<model::attention_block> attention;
+  std::vector<std::optional<model::mlp_block>> dense;
+};
+
+caf::expected<serving_blocks> bind_serving(const model::checkpoint& weights) {
+  const auto& c = weights.config;
+  const auto lookup = model::lookup_in(weights);
+  auto head = model::embedding_head::bind(c, lookup);
+  if (!head) return head.error();
+  serving_blocks b{*head, {}, {}};
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    auto a = model::attention_block::bind(c, l, lookup);
+    if (!a) return a.error();
+    b.attention.push_back(std::move(*a));
+    if (c.is_moe_layer(l)) {
+      b.dense.emplace_back();
+    } else {
+      auto m = model::mlp_block::bind("model.layers." + std::to_string(l) + ".mlp.", c.hidden_size,
+                                      c.intermediate_size, lookup);
+      if (!m) return m.error();
+      b.dense.emplace_back(*m);
+    }
+  }
+  return b;
+}
+
+struct queued_train {
+  train_request request;
+  caf::typed_response_promise<train_result> promise;
+};
+
+// Training (actors/training_messages.hpp): the shard's own copy of its weights (serving shares
+// one between the shards of a process, which must not all apply the same update) and the trunk.
+struct shard_training {
+  std::shared_ptr<model::checkpoint> own;
+  std::optional<model::trunk_training> trunk;
+  training_owner owner;
+};
+
 struct attention_state {
   std::shared_ptr<const model::checkpoint> weights;
   std::optional<model::embedding_head> head;
   std::vector<model::attention_block> attention;
   std::vector<std::optional<model::mlp_block>> dense;
+  std::optional<shard_training> training;
+  std::deque<queued_train> train_queue;  // run when no serving step waits
   std::unique_ptr<model::latent_cache> cache;
   std::unordered_map<uint64_t, int64_t> lengths;
   router_actor router;
@@ -65,6 +111,7 @@ struct attention_state {
 using pointer = attention_actor::stateful_pointer<attention_state>;
 
 void start_next(pointer self);
+void start_training(pointer self);
 
 void fail(pointer self, const std::shared_ptr<step_context>& ctx, caf::error err) {
   for (auto id : ctx->reserved) self->state.cache->release(id);
@@ -260,7 +307,10 @@ void start_next(pointer self) {
   }
   if (st.queued_steps) st.queued_steps->Set(static_cast<double>(st.queue.size()));
   if (st.free_cache_blocks) st.free_cache_blocks->Set(static_cast<double>(st.cache->num_free_blocks()));
-  if (st.queue.empty()) return;
+  if (st.queue.empty()) {
+    if (!st.train_queue.empty()) start_training(self);
+    return;
+  }
   auto ctx = std::make_shared<step_context>();
   ctx->job = std::move(st.queue.front());
   st.queue.pop_front();
@@ -276,6 +326,176 @@ void start_next(pointer self) {
   run_layers(self, ctx);
 }
 
+// --- training (actors/training_messages.hpp) ---------------------------------------------------
+
+caf::error training_error(std::string text) {
+  return model::make_error(model::model_errc::bad_input, "attention training: " + std::move(text));
+}
+
+// Made on first use: a private copy of the weights, the serving blocks rebound to it, the trunk.
+caf::expected<shard_training*> training_of(pointer self) {
+  auto& st = self->state;
+  if (st.training) return &*st.training;
+  shard_training t;
+  t.own = std::make_shared<model::checkpoint>(*st.weights);
+  auto blocks = bind_serving(*t.own);
+  if (!blocks) return blocks.error();
+  auto trunk = model::trunk_training::bind(t.own->config, model::lookup_in(*t.own));
+  if (!trunk) return trunk.error();
+  t.trunk.emplace(std::move(*trunk));
+  st.head = blocks->head;
+  st.attention = std::move(blocks->attention);
+  st.dense = std::move(blocks->dense);
+  st.weights = t.own;
+  st.training = std::move(t);
+  return &*st.training;
+}
+
+struct train_context {
+  queued_train job;
+  int64_t layer = 0;
+  double loss = 0;
+  double balance_loss = 0;
+};
+
+void train_done(pointer self, const std::shared_ptr<train_context>& ctx, caf::expected<train_result> r) {
+  if (r) ctx->job.promise.deliver(std::move(*r));
+  else ctx->job.promise.deliver(std::move(r.error()));
+  self->state.busy = false;
+  start_next(self);
+}
+
+void train_backward_layers(pointer self, std::shared_ptr<train_context> ctx);
+
+void train_forward_layers(pointer self, std::shared_ptr<train_context> ctx) {
+  auto& st = self->state;
+  auto& trunk = *st.training->trunk;
+  const auto& c = trunk.config();
+  while (ctx->layer < c.num_hidden_layers) {
+    const int64_t l = ctx->layer;
+    if (!c.is_moe_layer(l)) {
+      if (auto err = trunk.forward_dense_layer(l)) return train_done(self, ctx, err);
+      ++ctx->layer;
+      continue;
+    }
+    if (auto err = trunk.forward_attention(l)) return train_done(self, ctx, err);
+    const auto in = trunk.mlp_input();
+    train_route_request req;
+    req.layer = l;
+    req.step = ctx->job.request.step;
+    req.x = tensor_ref::wrap(std::vector<float>(in.begin(), in.end()),
+                             {static_cast<int64_t>(trunk.num_tokens()), c.hidden_size});
+    req.cu_seqlens.assign(trunk.cu_seqlens().begin(), trunk.cu_seqlens().end());
+    req.balance_alpha = ctx->job.request.balance_alpha;
+    self->request(st.router, caf::infinite, train_forward_atom::value, std::move(req))
+        .then(
+            [self, ctx](route_result& r) {
+              auto& trunk = *self->state.training->trunk;
+              if (!r.y.data()) return train_done(self, ctx, training_error("malformed router result"));
+              if (auto err = trunk.add_moe_output({r.y.data(), static_cast<size_t>(r.y.num_elements())}))
+                return train_done(self, ctx, err);
+              ++ctx->layer;
+              train_forward_layers(self, ctx);
+            },
+            [self, ctx](caf::error& e) { train_done(self, ctx, std::move(e)); });
+    return;
+  }
+  auto loss = trunk.loss(ctx->job.request.loss_scale);
+  if (!loss) return train_done(self, ctx, std::move(loss.error()));
+  ctx->loss = *loss;
+  ctx->layer = c.num_hidden_layers - 1;
+  train_backward_layers(self, ctx);
+}
+
+void train_backward_layers(pointer self, std::shared_ptr<train_context> ctx) {
+  auto& st = self->state;
+  auto& trunk = *st.training->trunk;
+  const auto& c = trunk.config();
+  while (ctx->layer >= 0) {
+    const int64_t l = ctx->layer;
+    if (!c.is_moe_layer(l)) {
+      if (auto err = trunk.backward_dense_layer(l)) return train_done(self, ctx, err);
+      --ctx->layer;
+      continue;
+    }
+    const auto dy = trunk.hidden_grad();
+    layer_gradient g;
+    g.layer = l;
+    g.step = ctx->job.request.step;
+    g.grad = tensor_ref::wrap(std::vector<float>(dy.begin(), dy.end()),
+                              {static_cast<int64_t>(trunk.num_tokens()), c.hidden_size});
+    self->request(st.router, caf::infinite, train_backward_atom::value, std::move(g))
+        .then(
+            [self, ctx, l](layer_gradient& dx) {
+              auto& trunk = *self->state.training->trunk;
+              if (!dx.grad.data()) return train_done(self, ctx, training_error("malformed router gradient"));
+              if (auto err = trunk.backward_attention(l, {dx.grad.data(), static_cast<size_t>(dx.grad.num_elements())}))
+                return train_done(self, ctx, err);
+              ctx->balance_loss += dx.balance_loss;
+              --ctx->layer;
+              train_backward_layers(self, ctx);
+            },
+            [self, ctx](caf::error& e) { train_done(self, ctx, std::move(e)); });
+    return;
+  }
+  if (auto err = trunk.end_backward()) return train_done(self, ctx, err);
+  train_result r;
+  r.step = ctx->job.request.step;
+  r.loss = ctx->loss;
+  r.balance_loss = ctx->balance_loss;
+  for (auto t : trunk.targets()) r.predicted_positions += t >= 0;
+  train_done(self, ctx, std::move(r));
+}
+
+void start_training(pointer self) {
+  auto& st = self->state;
+  auto ctx = std::make_shared<train_context>();
+  ctx->job = std::move(st.train_queue.front());
+  st.train_queue.pop_front();
+  st.busy = true;
+  auto t = training_of(self);
+  if (!t) return train_done(self, ctx, std::move(t.error()));
+  const auto& req = ctx->job.request;
+  const auto& cu = req.cu_seqlens;
+  bool ok = cu.size() >= 2 && cu.front() == 0 && cu.back() == static_cast<int32_t>(req.tokens.size());
+  for (size_t i = 1; ok && i < cu.size(); ++i) ok = cu[i] >= cu[i - 1];
+  if (!ok) return train_done(self, ctx, training_error("cu_seqlens must rise from 0 to the token count"));
+  std::vector<std::vector<int32_t>> sequences;
+  for (size_t i = 0; i + 1 < cu.size(); ++i) sequences.emplace_back(req.tokens.begin() + cu[i], req.tokens.begin() + cu[i + 1]);
+  if (auto err = (*t)->trunk->begin(sequences)) return train_done(self, ctx, err);
+  train_forward_layers(self, ctx);
+}
+
+std::vector<std::span<float>> trunk_grad_spans(model::trunk_training& trunk) {
+  std::vector<std::span<float>> out;
+  trunk.for_each_grad([&](const std::string&, std::vector<float>& g) { out.emplace_back(g); });
+  return out;
+}
+
+caf::expected<gradient_report> train_grads(pointer self, uint64_t step) {
+  auto t = training_of(self);
+  if (!t) return std::move(t.error());
+  gradient_report r;
+  r.step = step;
+  auto flat = flatten_grads(trunk_grad_spans(*(*t)->trunk));
+  const auto n = static_cast<int64_t>(flat.size());
+  r.shared = tensor_ref::wrap(std::move(flat), {n});
+  return r;
+}
+
+caf::expected<uint64_t> train_apply(pointer self, const train_update& u) {
+  auto t = training_of(self);
+  if (!t) return std::move(t.error());
+  auto& trunk = *(*t)->trunk;
+  auto grads = trunk_grad_spans(trunk);
+  if (auto err = unflatten_grads(u.shared.local ? std::span<const float>(*u.shared.local) : std::span<const float>{},
+                                 grads))
+    return err;
+  if (auto err = (*t)->owner.apply(u, trunk.parameters(*(*t)->own), grads)) return err;
+  trunk.zero_grads();
+  return u.step;
+}
+
 }  // namespace
 
 bool attention_needs(std::string_view name) {
@@ -287,28 +507,9 @@ bool attention_needs(std::string_view name) {
 caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
                                                std::shared_ptr<const model::checkpoint> weights,
                                                router_actor router, const attention_options& options) {
-  const auto& c = weights->config;
-  const auto lookup = model::lookup_in(*weights);
-  auto head = model::embedding_head::bind(c, lookup);
-  if (!head) return head.error();
-  std::vector<model::attention_block> attention;
-  std::vector<std::optional<model::mlp_block>> dense;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    auto a = model::attention_block::bind(c, l, lookup);
-    if (!a) return a.error();
-    attention.push_back(std::move(*a));
-    if (c.is_moe_layer(l)) {
-      dense.emplace_back();
-    } else {
-      auto m = model::mlp_block::bind("model.layers." + std::to_string(l) + ".mlp.", c.hidden_size,
-                                      c.intermediate_size, lookup);
-      if (!m) return m.error();
-      dense.emplace_back(*m);
-    }
-  }
-  auto impl = [](pointer self, std::shared_ptr<const model::checkpoint> w, model::embedding_head h,
-                 std::vector<model::attention_block> attn,
-                 std::vector<std::optional<model::mlp_block>> dns, router_actor r,
+  auto blocks = bind_serving(*weights);
+  if (!blocks) return blocks.error();
+  auto impl = [](pointer self, std::shared_ptr<const model::checkpoint> w, serving_blocks b, router_actor r,
                  attention_options opts) -> attention_actor::behavior_type {
     const auto& cache_opts = opts.cache;
     auto& st = self->state;
@@ -316,9 +517,9 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
     st.cache = std::make_unique<model::latent_cache>(cfg.num_hidden_layers, cfg.kv_lora_rank,
                                                      cfg.qk_rope_head_dim, cache_opts);
     st.weights = std::move(w);
-    st.head = h;
-    st.attention = std::move(attn);
-    st.dense = std::move(dns);
+    st.head = b.head;
+    st.attention = std::move(b.attention);
+    st.dense = std::move(b.dense);
     st.router = std::move(r);
     st.registry = opts.metrics;
     st.transport = opts.transport;
@@ -354,10 +555,35 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
           else
             release_now(st, ids);
         },
+        [self](train_state_atom) -> caf::result<owner_state> {
+          auto t = training_of(self);
+          if (!t) return std::move(t.error());
+          std::vector<state_entry> entries;
+          (*t)->trunk->for_each_grad([&](const std::string& name, std::vector<float>&) {
+            const auto* v = std::as_const(*(*t)->own).find(name);
+            entries.push_back({name, v->shape(), v->data()});
+          });
+          auto s = (*t)->owner.state(entries);
+          if (auto err = export_owner_state(self->state.transport, self->node(), reply_node(self), s)) return err;
+          return s;
+        },
+        // Training steps queue behind serving steps and run one at a time like them.
+        [self](train_step_atom, train_request& req) -> caf::result<train_result> {
+          auto rp = self->make_response_promise<train_result>();
+          self->state.train_queue.push_back({std::move(req), rp});
+          start_next(self);
+          return rp;
+        },
+        [self](train_grads_atom, uint64_t step) {
+          return answer_gradients(self, self->state.transport, train_grads(self, step));
+        },
+        [self](train_apply_atom, train_update& u) {
+          return receive_update(self, self->state.transport, u,
+                                [self](const train_update& landed) { return train_apply(self, landed); });
+        },
     };
   };
-  return sys.spawn(impl, std::move(weights), *head, std::move(attention), std::move(dense),
-                   std::move(router), options);
+  return sys.spawn(impl, std::move(weights), std::move(*blocks), std::move(router), options);
 }
 
 }  // namespace moe::actors

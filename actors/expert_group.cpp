@@ -13,9 +13,12 @@
 #include <utility>
 
 #include "actors/actor_metrics.hpp"
+#include "base/assert.hpp"
+#include "actors/training_owner.hpp"
 #include "model/mlp_block.hpp"
 #include "model/model_errc.hpp"
 #include "model/moe_blocks.hpp"
+#include "model/moe_training.hpp"
 
 namespace moe::actors {
 
@@ -86,6 +89,14 @@ class replica_store {
     }
     return freed;
   }
+  /// A held tensor by name, for the optimizer to update in place (null: not held).
+  [[nodiscard]] model::host_tensor* find(const std::string& name) {
+    if (auto key = replica_of(name)) {
+      auto it = routed_.find(*key);
+      return it == routed_.end() ? nullptr : it->second->find(name);
+    }
+    return shared_.find(name);
+  }
   [[nodiscard]] model::weight_lookup lookup() const {
     return [this](const std::string& name, std::span<const int64_t> shape) -> caf::expected<const float*> {
       const model::checkpoint* src = &shared_;
@@ -115,6 +126,24 @@ struct version_blocks {
   std::set<replica_key> replicas;
 };
 
+// Training (actors/training_messages.hpp): the serving version's experts as training sets, their
+// gradients, and the passes in flight, one per (router, layer).
+struct training_pass {
+  uint64_t step = 0;
+  std::vector<int32_t> routed_rows, shared_rows;  // the batch's rows of each kind
+  model::expert_pass routed, shared;
+};
+
+struct group_training {
+  uint32_t version = 0;  // the placement version the sets are bound to
+  std::map<int64_t, model::expert_training_set> routed, shared;  // by layer
+  std::map<replica_key, model::mlp_grads> grads;                  // every held routed replica
+  std::map<int64_t, model::mlp_grads> shared_grads;               // by layer
+  std::map<std::pair<int32_t, int64_t>, training_pass> passes;    // (source, layer)
+  std::vector<int64_t> reported;  // the replicated (layer, expert) pairs of the last train_grads
+  training_owner owner;
+};
+
 struct expert_group_state {
   model::model_config config;
   expert_group_options options;
@@ -124,6 +153,7 @@ struct expert_group_state {
   bool preparing_aborted = false;     // ... and was aborted meanwhile: dropped when loaded
   model::mlp_scratch scratch;
   int64_t hidden = 0;
+  std::optional<group_training> training;
   mailbox_gauge mailbox;
   prometheus::Histogram* forward_seconds = nullptr;
   std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
@@ -267,6 +297,214 @@ caf::expected<expert_result> answer(pointer self, expert_batch& b, const caf::no
                                         b.step, b.placement_version};
   if (auto err = export_tensor(self->state.options.transport, self->node(), reply_to, r->rows, meta)) return err;
   return r;
+}
+
+// --- training (actors/training_messages.hpp) ---------------------------------------------------
+
+caf::error training_error(const expert_group_state& st, std::string text) {
+  return model::make_error(model::model_errc::bad_input,
+                           "expert group " + std::to_string(st.options.group) + ": " + std::move(text));
+}
+
+std::string expert_prefix(int64_t layer, int64_t expert) {
+  const std::string l = "model.layers." + std::to_string(layer) + ".mlp.";
+  return expert == model::shared_experts_id ? l + "shared_experts." : l + "experts." + std::to_string(expert) + ".";
+}
+
+// The training sets of the serving version (the oldest held), bound on first use and again after
+// a rebalance committed another version; AdamW's moments carry over by name.
+caf::expected<group_training*> training_for(pointer self, uint32_t version) {
+  auto& st = self->state;
+  const uint32_t serving = st.versions.begin()->first;
+  if (version != serving)
+    return training_error(st, "training batch of placement version " + std::to_string(version) +
+                                  ", but version " + std::to_string(serving) + " is the one serving");
+  if (st.training && st.training->version == serving) return &*st.training;
+  group_training t;
+  t.version = serving;
+  const auto& c = st.config;
+  const auto lookup = st.store.lookup();
+  std::map<int64_t, std::vector<int64_t>> held;
+  for (const auto& [layer, expert] : st.versions.begin()->second.replicas) held[layer].push_back(expert);
+  for (const auto& [layer, blocks] : st.versions.begin()->second.layers) {
+    if (auto it = held.find(layer); it != held.end()) {
+      auto set = model::expert_training_set::bind(c, layer, it->second, lookup);
+      if (!set) return set.error();
+      t.routed.emplace(layer, std::move(*set));
+      for (auto e : it->second) t.grads.emplace(replica_key{layer, e}, model::mlp_grads::zeros(c.hidden_size, c.moe_intermediate_size));
+    }
+    if (blocks.shared) {
+      auto set = model::expert_training_set::bind_shared(c, layer, lookup);
+      if (!set) return set.error();
+      t.shared.emplace(layer, std::move(*set));
+      t.shared_grads.emplace(layer, model::mlp_grads::zeros(c.hidden_size, c.shared_intermediate_size()));
+    }
+  }
+  if (st.training) t.owner = std::move(st.training->owner);
+  st.training = std::move(t);
+  return &*st.training;
+}
+
+// Runs `rows` of a batch through `set` (rows.size() == n: all of them, without staging copies)
+// and scatters the outputs into out (n, hidden).
+template <class Run>
+caf::error run_rows(size_t D, const float* x, size_t n, const std::vector<int32_t>& rows, float* out, Run run) {
+  if (rows.empty()) return {};
+  if (rows.size() == n) return run(x, out);
+  std::vector<float> in(rows.size() * D), part(rows.size() * D);
+  for (size_t i = 0; i < rows.size(); ++i) std::copy_n(x + static_cast<size_t>(rows[i]) * D, D, in.data() + i * D);
+  if (auto err = run(in.data(), part.data())) return err;
+  for (size_t i = 0; i < rows.size(); ++i) std::copy_n(part.data() + i * D, D, out + static_cast<size_t>(rows[i]) * D);
+  return {};
+}
+
+caf::expected<expert_result> train_forward(pointer self, train_expert_batch& b) {
+  auto& st = self->state;
+  auto t = training_for(self, b.placement_version);
+  if (!t) return std::move(t.error());
+  const size_t n = b.experts.size(), D = static_cast<size_t>(st.hidden);
+  if (!b.rows.data() || b.rows.num_elements() != static_cast<int64_t>(n * D))
+    return training_error(st, "malformed training batch");
+  training_pass pass;
+  pass.step = b.step;
+  std::vector<int32_t> routed_ids, shared_ids;
+  for (size_t r = 0; r < n; ++r) {
+    const bool shared = b.experts[r] == shared_expert_row;
+    (shared ? pass.shared_rows : pass.routed_rows).push_back(static_cast<int32_t>(r));
+    (shared ? shared_ids : routed_ids).push_back(b.experts[r]);
+  }
+  std::vector<float> out(n * D);
+  auto set_of = [&](std::map<int64_t, model::expert_training_set>& sets, const char* kind)
+      -> caf::expected<model::expert_training_set*> {
+    auto it = sets.find(b.layer);
+    if (it == sets.end())
+      return training_error(st, std::string("holds no ") + kind + " of layer " + std::to_string(b.layer));
+    return &it->second;
+  };
+  if (!pass.routed_rows.empty()) {
+    auto set = set_of((*t)->routed, "routed experts");
+    if (!set) return std::move(set.error());
+    if (auto err = run_rows(D, b.rows.data(), n, pass.routed_rows, out.data(), [&](const float* x, float* o) {
+          return (*set)->forward(x, routed_ids, o, pass.routed);
+        }))
+      return err;
+  }
+  if (!pass.shared_rows.empty()) {
+    auto set = set_of((*t)->shared, "shared experts");
+    if (!set) return std::move(set.error());
+    if (auto err = run_rows(D, b.rows.data(), n, pass.shared_rows, out.data(), [&](const float* x, float* o) {
+          return (*set)->forward(x, shared_ids, o, pass.shared);
+        }))
+      return err;
+  }
+  (*t)->passes[{b.source, b.layer}] = std::move(pass);
+  expert_result r;
+  r.layer = b.layer;
+  r.step = b.step;
+  r.rows = tensor_ref::wrap(std::move(out), {static_cast<int64_t>(n), st.hidden});
+  return r;
+}
+
+caf::expected<expert_result> train_backward(pointer self, train_expert_grad& g) {
+  auto& st = self->state;
+  if (!st.training) return training_error(st, "training backward without a forward");
+  auto& t = *st.training;
+  auto it = t.passes.find({g.source, g.layer});
+  if (it == t.passes.end() || it->second.step != g.step)
+    return training_error(st, "no training forward of layer " + std::to_string(g.layer) + ", step " +
+                                  std::to_string(g.step) + " from router " + std::to_string(g.source));
+  auto& pass = it->second;
+  const size_t n = pass.routed_rows.size() + pass.shared_rows.size(), D = static_cast<size_t>(st.hidden);
+  if (!g.d_rows.data() || g.d_rows.num_elements() != static_cast<int64_t>(n * D))
+    return training_error(st, "malformed training gradient");
+  std::vector<float> d_in(n * D);
+  const int64_t layer = g.layer;
+  if (auto err = run_rows(D, g.d_rows.data(), n, pass.routed_rows, d_in.data(), [&](const float* d, float* o) {
+        return t.routed.at(layer).backward(pass.routed, d, o, [&](int64_t e) -> model::mlp_grads* {
+          auto found = t.grads.find({layer, e});
+          return found == t.grads.end() ? nullptr : &found->second;
+        });
+      }))
+    return err;
+  if (auto err = run_rows(D, g.d_rows.data(), n, pass.shared_rows, d_in.data(), [&](const float* d, float* o) {
+        return t.shared.at(layer).backward(pass.shared, d, o, [&](int64_t) { return &t.shared_grads.at(layer); });
+      }))
+    return err;
+  t.passes.erase(it);  // the activations are not needed again
+  expert_result r;
+  r.layer = g.layer;
+  r.step = g.step;
+  r.rows = tensor_ref::wrap(std::move(d_in), {static_cast<int64_t>(n), st.hidden});
+  return r;
+}
+
+// Every gradient of the group as spans: first those of `reported` (in its order, each expert's
+// gate, up, down), then the rest (`others`).
+void split_grads(group_training& t, const std::vector<int64_t>& reported, std::vector<std::span<float>>& asked,
+                 std::vector<std::span<float>>& others) {
+  std::set<replica_key> asked_keys;
+  auto add = [](std::vector<std::span<float>>& to, model::mlp_grads& g) {
+    to.emplace_back(g.gate_proj);
+    to.emplace_back(g.up_proj);
+    to.emplace_back(g.down_proj);
+  };
+  for (size_t i = 0; i + 1 < reported.size(); i += 2) {
+    asked_keys.insert({reported[i], reported[i + 1]});
+    add(asked, t.grads.at({reported[i], reported[i + 1]}));
+  }
+  for (auto& [key, g] : t.grads)
+    if (!asked_keys.count(key)) add(others, g);
+  for (auto& [layer, g] : t.shared_grads) add(others, g);
+}
+
+caf::expected<gradient_report> train_grads(pointer self, uint64_t step, std::vector<int64_t>& replicated) {
+  auto& st = self->state;
+  auto t = training_for(self, st.versions.begin()->first);
+  if (!t) return std::move(t.error());
+  if (replicated.size() % 2 != 0) return training_error(st, "replicated experts come as (layer, expert) pairs");
+  for (size_t i = 0; i < replicated.size(); i += 2)
+    if (!(*t)->grads.count({replicated[i], replicated[i + 1]}))
+      return training_error(st, "does not hold expert " + std::to_string(replicated[i + 1]) + " of layer " +
+                                    std::to_string(replicated[i]));
+  std::vector<std::span<float>> asked, others;
+  split_grads(**t, replicated, asked, others);
+  gradient_report r;
+  r.step = step;
+  auto flat = flatten_grads(asked);
+  const auto n = static_cast<int64_t>(flat.size());
+  r.shared = tensor_ref::wrap(std::move(flat), {n});
+  r.own_norm_sq = grads_norm_sq(others);
+  (*t)->reported = std::move(replicated);
+  return r;
+}
+
+caf::expected<uint64_t> train_apply(pointer self, const train_update& u) {
+  auto& st = self->state;
+  auto t = training_for(self, st.versions.begin()->first);
+  if (!t) return std::move(t.error());
+  std::vector<std::span<float>> asked, others;
+  split_grads(**t, (*t)->reported, asked, others);
+  if (auto err = unflatten_grads(u.shared.local ? std::span<const float>(*u.shared.local) : std::span<const float>{},
+                                 asked))
+    return err;
+  std::vector<model::parameter_ref> params;
+  std::vector<std::span<float>> grads;
+  auto add = [&](const std::string& prefix, model::mlp_grads& g) {
+    for (auto [name, grad] : {std::pair{"gate_proj.weight", &g.gate_proj}, std::pair{"up_proj.weight", &g.up_proj},
+                              std::pair{"down_proj.weight", &g.down_proj}}) {
+      model::host_tensor* value = st.store.find(prefix + name);
+      MOE_ASSERT(value != nullptr && value->data().size() == grad->size());  // the sets are bound to them
+      params.push_back({prefix + name, value->data(), *grad});
+      grads.emplace_back(*grad);
+    }
+  };
+  for (auto& [key, g] : (*t)->grads) add(expert_prefix(key.first, key.second), g);
+  for (auto& [layer, g] : (*t)->shared_grads) add(expert_prefix(layer, model::shared_experts_id), g);
+  if (auto err = (*t)->owner.apply(u, params, grads)) return err;
+  for (auto& g : grads) std::fill(g.begin(), g.end(), 0.0f);
+  (*t)->passes.clear();
+  (*t)->reported.clear();
+  return u.step;
 }
 
 using load_replicas_atom = caf::atom_constant<caf::atom("load_repl")>;
@@ -426,6 +664,62 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys, mod
           for (auto it = st.versions.begin(); it != st.versions.end();)
             it = it->first < version ? st.versions.erase(it) : std::next(it);
           return st.store.keep_only(held_replicas(st));
+        },
+        [self](train_forward_atom, train_expert_batch& b) -> caf::result<expert_result> {
+          const auto reply_to = reply_node(self);
+          auto rows = std::move(b.rows);
+          return answer_when_local<expert_result>(
+              self, self->state.options.transport, std::move(rows),
+              [self, b = std::move(b), reply_to](tensor_ref& landed) mutable -> caf::expected<expert_result> {
+                b.rows = std::move(landed);
+                auto r = train_forward(self, b);
+                if (!r) return r;
+                const runtime::tensor_frame_meta meta{protocol::frame_kind::expert_output,
+                                                      static_cast<uint32_t>(b.layer), b.step, b.placement_version};
+                if (auto err = export_tensor(self->state.options.transport, self->node(), reply_to, r->rows, meta))
+                  return err;
+                return r;
+              });
+        },
+        [self](train_backward_atom, train_expert_grad& g) -> caf::result<expert_result> {
+          const auto reply_to = reply_node(self);
+          auto rows = std::move(g.d_rows);
+          return answer_when_local<expert_result>(
+              self, self->state.options.transport, std::move(rows),
+              [self, g = std::move(g), reply_to](tensor_ref& landed) mutable -> caf::expected<expert_result> {
+                g.d_rows = std::move(landed);
+                auto r = train_backward(self, g);
+                if (!r) return r;
+                const runtime::tensor_frame_meta meta{protocol::frame_kind::gradients, static_cast<uint32_t>(g.layer),
+                                                      g.step, 0};
+                if (auto err = export_tensor(self->state.options.transport, self->node(), reply_to, r->rows, meta))
+                  return err;
+                return r;
+              });
+        },
+        [self](train_grads_atom, uint64_t step, std::vector<int64_t>& replicated) {
+          return answer_gradients(self, self->state.options.transport, train_grads(self, step, replicated));
+        },
+        [self](train_apply_atom, train_update& u) {
+          return receive_update(self, self->state.options.transport, u,
+                                [self](const train_update& landed) { return train_apply(self, landed); });
+        },
+        [self](train_state_atom) -> caf::result<owner_state> {
+          auto& st = self->state;
+          auto t = training_for(self, st.versions.begin()->first);
+          if (!t) return std::move(t.error());
+          std::vector<state_entry> entries;
+          auto add = [&](const std::string& prefix) {
+            for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}) {
+              const auto* v = st.store.find(prefix + part);
+              entries.push_back({prefix + part, v->shape(), v->data()});
+            }
+          };
+          for (const auto& [key, g] : (*t)->grads) add(expert_prefix(key.first, key.second));
+          for (const auto& [layer, g] : (*t)->shared_grads) add(expert_prefix(layer, model::shared_experts_id));
+          auto s = (*t)->owner.state(entries);
+          if (auto err = export_owner_state(st.options.transport, self->node(), reply_node(self), s)) return err;
+          return s;
         },
         [self](abort_layout_atom, uint32_t version) {
           auto& st = self->state;

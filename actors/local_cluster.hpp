@@ -42,6 +42,8 @@ class local_cluster {
   [[nodiscard]] const std::vector<attention_actor>& shards() const noexcept { return shards_; }
   /// One per shard, in shard order (tests ask them for load reports).
   [[nodiscard]] const std::vector<router_actor>& routers() const noexcept { return routers_; }
+  /// The expert groups in layout order (the trainer updates them).
+  [[nodiscard]] const std::vector<expert_group_actor>& groups() const noexcept { return groups_; }
   [[nodiscard]] const model::model_config& config() const noexcept { return config_; }
 
   /// Greedy or sampled generation as the reference generate() does it, with requests spread

@@ -18,34 +18,10 @@
 #include <vector>
 
 #include "actors/rebalance_messages.hpp"
+#include "actors/tensor_ref.hpp"
+#include "actors/training_messages.hpp"
 
 namespace moe::actors {
-
-/// A handle to a float32 tensor. `local` is set only while the tensor stays in its process.
-struct tensor_ref {
-  std::vector<int64_t> shape;
-  uint64_t transfer_id = 0;
-  std::shared_ptr<const std::vector<float>> local;
-
-  [[nodiscard]] const float* data() const noexcept { return local ? local->data() : nullptr; }
-  [[nodiscard]] int64_t num_elements() const noexcept {
-    int64_t n = 1;
-    for (auto d : shape) n *= d;
-    return n;
-  }
-  /// Wraps an owned buffer (moved, not copied).
-  [[nodiscard]] static tensor_ref wrap(std::vector<float> values, std::vector<int64_t> shape) {
-    tensor_ref t;
-    t.shape = std::move(shape);
-    t.local = std::make_shared<const std::vector<float>>(std::move(values));
-    return t;
-  }
-};
-
-template <class Inspector>
-typename Inspector::result_type inspect(Inspector& f, tensor_ref& x) {
-  return f(caf::meta::type_name("tensor_ref"), x.shape, x.transfer_id);
-}
 
 /// Rows for an expert group: row r is the input of one (token, chosen expert) pair.
 struct expert_batch {
@@ -225,7 +201,12 @@ using expert_group_actor =
     caf::typed_actor<caf::replies_to<expert_forward_atom, expert_batch>::with<expert_result>,
                      caf::replies_to<prepare_layout_atom, group_layout>::with<prepare_result>,
                      caf::replies_to<commit_layout_atom, uint32_t>::with<uint64_t>,
-                     caf::reacts_to<abort_layout_atom, uint32_t>>;
+                     caf::reacts_to<abort_layout_atom, uint32_t>,
+                     caf::replies_to<train_forward_atom, train_expert_batch>::with<expert_result>,
+                     caf::replies_to<train_backward_atom, train_expert_grad>::with<expert_result>,
+                     caf::replies_to<train_grads_atom, uint64_t, std::vector<int64_t>>::with<gradient_report>,
+                     caf::replies_to<train_apply_atom, train_update>::with<uint64_t>,
+                     caf::replies_to<train_state_atom>::with<owner_state>>;
 
 /// What an attention shard asks of its (co-located) router; load_report: the expert load the
 /// router counted over its recent steps (router_options::load_window_steps); switch_layout: use
@@ -233,12 +214,21 @@ using expert_group_actor =
 using router_actor =
     caf::typed_actor<caf::replies_to<route_atom, route_request>::with<route_result>,
                      caf::replies_to<load_report_atom>::with<load_report_bytes>,
-                     caf::replies_to<switch_layout_atom, router_layout>::with<uint32_t>>;
+                     caf::replies_to<switch_layout_atom, router_layout>::with<uint32_t>,
+                     caf::replies_to<train_forward_atom, train_route_request>::with<route_result>,
+                     caf::replies_to<train_backward_atom, layer_gradient>::with<layer_gradient>,
+                     caf::replies_to<train_grads_atom, uint64_t>::with<gradient_report>,
+                     caf::replies_to<train_apply_atom, train_update>::with<uint64_t>,
+                     caf::replies_to<train_state_atom>::with<owner_state>>;
 
 /// What the controller asks of an attention shard.
 using attention_actor =
     caf::typed_actor<caf::replies_to<step_atom, step_request>::with<step_result>,
-                     caf::reacts_to<release_atom, std::vector<uint64_t>>>;
+                     caf::reacts_to<release_atom, std::vector<uint64_t>>,
+                     caf::replies_to<train_step_atom, train_request>::with<train_result>,
+                     caf::replies_to<train_grads_atom, uint64_t>::with<gradient_report>,
+                     caf::replies_to<train_apply_atom, train_update>::with<uint64_t>,
+                     caf::replies_to<train_state_atom>::with<owner_state>>;
 
 }  // namespace moe::actors
 
@@ -261,4 +251,18 @@ CAF_ADD_TYPE_ID(moe_actors, (moe::actors::group_layout))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::router_layout))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::prepare_result))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::rebalance_report))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_request))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_result))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_route_request))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::layer_gradient))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_expert_batch))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_expert_grad))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::gradient_report))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_update))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_hyper))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_batch))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_step_report))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::owner_state))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::training_job))
+CAF_ADD_TYPE_ID(moe_actors, (moe::actors::training_event))
 CAF_END_TYPE_ID_BLOCK(moe_actors)

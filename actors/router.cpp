@@ -9,6 +9,10 @@
 #include <optional>
 
 #include "actors/actor_metrics.hpp"
+#include "actors/training_owner.hpp"
+#include "base/assert.hpp"
+#include "model/moe_training.hpp"
+#include "model/routing_bias.hpp"
 #include "model/model_errc.hpp"
 #include "model/moe_blocks.hpp"
 #include "protocol/load_report_codec.hpp"
@@ -74,6 +78,24 @@ caf::expected<placement_table> make_table(const router_layout& l, const model::m
   return t;
 }
 
+// Training (actors/training_messages.hpp): one pass per MoE layer of the running step.
+struct route_training_pass {
+  uint64_t step = 0;
+  size_t num_tokens = 0;
+  model::expert_rows rows;
+  std::vector<std::vector<int32_t>> group_rows;  // per group, the rows it computed
+  std::vector<float> rows_out;                   // (rows, hidden) unweighted outputs, row order
+  std::vector<size_t> asked;                     // the groups sent a batch, in request order
+};
+
+struct router_training {
+  std::shared_ptr<model::checkpoint> own;  // the router's weights once it trains
+  std::map<int64_t, model::gate_training> gates;
+  std::map<int64_t, std::vector<float>> gate_grads;  // (E, hidden) per layer
+  std::map<int64_t, route_training_pass> passes;
+  training_owner owner;
+};
+
 struct router_state {
   std::shared_ptr<const model::checkpoint> weights;
   std::map<int64_t, model::router_block> gates;
@@ -85,6 +107,7 @@ struct router_state {
   routed_tokens_counter routed;
   std::optional<scheduler::load_window> load;
   bool load_error_logged = false;
+  std::optional<router_training> training;
   static inline const char* name = "router";
 };
 
@@ -263,6 +286,332 @@ caf::result<route_result> route(pointer self, route_request& req) {
   return p->promise;
 }
 
+// --- training (actors/training_messages.hpp) ---------------------------------------------------
+
+caf::error training_error(const router_state& st, std::string text) {
+  return model::make_error(model::model_errc::bad_input,
+                           "router " + std::to_string(st.options.shard) + ": " + std::move(text));
+}
+
+std::string gate_name(int64_t layer) { return "model.layers." + std::to_string(layer) + ".mlp.gate.weight"; }
+
+// The training state, made on first use: the router's own copy of its weights (serving shares
+// one copy between the routers of a process, which must not all apply the same update), the
+// serving gates rebound to it, and the training gates.
+caf::expected<router_training*> training_of(pointer self) {
+  auto& st = self->state;
+  if (st.training) return &*st.training;
+  router_training t;
+  t.own = std::make_shared<model::checkpoint>(*st.weights);
+  const auto& c = t.own->config;
+  const auto lookup = model::lookup_in(*t.own);
+  std::map<int64_t, model::router_block> serving;
+  for (const auto& [layer, unused] : st.gates) {
+    auto g = model::router_block::bind(c, layer, lookup);
+    if (!g) return g.error();
+    serving.emplace(layer, std::move(*g));
+    auto trained = model::gate_training::bind(c, layer, lookup);
+    if (!trained) return trained.error();
+    t.gates.emplace(layer, std::move(*trained));
+    t.gate_grads.emplace(layer, std::vector<float>(static_cast<size_t>(c.n_routed_experts * c.hidden_size)));
+  }
+  st.gates = std::move(serving);
+  st.weights = t.own;
+  st.training = std::move(t);
+  return &*st.training;
+}
+
+// Sends one request per part to its expert group and calls done(results, in part order) once
+// every answer is local; the first failure calls fail and later answers are dropped.
+template <class Msg, class Atom>
+void scatter_to_groups(pointer self, Atom atom, std::vector<std::pair<size_t, Msg>> parts,
+                       tensor_ref Msg::*tensor, protocol::frame_kind kind,
+                       std::function<void(std::vector<tensor_ref>&)> done, std::function<void(caf::error)> fail) {
+  struct gather {
+    std::vector<tensor_ref> results;
+    size_t outstanding = 0;
+    bool failed = false;
+    std::function<void(std::vector<tensor_ref>&)> done;
+    std::function<void(caf::error)> fail;
+    void error(caf::error e) {
+      if (failed) return;
+      failed = true;
+      fail(std::move(e));
+    }
+  };
+  auto g = std::make_shared<gather>();
+  g->results.resize(parts.size());
+  g->outstanding = parts.size();
+  g->done = std::move(done);
+  g->fail = std::move(fail);
+  if (parts.empty()) return g->done(g->results);
+  auto& st = self->state;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    auto& [group, msg] = parts[i];
+    const auto& handle = st.options.groups[group].handle;
+    const runtime::tensor_frame_meta meta{kind, static_cast<uint32_t>(msg.layer), msg.step, st.table.version};
+    if (auto err = export_tensor(st.options.transport, self->node(), handle.node(), msg.*tensor, meta))
+      return g->error(std::move(err));
+    self->request(handle, caf::infinite, atom, std::move(msg))
+        .then(
+            [self, g, i](expert_result& res) {
+              if (g->failed) return;
+              with_local_tensor(
+                  self, self->state.options.transport, std::move(res.rows),
+                  [g, i](tensor_ref& out) {
+                    if (g->failed) return;
+                    g->results[i] = std::move(out);
+                    if (--g->outstanding == 0) g->done(g->results);
+                  },
+                  [g](caf::error& err) { g->error(std::move(err)); });
+            },
+            [g](caf::error& err) { g->error(std::move(err)); });
+  }
+}
+
+caf::result<route_result> train_route(pointer self, train_route_request& req) {
+  auto& st = self->state;
+  auto t = training_of(self);
+  if (!t) return std::move(t.error());
+  auto gate = (*t)->gates.find(req.layer);
+  if (gate == (*t)->gates.end())
+    return training_error(st, "layer " + std::to_string(req.layer) + " is not an MoE layer");
+  const auto D = static_cast<size_t>(st.hidden);
+  if (!req.x.data() || req.x.shape.size() != 2 || req.x.shape[1] != st.hidden)
+    return training_error(st, "malformed training input");
+  const auto T = static_cast<size_t>(req.x.shape[0]);
+  if (auto err = gate->second.forward(req.x.data(), T, req.cu_seqlens, req.balance_alpha)) return err;
+  auto& pass = (*t)->passes[req.layer];
+  pass = route_training_pass{};
+  pass.step = req.step;
+  pass.num_tokens = T;
+  pass.rows = model::make_expert_rows(gate->second.routing(), gate->second.routing_weights(), gate->second.top_k());
+  const size_t n = pass.rows.size();
+  pass.group_rows.assign(st.options.groups.size(), {});
+  const auto& table = st.table.layers.at(req.layer);
+  std::vector<size_t> seen(table.holders.size(), 0);
+  for (size_t r = 0; r < n; ++r) {  // the serving path's replica choice
+    const auto e = static_cast<size_t>(pass.rows.expert_of_row[r]);
+    const auto& h = table.holders[e];
+    pass.group_rows[h[(seen[e]++ + req.step + e) % h.size()]].push_back(static_cast<int32_t>(r));
+  }
+  // One batch per group: its routed rows, then (the shared experts' group) every token once.
+  std::vector<std::pair<size_t, train_expert_batch>> parts;
+  const float* x = req.x.data();
+  for (size_t g = 0; g < pass.group_rows.size(); ++g) {
+    const auto& rows = pass.group_rows[g];
+    const bool shared = st.shared_group == g;
+    if (rows.empty() && !shared) continue;
+    train_expert_batch b;
+    b.layer = req.layer;
+    b.step = req.step;
+    b.source = st.options.shard;
+    b.placement_version = st.table.version;
+    const size_t n_rows = rows.size() + (shared ? T : 0);
+    std::vector<float> in(n_rows * D);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const auto r = static_cast<size_t>(rows[i]);
+      std::copy_n(x + static_cast<size_t>(pass.rows.token_of_row[r]) * D, D, in.data() + i * D);
+      b.experts.push_back(pass.rows.expert_of_row[r]);
+    }
+    if (shared) {
+      std::copy_n(x, T * D, in.data() + rows.size() * D);
+      b.experts.insert(b.experts.end(), T, shared_expert_row);
+    }
+    b.rows = tensor_ref::wrap(std::move(in), {static_cast<int64_t>(n_rows), st.hidden});
+    pass.asked.push_back(g);
+    parts.emplace_back(g, std::move(b));
+  }
+  auto rp = self->make_response_promise<route_result>();
+  const int64_t layer = req.layer;
+  const uint64_t step = req.step;
+  scatter_to_groups<train_expert_batch>(
+      self, train_forward_atom::value, std::move(parts), &train_expert_batch::rows, protocol::frame_kind::activations,
+      [self, rp, layer, step](std::vector<tensor_ref>& results) mutable {
+        auto& st = self->state;
+        auto& pass = st.training->passes.at(layer);
+        const auto D = static_cast<size_t>(st.hidden);
+        const size_t n = pass.rows.size(), T = pass.num_tokens;
+        pass.rows_out.assign(n * D, 0.0f);
+        const float* shared = nullptr;
+        for (size_t i = 0; i < pass.asked.size(); ++i) {
+          const size_t g = pass.asked[i];
+          const auto& rows = pass.group_rows[g];
+          const bool has_shared = st.shared_group == g;
+          const auto& out = results[i];
+          if (!out.data() || out.num_elements() != static_cast<int64_t>((rows.size() + (has_shared ? T : 0)) * D))
+            return void(rp.deliver(training_error(st, "malformed expert result")));
+          for (size_t j = 0; j < rows.size(); ++j)
+            std::copy_n(out.data() + j * D, D, pass.rows_out.data() + static_cast<size_t>(rows[j]) * D);
+          if (has_shared) shared = out.data() + rows.size() * D;
+        }
+        std::vector<float> weighted(n * D), y(T * D);
+        for (size_t r = 0; r < n; ++r) {
+          const float w = pass.rows.weight_of_row[r];
+          for (size_t d = 0; d < D; ++d) weighted[r * D + d] = w * pass.rows_out[r * D + d];
+        }
+        if (auto err = model::moe_layer_output(weighted.data(), pass.rows, shared, y.data(), T, D))
+          return void(rp.deliver(std::move(err)));
+        route_result r;
+        r.layer = layer;
+        r.step = step;
+        r.y = tensor_ref::wrap(std::move(y), {static_cast<int64_t>(T), st.hidden});
+        const auto choices = st.training->gates.at(layer).routing();
+        r.expert_choices.assign(choices.begin(), choices.end());
+        st.routed.add(layer, r.expert_choices);
+        rp.deliver(std::move(r));
+      },
+      [rp](caf::error err) mutable { rp.deliver(std::move(err)); });
+  return rp;
+}
+
+caf::result<layer_gradient> train_route_backward(pointer self, layer_gradient& in) {
+  auto& st = self->state;
+  if (!st.training) return training_error(st, "training backward without a forward");
+  auto& t = *st.training;
+  auto it = t.passes.find(in.layer);
+  if (it == t.passes.end() || it->second.step != in.step || (it->second.rows_out.empty() && it->second.rows.size() > 0))
+    return training_error(st, "no training forward of layer " + std::to_string(in.layer) + ", step " +
+                                  std::to_string(in.step));
+  auto& pass = it->second;
+  const auto D = static_cast<size_t>(st.hidden);
+  const size_t T = pass.num_tokens, n = pass.rows.size();
+  if (!in.grad.data() || in.grad.num_elements() != static_cast<int64_t>(T * D))
+    return training_error(st, "malformed training gradient");
+  const float* dy = in.grad.data();
+  // Row r of token t: d(out_r) = w_r * dy_t and dL/dw_r = dy_t . out_r (out_r unweighted).
+  auto d_weight = std::make_shared<std::vector<float>>(n);
+  std::vector<std::pair<size_t, train_expert_grad>> parts;
+  for (size_t g : pass.asked) {  // the forward's batches: routed rows, then the shared rows
+    const auto& rows = pass.group_rows[g];
+    const bool shared = st.shared_group == g;
+    const size_t n_rows = rows.size() + (shared ? T : 0);
+    std::vector<float> d_out(n_rows * D);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const auto r = static_cast<size_t>(rows[i]);
+      const float* dyt = dy + static_cast<size_t>(pass.rows.token_of_row[r]) * D;
+      const float* out = pass.rows_out.data() + r * D;
+      const float w = pass.rows.weight_of_row[r];
+      double dot = 0;
+      for (size_t d = 0; d < D; ++d) {
+        d_out[i * D + d] = w * dyt[d];
+        dot += static_cast<double>(dyt[d]) * out[d];
+      }
+      (*d_weight)[r] = static_cast<float>(dot);
+    }
+    if (shared) std::copy_n(dy, T * D, d_out.data() + rows.size() * D);
+    train_expert_grad m;
+    m.layer = in.layer;
+    m.step = in.step;
+    m.source = st.options.shard;
+    m.d_rows = tensor_ref::wrap(std::move(d_out), {static_cast<int64_t>(n_rows), st.hidden});
+    parts.emplace_back(g, std::move(m));
+  }
+  auto rp = self->make_response_promise<layer_gradient>();
+  const int64_t layer = in.layer;
+  const uint64_t step = in.step;
+  const auto reply_to = reply_node(self);
+  scatter_to_groups<train_expert_grad>(
+      self, train_backward_atom::value, std::move(parts), &train_expert_grad::d_rows, protocol::frame_kind::gradients,
+      [self, rp, layer, step, d_weight, reply_to](std::vector<tensor_ref>& results) mutable {
+        auto& st = self->state;
+        auto& t = *st.training;
+        auto& pass = t.passes.at(layer);
+        const auto D = static_cast<size_t>(st.hidden);
+        const size_t n = pass.rows.size(), T = pass.num_tokens;
+        // The order of additions of mlp_training_block: shared experts, routed rows (token-major),
+        // then the gate.
+        std::vector<float> dx(T * D, 0.0f), d_rows(n * D);
+        for (size_t i = 0; i < pass.asked.size(); ++i) {
+          const size_t g = pass.asked[i];
+          const auto& rows = pass.group_rows[g];
+          const bool has_shared = st.shared_group == g;
+          const auto& got = results[i];
+          if (!got.data() || got.num_elements() != static_cast<int64_t>((rows.size() + (has_shared ? T : 0)) * D))
+            return void(rp.deliver(training_error(st, "malformed expert gradient")));
+          for (size_t j = 0; j < rows.size(); ++j)
+            std::copy_n(got.data() + j * D, D, d_rows.data() + static_cast<size_t>(rows[j]) * D);
+          if (has_shared) std::copy_n(got.data() + rows.size() * D, T * D, dx.data());
+        }
+        for (size_t r = 0; r < n; ++r) {
+          float* dst = dx.data() + static_cast<size_t>(pass.rows.token_of_row[r]) * D;
+          const float* src = d_rows.data() + r * D;
+          for (size_t d = 0; d < D; ++d) dst[d] += src[d];
+        }
+        auto& gate = t.gates.at(layer);
+        if (auto err = gate.backward(d_weight->data(), dx.data(), t.gate_grads.at(layer)))
+          return void(rp.deliver(std::move(err)));
+        layer_gradient out;
+        out.layer = layer;
+        out.step = step;
+        out.balance_loss = gate.balance_loss();
+        out.grad = tensor_ref::wrap(std::move(dx), {static_cast<int64_t>(T), st.hidden});
+        const runtime::tensor_frame_meta meta{protocol::frame_kind::gradients, static_cast<uint32_t>(layer), step, 0};
+        if (auto err = export_tensor(st.options.transport, self->node(), reply_to, out.grad, meta))
+          return void(rp.deliver(std::move(err)));
+        pass.rows_out = {};  // the pass is over
+        rp.deliver(std::move(out));
+      },
+      [rp](caf::error err) mutable { rp.deliver(std::move(err)); });
+  return rp;
+}
+
+std::vector<std::span<float>> gate_grad_spans(router_training& t) {
+  std::vector<std::span<float>> out;
+  for (auto& [layer, g] : t.gate_grads) out.emplace_back(g);
+  return out;
+}
+
+caf::expected<gradient_report> train_grads(pointer self, uint64_t step) {
+  auto t = training_of(self);
+  if (!t) return std::move(t.error());
+  gradient_report r;
+  r.step = step;
+  auto flat = flatten_grads(gate_grad_spans(**t));
+  const auto n = static_cast<int64_t>(flat.size());
+  r.shared = tensor_ref::wrap(std::move(flat), {n});
+  for (const auto& [layer, gate] : (*t)->gates) {
+    const bool ran = (*t)->passes.count(layer) != 0;
+    for (size_t e = 0; e < gate.num_experts(); ++e) r.expert_loads.push_back(ran ? gate.expert_load()[e] : 0);
+  }
+  return r;
+}
+
+caf::expected<uint64_t> train_apply(pointer self, const train_update& u) {
+  auto& st = self->state;
+  auto t = training_of(self);
+  if (!t) return std::move(t.error());
+  auto grads = gate_grad_spans(**t);
+  if (auto err = unflatten_grads(u.shared.local ? std::span<const float>(*u.shared.local) : std::span<const float>{},
+                                 grads))
+    return err;
+  std::vector<model::parameter_ref> params;
+  for (auto& [layer, g] : (*t)->gate_grads) {
+    model::host_tensor* value = (*t)->own->find(gate_name(layer));
+    MOE_ASSERT(value != nullptr && value->data().size() == g.size());  // the gates are bound to it
+    params.push_back({gate_name(layer), value->data(), g});
+  }
+  if (auto err = (*t)->owner.apply(u, params, grads)) return err;
+  for (auto& g : grads) std::fill(g.begin(), g.end(), 0.0f);
+  // DeepSeek-V3's auxiliary-loss-free balancing, from the loads of every shard.
+  const size_t E = static_cast<size_t>(st.weights->config.n_routed_experts);
+  if (u.bias_update_speed != 0 && u.expert_loads.size() != (*t)->gates.size() * E)
+    return training_error(st, "expert loads for " + std::to_string(u.expert_loads.size() / std::max<size_t>(E, 1)) +
+                                  " MoE layers; the router has " + std::to_string((*t)->gates.size()));
+  size_t i = 0;
+  for (const auto& [layer, gate] : (*t)->gates) {
+    if (u.bias_update_speed == 0) break;
+    model::host_tensor* bias =
+        (*t)->own->find("model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias");
+    MOE_ASSERT(bias != nullptr && bias->data().size() == E);  // bound by the gates
+    model::update_routing_bias(bias->data(), std::span<const int64_t>(u.expert_loads.data() + i * E, E),
+                               u.bias_update_speed);
+    ++i;
+  }
+  (*t)->passes.clear();
+  return u.step;
+}
+
 }  // namespace
 
 bool router_needs(std::string_view name) { return name.find(".mlp.gate.") != std::string_view::npos; }
@@ -344,6 +693,37 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
               out.capnp.resize(bytes.size());
               std::memcpy(out.capnp.data(), bytes.data(), bytes.size());
               return out;
+            },
+            // An attention shard and its router share a process: their tensors are always local.
+            [self](train_forward_atom, train_route_request& req) -> caf::result<route_result> {
+              self->state.mailbox.set(self->mailbox().size());
+              return train_route(self, req);
+            },
+            [self](train_backward_atom, layer_gradient& g) -> caf::result<layer_gradient> {
+              return train_route_backward(self, g);
+            },
+            [self](train_grads_atom, uint64_t step) {
+              return answer_gradients(self, self->state.options.transport, train_grads(self, step));
+            },
+            [self](train_apply_atom, train_update& u) {
+              return receive_update(self, self->state.options.transport, u,
+                                    [self](const train_update& landed) { return train_apply(self, landed); });
+            },
+            [self](train_state_atom) -> caf::result<owner_state> {
+              auto t = training_of(self);
+              if (!t) return std::move(t.error());
+              std::vector<state_entry> entries;
+              for (const auto& [layer, g] : (*t)->gates) {
+                for (auto name : {gate_name(layer), "model.layers." + std::to_string(layer) +
+                                                        ".mlp.gate.e_score_correction_bias"}) {
+                  const auto* v = std::as_const(*(*t)->own).find(name);
+                  entries.push_back({name, v->shape(), v->data()});
+                }
+              }
+              auto s = (*t)->owner.state(entries);
+              if (auto err = export_owner_state(self->state.options.transport, self->node(), reply_node(self), s))
+                return err;
+              return s;
             },
             [self](switch_layout_atom, const router_layout& layout) -> caf::result<uint32_t> {
               auto& st = self->state;

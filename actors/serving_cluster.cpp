@@ -317,6 +317,30 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     spdlog::warn("online expert rebalancing is off for this cluster: {}", s->rebalance_unavailable_);
   }
 
+  trainer_options to;
+  to.shards = s->shards_;
+  to.routers = s->routers_;
+  to.model = *model_cfg;
+  to.transport = s->transport_;
+  to.metrics = s->registry_;
+  std::vector<std::vector<int64_t>> group_experts(s->placement_.expert_groups.size());
+  to.groups.resize(group_experts.size());
+  for (const auto& g : s->placement_.expert_groups) {
+    const auto index = static_cast<size_t>(g.group);
+    auto it = std::find(groups.groups.begin(), groups.groups.end(), g.group);
+    if (index >= to.groups.size() || it == groups.groups.end())
+      return make_error(node_errc::bad_request, "no handle for expert group " + std::to_string(g.group));
+    to.groups[index] = groups.handles[static_cast<size_t>(it - groups.groups.begin())];
+    group_experts[index] = g.experts;
+  }
+  to.layout = uniform_layout(*model_cfg, group_experts, s->placement_.version);
+  s->trainer_ = spawn_trainer(sys, std::move(to));
+  training_jobs_options jo;
+  jo.trainer = s->trainer_;
+  jo.vocab_size = model_cfg->vocab_size;
+  jo.max_position_embeddings = model_cfg->max_position_embeddings;
+  s->training_jobs_ = spawn_training_jobs(sys, std::move(jo));
+
   auto metrics = monitoring::metrics_server::start(
       s->registry_, options.bind_host, options.metrics_port.value_or(config.ports.metrics));
   if (!metrics) return metrics.error();
@@ -348,6 +372,10 @@ void serving_cluster::stop() {
   rebalancer_ = nullptr;
   if (controller_) caf::anon_send_exit(controller_, caf::exit_reason::user_shutdown);
   controller_ = nullptr;
+  if (training_jobs_) caf::anon_send_exit(training_jobs_, caf::exit_reason::user_shutdown);
+  training_jobs_ = nullptr;
+  if (trainer_) caf::anon_send_exit(trainer_, caf::exit_reason::user_shutdown);
+  trainer_ = nullptr;
   if (membership_) {
     // The node processes stay up for the next coordinator: close our sessions (each node drops
     // the actors it spawned for us). Nodes known to be down are skipped; one that does not

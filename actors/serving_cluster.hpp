@@ -24,6 +24,8 @@
 #include "actors/controller.hpp"
 #include "actors/node_agent.hpp"
 #include "actors/rebalance_messages.hpp"
+#include "actors/trainer.hpp"
+#include "actors/training_jobs.hpp"
 #include "runtime/cluster_config.hpp"
 #include "scheduler/placement.hpp"
 #include "scheduler/scheduler_actor.hpp"
@@ -82,6 +84,10 @@ class serving_cluster {
   /// `moe rebalance`, and every rebalancing.period_s when set. Null when the layout cannot be
   /// rebalanced; rebalance_unavailable() says why.
   [[nodiscard]] rebalancer_actor rebalancer() const noexcept { return rebalancer_; }
+  /// Training through the same actors (actors/trainer.hpp): single steps, and training jobs
+  /// (actors/training_jobs.hpp), which `moe train --config` and the job API run.
+  [[nodiscard]] trainer_actor trainer() const noexcept { return trainer_; }
+  [[nodiscard]] training_jobs_actor training_jobs() const noexcept { return training_jobs_; }
   [[nodiscard]] const std::string& rebalance_unavailable() const noexcept { return rebalance_unavailable_; }
   [[nodiscard]] uint16_t api_port() const;
   [[nodiscard]] std::string metrics_url() const;
@@ -113,6 +119,8 @@ class serving_cluster {
   controller_actor controller_;
   rebalancer_actor rebalancer_;
   std::string rebalance_unavailable_;
+  trainer_actor trainer_;
+  training_jobs_actor training_jobs_;
   std::unique_ptr<monitoring::metrics_server> metrics_;
   std::unique_ptr<api_server> api_;
 };

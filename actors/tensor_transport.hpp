@@ -82,4 +82,34 @@ void with_local_tensor(Self* self, const tensor_transport& transport, tensor_ref
       .then(std::move(ok), std::move(fail));
 }
 
+/// Answers a request whose input tensor may be in another process: compute(tensor_ref& local)
+/// (returning caf::expected<R>) runs at once when `input` is local, else once it landed, and its
+/// value or error is the answer. The sender's process, where an output tensor must go, is
+/// `reply_node(self)`, captured before any fetch.
+template <class R, class Self, class Compute>
+caf::result<R> answer_when_local(Self* self, const tensor_transport& transport, tensor_ref input, Compute compute) {
+  if (!is_remote(input)) {
+    caf::expected<R> r = compute(input);
+    if (!r) return std::move(r.error());
+    return std::move(*r);
+  }
+  auto rp = self->template make_response_promise<R>();
+  with_local_tensor(
+      self, transport, std::move(input),
+      [rp, compute = std::move(compute)](tensor_ref& landed) mutable {
+        caf::expected<R> r = compute(landed);
+        if (r) rp.deliver(std::move(*r));
+        else rp.deliver(std::move(r.error()));
+      },
+      [rp](caf::error& e) mutable { rp.deliver(std::move(e)); });
+  return rp;
+}
+
+/// The process of the current message's sender (this one when it has none).
+template <class Self>
+caf::node_id reply_node(Self* self) {
+  const auto& sender = self->current_sender();
+  return sender ? sender->node() : self->node();
+}
+
 }  // namespace moe::actors

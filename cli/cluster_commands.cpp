@@ -39,14 +39,6 @@ int fail(const std::string& command, const caf::error& err) {
   return 1;
 }
 
-runtime::actor_system_config make_system_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;  // one process: no remote actors yet
-  runtime::actor_system_config cfg{o};
-  actors::add_actor_message_types(cfg);
-  return cfg;
-}
-
 // SIGINT/SIGTERM are blocked in every thread (CAF's and the servers' threads inherit the mask
 // from here) and collected by sigwait, so a signal never interrupts a worker mid-step.
 sigset_t block_stop_signals() {
@@ -71,7 +63,7 @@ int run_serve(const serve_options& o) {
   const sigset_t stop_signals = block_stop_signals();
   auto cfg = load_cluster_with_secret(o.config, o.secret_file);
   if (!cfg) return fail("serve", cfg.error());
-  auto sys_cfg = o.join_nodes ? make_networked_system_config(*cfg) : make_system_config();
+  auto sys_cfg = o.join_nodes ? make_networked_system_config(*cfg) : make_local_system_config();
   caf::actor_system sys{sys_cfg};
   actors::serving_options so;
   so.bind_host = o.host;
@@ -236,7 +228,7 @@ int run_demo(const std::string& config_file, int processes) {
     cfg = nodes->config();
     fmt::print("started {} node processes (logs in {})\n", processes - 1, nodes->run_dir().string());
   }
-  auto sys_cfg = nodes ? make_networked_system_config(*cfg) : make_system_config();
+  auto sys_cfg = nodes ? make_networked_system_config(*cfg) : make_local_system_config();
   caf::actor_system sys{sys_cfg};
   actors::serving_options so;
   so.api_port = 0;  // ephemeral: the demo never collides with a running `moe serve`

@@ -47,6 +47,14 @@ runtime::actor_system_config make_networked_system_config(const runtime::cluster
   return cfg;
 }
 
+runtime::actor_system_config make_local_system_config() {
+  runtime::actor_system_config::options o;
+  o.load_middleman = false;
+  runtime::actor_system_config cfg{o};
+  actors::add_actor_message_types(cfg);
+  return cfg;
+}
+
 namespace {
 
 struct node_options {

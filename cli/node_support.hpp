@@ -24,4 +24,7 @@ namespace moe::cli {
 [[nodiscard]] runtime::actor_system_config make_networked_system_config(const runtime::cluster_config& cluster,
                                                                         size_t num_worker_threads = 0);
 
+/// Our message types, without the middleman: a process whose actors all live in it.
+[[nodiscard]] runtime::actor_system_config make_local_system_config();
+
 }  // namespace moe::cli

@@ -58,6 +58,7 @@ schema::FrameKind to_wire(frame_kind k) {
     case frame_kind::kv_block: return schema::FrameKind::KV_BLOCK;
     case frame_kind::expert_weights: return schema::FrameKind::EXPERT_WEIGHTS;
     case frame_kind::gradients: return schema::FrameKind::GRADIENTS;
+    case frame_kind::parameters: return schema::FrameKind::PARAMETERS;
   }
   return schema::FrameKind::ACTIVATIONS;
 }
@@ -69,6 +70,7 @@ caf::expected<frame_kind> from_wire(schema::FrameKind k) {
     case schema::FrameKind::KV_BLOCK: return frame_kind::kv_block;
     case schema::FrameKind::EXPERT_WEIGHTS: return frame_kind::expert_weights;
     case schema::FrameKind::GRADIENTS: return frame_kind::gradients;
+    case schema::FrameKind::PARAMETERS: return frame_kind::parameters;
   }
   return make_error(protocol_errc::out_of_range,
                     "tensor frame: kind " + std::to_string(static_cast<int>(k)) + " is unknown");

@@ -16,7 +16,7 @@
 
 namespace moe::protocol {
 
-enum class frame_kind : uint8_t { activations, expert_output, kv_block, expert_weights, gradients };
+enum class frame_kind : uint8_t { activations, expert_output, kv_block, expert_weights, gradients, parameters };
 
 struct tensor_frame_header {
   uint16_t version = 0;  ///< Filled by the encoder; checked by the decoder.

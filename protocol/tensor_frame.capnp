@@ -26,6 +26,7 @@ enum FrameKind {
   kvBlock @2;       # latent KV-cache blocks
   expertWeights @3; # weights of an expert replica during migration
   gradients @4;
+  parameters @5;    # model parameters and optimizer moments gathered for a training checkpoint
 }
 
 struct TransferHandle {

@@ -1,0 +1,82 @@
+// The trainer: runs training steps through the serving actors (actors/training_messages.hpp
+// has the protocol). Per step it splits the batch's sequences over the attention shards
+// (contiguous, as even as the count allows), runs their forward and backward, all-reduces the
+// data-parallel gradients (the shards' trunks, the routers' gates) and sums the gradients of
+// replicated experts, clips by the global norm, and has every owner step its AdamW and every
+// router move its routing bias by the summed expert loads.
+//
+// The all-reduce goes through the trainer: each owner sends its gradients (over the data plane
+// when it is in another process), the trainer sums them in a fixed order (shard 0 first), and
+// every owner of the same values receives the same sum, so their copies stay identical.
+//
+// Steps run one at a time; a step asked for while one runs is refused (trainer_errc::busy).
+// Thread safety: an actor; all state is confined to it.
+#pragma once
+
+#include <caf/fwd.hpp>
+#include <caf/typed_actor.hpp>
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include "actors/messages.hpp"
+#include "actors/tensor_transport.hpp"
+#include "base/error.hpp"
+#include "model/config.hpp"
+
+namespace prometheus {
+class Registry;
+}
+
+namespace moe::actors {
+
+enum class trainer_errc : uint8_t {
+  busy = 1,     ///< Transient: a step is running; ask again when it answered.
+  bad_batch,    ///< Permanent: the batch is malformed (the text says how).
+  failed,       ///< A step failed in an actor (the text says where); the cluster's weights may be
+                ///< part-updated only if the failure came during the update phase.
+};
+
+[[nodiscard]] const char* to_string(trainer_errc e) noexcept;
+[[nodiscard]] caf::error make_error(trainer_errc code, std::string text);
+
+}  // namespace moe::actors
+
+MOE_ERROR_ENUM(moe::actors::trainer_errc, "trainer")
+
+namespace moe::actors {
+
+/// step: answers the step's report, or a trainer_errc error. save: writes a training checkpoint
+/// (model/training_checkpoint.hpp: the model in the hub layout, AdamW's moments, the steps run)
+/// of the cluster's current weights to the directory and answers it; refused (busy) while a
+/// step runs.
+using trainer_actor = caf::typed_actor<caf::replies_to<train_step_atom, train_batch>::with<train_step_report>,
+                                       caf::replies_to<train_save_atom, std::string>::with<std::string>>;
+
+struct trainer_options {
+  std::vector<attention_actor> shards;
+  std::vector<router_actor> routers;  ///< one per shard
+  std::vector<expert_group_actor> groups;
+  /// Which groups hold which experts per MoE layer: the gradients of an expert held by several
+  /// groups are summed. Must be the layout the routers use.
+  router_layout layout;
+  model::model_config model;
+  /// How gradients of owners in other processes arrive (empty: one process).
+  tensor_transport transport;
+  std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
+  /// The steps the weights have been trained for already (a resumed checkpoint's), which saves
+  /// count on from.
+  int64_t steps_done = 0;
+  /// A phase of a step (forward and backward, gradients, update) that takes longer fails.
+  std::chrono::milliseconds phase_timeout{600'000};
+};
+
+[[nodiscard]] trainer_actor spawn_trainer(caf::actor_system& sys, trainer_options options);
+
+/// The layout of a cluster whose groups hold the same experts in every MoE layer.
+[[nodiscard]] router_layout uniform_layout(const model::model_config& c,
+                                           const std::vector<std::vector<int64_t>>& group_experts,
+                                           uint32_t version = 1);
+
+}  // namespace moe::actors
