@@ -559,6 +559,69 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
     finish(model::checkpoint{}, 0);
     return rp;
   }
+  if (st.training && st.training->owner.optimizer()) {
+    // Trained: the checkpoint on disk no longer has the experts' values; copy them (and their
+    // AdamW moments, so replicas keep stepping alike) from the groups that hold them now.
+    std::map<size_t, std::vector<int64_t>> asks;
+    size_t covered = 0;
+    for (size_t i = 0; i + 2 < g.sources.size(); i += 3) {
+      if (!missing.count({g.sources[i], g.sources[i + 1]})) continue;
+      const auto source = static_cast<size_t>(g.sources[i + 2]);
+      if (source >= g.peers.size() || !g.peers[source])
+        return model::make_error(model::model_errc::bad_input, "placement version " + std::to_string(g.version) +
+                                                                   ": a replica's source group is not among the peers");
+      asks[source].insert(asks[source].end(), {g.sources[i], g.sources[i + 1]});
+      ++covered;
+    }
+    if (covered != missing.size())
+      return model::make_error(model::model_errc::bad_input,
+                               "expert group " + std::to_string(st.options.group) +
+                                   " holds trained experts: every replica it gains needs a group to copy it from");
+    st.preparing = g.version;
+    st.preparing_aborted = false;
+    struct copy_state {
+      model::checkpoint weights;
+      std::map<std::string, model::adamw::moments, std::less<>> moments;
+      size_t outstanding = 0;
+      bool failed = false;
+    };
+    auto copy = std::make_shared<copy_state>();
+    copy->outstanding = asks.size();
+    const auto count = static_cast<int64_t>(missing.size());
+    auto failed = [copy, finish](caf::error& e) mutable {
+      if (std::exchange(copy->failed, true)) return;
+      finish(std::move(e), 0);
+    };
+    for (auto& [source, pairs] : asks) {
+      self->request(caf::actor_cast<expert_group_actor>(g.peers[source]), std::chrono::minutes(2),
+                    train_state_atom::value, pairs)
+          .then(
+              [self, copy, finish, failed, count](owner_state& state) mutable {
+                if (copy->failed) return;
+                auto held = std::make_shared<owner_state>(std::move(state));
+                const auto& transport = self->state.options.transport;
+                with_local_tensor(
+                    self, transport, held->values,
+                    [self, copy, finish, failed, count, held](tensor_ref& values) mutable {
+                      held->values = values;
+                      with_local_tensor(
+                          self, self->state.options.transport, held->moments,
+                          [self, copy, finish, failed, count, held](tensor_ref& moments) mutable {
+                            if (copy->failed) return;
+                            held->moments = moments;
+                            if (auto err = unpack_owner_state(*held, copy->weights, copy->moments)) return failed(err);
+                            if (--copy->outstanding > 0) return;
+                            self->state.training->owner.adopt(std::move(copy->moments));
+                            finish(std::move(copy->weights), count);
+                          },
+                          failed);
+                    },
+                    failed);
+              },
+              failed);
+    }
+    return rp;
+  }
   if (st.options.checkpoint_dir.empty())
     return model::make_error(model::model_errc::bad_input,
                              "expert group " + std::to_string(st.options.group) +
@@ -703,6 +766,26 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys, mod
         [self](train_apply_atom, train_update& u) {
           return receive_update(self, self->state.options.transport, u,
                                 [self](const train_update& landed) { return train_apply(self, landed); });
+        },
+        [self](train_state_atom, const std::vector<int64_t>& pairs) -> caf::result<owner_state> {
+          // The named replicas' weights and moments, for a group that gains them in a rebalance.
+          auto& st = self->state;
+          if (pairs.size() % 2 != 0) return training_error(st, "replicas come as (layer, expert) pairs");
+          std::vector<state_entry> entries;
+          for (size_t i = 0; i < pairs.size(); i += 2) {
+            if (!st.store.holds({pairs[i], pairs[i + 1]}))
+              return training_error(st, "does not hold expert " + std::to_string(pairs[i + 1]) + " of layer " +
+                                            std::to_string(pairs[i]));
+            const auto prefix = expert_prefix(pairs[i], pairs[i + 1]);
+            for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}) {
+              const auto* v = st.store.find(prefix + part);
+              entries.push_back({prefix + part, v->shape(), v->data()});
+            }
+          }
+          training_owner none;
+          auto s = st.training ? st.training->owner.state(entries) : none.state(entries);
+          if (auto err = export_owner_state(st.options.transport, self->node(), reply_node(self), s)) return err;
+          return s;
         },
         [self](train_state_atom) -> caf::result<owner_state> {
           auto& st = self->state;

@@ -206,7 +206,8 @@ using expert_group_actor =
                      caf::replies_to<train_backward_atom, train_expert_grad>::with<expert_result>,
                      caf::replies_to<train_grads_atom, uint64_t, std::vector<int64_t>>::with<gradient_report>,
                      caf::replies_to<train_apply_atom, train_update>::with<uint64_t>,
-                     caf::replies_to<train_state_atom>::with<owner_state>>;
+                     caf::replies_to<train_state_atom>::with<owner_state>,
+                     caf::replies_to<train_state_atom, std::vector<int64_t>>::with<owner_state>>;
 
 /// What an attention shard asks of its (co-located) router; load_report: the expert load the
 /// router counted over its recent steps (router_options::load_window_steps); switch_layout: use

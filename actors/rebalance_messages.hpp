@@ -12,6 +12,7 @@
 // A failure in phase 1 aborts (the groups drop v + 1); nothing changed for the routers.
 #pragma once
 
+#include <caf/actor.hpp>
 #include <caf/atom.hpp>
 #include <caf/meta/type_name.hpp>
 #include <caf/replies_to.hpp>
@@ -28,11 +29,17 @@ struct group_layout {
   uint32_t version = 0;
   std::vector<int64_t> layers;                ///< the model's MoE layers, ascending
   std::vector<std::vector<int64_t>> experts;  ///< per entry of `layers`: logical experts, sorted
+  /// Where the replicas this group gains are held now: (layer, expert, group index) triples, and
+  /// the groups (expert_group_actor handles) in group order. A group whose experts were trained
+  /// copies new replicas from these holders (weights and AdamW moments), as the checkpoint on
+  /// disk no longer has their values; an untrained group reads the checkpoint.
+  std::vector<int64_t> sources;
+  std::vector<caf::actor> peers;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, group_layout& x) {
-  return f(caf::meta::type_name("group_layout"), x.version, x.layers, x.experts);
+  return f(caf::meta::type_name("group_layout"), x.version, x.layers, x.experts, x.sources, x.peers);
 }
 
 /// A whole placement version as the routers need it.

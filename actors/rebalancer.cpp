@@ -414,9 +414,10 @@ void switch_routers(pointer self, report_promise rp, rebalance_report report, ro
                     clock_type::time_point start) {
   auto& st = self->state;
   const auto timeout = st.options.phase_timeout;
-  auto do_switch = [self, rp, report, next, start, timeout](uint64_t hold) mutable {
-    auto resume = [self, hold] {
+  auto do_switch = [self, rp, report, next, start, timeout](uint64_t hold, uint64_t training_hold) mutable {
+    auto resume = [self, hold, training_hold] {
       if (hold != 0) self->send(self->state.options.controller, resume_steps_atom::value, hold);
+      if (training_hold != 0) self->send(self->state.options.trainer, resume_steps_atom::value, training_hold);
     };
     gather<uint32_t>(
         self->state.options.routers.size(),
@@ -424,6 +425,8 @@ void switch_routers(pointer self, report_promise rp, rebalance_report report, ro
           self->request(self->state.options.routers[i], timeout, switch_layout_atom::value, next).then(ok, fail);
         },
         [self, rp, report, next, start, resume](std::vector<uint32_t>) mutable {
+          // Before the trainer resumes (messages from one sender arrive in order).
+          if (self->state.options.trainer) self->send(self->state.options.trainer, switch_layout_atom::value, next);
           resume();
           commit(self, rp, std::move(report), std::move(next), start);
         },
@@ -436,15 +439,23 @@ void switch_routers(pointer self, report_promise rp, rebalance_report report, ro
                                                                   std::to_string(next.version) + ": " + error_text(e)));
         });
   };
-  if (!st.options.controller) {
-    do_switch(0);
-    return;
-  }
-  self->request(st.options.controller, timeout, hold_steps_atom::value)
-      .then([do_switch](uint64_t hold) mutable { do_switch(hold); },
+  // Training steps are held first, then serving steps; both resume after the switch.
+  auto hold_serving = [self, rp, next, timeout, do_switch](uint64_t training_hold) mutable {
+    if (!self->state.options.controller) return do_switch(0, training_hold);
+    self->request(self->state.options.controller, timeout, hold_steps_atom::value)
+        .then([do_switch, training_hold](uint64_t hold) mutable { do_switch(hold, training_hold); },
+              [self, rp, next, training_hold](caf::error& e) mutable {
+                if (training_hold != 0) self->send(self->state.options.trainer, resume_steps_atom::value, training_hold);
+                abort_prepared(self, next.version);
+                finish(self, rp, make_error(rebalance_errc::failed, "the controller did not hold steps: " + error_text(e)));
+              });
+  };
+  if (!st.options.trainer) return hold_serving(0);
+  self->request(st.options.trainer, timeout, hold_steps_atom::value)
+      .then([hold_serving](uint64_t hold) mutable { hold_serving(hold); },
             [self, rp, next](caf::error& e) mutable {
               abort_prepared(self, next.version);
-              finish(self, rp, make_error(rebalance_errc::failed, "the controller did not hold steps: " + error_text(e)));
+              finish(self, rp, make_error(rebalance_errc::failed, "the trainer did not hold its steps: " + error_text(e)));
             });
 }
 
@@ -455,10 +466,24 @@ void prepare(pointer self, report_promise rp, rebalance_report report, router_la
   gather<prepare_result>(
       st.options.groups.size(),
       [self, timeout, next](size_t i, auto ok, auto fail) {
+        auto& st = self->state;
         group_layout g;
         g.version = next.version;
         g.layers = next.layers;
         for (const auto& layer : next.experts) g.experts.push_back(layer[i]);
+        // Each replica the group gains, with a group that holds it now.
+        for (size_t l = 0; l < next.layers.size(); ++l) {
+          const auto& now = st.current.experts[l];
+          for (auto e : next.experts[l][i]) {
+            if (std::find(now[i].begin(), now[i].end(), e) != now[i].end()) continue;
+            for (size_t h = 0; h < now.size(); ++h) {
+              if (std::find(now[h].begin(), now[h].end(), e) == now[h].end()) continue;
+              g.sources.insert(g.sources.end(), {next.layers[l], e, static_cast<int64_t>(h)});
+              break;
+            }
+          }
+        }
+        for (const auto& group : st.options.groups) g.peers.push_back(caf::actor_cast<caf::actor>(group));
         self->request(self->state.options.groups[i], timeout, prepare_layout_atom::value, std::move(g)).then(ok, fail);
       },
       [self, rp, report, next, start](std::vector<prepare_result> results) mutable {

@@ -18,6 +18,7 @@
 
 #include "actors/controller.hpp"
 #include "actors/messages.hpp"
+#include "actors/trainer.hpp"
 #include "actors/rebalance_messages.hpp"
 #include "base/error.hpp"
 #include "model/config.hpp"
@@ -53,6 +54,9 @@ struct rebalancer_options {
   std::vector<int> group_node;
   /// Holds steps while the routers switch; may be null when nothing else sends steps (tests).
   controller_actor controller;
+  /// Holds training steps likewise and learns the new layout (replicated experts' gradients are
+  /// summed by it); may be null.
+  trainer_actor trainer;
   /// The layout the cluster serves now (version, per MoE layer per group experts).
   router_layout current;
   /// Most (layer, expert) replicas one rebalance may load; negative: no limit.

@@ -133,11 +133,13 @@ caf::expected<rebalancer_actor> spawn_cluster_rebalancer(caf::actor_system& sys,
                                                          const group_handles& handles,
                                                          const std::vector<router_actor>& routers,
                                                          const controller_actor& controller,
+                                                         const trainer_actor& trainer,
                                                          std::shared_ptr<prometheus::Registry> registry) {
   rebalancer_options o;
   o.model = model;
   o.routers = routers;
   o.controller = controller;
+  o.trainer = trainer;
   o.metrics = std::move(registry);
   o.current.version = p.version;
   std::vector<std::vector<int64_t>> per_group(p.expert_groups.size());
@@ -308,15 +310,6 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   if (s->membership_)
     caf::anon_send(s->membership_, member_subscribe_atom::value, caf::actor_cast<caf::actor>(s->controller_));
 
-  auto rebalancer = spawn_cluster_rebalancer(sys, config, *model_cfg, s->placement_, groups, s->routers_,
-                                             s->controller_, s->registry_);
-  // A layout the rebalancer cannot move (groups of unequal size) still serves, unbalanced.
-  if (rebalancer) s->rebalancer_ = *rebalancer;
-  else {
-    s->rebalance_unavailable_ = error_text(rebalancer.error());
-    spdlog::warn("online expert rebalancing is off for this cluster: {}", s->rebalance_unavailable_);
-  }
-
   trainer_options to;
   to.shards = s->shards_;
   to.routers = s->routers_;
@@ -341,6 +334,15 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   jo.max_position_embeddings = model_cfg->max_position_embeddings;
   s->training_jobs_ = spawn_training_jobs(sys, std::move(jo));
 
+  auto rebalancer = spawn_cluster_rebalancer(sys, config, *model_cfg, s->placement_, groups, s->routers_,
+                                             s->controller_, s->trainer_, s->registry_);
+  // A layout the rebalancer cannot move (groups of unequal size) still serves, unbalanced.
+  if (rebalancer) s->rebalancer_ = *rebalancer;
+  else {
+    s->rebalance_unavailable_ = error_text(rebalancer.error());
+    spdlog::warn("online expert rebalancing is off for this cluster: {}", s->rebalance_unavailable_);
+  }
+
   auto metrics = monitoring::metrics_server::start(
       s->registry_, options.bind_host, options.metrics_port.value_or(config.ports.metrics));
   if (!metrics) return metrics.error();
@@ -353,6 +355,7 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   ao.cluster = describe(config, s->placement_, options.join_nodes);
   ao.rebalancer = s->rebalancer_;
   ao.rebalance_unavailable = s->rebalance_unavailable_;
+  ao.vocab_size = model_cfg->vocab_size;
   auto api = api_server::start(sys, s->controller_, ao);
   if (!api) return api.error();
   s->api_ = std::move(*api);

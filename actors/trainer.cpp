@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <map>
+#include <optional>
 
 #include "actors/training_owner.hpp"
 #include "model/training_checkpoint.hpp"
@@ -75,6 +77,15 @@ struct trainer_state {
   std::map<std::pair<int64_t, int64_t>, std::vector<std::pair<size_t, size_t>>> holders;
   size_t expert_grad_size = 0;  // one expert's gate, up and down gradients
   std::shared_ptr<step_state> running;
+  // Steps wait here while one runs, a checkpoint is written or a hold is on.
+  struct waiting_step {
+    train_batch batch;
+    caf::typed_response_promise<train_step_report> promise;
+  };
+  std::deque<waiting_step> waiting;
+  std::optional<uint64_t> hold;  // hold_steps' id while it holds
+  uint64_t next_hold = 1;
+  std::optional<caf::typed_response_promise<uint64_t>> hold_answer;  // once the running step ended
   bool saving = false;
   int64_t steps_done = 0;
   model::adamw_options last_adamw;  // the hyperparameters of the last step, for a checkpoint
@@ -83,6 +94,29 @@ struct trainer_state {
 };
 
 using pointer = trainer_actor::stateful_pointer<trainer_state>;
+
+void run_waiting(pointer self);
+
+// Which experts several groups hold, and where each sits in its holders' lists.
+void set_layout(trainer_state& st, const router_layout& layout) {
+  st.options.layout = layout;
+  st.replicated.assign(st.options.groups.size(), {});
+  st.holders.clear();
+  std::map<std::pair<int64_t, int64_t>, std::vector<size_t>> where;
+  for (size_t i = 0; i < layout.layers.size(); ++i)
+    for (size_t g = 0; g < layout.experts[i].size(); ++g)
+      for (auto e : layout.experts[i][g]) where[{layout.layers[i], e}].push_back(g);
+  for (const auto& [key, groups] : where) {
+    if (groups.size() < 2) continue;
+    auto& h = st.holders[key];
+    for (auto g : groups) {
+      if (g >= st.replicated.size()) continue;
+      h.emplace_back(g, st.replicated[g].size() / 2);
+      st.replicated[g].push_back(key.first);
+      st.replicated[g].push_back(key.second);
+    }
+  }
+}
 
 void finish(pointer self, const std::shared_ptr<step_state>& s, caf::error err) {
   if (s->failed) return;
@@ -108,6 +142,11 @@ void finish(pointer self, const std::shared_ptr<step_state>& s, caf::error err) 
     s->promise.deliver(r);
   }
   st.running.reset();
+  if (st.hold_answer) {
+    st.hold_answer->deliver(*st.hold);
+    st.hold_answer.reset();
+  }
+  run_waiting(self);
 }
 
 // A failure in `what`: ends the step with trainer_errc::failed.
@@ -296,14 +335,11 @@ caf::error check_batch(const train_batch& b, int64_t vocab) {
   return {};
 }
 
-caf::result<train_step_report> start_step(pointer self, train_batch& b) {
+void begin_step(pointer self, train_batch b, caf::typed_response_promise<train_step_report> promise) {
   auto& st = self->state;
-  if (st.saving) return make_error(trainer_errc::busy, "a checkpoint is being written");
-  if (st.running) return make_error(trainer_errc::busy, "step " + std::to_string(st.running->batch.step) + " is running");
-  if (auto err = check_batch(b, st.options.model.vocab_size)) return err;
   auto s = std::make_shared<step_state>();
   s->start = std::chrono::steady_clock::now();
-  s->promise = self->make_response_promise<train_step_report>();
+  s->promise = std::move(promise);
   s->batch = std::move(b);
   st.running = s;
   const auto& batch = s->batch;
@@ -342,7 +378,23 @@ caf::result<train_step_report> start_step(pointer self, train_batch& b) {
             },
             failer(self, s, "attention shard " + std::to_string(i) + " step"));
   }
-  return s->promise;
+}
+
+void run_waiting(pointer self) {
+  auto& st = self->state;
+  if (st.running || st.saving || st.hold || st.waiting.empty()) return;
+  auto next = std::move(st.waiting.front());
+  st.waiting.pop_front();
+  begin_step(self, std::move(next.batch), std::move(next.promise));
+}
+
+caf::result<train_step_report> enqueue_step(pointer self, train_batch& b) {
+  auto& st = self->state;
+  if (auto err = check_batch(b, st.options.model.vocab_size)) return err;
+  auto rp = self->make_response_promise<train_step_report>();
+  st.waiting.push_back({std::move(b), rp});
+  run_waiting(self);
+  return rp;
 }
 
 // Gathers every owner's parameters and moments (shard 0, router 0, then the groups; a replicated
@@ -371,12 +423,14 @@ caf::result<std::string> save(pointer self, std::string dir) {
       if (g->failed) return;
       g->failed = true;
       self->state.saving = false;
+      run_waiting(self);
       g->promise.deliver(make_error(trainer_errc::failed, who + " state: " + error_text(e)));
     };
   };
   auto write = [self, g] {
     auto& st = self->state;
     st.saving = false;
+    run_waiting(self);
     model::checkpoint weights;
     weights.config = st.options.model;
     std::map<std::string, model::adamw::moments, std::less<>> moments;
@@ -426,22 +480,6 @@ caf::result<std::string> save(pointer self, std::string dir) {
 trainer_actor spawn_trainer(caf::actor_system& sys, trainer_options options) {
   return sys.spawn([o = std::move(options)](pointer self) mutable -> trainer_actor::behavior_type {
     auto& st = self->state;
-    // Which experts several groups hold, and where each sits in its holders' lists.
-    std::map<std::pair<int64_t, int64_t>, std::vector<size_t>> where;
-    for (size_t i = 0; i < o.layout.layers.size(); ++i)
-      for (size_t g = 0; g < o.layout.experts[i].size(); ++g)
-        for (auto e : o.layout.experts[i][g]) where[{o.layout.layers[i], e}].push_back(g);
-    st.expert_grad_size = static_cast<size_t>(3 * o.model.moe_intermediate_size * o.model.hidden_size);
-    st.replicated.assign(o.groups.size(), {});
-    for (const auto& [key, groups] : where) {
-      if (groups.size() < 2) continue;
-      auto& h = st.holders[key];
-      for (auto g : groups) {
-        h.emplace_back(g, st.replicated[g].size() / 2);
-        st.replicated[g].push_back(key.first);
-        st.replicated[g].push_back(key.second);
-      }
-    }
     if (o.metrics) {
       auto& r = *o.metrics;
       st.metrics.steps = &prometheus::BuildCounter().Name("moe_training_steps_total").Help("Training steps completed").Register(r).Add({});
@@ -459,9 +497,30 @@ trainer_actor spawn_trainer(caf::actor_system& sys, trainer_options options) {
                                 .Register(r);
     }
     st.steps_done = o.steps_done;
+    st.expert_grad_size = static_cast<size_t>(3 * o.model.moe_intermediate_size * o.model.hidden_size);
     st.options = std::move(o);
-    return {[self](train_step_atom, train_batch& b) { return start_step(self, b); },
-            [self](train_save_atom, std::string& dir) { return save(self, std::move(dir)); }};
+    set_layout(st, st.options.layout);
+    return {[self](train_step_atom, train_batch& b) { return enqueue_step(self, b); },
+            [self](train_save_atom, std::string& dir) { return save(self, std::move(dir)); },
+            [self](hold_steps_atom) -> caf::result<uint64_t> {
+              auto& st = self->state;
+              if (st.hold) return make_error(trainer_errc::busy, "steps are held already");
+              const uint64_t id = st.next_hold++;
+              st.hold = id;
+              // A holder that never resumes (it failed) does not stop training for good.
+              self->delayed_send(self, st.options.max_hold, resume_steps_atom::value, id);
+              if (!st.running) return id;
+              auto rp = self->make_response_promise<uint64_t>();
+              st.hold_answer = rp;
+              return rp;
+            },
+            [self](resume_steps_atom, uint64_t id) {
+              auto& st = self->state;
+              if (st.hold != id) return;
+              st.hold.reset();
+              run_waiting(self);
+            },
+            [self](switch_layout_atom, router_layout& layout) { set_layout(self->state, layout); }};
   });
 }
 

@@ -9,7 +9,7 @@
 // when it is in another process), the trainer sums them in a fixed order (shard 0 first), and
 // every owner of the same values receives the same sum, so their copies stay identical.
 //
-// Steps run one at a time; a step asked for while one runs is refused (trainer_errc::busy).
+// Steps run one at a time, in arrival order.
 // Thread safety: an actor; all state is confined to it.
 #pragma once
 
@@ -32,7 +32,7 @@ class Registry;
 namespace moe::actors {
 
 enum class trainer_errc : uint8_t {
-  busy = 1,     ///< Transient: a step is running; ask again when it answered.
+  busy = 1,     ///< Transient: a step runs or a hold is on; ask again later.
   bad_batch,    ///< Permanent: the batch is malformed (the text says how).
   failed,       ///< A step failed in an actor (the text says where); the cluster's weights may be
                 ///< part-updated only if the failure came during the update phase.
@@ -47,12 +47,18 @@ MOE_ERROR_ENUM(moe::actors::trainer_errc, "trainer")
 
 namespace moe::actors {
 
-/// step: answers the step's report, or a trainer_errc error. save: writes a training checkpoint
-/// (model/training_checkpoint.hpp: the model in the hub layout, AdamW's moments, the steps run)
-/// of the cluster's current weights to the directory and answers it; refused (busy) while a
-/// step runs.
+/// step: answers the step's report, or a trainer_errc error; steps run one at a time, in arrival
+/// order. save: writes a training checkpoint (model/training_checkpoint.hpp: the model in the hub
+/// layout, AdamW's moments, the steps run) of the cluster's current weights to the directory and
+/// answers it; refused (busy) while a step runs.
+/// hold_steps / resume_steps: as the controller's (actors/controller.hpp): no step starts while
+/// held; answered once the running step ended. The rebalancer holds training while it switches
+/// the routers and then tells the trainer the new layout (switch_layout).
 using trainer_actor = caf::typed_actor<caf::replies_to<train_step_atom, train_batch>::with<train_step_report>,
-                                       caf::replies_to<train_save_atom, std::string>::with<std::string>>;
+                                       caf::replies_to<train_save_atom, std::string>::with<std::string>,
+                                       caf::replies_to<hold_steps_atom>::with<uint64_t>,
+                                       caf::reacts_to<resume_steps_atom, uint64_t>,
+                                       caf::reacts_to<switch_layout_atom, router_layout>>;
 
 struct trainer_options {
   std::vector<attention_actor> shards;
@@ -70,6 +76,8 @@ struct trainer_options {
   int64_t steps_done = 0;
   /// A phase of a step (forward and backward, gradients, update) that takes longer fails.
   std::chrono::milliseconds phase_timeout{600'000};
+  /// A hold_steps that is not resumed within this time ends by itself.
+  std::chrono::milliseconds max_hold{30'000};
 };
 
 [[nodiscard]] trainer_actor spawn_trainer(caf::actor_system& sys, trainer_options options);

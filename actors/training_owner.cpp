@@ -55,6 +55,12 @@ caf::error training_owner::apply(const train_update& u, std::span<const model::p
   return optimizer_->step(params, u.lr);
 }
 
+bool training_owner::adopt(std::map<std::string, model::adamw::moments, std::less<>> moments) {
+  if (!optimizer_) return false;
+  for (auto& [name, m] : moments) optimizer_->set_moments(name, std::move(m));
+  return true;
+}
+
 caf::error export_owner_state(const tensor_transport& transport, const caf::node_id& here, const caf::node_id& dest,
                               owner_state& s) {
   const runtime::tensor_frame_meta meta{protocol::frame_kind::parameters, 0, 0, 0};

@@ -81,6 +81,10 @@ class training_owner {
   /// `entries` and their AdamW moments (where the optimizer has them), for a checkpoint.
   [[nodiscard]] owner_state state(std::span<const state_entry> entries) const;
 
+  /// Takes the moments of parameters that arrived from another owner (a moved replica); false
+  /// (nothing taken) before this owner's first update, when it has no optimizer to put them in.
+  bool adopt(std::map<std::string, model::adamw::moments, std::less<>> moments);
+
   /// The moments so far (empty before the first update), for checkpoints.
   [[nodiscard]] const std::optional<model::adamw>& optimizer() const noexcept { return optimizer_; }
 

@@ -25,9 +25,11 @@
 #include "actors/serving_cluster.hpp"
 #include "cli/command.hpp"
 #include "cli/embedded_config.hpp"
+#include "cli/cluster_training.hpp"
 #include "cli/local_nodes.hpp"
 #include "cli/node_support.hpp"
 #include "client/job_client.hpp"
+#include "model/tokenizer.hpp"
 #include "runtime/actor_system.hpp"
 
 namespace moe::cli {
@@ -127,6 +129,20 @@ void add_routed_tokens(const std::string& exposition, int64_t num_experts,
     row.resize(static_cast<size_t>(num_experts), 0.0);
     if (expert >= 0 && expert < num_experts) row[static_cast<size_t>(expert)] += std::stod(line.substr(line.rfind(' ') + 1));
   }
+}
+
+// Byte tokens as text for a terminal: printable ASCII as is, the rest escaped; ids past the byte
+// range (which a byte-level model has but never trains) as <id>.
+std::string shown(const std::vector<int32_t>& ids) {
+  std::string out;
+  for (auto id : ids) {
+    if (id >= 32 && id < 127 && id != '"' && id != '\\') out += static_cast<char>(id);
+    else if (id == '\n') out += "\\n";
+    else if (id == '"' || id == '\\') out += std::string("\\") + static_cast<char>(id);
+    else if (id >= 0 && id < 256) out += fmt::format("\\x{:02x}", id);
+    else out += fmt::format("<{}>", id);
+  }
+  return out;
 }
 
 std::string scrape(const std::string& host, uint16_t port) {
@@ -247,10 +263,40 @@ int run_demo(const std::string& config_file, int processes) {
              m.n_routed_experts, m.num_experts_per_tok, m.n_group, m.n_shared_experts);
   fmt::print("placement:\n{}\n", scheduler::render_table(c.placement()));
 
+  // The embedded model starts from random weights: train it first, through the same actors,
+  // on a small text corpus, so that what it then serves is text rather than noise.
+  auto tok = model::make_tokenizer(m.vocab_size);
+  if (!tok) return fail("demo", tok.error());
+  const std::string probe = "Licensed under the ";
+  auto sample = [&](const char* when) {
+    auto out = generate_all(c, cfg->secret, {(*tok)->encode(probe)}, 48);
+    if (!out.empty()) fmt::print("{} training, greedy: \"{}\" -> \"{}\"\n", when, probe, shown(out[0]));
+    return !out.empty();
+  };
+  if (!sample("before")) return 1;
+  actors::training_job job;
+  job.tokens = (*tok)->encode(embedded_demo_corpus);
+  job.sequence_length = 64;
+  job.batch_sequences = 8;
+  job.steps = 120;
+  job.warmup_steps = 10;
+  job.hyper.lr = 3e-3;
+  job.min_lr = 3e-4;
+  fmt::print("\ntraining on {}: {} tokens ({}-level), {} steps of {} x {} tokens, through the cluster's actors\n",
+             embedded_demo_corpus_name, job.tokens.size(), (*tok)->name(), job.steps, job.batch_sequences,
+             job.sequence_length);
+  std::fflush(stdout);
+  auto trained = run_training_job(c, std::move(job));
+  if (!trained) return fail("demo", trained.error());
+  print_training_summary(*trained);
+  if (!sample("after")) return 1;
+  fmt::print("\n");
+
   // Several clients at once, each on its own thread with its own connection, as users would.
-  const std::vector<std::vector<int32_t>> prompts = {
-      {5, 17, 42}, {100, 200, 300, 400, 500, 7, 8}, {1}, {64, 65, 66, 67, 68, 69, 70, 71, 72, 73},
-      {300, 301}, {9, 99, 199, 299}};
+  const std::vector<std::string> texts = {"Licensed under the ", "The Work", "Redistribution of ",
+                                          "You may ", "Contributor ", "the terms and "};
+  std::vector<std::vector<int32_t>> prompts;
+  for (const auto& t : texts) prompts.push_back((*tok)->encode(t));
   std::vector<std::vector<int32_t>> outputs(prompts.size());
   std::vector<caf::error> errors(prompts.size());
   std::vector<std::thread> clients;
@@ -263,7 +309,7 @@ int run_demo(const std::string& config_file, int processes) {
       }
       client::generation_request_spec spec;
       spec.prompt = prompts[i];
-      spec.max_new_tokens = 8 + 2 * static_cast<int64_t>(i);
+      spec.max_new_tokens = 24 + 4 * static_cast<int64_t>(i);
       if (i % 2 == 1) {
         spec.temperature = 0.8f;
         spec.top_k = 40;
@@ -285,8 +331,7 @@ int run_demo(const std::string& config_file, int processes) {
       fmt::print("  [{}] error: {}\n", i, error_text(errors[i]));
       continue;
     }
-    fmt::print("  [{}] {} prompt {} -> {}\n", i, i % 2 == 1 ? "sampled" : "greedy ",
-               fmt::join(prompts[i], " "), fmt::join(outputs[i], " "));
+    fmt::print("  [{}] {} \"{}\" -> \"{}\"\n", i, i % 2 == 1 ? "sampled" : "greedy ", texts[i], shown(outputs[i]));
   }
   // The routers run where the attention shards do: in this process, or in the node processes.
   auto per_expert = routed_tokens(*c.registry(), m.n_routed_experts);

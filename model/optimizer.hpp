@@ -51,6 +51,9 @@ class adamw {
     std::vector<double> m, v;
   };
   [[nodiscard]] const std::map<std::string, moments, std::less<>>& state() const noexcept { return state_; }
+  /// Sets one parameter's moments (a replica that arrived with its state, e.g. an expert moved
+  /// to another holder), replacing any it had.
+  void set_moments(std::string name, moments m) { state_.insert_or_assign(std::move(name), std::move(m)); }
   /// Restores a saved state (a checkpoint's); the next step is number steps + 1.
   void restore(int64_t steps, std::map<std::string, moments, std::less<>> state) {
     steps_ = steps;

@@ -21,9 +21,11 @@
 #include "actors/serving_cluster.hpp"
 #include "actors/weights_loading.hpp"
 #include "model/checkpoint.hpp"
+#include "model/training_model.hpp"
 #include "protocol/load_report_codec.hpp"
 #include "runtime/actor_system.hpp"
 #include "runtime/cluster_config.hpp"
+#include "tests/unit/model/tiny_training_data.hpp"
 
 using namespace moe;
 using namespace moe::actors;
@@ -98,7 +100,7 @@ TEST(expert_group_versions, prepare_loads_new_replicas_serves_both_versions_and_
   ASSERT_TRUE(v1_out) << error_text(v1_out.error());
 
   // Version 2 keeps two experts per layer and gains two others (different ones per layer).
-  group_layout v2{2, moe_layers, {{0, 1, 4, 5}, {2, 3, 6, 7}}};
+  group_layout v2{2, moe_layers, {{0, 1, 4, 5}, {2, 3, 6, 7}}, {}, {}};
   prepare_result prepared;
   self->request(group, 30s, prepare_layout_atom::value, v2)
       .receive([&](prepare_result& r) { prepared = r; }, [&](caf::error& e) { FAIL() << error_text(e); });
@@ -130,12 +132,12 @@ TEST(expert_group_versions, prepare_loads_new_replicas_serves_both_versions_and_
   EXPECT_TRUE(forward(self, group, batch(2, 2, {6, 7, 2})));
 
   // Bad layouts are refused and change nothing; an aborted version is gone.
-  for (const auto& bad : {group_layout{3, {1}, {{0}}}, group_layout{3, moe_layers, {{1, 0}, {2}}},
-                          group_layout{3, moe_layers, {{0}, {16}}}, group_layout{2, moe_layers, {{0}, {1}}}}) {
+  for (const auto& bad : {group_layout{3, {1}, {{0}}, {}, {}}, group_layout{3, moe_layers, {{1, 0}, {2}}, {}, {}},
+                          group_layout{3, moe_layers, {{0}, {16}}, {}, {}}, group_layout{2, moe_layers, {{0}, {1}}, {}, {}}}) {
     self->request(group, 10s, prepare_layout_atom::value, bad)
         .receive([&](prepare_result&) { ADD_FAILURE() << "a bad layout was accepted"; }, [](caf::error&) {});
   }
-  self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{8}, {9}}})
+  self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{8}, {9}}, {}, {}})
       .receive([](prepare_result&) {}, [&](caf::error& e) { FAIL() << error_text(e); });
   EXPECT_TRUE(forward(self, group, batch(1, 3, {8})));
   self->send(group, abort_layout_atom::value, uint32_t{3});
@@ -145,12 +147,12 @@ TEST(expert_group_versions, prepare_loads_new_replicas_serves_both_versions_and_
 
   // A version aborted while its replicas load is dropped once they have loaded (the abort is
   // queued right behind the prepare); the same version can then be prepared again.
-  auto pending = self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{10}, {11}}});
+  auto pending = self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{10}, {11}}, {}, {}});
   self->send(group, abort_layout_atom::value, uint32_t{3});
   pending.receive([](prepare_result&) {},
                   [](caf::error& e) { EXPECT_NE(error_text(e).find("aborted"), std::string::npos) << error_text(e); });
   EXPECT_FALSE(forward(self, group, batch(1, 3, {10})));
-  self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{10}, {11}}})
+  self->request(group, 30s, prepare_layout_atom::value, group_layout{3, moe_layers, {{10}, {11}}, {}, {}})
       .receive([](prepare_result& r) { EXPECT_EQ(r.replicas_loaded, 2); }, [&](caf::error& e) { FAIL() << error_text(e); });
   EXPECT_TRUE(forward(self, group, batch(1, 3, {10})));
   caf::anon_send_exit(group, caf::exit_reason::user_shutdown);
@@ -373,5 +375,77 @@ TEST(online_rebalance, a_rebalance_while_jobs_generate_loses_nothing_and_changes
   EXPECT_LE((*during)->replicas_moved, 3);
   EXPECT_GT((*during)->replicas_moved, 0);
   EXPECT_EQ(run_jobs(sys, c.controller(), jobs), reference);
+  c.stop();
+}
+
+namespace {
+
+train_batch golden_train_batch(uint64_t step) {
+  train_batch b;
+  b.step = step;
+  b.hyper.lr = 1e-3;
+  b.hyper.balance_alpha = 0;
+  b.hyper.bias_update_speed = 0.001;
+  b.cu_seqlens = {0};
+  for (const auto& s : model::testing::golden_batch()) {
+    b.tokens.insert(b.tokens.end(), s.begin(), s.end());
+    b.cu_seqlens.push_back(static_cast<int32_t>(b.tokens.size()));
+  }
+  return b;
+}
+
+caf::expected<train_step_report> train_step(caf::actor_system& sys, const trainer_actor& trainer, uint64_t step) {
+  caf::scoped_actor self{sys};
+  caf::expected<train_step_report> out{caf::error{}};
+  self->request(trainer, 60s, train_step_atom::value, golden_train_batch(step))
+      .receive([&](train_step_report& r) { out = std::move(r); }, [&](caf::error& e) { out = std::move(e); });
+  return out;
+}
+
+}  // namespace
+
+TEST(online_rebalance, a_trained_cluster_moves_its_trained_experts_and_trains_on_exactly) {
+  // The single-process reference: four steps of the same batches and hyperparameters.
+  const auto h = golden_train_batch(1).hyper;
+  std::vector<double> want;
+  {
+    auto m = model::training_model::bind(model::testing::load_tiny());
+    ASSERT_TRUE(m) << error_text(m.error());
+    model::adamw opt({h.beta1, h.beta2, h.eps, h.weight_decay});
+    for (int s = 0; s < 4; ++s) {
+      m->zero_grads();
+      auto loss = m->forward_backward(model::testing::golden_batch());
+      ASSERT_TRUE(loss) << error_text(loss.error());
+      want.push_back(*loss);
+      m->clip_gradients(h.grad_clip);
+      ASSERT_FALSE(opt.step(m->parameters(), h.lr));
+      m->update_routing_bias(h.bias_update_speed);
+    }
+  }
+  auto sys_cfg = make_config();
+  caf::actor_system sys{sys_cfg};
+  auto cluster = serving_cluster::start(sys, serving_config(), local_options());
+  ASSERT_TRUE(cluster) << error_text(cluster.error());
+  auto& c = **cluster;
+  for (uint64_t s = 1; s <= 2; ++s) {
+    auto r = train_step(sys, c.trainer(), s);
+    ASSERT_TRUE(r) << error_text(r.error());
+    EXPECT_NEAR(r->loss, want[s - 1], 1e-5) << "step " << s;
+  }
+  // The disk still has the untrained experts: a rebalance must copy the trained ones (and their
+  // AdamW moments) from the groups holding them, or the same requests would decode otherwise.
+  const auto jobs = skewed_jobs(6, 6);
+  const auto before = run_jobs(sys, c.controller(), jobs);
+  auto moved = rebalance(sys, c.rebalancer());
+  ASSERT_TRUE(moved) << error_text(moved.error());
+  ASSERT_TRUE(moved->changed);
+  ASSERT_GT(moved->replicas_moved, 0);
+  EXPECT_EQ(run_jobs(sys, c.controller(), jobs), before);
+  // Training goes on under the new placement, with the moved replicas' moments.
+  for (uint64_t s = 3; s <= 4; ++s) {
+    auto r = train_step(sys, c.trainer(), s);
+    ASSERT_TRUE(r) << error_text(r.error());
+    EXPECT_NEAR(r->loss, want[s - 1], 1e-5) << "step " << s;
+  }
   c.stop();
 }
