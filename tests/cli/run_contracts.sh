@@ -460,6 +460,15 @@ case_demo_runs() {
     grep -qF "$want" "$TMP/out" || { fail "demo output lacks '$want'"; show_last; }
   done
   [[ -f "$TMP/cache/tiny-seed0/config.json" ]] || fail "demo did not write its model to the cache"
+  # It trains first: the loss falls from noise (ln 512 = 6.2) to well below, and greedy text
+  # afterwards is bytes of text, not escapes of random ids.
+  grep -qF "trained 120 steps" "$TMP/out" || { fail "demo did not report its training"; show_last; }
+  local first last
+  read -r first last < <(sed -n 's/^  loss: \([0-9.]*\) (first [0-9]* steps) -> \([0-9.]*\) (last [0-9]*)$/\1 \2/p' "$TMP/out")
+  awk -v a="${first:-0}" -v b="${last:-9}" 'BEGIN { exit !(a > 5.5 && b < 3.0) }' ||
+    fail "demo training: expected the loss to fall from above 5.5 to below 3.0, got '${first:-?}' -> '${last:-?}'"
+  grep -F 'after training, greedy:' "$TMP/out" | grep -qvE '\\x|<[0-9]+>' ||
+    fail "demo: greedy text after training still has non-text tokens: $(grep -F 'after training' "$TMP/out")"
   # A second run reuses the model it wrote and generates the same greedy tokens.
   cp "$TMP/out" "$TMP/first_out"
   MOE_MODEL_CACHE="$TMP/cache" moe demo
@@ -467,6 +476,36 @@ case_demo_runs() {
   grep -F "[0] greedy" "$TMP/out" >"$TMP/second_line"
   grep -F "[0] greedy" "$TMP/first_out" | cmp -s - "$TMP/second_line" ||
     fail "the demo's greedy generation changed between runs"
+}
+
+# `moe train --config --data`: training through a cluster's actors from a text file, a training
+# checkpoint that serving loads, and clear errors for bad input.
+case_train_config_data() {
+  local config="$DATA/../../deploy/local.yaml" corpus="$DATA/corpus/apache-2.0.txt"
+  MOE_MODEL_CACHE="$TMP/cache" moe train --config "$config" --data "$corpus" --steps 12 --seq-len 32 --batch 4 \
+    --lr 3e-3 --save "$TMP/ckpt"
+  expect_success || return
+  grep -qF "trained 12 steps" "$TMP/out" || { fail "no training summary"; show_last; }
+  grep -qE "^train: step 12/12 " "$TMP/err" || { fail "no progress lines on stderr"; show_last; }
+  [[ -f "$TMP/ckpt/training_state.json" && -f "$TMP/ckpt/model.safetensors" ]] ||
+    { fail "--save wrote no training checkpoint"; show_last; return; }
+  grep -q '"step": 12' "$TMP/ckpt/training_state.json" || fail "the checkpoint does not record 12 steps"
+  moe run --model "$TMP/ckpt" --prompt-ids 76,105,99 --max-new-tokens 4
+  expect_success || { fail "the trained checkpoint does not serve"; return; }
+  # The single-process check contract resumes the cluster's checkpoint (optimizer state, step).
+  moe train --model "$TMP/ckpt" --batch-ids "$GOLDEN" --steps 1 --print-losses
+  expect_success || fail "the single-process trainer does not resume the cluster's checkpoint"
+  # Bad input: a missing corpus, flags of the other mode, a corpus shorter than one sequence.
+  MOE_MODEL_CACHE="$TMP/cache" moe train --config "$config" --data "$TMP/no-such-file.txt"
+  check_no_crash || return
+  ((RC == 1)) && grep -qF "no-such-file.txt" "$TMP/err" || { fail "missing corpus: expected exit 1 naming the file"; show_last; }
+  MOE_MODEL_CACHE="$TMP/cache" moe train --config "$config" --data "$corpus" --batch-ids "$GOLDEN"
+  check_no_crash || return
+  ((RC == 1)) && grep -qF "check contract" "$TMP/err" || { fail "mixed modes: expected exit 1 explaining the two modes"; show_last; }
+  printf 'short' >"$TMP/short.txt"
+  MOE_MODEL_CACHE="$TMP/cache" moe train --config "$config" --data "$TMP/short.txt" --seq-len 64
+  check_no_crash || return
+  ((RC == 1)) && grep -qF "fewer than one sequence" "$TMP/err" || { fail "short corpus: expected exit 1 and why"; show_last; }
 }
 
 case_bad_cli_arguments() {
