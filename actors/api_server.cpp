@@ -9,6 +9,7 @@
 #include <caf/all.hpp>
 
 #include <cstdio>
+#include <functional>
 #include <future>
 #include <mutex>
 #include <optional>
@@ -16,8 +17,10 @@
 #include <thread>
 #include <vector>
 
+#include "actors/api_mapping.hpp"
 #include "actors/rebalancer.hpp"
 #include "base/constant_time.hpp"
+#include "model/tokenizer.hpp"
 #include "protocol/api_codec.hpp"
 
 namespace moe::actors {
@@ -27,117 +30,13 @@ namespace {
 namespace wire = moe::protocol::capnp;
 using protocol::api_errc;
 
-// --- the controller's messages <-> the API's values ---------------------------------------
-
-protocol::api_job_state to_api(job_state s) {
-  switch (s) {
-    case job_state::queued: return protocol::api_job_state::queued;
-    case job_state::running: return protocol::api_job_state::running;
-    case job_state::finished: return protocol::api_job_state::finished;
-    case job_state::cancelled: return protocol::api_job_state::cancelled;
-    case job_state::failed: return protocol::api_job_state::failed;
-  }
-  return protocol::api_job_state::failed;
-}
-
-protocol::api_job_event to_api(job_event e) {
-  return {e.job, std::move(e.tokens), e.finished, to_api(e.state), std::move(e.finish_reason),
-          std::move(e.error)};
-}
-
-protocol::api_job_status to_api(job_status s) {
-  return {s.job, to_api(s.state), std::move(s.tokens), std::move(s.finish_reason),
-          std::move(s.error), static_cast<int32_t>(s.shard)};
-}
-
-protocol::api_rebalance_report to_api(rebalance_report r) {
-  protocol::api_rebalance_report out;
-  out.changed = r.changed;
-  out.version_before = r.version_before;
-  out.version_after = r.version_after;
-  out.balance_before = r.balance_before;
-  out.balance_after = r.balance_after;
-  out.layer_balance_before = std::move(r.layer_balance_before);
-  out.layer_balance_after = std::move(r.layer_balance_after);
-  out.tokens_counted = r.tokens_counted;
-  out.replicas_moved = r.replicas_moved;
-  out.bytes_moved = r.bytes_moved;
-  out.duration_seconds = r.duration_seconds;
-  out.trigger = std::move(r.trigger);
-  return out;
-}
-
-generation_job to_controller(protocol::api_generation_spec s) {
-  generation_job j;
-  j.prompt = std::move(s.prompt);
-  j.max_new_tokens = s.max_new_tokens;
-  j.sampling.temperature = s.temperature;
-  j.sampling.top_k = s.top_k;
-  j.sampling.top_p = s.top_p;
-  j.sampling.seed = s.seed;
-  j.stop_token_ids = std::move(s.stop_token_ids);
-  return j;
-}
-
 kj::Exception api_exception(api_errc code, const std::string& text) {
   return protocol::make_api_exception(code, text);
 }
 
-// A failed request to `who` ("controller", "rebalancer") that its own codes do not explain:
-// the API's codes pass through, anything else is "internal".
-kj::Exception actor_failure(const caf::error& err, const std::string& who,
-                            std::chrono::milliseconds timeout) {
-  if (err.category() == caf::atom("api")) {
-    return api_exception(static_cast<api_errc>(err.code()), error_text(err));
-  }
-  if (err == caf::sec::request_timeout) {
-    return api_exception(api_errc::internal, "the " + who + " did not answer within " +
-                                                 std::to_string(timeout.count()) + " ms");
-  }
-  if (err == caf::sec::request_receiver_down) {
-    return api_exception(api_errc::internal, "the " + who + " is not running");
-  }
-  return api_exception(api_errc::internal, who + ": " + caf::to_string(err));
-}
-
-// A failed controller request as the exception the client sees: the controller's own codes
-// keep their meaning (overloaded stays retryable), anything else is "internal".
-kj::Exception to_exception(const caf::error& err, std::chrono::milliseconds timeout) {
-  if (err.category() == caf::atom("controller")) {
-    switch (static_cast<controller_errc>(err.code())) {
-      case controller_errc::overloaded: return api_exception(api_errc::overloaded, error_text(err));
-      case controller_errc::invalid_request:
-        return api_exception(api_errc::invalid_request, error_text(err));
-      case controller_errc::unknown_job:
-        return api_exception(api_errc::unknown_job, error_text(err));
-      case controller_errc::unavailable:
-        return api_exception(api_errc::unavailable, error_text(err));
-    }
-  }
-  return actor_failure(err, "controller", timeout);
-}
-
-// A failed rebalance as the exception the client sees, the rebalancer's text kept. The codes
-// keep their retry semantics: busy (retry later), no_load and a failed phase (the placement
-// did not change; retry after traffic / once the cause is fixed) are transient; a layout that
-// cannot be rebalanced stays so.
-kj::Exception to_rebalance_exception(const caf::error& err, std::chrono::milliseconds timeout) {
-  if (err.category() == caf::atom("rebalance")) {
-    const std::string text = error_text(err);
-    switch (static_cast<rebalance_errc>(err.code())) {
-      case rebalance_errc::busy: return api_exception(api_errc::overloaded, text);
-      case rebalance_errc::no_load: return api_exception(api_errc::unavailable, text);
-      case rebalance_errc::unsupported: return api_exception(api_errc::invalid_request, text);
-      case rebalance_errc::failed: return api_exception(api_errc::unavailable, text);
-    }
-  }
-  if (err == caf::sec::request_timeout) {
-    // The rebalance itself goes on: say so, or a client would retry into "busy".
-    return api_exception(api_errc::internal,
-                         "the rebalancer did not answer within " + std::to_string(timeout.count()) +
-                             " ms (the rebalance may still be running)");
-  }
-  return actor_failure(err, "rebalancer", timeout);
+// An api-category error (actors/api_mapping.hpp made it) as the exception the client sees.
+kj::Exception api_exception(const caf::error& err) {
+  return api_exception(static_cast<api_errc>(err.code()), error_text(err));
 }
 
 // --- CAF threads -> the kj thread -------------------------------------------------------
@@ -145,10 +44,11 @@ kj::Exception to_rebalance_exception(const caf::error& err, std::chrono::millise
 // The events of one job on their way from its subscriber actor (any CAF thread) to the kj
 // thread, which drains them in order. Also the one place where a job id and the stream's
 // abandonment meet, so that a job is cancelled exactly once however the two race.
+template <class Event>
 class event_channel {
  public:
   /// CAF thread. Events after abandon() are dropped.
-  void push(protocol::api_job_event e) {
+  void push(Event e) {
     kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -193,35 +93,89 @@ class event_channel {
   }
 
   /// kj thread: the queued events, oldest first.
-  std::vector<protocol::api_job_event> take() {
+  std::vector<Event> take() {
     std::lock_guard<std::mutex> lock(mu_);
     return std::exchange(events_, {});
   }
 
  private:
   std::mutex mu_;
-  std::vector<protocol::api_job_event> events_;
+  std::vector<Event> events_;
   kj::Own<kj::CrossThreadPromiseFulfiller<void>> waiter_;
   uint64_t job_id_ = 0;
   bool abandoned_ = false;
 };
 
-// Receives one job's events from the controller. Ends with the job's final event, or when
-// the controller goes down (then it reports the job as failed, so no client waits forever).
-caf::behavior job_subscriber(caf::event_based_actor* self, std::shared_ptr<event_channel> channel,
-                             controller_actor controller) {
-  self->monitor(controller);
-  self->set_down_handler([self, channel](caf::down_msg& msg) {
-    protocol::api_job_event e;
+// The two kinds of job streams: a generation job's tokens (submit, from the controller) and a
+// training job's progress (train, from the training jobs actor). Each names its events, its
+// sink, the message its source sends, and how events that queued up while the client was
+// busy become the one sent next.
+struct token_stream {
+  using event = protocol::api_job_event;
+  using sink = wire::TokenSink;
+  using atom = job_event_atom;
+  using message = job_event;
+  static constexpr const char* source = "controller";
+
+  // Tokens concatenated, the rest from the newest.
+  static event merge(std::vector<event> events) {
+    event merged = std::move(events.back());
+    if (events.size() > 1) {
+      std::vector<int32_t> tokens;
+      for (size_t i = 0; i + 1 < events.size(); ++i)
+        tokens.insert(tokens.end(), events[i].tokens.begin(), events[i].tokens.end());
+      tokens.insert(tokens.end(), merged.tokens.begin(), merged.tokens.end());
+      merged.tokens = std::move(tokens);
+    }
+    return merged;
+  }
+
+  static event failure(std::string error) {
+    event e;
     e.finished = true;
     e.state = protocol::api_job_state::failed;
     e.finish_reason = "error";
-    e.error = "the controller terminated: " + caf::to_string(msg.reason);
-    channel->push(std::move(e));
+    e.error = std::move(error);
+    return e;
+  }
+};
+
+struct training_stream {
+  using event = protocol::api_training_event;
+  using sink = wire::TrainingSink;
+  using atom = train_event_atom;
+  using message = training_event;
+  static constexpr const char* source = "training jobs actor";
+
+  // The newest (progress in between is stale; the finished event is always the newest).
+  static event merge(std::vector<event> events) {
+    return protocol::merge_training_events(std::move(events));
+  }
+
+  static event failure(std::string error) {
+    event e;
+    e.finished = true;
+    e.state = protocol::api_job_state::failed;
+    e.error = std::move(error);
+    return e;
+  }
+};
+
+// Receives one job's events from its source (the controller, the training jobs actor). Ends
+// with the job's final event, or when the source goes down (then it reports the job as
+// failed, so no client waits forever).
+template <class Kind, class Source>
+caf::behavior stream_subscriber(caf::event_based_actor* self,
+                                std::shared_ptr<event_channel<typename Kind::event>> channel,
+                                Source source) {
+  self->monitor(source);
+  self->set_down_handler([self, channel](caf::down_msg& msg) {
+    channel->push(Kind::failure(std::string("the ") + Kind::source +
+                                " terminated: " + caf::to_string(msg.reason)));
     self->quit();
   });
   return {
-      [self, channel](job_event_atom, job_event& e) {
+      [self, channel](typename Kind::atom, typename Kind::message& e) {
         const bool last = e.finished;
         channel->push(to_api(std::move(e)));
         if (last) self->quit();
@@ -270,22 +224,35 @@ kj::Promise<actor_reply<T>> ask(caf::actor_system& sys, const Handle& dest,
 
 struct connection_state;
 
-// One submitted job, from submit until its final event reached the client (or was given up).
-// kj thread only, apart from `channel`.
-struct job_stream {
-  std::shared_ptr<event_channel> channel = std::make_shared<event_channel>();
-  std::optional<wire::TokenSink::Client> sink;  // none: the client polls status()
+// One job with its event stream, from submit/train until its final event reached the client
+// (or was given up); the part that does not depend on the kind of job. kj thread only.
+struct stream_state {
+  virtual ~stream_state() = default;
+  /// The channel's abandon(): the job id when already known.
+  virtual std::optional<uint64_t> abandon_channel() = 0;
+
+  std::function<void(uint64_t)> cancel_job;  // sends cancel to the actor that runs the job
   caf::actor subscriber;
   std::weak_ptr<connection_state> owner;
-  uint64_t job_id = 0;  // 0 until submit answered
+  uint64_t job_id = 0;  // 0 until submit/train answered
   bool cancel_sent = false;
   bool done = false;
+};
+
+// kj thread only, apart from `channel`.
+template <class Kind>
+struct job_stream final : stream_state {
+  std::shared_ptr<event_channel<typename Kind::event>> channel =
+      std::make_shared<event_channel<typename Kind::event>>();
+  std::optional<typename Kind::sink::Client> sink;  // none: the client polls the status
+
+  std::optional<uint64_t> abandon_channel() override { return channel->abandon(); }
 };
 
 // kj thread only.
 struct connection_state {
   bool open = true;
-  std::set<std::shared_ptr<job_stream>> streams;  // streaming to this client
+  std::set<std::shared_ptr<stream_state>> streams;  // streaming to this client
 };
 
 }  // namespace
@@ -297,6 +264,8 @@ struct api_server::impl {
   caf::actor_system& sys;
   controller_actor controller;
   api_server_options options;
+  std::unique_ptr<model::tokenizer> tokenizer;  // for text corpora; null when training is off
+  std::string training_unavailable;             // why training is off; empty when it is on
 
   std::mutex cluster_mu;
   protocol::api_cluster_description cluster;  // guarded by cluster_mu
@@ -337,6 +306,10 @@ class job_service_impl final : public wire::JobService::Server {
   kj::Promise<void> cancel(CancelContext ctx) override;
   kj::Promise<void> describe(DescribeContext ctx) override;
   kj::Promise<void> rebalance(RebalanceContext ctx) override;
+  kj::Promise<void> train(TrainContext ctx) override;
+  kj::Promise<void> trainingStatus(TrainingStatusContext ctx) override;
+  kj::Promise<void> cancelTraining(CancelTrainingContext ctx) override;
+  kj::Promise<void> checkpoint(CheckpointContext ctx) override;
 
  private:
   server_core& core_;
@@ -410,20 +383,15 @@ class server_core final : private kj::TaskSet::ErrorHandler {
   [[nodiscard]] kj::Own<in_flight_guard> enter() { return kj::heap<in_flight_guard>(in_flight_); }
 
   template <class T, class... Ts>
-  kj::Promise<actor_reply<T>> ask(Ts... xs) {
+  kj::Promise<actor_reply<T>> ask_controller(Ts... xs) {
     return actors::ask<T>(shared_.sys, shared_.controller, shared_.options.request_timeout,
                           [](const T&) {}, xs...);
   }
 
-  kj::Promise<actor_reply<uint64_t>> ask_submit(generation_job job,
-                                                  const std::shared_ptr<job_stream>& s) {
-    auto controller = shared_.controller;
-    return actors::ask<uint64_t>(
-        shared_.sys, controller, shared_.options.request_timeout,
-        [channel = s->channel, controller](const uint64_t& id) {
-          if (!channel->bind_job(id)) caf::anon_send(controller, cancel_atom::value, id);
-        },
-        submit_atom::value, std::move(job), s->subscriber);
+  // The caller checks that training is on (training_unavailable).
+  template <class T, class... Ts>
+  kj::Promise<actor_reply<T>> ask_training(std::chrono::milliseconds timeout, Ts... xs) {
+    return actors::ask<T>(shared_.sys, shared_.options.training_jobs, timeout, [](const T&) {}, xs...);
   }
 
   // The caller checks that a rebalancer runs.
@@ -434,42 +402,70 @@ class server_core final : private kj::TaskSet::ErrorHandler {
   }
 
   [[nodiscard]] kj::Exception to_exception(const caf::error& err) const {
-    return actors::to_exception(err, shared_.options.request_timeout);
+    return api_exception(controller_failure(err, shared_.options.request_timeout));
   }
 
   [[nodiscard]] kj::Exception to_rebalance_exception(const caf::error& err) const {
-    return actors::to_rebalance_exception(err, shared_.options.rebalance_timeout);
+    return api_exception(rebalance_failure(err, shared_.options.rebalance_timeout));
   }
 
-  std::shared_ptr<job_stream> open_stream(const std::shared_ptr<connection_state>& conn,
-                                          std::optional<wire::TokenSink::Client> sink) {
-    auto s = std::make_shared<job_stream>();
-    s->owner = conn;
-    if (sink) {
-      s->sink = kj::mv(*sink);
-      s->subscriber = shared_.sys.spawn(job_subscriber, s->channel, shared_.controller);
-      conn->streams.insert(s);
-      streams_.insert(s);
-    }
-    return s;
+  [[nodiscard]] kj::Exception to_training_exception(const caf::error& err,
+                                                    std::chrono::milliseconds timeout) const {
+    return api_exception(training_failure(err, timeout));
   }
 
-  // Submit answered `id`: start forwarding events, unless the client or the server is gone.
-  void stream_accepted(const std::shared_ptr<job_stream>& s, uint64_t id) {
-    s->job_id = id;
-    if (s->done || !s->sink) return;
-    auto conn = s->owner.lock();
-    if (!conn || !conn->open) return abandon(s);
-    if (stopping_) request_cancel(*s);
-    tasks_->add(pump(s));
+  // Why the training calls are refused; nothing when training is on.
+  [[nodiscard]] std::optional<std::string> training_unavailable() const {
+    if (shared_.training_unavailable.empty()) return std::nullopt;
+    return "training is not enabled on this server (" + shared_.training_unavailable + ")";
+  }
+
+  [[nodiscard]] const model::tokenizer& tokenizer() const { return *shared_.tokenizer; }
+  [[nodiscard]] const controller_actor& controller() const noexcept { return shared_.controller; }
+
+  // submit and train: sends `job` to `dest` (the controller, the training jobs actor) with a
+  // subscriber when the client gave a sink, answers the job id and streams the job's events
+  // to the sink. If the call is dropped before `dest` answered (the client went away or
+  // cancelled the call), the stream is given up, which cancels the job if it was accepted
+  // after all. `failure` maps `dest`'s errors to the API's.
+  template <class Kind, class Context, class Dest, class Atom, class Job>
+  kj::Promise<void> start_job(Context ctx, const std::shared_ptr<connection_state>& conn,
+                              std::optional<typename Kind::sink::Client> sink, const Dest& dest,
+                              Atom atom, Job job,
+                              caf::error (*failure)(const caf::error&, std::chrono::milliseconds)) {
+    auto stream = open_stream<Kind>(conn, kj::mv(sink), dest);
+    auto answered = std::make_shared<bool>(false);
+    auto give_up = kj::defer([this, stream, answered] {
+      if (!*answered) abandon(stream);
+    });
+    const auto timeout = shared_.options.request_timeout;
+    auto accepted = actors::ask<uint64_t>(
+        shared_.sys, dest, timeout,
+        [channel = stream->channel, cancel = stream->cancel_job](const uint64_t& id) {
+          if (!channel->bind_job(id)) cancel(id);
+        },
+        atom, std::move(job), stream->subscriber);
+    return accepted
+        .then([this, ctx, stream, answered, failure, timeout](actor_reply<uint64_t> id) mutable
+              -> kj::Promise<void> {
+          *answered = true;
+          if (!id.value) {
+            abandon(stream);
+            return api_exception(failure(id.error, timeout));
+          }
+          ctx.getResults().setJobId(*id.value);
+          stream_accepted(stream, *id.value);
+          return kj::READY_NOW;
+        })
+        .attach(kj::mv(give_up), enter());
   }
 
   // Gives a stream up: its job is cancelled (once), its events dropped.
-  void abandon(const std::shared_ptr<job_stream>& s) {
+  void abandon(const std::shared_ptr<stream_state>& s) {
     if (s->done) return;
-    if (auto id = s->channel->abandon(); id && !s->cancel_sent) {
+    if (auto id = s->abandon_channel(); id && !s->cancel_sent) {
       s->cancel_sent = true;
-      caf::anon_send(shared_.controller, cancel_atom::value, *id);
+      s->cancel_job(*id);
     }
     if (s->subscriber) caf::anon_send_exit(s->subscriber, caf::exit_reason::user_shutdown);
     finish(s);
@@ -511,33 +507,54 @@ class server_core final : private kj::TaskSet::ErrorHandler {
     return timer().afterDelay(5 * kj::MILLISECONDS).then([this, deadline] { return drain(deadline); });
   }
 
-  void request_cancel(job_stream& s) {
-    if (s.job_id == 0 || s.cancel_sent) return;  // unknown yet: stream_accepted cancels it
-    s.cancel_sent = true;
-    caf::anon_send(shared_.controller, cancel_atom::value, s.job_id);
+  template <class Kind, class Dest>
+  std::shared_ptr<job_stream<Kind>> open_stream(const std::shared_ptr<connection_state>& conn,
+                                                std::optional<typename Kind::sink::Client> sink,
+                                                const Dest& dest) {
+    auto s = std::make_shared<job_stream<Kind>>();
+    s->owner = conn;
+    s->cancel_job = [dest](uint64_t id) { caf::anon_send(dest, cancel_atom::value, id); };
+    if (sink) {
+      s->sink = kj::mv(*sink);
+      s->subscriber = shared_.sys.spawn(stream_subscriber<Kind, Dest>, s->channel, dest);
+      conn->streams.insert(s);
+      streams_.insert(s);
+    }
+    return s;
   }
 
-  void finish(const std::shared_ptr<job_stream>& s) {
+  // The job was accepted as `id`: start forwarding events, unless the client or the server is
+  // gone.
+  template <class Kind>
+  void stream_accepted(const std::shared_ptr<job_stream<Kind>>& s, uint64_t id) {
+    s->job_id = id;
+    if (s->done || !s->sink) return;
+    auto conn = s->owner.lock();
+    if (!conn || !conn->open) return abandon(s);
+    if (stopping_) request_cancel(*s);
+    tasks_->add(pump(s));
+  }
+
+  void request_cancel(stream_state& s) {
+    if (s.job_id == 0 || s.cancel_sent) return;  // unknown yet: stream_accepted cancels it
+    s.cancel_sent = true;
+    s.cancel_job(s.job_id);
+  }
+
+  void finish(const std::shared_ptr<stream_state>& s) {
     s->done = true;
     if (auto conn = s->owner.lock()) conn->streams.erase(s);
     streams_.erase(s);
   }
 
-  // Forwards the job's events to its sink, one call at a time; events queued meanwhile are
-  // merged into one (tokens concatenated, the rest from the newest), which keeps a slow
-  // client from building up a backlog of calls.
-  kj::Promise<void> pump(std::shared_ptr<job_stream> s) {
+  // Forwards the job's events to its sink, one call at a time; events queued meanwhile become
+  // one (Kind::merge), which keeps a slow client from building up a backlog of calls.
+  template <class Kind>
+  kj::Promise<void> pump(std::shared_ptr<job_stream<Kind>> s) {
     return s->channel->ready().then([this, s]() -> kj::Promise<void> {
       auto events = s->channel->take();
       if (s->done || events.empty()) return kj::READY_NOW;  // abandoned
-      protocol::api_job_event merged = std::move(events.back());
-      if (events.size() > 1) {
-        std::vector<int32_t> tokens;
-        for (size_t i = 0; i + 1 < events.size(); ++i)
-          tokens.insert(tokens.end(), events[i].tokens.begin(), events[i].tokens.end());
-        tokens.insert(tokens.end(), merged.tokens.begin(), merged.tokens.end());
-        merged.tokens = std::move(tokens);
-      }
+      auto merged = Kind::merge(std::move(events));
       if (merged.job_id == 0) merged.job_id = s->job_id;
       const bool last = merged.finished;
       auto req = s->sink->eventRequest();
@@ -548,7 +565,7 @@ class server_core final : private kj::TaskSet::ErrorHandler {
             finish(s);
             return kj::READY_NOW;
           },
-          // The client is gone or its handler failed: nobody will read this job's tokens.
+          // The client is gone or its handler failed: nobody will read this job's events.
           [this, s](kj::Exception&&) { abandon(s); });
     });
   }
@@ -562,7 +579,7 @@ class server_core final : private kj::TaskSet::ErrorHandler {
   kj::AsyncIoContext& io_;
   bool stopping_ = false;
   size_t in_flight_ = 0;
-  std::set<std::shared_ptr<job_stream>> streams_;
+  std::set<std::shared_ptr<stream_state>> streams_;
   kj::Own<kj::ConnectionReceiver> listener_;
   kj::Maybe<kj::Promise<void>> accepting_;
   kj::Own<kj::TaskSet> tasks_;  // last: its connections refer to the members above
@@ -598,42 +615,24 @@ kj::Promise<void> job_service_impl::submit(SubmitContext ctx) {
   auto params = ctx.getParams();
   auto job = params.getJob();
   if (job.which() == wire::JobSpec::TRAINING) {
-    return api_exception(api_errc::invalid_request, "training jobs are not served yet");
+    return api_exception(api_errc::invalid_request,
+                         "training: JobSpec.training is reserved; submit training jobs with "
+                         "JobService.train()");
   }
   if (job.which() != wire::JobSpec::GENERATION) {
     return api_exception(api_errc::invalid_request, "job: unknown kind (a newer client?)");
   }
   auto spec = protocol::from_wire(job.getGeneration());
-  if (auto err = protocol::validate(spec, core_.options().limits)) {
-    return api_exception(api_errc::invalid_request, error_text(err));
-  }
+  if (auto err = protocol::validate(spec, core_.options().limits)) return api_exception(err);
   std::optional<wire::TokenSink::Client> sink;
   if (params.hasSink()) sink = params.getSink();
-  auto stream = core_.open_stream(conn_, kj::mv(sink));
-  // If this call is dropped before the controller answered (the client went away or cancelled
-  // the call), the stream is given up, which cancels the job if it was accepted after all.
-  auto answered = std::make_shared<bool>(false);
-  auto give_up = kj::defer([&core = core_, stream, answered] {
-    if (!*answered) core.abandon(stream);
-  });
-  return core_.ask_submit(to_controller(std::move(spec)), stream)
-      .then([&core = core_, ctx, stream, answered](actor_reply<uint64_t> id) mutable
-            -> kj::Promise<void> {
-        *answered = true;
-        if (!id.value) {
-          core.abandon(stream);
-          return core.to_exception(id.error);
-        }
-        ctx.getResults().setJobId(*id.value);
-        core.stream_accepted(stream, *id.value);
-        return kj::READY_NOW;
-      })
-      .attach(kj::mv(give_up), core_.enter());
+  return core_.start_job<token_stream>(ctx, conn_, kj::mv(sink), core_.controller(), submit_atom::value,
+                                       to_controller(std::move(spec)), controller_failure);
 }
 
 kj::Promise<void> job_service_impl::status(StatusContext ctx) {
   if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
-  return core_.ask<job_status>(status_atom::value, ctx.getParams().getJobId())
+  return core_.ask_controller<job_status>(status_atom::value, ctx.getParams().getJobId())
       .then([&core = core_, ctx](actor_reply<job_status> s) mutable -> kj::Promise<void> {
         if (!s.value) return core.to_exception(s.error);
         protocol::to_wire(to_api(std::move(*s.value)), ctx.getResults().initStatus());
@@ -644,7 +643,7 @@ kj::Promise<void> job_service_impl::status(StatusContext ctx) {
 
 kj::Promise<void> job_service_impl::cancel(CancelContext ctx) {
   if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
-  return core_.ask<bool>(cancel_atom::value, ctx.getParams().getJobId())
+  return core_.ask_controller<bool>(cancel_atom::value, ctx.getParams().getJobId())
       .then([&core = core_, ctx](actor_reply<bool> was_active) mutable -> kj::Promise<void> {
         if (!was_active.value) return core.to_exception(was_active.error);
         ctx.getResults().setWasActive(*was_active.value);
@@ -670,6 +669,64 @@ kj::Promise<void> job_service_impl::rebalance(RebalanceContext ctx) {
       .then([&core = core_, ctx](actor_reply<rebalance_report> r) mutable -> kj::Promise<void> {
         if (!r.value) return core.to_rebalance_exception(r.error);
         protocol::to_wire(to_api(std::move(*r.value)), ctx.getResults().initReport());
+        return kj::READY_NOW;
+      })
+      .attach(core_.enter());
+}
+
+kj::Promise<void> job_service_impl::train(TrainContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  if (auto why = core_.training_unavailable()) return api_exception(api_errc::unavailable, *why);
+  auto params = ctx.getParams();
+  auto spec = protocol::from_wire(params.getJob());
+  if (auto err = protocol::validate(spec, core_.options().limits)) return api_exception(err);
+  std::optional<wire::TrainingSink::Client> sink;
+  if (params.hasSink()) sink = params.getSink();
+  return core_.start_job<training_stream>(ctx, conn_, kj::mv(sink), core_.options().training_jobs,
+                                          train_submit_atom::value,
+                                          to_training_job(std::move(spec), core_.tokenizer()),
+                                          training_failure);
+}
+
+kj::Promise<void> job_service_impl::trainingStatus(TrainingStatusContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  if (auto why = core_.training_unavailable()) return api_exception(api_errc::unavailable, *why);
+  const auto timeout = core_.options().request_timeout;
+  return core_.ask_training<training_event>(timeout, status_atom::value, ctx.getParams().getJobId())
+      .then([&core = core_, ctx, timeout](actor_reply<training_event> e) mutable -> kj::Promise<void> {
+        if (!e.value) return core.to_training_exception(e.error, timeout);
+        protocol::to_wire(to_api(std::move(*e.value)), ctx.getResults().initEvent());
+        return kj::READY_NOW;
+      })
+      .attach(core_.enter());
+}
+
+kj::Promise<void> job_service_impl::cancelTraining(CancelTrainingContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  if (auto why = core_.training_unavailable()) return api_exception(api_errc::unavailable, *why);
+  const auto timeout = core_.options().request_timeout;
+  return core_.ask_training<bool>(timeout, cancel_atom::value, ctx.getParams().getJobId())
+      .then([&core = core_, ctx, timeout](actor_reply<bool> was_active) mutable -> kj::Promise<void> {
+        if (!was_active.value) return core.to_training_exception(was_active.error, timeout);
+        ctx.getResults().setWasActive(*was_active.value);
+        return kj::READY_NOW;
+      })
+      .attach(core_.enter());
+}
+
+kj::Promise<void> job_service_impl::checkpoint(CheckpointContext ctx) {
+  if (core_.stopping()) return api_exception(api_errc::unavailable, "the api server is stopping");
+  if (auto why = core_.training_unavailable()) return api_exception(api_errc::unavailable, *why);
+  auto given = ctx.getParams().getDirectory();
+  std::string directory(given.cStr(), given.size());
+  if (auto err = protocol::validate_checkpoint_directory(directory, core_.options().limits)) {
+    return api_exception(err);
+  }
+  const auto timeout = core_.options().checkpoint_timeout;
+  return core_.ask_training<std::string>(timeout, train_checkpoint_atom::value, std::move(directory))
+      .then([&core = core_, ctx, timeout](actor_reply<std::string> written) mutable -> kj::Promise<void> {
+        if (!written.value) return core.to_training_exception(written.error, timeout);
+        ctx.getResults().setDirectory(kj::StringPtr(written.value->c_str(), written.value->size()));
         return kj::READY_NOW;
       })
       .attach(core_.enter());
@@ -724,6 +781,13 @@ caf::expected<std::unique_ptr<api_server>> api_server::start(caf::actor_system& 
     return protocol::make_error(api_errc::invalid_request, "api server: no controller");
   }
   auto p = std::make_unique<impl>(sys, std::move(controller), std::move(options));
+  if (!p->options.training_jobs) {
+    p->training_unavailable = "no training jobs actor runs";
+  } else if (auto t = model::make_tokenizer(p->options.vocab_size); !t) {
+    p->training_unavailable = error_text(t.error());
+  } else {
+    p->tokenizer = std::move(*t);
+  }
   std::promise<caf::expected<uint16_t>> started;
   auto port = started.get_future();
   p->thread = std::thread(

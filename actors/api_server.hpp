@@ -1,13 +1,16 @@
 // The job-submission API server (protocol/api.capnp): Cap'n Proto RPC in front of the
-// controller actor (jobs) and the rebalancer actor (rebalance(), when one runs).
+// controller actor (jobs), the rebalancer actor (rebalance(), when one runs) and the training
+// jobs actor (train, trainingStatus, cancelTraining, checkpoint; when the cluster trains).
 //
 // The server runs its own thread with a kj event loop; RPC calls never block that loop on CAF.
-// Each call becomes a request to the controller (or the rebalancer) from a short-lived CAF
-// actor, whose answer is handed back to the kj thread through a cross-thread promise. A
+// Each call becomes a request to the controller (the rebalancer, the training jobs actor) from
+// a short-lived CAF actor, whose answer is handed back to the kj thread through a cross-thread
+// promise. A
 // submitted job with a token sink gets a subscriber actor that receives the controller's
 // (job_event_atom, job_event) messages and hands them, in order, to the kj thread, which
 // forwards them to the client's TokenSink one call at a time (events queued meanwhile are
-// merged).
+// merged). A training job with a TrainingSink is streamed the same way from the training jobs
+// actor's (train_event_atom, training_event) messages (queued events: the newest is sent).
 //
 // Authentication: a connection reaches only Gateway.login until it presents the cluster
 // secret (compared in constant time; the secret is never logged or echoed). If a client's
@@ -31,6 +34,7 @@
 
 #include "actors/controller.hpp"
 #include "actors/rebalance_messages.hpp"
+#include "actors/training_jobs.hpp"
 #include "base/error.hpp"
 #include "protocol/api_types.hpp"
 
@@ -52,6 +56,15 @@ struct api_server_options {
   /// How long a rebalance may take before the call fails with "internal: ..." (a rebalance
   /// loads weights, so far longer than request_timeout; it keeps running on the cluster).
   std::chrono::milliseconds rebalance_timeout{600'000};
+  /// Runs train(), trainingStatus(), cancelTraining() and checkpoint(); null: they fail with
+  /// "unavailable: training is not enabled on this server (...)". Not owned.
+  training_jobs_actor training_jobs;
+  /// The model's vocabulary, for the tokenizer of text corpora (model/tokenizer.hpp). One that
+  /// no tokenizer fits (0: not given) turns training off as a missing actor does.
+  int64_t vocab_size = 0;
+  /// How long checkpoint() may take before it fails with "internal: ..." (the running step,
+  /// then the write; the checkpoint may still be written after).
+  std::chrono::milliseconds checkpoint_timeout{600'000};
   /// How long stop() waits for in-flight calls and the final events of cancelled jobs.
   std::chrono::milliseconds stop_grace{2'000};
   /// A wrong secret is answered only after this delay, to slow down guessing.

@@ -266,4 +266,6 @@ CAF_ADD_TYPE_ID(moe_actors, (moe::actors::train_step_report))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::owner_state))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::training_job))
 CAF_ADD_TYPE_ID(moe_actors, (moe::actors::training_event))
+// train_grads to an expert group carries its replicated (layer, expert) pairs.
+CAF_ADD_TYPE_ID(moe_actors, (std::vector<int64_t>))
 CAF_END_TYPE_ID_BLOCK(moe_actors)

@@ -355,6 +355,7 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   ao.cluster = describe(config, s->placement_, options.join_nodes);
   ao.rebalancer = s->rebalancer_;
   ao.rebalance_unavailable = s->rebalance_unavailable_;
+  ao.training_jobs = s->training_jobs_;
   ao.vocab_size = model_cfg->vocab_size;
   auto api = api_server::start(sys, s->controller_, ao);
   if (!api) return api.error();

@@ -103,6 +103,20 @@ caf::error to_error(const kj::Exception& e, const std::string& what) {
   }
 }
 
+// Runs an event handler; what it threw, as text (empty: it returned).
+template <class Handler, class Event>
+std::string run_handler(const Handler& on_event, const Event& e) {
+  if (!on_event) return {};
+  try {
+    on_event(e);
+  } catch (const std::exception& ex) {
+    return ex.what();
+  } catch (...) {
+    return "an unknown exception";
+  }
+  return {};
+}
+
 // What arrived for one submitted job. Confined to the client's thread.
 struct job_record {
   job_client::event_handler on_event;
@@ -122,16 +136,7 @@ class token_sink final : public wire::TokenSink::Server {
     if (r.finished) return kj::READY_NOW;
     auto e = protocol::from_wire(ctx.getParams().getEvent());
     r.tokens.insert(r.tokens.end(), e.tokens.begin(), e.tokens.end());
-    std::string handler_error;
-    if (r.on_event) {
-      try {
-        r.on_event(e);
-      } catch (const std::exception& ex) {
-        handler_error = ex.what();
-      } catch (...) {
-        handler_error = "an unknown exception";
-      }
-    }
+    const std::string handler_error = run_handler(r.on_event, e);
     if (!handler_error.empty()) {
       e.finished = true;
       e.state = job_state::failed;
@@ -153,6 +158,44 @@ class token_sink final : public wire::TokenSink::Server {
   std::shared_ptr<job_record> r_;
 };
 
+// What arrived for one training job. Confined to the client's thread.
+struct training_record {
+  job_client::training_event_handler on_event;
+  bool finished = false;
+  training_event final;                        // valid once finished
+  kj::Own<kj::PromiseFulfiller<void>> waiter;  // set while wait_training() blocks on this job
+};
+
+class training_sink final : public wire::TrainingSink::Server {
+ public:
+  explicit training_sink(std::shared_ptr<training_record> r) : r_(std::move(r)) {}
+
+ protected:
+  kj::Promise<void> event(EventContext ctx) override {
+    training_record& r = *r_;
+    if (r.finished) return kj::READY_NOW;
+    auto e = protocol::from_wire(ctx.getParams().getEvent());
+    const std::string handler_error = run_handler(r.on_event, e);
+    if (!handler_error.empty()) {
+      e.finished = true;
+      e.state = job_state::failed;
+      e.error = "the on_event handler threw " + handler_error;
+    }
+    if (e.finished) {
+      r.finished = true;
+      r.final = std::move(e);
+      if (r.waiter) r.waiter->fulfill();
+    }
+    // Failing the call tells the server nobody reads this job any more: it cancels the job.
+    if (!handler_error.empty())
+      return KJ_EXCEPTION(FAILED, "moe client: the on_event handler failed");
+    return kj::READY_NOW;
+  }
+
+ private:
+  std::shared_ptr<training_record> r_;
+};
+
 }  // namespace
 
 struct job_client::impl {
@@ -164,6 +207,7 @@ struct job_client::impl {
   std::optional<kj::ForkedPromise<void>> disconnected;
   std::optional<wire::JobService::Client> service;
   std::map<uint64_t, std::shared_ptr<job_record>> jobs;
+  std::map<uint64_t, std::shared_ptr<training_record>> training_jobs;
   client_options options;
   uint16_t server_version = 0;
 
@@ -186,6 +230,33 @@ struct job_client::impl {
   template <class T>
   caf::expected<T> call(kj::Promise<T> p, const std::string& what) {
     return call(kj::mv(p), what, options.call_timeout);
+  }
+
+  // Delivers events until `r` finished (nothing), the connection dropped or `timeout` passed
+  // (0: no limit). `call` and `job` name them in the error.
+  template <class Record>
+  caf::error wait_until_finished(Record& r, const std::string& call, const std::string& job,
+                                 std::chrono::milliseconds timeout) {
+    if (r.finished) return {};
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    r.waiter = kj::mv(paf.fulfiller);
+    std::optional<bool> done;
+    try {
+      auto finished = paf.promise.then([] { return true; })
+                          .exclusiveJoin(disconnected->addBranch().then([] { return false; }));
+      done = await(kj::mv(finished), timeout);
+    } catch (const kj::Exception& e) {
+      r.waiter = nullptr;
+      return to_error(e, call);
+    }
+    r.waiter = nullptr;
+    if (r.finished) return {};
+    if (!done) {
+      return make_error(client_errc::timed_out, call + ": " + job + " did not finish within " +
+                                                    std::to_string(timeout.count()) + " ms");
+    }
+    return make_error(client_errc::disconnected,
+                      call + ": connection lost before " + job + " finished");
   }
 
   template <class T>
@@ -289,29 +360,8 @@ caf::expected<client_status> job_client::wait(uint64_t job_id, std::chrono::mill
                           " was not submitted by this client, or was already waited for");
   }
   auto record = it->second;
-  if (!record->finished) {
-    auto paf = kj::newPromiseAndFulfiller<void>();
-    record->waiter = kj::mv(paf.fulfiller);
-    std::optional<bool> done;
-    try {
-      auto finished = paf.promise.then([] { return true; })
-                          .exclusiveJoin(impl_->disconnected->addBranch().then([] { return false; }));
-      done = impl_->await(kj::mv(finished), timeout);
-    } catch (const kj::Exception& e) {
-      record->waiter = nullptr;
-      return to_error(e, "wait");
-    }
-    record->waiter = nullptr;
-    if (!record->finished) {
-      if (!done) {
-        return make_error(client_errc::timed_out, "wait: job " + std::to_string(job_id) +
-                                                      " did not finish within " +
-                                                      std::to_string(timeout.count()) + " ms");
-      }
-      return make_error(client_errc::disconnected,
-                        "wait: connection lost before job " + std::to_string(job_id) + " finished");
-    }
-  }
+  if (auto err = impl_->wait_until_finished(*record, "wait", "job " + std::to_string(job_id), timeout))
+    return err;
   // The answer to the final event call is still queued: send it now, as the caller may not
   // call this client again for a while (the server holds the stream open until it arrives).
   poll();
@@ -387,6 +437,100 @@ caf::expected<client_rebalance_report> job_client::rebalance() {
     }
   }
   return report;
+}
+
+caf::expected<uint64_t> job_client::submit_training(const training_request_spec& spec,
+                                                    training_event_handler on_event) {
+  if (auto err = protocol::validate(spec)) {
+    return make_error(client_errc::invalid_request, "invalid_request: " + error_text(err));
+  }
+  auto record = std::make_shared<training_record>();
+  record->on_event = std::move(on_event);
+  caf::expected<uint64_t> id = make_error(client_errc::server_error, "submit_training: not sent");
+  try {
+    auto req = impl_->service->trainRequest();
+    protocol::to_wire(spec, req.initJob());
+    req.setSink(kj::heap<training_sink>(record));
+    id = impl_->call(req.send().then([](auto r) { return r.getJobId(); }), "submit_training");
+  } catch (const kj::Exception& e) {
+    return to_error(e, "submit_training");
+  }
+  if (id) impl_->training_jobs[*id] = std::move(record);
+  return id;
+}
+
+caf::expected<training_event> job_client::wait_training(uint64_t job_id,
+                                                        std::chrono::milliseconds timeout) {
+  auto it = impl_->training_jobs.find(job_id);
+  if (it == impl_->training_jobs.end()) {
+    return make_error(client_errc::unknown_job,
+                      "wait_training: training job " + std::to_string(job_id) +
+                          " was not submitted by this client, or was already waited for");
+  }
+  auto record = it->second;
+  if (auto err = impl_->wait_until_finished(*record, "wait_training",
+                                            "training job " + std::to_string(job_id), timeout))
+    return err;
+  poll();  // sends the answer to the final event call (see wait)
+  impl_->training_jobs.erase(job_id);
+  training_event result = record->final;
+  result.job_id = job_id;
+  return result;
+}
+
+caf::expected<training_event> job_client::train(const training_request_spec& spec,
+                                                training_event_handler on_event) {
+  auto id = submit_training(spec, std::move(on_event));
+  if (!id) return id.error();
+  auto done = wait_training(*id);
+  if (!done) return done.error();
+  const std::string where = "training job " + std::to_string(*id) + " ";
+  const std::string at = " at step " + std::to_string(done->step) + " of " + std::to_string(done->steps);
+  switch (done->state) {
+    case job_state::failed:
+      return make_error(client_errc::job_failed, where + "failed" + at + ": " + done->error);
+    case job_state::cancelled:
+      return make_error(client_errc::job_cancelled, where + "was cancelled" + at);
+    default: return done;
+  }
+}
+
+caf::expected<training_event> job_client::training_status(uint64_t job_id) {
+  try {
+    auto req = impl_->service->trainingStatusRequest();
+    req.setJobId(job_id);
+    return impl_->call(req.send().then([](auto r) { return protocol::from_wire(r.getEvent()); }),
+                       "training_status");
+  } catch (const kj::Exception& e) {
+    return to_error(e, "training_status");
+  }
+}
+
+caf::expected<bool> job_client::cancel_training(uint64_t job_id) {
+  try {
+    auto req = impl_->service->cancelTrainingRequest();
+    req.setJobId(job_id);
+    return impl_->call(req.send().then([](auto r) { return r.getWasActive(); }), "cancel_training");
+  } catch (const kj::Exception& e) {
+    return to_error(e, "cancel_training");
+  }
+}
+
+caf::expected<std::string> job_client::checkpoint(const std::string& directory) {
+  if (auto err = protocol::validate_checkpoint_directory(directory)) {
+    return make_error(client_errc::invalid_request, "invalid_request: " + error_text(err));
+  }
+  try {
+    auto req = impl_->service->checkpointRequest();
+    req.setDirectory(kj::StringPtr(directory.c_str(), directory.size()));
+    return impl_->call(req.send().then([](auto r) {
+                         auto d = r.getDirectory();
+                         return std::string(d.cStr(), d.size());
+                       }),
+                       "checkpoint", impl_->options.checkpoint_timeout);
+  } catch (const kj::Exception& e) {
+    return to_error(e, "checkpoint");
+  }
 }
 
 void job_client::poll() {

@@ -11,8 +11,8 @@
 //
 // Thread safety: a job_client is confined to the thread that called connect(): Cap'n Proto
 // runs one event loop per thread, and events are delivered only while that thread is inside a
-// call of this class (submit, wait, status, cancel, describe, rebalance, poll). Several
-// clients may share a thread. Ownership: the client owns its connection; destroying it closes
+// call of this class (submit, wait, status, cancel, describe, rebalance, the training calls,
+// poll). Several clients may share a thread. Ownership: the client owns its connection; destroying it closes
 // the connection, which makes the server cancel every job still streaming to it.
 #pragma once
 
@@ -54,6 +54,8 @@ using client_status = protocol::api_job_status;
 using client_cluster_description = protocol::api_cluster_description;
 using client_rebalance_report = protocol::api_rebalance_report;
 using job_state = protocol::api_job_state;
+using training_request_spec = protocol::api_training_spec;
+using training_event = protocol::api_training_event;
 
 struct client_options {
   std::chrono::milliseconds connect_timeout{10'000};
@@ -62,6 +64,9 @@ struct client_options {
   /// Limit for rebalance() (it loads weights); 0: none. A little above the server's default
   /// limit (api_server_options::rebalance_timeout), so that the server's answer wins.
   std::chrono::milliseconds rebalance_timeout{660'000};
+  /// Limit for checkpoint() (the running step, then the write); 0: none. Above the server's
+  /// api_server_options::checkpoint_timeout for the same reason.
+  std::chrono::milliseconds checkpoint_timeout{660'000};
 };
 
 /// "host:port", "[::1]:7101" -> (host, port); invalid_request when malformed.
@@ -70,6 +75,7 @@ struct client_options {
 class job_client {
  public:
   using event_handler = std::function<void(const client_event&)>;
+  using training_event_handler = std::function<void(const training_event&)>;
 
   /// Connects and logs in with the cluster secret.
   [[nodiscard]] static caf::expected<std::unique_ptr<job_client>> connect(
@@ -107,6 +113,43 @@ class job_client {
   /// invalid_request (the layout cannot be rebalanced), server_error (e.g. an older server
   /// without the call, or a malformed report), timed_out (the rebalance may still be running).
   [[nodiscard]] caf::expected<client_rebalance_report> rebalance();
+
+  // --- training (the server's cluster trains its serving weights; one job at a time) ---
+  // Training jobs have ids of their own, apart from generation jobs'. Without training on the
+  // server every call answers unavailable; a server older than these calls, server_error.
+
+  /// Queues a training job and answers its id. `on_event` (optional) sees the job's events (one
+  /// per step, then the final one) on this thread while this client is inside one of its
+  /// calls; when it falls behind, the server skips to the newest. An exception thrown by it
+  /// fails the job (the server cancels it). It must not call this client (Cap'n Proto allows
+  /// no nested wait): cancel or checkpoint from another client. Errors: invalid_request (found
+  /// here: the field is named; or by the server: a token id outside the vocabulary, a
+  /// sequence_length beyond the model's context, a corpus shorter than one sequence),
+  /// overloaded (the server's queue of training jobs is full), unavailable.
+  [[nodiscard]] caf::expected<uint64_t> submit_training(const training_request_spec& spec,
+                                                        training_event_handler on_event = {});
+
+  /// Delivers events until training job `job_id` (submitted by this client) ended, and
+  /// answers its final event (whatever its state). timeout 0: no limit. Forgotten once waited for.
+  [[nodiscard]] caf::expected<training_event> wait_training(uint64_t job_id,
+                                                            std::chrono::milliseconds timeout = {});
+
+  /// submit_training + wait_training: the final event of a job that finished; job_failed /
+  /// job_cancelled (the text says why, and at which step) when it did not.
+  [[nodiscard]] caf::expected<training_event> train(const training_request_spec& spec,
+                                                    training_event_handler on_event = {});
+
+  /// The job's latest event (step 0, state queued before its first step).
+  [[nodiscard]] caf::expected<training_event> training_status(uint64_t job_id);
+  /// Whether the training job was still queued or running (it stops after its running step).
+  [[nodiscard]] caf::expected<bool> cancel_training(uint64_t job_id);
+
+  /// Writes a training checkpoint of the cluster's weights (model/training_checkpoint.hpp) to
+  /// `directory` on the SERVER's file system (an absolute path), between two steps of a running
+  /// job or now, and answers the directory written. Blocks up to options.checkpoint_timeout.
+  /// Errors: invalid_request (not an absolute path), server_error (the write failed: the text
+  /// says why), timed_out (it may still be written), unavailable.
+  [[nodiscard]] caf::expected<std::string> checkpoint(const std::string& directory);
 
   /// Delivers the events that have already arrived, without blocking.
   void poll();

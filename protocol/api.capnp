@@ -41,16 +41,45 @@ interface JobService {
   # load yet; a phase failed and the placement did not change), overloaded (a rebalance is
   # already running), invalid_request (this layout cannot be rebalanced; the text says why).
   # Added within apiVersion 1: an older server answers it with an UNIMPLEMENTED exception.
+
+  # Training (train, trainingStatus, cancelTraining, checkpoint): added within apiVersion 1; an
+  # older server answers them with an UNIMPLEMENTED exception. A server whose cluster does not
+  # train answers them `unavailable:`. One training job runs at a time, on the serving weights;
+  # later ones wait in the server's queue (overloaded: when it is full).
+
+  train @5 (job :TrainingJob, sink :TrainingSink) -> (jobId :UInt64);
+  # Queues a training job. `sink` (optional) receives a TrainingEvent after every step and a
+  # last one with finished = true; events may arrive before train returns. If the connection
+  # drops while the job is streaming, the job is cancelled (after its running step). Without a
+  # sink, poll with trainingStatus(). Errors: invalid_request (the text names the field, or
+  # says what the model refuses: a token id outside the vocabulary, a sequenceLength beyond its
+  # context, a corpus shorter than one sequence), overloaded (the queue of training jobs is full).
+
+  trainingStatus @6 (jobId :UInt64) -> (event :TrainingEvent);
+  # The job's latest event (step 0 and state queued before its first step). unknown_job for an
+  # id that train() never answered (training jobs have ids of their own, apart from submit's).
+
+  cancelTraining @7 (jobId :UInt64) -> (wasActive :Bool);
+  # Whether the job was still queued or running; it stops after its running step.
+
+  checkpoint @8 (directory :Text) -> (directory :Text);
+  # Writes a training checkpoint (the model in the hub layout, the optimizer state, the steps
+  # trained) to `directory` on the SERVER's file system, replacing what is there, and answers
+  # the directory written. While a training job runs it is written between two steps (and the
+  # job's next event carries `checkpoint`); otherwise now. `directory` must be an absolute path.
+  # Takes as long as the running step plus the write. Errors: invalid_request (not an absolute
+  # path), internal (the write failed; the text says why).
 }
 
 struct JobSpec {
   union {
     generation @0 :GenerationJob;
-    training @1 :TrainingJobPlaceholder;  # reserved for the training issue; refused for now
+    training @1 :TrainingJobPlaceholder;  # refused (invalid_request): train() runs training jobs
   }
 }
 
 struct TrainingJobPlaceholder {}
+# Kept so that the union's ordinals stay; submit() refuses it and points to JobService.train().
 
 struct GenerationJob {
   prompt @0 :List(Int32);          # token ids, non-empty, each >= 0
@@ -131,4 +160,53 @@ struct RebalanceReport {
   bytesMoved @9 :UInt64;               # weight bytes those loads read
   durationSeconds @10 :Float64;        # from the load reports to the commit
   trigger @11 :Text;                   # "on_demand" or "periodic"
+}
+
+# A training job: a corpus cut into windows of sequenceLength tokens (no overlap), visited in a
+# seeded shuffled order (reshuffled every epoch); each of `steps` AdamW steps trains on
+# batchSequences windows, with a learning rate warming up linearly over warmupSteps to
+# learningRate, then decaying (cosine) to minLearningRate at the last step. The defaults are
+# those of `moe train` (actors::training_job).
+struct TrainingJob {
+  corpus :union {
+    tokens @0 :List(Int32);        # token ids, each >= 0 (and below the model's vocabulary)
+    text @1 :Text;                 # UTF-8, tokenised by the server (byte level: one id per byte)
+  }
+  sequenceLength @2 :Int64 = 64;   # tokens per sequence, >= 2, at most the model's context
+  batchSequences @3 :Int64 = 8;    # sequences per step, >= 1
+  steps @4 :Int64 = 100;           # >= 1
+  learningRate @5 :Float64 = 0.001;  # the peak, > 0
+  warmupSteps @6 :Int64 = 0;       # >= 0
+  minLearningRate @7 :Float64 = 0;   # in [0, learningRate]
+  beta1 @8 :Float64 = 0.9;         # AdamW, each in [0, 1)
+  beta2 @9 :Float64 = 0.95;
+  eps @10 :Float64 = 1e-8;         # > 0
+  weightDecay @11 :Float64 = 0.1;  # >= 0
+  gradClip @12 :Float64 = 1.0;     # max global gradient norm; <= 0: no clipping
+  balanceLossWeight @13 :Float64 = 0.0001;  # the sequence-wise balance loss weight (alpha), >= 0
+  biasUpdateSpeed @14 :Float64 = 0.001;     # gamma of the routing-bias update, >= 0
+  seed @15 :UInt64;                # the order in which windows are visited
+}
+
+# A training job's progress: after every step, and once more when it ends (finished = true).
+struct TrainingEvent {
+  jobId @0 :UInt64;
+  step @1 :Int64;                  # steps done
+  steps @2 :Int64;                 # steps asked for
+  loss @3 :Float64;                # the last step's mean next-token cross-entropy
+  learningRate @4 :Float64;        # the last step's
+  gradNorm @5 :Float64;            # the last step's global gradient norm, before clipping
+  tokensPerSecond @6 :Float64;     # since the job started
+  loadBalance @7 :List(Float64);   # the last step's max / mean expert load per MoE layer
+  finished @8 :Bool;               # the last event of the job
+  state @9 :JobState;
+  error @10 :Text;                 # set when state == failed
+  checkpoint @11 :Text;            # set on the event after a checkpoint was written there
+}
+
+interface TrainingSink {
+  event @0 (event :TrainingEvent) -> ();
+  # The server waits for each call to return before it sends the next (back-pressure). When
+  # the client falls behind, only the newest queued event is sent (progress events in between
+  # are dropped; the finished event never is, and a dropped event's checkpoint is carried over).
 }

@@ -189,6 +189,86 @@ api_rebalance_report from_wire(capnp::RebalanceReport::Reader r) {
   return out;
 }
 
+void to_wire(const api_training_spec& spec, capnp::TrainingJob::Builder b) {
+  auto corpus = b.initCorpus();
+  if (const auto* tokens = std::get_if<std::vector<int32_t>>(&spec.corpus)) {
+    fill_list(corpus.initTokens(static_cast<unsigned>(tokens->size())), *tokens);
+  } else {
+    corpus.setText(text(std::get<std::string>(spec.corpus)));
+  }
+  b.setSequenceLength(spec.sequence_length);
+  b.setBatchSequences(spec.batch_sequences);
+  b.setSteps(spec.steps);
+  b.setLearningRate(spec.learning_rate);
+  b.setWarmupSteps(spec.warmup_steps);
+  b.setMinLearningRate(spec.min_learning_rate);
+  b.setBeta1(spec.beta1);
+  b.setBeta2(spec.beta2);
+  b.setEps(spec.eps);
+  b.setWeightDecay(spec.weight_decay);
+  b.setGradClip(spec.grad_clip);
+  b.setBalanceLossWeight(spec.balance_loss_weight);
+  b.setBiasUpdateSpeed(spec.bias_update_speed);
+  b.setSeed(spec.seed);
+}
+
+api_training_spec from_wire(capnp::TrainingJob::Reader r) {
+  api_training_spec spec;
+  auto corpus = r.getCorpus();
+  switch (corpus.which()) {
+    case capnp::TrainingJob::Corpus::TOKENS: spec.corpus = read_list<int32_t>(corpus.getTokens()); break;
+    case capnp::TrainingJob::Corpus::TEXT: spec.corpus = text(corpus.getText()); break;
+    default: spec.corpus = std::vector<int32_t>{}; break;
+  }
+  spec.sequence_length = r.getSequenceLength();
+  spec.batch_sequences = r.getBatchSequences();
+  spec.steps = r.getSteps();
+  spec.learning_rate = r.getLearningRate();
+  spec.warmup_steps = r.getWarmupSteps();
+  spec.min_learning_rate = r.getMinLearningRate();
+  spec.beta1 = r.getBeta1();
+  spec.beta2 = r.getBeta2();
+  spec.eps = r.getEps();
+  spec.weight_decay = r.getWeightDecay();
+  spec.grad_clip = r.getGradClip();
+  spec.balance_loss_weight = r.getBalanceLossWeight();
+  spec.bias_update_speed = r.getBiasUpdateSpeed();
+  spec.seed = r.getSeed();
+  return spec;
+}
+
+void to_wire(const api_training_event& e, capnp::TrainingEvent::Builder b) {
+  b.setJobId(e.job_id);
+  b.setStep(e.step);
+  b.setSteps(e.steps);
+  b.setLoss(e.loss);
+  b.setLearningRate(e.learning_rate);
+  b.setGradNorm(e.grad_norm);
+  b.setTokensPerSecond(e.tokens_per_second);
+  fill_list(b.initLoadBalance(static_cast<unsigned>(e.load_balance.size())), e.load_balance);
+  b.setFinished(e.finished);
+  b.setState(to_wire(e.state));
+  b.setError(text(e.error));
+  b.setCheckpoint(text(e.checkpoint));
+}
+
+api_training_event from_wire(capnp::TrainingEvent::Reader r) {
+  api_training_event e;
+  e.job_id = r.getJobId();
+  e.step = r.getStep();
+  e.steps = r.getSteps();
+  e.loss = r.getLoss();
+  e.learning_rate = r.getLearningRate();
+  e.grad_norm = r.getGradNorm();
+  e.tokens_per_second = r.getTokensPerSecond();
+  e.load_balance = read_list<double>(r.getLoadBalance());
+  e.finished = r.getFinished();
+  e.state = from_wire(r.getState());
+  e.error = text(r.getError());
+  e.checkpoint = text(r.getCheckpoint());
+  return e;
+}
+
 kj::Exception make_api_exception(api_errc code, const std::string& message) {
   auto type = kj::Exception::Type::FAILED;
   if (code == api_errc::overloaded) type = kj::Exception::Type::OVERLOADED;

@@ -33,6 +33,14 @@ void to_wire(const api_cluster_description& c, capnp::ClusterDescription::Builde
 void to_wire(const api_rebalance_report& r, capnp::RebalanceReport::Builder b);
 [[nodiscard]] api_rebalance_report from_wire(capnp::RebalanceReport::Reader r);
 
+void to_wire(const api_training_spec& spec, capnp::TrainingJob::Builder b);
+/// A corpus union member this build does not know reads as an empty token list (refused by
+/// validate()).
+[[nodiscard]] api_training_spec from_wire(capnp::TrainingJob::Reader r);
+
+void to_wire(const api_training_event& e, capnp::TrainingEvent::Builder b);
+[[nodiscard]] api_training_event from_wire(capnp::TrainingEvent::Reader r);
+
 /// The exception a server throws for `code`: type OVERLOADED for overloaded, DISCONNECTED for
 /// unavailable (both mean "retry"), FAILED otherwise; description "<code>: <text>".
 [[nodiscard]] kj::Exception make_api_exception(api_errc code, const std::string& text);

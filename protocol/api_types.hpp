@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include "base/error.hpp"
@@ -107,15 +108,77 @@ struct api_rebalance_report {
   std::string trigger;          ///< "on_demand" or "periodic"
 };
 
+/// A training job (JobService.train): a corpus and how to train on it. The defaults are those
+/// of actors::training_job and the schema's (a test holds the three together).
+struct api_training_spec {
+  /// Token ids, or UTF-8 text that the server tokenises (byte level: one id per byte).
+  std::variant<std::vector<int32_t>, std::string> corpus;
+  int64_t sequence_length = 64;   ///< tokens per sequence (windows of the corpus, no overlap)
+  int64_t batch_sequences = 8;    ///< sequences per step
+  int64_t steps = 100;
+  double learning_rate = 1e-3;    ///< the peak, after warmup_steps of linear warmup
+  int64_t warmup_steps = 0;
+  double min_learning_rate = 0;   ///< cosine decay reaches it at the last step
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;             ///< max global gradient norm; <= 0: no clipping
+  double balance_loss_weight = 1e-4;  ///< the sequence-wise balance loss weight (alpha)
+  double bias_update_speed = 1e-3;    ///< gamma of the routing-bias update
+  uint64_t seed = 0;                  ///< the order in which windows are visited
+};
+
+/// A training job's progress: after every step, and once more when it ends (finished).
+struct api_training_event {
+  uint64_t job_id = 0;
+  int64_t step = 0;   ///< steps done
+  int64_t steps = 0;  ///< steps asked for
+  double loss = 0;    ///< the last step's mean next-token cross-entropy
+  double learning_rate = 0;
+  double grad_norm = 0;               ///< before clipping
+  double tokens_per_second = 0;       ///< since the job started
+  std::vector<double> load_balance;   ///< the last step's max / mean expert load per MoE layer
+  bool finished = false;
+  api_job_state state = api_job_state::queued;
+  std::string error;       ///< set when state == failed
+  std::string checkpoint;  ///< set on the event after a checkpoint was written there
+};
+
 /// Bounds a server enforces before a request reaches the controller.
 struct api_limits {
   size_t max_prompt_tokens = 1u << 20;
   size_t max_stop_token_ids = 1024;
+  /// A training corpus: ids, or bytes of text (either fits a 64 MiB message with room to spare).
+  size_t max_corpus_tokens = size_t{1} << 22;
+  size_t max_corpus_bytes = size_t{1} << 24;
+  /// batchSequences * sequenceLength of a training step.
+  int64_t max_training_batch_tokens = int64_t{1} << 20;
+  size_t max_checkpoint_directory_bytes = 4096;
 };
 
 /// invalid_request naming the field, or nothing when `spec` is well-formed: a non-empty prompt
 /// of ids >= 0, max_new_tokens >= 0, temperature >= 0 and finite, top_p in (0, 1].
 [[nodiscard]] caf::error validate(const api_generation_spec& spec, const api_limits& limits = {});
+
+/// invalid_request naming the field, or nothing when `spec` is well-formed: a non-empty corpus
+/// (ids >= 0; a token corpus of at least one sequence), sequenceLength >= 2, batchSequences >= 1,
+/// steps >= 1, warmupSteps >= 0, learningRate > 0, minLearningRate in [0, learningRate], betas
+/// in [0, 1), eps > 0, weightDecay, balanceLossWeight and biasUpdateSpeed >= 0, every number
+/// finite, and the limits. What only the model knows (its vocabulary and context, the length of
+/// a tokenised text) the server checks after this.
+[[nodiscard]] caf::error validate(const api_training_spec& spec, const api_limits& limits = {});
+
+/// invalid_request, or nothing when `directory` names a checkpoint directory a server accepts:
+/// an absolute path (the server's working directory is nobody's business), without NUL bytes,
+/// within the limit.
+[[nodiscard]] caf::error validate_checkpoint_directory(std::string_view directory,
+                                                       const api_limits& limits = {});
+
+/// Several queued events of one training job as the one the server sends when its client fell
+/// behind: the newest (so a finished event is never dropped), carrying the newest checkpoint
+/// path among them when it has none itself. Requires a non-empty list, oldest first.
+[[nodiscard]] api_training_event merge_training_events(std::vector<api_training_event> events);
 
 /// invalid_request naming the field, or nothing when `report` is well-formed: balance ratios
 /// finite and >= 0, one entry per layer in both per-layer lists, replicasMoved >= 0,

@@ -176,12 +176,36 @@ class ClusterDescription:
     placement_json: str
 
 
+@dataclass
+class TrainingEvent:
+    """A training job's progress: after every step, and once more when it ends (finished)."""
+
+    job_id: int
+    step: int  # steps done
+    steps: int  # steps asked for
+    loss: float  # the last step's mean next-token cross-entropy
+    learning_rate: float  # the last step's
+    grad_norm: float  # the last step's global gradient norm, before clipping
+    tokens_per_second: float  # since the job started
+    load_balance: List[float]  # the last step's max / mean expert load per MoE layer
+    finished: bool
+    state: str  # "queued", "running", "finished", "cancelled", "failed"
+    error: str = ""  # set when state == "failed"
+    checkpoint: str = ""  # set on the event after a checkpoint was written there
+
+
 def _event(r) -> JobEvent:
     return JobEvent(r.jobId, list(r.tokens), r.finished, str(r.state), r.finishReason, r.error)
 
 
 def _status(r) -> JobStatus:
     return JobStatus(r.jobId, str(r.state), list(r.tokens), r.finishReason, r.error, r.shard)
+
+
+def _training_event(r) -> TrainingEvent:
+    return TrainingEvent(r.jobId, r.step, r.steps, r.loss, r.learningRate, r.gradNorm,
+                         r.tokensPerSecond, list(r.loadBalance), r.finished, str(r.state),
+                         r.error, r.checkpoint)
 
 
 def _cluster(r) -> ClusterDescription:
@@ -247,6 +271,100 @@ def _generation_spec(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed
     return spec
 
 
+# The training job's options: Python name -> schema field (TrainingJob in api.capnp). Their
+# defaults here are the schema's (tests/python checks it).
+_TRAINING_FIELDS = {
+    "sequence_length": "sequenceLength",
+    "batch_sequences": "batchSequences",
+    "steps": "steps",
+    "learning_rate": "learningRate",
+    "warmup_steps": "warmupSteps",
+    "min_learning_rate": "minLearningRate",
+    "beta1": "beta1",
+    "beta2": "beta2",
+    "eps": "eps",
+    "weight_decay": "weightDecay",
+    "grad_clip": "gradClip",
+    "balance_loss_weight": "balanceLossWeight",
+    "bias_update_speed": "biasUpdateSpeed",
+    "seed": "seed",
+}
+
+INT64_MAX = 2**63 - 1
+
+
+def _training_spec(corpus, options):
+    """The checks the server makes (protocol::validate for api_training_spec), made before
+    anything is sent; answers the TrainingJob message."""
+
+    def bad(text):
+        return InvalidRequest(f"invalid_request: {text}")
+
+    job = api.TrainingJob.new_message()
+    if isinstance(corpus, str):
+        if not corpus:
+            raise bad("corpus.text: is empty")
+        job.corpus.text = corpus
+        num_tokens = None  # known once the server tokenised it
+    elif isinstance(corpus, (bytes, bytearray)):
+        raise bad("corpus: bytes are neither text (str) nor token ids; decode them first")
+    else:
+        tokens = _check_ids(corpus, "corpus.tokens")
+        if not tokens:
+            raise bad("corpus.tokens: is empty")
+        job.corpus.tokens = tokens
+        num_tokens = len(tokens)
+    o = dict(options)
+    for name in ("sequence_length", "batch_sequences", "steps", "warmup_steps", "seed"):
+        v = o[name]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad(f"{_TRAINING_FIELDS[name]}: {v!r} is not an integer")
+    for name, low in (("sequence_length", 2), ("batch_sequences", 1), ("steps", 1), ("warmup_steps", 0)):
+        if not low <= o[name] <= INT64_MAX:
+            raise bad(f"{_TRAINING_FIELDS[name]}: {o[name]} is below {low}" if o[name] < low
+                      else f"{_TRAINING_FIELDS[name]}: {o[name]} exceeds Int64")
+    if not 0 <= o["seed"] < 2**64:
+        raise bad(f"seed: {o['seed']} is not in [0, 2^64)")
+    if num_tokens is not None and num_tokens < o["sequence_length"]:
+        raise bad(f"corpus.tokens: {num_tokens} tokens are fewer than one sequence of "
+                  f"sequenceLength {o['sequence_length']}")
+    for name in ("learning_rate", "min_learning_rate", "beta1", "beta2", "eps", "weight_decay",
+                 "grad_clip", "balance_loss_weight", "bias_update_speed"):
+        v = o[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad(f"{_TRAINING_FIELDS[name]}: {v!r} is not a number")
+        o[name] = float(v)
+    lr = o["learning_rate"]
+    if not (math.isfinite(lr) and lr > 0):
+        raise bad(f"learningRate: {lr} is not a finite number > 0")
+    if not (math.isfinite(o["min_learning_rate"]) and 0 <= o["min_learning_rate"] <= lr):
+        raise bad(f"minLearningRate: {o['min_learning_rate']} is not in [0, learningRate = {lr}]")
+    for name in ("beta1", "beta2"):
+        if not 0 <= o[name] < 1:
+            raise bad(f"{name}: {o[name]} is not in [0, 1)")
+    if not (math.isfinite(o["eps"]) and o["eps"] > 0):
+        raise bad(f"eps: {o['eps']} is not a finite number > 0")
+    if not math.isfinite(o["grad_clip"]):
+        raise bad(f"gradClip: {o['grad_clip']} is not finite (<= 0 turns clipping off)")
+    for name in ("weight_decay", "balance_loss_weight", "bias_update_speed"):
+        if not (math.isfinite(o[name]) and o[name] >= 0):
+            raise bad(f"{_TRAINING_FIELDS[name]}: {o[name]} is not a finite number >= 0")
+    for name, wire in _TRAINING_FIELDS.items():
+        setattr(job, wire, o[name])
+    return job
+
+
+def _check_directory(directory) -> str:
+    if not isinstance(directory, str) or not directory:
+        raise InvalidRequest("invalid_request: directory: is empty")
+    if "\0" in directory:
+        raise InvalidRequest("invalid_request: directory: contains a NUL byte")
+    if not directory.startswith("/"):
+        raise InvalidRequest(f"invalid_request: directory: '{directory}' is not an absolute path "
+                             "(it names a directory on the server's file system)")
+    return directory
+
+
 # --- asyncio --------------------------------------------------------------------------------
 
 
@@ -287,6 +405,41 @@ class _Sink(api.TokenSink.Server):
             raise RuntimeError("moe client: the on_event handler failed")
 
 
+class _TrainingJob:
+    """What arrived for one training job (confined to the client's event loop)."""
+
+    def __init__(self, on_event: Optional[Callable[[TrainingEvent], None]]):
+        self.on_event = on_event
+        self.final: Optional[TrainingEvent] = None
+        self.done = asyncio.get_running_loop().create_future()
+
+
+class _TrainingSink(api.TrainingSink.Server):
+    def __init__(self, job: _TrainingJob):
+        self._job = job
+
+    async def event(self, event, _context, **kwargs):
+        job = self._job
+        if job.final is not None:
+            return
+        e = _training_event(event)
+        failure = None
+        if job.on_event is not None:
+            try:
+                job.on_event(e)
+            except Exception as ex:  # a handler bug fails this job, not the connection
+                failure = f"the on_event handler raised {ex!r}"
+        if failure is not None:
+            e.finished, e.state, e.error = True, "failed", failure
+        if e.finished:
+            job.final = e
+            if not job.done.done():
+                job.done.set_result(None)
+        if failure is not None:
+            # Failing the call tells the server nobody reads this job any more: it cancels it.
+            raise RuntimeError("moe client: the on_event handler failed")
+
+
 class AsyncClient:
     """The API as coroutines. Use inside ``async with capnp.kj_loop():``, on one event loop."""
 
@@ -295,6 +448,7 @@ class AsyncClient:
         self._stream = stream
         self._service = service
         self._jobs = {}
+        self._training_jobs = {}
         self._disconnected = asyncio.ensure_future(rpc.on_disconnect())
         self.server_version = server_version
         self.call_timeout = call_timeout
@@ -327,13 +481,23 @@ class AsyncClient:
             raise err from None
         return cls(rpc, stream, login.service, login.serverVersion, call_timeout)
 
-    async def _call(self, what: str, request):
+    async def _call(self, what: str, request, timeout: Optional[float] = ...):
         try:
-            return await asyncio.wait_for(request, self.call_timeout)
+            return await asyncio.wait_for(request, self.call_timeout if timeout is ... else timeout)
         except asyncio.TimeoutError:
-            raise TimedOut(f"{what}: no answer within {self.call_timeout} s") from None
+            limit = self.call_timeout if timeout is ... else timeout
+            raise TimedOut(f"{what}: no answer within {limit} s") from None
         except capnp.KjException as e:
             raise _from_kj(e, what) from None
+
+    async def _wait_until_final(self, job, call: str, name: str, timeout: Optional[float]):
+        if job.final is None:
+            done, _ = await asyncio.wait({job.done, self._disconnected}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if job.final is None:
+                if not done:
+                    raise TimedOut(f"{call}: {name} did not finish within {timeout} s")
+                raise Disconnected(f"{call}: connection lost before {name} finished")
 
     async def submit(self, prompt_ids: Iterable[int], max_new_tokens: int = 16, *,
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -354,13 +518,7 @@ class AsyncClient:
         if job is None:
             raise UnknownJob(f"wait: job {job_id} was not submitted by this client, "
                              "or was already waited for")
-        if job.final is None:
-            done, _ = await asyncio.wait({job.done, self._disconnected}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if job.final is None:
-                if not done:
-                    raise TimedOut(f"wait: job {job_id} did not finish within {timeout} s")
-                raise Disconnected(f"wait: connection lost before job {job_id} finished")
+        await self._wait_until_final(job, "wait", f"job {job_id}", timeout)
         del self._jobs[job_id]
         return job.final
 
@@ -383,6 +541,89 @@ class AsyncClient:
 
     async def describe(self) -> ClusterDescription:
         return _cluster((await self._call("describe", self._service.describe())).cluster)
+
+    # --- training: the server's cluster trains its serving weights, one job at a time.
+    # Training jobs have ids of their own, apart from generation jobs'. A server whose cluster
+    # does not train raises Unavailable; one older than these calls, ServerError.
+
+    async def submit_training(self, corpus, *, sequence_length: int = 64, batch_sequences: int = 8,
+                              steps: int = 100, learning_rate: float = 1e-3, warmup_steps: int = 0,
+                              min_learning_rate: float = 0.0, beta1: float = 0.9,
+                              beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
+                              grad_clip: float = 1.0, balance_loss_weight: float = 1e-4,
+                              bias_update_speed: float = 1e-3, seed: int = 0,
+                              on_event: Optional[Callable[[TrainingEvent], None]] = None) -> int:
+        """Queues a training job; answers its id.
+
+        `corpus` is text (a str, tokenised by the server: one id per UTF-8 byte) or an iterable
+        of token ids. It is cut into windows of `sequence_length` tokens, visited in an order
+        shuffled by `seed`; each of `steps` AdamW steps trains on `batch_sequences` of them, the
+        learning rate warming up over `warmup_steps` to `learning_rate`, then decaying (cosine)
+        to `min_learning_rate`. `grad_clip` <= 0 turns clipping off; `balance_loss_weight` is
+        the sequence-wise balance loss weight, `bias_update_speed` the routing-bias speed. The
+        defaults are the server's (TrainingJob in api.capnp).
+
+        `on_event` sees a TrainingEvent after every step and the final one (the first may come
+        before this returns); a client that falls behind gets the newest. If it raises, the job
+        fails and the server cancels it. Raises InvalidRequest (the field is named; or the
+        server's: a token id outside the vocabulary, a sequence longer than the model's
+        context, a corpus shorter than one sequence), Overloaded (the queue is full),
+        Unavailable.
+        """
+        job_message = _training_spec(corpus, {
+            "sequence_length": sequence_length, "batch_sequences": batch_sequences,
+            "steps": steps, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
+            "min_learning_rate": min_learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
+            "weight_decay": weight_decay, "grad_clip": grad_clip,
+            "balance_loss_weight": balance_loss_weight, "bias_update_speed": bias_update_speed,
+            "seed": seed})
+        job = _TrainingJob(on_event)
+        result = await self._call("submit_training",
+                                  self._service.train(job_message, _TrainingSink(job)))
+        self._training_jobs[result.jobId] = job
+        return result.jobId
+
+    async def wait_training(self, job_id: int, timeout: Optional[float] = None) -> TrainingEvent:
+        """Until training job `job_id` (submitted here) ended: its final event, whatever its
+        state. Forgotten once waited for."""
+        job = self._training_jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(f"wait_training: training job {job_id} was not submitted by this "
+                             "client, or was already waited for")
+        await self._wait_until_final(job, "wait_training", f"training job {job_id}", timeout)
+        del self._training_jobs[job_id]
+        return job.final
+
+    async def train(self, corpus, **kwargs) -> TrainingEvent:
+        """submit_training + wait_training: the final event of a job that finished. JobFailed /
+        JobCancelled (saying at which step) when it did not."""
+        job_id = await self.submit_training(corpus, **kwargs)
+        final = await self.wait_training(job_id)
+        at = f"at step {final.step} of {final.steps}"
+        if final.state == "failed":
+            raise JobFailed(f"training job {job_id} failed {at}: {final.error}")
+        if final.state == "cancelled":
+            raise JobCancelled(f"training job {job_id} was cancelled {at}")
+        return final
+
+    async def training_status(self, job_id: int) -> TrainingEvent:
+        """The training job's latest event (step 0, state "queued" before its first step)."""
+        return _training_event(
+            (await self._call("training_status", self._service.trainingStatus(job_id))).event)
+
+    async def cancel_training(self, job_id: int) -> bool:
+        """Whether the training job was still queued or running (it stops after its step)."""
+        return (await self._call("cancel_training", self._service.cancelTraining(job_id))).wasActive
+
+    async def checkpoint(self, directory: str, timeout: Optional[float] = 660.0) -> str:
+        """Writes a training checkpoint of the cluster's weights to `directory` (an absolute
+        path on the SERVER's file system), between two steps of a running job or now; answers
+        the directory written. Takes as long as the running step plus the write, hence its own
+        `timeout` (None: no limit). Raises InvalidRequest (not an absolute path), ServerError
+        (the write failed: the text says why), TimedOut (it may still be written)."""
+        directory = _check_directory(directory)
+        result = await self._call("checkpoint", self._service.checkpoint(directory), timeout)
+        return result.directory
 
     async def close(self) -> None:
         """Closes the connection; the server cancels every job still streaming to it."""
@@ -458,6 +699,30 @@ class Client:
 
     def describe(self) -> ClusterDescription:
         return self._do(self._client.describe())
+
+    def submit_training(self, corpus, **kwargs) -> int:
+        """See AsyncClient.submit_training; `on_event` runs on the client's thread."""
+        return self._do(self._client.submit_training(corpus, **kwargs))
+
+    def wait_training(self, job_id: int, timeout: Optional[float] = None) -> TrainingEvent:
+        """See AsyncClient.wait_training."""
+        return self._do(self._client.wait_training(job_id, timeout))
+
+    def train(self, corpus, **kwargs) -> TrainingEvent:
+        """See AsyncClient.train: blocks until the training job ended."""
+        return self._do(self._client.train(corpus, **kwargs))
+
+    def training_status(self, job_id: int) -> TrainingEvent:
+        """See AsyncClient.training_status."""
+        return self._do(self._client.training_status(job_id))
+
+    def cancel_training(self, job_id: int) -> bool:
+        """See AsyncClient.cancel_training."""
+        return self._do(self._client.cancel_training(job_id))
+
+    def checkpoint(self, directory: str, timeout: Optional[float] = 660.0) -> str:
+        """See AsyncClient.checkpoint."""
+        return self._do(self._client.checkpoint(directory, timeout))
 
     @property
     def server_version(self) -> int:

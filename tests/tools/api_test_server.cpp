@@ -1,8 +1,10 @@
-// An API server in front of the scripted fake controller (tests/unit/actors/fake_controller.hpp),
-// for client tests in other languages (tests/python). Prints "port N" on stdout once it serves,
-// then runs until its stdin closes (so it ends with the test that started it).
+// An API server in front of the scripted fake controller (tests/unit/actors/fake_controller.hpp)
+// and fake training jobs (fake_training_jobs.hpp, a model of 512 ids), for client tests in
+// other languages (tests/python). Prints "port N" on stdout once it serves, then runs until its
+// stdin closes (so it ends with the test that started it).
 //
 //   moe_api_test_server --secret S [--token-interval-ms 1] [--max-active 1000] [--fail-token T]
+//                       [--training-step-interval-ms 1] [--training 0 (training calls unavailable)]
 #include <caf/all.hpp>
 
 #include <cstdio>
@@ -14,12 +16,15 @@
 #include "actors/api_server.hpp"
 #include "runtime/actor_system.hpp"
 #include "tests/unit/actors/fake_controller.hpp"
+#include "tests/unit/actors/fake_training_jobs.hpp"
 
 using namespace moe;
 
 int main(int argc, char** argv) {
   std::string secret;
   actors::testing::fake_controller_options fake;
+  actors::testing::fake_training_options fake_training;
+  bool training = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const std::string value = argv[i + 1];
@@ -31,6 +36,10 @@ int main(int argc, char** argv) {
       fake.max_active = std::stoull(value);
     } else if (flag == "--fail-token") {
       fake.fail_token = static_cast<int32_t>(std::stol(value));
+    } else if (flag == "--training-step-interval-ms") {
+      fake_training.step_interval = std::chrono::milliseconds(std::stoll(value));
+    } else if (flag == "--training") {
+      training = value != "0";
     } else {
       std::fprintf(stderr, "api_test_server: unknown flag %s\n", flag.c_str());
       return 2;
@@ -44,6 +53,11 @@ int main(int argc, char** argv) {
   caf::actor_system sys{cfg};
   auto log = std::make_shared<actors::testing::fake_controller_log>();
   auto controller = actors::testing::spawn_fake_controller(sys, fake, log);
+  actors::training_jobs_actor training_jobs;
+  if (training) {
+    training_jobs = actors::testing::spawn_fake_training_jobs(
+        sys, fake_training, std::make_shared<actors::testing::fake_training_log>());
+  }
 
   actors::api_server_options options;
   options.secret = secret;
@@ -53,10 +67,13 @@ int main(int argc, char** argv) {
   options.cluster.actors = {{"controller", "controller", "n0", "n0/cpu0"}};
   options.cluster.placement_version = 1;
   options.cluster.placement_json = "{}";
+  options.training_jobs = training_jobs;
+  options.vocab_size = fake_training.vocab_size;
   auto server = actors::api_server::start(sys, controller, options);
   if (!server) {
     std::fprintf(stderr, "api_test_server: %s\n", error_text(server.error()).c_str());
     caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
+    if (training_jobs) caf::anon_send_exit(training_jobs, caf::exit_reason::user_shutdown);
     return 1;
   }
   std::printf("port %u\n", static_cast<unsigned>((*server)->port()));
@@ -66,5 +83,6 @@ int main(int argc, char** argv) {
   }
   (*server)->stop();
   caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
+  if (training_jobs) caf::anon_send_exit(training_jobs, caf::exit_reason::user_shutdown);
   return 0;
 }

@@ -154,3 +154,29 @@ TEST(message_types, cluster_control_messages_round_trip) {
   EXPECT_EQ(sr.model_dir, "/models/tiny");
   EXPECT_EQ(sr.cache_num_blocks, 300);
 }
+
+// The training protocol's requests as whole messages, the way the middleman serialises them
+// between processes: every element needs a type ID (the expert groups' train_grads carries a
+// std::vector<int64_t> of replicated (layer, expert) pairs, which once had none).
+TEST(message_types, training_requests_serialise_as_whole_messages) {
+  auto cfg = make_config();
+  caf::actor_system sys{cfg};
+  train_update u;
+  u.expert_loads = {1, 2};
+  for (auto msg : {caf::make_message(train_grads_atom::value, uint64_t{3}, std::vector<int64_t>{1, 5}),
+                   caf::make_message(train_grads_atom::value, uint64_t{3}),
+                   caf::make_message(train_apply_atom::value, u),
+                   caf::make_message(train_step_atom::value, train_request{}),
+                   caf::make_message(train_forward_atom::value, train_expert_batch{}),
+                   caf::make_message(train_backward_atom::value, train_expert_grad{}),
+                   caf::make_message(train_state_atom::value), caf::make_message(owner_state{}),
+                   caf::make_message(gradient_report{}), caf::make_message(train_result{})}) {
+    std::vector<char> buf;
+    caf::binary_serializer sink{sys, buf};
+    EXPECT_FALSE(sink(msg)) << caf::to_string(msg);
+    caf::message back;
+    caf::binary_deserializer source{sys, buf};
+    EXPECT_FALSE(source(back)) << caf::to_string(msg);
+    EXPECT_EQ(back.size(), msg.size()) << caf::to_string(msg);
+  }
+}

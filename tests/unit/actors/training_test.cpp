@@ -8,11 +8,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <unistd.h>
-#include <nlohmann/json.hpp>
 
-#include "actors/actor_types.hpp"
 #include "actors/local_cluster.hpp"
 #include "actors/trainer.hpp"
 #include "model/reference_engine.hpp"
@@ -20,75 +17,20 @@
 #include "model/training_model.hpp"
 #include "runtime/actor_system.hpp"
 #include "tests/unit/model/tiny_training_data.hpp"
+#include "training_helpers.hpp"
 
 using namespace moe;
 using model::testing::golden_batch;
 using model::testing::load_tiny;
 using model::testing::tiny_dir;
+using actors::testing::distributed_losses;
+using actors::testing::golden_adamw;
+using actors::testing::golden_hyper;
+using actors::testing::pack;
+using actors::testing::reference_losses;
+using actors::testing::train_step;
 
 namespace {
-
-nlohmann::json golden_adamw() {
-  std::ifstream in(tiny_dir() / "golden.json");
-  return nlohmann::json::parse(in)["adamw"];
-}
-
-actors::train_hyper golden_hyper() {
-  const auto g = golden_adamw();
-  actors::train_hyper h;
-  h.lr = g["lr"].get<double>();
-  h.beta1 = g["betas"][0].get<double>();
-  h.beta2 = g["betas"][1].get<double>();
-  h.eps = g["eps"].get<double>();
-  h.weight_decay = g["weight_decay"].get<double>();
-  h.grad_clip = 0;
-  h.balance_alpha = 0;
-  h.bias_update_speed = 0;
-  return h;
-}
-
-actors::train_batch pack(const std::vector<std::vector<int32_t>>& seqs, uint64_t step, const actors::train_hyper& h) {
-  actors::train_batch b;
-  b.step = step;
-  b.hyper = h;
-  b.cu_seqlens = {0};
-  for (const auto& s : seqs) {
-    b.tokens.insert(b.tokens.end(), s.begin(), s.end());
-    b.cu_seqlens.push_back(static_cast<int32_t>(b.tokens.size()));
-  }
-  return b;
-}
-
-// The same steps on training_model: the losses before each.
-std::vector<double> reference_losses(const actors::train_hyper& h, int steps,
-                                     std::shared_ptr<model::checkpoint>* trained = nullptr) {
-  auto weights = load_tiny();
-  auto m = model::training_model::bind(weights);
-  EXPECT_TRUE(m) << error_text(m.error());
-  model::adamw opt({h.beta1, h.beta2, h.eps, h.weight_decay});
-  std::vector<double> out;
-  const auto batch = golden_batch();
-  for (int s = 0; s < steps; ++s) {
-    m->zero_grads();
-    auto loss = m->forward_backward(batch, h.balance_alpha);
-    EXPECT_TRUE(loss) << error_text(loss.error());
-    out.push_back(*loss);
-    m->clip_gradients(h.grad_clip);
-    EXPECT_FALSE(opt.step(m->parameters(), h.lr));
-    m->update_routing_bias(h.bias_update_speed);
-  }
-  if (trained) *trained = weights;
-  return out;
-}
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  actors::add_actor_message_types(cfg);
-  return cfg;
-}
 
 actors::expert_group_options group(int g, std::vector<int64_t> experts, bool shared = false) {
   actors::expert_group_options o;
@@ -96,55 +38,6 @@ actors::expert_group_options group(int g, std::vector<int64_t> experts, bool sha
   o.experts = std::move(experts);
   o.holds_shared_experts = shared;
   return o;
-}
-
-struct training_cluster {
-  std::unique_ptr<actors::local_cluster> cluster;
-  actors::trainer_actor trainer;
-  ~training_cluster() {
-    if (trainer) caf::anon_send_exit(trainer, caf::exit_reason::user_shutdown);
-    if (cluster) cluster->stop();
-  }
-};
-
-training_cluster start(caf::actor_system& sys, const actors::cluster_layout& layout) {
-  auto cluster = actors::local_cluster::start(sys, tiny_dir(), layout);
-  EXPECT_TRUE(cluster) << error_text(cluster.error());
-  actors::trainer_options o;
-  o.shards = (*cluster)->shards();
-  o.routers = (*cluster)->routers();
-  o.groups = (*cluster)->groups();
-  o.model = (*cluster)->config();
-  std::vector<std::vector<int64_t>> experts;
-  for (const auto& g : layout.groups) experts.push_back(g.experts);
-  o.layout = actors::uniform_layout(o.model, experts);
-  auto trainer = actors::spawn_trainer(sys, o);
-  return {std::move(*cluster), trainer};
-}
-
-caf::expected<actors::train_step_report> step(caf::actor_system& sys, const actors::trainer_actor& trainer,
-                                              const actors::train_batch& b) {
-  caf::scoped_actor self{sys};
-  caf::expected<actors::train_step_report> out{caf::error{}};
-  self->request(trainer, caf::infinite, actors::train_step_atom::value, b)
-      .receive([&](actors::train_step_report& r) { out = std::move(r); }, [&](caf::error& e) { out = std::move(e); });
-  return out;
-}
-
-std::vector<double> distributed_losses(const actors::cluster_layout& layout, const actors::train_hyper& h, int steps,
-                                       std::vector<actors::train_step_report>* reports = nullptr) {
-  auto cfg = make_config();
-  caf::actor_system sys{cfg};
-  auto c = start(sys, layout);
-  std::vector<double> out;
-  for (int s = 0; s < steps; ++s) {
-    auto r = step(sys, c.trainer, pack(golden_batch(), static_cast<uint64_t>(s + 1), h));
-    EXPECT_TRUE(r) << error_text(r.error());
-    if (!r) break;
-    out.push_back(r->loss);
-    if (reports) reports->push_back(*r);
-  }
-  return out;
 }
 
 struct layout_case {
@@ -209,10 +102,10 @@ TEST(distributed_training, the_cluster_serves_the_trained_weights) {
   const auto h = golden_hyper();
   std::shared_ptr<model::checkpoint> trained;
   reference_losses(h, 2, &trained);
-  auto cfg = make_config();
+  auto cfg = actors::testing::local_system_config();
   caf::actor_system sys{cfg};
-  auto c = start(sys, actors::even_layout(2, 3, 16));
-  for (uint64_t s = 1; s <= 2; ++s) ASSERT_TRUE(step(sys, c.trainer, pack(golden_batch(), s, h)));
+  auto c = actors::testing::start_training_cluster(sys, actors::even_layout(2, 3, 16));
+  for (uint64_t s = 1; s <= 2; ++s) ASSERT_TRUE(train_step(sys, c.trainer, pack(golden_batch(), s, h)));
 
   std::vector<model::generation_request> reqs(2);
   reqs[0].prompt = golden_batch()[0];
@@ -236,11 +129,11 @@ TEST(distributed_training, the_cluster_serves_the_trained_weights) {
 
 TEST(distributed_training, malformed_batches_are_refused_and_change_nothing) {
   const auto h = golden_hyper();
-  auto cfg = make_config();
+  auto cfg = actors::testing::local_system_config();
   caf::actor_system sys{cfg};
-  auto c = start(sys, actors::even_layout(2, 3, 16));
+  auto c = actors::testing::start_training_cluster(sys, actors::even_layout(2, 3, 16));
   auto expect_bad = [&](actors::train_batch b, const std::string& what) {
-    auto r = step(sys, c.trainer, b);
+    auto r = train_step(sys, c.trainer, b);
     ASSERT_FALSE(r) << what;
     EXPECT_EQ(r.error().code(), static_cast<uint8_t>(actors::trainer_errc::bad_batch)) << what;
   };
@@ -255,7 +148,7 @@ TEST(distributed_training, malformed_batches_are_refused_and_change_nothing) {
   bad_lr.hyper.lr = std::nan("");
   expect_bad(bad_lr, "a NaN learning rate");
   // The refusals touched nothing: the first real step has the golden first loss.
-  auto r = step(sys, c.trainer, pack(golden_batch(), 1, h));
+  auto r = train_step(sys, c.trainer, pack(golden_batch(), 1, h));
   ASSERT_TRUE(r) << error_text(r.error());
   EXPECT_NEAR(r->loss, golden_adamw()["losses_before_each_step"][0].get<double>(), 1e-4);
 }
@@ -268,14 +161,11 @@ TEST(distributed_training, a_saved_checkpoint_resumes_with_the_losses_of_an_unin
   const auto dir = std::filesystem::temp_directory_path() / ("moe-train-ckpt-" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   {
-    auto cfg = make_config();
+    auto cfg = actors::testing::local_system_config();
     caf::actor_system sys{cfg};
-    auto c = start(sys, layouts().back().layout);
-    for (uint64_t s = 1; s <= 2; ++s) ASSERT_TRUE(step(sys, c.trainer, pack(golden_batch(), s, h)));
-    caf::scoped_actor self{sys};
-    caf::error failure;
-    self->request(c.trainer, caf::infinite, actors::train_save_atom::value, dir.string())
-        .receive([](const std::string&) {}, [&](caf::error& e) { failure = std::move(e); });
+    auto c = actors::testing::start_training_cluster(sys, layouts().back().layout);
+    for (uint64_t s = 1; s <= 2; ++s) ASSERT_TRUE(train_step(sys, c.trainer, pack(golden_batch(), s, h)));
+    auto failure = actors::testing::save_checkpoint(sys, c.trainer, dir.string());
     ASSERT_FALSE(failure) << error_text(failure);
   }
   model::training_checkpoint_options lo;
