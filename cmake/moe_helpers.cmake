@@ -56,6 +56,11 @@ function(moe_add_test name)
     MOE_TEST_DATA_DIR="${PROJECT_SOURCE_DIR}/tests/data"
     MOE_BINARY_DIR="${PROJECT_BINARY_DIR}")
   moe_set_warnings(${target})
+  # Remembered per label, so a build can be limited to the executables of some suites
+  # (tests/CMakeLists.txt: moe_tests_unit_integration, which the sanitizer stage builds).
+  foreach(label IN LISTS arg_LABELS)
+    set_property(GLOBAL APPEND PROPERTY MOE_TEST_TARGETS_${label} ${target})
+  endforeach()
   gtest_discover_tests(${target}
     TEST_PREFIX "${name}."
     PROPERTIES LABELS "${arg_LABELS}" TIMEOUT ${arg_TIMEOUT}

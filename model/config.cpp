@@ -268,6 +268,49 @@ caf::error config_error(const std::string& source, std::string_view field,
                     source + ": " + std::string(field) + ": " + message);
 }
 
+// Each dimension is plausible on its own (validate_impl), but their products are what the runtime
+// computes: expected_weights() lists (layers + MTP modules) x routed experts tensors, and shape
+// extents, element counts, byte counts and their sums are int64. A config.json must not make a
+// loader list billions of tensors or overflow a size, so both are bounded here, in long double
+// (exact enough for a bound). The extents are those of expected_weights() (model/weights.cpp).
+template <class Fail>
+caf::expected<void> check_model_size(const model_config& c, Fail&& err) {
+  constexpr long double max_tensors = 1 << 22;        // DeepSeek-V3: about 49 thousand
+  constexpr long double max_parameters = 1ull << 60;  // DeepSeek-V3: 6.7e11
+  using real = long double;
+  const real layers = static_cast<real>(c.num_hidden_layers) + static_cast<real>(c.num_nextn_predict_layers);
+  // Per block at most 9 attention tensors and norms, the gate and its bias, 3 per routed expert
+  // and 3 shared; an MTP module adds 6; embedding, final norm and head.
+  const real num_tensors = layers * (20 + 3 * static_cast<real>(c.n_routed_experts)) + 8;
+  if (num_tensors > max_tensors) {
+    return err("num_hidden_layers",
+               std::to_string(c.num_hidden_layers) + " layers and " + std::to_string(c.num_nextn_predict_layers) +
+                   " MTP modules of " + std::to_string(c.n_routed_experts) + " routed experts make more than " +
+                   std::to_string(static_cast<int64_t>(max_tensors)) + " tensors, more than this runtime lists");
+  }
+  const real h = static_cast<real>(c.hidden_size);
+  const real heads = static_cast<real>(c.num_attention_heads);
+  const real extents[] = {
+      2 * h,
+      static_cast<real>(c.vocab_size),
+      static_cast<real>(c.q_lora_rank.value_or(0)),
+      heads * static_cast<real>(c.qk_head_dim()),
+      static_cast<real>(c.kv_lora_rank) + static_cast<real>(c.qk_rope_head_dim),
+      heads * (static_cast<real>(c.qk_nope_head_dim) + static_cast<real>(c.v_head_dim)),
+      static_cast<real>(c.intermediate_size),
+      static_cast<real>(c.moe_intermediate_size) * std::max<real>(1, static_cast<real>(c.n_shared_experts)),
+      static_cast<real>(c.n_routed_experts),
+  };
+  const real max_extent = *std::max_element(std::begin(extents), std::end(extents));
+  // Every tensor is a vector or a matrix: at most max_extent^2 elements each.
+  if (num_tensors * max_extent * max_extent > max_parameters) {
+    return err("hidden_size", "the shapes this config gives its tensors (the largest extent is " +
+                                  format_number(static_cast<double>(max_extent)) +
+                                  ") may add up to more than 2^60 parameters, more than this runtime sizes");
+  }
+  return {};
+}
+
 caf::expected<void> validate_impl(const model_config& c, const std::string& source) {
   auto err = [&](std::string_view field, const std::string& message) -> caf::expected<void> {
     return config_error(source, field, message);
@@ -404,8 +447,9 @@ caf::expected<void> validate_impl(const model_config& c, const std::string& sour
                "unsupported value [" + std::to_string(c.quantization->block_rows) + ", " +
                    std::to_string(c.quantization->block_cols) + "] (expected [128, 128])");
   }
-  return {};
+  return check_model_size(c, err);
 }
+
 
 }  // namespace
 
@@ -490,8 +534,12 @@ caf::expected<model_config> parse_config(const nlohmann::json& json,
 
 caf::expected<model_config> parse_config(std::string_view json_text,
                                          const config_parse_options& options) {
-  nlohmann::json json = nlohmann::json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded()) {
+  parsed_json parsed = parse_json_file_text(json_text);
+  if (parsed.too_deep) {
+    return make_error(model_errc::bad_config, options.source + ": invalid JSON: nested deeper than " +
+                                                  std::to_string(max_json_depth) + " levels");
+  }
+  if (!parsed.ok()) {
     // Re-parse with exceptions only to obtain the position of the syntax error.
     try {
       [[maybe_unused]] auto unused = nlohmann::json::parse(json_text);
@@ -500,7 +548,7 @@ caf::expected<model_config> parse_config(std::string_view json_text,
     }
     return make_error(model_errc::bad_config, options.source + ": invalid JSON");
   }
-  return parse_config(json, options);
+  return parse_config(parsed.value, options);
 }
 
 caf::expected<model_config> load_config(const std::filesystem::path& dir_or_file,

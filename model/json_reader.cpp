@@ -5,6 +5,22 @@
 
 namespace moe::model {
 
+parsed_json parse_json_file_text(std::string_view text, const nlohmann::json::parser_callback_t& on_event) {
+  parsed_json out;
+  auto bounded = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    const bool opens = event == nlohmann::json::parse_event_t::object_start ||
+                       event == nlohmann::json::parse_event_t::array_start;
+    if (opens && depth >= max_json_depth) {
+      out.too_deep = true;
+      return false;  // the parser skips the container instead of building it
+    }
+    return on_event ? on_event(depth, event, parsed) : true;
+  };
+  out.value = nlohmann::json::parse(text.begin(), text.end(), bounded, /*allow_exceptions=*/false);
+  if (out.too_deep) out.value = nlohmann::json(nlohmann::json::value_t::discarded);
+  return out;
+}
+
 json_object_reader::json_object_reader(const nlohmann::json& object, std::string source,
                                        std::string path_prefix, model_errc code)
     : object_(object),

@@ -24,6 +24,25 @@
 
 namespace moe::model {
 
+/// Nesting deeper than this is refused in JSON from files (config.json, safetensors headers and
+/// indexes, training state; theirs is at most 3). nlohmann's parser is iterative, but dump(),
+/// copies and comparisons of what it returns recurse once per level: a few hundred KiB of
+/// brackets would overflow the stack of the process that reports the file as malformed.
+inline constexpr int max_json_depth = 64;
+
+/// The outcome of parse_json_file_text: a value, or why there is none.
+struct parsed_json {
+  nlohmann::json value;       ///< Discarded unless ok().
+  bool too_deep = false;      ///< Valid JSON until it nested deeper than max_json_depth.
+  [[nodiscard]] bool ok() const noexcept { return !value.is_discarded(); }
+};
+
+/// Parses JSON text from a file, never throwing: discarded when it is not JSON or nests deeper
+/// than max_json_depth. `on_event`, when given, sees the parse events as nlohmann's parser
+/// callback does (and may discard values the same way).
+[[nodiscard]] parsed_json parse_json_file_text(
+    std::string_view text, const nlohmann::json::parser_callback_t& on_event = nullptr);
+
 class json_object_reader {
  public:
   /// `source` names the file ("config.json"), `path_prefix` the enclosing key path with its

@@ -145,9 +145,12 @@ caf::expected<safetensors_header> parse_safetensors_header(std::span<const std::
     }
     return true;
   };
-  nlohmann::json header =
-      nlohmann::json::parse(text, text + header_bytes, on_event, /*allow_exceptions=*/false);
-  if (header.is_discarded()) return bad_file(source, "header is not valid JSON");
+  parsed_json parsed = parse_json_file_text(std::string_view(text, header_bytes), on_event);
+  if (parsed.too_deep) {
+    return bad_file(source, "header nests deeper than " + std::to_string(max_json_depth) + " levels");
+  }
+  if (!parsed.ok()) return bad_file(source, "header is not valid JSON");
+  const nlohmann::json& header = parsed.value;
   if (!header.is_object()) return bad_file(source, "header is not a JSON object");
   if (!duplicate.empty()) return bad_file(source, "tensor '" + duplicate + "' appears twice");
 
@@ -233,9 +236,12 @@ caf::expected<nlohmann::json> read_json_file(const std::filesystem::path& file) 
   if (!in) return make_error(model_errc::io_error, file.string() + ": cannot open for reading");
   std::ostringstream text;
   text << in.rdbuf();
-  auto json = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded()) return bad_file(file.string(), "not valid JSON");
-  return json;
+  parsed_json parsed = parse_json_file_text(text.str());
+  if (parsed.too_deep) {
+    return bad_file(file.string(), "nests deeper than " + std::to_string(max_json_depth) + " levels");
+  }
+  if (!parsed.ok()) return bad_file(file.string(), "not valid JSON");
+  return std::move(parsed.value);
 }
 
 // Shard names come from a file we did not write: keep them inside the checkpoint directory.

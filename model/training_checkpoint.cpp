@@ -293,8 +293,10 @@ caf::expected<training_state> read_training_state(const std::filesystem::path& f
   if (!in) return make_error(model_errc::io_error, file.string() + ": cannot open for reading");
   std::ostringstream text;
   text << in.rdbuf();
-  const auto json = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded()) return bad_state(file, "not valid JSON");
+  const parsed_json parsed = parse_json_file_text(text.str());
+  if (parsed.too_deep) return bad_state(file, "nests deeper than " + std::to_string(max_json_depth) + " levels");
+  if (!parsed.ok()) return bad_state(file, "not valid JSON");
+  const nlohmann::json& json = parsed.value;
   if (!json.is_object()) return bad_state(file, "expected a JSON object");
   // The version first: a later format may differ in every other field.
   auto version = json.find("format_version");

@@ -4,7 +4,6 @@
 #include <capnp/serialize.h>
 #include <kj/exception.h>
 
-#include <cstring>
 #include <limits>
 
 #include "protocol/flat_message.hpp"
@@ -142,8 +141,9 @@ caf::expected<tensor_frame_header> decode_checked(schema::TensorFrame::Reader r,
                         "tensor frame: inline payload of " + std::to_string(data.size()) +
                             " bytes for byteLength " + std::to_string(h.byte_length));
     }
-    h.inline_payload.resize(data.size());
-    std::memcpy(h.inline_payload.data(), data.begin(), data.size());
+    // Not memcpy: an empty Data field may have a null begin(), which memcpy may not be given.
+    const auto* first = reinterpret_cast<const std::byte*>(data.begin());
+    h.inline_payload.assign(first, first + data.size());
   }
   return h;
 }

@@ -10,6 +10,10 @@ debian_packages=(
   libcaf-dev capnproto libcapnp-dev prometheus-cpp-dev libucx-dev ucx-utils
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libspdlog-dev libfmt-dev libopenblas-dev
   libcpp-httplib-dev libssl-dev libgtest-dev libgmock-dev libbenchmark-dev curl python3
+  prometheus iproute2
+  # clang, its sanitizer and libFuzzer runtimes, llvm-symbolizer for their stack traces:
+  # scripts/sanitize.sh
+  clang libclang-rt-14-dev llvm-14
 )
 
 missing=()
