@@ -1,10 +1,13 @@
 #include "actors/api_server.hpp"
 
+#include <arpa/inet.h>
 #include <capnp/rpc-twoparty.h>
 #include <capnp/rpc.h>
 #include <kj/async-io.h>
 #include <kj/async.h>
 #include <kj/timer.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <caf/all.hpp>
 
@@ -22,6 +25,7 @@
 #include "base/constant_time.hpp"
 #include "model/tokenizer.hpp"
 #include "protocol/api_codec.hpp"
+#include "protocol/api_tls.hpp"
 
 namespace moe::actors {
 
@@ -37,6 +41,31 @@ kj::Exception api_exception(api_errc code, const std::string& text) {
 // An api-category error (actors/api_mapping.hpp made it) as the exception the client sees.
 kj::Exception api_exception(const caf::error& err) {
   return api_exception(static_cast<api_errc>(err.code()), error_text(err));
+}
+
+// --- TLS ------------------------------------------------------------------------------
+
+// "10.0.0.7:51234" for a log line; "an unknown peer" where the socket does not say.
+std::string peer_address(kj::AsyncIoStream& stream) {
+  sockaddr_storage addr{};
+  kj::uint len = sizeof addr;
+  try {
+    stream.getpeername(reinterpret_cast<sockaddr*>(&addr), &len);
+  } catch (const kj::Exception&) {
+    return "an unknown peer";
+  }
+  char host[INET6_ADDRSTRLEN] = {};
+  if (addr.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(a->sin_port));
+  }
+  if (addr.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(a->sin6_port));
+  }
+  return "an unknown peer";
 }
 
 // --- CAF threads -> the kj thread -------------------------------------------------------
@@ -264,6 +293,7 @@ struct api_server::impl {
   caf::actor_system& sys;
   controller_actor controller;
   api_server_options options;
+  kj::Own<kj::TlsContext> tls;  // null: plain TCP. Used by the kj thread only, after start().
   std::unique_ptr<model::tokenizer> tokenizer;  // for text corpora; null when training is off
   std::string training_unavailable;             // why training is off; empty when it is on
 
@@ -490,7 +520,12 @@ class server_core final : private kj::TaskSet::ErrorHandler {
     return listener_->accept()
         .then(
             [this](kj::Own<kj::AsyncIoStream>&& stream) -> kj::Promise<void> {
-              if (!stopping_) adopt(kj::mv(stream));
+              if (stopping_) return kj::READY_NOW;
+              if (shared_.tls) {
+                tasks_->add(handshake(kj::mv(stream)));
+              } else {
+                adopt(kj::mv(stream));
+              }
               return kj::READY_NOW;
             },
             // E.g. out of file descriptors: keep serving the open connections, retry soon.
@@ -500,6 +535,26 @@ class server_core final : private kj::TaskSet::ErrorHandler {
               return timer().afterDelay(100 * kj::MILLISECONDS);
             })
         .then([this] { return accept_loop(); });
+  }
+
+  // A TLS connection reaches the Gateway only once its handshake completed (client
+  // certificate checked, when asked for). A failed one is closed here: the client sees its
+  // handshake fail (or, for a plain Cap'n Proto client, the connection drop).
+  kj::Promise<void> handshake(kj::Own<kj::AsyncIoStream>&& raw) {
+    auto peer = peer_address(*raw);
+    const auto limit = shared_.options.tls_handshake_timeout.count() * kj::MILLISECONDS;
+    return timer()
+        .timeoutAfter(limit, shared_.tls->wrapServer(kj::mv(raw)))
+        .then(
+            [this](kj::Own<kj::AsyncIoStream>&& stream) {
+              if (!stopping_) adopt(kj::mv(stream));
+            },
+            [peer](kj::Exception&& e) {
+              // Usually a client without TLS ("wrong version number") or one that does not trust
+              // this certificate; a log line per connection, as nothing else records it.
+              std::fprintf(stderr, "moe api server: TLS handshake with %s failed: %s\n", peer.c_str(),
+                           e.getDescription().cStr());
+            });
   }
 
   kj::Promise<void> drain(kj::TimePoint deadline) {
@@ -780,7 +835,17 @@ caf::expected<std::unique_ptr<api_server>> api_server::start(caf::actor_system& 
   if (!controller) {
     return protocol::make_error(api_errc::invalid_request, "api server: no controller");
   }
+  kj::Own<kj::TlsContext> tls;
+  if (options.tls) {
+    auto made = protocol::make_api_server_tls({options.tls->certificate, options.tls->key,
+                                              options.tls->passphrase, options.tls->client_ca_file});
+    if (!made) {
+      return protocol::make_error(api_errc::invalid_request, "api server: " + error_text(made.error()));
+    }
+    tls = kj::mv(*made);
+  }
   auto p = std::make_unique<impl>(sys, std::move(controller), std::move(options));
+  p->tls = kj::mv(tls);
   if (!p->options.training_jobs) {
     p->training_unavailable = "no training jobs actor runs";
   } else if (auto t = model::make_tokenizer(p->options.vocab_size); !t) {
@@ -801,6 +866,8 @@ caf::expected<std::unique_ptr<api_server>> api_server::start(caf::actor_system& 
 }
 
 uint16_t api_server::port() const noexcept { return impl_->bound_port; }
+
+bool api_server::uses_tls() const noexcept { return impl_->tls.get() != nullptr; }
 
 void api_server::set_cluster_description(protocol::api_cluster_description cluster) {
   std::lock_guard<std::mutex> lock(impl_->cluster_mu);

@@ -16,6 +16,13 @@
 // secret (compared in constant time; the secret is never logged or echoed). If a client's
 // connection drops, every job that was streaming to it is cancelled.
 //
+// TLS (options.tls, the config's api.tls): every accepted connection must complete a TLS
+// handshake (kj's TlsContext over OpenSSL; TLS 1.2 or 1.3) before it reaches the Gateway, and,
+// with a client CA, present a client certificate signed by it. The secret is checked all the
+// same. A connection that does not complete the handshake within tls_handshake_timeout (a
+// plain Cap'n Proto client, a client that does not trust this certificate) is closed and
+// logged with its peer address; handshakes run side by side, so a stalled one delays no other.
+//
 // Lifecycle (a gate, as every service): start() binds and serves; stop() refuses new calls,
 // cancels the jobs still streaming, waits up to `stop_grace` for in-flight calls and the jobs'
 // final events to reach their clients, then closes every connection and joins the thread.
@@ -30,6 +37,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "actors/controller.hpp"
@@ -37,6 +45,7 @@
 #include "actors/training_jobs.hpp"
 #include "base/error.hpp"
 #include "protocol/api_types.hpp"
+#include "runtime/cluster_config.hpp"
 
 namespace moe::actors {
 
@@ -69,12 +78,18 @@ struct api_server_options {
   std::chrono::milliseconds stop_grace{2'000};
   /// A wrong secret is answered only after this delay, to slow down guessing.
   std::chrono::milliseconds failed_login_delay{200};
+  /// Serve TLS with these files (read once, by start()); unset: plain TCP, where the secret
+  /// crosses the network in the clear.
+  std::optional<runtime::api_tls_config> tls;
+  /// How long a client may take to complete the TLS handshake before it is disconnected.
+  std::chrono::milliseconds tls_handshake_timeout{10'000};
 };
 
 class api_server {
  public:
   /// Binds `options.host:options.port` and starts serving. Errors: api_errc::invalid_request
-  /// for an empty secret, api_errc::unavailable when the address cannot be bound.
+  /// for an empty secret or TLS files that cannot be read or used (the text names the file,
+  /// never the passphrase), api_errc::unavailable when the address cannot be bound.
   [[nodiscard]] static caf::expected<std::unique_ptr<api_server>> start(
       caf::actor_system& sys, controller_actor controller, api_server_options options);
 
@@ -84,6 +99,9 @@ class api_server {
 
   /// The bound port (the ephemeral one when options.port was 0).
   [[nodiscard]] uint16_t port() const noexcept;
+
+  /// Whether connections must speak TLS (options.tls was given).
+  [[nodiscard]] bool uses_tls() const noexcept;
 
   /// Replaces what describe() answers from now on (e.g. after the scheduler re-placed actors).
   void set_cluster_description(protocol::api_cluster_description cluster);

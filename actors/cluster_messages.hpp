@@ -8,6 +8,7 @@
 #pragma once
 
 #include <caf/atom.hpp>
+#include <caf/detail/stringification_inspector.hpp>
 #include <caf/fwd.hpp>
 #include <caf/meta/type_name.hpp>
 #include <caf/replies_to.hpp>
@@ -16,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "actors/node_agent.hpp"
@@ -45,7 +47,14 @@ struct node_credentials {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, node_credentials& x) {
-  return f(caf::meta::type_name("node_credentials"), x.cluster, x.secret, x.peer);
+  // As text (caf::to_string, deep_to_string, CAF's "unexpected message" warnings) the secret
+  // shows as <redacted>, so no log line can carry it; serializers send it as it is.
+  if constexpr (std::is_same_v<Inspector, caf::detail::stringification_inspector>) {
+    std::string redacted = "<redacted>";
+    return f(caf::meta::type_name("node_credentials"), x.cluster, redacted, x.peer);
+  } else {
+    return f(caf::meta::type_name("node_credentials"), x.cluster, x.secret, x.peer);
+  }
 }
 
 /// A node process as it describes itself.

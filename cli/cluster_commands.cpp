@@ -80,9 +80,9 @@ int run_serve(const serve_options& o) {
   auto cluster = actors::serving_cluster::start(sys, *cfg, so);
   if (!cluster) return fail("serve", cluster.error());
   fmt::print("{}\n", scheduler::render_table((*cluster)->placement()));
-  fmt::print("serving '{}' (model {}): API on {}:{}, metrics at {}\n", cfg->name,
+  fmt::print("serving '{}' (model {}): API on {}:{}, metrics at {}{}\n", cfg->name,
              (*cluster)->model_dir().string(), o.host, (*cluster)->api_port(),
-             (*cluster)->metrics_url());
+             (*cluster)->metrics_url(), cfg->api_tls ? " (API over TLS)" : "");
   fmt::print("SIGINT or SIGTERM stops it (in-flight jobs are finished or cancelled)\n");
   std::fflush(stdout);
   int sig = 0;
@@ -244,6 +244,9 @@ int run_demo(const std::string& config_file, int processes) {
     cfg = nodes->config();
     fmt::print("started {} node processes (logs in {})\n", processes - 1, nodes->run_dir().string());
   }
+  // The demo's clients are its own threads on loopback, with no CA to check a certificate
+  // against: its API stays plain TCP whatever api.tls says.
+  cfg->api_tls.reset();
   auto sys_cfg = nodes ? make_networked_system_config(*cfg) : make_local_system_config();
   caf::actor_system sys{sys_cfg};
   actors::serving_options so;

@@ -11,8 +11,8 @@
 // --json prints the whole report (per-layer ratios too) as one JSON object. On failure
 // "moe rebalance: error: <code>: <why>" on stderr and exit status 1 (`overloaded:` and
 // `unavailable:` may succeed later; docs/job_api.md lists the codes).
-// The cluster secret comes from --secret-file, --secret or MOE_CLUSTER_SECRET, as for
-// `moe submit`.
+// The cluster secret comes from --secret-file, --secret or MOE_CLUSTER_SECRET, and TLS from
+// --ca-file / --server-name / --cert / --key, as for `moe submit` (cli/client_secret.hpp).
 #include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
@@ -32,6 +32,7 @@ struct rebalance_options {
   std::string address;
   std::string secret;
   std::string secret_file;
+  api_tls_flags tls;
   bool json = false;
 };
 
@@ -75,7 +76,9 @@ int run_rebalance(const rebalance_options& o) {
   if (!address) return fail(error_text(address.error()));
   auto secret = client_secret(o.secret, o.secret_file);
   if (!secret) return fail(error_text(secret.error()));
-  auto c = client::job_client::connect(address->first, address->second, *secret);
+  auto connect_options = api_client_options(o.tls);
+  if (!connect_options) return fail(error_text(connect_options.error()));
+  auto c = client::job_client::connect(address->first, address->second, *secret, *connect_options);
   if (!c) return fail(error_text(c.error()));
   auto report = (*c)->rebalance();
   if (!report) return fail(error_text(report.error()));
@@ -97,6 +100,7 @@ void add_rebalance_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--secret-file", o->secret_file, "A file whose first line is the cluster secret");
   cmd->add_option("--secret", o->secret, "The cluster secret (visible in ps: prefer the others)");
   cmd->add_flag("--json", o->json, "Print the report as JSON");
+  add_api_tls_flags(*cmd, o->tls);
   cmd->footer("The secret may also come from the environment variable MOE_CLUSTER_SECRET.");
   cmd->callback([o, &ctx] { ctx.exit_code = run_rebalance(*o); });
 }

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "protocol/api_codec.hpp"
+#include "protocol/api_tls.hpp"
 
 namespace moe::client {
 
@@ -26,6 +27,7 @@ const char* to_string(client_errc code) noexcept {
     case client_errc::job_failed: return "job_failed";
     case client_errc::job_cancelled: return "job_cancelled";
     case client_errc::server_error: return "server_error";
+    case client_errc::tls_failed: return "tls_failed";
   }
   return "server_error";
 }
@@ -70,6 +72,12 @@ std::shared_ptr<io_context> thread_io() {
   auto p = std::make_shared<io_context>();
   current = p;
   return p;
+}
+
+// The host a certificate must name: an IPv6 literal without its brackets.
+std::string tls_host_name(const std::string& host) {
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') return host.substr(1, host.size() - 2);
+  return host;
 }
 
 client_errc to_client(protocol::api_errc code) {
@@ -200,8 +208,9 @@ class training_sink final : public wire::TrainingSink::Server {
 
 struct job_client::impl {
   // Declared so that destruction runs bottom-up: the jobs and capabilities before the
-  // connection, the connection before the event loop.
+  // connection, the connection before its TLS context and the event loop.
   std::shared_ptr<io_context> io;
+  kj::Own<kj::TlsContext> tls;  // null: plain TCP
   kj::Own<kj::AsyncIoStream> stream;
   kj::Own<::capnp::TwoPartyClient> rpc;
   std::optional<kj::ForkedPromise<void>> disconnected;
@@ -212,6 +221,28 @@ struct job_client::impl {
   uint16_t server_version = 0;
 
   kj::WaitScope& wait_scope() { return io->io.waitScope; }
+
+  // Replaces `stream` by a TLS session over it, the server's certificate checked for
+  // `server_name`; the handshake shares options.connect_timeout with the TCP connect.
+  caf::error start_tls(const client_tls_options& o, const std::string& server_name, const std::string& where) {
+    auto made = protocol::make_api_client_tls({o.ca_file, o.certificate, o.key});
+    if (!made) return make_error(client_errc::invalid_request, "invalid_request: " + error_text(made.error()));
+    tls = kj::mv(*made);
+    try {
+      auto secured = await(tls->wrapClient(kj::mv(stream), kj::StringPtr(server_name.c_str(), server_name.size())),
+                           options.connect_timeout);
+      if (!secured) {
+        return make_error(client_errc::tls_failed,
+                          "TLS handshake with " + where + ": no answer within " +
+                              std::to_string(options.connect_timeout.count()) + " ms (does the server speak TLS?)");
+      }
+      stream = kj::mv(*secured);
+    } catch (const kj::Exception& e) {
+      return make_error(client_errc::tls_failed, "TLS handshake with " + where + " failed: " +
+                                                     protocol::explain_tls_failure(e.getDescription().cStr(), server_name));
+    }
+    return {};
+  }
 
   // Waits for `p` up to `timeout` (0: no limit). Nothing: timed out. Throws kj::Exception.
   template <class T>
@@ -309,6 +340,11 @@ caf::expected<std::unique_ptr<job_client>> job_client::connect(const std::string
     return make_error(client_errc::connection_failed,
                       "cannot connect to " + where + ": " + e.getDescription().cStr());
   }
+  std::string server_name;  // the name the server's certificate was checked for; TLS only
+  if (options.tls) {
+    server_name = options.tls->server_name.empty() ? tls_host_name(host) : options.tls->server_name;
+    if (auto err = p->start_tls(*options.tls, server_name, where)) return err;
+  }
   try {
     p->rpc = kj::heap<::capnp::TwoPartyClient>(*p->stream);
     p->disconnected = p->rpc->onDisconnect().fork();
@@ -327,7 +363,20 @@ caf::expected<std::unique_ptr<job_client>> job_client::connect(const std::string
   } catch (const kj::Exception& e) {
     auto f = protocol::parse_api_exception(e);
     if (f.code) return make_error(to_client(*f.code), std::string(to_string(*f.code)) + ": " + f.text);
-    return make_error(client_errc::connection_failed, "cannot log in to " + where + ": " + f.text);
+    // With TLS 1.3 the server checks a client certificate after the client's handshake
+    // completed: its refusal arrives as the answer to login, as its alert or, when the
+    // connection was reset first, as a bare drop.
+    if (options.tls) {
+      auto why = protocol::explain_tls_failure(f.text, server_name);
+      if (why == f.text) {
+        why = "the server dropped the TLS session before answering login (does it ask for a client certificate, "
+              "api.tls.client_ca_file? then give one signed by that CA, e.g. --cert, --key): " + f.text;
+      }
+      return make_error(client_errc::tls_failed, "TLS session with " + where + " failed: " + why);
+    }
+    return make_error(client_errc::connection_failed,
+                      "cannot log in to " + where + ": " + f.text +
+                          " (a server with api.tls drops plain connections so: connect with TLS, e.g. --ca-file)");
   }
   return std::unique_ptr<job_client>(new job_client(std::move(p)));
 }

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -43,6 +44,9 @@ enum class client_errc : uint8_t {
   job_failed,             ///< Permanent: the job failed on the cluster (the text says why).
   job_cancelled,          ///< The job was cancelled (by a cancel call or a stopping server).
   server_error,           ///< Maybe transient: any other failure the server reported.
+  tls_failed,             ///< Permanent: the TLS handshake failed (the text says why: an untrusted
+                          ///< or misnamed server certificate, a server without TLS, a refused or
+                          ///< missing client certificate).
 };
 
 [[nodiscard]] const char* to_string(client_errc code) noexcept;
@@ -57,6 +61,17 @@ using job_state = protocol::api_job_state;
 using training_request_spec = protocol::api_training_spec;
 using training_event = protocol::api_training_event;
 
+/// TLS towards a server whose config has api.tls (docs/job_api.md). The server's certificate
+/// must chain to a CA of `ca_file` and name `server_name`. Cap'n Proto 0.9's TLS matches DNS
+/// names and the common name only, not IP addresses: to dial an IP, give a server_name the
+/// certificate holds.
+struct client_tls_options {
+  std::string ca_file;      ///< PEM: the CAs to trust; empty: the system's trust store.
+  std::string certificate;  ///< PEM: this client's certificate, for a server that asks for one.
+  std::string key;          ///< PEM: its private key (not encrypted); with `certificate`.
+  std::string server_name;  ///< The name to check the certificate for; empty: the host dialled.
+};
+
 struct client_options {
   std::chrono::milliseconds connect_timeout{10'000};
   /// Limit for one call (login, submit, status, cancel, describe); 0: none. wait() has its own.
@@ -67,6 +82,9 @@ struct client_options {
   /// Limit for checkpoint() (the running step, then the write); 0: none. Above the server's
   /// api_server_options::checkpoint_timeout for the same reason.
   std::chrono::milliseconds checkpoint_timeout{660'000};
+  /// Set: connect over TLS (the handshake counts against connect_timeout); unset: plain TCP,
+  /// which a server with api.tls drops (connect then fails, naming TLS as the likely cause).
+  std::optional<client_tls_options> tls;
 };
 
 /// "host:port", "[::1]:7101" -> (host, port); invalid_request when malformed.
@@ -77,7 +95,8 @@ class job_client {
   using event_handler = std::function<void(const client_event&)>;
   using training_event_handler = std::function<void(const training_event&)>;
 
-  /// Connects and logs in with the cluster secret.
+  /// Connects (over TLS when options.tls is set) and logs in with the cluster secret.
+  /// Errors: connection_failed, tls_failed, unauthenticated, unsupported_version, timed_out.
   [[nodiscard]] static caf::expected<std::unique_ptr<job_client>> connect(
       const std::string& host, uint16_t port, const std::string& secret,
       const client_options& options = {});

@@ -223,6 +223,47 @@ bool parse_tls(context& ctx, const value_ref& at, tls_config& out) {
   return true;
 }
 
+// api.tls: as cluster.tls, but the server's own certificate and key, and an optional CA for
+// client certificates instead of the peers' CA.
+bool parse_api_tls(context& ctx, const value_ref& at, api_tls_config& out) {
+  mapping m(ctx, at, {"certificate", "key", "client_ca_file", "passphrase"});
+  if (!m.ok()) return false;
+  out.line = at.line;
+  const std::tuple<std::string_view, std::string_view, std::filesystem::path*, int*> paths[] = {
+      {"certificate", "a PEM file with the API server's certificate", &out.certificate, &out.certificate_line},
+      {"key", "a PEM file with the certificate's private key", &out.key, &out.key_line},
+  };
+  for (const auto& [key, hint, target, line] : paths) {
+    const value_ref* v = m.require(key, hint);
+    std::string text;
+    if (v == nullptr || !read_string(ctx, *v, text)) return false;
+    *target = text;
+    *line = v->line;
+  }
+  if (const value_ref* v = m.find("client_ca_file")) {
+    std::string text;
+    if (!read_string(ctx, *v, text)) return false;
+    out.client_ca_file = text;
+    out.client_ca_file_line = v->line;
+  }
+  if (const value_ref* v = m.find("passphrase")) {
+    // Never echo the value, as for the secret.
+    if (!v->node.IsScalar() || v->node.Scalar().empty()) return ctx.fail(v->line, v->field, "expected a non-empty string");
+    out.passphrase = v->node.Scalar();
+  }
+  return true;
+}
+
+bool parse_api(context& ctx, const value_ref& at, cluster_config& out) {
+  mapping m(ctx, at, {"tls"});
+  if (!m.ok()) return false;
+  if (const value_ref* v = m.find("tls")) {
+    out.api_tls.emplace();
+    if (!parse_api_tls(ctx, *v, *out.api_tls)) return false;
+  }
+  return true;
+}
+
 bool parse_cluster(context& ctx, const value_ref& at, cluster_config& out) {
   mapping m(ctx, at, {"name", "secret", "heartbeat_interval_ms", "failure_timeout_ms", "tls"});
   if (!m.ok()) return false;
@@ -438,7 +479,8 @@ bool parse_expert_groups(context& ctx, const value_ref& at, expert_groups_config
 }
 
 bool parse_batching(context& ctx, const value_ref& at, batching_config& out) {
-  mapping m(ctx, at, {"max_running_requests", "max_batch_tokens", "max_queue", "max_new_tokens_limit"});
+  mapping m(ctx, at,
+            {"max_running_requests", "max_batch_tokens", "max_queue", "max_new_tokens_limit", "request_timeout_ms"});
   if (!m.ok()) return false;
   const std::pair<std::string_view, int64_t*> fields[] = {
       {"max_running_requests", &out.max_running_requests},
@@ -449,6 +491,8 @@ bool parse_batching(context& ctx, const value_ref& at, batching_config& out) {
   for (const auto& [key, target] : fields) {
     if (const value_ref* v = m.find(key); v && !read_int(ctx, *v, 1, INT32_MAX, *target)) return false;
   }
+  if (const value_ref* v = m.find("request_timeout_ms"); v && !read_int(ctx, *v, 0, INT32_MAX, out.request_timeout_ms))
+    return false;
   return true;
 }
 
@@ -508,7 +552,10 @@ bool check_node_ports(context& ctx, const cluster_config& c) {
     const std::string at = "nodes[" + std::to_string(i) + "]";
     const std::pair<uint16_t, std::string> mine[] = {
         {node_control_port(c, i), at + ".control_port"}, {node_metrics_port(c, i), at + ".metrics_port"}};
-    for (const auto& [port, field] : mine) {
+    for (const auto& entry : mine) {
+      // Not a structured binding: clang before 16 cannot capture one in the lambda below.
+      const uint16_t port = entry.first;
+      const std::string& field = entry.second;
       if (port == 0) continue;
       const bool defaulted = field.ends_with(".control_port") ? !c.nodes[i].control_port : !c.nodes[i].metrics_port;
       auto clash = [&](const std::string& other) {
@@ -534,7 +581,7 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   const int root_line = line_of(root) > 0 ? line_of(root) : 1;
   mapping m(ctx, {root, "", root_line},
             {"cluster", "nodes", "model", "attention_shards", "expert_groups", "redundant_expert_slots",
-             "batching", "rebalancing", "ports"});
+             "batching", "rebalancing", "ports", "api"});
   if (!m.ok()) return false;
   const value_ref* cluster = m.require("cluster", "name and secret");
   if (cluster == nullptr || !parse_cluster(ctx, *cluster, out)) return false;
@@ -556,6 +603,7 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   if (const value_ref* v = m.find("batching"); v && !parse_batching(ctx, *v, out.batching)) return false;
   if (const value_ref* v = m.find("rebalancing"); v && !parse_rebalancing(ctx, *v, out.rebalancing)) return false;
   if (const value_ref* v = m.find("ports"); v && !parse_ports(ctx, *v, out.ports)) return false;
+  if (const value_ref* v = m.find("api"); v && !parse_api(ctx, *v, out)) return false;
   return check_node_ports(ctx, out);
 }
 
@@ -645,66 +693,94 @@ bool key_is_encrypted(const std::string& pem) {
   return pem.find("ENCRYPTED PRIVATE KEY") != std::string::npos || pem.find("Proc-Type: 4,ENCRYPTED") != std::string::npos;
 }
 
-}  // namespace
+// Errors of one TLS section's file checks: "source:line: <section>.<key>: what".
+struct tls_check {
+  const cluster_config& config;
+  std::string section;  // "cluster.tls", "api.tls"
 
-caf::error check_tls_files(const cluster_config& config) {
-  if (!config.tls) return {};
-  const tls_config& tls = *config.tls;
-  auto fail = [&](cluster_config_errc code, int line, std::string_view key, const std::string& what) {
+  [[nodiscard]] caf::error fail(cluster_config_errc code, int line, std::string_view key,
+                                const std::string& what) const {
     context ctx{config.source, std::nullopt};
-    ctx.fail(line, key.empty() ? "cluster.tls" : "cluster.tls." + std::string(key), what);
+    ctx.fail(line, key.empty() ? section : section + "." + std::string(key), what);
     return make_error(code, *ctx.error);
-  };
-  struct file {
-    std::string_view key;
-    const std::filesystem::path& path;
-    int line;
-    std::string text;
-  };
-  file files[] = {{"certificate", tls.certificate, tls.certificate_line, {}},
-                  {"key", tls.key, tls.key_line, {}},
-                  {"ca_file", tls.ca_file, tls.ca_file_line, {}}};
+  }
+};
+
+struct tls_file {
+  std::string_view key;
+  const std::filesystem::path& path;
+  int line;
+  std::string text;
+};
+
+// Reads each file's text, or the error naming the first that cannot be read.
+caf::error read_tls_files(const tls_check& check, std::vector<tls_file>& files) {
   for (auto& f : files) {
     std::string why;
     auto text = read_whole_file(f.path, why);
-    if (!text) return fail(cluster_config_errc::io_error, f.line, f.key, "cannot read " + f.path.string() + ": " + why);
+    if (!text) return check.fail(cluster_config_errc::io_error, f.line, f.key, "cannot read " + f.path.string() + ": " + why);
     f.text = std::move(*text);
   }
-  const auto& [cert_file, key_file, ca_file] = files;
+  return {};
+}
 
-  auto chain = read_certificates(cert_file.text);
-  if (chain.empty()) {
-    return fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key,
-                cert_file.path.string() + " holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
+// The certificates of a file that must hold at least one.
+caf::expected<std::vector<x509_ptr>> certificates_of(const tls_check& check, const tls_file& f) {
+  auto certs = read_certificates(f.text);
+  if (certs.empty()) {
+    return check.fail(cluster_config_errc::bad_config, f.line, f.key,
+                      f.path.string() + " holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
   }
-  auto cas = read_certificates(ca_file.text);
-  if (cas.empty()) {
-    return fail(cluster_config_errc::bad_config, ca_file.line, ca_file.key,
-                ca_file.path.string() + " holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
-  }
+  return certs;
+}
 
+using pkey_ptr = std::unique_ptr<EVP_PKEY, pkey_free>;
+
+// The key of `key_file`, decrypted with `passphrase` when it is encrypted, and checked to
+// belong to `certificate`. The passphrase appears in no message.
+caf::expected<pkey_ptr> key_of(const tls_check& check, const tls_file& key_file, const tls_file& cert_file,
+                               X509* certificate, const std::string& passphrase) {
   auto key_bio = memory_bio(key_file.text);
-  std::string passphrase = tls.passphrase;
-  std::unique_ptr<EVP_PKEY, pkey_free> key{
-      key_bio ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, passphrase_cb, &passphrase) : nullptr};
+  std::string pass = passphrase;
+  pkey_ptr key{key_bio ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, passphrase_cb, &pass) : nullptr};
   if (!key) {
     const std::string reason = openssl_errors();
     std::string what;
     if (key_is_encrypted(key_file.text)) {
-      what = tls.passphrase.empty() ? "the key in " + key_file.path.string() + " is encrypted: give cluster.tls.passphrase"
-                                    : "cannot decrypt the key in " + key_file.path.string() + " (wrong passphrase?)";
+      what = passphrase.empty() ? "the key in " + key_file.path.string() + " is encrypted: give " + check.section + ".passphrase"
+                                : "cannot decrypt the key in " + key_file.path.string() + " (wrong passphrase?)";
     } else {
       what = key_file.path.string() + " holds no PEM private key (-----BEGIN PRIVATE KEY-----)";
     }
-    return fail(cluster_config_errc::bad_config, key_file.line, key_file.key,
-                what + (reason.empty() ? "" : ": " + reason));
+    return check.fail(cluster_config_errc::bad_config, key_file.line, key_file.key,
+                      what + (reason.empty() ? "" : ": " + reason));
   }
-  if (X509_check_private_key(chain.front().get(), key.get()) != 1) {
+  if (X509_check_private_key(certificate, key.get()) != 1) {
     ERR_clear_error();
-    return fail(cluster_config_errc::bad_config, key_file.line, key_file.key,
-                "the key in " + key_file.path.string() + " does not belong to the certificate in " +
-                    cert_file.path.string());
+    return check.fail(cluster_config_errc::bad_config, key_file.line, key_file.key,
+                      "the key in " + key_file.path.string() + " does not belong to the certificate in " +
+                          cert_file.path.string());
   }
+  return key;
+}
+
+caf::error check_cluster_tls(const cluster_config& config) {
+  const tls_config& tls = *config.tls;
+  const tls_check check{config, "cluster.tls"};
+  std::vector<tls_file> files = {{"certificate", tls.certificate, tls.certificate_line, {}},
+                                 {"key", tls.key, tls.key_line, {}},
+                                 {"ca_file", tls.ca_file, tls.ca_file_line, {}}};
+  if (auto err = read_tls_files(check, files)) return err;
+  const auto& cert_file = files[0];
+  const auto& key_file = files[1];
+  const auto& ca_file = files[2];
+
+  auto chain = certificates_of(check, cert_file);
+  if (!chain) return chain.error();
+  auto cas = certificates_of(check, ca_file);
+  if (!cas) return cas.error();
+  auto key = key_of(check, key_file, cert_file, chain->front().get(), tls.passphrase);
+  if (!key) return key.error();
 
   // Peers check this node's certificate against the same CA file (the config is shared): a
   // certificate that does not chain to it would be refused by every peer, so refuse it here.
@@ -712,11 +788,11 @@ caf::error check_tls_files(const cluster_config& config) {
   std::unique_ptr<STACK_OF(X509), x509_stack_free> intermediates{sk_X509_new_null()};
   std::unique_ptr<X509_STORE_CTX, store_ctx_free> verify{X509_STORE_CTX_new()};
   if (!store || !intermediates || !verify) {
-    return fail(cluster_config_errc::io_error, tls.line, "", "out of memory checking the certificates");
+    return check.fail(cluster_config_errc::io_error, tls.line, "", "out of memory checking the certificates");
   }
-  for (auto& ca : cas) X509_STORE_add_cert(store.get(), ca.get());  // takes its own reference
-  for (size_t i = 1; i < chain.size(); ++i) {
-    if (sk_X509_push(intermediates.get(), chain[i].get()) > 0) chain[i].release();
+  for (auto& ca : *cas) X509_STORE_add_cert(store.get(), ca.get());  // takes its own reference
+  for (size_t i = 1; i < chain->size(); ++i) {
+    if (sk_X509_push(intermediates.get(), (*chain)[i].get()) > 0) (*chain)[i].release();
   }
   // As OpenSSL checks it in a handshake: as a client certificate when this node connects (joins,
   // status), as a server certificate when it accepts (its gatekeeper). The chain is the same.
@@ -724,7 +800,7 @@ caf::error check_tls_files(const cluster_config& config) {
                                                   {X509_PURPOSE_SSL_CLIENT, "client"}};
   for (const auto& [purpose, role] : purposes) {
     int verified = 0;
-    if (X509_STORE_CTX_init(verify.get(), store.get(), chain.front().get(), intermediates.get()) == 1 &&
+    if (X509_STORE_CTX_init(verify.get(), store.get(), chain->front().get(), intermediates.get()) == 1 &&
         X509_STORE_CTX_set_purpose(verify.get(), purpose) == 1) {
       verified = X509_verify_cert(verify.get());
     }
@@ -740,8 +816,54 @@ caf::error check_tls_files(const cluster_config& config) {
       why += " does not verify against ca_file " + ca_file.path.string() + ": " +
              X509_verify_cert_error_string(code) + " (peers would refuse it)";
     }
-    return fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key, why);
+    return check.fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key, why);
   }
+  return {};
+}
+
+// The API server's certificate cannot be verified here (clients bring their CA): what can be
+// checked is that it is a server certificate, valid now, with its key.
+caf::error check_api_tls(const cluster_config& config) {
+  const api_tls_config& tls = *config.api_tls;
+  const tls_check check{config, "api.tls"};
+  std::vector<tls_file> files = {{"certificate", tls.certificate, tls.certificate_line, {}},
+                                 {"key", tls.key, tls.key_line, {}}};
+  if (!tls.client_ca_file.empty()) files.push_back({"client_ca_file", tls.client_ca_file, tls.client_ca_file_line, {}});
+  if (auto err = read_tls_files(check, files)) return err;
+  const auto& cert_file = files[0];
+  auto chain = certificates_of(check, cert_file);
+  if (!chain) return chain.error();
+  auto key = key_of(check, files[1], cert_file, chain->front().get(), tls.passphrase);
+  if (!key) return key.error();
+  X509* cert = chain->front().get();
+  const int server_purpose = X509_check_purpose(cert, X509_PURPOSE_SSL_SERVER, 0);
+  ERR_clear_error();
+  if (server_purpose != 1) {
+    return check.fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key,
+                      "the certificate in " + cert_file.path.string() +
+                          " cannot serve as a TLS server certificate (give it extendedKeyUsage serverAuth, or none)");
+  }
+  if (X509_cmp_current_time(X509_get0_notAfter(cert)) < 0) {
+    return check.fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key,
+                      "the certificate in " + cert_file.path.string() + " has expired (clients would refuse it)");
+  }
+  if (X509_cmp_current_time(X509_get0_notBefore(cert)) > 0) {
+    return check.fail(cluster_config_errc::bad_config, cert_file.line, cert_file.key,
+                      "the certificate in " + cert_file.path.string() + " is not yet valid (clients would refuse it)");
+  }
+  if (files.size() > 2) {
+    if (auto cas = certificates_of(check, files[2]); !cas) return cas.error();
+  }
+  return {};
+}
+
+}  // namespace
+
+caf::error check_tls_files(const cluster_config& config) {
+  if (config.tls) {
+    if (auto err = check_cluster_tls(config)) return err;
+  }
+  if (config.api_tls) return check_api_tls(config);
   return {};
 }
 
@@ -800,8 +922,13 @@ caf::expected<cluster_config> load_cluster_config(const std::filesystem::path& p
     resolve(config->tls->certificate);
     resolve(config->tls->key);
     resolve(config->tls->ca_file);
-    if (auto err = check_tls_files(*config)) return err;
   }
+  if (config->api_tls) {
+    resolve(config->api_tls->certificate);
+    resolve(config->api_tls->key);
+    resolve(config->api_tls->client_ca_file);
+  }
+  if (auto err = check_tls_files(*config)) return err;
   return config;
 }
 
@@ -925,13 +1052,20 @@ std::string to_string(const cluster_config& c) {
   out << ", redundant_expert_slots " << c.redundant_expert_slots << "\n";
   out << "batching: max_running_requests " << c.batching.max_running_requests << ", max_batch_tokens "
       << c.batching.max_batch_tokens << ", max_queue " << c.batching.max_queue
-      << ", max_new_tokens_limit " << c.batching.max_new_tokens_limit << "\n";
+      << ", max_new_tokens_limit " << c.batching.max_new_tokens_limit << ", request_timeout_ms "
+      << c.batching.request_timeout_ms << "\n";
   out << "rebalancing: period_s " << c.rebalancing.period_s << ", load_window_steps " << c.rebalancing.load_window_steps
       << ", max_moved_replicas "
       << (c.rebalancing.max_moved_replicas < 0 ? std::string("unlimited") : std::to_string(c.rebalancing.max_moved_replicas))
       << ", min_improvement_pct " << c.rebalancing.min_improvement_pct << "\n";
   out << "ports: control " << c.ports.control << ", api " << c.ports.api << ", metrics "
       << c.ports.metrics << "\n";
+  if (c.api_tls) {
+    out << "job API over TLS: certificate " << c.api_tls->certificate.string() << ", key "
+        << c.api_tls->key.string() << (c.api_tls->passphrase.empty() ? "" : " (passphrase <redacted>)");
+    if (!c.api_tls->client_ca_file.empty()) out << ", client_ca_file " << c.api_tls->client_ca_file.string();
+    out << "\n";
+  }
   return out.str();
 }
 
@@ -966,24 +1100,32 @@ nlohmann::json to_json(const cluster_config& c) {
                       {"ca_file", c.tls->ca_file.string()}};
     if (!c.tls->passphrase.empty()) cluster["tls"]["passphrase"] = redacted;
   }
-  return {{"source", c.source},
-          {"cluster", std::move(cluster)},
-          {"nodes", std::move(nodes)},
-          {"model", std::move(model)},
-          {"attention_shards", c.attention_shards},
-          {"expert_groups", std::move(groups)},
-          {"redundant_expert_slots", c.redundant_expert_slots},
-          {"batching",
-           {{"max_running_requests", c.batching.max_running_requests},
-            {"max_batch_tokens", c.batching.max_batch_tokens},
-            {"max_queue", c.batching.max_queue},
-            {"max_new_tokens_limit", c.batching.max_new_tokens_limit}}},
-          {"rebalancing",
-           {{"period_s", c.rebalancing.period_s},
-            {"load_window_steps", c.rebalancing.load_window_steps},
-            {"max_moved_replicas", c.rebalancing.max_moved_replicas},
-            {"min_improvement_pct", c.rebalancing.min_improvement_pct}}},
-          {"ports", {{"control", c.ports.control}, {"api", c.ports.api}, {"metrics", c.ports.metrics}}}};
+  nlohmann::json out = {{"source", c.source},
+                       {"cluster", std::move(cluster)},
+                       {"nodes", std::move(nodes)},
+                       {"model", std::move(model)},
+                       {"attention_shards", c.attention_shards},
+                       {"expert_groups", std::move(groups)},
+                       {"redundant_expert_slots", c.redundant_expert_slots},
+                       {"batching",
+                        {{"max_running_requests", c.batching.max_running_requests},
+                         {"max_batch_tokens", c.batching.max_batch_tokens},
+                         {"max_queue", c.batching.max_queue},
+                         {"max_new_tokens_limit", c.batching.max_new_tokens_limit},
+                         {"request_timeout_ms", c.batching.request_timeout_ms}}},
+                       {"rebalancing",
+                        {{"period_s", c.rebalancing.period_s},
+                         {"load_window_steps", c.rebalancing.load_window_steps},
+                         {"max_moved_replicas", c.rebalancing.max_moved_replicas},
+                         {"min_improvement_pct", c.rebalancing.min_improvement_pct}}},
+                       {"ports", {{"control", c.ports.control}, {"api", c.ports.api}, {"metrics", c.ports.metrics}}}};
+  if (c.api_tls) {
+    nlohmann::json tls = {{"certificate", c.api_tls->certificate.string()}, {"key", c.api_tls->key.string()}};
+    if (!c.api_tls->client_ca_file.empty()) tls["client_ca_file"] = c.api_tls->client_ca_file.string();
+    if (!c.api_tls->passphrase.empty()) tls["passphrase"] = redacted;
+    out["api"] = {{"tls", std::move(tls)}};
+  }
+  return out;
 }
 
 }  // namespace moe::runtime

@@ -15,7 +15,7 @@
 // whether the model fits: the scheduler, which knows the model (scheduler/placement.hpp).
 //
 // The secret is held in plain text in memory (the node agents need it for the handshake) but
-// every rendering (to_string, to_json) redacts it; so is the TLS key's passphrase.
+// every rendering (to_string, to_json) redacts it; so are the TLS keys' passphrases.
 //
 // Thread safety: plain values; every function is pure apart from reading the file.
 #pragma once
@@ -81,6 +81,9 @@ struct batching_config {
   int64_t max_batch_tokens = 4096;   ///< Token budget of one step (prefill and decode together).
   int64_t max_queue = 256;
   int64_t max_new_tokens_limit = 4096;
+  /// Deadline of a request that names none, from its submission (0: none): a request not
+  /// finished by then fails with "deadline exceeded", so none waits forever on a failed cluster.
+  int64_t request_timeout_ms = 0;
 };
 
 /// Online expert load balancing (actors/rebalancer.hpp, docs/configuration.md).
@@ -113,6 +116,22 @@ struct tls_config {
   int ca_file_line = 0;
 };
 
+/// api.tls: the job API (actors/api_server.hpp) over TLS. The server presents `certificate`;
+/// clients check it against a CA they trust (their --ca-file) and its name against the host
+/// they dial. With `client_ca_file`, the server also requires every client to present a
+/// certificate signed by it (on top of the cluster secret, which is checked either way).
+/// Relative paths: as for tls_config.
+struct api_tls_config {
+  std::filesystem::path certificate;     ///< PEM: the API server's certificate (a chain may follow it).
+  std::filesystem::path key;             ///< PEM: its private key; encrypted ones need `passphrase`.
+  std::filesystem::path client_ca_file;  ///< PEM: CA certificate(s) of client certificates; empty: none asked.
+  std::string passphrase;                ///< Of an encrypted key; empty: none. Never rendered.
+  int line = 0;                          ///< Line of `tls` under `api`.
+  int certificate_line = 0;              ///< Lines of the paths, for check_tls_files.
+  int key_line = 0;
+  int client_ca_file_line = 0;
+};
+
 struct cluster_config {
   std::string source;  ///< The file (or name) it was read from; prefixes later messages.
   std::string name;
@@ -130,6 +149,7 @@ struct cluster_config {
   batching_config batching;
   rebalancing_config rebalancing;
   ports_config ports;
+  std::optional<api_tls_config> api_tls;  ///< api.tls; unset: the job API runs in plain TCP.
 };
 
 /// Where node `index` of the config publishes its gatekeeper: its `control_port`, else
@@ -147,8 +167,8 @@ struct cluster_config {
 [[nodiscard]] caf::expected<cluster_config> parse_cluster_config(std::string_view yaml,
                                                                  std::string source_name);
 
-/// Reads and parses `path`; a relative model.path and relative cluster.tls paths are resolved
-/// against the file's directory, and the TLS files are checked (check_tls_files).
+/// Reads and parses `path`; a relative model.path and relative cluster.tls / api.tls paths are
+/// resolved against the file's directory, and the TLS files are checked (check_tls_files).
 [[nodiscard]] caf::expected<cluster_config> load_cluster_config(const std::filesystem::path& path);
 
 /// Opens the files of config.tls (nothing to do without it) and checks what CAF would otherwise
@@ -160,6 +180,10 @@ struct cluster_config {
 /// Errors name the file, line and key, e.g.
 ///   "deploy/x.yaml:6: cluster.tls.key: cannot read /etc/moe/tls/node.key: No such file or directory"
 /// io_error when a file cannot be read, bad_config when its content is wrong.
+/// With config.api_tls, its files too: the certificate and key as above (no CA to verify the
+/// certificate against: clients bring theirs), the certificate usable by a TLS server and not
+/// expired, and client_ca_file (when given) a readable PEM file of certificates, e.g.
+///   "deploy/x.yaml:9: api.tls.key: the key in /etc/moe/api.key does not belong to the certificate in ..."
 [[nodiscard]] caf::error check_tls_files(const cluster_config& config);
 
 /// "8GiB", "512 MiB", "1.5GB", "4096" (bytes) -> bytes; nullopt when malformed or too large.

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Union
 
 import capnp
 
@@ -97,6 +98,13 @@ class ServerError(MoeError):
     code = "server_error"
 
 
+class TlsFailed(MoeError):
+    """The TLS handshake failed: an untrusted or misnamed server certificate, a server without
+    TLS, a refused or missing client certificate (the message says which)."""
+
+    code = "tls_failed"
+
+
 # The server's codes (api_errc in protocol/api_types.hpp) and the error each becomes.
 _SERVER_CODES = {
     "unauthenticated": Unauthenticated,
@@ -125,6 +133,54 @@ def _from_kj(e: Exception, what: str) -> MoeError:
     if kind == "OVERLOADED":
         return Overloaded(f"{what}: overloaded: {text}")
     return ServerError(f"{what}: {text}")
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+def _ssl_context(tls, ca_file, cert_file, key_file) -> Optional[ssl.SSLContext]:
+    """The TLS context of connect()'s options; None: plain TCP. An SSLContext given as `tls`
+    is used as it is."""
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if not (tls or ca_file or cert_file or key_file):
+        return None
+    if bool(cert_file) != bool(key_file):
+        raise InvalidRequest("invalid_request: cert_file and key_file go together: give both or neither")
+    try:
+        # With a CA file only its CAs are trusted; without one, the system's.
+        context = ssl.create_default_context(cafile=ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidRequest(f"invalid_request: TLS: {e}") from None
+    return context
+
+
+def _explain_tls(text: str, server_name: str) -> str:
+    """A failed handshake's text with its likely cause first (as the C++ client says it)."""
+    low = text.lower()
+
+    def has(*needles):
+        return any(n in low for n in needles)
+
+    if has("hostname mismatch", "ip address mismatch"):
+        why = (f"the server's certificate does not name '{server_name}' (dial a name it holds or "
+               "give server_name)")
+    elif has("certificate verify failed", "not trusted"):
+        why = "the server's certificate is not signed by a CA this client trusts (ca_file)"
+    elif has("wrong version number", "packet length too long", "record layer", "http request",
+             "unexpected eof"):
+        why = "the server does not speak TLS on this port (no api.tls in its config?)"
+    elif has("certificate required", "did not return a certificate"):
+        why = ("the server asks for a client certificate (api.tls.client_ca_file): give cert_file "
+               "and key_file")
+    elif has("unknown ca", "bad certificate", "certificate unknown", "decrypt error"):
+        why = "the server refused this client's certificate (not signed by its client_ca_file?)"
+    else:
+        return text
+    return f"{why}: {text}"
 
 
 # --- values ---------------------------------------------------------------------------------
@@ -244,7 +300,8 @@ def _check_ids(ids, name: str) -> List[int]:
     return out
 
 
-def _generation_spec(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids):
+def _generation_spec(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                     deadline_ms=0):
     """The checks the server makes (protocol::validate), made before anything is sent."""
     prompt = _check_ids(prompt_ids, "prompt")
     if not prompt:
@@ -259,6 +316,8 @@ def _generation_spec(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed
         raise InvalidRequest(f"invalid_request: topK: {top_k!r} is not in [0, 2^32)")
     if not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise InvalidRequest(f"invalid_request: seed: {seed!r} is not in [0, 2^64)")
+    if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int) or not 0 <= deadline_ms < 2**64:
+        raise InvalidRequest(f"invalid_request: deadlineMs: {deadline_ms!r} is not in [0, 2^64)")
     spec = api.JobSpec.new_message()
     g = spec.init("generation")
     g.prompt = prompt
@@ -268,6 +327,7 @@ def _generation_spec(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed
     g.topP = float(top_p)
     g.seed = seed
     g.stopTokenIds = _check_ids(stop_ids, "stopTokenIds")
+    g.deadlineMs = deadline_ms
     return spec
 
 
@@ -455,16 +515,40 @@ class AsyncClient:
 
     @classmethod
     async def connect(cls, address: str, secret: str, *, connect_timeout: float = 10.0,
-                      call_timeout: Optional[float] = 60.0) -> "AsyncClient":
+                      call_timeout: Optional[float] = 60.0,
+                      tls: Union[bool, ssl.SSLContext] = False, ca_file: Optional[str] = None,
+                      cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                      server_name: Optional[str] = None) -> "AsyncClient":
+        """Connects and logs in with the cluster secret.
+
+        TLS (a server with api.tls): `ca_file` is the PEM file of the CA that signed the
+        server's certificate (without it, `tls=True` trusts the system's CAs); the certificate
+        must name `server_name` (default: the host of `address`; an IP address is checked
+        against the certificate's IP entries). `cert_file`/`key_file`: this client's
+        certificate, for a server that asks for one (api.tls.client_ca_file). `tls` may also be
+        a ready ssl.SSLContext. Any of these turns TLS on. Raises ConnectionFailed, TlsFailed,
+        Unauthenticated, UnsupportedVersion, TimedOut, InvalidRequest (unusable TLS files).
+        """
         host, port = parse_address(address)
+        context = _ssl_context(tls, ca_file, cert_file, key_file)
+        name = server_name or host
+        extra = {"ssl": context, "server_hostname": name} if context is not None else {}
         try:
             stream = await asyncio.wait_for(
-                capnp.AsyncIoStream.create_connection(host=host, port=port), connect_timeout)
+                capnp.AsyncIoStream.create_connection(host=host, port=port, **extra), connect_timeout)
         except asyncio.TimeoutError:
-            raise ConnectionFailed(f"cannot connect to {address}: no answer within "
-                                   f"{connect_timeout} s") from None
+            what = "TLS handshake with" if context is not None else "cannot connect to"
+            raise (TlsFailed if context is not None else ConnectionFailed)(
+                f"{what} {address}: no answer within {connect_timeout} s") from None
+        except ssl.SSLCertVerificationError as e:
+            text = f"certificate verify failed: {e.verify_message}" if e.verify_message else str(e)
+            raise TlsFailed(f"TLS handshake with {address} failed: {_explain_tls(text, name)}") from None
+        except ssl.SSLError as e:
+            raise TlsFailed(f"TLS handshake with {address} failed: {_explain_tls(str(e), name)}") from None
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)
+            if context is not None and isinstance(e, ConnectionResetError):
+                raise TlsFailed(f"TLS handshake with {address} failed: {_explain_tls(reason, name)}") from None
             raise ConnectionFailed(f"cannot connect to {address}: {reason}") from None
         rpc = capnp.TwoPartyClient(stream)
         gateway = rpc.bootstrap().cast_as(api.Gateway)
@@ -477,7 +561,18 @@ class AsyncClient:
             rpc.close()
             err = _from_kj(e, f"login to {address}")
             if isinstance(err, (Disconnected, ServerError)):
-                raise ConnectionFailed(f"cannot log in to {address}: {err}") from None
+                if context is not None:
+                    # With TLS 1.3 the server checks a client certificate after the client's
+                    # handshake: its refusal shows only now, as its alert or as a bare drop.
+                    why = _explain_tls(err.message, name)
+                    if why == err.message:
+                        why = ("the server dropped the TLS session before answering login (does it "
+                               "ask for a client certificate, api.tls.client_ca_file? then give "
+                               f"cert_file and key_file signed by that CA): {err.message}")
+                    raise TlsFailed(f"TLS session with {address} failed: {why}") from None
+                raise ConnectionFailed(
+                    f"cannot log in to {address}: {err} (a server with api.tls drops plain "
+                    "connections so: connect with TLS, e.g. ca_file=...)") from None
             raise err from None
         return cls(rpc, stream, login.service, login.serverVersion, call_timeout)
 
@@ -501,12 +596,14 @@ class AsyncClient:
 
     async def submit(self, prompt_ids: Iterable[int], max_new_tokens: int = 16, *,
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int = 0, stop_ids: Iterable[int] = (),
+                     seed: int = 0, stop_ids: Iterable[int] = (), deadline_ms: int = 0,
                      on_event: Optional[Callable[[JobEvent], None]] = None) -> int:
         """Queues a generation job; answers its id. `on_event` sees its events in order (the
-        first may come before submit returns); if it raises, the job fails and is cancelled."""
+        first may come before submit returns); if it raises, the job fails and is cancelled.
+        `deadline_ms`: the job fails ("deadline exceeded") unless it finishes within this many
+        milliseconds; 0: the cluster's default."""
         spec = _generation_spec(list(prompt_ids), max_new_tokens, temperature, top_k, top_p,
-                                seed, list(stop_ids))
+                                seed, list(stop_ids), deadline_ms)
         job = _Job(on_event)
         result = await self._call("submit", self._service.submit(spec, _Sink(job)))
         self._jobs[result.jobId] = job
@@ -641,7 +738,11 @@ class Client:
     running an asyncio loop with the kj loop open; `on_event` callbacks run on that thread."""
 
     def __init__(self, address: str, secret: Optional[str] = None, *,
-                 connect_timeout: float = 10.0, call_timeout: Optional[float] = 60.0):
+                 connect_timeout: float = 10.0, call_timeout: Optional[float] = 60.0,
+                 tls: Union[bool, ssl.SSLContext] = False, ca_file: Optional[str] = None,
+                 cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                 server_name: Optional[str] = None):
+        """See AsyncClient.connect for the options (TLS among them)."""
         if secret is None:
             secret = os.environ.get("MOE_CLUSTER_SECRET", "")
         self._loop = asyncio.new_event_loop()
@@ -653,7 +754,9 @@ class Client:
         self._ready.wait()
         try:
             self._client = self._do(AsyncClient.connect(
-                address, secret, connect_timeout=connect_timeout, call_timeout=call_timeout))
+                address, secret, connect_timeout=connect_timeout, call_timeout=call_timeout,
+                tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+                server_name=server_name))
         except BaseException:
             self._shutdown()
             raise

@@ -19,9 +19,11 @@ mkfifo "$TMP/server.in"
 "$SERVER" --secret "$SECRET" --fail-token 777 <"$TMP/server.in" >"$TMP/server.out" 2>&1 &
 SERVER_PID=$!
 exec 3>"$TMP/server.in"
+TLS_SERVER_PID=
 cleanup() {
-  exec 3>&-
+  exec 3>&- 4>&-
   wait "$SERVER_PID" 2>/dev/null
+  [[ -n $TLS_SERVER_PID ]] && wait "$TLS_SERVER_PID" 2>/dev/null
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -101,6 +103,60 @@ expect_error "cannot connect" "refused"
 
 moe submit --address no-port --secret "$SECRET" --prompt-ids 5
 expect_error "HOST:PORT"
+
+# Over TLS: a second server with a certificate made at run time (--make-test-certs) for
+# 127.0.0.1 and localhost, signed by ca.pem.
+CERTS="$TMP/certs"
+if ! "$SERVER" --make-test-certs "$CERTS" >"$TMP/certs.out" 2>&1; then
+  echo "FAIL: cannot make test certificates: $(cat "$TMP/certs.out")" >&2
+  exit 1
+fi
+mkfifo "$TMP/tls-server.in"
+"$SERVER" --secret "$SECRET" --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" \
+  <"$TMP/tls-server.in" >"$TMP/tls-server.out" 2>"$TMP/tls-server.err" &
+TLS_SERVER_PID=$!
+exec 4>"$TMP/tls-server.in"
+for _ in $(seq 100); do
+  grep -q '^port ' "$TMP/tls-server.out" 2>/dev/null && break
+  sleep 0.1
+done
+TLS_ADDR=127.0.0.1:$(awk '/^port /{print $2}' "$TMP/tls-server.out")
+
+moe submit --address "$TLS_ADDR" --secret "$SECRET" --ca-file "$CERTS/ca.pem" --server-name localhost \
+  --prompt-ids 5,17,42 --max-new-tokens 5
+expect_stdout "43 44 45 46 47"
+
+moe submit --address "$TLS_ADDR" --secret "$SECRET" --ca-file "$CERTS/ca.pem" --server-name localhost \
+  --prompt-ids 10 --max-new-tokens 3 --stream
+expect_stdout "11 12 13"
+
+moe submit --address "$TLS_ADDR" --secret wrong --ca-file "$CERTS/ca.pem" --server-name localhost --prompt-ids 5
+expect_error "unauthenticated"
+
+moe submit --address "$TLS_ADDR" --secret "$SECRET" --ca-file "$CERTS/other-ca.pem" --server-name localhost \
+  --prompt-ids 5
+expect_error "not signed by a CA this client trusts"
+
+moe submit --address "$TLS_ADDR" --secret "$SECRET" --ca-file "$CERTS/ca.pem" --server-name api.example.org \
+  --prompt-ids 5
+expect_error "does not name 'api.example.org'" "--server-name"
+
+moe submit --address "$TLS_ADDR" --secret "$SECRET" --prompt-ids 5
+expect_error "cannot log in" "connect with TLS" "--ca-file"
+
+moe submit --address "$ADDR" --secret "$SECRET" --ca-file "$CERTS/ca.pem" --server-name localhost --prompt-ids 5
+expect_error "does not speak TLS"
+
+moe submit --address "$TLS_ADDR" --secret "$SECRET" --ca-file "$CERTS/ca.pem" --cert "$CERTS/client.pem" \
+  --prompt-ids 5
+expect_error "--cert and --key"
+
+exec 4>&-
+wait "$TLS_SERVER_PID" 2>/dev/null
+grep -q "TLS handshake with 127.0.0.1:[0-9]* failed" "$TMP/tls-server.err" ||
+  { LAST_CMD="(the TLS server's log)"; fail "the TLS server did not log the failed handshakes: $(cat "$TMP/tls-server.err")"; }
+grep -qF "$SECRET" "$TMP/tls-server.err" "$TMP/tls-server.out" &&
+  { LAST_CMD="(the TLS server's log)"; fail "the TLS server logged the secret"; }
 
 if ((FAILURES > 0)); then
   echo "$FAILURES contract(s) of moe submit broken" >&2

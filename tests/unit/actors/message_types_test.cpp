@@ -132,8 +132,12 @@ TEST(message_types, cluster_control_messages_round_trip) {
   EXPECT_EQ(ev.from, member_state::up);
   EXPECT_EQ(ev.reason, "node agent down");
 
-  auto creds = round_trip(sys, node_credentials{"c", "s", "peer"});
-  EXPECT_EQ(creds.secret, "s");
+  auto creds = round_trip(sys, node_credentials{"c", "the-credentials-secret", "peer"});
+  EXPECT_EQ(creds.secret, "the-credentials-secret");
+  // As text (what a log line or CAF's unexpected-message warning would show) it is redacted.
+  const auto text = caf::deep_to_string(caf::make_message(creds));
+  EXPECT_EQ(text.find("the-credentials-secret"), std::string::npos) << text;
+  EXPECT_NE(text.find("<redacted>"), std::string::npos) << text;
   member_list l;
   l.members.push_back({"n0", "127.0.0.1", 7100, member_state::refused, "wrong cluster secret", {}, {}});
   auto lr = round_trip(sys, l);

@@ -1,7 +1,8 @@
 // cluster.tls: the schema (required keys, unknown keys, the passphrase never echoed), relative
 // paths resolved against the config file's directory, and load_cluster_config's file checks
 // (missing, unreadable, not PEM, wrong key, encrypted key, another CA, expired), each error
-// naming the file, line and key.
+// naming the file, line and key. api.tls (the job API's certificate): the same for its keys and
+// files, and its passphrase never rendered.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -267,6 +268,106 @@ TEST_F(cluster_config_tls, to_string_mentions_tls) {
             std::string::npos)
       << to_string(*c);
   EXPECT_FALSE(to_json(*c)["cluster"]["tls"].contains("passphrase"));
+}
+
+// --- api.tls: the job API's certificate -------------------------------------------------
+
+// Line 5 is `  tls:` under `api:` (line 4); the certificate is on line 6, the key on line 7.
+std::string api_config_yaml(const std::string& api_tls_body) {
+  return "cluster:\n"
+         "  name: test\n"
+         "  secret: s3cret-value-xyz\n"
+         "api:\n"
+         "  tls:\n" +
+         api_tls_body +
+         "nodes:\n"
+         "  - {name: n0, devices: {cpu_slots: 1}, memory: 1GiB}\n"
+         "model: {preset: tiny}\n";
+}
+
+std::string api_tls_body(const std::string& cert, const std::string& key, const std::string& extra = "") {
+  std::string s;
+  if (!cert.empty()) s += "    certificate: " + cert + "\n";
+  if (!key.empty()) s += "    key: " + key + "\n";
+  return s + extra;
+}
+
+TEST_F(cluster_config_tls, api_tls_paths_resolve_and_render_without_the_passphrase) {
+  test::tls_node_options o;
+  o.passphrase = "api-key-passphrase-8d1e";
+  certs_.make_node(ca_, "api", o);
+  auto c = load(api_config_yaml(api_tls_body("api.pem", "api.key",
+                                             "    passphrase: api-key-passphrase-8d1e\n    client_ca_file: ca.pem\n")));
+  ASSERT_TRUE(c) << error_text(c.error());
+  EXPECT_FALSE(c->tls);  // the control plane's TLS is separate
+  ASSERT_TRUE(c->api_tls);
+  EXPECT_EQ(c->api_tls->certificate, (certs_.dir() / "api.pem").lexically_normal());
+  EXPECT_EQ(c->api_tls->key, (certs_.dir() / "api.key").lexically_normal());
+  EXPECT_EQ(c->api_tls->client_ca_file, (certs_.dir() / "ca.pem").lexically_normal());
+  EXPECT_EQ(c->api_tls->passphrase, "api-key-passphrase-8d1e");
+  EXPECT_EQ(c->api_tls->line, 5);
+  EXPECT_EQ(c->api_tls->key_line, 7);
+  EXPECT_EQ(to_string(*c).find("api-key-passphrase-8d1e"), std::string::npos) << to_string(*c);
+  EXPECT_NE(to_string(*c).find("job API over TLS: certificate " + (certs_.dir() / "api.pem").string()),
+            std::string::npos)
+      << to_string(*c);
+  const auto j = to_json(*c);
+  EXPECT_EQ(j.dump().find("api-key-passphrase-8d1e"), std::string::npos);
+  EXPECT_EQ(j["api"]["tls"]["passphrase"], "<redacted>");
+  EXPECT_EQ(j["api"]["tls"]["client_ca_file"], (certs_.dir() / "ca.pem").string());
+  EXPECT_EQ(j.dump().find("s3cret-value-xyz"), std::string::npos);
+}
+
+TEST_F(cluster_config_tls, api_tls_needs_a_certificate_and_key_and_knows_its_keys) {
+  auto msg = load_error(api_config_yaml(api_tls_body("n0.pem", "")), cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find(":5: api.tls.key: required"), std::string::npos) << msg;
+  msg = load_error(api_config_yaml(api_tls_body("n0.pem", "n0.key", "    ca_file: ca.pem\n")),
+                   cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find(":8: api.tls.ca_file: unknown key"), std::string::npos) << msg;
+  msg = load_error(api_config_yaml(api_tls_body("n0.pem", "n0.key", "    passphrase: ''\n")),
+                   cluster_config_errc::bad_config);
+  EXPECT_EQ(msg, config_file_.string() + ":8: api.tls.passphrase: expected a non-empty string");
+  auto c = load(api_config_yaml(api_tls_body("n0.pem", "n0.key")));
+  ASSERT_TRUE(c) << error_text(c.error());
+  EXPECT_TRUE(c->api_tls->client_ca_file.empty());
+  EXPECT_FALSE(to_json(*c)["api"]["tls"].contains("passphrase"));
+}
+
+TEST_F(cluster_config_tls, api_tls_files_are_checked_at_load) {
+  auto msg = load_error(api_config_yaml(api_tls_body("missing.pem", "n0.key")), cluster_config_errc::io_error);
+  EXPECT_NE(msg.find(":6: api.tls.certificate: cannot read "), std::string::npos) << msg;
+  msg = load_error(api_config_yaml(api_tls_body("n0.pem", "n1.key")), cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find(":7: api.tls.key: the key in "), std::string::npos) << msg;
+  EXPECT_NE(msg.find("does not belong to the certificate"), std::string::npos) << msg;
+
+  test::tls_node_options enc;
+  enc.passphrase = "right-one-5b7c";
+  certs_.make_node(ca_, "enc", enc);
+  msg = load_error(api_config_yaml(api_tls_body("enc.pem", "enc.key")), cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find("is encrypted: give api.tls.passphrase"), std::string::npos) << msg;
+  msg = load_error(api_config_yaml(api_tls_body("enc.pem", "enc.key", "    passphrase: wrong-one-3e9f\n")),
+                   cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find("wrong passphrase"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find("wrong-one-3e9f"), std::string::npos) << "the passphrase was echoed: " << msg;
+
+  test::tls_node_options client_only;
+  client_only.extended_key_usage = "clientAuth";
+  certs_.make_node(ca_, "cli", client_only);
+  msg = load_error(api_config_yaml(api_tls_body("cli.pem", "cli.key")), cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find(":6: api.tls.certificate: the certificate in "), std::string::npos) << msg;
+  EXPECT_NE(msg.find("cannot serve as a TLS server certificate"), std::string::npos) << msg;
+
+  test::tls_node_options old;
+  old.valid_days = -2;
+  certs_.make_node(ca_, "old", old);
+  msg = load_error(api_config_yaml(api_tls_body("old.pem", "old.key")), cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find("has expired"), std::string::npos) << msg;
+
+  certs_.write_file("not-pem.txt", "hello\n");
+  msg = load_error(api_config_yaml(api_tls_body("n0.pem", "n0.key", "    client_ca_file: not-pem.txt\n")),
+                   cluster_config_errc::bad_config);
+  EXPECT_NE(msg.find(":8: api.tls.client_ca_file: "), std::string::npos) << msg;
+  EXPECT_NE(msg.find("holds no PEM certificate"), std::string::npos) << msg;
 }
 
 }  // namespace
