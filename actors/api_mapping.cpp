@@ -78,6 +78,7 @@ generation_job to_controller(protocol::api_generation_spec s) {
   j.sampling.top_p = s.top_p;
   j.sampling.seed = s.seed;
   j.stop_token_ids = std::move(s.stop_token_ids);
+  j.deadline_ms = s.deadline_ms;
   return j;
 }
 

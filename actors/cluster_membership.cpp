@@ -37,7 +37,12 @@ struct membership_metrics {
                               .Help("From a node's last answered heartbeat to its being declared down")
                               .Register(r)
                               .Add({}, prometheus::Histogram::BucketBoundaries{0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5,
-                                                                               10, 30})) {}
+                                                                               10, 30})) {
+    // Both causes exist from the start: the first failure is then a rise from 0, which rate()
+    // and increase() (dashboards, alerts) can see.
+    failures.Add({{"cause", "exit"}});
+    failures.Add({{"cause", "timeout"}});
+  }
   prometheus::Family<prometheus::Gauge>& nodes;
   prometheus::Family<prometheus::Counter>& failures;
   prometheus::Histogram& detection_seconds;

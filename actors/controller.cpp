@@ -7,6 +7,9 @@
 #include <deque>
 #include <map>
 #include <optional>
+#include <set>
+
+#include <spdlog/spdlog.h>
 
 #include "actors/controller_metrics.hpp"
 
@@ -46,6 +49,8 @@ struct job {
   int shard = -1;
   bool prefilled = false;
   bool cancel_requested = false;
+  int replays = 0;           // times re-run after failures
+  uint64_t deadline_ms = 0;  // 0: none
   clock_type::time_point submitted, last_token;
 };
 
@@ -53,7 +58,18 @@ struct shard_state {
   attention_actor handle;
   bool busy = false;
   std::vector<uint64_t> running;  // prefilled jobs, decoded every step
-  std::string lost;               // why the shard cannot work (a node it needs is down)
+  std::string lost;               // why the shard cannot work (its node is down)
+};
+
+// One node failure being recovered from: done once every request it interrupted runs again
+// (or ended) and its expert groups, if any, have failed over.
+struct recovery {
+  std::string node;
+  clock_type::time_point start;
+  std::set<uint64_t> interrupted;
+  bool failover_pending = false;
+  bool experts = false;  // kind: expert groups lost (else attention shards only)
+  int64_t replayed = 0;
 };
 
 struct controller_state {
@@ -69,6 +85,10 @@ struct controller_state {
   uint64_t next_hold = 1;
   std::optional<caf::typed_response_promise<uint64_t>> hold_answer;
   std::deque<caf::typed_response_promise<uint64_t>> holds_waiting;
+  rebalancer_actor failover;   // fails lost expert groups over; may be null
+  int failovers_running = 0;   // while > 0 no new step starts
+  std::vector<recovery> recoveries;
+  std::string unrecoverable;   // set when lost expert groups could not be re-placed
   static inline const char* name = "controller";
 };
 
@@ -82,6 +102,38 @@ void update_gauges(controller_state& st) {
   for (const auto& s : st.shards) running += s.running.size();
   st.metrics->running_requests.Set(static_cast<double>(running));
   st.metrics->waiting_requests.Set(static_cast<double>(st.waiting.size()));
+  st.metrics->attention_shards_up.Set(static_cast<double>(
+      std::count_if(st.shards.begin(), st.shards.end(), [](const shard_state& s) { return s.lost.empty(); })));
+  st.metrics->recovering.Set(st.failovers_running > 0 ? 1.0 : 0.0);
+}
+
+// Closes the recoveries that nothing holds open any more, with their time and outcome.
+void settle_recoveries(pointer self) {
+  auto& st = self->state;
+  std::erase_if(st.recoveries, [&](const recovery& r) {
+    if (r.failover_pending || !r.interrupted.empty()) return false;
+    const double took = seconds_between(r.start, clock_type::now());
+    if (st.metrics) {
+      st.metrics->recovery_seconds.Observe(took);
+      st.metrics->recoveries_total.Add({{"kind", r.experts ? "experts" : "shards"}, {"outcome", "ok"}}).Increment();
+    }
+    spdlog::info("recovered from node {} going down in {:.3f} s ({} requests replayed)", r.node, took, r.replayed);
+    return true;
+  });
+}
+
+// A request ran a step again, or ended: it no longer holds a recovery open.
+void resumed(pointer self, uint64_t id) {
+  auto& st = self->state;
+  if (st.recoveries.empty()) return;
+  for (auto& r : st.recoveries) r.interrupted.erase(id);
+  settle_recoveries(self);
+}
+
+void interrupted(controller_state& st, uint64_t id) {
+  if (st.recoveries.empty()) return;
+  st.recoveries.back().interrupted.insert(id);
+  ++st.recoveries.back().replayed;
 }
 
 void notify(pointer self, job& j, std::vector<int32_t> fresh) {
@@ -124,6 +176,44 @@ void end_job(pointer self, job& j, job_state state, std::string reason, std::str
     }
   }
   notify(self, j, std::move(last_tokens));
+  resumed(self, j.id);
+}
+
+// Counts one more re-run of a request after a failure; past max_replays it fails instead, with
+// the failure's text (false).
+bool spend_replay(pointer self, job& j, const std::string& why) {
+  auto& st = self->state;
+  if (j.replays >= st.options.max_replays) {
+    end_job(self, j, job_state::failed, "error",
+            why + " (given up after " + std::to_string(j.replays) + " replays)");
+    return false;
+  }
+  ++j.replays;
+  if (st.metrics) st.metrics->requests_replayed.Increment();
+  interrupted(st, j.id);
+  return true;
+}
+
+// A running request whose cache is gone (its shard died, or its prefill failed) goes back to the
+// head of the queue, behind earlier replays: its next prefill is its prompt plus the tokens it
+// has generated, so it continues exactly where it stopped.
+void requeue(pointer self, job& j, const std::string& why) {
+  auto& st = self->state;
+  if (j.shard >= 0) {
+    auto& sh = st.shards[static_cast<size_t>(j.shard)];
+    sh.running.erase(std::remove(sh.running.begin(), sh.running.end(), j.id), sh.running.end());
+  }
+  j.shard = -1;
+  j.prefilled = false;
+  if (j.cancel_requested) {
+    end_job(self, j, job_state::cancelled, "cancelled");
+    return;
+  }
+  if (!spend_replay(self, j, why)) return;
+  j.state = job_state::queued;
+  auto pos = st.waiting.begin();
+  while (pos != st.waiting.end() && st.jobs.at(*pos).replays > 0 && *pos < j.id) ++pos;
+  st.waiting.insert(pos, j.id);
 }
 
 // Appends a sampled token; ends the job on its stop conditions.
@@ -156,12 +246,17 @@ void on_step_done(pointer self, size_t s, const std::vector<uint64_t>& ids, bool
   if (!st.shards[s].lost.empty()) return;  // its jobs failed when the shard was lost
   for (size_t i = 0; i < r.sequences.size() && i < r.tokens.size(); ++i) {
     auto it = st.jobs.find(r.sequences[i]);
-    if (it == st.jobs.end() || it->second.state != job_state::running) continue;
+    if (it == st.jobs.end() || it->second.state != job_state::running || it->second.shard != static_cast<int>(s)) {
+      // Ended while its prefill ran (a deadline): the shard has just cached it.
+      if (prefill) self->send(st.shards[s].handle, release_atom::value, std::vector<uint64_t>{r.sequences[i]});
+      continue;
+    }
     job& j = it->second;
     if (prefill) {
       j.prefilled = true;
       st.shards[s].running.push_back(j.id);
     }
+    resumed(self, j.id);
     if (j.cancel_requested) {
       end_job(self, j, job_state::cancelled, "cancelled");
       continue;
@@ -178,12 +273,28 @@ void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bo
   auto& st = self->state;
   st.shards[s].busy = false;
   if (!st.shards[s].lost.empty()) return;
+  // A step that waited on a lost expert group (controller_errc::unavailable from its router),
+  // or any step failing while groups fail over, is run again once the routers have switched.
+  const bool replayable = (err.category() == caf::atom("controller") &&
+                           err.code() == static_cast<uint8_t>(controller_errc::unavailable)) ||
+                          st.failovers_running > 0;
+  const std::string why = moe::error_text(err);
   for (auto id : ids) {
     auto it = st.jobs.find(id);
     if (it == st.jobs.end() || it->second.state != job_state::running) continue;
-    // A failed prefill leaves nothing cached; a failed decode step leaves the prefix cached.
-    if (prefill) it->second.prefilled = false;
-    end_job(self, it->second, job_state::failed, "error", moe::error_text(err));
+    job& j = it->second;
+    // A failed prefill leaves nothing cached; a failed decode step leaves the prefix cached
+    // (the position it was writing is written again by the next decode step).
+    if (prefill) j.prefilled = false;
+    if (!replayable) {
+      end_job(self, j, job_state::failed, "error", why);
+    } else if (prefill) {
+      requeue(self, j, why);
+    } else if (j.cancel_requested) {
+      end_job(self, j, job_state::cancelled, "cancelled");
+    } else {
+      (void)spend_replay(self, j, why);  // stays in the shard's decode batch
+    }
   }
   update_gauges(st);
   pump(self);
@@ -201,7 +312,13 @@ void send_step(pointer self, size_t s, step_request req, std::vector<uint64_t> i
 step_entry entry_for(const job& j, bool prefill) {
   step_entry e;
   e.sequence = j.id;
-  e.tokens = prefill ? j.spec.prompt : std::vector<int32_t>{j.tokens.back()};
+  if (prefill) {
+    // A replayed request (tokens generated already) prefills its prompt and those tokens.
+    e.tokens = j.spec.prompt;
+    e.tokens.insert(e.tokens.end(), j.tokens.begin(), j.tokens.end());
+  } else {
+    e.tokens = {j.tokens.back()};
+  }
   e.sampling = j.spec.sampling;
   e.sample_offset = j.tokens.size();
   return e;
@@ -248,8 +365,8 @@ void start_hold(pointer self, caf::typed_response_promise<uint64_t> rp) {
 void pump(pointer self) {
   auto& st = self->state;
   const auto& lim = st.options.limits;
-  if (st.hold != 0) {
-    answer_hold(self);  // new steps wait until the hold ends
+  if (st.hold != 0 || st.failovers_running > 0) {
+    answer_hold(self);  // new steps wait until the hold ends, or the routers switched
     return;
   }
   // Idle shards, least loaded first: new requests go where the decode batch is smallest.
@@ -268,7 +385,7 @@ void pump(pointer self) {
     while (!st.waiting.empty() &&
            static_cast<int64_t>(sh.running.size() + ids.size()) < lim.max_running_requests) {
       job& j = st.jobs.at(st.waiting.front());
-      const auto len = static_cast<int64_t>(j.spec.prompt.size());
+      const auto len = static_cast<int64_t>(j.spec.prompt.size() + j.tokens.size());
       if (!ids.empty() && tokens + len > lim.max_batch_tokens) break;
       st.waiting.pop_front();
       tokens += len;
@@ -303,36 +420,114 @@ void pump(pointer self) {
 
 // Why no shard can take work, or empty while one can.
 std::string unavailable_reason(const controller_state& st) {
+  if (!st.unrecoverable.empty()) return st.unrecoverable;
   for (const auto& sh : st.shards)
     if (sh.lost.empty()) return {};
   return st.shards.empty() ? "no attention shard" : st.shards.front().lost;
 }
 
-// A node went down: the shards that need it stop, and their jobs fail with the reason instead
-// of waiting for answers that will not come. Nothing is retried here (recovery re-places the
-// actors; until then the cluster is degraded).
+// Fails every request still waiting or running, with the reason the cluster cannot serve.
+void fail_everything(pointer self, const std::string& reason) {
+  auto& st = self->state;
+  for (auto& [id, j] : st.jobs) {
+    if (j.state != job_state::queued && j.state != job_state::running) continue;
+    end_job(self, j, job_state::failed, "error", "cluster unavailable: " + reason);
+  }
+  st.waiting.clear();
+  for (auto& sh : st.shards) sh.running.clear();
+}
+
+void on_failover_done(pointer self, const std::string& node, caf::error err) {
+  auto& st = self->state;
+  --st.failovers_running;
+  for (auto& r : st.recoveries)
+    if (r.node == node) r.failover_pending = false;
+  if (err) {
+    st.unrecoverable = "node " + node + " is down and its expert groups could not be re-placed: " + error_text(err);
+    spdlog::error("{}", st.unrecoverable);
+    if (st.metrics) st.metrics->recoveries_total.Add({{"kind", "experts"}, {"outcome", "failed"}}).Increment();
+    std::erase_if(st.recoveries, [&](const recovery& r) { return r.node == node; });
+    fail_everything(self, st.unrecoverable);
+  }
+  settle_recoveries(self);
+  update_gauges(st);
+  pump(self);
+}
+
+// A node went down. Its attention shards stop and their requests start over on the others; its
+// expert groups fail over, and no step starts until the routers serve without them. Requests
+// lose nothing: they continue from the tokens they have.
 void on_member_event(pointer self, const member_event& ev) {
   auto& st = self->state;
   if (ev.to != member_state::down) return;
-  auto deps = st.options.shards_needing_node.find(ev.node);
-  if (deps == st.options.shards_needing_node.end()) return;
   const std::string why = "node " + ev.node + " is down (" + ev.reason + ")";
-  for (size_t s : deps->second) {
-    if (s >= st.shards.size() || !st.shards[s].lost.empty()) continue;
+  std::vector<int64_t> routers;
+  std::vector<int64_t> groups;
+  if (auto it = st.options.groups_on_node.find(ev.node); it != st.options.groups_on_node.end()) groups = it->second;
+  if (auto it = st.options.shards_on_node.find(ev.node); it != st.options.shards_on_node.end()) {
+    for (size_t s : it->second)
+      if (s < st.shards.size() && st.shards[s].lost.empty()) routers.push_back(static_cast<int64_t>(s));
+  }
+  if (routers.empty() && groups.empty()) return;  // nothing of ours ran there (or known already)
+  recovery rec;
+  rec.node = ev.node;
+  rec.start = clock_type::now();
+  rec.experts = !groups.empty();
+  st.recoveries.push_back(std::move(rec));
+  for (auto r : routers) {
+    const auto s = static_cast<size_t>(r);
     auto& sh = st.shards[s];
-    sh.lost = why;
+    sh.lost = "shard " + std::to_string(s) + " stopped: " + why;
     sh.busy = false;
-    for (auto& [id, j] : st.jobs) {
-      if (j.shard == static_cast<int>(s) && j.state == job_state::running) {
-        j.prefilled = false;  // its cache went with the shard, or is unreachable
-        end_job(self, j, job_state::failed, "error", "shard " + std::to_string(s) + " stopped: " + why);
-      }
+    // In job order, so replays keep their submission order at the head of the queue.
+    for (auto& [id, j] : st.jobs)
+      if (j.shard == static_cast<int>(s) && j.state == job_state::running) requeue(self, j, sh.lost);
+    sh.running.clear();
+  }
+  if (!groups.empty() && !st.failover) {
+    st.unrecoverable = why + ": it held expert groups and nothing re-places them (no rebalancer)";
+    st.recoveries.pop_back();
+    if (st.metrics) st.metrics->recoveries_total.Add({{"kind", "experts"}, {"outcome", "failed"}}).Increment();
+    fail_everything(self, st.unrecoverable);
+  } else if (st.failover) {
+    // Also for attention shards alone: the rebalancer stops asking their routers.
+    if (!groups.empty()) {
+      ++st.failovers_running;
+      st.recoveries.back().failover_pending = true;
     }
+    spdlog::warn("{}: {} attention shard(s) lost, {} expert group(s) fail over", why, routers.size(), groups.size());
+    const bool blocking = !groups.empty();
+    self->request(st.failover, std::chrono::minutes(10), failover_atom::value, groups, routers)
+        .then(
+            [self, node = ev.node, blocking](rebalance_report&) {
+              if (blocking) on_failover_done(self, node, {});
+            },
+            [self, node = ev.node, blocking](caf::error& e) {
+              if (blocking) on_failover_done(self, node, std::move(e));
+              else spdlog::warn("failover after node {} went down: {}", node, error_text(e));
+            });
   }
-  if (auto reason = unavailable_reason(st); !reason.empty()) {
-    for (auto id : st.waiting) end_job(self, st.jobs.at(id), job_state::failed, "error", "cluster unavailable: " + reason);
-    st.waiting.clear();
-  }
+  if (auto reason = unavailable_reason(st); !reason.empty()) fail_everything(self, reason);
+  settle_recoveries(self);
+  update_gauges(st);
+  pump(self);
+}
+
+// A request's deadline passed: it fails now, whatever it is doing, and frees what it holds (a
+// step it is part of finishes first; the shard frees its cache then).
+void on_deadline(pointer self, uint64_t id) {
+  auto& st = self->state;
+  auto it = st.jobs.find(id);
+  if (it == st.jobs.end()) return;
+  job& j = it->second;
+  if (j.state != job_state::queued && j.state != job_state::running) return;
+  const bool waiting = j.state == job_state::queued;
+  if (waiting) st.waiting.erase(std::remove(st.waiting.begin(), st.waiting.end(), id), st.waiting.end());
+  if (st.metrics) st.metrics->deadlines_exceeded.Increment();
+  end_job(self, j, job_state::failed, "error",
+          "deadline exceeded: not finished within " + std::to_string(j.deadline_ms) + " ms (" +
+              (waiting ? "waiting for a shard" : "running") + ", " + std::to_string(j.tokens.size()) +
+              " tokens generated" + (j.replays > 0 ? ", replayed " + std::to_string(j.replays) + " times" : "") + ")");
   update_gauges(st);
   pump(self);
 }
@@ -394,6 +589,10 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
             end_job(self, j, job_state::finished, "length");
             return id;
           }
+          j.deadline_ms = j.spec.deadline_ms > 0 ? j.spec.deadline_ms
+                                                 : static_cast<uint64_t>(st.options.request_timeout.count());
+          if (j.deadline_ms > 0)
+            self->delayed_send(self, std::chrono::milliseconds(j.deadline_ms), deadline_atom::value, id);
           st.waiting.push_back(id);
           pump(self);
           return id;
@@ -436,6 +635,8 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
         },
         [self](resume_steps_atom, uint64_t id) { end_hold(self, id); },
         [self](const member_event& ev) { on_member_event(self, ev); },
+        [self](use_failover_atom, rebalancer_actor& r) { self->state.failover = std::move(r); },
+        [self](deadline_atom, uint64_t id) { on_deadline(self, id); },
     };
   };
   return sys.spawn(impl, std::move(options));

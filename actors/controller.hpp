@@ -41,6 +41,11 @@ using submit_atom = caf::atom_constant<caf::atom("submit")>;
 using status_atom = caf::atom_constant<caf::atom("status")>;
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
 using job_event_atom = caf::atom_constant<caf::atom("job_event")>;
+/// The rebalancer that fails expert groups over when their node goes down (sent once, after
+/// both are spawned: the rebalancer holds the controller to hold steps).
+using use_failover_atom = caf::atom_constant<caf::atom("use_failov")>;
+/// To itself: a request's deadline passed.
+using deadline_atom = caf::atom_constant<caf::atom("deadline")>;
 
 /// Submit answers the job id, or controller_errc::overloaded / invalid_request. The subscriber
 /// (may be invalid) receives (job_event_atom, job_event) messages; none are lost or reordered.
@@ -55,7 +60,9 @@ using controller_actor = caf::typed_actor<
     caf::replies_to<cancel_atom, uint64_t>::with<bool>,
     caf::replies_to<hold_steps_atom>::with<uint64_t>,
     caf::reacts_to<resume_steps_atom, uint64_t>,
-    caf::reacts_to<member_event>>;
+    caf::reacts_to<member_event>,
+    caf::reacts_to<use_failover_atom, rebalancer_actor>,
+    caf::reacts_to<deadline_atom, uint64_t>>;
 
 enum class controller_errc : uint8_t {
   overloaded = 1,   ///< Transient: the queue is full; retry later.
@@ -81,11 +88,21 @@ struct controller_options {
   controller_limits limits;
   int64_t vocab_size = 0;  ///< token ids are checked here, so one bad request fails alone
   std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
-  /// Per node name, the shards (indices into `shards`) that cannot work without it: its own
-  /// attention shards, and every shard when it holds expert groups. A member_event saying the
-  /// node is down fails their jobs (running and, once no shard is left, waiting) with the
-  /// event's reason, and new submissions then fail with controller_errc::unavailable.
-  std::map<std::string, std::vector<size_t>> shards_needing_node;
+  /// Per node name: the attention shards (indices into `shards`) and the expert groups (group
+  /// indices) it runs. A member_event saying the node is down:
+  ///  - its shards stop; their requests are replayed (prompt plus the tokens generated so far,
+  ///    as a prefill) on the surviving shards, so greedy outputs do not change;
+  ///  - its expert groups fail over (use_failover_atom's rebalancer): no new step starts until
+  ///    the routers serve a placement without them; steps that waited on them fail and are
+  ///    replayed. Without a rebalancer, every request fails with the reason instead.
+  /// With no shard left, requests fail and new submissions get controller_errc::unavailable.
+  std::map<std::string, std::vector<size_t>> shards_on_node;
+  std::map<std::string, std::vector<int64_t>> groups_on_node;
+  /// Replays of one request (after failures) before it fails with the last failure's text.
+  int max_replays = 3;
+  /// Deadline of a request that names none (generation_job::deadline_ms == 0); zero: none. A
+  /// request not finished by its deadline fails ("deadline exceeded") and frees what it held.
+  std::chrono::milliseconds request_timeout{0};
   /// A hold_steps that is not resumed within this time ends by itself (its holder failed).
   std::chrono::milliseconds max_step_hold{30'000};
 };

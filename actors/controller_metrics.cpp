@@ -58,6 +58,42 @@ controller_metrics::controller_metrics(prometheus::Registry& r)
                                  .Name("moe_controller_generated_tokens_total")
                                  .Help("Tokens generated")
                                  .Register(r)
-                                 .Add({})) {}
+                                 .Add({})),
+      requests_replayed(prometheus::BuildCounter()
+                            .Name("moe_controller_requests_replayed_total")
+                            .Help("Requests re-run after a node failure (prompt and tokens so far), each time")
+                            .Register(r)
+                            .Add({})),
+      deadlines_exceeded(prometheus::BuildCounter()
+                             .Name("moe_controller_deadlines_exceeded_total")
+                             .Help("Requests failed because their deadline passed")
+                             .Register(r)
+                             .Add({})),
+      recoveries_total(prometheus::BuildCounter()
+                           .Name("moe_recoveries_total")
+                           .Help("Recoveries from node failures by kind (shards: attention shards lost; "
+                                 "experts: expert groups failed over) and outcome (ok, failed)")
+                           .Register(r)),
+      recovery_seconds(prometheus::BuildHistogram()
+                           .Name("moe_recovery_seconds")
+                           .Help("From a node's down event to serving again (its requests replayed, its experts "
+                                 "failed over)")
+                           .Register(r)
+                           .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                                                            10, 30, 60, 120})),
+      recovering(prometheus::BuildGauge()
+                     .Name("moe_controller_recovering")
+                     .Help("1 while the cluster re-places lost expert groups (no new steps start)")
+                     .Register(r)
+                     .Add({})),
+      attention_shards_up(prometheus::BuildGauge()
+                              .Name("moe_controller_attention_shards_up")
+                              .Help("Attention shards the controller can send steps to")
+                              .Register(r)
+                              .Add({})) {
+  // Both outcomes of both kinds exist from the start, so dashboards and alerts see zeros.
+  for (const char* kind : {"shards", "experts"})
+    for (const char* outcome : {"ok", "failed"}) recoveries_total.Add({{"kind", kind}, {"outcome", outcome}});
+}
 
 }  // namespace moe::actors

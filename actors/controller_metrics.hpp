@@ -26,6 +26,13 @@ struct controller_metrics {
   prometheus::Gauge& waiting_requests;
   prometheus::Histogram& decode_step_tokens;
   prometheus::Counter& generated_tokens_total;
+  // Recovery (docs/operations.md, "Recovery while serving").
+  prometheus::Counter& requests_replayed;         ///< re-run after a failure, each time
+  prometheus::Counter& deadlines_exceeded;        ///< failed because their deadline passed
+  prometheus::Family<prometheus::Counter>& recoveries_total;  ///< {kind, outcome}
+  prometheus::Histogram& recovery_seconds;        ///< from the down event to serving again
+  prometheus::Gauge& recovering;                  ///< 1 while a failover runs
+  prometheus::Gauge& attention_shards_up;
 };
 
 }  // namespace moe::actors

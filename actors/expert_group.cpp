@@ -567,16 +567,22 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
     for (size_t i = 0; i + 2 < g.sources.size(); i += 3) {
       if (!missing.count({g.sources[i], g.sources[i + 1]})) continue;
       const auto source = static_cast<size_t>(g.sources[i + 2]);
-      if (source >= g.peers.size() || !g.peers[source])
-        return model::make_error(model::model_errc::bad_input, "placement version " + std::to_string(g.version) +
-                                                                   ": a replica's source group is not among the peers");
+      if (source >= g.peers.size() || !g.peers[source]) {
+        // The promise holds the request now: errors go through it, or the caller never hears.
+        rp.deliver(model::make_error(model::model_errc::bad_input, "placement version " + std::to_string(g.version) +
+                                                                       ": a replica's source group is not among the peers"));
+        return rp;
+      }
       asks[source].insert(asks[source].end(), {g.sources[i], g.sources[i + 1]});
       ++covered;
     }
-    if (covered != missing.size())
-      return model::make_error(model::model_errc::bad_input,
-                               "expert group " + std::to_string(st.options.group) +
-                                   " holds trained experts: every replica it gains needs a group to copy it from");
+    if (covered != missing.size()) {
+      rp.deliver(model::make_error(model::model_errc::bad_input,
+                                   "expert group " + std::to_string(st.options.group) +
+                                       " holds trained experts: every replica it gains needs a group to copy it "
+                                       "from, and no surviving group holds some of them"));
+      return rp;
+    }
     st.preparing = g.version;
     st.preparing_aborted = false;
     struct copy_state {
@@ -622,24 +628,26 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
     }
     return rp;
   }
-  if (st.options.checkpoint_dir.empty())
-    return model::make_error(model::model_errc::bad_input,
-                             "expert group " + std::to_string(st.options.group) +
-                                 " cannot load new replicas: it was given no checkpoint directory");
+  if (st.options.checkpoint_dir.empty()) {
+    rp.deliver(model::make_error(model::model_errc::bad_input,
+                                 "expert group " + std::to_string(st.options.group) +
+                                     " cannot load new replicas: it was given no checkpoint directory"));
+    return rp;
+  }
   st.preparing = g.version;
   st.preparing_aborted = false;
   // The read can take long (a real expert is tens of MB): a detached worker does it, and this
   // group answers batches meanwhile.
   auto loaded = std::make_shared<caf::expected<model::checkpoint>>(model::checkpoint{});
   auto worker = self->spawn<caf::detached>(
-      [loaded, dir = st.options.checkpoint_dir, cfg = st.config, missing](caf::blocking_actor* b) {
+      [loaded, dir = st.options.checkpoint_dir, cfg = st.config, missing, urgent = g.urgent](caf::blocking_actor* b) {
         b->receive([&](load_replicas_atom) {
           // Background work: SCHED_IDLE, so that it runs only on cores the serving threads leave
           // idle. A lower nice value is not enough: steps are chains of short messages, and each
           // hop waits for a core a niced but runnable loader holds (measured: a 4x longer step
           // with nice 10, 2.4x with SCHED_IDLE, on 2 cores shared with 4 loaders).
           sched_param idle{};
-          ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
+          if (!urgent) ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
           model::load_options o;
           o.filter = [&missing](std::string_view name) {
             auto key = replica_of(name);

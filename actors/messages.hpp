@@ -136,12 +136,15 @@ struct generation_job {
   int64_t max_new_tokens = 16;
   sampling_spec sampling;
   std::vector<int32_t> stop_token_ids;
+  /// Milliseconds from submission by which the request must have finished, or it fails with
+  /// "deadline exceeded"; 0: the controller's default (controller_options::request_timeout).
+  uint64_t deadline_ms = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generation_job& x) {
   return f(caf::meta::type_name("generation_job"), x.prompt, x.max_new_tokens, x.sampling,
-           x.stop_token_ids);
+           x.stop_token_ids, x.deadline_ms);
 }
 
 enum class job_state : uint8_t { queued, running, finished, cancelled, failed };
@@ -211,11 +214,13 @@ using expert_group_actor =
 
 /// What an attention shard asks of its (co-located) router; load_report: the expert load the
 /// router counted over its recent steps (router_options::load_window_steps); switch_layout: use
-/// this placement version from the next route request on (answers the version).
+/// this placement version from the next route request on (answers the version); groups_down:
+/// these expert groups are gone (actors/rebalance_messages.hpp, failover).
 using router_actor =
     caf::typed_actor<caf::replies_to<route_atom, route_request>::with<route_result>,
                      caf::replies_to<load_report_atom>::with<load_report_bytes>,
                      caf::replies_to<switch_layout_atom, router_layout>::with<uint32_t>,
+                     caf::reacts_to<groups_down_atom, std::vector<int64_t>>,
                      caf::replies_to<train_forward_atom, train_route_request>::with<route_result>,
                      caf::replies_to<train_backward_atom, layer_gradient>::with<layer_gradient>,
                      caf::replies_to<train_grads_atom, uint64_t>::with<gradient_report>,

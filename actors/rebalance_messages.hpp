@@ -35,11 +35,15 @@ struct group_layout {
   /// disk no longer has their values; an untrained group reads the checkpoint.
   std::vector<int64_t> sources;
   std::vector<caf::actor> peers;
+  /// Serving waits for this version (a failover): load at normal priority. Otherwise (a
+  /// rebalance) the load runs only on cores serving leaves idle, which a busy host may not have
+  /// for minutes.
+  bool urgent = false;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, group_layout& x) {
-  return f(caf::meta::type_name("group_layout"), x.version, x.layers, x.experts, x.sources, x.peers);
+  return f(caf::meta::type_name("group_layout"), x.version, x.layers, x.experts, x.sources, x.peers, x.urgent);
 }
 
 /// A whole placement version as the routers need it.
@@ -98,9 +102,17 @@ using switch_layout_atom = caf::atom_constant<caf::atom("lay_switch")>;
 using hold_steps_atom = caf::atom_constant<caf::atom("hold_steps")>;
 using resume_steps_atom = caf::atom_constant<caf::atom("resume_stp")>;
 using rebalance_atom = caf::atom_constant<caf::atom("rebalance")>;
+/// Failover after a node failure: the expert groups (indices) that were lost with it.
+using groups_down_atom = caf::atom_constant<caf::atom("grp_down")>;
+using failover_atom = caf::atom_constant<caf::atom("failover")>;
 
-/// Asks for a rebalance now; answers its report. Errors: rebalance_errc (actors/rebalancer.hpp).
+/// rebalance: a rebalance now; answers its report. Errors: rebalance_errc (actors/rebalancer.hpp).
+/// failover: the given expert groups and routers (indices) are gone (their node failed). Every router stops using them
+/// at once (requests waiting on them fail as replayable), survivors load the experts that had no
+/// other replica, and the routers switch to a placement without the lost groups; answers the
+/// report (trigger "failover"). Failovers queue behind a running rebalance.
 using rebalancer_actor =
-    caf::typed_actor<caf::replies_to<rebalance_atom>::with<rebalance_report>>;
+    caf::typed_actor<caf::replies_to<rebalance_atom>::with<rebalance_report>,
+                     caf::replies_to<failover_atom, std::vector<int64_t>, std::vector<int64_t>>::with<rebalance_report>>;
 
 }  // namespace moe::actors

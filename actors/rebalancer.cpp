@@ -6,9 +6,11 @@
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <deque>
 #include <functional>
 #include <map>
 #include <numeric>
@@ -17,6 +19,7 @@
 
 #include "protocol/load_report_codec.hpp"
 #include "scheduler/expert_plan.hpp"
+#include "scheduler/failover_plan.hpp"
 #include "scheduler/plan_transition.hpp"
 
 namespace moe::actors {
@@ -252,7 +255,12 @@ struct rebalancer_state {
   std::vector<size_t> gpu_group;  // plan GPU index -> group (groups ordered by node)
   int64_t plan_nodes = 1;         // nodes as the planner sees them (1: a global plan)
   int64_t slots_per_group = 0;
+  // Why the planner cannot move this layout (groups of unequal size); failover still works.
+  std::string unplannable;
   bool busy = false;
+  // Members gone with failed nodes: phases skip them (they would never answer).
+  std::vector<bool> lost_groups, lost_routers;
+  std::deque<std::function<void()>> queued;  // failovers waiting for the running rebalance
   std::optional<rebalancer_metrics> metrics;
   static inline const char* name = "rebalancer";
 };
@@ -260,6 +268,16 @@ struct rebalancer_state {
 using pointer = caf::stateful_actor<rebalancer_state>*;
 // Where a rebalance's outcome goes: the caller's promise, or the log for a periodic one.
 using report_promise = std::function<void(caf::expected<rebalance_report>)>;
+
+std::vector<size_t> alive(const std::vector<bool>& lost, size_t n) {
+  std::vector<size_t> out;
+  for (size_t i = 0; i < n; ++i)
+    if (i >= lost.size() || !lost[i]) out.push_back(i);
+  return out;
+}
+
+std::vector<size_t> live_groups(const rebalancer_state& st) { return alive(st.lost_groups, st.options.groups.size()); }
+std::vector<size_t> live_routers(const rebalancer_state& st) { return alive(st.lost_routers, st.options.routers.size()); }
 
 // Decodes and sums the routers' reports; physical slots are read under `current`'s numbering.
 caf::expected<window_load> sum_reports(const rebalancer_state& st, const std::vector<load_report_bytes>& reports) {
@@ -338,14 +356,16 @@ caf::expected<router_layout> from_phy2log(const rebalancer_state& st, const std:
 void collect(pointer self, std::function<void(caf::expected<window_load>)> done) {
   auto& st = self->state;
   const auto timeout = st.options.phase_timeout;
+  const auto routers = live_routers(st);
   gather<load_report_bytes>(
-      st.options.routers.size(),
-      [self, timeout](size_t i, auto ok, auto fail) {
-        self->request(self->state.options.routers[i], timeout, load_report_atom::value).then(ok, fail);
+      routers.size(),
+      [self, timeout, routers](size_t k, auto ok, auto fail) {
+        self->request(self->state.options.routers[routers[k]], timeout, load_report_atom::value).then(ok, fail);
       },
       [self, done](std::vector<load_report_bytes> reports) { done(sum_reports(self->state, reports)); },
-      [done](size_t i, caf::error e) {
-        done(make_error(rebalance_errc::failed, "load report of router " + std::to_string(i) + ": " + error_text(e)));
+      [done, routers](size_t k, caf::error e) {
+        done(make_error(rebalance_errc::failed,
+                        "load report of router " + std::to_string(routers[k]) + ": " + error_text(e)));
       });
 }
 
@@ -360,6 +380,14 @@ std::vector<std::optional<double>> publish_window(rebalancer_state& st, const wi
 void finish(pointer self, report_promise rp, caf::expected<rebalance_report> r) {
   auto& st = self->state;
   st.busy = false;
+  // A failover that waited for this rebalance starts before anyone else can.
+  auto run_queued = [self] {
+    auto& st = self->state;
+    if (st.busy || st.queued.empty()) return;
+    auto next = std::move(st.queued.front());
+    st.queued.pop_front();
+    next();
+  };
   if (!r) {
     const bool no_load = r.error().category() == caf::atom("rebalance") &&
                          r.error().code() == static_cast<uint8_t>(rebalance_errc::no_load);
@@ -369,6 +397,7 @@ void finish(pointer self, report_promise rp, caf::expected<rebalance_report> r) 
       spdlog::warn("rebalance failed: {}", error_text(r.error()));
     }
     rp(std::move(r.error()));
+    run_queued();
     return;
   }
   if (st.metrics) st.metrics->outcome(*r);
@@ -377,6 +406,7 @@ void finish(pointer self, report_promise rp, caf::expected<rebalance_report> r) 
                  r->trigger, r->version_before, r->version_after, r->balance_before, r->balance_after,
                  r->replicas_moved, r->bytes_moved, r->duration_seconds);
   rp(std::move(*r));
+  run_queued();
 }
 
 // Phase 3: every group frees what only older versions used.
@@ -386,26 +416,27 @@ void commit(pointer self, report_promise rp, rebalance_report report, router_lay
   st.current = std::move(next);
   if (st.metrics) st.metrics->set_layout(st.current);
   const uint32_t v = st.current.version;
+  const auto groups = live_groups(st);
   gather<uint64_t>(
-      st.options.groups.size(),
-      [self, timeout, v](size_t i, auto ok, auto fail) {
-        self->request(self->state.options.groups[i], timeout, commit_layout_atom::value, v).then(ok, fail);
+      groups.size(),
+      [self, timeout, v, groups](size_t k, auto ok, auto fail) {
+        self->request(self->state.options.groups[groups[k]], timeout, commit_layout_atom::value, v).then(ok, fail);
       },
       [self, rp, report, start](std::vector<uint64_t>) mutable {
         report.duration_seconds = std::chrono::duration<double>(clock_type::now() - start).count();
         finish(self, rp, std::move(report));
       },
-      [self, rp, report, start](size_t i, caf::error e) mutable {
+      [self, rp, report, start, groups](size_t k, caf::error e) mutable {
         // The routers serve the new version already; a group that failed to free keeps the old
         // replicas a while longer (its next commit frees them).
-        spdlog::warn("rebalance: expert group {} did not commit: {}", i, error_text(e));
+        spdlog::warn("rebalance: expert group {} did not commit: {}", groups[k], error_text(e));
         report.duration_seconds = std::chrono::duration<double>(clock_type::now() - start).count();
         finish(self, rp, std::move(report));
       });
 }
 
 void abort_prepared(pointer self, uint32_t version) {
-  for (const auto& g : self->state.options.groups) self->send(g, abort_layout_atom::value, version);
+  for (auto i : live_groups(self->state)) self->send(self->state.options.groups[i], abort_layout_atom::value, version);
 }
 
 // Phase 2: hold the steps, switch every router, resume. A router that refuses leaves the rest
@@ -419,10 +450,11 @@ void switch_routers(pointer self, report_promise rp, rebalance_report report, ro
       if (hold != 0) self->send(self->state.options.controller, resume_steps_atom::value, hold);
       if (training_hold != 0) self->send(self->state.options.trainer, resume_steps_atom::value, training_hold);
     };
+    const auto routers = live_routers(self->state);
     gather<uint32_t>(
-        self->state.options.routers.size(),
-        [self, timeout, next](size_t i, auto ok, auto fail) {
-          self->request(self->state.options.routers[i], timeout, switch_layout_atom::value, next).then(ok, fail);
+        routers.size(),
+        [self, timeout, next, routers](size_t k, auto ok, auto fail) {
+          self->request(self->state.options.routers[routers[k]], timeout, switch_layout_atom::value, next).then(ok, fail);
         },
         [self, rp, report, next, start, resume](std::vector<uint32_t>) mutable {
           // Before the trainer resumes (messages from one sender arrive in order).
@@ -430,9 +462,10 @@ void switch_routers(pointer self, report_promise rp, rebalance_report report, ro
           resume();
           commit(self, rp, std::move(report), std::move(next), start);
         },
-        [self, rp, next, resume](size_t i, caf::error e) mutable {
+        [self, rp, next, resume, routers](size_t k, caf::error e) mutable {
           auto& st = self->state;
-          for (const auto& r : st.options.routers) self->send(r, switch_layout_atom::value, st.current);
+          const size_t i = routers[k];
+          for (auto r : routers) self->send(st.options.routers[r], switch_layout_atom::value, st.current);
           resume();
           abort_prepared(self, next.version);
           finish(self, rp, make_error(rebalance_errc::failed, "router " + std::to_string(i) + " did not switch to version " +
@@ -462,12 +495,16 @@ void switch_routers(pointer self, report_promise rp, rebalance_report report, ro
 // Phase 1: the groups load their new replicas while serving.
 void prepare(pointer self, report_promise rp, rebalance_report report, router_layout next, clock_type::time_point start) {
   auto& st = self->state;
+  const bool urgent = report.trigger == "failover";
   const auto timeout = st.options.phase_timeout;
+  const auto groups = live_groups(st);
   gather<prepare_result>(
-      st.options.groups.size(),
-      [self, timeout, next](size_t i, auto ok, auto fail) {
+      groups.size(),
+      [self, timeout, next, groups, urgent](size_t k, auto ok, auto fail) {
         auto& st = self->state;
+        const size_t i = groups[k];
         group_layout g;
+        g.urgent = urgent;
         g.version = next.version;
         g.layers = next.layers;
         for (const auto& layer : next.experts) g.experts.push_back(layer[i]);
@@ -477,6 +514,7 @@ void prepare(pointer self, report_promise rp, rebalance_report report, router_la
           for (auto e : next.experts[l][i]) {
             if (std::find(now[i].begin(), now[i].end(), e) != now[i].end()) continue;
             for (size_t h = 0; h < now.size(); ++h) {
+              if (h < st.lost_groups.size() && st.lost_groups[h]) continue;
               if (std::find(now[h].begin(), now[h].end(), e) == now[h].end()) continue;
               g.sources.insert(g.sources.end(), {next.layers[l], e, static_cast<int64_t>(h)});
               break;
@@ -493,9 +531,9 @@ void prepare(pointer self, report_promise rp, rebalance_report report, router_la
         }
         switch_routers(self, rp, std::move(report), std::move(next), start);
       },
-      [self, rp, next](size_t i, caf::error e) mutable {
+      [self, rp, next, groups](size_t k, caf::error e) mutable {
         abort_prepared(self, next.version);
-        finish(self, rp, make_error(rebalance_errc::failed, "expert group " + std::to_string(i) +
+        finish(self, rp, make_error(rebalance_errc::failed, "expert group " + std::to_string(groups[k]) +
                                                                 " could not prepare version " +
                                                                 std::to_string(next.version) + ": " + error_text(e)));
       });
@@ -562,12 +600,78 @@ void run(pointer self, report_promise rp, std::string trigger) {
     rp(make_error(rebalance_errc::busy, "a rebalance is already running; retry when it ends"));
     return;
   }
+  if (!st.unplannable.empty()) {
+    rp(make_error(rebalance_errc::unsupported, st.unplannable));
+    return;
+  }
+  if (std::find(st.lost_groups.begin(), st.lost_groups.end(), true) != st.lost_groups.end()) {
+    // The planner spreads equal slot counts over every group; with groups gone it has no such
+    // layout to offer. Restarting the cluster on the surviving nodes plans afresh.
+    rp(make_error(rebalance_errc::unsupported,
+                  "expert groups were lost to node failures; restart the cluster to rebalance again"));
+    return;
+  }
   st.busy = true;
   const auto start = clock_type::now();
   collect(self, [self, rp, trigger, start](caf::expected<window_load> w) mutable {
     if (!w) return finish(self, rp, std::move(w.error()));
     plan_and_move(self, rp, *w, std::move(trigger), start);
   });
+}
+
+// The groups (and the routers) of a failed node are gone: the routers stop waiting on them, the
+// experts they alone held are loaded by survivors, and the routers switch to a layout without
+// them, through the same prepare / switch / commit phases as a rebalance.
+void failover(pointer self, report_promise rp, std::vector<int64_t> groups, std::vector<int64_t> routers) {
+  auto& st = self->state;
+  const auto start = clock_type::now();
+  st.lost_groups.resize(st.options.groups.size(), false);
+  st.lost_routers.resize(st.options.routers.size(), false);
+  for (auto r : routers)
+    if (r >= 0 && static_cast<size_t>(r) < st.lost_routers.size()) st.lost_routers[static_cast<size_t>(r)] = true;
+  std::vector<int64_t> lost;
+  for (auto g : groups) {
+    if (g < 0 || static_cast<size_t>(g) >= st.lost_groups.size()) {
+      rp(make_error(rebalance_errc::failed, "failover: there is no expert group " + std::to_string(g)));
+      return;
+    }
+    st.lost_groups[static_cast<size_t>(g)] = true;
+  }
+  for (size_t g = 0; g < st.lost_groups.size(); ++g)
+    if (st.lost_groups[g]) lost.push_back(static_cast<int64_t>(g));
+  const auto shared = st.options.shared_experts_group;
+  if (shared >= 0 && static_cast<size_t>(shared) < st.lost_groups.size() && st.lost_groups[static_cast<size_t>(shared)]) {
+    for (auto r : live_routers(st)) self->send(st.options.routers[r], groups_down_atom::value, lost);
+    rp(make_error(rebalance_errc::failed, "failover: expert group " + std::to_string(shared) +
+                                              " held the shared experts, and re-placing those is not supported"));
+    return;
+  }
+  // First, before anything else can wait on them: no route request waits on a lost group.
+  for (auto r : live_routers(st)) self->send(st.options.routers[r], groups_down_atom::value, lost);
+  if (st.busy) {
+    st.queued.push_back([self, rp, groups, routers] { failover(self, rp, groups, routers); });
+    return;
+  }
+  st.busy = true;
+  auto plan = scheduler::plan_failover(st.current.experts, st.lost_groups, st.options.model.n_routed_experts);
+  if (!plan) return finish(self, rp, make_error(rebalance_errc::failed, "failover: " + error_text(plan.error())));
+  rebalance_report report;
+  report.trigger = "failover";
+  report.version_before = st.current.version;
+  if (plan->experts == st.current.experts) {
+    report.version_after = st.current.version;
+    return finish(self, rp, std::move(report));
+  }
+  router_layout next;
+  next.version = st.current.version + 1;
+  next.layers = st.current.layers;
+  next.experts = std::move(plan->experts);
+  report.changed = true;
+  report.version_after = next.version;
+  spdlog::warn("failover: expert groups {} lost; {} (layer, expert) replicas keep serving elsewhere, {} are loaded by "
+               "survivors (placement {} -> {})",
+               fmt::join(lost, ","), plan->experts_on_replicas, plan->replicas_added, next.version - 1, next.version);
+  prepare(self, rp, std::move(report), std::move(next), start);
 }
 
 // Checks the options and derives how the planner sees the groups.
@@ -582,21 +686,12 @@ caf::error setup(rebalancer_state& st) {
     if (c.is_moe_layer(l)) moe_layers.push_back(l);
   if (o.current.layers != moe_layers || o.current.experts.size() != moe_layers.size())
     return unsupported("the current layout does not name the model's MoE layers");
-  size_t per = 0;
-  for (size_t i = 0; i < o.current.experts.size(); ++i) {
-    const auto& groups = o.current.experts[i];
+  for (const auto& groups : o.current.experts)
     if (groups.size() != o.groups.size()) return unsupported("the current layout names another number of expert groups");
-    for (size_t g = 0; g < groups.size(); ++g) {
-      if (i == 0 && g == 0) per = groups[g].size();
-      if (groups[g].size() != per)
-        return unsupported("rebalancing needs the same number of expert slots in every expert group; group " +
-                           std::to_string(g) + " holds " + std::to_string(groups[g].size()) + " and group 0 holds " +
-                           std::to_string(per) + " (choose redundant_expert_slots so that experts + slots divide by the groups)");
-    }
-  }
-  if (per == 0 || per > static_cast<size_t>(c.n_routed_experts))
-    return unsupported("every expert group must hold between 1 and " + std::to_string(c.n_routed_experts) + " experts");
-  st.slots_per_group = static_cast<int64_t>(per);
+  st.unplannable = rebalance_unplannable(o.current, c.n_routed_experts);
+  st.slots_per_group = o.current.experts.empty() || o.current.experts[0].empty()
+                           ? 0
+                           : static_cast<int64_t>(o.current.experts[0][0].size());
   // GPUs node-major for the planner; the hierarchical rule needs every node to hold as many groups.
   st.gpu_group.resize(o.groups.size());
   std::iota(st.gpu_group.begin(), st.gpu_group.end(), size_t{0});
@@ -612,6 +707,23 @@ caf::error setup(rebalancer_state& st) {
 }
 
 }  // namespace
+
+std::string rebalance_unplannable(const router_layout& current, int64_t num_experts) {
+  size_t per = 0;
+  for (size_t i = 0; i < current.experts.size(); ++i) {
+    const auto& groups = current.experts[i];
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (i == 0 && g == 0) per = groups[g].size();
+      if (groups[g].size() != per)
+        return "rebalancing needs the same number of expert slots in every expert group; group " + std::to_string(g) +
+               " holds " + std::to_string(groups[g].size()) + " and group 0 holds " + std::to_string(per) +
+               " (choose redundant_expert_slots so that experts + slots divide by the groups)";
+    }
+  }
+  if (per == 0 || per > static_cast<size_t>(num_experts))
+    return "every expert group must hold between 1 and " + std::to_string(num_experts) + " experts";
+  return {};
+}
 
 caf::expected<rebalancer_actor> spawn_rebalancer(caf::actor_system& sys, rebalancer_options options) {
   rebalancer_state probe;
@@ -636,10 +748,19 @@ caf::expected<rebalancer_actor> spawn_rebalancer(caf::actor_system& sys, rebalan
           }, "on_demand");
           return rp;
         },
+        [self](failover_atom, std::vector<int64_t>& groups, std::vector<int64_t>& routers)
+            -> caf::result<rebalance_report> {
+          auto rp = self->make_response_promise<rebalance_report>();
+          failover(self, [rp](caf::expected<rebalance_report> r) mutable {
+            if (r) rp.deliver(std::move(*r));
+            else rp.deliver(std::move(r.error()));
+          }, std::move(groups), std::move(routers));
+          return rp;
+        },
         [self](rebalance_tick_atom) {
           auto& st = self->state;
           self->delayed_send(self, st.options.period, rebalance_tick_atom::value);
-          if (st.busy) return;
+          if (st.busy || !st.unplannable.empty()) return;
           // Nobody awaits a periodic rebalance: finish() logs it and counts it in the metrics.
           run(self, [](caf::expected<rebalance_report>) {}, "periodic");
         },

@@ -49,6 +49,9 @@ struct rebalancer_options {
   model::model_config model;
   std::vector<router_actor> routers;
   std::vector<expert_group_actor> groups;  ///< in group order
+  /// The group holding the shared experts (-1: none). Failover cannot re-place them yet: losing
+  /// that group fails the failover with a clear error.
+  int64_t shared_experts_group = -1;
   /// Node index of each group. The planner keeps routing groups node-local when every node
   /// holds as many groups; otherwise it plans globally.
   std::vector<int> group_node;
@@ -73,8 +76,12 @@ struct rebalancer_options {
   std::shared_ptr<prometheus::Registry> metrics;  ///< may be null
 };
 
+/// Why the planner cannot move this layout (groups holding unequal numbers of slots), or empty.
+/// Such a cluster still fails over (failover_atom); rebalance_atom answers unsupported.
+[[nodiscard]] std::string rebalance_unplannable(const router_layout& current, int64_t num_experts);
+
 /// Errors (rebalance_errc::unsupported): no router or group, a layout that does not match the
-/// model, groups holding unequal numbers of slots.
+/// model.
 [[nodiscard]] caf::expected<rebalancer_actor> spawn_rebalancer(caf::actor_system& sys,
                                                                rebalancer_options options);
 

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "actors/actor_metrics.hpp"
+#include "actors/controller.hpp"
 #include "actors/training_owner.hpp"
 #include "base/assert.hpp"
 #include "model/moe_training.hpp"
@@ -31,7 +32,9 @@ struct layer_table {
 struct placement_table {
   uint32_t version = 0;
   std::map<int64_t, layer_table> layers;
-  int32_t num_slots = 0;  // the groups' experts of a layer, in group order (the same count for every layer)
+  // The most slots of any layer (the groups' experts of a layer, in group order). Layers hold the
+  // same count until a failover adds replicas where a lost group's experts had none elsewhere.
+  int32_t num_slots = 0;
 };
 
 // Checks a layout against the model and the groups, and indexes it.
@@ -71,8 +74,7 @@ caf::expected<placement_table> make_table(const router_layout& l, const model::m
     for (size_t e = 0; e < lt.holders.size(); ++e)
       if (lt.holders[e].empty())
         return bad("no expert group holds expert " + std::to_string(e) + " in layer " + std::to_string(l.layers[i]));
-    if (i == 0) t.num_slots = next_slot;
-    else if (next_slot != t.num_slots) return bad("layers hold different numbers of slots");
+    t.num_slots = std::max(t.num_slots, next_slot);
     t.layers.emplace(l.layers[i], std::move(lt));
   }
   return t;
@@ -96,6 +98,8 @@ struct router_training {
   training_owner owner;
 };
 
+struct pending_route;
+
 struct router_state {
   std::shared_ptr<const model::checkpoint> weights;
   std::map<int64_t, model::router_block> gates;
@@ -108,6 +112,11 @@ struct router_state {
   std::optional<scheduler::load_window> load;
   bool load_error_logged = false;
   std::optional<router_training> training;
+  // Expert groups lost with their node (groups_down_atom): nothing is sent to them any more, and
+  // the route requests waiting on them fail at once instead of waiting for answers that will
+  // not come (a killed node's requests are never answered, a frozen one's not in time).
+  std::vector<bool> down;
+  std::vector<std::pair<std::weak_ptr<pending_route>, std::vector<size_t>>> inflight;
   static inline const char* name = "router";
 };
 
@@ -132,6 +141,29 @@ void fail(pending_route& p, caf::error err) {
   if (p.failed) return;
   p.failed = true;
   p.promise.deliver(std::move(err));
+}
+
+// Replayable by the controller (controller_errc::unavailable): the step did not fail because of
+// its input, and succeeds once the routers serve a placement without the lost group.
+caf::error group_down_error(size_t group) {
+  return make_error(controller_errc::unavailable,
+                    "expert group " + std::to_string(group) + " is down (its node failed); awaiting re-placement");
+}
+
+void mark_groups_down(pointer self, const std::vector<int64_t>& groups) {
+  auto& st = self->state;
+  st.down.resize(st.options.groups.size(), false);
+  for (auto g : groups)
+    if (g >= 0 && static_cast<size_t>(g) < st.down.size()) st.down[static_cast<size_t>(g)] = true;
+  std::vector<std::pair<std::weak_ptr<pending_route>, std::vector<size_t>>> still;
+  for (auto& [weak, asked] : st.inflight) {
+    auto p = weak.lock();
+    if (!p || p->failed) continue;
+    auto lost = std::find_if(asked.begin(), asked.end(), [&](size_t g) { return st.down[g]; });
+    if (lost != asked.end()) fail(*p, group_down_error(*lost));
+    else still.emplace_back(std::move(weak), std::move(asked));
+  }
+  st.inflight = std::move(still);
 }
 
 void finish(pointer self, pending_route& p) {
@@ -204,6 +236,19 @@ caf::result<route_result> route(pointer self, route_request& req) {
       spdlog::warn("router {}: expert load not counted: {}", st.options.shard, error_text(err));
     }
   }
+  std::vector<size_t> asked;
+  for (size_t g = 0; g < group_rows.size(); ++g)
+    if (!group_rows[g].empty() || st.shared_group == g) asked.push_back(g);
+  for (size_t g : asked) {
+    if (g < st.down.size() && st.down[g]) {
+      fail(*p, group_down_error(g));
+      return p->promise;
+    }
+  }
+  // Answered requests have released their pending_route; pruning here keeps the list at the
+  // requests still in flight (a few per router).
+  std::erase_if(st.inflight, [](const auto& entry) { return entry.first.expired(); });
+  st.inflight.emplace_back(p, asked);
   const float* x = req.x.data();
   for (size_t g = 0; g < group_rows.size(); ++g) {
     const auto& rows = group_rows[g];
@@ -725,6 +770,7 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
                 return err;
               return s;
             },
+            [self](groups_down_atom, const std::vector<int64_t>& groups) { mark_groups_down(self, groups); },
             [self](switch_layout_atom, const router_layout& layout) -> caf::result<uint32_t> {
               auto& st = self->state;
               auto table = make_table(layout, st.weights->config, st.options.groups.size());

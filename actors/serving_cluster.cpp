@@ -106,24 +106,15 @@ bool all_nodes_local(const runtime::cluster_config& config) {
   });
 }
 
-// Which shards cannot work without each node: its own shards, and all of them where it holds
-// expert groups (every shard's router reaches every group).
-std::map<std::string, std::vector<size_t>> shard_dependencies(const scheduler::placement& p,
-                                                             const std::vector<int32_t>& shard_ids) {
-  std::map<std::string, std::vector<size_t>> deps;
-  for (const auto& g : p.expert_groups) {
-    auto& d = deps[g.device.node];
-    d.resize(shard_ids.size());
-    std::iota(d.begin(), d.end(), size_t{0});
-  }
+// What runs on each node: its attention shards (indices into the shard order) and its expert
+// groups (group ids); what a node failure takes with it.
+void node_contents(const scheduler::placement& p, const std::vector<int32_t>& shard_ids, controller_options& co) {
+  for (const auto& g : p.expert_groups) co.groups_on_node[g.device.node].push_back(g.group);
   for (const auto& a : p.attention) {
     auto it = std::find(shard_ids.begin(), shard_ids.end(), a.shard);
     if (it == shard_ids.end()) continue;
-    auto& d = deps[a.device.node];
-    const auto index = static_cast<size_t>(it - shard_ids.begin());
-    if (std::find(d.begin(), d.end(), index) == d.end()) d.push_back(index);
+    co.shards_on_node[a.device.node].push_back(static_cast<size_t>(it - shard_ids.begin()));
   }
-  return deps;
 }
 
 // The rebalancer of this cluster: the placement's layout (every MoE layer holds each group's
@@ -134,7 +125,8 @@ caf::expected<rebalancer_actor> spawn_cluster_rebalancer(caf::actor_system& sys,
                                                          const std::vector<router_actor>& routers,
                                                          const controller_actor& controller,
                                                          const trainer_actor& trainer,
-                                                         std::shared_ptr<prometheus::Registry> registry) {
+                                                         std::shared_ptr<prometheus::Registry> registry,
+                                                         std::string& unplannable) {
   rebalancer_options o;
   o.model = model;
   o.routers = routers;
@@ -155,6 +147,7 @@ caf::expected<rebalancer_actor> spawn_cluster_rebalancer(caf::actor_system& sys,
     o.group_node[index] = static_cast<int>(runtime::find_node(config, g.device.node).value_or(0));
     per_group[index] = g.experts;
     std::sort(per_group[index].begin(), per_group[index].end());
+    if (g.holds_shared_experts && o.shared_experts_group < 0) o.shared_experts_group = g.group;
   }
   for (int64_t l = 0; l < model.num_hidden_layers; ++l) {
     if (!model.is_moe_layer(l)) continue;
@@ -165,6 +158,7 @@ caf::expected<rebalancer_actor> spawn_cluster_rebalancer(caf::actor_system& sys,
   o.period = std::chrono::seconds(config.rebalancing.period_s);
   o.min_improvement = static_cast<double>(config.rebalancing.min_improvement_pct) / 100.0;
   o.stats_interval = std::chrono::seconds(10);
+  unplannable = rebalance_unplannable(o.current, model.n_routed_experts);
   return spawn_rebalancer(sys, std::move(o));
 }
 
@@ -305,7 +299,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   co.limits.max_queue = config.batching.max_queue;
   co.limits.max_new_tokens_limit = config.batching.max_new_tokens_limit;
   co.metrics = s->registry_;
-  if (options.join_nodes) co.shards_needing_node = shard_dependencies(s->placement_, shard_ids);
+  if (options.join_nodes) node_contents(s->placement_, shard_ids, co);
+  co.request_timeout = std::chrono::milliseconds(config.batching.request_timeout_ms);
   s->controller_ = spawn_controller(sys, co);
   if (s->membership_)
     caf::anon_send(s->membership_, member_subscribe_atom::value, caf::actor_cast<caf::actor>(s->controller_));
@@ -316,6 +311,10 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   to.model = *model_cfg;
   to.transport = s->transport_;
   to.metrics = s->registry_;
+  if (options.join_nodes) {
+    for (const auto& g : s->placement_.expert_groups) to.owner_nodes.insert(g.device.node);
+    for (const auto& a : s->placement_.attention) to.owner_nodes.insert(a.device.node);
+  }
   std::vector<std::vector<int64_t>> group_experts(s->placement_.expert_groups.size());
   to.groups.resize(group_experts.size());
   for (const auto& g : s->placement_.expert_groups) {
@@ -328,19 +327,29 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   }
   to.layout = uniform_layout(*model_cfg, group_experts, s->placement_.version);
   s->trainer_ = spawn_trainer(sys, std::move(to));
+  if (s->membership_)
+    caf::anon_send(s->membership_, member_subscribe_atom::value, caf::actor_cast<caf::actor>(s->trainer_));
   training_jobs_options jo;
   jo.trainer = s->trainer_;
   jo.vocab_size = model_cfg->vocab_size;
   jo.max_position_embeddings = model_cfg->max_position_embeddings;
   s->training_jobs_ = spawn_training_jobs(sys, std::move(jo));
 
+  std::string unplannable;
   auto rebalancer = spawn_cluster_rebalancer(sys, config, *model_cfg, s->placement_, groups, s->routers_,
-                                             s->controller_, s->trainer_, s->registry_);
-  // A layout the rebalancer cannot move (groups of unequal size) still serves, unbalanced.
-  if (rebalancer) s->rebalancer_ = *rebalancer;
-  else {
-    s->rebalance_unavailable_ = error_text(rebalancer.error());
+                                             s->controller_, s->trainer_, s->registry_, unplannable);
+  // A layout the planner cannot move (groups of unequal size) still serves, unbalanced, and
+  // still fails over when a node dies.
+  if (rebalancer) {
+    s->failover_ = *rebalancer;
+    caf::anon_send(s->controller_, use_failover_atom::value, *rebalancer);
+    s->rebalance_unavailable_ = unplannable;
+  }
+  if (!rebalancer || !s->rebalance_unavailable_.empty()) {
+    if (!rebalancer) s->rebalance_unavailable_ = error_text(rebalancer.error());
     spdlog::warn("online expert rebalancing is off for this cluster: {}", s->rebalance_unavailable_);
+  } else {
+    s->rebalancer_ = *rebalancer;
   }
 
   auto metrics = monitoring::metrics_server::start(
@@ -357,6 +366,7 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   ao.rebalance_unavailable = s->rebalance_unavailable_;
   ao.training_jobs = s->training_jobs_;
   ao.vocab_size = model_cfg->vocab_size;
+  ao.tls = config.api_tls;
   auto api = api_server::start(sys, s->controller_, ao);
   if (!api) return api.error();
   s->api_ = std::move(*api);
@@ -372,7 +382,8 @@ std::string serving_cluster::metrics_url() const { return metrics_ ? metrics_->u
 void serving_cluster::stop() {
   if (api_) api_->stop();
   api_.reset();
-  if (rebalancer_) caf::anon_send_exit(rebalancer_, caf::exit_reason::user_shutdown);
+  if (failover_) caf::anon_send_exit(failover_, caf::exit_reason::user_shutdown);
+  failover_ = nullptr;
   rebalancer_ = nullptr;
   if (controller_) caf::anon_send_exit(controller_, caf::exit_reason::user_shutdown);
   controller_ = nullptr;

@@ -118,6 +118,7 @@ class serving_cluster {
   std::vector<router_actor> routers_;
   controller_actor controller_;
   rebalancer_actor rebalancer_;
+  rebalancer_actor failover_;  // the same actor; also where the planner cannot rebalance
   std::string rebalance_unavailable_;
   trainer_actor trainer_;
   training_jobs_actor training_jobs_;

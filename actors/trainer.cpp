@@ -22,6 +22,7 @@ const char* to_string(trainer_errc e) noexcept {
     case trainer_errc::busy: return "busy";
     case trainer_errc::bad_batch: return "bad_batch";
     case trainer_errc::failed: return "failed";
+    case trainer_errc::unavailable: return "unavailable";
   }
   return "unknown";
 }
@@ -88,6 +89,7 @@ struct trainer_state {
   std::optional<caf::typed_response_promise<uint64_t>> hold_answer;  // once the running step ended
   bool saving = false;
   int64_t steps_done = 0;
+  std::string lost;  // why no step can run any more (a node running owners is down)
   model::adamw_options last_adamw;  // the hyperparameters of the last step, for a checkpoint
   trainer_metrics metrics;
   static inline const char* name = "trainer";
@@ -390,6 +392,7 @@ void run_waiting(pointer self) {
 
 caf::result<train_step_report> enqueue_step(pointer self, train_batch& b) {
   auto& st = self->state;
+  if (!st.lost.empty()) return make_error(trainer_errc::unavailable, st.lost);
   if (auto err = check_batch(b, st.options.model.vocab_size)) return err;
   auto rp = self->make_response_promise<train_step_report>();
   st.waiting.push_back({std::move(b), rp});
@@ -520,7 +523,17 @@ trainer_actor spawn_trainer(caf::actor_system& sys, trainer_options options) {
               st.hold.reset();
               run_waiting(self);
             },
-            [self](switch_layout_atom, router_layout& layout) { set_layout(self->state, layout); }};
+            [self](switch_layout_atom, router_layout& layout) { set_layout(self->state, layout); },
+            [self](const member_event& ev) {
+              auto& st = self->state;
+              if (ev.to != member_state::down || !st.options.owner_nodes.count(ev.node) || !st.lost.empty()) return;
+              st.lost = "node " + ev.node + " is down (" + ev.reason +
+                        "): training stops; restart the cluster and continue from the last checkpoint";
+              auto lost = [&] { return make_error(trainer_errc::unavailable, st.lost); };
+              for (auto& w : st.waiting) w.promise.deliver(lost());
+              st.waiting.clear();
+              if (auto s = st.running) finish(self, s, lost());
+            }};
   });
 }
 

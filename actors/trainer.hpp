@@ -18,8 +18,11 @@
 
 #include <chrono>
 #include <memory>
+#include <set>
+#include <string>
 #include <vector>
 
+#include "actors/cluster_messages.hpp"
 #include "actors/messages.hpp"
 #include "actors/tensor_transport.hpp"
 #include "base/error.hpp"
@@ -36,6 +39,8 @@ enum class trainer_errc : uint8_t {
   bad_batch,    ///< Permanent: the batch is malformed (the text says how).
   failed,       ///< A step failed in an actor (the text says where); the cluster's weights may be
                 ///< part-updated only if the failure came during the update phase.
+  unavailable,  ///< Until the cluster is restarted: a node running owners is down. Training
+                ///< goes on from its last checkpoint (the job API's checkpoint) on a restarted one.
 };
 
 [[nodiscard]] const char* to_string(trainer_errc e) noexcept;
@@ -58,7 +63,8 @@ using trainer_actor = caf::typed_actor<caf::replies_to<train_step_atom, train_ba
                                        caf::replies_to<train_save_atom, std::string>::with<std::string>,
                                        caf::replies_to<hold_steps_atom>::with<uint64_t>,
                                        caf::reacts_to<resume_steps_atom, uint64_t>,
-                                       caf::reacts_to<switch_layout_atom, router_layout>>;
+                                       caf::reacts_to<switch_layout_atom, router_layout>,
+                                       caf::reacts_to<member_event>>;
 
 struct trainer_options {
   std::vector<attention_actor> shards;
@@ -78,6 +84,10 @@ struct trainer_options {
   std::chrono::milliseconds phase_timeout{600'000};
   /// A hold_steps that is not resumed within this time ends by itself.
   std::chrono::milliseconds max_hold{30'000};
+  /// The nodes running the owners (shards, routers, expert groups): every step needs all of
+  /// them. A member_event saying one is down fails the running step and every later one at once
+  /// (trainer_errc::unavailable) instead of waiting phase_timeout for answers that will not come.
+  std::set<std::string> owner_nodes;
 };
 
 [[nodiscard]] trainer_actor spawn_trainer(caf::actor_system& sys, trainer_options options);

@@ -3,7 +3,9 @@
 // stdout; on failure "moe submit: error: <why>" on stderr and exit status 1.
 //   moe submit --address 127.0.0.1:7101 --prompt-ids 5,17,42 --max-new-tokens 16
 // The cluster secret comes from --secret, --secret-file or MOE_CLUSTER_SECRET (prefer the
-// latter two: a command line is visible to every user of the machine).
+// latter two: a command line is visible to every user of the machine). A server with api.tls
+// needs --ca-file (and --server-name when dialling an IP address; --cert/--key when it asks
+// for client certificates): cli/client_secret.hpp.
 #include <fmt/format.h>
 
 #include <memory>
@@ -22,7 +24,9 @@ struct submit_options {
   std::string address;
   std::string secret;
   std::string secret_file;
+  api_tls_flags tls;
   generation_flags gen;
+  uint64_t deadline_ms = 0;
   bool stream = false;
 };
 
@@ -56,8 +60,11 @@ int run_submit(const submit_options& o) {
   spec.top_p = o.gen.top_p;
   spec.top_k = static_cast<uint32_t>(o.gen.top_k);
   spec.seed = o.gen.seed;
+  spec.deadline_ms = o.deadline_ms;
 
-  auto c = client::job_client::connect(address->first, address->second, *secret);
+  auto connect_options = api_client_options(o.tls);
+  if (!connect_options) return fail(error_text(connect_options.error()));
+  auto c = client::job_client::connect(address->first, address->second, *secret, *connect_options);
   if (!c) return fail(error_text(c.error()));
   if (!o.stream) {
     auto tokens = (*c)->generate(spec);
@@ -92,7 +99,11 @@ void add_submit_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--secret", o->secret, "The cluster secret (visible in ps: prefer the others)");
   cmd->add_option("--secret-file", o->secret_file, "A file whose first line is the cluster secret");
   add_generation_flags(*cmd, o->gen);
+  cmd->add_option("--deadline-ms", o->deadline_ms,
+                  "Fail the request unless it finishes within this many milliseconds (0: the cluster's "
+                  "batching.request_timeout_ms)");
   cmd->add_flag("--stream", o->stream, "Print tokens as they arrive");
+  add_api_tls_flags(*cmd, o->tls);
   cmd->footer("The secret may also come from the environment variable MOE_CLUSTER_SECRET.");
   cmd->callback([o, &ctx] { ctx.exit_code = run_submit(*o); });
 }

@@ -89,6 +89,8 @@ struct GenerationJob {
   topP @4 :Float32 = 1.0;          # in (0, 1]
   seed @5 :UInt64;
   stopTokenIds @6 :List(Int32);
+  deadlineMs @7 :UInt64;           # must finish within this many ms of submission, else it fails
+                                   # ("deadline exceeded"); 0: the cluster's batching.request_timeout_ms
 }
 
 enum JobState {

@@ -58,6 +58,7 @@ void to_wire(const api_generation_spec& spec, capnp::GenerationJob::Builder b) {
   b.setSeed(spec.seed);
   fill_list(b.initStopTokenIds(static_cast<unsigned>(spec.stop_token_ids.size())),
            spec.stop_token_ids);
+  b.setDeadlineMs(spec.deadline_ms);
 }
 
 api_generation_spec from_wire(capnp::GenerationJob::Reader r) {
@@ -69,6 +70,7 @@ api_generation_spec from_wire(capnp::GenerationJob::Reader r) {
   spec.top_p = r.getTopP();
   spec.seed = r.getSeed();
   spec.stop_token_ids = read_list<int32_t>(r.getStopTokenIds());
+  spec.deadline_ms = r.getDeadlineMs();
   return spec;
 }
 

@@ -46,6 +46,7 @@ struct api_generation_spec {
   float top_p = 1.0f;
   uint64_t seed = 0;
   std::vector<int32_t> stop_token_ids;
+  uint64_t deadline_ms = 0;  ///< 0: the cluster's default (batching.request_timeout_ms)
 };
 
 /// One step of a job's token stream; the last one has finished = true.

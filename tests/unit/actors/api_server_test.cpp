@@ -120,6 +120,10 @@ fake_rebalancer_actor::behavior_type fake_rebalancer(
         if (!a.never) self->delayed_send(self, a.delay, fake_tick_atom::value);
         return rp;
       },
+      [](actors::failover_atom, const std::vector<int64_t>&, const std::vector<int64_t>&)
+          -> caf::result<actors::rebalance_report> {
+        return actors::make_error(actors::rebalance_errc::unsupported, "the API never fails over");
+      },
       [=](fake_tick_atom) {
         auto& [rp, a] = self->state.delayed.front();
         deliver(rp, a);

@@ -130,6 +130,8 @@ fake_actor::behavior_type fake_controller(fake_actor::stateful_pointer<fake_stat
       [](hold_steps_atom) -> uint64_t { return 1; },  // a fake runs no steps: held at once
       [](resume_steps_atom, uint64_t) {},
       [](const member_event&) {},  // a fake cluster has no nodes to lose
+      [](use_failover_atom, const rebalancer_actor&) {},
+      [](deadline_atom, uint64_t) {},  // fake jobs end when the script says
       [=](tick_atom, uint64_t id) {
         auto it = self->state.jobs.find(id);
         if (it == self->state.jobs.end() || !is_active(it->second.state)) return;

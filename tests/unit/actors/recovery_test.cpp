@@ -1,0 +1,310 @@
+// Recovery while serving, in one process with real actors: a node that held an attention shard,
+// or expert groups, goes down while many requests are generating. Every request still finishes
+// with exactly the tokens of a run without the failure (the lost shard's requests are replayed
+// from their prompt and the tokens so far; lost experts are served by replicas or reloaded from
+// the checkpoint); deadlines fail requests that cannot finish in time, with a clear error.
+#include <caf/all.hpp>
+#include <gtest/gtest.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+#include <map>
+
+#include "actors/actor_types.hpp"
+#include "actors/controller.hpp"
+#include "actors/local_cluster.hpp"
+#include "actors/rebalancer.hpp"
+#include "actors/trainer.hpp"
+#include "runtime/actor_system.hpp"
+
+using namespace moe;
+using namespace moe::actors;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
+
+runtime::actor_system_config make_config() {
+  runtime::actor_system_config::options o;
+  o.load_middleman = false;
+  o.num_worker_threads = 2;
+  runtime::actor_system_config cfg{o};
+  add_actor_message_types(cfg);
+  return cfg;
+}
+
+// Shards 0 and 1 run on nodes "a0" and "a1"; expert group g runs on node "g<g>".
+struct harness {
+  runtime::actor_system_config cfg = make_config();
+  caf::actor_system sys{cfg};
+  std::unique_ptr<local_cluster> cluster;
+  controller_actor controller;
+  rebalancer_actor rebalancer;
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+
+  harness(cluster_layout layout, bool with_failover, controller_limits limits = {},
+          std::chrono::milliseconds request_timeout = 0ms) {
+    layout.metrics = registry;
+    std::vector<std::vector<int64_t>> group_experts;
+    for (const auto& g : layout.groups) group_experts.push_back(g.experts);
+    auto c = local_cluster::start(sys, tiny(), layout);
+    EXPECT_TRUE(c) << error_text(c.error());
+    cluster = std::move(*c);
+    controller_options o;
+    o.shards = cluster->shards();
+    o.limits = limits;
+    o.vocab_size = cluster->config().vocab_size;
+    o.metrics = registry;
+    o.request_timeout = request_timeout;
+    for (size_t s = 0; s < o.shards.size(); ++s) o.shards_on_node["a" + std::to_string(s)] = {s};
+    for (size_t g = 0; g < layout.groups.size(); ++g) o.groups_on_node["g" + std::to_string(g)] = {static_cast<int64_t>(g)};
+    controller = spawn_controller(sys, o);
+    if (!with_failover) return;
+    rebalancer_options r;
+    r.model = cluster->config();
+    r.routers = cluster->routers();
+    r.groups = cluster->groups();
+    r.group_node.assign(r.groups.size(), 0);
+    r.controller = controller;
+    r.current = uniform_layout(cluster->config(), group_experts, 1);
+    for (size_t g = 0; g < layout.groups.size(); ++g)
+      if (layout.groups[g].holds_shared_experts && r.shared_experts_group < 0) r.shared_experts_group = static_cast<int64_t>(g);
+    r.phase_timeout = 60s;
+    r.metrics = registry;
+    auto spawned = spawn_rebalancer(sys, r);
+    EXPECT_TRUE(spawned) << error_text(spawned.error());
+    rebalancer = *spawned;
+    caf::anon_send(controller, use_failover_atom::value, rebalancer);
+  }
+  ~harness() {
+    caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
+    if (rebalancer) caf::anon_send_exit(rebalancer, caf::exit_reason::user_shutdown);
+  }
+
+  std::string metrics() const { return prometheus::TextSerializer{}.Serialize(registry->Collect()); }
+};
+
+std::vector<generation_job> workload(int n, int64_t max_new_tokens = 10) {
+  std::vector<generation_job> jobs;
+  for (int i = 0; i < n; ++i) {
+    generation_job j;
+    for (int t = 0; t < 3 + i % 5; ++t) j.prompt.push_back((i * 37 + t * 11) % 500 + 1);
+    j.max_new_tokens = max_new_tokens + i % 4;
+    jobs.push_back(std::move(j));
+  }
+  return jobs;
+}
+
+struct outcome {
+  std::vector<int32_t> tokens;  // as streamed
+  job_event last;
+};
+
+// Submits every job, calls fault() once `after_tokens` tokens have streamed in all, and collects
+// until each job has ended.
+std::vector<outcome> run(harness& h, const std::vector<generation_job>& jobs, size_t after_tokens = 0,
+                         const std::function<void()>& fault = {}) {
+  caf::scoped_actor self{h.sys};
+  std::map<uint64_t, size_t> index;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    self->request(h.controller, caf::infinite, submit_atom::value, jobs[i], caf::actor{self})
+        .receive([&](uint64_t id) { index[id] = i; }, [&](const caf::error& e) { ADD_FAILURE() << error_text(e); });
+  }
+  std::vector<outcome> out(jobs.size());
+  size_t ended = 0, streamed = 0;
+  bool faulted = !fault;
+  while (ended < index.size()) {
+    bool timed_out = false;
+    self->receive(
+        [&](job_event_atom, const job_event& ev) {
+          auto& o = out[index.at(ev.job)];
+          o.tokens.insert(o.tokens.end(), ev.tokens.begin(), ev.tokens.end());
+          streamed += ev.tokens.size();
+          if (ev.finished) {
+            o.last = ev;
+            ++ended;
+          }
+        },
+        caf::after(120s) >> [&] { timed_out = true; });
+    if (timed_out) {
+      ADD_FAILURE() << "requests hang: " << ended << " of " << index.size() << " ended";
+      break;
+    }
+    if (!faulted && streamed >= after_tokens) {
+      faulted = true;
+      fault();
+    }
+  }
+  return out;
+}
+
+void down(harness& h, const std::string& node) {
+  member_event ev;
+  ev.node = node;
+  ev.from = member_state::up;
+  ev.to = member_state::down;
+  ev.reason = "killed by the test";
+  caf::anon_send(h.controller, ev);
+}
+
+void expect_same(const std::vector<outcome>& baseline, const std::vector<outcome>& faulted) {
+  ASSERT_EQ(baseline.size(), faulted.size());
+  for (size_t i = 0; i < baseline.size(); ++i) {
+    EXPECT_EQ(faulted[i].last.state, job_state::finished) << "request " << i << ": " << faulted[i].last.error;
+    EXPECT_EQ(faulted[i].tokens, baseline[i].tokens) << "request " << i;
+  }
+}
+
+double counter(const std::string& text, const std::string& series) {
+  auto at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + series.size() + 2));
+}
+
+}  // namespace
+
+TEST(recovery, a_lost_attention_shard_loses_no_request_and_changes_no_token) {
+  const auto jobs = workload(24, 30);
+  // At most 12 running per shard: shard 1 surely holds requests when it is lost.
+  controller_limits lim;
+  lim.max_running_requests = 12;
+  std::vector<outcome> baseline;
+  {
+    harness h(even_layout(2, 3, 16), true, lim);
+    baseline = run(h, jobs);
+  }
+  harness h(even_layout(2, 3, 16), true, lim);
+  const auto faulted = run(h, jobs, 24, [&] {
+    // The down event first, as the membership sends it before anyone notices the silence;
+    // then the shard really goes.
+    down(h, "a1");
+    caf::anon_send_exit(h.cluster->shards()[1], caf::exit_reason::kill);
+  });
+  expect_same(baseline, faulted);
+  const auto m = h.metrics();
+  EXPECT_GT(counter(m, "moe_controller_requests_replayed_total"), 0) << m;
+  EXPECT_EQ(counter(m, "moe_controller_attention_shards_up"), 1);
+  EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"shards\",outcome=\"ok\"}"), 1) << m;
+  EXPECT_EQ(counter(m, "moe_recovery_seconds_count"), 1);
+}
+
+TEST(recovery, lost_expert_groups_fail_over_and_change_no_token) {
+  const auto jobs = workload(24, 30);
+  std::vector<outcome> baseline;
+  {
+    harness h(even_layout(2, 3, 16), true);
+    baseline = run(h, jobs);
+  }
+  // Group 2 holds experts 11-15 and nothing else does: survivors load them from the checkpoint.
+  harness h(even_layout(2, 3, 16), true);
+  const auto faulted = run(h, jobs, 24, [&] {
+    down(h, "g2");
+    caf::anon_send_exit(h.cluster->groups()[2], caf::exit_reason::kill);
+  });
+  expect_same(baseline, faulted);
+  const auto m = h.metrics();
+  EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"experts\",outcome=\"ok\"}"), 1) << m;
+  EXPECT_EQ(counter(m, "moe_controller_recovering"), 0);
+  EXPECT_EQ(counter(m, "moe_placement_version"), 2) << m;
+
+  // Later requests are served by the survivors alone, still exactly.
+  const auto later = run(h, std::vector<generation_job>(jobs.begin(), jobs.begin() + 6));
+  for (size_t i = 0; i < later.size(); ++i) {
+    EXPECT_EQ(later[i].last.state, job_state::finished) << later[i].last.error;
+    EXPECT_EQ(later[i].tokens, baseline[i].tokens);
+  }
+}
+
+TEST(recovery, replicated_experts_keep_serving_from_their_replicas) {
+  // Group 2 holds only replicas (experts 0-4, also in group 0): nothing needs loading.
+  auto layout = even_layout(2, 3, 16);
+  auto& g = layout.groups;
+  g[0].experts = {0, 1, 2, 3, 4, 5, 6, 7};
+  g[1].experts = {8, 9, 10, 11, 12, 13, 14, 15};
+  g[2].experts = {0, 1, 2, 3, 4};
+  g[2].holds_shared_experts = false;
+  const auto jobs = workload(16, 30);
+  std::vector<outcome> baseline;
+  {
+    harness h(layout, true);
+    baseline = run(h, jobs);
+  }
+  harness h(layout, true);
+  const auto faulted = run(h, jobs, 16, [&] {
+    down(h, "g2");
+    caf::anon_send_exit(h.cluster->groups()[2], caf::exit_reason::kill);
+  });
+  expect_same(baseline, faulted);
+  const auto m = h.metrics();
+  EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"experts\",outcome=\"ok\"}"), 1) << m;
+  EXPECT_EQ(counter(m, "moe_rebalance_replicas_moved_total"), 0) << m;
+}
+
+TEST(recovery, losing_the_shared_experts_fails_requests_with_the_reason_not_a_hang) {
+  harness h(even_layout(1, 2, 16), true);
+  // Long requests, the failure at the first token: none can finish before it.
+  const auto out = run(h, workload(6, 200), 1, [&] {
+    down(h, "g0");
+    caf::anon_send_exit(h.cluster->groups()[0], caf::exit_reason::kill);
+  });
+  for (const auto& o : out) {
+    EXPECT_EQ(o.last.state, job_state::failed);
+    EXPECT_NE(o.last.error.find("held the shared experts"), std::string::npos) << o.last.error;
+  }
+}
+
+TEST(recovery, without_a_failover_a_lost_group_fails_requests_with_the_reason) {
+  harness h(even_layout(1, 2, 16), false);
+  const auto out = run(h, workload(6, 200), 1, [&] { down(h, "g1"); });
+  for (const auto& o : out) {
+    EXPECT_EQ(o.last.state, job_state::failed);
+    EXPECT_NE(o.last.error.find("node g1 is down"), std::string::npos) << o.last.error;
+  }
+  caf::scoped_actor self{h.sys};
+  self->request(h.controller, caf::infinite, submit_atom::value, workload(1)[0], caf::actor{})
+      .receive([](uint64_t) { ADD_FAILURE() << "a cluster without its experts accepted a request"; },
+               [](const caf::error& e) { EXPECT_NE(error_text(e).find("cluster unavailable"), std::string::npos); });
+}
+
+TEST(recovery, requests_past_their_deadline_fail_with_a_clear_error_and_free_their_place) {
+  harness h(even_layout(1, 2, 16), true, {}, 200ms);
+  caf::scoped_actor self{h.sys};
+  // Steps held (as a stalled cluster would): nothing can finish, so the deadline decides.
+  uint64_t hold = 0;
+  self->request(h.controller, caf::infinite, hold_steps_atom::value)
+      .receive([&](uint64_t id) { hold = id; }, [](const caf::error& e) { FAIL() << error_text(e); });
+  auto jobs = workload(4);
+  jobs[0].deadline_ms = 600'000;  // its own deadline wins over the default
+  std::map<uint64_t, size_t> index;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    self->request(h.controller, caf::infinite, submit_atom::value, jobs[i], caf::actor{self})
+        .receive([&](uint64_t id) { index[id] = i; }, [](const caf::error& e) { FAIL() << error_text(e); });
+  std::map<size_t, job_event> ended;
+  while (ended.size() < 3) {
+    self->receive([&](job_event_atom, const job_event& ev) { if (ev.finished) ended[index.at(ev.job)] = ev; },
+                  caf::after(60s) >> [&] { FAIL() << "requests past their deadline hang"; });
+  }
+  EXPECT_FALSE(ended.count(0));
+  for (const auto& [i, ev] : ended) {
+    EXPECT_EQ(ev.state, job_state::failed);
+    EXPECT_NE(ev.error.find("deadline exceeded: not finished within 200 ms (waiting for a shard, 0 tokens generated)"),
+              std::string::npos)
+        << ev.error;
+  }
+  EXPECT_EQ(counter(h.metrics(), "moe_controller_deadlines_exceeded_total"), 3);
+  // Released, the one with time left finishes exactly as it would have.
+  self->send(h.controller, resume_steps_atom::value, hold);
+  job_event last;
+  std::vector<int32_t> tokens;
+  while (!last.finished) {
+    self->receive([&](job_event_atom, const job_event& ev) {
+                    tokens.insert(tokens.end(), ev.tokens.begin(), ev.tokens.end());
+                    if (ev.finished) last = ev;
+                  },
+                  caf::after(60s) >> [&] { FAIL() << "the request with time left did not finish"; });
+  }
+  EXPECT_EQ(last.state, job_state::finished) << last.error;
+  harness fresh(even_layout(1, 2, 16), true);
+  EXPECT_EQ(tokens, run(fresh, {jobs[0]})[0].tokens);
+}
