@@ -42,9 +42,7 @@ struct cluster_options {
 };
 
 fs::path run_dir_of(const cluster_options& o, const runtime::cluster_config& cfg) {
-  if (!o.run_dir.empty()) return o.run_dir;
-  const char* xdg = std::getenv("XDG_RUNTIME_DIR");
-  return fs::path(xdg != nullptr && *xdg != '\0' ? xdg : "/tmp") / ("moe-" + cfg.name);
+  return cluster_run_dir(o.run_dir, cfg.name);
 }
 
 /// One row of the table.

@@ -22,5 +22,6 @@ void add_train_command(CLI::App& app, command_context& ctx);
 void add_serve_command(CLI::App& app, command_context& ctx);
 void add_node_command(CLI::App& app, command_context& ctx);
 void add_cluster_command(CLI::App& app, command_context& ctx);
+void add_chaos_command(CLI::App& app, command_context& ctx);
 
 }  // namespace moe::cli

@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -136,6 +137,12 @@ caf::expected<uint16_t> free_loopback_port() {
   ::close(fd);
   if (!ok) return make_error(process_errc::spawn_failed, "cannot find a free port on 127.0.0.1");
   return ntohs(a.sin_port);
+}
+
+std::filesystem::path cluster_run_dir(const std::string& run_dir, const std::string& cluster_name) {
+  if (!run_dir.empty()) return run_dir;
+  const char* xdg = std::getenv("XDG_RUNTIME_DIR");
+  return std::filesystem::path(xdg != nullptr && *xdg != '\0' ? xdg : "/tmp") / ("moe-" + cluster_name);
 }
 
 std::string self_executable() {

@@ -56,6 +56,10 @@ void signal_process_group(pid_t pid, int sig);
 /// node that loses the race for it fails to start and says so.
 [[nodiscard]] caf::expected<uint16_t> free_loopback_port();
 
+/// Where `moe cluster` keeps a cluster's logs and pid files: `run_dir` when non-empty, else
+/// ${XDG_RUNTIME_DIR:-/tmp}/moe-<cluster_name>. `moe chaos` finds the nodes there too.
+[[nodiscard]] std::filesystem::path cluster_run_dir(const std::string& run_dir, const std::string& cluster_name);
+
 /// This executable (/proc/self/exe), to start nodes with the same build.
 [[nodiscard]] std::string self_executable();
 

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   moe::cli::add_serve_command(app, ctx);
   moe::cli::add_node_command(app, ctx);
   moe::cli::add_cluster_command(app, ctx);
+  moe::cli::add_chaos_command(app, ctx);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
