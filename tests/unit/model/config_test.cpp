@@ -337,6 +337,16 @@ const bad_case bad_cases[] = {
      "head_dim: 64 disagrees with qk_rope_head_dim 8"},
     {"not an object", [](auto& j) { j["rope_scaling"] = 3; },
      "rope_scaling: expected an object or null, got number 3"},
+    // Found by tests/fuzz/model_config_fuzz: each value alone is plausible, but the loaders would
+    // list billions of tensors, or shapes would overflow int64.
+    {"too many tensors", [](auto& j) { j["num_hidden_layers"] = 2147483647; },
+     "num_hidden_layers: 2147483647 layers and 0 MTP modules of 16 routed experts make more than"},
+    {"shapes beyond int64", [](auto& j) {
+       j["num_attention_heads"] = 2147483647;
+       j["num_key_value_heads"] = 2147483647;
+       j["qk_nope_head_dim"] = 2147483646;
+     },
+     "hidden_size: the shapes this config gives its tensors"},
 };
 
 INSTANTIATE_TEST_SUITE_P(all, config_errors, ::testing::ValuesIn(bad_cases));
@@ -349,6 +359,13 @@ TEST(config, invalid_json_text) {
   auto top = parse_config(std::string_view{"[1, 2]"});
   ASSERT_FALSE(top);
   EXPECT_NE(error_of(top).find("expected a JSON object"), std::string::npos);
+  // Found by fuzzing: messages describing a value printed it recursively, one stack frame per
+  // level, so a file of brackets crashed the process that reported it.
+  const std::string deep = "{\"vocab_size\": " + std::string(100000, '[') + std::string(100000, ']') + "}";
+  auto nested = parse_config(std::string_view{deep});
+  ASSERT_FALSE(nested);
+  EXPECT_NE(error_of(nested).find("config.json: invalid JSON: nested deeper than 64 levels"), std::string::npos)
+      << error_of(nested);
 }
 
 TEST(config, load_names_the_file) {

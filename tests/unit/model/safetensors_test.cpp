@@ -181,6 +181,12 @@ TEST(safetensors, malformed_files_are_clear_errors) {
        "tensor 'w' appears twice"},
       {"metadata value", raw_safetensors(R"({"__metadata__":{"format":1}})", ""),
        "__metadata__.format: expected a string"},
+      // Found by fuzzing: reporting the shape printed it recursively, one stack frame per level.
+      {"deep nesting",
+       raw_safetensors(header_for(R"("w":{"dtype":"U8","shape":)" + std::string(100000, '[') +
+                                  std::string(100000, ']') + R"(,"data_offsets":[0,0]})"),
+                       ""),
+       "header nests deeper than 64 levels"},
   };
   scratch_dir dir;
   for (const auto& c : cases) {

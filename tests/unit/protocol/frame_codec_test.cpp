@@ -2,9 +2,14 @@
 // format, and every damaged or inconsistent frame is refused with the right error code.
 #include "protocol/frame_codec.hpp"
 
+#include <capnp/message.h>
+#include <capnp/serialize.h>
 #include <gtest/gtest.h>
 
+#include <span>
+
 #include "protocol/protocol_errc.hpp"
+#include "protocol/tensor_frame.capnp.h"
 
 using namespace moe::protocol;
 using moe::kernels::dtype;
@@ -122,4 +127,21 @@ TEST(frame_codec, unknown_version_is_refused) {
   auto got = decode_frame_header(damaged);
   ASSERT_FALSE(got);
   EXPECT_EQ(got.error(), code_of(protocol_errc::unsupported_version));
+}
+
+// Found by tests/fuzz/tensor_frame_fuzz: a frame of zero bytes whose inline payload is present
+// but empty was copied with memcpy from a null pointer (undefined behaviour, which the sanitizer
+// build reports).
+TEST(frame_codec, an_empty_inline_payload_decodes) {
+  ::capnp::MallocMessageBuilder message;
+  auto b = message.initRoot<moe::protocol::capnp::TensorFrame>();
+  b.setVersion(tensor_frame_version());
+  b.initShape(1).set(0, 0);
+  b.initInline(0);
+  const auto words = ::capnp::messageToFlatArray(message);
+  const auto bytes = words.asBytes();
+  auto got = decode_frame_header(std::as_bytes(std::span(bytes.begin(), bytes.size())));
+  ASSERT_TRUE(got) << moe::error_text(got.error());
+  EXPECT_EQ(got->byte_length, 0u);
+  EXPECT_TRUE(got->inline_payload.empty());
 }
