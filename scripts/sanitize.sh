@@ -32,11 +32,17 @@ mkdir -p "$report_dir"
 symbolizer="$(command -v llvm-symbolizer || true)"
 [[ -z $symbolizer && -x /usr/lib/llvm-14/bin/llvm-symbolizer ]] && symbolizer=/usr/lib/llvm-14/bin/llvm-symbolizer
 if [[ -n $symbolizer ]]; then export ASAN_SYMBOLIZER_PATH="$symbolizer"; fi
-# log_path: one file per reporting process (<prefix>.<pid>). detect_leaks: LeakSanitizer at every
+# log_path: one file per reporting process (report.<pid>; the same in both, as the two runtimes
+# share it and the last one read wins). detect_leaks: LeakSanitizer at every
 # sanitized process's exit, with suppressions for third-party libraries only.
-export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:check_initialization_order=1:log_path=$report_dir/asan"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$report_dir/ubsan"
+export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:check_initialization_order=1:log_path=$report_dir/report"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$report_dir/report"
 export LSAN_OPTIONS="suppressions=$root/tests/sanitizers/lsan.supp:print_suppressions=0"
+# OpenBLAS' idle threads spin (sched_yield) while the instrumented code between two GEMMs runs,
+# several times slower than usual: on 2 cores, with two tests at a time, they took most of the
+# CPU (`moe demo` 46 s alone, 157 s under ctest; 33 s with one thread). Which thread computes a
+# GEMM is not what this stage checks (OpenBLAS itself is not instrumented).
+export OPENBLAS_NUM_THREADS=1
 
 # Prints every report; fails when there was one.
 print_reports() {

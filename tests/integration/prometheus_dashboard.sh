@@ -154,9 +154,16 @@ echo "==> fault: SIGKILL node n1 while requests generate $(elapsed)"
 pids=()
 for i in 1 2 3 4; do
   "$MOE" submit --address "127.0.0.1:$API" --secret-file "$TMP/secret" --prompt-ids "$i,17,42,$i" \
-    --max-new-tokens 120 >"$TMP/inflight.$i" 2>&1 & pids+=($!)
+    --max-new-tokens 120 --stream >"$TMP/inflight.$i" 2>&1 & pids+=($!)
 done
-sleep 0.3
+# Killed once every request has streamed a token (not after a fixed sleep: a slower build, e.g.
+# the sanitizer stage's, had not submitted them yet, and nothing was replayed).
+for _ in $(seq 600); do
+  streaming=0
+  for i in 1 2 3 4; do [[ -s $TMP/inflight.$i ]] && streaming=$((streaming + 1)); done
+  ((streaming == 4)) && break
+  sleep 0.1
+done
 kill -KILL -- "-$(cat "$RUN/n1.pid")"
 # n1 held attention shard 1 (and nothing else): its requests are replayed on shard 0.
 for i in "${!pids[@]}"; do

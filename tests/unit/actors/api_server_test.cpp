@@ -735,7 +735,9 @@ TEST_F(api_server_test, rebalance_is_unreachable_without_a_login) {
               std::string::npos)
         << e.getDescription().cStr();
   }
-  auto report = service.rebalanceRequest().send().wait(ws).getReport();
+  // The reader points into the response: keep the response alive while it is read.
+  auto response = service.rebalanceRequest().send().wait(ws);
+  auto report = response.getReport();
   EXPECT_EQ(report.getTokensCounted(), 48'213u);
   EXPECT_EQ(report.getLayerBalanceAfter().size(), 3u);
   EXPECT_EQ(rebalance_calls->load(), 2);

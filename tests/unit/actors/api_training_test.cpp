@@ -380,7 +380,9 @@ TEST_F(api_training_test, the_server_validates_what_a_raw_client_sends) {
   for (int i = 0; i < 500; ++i) {
     auto st = service.trainingStatusRequest();
     st.setJobId(id);
-    auto e = st.send().wait(ws).getEvent();
+    // The reader points into the response: keep the response alive while it is read.
+    auto response = st.send().wait(ws);
+    auto e = response.getEvent();
     if (e.getFinished()) {
       EXPECT_EQ(e.getState(), wire::JobState::FINISHED);
       EXPECT_EQ(e.getStep(), 3);
