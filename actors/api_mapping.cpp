@@ -66,6 +66,7 @@ protocol::api_training_event to_api(training_event e) {
                                                                   : protocol::api_job_state::failed;
   out.error = std::move(e.error);
   out.checkpoint = std::move(e.checkpoint);
+  out.rollbacks = e.rollbacks;
   return out;
 }
 

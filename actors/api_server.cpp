@@ -275,6 +275,9 @@ struct job_stream final : stream_state {
       std::make_shared<event_channel<typename Kind::event>>();
   std::optional<typename Kind::sink::Client> sink;  // none: the client polls the status
 
+  // kj's Client destructors are noexcept(false), which would make this one laxer than the
+  // base's (clang refuses that); dropping a capability does not throw.
+  ~job_stream() noexcept override = default;
   std::optional<uint64_t> abandon_channel() override { return channel->abandon(); }
 };
 

@@ -496,6 +496,20 @@ caf::expected<uint64_t> train_apply(pointer self, const train_update& u) {
   return u.step;
 }
 
+// The trainer's rollback: the trunk's weights and moments from its snapshot. The trainer sends
+// it only once every training step it started here has ended (actors/trainer.hpp).
+caf::expected<int64_t> train_restore(pointer self, const owner_state& snapshot, const train_hyper& h) {
+  auto t = training_of(self);
+  if (!t) return std::move(t.error());
+  std::vector<restore_target> targets;
+  (*t)->trunk->for_each_grad([&](const std::string& name, std::vector<float>&) {
+    targets.push_back({name, (*t)->own->find(name)->data()});
+  });
+  if (auto err = (*t)->owner.restore(snapshot, targets, {h.beta1, h.beta2, h.eps, h.weight_decay})) return err;
+  (*t)->trunk->zero_grads();
+  return snapshot.optimizer_steps;
+}
+
 }  // namespace
 
 bool attention_needs(std::string_view name) {
@@ -580,6 +594,10 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
         [self](train_apply_atom, train_update& u) {
           return receive_update(self, self->state.transport, u,
                                 [self](const train_update& landed) { return train_apply(self, landed); });
+        },
+        [self](train_restore_atom, owner_state& snapshot, train_hyper& h) {
+          return receive_restore(self, self->state.transport, snapshot,
+                                 [self, h](const owner_state& s) { return train_restore(self, s, h); });
         },
     };
   };

@@ -3,6 +3,7 @@
 #include <caf/all.hpp>
 #include <pthread.h>
 #include <sched.h>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <charconv>
@@ -135,7 +136,9 @@ struct training_pass {
 };
 
 struct group_training {
-  uint32_t version = 0;  // the placement version the sets are bound to
+  // The placement version the sets are bound to; none when only the owner is set up (a rollback
+  // reached a group that had not trained yet).
+  std::optional<uint32_t> version;
   std::map<int64_t, model::expert_training_set> routed, shared;  // by layer
   std::map<replica_key, model::mlp_grads> grads;                  // every held routed replica
   std::map<int64_t, model::mlp_grads> shared_grads;               // by layer
@@ -154,6 +157,10 @@ struct expert_group_state {
   model::mlp_scratch scratch;
   int64_t hidden = 0;
   std::optional<group_training> training;
+  // Trained experts a failover reloaded from the model checkpoint, as no surviving group held
+  // them: their values are the untrained ones until the trainer's rollback restores them, and
+  // no training step runs here meanwhile.
+  std::set<replica_key> stale;
   mailbox_gauge mailbox;
   prometheus::Histogram* forward_seconds = nullptr;
   std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
@@ -319,6 +326,11 @@ caf::expected<group_training*> training_for(pointer self, uint32_t version) {
   if (version != serving)
     return training_error(st, "training batch of placement version " + std::to_string(version) +
                                   ", but version " + std::to_string(serving) + " is the one serving");
+  if (!st.stale.empty())
+    return training_error(st, "expert " + std::to_string(st.stale.begin()->second) + " of layer " +
+                                  std::to_string(st.stale.begin()->first) +
+                                  " was reloaded from the model checkpoint after its node failed; training resumes "
+                                  "once the trainer has rolled back to its last snapshot");
   if (st.training && st.training->version == serving) return &*st.training;
   group_training t;
   t.version = serving;
@@ -507,6 +519,36 @@ caf::expected<uint64_t> train_apply(pointer self, const train_update& u) {
   return u.step;
 }
 
+// The trainer's rollback: every replica this group holds (of any version it keeps, so a failover
+// version prepared but not yet committed is covered) takes its snapshot's values and moments;
+// the gradients and passes of the interrupted step go, and reloaded experts are stale no more.
+caf::expected<int64_t> train_restore(pointer self, const owner_state& snapshot, const train_hyper& h) {
+  auto& st = self->state;
+  std::vector<restore_target> targets;
+  auto add = [&](const std::string& prefix) -> caf::error {
+    for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}) {
+      model::host_tensor* v = st.store.find(prefix + part);
+      if (!v) return training_error(st, "holds no " + prefix + part);
+      targets.push_back({prefix + part, v->data()});
+    }
+    return {};
+  };
+  for (const auto& key : held_replicas(st))
+    if (auto err = add(expert_prefix(key.first, key.second))) return err;
+  if (st.options.holds_shared_experts)
+    for (auto layer : moe_layers_of(st.config))
+      if (auto err = add(expert_prefix(layer, model::shared_experts_id))) return err;
+  if (!st.training) st.training.emplace();
+  auto& t = *st.training;
+  if (auto err = t.owner.restore(snapshot, targets, {h.beta1, h.beta2, h.eps, h.weight_decay})) return err;
+  for (auto& [key, g] : t.grads) g.zero();
+  for (auto& [layer, g] : t.shared_grads) g.zero();
+  t.passes.clear();
+  t.reported.clear();
+  st.stale.clear();
+  return snapshot.optimizer_steps;
+}
+
 using load_replicas_atom = caf::atom_constant<caf::atom("load_repl")>;
 
 // Loads the version's missing replicas on a thread of its own, then binds the version.
@@ -559,10 +601,12 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
     finish(model::checkpoint{}, 0);
     return rp;
   }
-  if (st.training && st.training->owner.optimizer()) {
+  const bool trained = st.training && st.training->owner.optimizer();
+  bool reload_trained = false;
+  std::map<size_t, std::vector<int64_t>> asks;
+  if (trained) {
     // Trained: the checkpoint on disk no longer has the experts' values; copy them (and their
     // AdamW moments, so replicas keep stepping alike) from the groups that hold them now.
-    std::map<size_t, std::vector<int64_t>> asks;
     size_t covered = 0;
     for (size_t i = 0; i + 2 < g.sources.size(); i += 3) {
       if (!missing.count({g.sources[i], g.sources[i + 1]})) continue;
@@ -576,13 +620,19 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
       asks[source].insert(asks[source].end(), {g.sources[i], g.sources[i + 1]});
       ++covered;
     }
-    if (covered != missing.size()) {
+    if (covered != missing.size() && !g.urgent) {
       rp.deliver(model::make_error(model::model_errc::bad_input,
                                    "expert group " + std::to_string(st.options.group) +
                                        " holds trained experts: every replica it gains needs a group to copy it "
                                        "from, and no surviving group holds some of them"));
       return rp;
     }
+    // A failover, and some lost experts have no surviving holder: every missing replica comes
+    // from the model checkpoint, stale until the trainer rolls the cluster back to its last
+    // snapshot (values and moments of every expert; train_restore), which it does after a failover.
+    reload_trained = covered != missing.size();
+  }
+  if (trained && !reload_trained) {
     st.preparing = g.version;
     st.preparing_aborted = false;
     struct copy_state {
@@ -633,6 +683,12 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
                                  "expert group " + std::to_string(st.options.group) +
                                      " cannot load new replicas: it was given no checkpoint directory"));
     return rp;
+  }
+  if (reload_trained) {
+    st.stale.insert(missing.begin(), missing.end());
+    spdlog::warn("expert group {}: {} trained replicas it gains in failover version {} have no surviving holder; "
+                 "loaded from the model checkpoint until the trainer rolls back to its last snapshot",
+                 st.options.group, missing.size(), g.version);
   }
   st.preparing = g.version;
   st.preparing_aborted = false;
@@ -811,6 +867,10 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys, mod
           auto s = (*t)->owner.state(entries);
           if (auto err = export_owner_state(st.options.transport, self->node(), reply_node(self), s)) return err;
           return s;
+        },
+        [self](train_restore_atom, owner_state& snapshot, train_hyper& h) {
+          return receive_restore(self, self->state.options.transport, snapshot,
+                                 [self, h](const owner_state& s) { return train_restore(self, s, h); });
         },
         [self](abort_layout_atom, uint32_t version) {
           auto& st = self->state;

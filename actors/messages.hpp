@@ -210,7 +210,8 @@ using expert_group_actor =
                      caf::replies_to<train_grads_atom, uint64_t, std::vector<int64_t>>::with<gradient_report>,
                      caf::replies_to<train_apply_atom, train_update>::with<uint64_t>,
                      caf::replies_to<train_state_atom>::with<owner_state>,
-                     caf::replies_to<train_state_atom, std::vector<int64_t>>::with<owner_state>>;
+                     caf::replies_to<train_state_atom, std::vector<int64_t>>::with<owner_state>,
+                     caf::replies_to<train_restore_atom, owner_state, train_hyper>::with<int64_t>>;
 
 /// What an attention shard asks of its (co-located) router; load_report: the expert load the
 /// router counted over its recent steps (router_options::load_window_steps); switch_layout: use
@@ -225,7 +226,8 @@ using router_actor =
                      caf::replies_to<train_backward_atom, layer_gradient>::with<layer_gradient>,
                      caf::replies_to<train_grads_atom, uint64_t>::with<gradient_report>,
                      caf::replies_to<train_apply_atom, train_update>::with<uint64_t>,
-                     caf::replies_to<train_state_atom>::with<owner_state>>;
+                     caf::replies_to<train_state_atom>::with<owner_state>,
+                     caf::replies_to<train_restore_atom, owner_state, train_hyper>::with<int64_t>>;
 
 /// What the controller asks of an attention shard.
 using attention_actor =
@@ -234,7 +236,8 @@ using attention_actor =
                      caf::replies_to<train_step_atom, train_request>::with<train_result>,
                      caf::replies_to<train_grads_atom, uint64_t>::with<gradient_report>,
                      caf::replies_to<train_apply_atom, train_update>::with<uint64_t>,
-                     caf::replies_to<train_state_atom>::with<owner_state>>;
+                     caf::replies_to<train_state_atom>::with<owner_state>,
+                     caf::replies_to<train_restore_atom, owner_state, train_hyper>::with<int64_t>>;
 
 }  // namespace moe::actors
 

@@ -751,9 +751,12 @@ caf::expected<rebalancer_actor> spawn_rebalancer(caf::actor_system& sys, rebalan
         [self](failover_atom, std::vector<int64_t>& groups, std::vector<int64_t>& routers)
             -> caf::result<rebalance_report> {
           auto rp = self->make_response_promise<rebalance_report>();
-          failover(self, [rp](caf::expected<rebalance_report> r) mutable {
-            if (r) rp.deliver(std::move(*r));
-            else rp.deliver(std::move(r.error()));
+          failover(self, [self, rp](caf::expected<rebalance_report> r) mutable -> void {
+            if (r) return void(rp.deliver(std::move(*r)));
+            // A recovering trainer waits for the failover's layout: it stops at once instead.
+            if (const auto& trainer = self->state.options.trainer)
+              self->send(trainer, failover_failed_atom::value, error_text(r.error()));
+            rp.deliver(std::move(r.error()));
           }, std::move(groups), std::move(routers));
           return rp;
         },

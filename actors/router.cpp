@@ -117,6 +117,14 @@ struct router_state {
   // not come (a killed node's requests are never answered, a frozen one's not in time).
   std::vector<bool> down;
   std::vector<std::pair<std::weak_ptr<pending_route>, std::vector<size_t>>> inflight;
+  // The same for training's scatters to the groups: alive until the scatter has ended, the groups
+  // asked, and how to fail it.
+  struct training_scatter {
+    std::weak_ptr<void> alive;
+    std::vector<size_t> asked;
+    std::function<void(caf::error)> fail;
+  };
+  std::vector<training_scatter> training_inflight;
   static inline const char* name = "router";
 };
 
@@ -164,6 +172,17 @@ void mark_groups_down(pointer self, const std::vector<int64_t>& groups) {
     else still.emplace_back(std::move(weak), std::move(asked));
   }
   st.inflight = std::move(still);
+  // Training waits on the groups without a timeout (a step's batch can take long): fail the
+  // scatters that wait on a lost group now, or the step would never end and the trainer's
+  // recovery would wait for it in vain.
+  auto training = std::move(st.training_inflight);
+  st.training_inflight.clear();
+  for (auto& s : training) {
+    if (s.alive.expired()) continue;
+    auto lost = std::find_if(s.asked.begin(), s.asked.end(), [&](size_t g) { return st.down[g]; });
+    if (lost != s.asked.end()) s.fail(group_down_error(*lost));
+    else st.training_inflight.push_back(std::move(s));
+  }
 }
 
 void finish(pointer self, pending_route& p) {
@@ -391,6 +410,16 @@ void scatter_to_groups(pointer self, Atom atom, std::vector<std::pair<size_t, Ms
   g->fail = std::move(fail);
   if (parts.empty()) return g->done(g->results);
   auto& st = self->state;
+  std::vector<size_t> asked;
+  for (const auto& [group, msg] : parts) {
+    if (group < st.down.size() && st.down[group]) return g->error(group_down_error(group));
+    asked.push_back(group);
+  }
+  // Forget the scatters that have ended, and remember this one until it does.
+  std::erase_if(st.training_inflight, [](const auto& s) { return s.alive.expired(); });
+  st.training_inflight.push_back({g, std::move(asked), [w = std::weak_ptr<gather>(g)](caf::error e) {
+                                    if (auto live = w.lock()) live->error(std::move(e));
+                                  }});
   for (size_t i = 0; i < parts.size(); ++i) {
     auto& [group, msg] = parts[i];
     const auto& handle = st.options.groups[group].handle;
@@ -657,6 +686,21 @@ caf::expected<uint64_t> train_apply(pointer self, const train_update& u) {
   return u.step;
 }
 
+// The trainer's rollback: the gates and routing biases from its snapshot, their moments, and no
+// gradient or pass of the interrupted step.
+caf::expected<int64_t> train_restore(pointer self, const owner_state& snapshot, const train_hyper& h) {
+  auto t = training_of(self);
+  if (!t) return std::move(t.error());
+  std::vector<restore_target> targets;
+  for (const auto& [layer, g] : (*t)->gates)
+    for (auto name : {gate_name(layer), "model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias"})
+      targets.push_back({name, (*t)->own->find(name)->data()});
+  if (auto err = (*t)->owner.restore(snapshot, targets, {h.beta1, h.beta2, h.eps, h.weight_decay})) return err;
+  for (auto& g : gate_grad_spans(**t)) std::fill(g.begin(), g.end(), 0.0f);
+  (*t)->passes.clear();
+  return snapshot.optimizer_steps;
+}
+
 }  // namespace
 
 bool router_needs(std::string_view name) { return name.find(".mlp.gate.") != std::string_view::npos; }
@@ -769,6 +813,10 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
               if (auto err = export_owner_state(self->state.options.transport, self->node(), reply_node(self), s))
                 return err;
               return s;
+            },
+            [self](train_restore_atom, owner_state& snapshot, train_hyper& h) {
+              return receive_restore(self, self->state.options.transport, snapshot,
+                                     [self, h](const owner_state& s) { return train_restore(self, s, h); });
             },
             [self](groups_down_atom, const std::vector<int64_t>& groups) { mark_groups_down(self, groups); },
             [self](switch_layout_atom, const router_layout& layout) -> caf::result<uint32_t> {

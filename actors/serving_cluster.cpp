@@ -312,9 +312,15 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   to.transport = s->transport_;
   to.metrics = s->registry_;
   if (options.join_nodes) {
-    for (const auto& g : s->placement_.expert_groups) to.owner_nodes.insert(g.device.node);
-    for (const auto& a : s->placement_.attention) to.owner_nodes.insert(a.device.node);
+    to.shard_nodes.resize(shard_ids.size());
+    for (const auto& a : s->placement_.attention)
+      if (auto it = std::find(shard_ids.begin(), shard_ids.end(), a.shard); it != shard_ids.end())
+        to.shard_nodes[static_cast<size_t>(it - shard_ids.begin())] = a.device.node;
+    to.group_nodes.resize(s->placement_.expert_groups.size());
+    for (const auto& g : s->placement_.expert_groups)
+      if (static_cast<size_t>(g.group) < to.group_nodes.size()) to.group_nodes[static_cast<size_t>(g.group)] = g.device.node;
   }
+  to.recovery_timeout = std::chrono::milliseconds(config.training.recovery_timeout_ms);
   std::vector<std::vector<int64_t>> group_experts(s->placement_.expert_groups.size());
   to.groups.resize(group_experts.size());
   for (const auto& g : s->placement_.expert_groups) {
@@ -333,6 +339,7 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   jo.trainer = s->trainer_;
   jo.vocab_size = model_cfg->vocab_size;
   jo.max_position_embeddings = model_cfg->max_position_embeddings;
+  jo.snapshot_every = config.training.snapshot_every_steps;
   s->training_jobs_ = spawn_training_jobs(sys, std::move(jo));
 
   std::string unplannable;

@@ -9,6 +9,8 @@
 #include <numeric>
 #include <random>
 
+#include <spdlog/spdlog.h>
+
 #include "model/optimizer.hpp"
 
 namespace moe::actors {
@@ -75,6 +77,10 @@ struct job_record {
   bool cancel = false;
   double seconds = 0;  // summed step times
   int64_t tokens = 0;
+  // The step the trainer's snapshot was taken before (a rollback resumes there), and the last
+  // step a snapshot was tried at (a failed one is not retried at the same step).
+  std::optional<int64_t> snapshot_step;
+  std::optional<int64_t> snapshot_tried;
 };
 
 struct pending_checkpoint {
@@ -96,6 +102,20 @@ struct jobs_state {
 using pointer = training_jobs_actor::stateful_pointer<jobs_state>;
 
 void run_next_step(pointer self);
+
+// Whether `e` says the trainer rolled the cluster back to its snapshot: the job then goes back to
+// the step it took the snapshot at and runs the same batches from there again.
+bool rolled_back(pointer self, uint64_t id, const caf::error& e) {
+  auto& r = self->state.jobs.at(id);
+  if (e.category() != caf::atom("trainer") || e.code() != static_cast<uint8_t>(trainer_errc::rolled_back) ||
+      !r.snapshot_step)
+    return false;
+  spdlog::warn("training job {}: {}; steps {} to {} run again", id, error_text(e), *r.snapshot_step + 1, r.last.step + 1);
+  r.last.step = *r.snapshot_step;
+  r.snapshot_tried.reset();
+  ++r.last.rollbacks;
+  return true;
+}
 
 void emit(pointer self, job_record& r) {
   if (r.subscriber) caf::anon_send(r.subscriber, train_event_atom::value, r.last);
@@ -160,6 +180,27 @@ void run_next_step(pointer self) {
     end_job(self, id, job_state::finished, {});
     return run_next_step(self);
   }
+  const int64_t every = st.options.snapshot_every;
+  if (every > 0 && r.last.step % every == 0 && r.snapshot_step != r.last.step && r.snapshot_tried != r.last.step) {
+    const int64_t at = r.last.step;
+    r.snapshot_tried = at;
+    st.step_in_flight = true;
+    self->request(st.options.trainer, caf::infinite, train_snapshot_atom::value)
+        .then(
+            [self, id, at](int64_t) {
+              self->state.step_in_flight = false;
+              self->state.jobs.at(id).snapshot_step = at;
+              run_next_step(self);
+            },
+            [self, id, at](caf::error& e) {
+              // The older snapshot stays (the trainer replaces it only with a whole new one).
+              self->state.step_in_flight = false;
+              if (!rolled_back(self, id, e))
+                spdlog::warn("training job {}: no snapshot before step {}: {}", id, at + 1, error_text(e));
+              run_next_step(self);
+            });
+    return;
+  }
   auto batch = batch_of(r.job, r.last.step);
   const double lr = batch.hyper.lr;
   st.step_in_flight = true;
@@ -181,7 +222,9 @@ void run_next_step(pointer self) {
             run_next_step(self);
           },
           [self, id](caf::error& e) {
-            self->state.step_in_flight = false;
+            auto& st = self->state;
+            st.step_in_flight = false;
+            if (rolled_back(self, id, e)) return run_next_step(self);
             end_job(self, id, job_state::failed, error_text(e));
             run_next_step(self);
           });

@@ -3,7 +3,11 @@
 // order (reshuffled every epoch), and runs `steps` steps of batch_sequences windows through the
 // trainer (actors/trainer.hpp) with a warmup-cosine learning rate. Its subscriber gets a
 // training_event after every step and a last one when it ends (finished, cancelled or failed).
-// A checkpoint asked for while a job runs is written between two steps.
+// A checkpoint asked for while a job runs is written between two steps. With snapshot_every, a
+// job survives node failures: when the trainer rolls back to its snapshot
+// (trainer_errc::rolled_back), the job goes back to the step the snapshot was taken at and runs
+// the same batches again, so its losses are those of a run without the failure; its subscriber
+// sees the step count go back (training_event::rollbacks counts how often).
 //
 // One job trains at a time; later ones wait in a bounded queue, in submission order.
 // Thread safety: an actor; all state is confined to it.
@@ -45,6 +49,10 @@ struct training_jobs_options {
   int64_t vocab_size = 0;
   int64_t max_position_embeddings = 0;  ///< sequence_length may not exceed it
   int64_t max_queue = 16;
+  /// The trainer keeps a snapshot (trainer_actor's snapshot) before a job's first step and every
+  /// this many steps: a node failure rolls the job back to it, and its later steps run again.
+  /// 0: no snapshot, and a node failure fails the job.
+  int64_t snapshot_every = 0;
 };
 
 [[nodiscard]] training_jobs_actor spawn_training_jobs(caf::actor_system& sys, training_jobs_options options);

@@ -251,12 +251,13 @@ struct training_event {
   uint8_t state = 0;                 ///< a job_state (actors/messages.hpp)
   std::string error;                 ///< set when the job failed
   std::string checkpoint;            ///< set on the event after a checkpoint was written there
+  uint32_t rollbacks = 0;            ///< node failures survived by rolling back to a snapshot
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, training_event& x) {
   return f(caf::meta::type_name("training_event"), x.job, x.step, x.steps, x.loss, x.lr, x.grad_norm,
-           x.tokens_per_second, x.load_balance, x.finished, x.state, x.error, x.checkpoint);
+           x.tokens_per_second, x.load_balance, x.finished, x.state, x.error, x.checkpoint, x.rollbacks);
 }
 
 using train_step_atom = caf::atom_constant<caf::atom("train_step")>;
@@ -266,5 +267,11 @@ using train_grads_atom = caf::atom_constant<caf::atom("train_grad")>;
 using train_apply_atom = caf::atom_constant<caf::atom("train_appl")>;
 using train_state_atom = caf::atom_constant<caf::atom("train_stat")>;
 using train_save_atom = caf::atom_constant<caf::atom("train_save")>;
+/// (train_restore_atom, owner_state snapshot, train_hyper): an owner rolls back to the trainer's
+/// snapshot (actors/trainer.hpp, recovery): every parameter it holds takes the snapshot's values
+/// and AdamW moments of its name, its optimizer the snapshot's step count and the hyper's betas,
+/// eps and weight decay; its gradients and passes in flight are dropped. Answers the optimizer
+/// steps restored.
+using train_restore_atom = caf::atom_constant<caf::atom("train_rest")>;
 
 }  // namespace moe::actors

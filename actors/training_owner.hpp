@@ -43,6 +43,11 @@ struct state_entry {
 [[nodiscard]] caf::error unpack_owner_state(const owner_state& state, model::checkpoint& weights,
                                             std::map<std::string, model::adamw::moments, std::less<>>& moments);
 
+/// The owner states of several owners as one (a trainer's snapshot of the whole model): every
+/// name once, the first owner reporting a replicated parameter wins; optimizer_steps the first
+/// state's. model_errc::bad_input for a malformed state. The tensors must be local.
+[[nodiscard]] caf::expected<owner_state> merge_owner_states(const std::vector<owner_state>& states);
+
 /// export_tensor (actors/tensor_transport.hpp) of both tensors of `s`, for `dest`'s process.
 [[nodiscard]] caf::error export_owner_state(const tensor_transport& transport, const caf::node_id& here,
                                             const caf::node_id& dest, owner_state& s);
@@ -69,6 +74,38 @@ caf::result<uint64_t> receive_update(Self* self, const tensor_transport& transpo
                                      });
 }
 
+/// Answers train_restore: restore(snapshot) (returning caf::expected<int64_t>) once both of the
+/// snapshot's tensors are local.
+template <class Self, class Restore>
+caf::result<int64_t> receive_restore(Self* self, const tensor_transport& transport, owner_state& snapshot,
+                                     Restore restore) {
+  auto held = std::make_shared<owner_state>(std::move(snapshot));
+  auto rp = self->template make_response_promise<int64_t>();
+  auto fail = [rp](caf::error& e) mutable { rp.deliver(std::move(e)); };
+  with_local_tensor(
+      self, transport, held->values,
+      [self, transport, held, rp, fail, restore = std::move(restore)](tensor_ref& values) mutable {
+        held->values = std::move(values);
+        with_local_tensor(
+            self, transport, held->moments,
+            [held, rp, restore = std::move(restore)](tensor_ref& moments) mutable {
+              held->moments = std::move(moments);
+              auto r = restore(*held);
+              if (r) rp.deliver(*r);
+              else rp.deliver(std::move(r.error()));
+            },
+            fail);
+      },
+      fail);
+  return rp;
+}
+
+/// A parameter an owner rolls back, and where its values live.
+struct restore_target {
+  std::string name;
+  std::span<float> values;
+};
+
 class training_owner {
  public:
   /// The step's update: every gradient of `grads` (which must be those of `params`) scaled by
@@ -80,6 +117,14 @@ class training_owner {
 
   /// `entries` and their AdamW moments (where the optimizer has them), for a checkpoint.
   [[nodiscard]] owner_state state(std::span<const state_entry> entries) const;
+
+  /// Rolls back to `snapshot` (a trainer's; its tensors local): every target takes the values of
+  /// the snapshot's entry of its name and that entry's AdamW moments; the optimizer the snapshot's
+  /// step count and `options` (no optimizer, as before the first update, when the snapshot counts
+  /// no step). Errors (model_errc::bad_input, nothing changed): a malformed snapshot, a target it
+  /// lacks or holds with another number of values.
+  [[nodiscard]] caf::error restore(const owner_state& snapshot, std::span<const restore_target> targets,
+                                   const model::adamw_options& options);
 
   /// Takes the moments of parameters that arrived from another owner (a moved replica); false
   /// (nothing taken) before this owner's first update, when it has no optimizer to put them in.

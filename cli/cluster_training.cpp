@@ -106,9 +106,18 @@ caf::expected<training_summary> run_training_job(actors::serving_cluster& cluste
   if (failure) return failure;
   const auto start = std::chrono::steady_clock::now();
   step_progress progress(steps);
+  uint32_t rollbacks = 0;
   for (bool done = false; !done;) {
     self->receive([&](actors::train_event_atom, const actors::training_event& e) {
       if (e.job != id) return;
+      if (e.rollbacks > rollbacks && e.step > 0) {
+        // A node failure rolled the job back: the steps from here on ran again.
+        rollbacks = e.rollbacks;
+        fmt::print(stderr, "train: a node failed; rolled back and ran again from step {}\n", e.step);
+        out.steps = std::min(out.steps, e.step - 1);
+        out.losses.resize(static_cast<size_t>(out.steps));
+        out.balance.resize(static_cast<size_t>(out.steps));
+      }
       if (e.step > out.steps) {
         out.steps = e.step;
         out.losses.push_back(e.loss);

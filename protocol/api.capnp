@@ -204,6 +204,8 @@ struct TrainingEvent {
   state @9 :JobState;
   error @10 :Text;                 # set when state == failed
   checkpoint @11 :Text;            # set on the event after a checkpoint was written there
+  rollbacks @12 :UInt32;           # node failures the job survived by rolling back to a snapshot
+                                   # (step went back to the snapshot's and the steps after it ran again)
 }
 
 interface TrainingSink {

@@ -252,6 +252,7 @@ void to_wire(const api_training_event& e, capnp::TrainingEvent::Builder b) {
   b.setState(to_wire(e.state));
   b.setError(text(e.error));
   b.setCheckpoint(text(e.checkpoint));
+  b.setRollbacks(e.rollbacks);
 }
 
 api_training_event from_wire(capnp::TrainingEvent::Reader r) {
@@ -268,6 +269,7 @@ api_training_event from_wire(capnp::TrainingEvent::Reader r) {
   e.state = from_wire(r.getState());
   e.error = text(r.getError());
   e.checkpoint = text(r.getCheckpoint());
+  e.rollbacks = r.getRollbacks();
   return e;
 }
 

@@ -144,6 +144,7 @@ struct api_training_event {
   api_job_state state = api_job_state::queued;
   std::string error;       ///< set when state == failed
   std::string checkpoint;  ///< set on the event after a checkpoint was written there
+  uint32_t rollbacks = 0;  ///< node failures survived by rolling back to a snapshot (step went back)
 };
 
 /// Bounds a server enforces before a request reaches the controller.

@@ -510,6 +510,16 @@ bool parse_rebalancing(context& ctx, const value_ref& at, rebalancing_config& ou
   return true;
 }
 
+bool parse_training(context& ctx, const value_ref& at, training_config& out) {
+  mapping m(ctx, at, {"snapshot_every_steps", "recovery_timeout_ms"});
+  if (!m.ok()) return false;
+  if (const value_ref* v = m.find("snapshot_every_steps"); v && !read_int(ctx, *v, 0, INT32_MAX, out.snapshot_every_steps))
+    return false;
+  if (const value_ref* v = m.find("recovery_timeout_ms"); v && !read_int(ctx, *v, 1000, INT32_MAX, out.recovery_timeout_ms))
+    return false;
+  return true;
+}
+
 bool parse_ports(context& ctx, const value_ref& at, ports_config& out) {
   mapping m(ctx, at, {"control", "api", "metrics"});
   if (!m.ok()) return false;
@@ -581,7 +591,7 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   const int root_line = line_of(root) > 0 ? line_of(root) : 1;
   mapping m(ctx, {root, "", root_line},
             {"cluster", "nodes", "model", "attention_shards", "expert_groups", "redundant_expert_slots",
-             "batching", "rebalancing", "ports", "api"});
+             "batching", "rebalancing", "training", "ports", "api"});
   if (!m.ok()) return false;
   const value_ref* cluster = m.require("cluster", "name and secret");
   if (cluster == nullptr || !parse_cluster(ctx, *cluster, out)) return false;
@@ -602,6 +612,7 @@ bool parse_document(context& ctx, const YAML::Node& root, cluster_config& out) {
   }
   if (const value_ref* v = m.find("batching"); v && !parse_batching(ctx, *v, out.batching)) return false;
   if (const value_ref* v = m.find("rebalancing"); v && !parse_rebalancing(ctx, *v, out.rebalancing)) return false;
+  if (const value_ref* v = m.find("training"); v && !parse_training(ctx, *v, out.training)) return false;
   if (const value_ref* v = m.find("ports"); v && !parse_ports(ctx, *v, out.ports)) return false;
   if (const value_ref* v = m.find("api"); v && !parse_api(ctx, *v, out)) return false;
   return check_node_ports(ctx, out);
@@ -1058,6 +1069,8 @@ std::string to_string(const cluster_config& c) {
       << ", max_moved_replicas "
       << (c.rebalancing.max_moved_replicas < 0 ? std::string("unlimited") : std::to_string(c.rebalancing.max_moved_replicas))
       << ", min_improvement_pct " << c.rebalancing.min_improvement_pct << "\n";
+  out << "training: snapshot_every_steps " << c.training.snapshot_every_steps << ", recovery_timeout_ms "
+      << c.training.recovery_timeout_ms << "\n";
   out << "ports: control " << c.ports.control << ", api " << c.ports.api << ", metrics "
       << c.ports.metrics << "\n";
   if (c.api_tls) {
@@ -1118,6 +1131,9 @@ nlohmann::json to_json(const cluster_config& c) {
                          {"load_window_steps", c.rebalancing.load_window_steps},
                          {"max_moved_replicas", c.rebalancing.max_moved_replicas},
                          {"min_improvement_pct", c.rebalancing.min_improvement_pct}}},
+                       {"training",
+                        {{"snapshot_every_steps", c.training.snapshot_every_steps},
+                         {"recovery_timeout_ms", c.training.recovery_timeout_ms}}},
                        {"ports", {{"control", c.ports.control}, {"api", c.ports.api}, {"metrics", c.ports.metrics}}}};
   if (c.api_tls) {
     nlohmann::json tls = {{"certificate", c.api_tls->certificate.string()}, {"key", c.api_tls->key.string()}};

@@ -95,6 +95,16 @@ struct rebalancing_config {
   int line = 0;                     ///< Line of `rebalancing` (0: not given).
 };
 
+/// Recovery of training jobs from node failures (actors/trainer.hpp, docs/configuration.md).
+struct training_config {
+  /// A job keeps the cluster's training state in the coordinator's memory every this many steps
+  /// (and before its first); a node failure rolls back to it. 0: none, and a node failure stops
+  /// the job.
+  int64_t snapshot_every_steps = 10;
+  /// A recovery that has not rolled back within this time stops training.
+  int64_t recovery_timeout_ms = 120'000;
+};
+
 /// 0 asks for an ephemeral port.
 struct ports_config {
   uint16_t control = 7100;
@@ -148,6 +158,7 @@ struct cluster_config {
   int64_t redundant_expert_slots = 0;
   batching_config batching;
   rebalancing_config rebalancing;
+  training_config training;
   ports_config ports;
   std::optional<api_tls_config> api_tls;  ///< api.tls; unset: the job API runs in plain TCP.
 };

@@ -248,6 +248,7 @@ class TrainingEvent:
     state: str  # "queued", "running", "finished", "cancelled", "failed"
     error: str = ""  # set when state == "failed"
     checkpoint: str = ""  # set on the event after a checkpoint was written there
+    rollbacks: int = 0  # node failures survived by rolling back to a snapshot (step went back)
 
 
 def _event(r) -> JobEvent:
@@ -261,7 +262,7 @@ def _status(r) -> JobStatus:
 def _training_event(r) -> TrainingEvent:
     return TrainingEvent(r.jobId, r.step, r.steps, r.loss, r.learningRate, r.gradNorm,
                          r.tokensPerSecond, list(r.loadBalance), r.finished, str(r.state),
-                         r.error, r.checkpoint)
+                         r.error, r.checkpoint, r.rollbacks)
 
 
 def _cluster(r) -> ClusterDescription:

@@ -544,7 +544,7 @@ async def _train(args) -> dict:
 
         def on_event(e):
             events.append({"step": e.step, "loss": e.loss, "state": e.state, "error": e.error,
-                           "finished": e.finished, "unix": time.time()})
+                           "finished": e.finished, "rollbacks": e.rollbacks, "unix": time.time()})
             _progress(args.progress, e.step, e.steps)
 
         started = time.time()
@@ -554,7 +554,7 @@ async def _train(args) -> dict:
                                                batch_sequences=args.batch, learning_rate=args.lr,
                                                seed=args.seed, on_event=on_event)
             ev = await client.wait_training(job, timeout=args.bound)
-            final = {"state": ev.state, "error": ev.error, "step": ev.step}
+            final = {"state": ev.state, "error": ev.error, "step": ev.step, "rollbacks": ev.rollbacks}
         except mc.MoeError as e:
             final = {"state": "lost" if isinstance(e, mc.TimedOut) else "failed", "error": f"{e.code}: {e}"}
         ended = time.time()
@@ -614,6 +614,11 @@ def cmd_compare_train(args) -> int:
         failures.append(f"{len(bad)} step(s) differ by more than {args.tolerance:g}: steps {bad[:10]}")
     if fin["state"] == "finished" and run["steps"] not in got:
         failures.append(f"the last step ({run['steps']}) was not reported")
+    rollbacks = fin.get("rollbacks", 0)
+    if args.expect_rollbacks is not None:
+        print(f"  rollbacks to a snapshot: {rollbacks}")
+        if rollbacks < args.expect_rollbacks:
+            failures.append(f"the job rolled back {rollbacks} time(s), expected at least {args.expect_rollbacks}")
     if args.fault_unix is not None:
         t0 = args.fault_unix
         before = [e for e in run["events"] if e["unix"] <= t0]
@@ -625,6 +630,14 @@ def cmd_compare_train(args) -> int:
             hit = log_transition(args.coordinator_log, args.node, "down", t0)
             print(f"    detection: {hit[0] - t0:.3f} s" if hit else
                   f"    detection: no '{args.node} ... -> down' in the coordinator's log")
+        if args.coordinator_log:
+            hit = log_line(args.coordinator_log, r"training rolled back to the snapshot.* s after the failure", t0)
+            if hit:
+                print(f"    rollback done on the survivors: {hit[0] - t0:.3f} s after the fault ({hit[1][:200]})")
+        redone = [e for e in run["events"] if e["unix"] > t0 and e.get("rollbacks", 0) > 0]
+        if redone:
+            print(f"    first step after the rollback reported {redone[0]['unix'] - t0:.3f} s after the fault "
+                  f"(step {redone[0]['step']})")
     if failures:
         for f_ in failures:
             print(f"FAIL: {args.label}: {f_}")
@@ -702,6 +715,8 @@ def main() -> int:
     ct.add_argument("--fault-unix", type=float, default=None)
     ct.add_argument("--node", default="")
     ct.add_argument("--coordinator-log", default="")
+    ct.add_argument("--expect-rollbacks", type=int, default=None,
+                    help="the fault run must have rolled back to a snapshot at least this often")
     ct.add_argument("--expect-stop", default="",
                     help="the fault run must end failed with this text in its error (no rollback yet)")
     ct.set_defaults(func=cmd_compare_train)

@@ -196,6 +196,24 @@ TEST(cluster_config, rebalancing_section) {
   EXPECT_EQ(error_of(append("rebalancing: {every: 5}\n")), "x.yaml:13: rebalancing.every: unknown key");
 }
 
+TEST(cluster_config, training_section) {
+  auto defaults = parse_cluster_config(base_yaml, "x.yaml");
+  ASSERT_TRUE(defaults) << error_text(defaults.error());
+  EXPECT_EQ(defaults->training.snapshot_every_steps, 10);
+  EXPECT_EQ(defaults->training.recovery_timeout_ms, 120000);
+  auto set = parse_cluster_config(append("training: {snapshot_every_steps: 0, recovery_timeout_ms: 5000}\n"), "x.yaml");
+  ASSERT_TRUE(set) << error_text(set.error());
+  EXPECT_EQ(set->training.snapshot_every_steps, 0);
+  EXPECT_EQ(set->training.recovery_timeout_ms, 5000);
+  EXPECT_NE(to_string(*set).find("training: snapshot_every_steps 0, recovery_timeout_ms 5000"), std::string::npos);
+  EXPECT_EQ(to_json(*set)["training"]["snapshot_every_steps"], 0);
+  EXPECT_EQ(error_of(append("training: {snapshot_every_steps: -1}\n")),
+            "x.yaml:13: training.snapshot_every_steps: expected a non-negative integer, got '-1'");
+  EXPECT_EQ(error_of(append("training: {recovery_timeout_ms: 10}\n")),
+            "x.yaml:13: training.recovery_timeout_ms: expected an integer >= 1000, got '10'");
+  EXPECT_EQ(error_of(append("training: {checkpoint_every: 5}\n")), "x.yaml:13: training.checkpoint_every: unknown key");
+}
+
 TEST(cluster_config, load_resolves_relative_model_path_against_the_file) {
   const auto dir = std::filesystem::temp_directory_path() /
                    ("moe_cluster_config_test_" + std::to_string(::getpid()));

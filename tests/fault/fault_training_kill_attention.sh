@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Fault h: SIGKILL the node of an attention shard (and its router) in the middle of a training job.
+#
+# Three nodes, two attention shards, two expert groups; the victim runs attention shard 1 only.
+# As fault_training_kill.sh: a baseline run, a fresh coordinator, the same job with the kill a
+# third of the way in. Expected: the job rolls back to its last snapshot, the surviving shard
+# takes the whole batch from then on, the job finishes, and every step's loss equals the
+# baseline's (1e-4: one shard sums in another order what two did).
+#
+#   fault_training_kill_attention.sh MOE_BINARY REPO_ROOT
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" training_kill_attention
+
+CONFIG=$TMP/cluster.yaml
+{
+  cluster_yaml 100 3000
+  printf 'nodes:\n'
+  node_yaml 0 1
+  node_yaml 1 1
+  node_yaml 2 1
+  model_yaml
+  printf 'attention_shards: 2\nexpert_groups: 2\ntraining: {snapshot_every_steps: 5}\n'
+} >"$CONFIG"
+
+VICTIM=
+for n in n2 n1 n0; do
+  held=$(holdings $n)
+  echo "    placement: $n: $held"
+  [[ -z $VICTIM && $held == "attention:1" ]] && VICTIM=$n
+done
+[[ -n $VICTIM ]] || die "no node holds attention shard 1 alone (adapt the config)"
+
+STEPS=40
+KILL_AT=12
+TRAIN=(--corpus "$ROOT/tests/data/corpus/apache-2.0.txt" --corpus-bytes 8192 --steps $STEPS --seq-len 32
+  --batch 8 --lr 3e-3 --seed 3 --bound 150)
+
+cluster_up
+serve_start
+step "baseline training: $STEPS steps on the healthy cluster"
+load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-baseline.json" "${TRAIN[@]}" ||
+  die "the baseline training run failed"
+
+step "a new coordinator on the same nodes (fresh weights from the checkpoint)"
+serve_stop
+SERVE_STARTS=2 serve_start
+
+step "training again; SIGKILL $VICTIM at step $KILL_AT"
+rm -f "$TMP/progress"
+load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-fault.json" \
+  --progress "$TMP/progress" "${TRAIN[@]}" >"$TMP/load.out" 2>&1 {SAVED_OUT}>&- {SAVED_ERR}>&- &
+LOAD_PID=$!
+PIDS+=("$LOAD_PID")
+wait_progress $KILL_AT
+at=$(cut -d' ' -f1 "$TMP/progress")
+[[ $at -lt $STEPS ]] || die "harness: the job finished (step $at) before the fault could be injected"
+chaos kill --config "$CONFIG" --node $VICTIM --run-dir "$RUN"
+load_wait
+load_py compare-train --baseline "$TMP/train-baseline.json" --run "$TMP/train-fault.json" \
+  --label "SIGKILL of $VICTIM (attention shard 1) during training (at step $at of $STEPS)" --fault-unix "$FAULT_UNIX" \
+  --node $VICTIM --coordinator-log "$TMP/serve.out" --expect-rollbacks 1 ||
+  FAILURES=$((FAILURES + 1))
+finish
