@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sanitizer stage (scripts/test.sh runs it after the normal suite with MOE_SANITIZERS=1).
+# The sanitizer stage (scripts/test.sh runs it after the normal suite unless MOE_SANITIZERS=0).
 # Builds, with clang, AddressSanitizer and UndefinedBehaviorSanitizer, the
 # executables of the unit and integration tests (`moe` and the test tools included, so the
 # processes the tests start are checked too) and the libFuzzer targets, into
