@@ -15,18 +15,21 @@ namespace {
 constexpr double eps = 1e-9;
 
 // Replica counts (each >= 1, summing to `slots`) minimising the heaviest replica: each spare slot
-// goes to the expert whose replicas currently carry the most (optimal for that objective).
-std::vector<int32_t> water_fill(const std::vector<double>& w, int64_t slots) {
+// goes to the expert whose replicas currently carry the most (optimal for that objective). No
+// expert gets more than `max_count` (the GPUs: a GPU holds an expert once) while another can
+// take the slot; past that, as before.
+std::vector<int32_t> water_fill(const std::vector<double>& w, int64_t slots, int64_t max_count) {
   std::vector<int32_t> count(w.size(), 1);
   using entry = std::pair<double, size_t>;  // (load per replica, expert); ties: lower expert id
   auto cmp = [](const entry& a, const entry& b) { return a.first < b.first || (a.first == b.first && a.second > b.second); };
-  std::priority_queue<entry, std::vector<entry>, decltype(cmp)> heap(cmp);
-  for (size_t e = 0; e < w.size(); ++e) heap.emplace(w[e], e);
+  std::priority_queue<entry, std::vector<entry>, decltype(cmp)> heap(cmp), capped(cmp);
+  for (size_t e = 0; e < w.size(); ++e) (count[e] < max_count ? heap : capped).emplace(w[e], e);
   for (int64_t s = static_cast<int64_t>(w.size()); s < slots; ++s) {
-    auto [load, e] = heap.top();
-    heap.pop();
+    auto& from = heap.empty() ? capped : heap;
+    auto [load, e] = from.top();
+    from.pop();
     ++count[e];
-    heap.emplace(w[e] / count[e], e);
+    (count[e] < max_count || &from == &capped ? from : capped).emplace(w[e] / count[e], e);
   }
   return count;
 }
@@ -126,7 +129,7 @@ bins plan_domain(const std::vector<double>& layer_load, const std::vector<int32_
   std::vector<double> w;
   w.reserve(experts.size());
   for (auto e : experts) w.push_back(layer_load[static_cast<size_t>(e)]);
-  auto count = water_fill(w, slots);
+  auto count = water_fill(w, slots, gpus);
   auto best = pack(experts, w, count, gpus, slots / gpus);
   const double mean = std::accumulate(w.begin(), w.end(), 0.0) / static_cast<double>(gpus);
   for (int round = 0; round < 8 && best.max_load() > mean * (1 + 1e-4); ++round) {
@@ -313,7 +316,7 @@ expert_plan_score score_expert_plan(const expert_plan_request& r, const expert_p
     const double total = std::accumulate(w.begin(), w.end(), 0.0);
     const double ratio = total > 0 ? *std::max_element(gpu.begin(), gpu.end()) / (total / r.num_gpus) : 1.0;
     const double node_ratio = total > 0 ? *std::max_element(node.begin(), node.end()) / (total / r.num_nodes) : 1.0;
-    const auto best = water_fill(w, r.num_slots);
+    const auto best = water_fill(w, r.num_slots, r.num_gpus);
     double heaviest = 0;
     for (size_t e = 0; e < w.size(); ++e) heaviest = std::max(heaviest, w[e] / best[e]);
     const double bound = total > 0 ? std::max(1.0, heaviest / (total / r.num_gpus)) : 1.0;

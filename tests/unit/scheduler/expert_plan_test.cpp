@@ -104,6 +104,22 @@ TEST(expert_plan, zipf_traces_at_deepseek_scale_stay_near_the_lower_bound) {
   EXPECT_LE(score_expert_plan(r, *p).gpu_ratio_mean, 1.18);
 }
 
+TEST(expert_plan, a_very_hot_expert_gets_no_more_replicas_than_there_are_gpus) {
+  // Two GPUs, 16 experts and 2 spare slots: water-filling alone gives expert 3 all three extra
+  // replicas' worth of load, and one GPU would hold it twice (a group cannot).
+  expert_plan_request r;
+  r.load = {std::vector<double>(16, 1.0)};
+  r.load[0][3] = 1000;
+  r.num_slots = 18;
+  r.num_groups = 1;
+  r.num_nodes = 1;
+  r.num_gpus = 2;
+  auto p = plan_experts(r);
+  ASSERT_TRUE(p) << moe::error_text(p.error());
+  expect_valid(r, *p);
+  EXPECT_EQ(p->logcnt[0][3], 2);
+}
+
 TEST(expert_plan, the_same_loads_give_the_same_plan) {
   const auto r = zipf_expert_load(3, 1.0, 11);
   auto a = plan_experts(r), b = plan_experts(r);
