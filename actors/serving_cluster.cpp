@@ -339,7 +339,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   jo.trainer = s->trainer_;
   jo.vocab_size = model_cfg->vocab_size;
   jo.max_position_embeddings = model_cfg->max_position_embeddings;
-  jo.snapshot_every = config.training.snapshot_every_steps;
+  // In one process no node can fail alone: snapshots would only cost.
+  jo.snapshot_every = options.join_nodes ? config.training.snapshot_every_steps : 0;
   s->training_jobs_ = spawn_training_jobs(sys, std::move(jo));
 
   std::string unplannable;
