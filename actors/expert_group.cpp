@@ -161,6 +161,9 @@ struct expert_group_state {
   // them: their values are the untrained ones until the trainer's rollback restores them, and
   // no training step runs here meanwhile.
   std::set<replica_key> stale;
+  // Whether the shared experts are held here: from the options, or since a failover moved them
+  // here (group_layout::holds_shared).
+  bool holds_shared = false;
   mailbox_gauge mailbox;
   prometheus::Histogram* forward_seconds = nullptr;
   std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
@@ -326,11 +329,14 @@ caf::expected<group_training*> training_for(pointer self, uint32_t version) {
   if (version != serving)
     return training_error(st, "training batch of placement version " + std::to_string(version) +
                                   ", but version " + std::to_string(serving) + " is the one serving");
-  if (!st.stale.empty())
-    return training_error(st, "expert " + std::to_string(st.stale.begin()->second) + " of layer " +
-                                  std::to_string(st.stale.begin()->first) +
+  if (!st.stale.empty()) {
+    const auto [layer, expert] = *st.stale.begin();
+    return training_error(st, (expert == model::shared_experts_id ? std::string("the shared experts")
+                                                                    : "expert " + std::to_string(expert)) +
+                                  " of layer " + std::to_string(layer) +
                                   " was reloaded from the model checkpoint after its node failed; training resumes "
                                   "once the trainer has rolled back to its last snapshot");
+  }
   if (st.training && st.training->version == serving) return &*st.training;
   group_training t;
   t.version = serving;
@@ -535,7 +541,7 @@ caf::expected<int64_t> train_restore(pointer self, const owner_state& snapshot, 
   };
   for (const auto& key : held_replicas(st))
     if (auto err = add(expert_prefix(key.first, key.second))) return err;
-  if (st.options.holds_shared_experts)
+  if (st.holds_shared && st.config.n_shared_experts > 0)
     for (auto layer : moe_layers_of(st.config))
       if (auto err = add(expert_prefix(layer, model::shared_experts_id))) return err;
   if (!st.training) st.training.emplace();
@@ -571,8 +577,11 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
   for (size_t i = 0; i < g.layers.size(); ++i)
     for (auto e : g.experts[i])
       if (!st.store.holds({g.layers[i], e})) missing.insert({g.layers[i], e});
+  // A failover moves the shared experts here: loaded from the checkpoint with the replicas.
+  const bool load_shared = g.holds_shared && !st.holds_shared && st.config.n_shared_experts > 0;
+  const bool shared = st.holds_shared || g.holds_shared;
   auto rp = self->make_response_promise<prepare_result>();
-  auto finish = [self, rp, g](caf::expected<model::checkpoint> loaded, int64_t count) mutable -> void {
+  auto finish = [self, rp, g, load_shared, shared](caf::expected<model::checkpoint> loaded, int64_t count) mutable -> void {
     auto& st = self->state;
     st.preparing.reset();
     if (std::exchange(st.preparing_aborted, false)) {
@@ -587,17 +596,18 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
     }
     prepare_result r;
     r.replicas_loaded = count;
-    r.bytes_loaded = st.store.absorb(std::move(*loaded), false);
-    auto v = bind_version(st.config, st.store, g.layers, g.experts, st.options.holds_shared_experts);
+    r.bytes_loaded = st.store.absorb(std::move(*loaded), load_shared);
+    auto v = bind_version(st.config, st.store, g.layers, g.experts, shared);
     if (!v) {
       st.store.keep_only(held_replicas(st));
       rp.deliver(std::move(v.error()));
       return;
     }
     st.versions.emplace(g.version, std::move(*v));
+    if (shared) st.holds_shared = true;
     rp.deliver(r);
   };
-  if (missing.empty()) {
+  if (missing.empty() && !load_shared) {
     finish(model::checkpoint{}, 0);
     return rp;
   }
@@ -627,10 +637,11 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
                                        "from, and no surviving group holds some of them"));
       return rp;
     }
-    // A failover, and some lost experts have no surviving holder: every missing replica comes
-    // from the model checkpoint, stale until the trainer rolls the cluster back to its last
-    // snapshot (values and moments of every expert; train_restore), which it does after a failover.
-    reload_trained = covered != missing.size();
+    // A failover, and some lost experts (or the shared ones) have no surviving holder: every
+    // missing replica comes from the model checkpoint, stale until the trainer rolls the cluster
+    // back to its last snapshot (values and moments of every expert; train_restore), which it
+    // does after a failover.
+    reload_trained = covered != missing.size() || load_shared;
   }
   if (trained && !reload_trained) {
     st.preparing = g.version;
@@ -686,6 +697,8 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
   }
   if (reload_trained) {
     st.stale.insert(missing.begin(), missing.end());
+    if (load_shared)
+      for (auto layer : g.layers) st.stale.insert({layer, model::shared_experts_id});
     spdlog::warn("expert group {}: {} trained replicas it gains in failover version {} have no surviving holder; "
                  "loaded from the model checkpoint until the trainer rolls back to its last snapshot",
                  st.options.group, missing.size(), g.version);
@@ -696,7 +709,8 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
   // group answers batches meanwhile.
   auto loaded = std::make_shared<caf::expected<model::checkpoint>>(model::checkpoint{});
   auto worker = self->spawn<caf::detached>(
-      [loaded, dir = st.options.checkpoint_dir, cfg = st.config, missing, urgent = g.urgent](caf::blocking_actor* b) {
+      [loaded, dir = st.options.checkpoint_dir, cfg = st.config, missing, urgent = g.urgent,
+       load_shared](caf::blocking_actor* b) {
         b->receive([&](load_replicas_atom) {
           // Background work: SCHED_IDLE, so that it runs only on cores the serving threads leave
           // idle. A lower nice value is not enough: steps are chains of short messages, and each
@@ -705,7 +719,8 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
           sched_param idle{};
           if (!urgent) ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
           model::load_options o;
-          o.filter = [&missing](std::string_view name) {
+          o.filter = [&missing, load_shared](std::string_view name) {
+            if (load_shared && name.find(".mlp.shared_experts.") != std::string_view::npos) return true;
             auto key = replica_of(name);
             return key && missing.count(*key) != 0;
           };
@@ -751,6 +766,7 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys, mod
     st.config = std::move(c);
     st.store = std::move(*store);
     st.versions.emplace(opts.placement_version, std::move(initial));
+    st.holds_shared = opts.holds_shared_experts;
     st.registry = opts.metrics;
     if (opts.metrics) {
       st.mailbox = mailbox_gauge(*opts.metrics, "expert_group", std::to_string(opts.group));

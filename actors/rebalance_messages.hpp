@@ -39,11 +39,15 @@ struct group_layout {
   /// rebalance) the load runs only on cores serving leaves idle, which a busy host may not have
   /// for minutes.
   bool urgent = false;
+  /// The group takes over the shared experts in this version (a failover lost their group): it
+  /// loads them from the checkpoint and computes them from then on.
+  bool holds_shared = false;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, group_layout& x) {
-  return f(caf::meta::type_name("group_layout"), x.version, x.layers, x.experts, x.sources, x.peers, x.urgent);
+  return f(caf::meta::type_name("group_layout"), x.version, x.layers, x.experts, x.sources, x.peers, x.urgent,
+           x.holds_shared);
 }
 
 /// A whole placement version as the routers need it.
@@ -52,11 +56,13 @@ struct router_layout {
   std::vector<int64_t> layers;  ///< the model's MoE layers, ascending
   /// [layer entry][group]: logical experts the group holds in that layer, sorted.
   std::vector<std::vector<std::vector<int64_t>>> experts;
+  /// The group that computes the shared experts from this version on; -1: the one it was.
+  int64_t shared_group = -1;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, router_layout& x) {
-  return f(caf::meta::type_name("router_layout"), x.version, x.layers, x.experts);
+  return f(caf::meta::type_name("router_layout"), x.version, x.layers, x.experts, x.shared_group);
 }
 
 /// An expert group's answer to prepare: what it loaded for the new version.

@@ -413,6 +413,7 @@ void finish(pointer self, report_promise rp, caf::expected<rebalance_report> r) 
 void commit(pointer self, report_promise rp, rebalance_report report, router_layout next, clock_type::time_point start) {
   auto& st = self->state;
   const auto timeout = st.options.phase_timeout;
+  if (next.shared_group >= 0) st.options.shared_experts_group = next.shared_group;
   st.current = std::move(next);
   if (st.metrics) st.metrics->set_layout(st.current);
   const uint32_t v = st.current.version;
@@ -505,6 +506,8 @@ void prepare(pointer self, report_promise rp, rebalance_report report, router_la
         const size_t i = groups[k];
         group_layout g;
         g.urgent = urgent;
+        g.holds_shared = next.shared_group >= 0 && static_cast<size_t>(next.shared_group) == i &&
+                         next.shared_group != st.options.shared_experts_group;
         g.version = next.version;
         g.layers = next.layers;
         for (const auto& layer : next.experts) g.experts.push_back(layer[i]);
@@ -639,13 +642,6 @@ void failover(pointer self, report_promise rp, std::vector<int64_t> groups, std:
   }
   for (size_t g = 0; g < st.lost_groups.size(); ++g)
     if (st.lost_groups[g]) lost.push_back(static_cast<int64_t>(g));
-  const auto shared = st.options.shared_experts_group;
-  if (shared >= 0 && static_cast<size_t>(shared) < st.lost_groups.size() && st.lost_groups[static_cast<size_t>(shared)]) {
-    for (auto r : live_routers(st)) self->send(st.options.routers[r], groups_down_atom::value, lost);
-    rp(make_error(rebalance_errc::failed, "failover: expert group " + std::to_string(shared) +
-                                              " held the shared experts, and re-placing those is not supported"));
-    return;
-  }
   // First, before anything else can wait on them: no route request waits on a lost group.
   for (auto r : live_routers(st)) self->send(st.options.routers[r], groups_down_atom::value, lost);
   if (st.busy) {
@@ -655,10 +651,25 @@ void failover(pointer self, report_promise rp, std::vector<int64_t> groups, std:
   st.busy = true;
   auto plan = scheduler::plan_failover(st.current.experts, st.lost_groups, st.options.model.n_routed_experts);
   if (!plan) return finish(self, rp, make_error(rebalance_errc::failed, "failover: " + error_text(plan.error())));
+  // The shared experts' group is lost: the surviving group holding the fewest experts takes them.
+  const auto shared = st.options.shared_experts_group;
+  int64_t new_shared = -1;
+  if (shared >= 0 && static_cast<size_t>(shared) < st.lost_groups.size() && st.lost_groups[static_cast<size_t>(shared)]) {
+    size_t fewest = SIZE_MAX;
+    for (auto g : live_groups(st)) {
+      size_t held = 0;
+      for (const auto& layer : plan->experts) held += layer[g].size();
+      if (held < fewest) {
+        fewest = held;
+        new_shared = static_cast<int64_t>(g);
+      }
+    }
+    if (new_shared < 0) return finish(self, rp, make_error(rebalance_errc::failed, "failover: no expert group survives"));
+  }
   rebalance_report report;
   report.trigger = "failover";
   report.version_before = st.current.version;
-  if (plan->experts == st.current.experts) {
+  if (plan->experts == st.current.experts && new_shared < 0) {
     report.version_after = st.current.version;
     return finish(self, rp, std::move(report));
   }
@@ -666,11 +677,14 @@ void failover(pointer self, report_promise rp, std::vector<int64_t> groups, std:
   next.version = st.current.version + 1;
   next.layers = st.current.layers;
   next.experts = std::move(plan->experts);
+  next.shared_group = new_shared;
   report.changed = true;
   report.version_after = next.version;
   spdlog::warn("failover: expert groups {} lost; {} (layer, expert) replicas keep serving elsewhere, {} are loaded by "
-               "survivors (placement {} -> {})",
-               fmt::join(lost, ","), plan->experts_on_replicas, plan->replicas_added, next.version - 1, next.version);
+               "survivors{} (placement {} -> {})",
+               fmt::join(lost, ","), plan->experts_on_replicas, plan->replicas_added,
+               new_shared >= 0 ? ", the shared experts by expert group " + std::to_string(new_shared) : std::string(),
+               next.version - 1, next.version);
   prepare(self, rp, std::move(report), std::move(next), start);
 }
 

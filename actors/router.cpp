@@ -823,6 +823,15 @@ caf::expected<router_actor> spawn_router(caf::actor_system& sys,
               auto& st = self->state;
               auto table = make_table(layout, st.weights->config, st.options.groups.size());
               if (!table) return std::move(table.error());
+              if (layout.shared_group >= 0) {
+                if (static_cast<size_t>(layout.shared_group) >= st.options.groups.size())
+                  return model::make_error(model::model_errc::bad_input,
+                                           "placement version " + std::to_string(layout.version) +
+                                               " puts the shared experts on expert group " +
+                                               std::to_string(layout.shared_group) + ", which the router does not know");
+                // A failover moved them there (the group they were on is lost).
+                st.shared_group = static_cast<size_t>(layout.shared_group);
+              }
               // Slot ids now name other replicas: the counts start over for the new version.
               if (st.load) {
                 if (auto err = st.load->reset(layout.version, std::max(1, table->num_slots))) return err;

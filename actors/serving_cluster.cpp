@@ -321,6 +321,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
       if (static_cast<size_t>(g.group) < to.group_nodes.size()) to.group_nodes[static_cast<size_t>(g.group)] = g.device.node;
   }
   to.recovery_timeout = std::chrono::milliseconds(config.training.recovery_timeout_ms);
+  for (const auto& g : s->placement_.expert_groups)
+    if (g.holds_shared_experts && to.shared_experts_group < 0) to.shared_experts_group = g.group;
   std::vector<std::vector<int64_t>> group_experts(s->placement_.expert_groups.size());
   to.groups.resize(group_experts.size());
   for (const auto& g : s->placement_.expert_groups) {

@@ -183,8 +183,12 @@ void set_layout(trainer_state& st, const router_layout& layout) {
   }
 }
 
-// Whether the layout still gives experts to a lost group (the failover has not switched yet).
+// Whether the layout still gives experts, routed or shared, to a lost group (the failover has not
+// switched yet).
 bool layout_uses_lost_groups(const trainer_state& st) {
+  const auto shared = st.options.shared_experts_group;
+  if (shared >= 0 && static_cast<size_t>(shared) < st.group_down.size() && st.group_down[static_cast<size_t>(shared)])
+    return true;
   for (const auto& layer : st.options.layout.experts)
     for (size_t g = 0; g < layer.size() && g < st.group_down.size(); ++g)
       if (st.group_down[g] && !layer[g].empty()) return true;
@@ -831,6 +835,7 @@ trainer_actor spawn_trainer(caf::actor_system& sys, trainer_options options) {
               run_waiting(self);
             },
             [self](switch_layout_atom, router_layout& layout) {
+              if (layout.shared_group >= 0) self->state.options.shared_experts_group = layout.shared_group;
               set_layout(self->state, layout);
               advance_recovery(self);
             },

@@ -118,6 +118,9 @@ struct trainer_options {
   /// instead of waiting phase_timeout for answers that will not come.
   std::vector<std::string> shard_nodes;
   std::vector<std::string> group_nodes;
+  /// The group holding the shared experts (-1: none); a failover that moves them says where
+  /// (router_layout::shared_group), and a recovery waits for it when their group is lost.
+  int64_t shared_experts_group = -1;
   /// A recovery that has not rolled back within this time (the failover never came, an owner
   /// did not answer) stops training: trainer_errc::unavailable.
   std::chrono::milliseconds recovery_timeout{120'000};

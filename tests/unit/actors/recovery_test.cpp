@@ -241,8 +241,32 @@ TEST(recovery, replicated_experts_keep_serving_from_their_replicas) {
   EXPECT_EQ(counter(m, "moe_rebalance_replicas_moved_total"), 0) << m;
 }
 
-TEST(recovery, losing_the_shared_experts_fails_requests_with_the_reason_not_a_hang) {
-  harness h(even_layout(1, 2, 16), true);
+TEST(recovery, lost_shared_experts_move_to_a_survivor_and_change_no_token) {
+  const auto jobs = workload(16, 30);
+  std::vector<outcome> baseline;
+  {
+    harness h(even_layout(2, 3, 16), true);
+    baseline = run(h, jobs);
+  }
+  // Group 0 holds the shared experts and experts 0-4: a survivor loads both from the checkpoint
+  // and the routers send the shared rows there from the new placement on.
+  harness h(even_layout(2, 3, 16), true);
+  const auto faulted = run(h, jobs, 16, [&] {
+    down(h, "g0");
+    caf::anon_send_exit(h.cluster->groups()[0], caf::exit_reason::kill);
+  });
+  expect_same(baseline, faulted);
+  const auto m = h.metrics();
+  EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"experts\",outcome=\"ok\"}"), 1) << m;
+  const auto later = run(h, std::vector<generation_job>(jobs.begin(), jobs.begin() + 4));
+  for (size_t i = 0; i < later.size(); ++i) {
+    EXPECT_EQ(later[i].last.state, job_state::finished) << later[i].last.error;
+    EXPECT_EQ(later[i].tokens, baseline[i].tokens);
+  }
+}
+
+TEST(recovery, when_no_group_survives_requests_fail_with_the_reason_not_a_hang) {
+  harness h(even_layout(1, 1, 16), true);
   // Long requests, the failure at the first token: none can finish before it.
   const auto out = run(h, workload(6, 200), 1, [&] {
     down(h, "g0");
@@ -250,7 +274,7 @@ TEST(recovery, losing_the_shared_experts_fails_requests_with_the_reason_not_a_ha
   });
   for (const auto& o : out) {
     EXPECT_EQ(o.last.state, job_state::failed);
-    EXPECT_NE(o.last.error.find("held the shared experts"), std::string::npos) << o.last.error;
+    EXPECT_NE(o.last.error.find("every expert group is lost"), std::string::npos) << o.last.error;
   }
 }
 

@@ -63,6 +63,7 @@ struct harness {
     to.shard_nodes = {"a0", "a1"};
     for (size_t g = 0; g < layout.groups.size(); ++g) to.group_nodes.push_back("g" + std::to_string(g));
     to.recovery_timeout = 60s;
+    to.shared_experts_group = 0;
     trainer = spawn_trainer(sys, to);
 
     rebalancer_options r;
@@ -226,17 +227,33 @@ TEST(training_recovery, without_a_snapshot_a_node_failure_stops_the_job_with_the
   EXPECT_NE(error_text(step.error()).find("node g3 is down"), std::string::npos);
 }
 
-TEST(training_recovery, losing_the_shared_experts_stops_training_instead_of_hanging) {
+TEST(training_recovery, lost_shared_experts_move_to_a_survivor_and_the_losses_do_not_change) {
+  const auto& base = baseline();
   harness h(3);
+  // Group 0 holds the shared experts (and experts 0-3): a survivor loads them from the model
+  // checkpoint, stale until the rollback gives them their trained values and moments.
   auto r = run(h, 4, [&] {
     caf::anon_send_exit(h.cluster->groups()[0], caf::exit_reason::kill);
     h.down("g0");
   });
-  // The failover cannot re-place shared experts (actors/rebalancer.hpp) and tells the trainer,
-  // which stops training with the reason instead of waiting for a layout that will not come.
+  ASSERT_EQ(r.last.state, static_cast<uint8_t>(job_state::finished)) << r.last.error;
+  EXPECT_EQ(r.last.rollbacks, 1u);
+  for (const auto& [step, loss] : base.losses) EXPECT_DOUBLE_EQ(r.losses.at(step), loss) << "step " << step;
+}
+
+TEST(training_recovery, a_failover_that_fails_stops_training_at_once_with_the_reason) {
+  harness h(3);
+  // Every expert group lost: no survivor can take their experts, the failover fails and tells the
+  // trainer, which stops training with the reason instead of waiting for a layout that will not
+  // come (its recovery_timeout is a minute).
+  auto r = run(h, 4, [&] {
+    for (size_t g = 0; g < 4; ++g) {
+      caf::anon_send_exit(h.cluster->groups()[g], caf::exit_reason::kill);
+      h.down("g" + std::to_string(g));
+    }
+  });
   EXPECT_EQ(r.last.state, static_cast<uint8_t>(job_state::failed));
-  EXPECT_NE(r.last.error.find("node g0 is down"), std::string::npos) << r.last.error;
-  EXPECT_NE(r.last.error.find("re-placing those is not supported"), std::string::npos) << r.last.error;
+  EXPECT_NE(r.last.error.find("could not be re-placed"), std::string::npos) << r.last.error;
 }
 
 TEST(training_recovery, an_owner_rolls_back_only_to_a_snapshot_that_has_all_it_holds) {
