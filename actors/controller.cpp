@@ -95,8 +95,6 @@ struct controller_state {
 using pointer = controller_actor::stateful_pointer<controller_state>;
 
 void pump(pointer self);
-std::string unavailable_reason(const controller_state& st);
-void fail_everything(pointer self, const std::string& reason);
 
 void update_gauges(controller_state& st) {
   if (!st.metrics) return;
@@ -270,38 +268,11 @@ void on_step_done(pointer self, size_t s, const std::vector<uint64_t>& ids, bool
   pump(self);
 }
 
-// Whether a request failed because its receiver is gone: the actor died, or its process did (the
-// proxy is killed when the link drops; the membership may not have said so yet).
-bool receiver_gone(const caf::error& err) {
-  return err.category() == caf::atom("system") && err.code() == static_cast<uint8_t>(caf::sec::request_receiver_down);
-}
-
-// Shard s is gone: its requests start over on the others, from the tokens they have.
-void lose_shard(pointer self, size_t s, const std::string& why) {
-  auto& st = self->state;
-  auto& sh = st.shards[s];
-  sh.lost = "shard " + std::to_string(s) + " stopped: " + why;
-  sh.busy = false;
-  // In job order, so replays keep their submission order at the head of the queue.
-  for (auto& [id, j] : st.jobs)
-    if (j.shard == static_cast<int>(s) && j.state == job_state::running) requeue(self, j, sh.lost);
-  sh.running.clear();
-}
-
 void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bool prefill,
                     const caf::error& err) {
   auto& st = self->state;
   st.shards[s].busy = false;
   if (!st.shards[s].lost.empty()) return;
-  if (receiver_gone(err)) {
-    // The shard's actor is gone, so is its cache: do not wait for the membership's down event
-    // (which may come after this answer) to move its requests elsewhere.
-    spdlog::warn("attention shard {} is gone ({}): its requests start over on the others", s, moe::error_text(err));
-    lose_shard(self, s, "its actor is gone (" + moe::error_text(err) + ")");
-    if (auto reason = unavailable_reason(st); !reason.empty()) fail_everything(self, reason);
-    update_gauges(st);
-    return pump(self);
-  }
   // A step that waited on a lost expert group (controller_errc::unavailable from its router),
   // or any step failing while groups fail over, is run again once the routers have switched.
   const bool replayable = (err.category() == caf::atom("controller") &&
@@ -490,25 +461,29 @@ void on_member_event(pointer self, const member_event& ev) {
   auto& st = self->state;
   if (ev.to != member_state::down) return;
   const std::string why = "node " + ev.node + " is down (" + ev.reason + ")";
-  std::vector<int64_t> routers;  // the node's shards' routers, for the failover
-  std::vector<size_t> stopping;  // its shards not known to be lost yet
+  std::vector<int64_t> routers;
   std::vector<int64_t> groups;
   if (auto it = st.options.groups_on_node.find(ev.node); it != st.options.groups_on_node.end()) groups = it->second;
   if (auto it = st.options.shards_on_node.find(ev.node); it != st.options.shards_on_node.end()) {
-    for (size_t s : it->second) {
-      if (s >= st.shards.size()) continue;
-      routers.push_back(static_cast<int64_t>(s));
-      // A step answered "receiver gone" already stopped it (on_step_failed).
-      if (st.shards[s].lost.empty()) stopping.push_back(s);
-    }
+    for (size_t s : it->second)
+      if (s < st.shards.size() && st.shards[s].lost.empty()) routers.push_back(static_cast<int64_t>(s));
   }
-  if (routers.empty() && groups.empty()) return;  // nothing of ours ran there
+  if (routers.empty() && groups.empty()) return;  // nothing of ours ran there (or known already)
   recovery rec;
   rec.node = ev.node;
   rec.start = clock_type::now();
   rec.experts = !groups.empty();
   st.recoveries.push_back(std::move(rec));
-  for (auto s : stopping) lose_shard(self, s, why);
+  for (auto r : routers) {
+    const auto s = static_cast<size_t>(r);
+    auto& sh = st.shards[s];
+    sh.lost = "shard " + std::to_string(s) + " stopped: " + why;
+    sh.busy = false;
+    // In job order, so replays keep their submission order at the head of the queue.
+    for (auto& [id, j] : st.jobs)
+      if (j.shard == static_cast<int>(s) && j.state == job_state::running) requeue(self, j, sh.lost);
+    sh.running.clear();
+  }
   if (!groups.empty() && !st.failover) {
     st.unrecoverable = why + ": it held expert groups and nothing re-places them (no rebalancer)";
     st.recoveries.pop_back();
