@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -131,6 +132,7 @@ struct trainer_state {
   uint64_t next_hold = 1;
   std::optional<caf::typed_response_promise<uint64_t>> hold_answer;  // once the running step ended
   bool saving = false;
+  std::function<void()> void_gather;  // ends the gather in flight (saving) with an error
   int64_t steps_done = 0;
   std::vector<bool> shard_down, group_down;  // lost with their nodes (a shard with its router)
   std::optional<snapshot_state> snapshot;
@@ -645,6 +647,7 @@ void node_down(pointer self, const member_event& ev) {
     return lose(self, what + " and no attention shard is left: training stops; restart the cluster and continue "
                              "from the last checkpoint");
   if (!st.recovery) {
+    if (std::exchange(st.saving, false) && st.void_gather) st.void_gather();
     auto& rec = st.recovery.emplace();
     rec.id = st.next_recovery++;
     rec.start = std::chrono::steady_clock::now();
@@ -663,7 +666,9 @@ void node_down(pointer self, const member_event& ev) {
 }
 
 // Gathers every owner's parameters and moments: the first surviving shard's, its router's and
-// every surviving group's (a replicated expert from its first holder). Steps wait meanwhile.
+// every surviving group's (a replicated expert from its first holder). Steps wait meanwhile. A
+// node failure meanwhile voids the gather (node_down ends the wait at once): its owners may be
+// rolled back halfway through it, and a lost one would never answer.
 void gather_states(pointer self, std::function<void(caf::expected<std::vector<owner_state>>)> done) {
   auto& st = self->state;
   const auto& o = st.options;
@@ -672,16 +677,23 @@ void gather_states(pointer self, std::function<void(caf::expected<std::vector<ow
     std::vector<owner_state> states;
     size_t outstanding = 0;
     bool failed = false;
+    uint64_t epoch = 0;  // next_recovery when it started
     std::function<void(caf::expected<std::vector<owner_state>>)> done;
   };
   auto g = std::make_shared<gather>();
+  g->epoch = st.next_recovery;
   g->done = std::move(done);
+  st.void_gather = [g] {
+    if (std::exchange(g->failed, true)) return;
+    g->done(make_error(trainer_errc::busy, "a node failure interrupted it; ask again once training runs again"));
+  };
   g->states.resize(2 + groups.size());
   g->outstanding = g->states.size();
   st.saving = true;
   auto fail = [self, g](const std::string& who) {
     return [self, g, who](caf::error& e) {
       if (std::exchange(g->failed, true)) return;
+      if (self->state.next_recovery != g->epoch) return;  // voided: answered by node_down
       self->state.saving = false;
       run_waiting(self);
       g->done(make_error(trainer_errc::failed, who + " state: " + error_text(e)));
@@ -702,6 +714,7 @@ void gather_states(pointer self, std::function<void(caf::expected<std::vector<ow
                 if (g->failed) return;
                 g->states[i].moments = moments;
                 if (--g->outstanding > 0) return;
+                if (self->state.next_recovery != g->epoch) return;  // voided: answered by node_down
                 self->state.saving = false;
                 g->done(std::move(g->states));
                 run_waiting(self);
