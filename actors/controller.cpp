@@ -54,11 +54,21 @@ struct job {
   clock_type::time_point submitted, last_token;
 };
 
+// A step that failed because an actor it needed vanished, waiting for a down event to say why
+// (options.failure_grace).
+struct suspended_step {
+  uint64_t id = 0;  // matches the step_grace message that ends the wait
+  std::vector<uint64_t> jobs;
+  bool prefill = false;
+  std::string why;
+};
+
 struct shard_state {
   attention_actor handle;
   bool busy = false;
   std::vector<uint64_t> running;  // prefilled jobs, decoded every step
   std::string lost;               // why the shard cannot work (its node is down)
+  std::optional<suspended_step> suspended;  // while set, the shard takes no step
 };
 
 // One node failure being recovered from: done once every request it interrupted runs again
@@ -79,6 +89,7 @@ struct controller_state {
   std::deque<uint64_t> waiting;
   uint64_t next_job = 1;
   uint64_t next_step = 1;
+  uint64_t next_suspension = 1;
   std::optional<controller_metrics> metrics;
   // hold_steps: the active hold (0: none), whether its answer is still owed, and holds waiting.
   uint64_t hold = 0;
@@ -268,17 +279,11 @@ void on_step_done(pointer self, size_t s, const std::vector<uint64_t>& ids, bool
   pump(self);
 }
 
-void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bool prefill,
-                    const caf::error& err) {
+// Ends or replays the requests of a failed step. Replayable: the failure came from a node
+// going down, so they run again (a failed prefill from the queue, a decode step in place).
+void settle_failed_step(pointer self, const std::vector<uint64_t>& ids, bool prefill, bool replayable,
+                        const std::string& why) {
   auto& st = self->state;
-  st.shards[s].busy = false;
-  if (!st.shards[s].lost.empty()) return;
-  // A step that waited on a lost expert group (controller_errc::unavailable from its router),
-  // or any step failing while groups fail over, is run again once the routers have switched.
-  const bool replayable = (err.category() == caf::atom("controller") &&
-                           err.code() == static_cast<uint8_t>(controller_errc::unavailable)) ||
-                          st.failovers_running > 0;
-  const std::string why = moe::error_text(err);
   for (auto id : ids) {
     auto it = st.jobs.find(id);
     if (it == st.jobs.end() || it->second.state != job_state::running) continue;
@@ -296,6 +301,50 @@ void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bo
       (void)spend_replay(self, j, why);  // stays in the shard's decode batch
     }
   }
+}
+
+bool is_receiver_down(const caf::error& err) {
+  return err.category() == caf::atom("system") &&
+         err.code() == static_cast<uint8_t>(caf::sec::request_receiver_down);
+}
+
+void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bool prefill,
+                    const caf::error& err) {
+  auto& st = self->state;
+  auto& sh = st.shards[s];
+  sh.busy = false;
+  if (!sh.lost.empty()) return;
+  // A step that waited on a lost expert group (controller_errc::unavailable from its router),
+  // or any step failing while groups fail over, is run again once the routers have switched.
+  const bool replayable = (err.category() == caf::atom("controller") &&
+                           err.code() == static_cast<uint8_t>(controller_errc::unavailable)) ||
+                          st.failovers_running > 0;
+  const std::string why = moe::error_text(err);
+  if (!replayable && is_receiver_down(err) && st.options.failure_grace.count() > 0) {
+    // The shard's node, or that of a group its router asked, may have died with the down event
+    // still on its way (a dropped connection fails requests at once; the membership reports
+    // it a moment later). Whether to replay is decided by that event, or by its absence.
+    const uint64_t id = st.next_suspension++;
+    sh.suspended = suspended_step{id, ids, prefill, why};
+    self->delayed_send(self, st.options.failure_grace, step_grace_atom::value, static_cast<uint64_t>(s), id);
+    spdlog::warn("shard {}: step failed ({}); waiting up to {} ms for a node failure to explain it", s, why,
+                 st.options.failure_grace.count());
+  } else {
+    settle_failed_step(self, ids, prefill, replayable, why);
+  }
+  update_gauges(st);
+  pump(self);
+}
+
+// No down event explained a suspended step in time: its requests fail with the step's error.
+void on_step_grace_over(pointer self, size_t s, uint64_t id) {
+  auto& st = self->state;
+  if (s >= st.shards.size() || !st.shards[s].suspended || st.shards[s].suspended->id != id) return;
+  auto step = std::move(*st.shards[s].suspended);
+  st.shards[s].suspended.reset();
+  settle_failed_step(self, step.jobs, step.prefill, false,
+                     "shard " + std::to_string(s) + ": " + step.why + " (an actor the step needed is gone and no node went down within " +
+                         std::to_string(st.options.failure_grace.count()) + " ms)");
   update_gauges(st);
   pump(self);
 }
@@ -372,7 +421,7 @@ void pump(pointer self) {
   // Idle shards, least loaded first: new requests go where the decode batch is smallest.
   std::vector<size_t> order;
   for (size_t s = 0; s < st.shards.size(); ++s)
-    if (!st.shards[s].busy && st.shards[s].lost.empty()) order.push_back(s);
+    if (!st.shards[s].busy && st.shards[s].lost.empty() && !st.shards[s].suspended) order.push_back(s);
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
     return st.shards[a].running.size() < st.shards[b].running.size();
   });
@@ -479,6 +528,7 @@ void on_member_event(pointer self, const member_event& ev) {
     auto& sh = st.shards[s];
     sh.lost = "shard " + std::to_string(s) + " stopped: " + why;
     sh.busy = false;
+    sh.suspended.reset();  // its requests are replayed with the shard's others, just below
     // In job order, so replays keep their submission order at the head of the queue.
     for (auto& [id, j] : st.jobs)
       if (j.shard == static_cast<int>(s) && j.state == job_state::running) requeue(self, j, sh.lost);
@@ -506,6 +556,14 @@ void on_member_event(pointer self, const member_event& ev) {
               if (blocking) on_failover_done(self, node, std::move(e));
               else spdlog::warn("failover after node {} went down: {}", node, error_text(e));
             });
+  }
+  // Steps that failed for a vanished actor before this event arrived: it explains them (their
+  // shard's router asked a group on this node), so they run again, after the failover.
+  for (auto& sh : st.shards) {
+    if (!sh.suspended) continue;
+    auto step = std::move(*sh.suspended);
+    sh.suspended.reset();
+    settle_failed_step(self, step.jobs, step.prefill, true, step.why + " (" + why + ")");
   }
   if (auto reason = unavailable_reason(st); !reason.empty()) fail_everything(self, reason);
   settle_recoveries(self);
@@ -560,7 +618,7 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
   auto impl = [](pointer self, controller_options opts) -> controller_actor::behavior_type {
     auto& st = self->state;
     if (opts.metrics) st.metrics.emplace(*opts.metrics);
-    for (auto& s : opts.shards) st.shards.push_back({s, false, {}, {}});
+    for (auto& s : opts.shards) st.shards.push_back({s, false, {}, {}, {}});
     st.options = std::move(opts);
     return {
         [self](submit_atom, generation_job& g, caf::actor& subscriber) -> caf::result<uint64_t> {
@@ -637,6 +695,7 @@ controller_actor spawn_controller(caf::actor_system& sys, controller_options opt
         [self](const member_event& ev) { on_member_event(self, ev); },
         [self](use_failover_atom, rebalancer_actor& r) { self->state.failover = std::move(r); },
         [self](deadline_atom, uint64_t id) { on_deadline(self, id); },
+        [self](step_grace_atom, uint64_t shard, uint64_t id) { on_step_grace_over(self, static_cast<size_t>(shard), id); },
     };
   };
   return sys.spawn(impl, std::move(options));

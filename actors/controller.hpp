@@ -46,6 +46,8 @@ using job_event_atom = caf::atom_constant<caf::atom("job_event")>;
 using use_failover_atom = caf::atom_constant<caf::atom("use_failov")>;
 /// To itself: a request's deadline passed.
 using deadline_atom = caf::atom_constant<caf::atom("deadline")>;
+/// To itself: a shard's step failed for a vanished actor and no down event explained it in time.
+using step_grace_atom = caf::atom_constant<caf::atom("step_grace")>;
 
 /// Submit answers the job id, or controller_errc::overloaded / invalid_request. The subscriber
 /// (may be invalid) receives (job_event_atom, job_event) messages; none are lost or reordered.
@@ -62,7 +64,8 @@ using controller_actor = caf::typed_actor<
     caf::reacts_to<resume_steps_atom, uint64_t>,
     caf::reacts_to<member_event>,
     caf::reacts_to<use_failover_atom, rebalancer_actor>,
-    caf::reacts_to<deadline_atom, uint64_t>>;
+    caf::reacts_to<deadline_atom, uint64_t>,
+    caf::reacts_to<step_grace_atom, uint64_t, uint64_t>>;
 
 enum class controller_errc : uint8_t {
   overloaded = 1,   ///< Transient: the queue is full; retry later.
@@ -103,6 +106,12 @@ struct controller_options {
   /// Deadline of a request that names none (generation_job::deadline_ms == 0); zero: none. A
   /// request not finished by its deadline fails ("deadline exceeded") and frees what it held.
   std::chrono::milliseconds request_timeout{0};
+  /// A step that fails because an actor it needed is gone (caf::sec::request_receiver_down) is
+  /// usually the first sign of a node failure: the connection drops before the membership's
+  /// down event arrives. Its requests wait this long for that event (then they are replayed like
+  /// any other interrupted request; the shard takes no step meanwhile) before failing with the
+  /// error. Zero: they fail at once.
+  std::chrono::milliseconds failure_grace{3'000};
   /// A hold_steps that is not resumed within this time ends by itself (its holder failed).
   std::chrono::milliseconds max_step_hold{30'000};
 };

@@ -132,6 +132,7 @@ fake_actor::behavior_type fake_controller(fake_actor::stateful_pointer<fake_stat
       [](const member_event&) {},  // a fake cluster has no nodes to lose
       [](use_failover_atom, const rebalancer_actor&) {},
       [](deadline_atom, uint64_t) {},  // fake jobs end when the script says
+      [](step_grace_atom, uint64_t, uint64_t) {},  // fake steps do not fail
       [=](tick_atom, uint64_t id) {
         auto it = self->state.jobs.find(id);
         if (it == self->state.jobs.end() || !is_active(it->second.state)) return;

@@ -9,6 +9,7 @@
 #include <prometheus/text_serializer.h>
 
 #include <map>
+#include <thread>
 
 #include "actors/actor_types.hpp"
 #include "actors/controller.hpp"
@@ -34,6 +35,38 @@ runtime::actor_system_config make_config() {
   return cfg;
 }
 
+using fail_steps_atom = caf::atom_constant<caf::atom("fail_steps")>;
+using failed_atom = caf::atom_constant<caf::atom("failed")>;
+
+// Stands in front of a real shard. Told (fail_steps, n), it answers the next n steps (n < 0:
+// every later one) as a dropped connection does, request_receiver_down, without passing them
+// on; (failed) answers how many it failed.
+caf::behavior flaky_shard(caf::event_based_actor* self, attention_actor real) {
+  struct counts {
+    int to_fail = 0;
+    int failed = 0;
+  };
+  auto c = std::make_shared<counts>();
+  return {
+      [=](step_atom a, step_request& r) -> caf::result<step_result> {
+        if (c->to_fail == 0) return self->delegate(real, a, std::move(r));
+        if (c->to_fail > 0) --c->to_fail;
+        ++c->failed;
+        return caf::make_error(caf::sec::request_receiver_down);
+      },
+      [=](release_atom a, std::vector<uint64_t>& ids) { self->send(real, a, std::move(ids)); },
+      [=](fail_steps_atom, int n) { c->to_fail = n; },
+      [=](failed_atom) { return c->failed; },
+  };
+}
+
+struct harness_options {
+  controller_limits limits;
+  std::chrono::milliseconds request_timeout = 0ms;
+  bool flaky_shards = false;  // each shard behind a flaky_shard
+  std::chrono::milliseconds failure_grace = 3s;
+};
+
 // Shards 0 and 1 run on nodes "a0" and "a1"; expert group g runs on node "g<g>".
 struct harness {
   runtime::actor_system_config cfg = make_config();
@@ -43,8 +76,13 @@ struct harness {
   rebalancer_actor rebalancer;
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
 
+  std::vector<caf::actor> flaky;  // in front of shard s, with harness_options::flaky_shards
+
   harness(cluster_layout layout, bool with_failover, controller_limits limits = {},
-          std::chrono::milliseconds request_timeout = 0ms) {
+          std::chrono::milliseconds request_timeout = 0ms)
+      : harness(std::move(layout), with_failover, harness_options{limits, request_timeout}) {}
+
+  harness(cluster_layout layout, bool with_failover, const harness_options& ho) {
     layout.metrics = registry;
     std::vector<std::vector<int64_t>> group_experts;
     for (const auto& g : layout.groups) group_experts.push_back(g.experts);
@@ -53,10 +91,17 @@ struct harness {
     cluster = std::move(*c);
     controller_options o;
     o.shards = cluster->shards();
-    o.limits = limits;
+    if (ho.flaky_shards) {
+      for (auto& shard : o.shards) {
+        flaky.push_back(sys.spawn(flaky_shard, shard));
+        shard = caf::actor_cast<attention_actor>(flaky.back());
+      }
+    }
+    o.limits = ho.limits;
     o.vocab_size = cluster->config().vocab_size;
     o.metrics = registry;
-    o.request_timeout = request_timeout;
+    o.request_timeout = ho.request_timeout;
+    o.failure_grace = ho.failure_grace;
     for (size_t s = 0; s < o.shards.size(); ++s) o.shards_on_node["a" + std::to_string(s)] = {s};
     for (size_t g = 0; g < layout.groups.size(); ++g) o.groups_on_node["g" + std::to_string(g)] = {static_cast<int64_t>(g)};
     controller = spawn_controller(sys, o);
@@ -80,6 +125,15 @@ struct harness {
   ~harness() {
     caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
     if (rebalancer) caf::anon_send_exit(rebalancer, caf::exit_reason::user_shutdown);
+    for (auto& f : flaky) caf::anon_send_exit(f, caf::exit_reason::user_shutdown);
+  }
+
+  int failed_steps(size_t shard) {
+    caf::scoped_actor self{sys};
+    int n = -1;
+    self->request(flaky.at(shard), caf::infinite, failed_atom::value)
+        .receive([&](int x) { n = x; }, [](const caf::error& e) { ADD_FAILURE() << error_text(e); });
+    return n;
   }
 
   std::string metrics() const { return prometheus::TextSerializer{}.Serialize(registry->Collect()); }
@@ -187,6 +241,78 @@ TEST(recovery, a_lost_attention_shard_loses_no_request_and_changes_no_token) {
   EXPECT_EQ(counter(m, "moe_controller_attention_shards_up"), 1);
   EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"shards\",outcome=\"ok\"}"), 1) << m;
   EXPECT_EQ(counter(m, "moe_recovery_seconds_count"), 1);
+}
+
+// A killed node's connection drops before the membership's down event arrives: a step sent to
+// its shard meanwhile fails at once with request_receiver_down. Its requests wait for the event
+// and are replayed then, like those of the shard's other steps.
+TEST(recovery, a_shard_step_failing_before_the_down_event_is_replayed_when_it_comes) {
+  const auto jobs = workload(24, 30);
+  controller_limits lim;
+  lim.max_running_requests = 12;
+  std::vector<outcome> baseline;
+  {
+    harness h(even_layout(2, 3, 16), true, lim);
+    baseline = run(h, jobs);
+  }
+  harness h(even_layout(2, 3, 16), true, harness_options{lim, 0ms, true, 30s});
+  const auto faulted = run(h, jobs, 24, [&] {
+    caf::anon_send(h.flaky[1], fail_steps_atom::value, -1);
+    std::this_thread::sleep_for(300ms);  // the membership is slow to notice
+    down(h, "a1");
+  });
+  expect_same(baseline, faulted);
+  EXPECT_GE(h.failed_steps(1), 1);
+  const auto m = h.metrics();
+  EXPECT_GT(counter(m, "moe_controller_requests_replayed_total"), 0) << m;
+  EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"shards\",outcome=\"ok\"}"), 1) << m;
+}
+
+// The same race through a live shard: its router's request to a killed expert group fails before
+// the group's node is reported down. The step runs again after the failover.
+TEST(recovery, a_step_failing_before_a_groups_down_event_is_replayed_after_the_failover) {
+  const auto jobs = workload(24, 30);
+  std::vector<outcome> baseline;
+  {
+    harness h(even_layout(2, 3, 16), true);
+    baseline = run(h, jobs);
+  }
+  harness h(even_layout(2, 3, 16), true, harness_options{{}, 0ms, true, 30s});
+  const auto faulted = run(h, jobs, 24, [&] {
+    caf::anon_send(h.flaky[0], fail_steps_atom::value, 1);
+    std::this_thread::sleep_for(300ms);
+    down(h, "g2");
+    caf::anon_send_exit(h.cluster->groups()[2], caf::exit_reason::kill);
+  });
+  expect_same(baseline, faulted);
+  EXPECT_EQ(h.failed_steps(0), 1);
+  const auto m = h.metrics();
+  EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"experts\",outcome=\"ok\"}"), 1) << m;
+}
+
+// Without a down event to explain it, such a failure is reported once the grace has passed:
+// the requests of the failed steps fail with the reason, the others finish unchanged, none hang.
+TEST(recovery, a_step_failure_no_node_explains_fails_its_requests_after_the_grace) {
+  const auto jobs = workload(16, 30);
+  std::vector<outcome> baseline;
+  {
+    harness h(even_layout(2, 3, 16), true);
+    baseline = run(h, jobs);
+  }
+  harness h(even_layout(2, 3, 16), true, harness_options{{}, 0ms, true, 200ms});
+  const auto out = run(h, jobs, 16, [&] { caf::anon_send(h.flaky[1], fail_steps_atom::value, -1); });
+  size_t failed = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i].last.state == job_state::finished) {
+      EXPECT_EQ(out[i].tokens, baseline[i].tokens) << "request " << i;
+      continue;
+    }
+    ++failed;
+    EXPECT_EQ(out[i].last.state, job_state::failed) << "request " << i;
+    EXPECT_NE(out[i].last.error.find("request_receiver_down"), std::string::npos) << out[i].last.error;
+    EXPECT_NE(out[i].last.error.find("no node went down within 200 ms"), std::string::npos) << out[i].last.error;
+  }
+  EXPECT_GT(failed, 0u);
 }
 
 TEST(recovery, lost_expert_groups_fail_over_and_change_no_token) {
