@@ -35,34 +35,9 @@ for n in n2 n1 n0; do
 done
 [[ -n $VICTIM ]] || die "no node holds expert group 0 without an attention shard (adapt the config)"
 
-STEPS=40
-KILL_AT=12
-TRAIN=(--corpus "$ROOT/tests/data/corpus/apache-2.0.txt" --corpus-bytes 8192 --steps $STEPS --seq-len 32
-  --batch 8 --lr 3e-3 --seed 3 --bound 150)
+# The fault: SIGKILL.
+# shellcheck disable=SC2317  # called by training_fault_run
+kill_node() { chaos kill --config "$CONFIG" --node "$1" --run-dir "$RUN"; }
 
-cluster_up
-serve_start
-step "baseline training: $STEPS steps on the healthy cluster"
-load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-baseline.json" "${TRAIN[@]}" ||
-  die "the baseline training run failed"
-
-step "a new coordinator on the same nodes (fresh weights from the checkpoint)"
-serve_stop
-SERVE_STARTS=2 serve_start
-
-step "training again; SIGKILL $VICTIM at step $KILL_AT"
-rm -f "$TMP/progress"
-load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-fault.json" \
-  --progress "$TMP/progress" "${TRAIN[@]}" >"$TMP/load.out" 2>&1 {SAVED_OUT}>&- {SAVED_ERR}>&- &
-LOAD_PID=$!
-PIDS+=("$LOAD_PID")
-wait_progress $KILL_AT
-at=$(cut -d' ' -f1 "$TMP/progress")
-[[ $at -lt $STEPS ]] || die "harness: the job finished (step $at) before the fault could be injected"
-chaos kill --config "$CONFIG" --node $VICTIM --run-dir "$RUN"
-load_wait
-load_py compare-train --baseline "$TMP/train-baseline.json" --run "$TMP/train-fault.json" \
-  --label "SIGKILL of $VICTIM during training (at step $at of $STEPS)" --fault-unix "$FAULT_UNIX" \
-  --node $VICTIM --coordinator-log "$TMP/serve.out" --expect-rollbacks 1 ||
-  FAILURES=$((FAILURES + 1))
+training_fault_run "$VICTIM" SIGKILL kill_node "SIGKILL of $VICTIM during training (at step %s of %s)"
 finish

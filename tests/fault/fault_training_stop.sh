@@ -32,40 +32,18 @@ for n in n2 n1 n0; do
 done
 [[ -n $VICTIM ]] || die "no node holds expert group 0 without an attention shard (adapt the config)"
 
-STEPS=40
-KILL_AT=12
-TRAIN=(--corpus "$ROOT/tests/data/corpus/apache-2.0.txt" --corpus-bytes 8192 --steps $STEPS --seq-len 32
-  --batch 8 --lr 3e-3 --seed 3 --bound 150)
+# The fault: SIGSTOP, held past the failure timeout (1.5 s) so that the heartbeat detection must
+# act, then SIGCONT. The fault's time (FAULT_UNIX) is the stop's.
+# shellcheck disable=SC2317  # called by training_fault_run
+stop_then_cont() {
+  chaos stop --config "$CONFIG" --node "$1" --run-dir "$RUN"
+  local stop_unix=$FAULT_UNIX
+  sleep 4
+  step "SIGCONT $1"
+  chaos cont --config "$CONFIG" --node "$1" --run-dir "$RUN"
+  FAULT_UNIX=$stop_unix
+}
 
-cluster_up
-serve_start
-step "baseline training: $STEPS steps on the healthy cluster"
-load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-baseline.json" "${TRAIN[@]}" ||
-  die "the baseline training run failed"
-
-step "a new coordinator on the same nodes (fresh weights from the checkpoint)"
-serve_stop
-SERVE_STARTS=2 serve_start
-
-step "training again; SIGSTOP $VICTIM at step $KILL_AT"
-rm -f "$TMP/progress"
-load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-fault.json" \
-  --progress "$TMP/progress" "${TRAIN[@]}" >"$TMP/load.out" 2>&1 {SAVED_OUT}>&- {SAVED_ERR}>&- &
-LOAD_PID=$!
-PIDS+=("$LOAD_PID")
-wait_progress $KILL_AT
-at=$(cut -d' ' -f1 "$TMP/progress")
-[[ $at -lt $STEPS ]] || die "harness: the job finished (step $at) before the fault could be injected"
-chaos stop --config "$CONFIG" --node $VICTIM --run-dir "$RUN"
-STOP_UNIX=$FAULT_UNIX
-# Held past the failure timeout (1.5 s), so that the heartbeat detection must act.
-sleep 4
-step "SIGCONT $VICTIM"
-chaos cont --config "$CONFIG" --node $VICTIM --run-dir "$RUN"
-FAULT_UNIX=$STOP_UNIX
-load_wait
-load_py compare-train --baseline "$TMP/train-baseline.json" --run "$TMP/train-fault.json" \
-  --label "SIGSTOP of $VICTIM (4 s) during training (at step $at of $STEPS), then SIGCONT" --fault-unix "$FAULT_UNIX" \
-  --node $VICTIM --coordinator-log "$TMP/serve.out" --expect-rollbacks 1 ||
-  FAILURES=$((FAILURES + 1))
+training_fault_run "$VICTIM" SIGSTOP stop_then_cont \
+  "SIGSTOP of $VICTIM (4 s) during training (at step %s of %s), then SIGCONT"
 finish

@@ -167,6 +167,7 @@ cluster_up() {
 SERVE_PID=
 API=
 METRICS=
+# shellcheck disable=SC2120  # HOST is optional: the network fault test passes one
 serve_start() {
   local host=${1:-127.0.0.1}
   step "moe serve --join-nodes"
@@ -250,6 +251,51 @@ chaos() {
 compare() {
   load_py compare --baseline "$TMP/baseline.json" --run "$TMP/fault.json" --coordinator-log "$TMP/serve.out" \
     --metrics-url "$METRICS" "$@" || FAILURES=$((FAILURES + 1))
+}
+
+# training_fault_run VICTIM FAULT INJECT LABEL: the body of the training fault tests, on the
+# cluster of $CONFIG (not yet up). A training job (the job API's train, tests/data/corpus, 40
+# steps) runs once on the healthy cluster for the baseline losses; the coordinator is restarted
+# (the nodes drop its actors; the new one places fresh ones from the checkpoint) and the same job
+# runs again; once it has reported step 12, `INJECT VICTIM` injects the fault (a function of the
+# test; it leaves FAULT_UNIX at the fault's time, as `chaos` does). Then load.py compare-train:
+# every step's loss against the baseline's, at least one rollback to a snapshot, and the
+# detection and recovery times after FAULT_UNIX. FAULT names the fault in the progress line
+# ("SIGKILL"); LABEL is compare-train's label, a printf format given the step the fault came at
+# and the job's step count. A failed comparison counts in FAILURES (the test ends with `finish`).
+training_fault_run() {
+  local victim=$1 fault=$2 inject=$3 label=$4
+  local steps=40 fault_at=12 at
+  local train=(--corpus "$ROOT/tests/data/corpus/apache-2.0.txt" --corpus-bytes 8192 --steps "$steps" --seq-len 32
+    --batch 8 --lr 3e-3 --seed 3 --bound 150)
+
+  cluster_up
+  serve_start
+  step "baseline training: $steps steps on the healthy cluster"
+  load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-baseline.json" "${train[@]}" ||
+    die "the baseline training run failed"
+
+  step "a new coordinator on the same nodes (fresh weights from the checkpoint)"
+  serve_stop
+  SERVE_STARTS=2 serve_start
+
+  step "training again; $fault $victim at step $fault_at"
+  rm -f "$TMP/progress"
+  load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-fault.json" \
+    --progress "$TMP/progress" "${train[@]}" >"$TMP/load.out" 2>&1 {SAVED_OUT}>&- {SAVED_ERR}>&- &
+  LOAD_PID=$!
+  PIDS+=("$LOAD_PID")
+  wait_progress $fault_at
+  at=$(cut -d' ' -f1 "$TMP/progress")
+  [[ $at -lt $steps ]] || die "harness: the job finished (step $at) before the fault could be injected"
+  "$inject" "$victim"
+  load_wait
+  # shellcheck disable=SC2059  # the label is a format by design
+  label=$(printf "$label" "$at" "$steps")
+  load_py compare-train --baseline "$TMP/train-baseline.json" --run "$TMP/train-fault.json" \
+    --label "$label" --fault-unix "$FAULT_UNIX" \
+    --node "$victim" --coordinator-log "$TMP/serve.out" --expect-rollbacks 1 ||
+    FAILURES=$((FAILURES + 1))
 }
 
 finish() {
