@@ -5,6 +5,8 @@
 //                 pid file in the run dir, the same default as `moe cluster`)
 //   netem --netns NS --dev DEV (--delay MS [--jitter MS] [--loss PCT] | --loss PCT | --clear)
 //                 tc netem inside a network namespace
+//   link --netns NS --dev DEV ([--rate KBIT] [--loss PCT] | --clear)
+//                 the same without netem: a tbf rate limit, nftables random drops
 //   proxy --listen HOST:PORT --to HOST:PORT [--corrupt-rate R] [--drop-after B] [--delay-ms MS]
 //                 a relay that corrupts, cuts or delays live streams, until SIGINT/SIGTERM
 //   garbage --address HOST:PORT [--kind K] [--count N]
@@ -12,7 +14,7 @@
 // Every fault is printed with a timestamp ("... (unix 1738324800.123456)") so that tests measure
 // detection and recovery from it.
 // Exit status: 0 done; 1 bad arguments or config, or the fault could not be injected; 2 this host
-// cannot inject it (no ip/tc, no netem in the kernel, no such namespace); 3 garbage: the server
+// cannot inject it (no ip/tc/nft, no netem or tbf in the kernel, no such namespace); 3 garbage: the server
 // did not reject a frame or stopped answering. Usage errors: CLI11's codes (>= 100).
 #include <fmt/format.h>
 #include <signal.h>
@@ -104,6 +106,26 @@ int run_netem(const netem_options& o) {
   }
   fmt::print("moe chaos netem: {}: {} on {} in namespace {}; tc: {}\n", stamp, what, o.dev, o.netns,
              shown->empty() ? "(no qdisc)" : *shown);
+  std::fflush(stdout);
+  return 0;
+}
+
+struct link_options {
+  std::string netns, dev;
+  link_spec spec;
+};
+
+int run_link(const link_options& o) {
+  const std::string stamp = now_stamp();
+  auto shown = apply_link(o.netns, o.dev, o.spec);
+  if (!shown) return fail("link", shown.error());
+  std::string what = "cleared";
+  if (!o.spec.clear) {
+    what.clear();
+    if (o.spec.rate_kbit) what += fmt::format("rate {:g} kbit/s", *o.spec.rate_kbit);
+    if (o.spec.loss_pct) what += fmt::format("{}loss {:g}%", what.empty() ? "" : ", ", *o.spec.loss_pct);
+  }
+  fmt::print("moe chaos link: {}: {} on {} in namespace {}; tc: {}\n", stamp, what, o.dev, o.netns, *shown);
   std::fflush(stdout);
   return 0;
 }
@@ -201,7 +223,7 @@ void add_chaos_command(CLI::App& app, command_context& ctx) {
   auto* cmd = app.add_subcommand("chaos", "Inject faults into a running cluster (docs/operations.md, fault injection)");
   cmd->require_subcommand(1);
   cmd->footer(
-      "Exit status: 0 done; 1 error or the fault could not be injected; 2 not possible on this host (no ip/tc, "
+      "Exit status: 0 done; 1 error or the fault could not be injected; 2 not possible on this host (no ip/tc/nft, "
       "no netem, no such namespace); 3 garbage: a frame was not rejected or the server stopped answering.");
 
   struct signal_sub {
@@ -238,6 +260,23 @@ void add_chaos_command(CLI::App& app, command_context& ctx) {
       if (j->count() > 0) o->spec.jitter_ms = *jitter;
       if (l->count() > 0) o->spec.loss_pct = *loss;
       ctx.exit_code = run_netem(*o);
+    });
+  }
+
+  {
+    auto o = std::make_shared<link_options>();
+    auto rate = std::make_shared<double>(0), loss = std::make_shared<double>(0);
+    auto* sub = cmd->add_subcommand(
+        "link", "Slow down (tc tbf) or drop (nftables) a device's traffic inside a network namespace, without netem");
+    sub->add_option("--netns", o->netns, "Network namespace (ip netns list)")->required();
+    sub->add_option("--dev", o->dev, "Device inside the namespace (e.g. its veth)")->required();
+    auto* r = sub->add_option("--rate", *rate, "Rate limit, kbit/s: packets beyond it wait (latency grows with traffic)");
+    auto* l = sub->add_option("--loss", *loss, "Packets leaving the device dropped at random, percent");
+    sub->add_flag("--clear", o->spec.clear, "Remove the rate limit and the drops")->excludes(r)->excludes(l);
+    sub->callback([o, rate, loss, r, l, &ctx] {
+      if (r->count() > 0) o->spec.rate_kbit = *rate;
+      if (l->count() > 0) o->spec.loss_pct = *loss;
+      ctx.exit_code = run_link(*o);
     });
   }
 

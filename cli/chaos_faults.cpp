@@ -7,6 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -185,19 +187,146 @@ caf::expected<command_result> run_captured(const std::vector<std::string>& argv)
   return r;
 }
 
+caf::error check_link_spec(const link_spec& s) {
+  auto bad = [](std::string text) { return make_error(chaos_errc::bad_request, std::move(text)); };
+  const bool shaping = s.rate_kbit || s.loss_pct;
+  if (s.clear && shaping) return bad("--clear takes no --rate or --loss");
+  if (!s.clear && !shaping) return bad("give --rate KBIT, --loss PCT (or both), or --clear");
+  if (s.rate_kbit && !(std::isfinite(*s.rate_kbit) && *s.rate_kbit >= 8 && *s.rate_kbit <= 1e8))
+    return bad(fmt::format("--rate {} is not a rate in [8, 1e8] kbit/s", *s.rate_kbit));
+  if (s.loss_pct && !(std::isfinite(*s.loss_pct) && *s.loss_pct >= 0 && *s.loss_pct <= 100))
+    return bad(fmt::format("--loss {} is not a percentage in [0, 100]", *s.loss_pct));
+  return {};
+}
+
+namespace {
+
+// Device names go into an nftables rule: only what Linux interface names are made of.
+caf::error check_device_name(const std::string& dev) {
+  const bool ok = !dev.empty() && dev.size() < 16 && std::all_of(dev.begin(), dev.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
+  });
+  if (ok) return {};
+  return make_error(chaos_errc::bad_request,
+                    fmt::format("'{}' is not a network device name (1-15 of A-Z a-z 0-9 _ - .)", dev));
+}
+
+std::string nft_table(const std::string& dev) {
+  std::string t = "moe_chaos_";
+  for (char c : dev) t += std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+  return t;
+}
+
+// `ip netns exec NS` would say "Cannot open network namespace": name the cause and the remedy.
+caf::error check_namespace(const std::string& netns) {
+  struct stat st{};
+  if (::stat(("/run/netns/" + netns).c_str(), &st) == 0) return {};
+  return make_error(chaos_errc::no_namespace,
+                    fmt::format("no network namespace '{}' (/run/netns/{} does not exist; `ip netns list` shows "
+                                "the namespaces)",
+                                netns, netns));
+}
+
+caf::expected<std::string> require_program(const std::string& name, const std::string& package) {
+  auto path = find_program(name);
+  if (path.empty()) return make_error(chaos_errc::missing_tool, fmt::format("no '{}' command (install {})", name, package));
+  return path;
+}
+
+}  // namespace
+
+std::vector<link_command> link_commands(const std::string& ip, const std::string& tc, const std::string& nft,
+                                        const std::string& netns, const std::string& dev, const link_spec& s) {
+  const std::vector<std::string> in_ns{ip, "netns", "exec", netns};
+  auto cmd = [&](std::vector<std::string> tail, bool undo) {
+    auto argv = in_ns;
+    argv.insert(argv.end(), tail.begin(), tail.end());
+    return link_command{std::move(argv), undo};
+  };
+  const std::string table = nft_table(dev);
+  std::vector<link_command> out;
+  out.push_back(cmd({nft, "delete", "table", "inet", table}, true));
+  if (s.rate_kbit) {
+    // The bucket holds at least one 64 KiB GSO packet (else tbf drops it) and 10 ms at the
+    // rate; packets wait up to 5 s for tokens, so the link is slow, not lossy.
+    const auto burst = std::max<int64_t>(70'000, static_cast<int64_t>(*s.rate_kbit * 1000 / 8 / 100));
+    out.push_back(cmd({tc, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", fmt::format("{:g}kbit", *s.rate_kbit),
+                       "burst", std::to_string(burst), "latency", "5s"},
+                      false));
+  } else {
+    out.push_back(cmd({tc, "qdisc", "del", "dev", dev, "root"}, true));
+  }
+  if (s.loss_pct) {
+    // numgen draws per packet; parts per million keep fractional percentages.
+    const auto ppm = static_cast<int64_t>(std::llround(*s.loss_pct * 10'000));
+    out.push_back(cmd({nft, "add", "table", "inet", table}, false));
+    out.push_back(cmd({nft, "add", "chain", "inet", table, "egress",
+                       "{ type filter hook output priority 0 ; policy accept ; }"},
+                      false));
+    out.push_back(cmd({nft, "add", "rule", "inet", table, "egress", "oifname", "\"" + dev + "\"", "numgen", "random",
+                       "mod", "1000000", "<", std::to_string(ppm), "counter", "drop"},
+                      false));
+  }
+  return out;
+}
+
+caf::expected<std::string> apply_link(const std::string& netns, const std::string& dev, const link_spec& spec) {
+  if (auto err = check_link_spec(spec)) return err;
+  if (auto err = check_device_name(dev)) return err;
+  auto ip = require_program("ip", "iproute2");
+  if (!ip) return ip.error();
+  auto tc = require_program("tc", "iproute2");
+  if (!tc) return tc.error();
+  auto nft = require_program("nft", "nftables");
+  if (!nft) return nft.error();
+  if (auto err = check_namespace(netns)) return err;
+  // A drop rule names the device as a string and would match nothing: ask for it first.
+  auto link = run_captured({*ip, "-n", netns, "link", "show", "dev", dev});
+  if (!link) return link.error();
+  if (link->exit_code != 0)
+    return make_error(chaos_errc::bad_request, fmt::format("no device '{}' in namespace {}: {}", dev, netns, link->output));
+  for (const auto& c : link_commands(*ip, *tc, *nft, netns, dev, spec)) {
+    auto r = run_captured(c.argv);
+    if (!r) return r.error();
+    if (r->exit_code == 0 || c.undo) continue;
+    std::string line;
+    for (size_t i = 4; i < c.argv.size(); ++i) line += (i > 4 ? " " : "") + c.argv[i];
+    if (r->output.find("qdisc kind is unknown") != std::string::npos)
+      return make_error(chaos_errc::missing_tool,
+                        fmt::format("this kernel has no tbf qdisc (sch_tbf): `{}` said: {}", line, r->output));
+    if (r->output.find("Cannot find device") != std::string::npos)
+      return make_error(chaos_errc::bad_request, fmt::format("no device '{}' in namespace {}: {}", dev, netns, r->output));
+    if (r->output.find("Protocol not supported") != std::string::npos ||
+        r->output.find("Operation not supported") != std::string::npos)
+      return make_error(chaos_errc::missing_tool,
+                        fmt::format("this kernel cannot do `{}` (nf_tables with numgen?): {}", line, r->output));
+    return make_error(chaos_errc::command_failed,
+                      fmt::format("`ip netns exec {} {}` exited {}: {}", netns, line, r->exit_code, r->output));
+  }
+  std::string shown;
+  auto qdisc = run_captured({*ip, "netns", "exec", netns, *tc, "qdisc", "show", "dev", dev});
+  shown += qdisc && qdisc->exit_code == 0 ? qdisc->output : "(tc qdisc show failed)";
+  if (spec.loss_pct) {
+    auto rules = run_captured({*ip, "netns", "exec", netns, *nft, "list", "chain", "inet", nft_table(dev), "egress"});
+    // One line: the rule as nft lists it, with its counter.
+    std::string compact;
+    if (rules && rules->exit_code == 0) {
+      std::istringstream words(rules->output);
+      for (std::string w; words >> w;) compact += (compact.empty() ? "" : " ") + w;
+    }
+    shown += "; nft: " + (compact.empty() ? std::string("(nft list failed)") : compact);
+  }
+  return shown;
+}
+
 caf::expected<std::string> apply_netem(const std::string& netns, const std::string& dev, const netem_spec& spec) {
   if (auto err = check_netem_spec(spec)) return err;
-  const std::string ip = find_program("ip");
-  if (ip.empty()) return make_error(chaos_errc::missing_tool, "no 'ip' command (install iproute2)");
-  const std::string tc = find_program("tc");
-  if (tc.empty()) return make_error(chaos_errc::missing_tool, "no 'tc' command (install iproute2)");
-  // `ip netns exec` would say "Cannot open network namespace": name the cause and the remedy.
-  struct stat st{};
-  if (::stat(("/run/netns/" + netns).c_str(), &st) != 0)
-    return make_error(chaos_errc::no_namespace,
-                      fmt::format("no network namespace '{}' (/run/netns/{} does not exist; `ip netns list` shows "
-                                  "the namespaces)",
-                                  netns, netns));
+  auto ip_path = require_program("ip", "iproute2");
+  if (!ip_path) return ip_path.error();
+  auto tc_path = require_program("tc", "iproute2");
+  if (!tc_path) return tc_path.error();
+  const std::string ip = *ip_path, tc = *tc_path;
+  if (auto err = check_namespace(netns)) return err;
   auto r = run_captured(netem_argv(ip, tc, netns, dev, spec));
   if (!r) return r.error();
   if (r->exit_code != 0) {

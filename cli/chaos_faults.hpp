@@ -1,7 +1,8 @@
 // The process and network faults of `moe chaos`: signalling a node process that `moe cluster up`
-// started (found through its pid file in the run dir), and tc netem inside a network namespace
-// (`ip netns exec NS tc ...`, run by fork/exec without a shell). The effects sit here, apart from
-// the command's parsing, so the CLI file stays small and the argv building is testable.
+// started (found through its pid file in the run dir), and tc netem, or tc tbf and nftables
+// where the kernel has no netem, inside a network namespace (`ip netns exec NS tc ...`, run by
+// fork/exec without a shell). The effects sit here, apart from the command's parsing, so the
+// CLI file stays small and the argv building is testable.
 //
 // Thread safety: plain functions; no shared state.
 #pragma once
@@ -23,7 +24,7 @@ namespace moe::cli {
 enum class chaos_errc : uint8_t {
   bad_request = 1,  ///< Permanent: an unknown node, a remote node, conflicting options.
   not_running,      ///< Permanent until the node is started: no pid file, or its process has ended.
-  missing_tool,     ///< Permanent on this host: ip or tc is not installed, or netem is not in the kernel.
+  missing_tool,     ///< Permanent on this host: ip, tc or nft is not installed, or the kernel lacks the qdisc.
   no_namespace,     ///< Permanent until it is made: the network namespace does not exist.
   command_failed,   ///< The external command failed; its output is in the text.
   io_error,         ///< Maybe transient: a socket or file operation failed.
@@ -78,6 +79,38 @@ struct netem_spec {
 /// on --clear is not an error. Answers what tc now shows for the device.
 [[nodiscard]] caf::expected<std::string> apply_netem(const std::string& netns, const std::string& dev,
                                                      const netem_spec& spec);
+
+/// A slow or lossy link without netem (kernels built without sch_netem): a token-bucket rate
+/// limit (tc tbf: packets beyond the rate wait in the queue, so latency grows with the traffic)
+/// and/or random loss (nftables: `numgen random` drops that share of the packets leaving the
+/// device). Both live in the namespace; clear removes both.
+struct link_spec {
+  std::optional<double> rate_kbit;
+  std::optional<double> loss_pct;
+  bool clear = false;
+};
+
+/// The spec is rate and/or loss, or clear; the rate in [8, 10^8] kbit/s, the loss a percentage.
+[[nodiscard]] caf::error check_link_spec(const link_spec& spec);
+
+/// One command of a link fault; `undo` ones remove an earlier setting and may fail harmlessly
+/// (there was none).
+struct link_command {
+  std::vector<std::string> argv;
+  bool undo = false;
+};
+
+/// The commands apply_link runs, in order, each `ip netns exec NS ...`: a spec replaces the
+/// device's whole link fault (its root qdisc, and its own nftables table). Exposed for tests.
+/// Precondition: the spec and the device name were checked.
+[[nodiscard]] std::vector<link_command> link_commands(const std::string& ip, const std::string& tc,
+                                                      const std::string& nft, const std::string& netns,
+                                                      const std::string& dev, const link_spec& spec);
+
+/// Sets (or clears) a link fault after checking that ip, tc and nft exist and the namespace
+/// does. Answers what tc and nft now show for the device.
+[[nodiscard]] caf::expected<std::string> apply_link(const std::string& netns, const std::string& dev,
+                                                    const link_spec& spec);
 
 /// The result of a command run to completion with its stdout and stderr captured together.
 struct command_result {

@@ -11,6 +11,8 @@ debian_packages=(
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libspdlog-dev libfmt-dev libopenblas-dev
   libcpp-httplib-dev libssl-dev libgtest-dev libgmock-dev libbenchmark-dev curl python3
   prometheus iproute2
+  # `moe chaos link` (random drops where the kernel has no netem): the network fault test
+  nftables
   # clang, its sanitizer and libFuzzer runtimes, llvm-symbolizer for their stack traces:
   # scripts/sanitize.sh
   clang libclang-rt-14-dev llvm-14

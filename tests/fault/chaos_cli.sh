@@ -76,6 +76,17 @@ expect 1 "--loss 150 is not a percentage" "$MOE" chaos netem --netns x --dev eth
 "$MOE" chaos netem --netns x --dev eth0 --clear --delay 5 >/dev/null 2>&1
 [[ $? -ge 100 ]] || fail "--clear with --delay is not a usage error"
 
+# --- link (tbf and nftables, no netem): the same checks, and names that cannot reach nft -------
+expect 2 "no network namespace 'moe-no-such-ns-$$'|no 'nft' command" \
+  "$MOE" chaos link --netns "moe-no-such-ns-$$" --dev eth0 --loss 1
+expect 1 "give --rate KBIT, --loss PCT" "$MOE" chaos link --netns x --dev eth0
+expect 1 "--rate 1 is not a rate in \[8, 1e8\] kbit/s" "$MOE" chaos link --netns x --dev eth0 --rate 1
+expect 1 "--loss -1 is not a percentage" "$MOE" chaos link --netns x --dev eth0 --loss -1
+expect 1 "'eth0\"; flush ruleset' is not a network device name" \
+  "$MOE" chaos link --netns x --dev 'eth0"; flush ruleset' --loss 1
+"$MOE" chaos link --netns x --dev eth0 --clear --rate 100 >/dev/null 2>&1
+[[ $? -ge 100 ]] || fail "--clear with --rate is not a usage error"
+
 # --- proxy ------------------------------------------------------------------------------------
 # An echo server on an ephemeral port (printed), until killed.
 python3 -u - >"$TMP/echo.port" <<'PY' &

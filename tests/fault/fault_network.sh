@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Fault e: delayed and lossy network to one node, under steady load (tc netem in its namespace).
+# Fault e: a slow and lossy network to one node, under steady load.
 #
 # The layout of tests/integration/cluster_netns.sh: nodes n0 and n1 in network namespaces of
 # their own joined by a bridge, the coordinator in the root namespace. While ~300 requests run,
-# `moe chaos netem` adds 20 ms (+-5 ms) of delay to n1's interface, then 2% packet loss, then
-# clears it. Nothing has to recover: every request finishes with the baseline's tokens, none is
-# lost, no node is declared down. Skipped (77) without root, iproute2, network namespaces or the
-# kernel's netem qdisc.
+# n1's interface gets, with tc netem where the kernel has it, 20 ms (+-5 ms) of delay, then 2%
+# packet loss; then, with `moe chaos link` (no netem needed: tc tbf and nftables), a rate limit
+# that makes its traffic queue, then 2% loss again; then nothing. Nothing has to recover: every
+# request finishes with the baseline's tokens, none is lost, no node is declared down; the
+# drops and the queueing are read back from the kernel, so a fault that did nothing fails the
+# test. Skipped (77) without root, iproute2, network namespaces, or both netem and tbf/nftables.
 #
-#   fault_netem.sh MOE_BINARY REPO_ROOT
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" netem
+#   fault_network.sh MOE_BINARY REPO_ROOT
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" network
 
 [[ $(id -u) -eq 0 ]] || skip "not root (network namespaces and tc need it)"
 command -v ip >/dev/null || skip "no 'ip' command (iproute2)"
@@ -36,12 +38,20 @@ out=$(ip netns add "$NS_A" 2>&1) || skip "cannot make a network namespace: $out"
 STARTED_NS+=("$NS_A")
 out=$(ip netns exec "$NS_A" true 2>&1) || skip "cannot enter a network namespace: $out"
 ip -n "$NS_A" link set lo up
-# netem itself: `moe chaos netem` exits 2 when this host cannot do it (no tc, no sch_netem).
-out=$("$MOE" chaos netem --netns "$NS_A" --dev lo --delay 1 2>&1)
-rc=$?
-[[ $rc -eq 2 ]] && skip "$out"
-[[ $rc -eq 0 ]] || die "moe chaos netem on lo failed ($rc): $out"
-"$MOE" chaos netem --netns "$NS_A" --dev lo --clear >/dev/null || die "moe chaos netem --clear failed"
+# What this host can do: `moe chaos netem|link` exit 2 when it cannot (no tc or nft, no qdisc).
+can() {
+  local out rc
+  out=$("$MOE" chaos "$1" --netns "$NS_A" --dev lo "${@:2}" 2>&1)
+  rc=$?
+  [[ $rc -eq 2 ]] && { echo "    $1: not on this host: $out"; return 1; }
+  [[ $rc -eq 0 ]] || die "moe chaos $1 on lo failed ($rc): $out"
+  "$MOE" chaos "$1" --netns "$NS_A" --dev lo --clear >/dev/null || die "moe chaos $1 --clear failed"
+}
+HAVE_NETEM=0
+HAVE_LINK=0
+can netem --delay 1 && HAVE_NETEM=1
+can link --rate 1000 --loss 1 && HAVE_LINK=1
+((HAVE_NETEM + HAVE_LINK > 0)) || skip "neither netem nor tbf with nftables can shape traffic on this host"
 ip netns add "$NS_B" || die "ip netns add $NS_B failed"
 STARTED_NS+=("$NS_B")
 out=$(ip link add "$BR" type bridge 2>&1) || skip "cannot make a bridge: $out"
@@ -104,19 +114,57 @@ done
 serve_start "$COORD"
 baseline
 
+# The kernel's own count of what a fault did: packets the drop rule took; for the rate limit,
+# times a packet had to wait for tokens (tbf's "overlimits").
+dropped() {
+  ip netns exec "$NS_B" nft list chain inet "moe_chaos_$PEER_B" egress 2>/dev/null |
+    sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -n 1
+}
+throttled() {
+  ip netns exec "$NS_B" tc -s qdisc show dev "$PEER_B" | sed -n 's/.*overlimits \([0-9]*\).*/\1/p' | head -n 1
+}
+
 load_start --requests 300 --rate 15 --deadline 60
 wait_progress 30
-step "delay 20 ms (+-5 ms) on n1's $PEER_B"
-chaos netem --netns "$NS_B" --dev "$PEER_B" --delay 20 --jitter 5
-DELAY_UNIX=$FAULT_UNIX
-wait_progress 130
-step "2% loss on n1's $PEER_B"
-chaos netem --netns "$NS_B" --dev "$PEER_B" --loss 2
-wait_progress 230
-step "clear"
-chaos netem --netns "$NS_B" --dev "$PEER_B" --clear
+FIRST_UNIX=
+LABEL=()
+if ((HAVE_NETEM)); then
+  step "netem: delay 20 ms (+-5 ms) on n1's $PEER_B"
+  chaos netem --netns "$NS_B" --dev "$PEER_B" --delay 20 --jitter 5
+  FIRST_UNIX=$FAULT_UNIX
+  wait_progress $((HAVE_LINK ? 80 : 130))
+  step "netem: 2% loss on n1's $PEER_B"
+  chaos netem --netns "$NS_B" --dev "$PEER_B" --loss 2
+  wait_progress $((HAVE_LINK ? 130 : 230))
+  chaos netem --netns "$NS_B" --dev "$PEER_B" --clear
+  LABEL+=("netem delay 20 ms, then 2% loss")
+fi
+if ((HAVE_LINK)); then
+  from=$((HAVE_NETEM ? 150 : 30))
+  wait_progress "$from"
+  # Low enough that n1's share of the traffic queues, high enough that its heartbeats still get
+  # through well within the failure timeout.
+  step "link: rate limit ${MOE_FAULT_LINK_KBIT:-2000} kbit/s on n1's $PEER_B"
+  chaos link --netns "$NS_B" --dev "$PEER_B" --rate "${MOE_FAULT_LINK_KBIT:-2000}"
+  FIRST_UNIX=${FIRST_UNIX:-$FAULT_UNIX}
+  wait_progress $((from + 50))
+  waited=$(throttled)
+  echo "    packets that waited for the rate limit: ${waited:-?}"
+  [[ ${waited:-0} -gt 0 ]] || fail "the rate limit delayed no packet (tbf overlimits ${waited:-?})"
+  step "link: 2% loss on n1's $PEER_B"
+  chaos link --netns "$NS_B" --dev "$PEER_B" --loss 2
+  wait_progress $((from + 100))
+  lost=$(dropped)
+  echo "    packets dropped: ${lost:-?}"
+  [[ ${lost:-0} -gt 0 ]] || fail "the drop rule dropped no packet"
+  chaos link --netns "$NS_B" --dev "$PEER_B" --clear
+  LABEL+=("a ${MOE_FAULT_LINK_KBIT:-2000} kbit/s rate limit, then 2% loss (tbf, nftables)")
+fi
 load_wait
-grep -E "node n[01] .* -> (suspect|down)" "$TMP/serve.out" &&
-  fail "a node was suspected or declared down under delay/loss (failure_timeout_ms 5000)"
-compare --label "netem delay 20 ms, then 2% loss, on one node" --fault-unix "$DELAY_UNIX" --require-all-finished
+# A late heartbeat may make n1 suspect (a warning; work goes on), never down.
+echo "    times a node was suspected: $(grep -cE "node n[01] .* -> suspect" "$TMP/serve.out")"
+grep -E "node n[01] .* -> down" "$TMP/serve.out" &&
+  fail "a node was declared down under delay/loss (failure_timeout_ms 5000)"
+label=$(IFS=';'; echo "${LABEL[*]}")
+compare --label "${label//;/; }, on one node" --fault-unix "$FIRST_UNIX" --require-all-finished
 finish
