@@ -8,7 +8,7 @@
 # that makes its traffic queue, then 2% loss again; then nothing. Nothing has to recover: every
 # request finishes with the baseline's tokens, none is lost, no node is declared down; the
 # drops and the queueing are read back from the kernel, so a fault that did nothing fails the
-# test. Skipped (77) without root, iproute2, network namespaces, or both netem and tbf/nftables.
+# test. Then the same faults during a training job: no rollback, every step's loss unchanged. Skipped (77) without root, iproute2, network namespaces, or both netem and tbf/nftables.
 #
 #   fault_network.sh MOE_BINARY REPO_ROOT
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" network
@@ -167,4 +167,39 @@ grep -E "node n[01] .* -> down" "$TMP/serve.out" &&
   fail "a node was declared down under delay/loss (failure_timeout_ms 5000)"
 label=$(IFS=';'; echo "${LABEL[*]}")
 compare --label "${label//;/; }, on one node" --fault-unix "$FIRST_UNIX" --require-all-finished
+
+# The same faults during training: nothing fails, so nothing rolls back, and every step's loss
+# equals the baseline's. Two of the three expert groups (and their gradients) are on n1.
+# shellcheck disable=SC2317  # called by training_fault_run
+shape_during_training() {
+  local first
+  if ((HAVE_LINK)); then
+    chaos link --netns "$NS_B" --dev "$PEER_B" --rate "${MOE_FAULT_LINK_KBIT:-2000}"
+    first=$FAULT_UNIX
+    wait_progress 20
+    waited=$(throttled)
+    echo "    packets that waited for the rate limit: ${waited:-?}"
+    [[ ${waited:-0} -gt 0 ]] || fail "training: the rate limit delayed no packet"
+    chaos link --netns "$NS_B" --dev "$PEER_B" --loss 2
+    wait_progress 28
+    lost=$(dropped)
+    echo "    packets dropped: ${lost:-?}"
+    [[ ${lost:-0} -gt 0 ]] || fail "training: the drop rule dropped no packet"
+    chaos link --netns "$NS_B" --dev "$PEER_B" --clear
+  else
+    chaos netem --netns "$NS_B" --dev "$PEER_B" --delay 20 --jitter 5
+    first=$FAULT_UNIX
+    wait_progress 20
+    chaos netem --netns "$NS_B" --dev "$PEER_B" --loss 2
+    wait_progress 28
+    chaos netem --netns "$NS_B" --dev "$PEER_B" --clear
+  fi
+  FAULT_UNIX=$first
+}
+what="${MOE_FAULT_LINK_KBIT:-2000} kbit/s, then 2%% loss"  # a printf format
+((HAVE_LINK)) || what="20 ms delay, then 2%% loss"
+training_fault_run n1 "a slow and lossy link on" shape_during_training \
+  "$what on n1's link during training (from step %s of %s)" 0
+grep -E "node n[01] .* -> down" "$TMP/serve.out" &&
+  fail "a node was declared down under delay/loss during training"
 finish

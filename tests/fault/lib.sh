@@ -167,9 +167,11 @@ cluster_up() {
 SERVE_PID=
 API=
 METRICS=
+SERVE_HOST=127.0.0.1
 # shellcheck disable=SC2120  # HOST is optional: the network fault test passes one
 serve_start() {
   local host=${1:-127.0.0.1}
+  SERVE_HOST=$host
   step "moe serve --join-nodes"
   "$MOE" serve --config "$CONFIG" --join-nodes --host "$host" --api-port 0 --metrics-port 0 --join-timeout 60 \
     >>"$TMP/serve.out" 2>>"$TMP/serve.err" {SAVED_OUT}>&- {SAVED_ERR}>&- &
@@ -253,8 +255,8 @@ compare() {
     --metrics-url "$METRICS" "$@" || FAILURES=$((FAILURES + 1))
 }
 
-# training_fault_run VICTIM FAULT INJECT LABEL: the body of the training fault tests, on the
-# cluster of $CONFIG (not yet up). A training job (the job API's train, tests/data/corpus, 40
+# training_fault_run VICTIM FAULT INJECT LABEL [ROLLBACKS]: the body of the training fault
+# tests, on the cluster of $CONFIG (brought up here unless a coordinator runs already). A training job (the job API's train, tests/data/corpus, 40
 # steps) runs once on the healthy cluster for the baseline losses; the coordinator is restarted
 # (the nodes drop its actors; the new one places fresh ones from the checkpoint) and the same job
 # runs again; once it has reported step 12, `INJECT VICTIM` injects the fault (a function of the
@@ -262,22 +264,26 @@ compare() {
 # every step's loss against the baseline's, at least one rollback to a snapshot, and the
 # detection and recovery times after FAULT_UNIX. FAULT names the fault in the progress line
 # ("SIGKILL"); LABEL is compare-train's label, a printf format given the step the fault came at
-# and the job's step count. A failed comparison counts in FAILURES (the test ends with `finish`).
+# and the job's step count. ROLLBACKS (default 1): the job must have rolled back at least that
+# often; 0: not at all (a fault nothing has to recover from). A failed comparison counts in
+# FAILURES (the test ends with `finish`).
 training_fault_run() {
-  local victim=$1 fault=$2 inject=$3 label=$4
+  local victim=$1 fault=$2 inject=$3 label=$4 rollbacks=${5:-1}
   local steps=40 fault_at=12 at
   local train=(--corpus "$ROOT/tests/data/corpus/apache-2.0.txt" --corpus-bytes 8192 --steps "$steps" --seq-len 32
     --batch 8 --lr 3e-3 --seed 3 --bound 150)
 
-  cluster_up
-  serve_start
+  if [[ -z $SERVE_PID ]]; then
+    cluster_up
+    serve_start
+  fi
   step "baseline training: $steps steps on the healthy cluster"
   load_py train --address "$API" --secret-file "$TMP/secret" --out "$TMP/train-baseline.json" "${train[@]}" ||
     die "the baseline training run failed"
 
   step "a new coordinator on the same nodes (fresh weights from the checkpoint)"
   serve_stop
-  SERVE_STARTS=2 serve_start
+  SERVE_STARTS=$(($(grep -c "^serving " "$TMP/serve.out") + 1)) serve_start "$SERVE_HOST"
 
   step "training again; $fault $victim at step $fault_at"
   rm -f "$TMP/progress"
@@ -294,7 +300,8 @@ training_fault_run() {
   label=$(printf "$label" "$at" "$steps")
   load_py compare-train --baseline "$TMP/train-baseline.json" --run "$TMP/train-fault.json" \
     --label "$label" --fault-unix "$FAULT_UNIX" \
-    --node "$victim" --coordinator-log "$TMP/serve.out" --expect-rollbacks 1 ||
+    --node "$victim" --coordinator-log "$TMP/serve.out" \
+    "$( ((rollbacks > 0)) && echo --expect-rollbacks || echo --max-rollbacks)" "$rollbacks" ||
     FAILURES=$((FAILURES + 1))
 }
 

@@ -615,10 +615,12 @@ def cmd_compare_train(args) -> int:
     if fin["state"] == "finished" and run["steps"] not in got:
         failures.append(f"the last step ({run['steps']}) was not reported")
     rollbacks = fin.get("rollbacks", 0)
-    if args.expect_rollbacks is not None:
+    if args.expect_rollbacks is not None or args.max_rollbacks is not None:
         print(f"  rollbacks to a snapshot: {rollbacks}")
-        if rollbacks < args.expect_rollbacks:
-            failures.append(f"the job rolled back {rollbacks} time(s), expected at least {args.expect_rollbacks}")
+    if args.expect_rollbacks is not None and rollbacks < args.expect_rollbacks:
+        failures.append(f"the job rolled back {rollbacks} time(s), expected at least {args.expect_rollbacks}")
+    if args.max_rollbacks is not None and rollbacks > args.max_rollbacks:
+        failures.append(f"the job rolled back {rollbacks} time(s), expected at most {args.max_rollbacks}")
     if args.fault_unix is not None:
         t0 = args.fault_unix
         before = [e for e in run["events"] if e["unix"] <= t0]
@@ -717,6 +719,8 @@ def main() -> int:
     ct.add_argument("--coordinator-log", default="")
     ct.add_argument("--expect-rollbacks", type=int, default=None,
                     help="the fault run must have rolled back to a snapshot at least this often")
+    ct.add_argument("--max-rollbacks", type=int, default=None,
+                    help="the fault run must have rolled back at most this often (0: a fault to ride out)")
     ct.add_argument("--expect-stop", default="",
                     help="the fault run must end failed with this text in its error (no rollback yet)")
     ct.set_defaults(func=cmd_compare_train)
