@@ -6,7 +6,6 @@
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 #include <prometheus/registry.h>
-#include <prometheus/text_serializer.h>
 
 #include <map>
 #include <thread>
@@ -17,6 +16,7 @@
 #include "actors/rebalancer.hpp"
 #include "actors/trainer.hpp"
 #include "runtime/actor_system.hpp"
+#include "tests/unit/actors/failover_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
@@ -84,13 +84,10 @@ struct harness {
 
   harness(cluster_layout layout, bool with_failover, const harness_options& ho) {
     layout.metrics = registry;
-    std::vector<std::vector<int64_t>> group_experts;
-    for (const auto& g : layout.groups) group_experts.push_back(g.experts);
     auto c = local_cluster::start(sys, tiny(), layout);
     EXPECT_TRUE(c) << error_text(c.error());
     cluster = std::move(*c);
-    controller_options o;
-    o.shards = cluster->shards();
+    auto o = actors::testing::failover_controller_options(*cluster, layout, registry);
     if (ho.flaky_shards) {
       for (auto& shard : o.shards) {
         flaky.push_back(sys.spawn(flaky_shard, shard));
@@ -98,29 +95,10 @@ struct harness {
       }
     }
     o.limits = ho.limits;
-    o.vocab_size = cluster->config().vocab_size;
-    o.metrics = registry;
     o.request_timeout = ho.request_timeout;
     o.failure_grace = ho.failure_grace;
-    for (size_t s = 0; s < o.shards.size(); ++s) o.shards_on_node["a" + std::to_string(s)] = {s};
-    for (size_t g = 0; g < layout.groups.size(); ++g) o.groups_on_node["g" + std::to_string(g)] = {static_cast<int64_t>(g)};
     controller = spawn_controller(sys, o);
-    if (!with_failover) return;
-    rebalancer_options r;
-    r.model = cluster->config();
-    r.routers = cluster->routers();
-    r.groups = cluster->groups();
-    r.group_node.assign(r.groups.size(), 0);
-    r.controller = controller;
-    r.current = uniform_layout(cluster->config(), group_experts, 1);
-    for (size_t g = 0; g < layout.groups.size(); ++g)
-      if (layout.groups[g].holds_shared_experts && r.shared_experts_group < 0) r.shared_experts_group = static_cast<int64_t>(g);
-    r.phase_timeout = 60s;
-    r.metrics = registry;
-    auto spawned = spawn_rebalancer(sys, r);
-    EXPECT_TRUE(spawned) << error_text(spawned.error());
-    rebalancer = *spawned;
-    caf::anon_send(controller, use_failover_atom::value, rebalancer);
+    if (with_failover) rebalancer = actors::testing::spawn_failover(sys, *cluster, layout, controller, registry);
   }
   ~harness() {
     caf::anon_send_exit(controller, caf::exit_reason::user_shutdown);
@@ -136,7 +114,7 @@ struct harness {
     return n;
   }
 
-  std::string metrics() const { return prometheus::TextSerializer{}.Serialize(registry->Collect()); }
+  std::string metrics() const { return actors::testing::metrics_text(*registry); }
 };
 
 std::vector<generation_job> workload(int n, int64_t max_new_tokens = 10) {
@@ -193,14 +171,7 @@ std::vector<outcome> run(harness& h, const std::vector<generation_job>& jobs, si
   return out;
 }
 
-void down(harness& h, const std::string& node) {
-  member_event ev;
-  ev.node = node;
-  ev.from = member_state::up;
-  ev.to = member_state::down;
-  ev.reason = "killed by the test";
-  caf::anon_send(h.controller, ev);
-}
+void down(harness& h, const std::string& node) { caf::anon_send(h.controller, actors::testing::node_down(node)); }
 
 void expect_same(const std::vector<outcome>& baseline, const std::vector<outcome>& faulted) {
   ASSERT_EQ(baseline.size(), faulted.size());
@@ -210,11 +181,7 @@ void expect_same(const std::vector<outcome>& baseline, const std::vector<outcome
   }
 }
 
-double counter(const std::string& text, const std::string& series) {
-  auto at = text.find("\n" + series + " ");
-  if (at == std::string::npos) return -1;
-  return std::stod(text.substr(at + series.size() + 2));
-}
+using actors::testing::counter;
 
 }  // namespace
 

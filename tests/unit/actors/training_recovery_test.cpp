@@ -6,7 +6,6 @@
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 #include <prometheus/registry.h>
-#include <prometheus/text_serializer.h>
 
 #include <map>
 
@@ -18,6 +17,7 @@
 #include "actors/training_jobs.hpp"
 #include "actors/training_owner.hpp"
 #include "runtime/actor_system.hpp"
+#include "tests/unit/actors/failover_fixture.hpp"
 #include "tests/unit/actors/training_helpers.hpp"
 
 using namespace moe;
@@ -39,48 +39,24 @@ struct harness {
   explicit harness(int64_t snapshot_every) {
     auto layout = even_layout(2, 4, 16);
     layout.metrics = registry;
-    std::vector<std::vector<int64_t>> group_experts;
-    for (const auto& g : layout.groups) group_experts.push_back(g.experts);
     auto c = local_cluster::start(sys, model::testing::tiny_dir(), layout);
     EXPECT_TRUE(c) << error_text(c.error());
     cluster = std::move(*c);
-
-    controller_options co;
-    co.shards = cluster->shards();
-    co.vocab_size = cluster->config().vocab_size;
-    co.metrics = registry;
-    for (size_t s = 0; s < co.shards.size(); ++s) co.shards_on_node["a" + std::to_string(s)] = {s};
-    for (size_t g = 0; g < layout.groups.size(); ++g) co.groups_on_node["g" + std::to_string(g)] = {static_cast<int64_t>(g)};
-    controller = spawn_controller(sys, co);
+    controller = spawn_controller(sys, actors::testing::failover_controller_options(*cluster, layout, registry));
 
     trainer_options to;
     to.shards = cluster->shards();
     to.routers = cluster->routers();
     to.groups = cluster->groups();
     to.model = cluster->config();
-    to.layout = uniform_layout(to.model, group_experts, 1);
+    to.layout = uniform_layout(to.model, actors::testing::group_experts(layout), 1);
     to.metrics = registry;
     to.shard_nodes = {"a0", "a1"};
     for (size_t g = 0; g < layout.groups.size(); ++g) to.group_nodes.push_back("g" + std::to_string(g));
     to.recovery_timeout = 60s;
-    to.shared_experts_group = 0;
+    to.shared_experts_group = actors::testing::shared_experts_group(layout);
     trainer = spawn_trainer(sys, to);
-
-    rebalancer_options r;
-    r.model = cluster->config();
-    r.routers = cluster->routers();
-    r.groups = cluster->groups();
-    r.group_node.assign(r.groups.size(), 0);
-    r.controller = controller;
-    r.trainer = trainer;
-    r.current = to.layout;
-    r.shared_experts_group = 0;
-    r.phase_timeout = 60s;
-    r.metrics = registry;
-    auto spawned = spawn_rebalancer(sys, r);
-    EXPECT_TRUE(spawned) << error_text(spawned.error());
-    rebalancer = *spawned;
-    caf::anon_send(controller, use_failover_atom::value, rebalancer);
+    rebalancer = actors::testing::spawn_failover(sys, *cluster, layout, controller, registry, trainer);
 
     training_jobs_options jo;
     jo.trainer = trainer;
@@ -95,18 +71,13 @@ struct harness {
       if (a) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
   }
 
-  // What the membership sends when a node goes down.
+  // What the membership sends when a node goes down, to both who act on it.
   void down(const std::string& node) {
-    member_event ev;
-    ev.node = node;
-    ev.from = member_state::up;
-    ev.to = member_state::down;
-    ev.reason = "killed by the test";
-    caf::anon_send(controller, ev);
-    caf::anon_send(trainer, ev);
+    caf::anon_send(controller, actors::testing::node_down(node));
+    caf::anon_send(trainer, actors::testing::node_down(node));
   }
 
-  std::string metrics() const { return prometheus::TextSerializer{}.Serialize(registry->Collect()); }
+  std::string metrics() const { return actors::testing::metrics_text(*registry); }
 };
 
 training_job make_job() {
@@ -158,11 +129,7 @@ run_result run(harness& h, int64_t fault_after = 0, const std::function<void()>&
   return out;
 }
 
-double counter(const std::string& text, const std::string& series) {
-  auto at = text.find("\n" + series + " ");
-  if (at == std::string::npos) return -1;
-  return std::stod(text.substr(at + series.size() + 2));
-}
+using actors::testing::counter;
 
 const run_result& baseline() {
   static const run_result r = [] {
