@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <chrono>
 #include <map>
@@ -321,6 +322,19 @@ std::string expert_prefix(int64_t layer, int64_t expert) {
   return expert == model::shared_experts_id ? l + "shared_experts." : l + "experts." + std::to_string(expert) + ".";
 }
 
+// An expert's (routed or shared) trained weights under its prefix, in the order of its
+// gradients (model::mlp_grads): what training state, snapshots and rollbacks name.
+constexpr std::array<const char*, 3> expert_weights{"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
+
+// The state entries (name, shape, values) of the expert under `prefix`; it is held.
+void append_state_entries(replica_store& store, const std::string& prefix, std::vector<state_entry>& out) {
+  for (const char* part : expert_weights) {
+    const auto* v = store.find(prefix + part);
+    MOE_ASSERT(v != nullptr);
+    out.push_back({prefix + part, v->shape(), v->data()});
+  }
+}
+
 // The training sets of the serving version (the oldest held), bound on first use and again after
 // a rebalance committed another version; AdamW's moments carry over by name.
 caf::expected<group_training*> training_for(pointer self, uint32_t version) {
@@ -508,12 +522,13 @@ caf::expected<uint64_t> train_apply(pointer self, const train_update& u) {
   std::vector<model::parameter_ref> params;
   std::vector<std::span<float>> grads;
   auto add = [&](const std::string& prefix, model::mlp_grads& g) {
-    for (auto [name, grad] : {std::pair{"gate_proj.weight", &g.gate_proj}, std::pair{"up_proj.weight", &g.up_proj},
-                              std::pair{"down_proj.weight", &g.down_proj}}) {
-      model::host_tensor* value = st.store.find(prefix + name);
-      MOE_ASSERT(value != nullptr && value->data().size() == grad->size());  // the sets are bound to them
-      params.push_back({prefix + name, value->data(), *grad});
-      grads.emplace_back(*grad);
+    const std::array<std::span<float>, 3> parts{g.gate_proj, g.up_proj, g.down_proj};
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const std::string name = prefix + expert_weights[i];
+      model::host_tensor* value = st.store.find(name);
+      MOE_ASSERT(value != nullptr && value->data().size() == parts[i].size());  // the sets are bound to them
+      params.push_back({name, value->data(), parts[i]});
+      grads.push_back(parts[i]);
     }
   };
   for (auto& [key, g] : (*t)->grads) add(expert_prefix(key.first, key.second), g);
@@ -532,7 +547,7 @@ caf::expected<int64_t> train_restore(pointer self, const owner_state& snapshot, 
   auto& st = self->state;
   std::vector<restore_target> targets;
   auto add = [&](const std::string& prefix) -> caf::error {
-    for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}) {
+    for (const char* part : expert_weights) {
       model::host_tensor* v = st.store.find(prefix + part);
       if (!v) return training_error(st, "holds no " + prefix + part);
       targets.push_back({prefix + part, v->data()});
@@ -856,11 +871,7 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys, mod
             if (!st.store.holds({pairs[i], pairs[i + 1]}))
               return training_error(st, "does not hold expert " + std::to_string(pairs[i + 1]) + " of layer " +
                                             std::to_string(pairs[i]));
-            const auto prefix = expert_prefix(pairs[i], pairs[i + 1]);
-            for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}) {
-              const auto* v = st.store.find(prefix + part);
-              entries.push_back({prefix + part, v->shape(), v->data()});
-            }
+            append_state_entries(st.store, expert_prefix(pairs[i], pairs[i + 1]), entries);
           }
           training_owner none;
           auto s = st.training ? st.training->owner.state(entries) : none.state(entries);
@@ -872,14 +883,10 @@ caf::expected<expert_group_actor> spawn_expert_group(caf::actor_system& sys, mod
           auto t = training_for(self, st.versions.begin()->first);
           if (!t) return std::move(t.error());
           std::vector<state_entry> entries;
-          auto add = [&](const std::string& prefix) {
-            for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}) {
-              const auto* v = st.store.find(prefix + part);
-              entries.push_back({prefix + part, v->shape(), v->data()});
-            }
-          };
-          for (const auto& [key, g] : (*t)->grads) add(expert_prefix(key.first, key.second));
-          for (const auto& [layer, g] : (*t)->shared_grads) add(expert_prefix(layer, model::shared_experts_id));
+          for (const auto& [key, g] : (*t)->grads)
+            append_state_entries(st.store, expert_prefix(key.first, key.second), entries);
+          for (const auto& [layer, g] : (*t)->shared_grads)
+            append_state_entries(st.store, expert_prefix(layer, model::shared_experts_id), entries);
           auto s = (*t)->owner.state(entries);
           if (auto err = export_owner_state(st.options.transport, self->node(), reply_node(self), s)) return err;
           return s;
