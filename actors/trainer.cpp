@@ -523,6 +523,13 @@ caf::result<train_step_report> enqueue_step(pointer self, train_batch& b) {
 void lose(pointer self, std::string why) {
   auto& st = self->state;
   st.lost = std::move(why);
+  // A cluster that has only served loses no training: said, not counted as a failed recovery.
+  const bool idle = st.steps_done == 0 && !st.running && st.waiting.empty() && !st.recovery;
+  if (idle) {
+    spdlog::warn("training: {} (no training step had run)", st.lost);
+    answer_hold(st);
+    return;
+  }
   spdlog::error("training: {}", st.lost);
   auto err = [&] { return make_error(trainer_errc::unavailable, st.lost); };
   for (auto& w : st.waiting) w.promise.deliver(err());

@@ -3,7 +3,10 @@
 #include <caf/io/middleman.hpp>
 #include <caf/openssl/manager.hpp>
 
+#include <spdlog/spdlog.h>
+
 #include "base/assert.hpp"
+#include "runtime/openssl_error_queue.hpp"
 
 #include "runtime/caf_types.hpp"
 
@@ -27,6 +30,10 @@ actor_system_config::actor_system_config(const options& opts) {
     openssl_passphrase = opts.tls->passphrase;
     openssl_cafile = opts.tls->ca_file.string();
     openssl_capath.clear();
+    // Else one failed TLS connection closes the process's healthy ones (openssl_error_queue.hpp).
+    if (!openssl_error_queue_guarded())
+      spdlog::warn("TLS: this executable does not export the OpenSSL error-queue guard "
+                   "(runtime/openssl_error_queue.hpp): a failed TLS link may close healthy ones");
   }
   if (opts.num_worker_threads > 0) set("scheduler.max-threads", opts.num_worker_threads);
   set("scheduler.policy", caf::atom_from_string(opts.scheduler_policy));
