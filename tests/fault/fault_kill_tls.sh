@@ -15,22 +15,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" kill_tls
 
 command -v openssl >/dev/null || skip "no openssl command (certificates are made with it)"
-# A CA and a certificate for the nodes, as docs/operations.md makes them; a stranger's from
-# another CA.
-mkdir -p "$TMP/tls"
-printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n' \
-  >"$TMP/tls/node.ext"
-make_ca() {  # NAME
-  openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 -sha256 -days 3650 \
-    -subj "/O=moe/CN=$1" -keyout "$TMP/tls/$1.key" -out "$TMP/tls/$1.pem" 2>/dev/null
-}
-make_cert() {  # CA NAME
-  openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 -subj "/O=moe/CN=$2" \
-    -keyout "$TMP/tls/$2.key" -out "$TMP/tls/$2.csr" 2>/dev/null &&
-    openssl x509 -req -in "$TMP/tls/$2.csr" -CA "$TMP/tls/$1.pem" -CAkey "$TMP/tls/$1.key" \
-      -CAcreateserial -sha256 -days 30 -extfile "$TMP/tls/node.ext" -out "$TMP/tls/$2.pem" 2>/dev/null
-}
-make_ca cluster-ca && make_cert cluster-ca node && make_ca other-ca && make_cert other-ca stranger ||
+# A CA and a certificate for the nodes; a stranger's from another CA.
+source "$ROOT/tests/tools/tls_certs.sh" "$TMP/tls"
+tls_make_ca cluster-ca && tls_make_cert cluster-ca node && tls_make_ca other-ca && tls_make_cert other-ca stranger ||
   die "cannot make certificates with openssl"
 
 write_config() {  # FILE CERT CA

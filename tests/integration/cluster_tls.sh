@@ -35,19 +35,8 @@ done
 [[ -n $BASE ]] || { echo "FAIL: no free ports" >&2; exit 1; }
 
 # A CA and a node certificate, as docs/operations.md makes them.
-make_ca() {  # NAME
-  openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 -sha256 -days 3650 \
-    -subj "/O=moe/CN=$1" -keyout "$TMP/tls/$1.key" -out "$TMP/tls/$1.pem" 2>/dev/null
-}
-make_node() {  # CA NAME
-  openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 -subj "/O=moe/CN=$2" \
-    -keyout "$TMP/tls/$2.key" -out "$TMP/tls/$2.csr" 2>/dev/null &&
-    openssl x509 -req -in "$TMP/tls/$2.csr" -CA "$TMP/tls/$1.pem" -CAkey "$TMP/tls/$1.key" \
-      -CAcreateserial -sha256 -days 30 -extfile "$TMP/tls/node.ext" -out "$TMP/tls/$2.pem" 2>/dev/null
-}
-mkdir -p "$TMP/tls"
-printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n' >"$TMP/tls/node.ext"
-make_ca cluster-ca && make_node cluster-ca n0 && make_ca other-ca && make_node other-ca stranger ||
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/tls_certs.sh" "$TMP/tls"
+tls_make_ca cluster-ca && tls_make_cert cluster-ca n0 && tls_make_ca other-ca && tls_make_cert other-ca stranger ||
   { echo "FAIL: cannot make certificates" >&2; exit 1; }
 
 write_config() {  # FILE TLS-LINES

@@ -171,6 +171,13 @@ std::vector<outcome> run(harness& h, const std::vector<generation_job>& jobs, si
   return out;
 }
 
+// The outcomes of `jobs` on a fresh cluster of `layout` (with a failover) when nothing fails.
+std::vector<outcome> fault_free(const cluster_layout& layout, const std::vector<generation_job>& jobs,
+                                controller_limits limits = {}) {
+  harness h(layout, true, limits);
+  return run(h, jobs);
+}
+
 void down(harness& h, const std::string& node) { caf::anon_send(h.controller, actors::testing::node_down(node)); }
 
 void expect_same(const std::vector<outcome>& baseline, const std::vector<outcome>& faulted) {
@@ -190,11 +197,7 @@ TEST(recovery, a_lost_attention_shard_loses_no_request_and_changes_no_token) {
   // At most 12 running per shard: shard 1 surely holds requests when it is lost.
   controller_limits lim;
   lim.max_running_requests = 12;
-  std::vector<outcome> baseline;
-  {
-    harness h(even_layout(2, 3, 16), true, lim);
-    baseline = run(h, jobs);
-  }
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs, lim);
   harness h(even_layout(2, 3, 16), true, lim);
   const auto faulted = run(h, jobs, 24, [&] {
     // The down event first, as the membership sends it before anyone notices the silence;
@@ -217,11 +220,7 @@ TEST(recovery, a_shard_step_failing_before_the_down_event_is_replayed_when_it_co
   const auto jobs = workload(24, 30);
   controller_limits lim;
   lim.max_running_requests = 12;
-  std::vector<outcome> baseline;
-  {
-    harness h(even_layout(2, 3, 16), true, lim);
-    baseline = run(h, jobs);
-  }
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs, lim);
   harness h(even_layout(2, 3, 16), true, harness_options{lim, 0ms, true, 30s});
   const auto faulted = run(h, jobs, 24, [&] {
     caf::anon_send(h.flaky[1], fail_steps_atom::value, -1);
@@ -239,11 +238,7 @@ TEST(recovery, a_shard_step_failing_before_the_down_event_is_replayed_when_it_co
 // the group's node is reported down. The step runs again after the failover.
 TEST(recovery, a_step_failing_before_a_groups_down_event_is_replayed_after_the_failover) {
   const auto jobs = workload(24, 30);
-  std::vector<outcome> baseline;
-  {
-    harness h(even_layout(2, 3, 16), true);
-    baseline = run(h, jobs);
-  }
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs);
   harness h(even_layout(2, 3, 16), true, harness_options{{}, 0ms, true, 30s});
   const auto faulted = run(h, jobs, 24, [&] {
     caf::anon_send(h.flaky[0], fail_steps_atom::value, 1);
@@ -261,11 +256,7 @@ TEST(recovery, a_step_failing_before_a_groups_down_event_is_replayed_after_the_f
 // the requests of the failed steps fail with the reason, the others finish unchanged, none hang.
 TEST(recovery, a_step_failure_no_node_explains_fails_its_requests_after_the_grace) {
   const auto jobs = workload(16, 30);
-  std::vector<outcome> baseline;
-  {
-    harness h(even_layout(2, 3, 16), true);
-    baseline = run(h, jobs);
-  }
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs);
   harness h(even_layout(2, 3, 16), true, harness_options{{}, 0ms, true, 200ms});
   const auto out = run(h, jobs, 16, [&] { caf::anon_send(h.flaky[1], fail_steps_atom::value, -1); });
   size_t failed = 0;
@@ -284,11 +275,7 @@ TEST(recovery, a_step_failure_no_node_explains_fails_its_requests_after_the_grac
 
 TEST(recovery, lost_expert_groups_fail_over_and_change_no_token) {
   const auto jobs = workload(24, 30);
-  std::vector<outcome> baseline;
-  {
-    harness h(even_layout(2, 3, 16), true);
-    baseline = run(h, jobs);
-  }
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs);
   // Group 2 holds experts 11-15 and nothing else does: survivors load them from the checkpoint.
   harness h(even_layout(2, 3, 16), true);
   const auto faulted = run(h, jobs, 24, [&] {
@@ -318,11 +305,7 @@ TEST(recovery, replicated_experts_keep_serving_from_their_replicas) {
   g[2].experts = {0, 1, 2, 3, 4};
   g[2].holds_shared_experts = false;
   const auto jobs = workload(16, 30);
-  std::vector<outcome> baseline;
-  {
-    harness h(layout, true);
-    baseline = run(h, jobs);
-  }
+  const auto baseline = fault_free(layout, jobs);
   harness h(layout, true);
   const auto faulted = run(h, jobs, 16, [&] {
     down(h, "g2");
@@ -336,11 +319,7 @@ TEST(recovery, replicated_experts_keep_serving_from_their_replicas) {
 
 TEST(recovery, lost_shared_experts_move_to_a_survivor_and_change_no_token) {
   const auto jobs = workload(16, 30);
-  std::vector<outcome> baseline;
-  {
-    harness h(even_layout(2, 3, 16), true);
-    baseline = run(h, jobs);
-  }
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs);
   // Group 0 holds the shared experts and experts 0-4: a survivor loads both from the checkpoint
   // and the routers send the shared rows there from the new placement on.
   harness h(even_layout(2, 3, 16), true);
