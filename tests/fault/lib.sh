@@ -265,11 +265,11 @@ compare() {
 # detection and recovery times after FAULT_UNIX. FAULT names the fault in the progress line
 # ("SIGKILL"); LABEL is compare-train's label, a printf format given the step the fault came at
 # and the job's step count. ROLLBACKS (default 1): the job must have rolled back at least that
-# often; 0: not at all (a fault nothing has to recover from). A failed comparison counts in
-# FAILURES (the test ends with `finish`).
+# often; 0: not at all (a fault nothing has to recover from). TRAIN_STEPS (default 40): a longer
+# job for a longer fault. A failed comparison counts in FAILURES (the test ends with `finish`).
 training_fault_run() {
   local victim=$1 fault=$2 inject=$3 label=$4 rollbacks=${5:-1}
-  local steps=40 fault_at=12 at
+  local steps=${TRAIN_STEPS:-40} fault_at=12 at
   local train=(--corpus "$ROOT/tests/data/corpus/apache-2.0.txt" --corpus-bytes 8192 --steps "$steps" --seq-len 32
     --batch 8 --lr 3e-3 --seed 3 --bound 150)
 
