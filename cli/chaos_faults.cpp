@@ -250,7 +250,7 @@ std::vector<link_command> link_commands(const std::string& ip, const std::string
     // The bucket holds at least one 64 KiB GSO packet (else tbf drops it) and 10 ms at the
     // rate; packets wait up to 5 s for tokens, so the link is slow, not lossy.
     const auto burst = std::max<int64_t>(70'000, static_cast<int64_t>(*s.rate_kbit * 1000 / 8 / 100));
-    out.push_back(cmd({tc, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", fmt::format("{:g}kbit", *s.rate_kbit),
+    out.push_back(cmd({tc, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", fmt::format("{}kbit", std::llround(*s.rate_kbit)),
                        "burst", std::to_string(burst), "latency", "5s"},
                       false));
   } else {

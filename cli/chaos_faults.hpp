@@ -67,7 +67,8 @@ struct netem_spec {
 };
 
 /// `ip netns exec NS tc qdisc replace dev DEV root netem ...` (or `... qdisc del ...` to clear).
-/// Exposed for tests. Precondition: the spec was checked by check_netem_spec.
+/// Exposed for tests (tests/unit/cli/chaos_faults_test.cpp). Precondition: the spec was checked
+/// by check_netem_spec.
 [[nodiscard]] std::vector<std::string> netem_argv(const std::string& ip, const std::string& tc,
                                                   const std::string& netns, const std::string& dev,
                                                   const netem_spec& spec);
@@ -101,7 +102,8 @@ struct link_command {
 };
 
 /// The commands apply_link runs, in order, each `ip netns exec NS ...`: a spec replaces the
-/// device's whole link fault (its root qdisc, and its own nftables table). Exposed for tests.
+/// device's whole link fault (its root qdisc, and its own nftables table). Exposed for tests
+/// (tests/unit/cli/chaos_faults_test.cpp).
 /// Precondition: the spec and the device name were checked.
 [[nodiscard]] std::vector<link_command> link_commands(const std::string& ip, const std::string& tc,
                                                       const std::string& nft, const std::string& netns,
