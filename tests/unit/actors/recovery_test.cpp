@@ -106,6 +106,12 @@ struct harness {
     for (auto& f : flaky) caf::anon_send_exit(f, caf::exit_reason::user_shutdown);
   }
 
+  // Waits (bounded) until the flaky shard has failed a step: the fault has surely happened.
+  void await_failed_step(size_t shard) {
+    for (int i = 0; i < 600 && failed_steps(shard) < 1; ++i) std::this_thread::sleep_for(50ms);
+    EXPECT_GE(failed_steps(shard), 1) << "shard " << shard << " got no step to fail";
+  }
+
   int failed_steps(size_t shard) {
     caf::scoped_actor self{sys};
     int n = -1;
@@ -224,6 +230,7 @@ TEST(recovery, a_shard_step_failing_before_the_down_event_is_replayed_when_it_co
   harness h(even_layout(2, 3, 16), true, harness_options{lim, 0ms, true, 30s});
   const auto faulted = run(h, jobs, 24, [&] {
     caf::anon_send(h.flaky[1], fail_steps_atom::value, -1);
+    h.await_failed_step(1);
     std::this_thread::sleep_for(300ms);  // the membership is slow to notice
     down(h, "a1");
   });
@@ -238,10 +245,13 @@ TEST(recovery, a_shard_step_failing_before_the_down_event_is_replayed_when_it_co
 // the group's node is reported down. The step runs again after the failover.
 TEST(recovery, a_step_failing_before_a_groups_down_event_is_replayed_after_the_failover) {
   const auto jobs = workload(24, 30);
-  const auto baseline = fault_free(even_layout(2, 3, 16), jobs);
-  harness h(even_layout(2, 3, 16), true, harness_options{{}, 0ms, true, 30s});
+  controller_limits lim;
+  lim.max_running_requests = 12;  // both shards hold requests, shard 0 surely takes steps
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs, lim);
+  harness h(even_layout(2, 3, 16), true, harness_options{lim, 0ms, true, 30s});
   const auto faulted = run(h, jobs, 24, [&] {
     caf::anon_send(h.flaky[0], fail_steps_atom::value, 1);
+    h.await_failed_step(0);
     std::this_thread::sleep_for(300ms);
     down(h, "g2");
     caf::anon_send_exit(h.cluster->groups()[2], caf::exit_reason::kill);
@@ -256,8 +266,10 @@ TEST(recovery, a_step_failing_before_a_groups_down_event_is_replayed_after_the_f
 // the requests of the failed steps fail with the reason, the others finish unchanged, none hang.
 TEST(recovery, a_step_failure_no_node_explains_fails_its_requests_after_the_grace) {
   const auto jobs = workload(16, 30);
-  const auto baseline = fault_free(even_layout(2, 3, 16), jobs);
-  harness h(even_layout(2, 3, 16), true, harness_options{{}, 0ms, true, 200ms});
+  controller_limits lim;
+  lim.max_running_requests = 8;  // both shards hold requests
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs, lim);
+  harness h(even_layout(2, 3, 16), true, harness_options{lim, 0ms, true, 200ms});
   const auto out = run(h, jobs, 16, [&] { caf::anon_send(h.flaky[1], fail_steps_atom::value, -1); });
   size_t failed = 0;
   for (size_t i = 0; i < out.size(); ++i) {
