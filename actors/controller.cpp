@@ -12,6 +12,8 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/controller_metrics.hpp"
+#include "runtime/data_plane.hpp"
+#include "runtime/ucx/ucx.hpp"
 
 namespace moe::actors {
 
@@ -90,6 +92,10 @@ struct controller_state {
   uint64_t next_job = 1;
   uint64_t next_step = 1;
   uint64_t next_suspension = 1;
+  // Node failures (down events of nodes running our shards or groups) so far, and when the last
+  // was: a step sent before one, or failing for a lost peer soon after one, is that node's.
+  uint64_t node_failures = 0;
+  clock_type::time_point last_node_failure{};
   std::optional<controller_metrics> metrics;
   // hold_steps: the active hold (0: none), whether its answer is still owed, and holds waiting.
   uint64_t hold = 0;
@@ -303,24 +309,38 @@ void settle_failed_step(pointer self, const std::vector<uint64_t>& ids, bool pre
   }
 }
 
-bool is_receiver_down(const caf::error& err) {
-  return err.category() == caf::atom("system") &&
-         err.code() == static_cast<uint8_t>(caf::sec::request_receiver_down);
+// Errors that a node dying produces before, or around, its down event: an actor that is gone,
+// a data-plane peer whose endpoint failed (runtime/data_plane.hpp, ucx/ucx.hpp).
+bool signals_node_loss(const caf::error& err) {
+  const auto cat = err.category();
+  const auto code = err.code();
+  if (cat == caf::atom("system")) return code == static_cast<uint8_t>(caf::sec::request_receiver_down);
+  if (cat == caf::atom("data_plane")) return code == static_cast<uint8_t>(runtime::data_plane_errc::peer_lost);
+  if (cat == caf::atom("ucx"))
+    return code == static_cast<uint8_t>(runtime::ucx::ucx_errc::transfer_failed) ||
+           code == static_cast<uint8_t>(runtime::ucx::ucx_errc::connect_failed);
+  return false;
 }
 
-void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bool prefill,
+void on_step_failed(pointer self, size_t s, const std::vector<uint64_t>& ids, bool prefill, uint64_t sent_after,
                     const caf::error& err) {
   auto& st = self->state;
   auto& sh = st.shards[s];
   sh.busy = false;
   if (!sh.lost.empty()) return;
-  // A step that waited on a lost expert group (controller_errc::unavailable from its router),
-  // or any step failing while groups fail over, is run again once the routers have switched.
-  const bool replayable = (err.category() == caf::atom("controller") &&
-                           err.code() == static_cast<uint8_t>(controller_errc::unavailable)) ||
-                          st.failovers_running > 0;
+  // Run again (once the routers have switched, if they must): a step that waited on a lost
+  // expert group (controller_errc::unavailable from its router); any step failing while groups
+  // fail over, or that was in flight when a node went down (its failure is that node's, however
+  // late it arrives: a data-plane receive from the dead peer fails only when UCX gives up on
+  // the endpoint); a lost peer's error within failure_grace after a node failure.
+  const bool node_loss = signals_node_loss(err);
+  const bool replayable =
+      (err.category() == caf::atom("controller") &&
+       err.code() == static_cast<uint8_t>(controller_errc::unavailable)) ||
+      st.failovers_running > 0 || sent_after < st.node_failures ||
+      (node_loss && st.node_failures > 0 && clock_type::now() - st.last_node_failure < st.options.failure_grace);
   const std::string why = moe::error_text(err);
-  if (!replayable && is_receiver_down(err) && st.options.failure_grace.count() > 0) {
+  if (!replayable && node_loss && st.options.failure_grace.count() > 0) {
     // The shard's node, or that of a group its router asked, may have died with the down event
     // still on its way (a dropped connection fails requests at once; the membership reports
     // it a moment later). Whether to replay is decided by that event, or by its absence.
@@ -343,7 +363,7 @@ void on_step_grace_over(pointer self, size_t s, uint64_t id) {
   auto step = std::move(*st.shards[s].suspended);
   st.shards[s].suspended.reset();
   settle_failed_step(self, step.jobs, step.prefill, false,
-                     "shard " + std::to_string(s) + ": " + step.why + " (an actor the step needed is gone and no node went down within " +
+                     "shard " + std::to_string(s) + ": " + step.why + " (an actor or peer the step needed is gone and no node went down within " +
                          std::to_string(st.options.failure_grace.count()) + " ms)");
   update_gauges(st);
   pump(self);
@@ -353,9 +373,10 @@ void send_step(pointer self, size_t s, step_request req, std::vector<uint64_t> i
   auto& st = self->state;
   st.shards[s].busy = true;
   const bool prefill = req.prefill;
+  const uint64_t sent_after = st.node_failures;
   self->request(st.shards[s].handle, caf::infinite, step_atom::value, std::move(req))
       .then([self, s, ids, prefill](step_result& r) { on_step_done(self, s, ids, prefill, r); },
-            [self, s, ids, prefill](caf::error& e) { on_step_failed(self, s, ids, prefill, e); });
+            [self, s, ids, prefill, sent_after](caf::error& e) { on_step_failed(self, s, ids, prefill, sent_after, e); });
 }
 
 step_entry entry_for(const job& j, bool prefill) {
@@ -518,6 +539,8 @@ void on_member_event(pointer self, const member_event& ev) {
       if (s < st.shards.size() && st.shards[s].lost.empty()) routers.push_back(static_cast<int64_t>(s));
   }
   if (routers.empty() && groups.empty()) return;  // nothing of ours ran there (or known already)
+  ++st.node_failures;
+  st.last_node_failure = clock_type::now();
   recovery rec;
   rec.node = ev.node;
   rec.start = clock_type::now();

@@ -16,6 +16,7 @@
 #include "actors/rebalancer.hpp"
 #include "actors/trainer.hpp"
 #include "runtime/actor_system.hpp"
+#include "runtime/data_plane.hpp"
 #include "tests/unit/actors/failover_fixture.hpp"
 
 using namespace moe;
@@ -37,6 +38,7 @@ runtime::actor_system_config make_config() {
 
 using fail_steps_atom = caf::atom_constant<caf::atom("fail_steps")>;
 using failed_atom = caf::atom_constant<caf::atom("failed")>;
+using peer_lost_atom = caf::atom_constant<caf::atom("peer_lost")>;
 
 // Stands in front of a real shard. Told (fail_steps, n), it answers the next n steps (n < 0:
 // every later one) as a dropped connection does, request_receiver_down, without passing them
@@ -45,6 +47,7 @@ caf::behavior flaky_shard(caf::event_based_actor* self, attention_actor real) {
   struct counts {
     int to_fail = 0;
     int failed = 0;
+    bool peer_lost = false;
   };
   auto c = std::make_shared<counts>();
   return {
@@ -52,10 +55,20 @@ caf::behavior flaky_shard(caf::event_based_actor* self, attention_actor real) {
         if (c->to_fail == 0) return self->delegate(real, a, std::move(r));
         if (c->to_fail > 0) --c->to_fail;
         ++c->failed;
+        if (c->peer_lost)
+          return runtime::make_error(runtime::data_plane_errc::peer_lost, "payload transfer broke off: Endpoint timeout");
         return caf::make_error(caf::sec::request_receiver_down);
       },
       [=](release_atom a, std::vector<uint64_t>& ids) { self->send(real, a, std::move(ids)); },
-      [=](fail_steps_atom, int n) { c->to_fail = n; },
+      [=](fail_steps_atom, int n) {
+        c->to_fail = n;
+        c->peer_lost = false;
+      },
+      // As a data-plane receive from a dead peer fails: when UCX gives up on its endpoint.
+      [=](fail_steps_atom, int n, peer_lost_atom) {
+        c->to_fail = n;
+        c->peer_lost = true;
+      },
       [=](failed_atom) { return c->failed; },
   };
 }
@@ -260,6 +273,27 @@ TEST(recovery, a_step_failing_before_a_groups_down_event_is_replayed_after_the_f
   EXPECT_EQ(h.failed_steps(0), 1);
   const auto m = h.metrics();
   EXPECT_EQ(counter(m, "moe_recoveries_total{kind=\"experts\",outcome=\"ok\"}"), 1) << m;
+}
+
+// A data-plane receive from the dead node's peer fails only when UCX gives up on the endpoint,
+// which can be after the failover is done: that failure is still the node's, and replayed.
+TEST(recovery, a_lost_peers_error_after_the_failover_is_replayed) {
+  const auto jobs = workload(24, 30);
+  controller_limits lim;
+  lim.max_running_requests = 12;
+  const auto baseline = fault_free(even_layout(2, 3, 16), jobs, lim);
+  harness h(even_layout(2, 3, 16), true, harness_options{lim, 0ms, true, 30s});
+  const auto faulted = run(h, jobs, 24, [&] {
+    down(h, "g2");
+    caf::anon_send_exit(h.cluster->groups()[2], caf::exit_reason::kill);
+    for (int i = 0; i < 600 && counter(h.metrics(), "moe_recovery_seconds_count") < 1; ++i)
+      std::this_thread::sleep_for(10ms);
+    caf::anon_send(h.flaky[0], fail_steps_atom::value, 1, peer_lost_atom::value);
+    h.await_failed_step(0);
+  });
+  expect_same(baseline, faulted);
+  EXPECT_EQ(h.failed_steps(0), 1);
+  EXPECT_EQ(counter(h.metrics(), "moe_recoveries_total{kind=\"experts\",outcome=\"ok\"}"), 1);
 }
 
 // Without a down event to explain it, such a failure is reported once the grace has passed:
