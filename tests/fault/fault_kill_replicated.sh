@@ -28,8 +28,8 @@ for n in n0 n1 n2; do
   [[ $held == *group:* && $held != *attention:* ]] || continue
   # Every expert this node holds must be held elsewhere too.
   mine=$(tr ' ' '\n' <<<"$held" | sed -n 's/^group:[0-9]*://p' | tr ',' '\n' |
-    awk -F- '{ for (i = $1; i <= ($2 == "" ? $1 : $2); i++) print i }' | sort -n | uniq)
-  others=$(experts_elsewhere $n | tr ' ' '\n' | sort -n)
+    awk -F- '{ for (i = $1; i <= ($2 == "" ? $1 : $2); i++) print i }' | sort -u)
+  others=$(experts_elsewhere $n | tr ' ' '\n' | sort -u)  # comm wants the same (lexical) order
   [[ -z $(comm -23 <(echo "$mine") <(echo "$others")) ]] && [[ $held != *group:0:* ]] && { VICTIM=$n; break; }
 done
 [[ -n $VICTIM ]] || die "no node holds only fully replicated expert groups (adapt the config)"

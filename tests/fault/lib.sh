@@ -179,8 +179,12 @@ serve_start() {
   PIDS+=("$SERVE_PID")
   local line=
   for _ in $(seq 900); do
-    line=$(grep "^serving " "$TMP/serve.out" 2>/dev/null | tail -n 1)
-    [[ -n $line && $(grep -c "^serving " "$TMP/serve.out") -ge ${SERVE_STARTS:-1} ]] && break
+    # One read: the count and the last line must come from the same moment (a second grep saw
+    # the new coordinator's line while the first had returned the old one's port).
+    local lines
+    lines=$(grep "^serving " "$TMP/serve.out" 2>/dev/null)
+    line=$(tail -n 1 <<<"$lines")
+    [[ -n $line && $(grep -c . <<<"$lines") -ge ${SERVE_STARTS:-1} ]] && break
     line=
     kill -0 "$SERVE_PID" 2>/dev/null || break
     sleep 0.1
