@@ -106,11 +106,14 @@ struct controller_options {
   /// Deadline of a request that names none (generation_job::deadline_ms == 0); zero: none. A
   /// request not finished by its deadline fails ("deadline exceeded") and frees what it held.
   std::chrono::milliseconds request_timeout{0};
-  /// A step that fails because an actor it needed is gone (caf::sec::request_receiver_down) is
-  /// usually the first sign of a node failure: the connection drops before the membership's
-  /// down event arrives. Its requests wait this long for that event (then they are replayed like
-  /// any other interrupted request; the shard takes no step meanwhile) before failing with the
-  /// error. Zero: they fail at once.
+  /// A step that fails because an actor or a data-plane peer it needed is gone
+  /// (caf::sec::request_receiver_down, data_plane_errc::peer_lost, UCX transfer or connect
+  /// failures) is usually the first sign of a node failure: the connection drops before the
+  /// membership's down event arrives. Its requests wait this long for that event (then they are
+  /// replayed like any other interrupted request; the shard takes no step meanwhile) before
+  /// failing with the error; within this long *after* a node failure such an error is replayed
+  /// at once. Zero: they fail at once. (A step in flight when a node went down is replayed
+  /// whatever its error.)
   std::chrono::milliseconds failure_grace{3'000};
   /// A hold_steps that is not resumed within this time ends by itself (its holder failed).
   std::chrono::milliseconds max_step_hold{30'000};
