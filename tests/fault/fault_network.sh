@@ -124,41 +124,55 @@ throttled() {
   ip netns exec "$NS_B" tc -s qdisc show dev "$PEER_B" | sed -n 's/.*overlimits \([0-9]*\).*/\1/p' | head -n 1
 }
 
+KBIT=${MOE_FAULT_LINK_KBIT:-2000}
+# The two faults of each kind, each until the load (or the job) reached a progress mark; FAULT_UNIX
+# ends at the first one's time. CONTEXT prefixes failures ("" or "training: ").
+netem_faults() {  # UNTIL_LOSS UNTIL_CLEAR
+  step "netem: delay 20 ms (+-5 ms) on n1's $PEER_B"
+  chaos netem --netns "$NS_B" --dev "$PEER_B" --delay 20 --jitter 5
+  local first=$FAULT_UNIX
+  wait_progress "$1"
+  step "netem: 2% loss on n1's $PEER_B"
+  chaos netem --netns "$NS_B" --dev "$PEER_B" --loss 2
+  wait_progress "$2"
+  chaos netem --netns "$NS_B" --dev "$PEER_B" --clear
+  FAULT_UNIX=$first
+}
+link_faults() {  # UNTIL_LOSS UNTIL_CLEAR CONTEXT
+  # Low enough that n1's share of the traffic queues, high enough that its heartbeats still get
+  # through well within the failure timeout.
+  step "link: rate limit $KBIT kbit/s on n1's $PEER_B"
+  chaos link --netns "$NS_B" --dev "$PEER_B" --rate "$KBIT"
+  local first=$FAULT_UNIX waited lost
+  wait_progress "$1"
+  waited=$(throttled)
+  echo "    packets that waited for the rate limit: ${waited:-?}"
+  [[ ${waited:-0} -gt 0 ]] || fail "${3}the rate limit delayed no packet (tbf overlimits ${waited:-?})"
+  step "link: 2% loss on n1's $PEER_B"
+  chaos link --netns "$NS_B" --dev "$PEER_B" --loss 2
+  wait_progress "$2"
+  lost=$(dropped)
+  echo "    packets dropped: ${lost:-?}"
+  [[ ${lost:-0} -gt 0 ]] || fail "${3}the drop rule dropped no packet"
+  chaos link --netns "$NS_B" --dev "$PEER_B" --clear
+  FAULT_UNIX=$first
+}
+
 load_start --requests 300 --rate 15 --deadline 60
 wait_progress 30
 FIRST_UNIX=
 LABEL=()
 if ((HAVE_NETEM)); then
-  step "netem: delay 20 ms (+-5 ms) on n1's $PEER_B"
-  chaos netem --netns "$NS_B" --dev "$PEER_B" --delay 20 --jitter 5
+  netem_faults $((HAVE_LINK ? 80 : 130)) $((HAVE_LINK ? 130 : 230))
   FIRST_UNIX=$FAULT_UNIX
-  wait_progress $((HAVE_LINK ? 80 : 130))
-  step "netem: 2% loss on n1's $PEER_B"
-  chaos netem --netns "$NS_B" --dev "$PEER_B" --loss 2
-  wait_progress $((HAVE_LINK ? 130 : 230))
-  chaos netem --netns "$NS_B" --dev "$PEER_B" --clear
   LABEL+=("netem delay 20 ms, then 2% loss")
 fi
 if ((HAVE_LINK)); then
   from=$((HAVE_NETEM ? 150 : 30))
   wait_progress "$from"
-  # Low enough that n1's share of the traffic queues, high enough that its heartbeats still get
-  # through well within the failure timeout.
-  step "link: rate limit ${MOE_FAULT_LINK_KBIT:-2000} kbit/s on n1's $PEER_B"
-  chaos link --netns "$NS_B" --dev "$PEER_B" --rate "${MOE_FAULT_LINK_KBIT:-2000}"
+  link_faults $((from + 50)) $((from + 100)) ""
   FIRST_UNIX=${FIRST_UNIX:-$FAULT_UNIX}
-  wait_progress $((from + 50))
-  waited=$(throttled)
-  echo "    packets that waited for the rate limit: ${waited:-?}"
-  [[ ${waited:-0} -gt 0 ]] || fail "the rate limit delayed no packet (tbf overlimits ${waited:-?})"
-  step "link: 2% loss on n1's $PEER_B"
-  chaos link --netns "$NS_B" --dev "$PEER_B" --loss 2
-  wait_progress $((from + 100))
-  lost=$(dropped)
-  echo "    packets dropped: ${lost:-?}"
-  [[ ${lost:-0} -gt 0 ]] || fail "the drop rule dropped no packet"
-  chaos link --netns "$NS_B" --dev "$PEER_B" --clear
-  LABEL+=("a ${MOE_FAULT_LINK_KBIT:-2000} kbit/s rate limit, then 2% loss (tbf, nftables)")
+  LABEL+=("a $KBIT kbit/s rate limit, then 2% loss (tbf, nftables)")
 fi
 load_wait
 # A late heartbeat may make n1 suspect (a warning; work goes on), never down.
@@ -172,31 +186,9 @@ compare --label "${label//;/; }, on one node" --fault-unix "$FIRST_UNIX" --requi
 # equals the baseline's. Two of the three expert groups (and their gradients) are on n1.
 # shellcheck disable=SC2317  # called by training_fault_run
 shape_during_training() {
-  local first
-  if ((HAVE_LINK)); then
-    chaos link --netns "$NS_B" --dev "$PEER_B" --rate "${MOE_FAULT_LINK_KBIT:-2000}"
-    first=$FAULT_UNIX
-    wait_progress 20
-    waited=$(throttled)
-    echo "    packets that waited for the rate limit: ${waited:-?}"
-    [[ ${waited:-0} -gt 0 ]] || fail "training: the rate limit delayed no packet"
-    chaos link --netns "$NS_B" --dev "$PEER_B" --loss 2
-    wait_progress 28
-    lost=$(dropped)
-    echo "    packets dropped: ${lost:-?}"
-    [[ ${lost:-0} -gt 0 ]] || fail "training: the drop rule dropped no packet"
-    chaos link --netns "$NS_B" --dev "$PEER_B" --clear
-  else
-    chaos netem --netns "$NS_B" --dev "$PEER_B" --delay 20 --jitter 5
-    first=$FAULT_UNIX
-    wait_progress 20
-    chaos netem --netns "$NS_B" --dev "$PEER_B" --loss 2
-    wait_progress 28
-    chaos netem --netns "$NS_B" --dev "$PEER_B" --clear
-  fi
-  FAULT_UNIX=$first
+  if ((HAVE_LINK)); then link_faults 20 28 "training: "; else netem_faults 20 28; fi
 }
-what="${MOE_FAULT_LINK_KBIT:-2000} kbit/s, then 2%% loss"  # a printf format
+what="$KBIT kbit/s, then 2%% loss"  # a printf format
 ((HAVE_LINK)) || what="20 ms delay, then 2%% loss"
 training_fault_run n1 "a slow and lossy link on" shape_during_training \
   "$what on n1's link during training (from step %s of %s)" 0
