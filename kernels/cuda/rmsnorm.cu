@@ -1,20 +1,13 @@
 #include <cuda_bf16.h>
 
+#include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/rmsnorm.hpp"
 
 namespace moe::kernels::cuda {
 namespace {
 
-template <typename T>
-__device__ float load(const T* p, int64_t i);
-template <>
-__device__ float load<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-__device__ float load<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ void store(float* p, int64_t i, float v) { p[i] = v; }
-__device__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
+using detail::load;
+using detail::store;
 
 constexpr int threads_per_row = 256;
 

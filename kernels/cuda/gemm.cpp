@@ -1,0 +1,178 @@
+#include "kernels/cuda/gemm.hpp"
+
+#include <cublasLt.h>
+
+#include <type_traits>
+
+namespace moe::kernels::cuda {
+namespace {
+
+cublasLtHandle_t as_handle(void* p) { return static_cast<cublasLtHandle_t>(p); }
+
+struct matmul_desc_deleter {
+  void operator()(cublasLtMatmulDesc_t d) const noexcept { cublasLtMatmulDescDestroy(d); }
+};
+struct layout_deleter {
+  void operator()(cublasLtMatrixLayout_t l) const noexcept { cublasLtMatrixLayoutDestroy(l); }
+};
+struct preference_deleter {
+  void operator()(cublasLtMatmulPreference_t p) const noexcept { cublasLtMatmulPreferenceDestroy(p); }
+};
+using matmul_desc_ptr = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulDesc_t>, matmul_desc_deleter>;
+using layout_ptr = std::unique_ptr<std::remove_pointer_t<cublasLtMatrixLayout_t>, layout_deleter>;
+using preference_ptr = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>, preference_deleter>;
+
+bool supported_types(dtype ab, dtype c) {
+  if (ab == dtype::bf16) return c == dtype::bf16 || c == dtype::f32;
+  if (ab == dtype::f32) return c == dtype::f32;
+  return false;
+}
+
+cudaDataType_t cuda_type(dtype t) { return t == dtype::bf16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+// The stored shape of a row-major operand seen column-major: a row-major (r, c) matrix with
+// leading dimension ld is a column-major (c, r) one with the same ld.
+layout_ptr make_layout(dtype t, int64_t rm_rows, int64_t rm_cols, int64_t ld, int64_t batch, int64_t stride,
+                       bool& ok) {
+  cublasLtMatrixLayout_t l = nullptr;
+  ok = cublasLtMatrixLayoutCreate(&l, cuda_type(t), static_cast<uint64_t>(rm_cols), static_cast<uint64_t>(rm_rows),
+                                  ld) == CUBLAS_STATUS_SUCCESS;
+  layout_ptr out{l};
+  if (ok && batch > 1) {
+    const int32_t count = static_cast<int32_t>(batch);
+    ok = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)) ==
+             CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)) ==
+             CUBLAS_STATUS_SUCCESS;
+  }
+  return out;
+}
+
+}  // namespace
+
+struct gemm_lt::plan {
+  matmul_desc_ptr desc;
+  layout_ptr a_layout;  // cuBLASLt's A: our B
+  layout_ptr b_layout;  // cuBLASLt's B: our A
+  layout_ptr c_layout;
+  cublasLtMatmulAlgo_t algo{};
+  bool found = false;   // false: cuBLASLt has no algorithm for this shape (remembered too)
+};
+
+void cublaslt_deleter::operator()(void* handle) const noexcept { cublasLtDestroy(as_handle(handle)); }
+
+gemm_lt::gemm_lt() = default;
+gemm_lt::gemm_lt(gemm_lt&&) noexcept = default;
+gemm_lt& gemm_lt::operator=(gemm_lt&&) noexcept = default;
+gemm_lt::~gemm_lt() = default;
+
+gemm_desc linear_desc(const void* x, const void* weight, void* y, int64_t rows, int64_t in_features,
+                      int64_t out_features, dtype ab_dt, dtype c_dt, float beta) noexcept {
+  gemm_desc d;
+  d.trans_b = transpose::yes;
+  d.m = rows;
+  d.n = out_features;
+  d.k = in_features;
+  d.a = x;
+  d.lda = in_features;
+  d.b = weight;
+  d.ldb = in_features;
+  d.beta = beta;
+  d.c = y;
+  d.ldc = out_features;
+  d.ab_dt = ab_dt;
+  d.c_dt = c_dt;
+  return d;
+}
+
+kernel_status gemm_can_run(const gemm_desc& d) noexcept {
+  if (!supported_types(d.ab_dt, d.c_dt)) return kernel_status::unsupported_dtype;
+  if (d.m < 0 || d.n < 0 || d.k < 0 || d.batch_count < 1) return kernel_status::unsupported_shape;
+  const bool ta = d.trans_a == transpose::yes, tb = d.trans_b == transpose::yes;
+  if (d.lda < (ta ? d.m : d.k) || d.ldb < (tb ? d.k : d.n) || d.ldc < d.n) return kernel_status::unsupported_shape;
+  if (d.lda < 1 || d.ldb < 1 || d.ldc < 1) return kernel_status::unsupported_shape;
+  if (d.stride_a < 0 || d.stride_b < 0 || d.stride_c < 0) return kernel_status::unsupported_shape;
+  // cuBLASLt takes 32-bit-ish sizes in places (batch count is int32).
+  if (d.batch_count > 0x7fffffff) return kernel_status::unsupported_shape;
+  if (d.m == 0 || d.n == 0) return kernel_status::ok;
+  // An empty sum (k == 0) is beta * C, which cuBLASLt does not promise to compute.
+  if (d.k == 0 || !d.a || !d.b || !d.c) return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
+kernel_status gemm_lt::create(gemm_lt& out) noexcept {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    cudaGetLastError();
+    return kernel_status::no_device;
+  }
+  cublasLtHandle_t h = nullptr;
+  if (cublasLtCreate(&h) != CUBLAS_STATUS_SUCCESS) return kernel_status::launch_failed;
+  out.handle_.reset(h);
+  out.plans_.clear();
+  return kernel_status::ok;
+}
+
+size_t gemm_lt::num_plans() const noexcept { return plans_.size(); }
+
+kernel_status gemm_lt::run(const gemm_desc& d, void* workspace, size_t workspace_bytes, cudaStream_t stream) noexcept {
+  if (auto s = gemm_can_run(d); s != kernel_status::ok) return s;
+  if (!handle_) return kernel_status::no_device;
+  if (d.m == 0 || d.n == 0) return kernel_status::ok;
+  if (!workspace) workspace_bytes = 0;
+  const bool ta = d.trans_a == transpose::yes, tb = d.trans_b == transpose::yes;
+  const bool beta_zero = d.beta == 0.0f;
+  const plan_key key{static_cast<int>(d.ab_dt), static_cast<int>(d.c_dt), d.m, d.n, d.k, d.lda, d.ldb, d.ldc,
+                     ta, tb, d.batch_count, d.stride_a, d.stride_b, d.stride_c, workspace_bytes, beta_zero};
+  auto it = plans_.find(key);
+  if (it == plans_.end()) {
+    auto p = std::make_unique<plan>();
+    cublasLtMatmulDesc_t desc = nullptr;
+    if (cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS)
+      return kernel_status::launch_failed;
+    p->desc.reset(desc);
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's first operand
+    // is our B, its second our A, each transposed exactly when ours is.
+    const cublasOperation_t op_first = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_second = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)) !=
+            CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)) !=
+            CUBLAS_STATUS_SUCCESS)
+      return kernel_status::launch_failed;
+    bool ok_a = false, ok_b = false, ok_c = false;
+    // Stored row-major shapes: B is (k, n), or (n, k) when transposed; A (m, k), or (k, m).
+    p->a_layout = make_layout(d.ab_dt, tb ? d.n : d.k, tb ? d.k : d.n, d.ldb, d.batch_count, d.stride_b, ok_a);
+    p->b_layout = make_layout(d.ab_dt, ta ? d.k : d.m, ta ? d.m : d.k, d.lda, d.batch_count, d.stride_a, ok_b);
+    p->c_layout = make_layout(d.c_dt, d.m, d.n, d.ldc, d.batch_count, d.stride_c, ok_c);
+    if (!ok_a || !ok_b || !ok_c) return kernel_status::launch_failed;
+    cublasLtMatmulPreference_t pref_raw = nullptr;
+    if (cublasLtMatmulPreferenceCreate(&pref_raw) != CUBLAS_STATUS_SUCCESS) return kernel_status::launch_failed;
+    preference_ptr pref{pref_raw};
+    const uint64_t ws = workspace_bytes;
+    if (cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) !=
+        CUBLAS_STATUS_SUCCESS)
+      return kernel_status::launch_failed;
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const auto st = cublasLtMatmulAlgoGetHeuristic(as_handle(handle_.get()), desc, p->a_layout.get(),
+                                                   p->b_layout.get(), p->c_layout.get(), p->c_layout.get(),
+                                                   pref_raw, 1, &result, &found);
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+      p->algo = result.algo;
+      p->found = true;
+    } else if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED) {
+      return kernel_status::launch_failed;
+    }
+    it = plans_.emplace(key, std::move(p)).first;
+  }
+  const plan& p = *it->second;
+  if (!p.found) return kernel_status::unsupported_shape;
+  const float alpha = d.alpha, beta = d.beta;
+  const auto st = cublasLtMatmul(as_handle(handle_.get()), p.desc.get(), &alpha, d.b, p.a_layout.get(), d.a,
+                                 p.b_layout.get(), &beta, d.c, p.c_layout.get(), d.c, p.c_layout.get(), &p.algo,
+                                 workspace, workspace_bytes, stream);
+  return st == CUBLAS_STATUS_SUCCESS ? kernel_status::ok : kernel_status::launch_failed;
+}
+
+}  // namespace moe::kernels::cuda

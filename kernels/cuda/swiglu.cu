@@ -1,0 +1,81 @@
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "kernels/cuda/element_access.cuh"
+#include "kernels/cuda/swiglu.hpp"
+
+namespace moe::kernels::cuda {
+namespace {
+
+using detail::load;
+using detail::store;
+
+constexpr int threads_per_block = 256;
+// Enough blocks to fill an H200 many times over; the grid-stride loop covers the rest.
+constexpr int64_t max_blocks = int64_t{1} << 16;
+
+// exp(-x) overflows to inf for x < -88 and x / inf = -0: the right limit, no NaN (as on the host).
+__device__ float silu(float x) {
+  return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x)));
+}
+
+// A flat grid-stride loop over rows * dim: coalesced whatever dim is, and every element is
+// read and written by the same thread, which is what makes out == gate or out == up safe.
+template <typename T>
+__global__ void swiglu_kernel(const T* gate, const T* up, T* out, int64_t n) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride)
+    store(out, i, __fmul_rn(silu(load(gate, i)), load(up, i)));
+}
+
+template <typename T>
+__global__ void swiglu_fused_kernel(const T* gate_up, T* out, int64_t dim, int64_t n) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int64_t r = i / dim, c = i - r * dim;
+    const T* gate = gate_up + r * 2 * dim;
+    store(out, i, __fmul_rn(silu(load(gate, c)), load(gate + dim, c)));
+  }
+}
+
+template <typename T>
+kernel_status launch(const swiglu_args& a, cudaStream_t stream) {
+  const int64_t n = a.rows * a.dim;
+  const auto blocks =
+      static_cast<unsigned>(std::min((n + threads_per_block - 1) / threads_per_block, max_blocks));
+  if (a.gate_up != nullptr)
+    swiglu_fused_kernel<T><<<blocks, threads_per_block, 0, stream>>>(
+        static_cast<const T*>(a.gate_up), static_cast<T*>(a.out), a.dim, n);
+  else
+    swiglu_kernel<T><<<blocks, threads_per_block, 0, stream>>>(
+        static_cast<const T*>(a.gate), static_cast<const T*>(a.up), static_cast<T*>(a.out), n);
+  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+}
+
+}  // namespace
+
+kernel_status swiglu_can_run(const swiglu_args& a) noexcept {
+  if (a.dt != dtype::f32 && a.dt != dtype::bf16) return kernel_status::unsupported_dtype;
+  if (a.rows < 0 || a.dim < 0) return kernel_status::unsupported_shape;
+  // rows * 2 * dim must index without overflow.
+  if (a.dim > 0 && a.rows > INT64_MAX / 4 / a.dim) return kernel_status::unsupported_shape;
+  if (a.rows == 0 || a.dim == 0) return kernel_status::ok;
+  const bool two_inputs = a.gate != nullptr && a.up != nullptr;
+  const bool fused = a.gate_up != nullptr;
+  if (two_inputs == fused || a.out == nullptr) return kernel_status::unsupported_shape;
+  if (fused && (a.gate != nullptr || a.up != nullptr)) return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
+kernel_status swiglu_run(const swiglu_args& a, cudaStream_t stream) noexcept {
+  if (auto s = swiglu_can_run(a); s != kernel_status::ok) return s;
+  if (a.rows == 0 || a.dim == 0) return kernel_status::ok;
+  switch (a.dt) {
+    case dtype::f32: return launch<float>(a, stream);
+    case dtype::bf16: return launch<__nv_bfloat16>(a, stream);
+    default: return kernel_status::unsupported_dtype;
+  }
+}
+
+}  // namespace moe::kernels::cuda

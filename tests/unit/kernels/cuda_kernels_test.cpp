@@ -1,0 +1,959 @@
+// The CUDA kernels against their CPU references (kernels/cpu/), on random inputs of odd and
+// DeepSeek-like shapes, in f32 and bf16. Each comparison needs a GPU and skips, with the reason,
+// without one; the can_run tests are host code and run wherever the CUDA backend is built.
+//
+// Tolerances:
+//  - exact: expert indices, permute offsets/positions/inverse/rows, argmax tokens, and every
+//    element a kernel must leave untouched;
+//  - f32 elementwise: 1e-6 relative (of the result, or of the sum of the magnitudes of the terms
+//    where terms can cancel): a few float32 ulps (2^-23 ~ 1.2e-7) for CUDA's expf (2 ulp) against
+//    glibc's, where the kernels do not already reproduce the host's arithmetic bit for bit;
+//  - bf16: inputs are rounded to bf16 on the host before the reference runs, so reference and
+//    kernel compute from the same values and differ only where the kernel's float32 result
+//    (within the f32 tolerance of the reference) rounds to the neighbouring bf16: at most
+//    1 bf16 ulp (bf16 keeps 8 significant bits: an ulp is 2^-7 of the leading power of two,
+//    the rounding error at most 2^-8 of the value).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cpu/moe_gate.hpp"
+#include "kernels/cpu/permute.hpp"
+#include "kernels/cpu/rope.hpp"
+#include "kernels/cpu/sampling.hpp"
+#include "kernels/cpu/swiglu.hpp"
+#include "kernels/cuda/moe_gate.hpp"
+#include "kernels/cuda/permute.hpp"
+#include "kernels/cuda/rope.hpp"
+#include "kernels/cuda/sampling.hpp"
+#include "kernels/cuda/swiglu.hpp"
+#include "tests/unit/kernels/random_tensor.hpp"
+
+namespace moe::kernels {
+namespace {
+
+using cpu::testing::random_floats;
+
+// ---------------------------------------------------------------------------------------------
+// Device availability, buffers, bf16 on the host.
+
+const std::string& cuda_unavailable_reason() {
+  static const std::string reason = [] {
+    int count = 0;
+    if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess)
+      return std::string{cudaGetErrorString(e)};
+    return count == 0 ? std::string{"cudaGetDeviceCount found no device"} : std::string{};
+  }();
+  return reason;
+}
+
+#define MOE_KERNELS_SKIP_WITHOUT_GPU()                                   \
+  do {                                                                   \
+    if (const auto& reason = cuda_unavailable_reason(); !reason.empty()) \
+      GTEST_SKIP() << "no GPU: " << reason;                              \
+  } while (false)
+
+// Owns one cudaMalloc allocation.
+class device_buffer {
+ public:
+  explicit device_buffer(size_t bytes) : bytes_(bytes) {
+    if (bytes > 0 && cudaMalloc(&ptr_, bytes) != cudaSuccess) ptr_ = nullptr;
+  }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+  ~device_buffer() {
+    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+  }
+  [[nodiscard]] void* get() const { return ptr_; }
+  template <class T>
+  [[nodiscard]] T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  [[nodiscard]] size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+template <class T>
+[[nodiscard]] bool upload(device_buffer& d, const std::vector<T>& v) {
+  return v.size() * sizeof(T) <= d.bytes() &&
+         (v.empty() || cudaMemcpy(d.get(), v.data(), v.size() * sizeof(T),
+                                  cudaMemcpyHostToDevice) == cudaSuccess);
+}
+
+template <class T>
+[[nodiscard]] bool download(const device_buffer& d, std::vector<T>& v) {
+  return v.size() * sizeof(T) <= d.bytes() &&
+         (v.empty() || cudaMemcpy(v.data(), d.get(), v.size() * sizeof(T),
+                                  cudaMemcpyDeviceToHost) == cudaSuccess);
+}
+
+// Round to nearest even, as __float2bfloat16_rn does; NaN stays a (quiet) NaN.
+uint16_t to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if (std::isnan(f)) return static_cast<uint16_t>((b >> 16) | 0x40);
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+float from_bf16(uint16_t h) {
+  const uint32_t b = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = to_bf16(v[i]);
+  return out;
+}
+
+std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = from_bf16(v[i]);
+  return out;
+}
+
+// The values rounded to bf16 and widened back: what a bf16 kernel reads.
+std::vector<float> bf16_rounded(const std::vector<float>& v) {
+  return from_bf16(to_bf16(v));
+}
+
+// How many bf16 values lie between a and b (0 when equal; both NaN count as equal).
+int64_t bf16_ulps_apart(uint16_t a, uint16_t b) {
+  const auto ordered = [](uint16_t h) -> int64_t {
+    return (h & 0x8000u) ? -static_cast<int64_t>(h & 0x7fffu) : static_cast<int64_t>(h);
+  };
+  if (std::isnan(from_bf16(a)) || std::isnan(from_bf16(b)))
+    return std::isnan(from_bf16(a)) && std::isnan(from_bf16(b)) ? 0 : INT64_MAX;
+  return std::llabs(ordered(a) - ordered(b));
+}
+
+::testing::AssertionResult f32_close(float got, float want, double scale) {
+  if (std::isnan(want) && std::isnan(got)) return ::testing::AssertionSuccess();
+  const double tol = 1e-6 * scale + 1e-37;
+  if (std::fabs(double{got} - double{want}) <= tol) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "got " << got << ", want " << want << " (tolerance " << tol << ")";
+}
+
+::testing::AssertionResult bf16_within_one_ulp(uint16_t got, float want) {
+  if (bf16_ulps_apart(got, to_bf16(want)) <= 1) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "got " << from_bf16(got) << ", want " << want
+                                       << " (rounded " << from_bf16(to_bf16(want)) << ")";
+}
+
+std::vector<int32_t> random_ints(size_t n, int32_t lo, int32_t hi, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> d(lo, hi);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// A host address that can_run may hold but never dereferences.
+int fake_storage[4];
+void* fake_ptr() {
+  return fake_storage;
+}
+template <class T>
+T* fake() {
+  return reinterpret_cast<T*>(fake_storage);
+}
+
+constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
+constexpr float inf_f = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// swiglu
+
+std::vector<float> swiglu_gate_values(size_t n, uint64_t seed) {
+  auto v = random_floats(n, seed, -10.0f, 10.0f);
+  // The extremes of silu: exp overflow (-100, -1000), saturation, zero.
+  const float extremes[] = {0.0f, -100.0f, 100.0f, -1000.0f, -88.5f, 1e-30f};
+  for (size_t i = 0; i < std::size(extremes) && i < n; ++i) v[(i * 7919) % n] = extremes[i];
+  return v;
+}
+
+void check_swiglu(size_t rows, size_t dim, bool fused, dtype dt, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message()
+               << "rows " << rows << " dim " << dim << " fused " << fused << " " << to_string(dt));
+  auto gate = swiglu_gate_values(rows * dim, seed);
+  auto up = random_floats(rows * dim, seed + 1, -3.0f, 3.0f);
+  if (dt == dtype::bf16) {
+    gate = bf16_rounded(gate);
+    up = bf16_rounded(up);
+  }
+  std::vector<float> want(rows * dim);
+  ASSERT_EQ(cpu::swiglu(gate.data(), up.data(), want.data(), rows, dim), kernel_status::ok);
+
+  // The fused layout: each row [gate | up].
+  std::vector<float> gate_up(rows * 2 * dim);
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t i = 0; i < dim; ++i) {
+      gate_up[r * 2 * dim + i] = gate[r * dim + i];
+      gate_up[r * 2 * dim + dim + i] = up[r * dim + i];
+    }
+
+  const size_t esize = dtype_bytes(dt);
+  device_buffer d_gate(gate.size() * esize), d_up(up.size() * esize),
+      d_gate_up(gate_up.size() * esize), d_out(want.size() * esize);
+  const auto put = [&](device_buffer& d, const std::vector<float>& v) {
+    return dt == dtype::bf16 ? upload(d, to_bf16(v)) : upload(d, v);
+  };
+  ASSERT_TRUE(put(d_gate, gate) && put(d_up, up) && put(d_gate_up, gate_up));
+
+  cuda::swiglu_args a;
+  if (fused) {
+    a.gate_up = d_gate_up.get();
+  } else {
+    a.gate = d_gate.get();
+    a.up = d_up.get();
+  }
+  a.out = d_out.get();
+  a.rows = static_cast<int64_t>(rows);
+  a.dim = static_cast<int64_t>(dim);
+  a.dt = dt;
+  ASSERT_EQ(cuda::swiglu_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  if (dt == dtype::f32) {
+    std::vector<float> got(want.size());
+    ASSERT_TRUE(download(d_out, got));
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_TRUE(f32_close(got[i], want[i], std::fabs(want[i]))) << i;
+  } else {
+    std::vector<uint16_t> got(want.size());
+    ASSERT_TRUE(download(d_out, got));
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_TRUE(bf16_within_one_ulp(got[i], want[i])) << i;
+  }
+}
+
+TEST(cuda_swiglu, matches_cpu_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  // tiny-v3's expert (32) and dense (128) widths, DeepSeek-V3's expert width (2048), odd sizes.
+  for (const auto& [rows, dim] :
+       {std::pair<size_t, size_t>{1, 1}, {7, 32}, {37, 1000}, {5, 2048}, {129, 33}, {3, 128}})
+    for (bool fused : {false, true})
+      for (dtype dt : {dtype::f32, dtype::bf16}) check_swiglu(rows, dim, fused, dt, rows * dim);
+}
+
+TEST(cuda_swiglu, in_place_over_gate) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const size_t rows = 19, dim = 301;
+  const auto gate = swiglu_gate_values(rows * dim, 3);
+  const auto up = random_floats(rows * dim, 4);
+  std::vector<float> want(rows * dim), got(rows * dim);
+  ASSERT_EQ(cpu::swiglu(gate.data(), up.data(), want.data(), rows, dim), kernel_status::ok);
+  device_buffer d_gate(gate.size() * 4), d_up(up.size() * 4);
+  ASSERT_TRUE(upload(d_gate, gate) && upload(d_up, up));
+  cuda::swiglu_args a;
+  a.gate = d_gate.get();
+  a.up = d_up.get();
+  a.out = d_gate.get();
+  a.rows = rows;
+  a.dim = dim;
+  ASSERT_EQ(cuda::swiglu_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_TRUE(download(d_gate, got));
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_TRUE(f32_close(got[i], want[i], std::fabs(want[i]))) << i;
+}
+
+TEST(cuda_swiglu, can_run_rejects_bad_arguments) {
+  cuda::swiglu_args a;
+  a.gate = fake_ptr();
+  a.up = fake_ptr();
+  a.out = fake_ptr();
+  a.rows = 3;
+  a.dim = 5;
+  EXPECT_EQ(cuda::swiglu_can_run(a), kernel_status::ok);
+  a.dt = dtype::bf16;
+  EXPECT_EQ(cuda::swiglu_can_run(a), kernel_status::ok);
+  for (dtype bad : {dtype::f16, dtype::i64, dtype::i32, dtype::f8_e4m3}) {
+    a.dt = bad;
+    EXPECT_EQ(cuda::swiglu_can_run(a), kernel_status::unsupported_dtype);
+    // run checks first and touches no device.
+    EXPECT_EQ(cuda::swiglu_run(a, nullptr), kernel_status::unsupported_dtype);
+  }
+  a.dt = dtype::f32;
+
+  auto b = a;
+  b.rows = -1;
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::unsupported_shape);
+  b = a;
+  b.dim = -1;
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::unsupported_shape);
+  b = a;
+  b.dim = INT64_MAX / 2;
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::unsupported_shape);
+  b = a;
+  b.out = nullptr;
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::unsupported_shape);
+  EXPECT_EQ(cuda::swiglu_run(b, nullptr), kernel_status::unsupported_shape);
+  b = a;
+  b.up = nullptr;  // gate alone is neither form
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::unsupported_shape);
+  b = a;
+  b.gate_up = fake_ptr();  // both forms
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::unsupported_shape);
+  b.up = nullptr;  // fused plus a stray gate
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::unsupported_shape);
+  b.gate = nullptr;
+  EXPECT_EQ(cuda::swiglu_can_run(b), kernel_status::ok);  // fused alone
+  cuda::swiglu_args empty;
+  EXPECT_EQ(cuda::swiglu_can_run(empty), kernel_status::ok);  // nothing to do, nothing needed
+  EXPECT_EQ(cuda::swiglu_run(empty, nullptr), kernel_status::ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// rope
+
+cpu::rope_params tiny_v3_rope() {  // tests/data/tiny-v3/config.json
+  cpu::rope_params p;
+  p.head_dim = 8;
+  p.theta = 10000.0;
+  p.has_yarn = true;
+  p.factor = 40.0;
+  p.original_max_pos = 4096.0;
+  p.beta_fast = 32.0;
+  p.beta_slow = 1.0;
+  p.mscale = 1.0;
+  p.mscale_all_dim = 1.0;
+  return p;
+}
+
+cpu::rope_params deepseek_v3_rope() {
+  auto p = tiny_v3_rope();
+  p.head_dim = 64;
+  return p;
+}
+
+cpu::rope_params plain_rope(size_t head_dim) {
+  cpu::rope_params p;
+  p.head_dim = head_dim;
+  return p;
+}
+
+struct rope_case {
+  cpu::rope_params params;
+  size_t num_tokens, num_heads, nope_dim;  // vectors at q + nope_dim in (T, H, nope + rope)
+};
+
+void check_rope(const rope_case& c, dtype dt, uint64_t seed) {
+  const size_t dr = c.params.head_dim, head_stride = c.nope_dim + dr;
+  const size_t token_stride = c.num_heads * head_stride, half = dr / 2;
+  SCOPED_TRACE(::testing::Message() << "head_dim " << dr << " tokens " << c.num_tokens << " heads "
+                                    << c.num_heads << " " << to_string(dt));
+  const size_t table_positions = 300;
+  std::vector<float> cos(table_positions * half), sin(table_positions * half);
+  ASSERT_EQ(cpu::rope_cos_sin_table(c.params, 0, table_positions, cos.data(), sin.data()),
+            kernel_status::ok);
+  auto positions = random_ints(c.num_tokens, 0, static_cast<int32_t>(table_positions) - 1, seed);
+  // Outside the table: the kernel must leave these tokens untouched.
+  if (c.num_tokens > 3) {
+    positions[1] = static_cast<int32_t>(table_positions);
+    positions[2] = -1;
+    positions[c.num_tokens - 1] = 1 << 30;
+  }
+  if (c.num_tokens > 4) positions[3] = static_cast<int32_t>(table_positions) - 1;  // last row
+
+  auto q = random_floats(c.num_tokens * token_stride, seed + 1, -2.0f, 2.0f);
+  if (dt == dtype::bf16) q = bf16_rounded(q);
+  auto want = q;
+  for (size_t t = 0; t < c.num_tokens; ++t) {
+    if (positions[t] < 0 || static_cast<size_t>(positions[t]) >= table_positions) continue;
+    cpu::rope_apply_args r;
+    r.x = want.data() + t * token_stride + c.nope_dim;
+    r.num_tokens = 1;
+    r.num_heads = c.num_heads;
+    r.token_stride = token_stride;
+    r.head_stride = head_stride;
+    ASSERT_EQ(
+        cpu::rope_apply_table(c.params, r, &positions[t], cos.data(), sin.data(), table_positions),
+        kernel_status::ok);
+  }
+
+  const size_t esize = dtype_bytes(dt);
+  device_buffer d_q(q.size() * esize), d_pos(positions.size() * 4), d_cos(cos.size() * 4),
+      d_sin(sin.size() * 4);
+  ASSERT_TRUE(upload(d_pos, positions) && upload(d_cos, cos) && upload(d_sin, sin));
+  ASSERT_TRUE(dt == dtype::bf16 ? upload(d_q, to_bf16(q)) : upload(d_q, q));
+
+  cuda::rope_args a;
+  a.x = static_cast<char*>(d_q.get()) + c.nope_dim * esize;
+  a.num_tokens = c.num_tokens;
+  a.num_heads = c.num_heads;
+  a.token_stride = token_stride;
+  a.head_stride = head_stride;
+  a.head_dim = dr;
+  a.positions = d_pos.as<int32_t>();
+  a.cos = d_cos.as<float>();
+  a.sin = d_sin.as<float>();
+  a.table_positions = table_positions;
+  a.dt = dt;
+  ASSERT_EQ(cuda::rope_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  // A rotated element is a two-term sum of products: the tolerance scales with the terms.
+  const auto term_scale = [&](size_t t, size_t h, size_t i) {
+    const size_t in_vec = i - c.nope_dim;
+    const size_t pair = in_vec % half;
+    const float* x = q.data() + t * token_stride + h * head_stride + c.nope_dim;
+    const size_t row = static_cast<size_t>(positions[t]) * half + pair;
+    return (std::fabs(x[2 * pair]) + std::fabs(x[2 * pair + 1])) *
+           std::max(std::fabs(cos[row]), std::fabs(sin[row]));
+  };
+  std::vector<float> got_f(q.size());
+  std::vector<uint16_t> got_h(q.size());
+  ASSERT_TRUE(dt == dtype::bf16 ? download(d_q, got_h) : download(d_q, got_f));
+  for (size_t t = 0; t < c.num_tokens; ++t)
+    for (size_t h = 0; h < c.num_heads; ++h)
+      for (size_t i = 0; i < head_stride; ++i) {
+        const size_t k = t * token_stride + h * head_stride + i;
+        const bool rotated = i >= c.nope_dim && positions[t] >= 0 &&
+                             static_cast<size_t>(positions[t]) < table_positions;
+        if (dt == dtype::f32) {
+          if (rotated)
+            ASSERT_TRUE(f32_close(got_f[k], want[k], term_scale(t, h, i)))
+                << t << "," << h << "," << i;
+          else
+            ASSERT_EQ(got_f[k], want[k]) << "untouched " << t << "," << h << "," << i;
+        } else {
+          if (rotated)
+            ASSERT_TRUE(bf16_within_one_ulp(got_h[k], want[k])) << t << "," << h << "," << i;
+          else
+            ASSERT_EQ(got_h[k], to_bf16(want[k])) << "untouched " << t << "," << h << "," << i;
+        }
+      }
+}
+
+TEST(cuda_rope, matches_cpu_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const rope_case cases[] = {
+      {tiny_v3_rope(), 37, 4, 16},         // tiny-v3's q: 4 heads, nope 16, rope 8
+      {tiny_v3_rope(), 5, 1, 16},          // tiny-v3's k_pe after the kv latent (R = 16)
+      {deepseek_v3_rope(), 29, 128, 128},  // DeepSeek-V3's q
+      {deepseek_v3_rope(), 1, 1, 512},     // DeepSeek-V3's k_pe, one decode token
+      {plain_rope(512), 9, 3, 0},          // the largest head_dim, vectors back to back
+      {plain_rope(2), 11, 5, 1},           // the smallest
+      {plain_rope(96), 13, 2, 7},          // half = 48: a lane holds 2 pairs, some lanes 1
+  };
+  for (const auto& c : cases)
+    for (dtype dt : {dtype::f32, dtype::bf16}) check_rope(c, dt, c.num_tokens * 131 + c.num_heads);
+}
+
+TEST(cuda_rope, can_run_rejects_bad_arguments) {
+  cuda::rope_args a;
+  a.x = fake_ptr();
+  a.num_tokens = 4;
+  a.num_heads = 2;
+  a.head_dim = 8;
+  a.head_stride = 10;
+  a.token_stride = 20;
+  a.positions = fake<int32_t>();
+  a.cos = fake<float>();
+  a.sin = fake<float>();
+  a.table_positions = 16;
+  EXPECT_EQ(cuda::rope_can_run(a), kernel_status::ok);
+  a.dt = dtype::bf16;
+  EXPECT_EQ(cuda::rope_can_run(a), kernel_status::ok);
+  a.dt = dtype::f16;
+  EXPECT_EQ(cuda::rope_can_run(a), kernel_status::unsupported_dtype);
+  EXPECT_EQ(cuda::rope_run(a, nullptr), kernel_status::unsupported_dtype);
+  a.dt = dtype::f32;
+
+  const auto expect_shape = [&](auto mutate) {
+    auto b = a;
+    mutate(b);
+    EXPECT_EQ(cuda::rope_can_run(b), kernel_status::unsupported_shape);
+    EXPECT_EQ(cuda::rope_run(b, nullptr), kernel_status::unsupported_shape);
+  };
+  expect_shape([](cuda::rope_args& b) { b.head_dim = 7; });
+  expect_shape([](cuda::rope_args& b) { b.head_dim = 0; });
+  expect_shape([](cuda::rope_args& b) { b.head_dim = 514; });
+  expect_shape([](cuda::rope_args& b) { b.num_tokens = -1; });
+  expect_shape([](cuda::rope_args& b) { b.head_stride = 6; });    // heads overlap
+  expect_shape([](cuda::rope_args& b) { b.token_stride = 17; });  // tokens overlap
+  expect_shape([](cuda::rope_args& b) { b.token_stride = INT64_MAX; });
+  expect_shape([](cuda::rope_args& b) { b.table_positions = -1; });
+  expect_shape([](cuda::rope_args& b) { b.num_tokens = INT32_MAX; });  // too many vectors
+  expect_shape([](cuda::rope_args& b) { b.x = nullptr; });
+  expect_shape([](cuda::rope_args& b) { b.positions = nullptr; });
+  expect_shape([](cuda::rope_args& b) { b.cos = nullptr; });
+  expect_shape([](cuda::rope_args& b) { b.sin = nullptr; });
+  auto one = a;  // a single vector needs no strides
+  one.num_tokens = 1;
+  one.num_heads = 1;
+  one.head_stride = 0;
+  one.token_stride = 0;
+  EXPECT_EQ(cuda::rope_can_run(one), kernel_status::ok);
+  cuda::rope_args empty;
+  empty.head_dim = 64;
+  EXPECT_EQ(cuda::rope_can_run(empty), kernel_status::ok);
+  EXPECT_EQ(cuda::rope_run(empty, nullptr), kernel_status::ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// moe_gate
+
+cpu::moe_gate_params gate_params(size_t experts, size_t groups, size_t topk_group, size_t top_k,
+                                 bool norm = true, float scale = 2.5f) {
+  cpu::moe_gate_params p;
+  p.num_experts = experts;
+  p.num_groups = groups;
+  p.topk_group = topk_group;
+  p.top_k = top_k;
+  p.norm_topk_prob = norm;
+  p.routed_scaling_factor = scale;
+  return p;
+}
+
+// Adds to *bit_identical and *num_weights how many of the weights match the CPU's to the bit.
+void check_moe_gate(const cpu::moe_gate_params& p, size_t num_tokens, bool with_bias, uint64_t seed,
+                    size_t* bit_identical, size_t* num_weights) {
+  const size_t E = p.num_experts;
+  SCOPED_TRACE(::testing::Message()
+               << "E " << E << " groups " << p.num_groups << " topk_group " << p.topk_group
+               << " top_k " << p.top_k << " tokens " << num_tokens << " bias " << with_bias);
+  auto logits = random_floats(num_tokens * E, seed, -6.0f, 6.0f);
+  // Special rows: all equal (every tie goes by index), some NaN, all NaN, infinities.
+  if (num_tokens > 4) {
+    std::fill(logits.begin(), logits.begin() + E, 0.25f);
+    for (size_t e = 0; e < E; e += 3) logits[E + e] = nan_f;
+    std::fill(logits.begin() + 2 * E, logits.begin() + 3 * E, nan_f);
+    logits[3 * E] = inf_f;
+    logits[3 * E + 1] = -inf_f;
+    logits[3 * E + E / 2] = inf_f;
+  }
+  std::vector<float> bias;
+  if (with_bias) bias = random_floats(E, seed + 1, -0.05f, 0.05f);
+
+  std::vector<int32_t> want_idx(num_tokens * p.top_k);
+  std::vector<float> want_w(num_tokens * p.top_k);
+  ASSERT_EQ(cpu::moe_gate(p, logits.data(), with_bias ? bias.data() : nullptr, num_tokens,
+                          want_idx.data(), want_w.data()),
+            kernel_status::ok);
+
+  device_buffer d_logits(logits.size() * 4), d_bias(E * 4), d_idx(want_idx.size() * 4),
+      d_w(want_w.size() * 4);
+  ASSERT_TRUE(upload(d_logits, logits) && upload(d_bias, bias));
+  cuda::moe_gate_args a;
+  a.params = p;
+  a.logits = d_logits.as<float>();
+  a.bias = with_bias ? d_bias.as<float>() : nullptr;
+  a.topk_idx = d_idx.as<int32_t>();
+  a.topk_weight = d_w.as<float>();
+  a.num_tokens = num_tokens;
+  ASSERT_EQ(cuda::moe_gate_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<int32_t> got_idx(want_idx.size());
+  std::vector<float> got_w(want_w.size());
+  ASSERT_TRUE(download(d_idx, got_idx) && download(d_w, got_w));
+
+  for (size_t i = 0; i < got_idx.size(); ++i) {
+    ASSERT_EQ(got_idx[i], want_idx[i]) << "token " << i / p.top_k << " k " << i % p.top_k;
+    ASSERT_TRUE(f32_close(got_w[i], want_w[i], std::fabs(want_w[i])))
+        << "token " << i / p.top_k << " k " << i % p.top_k;
+    const bool same = std::memcmp(&got_w[i], &want_w[i], 4) == 0 ||
+                      (std::isnan(got_w[i]) && std::isnan(want_w[i]));
+    *bit_identical += same ? 1 : 0;
+  }
+  *num_weights += got_w.size();
+}
+
+TEST(cuda_moe_gate, matches_cpu_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const cpu::moe_gate_params configs[] = {
+      gate_params(256, 8, 4, 8),               // DeepSeek-V3
+      gate_params(16, 4, 2, 4),                // tiny-v3
+      gate_params(1024, 1, 1, 32),             // the limits, one group of 1024
+      gate_params(1024, 512, 100, 32),         // 512 groups of 2
+      gate_params(64, 32, 5, 7, false, 1.0f),  // no normalisation
+      gate_params(6, 3, 3, 6, true, 1.0f),     // every expert chosen
+  };
+  size_t bit_identical = 0, num_weights = 0;
+  for (const auto& p : configs)
+    for (size_t num_tokens : {size_t{1}, size_t{37}, size_t{300}})
+      for (bool with_bias : {true, false})
+        check_moe_gate(p, num_tokens, with_bias, p.num_experts * 7 + num_tokens, &bit_identical,
+                       &num_weights);
+  // The arithmetic is the host's, step for step; only glibc's rare last-ulp expf rounding
+  // (~6e-4 of inputs) separates the two, and it can move every weight of the token it hits by
+  // an ulp (through the shared sum). A different order of operations would miss far more.
+  EXPECT_GE(bit_identical * 100, num_weights * 95) << bit_identical << " of " << num_weights;
+}
+
+TEST(cuda_moe_gate, can_run_rejects_bad_arguments) {
+  cuda::moe_gate_args a;
+  a.params = gate_params(256, 8, 4, 8);
+  a.logits = fake<float>();
+  a.topk_idx = fake<int32_t>();
+  a.topk_weight = fake<float>();
+  a.num_tokens = 5;
+  EXPECT_EQ(cuda::moe_gate_can_run(a), kernel_status::ok);
+
+  const auto expect_shape = [&](auto mutate) {
+    auto b = a;
+    mutate(b);
+    EXPECT_EQ(cuda::moe_gate_can_run(b), kernel_status::unsupported_shape);
+    EXPECT_EQ(cuda::moe_gate_run(b, nullptr), kernel_status::unsupported_shape);
+  };
+  expect_shape([](cuda::moe_gate_args& b) { b.params.num_experts = 0; });
+  expect_shape([](cuda::moe_gate_args& b) {
+    b.params.num_experts = 2048;
+    b.params.num_groups = 8;
+  });
+  expect_shape([](cuda::moe_gate_args& b) { b.params.num_experts = 250; });  // 8 does not divide
+  expect_shape([](cuda::moe_gate_args& b) { b.params.num_groups = 0; });
+  expect_shape([](cuda::moe_gate_args& b) { b.params.num_groups = 256; });  // groups of 1
+  expect_shape([](cuda::moe_gate_args& b) { b.params.topk_group = 0; });
+  expect_shape([](cuda::moe_gate_args& b) { b.params.topk_group = 9; });
+  expect_shape([](cuda::moe_gate_args& b) { b.params.top_k = 0; });
+  expect_shape([](cuda::moe_gate_args& b) {
+    b.params.topk_group = 1;
+    b.params.top_k = 33;
+  });
+  expect_shape([](cuda::moe_gate_args& b) { b.params.top_k = 33; });  // past the device limit
+  expect_shape([](cuda::moe_gate_args& b) { b.num_tokens = -1; });
+  expect_shape([](cuda::moe_gate_args& b) { b.num_tokens = int64_t{INT32_MAX} + 1; });
+  expect_shape([](cuda::moe_gate_args& b) { b.logits = nullptr; });
+  expect_shape([](cuda::moe_gate_args& b) { b.topk_idx = nullptr; });
+  expect_shape([](cuda::moe_gate_args& b) { b.topk_weight = nullptr; });
+  auto limits = a;
+  limits.params = gate_params(1024, 1, 1, 32);
+  EXPECT_EQ(cuda::moe_gate_can_run(limits), kernel_status::ok);
+  cuda::moe_gate_args empty;
+  empty.params = gate_params(16, 4, 2, 4);
+  EXPECT_EQ(cuda::moe_gate_can_run(empty), kernel_status::ok);
+  EXPECT_EQ(cuda::moe_gate_run(empty, nullptr), kernel_status::ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// permute
+
+struct host_plan {
+  std::vector<int32_t> offsets, positions, inverse;
+};
+
+void check_permute(size_t num_tokens, size_t top_k, size_t num_experts, size_t dim, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "tokens " << num_tokens << " top_k " << top_k << " experts "
+                                    << num_experts << " dim " << dim);
+  const size_t n = num_tokens * top_k;
+  // A few ids fall outside [0, num_experts): skipped.
+  const auto idx = random_ints(n, -2, static_cast<int32_t>(num_experts) + 1, seed);
+  host_plan want{std::vector<int32_t>(num_experts + 1), std::vector<int32_t>(n),
+                 std::vector<int32_t>(n)};
+  ASSERT_EQ(cpu::permute_plan(idx.data(), num_tokens, top_k, num_experts, want.offsets.data(),
+                              want.positions.data(), want.inverse.data()),
+            kernel_status::ok);
+
+  device_buffer d_idx(n * 4), d_offsets((num_experts + 1) * 4), d_pos(n * 4), d_inv(n * 4);
+  ASSERT_TRUE(upload(d_idx, idx));
+  // Poison the outputs: every element must be written.
+  ASSERT_EQ(cudaMemset(d_offsets.get(), 0x5a, d_offsets.bytes()), cudaSuccess);
+  if (n > 0) {
+    ASSERT_EQ(cudaMemset(d_pos.get(), 0x5a, d_pos.bytes()), cudaSuccess);
+    ASSERT_EQ(cudaMemset(d_inv.get(), 0x5a, d_inv.bytes()), cudaSuccess);
+  }
+  cuda::permute_plan_args pa;
+  pa.topk_idx = d_idx.as<int32_t>();
+  pa.num_tokens = num_tokens;
+  pa.top_k = top_k;
+  pa.num_experts = num_experts;
+  pa.expert_offsets = d_offsets.as<int32_t>();
+  pa.positions = d_pos.as<int32_t>();
+  pa.inverse = d_inv.as<int32_t>();
+  ASSERT_EQ(cuda::permute_plan_run(pa, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  host_plan got{std::vector<int32_t>(num_experts + 1), std::vector<int32_t>(n),
+                std::vector<int32_t>(n)};
+  ASSERT_TRUE(download(d_offsets, got.offsets) && download(d_pos, got.positions) &&
+              download(d_inv, got.inverse));
+  ASSERT_EQ(got.offsets, want.offsets);
+  ASSERT_EQ(got.positions, want.positions);
+  ASSERT_EQ(got.inverse, want.inverse);
+  if (n == 0 || dim == 0) return;
+
+  const size_t num_rows = n;
+  const auto x = random_floats(num_tokens * dim, seed + 1, -4.0f, 4.0f);
+  const auto y = random_floats(num_rows * dim, seed + 2, -4.0f, 4.0f);
+  const auto weight = random_floats(n, seed + 3, 0.0f, 2.5f);
+
+  for (dtype dt : {dtype::f32, dtype::bf16}) {
+    SCOPED_TRACE(to_string(dt));
+    const bool bf16 = dt == dtype::bf16;
+    const auto xs = bf16 ? bf16_rounded(x) : x;
+    const auto ys = bf16 ? bf16_rounded(y) : y;
+    // Rows nothing maps to keep what was there.
+    std::vector<float> want_permuted(num_rows * dim, -7.0f);
+    ASSERT_EQ(cpu::permute_rows(xs.data(), num_tokens, top_k, dim, want.positions.data(),
+                                want_permuted.data(), num_rows),
+              kernel_status::ok);
+    std::vector<float> want_out(num_tokens * dim);
+    ASSERT_EQ(cpu::unpermute(ys.data(), num_rows, weight.data(), want.positions.data(), num_tokens,
+                             top_k, dim, want_out.data()),
+              kernel_status::ok);
+
+    const size_t esize = dtype_bytes(dt);
+    device_buffer d_x(xs.size() * esize), d_y(ys.size() * esize), d_w(weight.size() * 4),
+        d_permuted(num_rows * dim * esize), d_out(num_tokens * dim * esize);
+    const std::vector<float> sentinel(num_rows * dim, -7.0f);
+    ASSERT_TRUE(bf16 ? upload(d_x, to_bf16(xs)) && upload(d_y, to_bf16(ys)) &&
+                           upload(d_permuted, to_bf16(sentinel))
+                     : upload(d_x, xs) && upload(d_y, ys) && upload(d_permuted, sentinel));
+    ASSERT_TRUE(upload(d_w, weight));
+
+    cuda::permute_rows_args ra;
+    ra.x = d_x.get();
+    ra.positions = d_pos.as<int32_t>();
+    ra.permuted = d_permuted.get();
+    ra.num_tokens = num_tokens;
+    ra.top_k = top_k;
+    ra.dim = dim;
+    ra.num_rows = num_rows;
+    ra.dt = dt;
+    ASSERT_EQ(cuda::permute_rows_run(ra, nullptr), kernel_status::ok);
+    cuda::unpermute_args ua;
+    ua.y = d_y.get();
+    ua.weight = d_w.as<float>();
+    ua.positions = d_pos.as<int32_t>();
+    ua.out = d_out.get();
+    ua.num_tokens = num_tokens;
+    ua.top_k = top_k;
+    ua.dim = dim;
+    ua.num_rows = num_rows;
+    ua.dt = dt;
+    ASSERT_EQ(cuda::unpermute_run(ua, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+    // The combine's terms can cancel: the tolerance scales with the sum of their magnitudes.
+    const auto term_scale = [&](size_t t, size_t i) {
+      double s = 0.0;
+      for (size_t k = 0; k < top_k; ++k) {
+        const int32_t r = want.positions[t * top_k + k];
+        if (r >= 0) s += std::fabs(double{weight[t * top_k + k]} * ys[r * dim + i]);
+      }
+      return s;
+    };
+    if (!bf16) {
+      std::vector<float> got_permuted(num_rows * dim), got_out(num_tokens * dim);
+      ASSERT_TRUE(download(d_permuted, got_permuted) && download(d_out, got_out));
+      ASSERT_EQ(got_permuted, want_permuted);  // an exact copy
+      for (size_t k = 0; k < got_out.size(); ++k)
+        ASSERT_TRUE(f32_close(got_out[k], want_out[k], term_scale(k / dim, k % dim))) << k;
+    } else {
+      std::vector<uint16_t> got_permuted(num_rows * dim), got_out(num_tokens * dim);
+      ASSERT_TRUE(download(d_permuted, got_permuted) && download(d_out, got_out));
+      ASSERT_EQ(got_permuted, to_bf16(want_permuted));  // an exact copy
+      for (size_t k = 0; k < got_out.size(); ++k)
+        ASSERT_TRUE(bf16_within_one_ulp(got_out[k], want_out[k])) << k;
+    }
+  }
+}
+
+TEST(cuda_permute, matches_cpu_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  // (tokens, top_k, experts, dim): tiny-v3 (16 experts, top 4, hidden 64), DeepSeek-V3
+  // (256, top 8, hidden 7168), many 256-entry chunks, the expert limit, odd sizes, empty.
+  for (const auto& [num_tokens, top_k, num_experts, dim] :
+       {std::tuple<size_t, size_t, size_t, size_t>{1, 1, 1, 1},
+        {37, 4, 16, 64},
+        {5, 8, 256, 7168},
+        {513, 8, 256, 33},
+        {2000, 8, 256, 7},
+        {64, 8, 1024, 5},
+        {33, 3, 7, 129},
+        {0, 8, 16, 64}})
+    check_permute(num_tokens, top_k, num_experts, dim, num_tokens * 17 + num_experts);
+}
+
+TEST(cuda_permute, can_run_rejects_bad_arguments) {
+  cuda::permute_plan_args pa;
+  pa.topk_idx = fake<int32_t>();
+  pa.num_tokens = 4;
+  pa.top_k = 8;
+  pa.num_experts = 256;
+  pa.expert_offsets = fake<int32_t>();
+  pa.positions = fake<int32_t>();
+  pa.inverse = fake<int32_t>();
+  EXPECT_EQ(cuda::permute_plan_can_run(pa), kernel_status::ok);
+  const auto expect_plan_shape = [&](auto mutate) {
+    auto b = pa;
+    mutate(b);
+    EXPECT_EQ(cuda::permute_plan_can_run(b), kernel_status::unsupported_shape);
+    EXPECT_EQ(cuda::permute_plan_run(b, nullptr), kernel_status::unsupported_shape);
+  };
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.num_experts = 0; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.num_experts = 1025; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.num_tokens = -1; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.top_k = -1; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.num_tokens = int64_t{1} << 29; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.expert_offsets = nullptr; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.topk_idx = nullptr; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.positions = nullptr; });
+  expect_plan_shape([](cuda::permute_plan_args& b) { b.inverse = nullptr; });
+  auto empty = pa;  // no entries: only the offsets are needed
+  empty.num_tokens = 0;
+  empty.topk_idx = nullptr;
+  empty.positions = nullptr;
+  empty.inverse = nullptr;
+  EXPECT_EQ(cuda::permute_plan_can_run(empty), kernel_status::ok);
+
+  cuda::permute_rows_args ra;
+  ra.x = fake_ptr();
+  ra.positions = fake<int32_t>();
+  ra.permuted = fake_ptr();
+  ra.num_tokens = 4;
+  ra.top_k = 8;
+  ra.dim = 64;
+  ra.num_rows = 32;
+  EXPECT_EQ(cuda::permute_rows_can_run(ra), kernel_status::ok);
+  const auto expect_rows = [&](kernel_status want, auto mutate) {
+    auto b = ra;
+    mutate(b);
+    EXPECT_EQ(cuda::permute_rows_can_run(b), want);
+    EXPECT_EQ(cuda::permute_rows_run(b, nullptr), want);
+  };
+  expect_rows(kernel_status::unsupported_dtype,
+              [](cuda::permute_rows_args& b) { b.dt = dtype::i32; });
+  expect_rows(kernel_status::unsupported_shape, [](cuda::permute_rows_args& b) { b.dim = -1; });
+  expect_rows(kernel_status::unsupported_shape,
+              [](cuda::permute_rows_args& b) { b.num_rows = -1; });
+  expect_rows(kernel_status::unsupported_shape,
+              [](cuda::permute_rows_args& b) { b.num_tokens = int64_t{INT32_MAX} + 1; });
+  expect_rows(kernel_status::unsupported_shape,
+              [](cuda::permute_rows_args& b) { b.dim = INT64_MAX / 8; });
+  expect_rows(kernel_status::unsupported_shape, [](cuda::permute_rows_args& b) { b.x = nullptr; });
+  expect_rows(kernel_status::unsupported_shape,
+              [](cuda::permute_rows_args& b) { b.positions = nullptr; });
+  expect_rows(kernel_status::unsupported_shape,
+              [](cuda::permute_rows_args& b) { b.permuted = nullptr; });
+
+  cuda::unpermute_args ua;
+  ua.y = fake_ptr();
+  ua.weight = nullptr;  // optional
+  ua.positions = fake<int32_t>();
+  ua.out = fake_ptr();
+  ua.num_tokens = 4;
+  ua.top_k = 8;
+  ua.dim = 64;
+  ua.num_rows = 32;
+  ua.dt = dtype::bf16;
+  EXPECT_EQ(cuda::unpermute_can_run(ua), kernel_status::ok);
+  const auto expect_unpermute = [&](kernel_status want, auto mutate) {
+    auto b = ua;
+    mutate(b);
+    EXPECT_EQ(cuda::unpermute_can_run(b), want);
+    EXPECT_EQ(cuda::unpermute_run(b, nullptr), want);
+  };
+  expect_unpermute(kernel_status::unsupported_dtype,
+                   [](cuda::unpermute_args& b) { b.dt = dtype::f16; });
+  expect_unpermute(kernel_status::unsupported_shape, [](cuda::unpermute_args& b) { b.top_k = -1; });
+  expect_unpermute(kernel_status::unsupported_shape,
+                   [](cuda::unpermute_args& b) { b.top_k = int64_t{INT32_MAX}; });
+  expect_unpermute(kernel_status::unsupported_shape,
+                   [](cuda::unpermute_args& b) { b.y = nullptr; });
+  expect_unpermute(kernel_status::unsupported_shape,
+                   [](cuda::unpermute_args& b) { b.positions = nullptr; });
+  expect_unpermute(kernel_status::unsupported_shape,
+                   [](cuda::unpermute_args& b) { b.out = nullptr; });
+}
+
+// ---------------------------------------------------------------------------------------------
+// greedy sampling
+
+void check_sample_greedy(size_t rows, size_t vocab, dtype dt, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message()
+               << "rows " << rows << " vocab " << vocab << " " << to_string(dt));
+  auto logits = random_floats(rows * vocab, seed, -20.0f, 20.0f);
+  std::mt19937_64 rng(seed + 1);
+  const auto at = [&](size_t r) { return logits.begin() + static_cast<std::ptrdiff_t>(r * vocab); };
+  // Row patterns: 0 random; 1 a tied maximum at two places; 2 NaNs sprinkled with the maximum
+  // after them; 3 all NaN (answer 0); 4 all -inf (all tied: answer 0); 5 +inf late; 6 the
+  // maximum at the last index; the rest random.
+  if (rows > 6 && vocab > 4) {
+    const size_t a = rng() % (vocab / 2), b = vocab / 2 + rng() % (vocab / 2);
+    at(1)[a] = at(1)[b] = 100.0f;
+    for (size_t i = 0; i < vocab; i += 5) at(2)[i] = nan_f;
+    at(2)[vocab - 2] = 50.0f;
+    std::fill(at(3), at(4), nan_f);
+    std::fill(at(4), at(5), -inf_f);
+    at(5)[vocab - 3] = inf_f;
+    at(6)[vocab - 1] = 1000.0f;
+  }
+  if (dt == dtype::bf16) logits = bf16_rounded(logits);  // bf16 adds many ties of its own
+
+  std::vector<int32_t> want(rows);
+  for (size_t r = 0; r < rows; ++r)
+    ASSERT_EQ(cpu::sample_greedy(logits.data() + r * vocab, vocab, &want[r]), kernel_status::ok);
+
+  const size_t esize = dtype_bytes(dt);
+  device_buffer d_logits(logits.size() * esize), d_tokens(rows * 4);
+  ASSERT_TRUE(dt == dtype::bf16 ? upload(d_logits, to_bf16(logits)) : upload(d_logits, logits));
+  cuda::sample_greedy_args a;
+  a.logits = d_logits.get();
+  a.tokens = d_tokens.as<int32_t>();
+  a.rows = rows;
+  a.vocab = vocab;
+  a.dt = dt;
+  ASSERT_EQ(cuda::sample_greedy_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<int32_t> got(rows);
+  ASSERT_TRUE(download(d_tokens, got));
+  EXPECT_EQ(got, want);
+}
+
+TEST(cuda_sample_greedy, matches_cpu_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  // DeepSeek-V3's vocabulary (129280), tiny-v3's (512), odd and tiny ones.
+  for (const auto& [rows, vocab] :
+       {std::pair<size_t, size_t>{9, 129280}, {8, 512}, {7, 1000}, {3, 1}, {2, 513}, {11, 31}})
+    for (dtype dt : {dtype::f32, dtype::bf16}) check_sample_greedy(rows, vocab, dt, rows + vocab);
+}
+
+TEST(cuda_sample_greedy, can_run_rejects_bad_arguments) {
+  cuda::sample_greedy_args a;
+  a.logits = fake_ptr();
+  a.tokens = fake<int32_t>();
+  a.rows = 4;
+  a.vocab = 129280;
+  EXPECT_EQ(cuda::sample_greedy_can_run(a), kernel_status::ok);
+  const auto expect = [&](kernel_status want, auto mutate) {
+    auto b = a;
+    mutate(b);
+    EXPECT_EQ(cuda::sample_greedy_can_run(b), want);
+    EXPECT_EQ(cuda::sample_greedy_run(b, nullptr), want);
+  };
+  expect(kernel_status::unsupported_dtype, [](cuda::sample_greedy_args& b) { b.dt = dtype::u8; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_greedy_args& b) { b.vocab = 0; });
+  expect(kernel_status::unsupported_shape,
+         [](cuda::sample_greedy_args& b) { b.vocab = INT32_MAX; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_greedy_args& b) { b.rows = -1; });
+  expect(kernel_status::unsupported_shape,
+         [](cuda::sample_greedy_args& b) { b.rows = int64_t{INT32_MAX} + 1; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_greedy_args& b) { b.logits = nullptr; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_greedy_args& b) { b.tokens = nullptr; });
+  expect(kernel_status::ok, [](cuda::sample_greedy_args& b) {
+    b.rows = 0;
+    b.logits = nullptr;
+    b.tokens = nullptr;
+  });
+}
+
+}  // namespace
+}  // namespace moe::kernels
