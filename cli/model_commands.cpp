@@ -114,6 +114,7 @@ void add_init_model_command(CLI::App& app, command_context& ctx) {
     std::string out;
     uint64_t seed = 0;
     std::string dtype = "f32";
+    bool config_only = false;
   };
   auto o = std::make_shared<options>();
   std::string presets;
@@ -123,6 +124,7 @@ void add_init_model_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--out", o->out, "Output directory")->required();
   cmd->add_option("--seed", o->seed, "Random seed");
   cmd->add_option("--dtype", o->dtype, "f32 or bf16")->check(CLI::IsMember({"f32", "bf16"}));
+  cmd->add_flag("--config-only", o->config_only, "Write config.json alone, no weights");
   cmd->callback([o, &ctx] {
     auto cfg = model::model_preset(o->preset);
     if (!cfg) {
@@ -132,6 +134,7 @@ void add_init_model_command(CLI::App& app, command_context& ctx) {
     model::init_options io;
     io.seed = o->seed;
     io.dtype = o->dtype == "bf16" ? kernels::dtype::bf16 : kernels::dtype::f32;
+    io.config_only = o->config_only;
     auto files = model::init_model(o->out, *cfg, io);
     if (!files) {
       ctx.exit_code = fail("init-model", files.error());

@@ -240,6 +240,7 @@ caf::expected<std::vector<std::filesystem::path>> init_model(const std::filesyst
   written.torch_dtype = options.dtype;
   written.quantization.reset();
   if (auto ok = save_config(written, dir / "config.json"); !ok) return ok.error();
+  if (options.config_only) return std::vector<std::filesystem::path>{dir / "config.json"};
 
   const float half_width = static_cast<float>(std::sqrt(3.0) * config.initializer_range);
   std::vector<tensor_to_write> tensors;

@@ -48,6 +48,9 @@ struct init_options {
   uint64_t max_shard_bytes = uint64_t{2} << 30;
   /// Progress bar on stderr by bytes written; nullopt: only when stderr is a terminal.
   std::optional<bool> progress;
+  /// Write config.json alone (no weights): for tools that build the same model themselves,
+  /// such as the transformers peer of the GPU benchmark.
+  bool config_only = false;
 };
 
 /// Creates `dir` if needed and writes config.json (torch_dtype set to options.dtype) and random

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <iostream>
 
 #include <nlohmann/json.hpp>
@@ -93,6 +94,25 @@ TEST(init_model, tiny_round_trips_through_the_loader) {
       EXPECT_NEAR(mean, 0.0, 0.2 * config->initializer_range) << w.name;
     }
   }
+}
+
+TEST(init_model, config_only_writes_the_config_and_no_weights) {
+  scratch_dir dir;
+  auto config = model_preset("v2lite-8L");  // 9 GB of weights if they were written
+  ASSERT_TRUE(config);
+  init_options options;
+  options.dtype = kernels::dtype::bf16;
+  options.config_only = true;
+  auto files = init_model(dir.path(), *config, options);
+  ASSERT_TRUE(files) << error_of(files);
+  ASSERT_EQ(files->size(), 1u);
+  EXPECT_EQ(files->at(0).filename(), "config.json");
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir.path()), std::filesystem::directory_iterator{}), 1);
+  auto loaded = load_config(dir.path());
+  ASSERT_TRUE(loaded) << error_of(loaded);
+  EXPECT_EQ(loaded->torch_dtype, kernels::dtype::bf16);
+  EXPECT_EQ(loaded->hidden_size, 2048);
+  EXPECT_EQ(count_parameters(*loaded), count_parameters(*config));
 }
 
 TEST(init_model, deterministic_by_seed_and_independent_of_sharding) {

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds what the GPU checks run (Release, CUDA on, sm_90a + compute_90 PTX) and packs it into
+# gpu-bundle/ with every shared library it loads that a bare GPU machine lacks, so that
+# scripts/gpu/device_checks.sh can run there (see docs/gpu.md). The GPU machine brings glibc,
+# the CUDA toolkit (/usr/local/cuda) and NCCL (Python's nvidia-nccl); everything else travels.
+#
+#   scripts/gpu/bundle.sh            configure and build build-gpu/, then pack
+#   BUILD_DIR=build scripts/gpu/bundle.sh --no-configure   pack from an existing CUDA build
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+build=${BUILD_DIR:-build-gpu}
+bundle=gpu-bundle
+if [[ "${1:-}" != "--no-configure" ]]; then
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="90a-real;90-virtual" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON
+fi
+targets=(test_runtime_gpu test_runtime_nccl_multi_process test_runtime_device_allocator
+         test_kernels_cuda test_kernels_cuda_gemm moe_bench_gpu_kernels moe)
+ninja -C "$build" "${targets[@]}"
+
+rm -rf "$bundle"
+mkdir -p "$bundle/bin" "$bundle/lib"
+for t in "${targets[@]}"; do
+  f=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
+  [[ -n "$f" ]] || { echo "bundle: $t was not built" >&2; exit 1; }
+  cp "$f" "$bundle/bin/"
+  strip --strip-unneeded "$bundle/bin/$t"
+done
+# Libraries the GPU machine has itself: glibc's, the compiler runtime, CUDA's and NCCL.
+system='^(linux-vdso|ld-linux|libc\.|libm\.|libdl\.|librt\.|libpthread\.|libgcc_s\.|libstdc\+\+\.|libcuda\.|libcudart\.|libcublas|libnccl\.)'
+for f in "$bundle"/bin/*; do
+  ldd "$f" | awk '/=> \// {print $3}'
+done | sort -u | while read -r lib; do
+  name=$(basename "$lib")
+  [[ "$name" =~ $system ]] && continue
+  cp -L "$lib" "$bundle/lib/$name"
+  strip --strip-unneeded "$bundle/lib/$name" 2>/dev/null || true
+done
+# UCX loads its transports at run time from here (UCX_MODULE_DIR).
+cp -rL /usr/lib/x86_64-linux-gnu/ucx "$bundle/lib/ucx"
+"$bundle/bin/moe" init-model --preset v2lite-8L --dtype bf16 --config-only --out "$bundle/v2lite-8L" >/dev/null
+du -sh "$bundle"
