@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Builds what the GPU checks run (Release, CUDA on, sm_90a + compute_90 PTX) and packs it into
-# gpu-bundle/ with every shared library it loads that a bare GPU machine lacks, so that
-# scripts/gpu/device_checks.sh can run there (see docs/gpu.md). The GPU machine brings glibc,
-# the CUDA toolkit (/usr/local/cuda) and NCCL (Python's nvidia-nccl); everything else travels.
+# Builds what the GPU checks run (Release, CUDA on, sm_90a + compute_90 PTX) and packs it, with
+# every shared library it loads that a bare GPU machine lacks, into gpu-bundle/bundle.tar.xz, so
+# that scripts/gpu/device_checks.sh can run there (see docs/gpu.md). The GPU machine brings
+# glibc, the CUDA toolkit (/usr/local/cuda) and NCCL (Python's nvidia-nccl); everything else
+# travels. Compressed, because what may travel is capped (64 MiB) and OpenBLAS alone is 36 MB.
 #
 #   scripts/gpu/bundle.sh            configure and build build-gpu/, then pack
 #   BUILD_DIR=build scripts/gpu/bundle.sh --no-configure   pack from an existing CUDA build
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 build=${BUILD_DIR:-build-gpu}
-bundle=gpu-bundle
+stage=gpu-bundle/stage
 if [[ "${1:-}" != "--no-configure" ]]; then
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="90a-real;90-virtual" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON
@@ -18,7 +19,8 @@ targets=(test_runtime_gpu test_runtime_nccl_multi_process test_runtime_device_al
          test_kernels_cuda test_kernels_cuda_gemm moe_bench_gpu_kernels moe)
 ninja -C "$build" "${targets[@]}"
 
-rm -rf "$bundle"
+rm -rf gpu-bundle
+bundle=$stage
 mkdir -p "$bundle/bin" "$bundle/lib"
 for t in "${targets[@]}"; do
   f=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
@@ -39,4 +41,6 @@ done
 # UCX loads its transports at run time from here (UCX_MODULE_DIR).
 cp -rL /usr/lib/x86_64-linux-gnu/ucx "$bundle/lib/ucx"
 "$bundle/bin/moe" init-model --preset v2lite-8L --dtype bf16 --config-only --out "$bundle/v2lite-8L" >/dev/null
-du -sh "$bundle"
+tar cJf gpu-bundle/bundle.tar.xz -C "$stage" .
+rm -rf "$stage"
+ls -l gpu-bundle/bundle.tar.xz

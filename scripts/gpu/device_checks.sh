@@ -7,8 +7,11 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${OUT:-out/gpu}
 mkdir -p "$out"
-bundle=$PWD/gpu-bundle
-[[ -x "$bundle/bin/moe_bench_gpu_kernels" ]] || { echo "device_checks: run scripts/gpu/bundle.sh first" >&2; exit 2; }
+[[ -f gpu-bundle/bundle.tar.xz ]] || { echo "device_checks: run scripts/gpu/bundle.sh first" >&2; exit 2; }
+bundle=$PWD/gpu-run
+rm -rf "$bundle"
+mkdir -p "$bundle"
+tar xJf gpu-bundle/bundle.tar.xz -C "$bundle"
 nccl=$(python3 -c "import nvidia.nccl,os;print(list(nvidia.nccl.__path__)[0]+'/lib')" 2>/dev/null || true)
 export LD_LIBRARY_PATH=$bundle/lib${nccl:+:$nccl}:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export UCX_MODULE_DIR=$bundle/lib/ucx
@@ -28,10 +31,10 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 step versions 30 "$bundle/bin/moe" version
 for t in "$bundle"/bin/test_*; do
   name=$(basename "$t")
-  step "$name" 300 "$t" --gtest_output="xml:$out/$name.xml"
+  step "$name" 120 "$t" --gtest_output="xml:$out/$name.xml"
 done
-step bench_gpu_kernels 300 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
-step peer_transformers 400 python3 bench/peer/transformers_peer.py \
+step bench_gpu_kernels 240 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
+step peer_transformers 300 python3 bench/peer/transformers_peer.py \
   --config "$bundle/v2lite-8L/config.json" --out "$out/peer_transformers.json"
 # The kernels' JSON is the log's stdout part; keep a clean copy.
 sed -n '/^{/,/^}/p' "$out/bench_gpu_kernels.log" > "$out/bench_gpu_kernels.json"
