@@ -22,47 +22,13 @@
 #include "kernels/cuda/fp8_dequantize.hpp"
 #include "kernels/cuda/gemm.hpp"
 #include "model/dequantize.hpp"
+#include "tests/unit/kernels/cuda_test_support.hpp"
 
 using namespace moe;
 using namespace moe::kernels;
+using namespace moe::kernels::cuda_testing;
 
 namespace {
-
-std::string no_gpu_reason() {
-  int n = 0;
-  const auto st = cudaGetDeviceCount(&n);
-  if (st != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(st);
-  }
-  return n == 0 ? "no CUDA device" : "";
-}
-
-#define SKIP_WITHOUT_GPU()                                                 \
-  do {                                                                     \
-    if (auto reason = no_gpu_reason(); !reason.empty())                    \
-      GTEST_SKIP() << "no GPU: " << reason;                                \
-  } while (false)
-
-struct device_mem {
-  void* p = nullptr;
-  explicit device_mem(size_t n) {
-    if (cudaMalloc(&p, n ? n : 1) != cudaSuccess) p = nullptr;
-  }
-  ~device_mem() { cudaFree(p); }
-  device_mem(const device_mem&) = delete;
-  device_mem& operator=(const device_mem&) = delete;
-  template <typename T>
-  void upload(const std::vector<T>& v) {
-    ASSERT_EQ(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  template <typename T>
-  std::vector<T> download(size_t n) const {
-    std::vector<T> v(n);
-    EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return v;
-  }
-};
 
 std::vector<float> random_floats(size_t n, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -70,17 +36,6 @@ std::vector<float> random_floats(size_t n, uint64_t seed) {
   std::vector<float> v(n);
   for (auto& x : v) x = d(rng);
   return v;
-}
-
-std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
-  std::vector<uint16_t> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = model::float_to_bf16(v[i]);
-  return out;
-}
-std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = model::bf16_to_float(v[i]);
-  return out;
 }
 
 // y = x . w^T in double, with the magnitude sum|x||w| each element's error is relative to.
@@ -98,7 +53,7 @@ void linear_reference(const std::vector<float>& x, const std::vector<float>& w, 
 
 struct gemm_fixture {
   cuda::gemm_lt lt;
-  device_mem workspace{cuda::gemm_workspace_bytes};
+  device_buffer workspace{cuda::gemm_workspace_bytes};
 };
 
 }  // namespace
@@ -158,7 +113,7 @@ TEST(cuda_gemm, can_run_refuses_bad_fp8_expansions_without_a_gpu) {
 }
 
 TEST(cuda_gemm, linear_f32_matches_the_cpu_reference) {
-  SKIP_WITHOUT_GPU();
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
   gemm_fixture f;
   ASSERT_EQ(cuda::gemm_lt::create(f.lt), kernel_status::ok);
   const size_t rows = 37, in = 300, out = 129;
@@ -167,29 +122,29 @@ TEST(cuda_gemm, linear_f32_matches_the_cpu_reference) {
   ASSERT_EQ(cpu::linear(x.data(), w.data(), want.data(), rows, in, out), kernel_status::ok);
   std::vector<double> exact, magnitude;
   linear_reference(x, w, rows, in, out, exact, magnitude);
-  device_mem dx(x.size() * 4), dw(w.size() * 4), dy(want.size() * 4);
-  dx.upload(x);
-  dw.upload(w);
-  auto d = cuda::linear_desc(dx.p, dw.p, dy.p, rows, in, out, dtype::f32, dtype::f32);
-  ASSERT_EQ(f.lt.run(d, f.workspace.p, cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+  device_buffer dx(x.size() * 4), dw(w.size() * 4), dy(want.size() * 4);
+  ASSERT_TRUE(upload(dx, x));
+  ASSERT_TRUE(upload(dw, w));
+  auto d = cuda::linear_desc(dx.get(), dw.get(), dy.get(), rows, in, out, dtype::f32, dtype::f32);
+  ASSERT_EQ(f.lt.run(d, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const auto got = dy.download<float>(want.size());
+  const auto got = fetch<float>(dy, want.size());
   for (size_t i = 0; i < got.size(); ++i) {
     ASSERT_NEAR(got[i], exact[i], 1e-5 * magnitude[i]) << i;
     ASSERT_NEAR(got[i], want[i], 2e-5 * magnitude[i]) << i;
   }
   // beta = 1 accumulates: y = x . w^T + y.
   d.beta = 1.0f;
-  ASSERT_EQ(f.lt.run(d, f.workspace.p, cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
-  const auto twice = dy.download<float>(want.size());
+  ASSERT_EQ(f.lt.run(d, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+  const auto twice = fetch<float>(dy, want.size());
   for (size_t i = 0; i < twice.size(); ++i) ASSERT_NEAR(twice[i], 2 * exact[i], 2e-5 * magnitude[i]) << i;
   EXPECT_EQ(f.lt.num_plans(), 2u) << "one plan per beta == 0 and beta != 0";
-  ASSERT_EQ(f.lt.run(d, f.workspace.p, cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+  ASSERT_EQ(f.lt.run(d, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
   EXPECT_EQ(f.lt.num_plans(), 2u) << "a repeated shape reuses its plan";
 }
 
 TEST(cuda_gemm, linear_bf16_matches_the_cpu_reference_within_bf16_rounding) {
-  SKIP_WITHOUT_GPU();
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
   gemm_fixture f;
   ASSERT_EQ(cuda::gemm_lt::create(f.lt), kernel_status::ok);
   // The tiny model's and DeepSeek-like shapes: decode (1 row), a batch, a prefill.
@@ -199,16 +154,16 @@ TEST(cuda_gemm, linear_bf16_matches_the_cpu_reference_within_bf16_rounding) {
     const auto xb = to_bf16(random_floats(rows * in, rows)), wb = to_bf16(random_floats(out * in, out));
     std::vector<double> exact, magnitude;
     linear_reference(from_bf16(xb), from_bf16(wb), rows, in, out, exact, magnitude);
-    device_mem dx(xb.size() * 2), dw(wb.size() * 2), dy32(rows * out * 4), dy16(rows * out * 2);
-    dx.upload(xb);
-    dw.upload(wb);
-    auto d32 = cuda::linear_desc(dx.p, dw.p, dy32.p, rows, in, out, dtype::bf16, dtype::f32);
-    auto d16 = cuda::linear_desc(dx.p, dw.p, dy16.p, rows, in, out, dtype::bf16, dtype::bf16);
-    ASSERT_EQ(f.lt.run(d32, f.workspace.p, cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
-    ASSERT_EQ(f.lt.run(d16, f.workspace.p, cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+    device_buffer dx(xb.size() * 2), dw(wb.size() * 2), dy32(rows * out * 4), dy16(rows * out * 2);
+    ASSERT_TRUE(upload(dx, xb));
+    ASSERT_TRUE(upload(dw, wb));
+    auto d32 = cuda::linear_desc(dx.get(), dw.get(), dy32.get(), rows, in, out, dtype::bf16, dtype::f32);
+    auto d16 = cuda::linear_desc(dx.get(), dw.get(), dy16.get(), rows, in, out, dtype::bf16, dtype::bf16);
+    ASSERT_EQ(f.lt.run(d32, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+    ASSERT_EQ(f.lt.run(d16, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const auto got32 = dy32.download<float>(rows * out);
-    const auto got16 = from_bf16(dy16.download<uint16_t>(rows * out));
+    const auto got32 = fetch<float>(dy32, rows * out);
+    const auto got16 = from_bf16(fetch<uint16_t>(dy16, rows * out));
     for (size_t i = 0; i < got32.size(); ++i) {
       ASSERT_NEAR(got32[i], exact[i], 1e-5 * magnitude[i]) << i;
       ASSERT_NEAR(got16[i], exact[i], 1e-5 * magnitude[i] + std::ldexp(std::fabs(exact[i]), -8)) << i;
@@ -217,7 +172,7 @@ TEST(cuda_gemm, linear_bf16_matches_the_cpu_reference_within_bf16_rounding) {
 }
 
 TEST(cuda_gemm, strided_batched_transposed_products_match_the_cpu_reference) {
-  SKIP_WITHOUT_GPU();
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
   gemm_fixture f;
   ASSERT_EQ(cuda::gemm_lt::create(f.lt), kernel_status::ok);
   // The MLA absorption's shape: per head, q_nope(T, dn) . W_uk(dn, R) with W_uk stored (R, dn)
@@ -237,19 +192,19 @@ TEST(cuda_gemm, strided_batched_transposed_products_match_the_cpu_reference) {
   g.c = want.data();
   g.ldc = heads * latent;
   ASSERT_EQ(cpu::gemm_strided_batched(g, heads, dn, latent * dn, latent), kernel_status::ok);
-  device_mem da(a.size() * 4), db(b.size() * 4), dc(want.size() * 4);
-  da.upload(a);
-  db.upload(b);
+  device_buffer da(a.size() * 4), db(b.size() * 4), dc(want.size() * 4);
+  ASSERT_TRUE(upload(da, a));
+  ASSERT_TRUE(upload(db, b));
   cuda::gemm_desc d;
   d.trans_b = cuda::transpose::yes;
   d.m = tokens;
   d.n = latent;
   d.k = dn;
-  d.a = da.p;
+  d.a = da.get();
   d.lda = heads * dn;
-  d.b = db.p;
+  d.b = db.get();
   d.ldb = dn;
-  d.c = dc.p;
+  d.c = dc.get();
   d.ldc = heads * latent;
   d.ab_dt = dtype::f32;
   d.c_dt = dtype::f32;
@@ -257,9 +212,9 @@ TEST(cuda_gemm, strided_batched_transposed_products_match_the_cpu_reference) {
   d.stride_a = dn;
   d.stride_b = latent * dn;
   d.stride_c = latent;
-  ASSERT_EQ(f.lt.run(d, f.workspace.p, cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+  ASSERT_EQ(f.lt.run(d, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const auto got = dc.download<float>(want.size());
+  const auto got = fetch<float>(dc, want.size());
   for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-4f) << i;
 
   // trans_a: A stored (k, m).
@@ -274,24 +229,24 @@ TEST(cuda_gemm, strided_batched_transposed_products_match_the_cpu_reference) {
   g0.c = want0.data();
   g0.ldc = latent;
   ASSERT_EQ(cpu::gemm(g0), kernel_status::ok);
-  device_mem dat(at.size() * 4), dc0(want0.size() * 4);
-  dat.upload(at);
+  device_buffer dat(at.size() * 4), dc0(want0.size() * 4);
+  ASSERT_TRUE(upload(dat, at));
   cuda::gemm_desc d0 = d;
   d0.trans_a = cuda::transpose::yes;
-  d0.a = dat.p;
+  d0.a = dat.get();
   d0.lda = tokens;
-  d0.c = dc0.p;
+  d0.c = dc0.get();
   d0.ldc = latent;
   d0.batch_count = 1;
   d0.stride_a = d0.stride_b = d0.stride_c = 0;
-  ASSERT_EQ(f.lt.run(d0, f.workspace.p, cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+  ASSERT_EQ(f.lt.run(d0, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const auto got0 = dc0.download<float>(want0.size());
+  const auto got0 = fetch<float>(dc0, want0.size());
   for (size_t i = 0; i < got0.size(); ++i) ASSERT_NEAR(got0[i], want0[i], 1e-4f) << i;
 }
 
 TEST(cuda_gemm, fp8_blocks_expand_exactly_as_on_the_cpu) {
-  SKIP_WITHOUT_GPU();
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
   const int64_t rows = 300, cols = 200;  // partial edge blocks both ways
   std::mt19937 rng(5);
   std::vector<uint8_t> q(static_cast<size_t>(rows * cols));
@@ -303,18 +258,18 @@ TEST(cuda_gemm, fp8_blocks_expand_exactly_as_on_the_cpu) {
   for (auto& s : scale) s = std::ldexp(1.0f + static_cast<float>(rng() % 1000) / 1000.0f, -static_cast<int>(rng() % 10));
   std::vector<float> want(q.size());
   model::dequantize_fp8_blocks(std::as_bytes(std::span<const uint8_t>(q)), rows, cols, scale, 128, 128, want);
-  device_mem dq(q.size()), ds(scale.size() * 4), d32(q.size() * 4), d16(q.size() * 2);
-  dq.upload(q);
-  ds.upload(scale);
-  cuda::fp8_dequantize_args a{static_cast<const uint8_t*>(dq.p), static_cast<const float*>(ds.p), d32.p,
+  device_buffer dq(q.size()), ds(scale.size() * 4), d32(q.size() * 4), d16(q.size() * 2);
+  ASSERT_TRUE(upload(dq, q));
+  ASSERT_TRUE(upload(ds, scale));
+  cuda::fp8_dequantize_args a{static_cast<const uint8_t*>(dq.get()), static_cast<const float*>(ds.get()), d32.get(),
                               rows, cols, 128, 128, dtype::f32};
   ASSERT_EQ(cuda::fp8_dequantize_run(a, nullptr), kernel_status::ok);
-  a.out = d16.p;
+  a.out = d16.get();
   a.out_dt = dtype::bf16;
   ASSERT_EQ(cuda::fp8_dequantize_run(a, nullptr), kernel_status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const auto got32 = d32.download<float>(q.size());
-  const auto got16 = d16.download<uint16_t>(q.size());
+  const auto got32 = fetch<float>(d32, q.size());
+  const auto got16 = fetch<uint16_t>(d16, q.size());
   for (size_t i = 0; i < q.size(); ++i) {
     ASSERT_EQ(got32[i], want[i]) << i;
     ASSERT_EQ(got16[i], model::float_to_bf16(want[i])) << i;

@@ -37,146 +37,15 @@
 #include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/sampling.hpp"
 #include "kernels/cuda/swiglu.hpp"
+#include "tests/unit/kernels/cuda_test_support.hpp"
 #include "tests/unit/kernels/random_tensor.hpp"
 
 namespace moe::kernels {
 namespace {
 
 using cpu::testing::random_floats;
+using namespace cuda_testing;
 
-// ---------------------------------------------------------------------------------------------
-// Device availability, buffers, bf16 on the host.
-
-const std::string& cuda_unavailable_reason() {
-  static const std::string reason = [] {
-    int count = 0;
-    if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess)
-      return std::string{cudaGetErrorString(e)};
-    return count == 0 ? std::string{"cudaGetDeviceCount found no device"} : std::string{};
-  }();
-  return reason;
-}
-
-#define MOE_KERNELS_SKIP_WITHOUT_GPU()                                   \
-  do {                                                                   \
-    if (const auto& reason = cuda_unavailable_reason(); !reason.empty()) \
-      GTEST_SKIP() << "no GPU: " << reason;                              \
-  } while (false)
-
-// Owns one cudaMalloc allocation.
-class device_buffer {
- public:
-  explicit device_buffer(size_t bytes) : bytes_(bytes) {
-    if (bytes > 0 && cudaMalloc(&ptr_, bytes) != cudaSuccess) ptr_ = nullptr;
-  }
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
-  ~device_buffer() {
-    if (ptr_ != nullptr) (void)cudaFree(ptr_);
-  }
-  [[nodiscard]] void* get() const { return ptr_; }
-  template <class T>
-  [[nodiscard]] T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  [[nodiscard]] size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-template <class T>
-[[nodiscard]] bool upload(device_buffer& d, const std::vector<T>& v) {
-  return v.size() * sizeof(T) <= d.bytes() &&
-         (v.empty() || cudaMemcpy(d.get(), v.data(), v.size() * sizeof(T),
-                                  cudaMemcpyHostToDevice) == cudaSuccess);
-}
-
-template <class T>
-[[nodiscard]] bool download(const device_buffer& d, std::vector<T>& v) {
-  return v.size() * sizeof(T) <= d.bytes() &&
-         (v.empty() || cudaMemcpy(v.data(), d.get(), v.size() * sizeof(T),
-                                  cudaMemcpyDeviceToHost) == cudaSuccess);
-}
-
-// Round to nearest even, as __float2bfloat16_rn does; NaN stays a (quiet) NaN.
-uint16_t to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  if (std::isnan(f)) return static_cast<uint16_t>((b >> 16) | 0x40);
-  b += 0x7fffu + ((b >> 16) & 1u);
-  return static_cast<uint16_t>(b >> 16);
-}
-
-float from_bf16(uint16_t h) {
-  const uint32_t b = uint32_t{h} << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
-  std::vector<uint16_t> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = to_bf16(v[i]);
-  return out;
-}
-
-std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = from_bf16(v[i]);
-  return out;
-}
-
-// The values rounded to bf16 and widened back: what a bf16 kernel reads.
-std::vector<float> bf16_rounded(const std::vector<float>& v) {
-  return from_bf16(to_bf16(v));
-}
-
-// How many bf16 values lie between a and b (0 when equal; both NaN count as equal).
-int64_t bf16_ulps_apart(uint16_t a, uint16_t b) {
-  const auto ordered = [](uint16_t h) -> int64_t {
-    return (h & 0x8000u) ? -static_cast<int64_t>(h & 0x7fffu) : static_cast<int64_t>(h);
-  };
-  if (std::isnan(from_bf16(a)) || std::isnan(from_bf16(b)))
-    return std::isnan(from_bf16(a)) && std::isnan(from_bf16(b)) ? 0 : INT64_MAX;
-  return std::llabs(ordered(a) - ordered(b));
-}
-
-::testing::AssertionResult f32_close(float got, float want, double scale) {
-  if (std::isnan(want) && std::isnan(got)) return ::testing::AssertionSuccess();
-  const double tol = 1e-6 * scale + 1e-37;
-  if (std::fabs(double{got} - double{want}) <= tol) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure()
-         << "got " << got << ", want " << want << " (tolerance " << tol << ")";
-}
-
-::testing::AssertionResult bf16_within_one_ulp(uint16_t got, float want) {
-  if (bf16_ulps_apart(got, to_bf16(want)) <= 1) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "got " << from_bf16(got) << ", want " << want
-                                       << " (rounded " << from_bf16(to_bf16(want)) << ")";
-}
-
-std::vector<int32_t> random_ints(size_t n, int32_t lo, int32_t hi, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> d(lo, hi);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
-
-// A host address that can_run may hold but never dereferences.
-int fake_storage[4];
-void* fake_ptr() {
-  return fake_storage;
-}
-template <class T>
-T* fake() {
-  return reinterpret_cast<T*>(fake_storage);
-}
-
-constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
-constexpr float inf_f = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
 // swiglu
