@@ -1,6 +1,7 @@
 // GPU kernel figures, each against a baseline measured in the same run on the same card:
 //  - bandwidth-bound kernels (RMSNorm, SwiGLU, FP8 expansion) as a share of the device-to-device
 //    copy bandwidth (bytes each must read and write / time, over the copy's);
+//  - MLA decode likewise (the paged cache bytes it must read), MLA prefill in TFLOP/s;
 //  - cuBLASLt bf16 products at the model's shapes against a large square bf16 product (the
 //    card's practical GEMM peak);
 //  - an FP8 weight (expanded to bf16, then multiplied) against the same weight kept in bf16.
@@ -22,6 +23,9 @@
 
 #include "kernels/cuda/fp8_dequantize.hpp"
 #include "kernels/cuda/gemm.hpp"
+#include "kernels/cuda/grouped_gemm.hpp"
+#include "kernels/cuda/mla_decode.hpp"
+#include "kernels/cuda/mla_prefill.hpp"
 #include "kernels/cuda/moe_gate.hpp"
 #include "kernels/cuda/permute.hpp"
 #include "kernels/cuda/rmsnorm.hpp"
@@ -169,6 +173,92 @@ int main(int argc, char** argv) {
     bandwidth_entry("sample_greedy_f32_32x129280", 4.0 * rows * vocab, ms);
   }
 
+  // MLA decode at v2lite-8L's shapes (16 heads, latent 512, rotary 64, bf16 paged cache in blocks
+  // of 64), batch 1 and 32, 4096 cached tokens each, the blocks scattered over the pool: the
+  // kernel must read every cached entry once per (sequence, 16 heads), so its figure is the
+  // cache bytes over the time; q, the output and the split partials (L2-resident) are not
+  // counted. "splits" is how many parts each sequence was cut into.
+  for (int64_t batch : {1, 32}) {
+    const int64_t heads = 16, latent = 512, rope = 64, nope = 128, block = 64, tokens = 4096;
+    const int64_t blocks_per_seq = tokens / block, num_blocks = batch * blocks_per_seq;
+    const int64_t entry = latent + rope;
+    device_mem pool(num_blocks * block * entry * 2), q_latent(batch * heads * latent * 2),
+        q(batch * heads * (nope + rope) * 2), out_latent(batch * heads * latent * 2),
+        table(num_blocks * 4), lens(batch * 4);
+    fill_bf16(pool.p, num_blocks * block * entry);
+    fill_bf16(q_latent.p, batch * heads * latent);
+    fill_bf16(q.p, batch * heads * (nope + rope));
+    std::vector<int32_t> ids(num_blocks), seq_lens(batch, static_cast<int32_t>(tokens));
+    for (int64_t i = 0; i < num_blocks; ++i) ids[i] = static_cast<int32_t>((i * 7919) % num_blocks);  // scattered
+    cudaMemcpy(table.p, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(lens.p, seq_lens.data(), seq_lens.size() * 4, cudaMemcpyHostToDevice);
+    kc::mla_decode_args a;
+    a.layout = {static_cast<size_t>(num_blocks), static_cast<size_t>(block), static_cast<size_t>(latent),
+                static_cast<size_t>(rope)};
+    a.pool = pool.p;
+    a.q_latent = q_latent.p;
+    a.q_pe = static_cast<const char*>(q.p) + nope * 2;
+    a.q_pe_token_stride = heads * (nope + rope);
+    a.q_pe_head_stride = nope + rope;
+    a.block_table = static_cast<const int32_t*>(table.p);
+    a.max_blocks_per_seq = blocks_per_seq;
+    a.seq_lens = static_cast<const int32_t*>(lens.p);
+    a.out_latent = out_latent.p;
+    a.batch = batch;
+    a.num_heads = heads;
+    a.softmax_scale = 1.0f / 13.856406f;  // (128 + 64)^-0.5
+    a.max_seq_len = tokens;
+    a.dt = dtype::bf16;
+    const size_t workspace_bytes = kc::mla_decode_workspace_bytes(a);
+    device_mem workspace(std::max<size_t>(workspace_bytes, 256));
+    const double ms = median_ms(reps, [&] {
+      check(kc::mla_decode_run(a, workspace.p, workspace_bytes, nullptr), "mla_decode");
+    });
+    const std::string name = "mla_decode_bf16_h16_r512_b" + std::to_string(batch) + "_4096";
+    bandwidth_entry(name.c_str(), 2.0 * batch * tokens * entry, ms);
+    out["bandwidth"][name]["splits"] = kc::mla_decode_make_plan(a).num_splits;
+  }
+
+  // MLA prefill (causal, decompressed keys and values) over 4 packed sequences of 512 tokens,
+  // 16 heads, DeepSeek's widths (q/k 128 + 64, v 128), bf16, k_nope and v strided inside one
+  // kv buffer as kv_b_proj leaves them. FLOPs count the visible (query, key) pairs only:
+  // 2 (dn + dr) for the score and 2 dv for the value sum each, per head.
+  {
+    const int64_t seqs = 4, len = 512, heads = 16, dn = 128, dr = 64, dv = 128, t = seqs * len;
+    device_mem q(t * heads * (dn + dr) * 2), kv(t * heads * (dn + dv) * 2), k_pe(t * dr * 2),
+        o(t * heads * dv * 2), cu(4 * (seqs + 1));
+    fill_bf16(q.p, t * heads * (dn + dr));
+    fill_bf16(kv.p, t * heads * (dn + dv));
+    fill_bf16(k_pe.p, t * dr);
+    std::vector<int32_t> offsets(seqs + 1);
+    for (int64_t s = 0; s <= seqs; ++s) offsets[s] = static_cast<int32_t>(s * len);
+    cudaMemcpy(cu.p, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice);
+    kc::mla_prefill_args a;
+    a.q = q.p;
+    a.k_nope = kv.p;
+    a.k_nope_token_stride = heads * (dn + dv);
+    a.k_nope_head_stride = dn + dv;
+    a.k_pe = k_pe.p;
+    a.v = static_cast<const char*>(kv.p) + dn * 2;
+    a.v_token_stride = heads * (dn + dv);
+    a.v_head_stride = dn + dv;
+    a.out = o.p;
+    a.cu_seqlens_q = static_cast<const int32_t*>(cu.p);
+    a.num_seqs = seqs;
+    a.num_q_tokens = t;
+    a.max_seqlen_q = len;
+    a.num_heads = heads;
+    a.nope_dim = dn;
+    a.rope_dim = dr;
+    a.v_dim = dv;
+    a.softmax_scale = 1.0f / 13.856406f;
+    a.dt = dtype::bf16;
+    const double ms = median_ms(reps, [&] { check(kc::mla_prefill_run(a, nullptr), "mla_prefill"); });
+    const double flops = 2.0 * (dn + dr + dv) * heads * seqs * (len * (len + 1) / 2);
+    out["mla_prefill_bf16"] = {{"seqs", seqs}, {"tokens_per_seq", len}, {"heads", heads}, {"ms", ms},
+                               {"TFLOPs", flops / (ms * 1e9)}};
+  }
+
   // Routing (DeepSeek-V3: 256 experts, 8 groups, 4 kept, top-8) and the permutation by expert,
   // at decode (32 tokens) and prefill (4096 tokens) batches: latency, not bandwidth.
   {
@@ -297,6 +387,50 @@ int main(int argc, char** argv) {
                      {"fp8_over_bf16_time", fp8_ms / bf16_ms}});
     }
     out["fp8_vs_bf16"] = fp8;
+  }
+
+  // The grouped expert GEMM (all 64 experts of a v2lite-8L layer in one launch, gate|up: k = 2048,
+  // n = 2 * 1408) at decode (32 tokens x top-6) and prefill (4096 x 6) rows spread unevenly over
+  // the experts (some get none), against one dense cuBLASLt bf16 product of the same FLOPs,
+  // (rows, k) x (k, n): what one launch over 64 ragged products costs over one big product.
+  // Decode is bound by reading the weights of the experts in use: their bandwidth is reported too.
+  {
+    json grouped = json::array();
+    const int64_t experts = 64, n = 2 * 1408, k = 2048, top_k = 6;
+    device_mem w(experts * n * k * 2), offsets_d((experts + 1) * 4);
+    fill_bf16(w.p, experts * n * k);
+    for (int64_t tokens : {32, 4096}) {
+      const int64_t rows = tokens * top_k;
+      // Expert e's share is (37 e) mod 11 (0..10): uneven, a few experts idle.
+      std::vector<int64_t> share(experts);
+      for (int64_t e = 0; e < experts; ++e) share[e] = (37 * e) % 11;
+      int64_t total_share = 0;
+      for (int64_t s : share) total_share += s;
+      std::vector<int32_t> offsets(experts + 1, 0);
+      int64_t assigned = 0, used_experts = 0;
+      for (int64_t e = 0; e < experts; ++e) {
+        int64_t c = rows * share[e] / total_share;
+        if (e == experts - 1) c = rows - assigned;  // the rounding remainder
+        assigned += c;
+        used_experts += c > 0 ? 1 : 0;
+        offsets[e + 1] = static_cast<int32_t>(assigned);
+      }
+      cudaMemcpy(offsets_d.p, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice);
+      device_mem x(rows * k * 2), y(rows * n * 2);
+      fill_bf16(x.p, rows * k);
+      kc::grouped_gemm_args g{x.p, static_cast<const int32_t*>(offsets_d.p), w.p, y.p, rows, experts, n, k,
+                              dtype::bf16, dtype::bf16};
+      const double grouped_ms = median_ms(reps, [&] { check(kc::grouped_gemm_run(g, nullptr), "grouped_gemm"); });
+      const double dense_ms = gemm_ms(rows, n, k, x.p, w.p, y.p);  // expert 0's weight, all rows
+      const double flops = 2.0 * rows * n * k;
+      const double weight_gbs = (2.0 * used_experts * n * k + 2.0 * rows * (k + n)) / (grouped_ms * 1e6);
+      grouped.push_back({{"tokens", tokens}, {"rows", rows}, {"experts", experts}, {"experts_in_use", used_experts},
+                         {"n", n}, {"k", k}, {"grouped_ms", grouped_ms}, {"grouped_TFLOPs", flops / (grouped_ms * 1e9)},
+                         {"dense_cublaslt_ms", dense_ms}, {"dense_TFLOPs", flops / (dense_ms * 1e9)},
+                         {"grouped_over_dense_time", grouped_ms / dense_ms}, {"grouped_weight_GBps", weight_gbs},
+                         {"grouped_weight_vs_copy", weight_gbs / copy_gbs}});
+    }
+    out["grouped_gemm_bf16"] = grouped;
   }
   std::printf("%s\n", out.dump(2).c_str());
   return 0;

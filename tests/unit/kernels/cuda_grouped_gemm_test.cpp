@@ -1,0 +1,565 @@
+// The grouped expert GEMM on the GPU (kernels/cuda/grouped_gemm.hpp) against the definition in
+// double precision and against its CPU reference (kernels/cpu/grouped_gemm.hpp), at DeepSeek-V2-
+// Lite's expert shapes (64 experts; gate|up k = 2048, n = 2 * 1408; down k = 1408, n = 2048) with
+// uneven routings, at odd shapes (n, k not multiples of 16 or 8), and inside a CUDA graph replayed
+// after the routing changed on the device. The GPU runs skip, with the reason, without a GPU;
+// the can_run tests are host code and run wherever the CUDA backend is built.
+//
+// Tolerances, per output element, relative to S = sum_i |x_i| |w_i| over its dot product. The
+// inputs are rounded to bf16 on the host first, so the double reference multiplies exactly the
+// values the kernel reads: every difference is the kernel's float32 arithmetic.
+//  - bf16 inputs (tensor cores): a bf16 product is exact in float32 (8 + 8 significant bits
+//    < 24). An element is a chain of ceil(k / 16) MMA steps, each adding 16 exact products to a
+//    float32 accumulator whose magnitude never exceeds S. We allow each step 4 units of 2^-23
+//    of S: one rounding of the step's sum, one of the add to the accumulator, and up to two
+//    ulps lost where the hardware aligns the addends to the largest exponent and truncates
+//    (measured tensor-core behaviour; 2^-23, not 2^-24, because truncation is not to nearest).
+//    So |error| <= ceil(k / 16) * 2^-21 * S: 6.1e-5 of S at k = 2048. Random signs keep real
+//    errors orders of magnitude lower; a lost or doubled product (~S / k = 4.9e-4 of S) fails.
+//  - bf16 outputs round once more, to nearest even: + 2^-8 of the float32 value (8 significant
+//    bits), i.e. 2^-8 * (|exact| + the bound above).
+//  - f32 (CUDA cores, a chain of k fmaf in k order): k roundings to nearest of running sums
+//    <= S: |error| <= k * 2^-24 * S (gamma_k to first order).
+//  - against the CPU reference (OpenBLAS sgemm, any order: the same k * 2^-24 * S from the exact
+//    value): the sum of the two bounds.
+//  - exact: every element the kernel must leave alone (rows past offsets[num_experts], a
+//    canary past the end of y).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/grouped_gemm.hpp"
+#include "kernels/cuda/grouped_gemm.hpp"
+#include "tests/unit/kernels/random_tensor.hpp"
+
+namespace moe::kernels {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Device availability, buffers, bf16 on the host.
+
+const std::string& cuda_unavailable_reason() {
+  static const std::string reason = [] {
+    int count = 0;
+    if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess)
+      return std::string{cudaGetErrorString(e)};
+    return count == 0 ? std::string{"cudaGetDeviceCount found no device"} : std::string{};
+  }();
+  return reason;
+}
+
+#define MOE_KERNELS_SKIP_WITHOUT_GPU()                                   \
+  do {                                                                   \
+    if (const auto& reason = cuda_unavailable_reason(); !reason.empty()) \
+      GTEST_SKIP() << "no GPU: " << reason;                              \
+  } while (false)
+
+// Owns one cudaMalloc allocation.
+class device_buffer {
+ public:
+  explicit device_buffer(size_t bytes) : bytes_(bytes) {
+    if (bytes > 0 && cudaMalloc(&ptr_, bytes) != cudaSuccess) ptr_ = nullptr;
+  }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+  ~device_buffer() {
+    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+  }
+  [[nodiscard]] void* get() const { return ptr_; }
+  [[nodiscard]] size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+[[nodiscard]] bool upload(device_buffer& d, const void* src, size_t bytes, size_t at = 0) {
+  return at + bytes <= d.bytes() &&
+         (bytes == 0 || cudaMemcpy(static_cast<char*>(d.get()) + at, src, bytes,
+                                   cudaMemcpyHostToDevice) == cudaSuccess);
+}
+
+[[nodiscard]] std::vector<unsigned char> download(const device_buffer& d) {
+  std::vector<unsigned char> v(d.bytes());
+  if (!v.empty() && cudaMemcpy(v.data(), d.get(), v.size(), cudaMemcpyDeviceToHost) != cudaSuccess)
+    v.clear();
+  return v;
+}
+
+// Round to nearest even, as __float2bfloat16_rn does (inputs here are finite).
+uint16_t to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+float from_bf16(uint16_t h) {
+  const uint32_t b = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// Uniform in [-1, 1), already on the bf16 grid when `on_bf16_grid`: a splitmix64 stream, fast
+// enough for the 369M weights of 64 v2lite experts.
+std::vector<float> random_values(size_t n, uint64_t seed, bool on_bf16_grid) {
+  std::vector<float> v(n);
+  uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (auto& x : v) {
+    s += 0x9e3779b97f4a7c15ull;
+    uint64_t z = s;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    x = static_cast<float>(static_cast<double>(z >> 11) * 0x1.0p-52 - 1.0);
+    if (on_bf16_grid) x = from_bf16(to_bf16(x));
+  }
+  return v;
+}
+
+// 64 v2lite experts' weights take seconds to generate; consecutive cases of a shape share them.
+const std::vector<float>& shared_random_values(size_t n, uint64_t seed, bool on_bf16_grid) {
+  static size_t cached_n = 0;
+  static uint64_t cached_seed = 0;
+  static bool cached_grid = false;
+  static std::vector<float> cached;
+  if (cached.empty() || cached_n != n || cached_seed != seed || cached_grid != on_bf16_grid) {
+    cached = random_values(n, seed, on_bf16_grid);
+    cached_n = n;
+    cached_seed = seed;
+    cached_grid = on_bf16_grid;
+  }
+  return cached;
+}
+
+// The bytes a kernel of element type `dt` reads for these values (already on the grid for bf16).
+std::vector<unsigned char> as_bytes(const std::vector<float>& v, dtype dt) {
+  std::vector<unsigned char> out(v.size() * dtype_bytes(dt));
+  if (dt == dtype::f32) {
+    std::memcpy(out.data(), v.data(), out.size());
+  } else {
+    for (size_t i = 0; i < v.size(); ++i) {
+      const uint16_t h = to_bf16(v[i]);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
+  return out;
+}
+
+float element_of(const std::vector<unsigned char>& bytes, size_t i, dtype dt) {
+  if (dt == dtype::f32) {
+    float f;
+    std::memcpy(&f, bytes.data() + 4 * i, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, bytes.data() + 2 * i, 2);
+  return from_bf16(h);
+}
+
+std::vector<int32_t> offsets_of(const std::vector<int32_t>& counts) {
+  std::vector<int32_t> offsets(counts.size() + 1, 0);
+  std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1);
+  return offsets;
+}
+
+// 64 experts routed unevenly: empty experts, single rows, experts of more than one tile of
+// either bf16 tiling (32-row narrow, 128-row wide) and of the 64-row f32 tiling, the rest small.
+std::vector<int32_t> v2lite_counts() {
+  std::vector<int32_t> c(64);
+  for (size_t e = 0; e < c.size(); ++e) c[e] = static_cast<int32_t>((e * 7) % 6);  // 0..5
+  c[0] = 0;
+  c[1] = 1;
+  c[2] = 130;
+  c[3] = 33;
+  c[4] = 0;
+  c[5] = 1;
+  c[10] = 65;
+  c[63] = 0;
+  return c;
+}
+
+// The tolerance of one element, from the header's derivation.
+struct tolerance {
+  dtype dt, y_dt;
+  int64_t k;
+  [[nodiscard]] double of(double exact, double magnitude) const {
+    const double kernel = dt == dtype::f32
+                              ? static_cast<double>(k) * 0x1.0p-24 * magnitude
+                              : static_cast<double>((k + 15) / 16) * 0x1.0p-21 * magnitude;
+    const double rounding = y_dt == dtype::bf16 ? 0x1.0p-8 * (std::fabs(exact) + kernel) : 0.0;
+    return kernel + rounding + 1e-30;
+  }
+  [[nodiscard]] double cpu_reference(double magnitude) const {
+    return static_cast<double>(k) * 0x1.0p-24 * magnitude;
+  }
+};
+
+constexpr unsigned char sentinel = 0x5a;  // bytes of y the kernel must not touch
+constexpr size_t canary_bytes = 256;      // past the end of y
+
+struct grouped_case {
+  int64_t n = 0, k = 0;
+  std::vector<int32_t> counts;
+  int64_t num_rows = 0;  // the host's bound, >= sum(counts); it picks the tiling
+  dtype dt = dtype::bf16, y_dt = dtype::bf16;
+  size_t x_misalign_elements = 0;  // x starts this many elements into its buffer
+};
+
+std::string describe(const grouped_case& c) {
+  return "n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
+         " experts=" + std::to_string(c.counts.size()) + " num_rows=" + std::to_string(c.num_rows) +
+         " " + std::string(to_string(c.dt)) + "->" + std::string(to_string(c.y_dt)) +
+         (c.x_misalign_elements ? " misaligned x" : "");
+}
+
+// Runs one case on the GPU and checks it against the double definition, the CPU reference and
+// the untouched bytes.
+void expect_matches_reference(const grouped_case& c, uint64_t seed) {
+  SCOPED_TRACE(describe(c));
+  const auto num_experts = static_cast<int64_t>(c.counts.size());
+  const auto offsets = offsets_of(c.counts);
+  const auto rows_in_use = static_cast<size_t>(offsets.back());
+  ASSERT_LE(static_cast<int64_t>(rows_in_use), c.num_rows);
+  const auto rows = static_cast<size_t>(c.num_rows), n = static_cast<size_t>(c.n),
+             k = static_cast<size_t>(c.k);
+  const bool bf16_in = c.dt == dtype::bf16;
+  const auto x = random_values(rows * k, seed, bf16_in);
+  const auto& w = shared_random_values(static_cast<size_t>(num_experts) * n * k, seed + 1, bf16_in);
+
+  // The CPU reference on the same (rounded) values.
+  std::vector<float> want(rows * n, 0.0f);
+  ASSERT_EQ(cpu::grouped_gemm(x.data(), offsets.data(), c.counts.size(), w.data(), want.data(),
+                              rows, n, k),
+            kernel_status::ok);
+
+  const size_t in_bytes = dtype_bytes(c.dt), y_bytes = dtype_bytes(c.y_dt);
+  const size_t x_at = c.x_misalign_elements * in_bytes;
+  device_buffer dx(x_at + rows * k * in_bytes), dw(w.size() * in_bytes), doff(offsets.size() * 4),
+      dy(rows * n * y_bytes + canary_bytes);
+  ASSERT_TRUE(upload(dx, as_bytes(x, c.dt).data(), rows * k * in_bytes, x_at));
+  ASSERT_TRUE(upload(dw, as_bytes(w, c.dt).data(), dw.bytes()));
+  ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
+  ASSERT_EQ(cudaMemset(dy.get(), sentinel, dy.bytes()), cudaSuccess);
+
+  cuda::grouped_gemm_args a;
+  a.x = static_cast<const char*>(dx.get()) + x_at;
+  a.expert_offsets = static_cast<const int32_t*>(doff.get());
+  a.weights = dw.get();
+  a.y = dy.get();
+  a.num_rows = c.num_rows;
+  a.num_experts = num_experts;
+  a.n = c.n;
+  a.k = c.k;
+  a.dt = c.dt;
+  a.y_dt = c.y_dt;
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto got = download(dy);
+  ASSERT_EQ(got.size(), dy.bytes());
+
+  const tolerance tol{c.dt, c.y_dt, c.k};
+  size_t e = 0;
+  for (size_t r = 0; r < rows_in_use; ++r) {
+    while (static_cast<size_t>(offsets[e + 1]) <= r) ++e;
+    const float* xr = x.data() + r * k;
+    for (size_t j = 0; j < n; ++j) {
+      const float* wj = w.data() + (e * n + j) * k;
+      double exact = 0.0, magnitude = 0.0;
+      for (size_t i = 0; i < k; ++i) {
+        const double p = double{xr[i]} * wj[i];
+        exact += p;
+        magnitude += std::fabs(p);
+      }
+      const double g = element_of(got, r * n + j, c.y_dt);
+      const double t = tol.of(exact, magnitude);
+      ASSERT_LE(std::fabs(g - exact), t)
+          << "row " << r << " (expert " << e << ") col " << j << ": got " << g << ", exact "
+          << exact << ", S " << magnitude;
+      ASSERT_LE(std::fabs(g - want[r * n + j]), t + tol.cpu_reference(magnitude))
+          << "row " << r << " col " << j << ": cpu " << want[r * n + j];
+    }
+  }
+  for (size_t b = rows_in_use * n * y_bytes; b < got.size(); ++b)
+    ASSERT_EQ(got[b], sentinel) << "byte " << b << " of y past the rows in use was written";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks: host code, no GPU needed.
+
+TEST(cuda_grouped_gemm, can_run_rejects_bad_arguments) {
+  char buf[16] = {};
+  const int32_t offsets[5] = {};
+  const cuda::grouped_gemm_args good{buf, offsets, buf, buf,         10,
+                                     4,   16,      16,  dtype::bf16, dtype::bf16};
+  EXPECT_EQ(cuda::grouped_gemm_can_run(good), kernel_status::ok);
+  auto a = good;
+
+  // Element types: bf16 -> bf16 or f32, f32 -> f32; nothing else.
+  a.y_dt = dtype::f32;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+  a.dt = dtype::f32;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+  a.y_dt = dtype::bf16;  // f32 products are not narrowed
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_dtype);
+  for (const dtype bad : {dtype::f16, dtype::f8_e4m3, dtype::i32}) {
+    a = good;
+    a.dt = bad;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_dtype);
+    a = good;
+    a.y_dt = bad;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_dtype);
+  }
+  // And the run answers the same without launching anything.
+  a = good;
+  a.dt = dtype::f16;
+  EXPECT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::unsupported_dtype);
+
+  // Experts in [1, grouped_gemm_max_experts].
+  for (const int64_t e : {int64_t{0}, int64_t{-1}, cuda::grouped_gemm_max_experts + 1}) {
+    a = good;
+    a.num_experts = e;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape) << e;
+  }
+  a = good;
+  a.num_experts = cuda::grouped_gemm_max_experts;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+
+  // Sizes: non-negative, rows and features int32, elements int64, the grid 31-bit.
+  for (int64_t cuda::grouped_gemm_args::*field :
+       {&cuda::grouped_gemm_args::num_rows, &cuda::grouped_gemm_args::n,
+        &cuda::grouped_gemm_args::k}) {
+    a = good;
+    a.*field = -1;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+    a.*field = int64_t{INT32_MAX} + 1;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+  }
+  a = good;
+  a.num_experts = cuda::grouped_gemm_max_experts;
+  a.n = INT32_MAX;
+  a.k = INT32_MAX;  // 1024 experts' weights: 2^72 elements
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+  a = good;
+  a.num_rows = INT32_MAX;
+  a.n = int64_t{1} << 20;  // 2^13 column tiles x 2^24 row tiles
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+
+  // Odd n and k are handled, not refused.
+  a = good;
+  a.n = 7;
+  a.k = 5;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+
+  // Pointers: offsets and y whenever there is output, x and weights when k > 0 too.
+  a = good;
+  a.expert_offsets = nullptr;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+  a = good;
+  a.y = nullptr;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+  a = good;
+  a.x = nullptr;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+  a = good;
+  a.weights = nullptr;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+  a.x = nullptr;
+  a.k = 0;  // an empty sum reads neither
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+  a = cuda::grouped_gemm_args{};
+  a.num_experts = 1;  // no rows: nothing needed, and nothing launched
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+  EXPECT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  a.num_rows = 5;  // rows but n == 0
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+  EXPECT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU comparisons.
+
+// v2lite's gate|up projection of every expert. num_rows = the rows in use (< 64 per expert on
+// average: the narrow tiling), then a bound of 64 per expert (the wide tiling), which also
+// leaves rows past the routing that must stay untouched.
+TEST(cuda_grouped_gemm, v2lite_gate_up_matches_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const auto counts = v2lite_counts();
+  const int64_t in_use = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  for (const int64_t num_rows : {in_use, int64_t{64 * 64}})
+    for (const dtype y_dt : {dtype::bf16, dtype::f32})
+      expect_matches_reference({2 * 1408, 2048, counts, num_rows, dtype::bf16, y_dt}, 11);
+}
+
+TEST(cuda_grouped_gemm, v2lite_down_matches_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const auto counts = v2lite_counts();
+  const int64_t in_use = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  for (const int64_t num_rows : {in_use, int64_t{64 * 64}})
+    expect_matches_reference({2048, 1408, counts, num_rows, dtype::bf16, dtype::bf16}, 12);
+}
+
+// n and k that are not multiples of 16: k % 8 != 0 takes the element-load path, k % 8 == 0 with
+// a k tail the asynchronous path, and a misaligned x the element path again; both tilings.
+TEST(cuda_grouped_gemm, odd_shapes_match_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const std::vector<int32_t> counts{0, 1, 33, 130, 17};
+  for (const int64_t num_rows : {int64_t{181}, int64_t{64 * 5 + 3}}) {
+    expect_matches_reference({100, 77, counts, num_rows, dtype::bf16, dtype::bf16}, 21);
+    expect_matches_reference({131, 264, counts, num_rows, dtype::bf16, dtype::f32}, 22);
+    grouped_case misaligned{131, 264, counts, num_rows, dtype::bf16, dtype::bf16};
+    misaligned.x_misalign_elements = 1;
+    expect_matches_reference(misaligned, 23);
+    expect_matches_reference({7, 5, counts, num_rows, dtype::bf16, dtype::bf16}, 24);
+  }
+}
+
+TEST(cuda_grouped_gemm, f32_matches_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const std::vector<int32_t> counts{3, 0, 65, 1, 130, 0};
+  expect_matches_reference({100, 77, counts, 199, dtype::f32, dtype::f32}, 31);
+  expect_matches_reference({130, 300, counts, 260, dtype::f32, dtype::f32}, 32);
+}
+
+// More experts than threads per block: each thread of the tile search counts a run of experts
+// (up to 8 at 1024 experts and 128 threads). Uneven small counts, many empty, in both tilings.
+TEST(cuda_grouped_gemm, more_experts_than_threads_match_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  for (const int64_t num_experts : {int64_t{300}, cuda::grouped_gemm_max_experts}) {
+    std::vector<int32_t> counts(static_cast<size_t>(num_experts));
+    for (size_t e = 0; e < counts.size(); ++e)
+      counts[e] = static_cast<int32_t>((e * 5 + e / 7) % 4);
+    counts[7] = 40;  // more than one narrow tile, next to empty and single-row experts
+    const int64_t in_use = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+    for (const int64_t num_rows : {in_use, 64 * num_experts}) {
+      expect_matches_reference({24, 32, counts, num_rows, dtype::bf16, dtype::bf16}, 71);
+      expect_matches_reference({24, 32, counts, num_rows, dtype::f32, dtype::f32}, 72);
+    }
+  }
+}
+
+// k == 0: an empty sum, zeros in every row in use.
+TEST(cuda_grouped_gemm, empty_sum_writes_zeros) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  expect_matches_reference({40, 0, {2, 0, 3}, 6, dtype::bf16, dtype::bf16}, 41);
+  expect_matches_reference({40, 0, {2, 0, 3}, 6, dtype::f32, dtype::f32}, 42);
+}
+
+// Every expert empty: nothing written.
+TEST(cuda_grouped_gemm, empty_routing_writes_nothing) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  expect_matches_reference({48, 32, std::vector<int32_t>(8, 0), 40, dtype::bf16, dtype::bf16}, 51);
+}
+
+// Offsets the host cannot check (past num_rows, negative, decreasing) are the caller's bug, but
+// the kernel must stay inside x and y.
+TEST(cuda_grouped_gemm, wrong_offsets_stay_inside_the_buffers) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const int64_t num_rows = 20, n = 24, k = 16;
+  for (const dtype dt : {dtype::bf16, dtype::f32}) {
+    SCOPED_TRACE(std::string(to_string(dt)));
+    const std::vector<int32_t> offsets{-5, 12, 3, 1000, 7, 2000000000};
+    const size_t bytes = dtype_bytes(dt);
+    device_buffer dx(num_rows * k * bytes), dw((offsets.size() - 1) * n * k * bytes),
+        doff(offsets.size() * 4), dy(num_rows * n * bytes + canary_bytes);
+    ASSERT_EQ(cudaMemset(dx.get(), 0, dx.bytes()), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dw.get(), 0, dw.bytes()), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dy.get(), sentinel, dy.bytes()), cudaSuccess);
+    ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
+    cuda::grouped_gemm_args a{dx.get(), static_cast<const int32_t*>(doff.get()),
+                              dw.get(), dy.get(),
+                              num_rows, static_cast<int64_t>(offsets.size() - 1),
+                              n,        k,
+                              dt,       dt};
+    ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto got = download(dy);
+    ASSERT_EQ(got.size(), dy.bytes());
+    for (size_t b = static_cast<size_t>(num_rows * n) * bytes; b < got.size(); ++b)
+      ASSERT_EQ(got[b], sentinel) << "canary byte " << b << " written";
+  }
+}
+
+// RAII for the graph test's stream and graphs.
+struct stream_owner {
+  cudaStream_t s = nullptr;
+  ~stream_owner() {
+    if (s != nullptr) (void)cudaStreamDestroy(s);
+  }
+};
+struct graph_owner {
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ~graph_owner() {
+    if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
+    if (g != nullptr) (void)cudaGraphDestroy(g);
+  }
+};
+
+// The launch reads the routing only on the device: captured once, the graph replays correctly
+// after the offsets change (a different number of rows per expert, and fewer rows in use).
+TEST(cuda_grouped_gemm, captured_graph_follows_the_routing_on_the_device) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const int64_t num_experts = 4, num_rows = 70, n = 48, k = 64;
+  const auto x = random_values(num_rows * k, 61, true);
+  const auto w = random_values(num_experts * n * k, 62, true);
+  device_buffer dx(x.size() * 2), dw(w.size() * 2), doff((num_experts + 1) * 4),
+      dy(num_rows * n * 4);
+  ASSERT_TRUE(upload(dx, as_bytes(x, dtype::bf16).data(), dx.bytes()));
+  ASSERT_TRUE(upload(dw, as_bytes(w, dtype::bf16).data(), dw.bytes()));
+  cuda::grouped_gemm_args a{dx.get(),    static_cast<const int32_t*>(doff.get()),
+                            dw.get(),    dy.get(),
+                            num_rows,    num_experts,
+                            n,           k,
+                            dtype::bf16, dtype::f32};
+  stream_owner stream;
+  ASSERT_EQ(cudaStreamCreate(&stream.s), cudaSuccess);
+  graph_owner graph;
+  // Global mode: the strictest, as a caller capturing a whole decode step would use it.
+  ASSERT_EQ(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const kernel_status captured = cuda::grouped_gemm_run(a, stream.s);
+  ASSERT_EQ(cudaStreamEndCapture(stream.s, &graph.g), cudaSuccess);
+  ASSERT_EQ(captured, kernel_status::ok);
+  ASSERT_EQ(cudaGraphInstantiate(&graph.exec, graph.g, 0), cudaSuccess);
+
+  const tolerance tol{dtype::bf16, dtype::f32, k};
+  for (const auto& counts :
+       {std::vector<int32_t>{10, 0, 40, 20}, std::vector<int32_t>{1, 33, 0, 2}}) {
+    const auto offsets = offsets_of(counts);
+    ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
+    ASSERT_EQ(cudaMemset(dy.get(), sentinel, dy.bytes()), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(graph.exec, stream.s), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream.s), cudaSuccess);
+    const auto got = download(dy);
+    ASSERT_EQ(got.size(), dy.bytes());
+    const auto rows_in_use = static_cast<size_t>(offsets.back());
+    size_t e = 0;
+    for (size_t r = 0; r < rows_in_use; ++r) {
+      while (static_cast<size_t>(offsets[e + 1]) <= r) ++e;
+      for (size_t j = 0; j < static_cast<size_t>(n); ++j) {
+        double exact = 0.0, magnitude = 0.0;
+        for (size_t i = 0; i < static_cast<size_t>(k); ++i) {
+          const double p = double{x[r * k + i]} * w[(e * n + j) * k + i];
+          exact += p;
+          magnitude += std::fabs(p);
+        }
+        ASSERT_LE(std::fabs(element_of(got, r * n + j, dtype::f32) - exact),
+                  tol.of(exact, magnitude))
+            << "row " << r << " col " << j;
+      }
+    }
+    for (size_t b = rows_in_use * n * 4; b < got.size(); ++b)
+      ASSERT_EQ(got[b], sentinel) << "byte " << b;
+  }
+}
+
+}  // namespace
+}  // namespace moe::kernels
