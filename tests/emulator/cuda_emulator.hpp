@@ -1,0 +1,230 @@
+// Host emulation of the few CUDA device features our kernels use: every CUDA thread of a block
+// is a ucontext fiber on one OS thread; __syncthreads, __syncwarp, shuffles and ballots are
+// barriers (a divergent barrier deadlocks and aborts). Device memory is host memory.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <cuda_bf16.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <vector>
+#include <algorithm>
+
+#undef __shared__
+#define __shared__ static
+
+namespace emu {
+struct dim3e { unsigned x = 0, y = 1, z = 1; };
+struct fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  dim3e tid;
+  bool done = false;
+};
+inline dim3e block_idx, block_dim, grid_dim;
+inline std::vector<fiber> fibers;
+inline fiber* cur = nullptr;
+inline ucontext_t sched;
+inline std::function<void()> entry;
+inline uint64_t events = 0;
+inline int block_arrivals = 0;
+inline uint64_t block_gen = 0;
+inline int warp_arrivals[32];
+inline uint64_t warp_gen[32];
+inline uint64_t slots[32][32];
+
+inline void yield() { swapcontext(&cur->ctx, &sched); }
+inline int lane() { return static_cast<int>(cur->tid.x % 32); }
+inline int warp() { return static_cast<int>(cur->tid.x / 32); }
+
+inline void syncthreads() {
+  const uint64_t g = block_gen;
+  ++events;
+  if (++block_arrivals == static_cast<int>(block_dim.x)) {
+    block_arrivals = 0;
+    ++block_gen;
+  }
+  while (block_gen == g) yield();
+}
+inline void syncwarp() {
+  const int w = warp();
+  const uint64_t g = warp_gen[w];
+  ++events;
+  const int width = std::min<int>(32, static_cast<int>(block_dim.x) - w * 32);
+  if (++warp_arrivals[w] == width) {
+    warp_arrivals[w] = 0;
+    ++warp_gen[w];
+  }
+  while (warp_gen[w] == g) yield();
+}
+template <class T>
+T shfl_xor(unsigned mask, T v, int off) {
+  if (mask != 0xffffffffu) { std::fprintf(stderr, "emu: partial mask\n"); std::abort(); }
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  slots[warp()][lane()] = b;
+  syncwarp();
+  T r;
+  std::memcpy(&r, &slots[warp()][lane() ^ off], sizeof(T));
+  syncwarp();
+  return r;
+}
+inline unsigned ballot(unsigned mask, bool p) {
+  if (mask != 0xffffffffu) { std::fprintf(stderr, "emu: partial mask\n"); std::abort(); }
+  slots[warp()][lane()] = p ? 1 : 0;
+  syncwarp();
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r |= slots[warp()][l] ? (1u << l) : 0u;
+  syncwarp();
+  return r;
+}
+
+inline void trampoline() {
+  entry();
+  cur->done = true;
+  ++events;
+  swapcontext(&cur->ctx, &sched);
+}
+
+inline uint64_t num_blocks_run = 0;
+
+// Dynamic shared memory of the current launch: refilled with 0xff bytes (NaN floats) for every
+// block, so a read of a never-written element shows up as a NaN in the result.
+inline std::vector<unsigned char> dynamic_smem;
+inline size_t dynamic_smem_bytes = 0;
+// Fiber order per scheduling round: 0 forward, 1 reverse, 2 random (EMU_ORDER=fwd|rev|rand),
+// so that a missing barrier shows up as a reader running before its writer.
+inline int order_mode() {
+  static const int m = [] {
+    const char* e = std::getenv("EMU_ORDER");
+    if (e == nullptr) return 0;
+    if (std::strcmp(e, "rev") == 0) return 1;
+    if (std::strcmp(e, "rand") == 0) return 2;
+    return 0;
+  }();
+  return m;
+}
+inline uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+inline uint64_t next_rand() {
+  rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
+  return rng_state;
+}
+
+inline void run_block(unsigned b, unsigned nthreads) {
+  block_idx.x = b;
+  if (dynamic_smem.size() < dynamic_smem_bytes + 16) dynamic_smem.resize(dynamic_smem_bytes + 16);
+  std::memset(dynamic_smem.data(), 0xff, dynamic_smem.size());
+  if (fibers.size() < nthreads) fibers.resize(nthreads);
+  block_arrivals = 0;
+  for (auto& a : warp_arrivals) a = 0;
+  for (unsigned t = 0; t < nthreads; ++t) {
+    fiber& f = fibers[t];
+    if (f.stack.empty()) f.stack.resize(64 * 1024);
+    f.done = false;
+    f.tid.x = t;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, trampoline, 0);
+  }
+  std::vector<unsigned> order(nthreads);
+  for (;;) {
+    bool all_done = true;
+    const uint64_t before = events;
+    for (unsigned i = 0; i < nthreads; ++i) order[i] = order_mode() == 1 ? nthreads - 1 - i : i;
+    if (order_mode() == 2)
+      for (unsigned i = nthreads; i > 1; --i) std::swap(order[i - 1], order[next_rand() % i]);
+    for (unsigned i = 0; i < nthreads; ++i) {
+      const unsigned t = order[i];
+      if (fibers[t].done) continue;
+      all_done = false;
+      cur = &fibers[t];
+      swapcontext(&sched, &cur->ctx);
+    }
+    if (all_done) break;
+    if (events == before) {
+      std::fprintf(stderr, "emu: deadlock in block %u (divergent barrier)\n", b);
+      std::abort();
+    }
+  }
+  ++num_blocks_run;
+}
+
+template <class... P>
+struct launcher {
+  void (*fn)(P...);
+  dim3e grid;
+  unsigned block;
+  size_t smem;
+  template <class... A>
+  void operator()(A&&... a) const {
+    std::tuple<P...> args(static_cast<P>(a)...);
+    entry = [&] { std::apply(fn, args); };
+    grid_dim = grid;
+    block_dim.x = block;
+    dynamic_smem_bytes = smem;
+    for (unsigned y = 0; y < grid.y; ++y) {
+      block_idx.y = y;
+      for (unsigned b = 0; b < grid.x; ++b) run_block(b, block);
+    }
+    block_idx.y = 0;
+  }
+};
+template <class... P>
+launcher<P...> launch(void (*fn)(P...), unsigned grid, unsigned block, size_t smem = 0,
+                      cudaStream_t = nullptr) {
+  return {fn, dim3e{grid, 1, 1}, block, smem};
+}
+template <class... P>
+launcher<P...> launch(void (*fn)(P...), dim3 grid, unsigned block, size_t smem = 0,
+                      cudaStream_t = nullptr) {
+  return {fn, dim3e{grid.x, grid.y, grid.z}, block, smem};
+}
+// Launch limits mean nothing here: every block runs on the host.
+template <class... A>
+cudaError_t func_set_attribute(A&&...) {
+  return cudaSuccess;
+}
+}  // namespace emu
+
+#define threadIdx (::emu::cur->tid)
+#define blockIdx (::emu::block_idx)
+#define blockDim (::emu::block_dim)
+#define gridDim (::emu::grid_dim)
+#define __syncthreads() ::emu::syncthreads()
+#define __syncwarp(...) ::emu::syncwarp()
+#define __shfl_xor_sync(m, v, o) ::emu::shfl_xor((m), (v), (o))
+#define __ballot_sync(m, p) ::emu::ballot((m), (p))
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline float __int_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+// CUDA's rsqrtf is within 2 ulp; the exact value is within that.
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+using std::isnan;
+using std::exp;
+using std::min;
+using std::max;
+#define __launch_bounds__(...)
+// Variadic: a kernel named with several template arguments has commas in it.
+#define cudaFuncSetAttribute(...) ::emu::func_set_attribute(__VA_ARGS__)
+
+
+// The runtime API, on host memory.
+#define cudaGetLastError() cudaSuccess
+#define cudaMalloc(p, n) (*(p) = std::malloc(n), cudaSuccess)
+#define cudaFree(p) (std::free(p), cudaSuccess)
+#define cudaMemcpy(d, s, n, k) (std::memcpy((d), (s), (n)), cudaSuccess)
+#define cudaMemset(d, v, n) (std::memset((d), (v), (n)), cudaSuccess)
+#define cudaDeviceSynchronize() cudaSuccess
+#define cudaGetDeviceCount(c) (*(c) = 1, cudaSuccess)
