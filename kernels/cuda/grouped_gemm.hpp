@@ -1,0 +1,67 @@
+// The grouped expert product of a MoE layer on the GPU: every local expert's projection over the
+// rows permute_plan / permute_rows (kernels/cuda/permute.hpp) laid out by expert, in ONE launch.
+// The device twin of kernels/cpu/grouped_gemm.hpp, which defines the result.
+//
+// The per-expert row counts live on the device (expert_offsets, written by permute_plan), and
+// the launch never reads them on the host: its grid is sized from the host's bound num_rows
+// alone, so the call can be captured in a CUDA graph and replayed for any routing. Each block
+// finds its (expert, row tile) by scanning the offsets; blocks past the rows in use exit.
+//
+// Element types (x and weights, y):
+//   bf16, bf16 or f32   tensor cores (WMMA bf16 16x16x16), float32 accumulation
+//   f32,  f32           CUDA cores, float32 fused multiply-adds in k order (no TF32)
+// Any n and k (neither needs to be a multiple of 16): tile edges are zero-filled. The bf16 path
+// streams tiles with asynchronous 16-byte copies when k % 8 == 0 and x and weights are 16-byte
+// aligned, and falls back to (slower) element loads otherwise.
+//
+// Device data the host cannot check are the caller's guarantee: offsets[0] == 0, non-decreasing,
+// offsets[num_experts] <= num_rows. Offsets outside [0, num_rows] are clamped into it (nothing is
+// read or written outside x and y), where the CPU kernel refuses the whole call.
+//
+// Framework-free: raw device pointers, shapes and a stream. No workspace.
+// Thread safety: the launch is asynchronous on `stream`; the caller owns every buffer and keeps
+// it alive until the stream has passed the kernel.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/dtype.hpp"
+#include "kernels/kernel_status.hpp"
+
+namespace moe::kernels::cuda {
+
+/// The most experts one launch serves: every block scans all the offsets to find its tile, and
+/// permute_plan, which writes them, serves at most this many (permute_max_experts).
+inline constexpr int64_t grouped_gemm_max_experts = 1024;
+
+/// For each expert e and each row r in [expert_offsets[e], expert_offsets[e + 1]):
+///   y[r, :] = x[r, :] . weights[e]^T        (1, n) = (1, k) . (k, n)
+/// accumulated in float32, rounded once to y_dt. Rows of y past expert_offsets[num_experts] are
+/// untouched. k == 0 writes zeros.
+struct grouped_gemm_args {
+  const void* x = nullptr;                  ///< (num_rows, k) of `dt`, rows grouped by expert
+  const int32_t* expert_offsets = nullptr;  ///< (num_experts + 1) int32, device
+  const void* weights = nullptr;            ///< (num_experts, n, k) of `dt`: nn.Linear per expert
+  void* y = nullptr;                        ///< (num_rows, n) of `y_dt`, not overlapping x
+  int64_t num_rows = 0;      ///< rows of x and y: the host's bound on offsets[num_experts]
+  int64_t num_experts = 0;   ///< [1, grouped_gemm_max_experts]
+  int64_t n = 0;             ///< output features
+  int64_t k = 0;             ///< input features
+  dtype dt = dtype::bf16;    ///< x and weights: bf16 or f32
+  dtype y_dt = dtype::bf16;  ///< bf16 or f32 for bf16 inputs; f32 for f32 inputs
+};
+
+/// Host-side checks only (no GPU needed): ok, unsupported_dtype, or unsupported_shape for
+/// num_experts outside [1, grouped_gemm_max_experts], negative sizes, num_rows, n or k past
+/// INT32_MAX, a grid past 2^31 - 1 blocks, element offsets past int64, or a null pointer
+/// (expert_offsets and y are needed whenever num_rows * n > 0, x and weights when k > 0 too).
+[[nodiscard]] kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept;
+
+/// One launch on `stream`. launch_failed when CUDA refuses it (e.g. a device older than sm_80,
+/// which lacks bf16 tensor cores and asynchronous copies).
+[[nodiscard]] kernel_status grouped_gemm_run(const grouped_gemm_args& a,
+                                             cudaStream_t stream) noexcept;
+
+}  // namespace moe::kernels::cuda
