@@ -16,7 +16,8 @@ if [[ "${1:-}" != "--no-configure" ]]; then
     -DCMAKE_CUDA_ARCHITECTURES="90a-real;90-virtual" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON
 fi
 targets=(test_runtime_gpu test_runtime_nccl_multi_process test_runtime_device_allocator
-         test_kernels_cuda test_kernels_cuda_gemm test_kernels_cuda_gather moe_bench_gpu_kernels moe)
+         test_kernels_cuda test_kernels_cuda_gemm test_kernels_cuda_gather test_engine_gpu
+         moe_bench_gpu_kernels moe)
 ninja -C "$build" "${targets[@]}"
 
 rm -rf gpu-bundle
