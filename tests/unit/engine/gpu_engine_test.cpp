@@ -1,29 +1,37 @@
-// The GPU engine (engine/gpu_engine.hpp) on the tiny-v3 fixture against the reference engine
-// (the CPU yardstick) and transformers' goldens: prefill, greedy decode through the paged latent
-// cache, several sequences of different lengths in one batch, release and reuse of cache
-// blocks, a context long enough for the split decode, and the host-side refusals.
+// The GPU engine (engine/gpu_engine.hpp) against the reference engine (the CPU yardstick) and
+// transformers' goldens, on tiny-v3 and small-v3-fp8: prefill, greedy decode through the paged
+// latent cache, several sequences of different lengths in one batch, release and reuse of cache
+// blocks, a context long enough for the split decode, and the host-side refusals. Every step
+// also compares each token's expert choices with the reference's.
 // Every comparison skips (not fails) without a GPU; option checks run everywhere.
 //
 // Tolerances.
 //  f32: every product is float32 (no TF32) and every kernel accumulates in float32 where the
 //   CPU reference uses OpenBLAS (float32, another order) or double (attention). Such orders
-//   differ by a few float32 ulps per sum; over 3 layers the logits (|logit| < ~5) move by
-//   ~1e-6. The bound asked of the engine is 1e-3 absolute against the reference engine, with
-//   greedy tokens equal to transformers' (whose top-1 margin on the greedy path is 5.7e-3).
+//   differ by a few float32 ulps per sum; over the fixtures' 2-3 layers the logits (|logit| <
+//   3.5 in the goldens) move by ~1e-6. The bound asked is 1e-3 absolute against the reference,
+//   the same experts for every token, and transformers' greedy tokens (top-1 margins on the
+//   greedy paths are >= 5.7e-3, far above 2e-3).
 //  bf16: weights, activations and the cache are stored in bf16 (unit roundoff u = 2^-9), each
 //   stored value rounded once, float32 accumulation between. A logit is a dot product of the
-//   final normed state with an lm_head row: rounding both to bf16 moves it by at most
-//   2u * sum |h_i w_i|, and every earlier rounding reaches it through the layers' (contracting,
-//   normed) maps. Counting the roundings on the longest path (per layer: input norm, q_a, its
-//   norm, q, latent, k_pe, attention out, o_proj sum, post norm, gate|up, swiglu, down, combine,
+//   final normed state with an lm_head row: rounding both moves it by at most
+//   2u * sum |h_i w_i|, and every earlier rounding reaches it through the layers' (normed) maps.
+//   Counting the roundings on the longest path (per layer: input norm, q_a, its norm, q,
+//   latent, k_pe, attention out, o_proj sum, post norm, gate|up, swiglu, down, combine,
 //   residual: ~14; x 3 layers + embedding + final norm: ~45) and bounding each one's effect by
-//   u * max|logit| gives 45 * 2^-9 * 5 ~ 0.44 in the worst case. That worst case needs every
-//   rounding to push the same way; independent roundings add as a random walk,
-//   sqrt(45) * 2^-9 * 5 ~ 0.07. The test allows 0.15 (twice the random-walk estimate, a third
-//   of the worst case) against the f32 reference. Greedy tokens are compared only where the
-//   reference's top-1 margin exceeds twice that bound, since a smaller margin can flip under
-//   any bf16 implementation (transformers' included); tiny-v3's greedy margins are ~6e-3, so
-//   the bf16 check is of the tokens where it is meaningful.
+//   u * max|logit| (~5 with headroom) gives 45 * 2^-9 * 5 ~ 0.44 if every rounding pushed the
+//   same way; independent roundings add as a random walk, sqrt(45) * 2^-9 * 5 ~ 0.07. The test
+//   allows 0.15 (twice the random-walk estimate) against the f32 reference.
+//   Two things no bf16 implementation (transformers' included) can promise, and how they are
+//   checked instead:
+//   - a gate near-tie (tiny-v3's narrowest routing margin is 1.3e-3) may choose another expert
+//     for a token, which moves that token's logits by O(1). Such rows (and, when a later
+//     layer's attention reads the token, the later rows of its sequence) are exempt from the
+//     bound but must rank the reference's token in their top 5, and such flips must stay rare
+//     (at most one routing in ten: a broken gate would flip most);
+//   - a greedy token is compared only where the reference's top-1 margin exceeds twice the
+//     bound; the goldens' narrowest margins (~6e-3) are below it, so one token in 16 of each
+//     fixture's greedy path may legitimately differ (it does: the output says which).
 #include <gtest/gtest.h>
 
 #include <algorithm>
