@@ -3,16 +3,16 @@
 // entry layout). Blocks of `block_size` tokens are shared by all layers: a sequence owns a list
 // of block ids, and block b of layer l is pool(l) + b * block_size * (R + dr).
 //
+// Which blocks a sequence owns is cache_block_allocator's bookkeeping (cache_blocks.hpp).
 // Ownership: owns the pools. Thread safety: confined to the attention shard that owns it.
-// Invariant: every block id is either free or owned by exactly one sequence.
 #pragma once
 
 #include <cstdint>
-#include <unordered_map>
 #include <vector>
 
 #include "base/error.hpp"
 #include "kernels/cpu/mla_attention.hpp"
+#include "model/cache_blocks.hpp"
 
 namespace moe::model {
 
@@ -33,29 +33,28 @@ class latent_cache {
   /// Makes room for `seq` to hold `num_tokens` tokens in all (allocating blocks as needed).
   /// model_errc::cache_full (transient: retry when other sequences finish) when not enough
   /// free blocks remain; nothing is allocated then.
-  [[nodiscard]] caf::error reserve(uint64_t seq, int64_t num_tokens);
+  [[nodiscard]] caf::error reserve(uint64_t seq, int64_t num_tokens) {
+    return blocks_.reserve(seq, num_tokens);
+  }
   /// Tokens `seq` has room for, 0 for an unknown sequence.
-  [[nodiscard]] int64_t capacity(uint64_t seq) const noexcept;
+  [[nodiscard]] int64_t capacity(uint64_t seq) const noexcept { return blocks_.capacity(seq); }
   /// The slot of token `pos` of `seq` (block_id * block_size + offset); requires pos < capacity.
-  [[nodiscard]] int64_t slot(uint64_t seq, int64_t pos) const;
+  [[nodiscard]] int64_t slot(uint64_t seq, int64_t pos) const { return blocks_.slot(seq, pos); }
   /// The block ids of `seq`, in order.
-  [[nodiscard]] const std::vector<int32_t>& blocks(uint64_t seq) const;
+  [[nodiscard]] const std::vector<int32_t>& blocks(uint64_t seq) const {
+    return blocks_.blocks(seq);
+  }
   /// Frees every block of `seq`; unknown sequences are ignored.
-  void release(uint64_t seq);
+  void release(uint64_t seq) { blocks_.release(seq); }
 
-  [[nodiscard]] int64_t num_free_blocks() const noexcept {
-    return static_cast<int64_t>(free_.size());
-  }
-  [[nodiscard]] int64_t block_size() const noexcept {
-    return static_cast<int64_t>(layout_.block_size);
-  }
-  [[nodiscard]] bool contains(uint64_t seq) const noexcept { return owned_.count(seq) != 0; }
+  [[nodiscard]] int64_t num_free_blocks() const noexcept { return blocks_.num_free_blocks(); }
+  [[nodiscard]] int64_t block_size() const noexcept { return blocks_.block_size(); }
+  [[nodiscard]] bool contains(uint64_t seq) const noexcept { return blocks_.contains(seq); }
 
  private:
   kernels::cpu::mla_cache_layout layout_;
   std::vector<std::vector<float>> pools_;
-  std::vector<int32_t> free_;  // a stack: the most recently freed block is reused first
-  std::unordered_map<uint64_t, std::vector<int32_t>> owned_;
+  cache_block_allocator blocks_;
 };
 
 }  // namespace moe::model

@@ -15,6 +15,8 @@ tar xJf gpu-bundle/bundle.tar.xz -C "$bundle"
 nccl=$(python3 -c "import nvidia.nccl,os;print(list(nvidia.nccl.__path__)[0]+'/lib')" 2>/dev/null || true)
 export LD_LIBRARY_PATH=$bundle/lib${nccl:+:$nccl}:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export UCX_MODULE_DIR=$bundle/lib/ucx
+# The engine test reads the fixtures from this checkout, not from where the bundle was built.
+export MOE_TEST_DATA_DIR=$PWD/tests/data
 summary=$out/summary.txt
 : > "$summary"
 

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -15,7 +16,11 @@
 
 namespace moe::testing {
 
+/// tests/data/<name>: where the build found it, or under $MOE_TEST_DATA_DIR when that is set
+/// (a test executable run on another machine, as scripts/gpu/device_checks.sh does).
 inline std::filesystem::path fixture_dir(const std::string& name) {
+  if (const char* dir = std::getenv("MOE_TEST_DATA_DIR"); dir != nullptr && *dir != '\0')
+    return std::filesystem::path(dir) / name;
   return std::filesystem::path(MOE_TEST_DATA_DIR) / name;
 }
 

@@ -1,0 +1,520 @@
+#include "engine/forward_pass.hpp"
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "kernels/cuda/gather.hpp"
+#include "kernels/cuda/grouped_gemm.hpp"
+#include "kernels/cuda/mla_decode.hpp"
+#include "kernels/cuda/mla_prefill.hpp"
+#include "kernels/cuda/moe_gate.hpp"
+#include "kernels/cuda/permute.hpp"
+#include "kernels/cuda/rmsnorm.hpp"
+#include "kernels/cuda/rope.hpp"
+#include "kernels/cuda/sampling.hpp"
+#include "kernels/cuda/swiglu.hpp"
+#include "model/model_errc.hpp"
+
+namespace moe::engine::detail {
+
+namespace kcu = kernels::cuda;
+using kernels::dtype;
+using kernels::kernel_status;
+
+namespace {
+
+constexpr size_t buffer_alignment = 256;
+
+// `elements` elements of `dt` past p.
+const void* offset(const void* p, int64_t elements, dtype dt) noexcept {
+  return static_cast<const char*>(p) + elements * static_cast<int64_t>(kernels::dtype_bytes(dt));
+}
+
+/// The dimensions every pass uses, named as in model/attention_block.cpp.
+struct dims {
+  explicit dims(const model::model_config& c)
+      : D(c.hidden_size),
+        H(c.num_attention_heads),
+        dn(c.qk_nope_head_dim),
+        dr(c.qk_rope_head_dim),
+        dv(c.v_head_dim),
+        qk(c.qk_head_dim()),
+        R(c.kv_lora_rank),
+        QR(c.q_lora_rank.value_or(0)),
+        E(c.n_routed_experts),
+        top_k(c.num_experts_per_tok),
+        V(c.vocab_size) {}
+  int64_t D, H, dn, dr, dv, qk, R, QR, E, top_k, V;
+};
+
+/// One step's passes; each queues kernels on m.stream and answers the first kernel refusal.
+class forward {
+ public:
+  forward(const model_state& m, const step_shape& s, const step_buffers& b)
+      : m_(m), c_(*m.config), s_(s), b_(b), d_(*m.config), T_(s.num_tokens) {}
+
+  caf::error run() {
+    kcu::gather_rows_args g;
+    g.table = m_.weights->embed();
+    g.ids = b_.token_ids;
+    g.out = b_.x;
+    g.num_rows = d_.V;
+    g.num_ids = T_;
+    g.dim = d_.D;
+    g.dt = m_.dt;
+    if (auto err = check(kcu::gather_rows_run(g, m_.stream), "embedding")) return err;
+    for (int64_t l = 0; l < c_.num_hidden_layers; ++l) {
+      layer_ = l;
+      if (auto err = attention()) return err;
+      if (auto err = ffn()) return err;
+    }
+    layer_ = -1;
+    return head();
+  }
+
+ private:
+  caf::error check(kernel_status s, const char* what) const {
+    if (s == kernel_status::ok) return {};
+    const std::string where =
+        layer_ < 0 ? "gpu engine: " : "gpu engine: layer " + std::to_string(layer_) + ": ";
+    return model::make_error(model::model_errc::kernel_failed,
+                             where + what + ": " + std::string(kernels::to_string(s)));
+  }
+
+  caf::error gemm(const kcu::gemm_desc& g, const char* what) {
+    return check(m_.gemm->run(g, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream), what);
+  }
+
+  /// y (rows, out) = x (rows, in) . w (out, in)^T + beta * y: x and w of `ab`, y of `c`.
+  caf::error linear_as(dtype ab, dtype c, const void* x, const void* w, void* y, int64_t rows,
+                       int64_t in, int64_t out, const char* what, float beta = 0.0f) {
+    return gemm(kcu::linear_desc(x, w, y, rows, in, out, ab, c, beta), what);
+  }
+  /// The same, everything in the step's dtype.
+  caf::error linear(const void* x, const void* w, void* y, int64_t rows, int64_t in, int64_t out,
+                    const char* what, float beta = 0.0f) {
+    return linear_as(m_.dt, m_.dt, x, w, y, rows, in, out, what, beta);
+  }
+
+  /// out = norm(x) (x += residual first when residual is set: residual keeps the sum).
+  caf::error norm(const void* x, void* residual, const float* weight, void* out, int64_t rows,
+                  int64_t dim, const char* what) {
+    kcu::rmsnorm_args a;
+    a.x = x;
+    a.residual = residual;
+    a.weight = weight;
+    a.out = out;
+    a.rows = rows;
+    a.dim = dim;
+    a.eps = m_.eps;
+    a.dt = m_.dt;
+    return check(kcu::rmsnorm_run(a, m_.stream), what);
+  }
+
+  /// The layer's input norm (fusing the previous FFN's residual add), the projections, RoPE
+  /// and the cache append: as attention_block::project.
+  caf::error project() {
+    const device_attention& a = m_.weights->layer(layer_).attention;
+    const int64_t D = d_.D, H = d_.H, qk = d_.qk, R = d_.R, dr = d_.dr;
+    caf::error err;
+    if ((err = layer_ == 0 ? norm(b_.x, nullptr, a.input_norm, b_.normed, T_, D, "input norm")
+                           : norm(b_.ffn_out, b_.x, a.input_norm, b_.normed, T_, D,
+                                  "residual + input norm")))
+      return err;
+    if (d_.QR > 0) {
+      if ((err = linear(b_.normed, a.q_a_proj, b_.q_a, T_, D, d_.QR, "q_a_proj")) ||
+          (err = norm(b_.q_a, nullptr, a.q_a_norm, b_.q_a, T_, d_.QR, "q_a norm")) ||
+          (err = linear(b_.q_a, a.q_proj, b_.q, T_, d_.QR, H * qk, "q_b_proj")))
+        return err;
+    } else if ((err = linear(b_.normed, a.q_proj, b_.q, T_, D, H * qk, "q_proj"))) {
+      return err;
+    }
+    // kv_a_proj's latent rows, then its k_pe rows: two outputs, each contiguous.
+    if ((err = linear(b_.normed, a.kv_a_latent, b_.latent, T_, D, R, "kv_a_proj (latent)")) ||
+        (err = linear(b_.normed, a.kv_a_rope, b_.k_pe, T_, D, dr, "kv_a_proj (k_pe)")) ||
+        (err = norm(b_.latent, nullptr, a.kv_a_norm, b_.latent, T_, R, "kv_a norm")))
+      return err;
+    kcu::rope_args r;
+    r.x = const_cast<void*>(offset(b_.q, d_.dn, m_.dt));
+    r.num_tokens = T_;
+    r.num_heads = H;
+    r.token_stride = H * qk;
+    r.head_stride = qk;
+    r.head_dim = dr;
+    r.positions = b_.positions;
+    r.cos = m_.rope_cos;
+    r.sin = m_.rope_sin;
+    r.table_positions = m_.rope_positions;
+    r.dt = m_.dt;
+    if ((err = check(kcu::rope_run(r, m_.stream), "rope(q)"))) return err;
+    r.x = b_.k_pe;
+    r.num_heads = 1;
+    r.token_stride = dr;
+    r.head_stride = dr;
+    if ((err = check(kcu::rope_run(r, m_.stream), "rope(k)"))) return err;
+    kcu::mla_cache_append_args ca;
+    ca.layout = m_.cache_layout;
+    ca.pool = m_.cache_pool(layer_);
+    ca.latent = b_.latent;
+    ca.latent_stride = R;
+    ca.k_pe = b_.k_pe;
+    ca.k_pe_stride = dr;
+    ca.slot_mapping = b_.slots;
+    ca.num_tokens = T_;
+    ca.dt = m_.dt;
+    return check(kcu::mla_cache_append_run(ca, m_.stream), "cache append");
+  }
+
+  /// Causal attention over the decompressed keys and values of the step's own tokens.
+  caf::error attend_prefill() {
+    const device_attention& a = m_.weights->layer(layer_).attention;
+    const int64_t H = d_.H, dn = d_.dn, dv = d_.dv;
+    if (auto err = linear(b_.latent, a.kv_b_proj, b_.kv, T_, d_.R, H * (dn + dv), "kv_b_proj"))
+      return err;
+    kcu::mla_prefill_args p;
+    p.q = b_.q;
+    p.q_token_stride = H * d_.qk;
+    p.q_head_stride = d_.qk;
+    p.k_nope = b_.kv;
+    p.k_nope_token_stride = H * (dn + dv);
+    p.k_nope_head_stride = dn + dv;
+    p.k_pe = b_.k_pe;
+    p.k_pe_token_stride = d_.dr;
+    p.v = offset(b_.kv, dn, m_.dt);
+    p.v_token_stride = H * (dn + dv);
+    p.v_head_stride = dn + dv;
+    p.out = b_.attn;
+    p.cu_seqlens_q = b_.cu_seqlens;
+    p.num_seqs = s_.num_seqs;
+    p.num_q_tokens = T_;
+    p.max_seqlen_q = s_.max_seq_len;
+    p.num_heads = H;
+    p.nope_dim = dn;
+    p.rope_dim = d_.dr;
+    p.v_dim = dv;
+    p.softmax_scale = m_.softmax_scale;
+    p.dt = m_.dt;
+    return check(kcu::mla_prefill_run(p, m_.stream), "mla prefill");
+  }
+
+  /// One query per sequence against the paged latent cache, kv_b_proj absorbed on both sides
+  /// (as kernels::cpu::mla_absorb_q / mla_absorb_out, per head as one strided batch).
+  caf::error attend_decode() {
+    const device_attention& a = m_.weights->layer(layer_).attention;
+    const int64_t H = d_.H, dn = d_.dn, dv = d_.dv, R = d_.R, qk = d_.qk;
+    kcu::gemm_desc g;  // q_latent[b, h, :] = q_nope[b, h, :] . W_UK[h] (dn, R)
+    g.m = T_;
+    g.n = R;
+    g.k = dn;
+    g.a = b_.q;
+    g.lda = H * qk;
+    g.b = a.kv_b_proj;
+    g.ldb = R;
+    g.c = b_.q_latent;
+    g.ldc = H * R;
+    g.ab_dt = g.c_dt = m_.dt;
+    g.batch_count = H;
+    g.stride_a = qk;
+    g.stride_b = (dn + dv) * R;
+    g.stride_c = R;
+    if (auto err = gemm(g, "absorb q")) return err;
+    kcu::mla_decode_args dec;
+    dec.layout = m_.cache_layout;
+    dec.pool = m_.cache_pool(layer_);
+    dec.q_latent = b_.q_latent;
+    dec.q_pe = offset(b_.q, dn, m_.dt);
+    dec.q_pe_token_stride = H * qk;
+    dec.q_pe_head_stride = qk;
+    dec.block_table = b_.block_table;
+    dec.max_blocks_per_seq = s_.max_blocks;
+    dec.seq_lens = b_.seq_lens;
+    dec.out_latent = b_.out_latent;
+    dec.batch = T_;
+    dec.num_heads = H;
+    dec.softmax_scale = m_.softmax_scale;
+    dec.max_seq_len = s_.max_seq_len;
+    dec.dt = m_.dt;
+    if (auto err = check(kcu::mla_decode_run(dec, b_.mla_workspace, b_.mla_workspace_bytes,
+                                             m_.stream),
+                         "mla decode"))
+      return err;
+    kcu::gemm_desc o;  // attn[b, h, :] = out_latent[b, h, :] . W_UV[h]^T (R, dv)
+    o.trans_b = kcu::transpose::yes;
+    o.m = T_;
+    o.n = dv;
+    o.k = R;
+    o.a = b_.out_latent;
+    o.lda = H * R;
+    o.b = offset(a.kv_b_proj, dn * R, m_.dt);
+    o.ldb = R;
+    o.c = b_.attn;
+    o.ldc = H * dv;
+    o.ab_dt = o.c_dt = m_.dt;
+    o.batch_count = H;
+    o.stride_a = R;
+    o.stride_b = (dn + dv) * R;
+    o.stride_c = dv;
+    return gemm(o, "absorb out");
+  }
+
+  caf::error attention() {
+    const device_attention& a = m_.weights->layer(layer_).attention;
+    caf::error err;
+    if ((err = project()) || (err = s_.decode ? attend_decode() : attend_prefill())) return err;
+    // x += attn . o_proj^T: the residual add rides on the product's beta, as on the CPU.
+    if ((err = linear(b_.attn, a.o_proj, b_.x, T_, d_.H * d_.dv, d_.D, "o_proj", 1.0f)))
+      return err;
+    return norm(b_.x, nullptr, a.post_norm, b_.mlp_in, T_, d_.D, "post-attention norm");
+  }
+
+  /// out (rows, hidden) = beta * out + down(silu(gate(in)) * up(in)).
+  caf::error mlp(const device_mlp& w, const void* in, int64_t rows, void* out, float beta) {
+    const int64_t D = d_.D, I = w.intermediate;
+    kcu::swiglu_args s;
+    s.gate_up = b_.gate_up;
+    s.out = b_.act;
+    s.rows = rows;
+    s.dim = I;
+    s.dt = m_.dt;
+    caf::error err;
+    if ((err = linear(in, w.gate_up, b_.gate_up, rows, D, 2 * I, "mlp gate|up")) ||
+        (err = check(kcu::swiglu_run(s, m_.stream), "mlp swiglu")))
+      return err;
+    return linear(b_.act, w.down, out, rows, I, D, "mlp down", beta);
+  }
+
+  /// Routed experts (gate, permute, grouped products, weighted combine) plus the shared
+  /// experts, into ffn_out: the reference's moe_layer_output order (routed rows summed in k
+  /// order from zero, then the shared output added).
+  caf::error moe(const device_moe& w) {
+    const int64_t D = d_.D, E = d_.E, k = d_.top_k, I = c_.moe_intermediate_size;
+    const int64_t rows = T_ * k;
+    caf::error err;
+    const void* router_in = b_.mlp_in;
+    if (m_.dt != dtype::f32) {  // the gate runs in float32, as transformers'
+      kcu::convert_args cv;
+      cv.in = b_.mlp_in;
+      cv.out = b_.mlp_in_f32;
+      cv.count = T_ * D;
+      cv.in_dt = m_.dt;
+      cv.out_dt = dtype::f32;
+      if ((err = check(kcu::convert_run(cv, m_.stream), "router input to f32"))) return err;
+      router_in = b_.mlp_in_f32;
+    }
+    if ((err = linear_as(dtype::f32, dtype::f32, router_in, w.router, b_.router_logits, T_, D, E,
+                         "router")))
+      return err;
+    kcu::moe_gate_args g;
+    g.params.num_experts = static_cast<size_t>(E);
+    g.params.num_groups = static_cast<size_t>(c_.n_group);
+    g.params.topk_group = static_cast<size_t>(c_.topk_group);
+    g.params.top_k = static_cast<size_t>(k);
+    g.params.norm_topk_prob = c_.norm_topk_prob;
+    g.params.routed_scaling_factor = static_cast<float>(c_.routed_scaling_factor);
+    g.logits = b_.router_logits;
+    g.bias = w.router_bias;
+    int32_t* topk_idx = b_.topk_idx + moe_ordinal_++ * T_ * k;
+    g.topk_idx = topk_idx;
+    g.topk_weight = b_.topk_weight;
+    g.num_tokens = T_;
+    if ((err = check(kcu::moe_gate_run(g, m_.stream), "gate"))) return err;
+    kcu::permute_plan_args plan;
+    plan.topk_idx = topk_idx;
+    plan.num_tokens = T_;
+    plan.top_k = k;
+    plan.num_experts = E;
+    plan.expert_offsets = b_.expert_offsets;
+    plan.positions = b_.expert_positions;
+    plan.inverse = b_.expert_inverse;
+    if ((err = check(kcu::permute_plan_run(plan, m_.stream), "permute plan"))) return err;
+    kcu::permute_rows_args pr;
+    pr.x = b_.mlp_in;
+    pr.positions = b_.expert_positions;
+    pr.permuted = b_.expert_rows;
+    pr.num_tokens = T_;
+    pr.top_k = k;
+    pr.dim = D;
+    pr.num_rows = rows;
+    pr.dt = m_.dt;
+    if ((err = check(kcu::permute_rows_run(pr, m_.stream), "permute rows"))) return err;
+    kcu::grouped_gemm_args gg;
+    gg.x = b_.expert_rows;
+    gg.expert_offsets = b_.expert_offsets;
+    gg.weights = w.experts_gate_up;
+    gg.y = b_.gate_up;
+    gg.num_rows = rows;
+    gg.num_experts = E;
+    gg.n = 2 * I;
+    gg.k = D;
+    gg.dt = gg.y_dt = m_.dt;
+    if ((err = check(kcu::grouped_gemm_run(gg, m_.stream), "experts gate|up"))) return err;
+    kcu::swiglu_args s;
+    s.gate_up = b_.gate_up;
+    s.out = b_.act;
+    s.rows = rows;
+    s.dim = I;
+    s.dt = m_.dt;
+    if ((err = check(kcu::swiglu_run(s, m_.stream), "experts swiglu"))) return err;
+    gg.x = b_.act;
+    gg.weights = w.experts_down;
+    gg.y = b_.expert_out;
+    gg.n = D;
+    gg.k = I;
+    if ((err = check(kcu::grouped_gemm_run(gg, m_.stream), "experts down"))) return err;
+    kcu::unpermute_args u;
+    u.y = b_.expert_out;
+    u.weight = b_.topk_weight;
+    u.positions = b_.expert_positions;
+    u.out = b_.ffn_out;
+    u.num_tokens = T_;
+    u.top_k = k;
+    u.dim = D;
+    u.num_rows = rows;
+    u.dt = m_.dt;
+    if ((err = check(kcu::unpermute_run(u, m_.stream), "combine"))) return err;
+    if (w.shared) return mlp(*w.shared, b_.mlp_in, T_, b_.ffn_out, 1.0f);
+    return {};
+  }
+
+  caf::error ffn() {
+    const device_layer& l = m_.weights->layer(layer_);
+    if (l.dense) return mlp(*l.dense, b_.mlp_in, T_, b_.ffn_out, 0.0f);
+    return moe(*l.moe);
+  }
+
+  /// Final norm (fusing the last FFN's residual add), the rows that get logits, the LM head
+  /// in float32 output, and each row's greedy token.
+  caf::error head() {
+    const int64_t D = d_.D, V = d_.V, rows = s_.num_logit_rows;
+    caf::error err;
+    if ((err = c_.num_hidden_layers > 0
+                   ? norm(b_.ffn_out, b_.x, m_.weights->final_norm(), b_.normed, T_, D,
+                          "residual + final norm")
+                   : norm(b_.x, nullptr, m_.weights->final_norm(), b_.normed, T_, D,
+                          "final norm")))
+      return err;
+    const void* head_in = b_.normed;
+    if (rows != T_) {  // each sequence's last token only
+      kcu::gather_rows_args g;
+      g.table = b_.normed;
+      g.ids = b_.last_rows;
+      g.out = b_.head_in;
+      g.num_rows = T_;
+      g.num_ids = rows;
+      g.dim = D;
+      g.dt = m_.dt;
+      if ((err = check(kcu::gather_rows_run(g, m_.stream), "last rows"))) return err;
+      head_in = b_.head_in;
+    }
+    if ((err = linear_as(m_.dt, dtype::f32, head_in, m_.weights->lm_head(), b_.logits, rows, D,
+                         V, "lm head")))
+      return err;
+    kcu::sample_greedy_args sg;
+    sg.logits = b_.logits;
+    sg.tokens = b_.tokens;
+    sg.rows = rows;
+    sg.vocab = V;
+    sg.dt = dtype::f32;
+    return check(kcu::sample_greedy_run(sg, m_.stream), "greedy sampling");
+  }
+
+  const model_state& m_;
+  const model::model_config& c_;
+  const step_shape& s_;
+  const step_buffers& b_;
+  const dims d_;
+  const int64_t T_;
+  int64_t layer_ = -1;
+  int64_t moe_ordinal_ = 0;  // MoE layers run so far: this one's slice of topk_idx
+};
+
+}  // namespace
+
+void* model_state::cache_pool(int64_t layer) const noexcept {
+  const size_t pool_elements = cache_layout.num_blocks * cache_layout.block_size *
+                               (cache_layout.latent_dim + cache_layout.rope_dim);
+  return static_cast<char*>(cache) +
+         static_cast<size_t>(layer) * pool_elements * kernels::dtype_bytes(dt);
+}
+
+size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
+                          step_buffers& b) {
+  const model::model_config& c = *m.config;
+  const dims d(c);
+  const size_t es = kernels::dtype_bytes(m.dt);
+  const auto T = static_cast<size_t>(s.num_tokens), S = static_cast<size_t>(s.num_seqs);
+  const auto rows = static_cast<size_t>(s.num_logit_rows);
+  size_t used = 0;
+  auto take = [&](auto*& p, size_t bytes) {
+    using pointer = std::remove_reference_t<decltype(p)>;
+    p = base ? reinterpret_cast<pointer>(base + used) : nullptr;
+    used += (bytes + buffer_alignment - 1) / buffer_alignment * buffer_alignment;
+  };
+  b = step_buffers{};
+  take(b.token_ids, T * sizeof(int32_t));
+  take(b.positions, T * sizeof(int32_t));
+  take(b.slots, T * sizeof(int64_t));
+  if (s.decode) {
+    take(b.block_table, S * static_cast<size_t>(s.max_blocks) * sizeof(int32_t));
+    take(b.seq_lens, S * sizeof(int32_t));
+  } else {
+    take(b.cu_seqlens, (S + 1) * sizeof(int32_t));
+    take(b.last_rows, S * sizeof(int32_t));
+  }
+  b.metadata_bytes = used;
+
+  const auto D = static_cast<size_t>(d.D), H = static_cast<size_t>(d.H);
+  const auto R = static_cast<size_t>(d.R), k = static_cast<size_t>(d.top_k);
+  take(b.x, T * D * es);
+  take(b.ffn_out, T * D * es);
+  take(b.normed, T * D * es);
+  take(b.mlp_in, T * D * es);
+  if (d.QR > 0) take(b.q_a, T * static_cast<size_t>(d.QR) * es);
+  take(b.q, T * H * static_cast<size_t>(d.qk) * es);
+  take(b.latent, T * R * es);
+  take(b.k_pe, T * static_cast<size_t>(d.dr) * es);
+  take(b.attn, T * H * static_cast<size_t>(d.dv) * es);
+  if (s.decode) {
+    take(b.q_latent, T * H * R * es);
+    take(b.out_latent, T * H * R * es);
+    kcu::mla_decode_args shape;
+    shape.layout = m.cache_layout;
+    shape.max_blocks_per_seq = s.max_blocks;
+    shape.batch = s.num_tokens;
+    shape.num_heads = d.H;
+    shape.max_seq_len = s.max_seq_len;
+    shape.dt = m.dt;
+    b.mla_workspace_bytes = kcu::mla_decode_workspace_bytes(shape);
+    take(b.mla_workspace, b.mla_workspace_bytes);
+  } else {
+    take(b.kv, T * H * static_cast<size_t>(d.dn + d.dv) * es);
+  }
+  // The widest MLP's [gate | up] rows: a dense layer's, the shared experts' or the routed rows.
+  size_t widest = T * static_cast<size_t>(c.intermediate_size);
+  if (d.E > 0) {
+    widest = std::max({widest, T * static_cast<size_t>(c.shared_intermediate_size()),
+                       T * k * static_cast<size_t>(c.moe_intermediate_size)});
+    if (m.dt != kernels::dtype::f32) take(b.mlp_in_f32, T * D * sizeof(float));
+    take(b.router_logits, T * static_cast<size_t>(d.E) * sizeof(float));
+    take(b.topk_idx, static_cast<size_t>(s.num_moe_layers) * T * k * sizeof(int32_t));
+    take(b.topk_weight, T * k * sizeof(float));
+    take(b.expert_offsets, (static_cast<size_t>(d.E) + 1) * sizeof(int32_t));
+    take(b.expert_positions, T * k * sizeof(int32_t));
+    take(b.expert_inverse, T * k * sizeof(int32_t));
+    take(b.expert_rows, T * k * D * es);
+    take(b.expert_out, T * k * D * es);
+  }
+  take(b.gate_up, 2 * widest * es);
+  take(b.act, widest * es);
+  if (rows != T) take(b.head_in, rows * D * es);
+  take(b.logits, rows * static_cast<size_t>(d.V) * sizeof(float));
+  take(b.tokens, rows * sizeof(int32_t));
+  return used;
+}
+
+caf::error run_forward(const model_state& m, const step_shape& shape, const step_buffers& b) {
+  return forward(m, shape, b).run();
+}
+
+}  // namespace moe::engine::detail

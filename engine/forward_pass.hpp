@@ -1,0 +1,119 @@
+// The GPU engine's forward pass over one step's tokens, kernel by kernel: the device mirror of
+// model/reference_engine.cpp (same blocks, same order), for prefill (decompressed K/V, causal
+// within each packed sequence) and decode (one token per sequence, absorbed attention over the
+// paged latent cache). Internal to engine/: gpu_engine.cpp prepares the step (host checks,
+// cache blocks, the metadata upload) and calls these.
+//
+// Differences from the reference's order of operations, all within rounding:
+//  - the residual add after each FFN is fused into the next RMSNorm (the next layer's input
+//    norm, or the final norm): x += ffn_out, then norm(x), as one kernel; the sum is rounded to
+//    the storage dtype before it is normed, exactly as the reference's separate add;
+//  - kv_a_proj runs as two products (the latent rows, then the k_pe rows of the same weight),
+//    so the latent comes out contiguous for the norm kernel;
+//  - gate and up projections are one product over their stacked weights.
+//
+// Thread safety: none; every call queues work on the one stream in `model_state`.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "base/error.hpp"
+#include "engine/device_weights.hpp"
+#include "kernels/cpu/mla_attention.hpp"
+#include "kernels/cuda/gemm.hpp"
+#include "kernels/dtype.hpp"
+#include "model/config.hpp"
+
+namespace moe::engine::detail {
+
+/// What the kernels of every step read and that outlives a step.
+struct model_state {
+  const model::model_config* config = nullptr;
+  kernels::dtype dt = kernels::dtype::bf16;
+  const device_weights* weights = nullptr;
+  kernels::cpu::mla_cache_layout cache_layout;
+  void* cache = nullptr;  ///< (num_layers, num_blocks, block_size, R + dr) of dt
+  const float* rope_cos = nullptr;  ///< (rope_positions, dr / 2) f32
+  const float* rope_sin = nullptr;
+  int64_t rope_positions = 0;
+  float softmax_scale = 0.0f;
+  float eps = 1e-6f;
+  kernels::cuda::gemm_lt* gemm = nullptr;
+  void* gemm_workspace = nullptr;
+  size_t gemm_workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+
+  /// Layer l's pool in the cache.
+  [[nodiscard]] void* cache_pool(int64_t layer) const noexcept;
+};
+
+/// The shape of one step.
+struct step_shape {
+  bool decode = false;
+  int64_t num_tokens = 0;      ///< T; decode: B
+  int64_t num_seqs = 0;        ///< S; decode: B
+  int64_t max_seq_len = 0;     ///< prefill: the longest prompt; decode: the longest cached length
+  int64_t max_blocks = 0;      ///< decode: the block table's width
+  int64_t num_logit_rows = 0;  ///< S, T (all positions) or B
+  int64_t num_moe_layers = 0;  ///< layers with routed experts (each keeps its top-k choices)
+};
+
+/// One step's device memory, carved out of one allocation. Metadata first (the host fills the
+/// same layout in pinned memory and uploads it with one copy), then the activations. Pointers
+/// a step's kind does not use are null.
+struct step_buffers {
+  // Metadata, uploaded each step.
+  int32_t* token_ids = nullptr;    ///< (T)
+  int32_t* positions = nullptr;    ///< (T) position of each token in its sequence
+  int64_t* slots = nullptr;        ///< (T) cache slot of each token
+  int32_t* cu_seqlens = nullptr;   ///< prefill: (S + 1)
+  int32_t* last_rows = nullptr;    ///< prefill: (S) each sequence's last token
+  int32_t* block_table = nullptr;  ///< decode: (B, max_blocks)
+  int32_t* seq_lens = nullptr;     ///< decode: (B) cached tokens, the new one included
+  size_t metadata_bytes = 0;
+
+  // Activations, of dt unless noted.
+  void* x = nullptr;         ///< (T, hidden): the residual stream
+  void* ffn_out = nullptr;   ///< (T, hidden): the last FFN's output, not yet added to x
+  void* normed = nullptr;    ///< (T, hidden)
+  void* mlp_in = nullptr;    ///< (T, hidden): post-attention-normed
+  void* q_a = nullptr;       ///< (T, q_lora_rank)
+  void* q = nullptr;         ///< (T, H, dn + dr)
+  void* latent = nullptr;    ///< (T, R)
+  void* k_pe = nullptr;      ///< (T, dr)
+  void* kv = nullptr;        ///< prefill: (T, H, dn + dv)
+  void* attn = nullptr;      ///< (T, H * dv)
+  void* q_latent = nullptr;  ///< decode: (B, H, R)
+  void* out_latent = nullptr;
+  void* mla_workspace = nullptr;
+  size_t mla_workspace_bytes = 0;
+  float* mlp_in_f32 = nullptr;     ///< (T, hidden) f32: the router's input (bf16 steps only)
+  float* router_logits = nullptr;  ///< (T, E) f32
+  int32_t* topk_idx = nullptr;     ///< (num MoE layers, T, top_k): every layer's choices kept
+  float* topk_weight = nullptr;    ///< (T, top_k) f32
+  int32_t* expert_offsets = nullptr;    ///< (E + 1)
+  int32_t* expert_positions = nullptr;  ///< (T, top_k)
+  int32_t* expert_inverse = nullptr;    ///< (T * top_k)
+  void* expert_rows = nullptr;  ///< (T * top_k, hidden)
+  void* gate_up = nullptr;      ///< (rows, 2 * intermediate), the widest MLP's
+  void* act = nullptr;          ///< (rows, intermediate)
+  void* expert_out = nullptr;   ///< (T * top_k, hidden)
+  void* head_in = nullptr;      ///< (num_logit_rows, hidden) when not every row gets logits
+  float* logits = nullptr;      ///< (num_logit_rows, vocab) f32
+  int32_t* tokens = nullptr;    ///< (num_logit_rows): the greedy choice of each row
+};
+
+/// Sets every pointer of `b` for `shape`, from `base` (null: only measures), and returns the
+/// bytes needed. Each buffer is 256-byte aligned; metadata_bytes covers the metadata.
+size_t carve_step_buffers(const model_state& m, const step_shape& shape, char* base,
+                          step_buffers& b);
+
+/// Embedding, every decoder layer and the head: logits and greedy tokens of the rows the step
+/// asks for. Requires the metadata uploaded (queued before) and the step's cache slots owned.
+[[nodiscard]] caf::error run_forward(const model_state& m, const step_shape& shape,
+                                     const step_buffers& b);
+
+}  // namespace moe::engine::detail

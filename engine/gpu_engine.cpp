@@ -1,0 +1,395 @@
+#include "engine/gpu_engine.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "engine/device_weights.hpp"
+#include "engine/forward_pass.hpp"
+#include "kernels/cpu/rope.hpp"
+#include "kernels/cuda/gemm.hpp"
+#include "kernels/cuda/grouped_gemm.hpp"
+#include "kernels/cuda/mla_decode.hpp"
+#include "kernels/cuda/mla_prefill.hpp"
+#include "kernels/cuda/moe_gate.hpp"
+#include "kernels/cuda/rope.hpp"
+#include "model/cache_blocks.hpp"
+#include "model/model_errc.hpp"
+#include "runtime/cuda_memory.hpp"
+#include "runtime/device_allocator.hpp"
+
+namespace moe::engine {
+
+namespace kcu = kernels::cuda;
+using kernels::dtype;
+using model::model_errc;
+
+namespace {
+
+caf::error bad_input(std::string text) {
+  return model::make_error(model_errc::bad_input, "gpu engine: " + std::move(text));
+}
+
+/// The shapes the kernels cannot take, found before anything is allocated.
+caf::error check_kernel_limits(const model::model_config& c) {
+  auto limit = [](const char* what, int64_t value, int64_t most) -> caf::error {
+    if (value <= most) return {};
+    return model::make_error(model_errc::kernel_failed,
+                             std::string("gpu engine: ") + what + " " + std::to_string(value) +
+                                 " is above the kernels' limit " + std::to_string(most));
+  };
+  caf::error err;
+  if ((err = limit("kv_lora_rank", c.kv_lora_rank, kcu::mla_decode_max_latent_dim)) ||
+      (err = limit("kv_lora_rank + qk_rope_head_dim", c.kv_lora_rank + c.qk_rope_head_dim,
+                   kcu::mla_decode_max_entry_dim)) ||
+      (err = limit("qk_head_dim", c.qk_head_dim(), kcu::mla_prefill_max_qk_dim)) ||
+      (err = limit("v_head_dim", c.v_head_dim, kcu::mla_prefill_max_v_dim)) ||
+      (err = limit("qk_rope_head_dim", c.qk_rope_head_dim, kcu::rope_max_head_dim)) ||
+      (err = limit("n_routed_experts", c.n_routed_experts,
+                   std::min(kcu::moe_gate_max_experts, kcu::grouped_gemm_max_experts))) ||
+      (err = limit("num_experts_per_tok", c.num_experts_per_tok, kcu::moe_gate_max_top_k)))
+    return err;
+  return {};
+}
+
+/// Host addresses of a step's metadata: the pinned staging buffer mirrors the device arena's
+/// first metadata_bytes, so a device pointer's offset from the arena finds its host twin.
+struct metadata_view {
+  char* host = nullptr;
+  const char* device_base = nullptr;
+  template <class T>
+  T* operator()(T* device_ptr) const {
+    return reinterpret_cast<T*>(host + (reinterpret_cast<const char*>(device_ptr) - device_base));
+  }
+};
+
+}  // namespace
+
+struct gpu_engine::state {
+  state(const model::model_config& c, const gpu_engine_options& o)
+      : config(c), options(o), blocks(o.cache.num_blocks, o.cache.block_size) {}
+  state(const state&) = delete;
+  state& operator=(const state&) = delete;
+  ~state() {
+    // Kernels may still read what is about to be freed (after an error, for instance).
+    if (stream.get() != nullptr) (void)cudaStreamSynchronize(stream.get());
+  }
+
+  [[nodiscard]] runtime::stream_key key() const noexcept {
+    return reinterpret_cast<runtime::stream_key>(stream.get());
+  }
+  caf::error ensure_staging(size_t bytes);
+  caf::expected<gpu_step_result> run_step(
+      const detail::step_shape& shape, bool capture_routing,
+      const std::function<void(const detail::step_buffers&, const metadata_view&)>& fill);
+
+  model::model_config config;
+  gpu_engine_options options;
+  // Declaration order is release order reversed: allocations go back to the allocator before
+  // it gives its blocks back to CUDA, and the stream outlives them all.
+  runtime::cuda_stream stream;
+  std::unique_ptr<runtime::caching_device_allocator> allocator;
+  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace;
+  std::optional<device_weights> weights;
+  kcu::gemm_lt gemm;
+  runtime::pinned_host_buffer staging;
+  model::cache_block_allocator blocks;
+  std::unordered_map<uint64_t, int64_t> lengths;
+  int64_t num_moe_layers = 0;
+  detail::model_state model;
+};
+
+caf::error gpu_engine::state::ensure_staging(size_t bytes) {
+  if (staging.size_bytes() >= bytes) return {};
+  staging = runtime::pinned_host_buffer{};
+  auto b = runtime::pinned_host_buffer::allocate(std::max<size_t>(bytes, size_t{1} << 20));
+  if (!b) return b.error();
+  staging = std::move(*b);
+  return {};
+}
+
+caf::expected<gpu_step_result> gpu_engine::state::run_step(
+    const detail::step_shape& shape, bool capture_routing,
+    const std::function<void(const detail::step_buffers&, const metadata_view&)>& fill) {
+  if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
+  detail::step_buffers dev;
+  const size_t arena_bytes = detail::carve_step_buffers(model, shape, nullptr, dev);
+  auto arena = allocator->allocate(arena_bytes, key());
+  if (!arena) return arena.error();
+  char* base = static_cast<char*>(arena->data());
+  detail::carve_step_buffers(model, shape, base, dev);
+  const auto rows = static_cast<size_t>(shape.num_logit_rows);
+  const size_t logits_bytes = rows * static_cast<size_t>(config.vocab_size) * sizeof(float);
+  const size_t tokens_bytes = rows * sizeof(int32_t);
+  const size_t routing_per_layer = static_cast<size_t>(shape.num_tokens * config.num_experts_per_tok);
+  const size_t routing_bytes =
+      capture_routing ? static_cast<size_t>(shape.num_moe_layers) * routing_per_layer * sizeof(int32_t) : 0;
+  if (auto err = ensure_staging(
+          std::max(dev.metadata_bytes, logits_bytes + tokens_bytes + routing_bytes)))
+    return err;
+  char* host = static_cast<char*>(staging.data());
+  fill(dev, metadata_view{host, base});
+
+  // Stream order: the metadata upload reads the staging buffer before the results land in it.
+  caf::error err = runtime::copy_async(base, host, dev.metadata_bytes, stream.get());
+  if (!err) err = detail::run_forward(model, shape, dev);
+  if (!err) err = runtime::copy_async(host, dev.logits, logits_bytes, stream.get());
+  if (!err) err = runtime::copy_async(host + logits_bytes, dev.tokens, tokens_bytes, stream.get());
+  if (!err && routing_bytes > 0)
+    err = runtime::copy_async(host + logits_bytes + tokens_bytes, dev.topk_idx, routing_bytes,
+                              stream.get());
+  // Always drained, so that nothing queued reads the arena or the staging buffer after an error.
+  const caf::error sync_err = stream.synchronize();
+  if (err) return err;
+  if (sync_err) return sync_err;
+  gpu_step_result out;
+  out.logits.resize(rows * static_cast<size_t>(config.vocab_size));
+  out.greedy_tokens.resize(rows);
+  std::memcpy(out.logits.data(), host, logits_bytes);
+  std::memcpy(out.greedy_tokens.data(), host + logits_bytes, tokens_bytes);
+  const auto* routing = reinterpret_cast<const int32_t*>(host + logits_bytes + tokens_bytes);
+  for (int64_t l = 0; capture_routing && l < shape.num_moe_layers; ++l)
+    out.routing.emplace_back(routing + l * routing_per_layer, routing + (l + 1) * routing_per_layer);
+  return out;
+}
+
+gpu_engine::gpu_engine(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
+gpu_engine::gpu_engine(gpu_engine&&) noexcept = default;
+gpu_engine& gpu_engine::operator=(gpu_engine&&) noexcept = default;
+gpu_engine::~gpu_engine() = default;
+
+caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkpoint> ckpt,
+                                             const gpu_engine_options& options) {
+  if (!ckpt) return bad_input("no checkpoint");
+  const model::model_config& c = ckpt->config;
+  if (options.dtype != dtype::bf16 && options.dtype != dtype::f32)
+    return bad_input("dtype must be bf16 or f32, not " + std::string(kernels::to_string(options.dtype)));
+  if (options.cache.num_blocks <= 0 || options.cache.block_size <= 0 ||
+      options.cache.num_blocks > INT32_MAX)
+    return bad_input("the cache needs a positive number of blocks (below 2^31) and block size");
+  auto rope = model::rope_kernel_params(c);
+  if (!rope) return rope.error();
+  if (auto err = check_kernel_limits(c)) return err;
+  int num_devices = 0;
+  if (const cudaError_t e = cudaGetDeviceCount(&num_devices); e != cudaSuccess || num_devices == 0) {
+    (void)cudaGetLastError();
+    return runtime::make_error(runtime::cuda_errc::no_device,
+                               std::string("gpu engine: no GPU: ") +
+                                   (e != cudaSuccess ? cudaGetErrorString(e) : "no device found"));
+  }
+  if (options.device < 0 || options.device >= num_devices)
+    return bad_input("device " + std::to_string(options.device) + " does not exist (" +
+                     std::to_string(num_devices) + " found)");
+  if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
+
+  auto s = std::make_unique<state>(c, options);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) s->num_moe_layers += c.is_moe_layer(l) ? 1 : 0;
+  auto stream = runtime::cuda_stream::create();
+  if (!stream) return stream.error();
+  s->stream = std::move(*stream);
+  s->allocator = std::make_unique<runtime::caching_device_allocator>(
+      std::make_unique<runtime::cuda_memory_source>(options.device));
+  auto weights = device_weights::upload(*ckpt, options.dtype, s->stream.get());
+  if (!weights) return weights.error();
+  s->weights.emplace(std::move(*weights));
+
+  const size_t es = kernels::dtype_bytes(options.dtype);
+  kernels::cpu::mla_cache_layout layout;
+  layout.num_blocks = static_cast<size_t>(options.cache.num_blocks);
+  layout.block_size = static_cast<size_t>(options.cache.block_size);
+  layout.latent_dim = static_cast<size_t>(c.kv_lora_rank);
+  layout.rope_dim = static_cast<size_t>(c.qk_rope_head_dim);
+  const size_t cache_bytes = static_cast<size_t>(c.num_hidden_layers) * layout.num_blocks *
+                             layout.block_size * (layout.latent_dim + layout.rope_dim) * es;
+  auto cache = s->allocator->allocate(cache_bytes, s->key());
+  if (!cache) return cache.error();
+  s->cache = std::move(*cache);
+  // Never read before written; zeroed so that a stray read shows up as zeros, not old data.
+  if (auto err = runtime::cuda_error(cudaMemsetAsync(s->cache.data(), 0, cache_bytes, s->stream.get()),
+                                     "cudaMemsetAsync(cache)"))
+    return err;
+
+  // cos/sin for every position a cached sequence can reach.
+  const int64_t positions =
+      std::min(c.max_position_embeddings, options.cache.num_blocks * options.cache.block_size);
+  const size_t half = static_cast<size_t>(c.qk_rope_head_dim) / 2;
+  std::vector<float> cos(static_cast<size_t>(positions) * half), sin(cos.size());
+  if (kernels::cpu::rope_cos_sin_table(*rope, 0, static_cast<size_t>(positions), cos.data(),
+                                       sin.data()) != kernels::kernel_status::ok)
+    return model::make_error(model_errc::bad_config, "gpu engine: RoPE tables rejected");
+  auto cos_dev = s->allocator->allocate(cos.size() * sizeof(float), s->key());
+  if (!cos_dev) return cos_dev.error();
+  auto sin_dev = s->allocator->allocate(sin.size() * sizeof(float), s->key());
+  if (!sin_dev) return sin_dev.error();
+  s->rope_cos = std::move(*cos_dev);
+  s->rope_sin = std::move(*sin_dev);
+  if (auto err = runtime::copy_async(s->rope_cos.data(), cos.data(), cos.size() * sizeof(float),
+                                     s->stream.get()))
+    return err;
+  if (auto err = runtime::copy_async(s->rope_sin.data(), sin.data(), sin.size() * sizeof(float),
+                                     s->stream.get()))
+    return err;
+
+  if (const auto st = kcu::gemm_lt::create(s->gemm); st != kernels::kernel_status::ok)
+    return model::make_error(model_errc::kernel_failed,
+                             "gpu engine: cuBLASLt: " + std::string(kernels::to_string(st)));
+  auto workspace = s->allocator->allocate(kcu::gemm_workspace_bytes, s->key());
+  if (!workspace) return workspace.error();
+  s->gemm_workspace = std::move(*workspace);
+
+  detail::model_state& m = s->model;
+  m.config = &s->config;
+  m.dt = options.dtype;
+  m.weights = &*s->weights;
+  m.cache_layout = layout;
+  m.cache = s->cache.data();
+  m.rope_cos = static_cast<const float*>(s->rope_cos.data());
+  m.rope_sin = static_cast<const float*>(s->rope_sin.data());
+  m.rope_positions = positions;
+  m.softmax_scale = static_cast<float>(model::attention_softmax_scale(c));
+  m.eps = static_cast<float>(c.rms_norm_eps);
+  m.gemm = &s->gemm;
+  m.gemm_workspace = s->gemm_workspace.data();
+  m.gemm_workspace_bytes = kcu::gemm_workspace_bytes;
+  m.stream = s->stream.get();
+  // The host tables above must outlive their copies.
+  if (auto err = s->stream.synchronize()) return err;
+  return gpu_engine(std::move(s));
+}
+
+caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequence_input> seqs,
+                                                   const gpu_prefill_options& options) {
+  state& s = *state_;
+  const model::model_config& c = s.config;
+  if (seqs.empty()) return gpu_step_result{};
+  int64_t num_tokens = 0, longest = 0;
+  std::unordered_set<uint64_t> seen;
+  for (const auto& q : seqs) {
+    const std::string name = "sequence " + std::to_string(q.id);
+    if (q.tokens.empty()) return bad_input(name + " is empty");
+    if (s.lengths.count(q.id) || !seen.insert(q.id).second)
+      return bad_input(name + " is already in the batch or cache");
+    if (static_cast<int64_t>(q.tokens.size()) > c.max_position_embeddings)
+      return bad_input(name + " is longer than max_position_embeddings");
+    for (const int32_t t : q.tokens)
+      if (t < 0 || t >= c.vocab_size)
+        return bad_input(name + ": token id " + std::to_string(t) +
+                         " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+    num_tokens += static_cast<int64_t>(q.tokens.size());
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(q.tokens.size()));
+  }
+  if (num_tokens > INT32_MAX) return bad_input("more than 2^31 - 1 tokens in one prefill");
+  // All sequences' blocks or none, so a full cache changes nothing.
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (auto err = s.blocks.reserve(seqs[i].id, static_cast<int64_t>(seqs[i].tokens.size()))) {
+      for (size_t j = 0; j < i; ++j) s.blocks.release(seqs[j].id);
+      return err;
+    }
+  }
+  detail::step_shape shape;
+  shape.num_tokens = num_tokens;
+  shape.num_seqs = static_cast<int64_t>(seqs.size());
+  shape.max_seq_len = longest;
+  shape.num_logit_rows = options.all_logits ? num_tokens : shape.num_seqs;
+  shape.num_moe_layers = s.num_moe_layers;
+  auto out = s.run_step(shape, options.capture_routing, [&](const detail::step_buffers& b, const metadata_view& host) {
+    int32_t* ids = host(b.token_ids);
+    int32_t* positions = host(b.positions);
+    int64_t* slots = host(b.slots);
+    int32_t* cu = host(b.cu_seqlens);
+    int32_t* last = host(b.last_rows);
+    int32_t t = 0;
+    cu[0] = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      for (size_t p = 0; p < seqs[i].tokens.size(); ++p, ++t) {
+        ids[t] = seqs[i].tokens[p];
+        positions[t] = static_cast<int32_t>(p);
+        slots[t] = s.blocks.slot(seqs[i].id, static_cast<int64_t>(p));
+      }
+      cu[i + 1] = t;
+      last[i] = t - 1;
+    }
+  });
+  if (!out) {
+    for (const auto& q : seqs) s.blocks.release(q.id);
+    return out.error();
+  }
+  for (const auto& q : seqs) s.lengths[q.id] = static_cast<int64_t>(q.tokens.size());
+  return out;
+}
+
+caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_input> batch,
+                                                  const gpu_decode_options& options) {
+  state& s = *state_;
+  const model::model_config& c = s.config;
+  if (batch.empty()) return gpu_step_result{};
+  std::unordered_set<uint64_t> seen;
+  int64_t longest = 0;
+  for (const auto& d : batch) {
+    const std::string name = "sequence " + std::to_string(d.id);
+    auto it = s.lengths.find(d.id);
+    if (it == s.lengths.end()) return bad_input(name + " has no prefill");
+    if (!seen.insert(d.id).second) return bad_input(name + " is twice in the batch");
+    if (it->second >= c.max_position_embeddings)
+      return bad_input(name + " reached max_position_embeddings");
+    if (d.token < 0 || d.token >= c.vocab_size)
+      return bad_input(name + ": token id " + std::to_string(d.token) +
+                       " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+    longest = std::max(longest, it->second + 1);
+  }
+  for (const auto& d : batch)
+    if (auto err = s.blocks.reserve(d.id, s.lengths[d.id] + 1)) return err;
+  size_t max_blocks = 1;
+  for (const auto& d : batch) max_blocks = std::max(max_blocks, s.blocks.blocks(d.id).size());
+  detail::step_shape shape;
+  shape.decode = true;
+  shape.num_tokens = shape.num_seqs = shape.num_logit_rows = static_cast<int64_t>(batch.size());
+  shape.max_seq_len = longest;
+  shape.max_blocks = static_cast<int64_t>(max_blocks);
+  shape.num_moe_layers = s.num_moe_layers;
+  auto out = s.run_step(shape, options.capture_routing, [&](const detail::step_buffers& b, const metadata_view& host) {
+    int32_t* ids = host(b.token_ids);
+    int32_t* positions = host(b.positions);
+    int64_t* slots = host(b.slots);
+    int32_t* table = host(b.block_table);
+    int32_t* seq_lens = host(b.seq_lens);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const int64_t pos = s.lengths[batch[i].id];
+      ids[i] = batch[i].token;
+      positions[i] = static_cast<int32_t>(pos);
+      slots[i] = s.blocks.slot(batch[i].id, pos);
+      seq_lens[i] = static_cast<int32_t>(pos + 1);
+      const auto& blocks = s.blocks.blocks(batch[i].id);
+      std::fill_n(std::copy(blocks.begin(), blocks.end(), table + i * max_blocks),
+                  max_blocks - blocks.size(), 0);
+    }
+  });
+  if (!out) return out.error();
+  for (const auto& d : batch) ++s.lengths[d.id];
+  return out;
+}
+
+void gpu_engine::release(uint64_t id) {
+  state_->blocks.release(id);
+  state_->lengths.erase(id);
+}
+
+int64_t gpu_engine::cached_tokens(uint64_t id) const noexcept {
+  auto it = state_->lengths.find(id);
+  return it == state_->lengths.end() ? 0 : it->second;
+}
+
+int64_t gpu_engine::num_free_cache_blocks() const noexcept {
+  return state_->blocks.num_free_blocks();
+}
+
+const model::model_config& gpu_engine::config() const noexcept { return state_->config; }
+dtype gpu_engine::storage_dtype() const noexcept { return state_->options.dtype; }
+size_t gpu_engine::weight_bytes() const noexcept { return state_->weights->size_bytes(); }
+size_t gpu_engine::cache_bytes() const noexcept { return state_->cache.size_bytes(); }
+
+}  // namespace moe::engine

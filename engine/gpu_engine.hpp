@@ -1,0 +1,110 @@
+// The GPU engine: a whole DeepSeek-V3-class model's forward pass on one GPU, prefill then
+// decode, composed from the CUDA kernels in kernels/cuda. It mirrors model::reference_engine
+// (the CPU yardstick: same blocks, same order; engine/forward_pass.hpp lists where the order of
+// roundings differs) and is tested against it and against transformers' goldens.
+//
+// What lives on the device: the weights (device_weights.hpp, in bf16 or f32), the paged latent
+// KV cache (num_blocks blocks of block_size tokens, every layer's pool alike; the block tables
+// are model::cache_block_allocator's bookkeeping on the host), YaRN's cos/sin tables (built on
+// the host by kernels::cpu::rope_cos_sin_table, uploaded once), cuBLASLt's workspace, and each
+// step's activations (one allocation from the caching device allocator). Every kernel and copy
+// runs on the engine's one stream; a call returns when its results are on the host.
+//
+// Input checks happen on the host, before anything is uploaded or queued: token ids outside
+// the vocabulary, empty prompts, unknown or duplicate sequence ids and positions past the
+// model's limit are model_errc::bad_input with the reason; a full cache is
+// model_errc::cache_full (transient: retry when sequences are released) and changes nothing.
+//
+// Ownership: the engine shares the checkpoint (only while creating: the device copy is its
+// own) and owns every device resource, released after the stream is drained.
+// Thread safety: one thread at a time (a CUDA stream and plan caches inside).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "base/error.hpp"
+#include "kernels/dtype.hpp"
+#include "model/checkpoint.hpp"
+#include "model/latent_cache.hpp"
+#include "model/reference_engine.hpp"
+
+namespace moe::engine {
+
+struct gpu_engine_options {
+  /// Storage dtype of weights, activations and the cache: bf16 (serving) or f32 (exactness
+  /// checks: every product in float32, no TF32). Accumulation is float32 either way.
+  kernels::dtype dtype = kernels::dtype::bf16;
+  /// Blocks of the device latent cache and their size in tokens.
+  model::latent_cache_options cache;
+  /// CUDA device ordinal.
+  int device = 0;
+};
+
+struct gpu_prefill_options {
+  bool all_logits = false;       ///< logits for every position, not only each sequence's last
+  bool capture_routing = false;  ///< each MoE layer's top-k expert choices
+};
+
+struct gpu_decode_options {
+  bool capture_routing = false;  ///< each MoE layer's top-k expert choices
+};
+
+/// What a step returns, on the host.
+struct gpu_step_result {
+  /// (rows, vocab) float32: a prefill's sequences (or every position with all_logits), a
+  /// decode's batch, in the order given.
+  std::vector<float> logits;
+  /// (rows): the argmax of each row of logits, chosen on the device (lowest index on ties, as
+  /// kernels::cpu::sample_greedy).
+  std::vector<int32_t> greedy_tokens;
+  /// capture_routing: per MoE layer (in layer order), (tokens, top_k) expert ids, each token's
+  /// choices in descending score order; tokens packed as the step gave them.
+  std::vector<std::vector<int32_t>> routing;
+};
+
+class gpu_engine {
+ public:
+  /// Uploads the weights and allocates the cache. Errors: model_errc::bad_input for a dtype
+  /// other than bf16/f32 or a non-positive cache size, bad_config for RoPE variants the kernels
+  /// lack, missing_tensor/bad_tensor naming a tensor, CUDA errors (cuda_errc::no_device without
+  /// a GPU, out_of_memory), model_errc::kernel_failed when a kernel cannot take the model's
+  /// shapes (e.g. a latent wider than mla_decode_max_latent_dim).
+  [[nodiscard]] static caf::expected<gpu_engine> create(std::shared_ptr<const model::checkpoint> ckpt,
+                                                        const gpu_engine_options& options = {});
+
+  gpu_engine(gpu_engine&&) noexcept;
+  gpu_engine& operator=(gpu_engine&&) noexcept;
+  /// Waits for the stream, then frees everything.
+  ~gpu_engine();
+
+  /// Runs new sequences' prompts (ids not yet cached, distinct) and caches them. On an error
+  /// nothing of these sequences stays cached.
+  [[nodiscard]] caf::expected<gpu_step_result> prefill(std::span<const model::sequence_input> seqs,
+                                                       const gpu_prefill_options& options = {});
+  /// One token per cached sequence (distinct ids) -> logits (B, vocab). On bad input nothing
+  /// changes; on a full cache, sequences earlier in the batch may keep a block reserved for
+  /// their next token (as the reference engine).
+  [[nodiscard]] caf::expected<gpu_step_result> decode(std::span<const model::decode_input> batch,
+                                                      const gpu_decode_options& options = {});
+  /// Forgets a sequence and frees its cache blocks; unknown ids are ignored.
+  void release(uint64_t id);
+  /// Tokens cached for `id`, 0 when unknown.
+  [[nodiscard]] int64_t cached_tokens(uint64_t id) const noexcept;
+  [[nodiscard]] int64_t num_free_cache_blocks() const noexcept;
+
+  [[nodiscard]] const model::model_config& config() const noexcept;
+  [[nodiscard]] kernels::dtype storage_dtype() const noexcept;
+  /// Device bytes of the weights and of the cache.
+  [[nodiscard]] size_t weight_bytes() const noexcept;
+  [[nodiscard]] size_t cache_bytes() const noexcept;
+
+ private:
+  struct state;
+  explicit gpu_engine(std::unique_ptr<state> s) noexcept;
+  std::unique_ptr<state> state_;
+};
+
+}  // namespace moe::engine
