@@ -37,49 +37,15 @@
 
 #include "kernels/cpu/grouped_gemm.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
+#include "tests/unit/kernels/cuda_test_support.hpp"
 #include "tests/unit/kernels/random_tensor.hpp"
 
 namespace moe::kernels {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Device availability, buffers, bf16 on the host.
+using namespace cuda_testing;
 
-const std::string& cuda_unavailable_reason() {
-  static const std::string reason = [] {
-    int count = 0;
-    if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess)
-      return std::string{cudaGetErrorString(e)};
-    return count == 0 ? std::string{"cudaGetDeviceCount found no device"} : std::string{};
-  }();
-  return reason;
-}
-
-#define MOE_KERNELS_SKIP_WITHOUT_GPU()                                   \
-  do {                                                                   \
-    if (const auto& reason = cuda_unavailable_reason(); !reason.empty()) \
-      GTEST_SKIP() << "no GPU: " << reason;                              \
-  } while (false)
-
-// Owns one cudaMalloc allocation.
-class device_buffer {
- public:
-  explicit device_buffer(size_t bytes) : bytes_(bytes) {
-    if (bytes > 0 && cudaMalloc(&ptr_, bytes) != cudaSuccess) ptr_ = nullptr;
-  }
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
-  ~device_buffer() {
-    if (ptr_ != nullptr) (void)cudaFree(ptr_);
-  }
-  [[nodiscard]] void* get() const { return ptr_; }
-  [[nodiscard]] size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
+// Byte-level copies at an offset (the support header copies whole vectors from the start).
 [[nodiscard]] bool upload(device_buffer& d, const void* src, size_t bytes, size_t at = 0) {
   return at + bytes <= d.bytes() &&
          (bytes == 0 || cudaMemcpy(static_cast<char*>(d.get()) + at, src, bytes,
@@ -91,21 +57,6 @@ class device_buffer {
   if (!v.empty() && cudaMemcpy(v.data(), d.get(), v.size(), cudaMemcpyDeviceToHost) != cudaSuccess)
     v.clear();
   return v;
-}
-
-// Round to nearest even, as __float2bfloat16_rn does (inputs here are finite).
-uint16_t to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  b += 0x7fffu + ((b >> 16) & 1u);
-  return static_cast<uint16_t>(b >> 16);
-}
-
-float from_bf16(uint16_t h) {
-  const uint32_t b = uint32_t{h} << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
 }
 
 // Uniform in [-1, 1), already on the bf16 grid when `on_bf16_grid`: a splitmix64 stream, fast
