@@ -84,7 +84,7 @@ struct gpu_engine::state {
   }
   caf::error ensure_staging(size_t bytes);
   caf::expected<gpu_step_result> run_step(
-      const detail::step_shape& shape, bool capture_routing,
+      const detail::step_shape& shape, bool return_logits, bool capture_routing,
       const std::function<void(const detail::step_buffers&, const metadata_view&)>& fill);
 
   model::model_config config;
@@ -113,7 +113,7 @@ caf::error gpu_engine::state::ensure_staging(size_t bytes) {
 }
 
 caf::expected<gpu_step_result> gpu_engine::state::run_step(
-    const detail::step_shape& shape, bool capture_routing,
+    const detail::step_shape& shape, bool return_logits, bool capture_routing,
     const std::function<void(const detail::step_buffers&, const metadata_view&)>& fill) {
   if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
   detail::step_buffers dev;
@@ -123,7 +123,8 @@ caf::expected<gpu_step_result> gpu_engine::state::run_step(
   char* base = static_cast<char*>(arena->data());
   detail::carve_step_buffers(model, shape, base, dev);
   const auto rows = static_cast<size_t>(shape.num_logit_rows);
-  const size_t logits_bytes = rows * static_cast<size_t>(config.vocab_size) * sizeof(float);
+  const size_t logits_bytes =
+      return_logits ? rows * static_cast<size_t>(config.vocab_size) * sizeof(float) : 0;
   const size_t tokens_bytes = rows * sizeof(int32_t);
   const size_t routing_per_layer = static_cast<size_t>(shape.num_tokens * config.num_experts_per_tok);
   const size_t routing_bytes =
@@ -137,7 +138,7 @@ caf::expected<gpu_step_result> gpu_engine::state::run_step(
   // Stream order: the metadata upload reads the staging buffer before the results land in it.
   caf::error err = runtime::copy_async(base, host, dev.metadata_bytes, stream.get());
   if (!err) err = detail::run_forward(model, shape, dev);
-  if (!err) err = runtime::copy_async(host, dev.logits, logits_bytes, stream.get());
+  if (!err && logits_bytes > 0) err = runtime::copy_async(host, dev.logits, logits_bytes, stream.get());
   if (!err) err = runtime::copy_async(host + logits_bytes, dev.tokens, tokens_bytes, stream.get());
   if (!err && routing_bytes > 0)
     err = runtime::copy_async(host + logits_bytes + tokens_bytes, dev.topk_idx, routing_bytes,
@@ -147,7 +148,7 @@ caf::expected<gpu_step_result> gpu_engine::state::run_step(
   if (err) return err;
   if (sync_err) return sync_err;
   gpu_step_result out;
-  out.logits.resize(rows * static_cast<size_t>(config.vocab_size));
+  out.logits.resize(logits_bytes / sizeof(float));
   out.greedy_tokens.resize(rows);
   std::memcpy(out.logits.data(), host, logits_bytes);
   std::memcpy(out.greedy_tokens.data(), host + logits_bytes, tokens_bytes);
@@ -296,7 +297,8 @@ caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequen
   shape.max_seq_len = longest;
   shape.num_logit_rows = options.all_logits ? num_tokens : shape.num_seqs;
   shape.num_moe_layers = s.num_moe_layers;
-  auto out = s.run_step(shape, options.capture_routing, [&](const detail::step_buffers& b, const metadata_view& host) {
+  auto out = s.run_step(shape, options.return_logits, options.capture_routing,
+                        [&](const detail::step_buffers& b, const metadata_view& host) {
     int32_t* ids = host(b.token_ids);
     int32_t* positions = host(b.positions);
     int64_t* slots = host(b.slots);
@@ -351,7 +353,8 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
   shape.max_seq_len = longest;
   shape.max_blocks = static_cast<int64_t>(max_blocks);
   shape.num_moe_layers = s.num_moe_layers;
-  auto out = s.run_step(shape, options.capture_routing, [&](const detail::step_buffers& b, const metadata_view& host) {
+  auto out = s.run_step(shape, options.return_logits, options.capture_routing,
+                        [&](const detail::step_buffers& b, const metadata_view& host) {
     int32_t* ids = host(b.token_ids);
     int32_t* positions = host(b.positions);
     int64_t* slots = host(b.slots);
