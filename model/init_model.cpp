@@ -183,30 +183,61 @@ void fill_range(const element_source& source, kernels::dtype dtype, uint64_t fir
   }
 }
 
-// Splits a chunk over the cores: sampling costs about as much as writing, and values do not
-// depend on the split.
-void fill_chunk(const element_source& source, kernels::dtype dtype, uint64_t offset_bytes,
-                std::span<std::byte> chunk) {
+// Runs fill(begin, end) over [0, count) split across the cores: sampling costs about as much as
+// writing, and values do not depend on the split.
+template <class Fill>
+void parallel_fill(size_t count, Fill fill) {
   constexpr size_t min_elements_per_thread = size_t{1} << 18;
-  const size_t width = kernels::dtype_bytes(dtype);
-  const uint64_t first = offset_bytes / width;
-  const size_t count = chunk.size() / width;
   const size_t num_threads = std::clamp<size_t>(count / min_elements_per_thread, 1,
                                                 std::max(1u, std::thread::hardware_concurrency()));
-  if (num_threads == 1) {
-    fill_range(source, dtype, first, chunk);
-    return;
-  }
   const size_t per_thread = (count + num_threads - 1) / num_threads;
   std::vector<std::jthread> workers;
   for (size_t t = 1; t < num_threads; ++t) {
-    size_t begin = std::min(count, t * per_thread);
-    size_t end = std::min(count, begin + per_thread);
-    workers.emplace_back([&, begin, end] {
-      fill_range(source, dtype, first + begin, chunk.subspan(begin * width, (end - begin) * width));
-    });
+    const size_t begin = std::min(count, t * per_thread);
+    const size_t end = std::min(count, begin + per_thread);
+    workers.emplace_back([&fill, begin, end] { fill(begin, end); });
   }
-  fill_range(source, dtype, first, chunk.subspan(0, std::min(count, per_thread) * width));
+  fill(size_t{0}, std::min(count, per_thread));
+}
+
+void fill_chunk(const element_source& source, kernels::dtype dtype, uint64_t offset_bytes,
+                std::span<std::byte> chunk) {
+  const size_t width = kernels::dtype_bytes(dtype);
+  const uint64_t first = offset_bytes / width;
+  parallel_fill(chunk.size() / width, [&](size_t begin, size_t end) {
+    fill_range(source, dtype, first + begin, chunk.subspan(begin * width, (end - begin) * width));
+  });
+}
+
+/// The tensors init_model writes, each with the source of its values.
+struct planned_weight {
+  weight_spec spec;
+  element_source source;
+};
+
+std::vector<planned_weight> plan_weights(const model_config& config, uint64_t seed) {
+  const float half_width = static_cast<float>(std::sqrt(3.0) * config.initializer_range);
+  std::vector<planned_weight> out;
+  for (auto& spec : expected_weights(config, /*include_mtp=*/true)) {
+    if (spec.optional) continue;
+    fill_kind kind = fill_kind::uniform;
+    if (spec.kind == weight_kind::norm) kind = fill_kind::ones;
+    if (spec.kind == weight_kind::router_bias) kind = fill_kind::zeros;
+    element_source source{kind, splitmix64(seed ^ fnv1a64(spec.name)), half_width};
+    out.push_back({std::move(spec), source});
+  }
+  return out;
+}
+
+caf::error check_init_options(const model_config& config, const init_options& options,
+                              std::string_view who) {
+  if (options.dtype != kernels::dtype::f32 && options.dtype != kernels::dtype::bf16) {
+    return make_error(model_errc::bad_input,
+                      std::string(who) + ": dtype " + std::string(kernels::to_string(options.dtype)) +
+                          " is not supported (expected f32 or bf16)");
+  }
+  if (auto ok = validate_config(config); !ok) return ok.error();
+  return {};
 }
 
 }  // namespace
@@ -226,12 +257,7 @@ caf::expected<model_config> model_preset(std::string_view name) {
 caf::expected<std::vector<std::filesystem::path>> init_model(const std::filesystem::path& dir,
                                                              const model_config& config,
                                                              const init_options& options) {
-  if (options.dtype != kernels::dtype::f32 && options.dtype != kernels::dtype::bf16) {
-    return make_error(model_errc::bad_input,
-                      "init_model: dtype " + std::string(kernels::to_string(options.dtype)) +
-                          " is not supported (expected f32 or bf16)");
-  }
-  if (auto ok = validate_config(config); !ok) return ok.error();
+  if (auto err = check_init_options(config, options, "init_model")) return err;
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return make_error(model_errc::io_error, dir.string() + ": " + ec.message());
@@ -242,20 +268,14 @@ caf::expected<std::vector<std::filesystem::path>> init_model(const std::filesyst
   if (auto ok = save_config(written, dir / "config.json"); !ok) return ok.error();
   if (options.config_only) return std::vector<std::filesystem::path>{dir / "config.json"};
 
-  const float half_width = static_cast<float>(std::sqrt(3.0) * config.initializer_range);
   std::vector<tensor_to_write> tensors;
   uint64_t total_bytes = 0;
-  for (auto& spec : expected_weights(config, /*include_mtp=*/true)) {
-    if (spec.optional) continue;
-    fill_kind kind = fill_kind::uniform;
-    if (spec.kind == weight_kind::norm) kind = fill_kind::ones;
-    if (spec.kind == weight_kind::router_bias) kind = fill_kind::zeros;
-    element_source source{kind, splitmix64(options.seed ^ fnv1a64(spec.name)), half_width};
+  for (auto& [spec, source] : plan_weights(config, options.seed)) {
     tensor_to_write t;
     t.name = std::move(spec.name);
     t.dtype = options.dtype;
     t.shape = std::move(spec.shape);
-    t.produce = [source, dtype = options.dtype](uint64_t offset, std::span<std::byte> chunk) {
+    t.produce = [source = source, dtype = options.dtype](uint64_t offset, std::span<std::byte> chunk) {
       fill_chunk(source, dtype, offset, chunk);
     };
     total_bytes += t.size_bytes();
@@ -270,6 +290,28 @@ caf::expected<std::vector<std::filesystem::path>> init_model(const std::filesyst
   if (!files) return files.error();
   files->insert(files->begin(), dir / "config.json");
   return files;
+}
+
+caf::expected<checkpoint> random_checkpoint(const model_config& config, const init_options& options) {
+  if (auto err = check_init_options(config, options, "random_checkpoint")) return err;
+  checkpoint out;
+  out.config = config;
+  out.config.torch_dtype = options.dtype;
+  out.config.quantization.reset();
+  const bool bf16 = options.dtype == kernels::dtype::bf16;
+  for (auto& [spec, source] : plan_weights(config, options.seed)) {
+    host_tensor t(spec.shape);
+    std::span<float> values = t.data();
+    parallel_fill(values.size(), [&, src = source](size_t begin, size_t end) {
+      std::span<float> part = values.subspan(begin, end - begin);
+      fill_elements<float>(src, begin, std::as_writable_bytes(part), [bf16](float v) {
+        // What loading the bf16 file would give: each value rounded once.
+        return bf16 ? bf16_to_float(float_to_bf16(v)) : v;
+      });
+    });
+    out.tensors.emplace(std::move(spec.name), std::move(t));
+  }
+  return out;
 }
 
 }  // namespace moe::model

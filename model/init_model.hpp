@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "base/error.hpp"
+#include "model/checkpoint.hpp"
 #include "kernels/dtype.hpp"
 #include "model/config.hpp"
 
@@ -57,5 +58,13 @@ struct init_options {
 /// weights for every non-optional tensor of expected_weights(config). Returns the files written.
 [[nodiscard]] caf::expected<std::vector<std::filesystem::path>> init_model(
     const std::filesystem::path& dir, const model_config& config, const init_options& options = {});
+
+/// The checkpoint that init_model(dir, config, options) then load_checkpoint(dir) would give,
+/// built in memory (no disk, no parsing): for benchmarks and tools on billions of parameters,
+/// where writing and reading back 9 GB costs more than the work measured. Values are float32
+/// (bf16-rounded when options.dtype is bf16); MTP modules included, as init_model writes them.
+/// config_only, max_shard_bytes and progress are ignored. Errors: as init_model's checks.
+[[nodiscard]] caf::expected<checkpoint> random_checkpoint(const model_config& config,
+                                                          const init_options& options = {});
 
 }  // namespace moe::model

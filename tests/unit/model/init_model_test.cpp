@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <iostream>
@@ -179,6 +180,54 @@ TEST(init_model, rejects_bad_options) {
   EXPECT_EQ(error_of(r), "init_model: dtype f16 is not supported (expected f32 or bf16)");
   config->n_group = 3;
   r = init_model(dir.path(), *config);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(testing::code_of(r), model_errc::bad_config);
+}
+
+TEST(init_model, random_checkpoint_is_what_loading_the_written_files_gives) {
+  auto config = model_preset("tiny");
+  ASSERT_TRUE(config);
+  config->num_nextn_predict_layers = 1;  // MTP modules too
+  for (const auto dt : {kernels::dtype::f32, kernels::dtype::bf16}) {
+    scratch_dir dir;
+    init_options options;
+    options.seed = 11;
+    options.dtype = dt;
+    options.max_shard_bytes = 256 * 1024;  // sharding changes nothing either
+    ASSERT_TRUE(init_model(dir.path(), *config, options));
+    auto loaded_config = load_config(dir.path());
+    ASSERT_TRUE(loaded_config) << error_of(loaded_config);
+    auto loaded = load_checkpoint(dir.path(), *loaded_config);
+    ASSERT_TRUE(loaded) << error_of(loaded);
+    auto built = random_checkpoint(*config, options);
+    ASSERT_TRUE(built) << error_of(built);
+    EXPECT_EQ(to_json(built->config), to_json(loaded->config)) << kernels::to_string(dt);
+    ASSERT_EQ(built->tensors.size(), loaded->tensors.size());
+    for (const auto& [name, t] : loaded->tensors) {
+      const host_tensor* b = built->find(name);
+      ASSERT_NE(b, nullptr) << name;
+      EXPECT_EQ(b->shape(), t.shape()) << name;
+      ASSERT_TRUE(std::equal(t.data().begin(), t.data().end(), b->data().begin(), b->data().end()))
+          << name << " (" << kernels::to_string(dt) << ")";
+    }
+    options.seed = 12;
+    auto other = random_checkpoint(*config, options);
+    ASSERT_TRUE(other);
+    const auto& e = other->find("model.embed_tokens.weight")->data();
+    const auto& f = built->find("model.embed_tokens.weight")->data();
+    EXPECT_FALSE(std::equal(e.begin(), e.end(), f.begin(), f.end()));
+  }
+}
+
+TEST(init_model, random_checkpoint_refuses_what_init_model_refuses) {
+  auto config = model_preset("tiny");
+  init_options options;
+  options.dtype = kernels::dtype::f16;
+  auto r = random_checkpoint(*config, options);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(error_of(r), "random_checkpoint: dtype f16 is not supported (expected f32 or bf16)");
+  config->n_group = 3;
+  r = random_checkpoint(*config);
   ASSERT_FALSE(r);
   EXPECT_EQ(testing::code_of(r), model_errc::bad_config);
 }
