@@ -46,7 +46,7 @@ def main():
                   device=torch.cuda.get_device_name(0))
 
     cfg = AutoConfig.from_pretrained(args.config)
-    kwargs = {"torch_dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}  # transformers 5: `dtype`
     if args.experts:
         kwargs["experts_implementation"] = args.experts
     torch.manual_seed(0)

@@ -1,44 +1,61 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine: every GPU test and benchmark, and the transformers
-# peer on the same card, with results under $OUT (default out/gpu). Run from the repository root
-# there, after scripts/gpu/bundle.sh here has filled gpu-bundle/ (docs/gpu.md). Each step has
-# its own time limit and a failing step does not stop the others; summary.txt lists them all.
+# peer on the same card, run from the repository root there after scripts/gpu/bundle.sh here has
+# filled gpu-bundle/ (docs/gpu.md). Each step has its own time limit and a failing step does not
+# stop the others. What comes back is capped at a few files, so $OUT (default out/gpu) holds:
+#   summary.txt             one line per step: name, exit status, seconds
+#   results.tar.gz          every step's log and each test's XML, re-packed after every step
+#                           (a run cut short still returns what it did)
+#   peer_transformers.json, bench_gpu_engine.json, bench_gpu_kernels.json   the figures
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${OUT:-out/gpu}
 mkdir -p "$out"
 [[ -f gpu-bundle/bundle.tar.xz ]] || { echo "device_checks: run scripts/gpu/bundle.sh first" >&2; exit 2; }
 bundle=$PWD/gpu-run
+logs=$bundle/results
 rm -rf "$bundle"
-mkdir -p "$bundle"
+mkdir -p "$logs"
 tar xJf gpu-bundle/bundle.tar.xz -C "$bundle"
 nccl=$(python3 -c "import nvidia.nccl,os;print(list(nvidia.nccl.__path__)[0]+'/lib')" 2>/dev/null || true)
 export LD_LIBRARY_PATH=$bundle/lib${nccl:+:$nccl}:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export UCX_MODULE_DIR=$bundle/lib/ucx
+export PYTHONUNBUFFERED=1
 # The engine test reads the fixtures from this checkout, not from where the bundle was built.
 export MOE_TEST_DATA_DIR=$PWD/tests/data
 summary=$out/summary.txt
 : > "$summary"
 
-step() {  # step NAME SECONDS COMMAND...: output to $out/NAME.log, one line in the summary
+step() {  # step NAME SECONDS COMMAND...: output to $logs/NAME.log, one line in the summary
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" > "$logs/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$summary"
+  cp "$summary" "$logs/"
+  tar czf "$out/results.tar.gz" -C "$logs" .
 }
 
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+{ nvidia-smi; nvidia-smi -q -d CLOCK,POWER,MEMORY; } > "$logs/nvidia-smi.txt" 2>&1
 step versions 30 "$bundle/bin/moe" version
-for t in "$bundle"/bin/test_*; do
-  name=$(basename "$t")
-  step "$name" 120 "$t" --gtest_output="xml:$out/$name.xml"
+# Correctness first: the kernels against their CPU references, then the engine.
+for t in test_runtime_device_allocator test_runtime_gpu test_runtime_nccl_multi_process \
+         test_kernels_cuda test_kernels_cuda_gather test_kernels_cuda_gemm \
+         test_kernels_cuda_mla test_kernels_cuda_grouped_gemm test_engine_gpu; do
+  [[ -x "$bundle/bin/$t" ]] || { echo "$t rc=missing" | tee -a "$summary"; continue; }
+  step "$t" 90 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
 done
-step bench_gpu_kernels 240 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
-step peer_transformers 300 python3 bench/peer/transformers_peer.py \
-  --config "$bundle/v2lite-8L/config.json" --out "$out/peer_transformers.json"
+# The peer before our engine, so that the engine's JSON carries the ratios.
+step peer_transformers 240 python3 bench/peer/transformers_peer.py \
+  --config "$bundle/v2lite-8L/config.json" --out "$logs/peer_transformers.json"
+step bench_gpu_engine 240 "$bundle/bin/moe_bench_gpu_engine" \
+  --peer "$logs/peer_transformers.json" --out "$logs/bench_gpu_engine.json"
+step bench_gpu_kernels 180 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
 # The kernels' JSON is the log's stdout part; keep a clean copy.
-sed -n '/^{/,/^}/p' "$out/bench_gpu_kernels.log" > "$out/bench_gpu_kernels.json"
-grep -c . "$summary" >/dev/null
+sed -n '/^{/,/^}/p' "$logs/bench_gpu_kernels.log" > "$logs/bench_gpu_kernels.json"
+for f in peer_transformers.json bench_gpu_engine.json bench_gpu_kernels.json; do
+  [[ -s "$logs/$f" ]] && cp "$logs/$f" "$out/"
+done
+tar czf "$out/results.tar.gz" -C "$logs" .
 ! grep -qv ' rc=0 ' "$summary"

@@ -1,0 +1,344 @@
+// The GPU engine end to end on one card: the figures issue 8's benchmark asks for. Prefill of
+// --prefill-batch sequences of --prefill-len tokens, and greedy decode at each --decode-batch
+// after a --context-token prompt, on a random model (preset v2lite-8L in bf16 by default, built
+// in memory by model::random_checkpoint: speed does not depend on the weights' values). Every
+// step is timed on the host around the engine's call, which returns when its results are on
+// the host (only the greedy tokens: return_logits off, as a greedy server runs), so the times
+// include the metadata upload, every kernel and the download. Medians over --reps.
+//
+// Baselines in the same run: with --peer, the JSON of bench/peer/transformers_peer.py (same
+// shapes, same card, run just before by scripts/gpu/device_checks.sh) is read and each figure
+// is also given as a ratio to transformers'; the issue's targets are stated beside them.
+// Prints one JSON object (also to --out).
+//
+// Also, unless --check-tokens is 0, a check of the numbers on the model's real shapes (the GPU
+// tests use tiny fixtures): a --check-tokens prompt and --check-steps greedy steps on the GPU
+// engine and on the CPU reference engine (model::reference_engine, float32, OpenBLAS) over the
+// same weights, both fed the reference's tokens; the JSON gives per step the largest logit
+// difference, the largest logit, whether the greedy tokens agree, and the share of prompt
+// tokens routed to the same experts at every MoE layer. It runs after the timings.
+//
+//   moe_bench_gpu_engine [--preset v2lite-8L] [--peer peer.json] [--out engine.json]
+// Exits 2, with a JSON {"skipped": reason}, where the engine cannot be created for want of a GPU.
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/gpu_engine.hpp"
+#include "model/init_model.hpp"
+#include "model/reference_engine.hpp"
+#include "runtime/cuda_memory.hpp"
+
+using nlohmann::json;
+using clock_type = std::chrono::steady_clock;
+namespace me = moe::engine;
+
+namespace {
+
+double seconds_since(clock_type::time_point t) {
+  return std::chrono::duration<double>(clock_type::now() - t).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+[[noreturn]] void fail(const std::string& what, const caf::error& e) {
+  std::fprintf(stderr, "moe_bench_gpu_engine: %s: %s\n", what.c_str(), moe::error_text(e).c_str());
+  std::exit(1);
+}
+
+struct settings {
+  std::string preset = "v2lite-8L";
+  int prefill_batch = 4;
+  int prefill_len = 512;
+  int context = 128;
+  int decode_steps = 32;
+  std::vector<int> decode_batches{1, 32};
+  int reps = 5;
+  int64_t block_size = 16;
+  int check_tokens = 24;
+  int check_steps = 8;
+  std::string peer, out;
+};
+
+std::vector<int32_t> random_tokens(std::mt19937& rng, int64_t vocab, size_t n) {
+  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = pick(rng);
+  return t;
+}
+
+class runner {
+ public:
+  runner(me::gpu_engine& engine, const settings& s) : e_(engine), s_(s) {}
+
+  json prefill() {
+    const int64_t vocab = e_.config().vocab_size;
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < s_.prefill_batch; ++i)
+      prompts.push_back(random_tokens(rng_, vocab, static_cast<size_t>(s_.prefill_len)));
+    std::vector<moe::model::sequence_input> seqs;
+    for (size_t i = 0; i < prompts.size(); ++i) seqs.push_back({next_id_++, prompts[i]});
+    me::gpu_prefill_options o;
+    o.return_logits = false;
+    std::vector<double> times;
+    for (int r = -2; r < s_.reps; ++r) {  // two warm-ups: plan caches, allocator, clocks
+      const auto t = clock_type::now();
+      auto got = e_.prefill(seqs, o);
+      const double s = seconds_since(t);
+      if (!got) fail("prefill", got.error());
+      for (const auto& q : seqs) e_.release(q.id);
+      if (r >= 0) times.push_back(s);
+    }
+    const double s = median(times);
+    const double tokens = static_cast<double>(s_.prefill_batch) * s_.prefill_len;
+    return {{"batch", s_.prefill_batch}, {"len", s_.prefill_len}, {"seconds", s},
+            {"tokens_per_s", tokens / s}, {"times", times}};
+  }
+
+  /// Prefills `batch` prompts, then times decode_steps greedy steps fed their own tokens.
+  json decode(int batch) {
+    const int64_t vocab = e_.config().vocab_size;
+    std::vector<double> times;
+    std::vector<int32_t> first_run_tokens;
+    const int runs = std::max(1, s_.reps / 2);
+    for (int r = -1; r < runs; ++r) {
+      std::vector<std::vector<int32_t>> prompts;
+      std::vector<moe::model::sequence_input> seqs;
+      for (int i = 0; i < batch; ++i)
+        prompts.push_back(random_tokens(rng_, vocab, static_cast<size_t>(s_.context)));
+      for (size_t i = 0; i < prompts.size(); ++i) seqs.push_back({next_id_++, prompts[i]});
+      me::gpu_prefill_options po;
+      po.return_logits = false;
+      auto first = e_.prefill(seqs, po);
+      if (!first) fail("prefill before decode", first.error());
+      std::vector<moe::model::decode_input> step(static_cast<size_t>(batch));
+      for (size_t i = 0; i < step.size(); ++i) step[i] = {seqs[i].id, first->greedy_tokens[i]};
+      me::gpu_decode_options o;
+      o.return_logits = false;
+      const auto t = clock_type::now();
+      for (int k = 0; k < s_.decode_steps; ++k) {
+        auto got = e_.decode(step, o);
+        if (!got) fail("decode at batch " + std::to_string(batch), got.error());
+        for (size_t i = 0; i < step.size(); ++i) step[i].token = got->greedy_tokens[i];
+      }
+      const double s = seconds_since(t);
+      for (const auto& q : seqs) e_.release(q.id);
+      if (r >= 0) times.push_back(s);
+    }
+    const double s = median(times);
+    return {{"batch", batch}, {"context", s_.context}, {"steps", s_.decode_steps},
+            {"ms_per_token", 1e3 * s / s_.decode_steps},
+            {"tokens_per_s", static_cast<double>(batch) * s_.decode_steps / s}, {"times", times}};
+  }
+
+ private:
+  me::gpu_engine& e_;
+  const settings& s_;
+  std::mt19937 rng_{1234};
+  uint64_t next_id_ = 1;
+};
+
+int32_t argmax(std::span<const float> row) {
+  return static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+}
+
+/// The GPU engine against the CPU reference on the same weights (see the header).
+json check_against_reference(me::gpu_engine& gpu, std::shared_ptr<const moe::model::checkpoint> ckpt,
+                             const settings& s) {
+  auto ref = moe::model::reference_engine::create(std::move(ckpt));
+  if (!ref) return {{"error", moe::error_text(ref.error())}};
+  const auto vocab = static_cast<size_t>(gpu.config().vocab_size);
+  std::mt19937 rng(99);
+  const auto prompt = random_tokens(rng, static_cast<int64_t>(vocab), static_cast<size_t>(s.check_tokens));
+  const uint64_t id = 1u << 30;
+  const moe::model::sequence_input seq[] = {{id, prompt}};
+  me::gpu_prefill_options go;
+  go.capture_routing = true;
+  moe::model::prefill_options ro;
+  ro.capture_routing = true;
+  auto g = gpu.prefill(seq, go);
+  if (!g) return {{"error", "gpu prefill: " + moe::error_text(g.error())}};
+  auto r = ref->prefill(seq, ro);
+  if (!r) return {{"error", "reference prefill: " + moe::error_text(r.error())}};
+  // Expert sets per (layer, token): the order of equal-score choices may differ.
+  const auto k = static_cast<size_t>(gpu.config().num_experts_per_tok);
+  size_t same = 0, total = 0;
+  for (size_t l = 0; l < std::min(g->routing.size(), r->routing.size()); ++l)
+    for (size_t t = 0; t < g->routing[l].size() / k && t < r->routing[l].size() / k; ++t) {
+      std::vector<int32_t> a(g->routing[l].begin() + t * k, g->routing[l].begin() + (t + 1) * k);
+      std::vector<int32_t> b(r->routing[l].begin() + t * k, r->routing[l].begin() + (t + 1) * k);
+      std::sort(a.begin(), a.end());
+      std::sort(b.begin(), b.end());
+      same += a == b ? 1 : 0;
+      ++total;
+    }
+  json steps = json::array();
+  auto compare = [&](std::span<const float> got, std::span<const float> want, int32_t gpu_token) {
+    float diff = 0, largest = 0;
+    for (size_t i = 0; i < vocab; ++i) {
+      diff = std::max(diff, std::fabs(got[i] - want[i]));
+      largest = std::max(largest, std::fabs(want[i]));
+    }
+    std::vector<float> sorted(want.begin(), want.end());
+    std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+    const int32_t want_token = argmax(want);
+    steps.push_back({{"max_abs_diff", diff}, {"max_abs_logit", largest},
+                     {"reference_top1_margin", sorted[0] - sorted[1]},
+                     {"greedy_agrees", gpu_token == want_token}});
+    return want_token;
+  };
+  int32_t token = compare(g->logits, r->logits, g->greedy_tokens[0]);
+  for (int step = 0; step < s.check_steps; ++step) {
+    const moe::model::decode_input d[] = {{id, token}};
+    auto gd = gpu.decode(d);
+    if (!gd) return {{"error", "gpu decode: " + moe::error_text(gd.error())}};
+    auto rd = ref->decode(d);
+    if (!rd) return {{"error", "reference decode: " + moe::error_text(rd.error())}};
+    token = compare(gd->logits, *rd, gd->greedy_tokens[0]);
+  }
+  gpu.release(id);
+  size_t agree = 0;
+  float worst = 0;
+  for (const auto& st : steps) {
+    agree += st["greedy_agrees"].get<bool>() ? 1 : 0;
+    worst = std::max(worst, st["max_abs_diff"].get<float>());
+  }
+  return {{"prompt_tokens", s.check_tokens}, {"decode_steps", s.check_steps},
+          {"routing_same_share", total ? static_cast<double>(same) / static_cast<double>(total) : 0.0},
+          {"greedy_agree", agree}, {"greedy_compared", steps.size()},
+          {"max_abs_diff", worst}, {"steps", steps}};
+}
+
+/// Ratios to transformers' figures of the same shapes, where the peer measured them.
+json against_peer(const json& ours, const json& peer) {
+  json r = json::object();
+  if (peer.contains("prefill") && ours.contains("prefill"))
+    r["prefill_tokens_per_s"] = ours["prefill"]["tokens_per_s"].get<double>() /
+                                peer["prefill"]["tokens_per_s"].get<double>();
+  for (const auto& d : ours.value("decode", json::array()))
+    for (const auto& p : peer.value("decode", json::array()))
+      if (p.value("batch", -1) == d["batch"].get<int>())
+        r["decode_b" + std::to_string(d["batch"].get<int>()) + "_tokens_per_s"] =
+            d["tokens_per_s"].get<double>() / p["tokens_per_s"].get<double>();
+  return r;
+}
+
+/// The issue's targets, each with whether this run met it.
+json targets(const json& ours) {
+  json t = json::array();
+  if (ours.contains("prefill")) {
+    const double v = ours["prefill"]["tokens_per_s"];
+    t.push_back({{"what", "prefill tokens/s >= 250000"}, {"value", v}, {"met", v >= 250000}});
+  }
+  for (const auto& d : ours.value("decode", json::array())) {
+    if (d["batch"] == 1) {
+      const double v = d["ms_per_token"];
+      t.push_back({{"what", "decode batch 1 ms/token <= 1.5"}, {"value", v}, {"met", v <= 1.5}});
+    } else if (d["batch"] == 32) {
+      const double v = d["tokens_per_s"];
+      t.push_back({{"what", "decode batch 32 tokens/s >= 10000"}, {"value", v}, {"met", v >= 10000}});
+    }
+  }
+  return t;
+}
+
+void emit(const json& j, const std::string& path) {
+  const std::string text = j.dump(2);
+  std::printf("%s\n", text.c_str());
+  if (!path.empty()) std::ofstream(path) << text << "\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  settings s;
+  CLI::App app{"GPU engine end to end: prefill and decode throughput, with ratios to transformers"};
+  app.add_option("--preset", s.preset, "model preset (moe init-model --preset)");
+  app.add_option("--prefill-batch", s.prefill_batch)->check(CLI::PositiveNumber);
+  app.add_option("--prefill-len", s.prefill_len)->check(CLI::PositiveNumber);
+  app.add_option("--context", s.context, "prompt tokens before decoding")->check(CLI::PositiveNumber);
+  app.add_option("--decode-steps", s.decode_steps)->check(CLI::PositiveNumber);
+  app.add_option("--decode-batch", s.decode_batches, "decode batch sizes")->delimiter(',');
+  app.add_option("--reps", s.reps)->check(CLI::PositiveNumber);
+  app.add_option("--check-tokens", s.check_tokens,
+                 "prompt tokens of the check against the CPU reference (0: no check)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--check-steps", s.check_steps, "decode steps of that check")->check(CLI::NonNegativeNumber);
+  app.add_option("--peer", s.peer, "transformers_peer.py's JSON for the same shapes");
+  app.add_option("--out", s.out, "also write the JSON here");
+  CLI11_PARSE(app, argc, argv);
+
+  json out = {{"bench", "gpu_engine"}, {"preset", s.preset}, {"dtype", "bf16"}};
+  auto config = moe::model::model_preset(s.preset);
+  if (!config) fail("preset", config.error());
+  int max_batch = s.prefill_batch;
+  int64_t tokens_cached = static_cast<int64_t>(s.prefill_batch) * s.prefill_len;
+  for (int b : s.decode_batches) {
+    max_batch = std::max(max_batch, b);
+    tokens_cached = std::max<int64_t>(tokens_cached, int64_t{b} * (s.context + s.decode_steps + s.block_size));
+  }
+
+  auto t = clock_type::now();
+  moe::model::init_options init;
+  init.dtype = moe::kernels::dtype::bf16;
+  auto ckpt = moe::model::random_checkpoint(*config, init);
+  if (!ckpt) fail("random_checkpoint", ckpt.error());
+  out["build_checkpoint_seconds"] = seconds_since(t);
+  me::gpu_engine_options eo;
+  eo.dtype = moe::kernels::dtype::bf16;
+  eo.cache.block_size = s.block_size;
+  eo.cache.num_blocks = (tokens_cached + s.block_size - 1) / s.block_size + 2 * max_batch;
+  t = clock_type::now();
+  // The host copy (18 GB of float32 for v2lite-8L) stays only for the check.
+  auto shared = std::make_shared<const moe::model::checkpoint>(std::move(*ckpt));
+  auto engine = me::gpu_engine::create(shared, eo);
+  if (s.check_tokens == 0) shared.reset();
+  if (!engine) {
+    const caf::error& e = engine.error();
+    if (e.category() == caf::atom("cuda") &&
+        e.code() == static_cast<uint8_t>(moe::runtime::cuda_errc::no_device)) {
+      out["skipped"] = moe::error_text(engine.error());
+      emit(out, s.out);
+      return 2;
+    }
+    fail("engine", engine.error());
+  }
+  out["upload_seconds"] = seconds_since(t);
+  out["weight_bytes"] = engine->weight_bytes();
+  out["cache_bytes"] = engine->cache_bytes();
+
+  runner run(*engine, s);
+  out["prefill"] = run.prefill();
+  out["decode"] = json::array();
+  for (int b : s.decode_batches) out["decode"].push_back(run.decode(b));
+  out["targets"] = targets(out);
+  if (shared) {
+    t = clock_type::now();
+    out["check_against_reference"] = check_against_reference(*engine, std::move(shared), s);
+    out["check_against_reference"]["seconds"] = seconds_since(t);
+  }
+  if (!s.peer.empty()) {
+    std::ifstream in(s.peer);
+    const json peer = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (peer.is_discarded() || peer.contains("skipped")) {
+      out["vs_transformers"] = {{"missing", "no peer figures in " + s.peer}};
+    } else {
+      out["transformers"] = peer;
+      out["vs_transformers"] = against_peer(out, peer);
+    }
+  }
+  emit(out, s.out);
+  return 0;
+}
