@@ -7,6 +7,7 @@
 #   results.tar.gz          every step's log and each test's XML, re-packed after every step
 #                           (a run cut short still returns what it did)
 #   peer_transformers.json, bench_gpu_engine.json, bench_gpu_kernels.json   the figures
+#   ncu_summary.json        the engine's kernel time by family (scripts/gpu/ncu_summary.py)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${OUT:-out/gpu}
@@ -54,7 +55,16 @@ step bench_gpu_engine 240 "$bundle/bin/moe_bench_gpu_engine" \
 step bench_gpu_kernels 180 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
 # The kernels' JSON is the log's stdout part; keep a clean copy.
 sed -n '/^{/,/^}/p' "$logs/bench_gpu_kernels.log" > "$logs/bench_gpu_kernels.json"
-for f in peer_transformers.json bench_gpu_engine.json bench_gpu_kernels.json; do
+# Where the engine's time goes: every kernel's duration (Nsight Compute, one metric, clocks left
+# alone) over a short run: three prefills of 4 x 512, then at batch 1 and 32 twice a prefill of
+# 128 tokens and two decode steps. scripts/gpu/ncu_summary.py splits the CSV (in
+# results.tar.gz) into those forward passes and sums each kernel's time.
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+step ncu_engine 150 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
+  --launch-count 4000 "$bundle/bin/moe_bench_gpu_engine" --reps 1 --decode-steps 2 \
+  --check-tokens 0 --out "$logs/ncu_engine_bench.json"
+python3 scripts/gpu/ncu_summary.py "$logs/ncu_engine.log" > "$logs/ncu_summary.json" 2>&1
+for f in peer_transformers.json bench_gpu_engine.json bench_gpu_kernels.json ncu_summary.json; do
   [[ -s "$logs/$f" ]] && cp "$logs/$f" "$out/"
 done
 tar czf "$out/results.tar.gz" -C "$logs" .
