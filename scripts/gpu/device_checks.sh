@@ -27,9 +27,19 @@ export MOE_TEST_DATA_DIR=$PWD/tests/data
 summary=$out/summary.txt
 : > "$summary"
 
+# The whole run's budget (seconds): a step's limit is cut to what is left, and a step with less
+# than 10 s left is skipped, so the script ends, packed, before the caller's own limit.
+budget=${MOE_GPU_BUDGET_S:-900}
+
 step() {  # step NAME SECONDS COMMAND...: output to $logs/NAME.log, one line in the summary
   local name=$1 limit=$2
   shift 2
+  local left=$((budget - SECONDS))
+  if ((left < 10)); then
+    echo "$name rc=skipped (budget spent)" | tee -a "$summary"
+    return
+  fi
+  ((limit > left)) && limit=$left
   local start=$SECONDS
   timeout -k 5 "$limit" "$@" > "$logs/$name.log" 2>&1
   local rc=$?
@@ -45,14 +55,14 @@ for t in test_runtime_device_allocator test_runtime_gpu test_runtime_nccl_multi_
          test_kernels_cuda test_kernels_cuda_gather test_kernels_cuda_gemm \
          test_kernels_cuda_mla test_kernels_cuda_grouped_gemm test_engine_gpu; do
   [[ -x "$bundle/bin/$t" ]] || { echo "$t rc=missing" | tee -a "$summary"; continue; }
-  step "$t" 90 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
+  step "$t" 75 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
 done
 # The peer before our engine, so that the engine's JSON carries the ratios.
-step peer_transformers 240 python3 bench/peer/transformers_peer.py \
+step peer_transformers 180 python3 bench/peer/transformers_peer.py \
   --config "$bundle/v2lite-8L/config.json" --out "$logs/peer_transformers.json"
-step bench_gpu_engine 240 "$bundle/bin/moe_bench_gpu_engine" \
+step bench_gpu_engine 180 "$bundle/bin/moe_bench_gpu_engine" \
   --peer "$logs/peer_transformers.json" --out "$logs/bench_gpu_engine.json"
-step bench_gpu_kernels 180 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
+step bench_gpu_kernels 120 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
 # The kernels' JSON is the log's stdout part; keep a clean copy.
 sed -n '/^{/,/^}/p' "$logs/bench_gpu_kernels.log" > "$logs/bench_gpu_kernels.json"
 # Where the engine's time goes: every kernel's duration (Nsight Compute, one metric, clocks left
@@ -60,7 +70,7 @@ sed -n '/^{/,/^}/p' "$logs/bench_gpu_kernels.log" > "$logs/bench_gpu_kernels.jso
 # 128 tokens and two decode steps. scripts/gpu/ncu_summary.py splits the CSV (in
 # results.tar.gz) into those forward passes and sums each kernel's time.
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-step ncu_engine 150 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
+step ncu_engine 120 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
   --launch-count 4000 "$bundle/bin/moe_bench_gpu_engine" --reps 1 --decode-steps 2 \
   --check-tokens 0 --out "$logs/ncu_engine_bench.json"
 python3 scripts/gpu/ncu_summary.py "$logs/ncu_engine.log" > "$logs/ncu_summary.json" 2>&1
