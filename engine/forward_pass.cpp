@@ -15,6 +15,7 @@
 #include "kernels/cuda/sampling.hpp"
 #include "kernels/cuda/swiglu.hpp"
 #include "model/model_errc.hpp"
+#include "runtime/cuda_memory.hpp"
 
 namespace moe::engine::detail {
 
@@ -515,6 +516,37 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
 
 caf::error run_forward(const model_state& m, const step_shape& shape, const step_buffers& b) {
   return forward(m, shape, b).run();
+}
+
+step_results_layout results_layout(const model_state& m, const step_shape& shape,
+                                   bool return_logits, bool capture_routing) {
+  const model::model_config& c = *m.config;
+  step_results_layout r;
+  r.rows = shape.num_logit_rows;
+  const auto rows = static_cast<size_t>(shape.num_logit_rows);
+  r.logits_bytes = return_logits ? rows * static_cast<size_t>(c.vocab_size) * sizeof(float) : 0;
+  r.tokens_bytes = rows * sizeof(int32_t);
+  r.routing_per_layer = static_cast<size_t>(shape.num_tokens * c.num_experts_per_tok);
+  r.routing_bytes = capture_routing ? static_cast<size_t>(shape.num_moe_layers) *
+                                          r.routing_per_layer * sizeof(int32_t)
+                                    : 0;
+  return r;
+}
+
+caf::error enqueue_step(const model_state& m, const step_shape& shape, const step_buffers& b,
+                        const step_results_layout& r, void* staging) {
+  char* host = static_cast<char*>(staging);
+  // token_ids is carved first: the metadata starts at the arena's base.
+  if (auto err = runtime::copy_async(b.token_ids, host, b.metadata_bytes, m.stream)) return err;
+  if (auto err = run_forward(m, shape, b)) return err;
+  if (r.logits_bytes > 0)
+    if (auto err = runtime::copy_async(host, b.logits, r.logits_bytes, m.stream)) return err;
+  if (auto err = runtime::copy_async(host + r.logits_bytes, b.tokens, r.tokens_bytes, m.stream))
+    return err;
+  if (r.routing_bytes > 0)
+    return runtime::copy_async(host + r.logits_bytes + r.tokens_bytes, b.topk_idx,
+                               r.routing_bytes, m.stream);
+  return {};
 }
 
 }  // namespace moe::engine::detail

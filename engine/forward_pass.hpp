@@ -2,7 +2,7 @@
 // model/reference_engine.cpp (same blocks, same order), for prefill (decompressed K/V, causal
 // within each packed sequence) and decode (one token per sequence, absorbed attention over the
 // paged latent cache). Internal to engine/: gpu_engine.cpp prepares the step (host checks,
-// cache blocks, the metadata upload) and calls these.
+// cache blocks, the metadata) and queues it with enqueue_step, eagerly or into a decode graph.
 //
 // Differences from the reference's order of operations, all within rounding:
 //  - the residual add after each FFN is fused into the next RMSNorm (the next layer's input
@@ -115,5 +115,31 @@ size_t carve_step_buffers(const model_state& m, const step_shape& shape, char* b
 /// asks for. Requires the metadata uploaded (queued before) and the step's cache slots owned.
 [[nodiscard]] caf::error run_forward(const model_state& m, const step_shape& shape,
                                      const step_buffers& b);
+
+/// Where a step's results land in its pinned staging buffer, from the start: logits, greedy
+/// tokens, routing. They overwrite the metadata the step uploaded from there, which stream
+/// order makes safe (the upload is queued first).
+struct step_results_layout {
+  int64_t rows = 0;                  ///< the shape's num_logit_rows
+  size_t logits_bytes = 0;           ///< 0 unless the step returns logits
+  size_t tokens_bytes = 0;
+  size_t routing_bytes = 0;          ///< 0 unless the step captures routing
+  size_t routing_per_layer = 0;      ///< entries: tokens * top_k
+  [[nodiscard]] size_t total_bytes() const noexcept {
+    return logits_bytes + tokens_bytes + routing_bytes;
+  }
+};
+
+[[nodiscard]] step_results_layout results_layout(const model_state& m, const step_shape& shape,
+                                                 bool return_logits, bool capture_routing);
+
+/// The whole step on m.stream: the metadata upload from `staging` (pinned; filled in `b`'s
+/// metadata layout), run_forward, the result downloads into `staging`. An eager step queues it
+/// and synchronises; a decode graph captures exactly this, so both run the same work. Nothing
+/// in it allocates or synchronises (capturable). On an error, work already queued stays queued:
+/// the caller drains the stream before it reuses `staging` or the arena.
+[[nodiscard]] caf::error enqueue_step(const model_state& m, const step_shape& shape,
+                                      const step_buffers& b, const step_results_layout& r,
+                                      void* staging);
 
 }  // namespace moe::engine::detail

@@ -8,6 +8,8 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "base/assert.hpp"
+#include "engine/decode_graphs.hpp"
 #include "engine/device_weights.hpp"
 #include "engine/forward_pass.hpp"
 #include "kernels/cpu/rope.hpp"
@@ -67,11 +69,36 @@ struct metadata_view {
   }
 };
 
+/// A step's results, copied off the staging buffer: the first `rows` rows (a graph's padding
+/// rows are dropped), and the routing when the step captured it.
+gpu_step_result read_results(const char* host, const detail::step_results_layout& r,
+                             int64_t vocab, int64_t rows, int64_t num_moe_layers) {
+  const auto n = static_cast<size_t>(rows);
+  gpu_step_result out;
+  if (r.logits_bytes > 0) {
+    out.logits.resize(n * static_cast<size_t>(vocab));
+    std::memcpy(out.logits.data(), host, out.logits.size() * sizeof(float));
+  }
+  out.greedy_tokens.resize(n);
+  std::memcpy(out.greedy_tokens.data(), host + r.logits_bytes, n * sizeof(int32_t));
+  if (r.routing_bytes == 0) return out;
+  const char* routing = host + r.logits_bytes + r.tokens_bytes;
+  const size_t layer_bytes = r.routing_per_layer * sizeof(int32_t);
+  for (int64_t l = 0; l < num_moe_layers; ++l) {
+    auto& layer = out.routing.emplace_back(r.routing_per_layer);
+    std::memcpy(layer.data(), routing + static_cast<size_t>(l) * layer_bytes, layer_bytes);
+  }
+  return out;
+}
+
 }  // namespace
 
 struct gpu_engine::state {
   state(const model::model_config& c, const gpu_engine_options& o)
-      : config(c), options(o), blocks(o.cache.num_blocks, o.cache.block_size) {}
+      : config(c),
+        options(o),
+        blocks(o.cache.num_blocks, o.cache.block_size),
+        graphs(o.max_decode_graphs) {}
   state(const state&) = delete;
   state& operator=(const state&) = delete;
   ~state() {
@@ -83,9 +110,22 @@ struct gpu_engine::state {
     return reinterpret_cast<runtime::stream_key>(stream.get());
   }
   caf::error ensure_staging(size_t bytes);
-  caf::expected<gpu_step_result> run_step(
-      const detail::step_shape& shape, bool return_logits, bool capture_routing,
-      const std::function<void(const detail::step_buffers&, const metadata_view&)>& fill);
+  using fill_fn = std::function<void(const detail::step_buffers&, const metadata_view&)>;
+  using eager_fn = std::function<caf::expected<gpu_step_result>()>;
+  caf::expected<gpu_step_result> run_step(const detail::step_shape& shape, bool return_logits,
+                                          bool capture_routing, const fill_fn& fill);
+  void fill_decode(std::span<const model::decode_input> batch, const detail::step_shape& shape,
+                   const detail::step_buffers& b, const metadata_view& host) const;
+  caf::expected<gpu_step_result> decode_graphed(std::span<const model::decode_input> batch,
+                                                const detail::step_shape& shape,
+                                                bool return_logits);
+  caf::expected<gpu_step_result> replay(detail::decode_graph& g,
+                                        std::span<const model::decode_input> batch);
+  caf::expected<gpu_step_result> first_graph_step(const detail::decode_graph_key& key,
+                                                  std::span<const model::decode_input> batch,
+                                                  const eager_fn& eager);
+  caf::expected<std::unique_ptr<detail::decode_graph>> make_graph(
+      const detail::decode_graph_key& key);
 
   model::model_config config;
   gpu_engine_options options;
@@ -101,6 +141,8 @@ struct gpu_engine::state {
   std::unordered_map<uint64_t, int64_t> lengths;
   int64_t num_moe_layers = 0;
   detail::model_state model;
+  // Last, so released first: the graphs' arenas go back to the allocator while it exists.
+  detail::decode_graph_cache graphs;
 };
 
 caf::error gpu_engine::state::ensure_staging(size_t bytes) {
@@ -112,9 +154,10 @@ caf::error gpu_engine::state::ensure_staging(size_t bytes) {
   return {};
 }
 
-caf::expected<gpu_step_result> gpu_engine::state::run_step(
-    const detail::step_shape& shape, bool return_logits, bool capture_routing,
-    const std::function<void(const detail::step_buffers&, const metadata_view&)>& fill) {
+caf::expected<gpu_step_result> gpu_engine::state::run_step(const detail::step_shape& shape,
+                                                           bool return_logits,
+                                                           bool capture_routing,
+                                                           const fill_fn& fill) {
   if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
   detail::step_buffers dev;
   const size_t arena_bytes = detail::carve_step_buffers(model, shape, nullptr, dev);
@@ -122,39 +165,159 @@ caf::expected<gpu_step_result> gpu_engine::state::run_step(
   if (!arena) return arena.error();
   char* base = static_cast<char*>(arena->data());
   detail::carve_step_buffers(model, shape, base, dev);
-  const auto rows = static_cast<size_t>(shape.num_logit_rows);
-  const size_t logits_bytes =
-      return_logits ? rows * static_cast<size_t>(config.vocab_size) * sizeof(float) : 0;
-  const size_t tokens_bytes = rows * sizeof(int32_t);
-  const size_t routing_per_layer = static_cast<size_t>(shape.num_tokens * config.num_experts_per_tok);
-  const size_t routing_bytes =
-      capture_routing ? static_cast<size_t>(shape.num_moe_layers) * routing_per_layer * sizeof(int32_t) : 0;
-  if (auto err = ensure_staging(
-          std::max(dev.metadata_bytes, logits_bytes + tokens_bytes + routing_bytes)))
-    return err;
+  const auto results = detail::results_layout(model, shape, return_logits, capture_routing);
+  if (auto err = ensure_staging(std::max(dev.metadata_bytes, results.total_bytes()))) return err;
   char* host = static_cast<char*>(staging.data());
   fill(dev, metadata_view{host, base});
-
-  // Stream order: the metadata upload reads the staging buffer before the results land in it.
-  caf::error err = runtime::copy_async(base, host, dev.metadata_bytes, stream.get());
-  if (!err) err = detail::run_forward(model, shape, dev);
-  if (!err && logits_bytes > 0) err = runtime::copy_async(host, dev.logits, logits_bytes, stream.get());
-  if (!err) err = runtime::copy_async(host + logits_bytes, dev.tokens, tokens_bytes, stream.get());
-  if (!err && routing_bytes > 0)
-    err = runtime::copy_async(host + logits_bytes + tokens_bytes, dev.topk_idx, routing_bytes,
-                              stream.get());
+  caf::error err = detail::enqueue_step(model, shape, dev, results, host);
   // Always drained, so that nothing queued reads the arena or the staging buffer after an error.
   const caf::error sync_err = stream.synchronize();
   if (err) return err;
   if (sync_err) return sync_err;
-  gpu_step_result out;
-  out.logits.resize(logits_bytes / sizeof(float));
-  out.greedy_tokens.resize(rows);
-  std::memcpy(out.logits.data(), host, logits_bytes);
-  std::memcpy(out.greedy_tokens.data(), host + logits_bytes, tokens_bytes);
-  const auto* routing = reinterpret_cast<const int32_t*>(host + logits_bytes + tokens_bytes);
-  for (int64_t l = 0; capture_routing && l < shape.num_moe_layers; ++l)
-    out.routing.emplace_back(routing + l * routing_per_layer, routing + (l + 1) * routing_per_layer);
+  return read_results(host, results, config.vocab_size, shape.num_logit_rows,
+                      capture_routing ? shape.num_moe_layers : 0);
+}
+
+void gpu_engine::state::fill_decode(std::span<const model::decode_input> batch,
+                                    const detail::step_shape& shape,
+                                    const detail::step_buffers& b,
+                                    const metadata_view& host) const {
+  int32_t* ids = host(b.token_ids);
+  int32_t* positions = host(b.positions);
+  int64_t* slots = host(b.slots);
+  int32_t* table = host(b.block_table);
+  int32_t* seq_lens = host(b.seq_lens);
+  const auto width = static_cast<size_t>(shape.max_blocks);
+  const auto real = static_cast<int64_t>(batch.size());
+  const int64_t block_size = options.cache.block_size;
+  const auto scratch = static_cast<int32_t>(options.cache.num_blocks);
+  for (int64_t i = 0; i < shape.num_tokens; ++i) {
+    int32_t* row = table + static_cast<size_t>(i) * width;
+    if (i < real) {
+      const model::decode_input& d = batch[static_cast<size_t>(i)];
+      const int64_t pos = lengths.at(d.id);
+      ids[i] = d.token;
+      positions[i] = static_cast<int32_t>(pos);
+      slots[i] = blocks.slot(d.id, pos);
+      seq_lens[i] = static_cast<int32_t>(pos + 1);
+      const auto& owned = blocks.blocks(d.id);
+      MOE_ASSERT(owned.size() <= width);
+      // Entries past a sequence's blocks are never read (seq_lens bounds the kernel).
+      std::fill(std::copy(owned.begin(), owned.end(), row), row + width, scratch);
+      continue;
+    }
+    // A graph's padding row: token 0 at position 0 of the scratch block, which no sequence
+    // owns; each such row appends into its own slot where the block has room. Every kernel
+    // treats rows independently (MoE rows only add to their experts' groups), so these rows
+    // change no real row's result; theirs are dropped.
+    ids[i] = 0;
+    positions[i] = 0;
+    slots[i] = int64_t{scratch} * block_size + (i - real) % block_size;
+    seq_lens[i] = 1;
+    std::fill_n(row, width, scratch);
+  }
+}
+
+caf::expected<std::unique_ptr<detail::decode_graph>> gpu_engine::state::make_graph(
+    const detail::decode_graph_key& k) {
+  auto g = std::make_unique<detail::decode_graph>();
+  g->shape.decode = true;
+  g->shape.num_tokens = g->shape.num_seqs = g->shape.num_logit_rows = k.batch;
+  g->shape.max_blocks = k.blocks;
+  // The split of the attention is planned for the longest sequence the table can hold; each
+  // row still attends over its own seq_lens, read on the device.
+  g->shape.max_seq_len = k.blocks * options.cache.block_size;
+  g->shape.num_moe_layers = num_moe_layers;
+  const size_t arena_bytes = detail::carve_step_buffers(model, g->shape, nullptr, g->buffers);
+  auto arena = allocator->allocate(arena_bytes, key());
+  if (!arena) return arena.error();
+  g->arena = std::move(*arena);
+  detail::carve_step_buffers(model, g->shape, static_cast<char*>(g->arena.data()), g->buffers);
+  g->results = detail::results_layout(model, g->shape, k.return_logits, false);
+  auto pinned = runtime::pinned_host_buffer::allocate(
+      std::max(g->buffers.metadata_bytes, g->results.total_bytes()));
+  if (!pinned) return pinned.error();
+  g->staging = std::move(*pinned);
+  return g;
+}
+
+caf::expected<gpu_step_result> gpu_engine::state::decode_graphed(
+    std::span<const model::decode_input> batch, const detail::step_shape& shape,
+    bool return_logits) {
+  const eager_fn eager = [&] {
+    return run_step(shape, return_logits, false,
+                    [&](const detail::step_buffers& b, const metadata_view& host) {
+                      fill_decode(batch, shape, b, host);
+                    });
+  };
+  const detail::decode_graph_key k{detail::decode_batch_bucket(shape.num_seqs),
+                                   detail::decode_block_bucket(shape.max_blocks), return_logits};
+  if (k.batch == 0 || k.blocks == 0) return eager();  // beyond the buckets: by design
+  if (graphs.unfit(k)) {
+    graphs.count_fallback();
+    return eager();
+  }
+  if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
+  detail::decode_graph* g = graphs.find(k);
+  if (g == nullptr) return first_graph_step(k, batch, eager);
+  auto out = replay(*g, batch);
+  if (out) {
+    graphs.count_replay();
+    return out;
+  }
+  // The step's only lasting effect, its tokens' cache entries, is rewritten alike eagerly.
+  graphs.mark_unfit(k, "replay: " + error_text(out.error()));
+  return eager();
+}
+
+caf::expected<gpu_step_result> gpu_engine::state::replay(
+    detail::decode_graph& g, std::span<const model::decode_input> batch) {
+  char* host = static_cast<char*>(g.staging.data());
+  fill_decode(batch, g.shape, g.buffers,
+              metadata_view{host, static_cast<const char*>(g.arena.data())});
+  caf::error err = g.graph.launch(stream.get());
+  const caf::error sync_err = stream.synchronize();
+  if (err) return err;
+  if (sync_err) return sync_err;
+  return read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0);
+}
+
+/// A key's first step runs eagerly in the graph's own buffers and shapes, then the same work is
+/// captured: every kernel module is loaded and every cuBLASLt plan made before the capture,
+/// so nothing but launches and copies happens inside it. The step's results come from that
+/// eager run, so a capture that fails afterwards costs nothing but the graph.
+caf::expected<gpu_step_result> gpu_engine::state::first_graph_step(
+    const detail::decode_graph_key& k, std::span<const model::decode_input> batch,
+    const eager_fn& eager) {
+  auto made = make_graph(k);
+  if (!made) {
+    graphs.mark_unfit(k, "buffers: " + error_text(made.error()));
+    return eager();
+  }
+  detail::decode_graph& g = **made;
+  char* host = static_cast<char*>(g.staging.data());
+  fill_decode(batch, g.shape, g.buffers,
+              metadata_view{host, static_cast<const char*>(g.arena.data())});
+  caf::error err = detail::enqueue_step(model, g.shape, g.buffers, g.results, host);
+  const caf::error sync_err = stream.synchronize();
+  if (!err) err = sync_err;
+  if (err) {
+    graphs.mark_unfit(k, "padded step: " + error_text(err));
+    return eager();
+  }
+  gpu_step_result out =
+      read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0);
+  auto graph = detail::cuda_graph::capture(stream.get(), [&]() -> caf::error {
+    if (auto e = detail::enqueue_step(model, g.shape, g.buffers, g.results, host)) return e;
+    if (options.decode_graph_capture_hook) return options.decode_graph_capture_hook(stream.get());
+    return {};
+  });
+  if (!graph) {
+    graphs.mark_unfit(k, "capture: " + error_text(graph.error()));
+    return out;
+  }
+  g.graph = std::move(*graph);
+  graphs.insert(k, std::move(*made));
   return out;
 }
 
@@ -169,9 +332,13 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   const model::model_config& c = ckpt->config;
   if (options.dtype != dtype::bf16 && options.dtype != dtype::f32)
     return bad_input("dtype must be bf16 or f32, not " + std::string(kernels::to_string(options.dtype)));
+  // One block more than asked for (the scratch block of decode graphs' padding rows), and
+  // block ids are int32 on the device.
   if (options.cache.num_blocks <= 0 || options.cache.block_size <= 0 ||
-      options.cache.num_blocks > INT32_MAX)
-    return bad_input("the cache needs a positive number of blocks (below 2^31) and block size");
+      options.cache.num_blocks >= INT32_MAX)
+    return bad_input("the cache needs a positive number of blocks (below 2^31 - 1) and block size");
+  if (options.decode_graphs && options.max_decode_graphs < 1)
+    return bad_input("max_decode_graphs must be at least 1 with decode_graphs");
   auto rope = model::rope_kernel_params(c);
   if (!rope) return rope.error();
   if (auto err = check_kernel_limits(c)) return err;
@@ -200,7 +367,8 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
 
   const size_t es = kernels::dtype_bytes(options.dtype);
   kernels::cpu::mla_cache_layout layout;
-  layout.num_blocks = static_cast<size_t>(options.cache.num_blocks);
+  // The last block is the scratch block: cache_block_allocator never hands it out.
+  layout.num_blocks = static_cast<size_t>(options.cache.num_blocks) + 1;
   layout.block_size = static_cast<size_t>(options.cache.block_size);
   layout.latent_dim = static_cast<size_t>(c.kv_lora_rank);
   layout.rope_dim = static_cast<size_t>(c.qk_rope_head_dim);
@@ -353,24 +521,13 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
   shape.max_seq_len = longest;
   shape.max_blocks = static_cast<int64_t>(max_blocks);
   shape.num_moe_layers = s.num_moe_layers;
-  auto out = s.run_step(shape, options.return_logits, options.capture_routing,
-                        [&](const detail::step_buffers& b, const metadata_view& host) {
-    int32_t* ids = host(b.token_ids);
-    int32_t* positions = host(b.positions);
-    int64_t* slots = host(b.slots);
-    int32_t* table = host(b.block_table);
-    int32_t* seq_lens = host(b.seq_lens);
-    for (size_t i = 0; i < batch.size(); ++i) {
-      const int64_t pos = s.lengths[batch[i].id];
-      ids[i] = batch[i].token;
-      positions[i] = static_cast<int32_t>(pos);
-      slots[i] = s.blocks.slot(batch[i].id, pos);
-      seq_lens[i] = static_cast<int32_t>(pos + 1);
-      const auto& blocks = s.blocks.blocks(batch[i].id);
-      std::fill_n(std::copy(blocks.begin(), blocks.end(), table + i * max_blocks),
-                  max_blocks - blocks.size(), 0);
-    }
-  });
+  // Routing capture is for tests and analysis: not worth a graph of its own.
+  auto out = s.options.decode_graphs && !options.capture_routing
+                 ? s.decode_graphed(batch, shape, options.return_logits)
+                 : s.run_step(shape, options.return_logits, options.capture_routing,
+                              [&](const detail::step_buffers& b, const metadata_view& host) {
+                                s.fill_decode(batch, shape, b, host);
+                              });
   if (!out) return out.error();
   for (const auto& d : batch) ++s.lengths[d.id];
   return out;
@@ -394,5 +551,6 @@ const model::model_config& gpu_engine::config() const noexcept { return state_->
 dtype gpu_engine::storage_dtype() const noexcept { return state_->options.dtype; }
 size_t gpu_engine::weight_bytes() const noexcept { return state_->weights->size_bytes(); }
 size_t gpu_engine::cache_bytes() const noexcept { return state_->cache.size_bytes(); }
+gpu_decode_graph_stats gpu_engine::decode_graph_stats() const { return state_->graphs.stats(); }
 
 }  // namespace moe::engine

@@ -5,10 +5,12 @@
 //
 // What lives on the device: the weights (device_weights.hpp, in bf16 or f32), the paged latent
 // KV cache (num_blocks blocks of block_size tokens, every layer's pool alike; the block tables
-// are model::cache_block_allocator's bookkeeping on the host), YaRN's cos/sin tables (built on
-// the host by kernels::cpu::rope_cos_sin_table, uploaded once), cuBLASLt's workspace, and each
-// step's activations (one allocation from the caching device allocator). Every kernel and copy
-// runs on the engine's one stream; a call returns when its results are on the host.
+// are model::cache_block_allocator's bookkeeping on the host; one more block, never handed out,
+// is where a decode graph's padding rows write), YaRN's cos/sin tables (built on the host by
+// kernels::cpu::rope_cos_sin_table, uploaded once), cuBLASLt's workspace, each step's
+// activations (one allocation from the caching device allocator), and with decode_graphs the
+// graphs with their own activations. Every kernel and copy runs on the engine's one stream; a
+// call returns when its results are on the host.
 //
 // Input checks happen on the host, before anything is uploaded or queued: token ids outside
 // the vocabulary, empty prompts, unknown or duplicate sequence ids and positions past the
@@ -21,8 +23,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "base/error.hpp"
@@ -41,6 +45,37 @@ struct gpu_engine_options {
   model::latent_cache_options cache;
   /// CUDA device ordinal.
   int device = 0;
+  /// Replay decode steps from CUDA graphs (engine/decode_graphs.hpp): one launch per step
+  /// instead of ~30 per layer. A batch is padded to the next power of two up to 256 and its
+  /// block table to the next power-of-two width; each (batch, width, return_logits) gets its
+  /// graph on its first step, which runs eagerly in the graph's buffers and is then captured.
+  /// Steps with capture_routing, batches above 256 and shapes whose capture failed run eagerly
+  /// (decode_graph_stats() counts them and says why). Off by default until the graphs have run
+  /// on a card; it becomes the default then.
+  bool decode_graphs = false;
+  /// The most graphs kept (>= 1); the least recently used is dropped beyond it. Each holds
+  /// device memory the size of an eager step's activations at its padded shape (logits
+  /// included: rows x vocab x 4 bytes with return_logits) and a pinned buffer of its results.
+  int64_t max_decode_graphs = 32;
+  /// Tests only (fault injection): called inside every decode graph capture, after the step
+  /// is queued, with the engine's cudaStream_t. An error it returns, or a CUDA call it makes
+  /// that the capture refuses (a synchronisation, say), fails that capture as a kernel refusal
+  /// or an uncapturable call would.
+  std::function<caf::error(void* stream)> decode_graph_capture_hook;
+};
+
+/// What the decode graphs did so far (gpu_engine_options::decode_graphs).
+struct gpu_decode_graph_stats {
+  uint64_t num_captured = 0;   ///< graphs captured and instantiated (again after an eviction)
+  uint64_t num_replays = 0;    ///< decode steps run from a graph
+  /// Steps that should have run from a graph and ran eagerly: their graph failed (arena
+  /// allocation, the padded step, capture, instantiation or launch) in this step or before.
+  uint64_t num_fallbacks = 0;
+  uint64_t num_evicted = 0;    ///< graphs dropped for max_decode_graphs
+  int64_t num_graphs = 0;      ///< held now
+  size_t device_bytes = 0;     ///< their arenas
+  size_t host_bytes = 0;       ///< their pinned staging buffers
+  std::string last_fallback_reason;  ///< the key and the error of the last failure
 };
 
 struct gpu_prefill_options {
@@ -104,6 +139,7 @@ class gpu_engine {
   /// Device bytes of the weights and of the cache.
   [[nodiscard]] size_t weight_bytes() const noexcept;
   [[nodiscard]] size_t cache_bytes() const noexcept;
+  [[nodiscard]] gpu_decode_graph_stats decode_graph_stats() const;
 
  private:
   struct state;

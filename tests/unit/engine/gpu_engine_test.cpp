@@ -2,7 +2,8 @@
 // transformers' goldens, on tiny-v3 and small-v3-fp8: prefill, greedy decode through the paged
 // latent cache, several sequences of different lengths in one batch, release and reuse of cache
 // blocks, a context long enough for the split decode, and the host-side refusals. Every step
-// also compares each token's expert choices with the reference's.
+// also compares each token's expert choices with the reference's. Decode graphs are compared
+// with the eager engine (padding rows, bucket changes, eviction, injected capture failures).
 // Every comparison skips (not fails) without a GPU; option checks run everywhere.
 //
 // Tolerances.
@@ -43,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/decode_graphs.hpp"
 #include "engine/gpu_engine.hpp"
 #include "model/model_errc.hpp"
 #include "model/reference_engine.hpp"
@@ -76,6 +78,11 @@ float top1_margin(const float* row, size_t n) {
   std::vector<float> v(row, row + n);
   std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<>());
   return v[0] - v[1];
+}
+
+std::vector<int32_t> slice(const std::vector<int32_t>& v, size_t begin, size_t n) {
+  return {v.begin() + static_cast<std::ptrdiff_t>(begin),
+          v.begin() + static_cast<std::ptrdiff_t>(begin + n)};
 }
 
 /// A step on both engines: the reference's logits and the GPU's greedy tokens.
@@ -149,11 +156,15 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     EXPECT_EQ(gpu.cached_tokens(1), static_cast<int64_t>(prompt.size() + want.size() - 1));
   }
 
-  gpu_engine make_gpu(int64_t num_blocks = 64, int64_t block_size = 16) {
+  using options_fn = std::function<void(engine::gpu_engine_options&)>;
+
+  gpu_engine make_gpu(int64_t num_blocks = 64, int64_t block_size = 16,
+                      const options_fn& tweak = {}) {
     engine::gpu_engine_options o;
     o.dtype = GetParam().dt;
     o.cache.num_blocks = num_blocks;
     o.cache.block_size = block_size;
+    if (tweak) tweak(o);
     auto e = gpu_engine::create(ckpt_, o);
     EXPECT_TRUE(e) << error_text(e.error());
     return std::move(*e);
@@ -274,6 +285,85 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     }
   }
 
+  /// A graph's logits against the eager engine's: the two differ only in the order of some
+  /// float32 sums (cuBLASLt may pick another algorithm for the padded batch, and the attention
+  /// is split for the padded table's length), a few ulps of logits below ~5 after 3 layers:
+  /// f32 within 1e-5. In bf16 such a difference can round an activation the other way, each
+  /// rounding moving a logit by up to ~u * 5 = 0.01: 0.02. Tokens must agree wherever the
+  /// eager top-1 margin exceeds twice the bound (bf16: 0.05, as asked of a near tie).
+  float graph_tolerance() const { return GetParam().dt == dtype::f32 ? 1e-5f : 0.02f; }
+  float graph_margin() const { return GetParam().dt == dtype::f32 ? 2e-5f : 0.05f; }
+
+  void expect_same_step(const engine::gpu_step_result& eager, const engine::gpu_step_result& got,
+                        size_t rows, const std::string& what) {
+    ASSERT_EQ(eager.greedy_tokens.size(), rows) << what;
+    ASSERT_EQ(got.greedy_tokens.size(), rows) << what;
+    ASSERT_EQ(got.logits.size(), eager.logits.size()) << what;
+    if (eager.logits.empty()) return;
+    for (size_t r = 0; r < rows; ++r) {
+      const float* e = eager.logits.data() + r * vocab_;
+      const float* g = got.logits.data() + r * vocab_;
+      const float diff = max_abs_diff(e, g, vocab_);
+      worst_graph_ = std::max(worst_graph_, diff);
+      EXPECT_LE(diff, graph_tolerance()) << what << " row " << r;
+      EXPECT_EQ(got.greedy_tokens[r], argmax(g, vocab_)) << what << " row " << r;
+      if (top1_margin(e, vocab_) > graph_margin()) {
+        EXPECT_EQ(got.greedy_tokens[r], eager.greedy_tokens[r]) << what << " row " << r;
+      }
+    }
+  }
+
+  /// The same greedy decode on an eager engine and on one with decode graphs (`tweak` sets
+  /// more of its options), both fed the eager engine's tokens: sequences of 5, 3 and 2 tokens
+  /// in blocks of 4, so batch bucket 4 with a padding row, the block table's width bucket 2
+  /// for steps 0-2 and 4 from step 3 (sequence 1 reaches its third block); sequence 2 leaves
+  /// after step 5 (batch bucket 2). Graphs: (4, 2) captured at step 0, replayed at 1 and 2;
+  /// (4, 4) captured at 3, replayed at 4 and 5; (2, 4) captured at 6, replayed at 7.
+  engine::gpu_decode_graph_stats decode_with_and_without_graphs(const options_fn& tweak = {}) {
+    const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+    const auto ids = g.ids("input_ids");
+    const auto a = slice(ids, 0, 5), b = slice(ids, seq_len, 3), c = slice(ids, 3, 2);
+    auto eager = make_gpu(/*num_blocks=*/32, /*block_size=*/4);
+    auto graphed = make_gpu(/*num_blocks=*/32, /*block_size=*/4, [&](auto& o) {
+      o.decode_graphs = true;
+      if (tweak) tweak(o);
+    });
+    const model::sequence_input seqs[] = {{1, a}, {2, b}, {3, c}};
+    const auto first = eager.prefill(seqs);
+    EXPECT_TRUE(first) << error_text(first.error());
+    EXPECT_TRUE(graphed.prefill(seqs));
+    if (!first) return {};
+    std::vector<uint64_t> live = {1, 2, 3};
+    std::vector<int32_t> next = first->greedy_tokens;
+    for (int step = 0; step < 8; ++step) {
+      if (step == 6) {
+        eager.release(2);
+        graphed.release(2);
+        live = {1, 3};
+        next = {next[0], next[2]};
+      }
+      std::vector<model::decode_input> batch;
+      for (size_t i = 0; i < live.size(); ++i) batch.push_back({live[i], next[i]});
+      const std::string what = "decode step " + std::to_string(step);
+      auto want = eager.decode(batch);
+      auto got = graphed.decode(batch);
+      EXPECT_TRUE(want) << what << ": " << error_text(want.error());
+      EXPECT_TRUE(got) << what << ": " << error_text(got.error());
+      if (!want || !got) return graphed.decode_graph_stats();
+      expect_same_step(*want, *got, batch.size(), what);
+      next = want->greedy_tokens;
+    }
+    EXPECT_EQ(graphed.cached_tokens(1), 5 + 8);
+    EXPECT_EQ(graphed.cached_tokens(3), 2 + 8);
+    EXPECT_EQ(graphed.num_free_cache_blocks(), eager.num_free_cache_blocks());
+    const auto stats = graphed.decode_graph_stats();
+    std::cout << "[ " << GetParam().name << " ] graphs: " << stats.num_captured << " captured, "
+              << stats.num_replays << " replays, " << stats.num_fallbacks << " fallbacks ("
+              << stats.last_fallback_reason << "), " << stats.device_bytes
+              << " device bytes; max |graph - eager logit| " << worst_graph_ << "\n";
+    return stats;
+  }
+
   void TearDown() override {
     if (!ckpt_) return;
     std::cout << "[ " << GetParam().name << " ] max |logit - reference| " << worst_ << "; "
@@ -290,14 +380,9 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
 
   std::shared_ptr<const model::checkpoint> ckpt_;
   size_t vocab_ = 0, top_k_ = 0;
-  float worst_ = 0.0f, worst_exempt_ = 0.0f;
+  float worst_ = 0.0f, worst_exempt_ = 0.0f, worst_graph_ = 0.0f;
   size_t routed_ = 0, flipped_ = 0;
 };
-
-std::vector<int32_t> slice(const std::vector<int32_t>& v, size_t begin, size_t n) {
-  return {v.begin() + static_cast<std::ptrdiff_t>(begin),
-          v.begin() + static_cast<std::ptrdiff_t>(begin + n)};
-}
 
 }  // namespace
 
@@ -452,6 +537,105 @@ TEST_P(gpu_engine_test, bad_input_is_refused_on_the_host_and_changes_nothing) {
   EXPECT_TRUE(fits) << error_text(fits.error());
 }
 
+TEST_P(gpu_engine_test, decode_graphs_give_the_eager_engines_tokens_and_logits) {
+  const auto stats = decode_with_and_without_graphs();
+  EXPECT_EQ(stats.num_fallbacks, 0u) << stats.last_fallback_reason;
+  EXPECT_TRUE(stats.last_fallback_reason.empty()) << stats.last_fallback_reason;
+  EXPECT_EQ(stats.num_captured, 3u);
+  EXPECT_EQ(stats.num_replays, 5u);
+  EXPECT_EQ(stats.num_graphs, 3);
+  EXPECT_EQ(stats.num_evicted, 0u);
+  EXPECT_GT(stats.device_bytes, 0u);
+  EXPECT_GT(stats.host_bytes, 0u);
+}
+
+TEST_P(gpu_engine_test, decode_graphs_beyond_their_limit_drop_the_least_recently_used) {
+  const auto stats = decode_with_and_without_graphs([](auto& o) { o.max_decode_graphs = 1; });
+  EXPECT_EQ(stats.num_fallbacks, 0u) << stats.last_fallback_reason;
+  EXPECT_EQ(stats.num_captured, 3u);
+  EXPECT_EQ(stats.num_replays, 5u);
+  EXPECT_EQ(stats.num_graphs, 1);
+  EXPECT_EQ(stats.num_evicted, 2u);
+}
+
+TEST_P(gpu_engine_test, a_failed_capture_falls_back_to_the_eager_step) {
+  // Two ways a capture fails: an error from inside it (as a kernel refusing the padded shape),
+  // and a call the capture refuses (a synchronisation of the capturing stream), which
+  // invalidates it behind the caller's back. Either way the steps must come out as the
+  // eager engine's, the stream must take later work, and the shape is not tried again.
+  int calls = 0;
+  cudaError_t refused = cudaSuccess;
+  const std::vector<std::pair<std::string, std::function<caf::error(void*)>>> faults = {
+      {"an error", [&](void*) {
+         ++calls;
+         return model::make_error(model::model_errc::kernel_failed, "injected refusal");
+       }},
+      {"a refused call", [&](void* stream) {
+         ++calls;
+         refused = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+         return caf::error{};
+       }},
+  };
+  for (const auto& [name, hook] : faults) {
+    calls = 0;
+    const auto stats = decode_with_and_without_graphs([&](auto& o) {
+      o.decode_graph_capture_hook = hook;
+    });
+    EXPECT_EQ(calls, 3) << name << ": one capture per shape, never retried";
+    EXPECT_EQ(stats.num_captured, 0u) << name;
+    EXPECT_EQ(stats.num_replays, 0u) << name;
+    EXPECT_EQ(stats.num_graphs, 0) << name;
+    EXPECT_EQ(stats.device_bytes, 0u) << name;
+    EXPECT_EQ(stats.num_fallbacks, 8u) << name << ": every step ran eagerly";
+    EXPECT_NE(stats.last_fallback_reason.find("capture"), std::string::npos)
+        << name << ": " << stats.last_fallback_reason;
+  }
+  EXPECT_NE(refused, cudaSuccess) << "a synchronisation inside a capture was not refused";
+}
+
+TEST_P(gpu_engine_test, decode_without_logits_gives_the_same_tokens) {
+  // Same shapes and kernels with or without the logits' download: the same tokens, bit for
+  // bit, eager and from graphs.
+  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+  const auto ids = g.ids("input_ids");
+  const auto a = slice(ids, 0, 6), b = slice(ids, seq_len, 9);
+  for (const bool graphs : {false, true}) {
+    const std::string mode = graphs ? "graphs" : "eager";
+    auto with = make_gpu(32, 4, [&](auto& o) { o.decode_graphs = graphs; });
+    auto without = make_gpu(32, 4, [&](auto& o) { o.decode_graphs = graphs; });
+    const model::sequence_input seqs[] = {{1, a}, {2, b}};
+    auto first = with.prefill(seqs);
+    ASSERT_TRUE(first) << error_text(first.error());
+    engine::gpu_prefill_options no_logits_prefill;
+    no_logits_prefill.return_logits = false;
+    auto first_without = without.prefill(seqs, no_logits_prefill);
+    ASSERT_TRUE(first_without) << error_text(first_without.error());
+    EXPECT_TRUE(first_without->logits.empty()) << mode;
+    EXPECT_EQ(first_without->greedy_tokens, first->greedy_tokens) << mode;
+    std::vector<int32_t> next = first->greedy_tokens;
+    engine::gpu_decode_options no_logits;
+    no_logits.return_logits = false;
+    for (int step = 0; step < 5; ++step) {
+      const std::string what = mode + " decode step " + std::to_string(step);
+      const model::decode_input batch[] = {{1, next[0]}, {2, next[1]}};
+      auto want = with.decode(batch);
+      auto got = without.decode(batch, no_logits);
+      ASSERT_TRUE(want) << what << ": " << error_text(want.error());
+      ASSERT_TRUE(got) << what << ": " << error_text(got.error());
+      EXPECT_EQ(want->logits.size(), 2 * vocab_) << what;
+      EXPECT_TRUE(got->logits.empty()) << what;
+      EXPECT_EQ(got->greedy_tokens, want->greedy_tokens) << what;
+      next = want->greedy_tokens;
+    }
+    for (const auto* e : {&with, &without}) {
+      const auto stats = e->decode_graph_stats();
+      EXPECT_EQ(stats.num_fallbacks, 0u) << mode << ": " << stats.last_fallback_reason;
+      EXPECT_EQ(stats.num_captured > 0, graphs) << mode;
+      EXPECT_EQ(stats.num_replays > 0, graphs) << mode;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(dtypes, gpu_engine_test,
                          ::testing::Values(engine_case{dtype::f32, 1e-3f, "f32"},
                                            engine_case{dtype::bf16, 0.15f, "bf16"}),
@@ -482,4 +666,42 @@ TEST(gpu_engine_options, are_checked_before_any_device_work) {
   ASSERT_FALSE(e);
   EXPECT_EQ(code_of(e.error()), model::model_errc::kernel_failed);
   EXPECT_NE(error_text(e.error()).find("kv_lora_rank"), std::string::npos) << error_text(e.error());
+}
+
+TEST(gpu_engine_options, decode_graph_limits_are_checked_before_any_device_work) {
+  auto ckpt = load_fixture("tiny-v3");
+  ASSERT_TRUE(ckpt);
+  engine::gpu_engine_options o;
+  o.decode_graphs = true;
+  o.max_decode_graphs = 0;
+  auto e = gpu_engine::create(ckpt, o);
+  ASSERT_FALSE(e);
+  EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
+  EXPECT_NE(error_text(e.error()).find("max_decode_graphs"), std::string::npos)
+      << error_text(e.error());
+  // The scratch block of the graphs' padding rows takes the last int32 block id.
+  o = {};
+  o.cache.num_blocks = INT32_MAX;
+  e = gpu_engine::create(ckpt, o);
+  ASSERT_FALSE(e);
+  EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
+}
+
+TEST(decode_graph_buckets, pad_batches_and_block_tables_to_powers_of_two) {
+  using engine::detail::decode_batch_bucket;
+  using engine::detail::decode_block_bucket;
+  EXPECT_EQ(decode_batch_bucket(0), 0);
+  EXPECT_EQ(decode_batch_bucket(1), 1);
+  EXPECT_EQ(decode_batch_bucket(2), 2);
+  EXPECT_EQ(decode_batch_bucket(3), 4);
+  EXPECT_EQ(decode_batch_bucket(33), 64);
+  EXPECT_EQ(decode_batch_bucket(256), 256);
+  EXPECT_EQ(decode_batch_bucket(257), 0);  // eager
+  EXPECT_EQ(decode_block_bucket(0), 1);
+  EXPECT_EQ(decode_block_bucket(1), 1);
+  EXPECT_EQ(decode_block_bucket(3), 4);
+  EXPECT_EQ(decode_block_bucket(4), 4);
+  EXPECT_EQ(decode_block_bucket(5), 8);
+  EXPECT_EQ(decode_block_bucket(int64_t{1} << 30), int64_t{1} << 30);
+  EXPECT_EQ(decode_block_bucket((int64_t{1} << 30) + 1), 0);
 }
