@@ -18,8 +18,11 @@
 // difference, the largest logit, whether the greedy tokens agree, and the share of prompt
 // tokens routed to the same experts at every MoE layer. It runs after the timings.
 //
-//   moe_bench_gpu_engine [--preset v2lite-8L] [--peer peer.json] [--out engine.json]
-// Exits 2, with a JSON {"skipped": reason}, where the engine cannot be created for want of a GPU.
+// Decode runs twice per batch on the same prompts: from CUDA graphs (the engine's
+// decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up.
+//
+//   moe_bench_gpu_engine [--preset v2lite-8L] [--peer peer.json] [--out engine.json] [--no-graphs]
+// Exits 2, with a JSON {"skipped": reason}, where there is no GPU.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -37,6 +40,7 @@
 #include "model/init_model.hpp"
 #include "model/reference_engine.hpp"
 #include "runtime/cuda_memory.hpp"
+#include "runtime/devices.hpp"
 
 using nlohmann::json;
 using clock_type = std::chrono::steady_clock;
@@ -69,6 +73,7 @@ struct settings {
   int64_t block_size = 16;
   int check_tokens = 24;
   int check_steps = 8;
+  bool graphs = true;
   std::string peer, out;
 };
 
@@ -107,17 +112,20 @@ class runner {
             {"tokens_per_s", tokens / s}, {"times", times}};
   }
 
-  /// Prefills `batch` prompts, then times decode_steps greedy steps fed their own tokens.
-  json decode(int batch) {
+  /// Prefills `batch` prompts, then times decode_steps greedy steps fed their own tokens; each
+  /// run (a warm-up, then max(1, reps / 2)) takes fresh prompts from a generator seeded by the
+  /// batch, so the eager and the graph runs of a batch decode the same prompts. `tokens` gets
+  /// the last run's generated tokens.
+  json decode(int batch, bool use_graph, std::vector<int32_t>& tokens) {
     const int64_t vocab = e_.config().vocab_size;
+    std::mt19937 rng(static_cast<uint32_t>(batch));
     std::vector<double> times;
-    std::vector<int32_t> first_run_tokens;
     const int runs = std::max(1, s_.reps / 2);
     for (int r = -1; r < runs; ++r) {
       std::vector<std::vector<int32_t>> prompts;
       std::vector<moe::model::sequence_input> seqs;
       for (int i = 0; i < batch; ++i)
-        prompts.push_back(random_tokens(rng_, vocab, static_cast<size_t>(s_.context)));
+        prompts.push_back(random_tokens(rng, vocab, static_cast<size_t>(s_.context)));
       for (size_t i = 0; i < prompts.size(); ++i) seqs.push_back({next_id_++, prompts[i]});
       me::gpu_prefill_options po;
       po.return_logits = false;
@@ -127,11 +135,14 @@ class runner {
       for (size_t i = 0; i < step.size(); ++i) step[i] = {seqs[i].id, first->greedy_tokens[i]};
       me::gpu_decode_options o;
       o.return_logits = false;
+      o.use_graph = use_graph;
+      tokens.clear();
       const auto t = clock_type::now();
       for (int k = 0; k < s_.decode_steps; ++k) {
         auto got = e_.decode(step, o);
         if (!got) fail("decode at batch " + std::to_string(batch), got.error());
         for (size_t i = 0; i < step.size(); ++i) step[i].token = got->greedy_tokens[i];
+        tokens.insert(tokens.end(), got->greedy_tokens.begin(), got->greedy_tokens.end());
       }
       const double s = seconds_since(t);
       for (const auto& q : seqs) e_.release(q.id);
@@ -139,7 +150,7 @@ class runner {
     }
     const double s = median(times);
     return {{"batch", batch}, {"context", s_.context}, {"steps", s_.decode_steps},
-            {"ms_per_token", 1e3 * s / s_.decode_steps},
+            {"graphs", use_graph}, {"ms_per_token", 1e3 * s / s_.decode_steps},
             {"tokens_per_s", static_cast<double>(batch) * s_.decode_steps / s}, {"times", times}};
   }
 
@@ -276,11 +287,22 @@ int main(int argc, char** argv) {
                  "prompt tokens of the check against the CPU reference (0: no check)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--check-steps", s.check_steps, "decode steps of that check")->check(CLI::NonNegativeNumber);
+  app.add_flag("!--no-graphs", s.graphs, "decode eagerly only (no CUDA graphs)");
   app.add_option("--peer", s.peer, "transformers_peer.py's JSON for the same shapes");
   app.add_option("--out", s.out, "also write the JSON here");
   CLI11_PARSE(app, argc, argv);
 
   json out = {{"bench", "gpu_engine"}, {"preset", s.preset}, {"dtype", "bf16"}};
+  // Before building gigabytes of weights on the host.
+  const auto devices = moe::runtime::discover_devices();
+  if (devices.gpus.empty()) {
+    out["skipped"] = "no GPU: " + devices.no_gpu_reason;
+    emit(out, s.out);
+    return 2;
+  }
+  out["device"] = {{"name", devices.gpus[0].name}, {"memory_bytes", devices.gpus[0].memory_bytes},
+                   {"cuda_runtime", moe::runtime::cuda_version_string(devices.cuda_runtime_version)},
+                   {"cuda_driver", moe::runtime::cuda_version_string(devices.cuda_driver_version)}};
   auto config = moe::model::model_preset(s.preset);
   if (!config) fail("preset", config.error());
   int max_batch = s.prefill_batch;
@@ -298,6 +320,7 @@ int main(int argc, char** argv) {
   out["build_checkpoint_seconds"] = seconds_since(t);
   me::gpu_engine_options eo;
   eo.dtype = moe::kernels::dtype::bf16;
+  eo.decode_graphs = s.graphs;
   eo.cache.block_size = s.block_size;
   eo.cache.num_blocks = (tokens_cached + s.block_size - 1) / s.block_size + 2 * max_batch;
   t = clock_type::now();
@@ -321,8 +344,37 @@ int main(int argc, char** argv) {
 
   runner run(*engine, s);
   out["prefill"] = run.prefill();
+  // "decode": the serving path (graphs unless --no-graphs); "decode_eager": every step
+  // launched kernel by kernel, on the same prompts, with how many of its greedy tokens the
+  // graph run reproduced (bf16: the graphs' padded attention bound may split the sum
+  // differently, so a near-tie may flip).
   out["decode"] = json::array();
-  for (int b : s.decode_batches) out["decode"].push_back(run.decode(b));
+  out["decode_eager"] = json::array();
+  for (int b : s.decode_batches) {
+    std::vector<int32_t> eager_tokens, graph_tokens;
+    json eager = run.decode(b, false, eager_tokens);
+    if (s.graphs) {
+      json graphed = run.decode(b, true, graph_tokens);
+      size_t same = 0;
+      for (size_t i = 0; i < std::min(eager_tokens.size(), graph_tokens.size()); ++i)
+        same += eager_tokens[i] == graph_tokens[i] ? 1 : 0;
+      graphed["tokens_equal_to_eager"] = same;
+      graphed["tokens_compared"] = eager_tokens.size();
+      graphed["speedup_over_eager"] = graphed["tokens_per_s"].get<double>() / eager["tokens_per_s"].get<double>();
+      out["decode"].push_back(graphed);
+    } else {
+      out["decode"].push_back(eager);
+    }
+    out["decode_eager"].push_back(eager);
+  }
+  if (s.graphs) {
+    const auto g = engine->decode_graph_stats();
+    out["decode_graph_stats"] = {{"captured", g.num_captured}, {"replays", g.num_replays},
+                                 {"fallbacks", g.num_fallbacks}, {"evicted", g.num_evicted},
+                                 {"held", g.num_graphs}, {"device_bytes", g.device_bytes},
+                                 {"host_bytes", g.host_bytes},
+                                 {"last_fallback_reason", g.last_fallback_reason}};
+  }
   out["targets"] = targets(out);
   if (shared) {
     t = clock_type::now();

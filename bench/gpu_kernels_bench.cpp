@@ -4,7 +4,10 @@
 //  - MLA decode likewise (the paged cache bytes it must read), MLA prefill in TFLOP/s;
 //  - cuBLASLt bf16 products at the model's shapes against a large square bf16 product (the
 //    card's practical GEMM peak);
-//  - an FP8 weight (expanded to bf16, then multiplied) against the same weight kept in bf16.
+//  - an FP8 weight (expanded to bf16, then multiplied) against the same weight kept in bf16;
+//  - the block-scaled FP8 product (cuBLASLt, both operands FP8) against the bf16 product of the
+//    same shape, and the activation quantization it needs against the copy bandwidth. Where
+//    cuBLASLt refuses the FP8 product, its entry says so ("fp8_refused") instead of a time.
 // Times are CUDA-event medians over --reps launches after warm-up. Prints one JSON object.
 //
 //   moe_bench_gpu_kernels [--reps 20] [--square 8192]
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "kernels/cuda/fp8_dequantize.hpp"
+#include "kernels/cuda/fp8_quantize.hpp"
 #include "kernels/cuda/gemm.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
 #include "kernels/cuda/mla_decode.hpp"
@@ -334,6 +338,23 @@ int main(int argc, char** argv) {
     bandwidth_entry("fp8_expand_to_bf16_18432x7168", 3.0 * rows * cols, ms);
   }
 
+  // Per-token-group FP8 quantization of bf16 activations: reads 2 bytes, writes 1 plus a float
+  // scale per 128 elements. A DeepSeek-V3 prefill chunk (16384 x 7168) and v2lite's 2048 x 2048.
+  for (auto [rows, k] : {std::pair<int64_t, int64_t>{16384, 7168}, {2048, 2048}}) {
+    device_mem x(rows * k * 2), q(rows * k), s(rows * (k / 128) * 4);
+    fill_bf16(x.p, rows * k);
+    kc::fp8_quantize_args a;
+    a.x = x.p;
+    a.q = static_cast<uint8_t*>(q.p);
+    a.scale = static_cast<float*>(s.p);
+    a.rows = rows;
+    a.k = k;
+    a.x_dt = dtype::bf16;
+    const double ms = median_ms(reps, [&] { check(kc::fp8_quantize_run(a, nullptr), "fp8_quantize"); });
+    const std::string name = "fp8_quantize_bf16_" + std::to_string(rows) + "x" + std::to_string(k);
+    bandwidth_entry(name.c_str(), (3.0 + 4.0 / 128) * rows * k, ms);
+  }
+
   // GEMMs through cuBLASLt.
   kc::gemm_lt lt;
   check(kc::gemm_lt::create(lt), "gemm_lt::create");
@@ -387,6 +408,69 @@ int main(int argc, char** argv) {
                      {"fp8_over_bf16_time", fp8_ms / bf16_ms}});
     }
     out["fp8_vs_bf16"] = fp8;
+  }
+
+  // Block-scaled FP8 (cuBLASLt VEC128 activations x BLK128x128 weights, bf16 out) against the
+  // bf16 product of the same shape, at v2lite-8L's projections: q_proj (3072 x 2048), o_proj
+  // (2048 x 2048), an expert's gate or up (1408 x 2048) and down (2048 x 1408). The activation's
+  // quantization is timed apart (one per activation, shared by the products that read it).
+  {
+    json block_scaled = json::array();
+    struct shape {
+      const char* name;
+      int64_t n, k;
+    };
+    for (int64_t rows : {1, 32, 2048})
+      for (const shape& sh : {shape{"q_proj", 3072, 2048}, shape{"o_proj", 2048, 2048}, shape{"expert_gate_up", 1408, 2048},
+                              shape{"expert_down", 2048, 1408}}) {
+        // The FP8 product runs on rows padded to 32 (gemm.hpp); FLOPs count the real rows only.
+        const int64_t n = sh.n, k = sh.k, scale_rows = (n + 127) / 128, scale_ld = kc::fp8_weight_scale_ld(k);
+        const int64_t padded = kc::fp8_linear_rows(rows);
+        device_mem xb(rows * k * 2), wb(n * k * 2), y(padded * n * 2), xq(padded * k), xs(padded * (k / 128) * 4),
+            wq(n * k), ws(scale_rows * scale_ld * 4);
+        fill_bf16(xb.p, rows * k);
+        fill_bf16(wb.p, n * k);
+        cudaMemset(wq.p, 0x30, n * k);  // every weight 0.5: finite, the values do not change the time
+        std::vector<float> ones(scale_rows * scale_ld, 1.0f);
+        cudaMemcpy(ws.p, ones.data(), ones.size() * 4, cudaMemcpyHostToDevice);
+        const double flops = 2.0 * rows * n * k;
+        const double bf16_ms = gemm_ms(rows, n, k, xb.p, wb.p, y.p);
+        json e = {{"name", sh.name}, {"m", rows}, {"fp8_rows", padded}, {"n", n}, {"k", k}, {"bf16_ms", bf16_ms},
+                  {"bf16_TFLOPs", flops / (bf16_ms * 1e9)}};
+        kc::fp8_quantize_args qa;
+        qa.x = xb.p;
+        qa.q = static_cast<uint8_t*>(xq.p);
+        qa.scale = static_cast<float*>(xs.p);
+        qa.rows = rows;
+        qa.k = k;
+        qa.scale_ld = padded;
+        check(kc::fp8_quantize_run(qa, nullptr), "fp8_quantize");
+        kc::fp8_linear_desc d;
+        d.x_q = static_cast<const uint8_t*>(xq.p);
+        d.x_scale = static_cast<const float*>(xs.p);
+        d.w_q = static_cast<const uint8_t*>(wq.p);
+        d.w_scale = static_cast<const float*>(ws.p);
+        d.y = y.p;
+        d.m = padded;
+        d.n = n;
+        d.k = k;
+        const kernel_status first = lt.run_fp8_linear(d, workspace.p, kc::gemm_workspace_bytes, nullptr);
+        if (first != kernel_status::ok) {
+          e["fp8_refused"] = std::string(moe::kernels::to_string(first));
+        } else {
+          const double fp8_ms = median_ms(reps, [&] {
+            check(lt.run_fp8_linear(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "fp8_linear");
+          });
+          const double quantize_ms = median_ms(reps, [&] { check(kc::fp8_quantize_run(qa, nullptr), "fp8_quantize"); });
+          e["fp8_ms"] = fp8_ms;
+          e["fp8_TFLOPs"] = flops / (fp8_ms * 1e9);
+          e["fp8_over_bf16_time"] = fp8_ms / bf16_ms;
+          e["quantize_ms"] = quantize_ms;
+          e["fp8_with_quantize_over_bf16_time"] = (fp8_ms + quantize_ms) / bf16_ms;
+        }
+        block_scaled.push_back(e);
+      }
+    out["fp8_block_scaled_vs_bf16"] = block_scaled;
   }
 
   // The grouped expert GEMM (all 64 experts of a v2lite-8L layer in one launch, gate|up: k = 2048,

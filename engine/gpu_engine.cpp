@@ -522,7 +522,7 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
   shape.max_blocks = static_cast<int64_t>(max_blocks);
   shape.num_moe_layers = s.num_moe_layers;
   // Routing capture is for tests and analysis: not worth a graph of its own.
-  auto out = s.options.decode_graphs && !options.capture_routing
+  auto out = s.options.decode_graphs && options.use_graph && !options.capture_routing
                  ? s.decode_graphed(batch, shape, options.return_logits)
                  : s.run_step(shape, options.return_logits, options.capture_routing,
                               [&](const detail::step_buffers& b, const metadata_view& host) {

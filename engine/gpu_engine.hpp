@@ -89,6 +89,9 @@ struct gpu_prefill_options {
 struct gpu_decode_options {
   bool return_logits = true;     ///< as gpu_prefill_options::return_logits
   bool capture_routing = false;  ///< each MoE layer's top-k expert choices
+  /// With the engine's decode_graphs on: false runs this step eagerly (the graph path's
+  /// yardstick in tests and benchmarks). Ignored when decode_graphs is off.
+  bool use_graph = true;
 };
 
 /// What a step returns, on the host.

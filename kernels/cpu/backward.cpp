@@ -85,6 +85,18 @@ kernel_status rope_backward_impl(const rope_params& p, const rope_apply_args& a,
   return kernel_status::ok;
 }
 
+// The checks permute.cpp makes of its entries and positions, for the two backward passes.
+bool entries_fit(size_t num_tokens, size_t top_k) noexcept {
+  return top_k == 0 || num_tokens <= static_cast<size_t>(INT32_MAX) / top_k;
+}
+
+bool positions_fit(const int32_t* positions, size_t num_entries, size_t num_rows) noexcept {
+  for (size_t j = 0; j < num_entries; ++j)
+    if (positions[j] < -1 || (positions[j] >= 0 && static_cast<size_t>(positions[j]) >= num_rows))
+      return false;
+  return true;
+}
+
 }  // namespace
 
 kernel_status linear_backward(const float* x, const float* weight, const float* dy, float* dx,
@@ -233,6 +245,63 @@ kernel_status rope_backward(const rope_params& p, const rope_apply_args& a,
 kernel_status rope_backward(const rope_params& p, const rope_apply_args& a,
                             const int32_t* positions) noexcept {
   return rope_backward_impl(p, a, positions);
+}
+
+kernel_status unpermute_backward(const float* y, size_t num_rows, const float* weight,
+                                 const int32_t* positions, size_t num_tokens, size_t top_k,
+                                 size_t dim, const float* dout, float* dy, float* dweight,
+                                 bool accumulate) noexcept {
+  if (!entries_fit(num_tokens, top_k)) return kernel_status::unsupported_shape;
+  if (num_tokens == 0 || top_k == 0) return kernel_status::ok;
+  if (positions == nullptr || dout == nullptr || (dweight != nullptr && y == nullptr))
+    return kernel_status::unsupported_shape;
+  if (dy == nullptr && dweight == nullptr) return kernel_status::ok;
+  if (!positions_fit(positions, num_tokens * top_k, num_rows)) return kernel_status::unsupported_shape;
+  for (size_t t = 0; t < num_tokens; ++t) {
+    const float* d = dout + t * dim;
+    for (size_t k = 0; k < top_k; ++k) {
+      const size_t j = t * top_k + k;
+      if (positions[j] < 0) {
+        if (dweight != nullptr && !accumulate) dweight[j] = 0.0f;
+        continue;
+      }
+      const size_t row = static_cast<size_t>(positions[j]);
+      if (dy != nullptr) {
+        const float w = weight != nullptr ? weight[j] : 1.0f;
+        float* o = dy + row * dim;
+        for (size_t i = 0; i < dim; ++i) o[i] = accumulate ? o[i] + w * d[i] : w * d[i];
+      }
+      if (dweight != nullptr) {
+        const float* src = y + row * dim;
+        double s = 0.0;
+        for (size_t i = 0; i < dim; ++i) s += static_cast<double>(d[i]) * src[i];
+        dweight[j] = accumulate ? static_cast<float>(dweight[j] + s) : static_cast<float>(s);
+      }
+    }
+  }
+  return kernel_status::ok;
+}
+
+kernel_status permute_rows_backward(const float* dpermuted, size_t num_rows,
+                                    const int32_t* positions, size_t num_tokens, size_t top_k,
+                                    size_t dim, float* dx, bool accumulate) noexcept {
+  if (!entries_fit(num_tokens, top_k)) return kernel_status::unsupported_shape;
+  if (num_tokens == 0 || dim == 0) return kernel_status::ok;
+  if (dx == nullptr || (top_k > 0 && (dpermuted == nullptr || positions == nullptr)))
+    return kernel_status::unsupported_shape;
+  if (!positions_fit(positions, num_tokens * top_k, num_rows)) return kernel_status::unsupported_shape;
+  for (size_t t = 0; t < num_tokens; ++t) {
+    float* o = dx + t * dim;
+    for (size_t i = 0; i < dim; ++i) {
+      float s = 0.0f;
+      for (size_t k = 0; k < top_k; ++k) {
+        const int32_t p = positions[t * top_k + k];
+        if (p >= 0) s += dpermuted[static_cast<size_t>(p) * dim + i];
+      }
+      o[i] = accumulate ? o[i] + s : s;
+    }
+  }
+  return kernel_status::ok;
 }
 
 }  // namespace moe::kernels::cpu

@@ -1,5 +1,5 @@
 // Backward passes of the CPU kernels: the training reference. Each is the exact derivative of
-// its forward kernel (rmsnorm.hpp, gemm.hpp's linear, swiglu.hpp, rope.hpp), accumulating in
+// its forward kernel (rmsnorm.hpp, gemm.hpp's linear, swiglu.hpp, rope.hpp, permute.hpp), accumulating in
 // double where a reduction is involved, and is checked against finite differences of that
 // forward kernel (tests/unit/kernels/backward_test.cpp).
 //
@@ -59,5 +59,30 @@ namespace moe::kernels::cpu {
                                           const int64_t* positions) noexcept;
 [[nodiscard]] kernel_status rope_backward(const rope_params& p, const rope_apply_args& a,
                                           const int32_t* positions) noexcept;
+
+/// Forward: permute.hpp's unpermute, out[t] = sum_k weight[t, k] * y[positions[t, k]].
+/// dy (num_rows, dim): row positions[t, k] = weight[t, k] * dout[t] (written, or += with
+/// accumulate); rows no entry maps to are untouched (as permute_rows leaves them); may be null.
+/// dweight (num_tokens, top_k) float32: dot(dout[t], y[positions[t, k]]) in double, 0 for a
+/// skipped entry (written, or += with accumulate: the combine weights are the gate's output, an
+/// input of the combine, not a parameter); may be null. weight null means 1, as the forward.
+/// unsupported_shape (nothing written) for a position < -1 or >= num_rows, a null pointer or
+/// sizes past INT32_MAX entries.
+[[nodiscard]] kernel_status unpermute_backward(const float* y, size_t num_rows, const float* weight,
+                                               const int32_t* positions, size_t num_tokens,
+                                               size_t top_k, size_t dim, const float* dout,
+                                               float* dy, float* dweight,
+                                               bool accumulate = false) noexcept;
+
+/// Forward: permute.hpp's permute_rows, permuted[positions[t, k]] = x[t]. dx (num_tokens, dim)
+/// = the sum over k = 0, 1, ... (in that order, float32 from 0.0f) of dpermuted[positions[t, k]]
+/// with positions[t, k] >= 0, written (or added to dx with accumulate). A float32 sum in a fixed
+/// order, so the CUDA kernel matches it bit for bit.
+/// unsupported_shape (nothing written) for a position < -1 or >= num_rows, a null pointer or
+/// sizes past INT32_MAX entries.
+[[nodiscard]] kernel_status permute_rows_backward(const float* dpermuted, size_t num_rows,
+                                                  const int32_t* positions, size_t num_tokens,
+                                                  size_t top_k, size_t dim, float* dx,
+                                                  bool accumulate = false) noexcept;
 
 }  // namespace moe::kernels::cpu

@@ -35,7 +35,7 @@ kernel_status launch(const fp8_dequantize_args& a, cudaStream_t stream) {
   const int64_t total = a.rows * a.cols;
   const int64_t blocks = (total + threads - 1) / threads;
   const unsigned grid = static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
-  const int64_t scale_cols = (a.cols + a.block_cols - 1) / a.block_cols;
+  const int64_t scale_cols = a.scale_ld > 0 ? a.scale_ld : (a.cols + a.block_cols - 1) / a.block_cols;
   fp8_dequantize_kernel<T><<<grid, threads, 0, stream>>>(a.q, a.scale, static_cast<T*>(a.out), a.rows, a.cols,
                                                         a.block_rows, a.block_cols, scale_cols);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
@@ -47,6 +47,8 @@ kernel_status fp8_dequantize_can_run(const fp8_dequantize_args& a) noexcept {
   if (a.out_dt != dtype::f32 && a.out_dt != dtype::bf16) return kernel_status::unsupported_dtype;
   if (a.rows < 0 || a.cols < 0 || a.block_rows <= 0 || a.block_cols <= 0) return kernel_status::unsupported_shape;
   if (a.cols > 0 && a.rows > INT64_MAX / a.cols) return kernel_status::unsupported_shape;
+  if (a.scale_ld != 0 && (a.scale_ld < 0 || a.scale_ld < (a.cols + a.block_cols - 1) / a.block_cols))
+    return kernel_status::unsupported_shape;
   if (a.rows > 0 && a.cols > 0 && (!a.q || !a.scale || !a.out)) return kernel_status::unsupported_shape;
   return kernel_status::ok;
 }

@@ -2,7 +2,11 @@
 
 #include <cublasLt.h>
 
+#include <cstdint>
+#include <limits>
 #include <type_traits>
+
+#include "kernels/cuda/fp8_dequantize.hpp"
 
 namespace moe::kernels::cuda {
 namespace {
@@ -57,6 +61,7 @@ struct gemm_lt::plan {
   layout_ptr c_layout;
   cublasLtMatmulAlgo_t algo{};
   bool found = false;   // false: cuBLASLt has no algorithm for this shape (remembered too)
+  kernel_status refusal = kernel_status::unsupported_shape;  // the answer when !found
 };
 
 void cublaslt_deleter::operator()(void* handle) const noexcept { cublasLtDestroy(as_handle(handle)); }
@@ -113,7 +118,153 @@ kernel_status gemm_lt::create(gemm_lt& out) noexcept {
   return kernel_status::ok;
 }
 
-size_t gemm_lt::num_plans() const noexcept { return plans_.size(); }
+size_t gemm_lt::num_plans() const noexcept { return plans_.size() + fp8_plans_.size(); }
+
+namespace {
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// m * k, n * k and m * n elements must be addressable.
+bool products_fit(int64_t m, int64_t n, int64_t k) {
+  constexpr int64_t max = std::numeric_limits<int64_t>::max();
+  return (k == 0 || (m <= max / k && n <= max / k)) && (n == 0 || m <= max / n);
+}
+
+template <typename T>
+bool set_attribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const T& value) {
+  return cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)) == CUBLAS_STATUS_SUCCESS;
+}
+
+// The VEC128/BLK128x128 modes exist on compute capability 9.0 only (Blackwell's block scaling is
+// the MX formats); elsewhere a missing algorithm is the architecture's, not the shape's.
+kernel_status fp8_refusal() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return kernel_status::unsupported_arch;
+  }
+  return major == 9 && minor == 0 ? kernel_status::unsupported_shape : kernel_status::unsupported_arch;
+}
+
+}  // namespace
+
+kernel_status fp8_linear_can_run(const fp8_linear_desc& d) noexcept {
+  if (d.m < 0 || d.n < 0 || d.k < 0 || !products_fit(d.m, d.n, d.k)) return kernel_status::unsupported_shape;
+  if (d.m == 0 || d.n == 0) return kernel_status::ok;
+  if (d.k == 0 || d.k % 128 != 0 || d.n % 128 != 0 || d.m % 32 != 0) return kernel_status::unsupported_shape;
+  if (!d.x_q || !d.x_scale || !d.w_q || !d.w_scale || !d.y) return kernel_status::unsupported_shape;
+  if (!aligned16(d.x_q) || !aligned16(d.x_scale) || !aligned16(d.w_q) || !aligned16(d.w_scale) || !aligned16(d.y))
+    return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
+kernel_status fp8_linear_fallback_can_run(const fp8_linear_fallback_desc& d) noexcept {
+  if (d.m < 0 || d.n < 0 || d.k < 0 || !products_fit(d.m, d.n, d.k)) return kernel_status::unsupported_shape;
+  if (d.m == 0 || d.n == 0) return kernel_status::ok;
+  if (d.k == 0 || !d.x || !d.w_q || !d.w_scale || !d.w_scratch || !d.y) return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
+kernel_status gemm_lt::run_fp8_linear(const fp8_linear_desc& d, void* workspace, size_t workspace_bytes,
+                                      cudaStream_t stream) noexcept {
+  if (auto s = fp8_linear_can_run(d); s != kernel_status::ok) return s;
+  if (!handle_) return kernel_status::no_device;
+  if (d.m == 0 || d.n == 0) return kernel_status::ok;
+  if (!workspace) workspace_bytes = 0;
+  const fp8_plan_key key{d.m, d.n, d.k, workspace_bytes};
+  auto it = fp8_plans_.find(key);
+  if (it == fp8_plans_.end()) {
+    auto p = std::make_unique<plan>();
+    cublasLtMatmulDesc_t desc = nullptr;
+    if (cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS)
+      return kernel_status::launch_failed;
+    p->desc.reset(desc);
+    // Column-major, y^T (n, m) = W (n, k) . x^T (k, m): cuBLASLt's A is our weight, stored (k, n)
+    // column-major and transposed, its B our activation, (k, m) as stored: the "TN" form, the only
+    // one FP8 tensor-core products take. So the weight gets the 128x128 blocks and the
+    // activation the 1x128 vectors.
+    const cublasOperation_t op_a = CUBLAS_OP_T, op_b = CUBLAS_OP_N;
+    const int32_t mode_a = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+    const int32_t mode_b = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    if (!set_attribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, op_a) ||
+        !set_attribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, op_b))
+      return kernel_status::launch_failed;
+    // An unknown mode (an older cuBLASLt) is a refusal, not a failure: the fallback still runs.
+    // The scale pointers are set now because the heuristic wants them; run sets them per call.
+    if (!set_attribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, mode_a) ||
+        !set_attribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, mode_b) ||
+        !set_attribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(d.w_scale)) ||
+        !set_attribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(d.x_scale))) {
+      const kernel_status refusal = fp8_refusal();
+      p->refusal = refusal;
+      fp8_plans_.emplace(key, std::move(p));
+      return refusal;
+    }
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    const bool made = cublasLtMatrixLayoutCreate(&a, CUDA_R_8F_E4M3, static_cast<uint64_t>(d.k),
+                                                 static_cast<uint64_t>(d.n), d.k) == CUBLAS_STATUS_SUCCESS;
+    p->a_layout.reset(a);
+    const bool made_b = cublasLtMatrixLayoutCreate(&b, CUDA_R_8F_E4M3, static_cast<uint64_t>(d.k),
+                                                   static_cast<uint64_t>(d.m), d.k) == CUBLAS_STATUS_SUCCESS;
+    p->b_layout.reset(b);
+    const bool made_c = cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, static_cast<uint64_t>(d.n),
+                                                   static_cast<uint64_t>(d.m), d.n) == CUBLAS_STATUS_SUCCESS;
+    p->c_layout.reset(c);
+    if (!made || !made_b || !made_c) return kernel_status::launch_failed;
+    cublasLtMatmulPreference_t pref_raw = nullptr;
+    if (cublasLtMatmulPreferenceCreate(&pref_raw) != CUBLAS_STATUS_SUCCESS) return kernel_status::launch_failed;
+    preference_ptr pref{pref_raw};
+    const uint64_t ws = workspace_bytes;
+    if (cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) !=
+        CUBLAS_STATUS_SUCCESS)
+      return kernel_status::launch_failed;
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    // Any heuristic error is a refusal here (cuBLASLt answers INVALID_VALUE as well as
+    // NOT_SUPPORTED for scale modes it lacks): the fallback is always there.
+    const auto st = cublasLtMatmulAlgoGetHeuristic(as_handle(handle_.get()), desc, p->a_layout.get(),
+                                                   p->b_layout.get(), p->c_layout.get(), p->c_layout.get(),
+                                                   pref_raw, 1, &result, &found);
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+      p->algo = result.algo;
+      p->found = true;
+    } else {
+      p->refusal = fp8_refusal();
+    }
+    it = fp8_plans_.emplace(key, std::move(p)).first;
+  }
+  const plan& p = *it->second;
+  if (!p.found) return p.refusal;
+  // The plan is shared by every weight of this shape: point it at this call's scales.
+  if (!set_attribute(p.desc.get(), CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(d.w_scale)) ||
+      !set_attribute(p.desc.get(), CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(d.x_scale)))
+    return kernel_status::launch_failed;
+  const float alpha = 1.0f, beta = 0.0f;
+  const auto st = cublasLtMatmul(as_handle(handle_.get()), p.desc.get(), &alpha, d.w_q, p.a_layout.get(), d.x_q,
+                                 p.b_layout.get(), &beta, d.y, p.c_layout.get(), d.y, p.c_layout.get(), &p.algo,
+                                 workspace, workspace_bytes, stream);
+  return st == CUBLAS_STATUS_SUCCESS ? kernel_status::ok : kernel_status::launch_failed;
+}
+
+kernel_status gemm_lt::run_fp8_linear_fallback(const fp8_linear_fallback_desc& d, void* workspace,
+                                               size_t workspace_bytes, cudaStream_t stream) noexcept {
+  if (auto s = fp8_linear_fallback_can_run(d); s != kernel_status::ok) return s;
+  if (!handle_) return kernel_status::no_device;
+  if (d.m == 0 || d.n == 0) return kernel_status::ok;
+  fp8_dequantize_args e;
+  e.q = d.w_q;
+  e.scale = d.w_scale;
+  e.out = d.w_scratch;
+  e.rows = d.n;
+  e.cols = d.k;
+  e.out_dt = dtype::bf16;
+  e.scale_ld = fp8_weight_scale_ld(d.k);
+  if (auto s = fp8_dequantize_run(e, stream); s != kernel_status::ok) return s;
+  return run(linear_desc(d.x, d.w_scratch, d.y, d.m, d.k, d.n, dtype::bf16, dtype::bf16), workspace,
+             workspace_bytes, stream);
+}
 
 kernel_status gemm_lt::run(const gemm_desc& d, void* workspace, size_t workspace_bytes, cudaStream_t stream) noexcept {
   if (auto s = gemm_can_run(d); s != kernel_status::ok) return s;

@@ -6,8 +6,16 @@
 // Element types (a, b, c):
 //   bf16, bf16, bf16 or f32   float32 accumulation (CUBLAS_COMPUTE_32F): the GPU default
 //   f32,  f32,  f32           float32 throughout, no TF32 (the exactness checks use it)
-// FP8 weights are not multiplied here: fp8_dequantize.hpp expands their 128x128 blocks into a
-// bf16 workspace first (kept in FP8 in memory, expanded per use).
+// FP8, DeepSeek-V3 style (fp8_linear_desc): e4m3 activations with one float32 scale per row and
+// 128 columns (fp8_quantize.hpp makes them) times e4m3 weights with one per 128x128 block, bf16
+// out, float32 accumulation, through cuBLASLt's block-scaled modes (VEC128_32F for the
+// activation, BLK128x128_32F for the weight; CUDA 12.9+, Hopper sm_90 only). Where cuBLASLt has no
+// algorithm (another card, a shape it refuses) the call answers a refusal and the caller takes the
+// fallback of ours that always runs (fp8_linear_fallback_desc): expand the weight to bf16 in a
+// scratch (fp8_dequantize.hpp) and multiply the bf16 activation by it. That costs a write and a
+// read of 2 bytes per weight element on top of the FP8 byte (about 5x the weight traffic, which
+// is what decode is bound by) and runs at the bf16 tensor-core rate (half of FP8's), plus the
+// n * k * 2 bytes of scratch.
 //
 // Ownership: a gemm_lt owns its cuBLASLt handle and the plans (descriptors and the chosen
 // algorithm) it has made, one per distinct shape, so a decode step's repeated shapes pay the
@@ -70,6 +78,70 @@ inline constexpr size_t gemm_workspace_bytes = size_t{32} << 20;
 /// Host-side checks: dtypes, shapes, leading dimensions, pointers. No GPU needed.
 [[nodiscard]] kernel_status gemm_can_run(const gemm_desc& d) noexcept;
 
+/// y(m, n) bf16 = (e4m3(x_q) * x_scale)(m, k) . ((e4m3(w_q) * w_scale)(n, k))^T, float32
+/// accumulation, nn.Linear's layout as linear_desc; every buffer on the device:
+///   x_q:     (m, k) e4m3 bytes, packed
+///   x_scale: (k / 128, m) float32, group-major: x_scale[g * m + r] scales x_q[r, 128g .. 128g+127]
+///            (fp8_quantize with fp8_scale_layout::group_major and scale_ld = m; cuBLASLt reads
+///            the token index contiguous)
+///   w_q:     (n, k) e4m3 bytes, packed (the checkpoint's layout)
+///   w_scale: (ceil(n / 128), fp8_weight_scale_ld(k)) float32, row-major: the checkpoint's
+///            (ceil(n / 128), ceil(k / 128)) block scales with each row padded to a multiple of 4
+///            floats (16 bytes), which is how cuBLASLt reads them (the pad is never read)
+///   y:       (m, n) bf16, packed; overwritten (no beta)
+/// m must be a multiple of 32: a caller with fewer rows pads to fp8_linear_rows(rows), sizing x_q,
+/// x_scale (group stride m) and y for that many, and reads back its own rows (each output row
+/// depends on its input row only, so whatever the padding rows hold, NaN included, stays there).
+/// cuBLASLt refuses some row counts (seen on an H200 with CUDA 13.0: 1 row refused, 32 and 2048
+/// taken); 32 is a multiple of every FP8 alignment it documents. k must be a multiple of 128 (the
+/// activation groups and weight blocks must tile it for the two scale grids to line up) and n too
+/// (a partial weight block row is refused rather than trusted: unchecked on a card); every
+/// pointer 16-byte aligned. Other shapes are refused; the fallback takes them.
+struct fp8_linear_desc {
+  const uint8_t* x_q = nullptr;
+  const float* x_scale = nullptr;
+  const uint8_t* w_q = nullptr;
+  const float* w_scale = nullptr;
+  void* y = nullptr;
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+};
+
+/// The fallback: y(m, n) bf16 = x(m, k) bf16 . ((e4m3(w_q) * w_scale)(n, k))^T. The weight is
+/// expanded into w_scratch ((n, k) bf16, caller-owned, overwritten) and multiplied by the bf16
+/// activation itself, not its FP8 quantization (the activation rounding of the FP8 path is
+/// absent, so the two differ by it). w_q and w_scale as in fp8_linear_desc; any k >= 1 (partial
+/// last blocks included) and any n.
+struct fp8_linear_fallback_desc {
+  const void* x = nullptr;
+  const uint8_t* w_q = nullptr;
+  const float* w_scale = nullptr;
+  void* w_scratch = nullptr;
+  void* y = nullptr;
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+};
+
+/// Rows the block-scaled product runs on for `rows` tokens: rows rounded up to 32.
+[[nodiscard]] constexpr int64_t fp8_linear_rows(int64_t rows) noexcept {
+  return (rows + 31) / 32 * 32;
+}
+
+/// Floats between rows of an FP8 weight's block scales: ceil(k / 128) rounded up to 4.
+[[nodiscard]] constexpr int64_t fp8_weight_scale_ld(int64_t k) noexcept {
+  return ((k + 127) / 128 + 3) / 4 * 4;
+}
+
+/// Host-side checks of the block-scaled product: ok, or unsupported_shape for negative sizes,
+/// k == 0, m % 32, k % 128 or n % 128 not 0, a null or not 16-byte aligned pointer (where
+/// m * n > 0).
+[[nodiscard]] kernel_status fp8_linear_can_run(const fp8_linear_desc& d) noexcept;
+/// Host-side checks of the fallback: ok, or unsupported_shape for negative sizes, k == 0 or a
+/// null pointer (where m * n > 0).
+[[nodiscard]] kernel_status fp8_linear_fallback_can_run(const fp8_linear_fallback_desc& d) noexcept;
+
 struct cublaslt_deleter {
   void operator()(void* handle) const noexcept;
 };
@@ -89,6 +161,17 @@ class gemm_lt {
   [[nodiscard]] kernel_status run(const gemm_desc& d, void* workspace, size_t workspace_bytes,
                                   cudaStream_t stream) noexcept;
 
+  /// Queues the block-scaled FP8 product. unsupported_arch where the device is not compute
+  /// capability 9.0 and cuBLASLt has no algorithm (the modes are Hopper's), unsupported_shape
+  /// where fp8_linear_can_run refuses or cuBLASLt has no algorithm on sm_90; the caller then runs
+  /// the fallback. launch_failed when cuBLASLt fails. The answer for a shape is remembered.
+  [[nodiscard]] kernel_status run_fp8_linear(const fp8_linear_desc& d, void* workspace, size_t workspace_bytes,
+                                             cudaStream_t stream) noexcept;
+
+  /// Queues the fallback: the weight's expansion, then the bf16 product (both on `stream`).
+  [[nodiscard]] kernel_status run_fp8_linear_fallback(const fp8_linear_fallback_desc& d, void* workspace,
+                                                      size_t workspace_bytes, cudaStream_t stream) noexcept;
+
   /// Plans made so far (one per distinct shape, dtype and workspace size).
   [[nodiscard]] size_t num_plans() const noexcept;
 
@@ -99,6 +182,8 @@ class gemm_lt {
                               int, int64_t, int64_t, int64_t, int64_t, size_t, bool>;
   std::unique_ptr<void, cublaslt_deleter> handle_;
   std::map<plan_key, std::unique_ptr<plan>> plans_;
+  using fp8_plan_key = std::tuple<int64_t, int64_t, int64_t, size_t>;  // m, n, k, workspace bytes
+  std::map<fp8_plan_key, std::unique_ptr<plan>> fp8_plans_;
 };
 
 }  // namespace moe::kernels::cuda

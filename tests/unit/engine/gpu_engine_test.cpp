@@ -636,6 +636,40 @@ TEST_P(gpu_engine_test, decode_without_logits_gives_the_same_tokens) {
   }
 }
 
+TEST_P(gpu_engine_test, use_graph_false_runs_a_step_eagerly_on_a_graph_engine) {
+  // The per-step opt-out the benchmark's eager yardstick uses: no graph is captured or
+  // replayed for it, and it gives what an engine without graphs gives.
+  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+  const auto ids = g.ids("input_ids");
+  const auto a = slice(ids, 0, 6);
+  auto graphed = make_gpu(32, 4, [](auto& o) { o.decode_graphs = true; });
+  auto plain = make_gpu(32, 4);
+  const model::sequence_input seqs[] = {{1, a}};
+  auto first = graphed.prefill(seqs);
+  ASSERT_TRUE(first) << error_text(first.error());
+  ASSERT_TRUE(plain.prefill(seqs));
+  engine::gpu_decode_options eager;
+  eager.use_graph = false;
+  int32_t next = first->greedy_tokens[0];
+  for (int step = 0; step < 3; ++step) {
+    const model::decode_input batch[] = {{1, next}};
+    auto got = graphed.decode(batch, eager);
+    auto want = plain.decode(batch);
+    ASSERT_TRUE(got) << error_text(got.error());
+    ASSERT_TRUE(want) << error_text(want.error());
+    EXPECT_EQ(got->logits, want->logits) << "step " << step;  // the same kernels, same order
+    next = want->greedy_tokens[0];
+  }
+  const auto stats = graphed.decode_graph_stats();
+  EXPECT_EQ(stats.num_captured, 0u);
+  EXPECT_EQ(stats.num_replays, 0u);
+  EXPECT_EQ(stats.num_fallbacks, 0u);
+  // And the next step with graphs allowed does use one.
+  const model::decode_input batch[] = {{1, next}};
+  ASSERT_TRUE(graphed.decode(batch));
+  EXPECT_EQ(graphed.decode_graph_stats().num_captured, 1u);
+}
+
 INSTANTIATE_TEST_SUITE_P(dtypes, gpu_engine_test,
                          ::testing::Values(engine_case{dtype::f32, 1e-3f, "f32"},
                                            engine_case{dtype::bf16, 0.15f, "bf16"}),

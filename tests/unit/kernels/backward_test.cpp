@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/gather.hpp"
 #include "kernels/cpu/gemm.hpp"
+#include "kernels/cpu/permute.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
 #include "kernels/cpu/rope.hpp"
 #include "kernels/cpu/softmax.hpp"
@@ -619,6 +620,114 @@ TEST(rope_backward, argument_errors) {
 
   rope_apply_args empty;
   EXPECT_EQ(rope_backward(p, empty, static_cast<const int32_t*>(nullptr)), kernel_status::ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the MoE combine (unpermute) and the dispatch copy (permute_rows)
+
+// 3 tokens, top_k 2, 5 rows (one unused): token 1's second entry is skipped (-1).
+struct combine_case {
+  size_t num_tokens = 3, top_k = 2, dim = 4, num_rows = 5;
+  std::vector<int32_t> positions{2, 0, 3, -1, 1, 4};
+};
+
+TEST(unpermute_backward, matches_finite_differences) {
+  const combine_case c;
+  const auto y = random_floats(c.num_rows * c.dim, 101);
+  const auto weight = random_floats(c.num_tokens * c.top_k, 102);
+  const auto dout = random_floats(c.num_tokens * c.dim, 103);
+  const auto forward = [&](const std::vector<float>& yy, const std::vector<float>& ww) {
+    std::vector<float> out(c.num_tokens * c.dim);
+    EXPECT_EQ(unpermute(yy.data(), c.num_rows, ww.data(), c.positions.data(), c.num_tokens,
+                        c.top_k, c.dim, out.data()),
+              kernel_status::ok);
+    return dot(dout, out);
+  };
+  const auto want_dy =
+      numeric_gradient([&](const std::vector<float>& yy) { return forward(yy, weight); }, y);
+  const auto want_dw =
+      numeric_gradient([&](const std::vector<float>& ww) { return forward(y, ww); }, weight);
+  std::vector<float> dy(y.size(), 0.0f), dweight(weight.size(), 7.0f);
+  ASSERT_EQ(unpermute_backward(y.data(), c.num_rows, weight.data(), c.positions.data(),
+                               c.num_tokens, c.top_k, c.dim, dout.data(), dy.data(), dweight.data()),
+            kernel_status::ok);
+  EXPECT_LT(relative_error(dy, want_dy), kTol);
+  EXPECT_LT(relative_error(dweight, want_dw), kTol);
+  EXPECT_EQ(dweight[3], 0.0f);  // the skipped entry is written, not left at 7
+
+  // accumulate adds a second contribution to both outputs (the skipped entry stays 0).
+  auto dy2 = dy;
+  auto dweight2 = dweight;
+  ASSERT_EQ(unpermute_backward(y.data(), c.num_rows, weight.data(), c.positions.data(),
+                               c.num_tokens, c.top_k, c.dim, dout.data(), dy2.data(),
+                               dweight2.data(), /*accumulate=*/true),
+            kernel_status::ok);
+  for (size_t i = 0; i < dy.size(); ++i) EXPECT_FLOAT_EQ(dy2[i], 2.0f * dy[i]);
+  for (size_t i = 0; i < dweight.size(); ++i) EXPECT_FLOAT_EQ(dweight2[i], 2.0f * dweight[i]);
+}
+
+TEST(unpermute_backward, unmapped_rows_untouched_and_errors) {
+  const size_t num_tokens = 2, top_k = 1, dim = 2, num_rows = 3;
+  const std::vector<int32_t> positions{2, 0};
+  const std::vector<float> y{1, 2, 3, 4, 5, 6}, dout{1, -1, 2, 0.5f};
+  std::vector<float> dy(6, 9.0f), dweight(2, 0.0f);
+  ASSERT_EQ(unpermute_backward(y.data(), num_rows, nullptr, positions.data(), num_tokens, top_k,
+                               dim, dout.data(), dy.data(), dweight.data()),
+            kernel_status::ok);
+  EXPECT_EQ(dy, (std::vector<float>{2, 0.5f, 9, 9, 1, -1}));  // weight null: 1
+  EXPECT_EQ(dweight, (std::vector<float>{5 - 6, 2 + 1}));
+  const std::vector<int32_t> bad{3, 0};
+  std::vector<float> untouched(6, 9.0f);
+  EXPECT_EQ(unpermute_backward(y.data(), num_rows, nullptr, bad.data(), num_tokens, top_k, dim,
+                               dout.data(), untouched.data(), nullptr),
+            kernel_status::unsupported_shape);
+  EXPECT_EQ(untouched, std::vector<float>(6, 9.0f));
+  EXPECT_EQ(unpermute_backward(nullptr, num_rows, nullptr, positions.data(), num_tokens, top_k,
+                               dim, dout.data(), nullptr, dweight.data()),
+            kernel_status::unsupported_shape);  // dweight needs y
+  EXPECT_EQ(unpermute_backward(y.data(), num_rows, nullptr, positions.data(), num_tokens, top_k,
+                               dim, nullptr, dy.data(), nullptr),
+            kernel_status::unsupported_shape);
+}
+
+TEST(permute_rows_backward, matches_finite_differences) {
+  const combine_case c;
+  const auto x = random_floats(c.num_tokens * c.dim, 111);
+  const auto dpermuted = random_floats(c.num_rows * c.dim, 112);
+  const auto want = numeric_gradient(
+      [&](const std::vector<float>& xx) {
+        std::vector<float> permuted(c.num_rows * c.dim, 0.0f);
+        EXPECT_EQ(permute_rows(xx.data(), c.num_tokens, c.top_k, c.dim, c.positions.data(),
+                               permuted.data(), c.num_rows),
+                  kernel_status::ok);
+        return dot(dpermuted, permuted);
+      },
+      x);
+  std::vector<float> dx(x.size(), 3.0f);
+  ASSERT_EQ(permute_rows_backward(dpermuted.data(), c.num_rows, c.positions.data(), c.num_tokens,
+                                  c.top_k, c.dim, dx.data()),
+            kernel_status::ok);
+  EXPECT_LT(relative_error(dx, want), kTol);
+  for (size_t i = 0; i < c.dim; ++i)  // token 1 has one row: an exact copy
+    EXPECT_EQ(dx[1 * c.dim + i], dpermuted[3 * c.dim + i]);
+  auto dx2 = dx;
+  ASSERT_EQ(permute_rows_backward(dpermuted.data(), c.num_rows, c.positions.data(), c.num_tokens,
+                                  c.top_k, c.dim, dx2.data(), /*accumulate=*/true),
+            kernel_status::ok);
+  for (size_t i = 0; i < dx.size(); ++i) EXPECT_EQ(dx2[i], 2.0f * dx[i]);
+}
+
+TEST(permute_rows_backward, argument_errors) {
+  const std::vector<int32_t> bad{0, -2};
+  const std::vector<float> dp(4, 1.0f);
+  std::vector<float> dx(2, 5.0f);
+  EXPECT_EQ(permute_rows_backward(dp.data(), 2, bad.data(), 1, 2, 2, dx.data()),
+            kernel_status::unsupported_shape);
+  EXPECT_EQ(dx, std::vector<float>(2, 5.0f));
+  const std::vector<int32_t> ok{1, -1};
+  EXPECT_EQ(permute_rows_backward(dp.data(), 2, ok.data(), 1, 2, 2, nullptr),
+            kernel_status::unsupported_shape);
+  EXPECT_EQ(permute_rows_backward(nullptr, 0, nullptr, 0, 2, 2, nullptr), kernel_status::ok);
 }
 
 }  // namespace
