@@ -1,6 +1,7 @@
 // Host emulation of the few CUDA device features our kernels use: every CUDA thread of a block
-// is a ucontext fiber on one OS thread; __syncthreads, __syncwarp, shuffles and ballots are
-// barriers (a divergent barrier deadlocks and aborts). Device memory is host memory.
+// is a fiber on one OS thread; __syncthreads, __syncwarp, shuffles and ballots are barriers (a
+// divergent barrier deadlocks and aborts). Device memory is host memory. WMMA and the cp.async
+// pipeline primitives: wmma_emulator.hpp, included at the end.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cuda_bf16.h>
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <new>
 #include <tuple>
 #include <vector>
 #include <algorithm>
@@ -19,10 +21,62 @@
 #undef __shared__
 #define __shared__ static
 
+// For test code that must know it runs here (e.g. to size its cases for one CPU core).
+#define MOE_CUDA_EMULATOR 1
+
+// Fiber switches. glibc's swapcontext makes a system call per switch (it saves and restores the
+// signal mask), which cost about as much as the emulated kernels themselves. On x86-64 a switch
+// saves what the ABI says survives a call (the callee-saved registers, the SSE and x87 control
+// words) on the old stack and swaps stack pointers; the kernels change no signal mask and fibers
+// never leave their OS thread, so nothing else needs saving. Elsewhere, or with
+// -DMOE_EMU_UCONTEXT, ucontext as before. Not for sanitizer builds (ASan would need to be told
+// of every stack switch), which never include this file: they build without CUDA.
+#if defined(__x86_64__) && !defined(MOE_EMU_UCONTEXT)
+#define MOE_EMU_FAST_SWITCH 1
+// Saves the running context on its stack, stores its stack pointer in *save, resumes the
+// context whose stack pointer is `to`. Weak: every translation unit that includes this defines it.
+extern "C" void moe_emu_switch(void** save, void* to);
+asm(R"(
+  .text
+  .weak moe_emu_switch
+  .type moe_emu_switch, @function
+moe_emu_switch:
+  .cfi_startproc
+  endbr64
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .cfi_endproc
+  .size moe_emu_switch, .-moe_emu_switch
+)");
+#endif
+
 namespace emu {
 struct dim3e { unsigned x = 0, y = 1, z = 1; };
 struct fiber {
+#ifdef MOE_EMU_FAST_SWITCH
+  void* sp = nullptr;
+#else
   ucontext_t ctx;
+#endif
   std::vector<char> stack;
   dim3e tid;
   bool done = false;
@@ -30,7 +84,11 @@ struct fiber {
 inline dim3e block_idx, block_dim, grid_dim;
 inline std::vector<fiber> fibers;
 inline fiber* cur = nullptr;
+#ifdef MOE_EMU_FAST_SWITCH
+inline void* sched_sp = nullptr;
+#else
 inline ucontext_t sched;
+#endif
 inline std::function<void()> entry;
 inline uint64_t events = 0;
 inline int block_arrivals = 0;
@@ -39,7 +97,21 @@ inline int warp_arrivals[32];
 inline uint64_t warp_gen[32];
 inline uint64_t slots[32][32];
 
-inline void yield() { swapcontext(&cur->ctx, &sched); }
+// From the running fiber to the scheduler, and from the scheduler into fiber `f`.
+inline void yield() {
+#ifdef MOE_EMU_FAST_SWITCH
+  moe_emu_switch(&cur->sp, sched_sp);
+#else
+  swapcontext(&cur->ctx, &sched);
+#endif
+}
+inline void resume(fiber& f) {
+#ifdef MOE_EMU_FAST_SWITCH
+  moe_emu_switch(&sched_sp, f.sp);
+#else
+  swapcontext(&sched, &f.ctx);
+#endif
+}
 inline int lane() { return static_cast<int>(cur->tid.x % 32); }
 inline int warp() { return static_cast<int>(cur->tid.x / 32); }
 
@@ -85,18 +157,67 @@ inline unsigned ballot(unsigned mask, bool p) {
   return r;
 }
 
+// Per-thread checks of the operations that have no rendezvous here (wmma_emulator.hpp): reset
+// when a block starts, checked when it ends.
+inline void collective_begin(unsigned nthreads);
+inline void collective_end(unsigned block, unsigned nthreads);
+
+// A fiber's first code; never returns (the scheduler does not resume a finished fiber).
 inline void trampoline() {
   entry();
   cur->done = true;
   ++events;
-  swapcontext(&cur->ctx, &sched);
+  yield();
+  std::abort();
+}
+
+// Makes `f` start at trampoline() when resumed.
+inline void prepare(fiber& f) {
+#ifdef MOE_EMU_FAST_SWITCH
+  // The frame moe_emu_switch pops, from the lowest address: the control words, r15, r14, r13,
+  // r12, rbx, rbp, the return address (trampoline), then a null return address for trampoline
+  // itself. The return address slot is 16-byte aligned, so trampoline starts with the stack
+  // alignment of a called function.
+  auto top = reinterpret_cast<uintptr_t>(f.stack.data() + f.stack.size()) & ~uintptr_t{15};
+  auto* sp = reinterpret_cast<uint64_t*>(top);
+  *--sp = 0;
+  *--sp = reinterpret_cast<uint64_t>(&trampoline);
+  for (int i = 0; i < 6; ++i) *--sp = 0;
+  uint32_t mxcsr;
+  uint16_t fpu_cw;
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpu_cw));
+  *--sp = uint64_t{mxcsr} | uint64_t{fpu_cw} << 32;
+  f.sp = sp;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.data();
+  f.ctx.uc_stack.ss_size = f.stack.size();
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, trampoline, 0);
+#endif
 }
 
 inline uint64_t num_blocks_run = 0;
 
 // Dynamic shared memory of the current launch: refilled with 0xff bytes (NaN floats) for every
-// block, so a read of a never-written element shows up as a NaN in the result.
-inline std::vector<unsigned char> dynamic_smem;
+// block, so a read of a never-written element shows up as a NaN in the result. 128-byte aligned
+// like the GPU's, which WMMA's 32-byte alignment checks and __align__ declarations rely on.
+template <class T>
+struct smem_allocator {
+  using value_type = T;
+  smem_allocator() = default;
+  template <class U>
+  smem_allocator(const smem_allocator<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{128}));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{128}); }
+  template <class U>
+  bool operator==(const smem_allocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const smem_allocator<U>&) const { return false; }
+};
+inline std::vector<unsigned char, smem_allocator<unsigned char>> dynamic_smem;
 inline size_t dynamic_smem_bytes = 0;
 // Fiber order per scheduling round: 0 forward, 1 reverse, 2 random (EMU_ORDER=fwd|rev|rand),
 // so that a missing barrier shows up as a reader running before its writer.
@@ -123,16 +244,13 @@ inline void run_block(unsigned b, unsigned nthreads) {
   if (fibers.size() < nthreads) fibers.resize(nthreads);
   block_arrivals = 0;
   for (auto& a : warp_arrivals) a = 0;
+  collective_begin(nthreads);
   for (unsigned t = 0; t < nthreads; ++t) {
     fiber& f = fibers[t];
     if (f.stack.empty()) f.stack.resize(64 * 1024);
     f.done = false;
     f.tid.x = t;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, trampoline, 0);
+    prepare(f);
   }
   std::vector<unsigned> order(nthreads);
   for (;;) {
@@ -146,7 +264,7 @@ inline void run_block(unsigned b, unsigned nthreads) {
       if (fibers[t].done) continue;
       all_done = false;
       cur = &fibers[t];
-      swapcontext(&sched, &cur->ctx);
+      resume(*cur);
     }
     if (all_done) break;
     if (events == before) {
@@ -154,6 +272,7 @@ inline void run_block(unsigned b, unsigned nthreads) {
       std::abort();
     }
   }
+  collective_end(b, nthreads);
   ++num_blocks_run;
 }
 
@@ -218,6 +337,8 @@ using std::max;
 #define __launch_bounds__(...)
 // Variadic: a kernel named with several template arguments has commas in it.
 #define cudaFuncSetAttribute(...) ::emu::func_set_attribute(__VA_ARGS__)
+
+#include "wmma_emulator.hpp"
 
 
 // The runtime API, on host memory.
