@@ -276,15 +276,21 @@ inline void run_block(unsigned b, unsigned nthreads) {
   ++num_blocks_run;
 }
 
+// Where launches go when a stand-in CUDA runtime is linked (tests/emulator/fake_cudart.cpp, which
+// sets it): it runs the launch at once, keeps it for the graph its stream is capturing (a
+// closure holding a copy of the arguments, as CUDA copies them at capture), or refuses it with
+// the runtime's last error. Null (the kernel tests' macros): every launch runs at once.
+inline void (*launch_hook)(cudaStream_t stream, std::function<void()> launch) = nullptr;
+
 template <class... P>
 struct launcher {
   void (*fn)(P...);
   dim3e grid;
   unsigned block;
   size_t smem;
-  template <class... A>
-  void operator()(A&&... a) const {
-    std::tuple<P...> args(static_cast<P>(a)...);
+  cudaStream_t stream;
+  static void run(void (*fn)(P...), dim3e grid, unsigned block, size_t smem,
+                  std::tuple<P...>& args) {
     entry = [&] { std::apply(fn, args); };
     grid_dim = grid;
     block_dim.x = block;
@@ -295,16 +301,24 @@ struct launcher {
     }
     block_idx.y = 0;
   }
+  template <class... A>
+  void operator()(A&&... a) const {
+    std::tuple<P...> args(static_cast<P>(a)...);
+    if (launch_hook == nullptr) return run(fn, grid, block, smem, args);
+    launch_hook(stream, [f = fn, g = grid, b = block, s = smem, args]() mutable {
+      run(f, g, b, s, args);
+    });
+  }
 };
 template <class... P>
 launcher<P...> launch(void (*fn)(P...), unsigned grid, unsigned block, size_t smem = 0,
-                      cudaStream_t = nullptr) {
-  return {fn, dim3e{grid, 1, 1}, block, smem};
+                      cudaStream_t stream = nullptr) {
+  return {fn, dim3e{grid, 1, 1}, block, smem, stream};
 }
 template <class... P>
 launcher<P...> launch(void (*fn)(P...), dim3 grid, unsigned block, size_t smem = 0,
-                      cudaStream_t = nullptr) {
-  return {fn, dim3e{grid.x, grid.y, grid.z}, block, smem};
+                      cudaStream_t stream = nullptr) {
+  return {fn, dim3e{grid.x, grid.y, grid.z}, block, smem, stream};
 }
 // Launch limits mean nothing here: every block runs on the host.
 template <class... A>
@@ -341,7 +355,9 @@ using std::max;
 #include "wmma_emulator.hpp"
 
 
-// The runtime API, on host memory.
+// The runtime API, on host memory; MOE_EMU_FAKE_CUDART: fake_cudart.cpp defines the functions
+// instead (streams, events, errors and graph capture, for code that uses more than these).
+#ifndef MOE_EMU_FAKE_CUDART
 #define cudaGetLastError() cudaSuccess
 #define cudaMalloc(p, n) (*(p) = std::malloc(n), cudaSuccess)
 #define cudaFree(p) (std::free(p), cudaSuccess)
@@ -349,3 +365,4 @@ using std::max;
 #define cudaMemset(d, v, n) (std::memset((d), (v), (n)), cudaSuccess)
 #define cudaDeviceSynchronize() cudaSuccess
 #define cudaGetDeviceCount(c) (*(c) = 1, cudaSuccess)
+#endif  // MOE_EMU_FAKE_CUDART
