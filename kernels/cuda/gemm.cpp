@@ -52,6 +52,25 @@ layout_ptr make_layout(dtype t, int64_t rm_rows, int64_t rm_cols, int64_t ld, in
   return out;
 }
 
+// cuBLASLt assumes every operand is 256-byte aligned unless the preference says otherwise, and
+// an algorithm chosen under that assumption may fault on a less aligned pointer. Plans are
+// cached per shape, so the alignment each call's pointers actually have (the largest power of
+// two up to 256 dividing the address of every matrix of the batch) is part of the key and goes
+// into the preference.
+uint32_t alignment_of(const void* p, int64_t batch_count, int64_t stride_elements, size_t element_bytes) noexcept {
+  uint64_t bits = reinterpret_cast<uintptr_t>(p) | 256u;
+  if (batch_count > 1) bits |= static_cast<uint64_t>(stride_elements) * element_bytes;
+  return static_cast<uint32_t>(bits & (~bits + 1));  // the lowest set bit
+}
+
+bool set_alignments(cublasLtMatmulPreference_t pref, uint32_t a, uint32_t b, uint32_t c) noexcept {
+  auto set = [&](cublasLtMatmulPreferenceAttributes_t attr, uint32_t v) {
+    return cublasLtMatmulPreferenceSetAttribute(pref, attr, &v, sizeof(v)) == CUBLAS_STATUS_SUCCESS;
+  };
+  return set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a) && set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b) &&
+         set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c) && set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c);
+}
+
 }  // namespace
 
 struct gemm_lt::plan {
@@ -173,7 +192,10 @@ kernel_status gemm_lt::run_fp8_linear(const fp8_linear_desc& d, void* workspace,
   if (!handle_) return kernel_status::no_device;
   if (d.m == 0 || d.n == 0) return kernel_status::ok;
   if (!workspace) workspace_bytes = 0;
-  const fp8_plan_key key{d.m, d.n, d.k, workspace_bytes};
+  const uint32_t align_w = alignment_of(d.w_q, 1, 0, 1);
+  const uint32_t align_x = alignment_of(d.x_q, 1, 0, 1);
+  const uint32_t align_y = alignment_of(d.y, 1, 0, 2);
+  const fp8_plan_key key{d.m, d.n, d.k, workspace_bytes, align_w, align_x, align_y};
   auto it = fp8_plans_.find(key);
   if (it == fp8_plans_.end()) {
     auto p = std::make_unique<plan>();
@@ -218,7 +240,8 @@ kernel_status gemm_lt::run_fp8_linear(const fp8_linear_desc& d, void* workspace,
     preference_ptr pref{pref_raw};
     const uint64_t ws = workspace_bytes;
     if (cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) !=
-        CUBLAS_STATUS_SUCCESS)
+        CUBLAS_STATUS_SUCCESS ||
+        !set_alignments(pref_raw, align_w, align_x, align_y))
       return kernel_status::launch_failed;
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
@@ -273,8 +296,13 @@ kernel_status gemm_lt::run(const gemm_desc& d, void* workspace, size_t workspace
   if (!workspace) workspace_bytes = 0;
   const bool ta = d.trans_a == transpose::yes, tb = d.trans_b == transpose::yes;
   const bool beta_zero = d.beta == 0.0f;
+  // cuBLASLt's first operand is our B, its second our A (see below).
+  const uint32_t align_first = alignment_of(d.b, d.batch_count, d.stride_b, dtype_bytes(d.ab_dt));
+  const uint32_t align_second = alignment_of(d.a, d.batch_count, d.stride_a, dtype_bytes(d.ab_dt));
+  const uint32_t align_c = alignment_of(d.c, d.batch_count, d.stride_c, dtype_bytes(d.c_dt));
   const plan_key key{static_cast<int>(d.ab_dt), static_cast<int>(d.c_dt), d.m, d.n, d.k, d.lda, d.ldb, d.ldc,
-                     ta, tb, d.batch_count, d.stride_a, d.stride_b, d.stride_c, workspace_bytes, beta_zero};
+                     ta, tb, d.batch_count, d.stride_a, d.stride_b, d.stride_c, workspace_bytes, beta_zero,
+                     align_first, align_second, align_c};
   auto it = plans_.find(key);
   if (it == plans_.end()) {
     auto p = std::make_unique<plan>();
@@ -302,7 +330,8 @@ kernel_status gemm_lt::run(const gemm_desc& d, void* workspace, size_t workspace
     preference_ptr pref{pref_raw};
     const uint64_t ws = workspace_bytes;
     if (cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) !=
-        CUBLAS_STATUS_SUCCESS)
+        CUBLAS_STATUS_SUCCESS ||
+        !set_alignments(pref_raw, align_first, align_second, align_c))
       return kernel_status::launch_failed;
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;

@@ -178,11 +178,14 @@ class gemm_lt {
   struct plan;
 
  private:
+  // ... and the alignment of cuBLASLt's A, B and C/D pointers (part of the algorithm's choice).
   using plan_key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
-                              int, int64_t, int64_t, int64_t, int64_t, size_t, bool>;
+                              int, int64_t, int64_t, int64_t, int64_t, size_t, bool, uint32_t,
+                              uint32_t, uint32_t>;
   std::unique_ptr<void, cublaslt_deleter> handle_;
   std::map<plan_key, std::unique_ptr<plan>> plans_;
-  using fp8_plan_key = std::tuple<int64_t, int64_t, int64_t, size_t>;  // m, n, k, workspace bytes
+  // m, n, k, workspace bytes, alignment of the weight, the activation and y
+  using fp8_plan_key = std::tuple<int64_t, int64_t, int64_t, size_t, uint32_t, uint32_t, uint32_t>;
   std::map<fp8_plan_key, std::unique_ptr<plan>> fp8_plans_;
 };
 

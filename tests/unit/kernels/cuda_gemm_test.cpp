@@ -171,6 +171,35 @@ TEST(cuda_gemm, linear_bf16_matches_the_cpu_reference_within_bf16_rounding) {
   }
 }
 
+TEST(cuda_gemm, a_less_aligned_operand_gets_a_plan_of_its_own) {
+  // Plans are cached per shape, and cuBLASLt assumes 256-byte aligned operands unless told:
+  // the same shape with x starting 8 bytes into its buffer must get its own plan, made for
+  // that alignment, and the right product (CI's stand-in cuBLASLt refuses a product whose
+  // pointers break the alignment its plan was made for).
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  gemm_fixture f;
+  ASSERT_EQ(cuda::gemm_lt::create(f.lt), kernel_status::ok);
+  const size_t rows = 8, in = 256, out = 64, shift = 4;  // 4 bf16 elements: 8 bytes
+  const auto xb = to_bf16(random_floats(rows * in, 5)), wb = to_bf16(random_floats(out * in, 6));
+  std::vector<double> exact, magnitude;
+  linear_reference(from_bf16(xb), from_bf16(wb), rows, in, out, exact, magnitude);
+  std::vector<uint16_t> shifted(shift, 0);
+  shifted.insert(shifted.end(), xb.begin(), xb.end());
+  device_buffer dx(xb.size() * 2), dxs(shifted.size() * 2), dw(wb.size() * 2), dy(rows * out * 4);
+  ASSERT_TRUE(upload(dx, xb));
+  ASSERT_TRUE(upload(dxs, shifted));
+  ASSERT_TRUE(upload(dw, wb));
+  const auto* x_shifted = static_cast<const uint16_t*>(dxs.get()) + shift;
+  for (const void* x : {static_cast<const void*>(dx.get()), static_cast<const void*>(x_shifted)}) {
+    const auto d = cuda::linear_desc(x, dw.get(), dy.get(), rows, in, out, dtype::bf16, dtype::f32);
+    ASSERT_EQ(f.lt.run(d, f.workspace.get(), cuda::gemm_workspace_bytes, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto got = fetch<float>(dy, rows * out);
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], exact[i], 1e-5 * magnitude[i]) << i;
+  }
+  EXPECT_EQ(f.lt.num_plans(), 2u);
+}
+
 TEST(cuda_gemm, strided_batched_transposed_products_match_the_cpu_reference) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   gemm_fixture f;
