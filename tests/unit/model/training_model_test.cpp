@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <map>
@@ -129,17 +130,27 @@ TEST(training_model, multi_token_prediction_gradients_match_finite_differences) 
   // the MTP loss reaches through them, against central differences of the total loss.
   std::map<std::string, std::vector<float>> grads;
   for (const auto& p : m->parameters()) grads[p.name].assign(p.grad.begin(), p.grad.end());
+  // The main model is reached only through the MTP module's input, so its gradients are small
+  // (element 123 of o_proj had 0.004, where a step of 1% of its weight moved the float32 loss by
+  // about one ulp: the check passed or failed with the BLAS's summation order). Its probe is the
+  // element with the largest gradient, where the difference is well above the rounding.
+  auto largest = [](const std::vector<float>& g) {
+    return static_cast<size_t>(std::max_element(g.begin(), g.end(), [](float a, float b) {
+                                 return std::abs(a) < std::abs(b);
+                               }) - g.begin());
+  };
   const std::pair<std::string, size_t> probes[] = {
       {"model.layers.3.eh_proj.weight", 5},      {"model.layers.3.enorm.weight", 3},
       {"model.layers.3.hnorm.weight", 9},        {"model.layers.3.shared_head.norm.weight", 1},
       {"model.layers.3.self_attn.o_proj.weight", 77}, {"lm_head.weight", 64 * 7 + 3},
       {"model.embed_tokens.weight", 64 * static_cast<size_t>(batch[0][5]) + 2},
-      {"model.layers.2.self_attn.o_proj.weight", 123}};
+      {"model.layers.2.self_attn.o_proj.weight", largest(grads.at("model.layers.2.self_attn.o_proj.weight"))}};
   for (const auto& [name, index] : probes) {
     host_tensor* t = weights->find(name);
     ASSERT_NE(t, nullptr) << name;
     float& w = t->data()[index];
     const float saved = w;
+    const double ours = grads.at(name)[index];
     const double h = 1e-2 * std::max(1e-2, static_cast<double>(std::abs(saved)));
     w = static_cast<float>(saved + h);
     const double up = total();
@@ -147,8 +158,9 @@ TEST(training_model, multi_token_prediction_gradients_match_finite_differences) 
     const double down = total();
     w = saved;
     const double fd = (up - down) / (2 * h);
-    const double ours = grads.at(name)[index];
-    EXPECT_NEAR(ours, fd, 2e-2 * std::abs(fd) + 1e-5) << name << "[" << index << "]";
+    // The loss is a float32 sum: each evaluation is good to about an ulp of it.
+    const double noise = 2 * std::ldexp(1.0, std::ilogb(base) - 23) / (2 * h);
+    EXPECT_NEAR(ours, fd, 2e-2 * std::abs(fd) + 1e-5 + noise) << name << "[" << index << "]";
   }
 }
 
