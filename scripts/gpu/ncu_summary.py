@@ -15,7 +15,8 @@ import csv
 import json
 import sys
 
-UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+# ncu spells the unit "ns" (or "nsecond" in older versions).
+UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 
 # Kernel families by a substring of the demangled name, first match wins.
 FAMILIES = [
