@@ -50,9 +50,10 @@ struct gpu_engine_options {
   /// block table to the next power-of-two width; each (batch, width, return_logits) gets its
   /// graph on its first step, which runs eagerly in the graph's buffers and is then captured.
   /// Steps with capture_routing, batches above 256 and shapes whose capture failed run eagerly
-  /// (decode_graph_stats() counts them and says why). Off by default until the graphs have run
-  /// on a card; it becomes the default then.
-  bool decode_graphs = false;
+  /// (decode_graph_stats() counts them and says why). On by default since they passed their
+  /// tests on an H200 (2026-11-29; 1.02-1.04x there on v2lite-8L, whose steps are bound by
+  /// their kernels). Off: every step launches kernel by kernel.
+  bool decode_graphs = true;
   /// The most graphs kept (>= 1); the least recently used is dropped beyond it. Each holds
   /// device memory the size of an eager step's activations at its padded shape (logits
   /// included: rows x vocab x 4 bytes with return_logits) and a pinned buffer of its results.

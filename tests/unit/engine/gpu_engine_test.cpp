@@ -323,7 +323,8 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
     const auto ids = g.ids("input_ids");
     const auto a = slice(ids, 0, 5), b = slice(ids, seq_len, 3), c = slice(ids, 3, 2);
-    auto eager = make_gpu(/*num_blocks=*/32, /*block_size=*/4);
+    auto eager = make_gpu(/*num_blocks=*/32, /*block_size=*/4,
+                          [](auto& o) { o.decode_graphs = false; });
     auto graphed = make_gpu(/*num_blocks=*/32, /*block_size=*/4, [&](auto& o) {
       o.decode_graphs = true;
       if (tweak) tweak(o);
@@ -643,7 +644,7 @@ TEST_P(gpu_engine_test, use_graph_false_runs_a_step_eagerly_on_a_graph_engine) {
   const auto ids = g.ids("input_ids");
   const auto a = slice(ids, 0, 6);
   auto graphed = make_gpu(32, 4, [](auto& o) { o.decode_graphs = true; });
-  auto plain = make_gpu(32, 4);
+  auto plain = make_gpu(32, 4, [](auto& o) { o.decode_graphs = false; });
   const model::sequence_input seqs[] = {{1, a}};
   auto first = graphed.prefill(seqs);
   ASSERT_TRUE(first) << error_text(first.error());
