@@ -181,10 +181,12 @@ int main(int argc, char** argv) {
   // of 64), batch 1 and 32, 4096 cached tokens each, the blocks scattered over the pool: the
   // kernel must read every cached entry once per (sequence, 16 heads), so its figure is the
   // cache bytes over the time; q, the output and the split partials (L2-resident) are not
-  // counted. "splits" is how many parts each sequence was cut into.
+  // counted. "splits" is how many parts each sequence was cut into. Also at 160 tokens, the
+  // engine's short contexts, where the figure that matters is the launch's latency ("us").
+  for (int64_t tokens : {int64_t{4096}, int64_t{160}})
   for (int64_t batch : {1, 32}) {
-    const int64_t heads = 16, latent = 512, rope = 64, nope = 128, block = 64, tokens = 4096;
-    const int64_t blocks_per_seq = tokens / block, num_blocks = batch * blocks_per_seq;
+    const int64_t heads = 16, latent = 512, rope = 64, nope = 128, block = 64;
+    const int64_t blocks_per_seq = (tokens + block - 1) / block, num_blocks = batch * blocks_per_seq;
     const int64_t entry = latent + rope;
     device_mem pool(num_blocks * block * entry * 2), q_latent(batch * heads * latent * 2),
         q(batch * heads * (nope + rope) * 2), out_latent(batch * heads * latent * 2),
@@ -218,9 +220,11 @@ int main(int argc, char** argv) {
     const double ms = median_ms(reps, [&] {
       check(kc::mla_decode_run(a, workspace.p, workspace_bytes, nullptr), "mla_decode");
     });
-    const std::string name = "mla_decode_bf16_h16_r512_b" + std::to_string(batch) + "_4096";
+    const std::string name =
+        "mla_decode_bf16_h16_r512_b" + std::to_string(batch) + "_" + std::to_string(tokens);
     bandwidth_entry(name.c_str(), 2.0 * batch * tokens * entry, ms);
     out["bandwidth"][name]["splits"] = kc::mla_decode_make_plan(a).num_splits;
+    out["bandwidth"][name]["us"] = ms * 1e3;
   }
 
   // MLA prefill (causal, decompressed keys and values) over 4 packed sequences of 512 tokens,

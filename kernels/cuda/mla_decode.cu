@@ -1,8 +1,11 @@
 #include <cuda_bf16.h>
+#include <cuda_pipeline_primitives.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/mla_decode.hpp"
@@ -84,7 +87,7 @@ bool layout_ok(const cpu::mla_cache_layout& l) noexcept {
 // quarter of the instructions, which matters because the kernel runs on CUDA cores: at 16
 // heads each staged byte costs ~15 FMAs, so instruction issue, not memory, is the bound on
 // H200 (about half the copy bandwidth at best; bench/gpu_kernels_bench.cpp measures it).
-// Tensor cores (mma for the scores and the value sums) are what would lift that bound.
+// This kernel serves f32 storage and the shapes the tensor-core kernel below does not take.
 
 constexpr int decode_threads = 256;
 constexpr int decode_warps = decode_threads / 32;
@@ -381,6 +384,278 @@ __global__ void __launch_bounds__(decode_threads, 2) mla_decode_kernel(decode_pa
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// mla_decode on tensor cores (bf16 storage; R a multiple of 128, R + dr a multiple of 16)
+//
+// Same block decomposition and the same partial results as mla_decode_kernel, so the plan, the
+// workspace and the combine kernel are shared. Block: 256 threads (8 warps) for one (sequence b,
+// split, group of up to 16 heads); the group's queries sit in shared memory as bf16 (16 x E, the
+// rows of absent heads zero). Tiles of 32 tokens x E are copied from the pool with cp.async,
+// double buffered: the next tile is in flight while this one is used. Per tile:
+//  1. scores S (16 x 32) = Q (16 x E) . K^T on tensor cores (WMMA bf16, float32 accumulators):
+//     warp w does the 16 tokens (w % 2) over a quarter (w / 2) of E; the four partial sums meet
+//     in shared memory (float32);
+//  2. the online softmax step in float32: 16 threads per head, 2 tokens each (exp2 of the
+//     log2(e)-scaled scores, invalid tokens -inf, so p = 0). P goes to shared memory split in
+//     two bf16 terms, hi = bf16(p) and lo = bf16(p - hi), so that hi + lo carries p to ~2^-17:
+//     the product P . V then keeps float32-class accuracy (a single bf16 P would move outputs by
+//     up to 2^-9 of the weights, past the tests' bf16 bound where outputs cancel);
+//  3. O (16 x R) = diag(factor) O + P_hi . V + P_lo . V on tensor cores: warp w owns R / 128
+//     16-column tiles of O as float32 accumulators in registers. The per-head factor is applied
+//     through a 16 x 16 accumulator fragment loaded from a (head, 16) matrix of factors, so no
+//     fragment layout is assumed.
+// Four barriers per tile. The accumulators go through shared memory once at the end.
+
+constexpr int tc_threads = 256;
+constexpr int tc_warps = tc_threads / 32;
+constexpr int tc_tile = 32;  // tokens per tile; split_len is a multiple of it
+constexpr int tc_heads = 16;
+constexpr int tc_score_ntiles = tc_tile / 16;              // 2 token tiles of the scores
+constexpr int tc_score_kparts = tc_warps / tc_score_ntiles;  // 4 parts of E
+constexpr int tc_max_row = static_cast<int>(mla_decode_max_entry_dim) + 8;  // padded: no bank conflicts
+constexpr int tc_p_ld = tc_tile + 8;  // bf16 elements per row of P
+constexpr int tc_max_ntiles_per_warp = static_cast<int>(mla_decode_max_latent_dim) / (16 * tc_warps);  // 4
+
+constexpr size_t tc_align(size_t n) { return (n + 127) / 128 * 128; }
+// Byte offsets of the shared memory regions (sized for the widest entry).
+constexpr size_t tc_kv_stage_bytes = tc_align(size_t{tc_tile} * tc_max_row * 2);
+constexpr size_t tc_kv_off = 0;                                              // 2 stages
+constexpr size_t tc_q_off = tc_kv_off + 2 * tc_kv_stage_bytes;               // (16, row) bf16
+constexpr size_t tc_s_off = tc_q_off + tc_align(size_t{tc_heads} * tc_max_row * 2);  // (kparts, 16, tile) f32
+constexpr size_t tc_p_off = tc_s_off + tc_align(size_t{tc_score_kparts} * tc_heads * tc_tile * 4);  // hi, lo
+constexpr size_t tc_f_off = tc_p_off + tc_align(size_t{2} * tc_heads * tc_p_ld * 2);  // (16, 16) f32
+constexpr size_t tc_valid_off = tc_f_off + tc_align(size_t{tc_heads} * 16 * 4);      // (2, tile) f32
+constexpr size_t tc_final_off = tc_valid_off + tc_align(size_t{2} * tc_tile * 4);     // max, sum
+constexpr size_t tc_shared_bytes = tc_final_off + tc_align(size_t{2} * tc_heads * 4);
+static_assert(size_t{tc_heads} * mla_decode_max_latent_dim * 4 <= 2 * tc_kv_stage_bytes,
+              "the output staging reuses the tile buffers");
+static_assert(tc_shared_bytes <= 113 * 1024, "two blocks per SM");
+
+bool tc_supported(const mla_decode_args& a) {
+  const auto r = static_cast<int64_t>(a.layout.latent_dim);
+  const auto e = r + static_cast<int64_t>(a.layout.rope_dim);
+  return a.dt == dtype::bf16 && r % (16 * tc_warps) == 0 && e % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(a.pool) % 16 == 0;
+}
+
+__global__ void __launch_bounds__(tc_threads, 2)
+    mla_decode_tc_kernel(decode_params<__nv_bfloat16> p) {
+  using namespace nvcuda;
+  using bf16 = __nv_bfloat16;
+  extern __shared__ float4 tc_shared[];
+  unsigned char* base = reinterpret_cast<unsigned char*>(tc_shared);
+  const int r = p.latent_dim, e = p.entry_dim, row = e + 8;
+  // Stage s of the tile buffer: (tc_tile, row) bf16.
+  const auto kv = [&](int s) {
+    return reinterpret_cast<bf16*>(base + tc_kv_off + s * tc_kv_stage_bytes);
+  };
+  bf16* q_s = reinterpret_cast<bf16*>(base + tc_q_off);
+  float* s_part = reinterpret_cast<float*>(base + tc_s_off);
+  bf16* p_hi = reinterpret_cast<bf16*>(base + tc_p_off);
+  bf16* p_lo = p_hi + tc_heads * tc_p_ld;
+  float* factor_s = reinterpret_cast<float*>(base + tc_f_off);
+  float* valid = reinterpret_cast<float*>(base + tc_valid_off);
+  float* final_max = reinterpret_cast<float*>(base + tc_final_off);
+  float* final_sum = final_max + tc_heads;
+
+  const int64_t linear = blockIdx.x;
+  const int group = static_cast<int>(linear % p.num_groups);
+  const int split = static_cast<int>(linear / p.num_groups % p.num_splits);
+  const int64_t b = linear / p.num_groups / p.num_splits;
+  const int head0 = group * tc_heads;
+  const int group_heads = min(tc_heads, p.num_heads - head0);
+
+  const int64_t capacity = p.max_blocks_per_seq * p.block_size;
+  const int64_t seq_len = min(max(int64_t{p.seq_lens[b]}, int64_t{0}), capacity);
+  const int64_t begin = split * p.split_len;
+  const int64_t end = split == p.num_splits - 1 ? seq_len : min(seq_len, begin + p.split_len);
+  const int64_t part_row = (b * p.num_splits + split) * p.num_heads + head0;
+  const int tid = static_cast<int>(threadIdx.x);
+
+  if (begin >= end) {
+    if (p.num_splits == 1) {
+      for (int i = tid; i < group_heads * r; i += tc_threads)
+        store(p.out, (b * p.num_heads + head0) * r + i, 0.0f);
+    } else if (tid < group_heads) {
+      p.part_max[part_row + tid] = -INFINITY;
+      p.part_sum[part_row + tid] = 0.0f;
+    }
+    return;
+  }
+
+  const int32_t* table_row = p.block_table + b * p.max_blocks_per_seq;
+  const int chunks_per_row = e / 8;  // 16-byte copies
+  // Issues the copies of the tile at `tile_begin` into stage `s`: zeros (and valid = 0) for a
+  // token past the split or with a block id outside the pool, so p = 0 never meets NaN.
+  // A warp per row, its lanes over the row's 16-byte chunks. Token positions fit int32
+  // (mla_decode_can_run bounds the table's capacity), so the divisions are 32-bit.
+  const int block_size = static_cast<int>(p.block_size);
+  const auto issue = [&](int64_t tile_begin, int s) {
+    for (int j = static_cast<int>(threadIdx.x / 32); j < tc_tile; j += tc_warps) {
+      const int64_t token = tile_begin + j;
+      const bf16* entry = nullptr;
+      if (token < end) {
+        const int t = static_cast<int>(token);
+        const int32_t id = table_row[t / block_size];
+        if (id >= 0 && id < p.num_blocks)
+          entry = p.pool + (int64_t{id} * block_size + t % block_size) * e;
+      }
+      bf16* dst = kv(s) + j * row;
+      for (int k = static_cast<int>(threadIdx.x % 32); k < chunks_per_row; k += 32) {
+        if (entry != nullptr)
+          __pipeline_memcpy_async(dst + 8 * k, entry + 8 * k, 16);
+        else
+          __pipeline_memcpy_async(dst + 8 * k, p.pool, 16, 16);  // zero fill, nothing read
+      }
+      if (threadIdx.x % 32 == 0) valid[s * tc_tile + j] = entry != nullptr ? 1.0f : 0.0f;
+    }
+  };
+  issue(begin, 0);
+  __pipeline_commit();
+
+  // The group's queries, raw bf16 (the scale is applied to the float32 scores).
+  for (int i = tid; i < tc_heads * e; i += tc_threads) {
+    const int h = i / e, k = i % e;
+    bf16 v = __float2bfloat16_rn(0.0f);
+    if (h < group_heads) {
+      const int hh = head0 + h;
+      v = k < r ? p.q_latent[(b * p.num_heads + hh) * r + k]
+                : p.q_pe[b * p.q_pe_token_stride + hh * p.q_pe_head_stride + (k - r)];
+    }
+    q_s[h * row + k] = v;
+  }
+
+  const int warp = tid / 32;
+  // Scores: this warp's token tile and part of E.
+  const int score_nt = warp % tc_score_ntiles, score_kp = warp / tc_score_ntiles;
+  const int ksteps = e / 16;
+  const int k_first = score_kp * ksteps / tc_score_kparts;
+  const int k_last = (score_kp + 1) * ksteps / tc_score_kparts;
+  // Values: this warp's 16-column tiles of O.
+  const int ntiles_per_warp = r / (16 * tc_warps);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[tc_max_ntiles_per_warp];
+#pragma unroll
+  for (int i = 0; i < tc_max_ntiles_per_warp; ++i) wmma::fill_fragment(acc[i], 0.0f);
+  // Softmax: head sh, tokens 2 * sc and 2 * sc + 1; the 16 threads of a head hold its state.
+  const int sh = tid / 16, sc = tid % 16;
+  float run_max = -INFINITY, run_sum = 0.0f;
+
+  int stage = 0;
+  for (int64_t tile_begin = begin; tile_begin < end; tile_begin += tc_tile, stage ^= 1) {
+    // The other stage was last read before the previous tile's final barrier.
+    if (tile_begin + tc_tile < end) issue(tile_begin + tc_tile, stage ^ 1);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+    __syncthreads();
+    const bf16* tile = kv(stage);
+
+    // 1. Scores.
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc;
+      wmma::fill_fragment(s_acc, 0.0f);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kb;
+      for (int ks = k_first; ks < k_last; ++ks) {
+        wmma::load_matrix_sync(qa, q_s + 16 * ks, row);
+        wmma::load_matrix_sync(kb, tile + score_nt * 16 * row + 16 * ks, row);
+        wmma::mma_sync(s_acc, qa, kb, s_acc);
+      }
+      wmma::store_matrix_sync(s_part + score_kp * tc_heads * tc_tile + score_nt * 16, s_acc,
+                              tc_tile, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    // 2. The online softmax step.
+    {
+      float s[2];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int j = 2 * sc + t;
+        float v = 0.0f;
+#pragma unroll
+        for (int kp = 0; kp < tc_score_kparts; ++kp) v += s_part[(kp * tc_heads + sh) * tc_tile + j];
+        s[t] = valid[stage * tc_tile + j] != 0.0f ? v * p.scale_log2 : -INFINITY;
+      }
+      float m = fmaxf(s[0], s[1]);
+#pragma unroll
+      for (int off = 8; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+      const float new_max = fmaxf(run_max, m);
+      const float factor = new_max == -INFINITY ? 1.0f : exp2f(run_max - new_max);
+      float sum = 0.0f;
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const float prob = new_max == -INFINITY ? 0.0f : exp2f(s[t] - new_max);
+        const bf16 hi = __float2bfloat16_rn(prob);
+        const bf16 lo = __float2bfloat16_rn(prob - __bfloat162float(hi));
+        p_hi[sh * tc_p_ld + 2 * sc + t] = hi;
+        p_lo[sh * tc_p_ld + 2 * sc + t] = lo;
+        sum += prob;
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      run_sum = run_sum * factor + sum;
+      run_max = new_max;
+      factor_s[sh * 16 + sc] = factor;
+    }
+    __syncthreads();
+
+    // 3. O = diag(factor) O + (P_hi + P_lo) . V.
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> f;
+      wmma::load_matrix_sync(f, factor_s, 16, wmma::mem_row_major);
+#pragma unroll
+      for (int i = 0; i < tc_max_ntiles_per_warp; ++i)
+        if (i < ntiles_per_warp)
+#pragma unroll
+          for (int k = 0; k < f.num_elements; ++k) acc[i].x[k] *= f.x[k];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> ph, pl;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vb;
+#pragma unroll
+      for (int ks = 0; ks < tc_tile / 16; ++ks) {
+        wmma::load_matrix_sync(ph, p_hi + 16 * ks, tc_p_ld);
+        wmma::load_matrix_sync(pl, p_lo + 16 * ks, tc_p_ld);
+#pragma unroll
+        for (int i = 0; i < tc_max_ntiles_per_warp; ++i) {
+          if (i < ntiles_per_warp) {
+            const int n0 = (warp * ntiles_per_warp + i) * 16;
+            wmma::load_matrix_sync(vb, tile + 16 * ks * row + n0, row);
+            wmma::mma_sync(acc[i], pl, vb, acc[i]);
+            wmma::mma_sync(acc[i], ph, vb, acc[i]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // frees this stage, the scores, P and the factors
+  }
+
+  // The sums go through shared memory (the tile buffers, free now) to the output.
+  float* o_s = reinterpret_cast<float*>(base + tc_kv_off);
+#pragma unroll
+  for (int i = 0; i < tc_max_ntiles_per_warp; ++i)
+    if (i < ntiles_per_warp)
+      wmma::store_matrix_sync(o_s + (warp * ntiles_per_warp + i) * 16, acc[i], r,
+                              wmma::mem_row_major);
+  if (sc == 0) {
+    final_max[sh] = run_max;
+    final_sum[sh] = run_sum;
+  }
+  __syncthreads();
+  for (int i = tid; i < group_heads * r; i += tc_threads) {
+    const int h = i / r;
+    const float v = o_s[i];
+    if (p.num_splits == 1) {
+      const float sum = final_sum[h];
+      store(p.out, (b * p.num_heads + head0) * r + i, sum > 0.0f ? v / sum : 0.0f);
+    } else {
+      p.part_out[part_row * r + i] = v;
+    }
+  }
+  if (p.num_splits > 1 && tid < group_heads) {
+    p.part_max[part_row + tid] = final_max[tid];
+    p.part_sum[part_row + tid] = final_sum[tid];
+  }
+}
+
 constexpr int combine_threads = 128;
 
 // One block per (sequence, head): weights each split by exp2(its max - the overall max) and
@@ -453,6 +728,18 @@ kernel_status launch_decode(const mla_decode_args& a, const mla_decode_plan& pla
     p.part_sum = p.part_max + rows;
   }
 
+  const int64_t blocks = a.batch * plan.num_splits * plan.num_head_groups;
+  bool launched = false;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (tc_supported(a)) {
+      if (cudaFuncSetAttribute(mla_decode_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(tc_shared_bytes)) != cudaSuccess)
+        return kernel_status::launch_failed;
+      mla_decode_tc_kernel<<<static_cast<unsigned>(blocks), tc_threads, tc_shared_bytes, stream>>>(p);
+      launched = true;
+    }
+  }
+  if (!launched) {
   const size_t shared_bytes = decode_shared_floats(p.row_floats) * sizeof(float);
   // Allow the widest entry's need (76 KiB), not this launch's: the same value from every caller,
   // so concurrent launches of different widths cannot lower it under each other.
@@ -461,8 +748,8 @@ kernel_status launch_decode(const mla_decode_args& a, const mla_decode_plan& pla
   if (cudaFuncSetAttribute(mla_decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(max_shared_bytes)) != cudaSuccess)
     return kernel_status::launch_failed;
-  const int64_t blocks = a.batch * plan.num_splits * plan.num_head_groups;
   mla_decode_kernel<T><<<static_cast<unsigned>(blocks), decode_threads, shared_bytes, stream>>>(p);
+  }
   if (cudaGetLastError() != cudaSuccess) return kernel_status::launch_failed;
   if (plan.num_splits == 1) return kernel_status::ok;
   mla_decode_combine_kernel<T>
@@ -511,7 +798,8 @@ mla_decode_plan mla_decode_make_plan(const mla_decode_args& a) noexcept {
     return plan;
   }
   const int64_t base_blocks = std::max<int64_t>(1, a.batch * plan.num_head_groups);
-  const int64_t wanted = (decode_target_blocks + base_blocks - 1) / base_blocks;
+  // Rounded down: a few blocks past the target would make a second, nearly empty wave.
+  const int64_t wanted = std::max<int64_t>(1, decode_target_blocks / base_blocks);
   const int64_t by_length = (max_len + decode_min_split_tokens - 1) / decode_min_split_tokens;
   const int64_t splits = std::clamp<int64_t>(std::min(wanted, by_length), 1, mla_decode_max_splits);
   const int64_t per_split = (max_len + splits - 1) / splits;

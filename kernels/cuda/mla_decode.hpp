@@ -18,7 +18,11 @@
 // CPU reference uses double; the result is rounded to the storage dtype once. Expect float32
 // rounding of dot products over R + dr terms and sums over up to a few thousand tokens: errors
 // below 1e-6 of the latents' magnitude in practice (tests/unit/kernels/cuda_mla_test.cpp derives
-// its 5e-6 bound).
+// its 5e-6 bound). bf16 storage with R a multiple of 128 and R + dr a multiple of 16 (DeepSeek's
+// 512 + 64) runs on tensor cores: the products of bf16 values are exact and summed in float32
+// as before; the softmax weights, float32, enter the weighted sum as two bf16 terms (hi and the
+// remainder lo), which carry them to ~2^-17 relative, so the bound above still holds (one bf16
+// term alone would not: it moves outputs by up to 2^-9 of the weights).
 //
 // Device data the host cannot check are the caller's guarantee: block ids in [0, num_blocks),
 // 0 <= seq_lens[b] <= max_blocks_per_seq * block_size, slots distinct and < num_blocks *
