@@ -84,75 +84,152 @@ __device__ void find_tile(const int32_t* offsets, int num_experts, int32_t num_r
 
 // A block computes a (BM, BN) tile of y from `Stages` shared-memory stages of (BM, BK) rows of x
 // and (BN, BK) rows of the expert's weight, both k-contiguous as in memory; the warps form a
-// WarpsM x WarpsN grid, each holding (BM / WarpsM, BN / WarpsN) of float32 accumulators as 16x16
-// WMMA fragments. The weight tile read as (n, k) rows is exactly WMMA's column-major B (k, n).
-template <int BM, int BN, int BK, int WarpsM, int WarpsN, int Stages>
+// WarpsK x WarpsM x WarpsN grid, each holding (BM / WarpsM, BN / WarpsN) of float32 accumulators
+// as 16x16 WMMA fragments over its own 1 / WarpsK of each stage's k columns (WarpsK > 1 splits a
+// stage's k between warps: few rows and many bytes per stage, as at decode; the partial sums are
+// added in warp_k order at the end, so the result stays deterministic). The weight tile read as
+// (n, k) rows is exactly WMMA's column-major B (k, n).
+template <int BM, int BN, int BK, int WarpsM, int WarpsN, int WarpsK, int Stages, int MinBlocks,
+          bool SkipFragments>
 struct mma_tiles {
-  static constexpr int bm = BM, bn = BN, bk = BK, warps_n = WarpsN, stages = Stages;
-  static constexpr int threads = 32 * WarpsM * WarpsN;
+  static constexpr int bm = BM, bn = BN, bk = BK, warps_n = WarpsN, warps_k = WarpsK,
+                       stages = Stages, min_blocks = MinBlocks;
+  // Whether products of fragments wholly past the tile's rows or past n are skipped (warp-uniform
+  // conditions, so the warp-wide WMMA calls stay converged). Worth it where most of a tile is
+  // empty (decode: a few rows of 16); in full tiles the branches only break up the schedule of
+  // the loads and products, and a product of rows that were never loaded is never stored.
+  static constexpr bool skip_fragments = SkipFragments;
+  static constexpr int mn_warps = WarpsM * WarpsN;
+  static constexpr int threads = 32 * mn_warps * WarpsK;
   // 8 elements (16 bytes) of padding per row: the 16-byte pieces of 8 consecutive rows (what
-  // one phase of a fragment load reads) then fall in 8 different groups of 4 banks, for BK = 32
-  // and 64 alike, and each 16-row fragment stays 32-byte aligned as WMMA requires
+  // one phase of a fragment load reads) then fall in 8 different groups of 4 banks, for BK = 32,
+  // 64 and 128 alike, and each 16-row fragment stays 32-byte aligned as WMMA requires
   // (16 * (BK + 8) * 2 bytes is a multiple of 32 for BK % 8 == 0).
   static constexpr int ld = BK + 8;
-  static constexpr int warp_rows = BM / WarpsM, warp_cols = BN / WarpsN;
+  static constexpr int warp_rows = BM / WarpsM, warp_cols = BN / WarpsN, warp_k = BK / WarpsK;
   static constexpr int frags_m = warp_rows / 16, frags_n = warp_cols / 16;
   static constexpr size_t stage_elements = size_t{BM + BN} * ld;
   static constexpr size_t smem_bytes = Stages * stage_elements * sizeof(bf16);
-  static_assert(BM % (16 * WarpsM) == 0 && BN % (16 * WarpsN) == 0 && BK % 16 == 0);
+  // The epilogue reuses the stages: one 16x16 float32 scratch per (m, n) warp first, then the
+  // partial accumulators of the warps with warp_k > 0.
+  static constexpr size_t scratch_floats = size_t{mn_warps} * 256;
+  static constexpr size_t partial_floats = size_t{WarpsK - 1} * mn_warps * frags_m * frags_n * 256;
+  static_assert(BM % (16 * WarpsM) == 0 && BN % (16 * WarpsN) == 0 && BK % (16 * WarpsK) == 0);
   static_assert(Stages >= 2);
-  // The epilogue reuses the stages as one 16x16 float32 scratch per warp.
-  static_assert(smem_bytes >= size_t{WarpsM} * WarpsN * 256 * sizeof(float));
+  static_assert(smem_bytes >= (scratch_floats + partial_floats) * sizeof(float));
+  // min_blocks blocks per SM fit in its 228 KB of shared memory (each also holds the tile search's
+  // static arrays and 1 KB the system reserves); one block may take at most 227 KB.
+  static_assert(smem_bytes <= 227 * 1024 &&
+                MinBlocks * (smem_bytes + threads * sizeof(int64_t) + 16 + 1024) <= 228 * 1024);
 };
 
-// Many rows per expert (prefill, training): 128x128 tiles, 8 warps of 64x32.
-using wide_tiles = mma_tiles<128, 128, 32, 2, 4, 4>;
-// Few rows per expert (decode): the weight is what costs, so every block streams a 128-column
-// slice of one expert's weight once, over a 32-row tile; 4 warps of 32x32, deeper k steps.
-using narrow_tiles = mma_tiles<32, 128, 64, 1, 4, 4>;
+// Many rows per expert (prefill, training): 128x256 tiles, 8 warps of 64x64 (4 x 4 fragments:
+// each A fragment is used 4 times and each B fragment 4 times, half the shared-memory reads per
+// product of 64x32 warps), 32-wide k steps in 4 stages (123 KB, one block per SM).
+using wide_tiles = mma_tiles<128, 256, 32, 2, 4, 1, 4, 1, false>;
+// Few rows per expert (decode: 1-8): the weight is what costs, so a block streams a 64-column
+// slice of one expert's weight once, over a 16-row tile, in k steps of 128 (256-byte runs of each
+// weight row; the slice, 64 whole rows, is one contiguous range of memory). 5 stages (106 KB, two
+// blocks per SM): up to 4 x 16 KB of weight in flight per block, 128 KB per SM, several times
+// what the SM's share of HBM needs over its latency, so that a block starting up (tile search,
+// first copies) or finishing leaves the other enough in flight. 8 warps: 4 of 16x16 columns
+// times 2 halves of each k step.
+using narrow_tiles = mma_tiles<16, 64, 128, 1, 4, 2, 5, 2, true>;
 
-// Queues one k step of the tiles into stage `stage`. Rows past the tile's rows (x) or past n
-// (weights) are not loaded at all: an output element depends only on its own row of x and its
-// own row of the weight, and those outputs are never stored. Columns past k are zero-filled in
-// both operands, so they add exact zeros to the stored outputs.
-// Async: 16-byte cp.async copies (k % 8 == 0 and 16-byte aligned rows, so each 8-element chunk
-// is wholly inside or wholly past k); otherwise element loads and plain shared stores.
+// Queues k steps of the tiles into a stage. Rows past the tile's rows (x) or past n (weights)
+// are not loaded at all: an output element depends only on its own row of x and its own row of
+// the weight, and those outputs are never stored. Columns past k are zero-filled in both
+// operands, so they add exact zeros to the stored outputs.
+//
+// Async (k % 8 == 0 and 16-byte aligned rows, so each 8-element chunk is wholly inside or wholly
+// past k): 16-byte cp.async copies. Consecutive threads take consecutive chunks of a row, so a
+// warp reads whole runs; each thread keeps the same chunk column and rows `rows_per_pass` apart
+// in every step, so its addresses are worked out once per block and a step adds only k0.
 template <class Tiles, bool Async>
-__device__ void load_stage(bf16* stage, const bf16* a_src, int32_t a_rows, const bf16* b_src,
-                           int32_t b_rows, int32_t k, int32_t k0) {
-  bf16* as = stage;
-  bf16* bs = stage + Tiles::bm * Tiles::ld;
-  const int tid = static_cast<int>(threadIdx.x);
-  if constexpr (Async) {
-    constexpr int chunks = Tiles::bk / 8;
-    for (int c = tid; c < (Tiles::bm + Tiles::bn) * chunks; c += Tiles::threads) {
-      const int r = c / chunks, kc = (c % chunks) * 8;
-      const bool is_a = r < Tiles::bm;
-      const int row = is_a ? r : r - Tiles::bm;
-      if (row >= (is_a ? a_rows : b_rows)) continue;
-      const bf16* src = (is_a ? a_src : b_src) + int64_t{row} * k;
-      bf16* dst = (is_a ? as : bs) + row * Tiles::ld + kc;
-      // Past k: a 0-byte copy of the row start (a valid address) and 16 bytes of zeros.
-      if (k0 + kc < k)
-        __pipeline_memcpy_async(dst, src + k0 + kc, 16);
-      else
-        __pipeline_memcpy_async(dst, src, 16, 16);
-    }
-  } else {
+struct stage_loader;
+
+template <class Tiles>
+struct stage_loader<Tiles, true> {
+  static constexpr int chunks = Tiles::bk / 8;
+  static constexpr int rows_per_pass = Tiles::threads / chunks;
+  static constexpr int a_passes = Tiles::bm / rows_per_pass, b_passes = Tiles::bn / rows_per_pass;
+  static_assert(Tiles::threads % chunks == 0 && Tiles::bm % rows_per_pass == 0 &&
+                Tiles::bn % rows_per_pass == 0);
+  const bf16* a;  // this thread's first row of x and of the weight, at its chunk column
+  const bf16* b;
+  int64_t stride;          // rows_per_pass rows
+  int32_t a_left, b_left;  // rows of the tile from this thread's first row on
+  int32_t kc, k;
+  int dst;  // offset of this thread's first chunk in a stage's x tile
+
+  __device__ __forceinline__ stage_loader(const bf16* a_src, int32_t a_rows, const bf16* b_src,
+                                          int32_t b_rows, int32_t k_)
+      : k(k_) {
+    const int tid = static_cast<int>(threadIdx.x);
+    const int row = tid / chunks;
+    kc = (tid % chunks) * 8;
+    a = a_src + int64_t{row} * k + kc;
+    b = b_src + int64_t{row} * k + kc;
+    stride = int64_t{rows_per_pass} * k;
+    a_left = a_rows - row;
+    b_left = b_rows - row;
+    dst = row * Tiles::ld + kc;
+  }
+
+  __device__ __forceinline__ void operator()(bf16* stage, int32_t k0) const {
+    // Past k: a 0-byte copy of the row start (a valid, aligned address) and 16 bytes of zeros.
+    const bool in_k = k0 + kc < k;
+    const int32_t at = in_k ? k0 : -kc;
+#pragma unroll
+    for (int p = 0; p < a_passes; ++p)
+      if (p * rows_per_pass < a_left) {
+        bf16* d = stage + dst + p * rows_per_pass * Tiles::ld;
+        const bf16* src = a + p * stride + at;
+        if (in_k)
+          __pipeline_memcpy_async(d, src, 16);
+        else
+          __pipeline_memcpy_async(d, src, 16, 16);
+      }
+#pragma unroll
+    for (int p = 0; p < b_passes; ++p)
+      if (p * rows_per_pass < b_left) {
+        bf16* d = stage + dst + (Tiles::bm + p * rows_per_pass) * Tiles::ld;
+        const bf16* src = b + p * stride + at;
+        if (in_k)
+          __pipeline_memcpy_async(d, src, 16);
+        else
+          __pipeline_memcpy_async(d, src, 16, 16);
+      }
+  }
+};
+
+// Otherwise element loads and plain shared stores.
+template <class Tiles>
+struct stage_loader<Tiles, false> {
+  const bf16* a_src;
+  const bf16* b_src;
+  int32_t a_rows, b_rows, k;
+
+  __device__ __forceinline__ stage_loader(const bf16* a_src_, int32_t a_rows_, const bf16* b_src_,
+                                          int32_t b_rows_, int32_t k_)
+      : a_src(a_src_), b_src(b_src_), a_rows(a_rows_), b_rows(b_rows_), k(k_) {}
+
+  __device__ __forceinline__ void operator()(bf16* stage, int32_t k0) const {
     const bf16 zero = __float2bfloat16_rn(0.0f);
-    for (int i = tid; i < (Tiles::bm + Tiles::bn) * Tiles::bk; i += Tiles::threads) {
+    for (int i = static_cast<int>(threadIdx.x); i < (Tiles::bm + Tiles::bn) * Tiles::bk;
+         i += Tiles::threads) {
       const int r = i / Tiles::bk, kk = i % Tiles::bk;
       const bool is_a = r < Tiles::bm;
       const int row = is_a ? r : r - Tiles::bm;
       if (row >= (is_a ? a_rows : b_rows)) continue;
       const bf16* src = (is_a ? a_src : b_src) + int64_t{row} * k;
-      (is_a ? as : bs)[row * Tiles::ld + kk] = k0 + kk < k ? src[k0 + kk] : zero;
+      stage[r * Tiles::ld + kk] = k0 + kk < k ? src[k0 + kk] : zero;
     }
   }
-}
+};
 
 template <class Tiles, class TOut, bool Async>
-__global__ void __launch_bounds__(Tiles::threads)
+__global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
     grouped_gemm_mma_kernel(const bf16* x, const int32_t* offsets, const bf16* w, TOut* y,
                             int32_t num_rows, int num_experts, int32_t n, int32_t k,
                             int32_t n_tiles) {
@@ -172,11 +249,15 @@ __global__ void __launch_bounds__(Tiles::threads)
 
   auto* stages = reinterpret_cast<bf16*>(grouped_gemm_smem);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int warp_row0 = (warp / Tiles::warps_n) * Tiles::warp_rows;
-  const int warp_col0 = (warp % Tiles::warps_n) * Tiles::warp_cols;
+  const int mn_warp = warp % Tiles::mn_warps, warp_k = warp / Tiles::mn_warps;
+  const int warp_row0 = (mn_warp / Tiles::warps_n) * Tiles::warp_rows;
+  const int warp_col0 = (mn_warp % Tiles::warps_n) * Tiles::warp_cols;
+  const int warp_k0 = warp_k * Tiles::warp_k;
 
-  // Fragments wholly past the tile's rows or past n are skipped (warp-uniform conditions, so
-  // the warp-wide WMMA calls stay converged): a decode tile holds a few rows of 32 or 128.
+  // Fragments wholly past the tile's rows or past n are skipped where Tiles::skip_fragments, and
+  // a warp whose whole share is past them skips the products altogether (one uniform branch per
+  // step: a small expert's last wide tile).
+  const bool warp_busy = warp_row0 < rows && warp_col0 < cols;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tiles::frags_m][Tiles::frags_n];
 #pragma unroll
   for (int i = 0; i < Tiles::frags_m; ++i)
@@ -186,51 +267,90 @@ __global__ void __launch_bounds__(Tiles::threads)
   // The pipeline: stage s % Stages holds k step s. Every thread commits one group per step
   // (empty past the last), so "all but the newest Stages - 2 groups" is always "up to this step".
   const int32_t k_steps = (k + Tiles::bk - 1) / Tiles::bk;
+  const stage_loader<Tiles, Async> load(a_src, rows, b_src, cols, k);
   for (int s = 0; s < Tiles::stages - 1; ++s) {
-    if (s < k_steps)
-      load_stage<Tiles, Async>(stages + s * Tiles::stage_elements, a_src, rows, b_src, cols, k,
-                               s * Tiles::bk);
+    if (s < k_steps) load(stages + s * Tiles::stage_elements, s * Tiles::bk);
     __pipeline_commit();
   }
+  int read_stage = 0, write_stage = Tiles::stages - 1;
   for (int32_t step = 0; step < k_steps; ++step) {
     __pipeline_wait_prior(Tiles::stages - 2);
     // Makes every thread's copies of this step visible, and tells the loads below that every
     // warp is done with the stage they overwrite (read in the previous step).
     __syncthreads();
     const int32_t next = step + Tiles::stages - 1;
-    if (next < k_steps)
-      load_stage<Tiles, Async>(stages + (next % Tiles::stages) * Tiles::stage_elements, a_src, rows,
-                               b_src, cols, k, next * Tiles::bk);
+    if (next < k_steps) load(stages + write_stage * Tiles::stage_elements, next * Tiles::bk);
     __pipeline_commit();
 
-    const bf16* as = stages + (step % Tiles::stages) * Tiles::stage_elements;
+    const bf16* as = stages + read_stage * Tiles::stage_elements;
     const bf16* bs = as + Tiles::bm * Tiles::ld;
+    read_stage = read_stage + 1 == Tiles::stages ? 0 : read_stage + 1;
+    write_stage = write_stage + 1 == Tiles::stages ? 0 : write_stage + 1;
+    if (!warp_busy) continue;
 #pragma unroll
-    for (int kk = 0; kk < Tiles::bk; kk += 16) {
+    for (int kq = 0; kq < Tiles::warp_k; kq += 16) {
+      const int kk = warp_k0 + kq;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b[Tiles::frags_n];
 #pragma unroll
       for (int j = 0; j < Tiles::frags_n; ++j)
-        if (warp_col0 + j * 16 < cols)
+        if (!Tiles::skip_fragments || warp_col0 + j * 16 < cols)
           wmma::load_matrix_sync(b[j], bs + (warp_col0 + j * 16) * Tiles::ld + kk, Tiles::ld);
 #pragma unroll
       for (int i = 0; i < Tiles::frags_m; ++i) {
-        if (warp_row0 + i * 16 < rows) {
+        if (!Tiles::skip_fragments || warp_row0 + i * 16 < rows) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
           wmma::load_matrix_sync(a, as + (warp_row0 + i * 16) * Tiles::ld + kk, Tiles::ld);
 #pragma unroll
           for (int j = 0; j < Tiles::frags_n; ++j)
-            if (warp_col0 + j * 16 < cols) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
+            if (!Tiles::skip_fragments || warp_col0 + j * 16 < cols)
+              wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
         }
       }
     }
   }
 
-  // Epilogue: each fragment goes through a per-warp 16x16 float32 scratch (fragment layouts are
-  // opaque), then out with bounds and the one rounding to TOut. The stages are free once every
-  // warp is past its last step.
+  // The stages are free once every warp is past its last step.
   __pipeline_wait_prior(0);
   __syncthreads();
-  float* scratch = reinterpret_cast<float*>(grouped_gemm_smem) + warp * 256;
+  float* smem_floats = reinterpret_cast<float*>(grouped_gemm_smem);
+  // Split k: the warps with warp_k > 0 leave their partial sums after the scratches; the warp_k
+  // == 0 warp of the same (m, n) place adds them in warp_k order (fragment elements correspond
+  // one to one whatever the layout, as both sides use the same one).
+  if constexpr (Tiles::warps_k > 1) {
+    constexpr size_t per_warp = size_t{Tiles::frags_m} * Tiles::frags_n * 256;
+    float* partials = smem_floats + Tiles::scratch_floats;
+    if (warp_k > 0) {
+      float* mine = partials + (size_t(warp_k - 1) * Tiles::mn_warps + mn_warp) * per_warp;
+#pragma unroll
+      for (int i = 0; i < Tiles::frags_m; ++i)
+#pragma unroll
+        for (int j = 0; j < Tiles::frags_n; ++j)
+          if (warp_row0 + i * 16 < rows && warp_col0 + j * 16 < cols)
+            wmma::store_matrix_sync(mine + (i * Tiles::frags_n + j) * 256, acc[i][j], 16,
+                                    wmma::mem_row_major);
+    }
+    __syncthreads();
+    if (warp_k > 0) return;  // after the block's last barrier
+#pragma unroll
+    for (int kw = 1; kw < Tiles::warps_k; ++kw) {
+      const float* theirs = partials + (size_t(kw - 1) * Tiles::mn_warps + mn_warp) * per_warp;
+#pragma unroll
+      for (int i = 0; i < Tiles::frags_m; ++i)
+#pragma unroll
+        for (int j = 0; j < Tiles::frags_n; ++j)
+          if (warp_row0 + i * 16 < rows && warp_col0 + j * 16 < cols) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+            wmma::load_matrix_sync(part, theirs + (i * Tiles::frags_n + j) * 256, 16,
+                                   wmma::mem_row_major);
+#pragma unroll
+            for (int t = 0; t < part.num_elements; ++t) acc[i][j].x[t] += part.x[t];
+          }
+    }
+  }
+
+  // Epilogue: each fragment goes through a per-warp 16x16 float32 scratch (fragment layouts are
+  // opaque), then out with bounds and the one rounding to TOut.
+  float* scratch = smem_floats + mn_warp * 256;
   // Fully unrolled with guards rather than early exits, as everywhere acc is indexed: constant
   // indices keep the accumulators in registers.
 #pragma unroll
@@ -243,6 +363,7 @@ __global__ void __launch_bounds__(Tiles::threads)
         wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
         __syncwarp();
         // Two rows of 16 columns per pass: each half-warp writes one contiguous row segment.
+#pragma unroll
         for (int e = lane; e < 256; e += 32) {
           const int r = r0 + e / 16, c = c0 + e % 16;
           if (r < rows && c < cols) store(y, int64_t{row0 + r} * n + col0 + c, scratch[e]);
@@ -359,6 +480,11 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
     (void)cudaGetLastError();
     return kernel_status::launch_failed;
   }
+  // All of the SM's unified memory as shared memory, so that min_blocks blocks fit (two narrow
+  // ones take 219 KB with their static arrays). A hint: a refusal only costs occupancy.
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+    (void)cudaGetLastError();
   const grid_shape g = grid_of(a);
   kernel<<<static_cast<unsigned>(g.blocks), Tiles::threads, Tiles::smem_bytes, stream>>>(
       static_cast<const bf16*>(a.x), a.expert_offsets, static_cast<const bf16*>(a.weights),

@@ -77,9 +77,10 @@ std::vector<float> random_values(size_t n, uint64_t seed, bool on_bf16_grid) {
 }
 
 // In the CUDA emulator (tests/emulator: every CUDA thread a fiber on one CPU core) the v2lite
-// cases keep the 64 experts, their routing and k but take 1/16 of n (gate|up 176 columns: a
-// full and a partial 128-column tile; down 128): all of it (369M weights, 4.4 GFLOP a case)
-// would take gigabytes and many minutes there. On a GPU they run whole.
+// cases keep the 64 experts, their routing and k but take 1/16 of n (gate|up 176 columns: two
+// full 64-column narrow tiles and a partial one, or a partial 256-column wide tile; down 128):
+// all of it (369M weights, 4.4 GFLOP a case) would take gigabytes and many minutes there. On a
+// GPU they run whole.
 #ifdef MOE_CUDA_EMULATOR
 constexpr int64_t v2lite_n_divisor = 16;
 #else
@@ -133,7 +134,7 @@ std::vector<int32_t> offsets_of(const std::vector<int32_t>& counts) {
 }
 
 // 64 experts routed unevenly: empty experts, single rows, experts of more than one tile of
-// either bf16 tiling (32-row narrow, 128-row wide) and of the 64-row f32 tiling, the rest small.
+// either bf16 tiling (16-row narrow, 128-row wide) and of the 64-row f32 tiling, the rest small.
 std::vector<int32_t> v2lite_counts() {
   std::vector<int32_t> c(64);
   for (size_t e = 0; e < c.size(); ++e) c[e] = static_cast<int32_t>((e * 7) % 6);  // 0..5
@@ -371,13 +372,15 @@ TEST(cuda_grouped_gemm, v2lite_down_matches_reference) {
 }
 
 // n and k that are not multiples of 16: k % 8 != 0 takes the element-load path, k % 8 == 0 with
-// a k tail the asynchronous path, and a misaligned x the element path again; both tilings.
+// a k tail the asynchronous path, and a misaligned x the element path again; both tilings. n = 300
+// is a full and a partial 256-column wide tile (and four full 64-column narrow ones and a part).
 TEST(cuda_grouped_gemm, odd_shapes_match_reference) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   const std::vector<int32_t> counts{0, 1, 33, 130, 17};
   for (const int64_t num_rows : {int64_t{181}, int64_t{64 * 5 + 3}}) {
     expect_matches_reference({100, 77, counts, num_rows, dtype::bf16, dtype::bf16}, 21);
     expect_matches_reference({131, 264, counts, num_rows, dtype::bf16, dtype::f32}, 22);
+    expect_matches_reference({300, 264, counts, num_rows, dtype::bf16, dtype::bf16}, 25);
     grouped_case misaligned{131, 264, counts, num_rows, dtype::bf16, dtype::bf16};
     misaligned.x_misalign_elements = 1;
     expect_matches_reference(misaligned, 23);
