@@ -1,4 +1,6 @@
 #include <cuda_bf16.h>
+#include <cuda_pipeline_primitives.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,7 +14,9 @@ namespace {
 
 using detail::load;
 using detail::store;
+using bf16 = __nv_bfloat16;
 
+// The CUDA-core kernel (f32, and bf16 rows wider than the tensor-core kernel takes).
 // Block: 128 threads (4 warps) for one 16-query tile of one head. Thread t owns query t / 8 and,
 // with its 7 neighbours (the same warp), a row of the tile's scores and its output row:
 // keys t%8 + 8m (m < 4) of each 32-key tile, and value columns t%8 + 8i.
@@ -197,16 +201,426 @@ kernel_status launch_cols(const prefill_params<T>& p, int64_t num_seqs, cudaStre
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
-int64_t q_tiles_of(const mla_prefill_args& a) noexcept {
+// ---------------------------------------------------------------------------------------------
+// The tensor-core kernel (bf16 storage, dn + dr <= 192, dv <= 128): flash attention with WMMA.
+//
+// Block: 128 threads (4 warps) for one 64-query tile of one head; warp w owns query rows
+// 16w..16w+15 of the tile. Per 64-key tile: S = Q K^T (bf16 in, float32 out) on tensor cores,
+// stored to the warp's scratch; two lanes a row apply the causal mask and the online softmax in
+// float32 (running max and sum); the probabilities, rounded to bf16, go back through scratch as
+// the A operand of O += P V (float32 accumulators). Accumulator layouts are opaque in CUDA, so
+// each row's rescale factor reaches the O fragments as a 16x16 tile loaded with the same
+// fragment type (elementwise products of like fragments are right under any layout).
+//
+// Shared memory (bf16 rows padded by 8 elements, 16 bytes, so the 8 rows of each ldmatrix phase
+// fall in different banks): Q (64, 200), K (64, 200) = [k_nope | k_pe | 0], V (64, 136), and per
+// warp S (16, 72) float, P (16, 72) bf16 and the factor tile (16, 16) float: 98 KiB, two blocks
+// an SM. Columns past dn + dr (and past dv) are zero-filled up to the next multiple of 16, as
+// are the rows past the visible keys, so padding adds nothing and no poison reaches a product.
+//
+// Pipeline, per key tile t: V_t is requested while S_t is computed, K_{t+1} while the softmax
+// and P V_t run (cp.async with 16-byte copies when every pointer and stride allows it, else
+// synchronous element copies at the same points).
+constexpr int tc_threads = 128;
+constexpr int tc_tile_q = 64;
+constexpr int tc_tile_k = 64;
+constexpr int tc_max_qk = 192;
+constexpr int tc_max_v = 128;
+constexpr int tc_ld_qk = tc_max_qk + 8;  // bf16 elements
+constexpr int tc_ld_v = tc_max_v + 8;
+constexpr int tc_ld_s = tc_tile_k + 8;  // S floats and P bf16 per scratch row
+constexpr int tc_qk_frags = tc_max_qk / 16;
+constexpr int tc_v_frags = tc_max_v / 16;
+constexpr int tc_k_frags = tc_tile_k / 16;
+constexpr size_t tc_q_bytes = size_t{tc_tile_q} * tc_ld_qk * 2;
+constexpr size_t tc_k_bytes = size_t{tc_tile_k} * tc_ld_qk * 2;
+constexpr size_t tc_v_bytes = size_t{tc_tile_k} * tc_ld_v * 2;
+constexpr size_t tc_s_bytes = size_t{16} * tc_ld_s * 4;
+constexpr size_t tc_p_bytes = size_t{16} * tc_ld_s * 2;
+constexpr size_t tc_f_bytes = size_t{16} * 16 * 4;
+constexpr size_t tc_warp_bytes = tc_s_bytes + tc_p_bytes + tc_f_bytes;
+constexpr size_t tc_shared_bytes =
+    tc_q_bytes + tc_k_bytes + tc_v_bytes + size_t{tc_threads / 32} * tc_warp_bytes;
+
+static_assert(tc_q_bytes % 32 == 0 && tc_k_bytes % 32 == 0 && tc_v_bytes % 32 == 0 &&
+                  tc_s_bytes % 32 == 0 && tc_p_bytes % 32 == 0 && tc_warp_bytes % 32 == 0,
+              "WMMA pointers must stay 32-byte aligned");
+static_assert(tc_tile_q == 16 * (tc_threads / 32), "a warp owns 16 query rows");
+
+struct tc_params {
+  const bf16* q;
+  int64_t q_token_stride, q_head_stride;
+  const bf16* k_nope;
+  int64_t k_nope_token_stride, k_nope_head_stride;
+  const bf16* k_pe;
+  int64_t k_pe_token_stride;
+  const bf16* v;
+  int64_t v_token_stride, v_head_stride;
+  bf16* out;
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int64_t num_q_tokens, num_k_tokens;
+  int num_seqs, num_heads, nope_dim, qk_dim, v_dim;
+  int qk_pad, v_pad;  // dn + dr and dv rounded up to 16
+  int q_tiles;        // as prefill_params::q_tiles
+  bool vec16;         // every row start 16-byte aligned and dn, dr, dv multiples of 8: cp.async
+  float scale_log2;
+};
+
+// Copies `rows` rows of a tile into shared memory (row stride `ld`), columns [0, width) from
+// src(row, col) and zeros up to `padded`; rows at or past `live` are zeros. Every thread of the
+// block calls it; with vec16 the copies are cp.async and land at the covering wait.
+template <class Src>
+__device__ inline void tc_load_tile(bf16* dst, int ld, int live, int width, int padded, bool vec16,
+                                    const Src& src) {
+  const int tid = static_cast<int>(threadIdx.x);
+  if (vec16) {
+    const int chunks = padded / 8;
+    for (int i = tid; i < tc_tile_k * chunks; i += tc_threads) {
+      const int row = i / chunks, col = (i % chunks) * 8;
+      bf16* d = dst + row * ld + col;
+      if (row < live && col < width)
+        __pipeline_memcpy_async(d, src(row, col), 16);
+      else
+        __pipeline_memcpy_async(d, src(0, 0), 16, 16);  // zeros; nothing is read
+    }
+  } else {
+    for (int i = tid; i < tc_tile_k * padded; i += tc_threads) {
+      const int row = i / padded, col = i % padded;
+      dst[row * ld + col] = row < live && col < width ? *src(row, col) : __float2bfloat16_rn(0.0f);
+    }
+  }
+}
+
+// WMMA fragments of the tensor-core kernel: bf16 operands, float32 accumulators.
+using frag_a = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
+using frag_k = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::col_major>;
+using frag_v = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
+using frag_acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// wmma::load_matrix_sync of a bf16 operand from shared memory. nvcc's bf16 WMMA loads take a
+// generic address (ptxas then emits per-lane generic loads and transposes instead of ldmatrix),
+// so on the device the same wmma.load names the shared state space; the fragment's storage is
+// the four 32-bit registers nvcc's builtin fills, in the same order. The emulator, and nvcc's
+// host pass, make WMMA's own call.
+#ifdef __CUDA_ARCH__
+__device__ inline unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#endif
+__device__ inline void load_shared(frag_a& f, const bf16* p, unsigned ldm) {
+#ifdef __CUDA_ARCH__
+  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
+  asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p)), "r"(ldm)
+               : "memory");
+#else
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+#endif
+}
+__device__ inline void load_shared(frag_k& f, const bf16* p, unsigned ldm) {
+#ifdef __CUDA_ARCH__
+  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
+  asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p)), "r"(ldm)
+               : "memory");
+#else
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+#endif
+}
+__device__ inline void load_shared(frag_v& f, const bf16* p, unsigned ldm) {
+#ifdef __CUDA_ARCH__
+  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
+  asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p)), "r"(ldm)
+               : "memory");
+#else
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+#endif
+}
+
+__global__ void __launch_bounds__(tc_threads, 2) mla_prefill_tc_kernel(tc_params p) {
+  namespace wmma = nvcuda::wmma;
+  extern __shared__ __align__(128) unsigned char prefill_tc_shared[];
+  bf16* sq = reinterpret_cast<bf16*>(prefill_tc_shared);
+  bf16* sk = reinterpret_cast<bf16*>(prefill_tc_shared + tc_q_bytes);
+  bf16* sv = reinterpret_cast<bf16*>(prefill_tc_shared + tc_q_bytes + tc_k_bytes);
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  unsigned char* scratch =
+      prefill_tc_shared + tc_q_bytes + tc_k_bytes + tc_v_bytes + warp * tc_warp_bytes;
+  float* ss = reinterpret_cast<float*>(scratch);                            // (16, 72)
+  bf16* sp = reinterpret_cast<bf16*>(scratch + tc_s_bytes);                 // (16, 72)
+  float* sf = reinterpret_cast<float*>(scratch + tc_s_bytes + tc_p_bytes);  // (16, 16)
+
+  // The heaviest query tiles (last in their sequence) are handed out first, all sequences and
+  // heads of one rank together, so the short causal tiles fill the tail of the grid.
+  const int64_t block =
+      int64_t{blockIdx.y} * gridDim.x + blockIdx.x;  // any bijection of the grid works
+  const int64_t per_rank = int64_t{p.num_seqs} * p.num_heads;
+  const int tile0 = p.q_tiles - 1 - static_cast<int>(block / per_rank);
+  const int64_t seq = block % per_rank / p.num_heads;
+  const int h = static_cast<int>(block % p.num_heads);
+  const int64_t q_begin = p.cu_q[seq], q_end = p.cu_q[seq + 1];
+  const int64_t k_begin = p.cu_k[seq], k_end = p.cu_k[seq + 1];
+  if (q_begin < 0 || q_end < q_begin || q_end > p.num_q_tokens || k_begin < 0 ||
+      k_end < k_begin || k_end > p.num_k_tokens || k_end - k_begin < q_end - q_begin)
+    return;
+  const int64_t num_q = q_end - q_begin, num_k = k_end - k_begin;
+  const int64_t prefix = num_k - num_q;
+  const int qk_frags = p.qk_pad / 16, v_frags = p.v_pad / 16;
+  // Lane pair (2r, 2r + 1) owns scratch row r: columns 4 * half + 8 i + j (i < 8, j < 4).
+  const int row = lane / 2, half = lane % 2;
+
+  for (int64_t q0 = int64_t{tile0} * tc_tile_q; q0 < num_q; q0 += int64_t{p.q_tiles} * tc_tile_q) {
+    const int rows_q = static_cast<int>(min(int64_t{tc_tile_q}, num_q - q0));
+    const int64_t keys_visible = prefix + q0 + rows_q;  // keys [0, keys_visible) matter
+    const int rows_w = max(0, min(16, rows_q - 16 * warp));
+    const int64_t keys_visible_w = prefix + q0 + 16 * warp + rows_w;  // this warp's rows
+    // The last key this lane's row sees, or -1 for a padding row (everything masked).
+    const int64_t last_key = row < rows_w ? prefix + q0 + 16 * warp + row : -1;
+    const int num_tiles = static_cast<int>((keys_visible + tc_tile_k - 1) / tc_tile_k);
+
+    __syncthreads();  // the previous query tile's readers of sq, sk, sv are done
+    const int64_t q_row0 = q_begin + q0;
+    tc_load_tile(sq, tc_ld_qk, rows_q, p.qk_dim, p.qk_pad, p.vec16, [&](int r, int c) {
+      return p.q + (q_row0 + r) * p.q_token_stride + int64_t{h} * p.q_head_stride + c;
+    });
+    const auto load_k = [&](int64_t k0) {
+      const int live = static_cast<int>(min(int64_t{tc_tile_k}, keys_visible - k0));
+      tc_load_tile(sk, tc_ld_qk, live, p.qk_dim, p.qk_pad, p.vec16, [&](int r, int c) {
+        const int64_t t = k_begin + k0 + r;
+        return c < p.nope_dim
+                   ? p.k_nope + t * p.k_nope_token_stride + int64_t{h} * p.k_nope_head_stride + c
+                   : p.k_pe + t * p.k_pe_token_stride + (c - p.nope_dim);
+      });
+    };
+    load_k(0);
+    __pipeline_commit();
+
+    frag_acc o[tc_v_frags];
+#pragma unroll
+    for (int n = 0; n < tc_v_frags; ++n) wmma::fill_fragment(o[n], 0.0f);
+    frag_a qf[tc_qk_frags];
+    float run_max = -INFINITY, run_sum = 0.0f;
+
+    for (int t = 0; t < num_tiles; ++t) {
+      const int64_t k0 = int64_t{t} * tc_tile_k;
+      const int live = static_cast<int>(min(int64_t{tc_tile_k}, keys_visible - k0));
+      tc_load_tile(sv, tc_ld_v, live, p.v_dim, p.v_pad, p.vec16, [&](int r, int c) {
+        return p.v + (k_begin + k0 + r) * p.v_token_stride + int64_t{h} * p.v_head_stride + c;
+      });
+      __pipeline_commit();
+      __pipeline_wait_prior(1);  // Q and K_t are here; V_t may still fly
+      __syncthreads();
+
+      // 16-key column blocks holding a key some row of this warp sees (0 for a padding warp).
+      const int key_frags =
+          static_cast<int>(max(int64_t{0}, min(int64_t{tc_k_frags}, (keys_visible_w - k0 + 15) / 16)));
+      if (t == 0) {
+#pragma unroll
+        for (int kk = 0; kk < tc_qk_frags; ++kk)
+          if (kk < qk_frags) load_shared(qf[kk], sq + 16 * warp * tc_ld_qk + 16 * kk, tc_ld_qk);
+      }
+      if (key_frags > 0) {
+        frag_acc s[tc_k_frags];
+#pragma unroll
+        for (int n = 0; n < tc_k_frags; ++n) wmma::fill_fragment(s[n], 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < tc_qk_frags; ++kk) {
+          if (kk >= qk_frags) break;
+#pragma unroll
+          for (int n = 0; n < tc_k_frags; ++n) {
+            if (n < key_frags) {
+              frag_k b;
+              load_shared(b, sk + 16 * n * tc_ld_qk + 16 * kk, tc_ld_qk);
+              wmma::mma_sync(s[n], qf[kk], b, s[n]);
+            }
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < tc_k_frags; ++n)
+          if (n < key_frags) wmma::store_matrix_sync(ss + 16 * n, s[n], tc_ld_s, wmma::mem_row_major);
+      }
+      __syncthreads();  // every warp is done with K_t
+      const bool more = t + 1 < num_tiles;
+      if (more) {
+        load_k(k0 + tc_tile_k);
+        __pipeline_commit();
+      }
+
+      if (key_frags > 0) {
+        __syncwarp();  // S from every lane's fragment elements
+        float sv_row[32];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int c = 4 * half + 8 * i;
+          const float4 x = *reinterpret_cast<const float4*>(ss + row * tc_ld_s + c);
+          const float xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            // Column blocks past key_frags hold stale scratch: every row masks them.
+            const float s = k0 + c + j <= last_key ? xs[j] * p.scale_log2 : -INFINITY;
+            sv_row[4 * i + j] = s;
+            tile_max = fmaxf(tile_max, s);
+          }
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+        const float new_max = fmaxf(run_max, tile_max);
+        // A row that has seen no key yet (or a padding row) adds nothing.
+        const float factor = new_max == -INFINITY ? 1.0f : exp2f(run_max - new_max);
+        float tile_sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int c = 4 * half + 8 * i;
+          float prob[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            prob[j] = new_max == -INFINITY ? 0.0f : exp2f(sv_row[4 * i + j] - new_max);
+            tile_sum += prob[j];
+          }
+          __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(sp + row * tc_ld_s + c);
+          dst[0] = __nv_bfloat162(__float2bfloat16_rn(prob[0]), __float2bfloat16_rn(prob[1]));
+          dst[1] = __nv_bfloat162(__float2bfloat16_rn(prob[2]), __float2bfloat16_rn(prob[3]));
+        }
+        // The sum is of the unrounded probabilities: out = sum_j p_j (1 + d_j) v_j / sum_j p_j
+        // is then off by at most 2^-8 max|v| (mla_prefill.hpp).
+        run_sum = run_sum * factor + tile_sum + __shfl_xor_sync(0xffffffff, tile_sum, 1);
+        run_max = new_max;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sf[row * 16 + 8 * half + j] = factor;
+        __syncwarp();  // P and the factors from every lane
+        frag_acc f;
+        wmma::load_matrix_sync(f, sf, 16, wmma::mem_row_major);
+#pragma unroll
+        for (int n = 0; n < tc_v_frags; ++n)
+#pragma unroll
+          for (int e = 0; e < f.num_elements; ++e) o[n].x[e] *= f.x[e];
+      }
+
+      __pipeline_wait_prior(more ? 1 : 0);  // V_t is here; K_{t+1} may still fly
+      __syncthreads();
+      if (key_frags > 0) {
+#pragma unroll
+        for (int kk = 0; kk < tc_k_frags; ++kk) {
+          if (kk >= key_frags) break;
+          frag_a pa;
+          load_shared(pa, sp + 16 * kk, tc_ld_s);
+#pragma unroll
+          for (int n = 0; n < tc_v_frags; ++n) {
+            if (n < v_frags) {
+              frag_v b;
+              load_shared(b, sv + 16 * kk * tc_ld_v + 16 * n, tc_ld_v);
+              wmma::mma_sync(o[n], pa, b, o[n]);
+            }
+          }
+        }
+      }
+      __syncthreads();  // every warp is done with V_t (and with P before the next softmax)
+    }
+
+    // out = O / sum, through the warp's scratch 64 columns at a time.
+    const float inv = run_sum > 0.0f ? 1.0f / run_sum : 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sf[row * 16 + 8 * half + j] = inv;
+    __syncwarp();
+    frag_acc f;
+    wmma::load_matrix_sync(f, sf, 16, wmma::mem_row_major);
+    bf16* out_rows = p.out + ((q_row0 + 16 * warp) * p.num_heads + h) * int64_t{p.v_dim};
+    const int64_t out_row_stride = int64_t{p.num_heads} * p.v_dim;
+#pragma unroll
+    for (int c0 = 0; c0 < tc_max_v; c0 += tc_tile_k) {
+      if (c0 >= p.v_pad) break;
+#pragma unroll
+      for (int n = 0; n < tc_k_frags; ++n) {
+        if (c0 + 16 * n < p.v_pad) {
+          frag_acc scaled = o[c0 / 16 + n];
+#pragma unroll
+          for (int e = 0; e < scaled.num_elements; ++e) scaled.x[e] *= f.x[e];
+          wmma::store_matrix_sync(ss + 16 * n, scaled, tc_ld_s, wmma::mem_row_major);
+        }
+      }
+      __syncwarp();  // the tile from every lane's elements
+      for (int r = 0; r < rows_w; ++r)
+        for (int c = lane; c < tc_tile_k; c += 32)
+          if (c0 + c < p.v_dim) store(out_rows + r * out_row_stride, c0 + c, ss[r * tc_ld_s + c]);
+      __syncwarp();  // read before the next columns overwrite the scratch
+    }
+  }
+}
+
+// Query tiles per sequence for the grid; can_run bounds the grid with the SIMT kernel's 16-query
+// tiles, which is never fewer blocks than the tensor-core kernel's 64.
+int64_t q_tiles_of(const mla_prefill_args& a, int64_t tile_q = prefill_tile_q) noexcept {
   const int64_t longest = a.max_seqlen_q > 0 ? a.max_seqlen_q : a.num_q_tokens;
-  return std::max<int64_t>(1, (longest + prefill_tile_q - 1) / prefill_tile_q);
+  return std::max<int64_t>(1, (longest + tile_q - 1) / tile_q);
+}
+
+int64_t or_packed(int64_t stride, int64_t packed) noexcept {
+  return stride == 0 ? packed : stride;
+}
+
+// bf16 rows the tensor-core kernel stages: dn + dr <= 192 and dv <= 128 (DeepSeek-V2/V3).
+bool tensor_core_shape(const mla_prefill_args& a) noexcept {
+  return a.dt == dtype::bf16 && a.nope_dim + a.rope_dim <= tc_max_qk && a.v_dim <= tc_max_v;
+}
+
+kernel_status launch_tensor_cores(const mla_prefill_args& a, cudaStream_t stream) {
+  tc_params p{};
+  const int64_t h = a.num_heads, dn = a.nope_dim, dr = a.rope_dim, dv = a.v_dim;
+  p.q = static_cast<const bf16*>(a.q);
+  p.q_token_stride = or_packed(a.q_token_stride, h * (dn + dr));
+  p.q_head_stride = or_packed(a.q_head_stride, dn + dr);
+  p.k_nope = static_cast<const bf16*>(a.k_nope);
+  p.k_nope_token_stride = or_packed(a.k_nope_token_stride, h * dn);
+  p.k_nope_head_stride = or_packed(a.k_nope_head_stride, dn);
+  p.k_pe = static_cast<const bf16*>(a.k_pe);
+  p.k_pe_token_stride = or_packed(a.k_pe_token_stride, dr);
+  p.v = static_cast<const bf16*>(a.v);
+  p.v_token_stride = or_packed(a.v_token_stride, h * dv);
+  p.v_head_stride = or_packed(a.v_head_stride, dv);
+  p.out = static_cast<bf16*>(a.out);
+  p.cu_q = a.cu_seqlens_q;
+  p.cu_k = a.cu_seqlens_k != nullptr ? a.cu_seqlens_k : a.cu_seqlens_q;
+  p.num_q_tokens = a.num_q_tokens;
+  p.num_k_tokens = a.cu_seqlens_k != nullptr ? a.num_k_tokens : a.num_q_tokens;
+  p.num_seqs = static_cast<int>(a.num_seqs);
+  p.num_heads = static_cast<int>(h);
+  p.nope_dim = static_cast<int>(dn);
+  p.qk_dim = static_cast<int>(dn + dr);
+  p.v_dim = static_cast<int>(dv);
+  p.qk_pad = static_cast<int>((dn + dr + 15) / 16 * 16);
+  p.v_pad = static_cast<int>((dv + 15) / 16 * 16);
+  p.q_tiles = static_cast<int>(q_tiles_of(a, tc_tile_q));
+  p.scale_log2 = a.softmax_scale * log2e;
+  // 16-byte copies need every row start 16-byte aligned (pointers, and strides of 8 elements)
+  // and the nope/rope/value widths in whole 8-element chunks; the model's packed buffers are.
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  p.vec16 = dn % 8 == 0 && dr % 8 == 0 && dv % 8 == 0 && aligned(p.q) && aligned(p.v) &&
+            (dn == 0 || aligned(p.k_nope)) && (dr == 0 || aligned(p.k_pe));
+  for (int64_t stride : {p.q_token_stride, p.q_head_stride, p.k_nope_token_stride,
+                         p.k_nope_head_stride, p.k_pe_token_stride, p.v_token_stride,
+                         p.v_head_stride})
+    p.vec16 = p.vec16 && stride % 8 == 0;
+  // Two blocks an SM need 2 x 99 KiB of the 228: ask for the largest shared carveout (the
+  // kernel's copies bypass L1, so little is lost there).
+  if (cudaFuncSetAttribute(mla_prefill_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(tc_shared_bytes)) != cudaSuccess ||
+      cudaFuncSetAttribute(mla_prefill_tc_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           static_cast<int>(cudaSharedmemCarveoutMaxShared)) != cudaSuccess)
+    return kernel_status::launch_failed;
+  const dim3 grid(static_cast<unsigned>(a.num_seqs * p.q_tiles), static_cast<unsigned>(h));
+  mla_prefill_tc_kernel<<<grid, tc_threads, tc_shared_bytes, stream>>>(p);
+  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
 template <typename T>
 kernel_status launch(const mla_prefill_args& a, cudaStream_t stream) {
   prefill_params<T> p{};
   const int64_t h = a.num_heads, dn = a.nope_dim, dr = a.rope_dim, dv = a.v_dim;
-  const auto or_packed = [](int64_t stride, int64_t packed) { return stride == 0 ? packed : stride; };
   p.q = static_cast<const T*>(a.q);
   p.q_token_stride = or_packed(a.q_token_stride, h * (dn + dr));
   p.q_head_stride = or_packed(a.q_head_stride, dn + dr);
@@ -261,7 +675,8 @@ kernel_status mla_prefill_run(const mla_prefill_args& a, cudaStream_t stream) no
   if (a.num_seqs == 0 || a.num_q_tokens == 0) return kernel_status::ok;
   switch (a.dt) {
     case dtype::f32: return launch<float>(a, stream);
-    case dtype::bf16: return launch<__nv_bfloat16>(a, stream);
+    case dtype::bf16:
+      return tensor_core_shape(a) ? launch_tensor_cores(a, stream) : launch<bf16>(a, stream);
     default: return kernel_status::unsupported_dtype;
   }
 }

@@ -5,12 +5,20 @@
 // k_pe is one rotary key shared by every head; a sequence with Lk >= Lq keys (a cached prefix of
 // Lk - Lq) lets its query i see keys [0, Lk - Lq + i] (bottom-right aligned).
 //
-// A tiled kernel on CUDA cores (no tensor cores): one block per (16-query tile, head) streams
-// the visible keys and values through shared memory in 32-key tiles with an online softmax in
-// float32 (flash-attention's order). Inputs are read in their storage dtype and widened; the
-// CPU reference computes in double. Rounding: float32 dot products over dn + dr terms and
-// sums over up to Lk keys, so below 1e-6 of the values' magnitude in practice (the tests allow
-// 5e-6 and derive it); bf16 storage adds the final rounding of out.
+// Two kernels, both flash-attention's order (keys and values streamed through shared memory,
+// online softmax in float32, fully masked key tiles never loaded):
+//  - bf16 with dn + dr <= 192 and dv <= 128 (DeepSeek-V2/V3's 128 + 64 and 128): tensor cores.
+//    One block per (64-query tile, head), 4 warps of 16 query rows; 64-key tiles of
+//    [k_nope | k_pe] and v staged with cp.async (16-byte copies where every view is 16-byte
+//    aligned, element copies otherwise), S = Q K^T and O += P V with WMMA (bf16 operands, float32
+//    accumulators). Rounding: the probabilities P are rounded to bf16 for P V (relative 2^-8
+//    each) while the softmax sum is of the unrounded ones, which moves out by at most
+//    2^-8 max|v| (tests/unit/kernels/cuda_mla_test.cpp derives its bound), then out's rounding;
+//  - f32, and bf16 rows wider than that: CUDA cores, one block per (16-query tile, head),
+//    32-key tiles, inputs widened to float32. Rounding: float32 dot products over dn + dr terms
+//    and sums over up to Lk keys, so below 1e-6 of the values' magnitude in practice (the tests
+//    allow 5e-6 and derive it); bf16 storage adds the final rounding of out.
+// The CPU reference computes in double.
 //
 // Device data the host cannot check are the caller's guarantee: cu_seqlens_q/k non-decreasing
 // from 0, within num_q_tokens/num_k_tokens, with Lk >= Lq per sequence. A sequence that breaks
