@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #include "kernels/cuda/fp8_dequantize.hpp"
@@ -82,6 +83,37 @@ struct gemm_lt::plan {
   bool found = false;   // false: cuBLASLt has no algorithm for this shape (remembered too)
   kernel_status refusal = kernel_status::unsupported_shape;  // the answer when !found
 };
+
+namespace {
+
+// cuBLASLt's best algorithm for p's layouts within the workspace and the operands' alignments
+// (cuBLASLt's A, B, C/D): sets p.algo and p.found when it has one. nullopt when the preference
+// could not be made (a launch failure); otherwise the heuristic's own status, which each caller
+// reads its own way (an FP8 scale mode cuBLASLt lacks is a refusal, not a failure).
+std::optional<cublasStatus_t> choose_algorithm(void* handle, cublasLtMatmulDesc_t desc, gemm_lt::plan& p,
+                                               size_t workspace_bytes, uint32_t align_a,
+                                               uint32_t align_b, uint32_t align_c) noexcept {
+  cublasLtMatmulPreference_t pref_raw = nullptr;
+  if (cublasLtMatmulPreferenceCreate(&pref_raw) != CUBLAS_STATUS_SUCCESS) return std::nullopt;
+  preference_ptr pref{pref_raw};
+  const uint64_t ws = workspace_bytes;
+  if (cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) !=
+          CUBLAS_STATUS_SUCCESS ||
+      !set_alignments(pref_raw, align_a, align_b, align_c))
+    return std::nullopt;
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(as_handle(handle), desc, p.a_layout.get(), p.b_layout.get(),
+                                                           p.c_layout.get(), p.c_layout.get(), pref_raw, 1, &result,
+                                                           &found);
+  if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+    p.algo = result.algo;
+    p.found = true;
+  }
+  return st;
+}
+
+}  // namespace
 
 void cublaslt_deleter::operator()(void* handle) const noexcept { cublasLtDestroy(as_handle(handle)); }
 
@@ -235,27 +267,11 @@ kernel_status gemm_lt::run_fp8_linear(const fp8_linear_desc& d, void* workspace,
                                                    static_cast<uint64_t>(d.m), d.n) == CUBLAS_STATUS_SUCCESS;
     p->c_layout.reset(c);
     if (!made || !made_b || !made_c) return kernel_status::launch_failed;
-    cublasLtMatmulPreference_t pref_raw = nullptr;
-    if (cublasLtMatmulPreferenceCreate(&pref_raw) != CUBLAS_STATUS_SUCCESS) return kernel_status::launch_failed;
-    preference_ptr pref{pref_raw};
-    const uint64_t ws = workspace_bytes;
-    if (cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) !=
-        CUBLAS_STATUS_SUCCESS ||
-        !set_alignments(pref_raw, align_w, align_x, align_y))
-      return kernel_status::launch_failed;
-    cublasLtMatmulHeuristicResult_t result{};
-    int found = 0;
     // Any heuristic error is a refusal here (cuBLASLt answers INVALID_VALUE as well as
     // NOT_SUPPORTED for scale modes it lacks): the fallback is always there.
-    const auto st = cublasLtMatmulAlgoGetHeuristic(as_handle(handle_.get()), desc, p->a_layout.get(),
-                                                   p->b_layout.get(), p->c_layout.get(), p->c_layout.get(),
-                                                   pref_raw, 1, &result, &found);
-    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-      p->algo = result.algo;
-      p->found = true;
-    } else {
-      p->refusal = fp8_refusal();
-    }
+    if (!choose_algorithm(handle_.get(), desc, *p, workspace_bytes, align_w, align_x, align_y))
+      return kernel_status::launch_failed;
+    if (!p->found) p->refusal = fp8_refusal();
     it = fp8_plans_.emplace(key, std::move(p)).first;
   }
   const plan& p = *it->second;
@@ -325,25 +341,9 @@ kernel_status gemm_lt::run(const gemm_desc& d, void* workspace, size_t workspace
     p->b_layout = make_layout(d.ab_dt, ta ? d.k : d.m, ta ? d.m : d.k, d.lda, d.batch_count, d.stride_a, ok_b);
     p->c_layout = make_layout(d.c_dt, d.m, d.n, d.ldc, d.batch_count, d.stride_c, ok_c);
     if (!ok_a || !ok_b || !ok_c) return kernel_status::launch_failed;
-    cublasLtMatmulPreference_t pref_raw = nullptr;
-    if (cublasLtMatmulPreferenceCreate(&pref_raw) != CUBLAS_STATUS_SUCCESS) return kernel_status::launch_failed;
-    preference_ptr pref{pref_raw};
-    const uint64_t ws = workspace_bytes;
-    if (cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) !=
-        CUBLAS_STATUS_SUCCESS ||
-        !set_alignments(pref_raw, align_first, align_second, align_c))
+    const auto st = choose_algorithm(handle_.get(), desc, *p, workspace_bytes, align_first, align_second, align_c);
+    if (!st || (!p->found && *st != CUBLAS_STATUS_SUCCESS && *st != CUBLAS_STATUS_NOT_SUPPORTED))
       return kernel_status::launch_failed;
-    cublasLtMatmulHeuristicResult_t result{};
-    int found = 0;
-    const auto st = cublasLtMatmulAlgoGetHeuristic(as_handle(handle_.get()), desc, p->a_layout.get(),
-                                                   p->b_layout.get(), p->c_layout.get(), p->c_layout.get(),
-                                                   pref_raw, 1, &result, &found);
-    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-      p->algo = result.algo;
-      p->found = true;
-    } else if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED) {
-      return kernel_status::launch_failed;
-    }
     it = plans_.emplace(key, std::move(p)).first;
   }
   const plan& p = *it->second;
