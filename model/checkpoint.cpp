@@ -82,8 +82,11 @@ host_tensor* checkpoint::find(std::string_view name) noexcept {
   return it != tensors.end() ? &it->second : nullptr;
 }
 
-caf::expected<host_tensor> read_weight(const safetensors_set& files, const weight_spec& spec,
-                                       const model_config& config) {
+namespace {
+
+// The header checks every read shares: present, of the expected shape.
+caf::expected<const tensor_view*> checked_view(const safetensors_set& files,
+                                               const weight_spec& spec) {
   const tensor_view* view = files.find(spec.name);
   if (view == nullptr) {
     return make_error(model_errc::missing_tensor, "missing tensor '" + spec.name + "'");
@@ -93,16 +96,13 @@ caf::expected<host_tensor> read_weight(const safetensors_set& files, const weigh
                                                   ", expected " + shape_string(spec.shape) +
                                                   where(files, spec.name));
   }
-  host_tensor out(spec.shape);
-  if (view->dtype != kernels::dtype::f8_e4m3) {
-    if (!is_float_type(view->dtype)) {
-      return make_error(model_errc::bad_tensor,
-                        spec.name + ": dtype " + std::string(dtype_name(view->dtype)) +
-                            ", expected F32, BF16 or F16" + where(files, spec.name));
-    }
-    decode_to_f32(view->dtype, view->data, out.data());
-    return out;
-  }
+  return view;
+}
+
+// An F8_E4M3 view may be read only as a projection weight of a config that gives the blocks;
+// returns those blocks' scales.
+caf::expected<std::vector<float>> fp8_scales(const safetensors_set& files, const weight_spec& spec,
+                                             const model_config& config) {
   if (spec.kind != weight_kind::projection) {
     return make_error(model_errc::bad_tensor,
                       spec.name + ": dtype F8_E4M3, expected F32, BF16 or F16 (only projection "
@@ -113,7 +113,61 @@ caf::expected<host_tensor> read_weight(const safetensors_set& files, const weigh
                       spec.name + ": dtype F8_E4M3, but config.json has no quantization_config "
                                   "to give its block size" + where(files, spec.name));
   }
-  auto scale = read_scale(files, spec, *config.quantization);
+  return read_scale(files, spec, *config.quantization);
+}
+
+}  // namespace
+
+host_tensor fp8_tensor::dequantize() const {
+  host_tensor out({rows, cols});
+  dequantize_fp8_blocks(std::as_bytes(std::span<const uint8_t>(values)), rows, cols, scales,
+                        block_rows, block_cols, out.data());
+  return out;
+}
+
+const fp8_tensor* checkpoint::find_fp8(std::string_view name) const noexcept {
+  auto it = fp8.find(name);
+  return it != fp8.end() ? &it->second : nullptr;
+}
+
+caf::expected<fp8_tensor> read_fp8_weight(const safetensors_set& files, const weight_spec& spec,
+                                          const model_config& config) {
+  auto view = checked_view(files, spec);
+  if (!view) return view.error();
+  if ((*view)->dtype != kernels::dtype::f8_e4m3) {
+    return make_error(model_errc::bad_tensor,
+                      spec.name + ": dtype " + std::string(dtype_name((*view)->dtype)) +
+                          ", expected F8_E4M3" + where(files, spec.name));
+  }
+  auto scale = fp8_scales(files, spec, config);
+  if (!scale) return scale.error();
+  fp8_tensor out;
+  out.rows = spec.shape[0];
+  out.cols = spec.shape[1];
+  out.block_rows = config.quantization->block_rows;
+  out.block_cols = config.quantization->block_cols;
+  const auto* bytes = reinterpret_cast<const uint8_t*>((*view)->data.data());
+  out.values.assign(bytes, bytes + (*view)->data.size());
+  out.scales = std::move(*scale);
+  return out;
+}
+
+caf::expected<host_tensor> read_weight(const safetensors_set& files, const weight_spec& spec,
+                                       const model_config& config) {
+  auto checked = checked_view(files, spec);
+  if (!checked) return checked.error();
+  const tensor_view* view = *checked;
+  host_tensor out(spec.shape);
+  if (view->dtype != kernels::dtype::f8_e4m3) {
+    if (!is_float_type(view->dtype)) {
+      return make_error(model_errc::bad_tensor,
+                        spec.name + ": dtype " + std::string(dtype_name(view->dtype)) +
+                            ", expected F32, BF16 or F16" + where(files, spec.name));
+    }
+    decode_to_f32(view->dtype, view->data, out.data());
+    return out;
+  }
+  auto scale = fp8_scales(files, spec, config);
   if (!scale) return scale.error();
   dequantize_fp8_blocks(view->data, spec.shape[0], spec.shape[1], *scale,
                         config.quantization->block_rows, config.quantization->block_cols,
@@ -191,9 +245,15 @@ caf::expected<checkpoint> load_checkpoint(const safetensors_set& files, const mo
   checkpoint out;
   out.config = config;
   for (const auto& s : *selected) {
-    auto tensor = read_weight(files, s, config);
-    if (!tensor) return tensor.error();
-    out.tensors.emplace(s.name, std::move(*tensor));
+    if (options.keep_fp8 && is_fp8(files.find(s.name))) {
+      auto kept = read_fp8_weight(files, s, config);
+      if (!kept) return kept.error();
+      out.fp8.emplace(s.name, std::move(*kept));
+    } else {
+      auto tensor = read_weight(files, s, config);
+      if (!tensor) return tensor.error();
+      out.tensors.emplace(s.name, std::move(*tensor));
+    }
     uint64_t n = files.find(s.name)->data.size();
     if (const tensor_view* scale = files.find(scale_name(s.name))) n += scale->data.size();
     progress.advance(n);

@@ -4,6 +4,9 @@
 // against expected_weights(config) and converts what the caller selected to float32: F32, BF16
 // and F16 exactly; F8_E4M3 projection weights dequantised with their `<name>_scale_inv` block
 // scales (value x scale of its block, quantization_config's block size, partial edge blocks).
+// With load_options::keep_fp8 the F8_E4M3 weights are not dequantised: they land as stored (e4m3
+// bytes and their float32 block scales) in checkpoint::fp8, for a backend that computes on them
+// (the GPU engine keeps them FP8 on the device).
 // Each problem is an error naming the tensor:
 //   missing_tensor     an expected tensor (or an FP8 weight's scale) is absent;
 //   unexpected_tensor  a tensor that is neither expected nor the scale of an FP8 weight;
@@ -56,12 +59,34 @@ class host_tensor {
   std::vector<float> values_;
 };
 
+/// A projection weight kept in DeepSeek-V3's FP8 format:
+///   value[r, c] = e4m3(values[r, c]) * scales[r / block_rows, c / block_cols]
+/// values: (rows, cols) float8_e4m3fn bytes, row-major; scales: (scale_rows(), scale_cols())
+/// float32, row-major (the checkpoint's `<name>_scale_inv`). Edge blocks are partial.
+struct fp8_tensor {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t block_rows = 128;
+  int64_t block_cols = 128;
+  std::vector<uint8_t> values;
+  std::vector<float> scales;
+
+  [[nodiscard]] int64_t scale_rows() const noexcept { return (rows + block_rows - 1) / block_rows; }
+  [[nodiscard]] int64_t scale_cols() const noexcept { return (cols + block_cols - 1) / block_cols; }
+  /// The float32 weight, exactly as load_checkpoint without keep_fp8 gives it.
+  [[nodiscard]] host_tensor dequantize() const;
+};
+
 struct checkpoint {
   model_config config;
   std::map<std::string, host_tensor, std::less<>> tensors;
+  /// FP8 projection weights loaded with load_options::keep_fp8; such a weight is here and not
+  /// in `tensors`.
+  std::map<std::string, fp8_tensor, std::less<>> fp8;
 
   [[nodiscard]] const host_tensor* find(std::string_view name) const noexcept;
   [[nodiscard]] host_tensor* find(std::string_view name) noexcept;
+  [[nodiscard]] const fp8_tensor* find_fp8(std::string_view name) const noexcept;
 };
 
 enum class mtp_policy : uint8_t {
@@ -75,6 +100,8 @@ struct load_options {
   /// their weight.
   std::function<bool(std::string_view name)> filter;
   mtp_policy mtp = mtp_policy::load_if_present;
+  /// F8_E4M3 weights stay FP8, in checkpoint::fp8, instead of being dequantised to float32.
+  bool keep_fp8 = false;
   /// Progress bar on stderr by bytes read; nullopt: only when stderr is a terminal.
   std::optional<bool> progress;
 };
@@ -92,6 +119,12 @@ struct load_options {
 /// accepts are required, when it is set).
 [[nodiscard]] caf::expected<std::vector<weight_spec>> check_tensor_names(
     const safetensors_set& files, const model_config& config, const load_options& options = {});
+
+/// Reads one F8_E4M3 projection weight as stored, with its block scales (the same checks as
+/// read_weight). model_errc::bad_tensor when the tensor is not F8_E4M3.
+[[nodiscard]] caf::expected<fp8_tensor> read_fp8_weight(const safetensors_set& files,
+                                                        const weight_spec& spec,
+                                                        const model_config& config);
 
 /// Reads one tensor as float32, checking shape and dtype and dequantising FP8.
 [[nodiscard]] caf::expected<host_tensor> read_weight(const safetensors_set& files,

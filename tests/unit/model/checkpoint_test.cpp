@@ -10,6 +10,8 @@
 
 #include "model/dequantize.hpp"
 #include "model/safetensors_writer.hpp"
+#include "model/weight_lookup.hpp"
+#include "model/model_errc.hpp"
 #include "tests/unit/model/scratch_dir.hpp"
 
 namespace moe::model {
@@ -157,6 +159,66 @@ TEST(checkpoint, small_v3_fp8_dequantises_by_block) {
   EXPECT_EQ(ckpt->find("model.embed_tokens.weight")->shape(), (std::vector<int64_t>{1024, 256}));
   for (const auto& [n, t] : ckpt->tensors) {
     for (float v : t.data()) ASSERT_TRUE(std::isfinite(v)) << n;
+  }
+}
+
+TEST(checkpoint, keep_fp8_keeps_the_stored_bytes_and_scales) {
+  auto config = config_of(fp8_dir);
+  auto plain = load_checkpoint(fp8_dir, config);
+  ASSERT_TRUE(plain) << error_of(plain);
+  load_options keep;
+  keep.keep_fp8 = true;
+  auto kept = load_checkpoint(fp8_dir, config, keep);
+  ASSERT_TRUE(kept) << error_of(kept);
+  // Every weight is in exactly one of the maps; the FP8 ones are exactly the F8_E4M3 tensors.
+  auto files = safetensors_set::open(fp8_dir);
+  ASSERT_TRUE(files) << error_of(files);
+  EXPECT_EQ(kept->tensors.size() + kept->fp8.size(), plain->tensors.size());
+  size_t stored_fp8 = 0;
+  for (const auto& [name, t] : plain->tensors) {
+    const bool is_fp8 = files->find(name)->dtype == kernels::dtype::f8_e4m3;
+    stored_fp8 += is_fp8;
+    ASSERT_EQ(kept->find(name) == nullptr, is_fp8) << name;
+    ASSERT_EQ(kept->find_fp8(name) != nullptr, is_fp8) << name;
+    if (!is_fp8) continue;
+    // Dequantising the kept bytes gives the float32 load, bit for bit.
+    const fp8_tensor& f = *kept->find_fp8(name);
+    EXPECT_EQ(std::vector<int64_t>({f.rows, f.cols}), t.shape()) << name;
+    const host_tensor d = f.dequantize();
+    ASSERT_EQ(d.num_elements(), t.num_elements());
+    EXPECT_EQ(std::memcmp(d.data().data(), t.data().data(), t.data().size_bytes()), 0) << name;
+  }
+  EXPECT_EQ(kept->fp8.size(), stored_fp8);
+  EXPECT_GT(stored_fp8, 0u);
+  // The raw bytes and the scale grid, by hand, for a weight with partial edge blocks.
+  const std::string kv = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight";
+  nlohmann::json entry, scale_entry;
+  const std::string q = raw_tensor_bytes(fp8_dir / "model.safetensors", kv, &entry);
+  const std::string s = raw_tensor_bytes(fp8_dir / "model.safetensors", kv + "_scale_inv", &scale_entry);
+  const fp8_tensor& f = *kept->find_fp8(kv);
+  EXPECT_EQ(f.block_rows, 128);
+  EXPECT_EQ(f.block_cols, 128);
+  EXPECT_EQ(f.scale_rows(), 2);
+  EXPECT_EQ(f.scale_cols(), 2);
+  ASSERT_EQ(f.values.size(), q.size());
+  EXPECT_EQ(std::memcmp(f.values.data(), q.data(), q.size()), 0);
+  ASSERT_EQ(f.scales.size() * 4, s.size());
+  EXPECT_EQ(std::memcmp(f.scales.data(), s.data(), s.size()), 0);
+  // A float32 consumer bound to the kept checkpoint is told why it cannot have the weight.
+  const weight_lookup lookup = lookup_in(*kept);
+  const std::vector<int64_t> shape{f.rows, f.cols};
+  auto p = lookup(kv, shape);
+  ASSERT_FALSE(p);
+  EXPECT_EQ(testing::code_of(p), model_errc::bad_tensor);
+  EXPECT_NE(error_of(p).find("kept as FP8"), std::string::npos) << error_of(p);
+  // A float tensor of the same checkpoint still binds.
+  EXPECT_TRUE(lookup("model.embed_tokens.weight", std::vector<int64_t>{1024, 256}));
+  // read_fp8_weight refuses a tensor that is not stored as FP8.
+  for (const auto& spec : expected_weights(config)) {
+    if (spec.name != "model.embed_tokens.weight") continue;
+    auto r = read_fp8_weight(*files, spec, config);
+    ASSERT_FALSE(r);
+    EXPECT_NE(error_of(r).find("expected F8_E4M3"), std::string::npos) << error_of(r);
   }
 }
 
