@@ -1,4 +1,5 @@
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_pipeline_primitives.h>
 
 #include <algorithm>
@@ -145,11 +146,33 @@ using narrow_tiles = mma_tiles<16, 64, 128, 1, 4, 2, 5, 2, true>;
 // past k): 16-byte cp.async copies. Consecutive threads take consecutive chunks of a row, so a
 // warp reads whole runs; each thread keeps the same chunk column and rows `rows_per_pass` apart
 // in every step, so its addresses are worked out once per block and a step adds only k0.
+// FP8 weights' block scales: the grid of the stacked (num_experts * n, k) weight.
+struct fp8_scales {
+  const float* scale = nullptr;
+  int32_t block_rows = 128, block_cols = 128;
+  int64_t ld = 0;
+};
+
+// Every loader answers where a stage's tiles are: x's (BM, ld) bf16 rows at the stage's start,
+// and the weight's (BN, ld) bf16 rows that the products read (b_tile). The bf16 loaders and the
+// FP8 element loader put the weight's rows right after x's, in the stage; the FP8 async loader
+// copies raw bytes into the stage and converts them into one of two bf16 buffers after the
+// stages (`converts`).
+template <class Tiles>
+struct bf16_stage_layout {
+  static constexpr bool converts = false;
+  static constexpr size_t stage_bytes = Tiles::stage_elements * sizeof(bf16);
+  static constexpr size_t smem_bytes = Tiles::smem_bytes;
+  __device__ __forceinline__ static const bf16* b_tile(unsigned char* stage, unsigned char*, int) {
+    return reinterpret_cast<const bf16*>(stage) + Tiles::bm * Tiles::ld;
+  }
+};
+
 template <class Tiles, bool Async>
 struct stage_loader;
 
 template <class Tiles>
-struct stage_loader<Tiles, true> {
+struct stage_loader<Tiles, true> : bf16_stage_layout<Tiles> {
   static constexpr int chunks = Tiles::bk / 8;
   static constexpr int rows_per_pass = Tiles::threads / chunks;
   static constexpr int a_passes = Tiles::bm / rows_per_pass, b_passes = Tiles::bn / rows_per_pass;
@@ -162,9 +185,11 @@ struct stage_loader<Tiles, true> {
   int32_t kc, k;
   int dst;  // offset of this thread's first chunk in a stage's x tile
 
-  __device__ __forceinline__ stage_loader(const bf16* a_src, int32_t a_rows, const bf16* b_src,
-                                          int32_t b_rows, int32_t k_)
+  __device__ __forceinline__ stage_loader(const bf16* a_src, int32_t a_rows, const void* w,
+                                          int64_t w_row0, int32_t b_rows, int32_t k_,
+                                          const fp8_scales&)
       : k(k_) {
+    const bf16* b_src = static_cast<const bf16*>(w) + w_row0 * k_;
     const int tid = static_cast<int>(threadIdx.x);
     const int row = tid / chunks;
     kc = (tid % chunks) * 8;
@@ -176,7 +201,8 @@ struct stage_loader<Tiles, true> {
     dst = row * Tiles::ld + kc;
   }
 
-  __device__ __forceinline__ void operator()(bf16* stage, int32_t k0) const {
+  __device__ __forceinline__ void operator()(unsigned char* stage_bytes, int32_t k0) const {
+    bf16* stage = reinterpret_cast<bf16*>(stage_bytes);
     // Past k: a 0-byte copy of the row start (a valid, aligned address) and 16 bytes of zeros.
     const bool in_k = k0 + kc < k;
     const int32_t at = in_k ? k0 : -kc;
@@ -205,16 +231,22 @@ struct stage_loader<Tiles, true> {
 
 // Otherwise element loads and plain shared stores.
 template <class Tiles>
-struct stage_loader<Tiles, false> {
+struct stage_loader<Tiles, false> : bf16_stage_layout<Tiles> {
   const bf16* a_src;
   const bf16* b_src;
   int32_t a_rows, b_rows, k;
 
-  __device__ __forceinline__ stage_loader(const bf16* a_src_, int32_t a_rows_, const bf16* b_src_,
-                                          int32_t b_rows_, int32_t k_)
-      : a_src(a_src_), b_src(b_src_), a_rows(a_rows_), b_rows(b_rows_), k(k_) {}
+  __device__ __forceinline__ stage_loader(const bf16* a_src_, int32_t a_rows_, const void* w,
+                                          int64_t w_row0, int32_t b_rows_, int32_t k_,
+                                          const fp8_scales&)
+      : a_src(a_src_),
+        b_src(static_cast<const bf16*>(w) + w_row0 * k_),
+        a_rows(a_rows_),
+        b_rows(b_rows_),
+        k(k_) {}
 
-  __device__ __forceinline__ void operator()(bf16* stage, int32_t k0) const {
+  __device__ __forceinline__ void operator()(unsigned char* stage_bytes, int32_t k0) const {
+    bf16* stage = reinterpret_cast<bf16*>(stage_bytes);
     const bf16 zero = __float2bfloat16_rn(0.0f);
     for (int i = static_cast<int>(threadIdx.x); i < (Tiles::bm + Tiles::bn) * Tiles::bk;
          i += Tiles::threads) {
@@ -228,10 +260,189 @@ struct stage_loader<Tiles, false> {
   }
 };
 
-template <class Tiles, class TOut, bool Async>
+// FP8 weights. A weight element becomes bf16(e4m3 * scale): one float32 product rounded once,
+// as fp8_dequantize_kernel computes it.
+__device__ __forceinline__ bf16 dequantize_e4m3(uint8_t bits, float scale) {
+  __nv_fp8_e4m3 v;
+  v.__x = bits;
+  return __float2bfloat16_rn(static_cast<float>(v) * scale);
+}
+
+__device__ __forceinline__ uint32_t bf16_bits(bf16 v) {
+  uint16_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+
+// Element loads, converted on the way into the stage (as the bf16 element loader; for k % 16
+// != 0, unaligned pointers or block columns that 16-element chunks would straddle).
+template <class Tiles>
+struct fp8_element_loader : bf16_stage_layout<Tiles> {
+  const bf16* a_src;
+  const uint8_t* b_src;
+  int64_t w_row0;
+  int32_t a_rows, b_rows, k;
+  fp8_scales sc;
+
+  __device__ __forceinline__ fp8_element_loader(const bf16* a_src_, int32_t a_rows_, const void* w,
+                                                int64_t w_row0_, int32_t b_rows_, int32_t k_,
+                                                const fp8_scales& sc_)
+      : a_src(a_src_),
+        b_src(static_cast<const uint8_t*>(w) + w_row0_ * k_),
+        w_row0(w_row0_),
+        a_rows(a_rows_),
+        b_rows(b_rows_),
+        k(k_),
+        sc(sc_) {}
+
+  __device__ __forceinline__ void operator()(unsigned char* stage_bytes, int32_t k0) const {
+    bf16* stage = reinterpret_cast<bf16*>(stage_bytes);
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+    for (int i = static_cast<int>(threadIdx.x); i < (Tiles::bm + Tiles::bn) * Tiles::bk;
+         i += Tiles::threads) {
+      const int r = i / Tiles::bk, kk = i % Tiles::bk;
+      const bool is_a = r < Tiles::bm;
+      const int row = is_a ? r : r - Tiles::bm;
+      if (row >= (is_a ? a_rows : b_rows)) continue;
+      const int32_t c = k0 + kk;
+      bf16 v = zero;
+      if (c < k) {
+        if (is_a) {
+          v = a_src[int64_t{row} * k + c];
+        } else {
+          const float s = sc.scale[(w_row0 + row) / sc.block_rows * sc.ld + c / sc.block_cols];
+          v = dequantize_e4m3(b_src[int64_t{row} * k + c], s);
+        }
+      }
+      stage[r * Tiles::ld + kk] = v;
+    }
+  }
+};
+
+// Asynchronous copies (k % 16 == 0, 16-byte aligned rows, block columns a multiple of 16): x's
+// rows as the bf16 loader copies them, the weight's raw bytes (16 elements a copy) into the
+// stage; once a step's copies have landed, each thread converts the very bytes it copied (its
+// own copies need no barrier to be visible to it) into one of two bf16 tiles, before the step's
+// barrier publishes them. Two suffice: the barrier of step s comes after every warp's products of
+// step s - 1, so converting step s + 1 cannot overwrite a tile still being read.
+template <class Tiles>
+struct fp8_async_loader {
+  static constexpr bool converts = true;
+  static constexpr size_t x_bytes = size_t{Tiles::bm} * Tiles::ld * sizeof(bf16);
+  static constexpr size_t stage_bytes = x_bytes + size_t{Tiles::bn} * Tiles::bk;
+  static constexpr size_t b_bytes = size_t{Tiles::bn} * Tiles::ld * sizeof(bf16);
+  static constexpr size_t smem_bytes = Tiles::stages * stage_bytes + 2 * b_bytes;
+  // WMMA wants 32-byte aligned fragments; the 16-byte copies and conversions want 16.
+  static_assert(x_bytes % 32 == 0 && stage_bytes % 32 == 0 && b_bytes % 32 == 0);
+  static_assert(smem_bytes >= (Tiles::scratch_floats + Tiles::partial_floats) * sizeof(float));
+  static_assert(smem_bytes <= 227 * 1024 &&
+                Tiles::min_blocks * (smem_bytes + Tiles::threads * sizeof(int64_t) + 16 + 1024) <=
+                    228 * 1024);
+
+  static constexpr int a_chunks = Tiles::bk / 8, b_chunks = Tiles::bk / 16;
+  static constexpr int a_rows_per_pass = Tiles::threads / a_chunks;
+  static constexpr int b_rows_per_pass = Tiles::threads / b_chunks;
+  static constexpr int a_passes = Tiles::bm / a_rows_per_pass;
+  static constexpr int b_passes = Tiles::bn / b_rows_per_pass;
+  static_assert(Tiles::bk % 16 == 0 && Tiles::threads % a_chunks == 0 &&
+                Tiles::threads % b_chunks == 0 && Tiles::bm % a_rows_per_pass == 0 &&
+                Tiles::bn % b_rows_per_pass == 0);
+
+  const bf16* a;     // this thread's first row of x, at its chunk column
+  const uint8_t* b;  // and of the weight
+  int64_t a_stride, b_stride;
+  int32_t a_left, b_left;
+  int32_t a_kc, b_kc, k;
+  int a_dst, b_row;
+  fp8_scales sc;
+  int64_t scale_row[b_passes];  // offset of each pass's row of the scale grid
+
+  __device__ __forceinline__ static const bf16* b_tile(unsigned char*, unsigned char* smem,
+                                                       int step) {
+    return reinterpret_cast<const bf16*>(smem + Tiles::stages * stage_bytes + (step & 1) * b_bytes);
+  }
+
+  __device__ __forceinline__ fp8_async_loader(const bf16* a_src, int32_t a_rows, const void* w,
+                                              int64_t w_row0, int32_t b_rows, int32_t k_,
+                                              const fp8_scales& sc_)
+      : k(k_), sc(sc_) {
+    const int tid = static_cast<int>(threadIdx.x);
+    const int a_row = tid / a_chunks;
+    a_kc = (tid % a_chunks) * 8;
+    a = a_src + int64_t{a_row} * k + a_kc;
+    a_stride = int64_t{a_rows_per_pass} * k;
+    a_left = a_rows - a_row;
+    a_dst = a_row * Tiles::ld + a_kc;
+    b_row = tid / b_chunks;
+    b_kc = (tid % b_chunks) * 16;
+    b = static_cast<const uint8_t*>(w) + (w_row0 + b_row) * k + b_kc;
+    b_stride = int64_t{b_rows_per_pass} * k;
+    b_left = b_rows - b_row;
+#pragma unroll
+    for (int p = 0; p < b_passes; ++p)
+      scale_row[p] = (w_row0 + b_row + p * b_rows_per_pass) / sc.block_rows * sc.ld;
+  }
+
+  __device__ __forceinline__ void operator()(unsigned char* stage, int32_t k0) const {
+    bf16* xs = reinterpret_cast<bf16*>(stage);
+    const bool a_in_k = k0 + a_kc < k;
+    const int32_t a_at = a_in_k ? k0 : -a_kc;
+#pragma unroll
+    for (int p = 0; p < a_passes; ++p)
+      if (p * a_rows_per_pass < a_left) {
+        bf16* d = xs + a_dst + p * a_rows_per_pass * Tiles::ld;
+        const bf16* src = a + p * a_stride + a_at;
+        if (a_in_k)
+          __pipeline_memcpy_async(d, src, 16);
+        else
+          __pipeline_memcpy_async(d, src, 16, 16);
+      }
+    unsigned char* ws = stage + x_bytes;
+    const bool b_in_k = k0 + b_kc < k;
+    const int32_t b_at = b_in_k ? k0 : -b_kc;
+#pragma unroll
+    for (int p = 0; p < b_passes; ++p)
+      if (p * b_rows_per_pass < b_left) {
+        unsigned char* d = ws + (b_row + p * b_rows_per_pass) * Tiles::bk + b_kc;
+        const uint8_t* src = b + p * b_stride + b_at;
+        if (b_in_k)
+          __pipeline_memcpy_async(d, src, 16);
+        else
+          __pipeline_memcpy_async(d, src, 16, 16);
+      }
+  }
+
+  // After this thread's copies of step k0 have landed: its 16-byte pieces of the weight, as bf16.
+  __device__ __forceinline__ void convert(unsigned char* stage, bf16* tile, int32_t k0) const {
+    const unsigned char* ws = stage + x_bytes;
+    const bool in_k = k0 + b_kc < k;
+    // Past k the scale grid has no column: the bytes there are zeros, and so are the values.
+    const int64_t scale_col = in_k ? (k0 + b_kc) / sc.block_cols : 0;
+#pragma unroll
+    for (int p = 0; p < b_passes; ++p)
+      if (p * b_rows_per_pass < b_left) {
+        const int row = b_row + p * b_rows_per_pass;
+        const uint4 bytes = *reinterpret_cast<const uint4*>(ws + row * Tiles::bk + b_kc);
+        const float s = in_k ? sc.scale[scale_row[p] + scale_col] : 0.0f;
+        const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+        uint32_t pairs[8];  // two bf16 each, the lower element in the lower half
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t word = words[i / 2] >> (16 * (i % 2));
+          pairs[i] = bf16_bits(dequantize_e4m3(static_cast<uint8_t>(word), s)) |
+                     (bf16_bits(dequantize_e4m3(static_cast<uint8_t>(word >> 8), s)) << 16);
+        }
+        uint4* d = reinterpret_cast<uint4*>(tile + row * Tiles::ld + b_kc);
+        d[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+        d[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+      }
+  }
+};
+
+template <class Tiles, class TOut, class Loader>
 __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
-    grouped_gemm_mma_kernel(const bf16* x, const int32_t* offsets, const bf16* w, TOut* y,
-                            int32_t num_rows, int num_experts, int32_t n, int32_t k,
+    grouped_gemm_mma_kernel(const bf16* x, const int32_t* offsets, const void* w, fp8_scales sc,
+                            TOut* y, int32_t num_rows, int num_experts, int32_t n, int32_t k,
                             int32_t n_tiles) {
   extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
   __shared__ int64_t scan[Tiles::threads];
@@ -245,9 +456,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
   const int32_t col0 = static_cast<int32_t>(block % n_tiles) * Tiles::bn;
   const int32_t cols = std::min(int32_t{Tiles::bn}, n - col0);
   const bf16* a_src = x + int64_t{row0} * k;
-  const bf16* b_src = w + (int64_t{expert} * n + col0) * k;
-
-  auto* stages = reinterpret_cast<bf16*>(grouped_gemm_smem);
+  unsigned char* smem = grouped_gemm_smem;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int mn_warp = warp % Tiles::mn_warps, warp_k = warp / Tiles::mn_warps;
   const int warp_row0 = (mn_warp / Tiles::warps_n) * Tiles::warp_rows;
@@ -267,23 +476,27 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
   // The pipeline: stage s % Stages holds k step s. Every thread commits one group per step
   // (empty past the last), so "all but the newest Stages - 2 groups" is always "up to this step".
   const int32_t k_steps = (k + Tiles::bk - 1) / Tiles::bk;
-  const stage_loader<Tiles, Async> load(a_src, rows, b_src, cols, k);
+  const Loader load(a_src, rows, w, int64_t{expert} * n + col0, cols, k, sc);
+  auto stage = [smem](int s) { return smem + static_cast<size_t>(s) * Loader::stage_bytes; };
   for (int s = 0; s < Tiles::stages - 1; ++s) {
-    if (s < k_steps) load(stages + s * Tiles::stage_elements, s * Tiles::bk);
+    if (s < k_steps) load(stage(s), s * Tiles::bk);
     __pipeline_commit();
   }
   int read_stage = 0, write_stage = Tiles::stages - 1;
   for (int32_t step = 0; step < k_steps; ++step) {
     __pipeline_wait_prior(Tiles::stages - 2);
-    // Makes every thread's copies of this step visible, and tells the loads below that every
-    // warp is done with the stage they overwrite (read in the previous step).
+    unsigned char* current = stage(read_stage);
+    if constexpr (Loader::converts)
+      load.convert(current, const_cast<bf16*>(Loader::b_tile(current, smem, step)), step * Tiles::bk);
+    // Makes every thread's copies (or conversions) of this step visible, and tells the loads
+    // below that every warp is done with the stage they overwrite (read in the previous step).
     __syncthreads();
     const int32_t next = step + Tiles::stages - 1;
-    if (next < k_steps) load(stages + write_stage * Tiles::stage_elements, next * Tiles::bk);
+    if (next < k_steps) load(stage(write_stage), next * Tiles::bk);
     __pipeline_commit();
 
-    const bf16* as = stages + read_stage * Tiles::stage_elements;
-    const bf16* bs = as + Tiles::bm * Tiles::ld;
+    const bf16* as = reinterpret_cast<const bf16*>(current);
+    const bf16* bs = Loader::b_tile(current, smem, step);
     read_stage = read_stage + 1 == Tiles::stages ? 0 : read_stage + 1;
     write_stage = write_stage + 1 == Tiles::stages ? 0 : write_stage + 1;
     if (!warp_busy) continue;
@@ -470,13 +683,13 @@ bool aligned16(const void* p) noexcept {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-template <class Tiles, class TOut, bool Async>
+template <class Tiles, class TOut, class Loader>
 kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
-  auto* kernel = grouped_gemm_mma_kernel<Tiles, TOut, Async>;
+  auto* kernel = grouped_gemm_mma_kernel<Tiles, TOut, Loader>;
   // Past 48 KiB of dynamic shared memory a kernel must opt in. A host-side attribute, not a
   // stream operation.
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(Tiles::smem_bytes)) != cudaSuccess) {
+                           static_cast<int>(Loader::smem_bytes)) != cudaSuccess) {
     (void)cudaGetLastError();
     return kernel_status::launch_failed;
   }
@@ -486,18 +699,30 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     (void)cudaGetLastError();
   const grid_shape g = grid_of(a);
-  kernel<<<static_cast<unsigned>(g.blocks), Tiles::threads, Tiles::smem_bytes, stream>>>(
-      static_cast<const bf16*>(a.x), a.expert_offsets, static_cast<const bf16*>(a.weights),
-      static_cast<TOut*>(a.y), static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
+  fp8_scales sc;
+  if (a.weight_scale != nullptr) {
+    sc.scale = a.weight_scale;
+    sc.block_rows = static_cast<int32_t>(a.scale_block_rows);
+    sc.block_cols = static_cast<int32_t>(a.scale_block_cols);
+    sc.ld = a.scale_ld > 0 ? a.scale_ld : (a.k + a.scale_block_cols - 1) / a.scale_block_cols;
+  }
+  kernel<<<static_cast<unsigned>(g.blocks), Tiles::threads, Loader::smem_bytes, stream>>>(
+      static_cast<const bf16*>(a.x), a.expert_offsets, a.weights, sc, static_cast<TOut*>(a.y),
+      static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
       static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), static_cast<int32_t>(g.n_tiles));
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
 template <class Tiles, class TOut>
 kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
-  if (a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights))
-    return launch_mma<Tiles, TOut, true>(a, stream);
-  return launch_mma<Tiles, TOut, false>(a, stream);
+  const bool aligned = aligned16(a.x) && aligned16(a.weights);
+  if (a.weight_scale != nullptr) {
+    if (a.k % 16 == 0 && aligned && a.scale_block_cols % 16 == 0)
+      return launch_mma<Tiles, TOut, fp8_async_loader<Tiles>>(a, stream);
+    return launch_mma<Tiles, TOut, fp8_element_loader<Tiles>>(a, stream);
+  }
+  if (a.k % 8 == 0 && aligned) return launch_mma<Tiles, TOut, stage_loader<Tiles, true>>(a, stream);
+  return launch_mma<Tiles, TOut, stage_loader<Tiles, false>>(a, stream);
 }
 
 template <class TOut>
@@ -521,6 +746,15 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
   const bool types_ok = (a.dt == dtype::bf16 && (a.y_dt == dtype::bf16 || a.y_dt == dtype::f32)) ||
                         (a.dt == dtype::f32 && a.y_dt == dtype::f32);
   if (!types_ok) return kernel_status::unsupported_dtype;
+  if (a.weight_scale != nullptr) {
+    if (a.dt != dtype::bf16) return kernel_status::unsupported_dtype;
+    // The device indexes the grid with int32 block sizes.
+    if (a.scale_block_rows < 1 || a.scale_block_cols < 1 || a.scale_block_rows > INT32_MAX ||
+        a.scale_block_cols > INT32_MAX)
+      return kernel_status::unsupported_shape;
+    if (a.scale_ld != 0 && (a.scale_ld < 0 || a.scale_ld < (a.k + a.scale_block_cols - 1) / a.scale_block_cols))
+      return kernel_status::unsupported_shape;
+  }
   if (a.num_experts < 1 || a.num_experts > grouped_gemm_max_experts)
     return kernel_status::unsupported_shape;
   // Rows and columns are int32 on the device (the offsets are); elements are int64.

@@ -10,6 +10,10 @@
 // Element types (x and weights, y):
 //   bf16, bf16 or f32   tensor cores (WMMA bf16 16x16x16), float32 accumulation
 //   f32,  f32           CUDA cores, float32 fused multiply-adds in k order (no TF32)
+// FP8 weights (DeepSeek-V3's e4m3 with float32 block scales, weight_scale set) with bf16 x: each
+// weight element becomes bf16(e4m3 * scale) in shared memory right before the products, the
+// value fp8_dequantize.hpp writes, so the result is the bf16 kernel's on fp8_dequantize's output,
+// bit for bit, while half the weight bytes come from memory (what decode is bound by).
 // Any n and k (neither needs to be a multiple of 16): tile edges are zero-filled. The bf16 path
 // streams tiles with asynchronous 16-byte copies when k % 8 == 0 and x and weights are 16-byte
 // aligned, and falls back to (slower) element loads otherwise.
@@ -49,14 +53,26 @@ struct grouped_gemm_args {
   int64_t num_experts = 0;   ///< [1, grouped_gemm_max_experts]
   int64_t n = 0;             ///< output features
   int64_t k = 0;             ///< input features
-  dtype dt = dtype::bf16;    ///< x and weights: bf16 or f32
+  dtype dt = dtype::bf16;    ///< x and weights: bf16 or f32 (x: bf16 with FP8 weights)
   dtype y_dt = dtype::bf16;  ///< bf16 or f32 for bf16 inputs; f32 for f32 inputs
+
+  /// FP8 weights: when set, `weights` holds (num_experts, n, k) e4m3 bytes, read as ONE
+  /// (num_experts * n, k) matrix with this block-scale grid: row r of expert e scales by
+  /// weight_scale[((e * n + r) / scale_block_rows) * scale_ld + c / scale_block_cols]. Each
+  /// expert's weight starts a new grid row when n % scale_block_rows == 0 (stack the experts'
+  /// own grids with a block height dividing n). dt must be bf16.
+  const float* weight_scale = nullptr;
+  int64_t scale_block_rows = 128;
+  int64_t scale_block_cols = 128;
+  int64_t scale_ld = 0;  ///< floats between grid rows; 0: ceil(k / scale_block_cols)
 };
 
 /// Host-side checks only (no GPU needed): ok, unsupported_dtype, or unsupported_shape for
 /// num_experts outside [1, grouped_gemm_max_experts], negative sizes, num_rows, n or k past
 /// INT32_MAX, a grid past 2^31 - 1 blocks, element offsets past int64, or a null pointer
-/// (expert_offsets and y are needed whenever num_rows * n > 0, x and weights when k > 0 too).
+/// (expert_offsets and y are needed whenever num_rows * n > 0, x and weights when k > 0 too);
+/// with FP8 weights also dt not bf16 (unsupported_dtype), block sizes below 1 or scale_ld below
+/// ceil(k / scale_block_cols).
 [[nodiscard]] kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept;
 
 /// One launch on `stream`. launch_failed when CUDA refuses it (e.g. a device older than sm_80,

@@ -37,6 +37,7 @@
 
 #include "kernels/cpu/grouped_gemm.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
+#include "model/dequantize.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
 #include "tests/unit/kernels/random_tensor.hpp"
 
@@ -254,6 +255,106 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
     ASSERT_EQ(got[b], sentinel) << "byte " << b << " of y past the rows in use was written";
 }
 
+// FP8 weights: random e4m3 bytes (NaN codes avoided) and block scales over the stacked
+// (experts * n, k) weight. The kernel must give, bit for bit, what the bf16 kernel gives on the
+// weights expanded as fp8_dequantize expands them: bf16(e4m3 * scale), model::
+// dequantize_fp8_blocks rounded to bf16. The same tiling and products run on the same values
+// in the same order, so any difference (a wrong scale, a byte of the wrong row or k step, a
+// conversion racing the products) shows; the bf16 kernel itself is checked against the
+// references above.
+struct fp8_case {
+  int64_t n = 0, k = 0;
+  std::vector<int32_t> counts;
+  int64_t num_rows = 0;
+  int64_t block_rows = 128, block_cols = 128;
+  int64_t scale_ld_pad = 0;  // extra floats per scale row
+  dtype y_dt = dtype::bf16;
+  size_t x_misalign_elements = 0;
+};
+
+void expect_fp8_matches_dequantized(const fp8_case& c, uint64_t seed) {
+  SCOPED_TRACE("fp8 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " rows=" +
+               std::to_string(c.num_rows) + " blocks " + std::to_string(c.block_rows) + "x" +
+               std::to_string(c.block_cols) + (c.x_misalign_elements ? " misaligned x" : ""));
+  const auto num_experts = static_cast<int64_t>(c.counts.size());
+  const auto offsets = offsets_of(c.counts);
+  const auto rows = static_cast<size_t>(c.num_rows), k = static_cast<size_t>(c.k);
+  const int64_t w_rows = num_experts * c.n;
+  const int64_t grid_rows = (w_rows + c.block_rows - 1) / c.block_rows;
+  const int64_t grid_cols = (c.k + c.block_cols - 1) / c.block_cols;
+  const int64_t scale_ld = grid_cols + c.scale_ld_pad;
+
+  std::vector<uint8_t> q(static_cast<size_t>(w_rows) * k);
+  uint64_t s = seed * 0x9e3779b97f4a7c15ull + 7;
+  for (auto& b : q) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    b = static_cast<uint8_t>(s >> 56);
+    if ((b & 0x7f) == 0x7f) b ^= 1;  // 0x7f / 0xff are NaN
+  }
+  std::vector<float> scale(static_cast<size_t>(grid_rows * scale_ld), -1.0f);  // pad never read
+  const auto scale_values = random_values(static_cast<size_t>(grid_rows * grid_cols), seed + 3, false);
+  for (int64_t r = 0; r < grid_rows; ++r)
+    for (int64_t cc = 0; cc < grid_cols; ++cc)
+      scale[static_cast<size_t>(r * scale_ld + cc)] =
+          std::ldexp(1.0f + std::fabs(scale_values[static_cast<size_t>(r * grid_cols + cc)]), -9);
+  // The expansion, packed scales for the model's loop.
+  std::vector<float> packed(static_cast<size_t>(grid_rows * grid_cols));
+  for (int64_t r = 0; r < grid_rows; ++r)
+    std::copy_n(scale.begin() + r * scale_ld, grid_cols, packed.begin() + r * grid_cols);
+  std::vector<float> expanded(q.size());
+  model::dequantize_fp8_blocks(std::as_bytes(std::span<const uint8_t>(q)), w_rows, c.k, packed,
+                               c.block_rows, c.block_cols, expanded);
+  const auto x = random_values(rows * k, seed, true);
+
+  const size_t x_at = c.x_misalign_elements * 2;
+  device_buffer dx(x_at + rows * k * 2), dq(q.size()), ds(scale.size() * 4), dw(expanded.size() * 2),
+      doff(offsets.size() * 4), dy_fp8(rows * static_cast<size_t>(c.n) * dtype_bytes(c.y_dt)),
+      dy_bf16(dy_fp8.bytes());
+  ASSERT_TRUE(upload(dx, as_bytes(x, dtype::bf16).data(), rows * k * 2, x_at));
+  ASSERT_TRUE(upload(dq, q.data(), q.size()));
+  ASSERT_TRUE(upload(ds, scale.data(), ds.bytes()));
+  ASSERT_TRUE(upload(dw, as_bytes(expanded, dtype::bf16).data(), dw.bytes()));
+  ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
+  ASSERT_EQ(cudaMemset(dy_fp8.get(), sentinel, dy_fp8.bytes()), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dy_bf16.get(), sentinel, dy_bf16.bytes()), cudaSuccess);
+
+  cuda::grouped_gemm_args a;
+  a.x = static_cast<const char*>(dx.get()) + x_at;
+  a.expert_offsets = static_cast<const int32_t*>(doff.get());
+  a.weights = dw.get();
+  a.y = dy_bf16.get();
+  a.num_rows = c.num_rows;
+  a.num_experts = num_experts;
+  a.n = c.n;
+  a.k = c.k;
+  a.dt = dtype::bf16;
+  a.y_dt = c.y_dt;
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  a.weights = dq.get();
+  a.y = dy_fp8.get();
+  a.weight_scale = static_cast<const float*>(ds.get());
+  a.scale_block_rows = c.block_rows;
+  a.scale_block_cols = c.block_cols;
+  a.scale_ld = scale_ld;
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto want = download(dy_bf16), got = download(dy_fp8);
+  ASSERT_EQ(got.size(), want.size());
+  const size_t y_bytes = dtype_bytes(c.y_dt);
+  const size_t written = static_cast<size_t>(offsets.back()) * static_cast<size_t>(c.n) * y_bytes;
+  for (size_t b = 0; b < got.size(); b += y_bytes) {
+    ASSERT_EQ(std::memcmp(got.data() + b, want.data() + b, y_bytes), 0)
+        << "element " << b / y_bytes << " (row " << b / y_bytes / static_cast<size_t>(c.n) << ")";
+    if (b >= written) {
+      ASSERT_EQ(got[b], sentinel) << "byte " << b << " past the rows in use";
+    }
+  }
+  // Not all zeros: the case multiplies something.
+  size_t nonzero = 0;
+  for (size_t i = 0; i < written / y_bytes; ++i) nonzero += element_of(got, i, c.y_dt) != 0.0f;
+  EXPECT_GT(nonzero, written / y_bytes / 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument checks: host code, no GPU needed.
 
@@ -284,6 +385,30 @@ TEST(cuda_grouped_gemm, can_run_rejects_bad_arguments) {
   a = good;
   a.dt = dtype::f16;
   EXPECT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::unsupported_dtype);
+
+  // FP8 weights: bf16 x only, positive block sizes, a scale row as long as the grid's columns.
+  {
+    const float scale = 1.0f;
+    a = good;
+    a.weight_scale = &scale;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+    a.scale_block_cols = 8;  // k = 16: two grid columns
+    a.scale_ld = 2;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+    a.scale_ld = 1;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+    a.scale_ld = -1;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_shape);
+    a.scale_ld = 0;
+    for (int64_t cuda::grouped_gemm_args::*field :
+         {&cuda::grouped_gemm_args::scale_block_rows, &cuda::grouped_gemm_args::scale_block_cols}) {
+      cuda::grouped_gemm_args b = a;
+      b.*field = 0;
+      EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape);
+    }
+    a.dt = a.y_dt = dtype::f32;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_dtype);
+  }
 
   // Experts in [1, grouped_gemm_max_experts].
   for (const int64_t e : {int64_t{0}, int64_t{-1}, cuda::grouped_gemm_max_experts + 1}) {
@@ -385,6 +510,32 @@ TEST(cuda_grouped_gemm, odd_shapes_match_reference) {
     misaligned.x_misalign_elements = 1;
     expect_matches_reference(misaligned, 23);
     expect_matches_reference({7, 5, counts, num_rows, dtype::bf16, dtype::bf16}, 24);
+  }
+}
+
+// FP8 weights, both tilings: v2lite's expert shapes (the asynchronous path; in the emulator n is
+// cut as above, with a 16-row block grid so that each expert's weight starts a grid row); k with
+// a partial last block column (272 = 2 x 128 + 16: async) or not a multiple of 16 (264, 77:
+// element loads), a misaligned x (element loads), block columns not a multiple of 16 (element
+// loads), a padded scale row, float32 output.
+TEST(cuda_grouped_gemm, fp8_weights_match_the_dequantized_product) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const auto counts = v2lite_counts();
+  const int64_t in_use = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  const int64_t v2_rows = v2lite_n_divisor == 1 ? 128 : 16;
+  for (const int64_t num_rows : {in_use, int64_t{64 * 64}}) {
+    expect_fp8_matches_dequantized({2 * 1408 / v2lite_n_divisor, 2048, counts, num_rows, v2_rows, 128}, 41);
+    expect_fp8_matches_dequantized({2048 / v2lite_n_divisor, 1408, counts, num_rows, 128, 128}, 42);
+  }
+  const std::vector<int32_t> few{0, 1, 33, 130, 17};
+  for (const int64_t num_rows : {int64_t{181}, int64_t{64 * 5 + 3}}) {
+    expect_fp8_matches_dequantized({160, 272, few, num_rows, 32, 128}, 43);
+    expect_fp8_matches_dequantized({100, 264, few, num_rows, 128, 128, 3, dtype::f32}, 44);
+    expect_fp8_matches_dequantized({131, 77, few, num_rows, 128, 128}, 45);
+    fp8_case misaligned{160, 256, few, num_rows, 32, 128};
+    misaligned.x_misalign_elements = 1;
+    expect_fp8_matches_dequantized(misaligned, 46);
+    expect_fp8_matches_dequantized({64, 256, few, num_rows, 64, 40}, 47);
   }
 }
 
