@@ -34,6 +34,21 @@ __global__ void convert_kernel(const In* in, Out* out, int64_t count) {
 }
 
 template <typename T>
+__global__ void accumulate_kernel(const T* x, T* y, int64_t count) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    store(y, i, load(y, i) + load(x, i));
+}
+
+template <typename T>
+kernel_status launch_accumulate(const accumulate_args& a, cudaStream_t stream) {
+  const int64_t blocks = (a.count + threads - 1) / threads;
+  accumulate_kernel<T><<<static_cast<unsigned>(blocks < max_blocks ? blocks : max_blocks), threads, 0, stream>>>(
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.count);
+  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+}
+
+template <typename T>
 kernel_status launch_gather(const gather_rows_args& a, cudaStream_t stream) {
   gather_rows_kernel<T><<<static_cast<unsigned>(a.num_ids), threads, 0, stream>>>(
       static_cast<const T*>(a.table), a.ids, static_cast<T*>(a.out), a.num_rows, a.dim);
@@ -89,6 +104,21 @@ kernel_status convert_run(const convert_args& a, cudaStream_t stream) noexcept {
   if (a.in_dt == dtype::bf16 && a.out_dt == dtype::f32) return launch_convert<__nv_bfloat16, float>(a, stream);
   if (a.in_dt == dtype::f32) return launch_convert<float, float>(a, stream);
   return launch_convert<__nv_bfloat16, __nv_bfloat16>(a, stream);
+}
+
+kernel_status accumulate_can_run(const accumulate_args& a) noexcept {
+  if (!float_type(a.dt)) return kernel_status::unsupported_dtype;
+  if (a.count < 0) return kernel_status::unsupported_shape;
+  if (a.count == 0) return kernel_status::ok;
+  if (!a.x || !a.y || a.x == a.y) return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
+kernel_status accumulate_run(const accumulate_args& a, cudaStream_t stream) noexcept {
+  if (auto s = accumulate_can_run(a); s != kernel_status::ok) return s;
+  if (a.count == 0) return kernel_status::ok;
+  return a.dt == dtype::f32 ? launch_accumulate<float>(a, stream)
+                            : launch_accumulate<__nv_bfloat16>(a, stream);
 }
 
 }  // namespace moe::kernels::cuda

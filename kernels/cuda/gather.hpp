@@ -8,6 +8,9 @@
 //   validate token ids on the host before they reach the GPU (the API does).
 // convert: out[i] = in[i] converted from in_dt to out_dt (f32 <-> bf16, or a copy); float32 to
 //   bf16 rounds to nearest even, as model::float_to_bf16 does.
+// accumulate: y[i] += x[i], summed in float32 and rounded once to dt: the residual add of
+//   cpu::add (out aliasing a) for the products that cannot add into their output themselves
+//   (the block-scaled FP8 linears).
 // Thread safety: launches are asynchronous on `stream`; the caller owns every buffer.
 #pragma once
 
@@ -45,5 +48,17 @@ struct convert_args {
 
 [[nodiscard]] kernel_status convert_can_run(const convert_args& a) noexcept;
 [[nodiscard]] kernel_status convert_run(const convert_args& a, cudaStream_t stream) noexcept;
+
+struct accumulate_args {
+  const void* x = nullptr;
+  void* y = nullptr;  ///< not overlapping x
+  int64_t count = 0;
+  dtype dt = dtype::bf16;  ///< f32 or bf16, both operands
+};
+
+/// ok, unsupported_dtype, or unsupported_shape for a negative count, a null pointer (where
+/// count > 0) or x == y.
+[[nodiscard]] kernel_status accumulate_can_run(const accumulate_args& a) noexcept;
+[[nodiscard]] kernel_status accumulate_run(const accumulate_args& a, cudaStream_t stream) noexcept;
 
 }  // namespace moe::kernels::cuda

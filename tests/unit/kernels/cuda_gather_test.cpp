@@ -1,6 +1,7 @@
 // The embedding lookup and dtype conversions on the GPU (kernels/cuda/gather.hpp) against the
 // CPU: exact copies, zero rows for ids outside the table, and float32 -> bf16 rounding equal to
-// model::float_to_bf16 (nearest even; NaN stays NaN, infinities and halfway cases included).
+// model::float_to_bf16 (nearest even; NaN stays NaN, infinities and halfway cases included);
+// the residual accumulate against cpu::add (float32 sum, rounded once).
 // The GPU comparisons skip without a GPU; the argument checks run everywhere.
 #include <gtest/gtest.h>
 
@@ -8,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/elementwise.hpp"
 #include "kernels/cpu/gather.hpp"
 #include "kernels/cuda/gather.hpp"
 #include "model/dequantize.hpp"
@@ -114,5 +116,51 @@ TEST(cuda_gather, conversions_round_to_nearest_even_like_the_host) {
   for (size_t i = 0; i < values.size(); ++i) {
     ASSERT_EQ(got16[i], model::float_to_bf16(values[i])) << i << ": " << values[i];
     ASSERT_EQ(back[i], model::bf16_to_float(got16[i])) << i;
+  }
+}
+
+TEST(cuda_gather, accumulate_can_run_rejects_bad_arguments) {
+  float a = 0, b = 0;
+  EXPECT_EQ(cuda::accumulate_can_run({&a, &b, 1, dtype::f32}), kernel_status::ok);
+  EXPECT_EQ(cuda::accumulate_can_run({nullptr, nullptr, 0, dtype::bf16}), kernel_status::ok);
+  EXPECT_EQ(cuda::accumulate_can_run({&a, &b, 1, dtype::f16}), kernel_status::unsupported_dtype);
+  EXPECT_EQ(cuda::accumulate_can_run({&a, &b, -1, dtype::f32}), kernel_status::unsupported_shape);
+  EXPECT_EQ(cuda::accumulate_can_run({nullptr, &b, 1, dtype::f32}), kernel_status::unsupported_shape);
+  EXPECT_EQ(cuda::accumulate_can_run({&a, nullptr, 1, dtype::f32}), kernel_status::unsupported_shape);
+  EXPECT_EQ(cuda::accumulate_can_run({&a, &a, 1, dtype::f32}), kernel_status::unsupported_shape);
+}
+
+// y += x: in f32 exactly cpu::add's float sum; in bf16 the float sum of the two bf16 values
+// rounded once to nearest even.
+TEST(cuda_gather, accumulate_adds_like_the_cpu) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const size_t n = 70001;
+  const auto x = random_floats(n, 31, -4.0f, 4.0f), y = random_floats(n, 32, -4.0f, 4.0f);
+  std::vector<float> want(n);
+  ASSERT_EQ(cpu::add(y.data(), x.data(), want.data(), n), kernel_status::ok);
+  device_buffer dx(n * 4), dy(n * 4);
+  ASSERT_TRUE(upload(dx, x));
+  ASSERT_TRUE(upload(dy, y));
+  ASSERT_EQ(cuda::accumulate_run({dx.get(), dy.get(), static_cast<int64_t>(n), dtype::f32}, nullptr),
+            kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto got = fetch<float>(dy, n);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(got[i], want[i]) << i;
+
+  std::vector<uint16_t> x16(n), y16(n);
+  for (size_t i = 0; i < n; ++i) {
+    x16[i] = model::float_to_bf16(x[i]);
+    y16[i] = model::float_to_bf16(y[i]);
+  }
+  device_buffer dx16(n * 2), dy16(n * 2);
+  ASSERT_TRUE(upload(dx16, x16));
+  ASSERT_TRUE(upload(dy16, y16));
+  ASSERT_EQ(cuda::accumulate_run({dx16.get(), dy16.get(), static_cast<int64_t>(n), dtype::bf16}, nullptr),
+            kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto got16 = fetch<uint16_t>(dy16, n);
+  for (size_t i = 0; i < n; ++i) {
+    const float sum = model::bf16_to_float(y16[i]) + model::bf16_to_float(x16[i]);
+    ASSERT_EQ(got16[i], model::float_to_bf16(sum)) << i;
   }
 }
