@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <numeric>
 #include <string>
 
 #include "model/dequantize.hpp"
@@ -19,13 +21,14 @@ using kernels::dtype;
 constexpr size_t tensor_alignment = 256;
 constexpr size_t staging_bytes_max = size_t{16} << 20;
 
-/// A run of host floats that goes into a device tensor.
+/// A run of host data that goes into a device tensor: floats converted to the tensor's dtype, or
+/// (an f8_e4m3 tensor) bytes copied as they are.
 struct source_run {
-  const float* data = nullptr;
-  size_t count = 0;
+  const void* data = nullptr;
+  size_t count = 0;  // elements
 };
 
-/// A device tensor: its runs, concatenated, converted to `dt`, at `offset` of the allocation.
+/// A device tensor: its runs, concatenated, in `dt`, at `offset` of the allocation.
 struct planned_tensor {
   size_t offset = 0;
   dtype dt = dtype::f32;
@@ -73,18 +76,22 @@ class staged_writer {
     return {};
   }
 
-  caf::error put(const float* src, size_t count, dtype dt) {
+  /// `count` elements of `dt` from `data`: floats (converted for bf16), or e4m3 bytes.
+  caf::error put(const void* data, size_t count, dtype dt) {
     const size_t es = kernels::dtype_bytes(dt);
+    const auto* src = static_cast<const char*>(data);
+    const size_t src_es = dt == dtype::f8_e4m3 ? 1 : sizeof(float);
     while (count > 0) {
       const size_t n = std::min(count, (capacity_ - fill_) / es);
       if (dt == dtype::bf16) {
         auto* out = reinterpret_cast<uint16_t*>(stage_ + fill_);
-        for (size_t i = 0; i < n; ++i) out[i] = model::float_to_bf16(src[i]);
+        const auto* in = reinterpret_cast<const float*>(src);
+        for (size_t i = 0; i < n; ++i) out[i] = model::float_to_bf16(in[i]);
       } else {
         std::memcpy(stage_ + fill_, src, n * es);
       }
       fill_ += n * es;
-      src += n;
+      src += n * src_es;
       count -= n;
       if (capacity_ - fill_ < es)
         if (auto err = flush()) return err;
@@ -112,6 +119,150 @@ class staged_writer {
   size_t fill_ = 0;  // bytes waiting in the staging buffer
 };
 
+
+/// One part of a projection's device matrix: rows [row0, row0 + rows) of checkpoint tensor
+/// `name`, which has `shape`.
+struct part {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t row0 = 0;
+  int64_t rows = 0;
+};
+
+/// Plans the device tensors of one upload, holding what the host builds for them (expanded FP8
+/// weights, stacked scale grids) until they are copied.
+class weight_planner {
+ public:
+  weight_planner(const model::checkpoint& ckpt, dtype dt, upload_plan& plan)
+      : ckpt_(ckpt), dt_(dt), plan_(plan), lookup_(model::lookup_in(ckpt)) {}
+
+  [[nodiscard]] const caf::error& error() const noexcept { return err_; }
+  [[nodiscard]] int64_t num_fp8() const noexcept { return num_fp8_; }
+  [[nodiscard]] int64_t max_linear_elements() const noexcept { return max_linear_elements_; }
+
+  /// A float tensor (stored as `as`): norms, the router, embeddings, kv_b_proj.
+  void tensor(const std::string& name, const std::vector<int64_t>& shape, dtype as,
+              std::function<void(const void*)> bind) {
+    if (err_) return;
+    const float* p = floats(name, shape);
+    if (p) plan_.add(as, {{p, count(shape)}}, std::move(bind));
+  }
+
+  /// A projection from `parts`, stacked: FP8 when every part is FP8 and the engine is bf16,
+  /// otherwise of the engine's dtype. `experts`: the routed experts' stack (the grouped GEMM
+  /// reads it as FP8 itself; the other products may expand theirs).
+  void matrix(const std::vector<part>& parts, device_matrix& m, bool experts = false) {
+    if (err_ || parts.empty()) return;
+    bool all_fp8 = dt_ == dtype::bf16;
+    for (const auto& p : parts) all_fp8 = all_fp8 && ckpt_.find_fp8(p.name) != nullptr;
+    if (all_fp8) return fp8_matrix(parts, m, experts);
+    std::vector<source_run> runs;
+    for (const auto& p : parts) {
+      const float* data = floats(p.name, p.shape);
+      if (!data) return;
+      runs.push_back({data + p.row0 * p.shape[1], static_cast<size_t>(p.rows * p.shape[1])});
+    }
+    plan_.add(dt_, std::move(runs), [&m](const void* d) { m.data = d; });
+  }
+
+  /// One whole tensor as a projection.
+  void matrix(const std::string& name, const std::vector<int64_t>& shape, device_matrix& m) {
+    matrix({{name, shape, 0, shape[0]}}, m);
+  }
+
+ private:
+  static size_t count(const std::vector<int64_t>& shape) {
+    size_t n = 1;
+    for (auto d : shape) n *= static_cast<size_t>(d);
+    return n;
+  }
+
+  // The float32 values of a tensor, expanding a kept FP8 one on the host; null after an error.
+  const float* floats(const std::string& name, const std::vector<int64_t>& shape) {
+    if (const model::fp8_tensor* f = ckpt_.find_fp8(name)) {
+      if (!check_shape(name, *f, shape)) return nullptr;
+      return owned_floats_.emplace_back(f->dequantize()).data().data();
+    }
+    auto p = lookup_(name, shape);
+    if (!p) {
+      err_ = p.error();
+      return nullptr;
+    }
+    return *p;
+  }
+
+  bool check_shape(const std::string& name, const model::fp8_tensor& f,
+                   const std::vector<int64_t>& shape) {
+    if (shape.size() == 2 && f.rows == shape[0] && f.cols == shape[1]) return true;
+    err_ = model::make_error(model::model_errc::bad_tensor,
+                             name + ": shape " + model::shape_string(std::vector<int64_t>{f.rows, f.cols}) +
+                                 ", expected " + model::shape_string(shape));
+    return false;
+  }
+
+  void fp8_matrix(const std::vector<part>& parts, device_matrix& m, bool experts) {
+    std::vector<const model::fp8_tensor*> tensors;
+    for (const auto& p : parts) {
+      const model::fp8_tensor* f = ckpt_.find_fp8(p.name);
+      if (!check_shape(p.name, *f, p.shape)) return;
+      tensors.push_back(f);
+    }
+    const model::fp8_tensor& first = *tensors.front();
+    // The stacked grid's block height: divides the checkpoint's, and every part's first row
+    // and (but for the last part, whose blocks may end partial) its row count.
+    int64_t h = first.block_rows;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const model::fp8_tensor& f = *tensors[i];
+      if (f.cols != first.cols || f.block_rows != first.block_rows ||
+          f.block_cols != first.block_cols) {
+        err_ = model::make_error(model::model_errc::bad_tensor,
+                                 parts[i].name + ": FP8 blocks or columns differ from " +
+                                     parts.front().name + "'s, with which it is stacked");
+        return;
+      }
+      h = std::gcd(h, parts[i].row0);
+      if (i + 1 < parts.size()) h = std::gcd(h, parts[i].rows);
+    }
+    const int64_t cols = first.cols, grid_cols = first.scale_cols();
+    const int64_t ld = (grid_cols + 3) / 4 * 4;
+    int64_t total_rows = 0;
+    for (const auto& p : parts) total_rows += p.rows;
+    std::vector<float>& grid = owned_scales_.emplace_back(
+        static_cast<size_t>((total_rows + h - 1) / h * ld), 0.0f);
+    std::vector<source_run> runs;
+    int64_t at = 0;  // the part's first row in the stacked matrix, a multiple of h
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const part& p = parts[i];
+      const model::fp8_tensor& f = *tensors[i];
+      for (int64_t r = 0; r < p.rows; r += h) {
+        const int64_t source_row = (p.row0 + r) / f.block_rows;
+        std::copy_n(f.scales.begin() + source_row * grid_cols, grid_cols,
+                    grid.begin() + (at + r) / h * ld);
+      }
+      runs.push_back({f.values.data() + p.row0 * cols, static_cast<size_t>(p.rows * cols)});
+      at += p.rows;
+    }
+    ++num_fp8_;
+    if (!experts) max_linear_elements_ = std::max(max_linear_elements_, total_rows * cols);
+    m.scale_ld = ld;
+    m.block_rows = h;
+    m.block_cols = first.block_cols;
+    plan_.add(dtype::f8_e4m3, std::move(runs), [&m](const void* d) { m.data = d; });
+    plan_.add(dtype::f32, {{grid.data(), grid.size()}},
+              [&m](const void* d) { m.scale = static_cast<const float*>(d); });
+  }
+
+  const model::checkpoint& ckpt_;
+  dtype dt_;
+  upload_plan& plan_;
+  model::weight_lookup lookup_;
+  caf::error err_;
+  int64_t num_fp8_ = 0;
+  int64_t max_linear_elements_ = 0;
+  std::deque<model::host_tensor> owned_floats_;
+  std::deque<std::vector<float>> owned_scales_;
+};
+
 }  // namespace
 
 caf::expected<device_weights> device_weights::upload(const model::checkpoint& ckpt, dtype dt,
@@ -121,105 +272,75 @@ caf::expected<device_weights> device_weights::upload(const model::checkpoint& ck
                              "gpu engine: weights dtype must be bf16 or f32, not " +
                                  std::string(kernels::to_string(dt)));
   const model::model_config& c = ckpt.config;
-  const model::weight_lookup lookup = model::lookup_in(ckpt);
   device_weights w;
   w.dtype_ = dt;
   w.layers_.resize(static_cast<size_t>(c.num_hidden_layers));
   upload_plan plan;
-  caf::error err;
+  weight_planner planner(ckpt, dt, plan);
 
-  // One tensor of the checkpoint, checked against `shape`, as one device tensor.
-  auto tensor = [&](const std::string& name, std::vector<int64_t> shape, dtype as,
-                    std::function<void(const void*)> bind) {
-    if (err) return;
-    auto p = lookup(name, shape);
-    if (!p) {
-      err = p.error();
-      return;
-    }
-    size_t count = 1;
-    for (auto d : shape) count *= static_cast<size_t>(d);
-    plan.add(as, {{*p, count}}, std::move(bind));
-  };
-  // Several checkpoint tensors, each of `shape`, concatenated into one device tensor.
-  auto stacked = [&](const std::vector<std::string>& names, std::vector<int64_t> shape,
-                     std::function<void(const void*)> bind) {
-    if (err) return;
-    std::vector<source_run> runs;
-    size_t count = 1;
-    for (auto d : shape) count *= static_cast<size_t>(d);
-    for (const auto& name : names) {
-      auto p = lookup(name, shape);
-      if (!p) {
-        err = p.error();
-        return;
-      }
-      runs.push_back({*p, count});
-    }
-    plan.add(dt, std::move(runs), std::move(bind));
-  };
   auto as_float = [](const float*& field) {
     return [&field](const void* p) { field = static_cast<const float*>(p); };
   };
   auto as_void = [](const void*& field) { return [&field](const void* p) { field = p; }; };
   auto mlp = [&](const std::string& prefix, int64_t inter, device_mlp& m) {
     m.intermediate = inter;
-    stacked({prefix + "gate_proj.weight", prefix + "up_proj.weight"}, {inter, c.hidden_size},
-            as_void(m.gate_up));
-    tensor(prefix + "down_proj.weight", {c.hidden_size, inter}, dt, as_void(m.down));
+    const std::vector<int64_t> gate_shape{inter, c.hidden_size};
+    planner.matrix({{prefix + "gate_proj.weight", gate_shape, 0, inter},
+                    {prefix + "up_proj.weight", gate_shape, 0, inter}},
+                   m.gate_up);
+    planner.matrix(prefix + "down_proj.weight", {c.hidden_size, inter}, m.down);
   };
 
   const int64_t D = c.hidden_size, H = c.num_attention_heads, R = c.kv_lora_rank;
   const int64_t qk = c.qk_head_dim(), dr = c.qk_rope_head_dim;
-  tensor("model.embed_tokens.weight", {c.vocab_size, D}, dt, as_void(w.embed_));
-  tensor(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight",
-         {c.vocab_size, D}, dt, as_void(w.lm_head_));
-  tensor("model.norm.weight", {D}, dtype::f32, as_float(w.final_norm_));
+  planner.tensor("model.embed_tokens.weight", {c.vocab_size, D}, dt, as_void(w.embed_));
+  planner.tensor(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight",
+                 {c.vocab_size, D}, dt, as_void(w.lm_head_));
+  planner.tensor("model.norm.weight", {D}, dtype::f32, as_float(w.final_norm_));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     device_layer& layer = w.layers_[static_cast<size_t>(l)];
     device_attention& a = layer.attention;
     const std::string p = "model.layers." + std::to_string(l) + ".";
     const std::string s = p + "self_attn.";
-    tensor(p + "input_layernorm.weight", {D}, dtype::f32, as_float(a.input_norm));
+    planner.tensor(p + "input_layernorm.weight", {D}, dtype::f32, as_float(a.input_norm));
     if (const int64_t QR = c.q_lora_rank.value_or(0); QR > 0) {
-      tensor(s + "q_a_proj.weight", {QR, D}, dt, as_void(a.q_a_proj));
-      tensor(s + "q_a_layernorm.weight", {QR}, dtype::f32, as_float(a.q_a_norm));
-      tensor(s + "q_b_proj.weight", {H * qk, QR}, dt, as_void(a.q_proj));
+      planner.matrix(s + "q_a_proj.weight", {QR, D}, a.q_a_proj);
+      planner.tensor(s + "q_a_layernorm.weight", {QR}, dtype::f32, as_float(a.q_a_norm));
+      planner.matrix(s + "q_b_proj.weight", {H * qk, QR}, a.q_proj);
     } else {
-      tensor(s + "q_proj.weight", {H * qk, D}, dt, as_void(a.q_proj));
+      planner.matrix(s + "q_proj.weight", {H * qk, D}, a.q_proj);
     }
-    if (!err) {
-      auto kv_a = lookup(s + "kv_a_proj_with_mqa.weight", std::vector<int64_t>{R + dr, D});
-      if (!kv_a) return kv_a.error();
-      const auto latent = static_cast<size_t>(R * D), rope = static_cast<size_t>(dr * D);
-      plan.add(dt, {{*kv_a, latent}}, as_void(a.kv_a_latent));
-      plan.add(dt, {{*kv_a + latent, rope}}, as_void(a.kv_a_rope));
-    }
-    tensor(s + "kv_a_layernorm.weight", {R}, dtype::f32, as_float(a.kv_a_norm));
-    tensor(s + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), R}, dt,
-           as_void(a.kv_b_proj));
-    tensor(s + "o_proj.weight", {D, H * c.v_head_dim}, dt, as_void(a.o_proj));
-    tensor(p + "post_attention_layernorm.weight", {D}, dtype::f32, as_float(a.post_norm));
+    const std::vector<int64_t> kv_a_shape{R + dr, D};
+    planner.matrix({{s + "kv_a_proj_with_mqa.weight", kv_a_shape, 0, R}}, a.kv_a_latent);
+    planner.matrix({{s + "kv_a_proj_with_mqa.weight", kv_a_shape, R, dr}}, a.kv_a_rope);
+    planner.tensor(s + "kv_a_layernorm.weight", {R}, dtype::f32, as_float(a.kv_a_norm));
+    planner.tensor(s + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), R}, dt,
+                   as_void(a.kv_b_proj));
+    planner.matrix(s + "o_proj.weight", {D, H * c.v_head_dim}, a.o_proj);
+    planner.tensor(p + "post_attention_layernorm.weight", {D}, dtype::f32, as_float(a.post_norm));
     if (!c.is_moe_layer(l)) {
       mlp(p + "mlp.", c.intermediate_size, layer.dense.emplace());
       continue;
     }
     device_moe& m = layer.moe.emplace();
     const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
-    tensor(p + "mlp.gate.weight", {E, D}, dtype::f32, as_float(m.router));
-    tensor(p + "mlp.gate.e_score_correction_bias", {E}, dtype::f32, as_float(m.router_bias));
-    std::vector<std::string> gate_up, down;
+    planner.tensor(p + "mlp.gate.weight", {E, D}, dtype::f32, as_float(m.router));
+    planner.tensor(p + "mlp.gate.e_score_correction_bias", {E}, dtype::f32,
+                   as_float(m.router_bias));
+    std::vector<part> gate_up, down;
     for (int64_t e = 0; e < E; ++e) {
-      gate_up.push_back(model::expert_weight_name(l, e, "gate_proj"));
-      gate_up.push_back(model::expert_weight_name(l, e, "up_proj"));
-      down.push_back(model::expert_weight_name(l, e, "down_proj"));
+      gate_up.push_back({model::expert_weight_name(l, e, "gate_proj"), {I, D}, 0, I});
+      gate_up.push_back({model::expert_weight_name(l, e, "up_proj"), {I, D}, 0, I});
+      down.push_back({model::expert_weight_name(l, e, "down_proj"), {D, I}, 0, D});
     }
-    stacked(gate_up, {I, D}, as_void(m.experts_gate_up));
-    stacked(down, {D, I}, as_void(m.experts_down));
+    planner.matrix(gate_up, m.experts_gate_up, /*experts=*/true);
+    planner.matrix(down, m.experts_down, /*experts=*/true);
     if (c.n_shared_experts > 0)
       mlp(p + "mlp.shared_experts.", c.shared_intermediate_size(), m.shared.emplace());
   }
-  if (err) return err;
+  if (const caf::error& err = planner.error()) return err;
+  w.num_fp8_ = planner.num_fp8();
+  w.max_fp8_linear_ = planner.max_linear_elements();
 
   auto storage = runtime::device_buffer::allocate(plan.total_bytes());
   if (!storage) return storage.error();

@@ -1,9 +1,24 @@
 // A loaded checkpoint's tensors in device memory, laid out for the GPU engine's kernels.
 //
-// The checkpoint (model::checkpoint, float32 on the host; FP8 weights arrive dequantised) is
-// converted to the engine's dtype on the host (bf16: round to nearest even, as
-// model::float_to_bf16; f32: a copy, for exactness checks) and copied into ONE device
-// allocation, each tensor 256-byte aligned. Some tensors are rearranged on the way:
+// The checkpoint (model::checkpoint: float32 on the host, and the FP8 weights of one loaded with
+// model::load_options::keep_fp8 as stored) is converted to the engine's dtype on the host (bf16:
+// round to nearest even, as model::float_to_bf16; f32: a copy, for exactness checks) and copied
+// into ONE device allocation, each tensor 256-byte aligned.
+//
+// FP8 weights stay FP8 on the device in a bf16 engine: their e4m3 bytes as stored, and their
+// float32 block scales (device_matrix), half of bf16's bytes. Two exceptions are expanded on the
+// host to bf16 (bf16(e4m3 * scale), what the GPU's expansion gives): kv_b_proj, which the
+// absorbed decode multiplies per head as strided batches (as DeepSeek's own inference expands
+// it), and any projection whose rows mix FP8 and non-FP8 sources. An f32 engine expands every
+// FP8 weight to float32, exactly as loading without keep_fp8 does.
+// Stacking FP8 weights stacks their scale grids: the stacked matrix gets a grid of blocks
+// block_rows high, where block_rows is the checkpoint's block height or the largest divisor of
+// it that every stacked part's row count (but the last's) is a multiple of, each grid row copied
+// from the scale row of the checkpoint block it lies in. So a gate of 1408 rows (11 x 128) keeps
+// 128-row blocks, and small-v3-fp8's 160-row experts get 32-row ones; the values are the same.
+// Each scale row is padded to a multiple of 4 floats (cuBLASLt reads block scales that way).
+//
+// Some tensors are rearranged on the way:
 //  - every MLP (dense layers, shared experts, each routed expert) keeps gate_proj and up_proj
 //    stacked as one (2 * intermediate, hidden) matrix, gate rows first, so one product gives
 //    the [gate | up] rows the fused SwiGLU kernel takes;
@@ -33,32 +48,46 @@
 
 namespace moe::engine {
 
+/// A projection's weight, (rows, cols) row-major: elements of the weights' dtype, or FP8 when
+/// `scale` is set: e4m3 bytes, value[r, c] = e4m3(data[r, c]) * scale[(r / block_rows) *
+/// scale_ld + c / block_cols].
+struct device_matrix {
+  const void* data = nullptr;
+  const float* scale = nullptr;  ///< FP8 only: (ceil(rows / block_rows), scale_ld) float32
+  int64_t scale_ld = 0;          ///< FP8: ceil(cols / block_cols) rounded up to a multiple of 4
+  int64_t block_rows = 0;        ///< FP8: the checkpoint's block height or a divisor of it
+  int64_t block_cols = 0;        ///< FP8: the checkpoint's block width
+  [[nodiscard]] bool fp8() const noexcept { return scale != nullptr; }
+};
+
 /// One MLP: down(silu(gate(x)) * up(x)).
 struct device_mlp {
-  const void* gate_up = nullptr;  ///< (2 * intermediate, hidden): gate rows, then up rows
-  const void* down = nullptr;     ///< (hidden, intermediate)
+  device_matrix gate_up;  ///< (2 * intermediate, hidden): gate rows, then up rows
+  device_matrix down;     ///< (hidden, intermediate)
   int64_t intermediate = 0;
 };
 
 struct device_attention {
   const float* input_norm = nullptr;  ///< (hidden) f32
-  const void* q_a_proj = nullptr;     ///< (q_lora_rank, hidden); null without q_lora_rank
+  device_matrix q_a_proj;             ///< (q_lora_rank, hidden); null without q_lora_rank
   const float* q_a_norm = nullptr;    ///< (q_lora_rank) f32; null without q_lora_rank
-  const void* q_proj = nullptr;       ///< (H * (dn + dr), q_lora_rank) q_b_proj, or (.., hidden)
-  const void* kv_a_latent = nullptr;  ///< (R, hidden): kv_a_proj_with_mqa's first R rows
-  const void* kv_a_rope = nullptr;    ///< (dr, hidden): its last dr rows (k_pe)
+  device_matrix q_proj;               ///< (H * (dn + dr), q_lora_rank) q_b_proj, or (.., hidden)
+  device_matrix kv_a_latent;          ///< (R, hidden): kv_a_proj_with_mqa's first R rows
+  device_matrix kv_a_rope;            ///< (dr, hidden): its last dr rows (k_pe)
   const float* kv_a_norm = nullptr;   ///< (R) f32
-  const void* kv_b_proj = nullptr;    ///< (H * (dn + dv), R)
-  const void* o_proj = nullptr;       ///< (hidden, H * dv)
+  const void* kv_b_proj = nullptr;    ///< (H * (dn + dv), R) of the dtype, never FP8 (see above)
+  device_matrix o_proj;               ///< (hidden, H * dv)
   const float* post_norm = nullptr;   ///< (hidden) f32
 };
 
 struct device_moe {
-  const float* router = nullptr;         ///< (E, hidden) f32
-  const float* router_bias = nullptr;    ///< (E) f32: e_score_correction_bias
-  const void* experts_gate_up = nullptr; ///< (E, 2 * moe_intermediate, hidden)
-  const void* experts_down = nullptr;    ///< (E, hidden, moe_intermediate)
-  std::optional<device_mlp> shared;      ///< the shared experts as one MLP, when n_shared > 0
+  const float* router = nullptr;       ///< (E, hidden) f32
+  const float* router_bias = nullptr;  ///< (E) f32: e_score_correction_bias
+  /// (E, 2 * moe_intermediate, hidden) and (E, hidden, moe_intermediate); FP8 ones with one
+  /// grid over the stacked (E * n, k) matrix, as the grouped GEMM reads it.
+  device_matrix experts_gate_up;
+  device_matrix experts_down;
+  std::optional<device_mlp> shared;    ///< the shared experts as one MLP, when n_shared > 0
 };
 
 struct device_layer {
@@ -70,7 +99,8 @@ struct device_layer {
 class device_weights {
  public:
   /// Converts and copies every tensor the forward pass needs (MTP modules are not uploaded),
-  /// through a pinned staging buffer on `stream`; returns when the copies are done.
+  /// through a pinned staging buffer on `stream`; returns when the copies are done. FP8
+  /// weights (ckpt.fp8) stay FP8 when dtype is bf16.
   /// dtype: bf16 or f32. Errors: model_errc::missing_tensor / bad_tensor naming the tensor,
   /// model_errc::bad_input for another dtype, CUDA errors (out_of_memory is transient).
   [[nodiscard]] static caf::expected<device_weights> upload(const model::checkpoint& ckpt,
@@ -84,6 +114,10 @@ class device_weights {
   [[nodiscard]] const device_layer& layer(int64_t l) const { return layers_.at(static_cast<size_t>(l)); }
   /// Bytes of device memory the weights take (padding included).
   [[nodiscard]] size_t size_bytes() const noexcept { return storage_.size_bytes(); }
+  /// Projections kept in FP8, and the most elements (rows x cols) of one outside the routed
+  /// experts: what expanding any of them to bf16 needs (the fallback of the FP8 products).
+  [[nodiscard]] int64_t num_fp8_matrices() const noexcept { return num_fp8_; }
+  [[nodiscard]] int64_t max_fp8_linear_elements() const noexcept { return max_fp8_linear_; }
 
  private:
   kernels::dtype dtype_ = kernels::dtype::bf16;
@@ -92,6 +126,8 @@ class device_weights {
   const void* lm_head_ = nullptr;
   const float* final_norm_ = nullptr;
   std::vector<device_layer> layers_;
+  int64_t num_fp8_ = 0;
+  int64_t max_fp8_linear_ = 0;
 };
 
 }  // namespace moe::engine

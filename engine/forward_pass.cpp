@@ -4,6 +4,8 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/cuda/fp8_dequantize.hpp"
+#include "kernels/cuda/fp8_quantize.hpp"
 #include "kernels/cuda/gather.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
 #include "kernels/cuda/mla_decode.hpp"
@@ -96,6 +98,64 @@ class forward {
   caf::error linear(const void* x, const void* w, void* y, int64_t rows, int64_t in, int64_t out,
                     const char* what, float beta = 0.0f) {
     return linear_as(m_.dt, m_.dt, x, w, y, rows, in, out, what, beta);
+  }
+  /// A projection's product, its weight of the step's dtype or FP8; beta 0 or 1.
+  caf::error linear(const void* x, const device_matrix& w, void* y, int64_t rows, int64_t in,
+                    int64_t out, const char* what, float beta = 0.0f) {
+    if (!w.fp8()) return linear(x, w.data, y, rows, in, out, what, beta);
+    if (m_.fp8_block_scaled && w.block_rows == 128 && w.block_cols == 128 && b_.fp8_x != nullptr &&
+        (beta == 0.0f || beta == 1.0f)) {
+      kcu::fp8_linear_desc d;
+      d.x_q = b_.fp8_x;
+      d.x_scale = b_.fp8_x_scale;
+      d.w_q = static_cast<const uint8_t*>(w.data);
+      d.w_scale = w.scale;
+      d.y = beta == 0.0f ? y : b_.fp8_y;
+      d.m = kcu::fp8_linear_rows(rows);
+      d.n = out;
+      d.k = in;
+      if (kcu::fp8_linear_can_run(d) == kernel_status::ok) {
+        kcu::fp8_quantize_args q;
+        q.x = x;
+        q.q = b_.fp8_x;
+        q.scale = b_.fp8_x_scale;
+        q.rows = rows;
+        q.k = in;
+        q.x_dt = m_.dt;
+        q.layout = kcu::fp8_scale_layout::group_major;
+        q.scale_ld = d.m;
+        if (auto err = check(kcu::fp8_quantize_run(q, m_.stream), what)) return err;
+        const kernel_status st =
+            m_.gemm->run_fp8_linear(d, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream);
+        if (st == kernel_status::ok) {
+          if (beta == 0.0f) return {};
+          kcu::accumulate_args acc;
+          acc.x = b_.fp8_y;
+          acc.y = y;
+          acc.count = rows * out;
+          acc.dt = m_.dt;
+          return check(kcu::accumulate_run(acc, m_.stream), what);
+        }
+        // A shape or card cuBLASLt has no block-scaled algorithm for: the expansion below.
+        if (st != kernel_status::unsupported_shape && st != kernel_status::unsupported_arch)
+          return check(st, what);
+      }
+    }
+    // The weight expanded to bf16 (bf16(e4m3 * scale)), then the bf16 product.
+    kcu::fp8_dequantize_args e;
+    e.q = static_cast<const uint8_t*>(w.data);
+    e.scale = w.scale;
+    e.out = m_.fp8_expanded;
+    e.rows = out;
+    e.cols = in;
+    e.block_rows = w.block_rows;
+    e.block_cols = w.block_cols;
+    e.out_dt = dtype::bf16;
+    e.scale_ld = w.scale_ld;
+    if (out * in > m_.weights->max_fp8_linear_elements())
+      return check(kernel_status::unsupported_shape, what);
+    if (auto err = check(kcu::fp8_dequantize_run(e, m_.stream), what)) return err;
+    return linear(x, m_.fp8_expanded, y, rows, in, out, what, beta);
   }
 
   /// out = norm(x) (x += residual first when residual is set: residual keeps the sum).
@@ -285,6 +345,14 @@ class forward {
     return linear(b_.act, w.down, out, rows, I, D, "mlp down", beta);
   }
 
+  static void set_weights(kcu::grouped_gemm_args& g, const device_matrix& w) {
+    g.weights = w.data;
+    g.weight_scale = w.scale;
+    g.scale_block_rows = w.block_rows;
+    g.scale_block_cols = w.block_cols;
+    g.scale_ld = w.scale_ld;
+  }
+
   /// Routed experts (gate, permute, grouped products, weighted combine) plus the shared
   /// experts, into ffn_out: the reference's moe_layer_output order (routed rows summed in k
   /// order from zero, then the shared output added).
@@ -342,7 +410,7 @@ class forward {
     kcu::grouped_gemm_args gg;
     gg.x = b_.expert_rows;
     gg.expert_offsets = b_.expert_offsets;
-    gg.weights = w.experts_gate_up;
+    set_weights(gg, w.experts_gate_up);
     gg.y = b_.gate_up;
     gg.num_rows = rows;
     gg.num_experts = E;
@@ -358,7 +426,7 @@ class forward {
     s.dt = m_.dt;
     if ((err = check(kcu::swiglu_run(s, m_.stream), "experts swiglu"))) return err;
     gg.x = b_.act;
-    gg.weights = w.experts_down;
+    set_weights(gg, w.experts_down);
     gg.y = b_.expert_out;
     gg.n = D;
     gg.k = I;
@@ -467,14 +535,17 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
 
   const auto D = static_cast<size_t>(d.D), H = static_cast<size_t>(d.H);
   const auto R = static_cast<size_t>(d.R), k = static_cast<size_t>(d.top_k);
+  // Block-scaled FP8 products write whole 32-row tiles: the buffers they write get Tp rows.
+  const bool fp8_rows = m.fp8_block_scaled && m.weights->num_fp8_matrices() > 0;
+  const size_t Tp = fp8_rows ? static_cast<size_t>(kcu::fp8_linear_rows(s.num_tokens)) : T;
   take(b.x, T * D * es);
-  take(b.ffn_out, T * D * es);
+  take(b.ffn_out, Tp * D * es);
   take(b.normed, T * D * es);
   take(b.mlp_in, T * D * es);
-  if (d.QR > 0) take(b.q_a, T * static_cast<size_t>(d.QR) * es);
-  take(b.q, T * H * static_cast<size_t>(d.qk) * es);
-  take(b.latent, T * R * es);
-  take(b.k_pe, T * static_cast<size_t>(d.dr) * es);
+  if (d.QR > 0) take(b.q_a, Tp * static_cast<size_t>(d.QR) * es);
+  take(b.q, Tp * H * static_cast<size_t>(d.qk) * es);
+  take(b.latent, Tp * R * es);
+  take(b.k_pe, Tp * static_cast<size_t>(d.dr) * es);
   take(b.attn, T * H * static_cast<size_t>(d.dv) * es);
   if (s.decode) {
     take(b.q_latent, T * H * R * es);
@@ -492,9 +563,9 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
     take(b.kv, T * H * static_cast<size_t>(d.dn + d.dv) * es);
   }
   // The widest MLP's [gate | up] rows: a dense layer's, the shared experts' or the routed rows.
-  size_t widest = T * static_cast<size_t>(c.intermediate_size);
+  size_t widest = Tp * static_cast<size_t>(c.intermediate_size);
   if (d.E > 0) {
-    widest = std::max({widest, T * static_cast<size_t>(c.shared_intermediate_size()),
+    widest = std::max({widest, Tp * static_cast<size_t>(c.shared_intermediate_size()),
                        T * k * static_cast<size_t>(c.moe_intermediate_size)});
     if (m.dt != kernels::dtype::f32) take(b.mlp_in_f32, T * D * sizeof(float));
     take(b.router_logits, T * static_cast<size_t>(d.E) * sizeof(float));
@@ -508,6 +579,16 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
   }
   take(b.gate_up, 2 * widest * es);
   take(b.act, widest * es);
+  if (fp8_rows) {
+    // The widest input of a projection: hidden, q_lora_rank, H * dv or an MLP's intermediate.
+    const size_t widest_in = std::max(
+        {D, static_cast<size_t>(d.QR), H * static_cast<size_t>(d.dv),
+         static_cast<size_t>(c.intermediate_size),
+         d.E > 0 ? static_cast<size_t>(c.shared_intermediate_size()) : size_t{0}});
+    take(b.fp8_x, Tp * widest_in);
+    take(b.fp8_x_scale, (widest_in + 127) / 128 * Tp * sizeof(float));
+    take(b.fp8_y, Tp * D * es);
+  }
   if (rows != T) take(b.head_in, rows * D * es);
   take(b.logits, rows * static_cast<size_t>(d.V) * sizeof(float));
   take(b.tokens, rows * sizeof(int32_t));

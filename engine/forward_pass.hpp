@@ -10,7 +10,10 @@
 //    the storage dtype before it is normed, exactly as the reference's separate add;
 //  - kv_a_proj runs as two products (the latent rows, then the k_pe rows of the same weight),
 //    so the latent comes out contiguous for the norm kernel;
-//  - gate and up projections are one product over their stacked weights.
+//  - gate and up projections are one product over their stacked weights;
+//  - with block-scaled FP8 products (model_state::fp8_block_scaled), o_proj and the shared
+//    experts' down projection cannot add into their output: they write a scratch that a
+//    separate kernel adds (the sum rounded once, as the reference's add).
 //
 // Thread safety: none; every call queues work on the one stream in `model_state`.
 #pragma once
@@ -45,6 +48,10 @@ struct model_state {
   void* gemm_workspace = nullptr;
   size_t gemm_workspace_bytes = 0;
   cudaStream_t stream = nullptr;
+  /// FP8 weights' products outside the grouped GEMM: block-scaled (inputs quantized to e4m3)
+  /// where cuBLASLt takes them, else the weight expanded into fp8_expanded and a bf16 product.
+  bool fp8_block_scaled = false;
+  void* fp8_expanded = nullptr;  ///< weights->max_fp8_linear_elements() bf16, or null
 
   /// Layer l's pool in the cache.
   [[nodiscard]] void* cache_pool(int64_t layer) const noexcept;
@@ -102,6 +109,11 @@ struct step_buffers {
   void* act = nullptr;          ///< (rows, intermediate)
   void* expert_out = nullptr;   ///< (T * top_k, hidden)
   void* head_in = nullptr;      ///< (num_logit_rows, hidden) when not every row gets logits
+  // Block-scaled FP8 products: T padded to 32 rows (fp8_linear_rows; the buffers such a product
+  // writes have that many rows), the quantized input and the output of those that add.
+  uint8_t* fp8_x = nullptr;        ///< (Tp, widest input) e4m3
+  float* fp8_x_scale = nullptr;    ///< (widest input / 128 groups, Tp) f32, group-major
+  void* fp8_y = nullptr;           ///< (Tp, hidden)
   float* logits = nullptr;      ///< (num_logit_rows, vocab) f32
   int32_t* tokens = nullptr;    ///< (num_logit_rows): the greedy choice of each row
 };

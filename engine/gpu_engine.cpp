@@ -133,7 +133,7 @@ struct gpu_engine::state {
   // it gives its blocks back to CUDA, and the stream outlives them all.
   runtime::cuda_stream stream;
   std::unique_ptr<runtime::caching_device_allocator> allocator;
-  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace;
+  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace, fp8_expanded;
   std::optional<device_weights> weights;
   kcu::gemm_lt gemm;
   runtime::pinned_host_buffer staging;
@@ -410,6 +410,14 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   if (!workspace) return workspace.error();
   s->gemm_workspace = std::move(*workspace);
 
+  // Where an FP8 weight is expanded for its product (fp8_products::expand, and the fallback of
+  // block_scaled): the largest one outside the routed experts, in bf16.
+  if (const int64_t n = s->weights->max_fp8_linear_elements(); n > 0) {
+    auto expanded = s->allocator->allocate(static_cast<size_t>(n) * 2, s->key());
+    if (!expanded) return expanded.error();
+    s->fp8_expanded = std::move(*expanded);
+  }
+
   detail::model_state& m = s->model;
   m.config = &s->config;
   m.dt = options.dtype;
@@ -425,6 +433,8 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   m.gemm_workspace = s->gemm_workspace.data();
   m.gemm_workspace_bytes = kcu::gemm_workspace_bytes;
   m.stream = s->stream.get();
+  m.fp8_block_scaled = options.fp8 == gpu_engine_options::fp8_products::block_scaled;
+  m.fp8_expanded = s->fp8_expanded.data();
   // The host tables above must outlive their copies.
   if (auto err = s->stream.synchronize()) return err;
   return gpu_engine(std::move(s));

@@ -3,7 +3,8 @@
 // (the CPU yardstick: same blocks, same order; engine/forward_pass.hpp lists where the order of
 // roundings differs) and is tested against it and against transformers' goldens.
 //
-// What lives on the device: the weights (device_weights.hpp, in bf16 or f32), the paged latent
+// What lives on the device: the weights (device_weights.hpp, in bf16 or f32; a checkpoint's FP8
+// weights stay FP8 in a bf16 engine when it was loaded with model::load_options::keep_fp8), the paged latent
 // KV cache (num_blocks blocks of block_size tokens, every layer's pool alike; the block tables
 // are model::cache_block_allocator's bookkeeping on the host; one more block, never handed out,
 // is where a decode graph's padding rows write), YaRN's cos/sin tables (built on the host by
@@ -45,6 +46,20 @@ struct gpu_engine_options {
   model::latent_cache_options cache;
   /// CUDA device ordinal.
   int device = 0;
+  /// How the products use FP8 weights (kept FP8 in a bf16 engine; see device_weights.hpp). The
+  /// routed experts' grouped GEMM expands each weight tile to bf16 in shared memory either way.
+  enum class fp8_products : uint8_t {
+    /// Each product's input quantized per row and 128 columns to e4m3, times the FP8 weight in
+    /// cuBLASLt's block-scaled FP8 product: DeepSeek-V3's own inference (its checkpoints'
+    /// "activation_scheme": "dynamic"), FP8 tensor cores on Hopper. Where cuBLASLt has no such
+    /// algorithm (another card; n or k not a multiple of 128; blocks other than 128x128) a
+    /// product falls back to `expand`.
+    block_scaled,
+    /// The weight expanded to bf16 right before the bf16 product: the bf16 engine's values on
+    /// the same checkpoint (the same products of the same bf16 weights), with the memory of FP8.
+    expand,
+  };
+  fp8_products fp8 = fp8_products::block_scaled;
   /// Replay decode steps from CUDA graphs (engine/decode_graphs.hpp): one launch per step
   /// instead of ~30 per layer. A batch is padded to the next power of two up to 256 and its
   /// block table to the next power-of-two width; each (batch, width, return_logits) gets its

@@ -9,7 +9,14 @@
 // B; leading dimensions; strided batches (count and stride from each layout). Sums are float32
 // over k in order (a bf16 product is exact in float32), alpha and beta applied in float32, the
 // result rounded once to D's type (bf16: to nearest even). beta == 0 does not read C.
-// Anything else (FP8 and its block scales, epilogues, device pointer modes, other orders) is
+// Also the block-scaled FP8 product gemm_lt::run_fp8_linear asks for (Hopper's modes): A and B
+// CUDA_R_8F_E4M3, A transposed with BLK128x128_32F scales (ceil(rows of D / 128) rows of
+// ceil(k / 128) floats padded to a multiple of 4), B not transposed with VEC128_32F scales (one
+// per column of D and 128 of k, k-group-major), C and D bf16, one batch, k a multiple of 128;
+// each 128-long block of a sum is summed in float32 in k order, then scaled by its two scales
+// and added, in k order. A card with CUDA older than 12.9, or another card, refuses these modes:
+// set MOE_EMU_FAKE_CUBLASLT_NO_FP8=1 to refuse them here too.
+// Anything else (other FP8 forms, epilogues, device pointer modes, other orders) is
 // CUBLAS_STATUS_NOT_SUPPORTED from the heuristic, which callers take as "no algorithm".
 // Checked as cuBLASLt would, or where a card would fault: dimensions that do not chain
 // (CUBLAS_STATUS_INVALID_VALUE), leading dimensions below the rows, operands reaching past their
@@ -18,8 +25,10 @@
 // Thread safety: as cuBLASLt's handle, one thread at a time per handle.
 #include <cublasLt.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 #include <vector>
@@ -40,6 +49,9 @@ struct fake_desc {
   int32_t trans_b = CUBLAS_OP_N;
   int32_t trans_c = CUBLAS_OP_N;
   uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  int32_t a_scale_mode = -1, b_scale_mode = -1;  // -1: not set
+  const void* a_scale = nullptr;
+  const void* b_scale = nullptr;
   int unsupported_attribute = -1;  // the first attribute set that is not emulated
 };
 
@@ -94,9 +106,26 @@ bool read(const void* buf, size_t size, T& out) {
   return true;
 }
 
-size_t type_bytes(uint32_t t) { return t == CUDA_R_16BF ? 2 : 4; }
+size_t type_bytes(uint32_t t) {
+  return t == CUDA_R_8F_E4M3 ? 1 : t == CUDA_R_16BF ? 2 : 4;
+}
+
+// float8_e4m3fn: bias 7, no infinities, S.1111.111 is NaN.
+float e4m3(uint8_t bits) {
+  const int e = (bits >> 3) & 0xf, m = bits & 7;
+  const float sign = (bits & 0x80) ? -1.0f : 1.0f;
+  if (e == 0xf && m == 7) return std::nanf("");
+  return sign * (e == 0 ? std::ldexp(static_cast<float>(m) / 8.0f, -6)
+                        : std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7));
+}
+
+bool fp8_disabled() {
+  const char* v = std::getenv("MOE_EMU_FAKE_CUBLASLT_NO_FP8");
+  return v != nullptr && v[0] == '1';
+}
 
 float load(const unsigned char* base, uint32_t type, int64_t index) {
+  if (type == CUDA_R_8F_E4M3) return e4m3(base[index]);
   if (type == CUDA_R_16BF) {
     uint16_t h;
     std::memcpy(&h, base + index * 2, 2);
@@ -163,9 +192,19 @@ cublasStatus_t check(cublasLtHandle_t handle, cublasLtMatmulDesc_t op, cublasLtM
       fd->trans_c != CUBLAS_OP_N)
     return unsupported("a pointer mode, epilogue or transpose of C");
   if (fa->type != fb->type || fc->type != fdd->type) return unsupported("mixed A/B or C/D types");
-  const bool types_ok = (fa->type == CUDA_R_16BF && (fc->type == CUDA_R_16BF || fc->type == CUDA_R_32F)) ||
-                        (fa->type == CUDA_R_32F && fc->type == CUDA_R_32F);
-  if (!types_ok) return unsupported("these data types (bf16 -> bf16/f32 and f32 -> f32 only)");
+  const bool block_scaled = fd->a_scale_mode >= 0 || fd->b_scale_mode >= 0;
+  if (block_scaled || fa->type == CUDA_R_8F_E4M3) {
+    if (fp8_disabled()) return unsupported("FP8 (MOE_EMU_FAKE_CUBLASLT_NO_FP8)");
+    if (fa->type != CUDA_R_8F_E4M3 || fc->type != CUDA_R_16BF ||
+        fd->a_scale_mode != CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F ||
+        fd->b_scale_mode != CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F || fd->trans_a != CUBLAS_OP_T ||
+        fd->trans_b != CUBLAS_OP_N || fa->batch != 1 || fa->rows % 128 != 0)
+      return unsupported("FP8 other than e4m3 TN with BLK128x128 x VEC128 scales to bf16, k % 128 == 0");
+  } else {
+    const bool types_ok = (fa->type == CUDA_R_16BF && (fc->type == CUDA_R_16BF || fc->type == CUDA_R_32F)) ||
+                          (fa->type == CUDA_R_32F && fc->type == CUDA_R_32F);
+    if (!types_ok) return unsupported("these data types (bf16 -> bf16/f32 and f32 -> f32 only)");
+  }
   for (int32_t t : {fd->trans_a, fd->trans_b})
     if (t != CUBLAS_OP_N && t != CUBLAS_OP_T) return unsupported("a conjugate transpose");
   p.m = static_cast<int64_t>(fdd->rows);
@@ -234,9 +273,35 @@ bool operand_ok(const char* name, const void* ptr, const fake_layout& l, int64_t
   return true;
 }
 
+/// The block-scaled FP8 product on the host: D (m, n) = A^T B with A (k, m) and B (k, n).
+void compute_fp8(const problem& p, float alpha, float beta, const void* a_ptr, const void* b_ptr,
+                 const void* c_ptr, void* d_ptr) {
+  const auto* A = static_cast<const unsigned char*>(a_ptr);
+  const auto* B = static_cast<const unsigned char*>(b_ptr);
+  const auto* C = static_cast<const unsigned char*>(c_ptr);
+  auto* D = static_cast<unsigned char*>(d_ptr);
+  const auto* sa = static_cast<const float*>(p.desc.a_scale);
+  const auto* sb = static_cast<const float*>(p.desc.b_scale);
+  const int64_t groups = p.k / 128, a_ld = (groups + 3) / 4 * 4;
+  for (int64_t j = 0; j < p.n; ++j)
+    for (int64_t i = 0; i < p.m; ++i) {
+      float acc = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float block = 0.0f;
+        for (int64_t q = g * 128; q < (g + 1) * 128; ++q)
+          block += load(A, p.a.type, q + i * p.a.ld) * load(B, p.b.type, q + j * p.b.ld);
+        acc += block * sa[(i / 128) * a_ld + g] * sb[g * p.n + j];
+      }
+      float v = alpha * acc;
+      if (beta != 0.0f) v += beta * load(C, p.c.type, i + j * p.c.ld);
+      store(D, p.d.type, i + j * p.d.ld, v);
+    }
+}
+
 /// The whole product on the host.
 void compute(const problem& p, float alpha, float beta, const void* a_ptr, const void* b_ptr,
              const void* c_ptr, void* d_ptr) {
+  if (p.a.type == CUDA_R_8F_E4M3) return compute_fp8(p, alpha, beta, a_ptr, b_ptr, c_ptr, d_ptr);
   const auto* A = static_cast<const unsigned char*>(a_ptr);
   const auto* B = static_cast<const unsigned char*>(b_ptr);
   const auto* C = static_cast<const unsigned char*>(c_ptr);
@@ -312,6 +377,10 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t 
     case CUBLASLT_MATMUL_DESC_TRANSB: ok = read(buf, sizeInBytes, d->trans_b); break;
     case CUBLASLT_MATMUL_DESC_TRANSC: ok = read(buf, sizeInBytes, d->trans_c); break;
     case CUBLASLT_MATMUL_DESC_EPILOGUE: ok = read(buf, sizeInBytes, d->epilogue); break;
+    case CUBLASLT_MATMUL_DESC_A_SCALE_MODE: ok = read(buf, sizeInBytes, d->a_scale_mode); break;
+    case CUBLASLT_MATMUL_DESC_B_SCALE_MODE: ok = read(buf, sizeInBytes, d->b_scale_mode); break;
+    case CUBLASLT_MATMUL_DESC_A_SCALE_POINTER: ok = read(buf, sizeInBytes, d->a_scale); break;
+    case CUBLASLT_MATMUL_DESC_B_SCALE_POINTER: ok = read(buf, sizeInBytes, d->b_scale); break;
     default:  // kept, and refused by the heuristic: FP8 scales and modes among others
       if (d->unsupported_attribute < 0) d->unsupported_attribute = static_cast<int>(attr);
       break;
@@ -443,6 +512,16 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t lightHandle, cublasL
   if ((b != 0.0f && !operand_ok("C", C, p.c, p.batch, promised(2))) ||
       !operand_ok("D", D, p.d, p.batch, promised(3)))
     return CUBLAS_STATUS_INVALID_VALUE;
+  if (p.a.type == CUDA_R_8F_E4M3 && p.m > 0 && p.n > 0) {
+    const int64_t groups = p.k / 128;
+    const size_t a_bytes = static_cast<size_t>((p.m + 127) / 128 * ((groups + 3) / 4 * 4)) * 4;
+    const size_t b_bytes = static_cast<size_t>(groups * p.n) * 4;
+    if (p.desc.a_scale == nullptr || p.desc.b_scale == nullptr ||
+        !emu::is_device_range(p.desc.a_scale, a_bytes) || !emu::is_device_range(p.desc.b_scale, b_bytes)) {
+      std::fprintf(stderr, "emu (fake cuBLASLt): FP8 block scales missing or not inside one device allocation\n");
+      return CUBLAS_STATUS_INVALID_VALUE;
+    }
+  }
   const cudaError_t e = emu::submit(stream, [p, a, b, A, B, C, D] { compute(p, a, b, A, B, C, D); });
   return e == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }

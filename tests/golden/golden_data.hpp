@@ -25,12 +25,15 @@ inline std::filesystem::path fixture_dir(const std::string& name) {
 }
 
 /// Loads a fixture checkpoint; fails the test on error.
-inline std::shared_ptr<const model::checkpoint> load_fixture(const std::string& name) {
+/// keep_fp8: FP8 weights stay FP8 (model::load_options::keep_fp8).
+inline std::shared_ptr<const model::checkpoint> load_fixture(const std::string& name,
+                                                             bool keep_fp8 = false) {
   auto cfg = model::load_config(fixture_dir(name));
   EXPECT_TRUE(cfg) << error_text(cfg.error());
   if (!cfg) return nullptr;
   model::load_options opts;
   opts.progress = false;
+  opts.keep_fp8 = keep_fp8;
   auto ckpt = model::load_checkpoint(fixture_dir(name), *cfg, opts);
   EXPECT_TRUE(ckpt) << error_text(ckpt.error());
   if (!ckpt) return nullptr;
