@@ -1,6 +1,12 @@
 #include "model/checkpoint.hpp"
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <thread>
 #include <unordered_map>
+
+#include "kernels/cpu/fp8.hpp"
 
 #include "base/assert.hpp"
 #include "model/dequantize.hpp"
@@ -128,6 +134,75 @@ host_tensor fp8_tensor::dequantize() const {
 const fp8_tensor* checkpoint::find_fp8(std::string_view name) const noexcept {
   auto it = fp8.find(name);
   return it != fp8.end() ? &it->second : nullptr;
+}
+
+namespace {
+
+// One weight, DeepSeek's weight_quant per block; false (nothing kept) on a non-finite value.
+bool quantize_blocks(const host_tensor& w, int64_t block_rows, int64_t block_cols, fp8_tensor& out) {
+  out.rows = w.dim(0);
+  out.cols = w.dim(1);
+  out.block_rows = block_rows;
+  out.block_cols = block_cols;
+  out.values.assign(static_cast<size_t>(out.rows * out.cols), 0);
+  out.scales.assign(static_cast<size_t>(out.scale_rows() * out.scale_cols()), 1.0f);
+  const float* v = w.data().data();
+  for (int64_t br = 0; br < out.scale_rows(); ++br)
+    for (int64_t bc = 0; bc < out.scale_cols(); ++bc) {
+      const int64_t r1 = std::min(out.rows, (br + 1) * block_rows);
+      const int64_t c1 = std::min(out.cols, (bc + 1) * block_cols);
+      float amax = 0.0f;
+      for (int64_t r = br * block_rows; r < r1; ++r)
+        for (int64_t c = bc * block_cols; c < c1; ++c) {
+          const float x = v[r * out.cols + c];
+          if (!std::isfinite(x)) return false;
+          amax = std::max(amax, std::fabs(x));
+        }
+      const float scale = amax > 0.0f ? amax / kernels::cpu::e4m3_max : 1.0f;
+      out.scales[static_cast<size_t>(br * out.scale_cols() + bc)] = scale;
+      for (int64_t r = br * block_rows; r < r1; ++r)
+        for (int64_t c = bc * block_cols; c < c1; ++c)
+          out.values[static_cast<size_t>(r * out.cols + c)] =
+              kernels::cpu::float_to_e4m3(v[r * out.cols + c] / scale);
+    }
+  return true;
+}
+
+}  // namespace
+
+caf::error quantize_fp8(checkpoint& ckpt, int64_t block_rows, int64_t block_cols, unsigned threads) {
+  if (block_rows < 1 || block_cols < 1)
+    return make_error(model_errc::bad_input, "quantize_fp8: blocks must be at least 1 x 1");
+  if (!ckpt.fp8.empty())
+    return make_error(model_errc::bad_input, "quantize_fp8: the checkpoint already has FP8 weights");
+  std::vector<std::string> names;
+  for (const auto& spec : expected_weights(ckpt.config, /*include_mtp=*/true))
+    if (spec.kind == weight_kind::projection && ckpt.find(spec.name) != nullptr &&
+        ckpt.find(spec.name)->rank() == 2)
+      names.push_back(spec.name);
+  std::vector<fp8_tensor> out(names.size());
+  std::vector<char> ok(names.size(), 1);
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < names.size();)
+      ok[i] = quantize_blocks(*ckpt.find(names[i]), block_rows, block_cols, out[i]) ? 1 : 0;
+  };
+  const unsigned n = std::max(1u, std::min<unsigned>(threads ? threads : std::thread::hardware_concurrency(),
+                                                     static_cast<unsigned>(names.size())));
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  for (size_t i = 0; i < names.size(); ++i)
+    if (!ok[i])
+      return make_error(model_errc::bad_input,
+                        "quantize_fp8: " + names[i] + " has a non-finite value; nothing was quantized");
+  for (size_t i = 0; i < names.size(); ++i) {
+    ckpt.tensors.erase(ckpt.tensors.find(names[i]));
+    ckpt.fp8.emplace(names[i], std::move(out[i]));
+  }
+  ckpt.config.quantization = fp8_quant_config{block_rows, block_cols};
+  return {};
 }
 
 caf::expected<fp8_tensor> read_fp8_weight(const safetensors_set& files, const weight_spec& spec,

@@ -120,6 +120,18 @@ struct load_options {
 [[nodiscard]] caf::expected<std::vector<weight_spec>> check_tensor_names(
     const safetensors_set& files, const model_config& config, const load_options& options = {});
 
+/// Quantizes every projection weight of ckpt.tensors (weight_kind::projection: what DeepSeek-V3
+/// stores as FP8; embeddings, norms, the router and the LM head stay) into ckpt.fp8, as
+/// DeepSeek-V3's weights were quantized: per block_rows x block_cols block (edge blocks partial),
+/// scale = amax / 448 (1 for an all-zero block), value = e4m3(w / scale) rounded to nearest
+/// even, saturating. Sets config.quantization. For serving a bf16 or f32 checkpoint with FP8
+/// weights (the GPU engine keeps them FP8) and for benchmarks. Tensors are quantized on up to
+/// `threads` threads (0: one per hardware thread). model_errc::bad_input, and nothing changed,
+/// for blocks below 1, a non-finite weight (naming it), or a checkpoint that already has FP8
+/// weights.
+[[nodiscard]] caf::error quantize_fp8(checkpoint& ckpt, int64_t block_rows = 128,
+                                      int64_t block_cols = 128, unsigned threads = 0);
+
 /// Reads one F8_E4M3 projection weight as stored, with its block scales (the same checks as
 /// read_weight). model_errc::bad_tensor when the tensor is not F8_E4M3.
 [[nodiscard]] caf::expected<fp8_tensor> read_fp8_weight(const safetensors_set& files,

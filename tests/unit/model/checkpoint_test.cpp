@@ -222,6 +222,66 @@ TEST(checkpoint, keep_fp8_keeps_the_stored_bytes_and_scales) {
   }
 }
 
+// quantize_fp8 on tiny-v3 (float32): every projection moves to checkpoint::fp8, nothing else.
+// Each block's largest |w| becomes +-448 exactly (its scale is amax / 448); every value comes
+// back within e4m3's rounding: half a step of 3 significant bits, 2^-4 of |w| in the normal
+// range, and 2^-10 of the scale below it (subnormal steps are 2^-9 x scale).
+TEST(checkpoint, quantize_fp8_keeps_each_block_within_e4m3_rounding) {
+  auto config = config_of(tiny_dir);
+  auto plain = load_checkpoint(tiny_dir, config);
+  ASSERT_TRUE(plain) << error_of(plain);
+  checkpoint q = *plain;
+  ASSERT_FALSE(quantize_fp8(q, 32, 16));
+  ASSERT_TRUE(q.config.quantization);
+  EXPECT_EQ(q.config.quantization->block_rows, 32);
+  EXPECT_EQ(q.config.quantization->block_cols, 16);
+  EXPECT_EQ(q.tensors.size() + q.fp8.size(), plain->tensors.size());
+  size_t projections = 0;
+  for (const auto& spec : expected_weights(config))
+    if (spec.kind == weight_kind::projection) {
+      ++projections;
+      ASSERT_NE(q.find_fp8(spec.name), nullptr) << spec.name;
+    }
+  EXPECT_EQ(q.fp8.size(), projections);
+  EXPECT_NE(q.find("model.embed_tokens.weight"), nullptr);
+  EXPECT_NE(q.find("model.norm.weight"), nullptr);
+  for (const auto& [name, f] : q.fp8) {
+    const host_tensor& w = *plain->find(name);
+    const host_tensor back = f.dequantize();
+    for (int64_t br = 0; br < f.scale_rows(); ++br)
+      for (int64_t bc = 0; bc < f.scale_cols(); ++bc) {
+        const float scale = f.scales[static_cast<size_t>(br * f.scale_cols() + bc)];
+        float amax = 0.0f, back_amax = 0.0f;
+        for (int64_t r = br * 32; r < std::min(f.rows, (br + 1) * 32); ++r)
+          for (int64_t c = bc * 16; c < std::min(f.cols, (bc + 1) * 16); ++c) {
+            const auto i = static_cast<size_t>(r * f.cols + c);
+            const float x = w.data()[i], y = back.data()[i];
+            amax = std::max(amax, std::fabs(x));
+            back_amax = std::max(back_amax, std::fabs(y));
+            ASSERT_LE(std::fabs(y - x), 0x1.0p-4f * std::fabs(x) + 0x1.0p-10f * scale)
+                << name << " (" << r << ", " << c << ")";
+          }
+        ASSERT_EQ(scale, amax > 0 ? amax / 448.0f : 1.0f) << name;
+        ASSERT_EQ(back_amax, 448.0f * scale) << name;
+      }
+  }
+  // Refusals change nothing.
+  checkpoint again = q;
+  caf::error err = quantize_fp8(again);
+  EXPECT_EQ(static_cast<model_errc>(err.code()), model_errc::bad_input);
+  EXPECT_EQ(again.fp8.size(), q.fp8.size());
+  checkpoint bad = *plain;
+  EXPECT_EQ(static_cast<model_errc>(quantize_fp8(bad, 0, 128).code()), model_errc::bad_input);
+  const std::string victim = "model.layers.1.self_attn.o_proj.weight";
+  bad.find(victim)->data()[7] = std::nanf("");
+  err = quantize_fp8(bad);
+  EXPECT_EQ(static_cast<model_errc>(err.code()), model_errc::bad_input);
+  EXPECT_NE(error_text(err).find(victim), std::string::npos) << error_text(err);
+  EXPECT_TRUE(bad.fp8.empty());
+  EXPECT_EQ(bad.tensors.size(), plain->tensors.size());
+  EXPECT_FALSE(bad.config.quantization);
+}
+
 TEST(checkpoint, subset_by_filter) {
   auto config = config_of(tiny_dir);
   load_options only_expert;
