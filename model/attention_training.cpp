@@ -1,12 +1,11 @@
 #include "model/attention_training.hpp"
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <string>
 
 #include "kernels/cpu/backward.hpp"
 #include "kernels/cpu/gemm.hpp"
+#include "kernels/cpu/mla_attention.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
 #include "model/model_errc.hpp"
 
@@ -25,12 +24,6 @@ caf::error check(kernels::kernel_status s, const char* what, int64_t layer) {
 template <class T>
 void ensure(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
-}
-
-double dot(const float* a, const float* b, size_t n) noexcept {
-  double s = 0.0;
-  for (size_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
-  return s;
 }
 
 // Where q's and k_pe's rotary vectors sit, for rope_apply and rope_backward alike.
@@ -223,44 +216,37 @@ caf::error attention_training_block::forward(float* x, float* mlp_in, size_t T,
   return {};
 }
 
-// Causal softmax attention per sequence and head, in double: saves each row's log-sum-exp so
-// backward can recompute the probabilities exactly.
-caf::error attention_training_block::attend(size_t /*T*/) {
+// The attention core's views of the saved activations, for mla_prefill and its backward alike:
+// k_nope and v inside kv_b_proj's output, k_pe inside kv_a_proj's.
+template <class Args>
+Args attention_training_block::attention_args() {
   const size_t H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
-  const size_t qk = dn + dr, kvw = dn + dv;
-  const double scale = softmax_scale_;
-  std::vector<double> scores, acc(dv);
-  for (size_t s = 0; s + 1 < cu_seqlens_.size(); ++s) {
-    const auto begin = static_cast<size_t>(cu_seqlens_[s]);
-    const auto end = static_cast<size_t>(cu_seqlens_[s + 1]);
-    for (size_t t = begin; t < end; ++t) {
-      for (size_t h = 0; h < H; ++h) {
-        const float* q_nope = q_.data() + (t * H + h) * qk;
-        const float* q_pe = q_nope + dn;
-        scores.resize(t - begin + 1);
-        double max_score = -std::numeric_limits<double>::infinity();
-        for (size_t k = begin; k <= t; ++k) {
-          const double score = (dot(q_nope, kv_.data() + (k * H + h) * kvw, dn) +
-                                dot(q_pe, ckv_.data() + k * (R + dr) + R, dr)) *
-                               scale;
-          scores[k - begin] = score;
-          max_score = std::max(max_score, score);
-        }
-        double sum = 0.0;
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (size_t k = begin; k <= t; ++k) {
-          const double w = std::exp(scores[k - begin] - max_score);
-          sum += w;
-          const float* v = kv_.data() + (k * H + h) * kvw + dn;
-          for (size_t i = 0; i < dv; ++i) acc[i] += w * v[i];
-        }
-        lse_[t * H + h] = max_score + std::log(sum);
-        float* out = attn_.data() + (t * H + h) * dv;
-        for (size_t i = 0; i < dv; ++i) out[i] = static_cast<float>(acc[i] / sum);
-      }
-    }
-  }
-  return {};
+  Args a;
+  a.q = q_.data();
+  a.k_nope = kv_.data();
+  a.k_nope_token_stride = H * (dn + dv);
+  a.k_nope_head_stride = dn + dv;
+  a.k_pe = ckv_.data() + R;
+  a.k_pe_token_stride = R + dr;
+  a.v = kv_.data() + dn;
+  a.v_token_stride = H * (dn + dv);
+  a.v_head_stride = dn + dv;
+  a.out = attn_.data();
+  a.lse = lse_.data();
+  a.num_heads = H;
+  a.nope_dim = dn;
+  a.rope_dim = dr;
+  a.v_dim = dv;
+  a.softmax_scale = softmax_scale_;
+  return a;
+}
+
+// Causal attention per sequence and head, saving each row's log-sum-exp so that backward
+// recomputes the probabilities from it.
+caf::error attention_training_block::attend(size_t /*T*/) {
+  return check(kc::mla_prefill(attention_args<kc::mla_prefill_args>(), cu_seqlens_.data(),
+                               nullptr, cu_seqlens_.size() - 1),
+               "attention", layer_);
 }
 
 // --- backward -------------------------------------------------------------------------------
@@ -279,68 +265,26 @@ caf::error attention_training_block::check_grads(const attention_grads& g) const
                         " (use attention_grads::for_config)");
 }
 
+// dq (T, H, dn + dr); dk_nope and dv into dkv_ (kv_b_proj's output gradient) as k_nope and v
+// sit in kv_; dk_pe, summed over the heads, into dckv_'s rope part (kv_a_proj's).
 caf::error attention_training_block::attend_backward(size_t T) {
   const size_t H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
-  const size_t qk = dn + dr, kvw = dn + dv;
-  const double scale = softmax_scale_;
-  ensure(dq_, T * H * qk);
-  dkv_acc_.assign(T * H * kvw, 0.0);
-  dk_pe_acc_.assign(T * dr, 0.0);
-  std::vector<double> p, dp, dq(qk);
-  for (size_t s = 0; s + 1 < cu_seqlens_.size(); ++s) {
-    const auto begin = static_cast<size_t>(cu_seqlens_[s]);
-    const auto end = static_cast<size_t>(cu_seqlens_[s + 1]);
-    for (size_t t = begin; t < end; ++t) {
-      for (size_t h = 0; h < H; ++h) {
-        const float* q_nope = q_.data() + (t * H + h) * qk;
-        const float* q_pe = q_nope + dn;
-        const float* dout = dattn_.data() + (t * H + h) * dv;
-        const double lse = lse_[t * H + h];
-        const size_t n = t - begin + 1;
-        p.resize(n);
-        dp.resize(n);
-        // P recomputed from the saved log-sum-exp; dP = dO . v; D = rowsum(dP * P).
-        double row = 0.0;
-        for (size_t k = begin; k <= t; ++k) {
-          const float* kv = kv_.data() + (k * H + h) * kvw;
-          const double score =
-              (dot(q_nope, kv, dn) + dot(q_pe, ckv_.data() + k * (R + dr) + R, dr)) * scale;
-          p[k - begin] = std::exp(score - lse);
-          dp[k - begin] = dot(dout, kv + dn, dv);
-          row += p[k - begin] * dp[k - begin];
-        }
-        std::fill(dq.begin(), dq.end(), 0.0);
-        for (size_t k = begin; k <= t; ++k) {
-          const double pk = p[k - begin];
-          // dS = P * (dP - D), times the scale the scores were multiplied by.
-          const double ds = pk * (dp[k - begin] - row) * scale;
-          const float* k_nope = kv_.data() + (k * H + h) * kvw;
-          const float* k_pe = ckv_.data() + k * (R + dr) + R;
-          double* dk_nope = dkv_acc_.data() + (k * H + h) * kvw;
-          double* dv_k = dk_nope + dn;
-          double* dk_pe = dk_pe_acc_.data() + k * dr;  // shared by every head: sums over them
-          for (size_t i = 0; i < dn; ++i) {
-            dq[i] += ds * k_nope[i];
-            dk_nope[i] += ds * q_nope[i];
-          }
-          for (size_t i = 0; i < dr; ++i) {
-            dq[dn + i] += ds * k_pe[i];
-            dk_pe[i] += ds * q_pe[i];
-          }
-          for (size_t i = 0; i < dv; ++i) dv_k[i] += pk * dout[i];
-        }
-        float* dq_out = dq_.data() + (t * H + h) * qk;
-        for (size_t i = 0; i < qk; ++i) dq_out[i] = static_cast<float>(dq[i]);
-      }
-    }
-  }
-  ensure(dkv_, T * H * kvw);
+  ensure(dq_, T * H * (dn + dr));
+  ensure(dkv_, T * H * (dn + dv));
   ensure(dckv_, T * (R + dr));
-  for (size_t i = 0; i < T * H * kvw; ++i) dkv_[i] = static_cast<float>(dkv_acc_[i]);
-  for (size_t t = 0; t < T; ++t) {
-    for (size_t i = 0; i < dr; ++i) dckv_[t * (R + dr) + R + i] = static_cast<float>(dk_pe_acc_[t * dr + i]);
-  }
-  return {};
+  auto a = attention_args<kc::mla_prefill_backward_args>();
+  a.dout = dattn_.data();
+  a.dq = dq_.data();
+  a.dk_nope = dkv_.data();
+  a.dk_nope_token_stride = a.k_nope_token_stride;
+  a.dk_nope_head_stride = a.k_nope_head_stride;
+  a.dk_pe = dckv_.data() + R;
+  a.dk_pe_token_stride = a.k_pe_token_stride;
+  a.dv = dkv_.data() + dn;
+  a.dv_token_stride = a.v_token_stride;
+  a.dv_head_stride = a.v_head_stride;
+  return check(kc::mla_prefill_backward(a, cu_seqlens_.data(), cu_seqlens_.size() - 1),
+               "attention backward", layer_);
 }
 
 caf::error attention_training_block::backward(const float* dx_out, const float* dmlp_in,

@@ -4,10 +4,11 @@
 // YaRN softmax scale, de-interleaved rope on q's rope part and on the shared k_pe), without a
 // KV cache, keeping what backward needs.
 //
-// Attention is causal within each packed sequence, positions 0.. within each. Its dot products,
-// softmax and weighted sums are in double, rounded to float once, as kernels/cpu/mla_attention
-// does. Forward keeps q, k, v and one log-sum-exp per (token, head), not the probabilities:
-// backward recomputes them (FlashAttention's trade), so memory is O(T), not O(T^2) per head.
+// Attention is causal within each packed sequence, positions 0.. within each: the attention core
+// is kernels/cpu/mla_attention's mla_prefill and mla_prefill_backward (dot products, softmax and
+// sums in double, rounded to float once). Forward keeps q, k, v, the attention output and one
+// log-sum-exp per (token, head), not the probabilities: backward recomputes them
+// (FlashAttention's trade), so memory is O(T), not O(T^2) per head.
 //
 // Ownership: borrows its weights (see weight_lookup.hpp), which must outlive it; owns the saved
 // activations, which are valid from a forward until the next one.
@@ -95,6 +96,8 @@ class attention_training_block {
 
  private:
   caf::error check_grads(const attention_grads& g) const;
+  template <class Args>
+  Args attention_args();
   caf::error attend(size_t T);
   caf::error attend_backward(size_t T);
 
@@ -133,7 +136,6 @@ class attention_training_block {
 
   // Backward scratch.
   std::vector<float> dx_mid_, dattn_, dq_, dkv_, dckv_, dlatent_, dnormed_, dq_a_, dq_a_raw_;
-  std::vector<double> dkv_acc_, dk_pe_acc_;
 };
 
 }  // namespace moe::model

@@ -1,7 +1,8 @@
 // Backward passes of the CPU kernels: the training reference. Each is the exact derivative of
 // its forward kernel (rmsnorm.hpp, gemm.hpp's linear, swiglu.hpp, rope.hpp, permute.hpp), accumulating in
 // double where a reduction is involved, and is checked against finite differences of that
-// forward kernel (tests/unit/kernels/backward_test.cpp).
+// forward kernel (tests/unit/kernels/backward_test.cpp). MLA attention's backward,
+// mla_prefill_backward, sits beside its forward in mla_attention.hpp, whose views it shares.
 //
 // Conventions: row-major, packed unless a stride is given. Gradients of weights are always
 // accumulated (+=), since a weight's gradient sums over every use (tokens, micro-batches);

@@ -1,5 +1,6 @@
 #include "kernels/cpu/mla_attention.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -40,6 +41,11 @@ class online_softmax {
     const double p = std::exp(score - max_);
     sum_ += p;
     for (size_t i = 0; i < dim_; ++i) acc_[i] += p * value[i];
+  }
+
+  /// -inf when nothing was added.
+  [[nodiscard]] double log_sum_exp() const noexcept {
+    return sum_ > 0.0 ? max_ + std::log(sum_) : -std::numeric_limits<double>::infinity();
   }
 
   /// Zeros when nothing was added (an empty sequence).
@@ -115,9 +121,62 @@ kernel_status prefill(const mla_prefill_args& a, const Offset* cu_q, const Offse
           acc.add(score * a.softmax_scale, a.v + k * v_ts + h * v_hs);
         }
         acc.write(a.out + (t * num_heads + h) * dv);
+        if (a.lse != nullptr) a.lse[t * num_heads + h] = acc.log_sum_exp();
       }
     }
   }
+  return kernel_status::ok;
+}
+
+// The backward's strided views, resolved once; `dS_ij` and `P_ij` recomputed per pair.
+struct backward_views {
+  const mla_prefill_backward_args& a;
+  size_t q_ts, q_hs, kn_ts, kn_hs, kp_ts, v_ts, v_hs;
+
+  explicit backward_views(const mla_prefill_backward_args& args) noexcept
+      : a(args),
+        q_ts(packed_or(a.q_token_stride, a.num_heads * (a.nope_dim + a.rope_dim))),
+        q_hs(packed_or(a.q_head_stride, a.nope_dim + a.rope_dim)),
+        kn_ts(packed_or(a.k_nope_token_stride, a.num_heads * a.nope_dim)),
+        kn_hs(packed_or(a.k_nope_head_stride, a.nope_dim)),
+        kp_ts(packed_or(a.k_pe_token_stride, a.rope_dim)),
+        v_ts(packed_or(a.v_token_stride, a.num_heads * a.v_dim)),
+        v_hs(packed_or(a.v_head_stride, a.v_dim)) {}
+
+  const float* q(size_t t, size_t h) const noexcept { return a.q + t * q_ts + h * q_hs; }
+  const float* k_nope(size_t t, size_t h) const noexcept {
+    return a.k_nope + t * kn_ts + h * kn_hs;
+  }
+  const float* k_pe(size_t t) const noexcept { return a.k_pe + t * kp_ts; }
+  const float* v(size_t t, size_t h) const noexcept { return a.v + t * v_ts + h * v_hs; }
+  const float* dout(size_t t, size_t h) const noexcept {
+    return a.dout + (t * a.num_heads + h) * a.v_dim;
+  }
+
+  // D_i = dout_i . out_i.
+  double row_delta(size_t t, size_t h) const noexcept {
+    return dot(dout(t, h), a.out + (t * a.num_heads + h) * a.v_dim, a.v_dim);
+  }
+
+  // P_ij for query t and key k (same head), and dS_ij = P_ij (dP_ij - D_i).
+  void pair(size_t t, size_t k, size_t h, double delta, double& p, double& ds) const noexcept {
+    const size_t dn = a.nope_dim, dr = a.rope_dim;
+    const float* qt = q(t, h);
+    const double score = (dot(qt, k_nope(k, h), dn) + dot(qt + dn, k_pe(k), dr)) * a.softmax_scale;
+    p = std::exp(score - a.lse[t * a.num_heads + h]);
+    ds = p * (dot(dout(t, h), v(k, h), a.v_dim) - delta);
+  }
+};
+
+kernel_status check_backward(const mla_prefill_backward_args& a) noexcept {
+  if (a.num_heads == 0 || a.v_dim == 0 || !dim_ok(a.nope_dim) || !dim_ok(a.rope_dim) ||
+      !dim_ok(a.v_dim) || !dim_ok(a.nope_dim + a.rope_dim))
+    return kernel_status::unsupported_shape;
+  if (a.q == nullptr || a.v == nullptr || a.out == nullptr || a.lse == nullptr ||
+      a.dout == nullptr || (a.nope_dim > 0 && a.k_nope == nullptr) ||
+      (a.rope_dim > 0 && a.k_pe == nullptr))
+    return kernel_status::unsupported_shape;
+  if (!std::isfinite(a.softmax_scale)) return kernel_status::unsupported_shape;
   return kernel_status::ok;
 }
 
@@ -176,6 +235,74 @@ kernel_status mla_prefill(const mla_prefill_args& a, const int32_t* cu_seqlens_q
 kernel_status mla_prefill(const mla_prefill_args& a, const int64_t* cu_seqlens_q,
                           const int64_t* cu_seqlens_k, size_t num_seqs) noexcept {
   return prefill(a, cu_seqlens_q, cu_seqlens_k, num_seqs);
+}
+
+kernel_status mla_prefill_backward(const mla_prefill_backward_args& a, const int32_t* cu_seqlens,
+                                   size_t num_seqs) noexcept {
+  if (num_seqs == 0) return kernel_status::ok;
+  if (auto s = check_offsets(cu_seqlens, num_seqs); s != kernel_status::ok) return s;
+  if (cu_seqlens[num_seqs] == 0) return kernel_status::ok;
+  if (auto s = check_backward(a); s != kernel_status::ok) return s;
+
+  const backward_views w(a);
+  const size_t num_heads = a.num_heads, dn = a.nope_dim, dr = a.rope_dim, dv = a.v_dim;
+  const double scale = a.softmax_scale;
+  double acc[3 * mla_max_dim];  // dq (dn + dr), or one head's dk_nope | dk_pe | dv
+  double acc_pe[mla_max_dim];   // dk_pe summed over the heads so far
+  for (size_t s = 0; s < num_seqs; ++s) {
+    const auto begin = static_cast<size_t>(cu_seqlens[s]);
+    const auto end = static_cast<size_t>(cu_seqlens[s + 1]);
+    // Queries: dq_i sums over the keys j <= i.
+    for (size_t t = begin; a.dq != nullptr && t < end; ++t) {
+      for (size_t h = 0; h < num_heads; ++h) {
+        const double delta = w.row_delta(t, h);
+        std::fill(acc, acc + dn + dr, 0.0);
+        for (size_t k = begin; k <= t; ++k) {
+          double p, ds;
+          w.pair(t, k, h, delta, p, ds);
+          const float* kn = w.k_nope(k, h);
+          const float* kp = w.k_pe(k);
+          for (size_t i = 0; i < dn; ++i) acc[i] += ds * kn[i];
+          for (size_t i = 0; i < dr; ++i) acc[dn + i] += ds * kp[i];
+        }
+        float* dq = a.dq + (t * num_heads + h) * (dn + dr);
+        for (size_t i = 0; i < dn + dr; ++i) dq[i] = static_cast<float>(acc[i] * scale);
+      }
+    }
+    // Keys: dk_j and dv_j sum over the queries i >= j of each head; dk_pe_j then over the heads
+    // (the CUDA twin's order, there in float32).
+    if (a.dk_nope == nullptr && a.dk_pe == nullptr && a.dv == nullptr) continue;
+    for (size_t k = begin; k < end; ++k) {
+      std::fill(acc_pe, acc_pe + dr, 0.0);
+      for (size_t h = 0; h < num_heads; ++h) {
+        std::fill(acc, acc + dn + dr + dv, 0.0);
+        for (size_t t = k; t < end; ++t) {
+          double p, ds;
+          w.pair(t, k, h, w.row_delta(t, h), p, ds);
+          const float* qt = w.q(t, h);
+          const float* g = w.dout(t, h);
+          for (size_t i = 0; i < dn + dr; ++i) acc[i] += ds * qt[i];
+          for (size_t i = 0; i < dv; ++i) acc[dn + dr + i] += p * g[i];
+        }
+        for (size_t i = 0; i < dr; ++i) acc_pe[i] += acc[dn + i];
+        if (a.dk_nope != nullptr) {
+          float* d = a.dk_nope + k * packed_or(a.dk_nope_token_stride, num_heads * dn) +
+                     h * packed_or(a.dk_nope_head_stride, dn);
+          for (size_t i = 0; i < dn; ++i) d[i] = static_cast<float>(acc[i] * scale);
+        }
+        if (a.dv != nullptr) {
+          float* d = a.dv + k * packed_or(a.dv_token_stride, num_heads * dv) +
+                     h * packed_or(a.dv_head_stride, dv);
+          for (size_t i = 0; i < dv; ++i) d[i] = static_cast<float>(acc[dn + dr + i]);
+        }
+      }
+      if (a.dk_pe != nullptr) {
+        float* d = a.dk_pe + k * packed_or(a.dk_pe_token_stride, dr);
+        for (size_t i = 0; i < dr; ++i) d[i] = static_cast<float>(acc_pe[i] * scale);
+      }
+    }
+  }
+  return kernel_status::ok;
 }
 
 kernel_status mla_cache_append(const mla_cache_layout& layout, float* pool, const float* latent,

@@ -49,6 +49,10 @@ struct mla_prefill_args {
   size_t v_token_stride = 0;
   size_t v_head_stride = 0;
   float* out = nullptr;             ///< (Tq, H, dv), packed
+  /// (Tq, H), packed; may be null. Each row's log-sum-exp of its scaled scores, natural log,
+  /// in double: what mla_prefill_backward recomputes the probabilities from (exp(score - lse)),
+  /// so training keeps O(T) per head rather than the probabilities. -inf for a row without keys.
+  double* lse = nullptr;
   size_t num_heads = 0;
   size_t nope_dim = 0;
   size_t rope_dim = 0;
@@ -68,6 +72,68 @@ struct mla_prefill_args {
                                         const int32_t* cu_seqlens_k, size_t num_seqs) noexcept;
 [[nodiscard]] kernel_status mla_prefill(const mla_prefill_args& a, const int64_t* cu_seqlens_q,
                                         const int64_t* cu_seqlens_k, size_t num_seqs) noexcept;
+
+// ---------------------------------------------------------------------------------------------
+// Prefill backward: the training reference of the attention core (FlashAttention's backward).
+//
+// Per sequence and head, with S = scale * (q_nope . k_nope + q_pe . k_pe), P = softmax(S) over
+// the causal keys, out = P v, and dout the gradient with respect to out:
+//   P_ij = exp(S_ij - lse_i)          (recomputed from the forward's log-sum-exp)
+//   dP_ij = dout_i . v_j,  D_i = dout_i . out_i  (= sum_j P_ij dP_ij)
+//   dS_ij = P_ij (dP_ij - D_i)
+//   dq_i = scale * sum_j dS_ij k_j,  dk_j = scale * sum_i dS_ij q_i,  dv_j = sum_i P_ij dout_i
+// dk's rope part sums over heads as well, since every head reads the one shared k_pe.
+// D comes from the forward's out rather than from the row's P and dP, so that no pass needs a
+// per-row buffer (this function allocates nothing) and the CUDA twin sweeps the keys once: out
+// is rounded to float once, so D moves by at most 2^-24 sum_c |dout_ic out_ic|.
+//
+// Only Lk == Lq (no cached prefix): training sees whole sequences. Dot products and sums are in
+// double, over the keys (dq) or the queries (dk, dv; then the heads for dk_pe) in ascending
+// order, and every output is rounded to float once.
+
+struct mla_prefill_backward_args {
+  // The forward's inputs, as mla_prefill_args (strides 0 = packed).
+  const float* q = nullptr;         ///< (T, H, dn + dr)
+  size_t q_token_stride = 0;
+  size_t q_head_stride = 0;
+  const float* k_nope = nullptr;    ///< (T, H, dn)
+  size_t k_nope_token_stride = 0;
+  size_t k_nope_head_stride = 0;
+  const float* k_pe = nullptr;      ///< (T, dr), shared by every head
+  size_t k_pe_token_stride = 0;
+  const float* v = nullptr;         ///< (T, H, dv)
+  size_t v_token_stride = 0;
+  size_t v_head_stride = 0;
+  // What the forward produced, and the gradient of its output.
+  const float* out = nullptr;       ///< (T, H, dv), packed
+  const double* lse = nullptr;      ///< (T, H), packed: mla_prefill_args::lse
+  const float* dout = nullptr;      ///< (T, H, dv), packed
+  // Gradients, written (=); each may be null, which skips it; none may overlap an input. Strides
+  // 0 = packed, so that dk_nope and dv can land in kv_b_proj's gradient (T, H, dn + dv) and dk_pe
+  // in kv_a_proj's.
+  float* dq = nullptr;              ///< (T, H, dn + dr), packed
+  float* dk_nope = nullptr;         ///< (T, H, dn)
+  size_t dk_nope_token_stride = 0;
+  size_t dk_nope_head_stride = 0;
+  float* dk_pe = nullptr;           ///< (T, dr): summed over heads
+  size_t dk_pe_token_stride = 0;
+  float* dv = nullptr;              ///< (T, H, dv)
+  size_t dv_token_stride = 0;
+  size_t dv_head_stride = 0;
+  size_t num_heads = 0;
+  size_t nope_dim = 0;
+  size_t rope_dim = 0;
+  size_t v_dim = 0;
+  float softmax_scale = 0.0f;       ///< the forward's
+};
+
+/// cu_seqlens: (num_seqs + 1) offsets from 0, non-decreasing; T is the last. Query i of a
+/// sequence sees its keys [0, i], as the forward without cu_seqlens_k. Rows past T are untouched.
+/// unsupported_shape (nothing written) for bad offsets, H or dv of 0, a dim above mla_max_dim, a
+/// missing input (k_nope only when dn > 0, k_pe only when dr > 0), or a non-finite scale.
+[[nodiscard]] kernel_status mla_prefill_backward(const mla_prefill_backward_args& a,
+                                                 const int32_t* cu_seqlens,
+                                                 size_t num_seqs) noexcept;
 
 // ---------------------------------------------------------------------------------------------
 // The compressed, paged latent KV cache (one per layer).

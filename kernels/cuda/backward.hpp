@@ -16,7 +16,8 @@
 //
 // Framework-free: raw device pointers, shapes and a stream. linear_backward alone goes through
 // cuBLASLt (gemm.hpp's gemm_lt) and is defined in linear_backward.cpp, outside what the CPU
-// emulator builds.
+// emulator builds; mla_prefill_backward, the attention core's, is defined in
+// mla_prefill_backward.cu (its reference is kernels/cpu/mla_attention.hpp's).
 // Thread safety: launches are asynchronous on `stream`; the caller owns every buffer (and the
 // workspace) and keeps it alive until the stream has passed the kernels. A workspace serves one
 // call at a time.
@@ -248,5 +249,78 @@ void linear_backward_descs(const linear_backward_args& a, gemm_desc& dx_desc,
 [[nodiscard]] kernel_status linear_backward_run(gemm_lt& lt, const linear_backward_args& a,
                                                 void* workspace, size_t workspace_bytes,
                                                 cudaStream_t stream) noexcept;
+
+// ---------------------------------------------------------------------------------------------
+// MLA attention: the backward of mla_prefill (mla_prefill.hpp) without a cached prefix, as
+// cpu::mla_prefill_backward (kernels/cpu/mla_attention.hpp), which gives the formulas: the
+// probabilities are recomputed from the forward's float32 log-sum-exp (mla_prefill_args::lse),
+// D_i = dout_i . out_i, dS = P (dP - D).
+//
+// Four launches, each a plain CUDA-core kernel over 16-token tiles (correctness first; the
+// tensor-core version is future work): D per (token, head) into the workspace; dq per (query
+// tile, head), summing over key tiles in order; dk_nope, dv and a per-head dk_pe per (key tile,
+// head), summing over query tiles in order, the per-head dk_pe kept in the workspace; then dk_pe
+// = the sum over heads in head order. All float32, no atomics: the bits depend on the shapes only.
+// The per-head dk_pe costs T * H * dr floats of workspace (T * H * 64 * 4 bytes for DeepSeek-V3,
+// a third of q's size in float32), the price of a reduction over heads without atomics.
+//
+// Device data the host cannot check (cu_seqlens) is the caller's guarantee: offsets
+// non-decreasing from 0 within num_tokens. A sequence that breaks it is skipped (its rows of
+// every output are left untouched), where the CPU refuses the call.
+struct mla_prefill_backward_args {
+  // The forward's inputs, as mla_prefill_args (element strides, 0 = packed).
+  const void* q = nullptr;  ///< (T, H, dn + dr) of `dt`
+  int64_t q_token_stride = 0;
+  int64_t q_head_stride = 0;
+  const void* k_nope = nullptr;  ///< (T, H, dn) of `dt`
+  int64_t k_nope_token_stride = 0;
+  int64_t k_nope_head_stride = 0;
+  const void* k_pe = nullptr;  ///< (T, dr) of `dt`, shared by every head
+  int64_t k_pe_token_stride = 0;
+  const void* v = nullptr;  ///< (T, H, dv) of `dt`
+  int64_t v_token_stride = 0;
+  int64_t v_head_stride = 0;
+  const void* out = nullptr;     ///< (T, H, dv) of `dt`, packed: the forward's output
+  const float* lse = nullptr;    ///< (T, H) float32, packed: mla_prefill_args::lse
+  const void* dout = nullptr;    ///< (T, H, dv) of `dt`, packed
+  // Gradients of `dt`, written; each may be null (skipped); none may overlap an input.
+  void* dq = nullptr;  ///< (T, H, dn + dr), packed
+  void* dk_nope = nullptr;  ///< (T, H, dn)
+  int64_t dk_nope_token_stride = 0;
+  int64_t dk_nope_head_stride = 0;
+  void* dk_pe = nullptr;  ///< (T, dr): summed over heads
+  int64_t dk_pe_token_stride = 0;
+  void* dv = nullptr;  ///< (T, H, dv)
+  int64_t dv_token_stride = 0;
+  int64_t dv_head_stride = 0;
+  const int32_t* cu_seqlens = nullptr;  ///< (num_seqs + 1) int32, device; causal per sequence
+  int64_t num_seqs = 0;
+  int64_t num_tokens = 0;  ///< T: rows of every (T, ...) tensor
+  /// A bound on every sequence's length the host knows, to size the grid; 0 = num_tokens. A
+  /// longer sequence is still computed in full (its blocks loop over the extra tiles).
+  int64_t max_seqlen = 0;
+  int64_t num_heads = 0;
+  int64_t nope_dim = 0;  ///< dn
+  int64_t rope_dim = 0;  ///< dr
+  int64_t v_dim = 0;     ///< dv
+  float softmax_scale = 0.0f;  ///< the forward's
+  dtype dt = dtype::f32;  ///< f32 or bf16, for every tensor above but lse
+};
+
+/// Float32 D (T * H) and, with dk_pe and dr > 0, the per-head dk_pe (T * H * dr), each rounded
+/// up to 256 bytes. 0 when there is nothing to compute.
+[[nodiscard]] size_t mla_prefill_backward_workspace_bytes(
+    const mla_prefill_backward_args& a) noexcept;
+/// ok, unsupported_dtype, or unsupported_shape for num_heads outside [1, 65535], v_dim outside
+/// [1, 512], dn + dr above 576 (mla_prefill.hpp's limits), negative sizes or strides,
+/// counts or strides above INT32_MAX, more than INT32_MAX blocks in the grid, a non-finite scale,
+/// or a null input (when num_seqs and num_tokens are > 0; k_nope only when dn > 0, k_pe only when
+/// dr > 0).
+[[nodiscard]] kernel_status mla_prefill_backward_can_run(
+    const mla_prefill_backward_args& a) noexcept;
+/// unsupported_shape also when the workspace is null or smaller than the size above.
+[[nodiscard]] kernel_status mla_prefill_backward_run(const mla_prefill_backward_args& a,
+                                                     void* workspace, size_t workspace_bytes,
+                                                     cudaStream_t stream) noexcept;
 
 }  // namespace moe::kernels::cuda

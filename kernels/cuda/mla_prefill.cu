@@ -27,6 +27,13 @@ constexpr int prefill_tile_k = 32;
 constexpr int prefill_row_threads = prefill_threads / prefill_tile_q;       // 8
 constexpr int prefill_keys_per_thread = prefill_tile_k / prefill_row_threads;  // 4
 constexpr float log2e = 1.4426950408889634f;
+constexpr float ln2 = 0.6931471805599453f;
+
+// The natural log-sum-exp of a row from its online softmax state, whose running max is in
+// log2 units (the scores are pre-multiplied by scale * log2(e)).
+__device__ inline float natural_lse(float run_max_log2, float run_sum) {
+  return run_sum > 0.0f ? run_max_log2 * ln2 + logf(run_sum) : -INFINITY;
+}
 
 static_assert(prefill_row_threads == 8, "a query's threads reduce with xor shuffles 1, 2, 4");
 
@@ -41,6 +48,7 @@ struct prefill_params {
   const T* v;
   int64_t v_token_stride, v_head_stride;
   T* out;
+  float* lse;
   const int32_t* cu_q;
   const int32_t* cu_k;
   int64_t num_q_tokens, num_k_tokens;
@@ -180,6 +188,8 @@ __global__ void __launch_bounds__(prefill_threads) mla_prefill_kernel(prefill_pa
         const int c = kj + prefill_row_threads * i;
         if (c < dv) store(dst, c, run_sum > 0.0f ? acc[i] / run_sum : 0.0f);
       }
+      if (p.lse != nullptr && kj == 0)
+        p.lse[(q_begin + q0 + qi) * p.num_heads + h] = natural_lse(run_max, run_sum);
     }
   }
 }
@@ -257,6 +267,7 @@ struct tc_params {
   const bf16* v;
   int64_t v_token_stride, v_head_stride;
   bf16* out;
+  float* lse;
   const int32_t* cu_q;
   const int32_t* cu_k;
   int64_t num_q_tokens, num_k_tokens;
@@ -522,6 +533,10 @@ __global__ void __launch_bounds__(tc_threads, 2) mla_prefill_tc_kernel(tc_params
       __syncthreads();  // every warp is done with V_t (and with P before the next softmax)
     }
 
+    // The even lane of a row's pair writes it: the pair's sums may differ in the last bit (each
+    // adds its own tile sum first).
+    if (p.lse != nullptr && half == 0 && row < rows_w)
+      p.lse[(q_row0 + 16 * warp + row) * p.num_heads + h] = natural_lse(run_max, run_sum);
     // out = O / sum, through the warp's scratch 64 columns at a time.
     const float inv = run_sum > 0.0f ? 1.0f / run_sum : 0.0f;
 #pragma unroll
@@ -583,6 +598,7 @@ kernel_status launch_tensor_cores(const mla_prefill_args& a, cudaStream_t stream
   p.v_token_stride = or_packed(a.v_token_stride, h * dv);
   p.v_head_stride = or_packed(a.v_head_stride, dv);
   p.out = static_cast<bf16*>(a.out);
+  p.lse = a.lse;
   p.cu_q = a.cu_seqlens_q;
   p.cu_k = a.cu_seqlens_k != nullptr ? a.cu_seqlens_k : a.cu_seqlens_q;
   p.num_q_tokens = a.num_q_tokens;
@@ -633,6 +649,7 @@ kernel_status launch(const mla_prefill_args& a, cudaStream_t stream) {
   p.v_token_stride = or_packed(a.v_token_stride, h * dv);
   p.v_head_stride = or_packed(a.v_head_stride, dv);
   p.out = static_cast<T*>(a.out);
+  p.lse = a.lse;
   p.cu_q = a.cu_seqlens_q;
   p.cu_k = a.cu_seqlens_k != nullptr ? a.cu_seqlens_k : a.cu_seqlens_q;
   p.num_q_tokens = a.num_q_tokens;

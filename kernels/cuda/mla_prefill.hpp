@@ -58,6 +58,11 @@ struct mla_prefill_args {
   int64_t v_token_stride = 0;
   int64_t v_head_stride = 0;
   void* out = nullptr;           ///< (Tq, H, dv) of `dt`, packed
+  /// (Tq, H) float32, packed; may be null. Each row's natural log-sum-exp of its scaled scores
+  /// (of the unrounded probabilities, on either kernel), for mla_prefill_backward (backward.hpp)
+  /// to recompute the probabilities from; -inf for a row without keys. Written with out: a
+  /// skipped sequence leaves its rows untouched too.
+  float* lse = nullptr;
   const int32_t* cu_seqlens_q = nullptr;  ///< (num_seqs + 1) int32, device
   const int32_t* cu_seqlens_k = nullptr;  ///< (num_seqs + 1) int32, device; null = cu_seqlens_q
   int64_t num_seqs = 0;

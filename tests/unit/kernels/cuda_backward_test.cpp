@@ -44,27 +44,8 @@ using namespace cuda_testing;
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-// v in `dt` on the device (at least one element, so a pointer always exists).
-std::unique_ptr<device_buffer> to_device(const std::vector<float>& v, dtype dt) {
-  auto d = std::make_unique<device_buffer>(std::max<size_t>(v.size(), 1) * dtype_bytes(dt));
-  EXPECT_TRUE(dt == dtype::bf16 ? upload(*d, to_bf16(v)) : upload(*d, v));
-  return d;
-}
-
-template <class T>
-std::unique_ptr<device_buffer> to_device(const std::vector<T>& v) {
-  auto d = std::make_unique<device_buffer>(std::max<size_t>(v.size(), 1) * sizeof(T));
-  EXPECT_TRUE(upload(*d, v));
-  return d;
-}
-
 std::vector<float> from_device(const device_buffer& d, size_t n, dtype dt) {
   return dt == dtype::bf16 ? from_bf16(fetch<uint16_t>(d, n)) : fetch<float>(d, n);
-}
-
-// What a kernel storing `dt` reads back: v itself, or v rounded to bf16.
-std::vector<float> stored(std::vector<float> v, dtype dt) {
-  return dt == dtype::bf16 ? bf16_rounded(v) : v;
 }
 
 ::testing::AssertionResult close(float got, double want, double scale, dtype out_dt) {

@@ -1,20 +1,25 @@
 // What the CUDA kernel tests share: whether a GPU is there (and why not), a test-local owner of
-// one cudaMalloc allocation, bf16 on the host (round to nearest even, as the kernels store), the
-// tolerance checks the file headers derive, and fake pointers for can_run tests.
+// one cudaMalloc allocation (and uploads in a storage dtype), bf16 on the host (round to nearest
+// even, as the kernels store), the tolerance checks the file headers derive, and fake pointers
+// for can_run tests.
 // Test code only; plain C++ (no nvcc), so that the tests build with the host compiler.
 #pragma once
 
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
+
+#include "kernels/dtype.hpp"
 
 namespace moe::kernels::cuda_testing {
 
@@ -116,6 +121,25 @@ inline std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
 // The values rounded to bf16 and widened back: what a bf16 kernel reads.
 inline std::vector<float> bf16_rounded(const std::vector<float>& v) {
   return from_bf16(to_bf16(v));
+}
+
+// What a kernel storing `dt` reads: v itself, or v rounded to bf16.
+inline std::vector<float> stored(std::vector<float> v, dtype dt) {
+  return dt == dtype::bf16 ? bf16_rounded(v) : v;
+}
+
+// v in `dt` on the device (at least one element, so a pointer always exists).
+inline std::unique_ptr<device_buffer> to_device(const std::vector<float>& v, dtype dt) {
+  auto d = std::make_unique<device_buffer>(std::max<size_t>(v.size(), 1) * dtype_bytes(dt));
+  EXPECT_TRUE(dt == dtype::bf16 ? upload(*d, to_bf16(v)) : upload(*d, v));
+  return d;
+}
+
+template <class T>
+std::unique_ptr<device_buffer> to_device(const std::vector<T>& v) {
+  auto d = std::make_unique<device_buffer>(std::max<size_t>(v.size(), 1) * sizeof(T));
+  EXPECT_TRUE(upload(*d, v));
+  return d;
 }
 
 // How many bf16 values lie between a and b (0 when equal; both NaN count as equal).

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "tests/unit/kernels/random_tensor.hpp"
@@ -164,6 +165,236 @@ TEST(mla_prefill, bad_arguments_are_refused_and_out_is_untouched) {
   EXPECT_EQ(out, std::vector<float>(T * H * dv, 5.0f));
 
   EXPECT_EQ(mla_prefill(a, cu_q, nullptr, 0), kernel_status::ok);  // nothing to do
+}
+
+TEST(mla_prefill, lse_is_each_rows_log_sum_exp) {
+  const std::vector<int64_t> cu{0, 1, 6, 14};
+  const size_t T = 14;
+  auto q = random_floats(T * H * (dn + dr), 21);
+  auto kv = random_floats(T * H * (dn + dv), 22);
+  auto k_pe = random_floats(T * dr, 23);
+  std::vector<float> out(T * H * dv);
+  std::vector<double> lse(T * H, 7.0);
+  auto a = prefill_args(small, q, kv, k_pe, out);
+  a.lse = lse.data();
+  ASSERT_EQ(mla_prefill(a, cu.data(), nullptr, 3), kernel_status::ok);
+  for (size_t s = 0; s + 1 < cu.size(); ++s) {
+    for (auto t = static_cast<size_t>(cu[s]); t < static_cast<size_t>(cu[s + 1]); ++t) {
+      for (size_t h = 0; h < H; ++h) {
+        double sum = 0.0;  // unshifted: the scores here are small
+        for (auto k = static_cast<size_t>(cu[s]); k <= t; ++k) {
+          double sc = 0.0;
+          for (size_t d = 0; d < dn; ++d)
+            sc += double{q[(t * H + h) * (dn + dr) + d]} * kv[(k * H + h) * (dn + dv) + d];
+          for (size_t d = 0; d < dr; ++d)
+            sc += double{q[(t * H + h) * (dn + dr) + dn + d]} * k_pe[k * dr + d];
+          sum += std::exp(sc * scale);
+        }
+        EXPECT_NEAR(lse[t * H + h], std::log(sum), 1e-12) << "token " << t << " head " << h;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mla_prefill_backward: against central differences of the forward's definition
+// (reference_prefill, in double), over L = sum(dout * out) for a random dout.
+
+// The backward's views laid out as the training block lays them out: k_nope and v read from,
+// and their gradients written into, (T, H, dn + dv) buffers; k_pe and its gradient inside
+// wider rows (offset 3, stride dr + 5), so a packed-stride slip shows.
+constexpr size_t k_pe_offset = 3, k_pe_row = dr + 5;
+
+struct backward_case {
+  std::vector<float> q, kv, k_pe_rows, dout;  // inputs (k_pe inside its rows)
+  std::vector<float> out;                     // the forward's
+  std::vector<double> lse;
+  std::vector<float> dq, dkv, dk_pe_rows;     // gradients
+
+  explicit backward_case(size_t T, uint64_t seed)
+      : q(random_floats(T * H * (dn + dr), seed)),
+        kv(random_floats(T * H * (dn + dv), seed + 1)),
+        k_pe_rows(random_floats(T * k_pe_row, seed + 2)),
+        dout(random_floats(T * H * dv, seed + 3)),
+        out(T * H * dv),
+        lse(T * H),
+        dq(T * H * (dn + dr), 9.0f),
+        dkv(T * H * (dn + dv), 9.0f),
+        dk_pe_rows(T * k_pe_row, 9.0f) {}
+
+  std::vector<float> k_pe() const {  // packed (T, dr), for reference_prefill
+    std::vector<float> v;
+    for (size_t t = 0; t < k_pe_rows.size() / k_pe_row; ++t)
+      for (size_t d = 0; d < dr; ++d) v.push_back(k_pe_rows[t * k_pe_row + k_pe_offset + d]);
+    return v;
+  }
+
+  mla_prefill_backward_args args() {
+    mla_prefill_backward_args a;
+    a.q = q.data();
+    a.k_nope = kv.data();
+    a.k_nope_token_stride = H * (dn + dv);
+    a.k_nope_head_stride = dn + dv;
+    a.k_pe = k_pe_rows.data() + k_pe_offset;
+    a.k_pe_token_stride = k_pe_row;
+    a.v = kv.data() + dn;
+    a.v_token_stride = H * (dn + dv);
+    a.v_head_stride = dn + dv;
+    a.out = out.data();
+    a.lse = lse.data();
+    a.dout = dout.data();
+    a.dq = dq.data();
+    a.dk_nope = dkv.data();
+    a.dk_nope_token_stride = H * (dn + dv);
+    a.dk_nope_head_stride = dn + dv;
+    a.dk_pe = dk_pe_rows.data() + k_pe_offset;
+    a.dk_pe_token_stride = k_pe_row;
+    a.dv = dkv.data() + dn;
+    a.dv_token_stride = H * (dn + dv);
+    a.dv_head_stride = dn + dv;
+    a.num_heads = H;
+    a.nope_dim = dn;
+    a.rope_dim = dr;
+    a.v_dim = dv;
+    a.softmax_scale = scale;
+    return a;
+  }
+
+  void forward(const std::vector<int32_t>& cu) {
+    auto a = prefill_args(small, q, kv, k_pe_rows, out);
+    a.k_pe = k_pe_rows.data() + k_pe_offset;
+    a.k_pe_token_stride = k_pe_row;
+    a.lse = lse.data();
+    ASSERT_EQ(mla_prefill(a, cu.data(), nullptr, cu.size() - 1), kernel_status::ok);
+  }
+};
+
+// d/dx of sum(dout * reference_prefill(...)) for every element of x, x one of q, kv, k_pe.
+// The reference is double, so the error is truncation alone, O(step^2) relative.
+std::vector<double> numeric_gradient(std::vector<float>& x, const std::function<double()>& loss) {
+  constexpr double step = 1e-3;
+  std::vector<double> g(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float x0 = x[i];
+    const auto hi = static_cast<float>(x0 + step), lo = static_cast<float>(x0 - step);
+    x[i] = hi;
+    const double f_hi = loss();
+    x[i] = lo;
+    const double f_lo = loss();
+    x[i] = x0;
+    g[i] = (f_hi - f_lo) / (double{hi} - double{lo});
+  }
+  return g;
+}
+
+double relative_error(const std::vector<float>& got, const std::vector<double>& want) {
+  double diff = 0.0, ref = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff += (got[i] - want[i]) * (got[i] - want[i]);
+    ref += want[i] * want[i];
+  }
+  return std::sqrt(diff / ref);
+}
+
+TEST(mla_prefill_backward, matches_finite_differences) {
+  // Three packed sequences (one of a single token): dk_pe sums over heads and queries of its own
+  // sequence only.
+  const std::vector<int32_t> cu{0, 1, 6, 14};
+  const std::vector<int64_t> cu64(cu.begin(), cu.end());
+  const size_t T = 14;
+  backward_case c(T, 31);
+  c.forward(cu);
+  ASSERT_EQ(mla_prefill_backward(c.args(), cu.data(), cu.size() - 1), kernel_status::ok);
+
+  std::vector<float> k_pe = c.k_pe();
+  const auto loss = [&] {
+    const auto out = reference_prefill(small, c.q, c.kv, k_pe, cu64, cu64);
+    double l = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) l += out[i] * c.dout[i];
+    return l;
+  };
+  const auto want_dq = numeric_gradient(c.q, loss);
+  const auto want_dkv = numeric_gradient(c.kv, loss);
+  const auto want_dk_pe = numeric_gradient(k_pe, loss);
+
+  // Central differences with step 1e-3 leave a truncation error of order step^2 = 1e-6 times
+  // the third derivative's size relative to the first (small here: |q|, |k| <= 1 and scale
+  // ~0.3); the outputs' float rounding adds ~1e-7. Measured: 4e-8. A dropped term (the -D
+  // shift, a head's share of dk_pe, the scale) is off by 10% or more.
+  EXPECT_LT(relative_error(c.dq, want_dq), 1e-6);
+  EXPECT_LT(relative_error(c.dkv, want_dkv), 1e-6);
+  std::vector<float> got_dk_pe;
+  for (size_t t = 0; t < T; ++t)
+    for (size_t d = 0; d < dr; ++d) got_dk_pe.push_back(c.dk_pe_rows[t * k_pe_row + k_pe_offset + d]);
+  EXPECT_LT(relative_error(got_dk_pe, want_dk_pe), 1e-6);
+  // Around dk_pe inside its rows nothing was written.
+  for (size_t t = 0; t < T; ++t)
+    for (size_t i = 0; i < k_pe_row; ++i)
+      if (i < k_pe_offset || i >= k_pe_offset + dr) {
+        EXPECT_EQ(c.dk_pe_rows[t * k_pe_row + i], 9.0f);
+      }
+}
+
+TEST(mla_prefill_backward, each_output_may_be_skipped) {
+  const std::vector<int32_t> cu{0, 5, 9};
+  backward_case all(9, 41);
+  all.forward(cu);
+  ASSERT_EQ(mla_prefill_backward(all.args(), cu.data(), 2), kernel_status::ok);
+
+  backward_case only_dq(9, 41), only_dk(9, 41);
+  only_dq.forward(cu);
+  only_dk.forward(cu);
+  auto a = only_dq.args();
+  a.dk_nope = a.dk_pe = a.dv = nullptr;
+  ASSERT_EQ(mla_prefill_backward(a, cu.data(), 2), kernel_status::ok);
+  EXPECT_EQ(only_dq.dq, all.dq);
+  EXPECT_EQ(only_dq.dkv, std::vector<float>(all.dkv.size(), 9.0f));
+  EXPECT_EQ(only_dq.dk_pe_rows, std::vector<float>(all.dk_pe_rows.size(), 9.0f));
+
+  a = only_dk.args();
+  a.dq = nullptr;
+  a.dv = nullptr;
+  ASSERT_EQ(mla_prefill_backward(a, cu.data(), 2), kernel_status::ok);
+  EXPECT_EQ(only_dk.dq, std::vector<float>(all.dq.size(), 9.0f));
+  EXPECT_EQ(only_dk.dk_pe_rows, all.dk_pe_rows);
+  for (size_t i = 0; i < all.dkv.size(); ++i)  // k_nope columns written, v columns untouched
+    EXPECT_EQ(only_dk.dkv[i], i % (dn + dv) < dn ? all.dkv[i] : 9.0f) << i;
+}
+
+TEST(mla_prefill_backward, bad_arguments_are_refused_and_nothing_written) {
+  const std::vector<int32_t> cu{0, 4};
+  backward_case c(4, 51);
+  c.forward(cu);
+  const auto a = c.args();
+  const int32_t decreasing[] = {0, 3, 2};
+  EXPECT_EQ(mla_prefill_backward(a, decreasing, 2), kernel_status::unsupported_shape);
+  const int32_t not_from_zero[] = {1, 4};
+  EXPECT_EQ(mla_prefill_backward(a, not_from_zero, 1), kernel_status::unsupported_shape);
+  EXPECT_EQ(mla_prefill_backward(a, nullptr, 1), kernel_status::unsupported_shape);
+  auto bad = a;
+  bad.num_heads = 0;
+  EXPECT_EQ(mla_prefill_backward(bad, cu.data(), 1), kernel_status::unsupported_shape);
+  bad = a;
+  bad.v_dim = mla_max_dim + 1;
+  EXPECT_EQ(mla_prefill_backward(bad, cu.data(), 1), kernel_status::unsupported_shape);
+  for (auto field : {&mla_prefill_backward_args::q, &mla_prefill_backward_args::k_nope,
+                     &mla_prefill_backward_args::k_pe, &mla_prefill_backward_args::v,
+                     &mla_prefill_backward_args::out, &mla_prefill_backward_args::dout}) {
+    bad = a;
+    bad.*field = nullptr;
+    EXPECT_EQ(mla_prefill_backward(bad, cu.data(), 1), kernel_status::unsupported_shape);
+  }
+  bad = a;
+  bad.lse = nullptr;
+  EXPECT_EQ(mla_prefill_backward(bad, cu.data(), 1), kernel_status::unsupported_shape);
+  bad = a;
+  bad.softmax_scale = NAN;
+  EXPECT_EQ(mla_prefill_backward(bad, cu.data(), 1), kernel_status::unsupported_shape);
+  EXPECT_EQ(c.dq, std::vector<float>(c.dq.size(), 9.0f));
+  EXPECT_EQ(c.dkv, std::vector<float>(c.dkv.size(), 9.0f));
+  EXPECT_EQ(c.dk_pe_rows, std::vector<float>(c.dk_pe_rows.size(), 9.0f));
+
+  EXPECT_EQ(mla_prefill_backward(a, cu.data(), 0), kernel_status::ok);  // nothing to do
 }
 
 mla_cache_layout small_cache() {
