@@ -21,7 +21,13 @@
 // Decode runs twice per batch on the same prompts: from CUDA graphs (the engine's
 // decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up.
 //
+// With --fp8 (a list of gpu_engine_options::fp8_products: block_scaled, expand), the same
+// weights are then quantized to FP8 (model::quantize_fp8: 128x128 blocks, as DeepSeek-V3's) and
+// the prefill and decode figures measured again on an engine keeping them FP8, once per mode,
+// each with its ratio to the bf16 engine's figures of the same run ("fp8").
+//
 //   moe_bench_gpu_engine [--preset v2lite-8L] [--peer peer.json] [--out engine.json] [--no-graphs]
+//                        [--fp8 block_scaled,expand]
 // Exits 2, with a JSON {"skipped": reason}, where there is no GPU.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -74,6 +80,7 @@ struct settings {
   int check_tokens = 24;
   int check_steps = 8;
   bool graphs = true;
+  std::vector<std::string> fp8;
   std::string peer, out;
 };
 
@@ -265,6 +272,42 @@ json targets(const json& ours) {
   return t;
 }
 
+/// The --fp8 runs: the weights quantized, then per mode an engine keeping them FP8, its prefill
+/// and graph decode, and the ratios to the bf16 figures in `bf16`.
+json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_options eo,
+              const settings& s, const json& bf16) {
+  json r = json::object();
+  auto t = clock_type::now();
+  if (auto err = moe::model::quantize_fp8(*host)) fail("quantize_fp8", err);
+  r["quantize_seconds"] = seconds_since(t);
+  const std::shared_ptr<const moe::model::checkpoint> ckpt = std::move(host);
+  for (const std::string& mode : s.fp8) {
+    eo.fp8 = mode == "expand" ? me::gpu_engine_options::fp8_products::expand
+                              : me::gpu_engine_options::fp8_products::block_scaled;
+    t = clock_type::now();
+    auto engine = me::gpu_engine::create(ckpt, eo);
+    if (!engine) fail("fp8 engine (" + mode + ")", engine.error());
+    json m = {{"upload_seconds", seconds_since(t)}, {"weight_bytes", engine->weight_bytes()}};
+    m["weight_bytes_vs_bf16"] = static_cast<double>(engine->weight_bytes()) /
+                                bf16["weight_bytes"].get<double>();
+    runner run(*engine, s);
+    m["prefill"] = run.prefill();
+    m["prefill"]["speedup_over_bf16"] = m["prefill"]["tokens_per_s"].get<double>() /
+                                        bf16["prefill"]["tokens_per_s"].get<double>();
+    m["decode"] = json::array();
+    for (int b : s.decode_batches) {
+      std::vector<int32_t> tokens;
+      json d = run.decode(b, s.graphs, tokens);
+      for (const auto& w : bf16["decode"])
+        if (w["batch"] == b)
+          d["speedup_over_bf16"] = d["tokens_per_s"].get<double>() / w["tokens_per_s"].get<double>();
+      m["decode"].push_back(d);
+    }
+    r[mode] = m;
+  }
+  return r;
+}
+
 void emit(const json& j, const std::string& path) {
   const std::string text = j.dump(2);
   std::printf("%s\n", text.c_str());
@@ -288,6 +331,9 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--check-steps", s.check_steps, "decode steps of that check")->check(CLI::NonNegativeNumber);
   app.add_flag("!--no-graphs", s.graphs, "decode eagerly only (no CUDA graphs)");
+  app.add_option("--fp8", s.fp8, "also FP8 weights, with these products (block_scaled, expand)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"block_scaled", "expand"}));
   app.add_option("--peer", s.peer, "transformers_peer.py's JSON for the same shapes");
   app.add_option("--out", s.out, "also write the JSON here");
   CLI11_PARSE(app, argc, argv);
@@ -324,10 +370,10 @@ int main(int argc, char** argv) {
   eo.cache.block_size = s.block_size;
   eo.cache.num_blocks = (tokens_cached + s.block_size - 1) / s.block_size + 2 * max_batch;
   t = clock_type::now();
-  // The host copy (18 GB of float32 for v2lite-8L) stays only for the check.
-  auto shared = std::make_shared<const moe::model::checkpoint>(std::move(*ckpt));
+  // The host copy (18 GB of float32 for v2lite-8L) stays only for the check and --fp8.
+  auto shared = std::make_shared<moe::model::checkpoint>(std::move(*ckpt));
   auto engine = me::gpu_engine::create(shared, eo);
-  if (s.check_tokens == 0) shared.reset();
+  if (s.check_tokens == 0 && s.fp8.empty()) shared.reset();
   if (!engine) {
     const caf::error& e = engine.error();
     if (e.category() == caf::atom("cuda") &&
@@ -376,10 +422,14 @@ int main(int argc, char** argv) {
                                  {"last_fallback_reason", g.last_fallback_reason}};
   }
   out["targets"] = targets(out);
-  if (shared) {
+  if (shared && s.check_tokens > 0) {
     t = clock_type::now();
-    out["check_against_reference"] = check_against_reference(*engine, std::move(shared), s);
+    out["check_against_reference"] = check_against_reference(*engine, shared, s);
     out["check_against_reference"]["seconds"] = seconds_since(t);
+  }
+  if (!s.fp8.empty()) {
+    { const me::gpu_engine released = std::move(*engine); }  // its device memory back first
+    out["fp8"] = fp8_runs(std::move(shared), eo, s, out);
   }
   if (!s.peer.empty()) {
     std::ifstream in(s.peer);

@@ -56,12 +56,13 @@ for t in test_runtime_device_allocator test_runtime_gpu test_runtime_nccl_multi_
          test_kernels_cuda_mla test_kernels_cuda_grouped_gemm test_kernels_cuda_backward \
          test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu; do
   [[ -x "$bundle/bin/$t" ]] || { echo "$t rc=missing" | tee -a "$summary"; continue; }
-  step "$t" 75 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
+  step "$t" 120 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
 done
 # The peer before our engine, so that the engine's JSON carries the ratios.
 step peer_transformers 180 python3 bench/peer/transformers_peer.py \
   --config "$bundle/v2lite-8L/config.json" --out "$logs/peer_transformers.json"
-step bench_gpu_engine 180 "$bundle/bin/moe_bench_gpu_engine" \
+# Then the same weights in FP8 (both kinds of products), with ratios to the bf16 figures.
+step bench_gpu_engine 240 "$bundle/bin/moe_bench_gpu_engine" --fp8 block_scaled,expand \
   --peer "$logs/peer_transformers.json" --out "$logs/bench_gpu_engine.json"
 step bench_gpu_kernels 120 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
 # The kernels' JSON is the log's stdout part; keep a clean copy.
