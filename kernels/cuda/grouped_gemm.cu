@@ -137,15 +137,6 @@ using wide_tiles = mma_tiles<128, 256, 32, 2, 4, 1, 4, 1, false>;
 // times 2 halves of each k step.
 using narrow_tiles = mma_tiles<16, 64, 128, 1, 4, 2, 5, 2, true>;
 
-// Queues k steps of the tiles into a stage. Rows past the tile's rows (x) or past n (weights)
-// are not loaded at all: an output element depends only on its own row of x and its own row of
-// the weight, and those outputs are never stored. Columns past k are zero-filled in both
-// operands, so they add exact zeros to the stored outputs.
-//
-// Async (k % 8 == 0 and 16-byte aligned rows, so each 8-element chunk is wholly inside or wholly
-// past k): 16-byte cp.async copies. Consecutive threads take consecutive chunks of a row, so a
-// warp reads whole runs; each thread keeps the same chunk column and rows `rows_per_pass` apart
-// in every step, so its addresses are worked out once per block and a step adds only k0.
 // FP8 weights' block scales: the grid of the stacked (num_experts * n, k) weight.
 struct fp8_scales {
   const float* scale = nullptr;
@@ -154,8 +145,8 @@ struct fp8_scales {
 };
 
 // Every loader answers where a stage's tiles are: x's (BM, ld) bf16 rows at the stage's start,
-// and the weight's (BN, ld) bf16 rows that the products read (b_tile). The bf16 loaders and the
-// FP8 element loader put the weight's rows right after x's, in the stage; the FP8 async loader
+// and the weight's (BN, ld) bf16 rows that the products read (b_tile). async_loader and
+// element_loader put the weight's rows right after x's, in the stage; fp8_async_loader
 // copies raw bytes into the stage and converts them into one of two bf16 buffers after the
 // stages (`converts`).
 template <class Tiles>
@@ -168,11 +159,17 @@ struct bf16_stage_layout {
   }
 };
 
-template <class Tiles, bool Async>
-struct stage_loader;
-
+// Queues k steps of the tiles into a stage. Rows past the tile's rows (x) or past n (weights)
+// are not loaded at all: an output element depends only on its own row of x and its own row of
+// the weight, and those outputs are never stored. Columns past k are zero-filled in both
+// operands, so they add exact zeros to the stored outputs.
+//
+// async_loader (k % 8 == 0 and 16-byte aligned rows, so each 8-element chunk is wholly inside
+// or wholly past k): 16-byte cp.async copies. Consecutive threads take consecutive chunks of a row, so a
+// warp reads whole runs; each thread keeps the same chunk column and rows `rows_per_pass` apart
+// in every step, so its addresses are worked out once per block and a step adds only k0.
 template <class Tiles>
-struct stage_loader<Tiles, true> : bf16_stage_layout<Tiles> {
+struct async_loader : bf16_stage_layout<Tiles> {
   static constexpr int chunks = Tiles::bk / 8;
   static constexpr int rows_per_pass = Tiles::threads / chunks;
   static constexpr int a_passes = Tiles::bm / rows_per_pass, b_passes = Tiles::bn / rows_per_pass;
@@ -185,7 +182,7 @@ struct stage_loader<Tiles, true> : bf16_stage_layout<Tiles> {
   int32_t kc, k;
   int dst;  // offset of this thread's first chunk in a stage's x tile
 
-  __device__ __forceinline__ stage_loader(const bf16* a_src, int32_t a_rows, const void* w,
+  __device__ __forceinline__ async_loader(const bf16* a_src, int32_t a_rows, const void* w,
                                           int64_t w_row0, int32_t b_rows, int32_t k_,
                                           const fp8_scales&)
       : k(k_) {
@@ -229,36 +226,6 @@ struct stage_loader<Tiles, true> : bf16_stage_layout<Tiles> {
   }
 };
 
-// Otherwise element loads and plain shared stores.
-template <class Tiles>
-struct stage_loader<Tiles, false> : bf16_stage_layout<Tiles> {
-  const bf16* a_src;
-  const bf16* b_src;
-  int32_t a_rows, b_rows, k;
-
-  __device__ __forceinline__ stage_loader(const bf16* a_src_, int32_t a_rows_, const void* w,
-                                          int64_t w_row0, int32_t b_rows_, int32_t k_,
-                                          const fp8_scales&)
-      : a_src(a_src_),
-        b_src(static_cast<const bf16*>(w) + w_row0 * k_),
-        a_rows(a_rows_),
-        b_rows(b_rows_),
-        k(k_) {}
-
-  __device__ __forceinline__ void operator()(unsigned char* stage_bytes, int32_t k0) const {
-    bf16* stage = reinterpret_cast<bf16*>(stage_bytes);
-    const bf16 zero = __float2bfloat16_rn(0.0f);
-    for (int i = static_cast<int>(threadIdx.x); i < (Tiles::bm + Tiles::bn) * Tiles::bk;
-         i += Tiles::threads) {
-      const int r = i / Tiles::bk, kk = i % Tiles::bk;
-      const bool is_a = r < Tiles::bm;
-      const int row = is_a ? r : r - Tiles::bm;
-      if (row >= (is_a ? a_rows : b_rows)) continue;
-      const bf16* src = (is_a ? a_src : b_src) + int64_t{row} * k;
-      stage[r * Tiles::ld + kk] = k0 + kk < k ? src[k0 + kk] : zero;
-    }
-  }
-};
 
 // FP8 weights. A weight element becomes bf16(e4m3 * scale): one float32 product rounded once,
 // as fp8_dequantize_kernel computes it.
@@ -274,26 +241,32 @@ __device__ __forceinline__ uint32_t bf16_bits(bf16 v) {
   return bits;
 }
 
-// Element loads, converted on the way into the stage (as the bf16 element loader; for k % 16
-// != 0, unaligned pointers or block columns that 16-element chunks would straddle).
-template <class Tiles>
-struct fp8_element_loader : bf16_stage_layout<Tiles> {
+// Element loads and plain shared stores (k % 8 != 0 or unaligned pointers; with FP8 weights
+// also k % 16 != 0, or block columns that 16-element chunks would straddle), FP8 weight elements
+// converted on the way.
+template <class Tiles, bool Fp8>
+struct element_loader : bf16_stage_layout<Tiles> {
   const bf16* a_src;
-  const uint8_t* b_src;
+  const void* w;
   int64_t w_row0;
   int32_t a_rows, b_rows, k;
   fp8_scales sc;
 
-  __device__ __forceinline__ fp8_element_loader(const bf16* a_src_, int32_t a_rows_, const void* w,
-                                                int64_t w_row0_, int32_t b_rows_, int32_t k_,
-                                                const fp8_scales& sc_)
-      : a_src(a_src_),
-        b_src(static_cast<const uint8_t*>(w) + w_row0_ * k_),
-        w_row0(w_row0_),
-        a_rows(a_rows_),
-        b_rows(b_rows_),
-        k(k_),
-        sc(sc_) {}
+  __device__ __forceinline__ element_loader(const bf16* a_src_, int32_t a_rows_, const void* w_,
+                                            int64_t w_row0_, int32_t b_rows_, int32_t k_,
+                                            const fp8_scales& sc_)
+      : a_src(a_src_), w(w_), w_row0(w_row0_), a_rows(a_rows_), b_rows(b_rows_), k(k_), sc(sc_) {}
+
+  // Element c of the weight's row `row` of the tile.
+  __device__ __forceinline__ bf16 weight(int row, int32_t c) const {
+    const int64_t r = w_row0 + row;
+    if constexpr (Fp8) {
+      const float s = sc.scale[r / sc.block_rows * sc.ld + c / sc.block_cols];
+      return dequantize_e4m3(static_cast<const uint8_t*>(w)[r * k + c], s);
+    } else {
+      return static_cast<const bf16*>(w)[r * k + c];
+    }
+  }
 
   __device__ __forceinline__ void operator()(unsigned char* stage_bytes, int32_t k0) const {
     bf16* stage = reinterpret_cast<bf16*>(stage_bytes);
@@ -305,16 +278,7 @@ struct fp8_element_loader : bf16_stage_layout<Tiles> {
       const int row = is_a ? r : r - Tiles::bm;
       if (row >= (is_a ? a_rows : b_rows)) continue;
       const int32_t c = k0 + kk;
-      bf16 v = zero;
-      if (c < k) {
-        if (is_a) {
-          v = a_src[int64_t{row} * k + c];
-        } else {
-          const float s = sc.scale[(w_row0 + row) / sc.block_rows * sc.ld + c / sc.block_cols];
-          v = dequantize_e4m3(b_src[int64_t{row} * k + c], s);
-        }
-      }
-      stage[r * Tiles::ld + kk] = v;
+      stage[r * Tiles::ld + kk] = c >= k ? zero : is_a ? a_src[int64_t{row} * k + c] : weight(row, c);
     }
   }
 };
@@ -719,10 +683,10 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   if (a.weight_scale != nullptr) {
     if (a.k % 16 == 0 && aligned && a.scale_block_cols % 16 == 0)
       return launch_mma<Tiles, TOut, fp8_async_loader<Tiles>>(a, stream);
-    return launch_mma<Tiles, TOut, fp8_element_loader<Tiles>>(a, stream);
+    return launch_mma<Tiles, TOut, element_loader<Tiles, true>>(a, stream);
   }
-  if (a.k % 8 == 0 && aligned) return launch_mma<Tiles, TOut, stage_loader<Tiles, true>>(a, stream);
-  return launch_mma<Tiles, TOut, stage_loader<Tiles, false>>(a, stream);
+  if (a.k % 8 == 0 && aligned) return launch_mma<Tiles, TOut, async_loader<Tiles>>(a, stream);
+  return launch_mma<Tiles, TOut, element_loader<Tiles, false>>(a, stream);
 }
 
 template <class TOut>
