@@ -71,8 +71,11 @@ struct metadata_view {
 
 /// A step's results, copied off the staging buffer: the first `rows` rows (a graph's padding
 /// rows are dropped), and the routing when the step captured it.
+/// The first `rows` rows of a step's results (a padded decode step's real ones), and each MoE
+/// layer's first `routing_entries` choices.
 gpu_step_result read_results(const char* host, const detail::step_results_layout& r,
-                             int64_t vocab, int64_t rows, int64_t num_moe_layers) {
+                             int64_t vocab, int64_t rows, int64_t num_moe_layers,
+                             size_t routing_entries) {
   const auto n = static_cast<size_t>(rows);
   gpu_step_result out;
   if (r.logits_bytes > 0) {
@@ -85,8 +88,9 @@ gpu_step_result read_results(const char* host, const detail::step_results_layout
   const char* routing = host + r.logits_bytes + r.tokens_bytes;
   const size_t layer_bytes = r.routing_per_layer * sizeof(int32_t);
   for (int64_t l = 0; l < num_moe_layers; ++l) {
-    auto& layer = out.routing.emplace_back(r.routing_per_layer);
-    std::memcpy(layer.data(), routing + static_cast<size_t>(l) * layer_bytes, layer_bytes);
+    auto& layer = out.routing.emplace_back(std::min(routing_entries, r.routing_per_layer));
+    std::memcpy(layer.data(), routing + static_cast<size_t>(l) * layer_bytes,
+                layer.size() * sizeof(int32_t));
   }
   return out;
 }
@@ -112,8 +116,10 @@ struct gpu_engine::state {
   caf::error ensure_staging(size_t bytes);
   using fill_fn = std::function<void(const detail::step_buffers&, const metadata_view&)>;
   using eager_fn = std::function<caf::expected<gpu_step_result>()>;
+  /// A step of `shape`, returning its first real_rows rows (fewer in a padded decode step).
   caf::expected<gpu_step_result> run_step(const detail::step_shape& shape, bool return_logits,
-                                          bool capture_routing, const fill_fn& fill);
+                                          bool capture_routing, const fill_fn& fill,
+                                          int64_t real_rows);
   void fill_decode(std::span<const model::decode_input> batch, const detail::step_shape& shape,
                    const detail::step_buffers& b, const metadata_view& host) const;
   caf::expected<gpu_step_result> decode_graphed(std::span<const model::decode_input> batch,
@@ -157,7 +163,8 @@ caf::error gpu_engine::state::ensure_staging(size_t bytes) {
 caf::expected<gpu_step_result> gpu_engine::state::run_step(const detail::step_shape& shape,
                                                            bool return_logits,
                                                            bool capture_routing,
-                                                           const fill_fn& fill) {
+                                                           const fill_fn& fill,
+                                                           int64_t real_rows) {
   if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
   detail::step_buffers dev;
   const size_t arena_bytes = detail::carve_step_buffers(model, shape, nullptr, dev);
@@ -174,8 +181,13 @@ caf::expected<gpu_step_result> gpu_engine::state::run_step(const detail::step_sh
   const caf::error sync_err = stream.synchronize();
   if (err) return err;
   if (sync_err) return sync_err;
-  return read_results(host, results, config.vocab_size, shape.num_logit_rows,
-                      capture_routing ? shape.num_moe_layers : 0);
+  // A prefill keeps every token's routing; a padded decode step its real rows' (one token each).
+  const size_t routing_entries =
+      real_rows == shape.num_logit_rows
+          ? results.routing_per_layer
+          : static_cast<size_t>(real_rows * config.num_experts_per_tok);
+  return read_results(host, results, config.vocab_size, real_rows,
+                      capture_routing ? shape.num_moe_layers : 0, routing_entries);
 }
 
 void gpu_engine::state::fill_decode(std::span<const model::decode_input> batch,
@@ -248,7 +260,8 @@ caf::expected<gpu_step_result> gpu_engine::state::decode_graphed(
     return run_step(shape, return_logits, false,
                     [&](const detail::step_buffers& b, const metadata_view& host) {
                       fill_decode(batch, shape, b, host);
-                    });
+                    },
+                    static_cast<int64_t>(batch.size()));
   };
   const detail::decode_graph_key k{detail::decode_batch_bucket(shape.num_seqs),
                                    detail::decode_block_bucket(shape.max_blocks), return_logits};
@@ -279,7 +292,7 @@ caf::expected<gpu_step_result> gpu_engine::state::replay(
   const caf::error sync_err = stream.synchronize();
   if (err) return err;
   if (sync_err) return sync_err;
-  return read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0);
+  return read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0, 0);
 }
 
 /// A key's first step runs eagerly in the graph's own buffers and shapes, then the same work is
@@ -306,7 +319,7 @@ caf::expected<gpu_step_result> gpu_engine::state::first_graph_step(
     return eager();
   }
   gpu_step_result out =
-      read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0);
+      read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0, 0);
   auto graph = detail::cuda_graph::capture(stream.get(), [&]() -> caf::error {
     if (auto e = detail::enqueue_step(model, g.shape, g.buffers, g.results, host)) return e;
     if (options.decode_graph_capture_hook) return options.decode_graph_capture_hook(stream.get());
@@ -493,7 +506,7 @@ caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequen
       cu[i + 1] = t;
       last[i] = t - 1;
     }
-  });
+  }, shape.num_logit_rows);
   if (!out) {
     for (const auto& q : seqs) s.blocks.release(q.id);
     return out.error();
@@ -531,13 +544,26 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
   shape.max_seq_len = longest;
   shape.max_blocks = static_cast<int64_t>(max_blocks);
   shape.num_moe_layers = s.num_moe_layers;
+  // With decode graphs, every step within the buckets runs at its graph's padded shape, eager
+  // ones included (use_graph false, capture_routing, a fallback): the same kernels on the same
+  // shapes, so a step gives the same values, bit for bit, whether it was replayed or not.
+  if (s.options.decode_graphs) {
+    const int64_t batch_bucket = detail::decode_batch_bucket(shape.num_seqs);
+    const int64_t block_bucket = detail::decode_block_bucket(shape.max_blocks);
+    if (batch_bucket != 0 && block_bucket != 0) {
+      shape.num_tokens = shape.num_seqs = shape.num_logit_rows = batch_bucket;
+      shape.max_blocks = block_bucket;
+      shape.max_seq_len = block_bucket * s.options.cache.block_size;
+    }
+  }
   // Routing capture is for tests and analysis: not worth a graph of its own.
   auto out = s.options.decode_graphs && options.use_graph && !options.capture_routing
                  ? s.decode_graphed(batch, shape, options.return_logits)
                  : s.run_step(shape, options.return_logits, options.capture_routing,
                               [&](const detail::step_buffers& b, const metadata_view& host) {
                                 s.fill_decode(batch, shape, b, host);
-                              });
+                              },
+                              static_cast<int64_t>(batch.size()));
   if (!out) return out.error();
   for (const auto& d : batch) ++s.lengths[d.id];
   return out;

@@ -65,7 +65,8 @@ struct gpu_engine_options {
   /// block table to the next power-of-two width; each (batch, width, return_logits) gets its
   /// graph on its first step, which runs eagerly in the graph's buffers and is then captured.
   /// Steps with capture_routing, batches above 256 and shapes whose capture failed run eagerly
-  /// (decode_graph_stats() counts them and says why). On by default since they passed their
+  /// (decode_graph_stats() counts them and says why); within the buckets an eager step still
+  /// runs at the padded shape, so a step's results are the same, bit for bit, replayed or not. On by default since they passed their
   /// tests on an H200 (2026-11-29; 1.02-1.04x there on v2lite-8L, whose steps are bound by
   /// their kernels). Off: every step launches kernel by kernel.
   bool decode_graphs = true;
@@ -105,8 +106,9 @@ struct gpu_prefill_options {
 struct gpu_decode_options {
   bool return_logits = true;     ///< as gpu_prefill_options::return_logits
   bool capture_routing = false;  ///< each MoE layer's top-k expert choices
-  /// With the engine's decode_graphs on: false runs this step eagerly (the graph path's
-  /// yardstick in tests and benchmarks). Ignored when decode_graphs is off.
+  /// With the engine's decode_graphs on: false runs this step eagerly, at the graph's padded
+  /// shape (the graph path's yardstick in tests and benchmarks: the same work, launched kernel
+  /// by kernel). Ignored when decode_graphs is off.
   bool use_graph = true;
 };
 

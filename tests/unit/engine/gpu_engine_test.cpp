@@ -767,36 +767,62 @@ TEST_P(gpu_engine_test, decode_without_logits_gives_the_same_tokens) {
 
 TEST_P(gpu_engine_test, use_graph_false_runs_a_step_eagerly_on_a_graph_engine) {
   // The per-step opt-out the benchmark's eager yardstick uses: no graph is captured or
-  // replayed for it, and it gives what an engine without graphs gives.
+  // replayed for it, and it runs the graph's padded shape kernel by kernel, so it gives the
+  // graph's values bit for bit, and an engine without graphs' within the graph tolerance. Here
+  // across a padding row (3 sequences, bucket 4) and a block table padded from 66 to 128 blocks
+  // of 4, where the attention's split is planned for 512 tokens instead of 261-263: 4 splits
+  // instead of 3, a different order of float sums, unless the eager step is padded too.
   const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
   const auto ids = g.ids("input_ids");
-  const auto a = slice(ids, 0, 6);
-  auto graphed = make_gpu(32, 4, [](auto& o) { o.decode_graphs = true; });
-  auto plain = make_gpu(32, 4, [](auto& o) { o.decode_graphs = false; });
-  const model::sequence_input seqs[] = {{1, a}};
-  auto first = graphed.prefill(seqs);
+  std::vector<int32_t> a(260);
+  for (size_t i = 0; i < a.size(); ++i)
+    a[i] = (ids[i % ids.size()] + static_cast<int32_t>(7 * (i / ids.size()))) %
+           static_cast<int32_t>(vocab_);
+  const auto b = slice(ids, seq_len, 3), c = slice(ids, 3, 2);
+  auto eager_steps = make_gpu(80, 4, [](auto& o) { o.decode_graphs = true; });
+  auto graphed = make_gpu(80, 4, [](auto& o) { o.decode_graphs = true; });
+  auto plain = make_gpu(80, 4, [](auto& o) { o.decode_graphs = false; });
+  const model::sequence_input seqs[] = {{1, a}, {2, b}, {3, c}};
+  auto first = eager_steps.prefill(seqs);
   ASSERT_TRUE(first) << error_text(first.error());
+  ASSERT_TRUE(graphed.prefill(seqs));
   ASSERT_TRUE(plain.prefill(seqs));
   engine::gpu_decode_options eager;
   eager.use_graph = false;
-  int32_t next = first->greedy_tokens[0];
+  std::vector<int32_t> next = first->greedy_tokens;
   for (int step = 0; step < 3; ++step) {
-    const model::decode_input batch[] = {{1, next}};
-    auto got = graphed.decode(batch, eager);
+    std::vector<model::decode_input> batch;
+    for (size_t i = 0; i < next.size(); ++i) batch.push_back({i + 1, next[i]});
+    const std::string what = "step " + std::to_string(step);
+    auto got = eager_steps.decode(batch, eager);
+    auto replayed = graphed.decode(batch);
     auto want = plain.decode(batch);
     ASSERT_TRUE(got) << error_text(got.error());
+    ASSERT_TRUE(replayed) << error_text(replayed.error());
     ASSERT_TRUE(want) << error_text(want.error());
-    EXPECT_EQ(got->logits, want->logits) << "step " << step;  // the same kernels, same order
-    next = want->greedy_tokens[0];
+    EXPECT_EQ(got->logits, replayed->logits) << what;  // the same kernels on the same shapes
+    EXPECT_EQ(got->greedy_tokens, replayed->greedy_tokens) << what;
+    expect_same_step(*want, *got, batch.size(), what);
+    next = got->greedy_tokens;
   }
-  const auto stats = graphed.decode_graph_stats();
+  const auto stats = eager_steps.decode_graph_stats();
   EXPECT_EQ(stats.num_captured, 0u);
   EXPECT_EQ(stats.num_replays, 0u);
   EXPECT_EQ(stats.num_fallbacks, 0u);
+  EXPECT_GE(graphed.decode_graph_stats().num_replays, 1u);
+  // Routing capture runs eagerly at the padded shape too, and returns the real rows only.
+  std::vector<model::decode_input> batch;
+  for (size_t i = 0; i < next.size(); ++i) batch.push_back({i + 1, next[i]});
+  engine::gpu_decode_options routed;
+  routed.capture_routing = true;
+  auto with_routing = eager_steps.decode(batch, routed);
+  ASSERT_TRUE(with_routing) << error_text(with_routing.error());
+  EXPECT_EQ(with_routing->greedy_tokens.size(), batch.size());
+  for (const auto& layer : with_routing->routing) EXPECT_EQ(layer.size(), batch.size() * top_k_);
   // And the next step with graphs allowed does use one.
-  const model::decode_input batch[] = {{1, next}};
-  ASSERT_TRUE(graphed.decode(batch));
-  EXPECT_EQ(graphed.decode_graph_stats().num_captured, 1u);
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].token = with_routing->greedy_tokens[i];
+  ASSERT_TRUE(eager_steps.decode(batch));
+  EXPECT_EQ(eager_steps.decode_graph_stats().num_captured, 1u);
 }
 
 INSTANTIATE_TEST_SUITE_P(dtypes, gpu_engine_test,
