@@ -391,9 +391,9 @@ int main(int argc, char** argv) {
   runner run(*engine, s);
   out["prefill"] = run.prefill();
   // "decode": the serving path (graphs unless --no-graphs); "decode_eager": every step
-  // launched kernel by kernel, on the same prompts, with how many of its greedy tokens the
-  // graph run reproduced (bf16: the graphs' padded attention bound may split the sum
-  // differently, so a near-tie may flip).
+  // launched kernel by kernel at the graph's padded shape, on the same prompts, with how many of
+  // its greedy tokens the graph run reproduced (all of them: the same kernels on the same
+  // shapes).
   out["decode"] = json::array();
   out["decode_eager"] = json::array();
   for (int b : s.decode_batches) {
