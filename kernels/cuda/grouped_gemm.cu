@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/grouped_gemm.hpp"
+#include "kernels/cuda/wmma_shared.cuh"
 
 namespace moe::kernels::cuda {
 namespace {
@@ -467,16 +468,16 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
 #pragma unroll
     for (int kq = 0; kq < Tiles::warp_k; kq += 16) {
       const int kk = warp_k0 + kq;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b[Tiles::frags_n];
+      detail::wmma_b_col b[Tiles::frags_n];
 #pragma unroll
       for (int j = 0; j < Tiles::frags_n; ++j)
         if (!Tiles::skip_fragments || warp_col0 + j * 16 < cols)
-          wmma::load_matrix_sync(b[j], bs + (warp_col0 + j * 16) * Tiles::ld + kk, Tiles::ld);
+          detail::load_shared(b[j], bs + (warp_col0 + j * 16) * Tiles::ld + kk, Tiles::ld);
 #pragma unroll
       for (int i = 0; i < Tiles::frags_m; ++i) {
         if (!Tiles::skip_fragments || warp_row0 + i * 16 < rows) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-          wmma::load_matrix_sync(a, as + (warp_row0 + i * 16) * Tiles::ld + kk, Tiles::ld);
+          detail::wmma_a_row a;
+          detail::load_shared(a, as + (warp_row0 + i * 16) * Tiles::ld + kk, Tiles::ld);
 #pragma unroll
           for (int j = 0; j < Tiles::frags_n; ++j)
             if (!Tiles::skip_fragments || warp_col0 + j * 16 < cols)

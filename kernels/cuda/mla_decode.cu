@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/mla_decode.hpp"
+#include "kernels/cuda/wmma_shared.cuh"
 
 namespace moe::kernels::cuda {
 namespace {
@@ -553,11 +554,11 @@ __global__ void __launch_bounds__(tc_threads, 2)
     {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc;
       wmma::fill_fragment(s_acc, 0.0f);
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kb;
+      detail::wmma_a_row qa;
+      detail::wmma_b_col kb;
       for (int ks = k_first; ks < k_last; ++ks) {
-        wmma::load_matrix_sync(qa, q_s + 16 * ks, row);
-        wmma::load_matrix_sync(kb, tile + score_nt * 16 * row + 16 * ks, row);
+        detail::load_shared(qa, q_s + 16 * ks, row);
+        detail::load_shared(kb, tile + score_nt * 16 * row + 16 * ks, row);
         wmma::mma_sync(s_acc, qa, kb, s_acc);
       }
       wmma::store_matrix_sync(s_part + score_kp * tc_heads * tc_tile + score_nt * 16, s_acc,
@@ -608,17 +609,17 @@ __global__ void __launch_bounds__(tc_threads, 2)
         if (i < ntiles_per_warp)
 #pragma unroll
           for (int k = 0; k < f.num_elements; ++k) acc[i].x[k] *= f.x[k];
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> ph, pl;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vb;
+      detail::wmma_a_row ph, pl;
+      detail::wmma_b_row vb;
 #pragma unroll
       for (int ks = 0; ks < tc_tile / 16; ++ks) {
-        wmma::load_matrix_sync(ph, p_hi + 16 * ks, tc_p_ld);
-        wmma::load_matrix_sync(pl, p_lo + 16 * ks, tc_p_ld);
+        detail::load_shared(ph, p_hi + 16 * ks, tc_p_ld);
+        detail::load_shared(pl, p_lo + 16 * ks, tc_p_ld);
 #pragma unroll
         for (int i = 0; i < tc_max_ntiles_per_warp; ++i) {
           if (i < ntiles_per_warp) {
             const int n0 = (warp * ntiles_per_warp + i) * 16;
-            wmma::load_matrix_sync(vb, tile + 16 * ks * row + n0, row);
+            detail::load_shared(vb, tile + 16 * ks * row + n0, row);
             wmma::mma_sync(acc[i], pl, vb, acc[i]);
             wmma::mma_sync(acc[i], ph, vb, acc[i]);
           }

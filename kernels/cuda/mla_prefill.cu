@@ -8,6 +8,7 @@
 
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/mla_prefill.hpp"
+#include "kernels/cuda/wmma_shared.cuh"
 
 namespace moe::kernels::cuda {
 namespace {
@@ -303,55 +304,13 @@ __device__ inline void tc_load_tile(bf16* dst, int ld, int live, int width, int 
   }
 }
 
-// WMMA fragments of the tensor-core kernel: bf16 operands, float32 accumulators.
-using frag_a = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
-using frag_k = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::col_major>;
-using frag_v = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major>;
+// WMMA fragments of the tensor-core kernel: bf16 operands (loaded from shared memory by
+// wmma_shared.cuh's load_shared, as ldmatrix), float32 accumulators.
+using frag_a = detail::wmma_a_row;
+using frag_k = detail::wmma_b_col;
+using frag_v = detail::wmma_b_row;
 using frag_acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-
-// wmma::load_matrix_sync of a bf16 operand from shared memory. nvcc's bf16 WMMA loads take a
-// generic address (ptxas then emits per-lane generic loads and transposes instead of ldmatrix),
-// so on the device the same wmma.load names the shared state space; the fragment's storage is
-// the four 32-bit registers nvcc's builtin fills, in the same order. The emulator, and nvcc's
-// host pass, make WMMA's own call.
-#ifdef __CUDA_ARCH__
-__device__ inline unsigned shared_address(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-#endif
-__device__ inline void load_shared(frag_a& f, const bf16* p, unsigned ldm) {
-#ifdef __CUDA_ARCH__
-  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
-  asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p)), "r"(ldm)
-               : "memory");
-#else
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-#endif
-}
-__device__ inline void load_shared(frag_k& f, const bf16* p, unsigned ldm) {
-#ifdef __CUDA_ARCH__
-  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
-  asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p)), "r"(ldm)
-               : "memory");
-#else
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-#endif
-}
-__device__ inline void load_shared(frag_v& f, const bf16* p, unsigned ldm) {
-#ifdef __CUDA_ARCH__
-  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
-  asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p)), "r"(ldm)
-               : "memory");
-#else
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-#endif
-}
+using detail::load_shared;
 
 __global__ void __launch_bounds__(tc_threads, 2) mla_prefill_tc_kernel(tc_params p) {
   namespace wmma = nvcuda::wmma;
