@@ -1,4 +1,5 @@
-// `moe run` and `moe init-model`: the reference engine and checkpoint generation from the shell.
+// `moe run` and `moe init-model`: the reference engine (or, with --engine gpu, the GPU engine)
+// and checkpoint generation from the shell.
 // Output contracts (checked by tests and by comparisons against other implementations):
 //   moe run ... prints the generated token ids, space-separated, on one line of stdout;
 //   moe run ... --max-new-tokens 0 --dump-logits F writes float32 `logits` [1, T, vocab].
@@ -17,6 +18,9 @@
 #include "model/model_errc.hpp"
 #include "model/reference_engine.hpp"
 #include "model/safetensors_writer.hpp"
+#ifdef MOE_HAVE_ENGINE
+#include "engine/gpu_engine.hpp"
+#endif
 
 namespace moe::cli {
 
@@ -27,27 +31,122 @@ int fail(const std::string& command, const caf::error& err) {
   return 1;
 }
 
-caf::expected<std::shared_ptr<const model::checkpoint>> open_model(const std::string& dir) {
+/// keep_fp8: FP8 weights stay FP8 (model::load_options::keep_fp8).
+caf::expected<model::checkpoint> open_model(const std::string& dir, bool keep_fp8 = false) {
   auto cfg = model::load_config(dir);
   if (!cfg) return cfg.error();
-  auto ckpt = model::load_checkpoint(dir, *cfg);
-  if (!ckpt) return ckpt.error();
-  return std::make_shared<const model::checkpoint>(std::move(*ckpt));
+  model::load_options lo;
+  lo.keep_fp8 = keep_fp8;
+  return model::load_checkpoint(dir, *cfg, lo);
 }
 
 struct run_options {
   std::string model_dir;
   generation_flags gen;
   std::string dump_logits;
+  std::string engine = "reference";
+  std::string gpu_dtype = "bf16";
+  std::string fp8 = "off";
 };
+
+/// The prompt's logits, float32 `logits` [1, T, vocab], to `path`.
+caf::error dump_logits(const std::string& path, const std::vector<float>& logits, size_t tokens,
+                       int64_t vocab) {
+  model::tensor_to_write t;
+  t.name = "logits";
+  t.dtype = kernels::dtype::f32;
+  t.shape = {1, static_cast<int64_t>(tokens), vocab};
+  t.bytes = std::as_bytes(std::span(logits));
+  auto saved = model::save_safetensors(path, std::span(&t, 1));
+  return saved ? caf::error{} : saved.error();
+}
+
+void print_tokens(const std::vector<int32_t>& tokens) {
+  std::string line;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (i) line += ' ';
+    line += std::to_string(tokens[i]);
+  }
+  fmt::print("{}\n", line);
+}
+
+/// --engine gpu: greedy decoding on the GPU engine, with the reference path's output contract
+/// (and its stop rule: a stop token ends the output and is kept).
+int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
+  if (o.gen.temperature || o.gen.top_k > 0 || o.gen.top_p < 1.0f)
+    return fail("run", model::make_error(model::model_errc::bad_input,
+                                         "--engine gpu decodes greedily: --temperature, --top-k "
+                                         "and --top-p need --engine reference"));
+#ifndef MOE_HAVE_ENGINE
+  (void)prompt;
+  return fail("run", model::make_error(model::model_errc::bad_input,
+                                       "--engine gpu: this build has no CUDA backend (no GPU)"));
+#else
+  std::vector<int32_t> stops;
+  if (!o.gen.stop_ids.empty()) {
+    auto parsed = parse_token_ids(o.gen.stop_ids, "--stop-ids");
+    if (!parsed) return fail("run", parsed.error());
+    stops = *parsed;
+  }
+  const bool fp8 = o.fp8 != "off";
+  auto ckpt = open_model(o.model_dir, fp8);
+  if (!ckpt) return fail("run", ckpt.error());
+  // A checkpoint stored without FP8 weights is quantized as DeepSeek-V3's were.
+  if (fp8 && ckpt->fp8.empty())
+    if (auto err = model::quantize_fp8(*ckpt)) return fail("run", err);
+  engine::gpu_engine_options eo;
+  eo.dtype = o.gpu_dtype == "f32" ? kernels::dtype::f32 : kernels::dtype::bf16;
+  eo.fp8 = o.fp8 == "expand" ? engine::gpu_engine_options::fp8_products::expand
+                             : engine::gpu_engine_options::fp8_products::block_scaled;
+  eo.cache.block_size = 16;
+  eo.cache.num_blocks =
+      (static_cast<int64_t>(prompt.size()) + std::max<int64_t>(o.gen.max_new_tokens, 1) + 15) / 16 + 1;
+  const int64_t vocab = ckpt->config.vocab_size;
+  auto engine = engine::gpu_engine::create(std::make_shared<const model::checkpoint>(std::move(*ckpt)), eo);
+  if (!engine) return fail("run", engine.error());
+  const model::sequence_input seq[] = {{1, prompt}};
+  if (!o.dump_logits.empty()) {
+    engine::gpu_prefill_options po;
+    po.all_logits = true;
+    auto out = engine->prefill(seq, po);
+    if (!out) return fail("run", out.error());
+    engine->release(1);
+    if (auto err = dump_logits(o.dump_logits, out->logits, prompt.size(), vocab)) return fail("run", err);
+  }
+  std::vector<int32_t> tokens;
+  if (o.gen.max_new_tokens > 0) {
+    engine::gpu_prefill_options po;
+    po.return_logits = false;
+    auto out = engine->prefill(seq, po);
+    if (!out) return fail("run", out.error());
+    tokens.push_back(out->greedy_tokens.at(0));
+    engine::gpu_decode_options dopt;
+    dopt.return_logits = false;
+    while (static_cast<int64_t>(tokens.size()) < o.gen.max_new_tokens &&
+           std::find(stops.begin(), stops.end(), tokens.back()) == stops.end()) {
+      const model::decode_input step[] = {{1, tokens.back()}};
+      auto next = engine->decode(step, dopt);
+      if (!next) return fail("run", next.error());
+      tokens.push_back(next->greedy_tokens.at(0));
+    }
+  }
+  print_tokens(tokens);
+  return 0;
+#endif
+}
 
 int run_model(const run_options& o) {
   auto parsed = parse_token_ids(o.gen.prompt_ids, "--prompt-ids");
   if (!parsed) return fail("run", parsed.error());
   const std::vector<int32_t>& prompt = *parsed;
-  auto ckpt = open_model(o.model_dir);
-  if (!ckpt) return fail("run", ckpt.error());
-  auto engine = model::reference_engine::create(*ckpt);
+  if (o.engine == "gpu") return run_on_gpu(o, prompt);
+  if (o.fp8 != "off" || o.gpu_dtype != "bf16")
+    return fail("run", model::make_error(model::model_errc::bad_input,
+                                         "--fp8 and --gpu-dtype need --engine gpu"));
+  auto opened = open_model(o.model_dir);
+  if (!opened) return fail("run", opened.error());
+  auto ckpt = std::make_shared<const model::checkpoint>(std::move(*opened));
+  auto engine = model::reference_engine::create(ckpt);
   if (!engine) return fail("run", engine.error());
   if (!o.dump_logits.empty()) {
     const model::sequence_input seq[] = {{1, prompt}};
@@ -56,14 +155,8 @@ int run_model(const run_options& o) {
     auto out = engine->prefill(seq, po);
     if (!out) return fail("run", out.error());
     engine->release(1);
-    const int64_t V = (*ckpt)->config.vocab_size;
-    model::tensor_to_write t;
-    t.name = "logits";
-    t.dtype = kernels::dtype::f32;
-    t.shape = {1, static_cast<int64_t>(prompt.size()), V};
-    t.bytes = std::as_bytes(std::span(out->logits));
-    auto saved = model::save_safetensors(o.dump_logits, std::span(&t, 1));
-    if (!saved) return fail("run", saved.error());
+    if (auto err = dump_logits(o.dump_logits, out->logits, prompt.size(), ckpt->config.vocab_size))
+      return fail("run", err);
   }
   model::generation_request req;
   req.prompt = prompt;
@@ -86,12 +179,7 @@ int run_model(const run_options& o) {
   }
   auto tokens = model::generate(*engine, std::span(&req, 1));
   if (!tokens) return fail("run", tokens.error());
-  std::string line;
-  for (size_t i = 0; i < (*tokens)[0].size(); ++i) {
-    if (i) line += ' ';
-    line += std::to_string((*tokens)[0][i]);
-  }
-  fmt::print("{}\n", line);
+  print_tokens((*tokens)[0]);
   return 0;
 }
 
@@ -99,12 +187,22 @@ int run_model(const run_options& o) {
 
 void add_run_command(CLI::App& app, command_context& ctx) {
   auto o = std::make_shared<run_options>();
-  auto* cmd = app.add_subcommand("run", "Generate tokens with the single-process reference engine");
+  auto* cmd = app.add_subcommand(
+      "run", "Generate tokens with the single-process reference engine, or the GPU engine");
   cmd->add_option("--model", o->model_dir, "Checkpoint directory (config.json + safetensors)")
       ->required();
   add_generation_flags(*cmd, o->gen);
   cmd->add_option("--dump-logits", o->dump_logits,
                   "Write the prompt's logits as float32 `logits` [1, T, vocab] to this file");
+  cmd->add_option("--engine", o->engine,
+                  "reference (CPU, float32) or gpu (one GPU, greedy decoding; CUDA builds)")
+      ->check(CLI::IsMember({"reference", "gpu"}));
+  cmd->add_option("--gpu-dtype", o->gpu_dtype, "The GPU engine's dtype: bf16 or f32")
+      ->check(CLI::IsMember({"bf16", "f32"}));
+  cmd->add_option("--fp8", o->fp8,
+                  "GPU engine with FP8 weights (a checkpoint without them is quantized first): "
+                  "off, block_scaled (FP8 products) or expand (bf16 products)")
+      ->check(CLI::IsMember({"off", "block_scaled", "expand"}));
   cmd->callback([o, &ctx] { ctx.exit_code = run_model(*o); });
 }
 

@@ -58,6 +58,8 @@ for t in test_runtime_device_allocator test_runtime_gpu test_runtime_nccl_multi_
   [[ -x "$bundle/bin/$t" ]] || { echo "$t rc=missing" | tee -a "$summary"; continue; }
   step "$t" 120 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
 done
+# `moe run --engine gpu` as a user runs it (tests/cli's contract: transformers' tokens in f32).
+step cli_gpu_engine 60 bash tests/cli/run_contracts.sh "$bundle/bin/moe" tests/data gpu_engine_greedy
 # The peer before our engine, so that the engine's JSON carries the ratios.
 step peer_transformers 180 python3 bench/peer/transformers_peer.py \
   --config "$bundle/v2lite-8L/config.json" --out "$logs/peer_transformers.json"

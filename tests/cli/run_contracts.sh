@@ -534,6 +534,48 @@ case_empty_prompt_ids() {
   expect_refused
 }
 
+# --engine gpu: the GPU engine behind the same output contract. Where there is no GPU (or no
+# CUDA backend) it must say so clearly; on a GPU, in f32 it gives transformers' greedy tokens
+# (the engine's tests hold it to that), its dumped logits are the golden ones within 1e-3, and
+# FP8 weights with expanded products (small-v3-fp8 kept FP8) give the bf16 engine's tokens on
+# the dequantised checkpoint. Misused flags are clear errors on every build.
+case_gpu_engine_greedy() {
+  local prompt want
+  prompt=$(st ints "$GOLDEN" greedy_prompt 0 ,) || { fail "cannot read greedy_prompt"; return; }
+  want=$(st ints "$GOLDEN" greedy_tokens 0 " ") || { fail "cannot read greedy_tokens"; return; }
+  moe run --model "$TINY" --prompt-ids "$prompt" --max-new-tokens 4 --engine gpu --temperature 0.7
+  expect_clear_error run "--engine gpu decodes greedily"
+  moe run --model "$TINY" --prompt-ids "$prompt" --max-new-tokens 4 --fp8 expand
+  expect_clear_error run "--fp8 and --gpu-dtype need --engine gpu"
+  moe run --model "$TINY" --prompt-ids "$prompt" --max-new-tokens 16 --engine gpu --gpu-dtype f32
+  if ((RC != 0)); then
+    expect_clear_error run "no GPU" || return
+    echo "gpu_engine_greedy: no GPU here ($(head -c 200 "$TMP/err")); only the refusals were checked"
+    return
+  fi
+  expect_success || return
+  if [[ $(cat "$TMP/out") != "$want" ]]; then
+    fail "f32 GPU greedy tokens differ from transformers'"
+    show_last
+  fi
+  moe run --model "$TINY" --prompt-ids "$(st ints "$GOLDEN" input_ids 0 ,)" --max-new-tokens 0 \
+    --engine gpu --gpu-dtype f32 --dump-logits "$TMP/logits.safetensors"
+  expect_success || return
+  local why
+  why=$(st compare-logits "$TMP/logits.safetensors" "$GOLDEN" 0 1e-3 2>&1) || fail "$why"
+  local fp8_dir=$DATA/small-v3-fp8 fp8_prompt plain
+  fp8_prompt=$(st ints "$fp8_dir/golden.safetensors" greedy_prompt 0 ,) || { fail "cannot read small-v3-fp8"; return; }
+  moe run --model "$fp8_dir" --prompt-ids "$fp8_prompt" --max-new-tokens 16 --engine gpu
+  expect_success || return
+  plain=$(cat "$TMP/out")
+  moe run --model "$fp8_dir" --prompt-ids "$fp8_prompt" --max-new-tokens 16 --engine gpu --fp8 expand
+  expect_success || return
+  if [[ $(cat "$TMP/out") != "$plain" ]]; then
+    fail "FP8 weights with expanded products differ from the dequantised checkpoint's tokens"
+    show_last
+  fi
+}
+
 # ---------------------------------------------------------------------------------------------
 
 if [[ ! -x $MOE ]]; then
