@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/element_access.cuh"
+#include "kernels/cuda/mla_views.cuh"
 #include "kernels/cuda/mla_prefill.hpp"
 #include "kernels/cuda/wmma_shared.cuh"
 
@@ -533,10 +534,6 @@ int64_t q_tiles_of(const mla_prefill_args& a, int64_t tile_q = prefill_tile_q) n
   return std::max<int64_t>(1, (longest + tile_q - 1) / tile_q);
 }
 
-int64_t or_packed(int64_t stride, int64_t packed) noexcept {
-  return stride == 0 ? packed : stride;
-}
-
 // bf16 rows the tensor-core kernel stages: dn + dr <= 192 and dv <= 128 (DeepSeek-V2/V3).
 bool tensor_core_shape(const mla_prefill_args& a) noexcept {
   return a.dt == dtype::bf16 && a.nope_dim + a.rope_dim <= tc_max_qk && a.v_dim <= tc_max_v;
@@ -545,17 +542,7 @@ bool tensor_core_shape(const mla_prefill_args& a) noexcept {
 kernel_status launch_tensor_cores(const mla_prefill_args& a, cudaStream_t stream) {
   tc_params p{};
   const int64_t h = a.num_heads, dn = a.nope_dim, dr = a.rope_dim, dv = a.v_dim;
-  p.q = static_cast<const bf16*>(a.q);
-  p.q_token_stride = or_packed(a.q_token_stride, h * (dn + dr));
-  p.q_head_stride = or_packed(a.q_head_stride, dn + dr);
-  p.k_nope = static_cast<const bf16*>(a.k_nope);
-  p.k_nope_token_stride = or_packed(a.k_nope_token_stride, h * dn);
-  p.k_nope_head_stride = or_packed(a.k_nope_head_stride, dn);
-  p.k_pe = static_cast<const bf16*>(a.k_pe);
-  p.k_pe_token_stride = or_packed(a.k_pe_token_stride, dr);
-  p.v = static_cast<const bf16*>(a.v);
-  p.v_token_stride = or_packed(a.v_token_stride, h * dv);
-  p.v_head_stride = or_packed(a.v_head_stride, dv);
+  detail::set_qkv_views<bf16>(p, a);
   p.out = static_cast<bf16*>(a.out);
   p.lse = a.lse;
   p.cu_q = a.cu_seqlens_q;
@@ -596,17 +583,7 @@ template <typename T>
 kernel_status launch(const mla_prefill_args& a, cudaStream_t stream) {
   prefill_params<T> p{};
   const int64_t h = a.num_heads, dn = a.nope_dim, dr = a.rope_dim, dv = a.v_dim;
-  p.q = static_cast<const T*>(a.q);
-  p.q_token_stride = or_packed(a.q_token_stride, h * (dn + dr));
-  p.q_head_stride = or_packed(a.q_head_stride, dn + dr);
-  p.k_nope = static_cast<const T*>(a.k_nope);
-  p.k_nope_token_stride = or_packed(a.k_nope_token_stride, h * dn);
-  p.k_nope_head_stride = or_packed(a.k_nope_head_stride, dn);
-  p.k_pe = static_cast<const T*>(a.k_pe);
-  p.k_pe_token_stride = or_packed(a.k_pe_token_stride, dr);
-  p.v = static_cast<const T*>(a.v);
-  p.v_token_stride = or_packed(a.v_token_stride, h * dv);
-  p.v_head_stride = or_packed(a.v_head_stride, dv);
+  detail::set_qkv_views<T>(p, a);
   p.out = static_cast<T*>(a.out);
   p.lse = a.lse;
   p.cu_q = a.cu_seqlens_q;

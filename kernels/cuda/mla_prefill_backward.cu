@@ -7,10 +7,13 @@
 
 #include "kernels/cuda/backward.hpp"
 #include "kernels/cuda/element_access.cuh"
+#include "kernels/cuda/mla_views.cuh"
 #include "kernels/cuda/mla_prefill.hpp"
 
 namespace moe::kernels::cuda {
 namespace {
+
+using detail::or_packed;
 
 using detail::load;
 using detail::store;
@@ -305,10 +308,6 @@ __global__ void __launch_bounds__(bwd_threads) mla_bwd_dk_pe_kernel(bwd_params<T
   }
 }
 
-int64_t or_packed(int64_t stride, int64_t packed) noexcept {
-  return stride == 0 ? packed : stride;
-}
-
 size_t round_up_256(size_t bytes) noexcept {
   return (bytes + 255) / 256 * 256;
 }
@@ -348,17 +347,7 @@ template <typename T>
 kernel_status launch(const mla_prefill_backward_args& a, void* workspace, cudaStream_t stream) {
   bwd_params<T> p{};
   const int64_t h = a.num_heads, dn = a.nope_dim, dr = a.rope_dim, dv = a.v_dim;
-  p.q = static_cast<const T*>(a.q);
-  p.q_token_stride = or_packed(a.q_token_stride, h * (dn + dr));
-  p.q_head_stride = or_packed(a.q_head_stride, dn + dr);
-  p.k_nope = static_cast<const T*>(a.k_nope);
-  p.k_nope_token_stride = or_packed(a.k_nope_token_stride, h * dn);
-  p.k_nope_head_stride = or_packed(a.k_nope_head_stride, dn);
-  p.k_pe = static_cast<const T*>(a.k_pe);
-  p.k_pe_token_stride = or_packed(a.k_pe_token_stride, dr);
-  p.v = static_cast<const T*>(a.v);
-  p.v_token_stride = or_packed(a.v_token_stride, h * dv);
-  p.v_head_stride = or_packed(a.v_head_stride, dv);
+  detail::set_qkv_views<T>(p, a);
   p.out = static_cast<const T*>(a.out);
   p.lse = a.lse;
   p.dout = static_cast<const T*>(a.dout);
