@@ -160,6 +160,24 @@ struct bf16_stage_layout {
   }
 };
 
+// Queues this thread's 16-byte chunk of up to Passes rows, RowsPerPass rows apart (dst_ld
+// elements in the stage, src_stride in memory), for the rows the tile still has (left); past k
+// (in_k false) a 0-byte copy of the row start (a valid, aligned address) and 16 bytes of zeros.
+template <int Passes, int RowsPerPass, class T>
+__device__ __forceinline__ void copy_chunks(T* dst, int dst_ld, const T* src, int64_t src_stride,
+                                            int32_t left, bool in_k) {
+#pragma unroll
+  for (int p = 0; p < Passes; ++p)
+    if (p * RowsPerPass < left) {
+      T* d = dst + p * RowsPerPass * dst_ld;
+      const T* from = src + p * src_stride;
+      if (in_k)
+        __pipeline_memcpy_async(d, from, 16);
+      else
+        __pipeline_memcpy_async(d, from, 16, 16);
+    }
+}
+
 // Queues k steps of the tiles into a stage. Rows past the tile's rows (x) or past n (weights)
 // are not loaded at all: an output element depends only on its own row of x and its own row of
 // the weight, and those outputs are never stored. Columns past k are zero-filled in both
@@ -201,29 +219,11 @@ struct async_loader : bf16_stage_layout<Tiles> {
 
   __device__ __forceinline__ void operator()(unsigned char* stage_bytes, int32_t k0) const {
     bf16* stage = reinterpret_cast<bf16*>(stage_bytes);
-    // Past k: a 0-byte copy of the row start (a valid, aligned address) and 16 bytes of zeros.
     const bool in_k = k0 + kc < k;
     const int32_t at = in_k ? k0 : -kc;
-#pragma unroll
-    for (int p = 0; p < a_passes; ++p)
-      if (p * rows_per_pass < a_left) {
-        bf16* d = stage + dst + p * rows_per_pass * Tiles::ld;
-        const bf16* src = a + p * stride + at;
-        if (in_k)
-          __pipeline_memcpy_async(d, src, 16);
-        else
-          __pipeline_memcpy_async(d, src, 16, 16);
-      }
-#pragma unroll
-    for (int p = 0; p < b_passes; ++p)
-      if (p * rows_per_pass < b_left) {
-        bf16* d = stage + dst + (Tiles::bm + p * rows_per_pass) * Tiles::ld;
-        const bf16* src = b + p * stride + at;
-        if (in_k)
-          __pipeline_memcpy_async(d, src, 16);
-        else
-          __pipeline_memcpy_async(d, src, 16, 16);
-      }
+    copy_chunks<a_passes, rows_per_pass>(stage + dst, Tiles::ld, a + at, stride, a_left, in_k);
+    copy_chunks<b_passes, rows_per_pass>(stage + dst + Tiles::bm * Tiles::ld, Tiles::ld, b + at,
+                                         stride, b_left, in_k);
   }
 };
 
@@ -349,32 +349,11 @@ struct fp8_async_loader {
   }
 
   __device__ __forceinline__ void operator()(unsigned char* stage, int32_t k0) const {
-    bf16* xs = reinterpret_cast<bf16*>(stage);
-    const bool a_in_k = k0 + a_kc < k;
-    const int32_t a_at = a_in_k ? k0 : -a_kc;
-#pragma unroll
-    for (int p = 0; p < a_passes; ++p)
-      if (p * a_rows_per_pass < a_left) {
-        bf16* d = xs + a_dst + p * a_rows_per_pass * Tiles::ld;
-        const bf16* src = a + p * a_stride + a_at;
-        if (a_in_k)
-          __pipeline_memcpy_async(d, src, 16);
-        else
-          __pipeline_memcpy_async(d, src, 16, 16);
-      }
-    unsigned char* ws = stage + x_bytes;
-    const bool b_in_k = k0 + b_kc < k;
-    const int32_t b_at = b_in_k ? k0 : -b_kc;
-#pragma unroll
-    for (int p = 0; p < b_passes; ++p)
-      if (p * b_rows_per_pass < b_left) {
-        unsigned char* d = ws + (b_row + p * b_rows_per_pass) * Tiles::bk + b_kc;
-        const uint8_t* src = b + p * b_stride + b_at;
-        if (b_in_k)
-          __pipeline_memcpy_async(d, src, 16);
-        else
-          __pipeline_memcpy_async(d, src, 16, 16);
-      }
+    const bool a_in_k = k0 + a_kc < k, b_in_k = k0 + b_kc < k;
+    copy_chunks<a_passes, a_rows_per_pass>(reinterpret_cast<bf16*>(stage) + a_dst, Tiles::ld,
+                                           a + (a_in_k ? k0 : -a_kc), a_stride, a_left, a_in_k);
+    copy_chunks<b_passes, b_rows_per_pass>(stage + x_bytes + b_row * Tiles::bk + b_kc, Tiles::bk,
+                                           b + (b_in_k ? k0 : -b_kc), b_stride, b_left, b_in_k);
   }
 
   // After this thread's copies of step k0 have landed: its 16-byte pieces of the weight, as bf16.
