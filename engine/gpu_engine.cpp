@@ -69,10 +69,9 @@ struct metadata_view {
   }
 };
 
-/// A step's results, copied off the staging buffer: the first `rows` rows (a graph's padding
-/// rows are dropped), and the routing when the step captured it.
-/// The first `rows` rows of a step's results (a padded decode step's real ones), and each MoE
-/// layer's first `routing_entries` choices.
+/// A step's results, copied off the staging buffer: the first `rows` rows (a padded decode
+/// step's padding rows are dropped), and each MoE layer's first `routing_entries` choices when
+/// the step captured the routing.
 gpu_step_result read_results(const char* host, const detail::step_results_layout& r,
                              int64_t vocab, int64_t rows, int64_t num_moe_layers,
                              size_t routing_entries) {
@@ -130,6 +129,9 @@ struct gpu_engine::state {
   caf::expected<gpu_step_result> first_graph_step(const detail::decode_graph_key& key,
                                                   std::span<const model::decode_input> batch,
                                                   const eager_fn& eager);
+  /// A decode step padded to a graph's buckets: the shape of the graph of (batch, blocks), and of
+  /// every eager step that falls in those buckets.
+  [[nodiscard]] detail::step_shape padded_decode_shape(int64_t batch, int64_t blocks) const;
   caf::expected<std::unique_ptr<detail::decode_graph>> make_graph(
       const detail::decode_graph_key& key);
 
@@ -181,11 +183,10 @@ caf::expected<gpu_step_result> gpu_engine::state::run_step(const detail::step_sh
   const caf::error sync_err = stream.synchronize();
   if (err) return err;
   if (sync_err) return sync_err;
-  // A prefill keeps every token's routing; a padded decode step its real rows' (one token each).
+  // A prefill keeps every token's routing; a decode step its real rows' (one token each).
   const size_t routing_entries =
-      real_rows == shape.num_logit_rows
-          ? results.routing_per_layer
-          : static_cast<size_t>(real_rows * config.num_experts_per_tok);
+      shape.decode ? static_cast<size_t>(real_rows * config.num_experts_per_tok)
+                   : results.routing_per_layer;
   return read_results(host, results, config.vocab_size, real_rows,
                       capture_routing ? shape.num_moe_layers : 0, routing_entries);
 }
@@ -230,16 +231,22 @@ void gpu_engine::state::fill_decode(std::span<const model::decode_input> batch,
   }
 }
 
+detail::step_shape gpu_engine::state::padded_decode_shape(int64_t batch, int64_t blocks) const {
+  detail::step_shape shape;
+  shape.decode = true;
+  shape.num_tokens = shape.num_seqs = shape.num_logit_rows = batch;
+  shape.max_blocks = blocks;
+  // The split of the attention is planned for the longest sequence the table can hold; each
+  // row still attends over its own seq_lens, read on the device.
+  shape.max_seq_len = blocks * options.cache.block_size;
+  shape.num_moe_layers = num_moe_layers;
+  return shape;
+}
+
 caf::expected<std::unique_ptr<detail::decode_graph>> gpu_engine::state::make_graph(
     const detail::decode_graph_key& k) {
   auto g = std::make_unique<detail::decode_graph>();
-  g->shape.decode = true;
-  g->shape.num_tokens = g->shape.num_seqs = g->shape.num_logit_rows = k.batch;
-  g->shape.max_blocks = k.blocks;
-  // The split of the attention is planned for the longest sequence the table can hold; each
-  // row still attends over its own seq_lens, read on the device.
-  g->shape.max_seq_len = k.blocks * options.cache.block_size;
-  g->shape.num_moe_layers = num_moe_layers;
+  g->shape = padded_decode_shape(k.batch, k.blocks);
   const size_t arena_bytes = detail::carve_step_buffers(model, g->shape, nullptr, g->buffers);
   auto arena = allocator->allocate(arena_bytes, key());
   if (!arena) return arena.error();
@@ -550,11 +557,8 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
   if (s.options.decode_graphs) {
     const int64_t batch_bucket = detail::decode_batch_bucket(shape.num_seqs);
     const int64_t block_bucket = detail::decode_block_bucket(shape.max_blocks);
-    if (batch_bucket != 0 && block_bucket != 0) {
-      shape.num_tokens = shape.num_seqs = shape.num_logit_rows = batch_bucket;
-      shape.max_blocks = block_bucket;
-      shape.max_seq_len = block_bucket * s.options.cache.block_size;
-    }
+    if (batch_bucket != 0 && block_bucket != 0)
+      shape = s.padded_decode_shape(batch_bucket, block_bucket);
   }
   // Routing capture is for tests and analysis: not worth a graph of its own.
   auto out = s.options.decode_graphs && options.use_graph && !options.capture_routing
