@@ -4,7 +4,6 @@
 #include <string>
 #include <type_traits>
 
-#include "kernels/cuda/fp8_dequantize.hpp"
 #include "kernels/cuda/fp8_quantize.hpp"
 #include "kernels/cuda/gather.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
@@ -141,21 +140,26 @@ class forward {
           return check(st, what);
       }
     }
-    // The weight expanded to bf16 (bf16(e4m3 * scale)), then the bf16 product.
-    kcu::fp8_dequantize_args e;
-    e.q = static_cast<const uint8_t*>(w.data);
-    e.scale = w.scale;
-    e.out = m_.fp8_expanded;
-    e.rows = out;
-    e.cols = in;
-    e.block_rows = w.block_rows;
-    e.block_cols = w.block_cols;
-    e.out_dt = dtype::bf16;
-    e.scale_ld = w.scale_ld;
+    // The weight expanded to bf16 (bf16(e4m3 * scale)) in the engine's scratch, then the bf16
+    // product.
     if (out * in > m_.weights->max_fp8_linear_elements())
       return check(kernel_status::unsupported_shape, what);
-    if (auto err = check(kcu::fp8_dequantize_run(e, m_.stream), what)) return err;
-    return linear(x, m_.fp8_expanded, y, rows, in, out, what, beta);
+    kcu::fp8_linear_fallback_desc f;
+    f.x = x;
+    f.w_q = static_cast<const uint8_t*>(w.data);
+    f.w_scale = w.scale;
+    f.w_scratch = m_.fp8_expanded;
+    f.y = y;
+    f.m = rows;
+    f.n = out;
+    f.k = in;
+    f.block_rows = w.block_rows;
+    f.block_cols = w.block_cols;
+    f.scale_ld = w.scale_ld;
+    f.beta = beta;
+    return check(m_.gemm->run_fp8_linear_fallback(f, m_.gemm_workspace, m_.gemm_workspace_bytes,
+                                                  m_.stream),
+                 what);
   }
 
   /// out = norm(x) (x += residual first when residual is set: residual keeps the sum).

@@ -213,8 +213,10 @@ kernel_status fp8_linear_can_run(const fp8_linear_desc& d) noexcept {
 
 kernel_status fp8_linear_fallback_can_run(const fp8_linear_fallback_desc& d) noexcept {
   if (d.m < 0 || d.n < 0 || d.k < 0 || !products_fit(d.m, d.n, d.k)) return kernel_status::unsupported_shape;
+  if (d.block_rows < 1 || d.block_cols < 1 || d.scale_ld < 0) return kernel_status::unsupported_shape;
   if (d.m == 0 || d.n == 0) return kernel_status::ok;
   if (d.k == 0 || !d.x || !d.w_q || !d.w_scale || !d.w_scratch || !d.y) return kernel_status::unsupported_shape;
+  if (d.scale_ld != 0 && d.scale_ld < (d.k + d.block_cols - 1) / d.block_cols) return kernel_status::unsupported_shape;
   return kernel_status::ok;
 }
 
@@ -298,11 +300,13 @@ kernel_status gemm_lt::run_fp8_linear_fallback(const fp8_linear_fallback_desc& d
   e.out = d.w_scratch;
   e.rows = d.n;
   e.cols = d.k;
+  e.block_rows = d.block_rows;
+  e.block_cols = d.block_cols;
   e.out_dt = dtype::bf16;
-  e.scale_ld = fp8_weight_scale_ld(d.k);
+  e.scale_ld = d.scale_ld != 0 ? d.scale_ld : fp8_weight_scale_ld(d.k);
   if (auto s = fp8_dequantize_run(e, stream); s != kernel_status::ok) return s;
-  return run(linear_desc(d.x, d.w_scratch, d.y, d.m, d.k, d.n, dtype::bf16, dtype::bf16), workspace,
-             workspace_bytes, stream);
+  return run(linear_desc(d.x, d.w_scratch, d.y, d.m, d.k, d.n, dtype::bf16, dtype::bf16, d.beta),
+             workspace, workspace_bytes, stream);
 }
 
 kernel_status gemm_lt::run(const gemm_desc& d, void* workspace, size_t workspace_bytes, cudaStream_t stream) noexcept {

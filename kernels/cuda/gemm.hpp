@@ -108,11 +108,12 @@ struct fp8_linear_desc {
   int64_t k = 0;
 };
 
-/// The fallback: y(m, n) bf16 = x(m, k) bf16 . ((e4m3(w_q) * w_scale)(n, k))^T. The weight is
-/// expanded into w_scratch ((n, k) bf16, caller-owned, overwritten) and multiplied by the bf16
-/// activation itself, not its FP8 quantization (the activation rounding of the FP8 path is
-/// absent, so the two differ by it). w_q and w_scale as in fp8_linear_desc; any k >= 1 (partial
-/// last blocks included) and any n.
+/// The fallback: y(m, n) bf16 = x(m, k) bf16 . ((e4m3(w_q) * w_scale)(n, k))^T + beta * y. The
+/// weight is expanded into w_scratch ((n, k) bf16, caller-owned, overwritten) and multiplied by
+/// the bf16 activation itself, not its FP8 quantization (the activation rounding of the FP8 path
+/// is absent, so the two differ by it). w_q and w_scale as in fp8_linear_desc by default; any
+/// k >= 1 (partial last blocks included) and any n. Other block grids: w_scale's rows
+/// scale_ld floats apart (0: fp8_weight_scale_ld(k)), one scale per block_rows x block_cols.
 struct fp8_linear_fallback_desc {
   const void* x = nullptr;
   const uint8_t* w_q = nullptr;
@@ -122,6 +123,10 @@ struct fp8_linear_fallback_desc {
   int64_t m = 0;
   int64_t n = 0;
   int64_t k = 0;
+  int64_t block_rows = 128;
+  int64_t block_cols = 128;
+  int64_t scale_ld = 0;
+  float beta = 0.0f;
 };
 
 /// Rows the block-scaled product runs on for `rows` tokens: rows rounded up to 32.
@@ -138,8 +143,8 @@ struct fp8_linear_fallback_desc {
 /// k == 0, m % 32, k % 128 or n % 128 not 0, a null or not 16-byte aligned pointer (where
 /// m * n > 0).
 [[nodiscard]] kernel_status fp8_linear_can_run(const fp8_linear_desc& d) noexcept;
-/// Host-side checks of the fallback: ok, or unsupported_shape for negative sizes, k == 0 or a
-/// null pointer (where m * n > 0).
+/// Host-side checks of the fallback: ok, or unsupported_shape for negative sizes, k == 0, blocks
+/// below 1, a scale_ld below ceil(k / block_cols) or a null pointer (where m * n > 0).
 [[nodiscard]] kernel_status fp8_linear_fallback_can_run(const fp8_linear_fallback_desc& d) noexcept;
 
 struct cublaslt_deleter {

@@ -296,6 +296,21 @@ TEST(cuda_fp8, can_run_refuses_bad_arguments_without_a_gpu) {
   bad_fb = fb;
   bad_fb.k = 0;
   EXPECT_EQ(cuda::fp8_linear_fallback_can_run(bad_fb), kernel_status::unsupported_shape);
+  // Other block grids (the engine's stacked weights): blocks of at least one element, and scale
+  // rows at least as long as the grid's columns (k = 200 in 40-wide blocks: 5).
+  auto grid = fb;
+  grid.block_rows = 32;
+  grid.block_cols = 40;
+  grid.scale_ld = 5;
+  EXPECT_EQ(cuda::fp8_linear_fallback_can_run(grid), kernel_status::ok);
+  grid.scale_ld = 4;
+  EXPECT_EQ(cuda::fp8_linear_fallback_can_run(grid), kernel_status::unsupported_shape);
+  grid.scale_ld = 0;
+  grid.block_rows = 0;
+  EXPECT_EQ(cuda::fp8_linear_fallback_can_run(grid), kernel_status::unsupported_shape);
+  grid.block_rows = 32;
+  grid.block_cols = 0;
+  EXPECT_EQ(cuda::fp8_linear_fallback_can_run(grid), kernel_status::unsupported_shape);
 
   // A gemm_lt never created has no handle: a refusal, not a crash.
   cuda::gemm_lt none;
