@@ -4,6 +4,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <numeric>
 #include <string>
 
@@ -177,11 +178,14 @@ class weight_planner {
     return n;
   }
 
-  // The float32 values of a tensor, expanding a kept FP8 one on the host; null after an error.
+  // The float32 values of a tensor, expanding a kept FP8 one on the host (once, however many
+  // parts read it: kv_a's latent and k_pe rows); null after an error.
   const float* floats(const std::string& name, const std::vector<int64_t>& shape) {
     if (const model::fp8_tensor* f = ckpt_.find_fp8(name)) {
       if (!check_shape(name, *f, shape)) return nullptr;
-      return owned_floats_.emplace_back(f->dequantize()).data().data();
+      auto [it, added] = expanded_.try_emplace(name);
+      if (added) it->second = f->dequantize();
+      return it->second.data().data();
     }
     auto p = lookup_(name, shape);
     if (!p) {
@@ -259,7 +263,7 @@ class weight_planner {
   caf::error err_;
   int64_t num_fp8_ = 0;
   int64_t max_linear_elements_ = 0;
-  std::deque<model::host_tensor> owned_floats_;
+  std::map<std::string, model::host_tensor, std::less<>> expanded_;
   std::deque<std::vector<float>> owned_scales_;
 };
 
