@@ -104,22 +104,20 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
   const int64_t vocab = ckpt->config.vocab_size;
   auto engine = engine::gpu_engine::create(std::make_shared<const model::checkpoint>(std::move(*ckpt)), eo);
   if (!engine) return fail("run", engine.error());
+  // One prefill serves both: with every position's logits when they are dumped, whose last
+  // row's greedy token is the first generated one.
   const model::sequence_input seq[] = {{1, prompt}};
-  if (!o.dump_logits.empty()) {
-    engine::gpu_prefill_options po;
-    po.all_logits = true;
-    auto out = engine->prefill(seq, po);
-    if (!out) return fail("run", out.error());
-    engine->release(1);
-    if (auto err = dump_logits(o.dump_logits, out->logits, prompt.size(), vocab)) return fail("run", err);
-  }
+  engine::gpu_prefill_options po;
+  po.all_logits = !o.dump_logits.empty();
+  po.return_logits = po.all_logits;
+  auto first = engine->prefill(seq, po);
+  if (!first) return fail("run", first.error());
+  if (po.all_logits)
+    if (auto err = dump_logits(o.dump_logits, first->logits, prompt.size(), vocab))
+      return fail("run", err);
   std::vector<int32_t> tokens;
   if (o.gen.max_new_tokens > 0) {
-    engine::gpu_prefill_options po;
-    po.return_logits = false;
-    auto out = engine->prefill(seq, po);
-    if (!out) return fail("run", out.error());
-    tokens.push_back(out->greedy_tokens.at(0));
+    tokens.push_back(first->greedy_tokens.back());
     engine::gpu_decode_options dopt;
     dopt.return_logits = false;
     while (static_cast<int64_t>(tokens.size()) < o.gen.max_new_tokens &&
