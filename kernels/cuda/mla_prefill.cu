@@ -40,15 +40,7 @@ __device__ inline float natural_lse(float run_max_log2, float run_sum) {
 static_assert(prefill_row_threads == 8, "a query's threads reduce with xor shuffles 1, 2, 4");
 
 template <typename T>
-struct prefill_params {
-  const T* q;
-  int64_t q_token_stride, q_head_stride;
-  const T* k_nope;
-  int64_t k_nope_token_stride, k_nope_head_stride;
-  const T* k_pe;
-  int64_t k_pe_token_stride;
-  const T* v;
-  int64_t v_token_stride, v_head_stride;
+struct prefill_params : detail::mla_qkv_views<T> {
   T* out;
   float* lse;
   const int32_t* cu_q;
@@ -259,15 +251,7 @@ static_assert(tc_q_bytes % 32 == 0 && tc_k_bytes % 32 == 0 && tc_v_bytes % 32 ==
               "WMMA pointers must stay 32-byte aligned");
 static_assert(tc_tile_q == 16 * (tc_threads / 32), "a warp owns 16 query rows");
 
-struct tc_params {
-  const bf16* q;
-  int64_t q_token_stride, q_head_stride;
-  const bf16* k_nope;
-  int64_t k_nope_token_stride, k_nope_head_stride;
-  const bf16* k_pe;
-  int64_t k_pe_token_stride;
-  const bf16* v;
-  int64_t v_token_stride, v_head_stride;
+struct tc_params : detail::mla_qkv_views<bf16> {
   bf16* out;
   float* lse;
   const int32_t* cu_q;

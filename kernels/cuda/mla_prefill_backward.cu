@@ -28,15 +28,7 @@ constexpr int delta_threads = 256;
 static_assert(bwd_tile * bwd_tile == bwd_threads, "one thread per (query, key) pair of a tile");
 
 template <typename T>
-struct bwd_params {
-  const T* q;
-  int64_t q_token_stride, q_head_stride;
-  const T* k_nope;
-  int64_t k_nope_token_stride, k_nope_head_stride;
-  const T* k_pe;
-  int64_t k_pe_token_stride;
-  const T* v;
-  int64_t v_token_stride, v_head_stride;
+struct bwd_params : detail::mla_qkv_views<T> {
   const T* out;
   const float* lse;
   const T* dout;
