@@ -174,6 +174,46 @@ __device__ inline float dot4(const float4& a, const float4& b, float acc) {
   return fmaf(a.w, b.w, acc);
 }
 
+// What one block of the decode grid computes: sequence b's tokens [begin, end) (its split) for
+// the heads [head0, head0 + group_heads) (its head group); part_row indexes the split's partial
+// results of head0. Head groups vary fastest, so the blocks reading the same tokens run together
+// and share L2.
+struct decode_block {
+  int64_t b = 0, begin = 0, end = 0, part_row = 0;
+  int head0 = 0, group_heads = 0;
+};
+
+template <typename T>
+__device__ inline decode_block locate_block(const decode_params<T>& p, int heads_per_group) {
+  const int64_t linear = blockIdx.x;
+  const int group = static_cast<int>(linear % p.num_groups);
+  const int split = static_cast<int>(linear / p.num_groups % p.num_splits);
+  decode_block k;
+  k.b = linear / p.num_groups / p.num_splits;
+  k.head0 = group * heads_per_group;
+  k.group_heads = min(heads_per_group, p.num_heads - k.head0);
+  const int64_t capacity = p.max_blocks_per_seq * p.block_size;
+  const int64_t seq_len = min(max(int64_t{p.seq_lens[k.b]}, int64_t{0}), capacity);
+  k.begin = split * p.split_len;
+  k.end = split == p.num_splits - 1 ? seq_len : min(seq_len, k.begin + p.split_len);
+  k.part_row = (k.b * p.num_splits + split) * p.num_heads + k.head0;
+  return k;
+}
+
+// A block with nothing cached in its split: zeros when there is one split, or an empty partial
+// the combine skips. Every thread of the block calls it.
+template <typename T>
+__device__ inline void finish_empty(const decode_params<T>& p, const decode_block& k, int threads) {
+  const int r = p.latent_dim, tid = static_cast<int>(threadIdx.x);
+  if (p.num_splits == 1) {
+    for (int i = tid; i < k.group_heads * r; i += threads)
+      store(p.out, (k.b * p.num_heads + k.head0) * r + i, 0.0f);
+  } else if (tid < k.group_heads) {
+    p.part_max[k.part_row + tid] = -INFINITY;
+    p.part_sum[k.part_row + tid] = 0.0f;
+  }
+}
+
 // Two blocks per SM (<= 128 registers a thread): one block's staging overlaps the other's math.
 template <typename T>
 __global__ void __launch_bounds__(decode_threads, 2) mla_decode_kernel(decode_params<T> p) {
@@ -186,30 +226,10 @@ __global__ void __launch_bounds__(decode_threads, 2) mla_decode_kernel(decode_pa
   float* final_sum = final_max + decode_group_heads;           // (16)
   float* valid = final_sum + decode_group_heads;               // (decode_tile)
 
-  // Head groups vary fastest, so the blocks reading the same tokens run together and share L2.
-  const int64_t linear = blockIdx.x;
-  const int group = static_cast<int>(linear % p.num_groups);
-  const int split = static_cast<int>(linear / p.num_groups % p.num_splits);
-  const int64_t b = linear / p.num_groups / p.num_splits;
-  const int head0 = group * decode_group_heads;
-  const int group_heads = min(decode_group_heads, p.num_heads - head0);
-
-  const int64_t capacity = p.max_blocks_per_seq * p.block_size;
-  const int64_t seq_len = min(max(int64_t{p.seq_lens[b]}, int64_t{0}), capacity);
-  const int64_t begin = split * p.split_len;
-  const int64_t end = split == p.num_splits - 1 ? seq_len : min(seq_len, begin + p.split_len);
-  const int64_t part_row = (b * p.num_splits + split) * p.num_heads + head0;  // first head's
-
-  if (begin >= end) {  // nothing cached here: zeros, or an empty partial the combine skips
-    if (p.num_splits == 1) {
-      for (int i = threadIdx.x; i < group_heads * r; i += decode_threads)
-        store(p.out, (b * p.num_heads + head0) * r + i, 0.0f);
-    } else if (threadIdx.x < group_heads) {
-      p.part_max[part_row + threadIdx.x] = -INFINITY;
-      p.part_sum[part_row + threadIdx.x] = 0.0f;
-    }
-    return;
-  }
+  const decode_block blk = locate_block(p, decode_group_heads);
+  const int64_t b = blk.b, begin = blk.begin, end = blk.end, part_row = blk.part_row;
+  const int head0 = blk.head0, group_heads = blk.group_heads;
+  if (begin >= end) return finish_empty(p, blk, decode_threads);
 
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int warp_head0 = warp * decode_heads_per_warp;  // within the group
@@ -459,30 +479,11 @@ __global__ void __launch_bounds__(tc_threads, 2)
   float* final_max = reinterpret_cast<float*>(base + tc_final_off);
   float* final_sum = final_max + tc_heads;
 
-  const int64_t linear = blockIdx.x;
-  const int group = static_cast<int>(linear % p.num_groups);
-  const int split = static_cast<int>(linear / p.num_groups % p.num_splits);
-  const int64_t b = linear / p.num_groups / p.num_splits;
-  const int head0 = group * tc_heads;
-  const int group_heads = min(tc_heads, p.num_heads - head0);
-
-  const int64_t capacity = p.max_blocks_per_seq * p.block_size;
-  const int64_t seq_len = min(max(int64_t{p.seq_lens[b]}, int64_t{0}), capacity);
-  const int64_t begin = split * p.split_len;
-  const int64_t end = split == p.num_splits - 1 ? seq_len : min(seq_len, begin + p.split_len);
-  const int64_t part_row = (b * p.num_splits + split) * p.num_heads + head0;
+  const decode_block blk = locate_block(p, tc_heads);
+  const int64_t b = blk.b, begin = blk.begin, end = blk.end, part_row = blk.part_row;
+  const int head0 = blk.head0, group_heads = blk.group_heads;
   const int tid = static_cast<int>(threadIdx.x);
-
-  if (begin >= end) {
-    if (p.num_splits == 1) {
-      for (int i = tid; i < group_heads * r; i += tc_threads)
-        store(p.out, (b * p.num_heads + head0) * r + i, 0.0f);
-    } else if (tid < group_heads) {
-      p.part_max[part_row + tid] = -INFINITY;
-      p.part_sum[part_row + tid] = 0.0f;
-    }
-    return;
-  }
+  if (begin >= end) return finish_empty(p, blk, tc_threads);
 
   const int32_t* table_row = p.block_table + b * p.max_blocks_per_seq;
   const int chunks_per_row = e / 8;  // 16-byte copies
