@@ -6,6 +6,7 @@
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/mla_attention.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
+#include "model/attention_views.hpp"
 #include "model/model_errc.hpp"
 
 namespace moe::model {
@@ -157,24 +158,8 @@ caf::error attention_block::prefill(float* x, float* mlp_in, size_t T,
   if (auto err = check(kc::linear(latent_.data(), kv_b_proj_, kv_.data(), T, R, H * (dn + dv)),
                        "kv_b_proj", layer_))
     return err;
-  kc::mla_prefill_args a;
-  a.q = q_.data();
-  a.q_token_stride = H * (dn + dr);
-  a.q_head_stride = dn + dr;
-  a.k_nope = kv_.data();
-  a.k_nope_token_stride = H * (dn + dv);
-  a.k_nope_head_stride = dn + dv;
-  a.k_pe = ckv_.data() + R;
-  a.k_pe_token_stride = R + dr;
-  a.v = kv_.data() + dn;
-  a.v_token_stride = H * (dn + dv);
-  a.v_head_stride = dn + dv;
-  a.out = attn_.data();
-  a.num_heads = H;
-  a.nope_dim = dn;
-  a.rope_dim = dr;
-  a.v_dim = dv;
-  a.softmax_scale = softmax_scale_;
+  const auto a = detail::mla_attention_views<kc::mla_prefill_args>(
+      q_.data(), kv_.data(), ckv_.data(), attn_.data(), {H, dn, dr, dv, R}, softmax_scale_);
   const size_t num_seqs = layout.cu_seqlens.size() - 1;
   if (auto err = check(kc::mla_prefill(a, layout.cu_seqlens.data(), nullptr, num_seqs),
                        "mla prefill", layer_))

@@ -7,6 +7,7 @@
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/mla_attention.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
+#include "model/attention_views.hpp"
 #include "model/model_errc.hpp"
 
 namespace moe::model {
@@ -216,28 +217,14 @@ caf::error attention_training_block::forward(float* x, float* mlp_in, size_t T,
   return {};
 }
 
-// The attention core's views of the saved activations, for mla_prefill and its backward alike:
-// k_nope and v inside kv_b_proj's output, k_pe inside kv_a_proj's.
+// The attention core's views of the saved activations (attention_views.hpp), with the
+// log-sum-exp the forward saves and the backward reads.
 template <class Args>
 Args attention_training_block::attention_args() {
   const size_t H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
-  Args a;
-  a.q = q_.data();
-  a.k_nope = kv_.data();
-  a.k_nope_token_stride = H * (dn + dv);
-  a.k_nope_head_stride = dn + dv;
-  a.k_pe = ckv_.data() + R;
-  a.k_pe_token_stride = R + dr;
-  a.v = kv_.data() + dn;
-  a.v_token_stride = H * (dn + dv);
-  a.v_head_stride = dn + dv;
-  a.out = attn_.data();
+  auto a = detail::mla_attention_views<Args>(q_.data(), kv_.data(), ckv_.data(), attn_.data(),
+                                             {H, dn, dr, dv, R}, softmax_scale_);
   a.lse = lse_.data();
-  a.num_heads = H;
-  a.nope_dim = dn;
-  a.rope_dim = dr;
-  a.v_dim = dv;
-  a.softmax_scale = softmax_scale_;
   return a;
 }
 
