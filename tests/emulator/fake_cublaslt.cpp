@@ -25,7 +25,6 @@
 // Thread safety: as cuBLASLt's handle, one thread at a time per handle.
 #include <cublasLt.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -33,6 +32,7 @@
 #include <set>
 #include <vector>
 
+#include "model/dequantize.hpp"
 #include "tests/emulator/fake_cudart.hpp"
 
 struct cublasLtContext {};
@@ -110,22 +110,13 @@ size_t type_bytes(uint32_t t) {
   return t == CUDA_R_8F_E4M3 ? 1 : t == CUDA_R_16BF ? 2 : 4;
 }
 
-// float8_e4m3fn: bias 7, no infinities, S.1111.111 is NaN.
-float e4m3(uint8_t bits) {
-  const int e = (bits >> 3) & 0xf, m = bits & 7;
-  const float sign = (bits & 0x80) ? -1.0f : 1.0f;
-  if (e == 0xf && m == 7) return std::nanf("");
-  return sign * (e == 0 ? std::ldexp(static_cast<float>(m) / 8.0f, -6)
-                        : std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7));
-}
-
 bool fp8_disabled() {
   const char* v = std::getenv("MOE_EMU_FAKE_CUBLASLT_NO_FP8");
   return v != nullptr && v[0] == '1';
 }
 
 float load(const unsigned char* base, uint32_t type, int64_t index) {
-  if (type == CUDA_R_8F_E4M3) return e4m3(base[index]);
+  if (type == CUDA_R_8F_E4M3) return moe::model::e4m3_to_float(base[index]);
   if (type == CUDA_R_16BF) {
     uint16_t h;
     std::memcpy(&h, base + index * 2, 2);
