@@ -20,6 +20,9 @@
 //
 // Decode runs twice per batch on the same prompts: from CUDA graphs (the engine's
 // decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up.
+// Batches within the engine's skinny_rows (its few-row projections on skinny_linear.hpp's kernel)
+// run once more on a second engine whose projections all go through cuBLASLt
+// ("decode_cublaslt_projections"), with the kernel's speed-up.
 //
 // With --fp8 (a list of gpu_engine_options::fp8_products: block_scaled, expand), the same
 // weights are then quantized to FP8 (model::quantize_fp8: 128x128 blocks, as DeepSeek-V3's) and
@@ -373,7 +376,6 @@ int main(int argc, char** argv) {
   // The host copy (18 GB of float32 for v2lite-8L) stays only for the check and --fp8.
   auto shared = std::make_shared<moe::model::checkpoint>(std::move(*ckpt));
   auto engine = me::gpu_engine::create(shared, eo);
-  if (s.check_tokens == 0 && s.fp8.empty()) shared.reset();
   if (!engine) {
     const caf::error& e = engine.error();
     if (e.category() == caf::atom("cuda") &&
@@ -421,6 +423,28 @@ int main(int argc, char** argv) {
                                  {"host_bytes", g.host_bytes},
                                  {"last_fallback_reason", g.last_fallback_reason}};
   }
+  // The few-row projections on cuBLASLt instead (skinny_rows 0), for the batches that use the
+  // skinny kernel, on a second engine over the same weights: the kernel's effect on the step.
+  bool few_rows = false;
+  for (int b : s.decode_batches) few_rows = few_rows || b <= eo.skinny_rows;
+  if (few_rows) {
+    auto lt_options = eo;
+    lt_options.skinny_rows = 0;
+    auto lt_engine = me::gpu_engine::create(shared, lt_options);
+    if (!lt_engine) fail("engine (skinny_rows 0)", lt_engine.error());
+    runner lt_run(*lt_engine, s);
+    out["decode_cublaslt_projections"] = json::array();
+    for (int b : s.decode_batches) {
+      if (b > eo.skinny_rows) continue;
+      std::vector<int32_t> tokens;
+      json d = lt_run.decode(b, s.graphs, tokens);
+      for (const auto& ours : out["decode"])
+        if (ours["batch"] == b)
+          d["skinny_speedup"] = ours["tokens_per_s"].get<double>() / d["tokens_per_s"].get<double>();
+      out["decode_cublaslt_projections"].push_back(d);
+    }
+  }
+  if (s.check_tokens == 0 && s.fp8.empty()) shared.reset();
   out["targets"] = targets(out);
   if (shared && s.check_tokens > 0) {
     t = clock_type::now();

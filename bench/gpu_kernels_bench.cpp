@@ -7,7 +7,9 @@
 //  - an FP8 weight (expanded to bf16, then multiplied) against the same weight kept in bf16;
 //  - the block-scaled FP8 product (cuBLASLt, both operands FP8) against the bf16 product of the
 //    same shape, and the activation quantization it needs against the copy bandwidth. Where
-//    cuBLASLt refuses the FP8 product, its entry says so ("fp8_refused") instead of a time.
+//    cuBLASLt refuses the FP8 product, its entry says so ("fp8_refused") instead of a time;
+//  - the few-row decode projections (skinny_linear.hpp) against cuBLASLt on the same shapes, per
+//    shape and summed over a decode step, with bf16 and FP8 weights.
 // Times are CUDA-event medians over --reps launches after warm-up. Prints one JSON object.
 //
 //   moe_bench_gpu_kernels [--reps 20] [--square 8192]
@@ -34,6 +36,7 @@
 #include "kernels/cuda/permute.hpp"
 #include "kernels/cuda/rmsnorm.hpp"
 #include "kernels/cuda/sampling.hpp"
+#include "kernels/cuda/skinny_linear.hpp"
 #include "kernels/cuda/swiglu.hpp"
 
 namespace kc = moe::kernels::cuda;
@@ -519,6 +522,94 @@ int main(int argc, char** argv) {
                          {"grouped_weight_vs_copy", weight_gbs / copy_gbs}});
     }
     out["grouped_gemm_bf16"] = grouped;
+  }
+
+  // The few-row projections of decode (kernels/cuda/skinny_linear.hpp) against cuBLASLt on the
+  // same shapes: every projection of a v2lite-8L decode step outside the routed experts, at
+  // 1, 2, 4 and 8 rows. Each weight is one of enough copies to pass 256 MiB, used in turn, so
+  // that no launch finds its weight in the 50 MB L2 (a decode step reads each weight once).
+  // "step_us" weighs each shape by how often a step runs it (7 MoE layers, 1 dense layer, the
+  // head): what the engine's skinny_rows threshold should follow. FP8 weights (8-byte loads,
+  // bf16 expansion in registers) at the same shapes against the bf16 weight on the same kernel.
+  {
+    struct proj {
+      const char* name;
+      int64_t n, k, per_step;
+      bool f32;  // the router (f32 everything) and the head (f32 out)
+    };
+    const proj projs[] = {
+        {"q_proj", 16 * 192, 2048, 7 + 1, false},     {"kv_a_latent", 512, 2048, 8, false},
+        {"kv_a_rope", 64, 2048, 8, false},            {"o_proj", 2048, 2048, 8, false},
+        {"router", 64, 2048, 7, true},                {"shared_gate_up", 2 * 2 * 1408, 2048, 7, false},
+        {"shared_down", 2048, 2 * 1408, 7, false},    {"dense_gate_up", 2 * 10944, 2048, 1, false},
+        {"dense_down", 2048, 10944, 1, false},        {"lm_head", 102400, 2048, 1, false},
+    };
+    const size_t rotate_bytes = size_t{256} << 20;
+    json skinny = json::object();
+    for (int64_t rows : {1, 2, 4, 8}) {
+      json entries = json::array();
+      double lt_step_us = 0, skinny_step_us = 0;
+      for (const auto& p : projs) {
+        const bool router = p.f32 && p.n == 64;
+        const dtype ab = router ? dtype::f32 : dtype::bf16;
+        const dtype c = p.f32 ? dtype::f32 : dtype::bf16;
+        const size_t w_bytes = static_cast<size_t>(p.n * p.k) * moe::kernels::dtype_bytes(ab);
+        const size_t copies = std::max<size_t>(1, (rotate_bytes + w_bytes - 1) / w_bytes);
+        device_mem w(copies * w_bytes), x(rows * p.k * 4), y(rows * p.n * 4);
+        if (ab == dtype::bf16) {
+          fill_bf16(w.p, copies * w_bytes / 2);
+          fill_bf16(x.p, rows * p.k);
+        }
+        auto weight = [&](size_t i) { return static_cast<char*>(w.p) + (i % copies) * w_bytes; };
+        size_t turn = 0;
+        const double lt_ms = median_ms(reps, [&] {
+          const auto d = kc::linear_desc(x.p, weight(turn++), y.p, rows, p.k, p.n, ab, c);
+          check(lt.run(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "gemm");
+        });
+        kc::skinny_linear_args a;
+        a.x = x.p;
+        a.y = y.p;
+        a.rows = rows;
+        a.n = p.n;
+        a.k = p.k;
+        a.x_dt = a.w_dt = ab;
+        a.y_dt = c;
+        const double skinny_ms = median_ms(reps, [&] {
+          a.w = weight(turn++);
+          check(kc::skinny_linear_run(a, nullptr), "skinny_linear");
+        });
+        const double gbs = static_cast<double>(w_bytes) / (skinny_ms * 1e6);
+        json e = {{"name", p.name}, {"n", p.n}, {"k", p.k}, {"cublaslt_us", lt_ms * 1e3},
+                  {"skinny_us", skinny_ms * 1e3}, {"cublaslt_over_skinny", lt_ms / skinny_ms},
+                  {"skinny_weight_GBps", gbs}, {"skinny_vs_copy", gbs / copy_gbs},
+                  {"cublaslt_vs_copy", static_cast<double>(w_bytes) / (lt_ms * 1e6) / copy_gbs}};
+        if (ab == dtype::bf16) {
+          // The same shape with FP8 weights (128 x 128 blocks) on the skinny kernel.
+          const size_t q_bytes = static_cast<size_t>(p.n * p.k);
+          const size_t q_copies = std::max<size_t>(1, (rotate_bytes + q_bytes - 1) / q_bytes);
+          const int64_t scale_ld = kc::fp8_weight_scale_ld(p.k);
+          const size_t s_floats = static_cast<size_t>((p.n + 127) / 128 * scale_ld);
+          device_mem q(q_copies * q_bytes), sc(s_floats * 4);
+          kc::skinny_linear_args f = a;
+          f.w_dt = dtype::f8_e4m3;
+          f.w_scale = static_cast<const float*>(sc.p);
+          f.scale_ld = scale_ld;
+          const double fp8_ms = median_ms(reps, [&] {
+            f.w = static_cast<char*>(q.p) + (turn++ % q_copies) * q_bytes;
+            check(kc::skinny_linear_run(f, nullptr), "skinny_linear fp8");
+          });
+          e["skinny_fp8_us"] = fp8_ms * 1e3;
+          e["skinny_fp8_over_bf16_time"] = fp8_ms / skinny_ms;
+        }
+        lt_step_us += static_cast<double>(p.per_step) * lt_ms * 1e3;
+        skinny_step_us += static_cast<double>(p.per_step) * skinny_ms * 1e3;
+        entries.push_back(e);
+      }
+      skinny[std::to_string(rows)] = {{"shapes", entries}, {"cublaslt_step_us", lt_step_us},
+                                      {"skinny_step_us", skinny_step_us},
+                                      {"cublaslt_over_skinny_step", lt_step_us / skinny_step_us}};
+    }
+    out["skinny_linear_vs_cublaslt"] = skinny;
   }
   std::printf("%s\n", out.dump(2).c_str());
   return 0;

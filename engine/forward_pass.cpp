@@ -1,6 +1,7 @@
 #include "engine/forward_pass.hpp"
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -14,6 +15,7 @@
 #include "kernels/cuda/rmsnorm.hpp"
 #include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/sampling.hpp"
+#include "kernels/cuda/skinny_linear.hpp"
 #include "kernels/cuda/swiglu.hpp"
 #include "model/model_errc.hpp"
 #include "runtime/cuda_memory.hpp"
@@ -88,9 +90,32 @@ class forward {
     return check(m_.gemm->run(g, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream), what);
   }
 
+  /// The few-row product on skinny_linear.hpp's kernel where the step has few enough rows and
+  /// the kernel takes the shape; nullopt: the caller uses cuBLASLt.
+  std::optional<caf::error> skinny(const kcu::skinny_linear_args& a, const char* what) {
+    if (a.rows > m_.skinny_rows || kcu::skinny_linear_can_run(a) != kernel_status::ok)
+      return std::nullopt;
+    return check(kcu::skinny_linear_run(a, m_.stream), what);
+  }
+  static kcu::skinny_linear_args skinny_args(dtype ab, dtype c, const void* x, const void* w, void* y,
+                                             int64_t rows, int64_t in, int64_t out, float beta) {
+    kcu::skinny_linear_args a;
+    a.x = x;
+    a.w = w;
+    a.y = y;
+    a.rows = rows;
+    a.n = out;
+    a.k = in;
+    a.x_dt = a.w_dt = ab;
+    a.y_dt = c;
+    a.beta = beta;
+    return a;
+  }
+
   /// y (rows, out) = x (rows, in) . w (out, in)^T + beta * y: x and w of `ab`, y of `c`.
   caf::error linear_as(dtype ab, dtype c, const void* x, const void* w, void* y, int64_t rows,
                        int64_t in, int64_t out, const char* what, float beta = 0.0f) {
+    if (auto done = skinny(skinny_args(ab, c, x, w, y, rows, in, out, beta), what)) return *done;
     return gemm(kcu::linear_desc(x, w, y, rows, in, out, ab, c, beta), what);
   }
   /// The same, everything in the step's dtype.
@@ -102,6 +127,14 @@ class forward {
   caf::error linear(const void* x, const device_matrix& w, void* y, int64_t rows, int64_t in,
                     int64_t out, const char* what, float beta = 0.0f) {
     if (!w.fp8()) return linear(x, w.data, y, rows, in, out, what, beta);
+    // A few rows: the FP8 bytes stream as they are, expanded in registers (`expand`'s values).
+    auto few = skinny_args(m_.dt, m_.dt, x, w.data, y, rows, in, out, beta);
+    few.w_dt = dtype::f8_e4m3;
+    few.w_scale = w.scale;
+    few.block_rows = w.block_rows;
+    few.block_cols = w.block_cols;
+    few.scale_ld = w.scale_ld;
+    if (auto done = skinny(few, what)) return *done;
     if (m_.fp8_block_scaled && w.block_rows == 128 && w.block_cols == 128 && b_.fp8_x != nullptr &&
         (beta == 0.0f || beta == 1.0f)) {
       kcu::fp8_linear_desc d;

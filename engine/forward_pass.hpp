@@ -52,6 +52,8 @@ struct model_state {
   /// where cuBLASLt takes them, else the weight expanded into fp8_expanded and a bf16 product.
   bool fp8_block_scaled = false;
   void* fp8_expanded = nullptr;  ///< weights->max_fp8_linear_elements() bf16, or null
+  /// Products of at most this many rows run on kernels/cuda/skinny_linear.hpp (0: none).
+  int64_t skinny_rows = 0;
 
   /// Layer l's pool in the cache.
   [[nodiscard]] void* cache_pool(int64_t layer) const noexcept;

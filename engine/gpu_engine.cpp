@@ -19,6 +19,7 @@
 #include "kernels/cuda/mla_prefill.hpp"
 #include "kernels/cuda/moe_gate.hpp"
 #include "kernels/cuda/rope.hpp"
+#include "kernels/cuda/skinny_linear.hpp"
 #include "model/cache_blocks.hpp"
 #include "model/model_errc.hpp"
 #include "runtime/cuda_memory.hpp"
@@ -359,6 +360,9 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
     return bad_input("the cache needs a positive number of blocks (below 2^31 - 1) and block size");
   if (options.decode_graphs && options.max_decode_graphs < 1)
     return bad_input("max_decode_graphs must be at least 1 with decode_graphs");
+  if (options.skinny_rows < 0 || options.skinny_rows > kernels::cuda::skinny_linear_max_rows)
+    return bad_input("skinny_rows must be within 0 .. " +
+                     std::to_string(kernels::cuda::skinny_linear_max_rows));
   auto rope = model::rope_kernel_params(c);
   if (!rope) return rope.error();
   if (auto err = check_kernel_limits(c)) return err;
@@ -454,6 +458,7 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   m.gemm_workspace_bytes = kcu::gemm_workspace_bytes;
   m.stream = s->stream.get();
   m.fp8_block_scaled = options.fp8 == gpu_engine_options::fp8_products::block_scaled;
+  m.skinny_rows = options.skinny_rows;
   m.fp8_expanded = s->fp8_expanded.data();
   // The host tables above must outlive their copies.
   if (auto err = s->stream.synchronize()) return err;

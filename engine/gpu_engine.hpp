@@ -60,6 +60,14 @@ struct gpu_engine_options {
     expand,
   };
   fp8_products fp8 = fp8_products::block_scaled;
+  /// Products of at most this many rows (decode at small batches) run on the weight-streaming
+  /// kernel of kernels/cuda/skinny_linear.hpp instead of cuBLASLt, whose kernels are tiled for
+  /// many rows; an FP8 weight then streams as FP8 and is expanded to bf16 in registers (the
+  /// values of `expand`, whichever `fp8` says). 0 .. kernels::cuda::skinny_linear_max_rows (8);
+  /// 0: cuBLASLt for every row count. Rows are counted after the decode graphs' padding, so
+  /// graph and eager steps take the same kernel. Shapes the kernel refuses (k not a multiple of
+  /// one 16-byte load, misaligned rows) use cuBLASLt.
+  int64_t skinny_rows = 4;
   /// Replay decode steps from CUDA graphs (engine/decode_graphs.hpp): one launch per step
   /// instead of ~30 per layer. A batch is padded to the next power of two up to 256 and its
   /// block table to the next power-of-two width; each (batch, width, return_logits) gets its

@@ -46,6 +46,7 @@
 
 #include "engine/decode_graphs.hpp"
 #include "engine/gpu_engine.hpp"
+#include "kernels/cuda/skinny_linear.hpp"
 #include "model/model_errc.hpp"
 #include "model/reference_engine.hpp"
 #include "tests/golden/golden_data.hpp"
@@ -480,8 +481,11 @@ TEST_P(gpu_engine_test, block_scaled_fp8_products_stay_close_to_the_expanded_one
   ckpt_ = kept;
   vocab_ = static_cast<size_t>(kept->config.vocab_size);
   auto expand = make_gpu(64, 16, [](auto& o) { o.fp8 = engine::gpu_engine_options::fp8_products::expand; });
+  // Few-row products would take the skinny kernel, which expands FP8 as `expand` does: off, so
+  // every decode step runs the block-scaled products too.
   auto scaled = make_gpu(64, 16, [](auto& o) {
     o.fp8 = engine::gpu_engine_options::fp8_products::block_scaled;
+    o.skinny_rows = 0;
   });
   // Both engines decode the expanding engine's tokens, so their inputs stay equal.
   const auto want = greedy_steps(expand, prompt, steps);
@@ -678,6 +682,16 @@ TEST_P(gpu_engine_test, decode_graphs_give_the_eager_engines_tokens_and_logits) 
   EXPECT_GT(stats.host_bytes, 0u);
 }
 
+// The few-row projections on kernels/cuda/skinny_linear.hpp (the default skinny_rows, 4) against
+// cuBLASLt for every product (skinny_rows 0, on the graphed engine of that comparison): the
+// batches there pad to 4 and 2 rows, so every decode projection of one engine runs on the kernel
+// and of the other on cuBLASLt. The two differ in the order of float32 sums only, the
+// difference graph_tolerance() bounds.
+TEST_P(gpu_engine_test, few_row_projections_match_cublaslts) {
+  const auto stats = decode_with_and_without_graphs([](auto& o) { o.skinny_rows = 0; });
+  EXPECT_EQ(stats.num_fallbacks, 0u);
+}
+
 TEST_P(gpu_engine_test, decode_graphs_beyond_their_limit_drop_the_least_recently_used) {
   const auto stats = decode_with_and_without_graphs([](auto& o) { o.max_decode_graphs = 1; });
   EXPECT_EQ(stats.num_fallbacks, 0u) << stats.last_fallback_reason;
@@ -868,6 +882,12 @@ TEST(gpu_engine_options, decode_graph_limits_are_checked_before_any_device_work)
   EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
   EXPECT_NE(error_text(e.error()).find("max_decode_graphs"), std::string::npos)
       << error_text(e.error());
+  o = {};
+  o.skinny_rows = kernels::cuda::skinny_linear_max_rows + 1;
+  e = gpu_engine::create(ckpt, o);
+  ASSERT_FALSE(e);
+  EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
+  EXPECT_NE(error_text(e.error()).find("skinny_rows"), std::string::npos) << error_text(e.error());
   // The scratch block of the graphs' padding rows takes the last int32 block id.
   o = {};
   o.cache.num_blocks = INT32_MAX;

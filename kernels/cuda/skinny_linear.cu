@@ -1,0 +1,267 @@
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+
+#include "kernels/cuda/element_access.cuh"
+#include "kernels/cuda/skinny_linear.hpp"
+
+namespace moe::kernels::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using detail::load;
+using detail::store;
+
+constexpr int warps_per_block = 8;
+constexpr int threads_per_block = warps_per_block * 32;
+// Weight loads each lane has in flight before it uses the first: 16 bytes each (8 for FP8), with
+// two blocks of 8 warps per SM that is 32 KiB in flight per SM, about what an H200's
+// bandwidth-latency product asks for.
+constexpr int unroll = 4;
+// Warps that keep an H200's memory busy (132 SMs x 32): a product with fewer columns splits k
+// over up to warps_per_block warps per column...
+constexpr int64_t target_warps = 4096;
+// ... as long as each warp keeps at least this many chunks (loads) of its column to stream.
+constexpr int64_t min_chunks_per_warp = 64;
+
+// How a chunk of a weight row (one load per lane) becomes `elements` floats. FP8 rows load 8
+// bytes at a time, so that a lane covers the same 8 columns as with bf16: an FP8 weight and its
+// bf16 expansion then give the same sums in the same order, bit for bit.
+struct weight_f32 {
+  static constexpr int elements = 4;
+  static constexpr int bytes = 4;
+  using chunk = uint4;
+};
+struct weight_bf16 {
+  static constexpr int elements = 8;
+  static constexpr int bytes = 2;
+  using chunk = uint4;
+};
+struct weight_fp8 {
+  static constexpr int elements = 8;
+  static constexpr int bytes = 1;
+  using chunk = uint2;
+};
+
+struct fp8_grid {
+  const float* scale = nullptr;
+  int64_t block_rows = 1;
+  int64_t block_cols = 1;
+  int64_t scale_ld = 0;
+};
+
+// Weights are read once: streamed past the caches (evict first), so that x, which every warp
+// reads, stays in L1.
+template <class Chunk>
+__device__ __forceinline__ Chunk load_streaming(const void* p) {
+  return __ldcs(static_cast<const Chunk*>(p));
+}
+__device__ __forceinline__ uint4 load_cached(const void* p) {
+  return __ldg(static_cast<const uint4*>(p));
+}
+
+// The two bf16 halves of a 32-bit word, exactly.
+__device__ __forceinline__ float bf16_low(uint32_t word) {
+  return __uint_as_float(word << 16);
+}
+__device__ __forceinline__ float bf16_high(uint32_t word) {
+  return __uint_as_float(word & 0xffff0000u);
+}
+
+__device__ __forceinline__ void unpack(const uint4& u, float (&f)[4], weight_f32, const fp8_grid&, int64_t,
+                                       int64_t) {
+  f[0] = __uint_as_float(u.x);
+  f[1] = __uint_as_float(u.y);
+  f[2] = __uint_as_float(u.z);
+  f[3] = __uint_as_float(u.w);
+}
+__device__ __forceinline__ void unpack(const uint4& u, float (&f)[8], weight_bf16, const fp8_grid&, int64_t,
+                                       int64_t) {
+  const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = bf16_low(words[i]);
+    f[2 * i + 1] = bf16_high(words[i]);
+  }
+}
+// bf16(e4m3 * scale), as fp8_dequantize_kernel expands it (block_cols is a multiple of 8, so
+// the chunk's 8 elements share one scale).
+__device__ __forceinline__ void unpack(const uint2& u, float (&f)[8], weight_fp8, const fp8_grid& g,
+                                       int64_t row, int64_t col) {
+  const float s = __ldg(g.scale + (row / g.block_rows) * g.scale_ld + col / g.block_cols);
+  const uint32_t words[2] = {u.x, u.y};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    __nv_fp8_e4m3 v;
+    v.__x = static_cast<__nv_fp8_storage_t>(words[i / 4] >> (8 * (i % 4)));
+    f[i] = __bfloat162float(__float2bfloat16_rn(static_cast<float>(v) * s));
+  }
+}
+
+// `n` consecutive elements of x from p (16-byte aligned) as floats.
+template <int N>
+__device__ __forceinline__ void load_x(const float* p, float (&f)[N]) {
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    const uint4 u = load_cached(p + 4 * i);
+    f[4 * i] = __uint_as_float(u.x);
+    f[4 * i + 1] = __uint_as_float(u.y);
+    f[4 * i + 2] = __uint_as_float(u.z);
+    f[4 * i + 3] = __uint_as_float(u.w);
+  }
+}
+template <int N>
+__device__ __forceinline__ void load_x(const bf16* p, float (&f)[N]) {
+#pragma unroll
+  for (int i = 0; i < N / 8; ++i) {
+    const uint4 u = load_cached(p + 8 * i);
+    const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      f[8 * i + 2 * j] = bf16_low(words[j]);
+      f[8 * i + 2 * j + 1] = bf16_high(words[j]);
+    }
+  }
+}
+
+// One column (output feature) per warp, or k_split warps per column, each over a contiguous
+// slice of k's chunks; R rows at most (rows at run time). Every lane sums its chunks in
+// order; the warp's lanes, then the column's warps (in order), are summed by a fixed tree.
+template <class TX, class W, class TY, int R>
+__global__ void __launch_bounds__(threads_per_block)
+    skinny_linear_kernel(const TX* x, const void* w, TY* y, int rows, int64_t n, int64_t k,
+                         float beta, int k_split, fp8_grid grid) {
+  constexpr int V = W::elements;
+  __shared__ float partial[warps_per_block][R];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t col = int64_t{blockIdx.x} * (warps_per_block / k_split) + warp / k_split;
+  const int part = warp % k_split;
+
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+  if (col < n) {
+    const int64_t chunks = k / V;
+    const int64_t per_part = (chunks + k_split - 1) / k_split;
+    const int64_t begin = part * per_part, end = std::min(chunks, begin + per_part);
+    const char* w_row = static_cast<const char*>(w) + col * k * W::bytes;
+    for (int64_t c0 = begin + lane; c0 < end; c0 += 32 * unroll) {
+      typename W::chunk chunk[unroll];
+#pragma unroll
+      for (int u = 0; u < unroll; ++u)
+        if (c0 + 32 * u < end)
+          chunk[u] = load_streaming<typename W::chunk>(w_row + (c0 + 32 * u) * sizeof(typename W::chunk));
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c >= end) break;
+        float wf[V];
+        unpack(chunk[u], wf, W{}, grid, col, c * V);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (r >= rows) break;
+          float xf[V];
+          load_x(x + r * k + c * V, xf);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[r] = fmaf(xf[v], wf[v], acc[r]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    for (int offset = 16; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+  }
+  if (lane == 0)
+#pragma unroll
+    for (int r = 0; r < R; ++r) partial[warp][r] = acc[r];
+  __syncthreads();
+  if (part == 0 && col < n && lane < rows) {
+    float s = 0.0f;
+    for (int p = 0; p < k_split; ++p) s += partial[warp + p][lane];
+    const int64_t i = lane * n + col;
+    if (beta != 0.0f) s = __fadd_rn(s, __fmul_rn(beta, load(y, i)));
+    store(y, i, s);
+  }
+}
+
+template <class TX, class W, class TY, int R>
+kernel_status launch_rows(const skinny_linear_args& a, cudaStream_t stream) {
+  const int64_t chunks = a.k / W::elements;
+  int k_split = 1;
+  while (k_split < warps_per_block && a.n * k_split < target_warps &&
+         chunks / (2 * k_split) >= min_chunks_per_warp)
+    k_split *= 2;
+  const int64_t cols_per_block = warps_per_block / k_split;
+  const auto blocks = static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block);
+  fp8_grid grid;
+  if constexpr (W::bytes == 1) {
+    grid.scale = a.w_scale;
+    grid.block_rows = a.block_rows;
+    grid.block_cols = a.block_cols;
+    grid.scale_ld = a.scale_ld > 0 ? a.scale_ld : (a.k + a.block_cols - 1) / a.block_cols;
+  }
+  skinny_linear_kernel<TX, W, TY, R><<<blocks, threads_per_block, 0, stream>>>(
+      static_cast<const TX*>(a.x), a.w, static_cast<TY*>(a.y), static_cast<int>(a.rows), a.n, a.k,
+      a.beta, k_split, grid);
+  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+}
+
+// Rows rounded up to the next instantiated bound: 1, 2, 4 or 8.
+template <class TX, class W, class TY>
+kernel_status launch(const skinny_linear_args& a, cudaStream_t stream) {
+  static_assert(skinny_linear_max_rows == 8, "instantiate the row bounds up to the maximum");
+  if (a.rows <= 1) return launch_rows<TX, W, TY, 1>(a, stream);
+  if (a.rows <= 2) return launch_rows<TX, W, TY, 2>(a, stream);
+  if (a.rows <= 4) return launch_rows<TX, W, TY, 4>(a, stream);
+  return launch_rows<TX, W, TY, 8>(a, stream);
+}
+
+template <class TX, class W>
+kernel_status launch_out(const skinny_linear_args& a, cudaStream_t stream) {
+  return a.y_dt == dtype::f32 ? launch<TX, W, float>(a, stream) : launch<TX, W, bf16>(a, stream);
+}
+
+bool aligned16(const void* p) noexcept {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+}  // namespace
+
+kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept {
+  const bool float_dt = a.x_dt == dtype::f32 || a.x_dt == dtype::bf16;
+  if (!float_dt || (a.y_dt != dtype::f32 && a.y_dt != dtype::bf16))
+    return kernel_status::unsupported_dtype;
+  const bool fp8 = a.w_dt == dtype::f8_e4m3;
+  if (a.w_dt != a.x_dt && !(fp8 && a.x_dt == dtype::bf16)) return kernel_status::unsupported_dtype;
+  if (a.rows < 0 || a.n < 0 || a.k < 0 || a.rows > skinny_linear_max_rows)
+    return kernel_status::unsupported_shape;
+  // n * k and rows * n index elements (and n * k * 4 bytes) without overflow.
+  if (a.k > 0 && a.n > INT64_MAX / 8 / a.k) return kernel_status::unsupported_shape;
+  if (a.rows * a.n == 0) return kernel_status::ok;
+  if (a.k == 0 || a.x == nullptr || a.w == nullptr || a.y == nullptr)
+    return kernel_status::unsupported_shape;
+  if (!aligned16(a.x) || !aligned16(a.w)) return kernel_status::unsupported_shape;
+  // Elements per load of w (and 16 bytes of x, whose rows must stay aligned).
+  const int64_t per_load = a.w_dt == dtype::f32 ? 4 : 8;
+  if (a.k % per_load != 0) return kernel_status::unsupported_shape;
+  if (fp8) {
+    if (a.w_scale == nullptr || a.block_rows < 1 || a.block_cols < 1 || a.block_cols % 8 != 0)
+      return kernel_status::unsupported_shape;
+    if (a.scale_ld != 0 && a.scale_ld < (a.k + a.block_cols - 1) / a.block_cols)
+      return kernel_status::unsupported_shape;
+  }
+  return kernel_status::ok;
+}
+
+kernel_status skinny_linear_run(const skinny_linear_args& a, cudaStream_t stream) noexcept {
+  if (auto s = skinny_linear_can_run(a); s != kernel_status::ok) return s;
+  if (a.rows * a.n == 0) return kernel_status::ok;
+  if (a.w_dt == dtype::f8_e4m3) return launch_out<bf16, weight_fp8>(a, stream);
+  if (a.x_dt == dtype::bf16) return launch_out<bf16, weight_bf16>(a, stream);
+  return launch_out<float, weight_f32>(a, stream);
+}
+
+}  // namespace moe::kernels::cuda

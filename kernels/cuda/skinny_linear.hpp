@@ -1,0 +1,70 @@
+// Projections of a few rows (decode at small batches): y = x . w^T + beta * y, nn.Linear's layout
+// as cpu::linear, for at most skinny_linear_max_rows rows. Such a product reads every weight
+// once and does a handful of multiply-adds per weight element, so it is bound by how fast the
+// weight streams from memory. cuBLASLt's kernels are tiled for many rows: on an H200 (2026-11-30)
+// its one-row products took 561 us of a 2.04 ms batch-1 decode step of v2lite-8L, the largest
+// share, though only its LM head came near the copy bandwidth (0.9 of it). This
+// kernel streams each weight row once (16-byte loads of f32 and bf16, 8-byte loads of FP8) on
+// CUDA cores, one warp per output column (or a few warps per column, each over a slice of k,
+// where there are too few columns to keep the card's memory busy), and reads x through the L1
+// cache (every warp reads all of it).
+//
+// Weights: f32 or bf16 (the dtype of x), or FP8 e4m3 with float32 block scales and bf16 x: the
+// FP8 bytes are what streams (half of bf16's), and each element is expanded as fp8_dequantize
+// expands it, bf16(e4m3 * scale), before its product; the sums run in the same order as for a
+// bf16 weight, so the result equals, bit for bit, this kernel's on the weight fp8_dequantize
+// expands (the values of gemm.hpp's fp8_linear_fallback_desc, without its bf16 copy of the
+// weight). Arithmetic: float32 products and sums (each lane sums its slice of k in order,
+// then a fixed tree across lanes and warps: the same inputs give the same bits every launch),
+// beta * y added in float32, rounded once to y's dtype. NaN and infinities propagate as in any
+// float32 sum.
+//
+// Framework-free: raw device pointers, shapes and a stream. Launches are asynchronous on the
+// caller's stream; the caller owns every buffer. The launch shape depends on host values only,
+// so the kernel may be captured into a CUDA graph.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/dtype.hpp"
+#include "kernels/kernel_status.hpp"
+
+namespace moe::kernels::cuda {
+
+/// The most rows one launch takes. Each row adds a load of x and a multiply-add per weight
+/// element; at 8 rows the CUDA cores, not memory, set the pace on an H200-class card, and
+/// cuBLASLt's tensor-core kernels are the better choice well before 16.
+inline constexpr int64_t skinny_linear_max_rows = 8;
+
+/// y(rows, n) = x(rows, k) . w(n, k)^T + beta * y, every matrix packed row-major.
+struct skinny_linear_args {
+  const void* x = nullptr;  ///< (rows, k) of x_dt
+  const void* w = nullptr;  ///< (n, k) of w_dt
+  void* y = nullptr;        ///< (rows, n) of y_dt; read only when beta != 0; not overlapping x
+  int64_t rows = 0;         ///< 0 .. skinny_linear_max_rows
+  int64_t n = 0;
+  int64_t k = 0;
+  dtype x_dt = dtype::bf16;  ///< f32 or bf16
+  dtype w_dt = dtype::bf16;  ///< x_dt, or f8_e4m3 (with bf16 x)
+  dtype y_dt = dtype::bf16;  ///< f32 or bf16
+  float beta = 0.0f;
+  /// FP8 weights: w_scale[(i / block_rows) * scale_ld + j / block_cols] scales w[i, j]
+  /// (row-major block grid, rows scale_ld floats apart; 0: ceil(k / block_cols)).
+  const float* w_scale = nullptr;
+  int64_t block_rows = 128;
+  int64_t block_cols = 128;
+  int64_t scale_ld = 0;
+};
+
+/// Host-side checks. ok; unsupported_dtype for dtypes outside the combinations above;
+/// unsupported_shape for negative sizes, rows above skinny_linear_max_rows, k == 0 (with n and
+/// rows not 0), a null pointer (where rows * n > 0), x or w not 16-byte aligned, k not a multiple
+/// of the elements one load of w holds (4 f32, 8 bf16 or FP8), an FP8 block grid with blocks
+/// below 1, block_cols not a multiple of 8 or a scale_ld below ceil(k / block_cols), or
+/// sizes whose products pass int64. A caller with a refused shape uses cuBLASLt (gemm.hpp).
+[[nodiscard]] kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept;
+[[nodiscard]] kernel_status skinny_linear_run(const skinny_linear_args& a, cudaStream_t stream) noexcept;
+
+}  // namespace moe::kernels::cuda

@@ -1,0 +1,298 @@
+// The few-row projection (kernels/cuda/skinny_linear.hpp) against a double-precision product of
+// the same stored inputs. Tolerances, from the kernel's float32 arithmetic: each lane sums about
+// k / (32 * elements per load) chunks of up to 16 products in order, then 5 shuffle levels and at
+// most 3 levels across warps add the partial sums, so the float32 sum is within
+// (k / 32 + 24) * 2^-24 of the sum of |products| ("mag") of the exact one; twice that is the
+// bound below; a bf16 output adds its one rounding (2^-9 of the value, 2^-8 allowed).
+// FP8 weights are expanded as fp8_dequantize expands them (bf16(e4m3 * scale)): the reference
+// takes model/'s block expansion rounded to bf16, so a misplaced scale or a mis-decoded byte
+// shows at full size. The GPU cases skip without a GPU; the argument checks run everywhere (and
+// the whole file in the emulator, tests/emulator).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "kernels/cuda/skinny_linear.hpp"
+#include "model/dequantize.hpp"
+#include "tests/unit/kernels/cuda_test_support.hpp"
+#include "tests/unit/kernels/random_tensor.hpp"
+
+using namespace moe;
+using namespace moe::kernels;
+using namespace moe::kernels::cuda_testing;
+using cpu::testing::random_floats;
+
+namespace {
+
+struct product {
+  std::vector<double> want;  // (rows, n)
+  std::vector<double> mag;   // sum of |x w| per output
+};
+
+// x (rows, k) and w (n, k) as the kernel reads them; y0 the output's previous values (beta).
+product reference(const std::vector<float>& x, const std::vector<float>& w, int64_t rows, int64_t n,
+                  int64_t k, float beta, const std::vector<float>& y0) {
+  product p;
+  p.want.resize(static_cast<size_t>(rows * n));
+  p.mag.resize(p.want.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      double s = 0, a = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        const double v = double{x[static_cast<size_t>(r * k + i)]} * w[static_cast<size_t>(c * k + i)];
+        s += v;
+        a += std::fabs(v);
+      }
+      const auto o = static_cast<size_t>(r * n + c);
+      if (beta != 0.0f) {
+        s += double{beta} * y0[o];
+        a += std::fabs(double{beta} * y0[o]);
+      }
+      p.want[o] = s;
+      p.mag[o] = a;
+    }
+  return p;
+}
+
+double sum_tolerance(int64_t k, double mag) {
+  return 2.0 * (static_cast<double>(k) / 32.0 + 24.0) * 0x1p-24 * mag + 1e-30;
+}
+
+// The outputs (y_dt) against the reference, every element.
+void expect_matches(const device_buffer& dy, dtype y_dt, const product& p, int64_t k) {
+  if (y_dt == dtype::f32) {
+    const auto got = fetch<float>(dy, p.want.size());
+    ASSERT_EQ(got.size(), p.want.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_LE(std::fabs(double{got[i]} - p.want[i]), sum_tolerance(k, p.mag[i]))
+          << "output " << i << ": got " << got[i] << ", want " << p.want[i];
+  } else {
+    // The float32 sum's error plus one rounding to bf16 (at most 2^-9 of the value; 2^-8 covers
+    // the float32 error moving the value across a power of two).
+    const auto got = fetch<uint16_t>(dy, p.want.size());
+    ASSERT_EQ(got.size(), p.want.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_LE(std::fabs(double{from_bf16(got[i])} - p.want[i]),
+                sum_tolerance(k, p.mag[i]) + 0x1p-8 * std::fabs(p.want[i]))
+          << "output " << i << ": got " << from_bf16(got[i]) << ", want " << p.want[i];
+  }
+}
+
+cuda::skinny_linear_args product_args(const device_buffer& x, const device_buffer& w, const device_buffer& y,
+                                      int64_t rows, int64_t n, int64_t k, dtype dt, dtype y_dt, float beta) {
+  cuda::skinny_linear_args a;
+  a.x = x.get();
+  a.w = w.get();
+  a.y = y.get();
+  a.rows = rows;
+  a.n = n;
+  a.k = k;
+  a.x_dt = a.w_dt = dt;
+  a.y_dt = y_dt;
+  a.beta = beta;
+  return a;
+}
+
+struct float_case {
+  int64_t rows, n, k;
+  dtype dt;    // x and w
+  dtype y_dt;
+  float beta;
+};
+
+void check_float_case(const float_case& c) {
+  SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " n " << c.n << " k " << c.k << (c.dt == dtype::f32 ? " f32" : " bf16")
+                                    << (c.y_dt == dtype::f32 ? " -> f32" : " -> bf16") << " beta "
+                                    << c.beta);
+  const auto seed = static_cast<uint64_t>(c.rows * 1000003 + c.n * 1009 + c.k);
+  const auto x = stored(random_floats(static_cast<size_t>(c.rows * c.k), seed), c.dt);
+  const auto w = stored(random_floats(static_cast<size_t>(c.n * c.k), seed + 1), c.dt);
+  const auto y0 = stored(random_floats(static_cast<size_t>(c.rows * c.n), seed + 2, -4.0f, 4.0f), c.y_dt);
+  const auto p = reference(x, w, c.rows, c.n, c.k, c.beta, y0);
+  auto dx = to_device(x, c.dt), dw = to_device(w, c.dt), dy = to_device(y0, c.y_dt);
+  auto a = product_args(*dx, *dw, *dy, c.rows, c.n, c.k, c.dt, c.y_dt, c.beta);
+  ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  expect_matches(*dy, c.y_dt, p, c.k);
+}
+
+}  // namespace
+
+TEST(cuda_skinny_linear, can_run_rejects_bad_arguments) {
+  alignas(16) static char storage[64];
+  cuda::skinny_linear_args good;
+  good.x = storage;
+  good.w = storage;
+  good.y = storage + 32;
+  good.rows = 3;
+  good.n = 5;
+  good.k = 64;
+  // FP8: bf16 x only, scales present, a grid whose column blocks hold whole 8-byte loads.
+  auto fp8 = good;
+  fp8.w_dt = dtype::f8_e4m3;
+  fp8.w_scale = fake<float>();
+  fp8.k = 256;
+  using args = cuda::skinny_linear_args;
+  struct change {
+    const char* what;
+    const args& base;
+    std::function<void(args&)> apply;
+    kernel_status want;
+  };
+  const auto shape = kernel_status::unsupported_shape, type = kernel_status::unsupported_dtype,
+             ok = kernel_status::ok;
+  const change changes[] = {
+      {"as given", good, [](args&) {}, ok},
+      {"too many rows", good, [](args& a) { a.rows = cuda::skinny_linear_max_rows + 1; }, shape},
+      {"k not a multiple of 8 bf16", good, [](args& a) { a.k = 60; }, shape},
+      {"x misaligned", good, [](args& a) { a.x = storage + 2; }, shape},
+      {"w misaligned", good, [](args& a) { a.w = storage + 8; }, shape},
+      {"no y", good, [](args& a) { a.y = nullptr; }, shape},
+      {"k 0", good, [](args& a) { a.k = 0; }, shape},
+      {"negative n", good, [](args& a) { a.n = -1; }, shape},
+      {"n * k overflows", good, [](args& a) { a.n = INT64_MAX / 4; }, shape},
+      {"nothing to compute", good, [](args& a) { a.rows = 0, a.x = a.w = a.y = nullptr; }, ok},
+      {"mixed x and w", good, [](args& a) { a.w_dt = dtype::f32; }, type},
+      {"integer y", good, [](args& a) { a.y_dt = dtype::i32; }, type},
+      {"f16", good, [](args& a) { a.x_dt = a.w_dt = dtype::f16; }, type},
+      {"f32, k % 4 == 0", good, [](args& a) { a.x_dt = a.w_dt = dtype::f32, a.k = 12; }, ok},
+      {"f32, k % 4 != 0", good, [](args& a) { a.x_dt = a.w_dt = dtype::f32, a.k = 14; }, shape},
+      {"FP8 as given", fp8, [](args&) {}, ok},
+      {"FP8, k % 8 != 0", fp8, [](args& a) { a.k = 260; }, shape},
+      {"FP8 without scales", fp8, [](args& a) { a.w_scale = nullptr; }, shape},
+      {"FP8 blocks 20 wide", fp8, [](args& a) { a.block_cols = 20; }, shape},
+      {"FP8 blocks 0 high", fp8, [](args& a) { a.block_rows = 0; }, shape},
+      {"two column blocks, one scale a row", fp8, [](args& a) { a.scale_ld = 1; }, shape},
+      {"FP8 with f32 x", fp8, [](args& a) { a.x_dt = dtype::f32; }, type},
+  };
+  for (const auto& c : changes) {
+    auto a = c.base;
+    c.apply(a);
+    EXPECT_EQ(cuda::skinny_linear_can_run(a), c.want) << c.what;
+  }
+}
+
+// Row counts across the instantiated bounds (1, 2, 4, 8: 3, 5 and 8 exercise the masks), widths
+// that give one warp per column and k split over 2, 4 and 8 warps (a k of 1024 bf16 with few
+// columns splits in two, 4096 in four, f32 4096 over 8 columns in eight), both output dtypes, and
+// beta 1 (the residual add of o_proj and the MLP's down projection).
+TEST(cuda_skinny_linear, bf16_and_f32_products_match_the_exact_sum) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const float_case cases[] = {
+      {1, 300, 64, dtype::bf16, dtype::bf16, 0.0f},   {3, 37, 1024, dtype::bf16, dtype::bf16, 0.0f},
+      {8, 40, 256, dtype::bf16, dtype::f32, 0.0f},    {2, 24, 4096, dtype::bf16, dtype::f32, 1.0f},
+      {5, 96, 512, dtype::bf16, dtype::bf16, 1.0f},   {1, 8, 4096, dtype::f32, dtype::f32, 0.0f},
+      {4, 130, 128, dtype::f32, dtype::f32, 1.0f},    {7, 17, 48, dtype::f32, dtype::bf16, 0.0f},
+  };
+  for (const auto& c : cases) check_float_case(c);
+}
+
+// The same inputs give the same bits: each lane's order and the reduction trees are fixed.
+TEST(cuda_skinny_linear, repeated_launches_give_identical_bits) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const int64_t rows = 2, n = 48, k = 2048;
+  const auto x = stored(random_floats(static_cast<size_t>(rows * k), 5), dtype::bf16);
+  const auto w = stored(random_floats(static_cast<size_t>(n * k), 6), dtype::bf16);
+  auto dx = to_device(x, dtype::bf16), dw = to_device(w, dtype::bf16);
+  device_buffer y1(rows * n * 4), y2(rows * n * 4);
+  auto a = product_args(*dx, *dw, y1, rows, n, k, dtype::bf16, dtype::f32, 0.0f);
+  ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+  a.y = y2.get();
+  ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(fetch<float>(y1, rows * n), fetch<float>(y2, rows * n));
+}
+
+// FP8 weights: e4m3 codes (no NaN) with scales over a few octaves, on DeepSeek's 128 x 128 grid
+// with each scale row padded (NaN in the padding: a misread scale poisons its output) and on
+// finer grids whose blocks split rows and columns elsewhere; bf16 and f32 outputs, beta 0 and 1;
+// and the same bits as the kernel on the weight's bf16 expansion.
+TEST(cuda_skinny_linear, fp8_weights_match_their_bf16_expansion) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  struct fp8_case {
+    int64_t rows, n, k, block_rows, block_cols, scale_ld;
+    dtype y_dt;
+    float beta;
+  };
+  const fp8_case cases[] = {
+      {1, 200, 384, 128, 128, 4, dtype::bf16, 0.0f},
+      {4, 40, 2048, 128, 128, 16, dtype::f32, 1.0f},
+      {8, 33, 96, 8, 32, 0, dtype::f32, 0.0f},
+      {3, 70, 160, 16, 16, 12, dtype::bf16, 1.0f},
+      {2, 19, 1024, 5, 8, 0, dtype::f32, 0.0f},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " n " << c.n << " k " << c.k
+                                      << " blocks " << c.block_rows << "x" << c.block_cols);
+    const auto seed = static_cast<uint64_t>(c.n * 31 + c.k);
+    std::mt19937_64 rng(seed);
+    std::vector<uint8_t> codes(static_cast<size_t>(c.n * c.k));
+    for (auto& b : codes) {
+      do b = static_cast<uint8_t>(rng());
+      while ((b & 0x7f) == 0x7f || (b & 0x7f) > 0x70);  // no NaN, |w| <= 256
+    }
+    const int64_t srows = (c.n + c.block_rows - 1) / c.block_rows;
+    const int64_t scols = (c.k + c.block_cols - 1) / c.block_cols;
+    const int64_t ld = c.scale_ld > 0 ? c.scale_ld : scols;
+    std::vector<float> packed(static_cast<size_t>(srows * scols));
+    for (auto& s : packed)
+      s = std::ldexp(1.0f + static_cast<float>(rng() % 1024) / 1024.0f, -10 - static_cast<int>(rng() % 4));
+    std::vector<float> padded(static_cast<size_t>(srows * ld), nan_f);
+    for (int64_t r = 0; r < srows; ++r)
+      for (int64_t j = 0; j < scols; ++j)
+        padded[static_cast<size_t>(r * ld + j)] = packed[static_cast<size_t>(r * scols + j)];
+    std::vector<float> w(codes.size());
+    model::dequantize_fp8_blocks(std::as_bytes(std::span<const uint8_t>(codes)), c.n, c.k, packed,
+                                 c.block_rows, c.block_cols, w);
+    w = bf16_rounded(w);
+
+    const auto x = bf16_rounded(random_floats(static_cast<size_t>(c.rows * c.k), seed + 1));
+    const auto y0 = stored(random_floats(static_cast<size_t>(c.rows * c.n), seed + 2, -4.0f, 4.0f), c.y_dt);
+    const auto p = reference(x, w, c.rows, c.n, c.k, c.beta, y0);
+    auto dx = to_device(x, dtype::bf16), dy = to_device(y0, c.y_dt);
+    auto dw = to_device(codes), ds = to_device(padded);
+    auto a = product_args(*dx, *dw, *dy, c.rows, c.n, c.k, dtype::bf16, c.y_dt, c.beta);
+    a.w_dt = dtype::f8_e4m3;
+    a.w_scale = ds->as<float>();
+    a.block_rows = c.block_rows;
+    a.block_cols = c.block_cols;
+    a.scale_ld = c.scale_ld;
+    ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    expect_matches(*dy, c.y_dt, p, c.k);
+
+    // The bf16 expansion of the same weight through the kernel: the same bits (the engine's
+    // `expand` products rely on it).
+    auto dw16 = to_device(w, dtype::bf16), dy16 = to_device(y0, c.y_dt);
+    a.w = dw16->get();
+    a.w_dt = dtype::bf16;
+    a.y = dy16->get();
+    ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const size_t bytes = p.want.size() * dtype_bytes(c.y_dt);
+    EXPECT_EQ(fetch<uint8_t>(*dy, bytes), fetch<uint8_t>(*dy16, bytes));
+  }
+}
+
+#ifndef MOE_CUDA_EMULATOR
+// v2lite's decode shapes at one and eight rows (too slow for the emulator's fibers): q_proj,
+// o_proj with the residual, the shared experts' gate|up and down, and the LM head in float32.
+TEST(cuda_skinny_linear, v2lite_decode_shapes) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  for (const int64_t rows : {int64_t{1}, int64_t{8}}) {
+    const float_case cases[] = {
+        {rows, 3072, 2048, dtype::bf16, dtype::bf16, 0.0f},
+        {rows, 2048, 2048, dtype::bf16, dtype::bf16, 1.0f},
+        {rows, 5632, 2048, dtype::bf16, dtype::bf16, 0.0f},
+        {rows, 2048, 2816, dtype::bf16, dtype::bf16, 1.0f},
+        {rows, 102400, 2048, dtype::bf16, dtype::f32, 0.0f},
+    };
+    for (const auto& c : cases) check_float_case(c);
+  }
+}
+#endif
