@@ -789,9 +789,10 @@ void check_sample_greedy(size_t rows, size_t vocab, dtype dt, uint64_t seed) {
 
 TEST(cuda_sample_greedy, matches_cpu_reference) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
-  // DeepSeek-V3's vocabulary (129280), tiny-v3's (512), odd and tiny ones.
+  // DeepSeek-V3's vocabulary (129280), v2-lite's (102400: several full rounds of vector loads),
+  // tiny-v3's (512), odd (one element at a time) and tiny ones.
   for (const auto& [rows, vocab] :
-       {std::pair<size_t, size_t>{9, 129280}, {8, 512}, {7, 1000}, {3, 1}, {2, 513}, {11, 31}})
+       {std::pair<size_t, size_t>{9, 129280}, {1, 102400}, {8, 512}, {7, 1000}, {3, 1}, {2, 513}, {11, 31}})
     for (dtype dt : {dtype::f32, dtype::bf16}) check_sample_greedy(rows, vocab, dt, rows + vocab);
 }
 
