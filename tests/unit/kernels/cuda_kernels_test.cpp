@@ -27,13 +27,16 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/cpu/elementwise.hpp"
 #include "kernels/cpu/moe_gate.hpp"
 #include "kernels/cpu/permute.hpp"
+#include "kernels/cpu/rmsnorm.hpp"
 #include "kernels/cpu/rope.hpp"
 #include "kernels/cpu/sampling.hpp"
 #include "kernels/cpu/swiglu.hpp"
 #include "kernels/cuda/moe_gate.hpp"
 #include "kernels/cuda/permute.hpp"
+#include "kernels/cuda/rmsnorm.hpp"
 #include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/sampling.hpp"
 #include "kernels/cuda/swiglu.hpp"
@@ -741,6 +744,72 @@ TEST(cuda_permute, can_run_rejects_bad_arguments) {
                    [](cuda::unpermute_args& b) { b.positions = nullptr; });
   expect_unpermute(kernel_status::unsupported_shape,
                    [](cuda::unpermute_args& b) { b.out = nullptr; });
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, fused with the residual add: residual += x (stored in dt), then the norm of the stored
+// sum. The residual comes back exactly (one float32 add rounded once, as cpu::add and the
+// storage rounding); the norm within the f32 bound (float32 partial sums of at most 32 squares
+// a thread, then a tree: ~2^-18 of the sum of squares, half of that on the scale, a few ulps
+// more for rsqrtf and the two products: 4e-6 of the value) or, in bf16, one bf16 ulp.
+
+void check_rmsnorm(size_t rows, size_t dim, dtype dt, bool with_residual) {
+  SCOPED_TRACE(::testing::Message() << "rows " << rows << " dim " << dim << " " << to_string(dt)
+                                    << (with_residual ? " with residual" : ""));
+  const auto x = stored(random_floats(rows * dim, rows * 31 + dim, -2.0f, 2.0f), dt);
+  const auto r0 = stored(random_floats(rows * dim, rows * 37 + dim, -3.0f, 3.0f), dt);
+  const auto w = random_floats(dim, dim, 0.5f, 1.5f);
+  std::vector<float> sum = x;
+  if (with_residual) {
+    ASSERT_EQ(cpu::add(x.data(), r0.data(), sum.data(), sum.size()), kernel_status::ok);
+    sum = stored(sum, dt);
+  }
+  std::vector<float> want(rows * dim);
+  ASSERT_EQ(cpu::rmsnorm(sum.data(), w.data(), want.data(), rows, dim, 1e-6f), kernel_status::ok);
+
+  auto dx = to_device(x, dt), dr = to_device(r0, dt), dw = to_device(w, dtype::f32);
+  auto dout = to_device(std::vector<float>(rows * dim, nan_f), dt);
+  cuda::rmsnorm_args a;
+  a.x = dx->get();
+  a.residual = with_residual ? dr->get() : nullptr;
+  a.weight = dw->as<float>();
+  a.out = dout->get();
+  a.rows = static_cast<int64_t>(rows);
+  a.dim = static_cast<int64_t>(dim);
+  a.eps = 1e-6f;
+  a.dt = dt;
+  ASSERT_EQ(cuda::rmsnorm_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  if (dt == dtype::f32) {
+    const auto got = fetch<float>(*dout, want.size());
+    for (size_t i = 0; i < want.size(); ++i)
+      ASSERT_TRUE(f32_close(got[i], want[i], 4.0 * std::fabs(want[i]))) << "element " << i;
+    if (with_residual) {
+      EXPECT_EQ(fetch<float>(*dr, sum.size()), sum);
+    }
+  } else {
+    const auto got = fetch<uint16_t>(*dout, want.size());
+    for (size_t i = 0; i < want.size(); ++i)
+      ASSERT_TRUE(bf16_within_one_ulp(got[i], want[i])) << "element " << i;
+    if (with_residual) {
+      EXPECT_EQ(fetch<uint16_t>(*dr, sum.size()), to_bf16(sum));
+    }
+  }
+}
+
+// Widths the vectorized kernel takes (v2-lite's 2048, DeepSeek-V3's 7168 in bf16 with a last
+// vector round only some threads fill, f32 up to 4096) and those it leaves to the scalar one
+// (7168 in f32, odd widths), each with and without the residual.
+TEST(cuda_rmsnorm, matches_cpu_reference_with_and_without_the_residual) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  struct shape {
+    size_t rows, dim;
+    dtype dt;
+  };
+  for (const shape& c : {shape{3, 2048, dtype::bf16}, shape{2, 7168, dtype::bf16}, shape{5, 1000, dtype::f32},
+                         shape{2, 4096, dtype::f32}, shape{2, 7168, dtype::f32}, shape{2, 1001, dtype::bf16},
+                         shape{1, 64, dtype::bf16}, shape{3, 13, dtype::f32}})
+    for (const bool with_residual : {false, true}) check_rmsnorm(c.rows, c.dim, c.dt, with_residual);
 }
 
 // ---------------------------------------------------------------------------------------------
