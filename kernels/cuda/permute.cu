@@ -9,7 +9,9 @@ namespace moe::kernels::cuda {
 namespace {
 
 using detail::load;
+using detail::load16;
 using detail::store;
+using detail::store16;
 
 constexpr int threads_per_block = 256;
 constexpr int warps_per_block = threads_per_block / 32;
@@ -93,8 +95,12 @@ __global__ void place_kernel(const int32_t* topk_idx, int64_t n, int num_experts
 }
 
 // One block per entry: copies x's row of its token to its row of permuted. The raw element
-// type is copied, so bf16 is moved bit for bit.
-template <typename T>
+// type is copied, so bf16 is moved bit for bit. Vectorized (rows 16-byte aligned, the host
+// checks): 16 bytes a thread and step, so a 2048-wide bf16 row is one step of 256 threads. One
+// element at a time, each load waits behind the store before it (which may alias it as far as
+// the compiler knows): on an H200 (2026-11-30) this kernel and unpermute's averaged 10 us a
+// launch in a batch-1 decode step, for 6 rows of 4 KiB.
+template <typename T, bool Vectorized>
 __global__ void permute_rows_kernel(const T* x, const int32_t* positions, T* permuted,
                                     int64_t top_k, int64_t dim, int64_t num_rows) {
   const int64_t j = blockIdx.x;
@@ -102,43 +108,97 @@ __global__ void permute_rows_kernel(const T* x, const int32_t* positions, T* per
   if (row < 0 || row >= num_rows) return;  // skipped, or outside the caller's guarantee
   const T* src = x + (j / top_k) * dim;
   T* dst = permuted + int64_t{row} * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+  if constexpr (Vectorized) {
+    const int64_t vectors = dim * static_cast<int64_t>(sizeof(T)) / 16;
+    for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+  }
 }
 
-// One block per token; each thread owns columns and sums its token's k rows in k order.
-template <typename T>
+// One block per token; each thread owns columns (16 bytes of them where rows are 16-byte
+// aligned) and sums its token's k rows in k order: the same arithmetic per element either way.
+// The k rows are read rows_in_flight at a time (positions, then the rows, then the sums), so
+// that a thread waits once per group rather than twice per row.
+constexpr int rows_in_flight = 4;
+
+template <typename T, bool Vectorized>
 __global__ void unpermute_kernel(const T* y, const float* weight, const int32_t* positions, T* out,
                                  int64_t top_k, int64_t dim, int64_t num_rows) {
+  constexpr int E = Vectorized ? 16 / static_cast<int>(sizeof(T)) : 1;
   const int64_t t = blockIdx.x;
   const int32_t* pos = positions + t * top_k;
   const float* w = weight != nullptr ? weight + t * top_k : nullptr;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < top_k; ++k) {
-      const int32_t row = pos[k];
-      if (row < 0 || row >= num_rows) continue;
-      const float wk = w != nullptr ? w[k] : 1.0f;
-      // Rounded product, then rounded sum: the host's arithmetic, not an FMA.
-      acc = __fadd_rn(acc, __fmul_rn(wk, load(y, int64_t{row} * dim + i)));
+  for (int64_t i = threadIdx.x * E; i < dim; i += blockDim.x * E) {
+    float acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = 0.0f;
+    for (int64_t k0 = 0; k0 < top_k; k0 += rows_in_flight) {
+      int32_t row[rows_in_flight];
+#pragma unroll
+      for (int u = 0; u < rows_in_flight; ++u) {
+        row[u] = k0 + u < top_k ? pos[k0 + u] : -1;
+        if (row[u] >= num_rows) row[u] = -1;
+      }
+      float v[rows_in_flight][E] = {};
+#pragma unroll
+      for (int u = 0; u < rows_in_flight; ++u) {
+        if (row[u] < 0) continue;  // skipped: nothing read
+        if constexpr (Vectorized) {
+          load16(y + int64_t{row[u]} * dim + i, v[u]);
+        } else {
+          v[u][0] = load(y, int64_t{row[u]} * dim + i);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < rows_in_flight; ++u) {
+        if (row[u] < 0) continue;
+        const float wk = w != nullptr ? w[k0 + u] : 1.0f;
+        // Rounded product, then rounded sum: the host's arithmetic, not an FMA.
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(wk, v[u][e]));
+      }
     }
-    store(out, t * dim + i, acc);
+    if constexpr (Vectorized) {
+      store16(out + t * dim + i, acc);
+    } else {
+      store(out, t * dim + i, acc[0]);
+    }
   }
+}
+
+// Whether every row of a (rows, dim) matrix of T at p starts 16-byte aligned.
+template <typename T>
+bool rows_aligned16(const void* p, int64_t dim) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && dim * static_cast<int64_t>(sizeof(T)) % 16 == 0;
 }
 
 template <typename T>
 kernel_status launch_permute_rows(const permute_rows_args& a, cudaStream_t stream) {
-  const int64_t n = a.num_tokens * a.top_k;
-  permute_rows_kernel<T><<<static_cast<unsigned>(n), threads_per_block, 0, stream>>>(
-      static_cast<const T*>(a.x), a.positions, static_cast<T*>(a.permuted), a.top_k, a.dim,
-      a.num_rows);
+  const auto n = static_cast<unsigned>(a.num_tokens * a.top_k);
+  const auto* x = static_cast<const T*>(a.x);
+  auto* permuted = static_cast<T*>(a.permuted);
+  if (rows_aligned16<T>(a.x, a.dim) && rows_aligned16<T>(a.permuted, a.dim))
+    permute_rows_kernel<T, true><<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k,
+                                                                      a.dim, a.num_rows);
+  else
+    permute_rows_kernel<T, false><<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k,
+                                                                       a.dim, a.num_rows);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
 template <typename T>
 kernel_status launch_unpermute(const unpermute_args& a, cudaStream_t stream) {
-  unpermute_kernel<T><<<static_cast<unsigned>(a.num_tokens), threads_per_block, 0, stream>>>(
-      static_cast<const T*>(a.y), a.weight, a.positions, static_cast<T*>(a.out), a.top_k, a.dim,
-      a.num_rows);
+  const auto tokens = static_cast<unsigned>(a.num_tokens);
+  const auto* y = static_cast<const T*>(a.y);
+  auto* out = static_cast<T*>(a.out);
+  if (rows_aligned16<T>(a.y, a.dim) && rows_aligned16<T>(a.out, a.dim))
+    unpermute_kernel<T, true><<<tokens, threads_per_block, 0, stream>>>(y, a.weight, a.positions, out, a.top_k,
+                                                                        a.dim, a.num_rows);
+  else
+    unpermute_kernel<T, false><<<tokens, threads_per_block, 0, stream>>>(y, a.weight, a.positions, out, a.top_k,
+                                                                         a.dim, a.num_rows);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 

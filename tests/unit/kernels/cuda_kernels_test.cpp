@@ -645,6 +645,7 @@ TEST(cuda_permute, matches_cpu_reference) {
   for (const auto& [num_tokens, top_k, num_experts, dim] :
        {std::tuple<size_t, size_t, size_t, size_t>{1, 1, 1, 1},
         {37, 4, 16, 64},
+        {3, 6, 64, 2048},
         {5, 8, 256, 7168},
         {513, 8, 256, 33},
         {2000, 8, 256, 7},
