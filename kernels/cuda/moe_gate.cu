@@ -37,37 +37,42 @@ __global__ void moe_gate_kernel(const float* logits, const float* bias, int32_t*
   }
   __syncthreads();
 
-  // Group score: the two best biased scores of each group (one thread per group).
-  for (int g = tid; g < num_groups; g += blockDim.x) {
-    const int first = g * group_size;
-    int best = first, second = first + 1;
-    if (ranks_before(biased[second], second, biased[best], best)) {
-      best = first + 1;
-      second = first;
-    }
-    for (int e = first + 2; e < first + group_size; ++e) {
-      if (ranks_before(biased[e], e, biased[best], best)) {
-        second = best;
-        best = e;
-      } else if (ranks_before(biased[e], e, biased[second], second)) {
-        second = e;
+  // Every group kept (v2-lite's one group, say): nothing to mask, and the group scores (a serial
+  // scan of each group by one thread) are not needed. The condition is the block's, so its
+  // barriers are reached by every thread or by none.
+  if (topk_group < num_groups) {
+    // Group score: the two best biased scores of each group (one thread per group).
+    for (int g = tid; g < num_groups; g += blockDim.x) {
+      const int first = g * group_size;
+      int best = first, second = first + 1;
+      if (ranks_before(biased[second], second, biased[best], best)) {
+        best = first + 1;
+        second = first;
       }
+      for (int e = first + 2; e < first + group_size; ++e) {
+        if (ranks_before(biased[e], e, biased[best], best)) {
+          second = best;
+          best = e;
+        } else if (ranks_before(biased[e], e, biased[second], second)) {
+          second = e;
+        }
+      }
+      group_scores[g] = __fadd_rn(biased[best], biased[second]);
     }
-    group_scores[g] = __fadd_rn(biased[best], biased[second]);
-  }
-  __syncthreads();
+    __syncthreads();
 
-  for (int g = tid; g < num_groups; g += blockDim.x) {
-    int rank = 0;
-    for (int h = 0; h < num_groups; ++h)
-      rank += ranks_before(group_scores[h], h, group_scores[g], g) ? 1 : 0;
-    group_kept[g] = rank < topk_group;
-  }
-  __syncthreads();
+    for (int g = tid; g < num_groups; g += blockDim.x) {
+      int rank = 0;
+      for (int h = 0; h < num_groups; ++h)
+        rank += ranks_before(group_scores[h], h, group_scores[g], g) ? 1 : 0;
+      group_kept[g] = rank < topk_group;
+    }
+    __syncthreads();
 
-  for (int e = tid; e < num_experts; e += blockDim.x)
-    if (!group_kept[e / group_size]) biased[e] = __int_as_float(0xff800000);  // -inf
-  __syncthreads();
+    for (int e = tid; e < num_experts; e += blockDim.x)
+      if (!group_kept[e / group_size]) biased[e] = __int_as_float(0xff800000);  // -inf
+    __syncthreads();
+  }
 
   // Every expert is ranked, masked ones included: when kept experts are NaN, a masked -inf
   // ranks before them, as on the host. The count stops once it reaches top_k (not chosen).

@@ -453,6 +453,7 @@ TEST(cuda_moe_gate, matches_cpu_reference) {
   const cpu::moe_gate_params configs[] = {
       gate_params(256, 8, 4, 8),               // DeepSeek-V3
       gate_params(16, 4, 2, 4),                // tiny-v3
+      gate_params(64, 1, 1, 6),                // v2-lite: one group, kept whole
       gate_params(1024, 1, 1, 32),             // the limits, one group of 1024
       gate_params(1024, 512, 100, 32),         // 512 groups of 2
       gate_params(64, 32, 5, 7, false, 1.0f),  // no normalisation
