@@ -9,11 +9,13 @@
 //    same shape, and the activation quantization it needs against the copy bandwidth. Where
 //    cuBLASLt refuses the FP8 product, its entry says so ("fp8_refused") instead of a time;
 //  - the few-row decode projections (skinny_linear.hpp) against cuBLASLt on the same shapes, per
-//    shape and summed over a decode step, with bf16 and FP8 weights.
+//    shape and summed over a decode step, with bf16 and FP8 weights; and at 32 rows cuBLASLt
+//    against the grouped expert GEMM run as one expert.
 // Times are CUDA-event medians over --reps launches after warm-up. Prints one JSON object.
 //
 //   moe_bench_gpu_kernels [--reps 20] [--square 8192]
 // Exits 2, with a JSON {"skipped": reason}, where no GPU exists.
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
@@ -487,6 +489,11 @@ int main(int argc, char** argv) {
   // Decode is bound by reading the weights of the experts in use: their bandwidth is reported too.
   {
     json grouped = json::array();
+    cublasHandle_t blas = nullptr;
+    if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) {
+      std::fprintf(stderr, "cublasCreate failed\n");
+      return 1;
+    }
     const int64_t experts = 64, n = 2 * 1408, k = 2048, top_k = 6;
     device_mem w(experts * n * k * 2), offsets_d((experts + 1) * 4);
     fill_bf16(w.p, experts * n * k);
@@ -515,13 +522,62 @@ int main(int argc, char** argv) {
       const double dense_ms = gemm_ms(rows, n, k, x.p, w.p, y.p);  // expert 0's weight, all rows
       const double flops = 2.0 * rows * n * k;
       const double weight_gbs = (2.0 * used_experts * n * k + 2.0 * rows * (k + n)) / (grouped_ms * 1e6);
-      grouped.push_back({{"tokens", tokens}, {"rows", rows}, {"experts", experts}, {"experts_in_use", used_experts},
-                         {"n", n}, {"k", k}, {"grouped_ms", grouped_ms}, {"grouped_TFLOPs", flops / (grouped_ms * 1e9)},
-                         {"dense_cublaslt_ms", dense_ms}, {"dense_TFLOPs", flops / (dense_ms * 1e9)},
-                         {"grouped_over_dense_time", grouped_ms / dense_ms}, {"grouped_weight_GBps", weight_gbs},
-                         {"grouped_weight_vs_copy", weight_gbs / copy_gbs}});
+      json entry = {{"tokens", tokens}, {"rows", rows}, {"experts", experts}, {"experts_in_use", used_experts},
+                    {"n", n}, {"k", k}, {"grouped_ms", grouped_ms}, {"grouped_TFLOPs", flops / (grouped_ms * 1e9)},
+                    {"dense_cublaslt_ms", dense_ms}, {"dense_TFLOPs", flops / (dense_ms * 1e9)},
+                    {"grouped_over_dense_time", grouped_ms / dense_ms}, {"grouped_weight_GBps", weight_gbs},
+                    {"grouped_weight_vs_copy", weight_gbs / copy_gbs}};
+      // The vendor's grouped product on the same problems: cuBLAS's cublasGemmGroupedBatchedEx
+      // (one problem per expert in use, sizes from the host, as a prefill could have them after
+      // one copy of the counts). Column-major: y_e^T (n x rows_e) = W_e (k x n)^T . x_e^T.
+      std::vector<int> m_a, n_a, k_a, lda, ldb, ldc, group_size;
+      std::vector<cublasOperation_t> ta, tb;
+      std::vector<float> alpha, beta;
+      std::vector<const void*> a_ptr, b_ptr;
+      std::vector<void*> c_ptr;
+      for (int64_t e = 0; e < experts; ++e) {
+        const int32_t c = offsets[e + 1] - offsets[e];
+        if (c == 0) continue;
+        ta.push_back(CUBLAS_OP_T);
+        tb.push_back(CUBLAS_OP_N);
+        m_a.push_back(static_cast<int>(n));
+        n_a.push_back(c);
+        k_a.push_back(static_cast<int>(k));
+        lda.push_back(static_cast<int>(k));
+        ldb.push_back(static_cast<int>(k));
+        ldc.push_back(static_cast<int>(n));
+        group_size.push_back(1);
+        alpha.push_back(1.0f);
+        beta.push_back(0.0f);
+        a_ptr.push_back(static_cast<const char*>(w.p) + e * n * k * 2);
+        b_ptr.push_back(static_cast<const char*>(x.p) + int64_t{offsets[e]} * k * 2);
+        c_ptr.push_back(static_cast<char*>(y.p) + int64_t{offsets[e]} * n * 2);
+      }
+      const auto groups = static_cast<int>(ta.size());
+      device_mem a_dev(groups * sizeof(void*)), b_dev(groups * sizeof(void*)), c_dev(groups * sizeof(void*));
+      cudaMemcpy(a_dev.p, a_ptr.data(), groups * sizeof(void*), cudaMemcpyHostToDevice);
+      cudaMemcpy(b_dev.p, b_ptr.data(), groups * sizeof(void*), cudaMemcpyHostToDevice);
+      cudaMemcpy(c_dev.p, c_ptr.data(), groups * sizeof(void*), cudaMemcpyHostToDevice);
+      cublasStatus_t blas_status = CUBLAS_STATUS_SUCCESS;
+      const double blas_ms = median_ms(reps, [&] {
+        blas_status = cublasGemmGroupedBatchedEx(
+            blas, ta.data(), tb.data(), m_a.data(), n_a.data(), k_a.data(), alpha.data(),
+            static_cast<const void* const*>(a_dev.p), CUDA_R_16BF, lda.data(),
+            static_cast<const void* const*>(b_dev.p), CUDA_R_16BF, ldb.data(), beta.data(),
+            static_cast<void* const*>(c_dev.p), CUDA_R_16BF, ldc.data(), groups, group_size.data(),
+            CUBLAS_COMPUTE_32F);
+      });
+      if (blas_status == CUBLAS_STATUS_SUCCESS) {
+        entry["cublas_grouped_ms"] = blas_ms;
+        entry["cublas_grouped_TFLOPs"] = flops / (blas_ms * 1e9);
+        entry["grouped_over_cublas_grouped_time"] = grouped_ms / blas_ms;
+      } else {
+        entry["cublas_grouped_refused"] = static_cast<int>(blas_status);
+      }
+      grouped.push_back(entry);
     }
     out["grouped_gemm_bf16"] = grouped;
+    cublasDestroy(blas);
   }
 
   // The few-row projections of decode (kernels/cuda/skinny_linear.hpp) against cuBLASLt on the
@@ -610,6 +666,41 @@ int main(int argc, char** argv) {
                                       {"cublaslt_over_skinny_step", lt_step_us / skinny_step_us}};
     }
     out["skinny_linear_vs_cublaslt"] = skinny;
+
+    // Batch 32 is past the skinny kernel: its products stay on cuBLASLt, whose tiles stream
+    // ~10 MB weights at a fifth of copy bandwidth there (the first H200 run). The grouped
+    // expert GEMM's decode tiling (0.87 of copy over 64 experts at 32 tokens) run as one expert
+    // is the in-house alternative: both at 32 rows on the same rotated weights.
+    json dense32 = json::array();
+    const int64_t rows = 32;
+    device_mem offsets_d(2 * 4);
+    const int32_t offsets[2] = {0, static_cast<int32_t>(rows)};
+    cudaMemcpy(offsets_d.p, offsets, sizeof offsets, cudaMemcpyHostToDevice);
+    for (const auto& p : projs) {
+      if (p.f32) continue;
+      const size_t w_bytes = static_cast<size_t>(p.n * p.k) * 2;
+      const size_t copies = std::max<size_t>(1, (rotate_bytes + w_bytes - 1) / w_bytes);
+      device_mem w(copies * w_bytes), x(rows * p.k * 2), y(rows * p.n * 2);
+      fill_bf16(w.p, copies * w_bytes / 2);
+      fill_bf16(x.p, rows * p.k);
+      auto weight = [&](size_t i) { return static_cast<char*>(w.p) + (i % copies) * w_bytes; };
+      size_t turn = 0;
+      const double lt_ms = median_ms(reps, [&] {
+        const auto d = kc::linear_desc(x.p, weight(turn++), y.p, rows, p.k, p.n, dtype::bf16, dtype::bf16);
+        check(lt.run(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "gemm");
+      });
+      kc::grouped_gemm_args g{x.p, static_cast<const int32_t*>(offsets_d.p), nullptr, y.p, rows, 1, p.n, p.k,
+                              dtype::bf16, dtype::bf16};
+      const double grouped_ms = median_ms(reps, [&] {
+        g.weights = weight(turn++);
+        check(kc::grouped_gemm_run(g, nullptr), "grouped_gemm");
+      });
+      const auto vs_copy = [&](double ms) { return static_cast<double>(w_bytes) / (ms * 1e6) / copy_gbs; };
+      dense32.push_back({{"name", p.name}, {"n", p.n}, {"k", p.k}, {"cublaslt_us", lt_ms * 1e3},
+                         {"grouped_one_expert_us", grouped_ms * 1e3}, {"cublaslt_over_grouped", lt_ms / grouped_ms},
+                         {"cublaslt_vs_copy", vs_copy(lt_ms)}, {"grouped_vs_copy", vs_copy(grouped_ms)}});
+    }
+    out["dense_32_rows_cublaslt_vs_grouped"] = dense32;
   }
   std::printf("%s\n", out.dump(2).c_str());
   return 0;
