@@ -9,7 +9,9 @@ namespace moe::kernels::cuda {
 namespace {
 
 using detail::load;
+using detail::load16;
 using detail::store;
+using detail::store16;
 
 constexpr int threads_per_block = 256;
 // Enough blocks to fill an H200 many times over; the grid-stride loop covers the rest.
@@ -39,9 +41,67 @@ __global__ void swiglu_fused_kernel(const T* gate_up, T* out, int64_t dim, int64
   }
 }
 
+// The vectorized forms, where every row starts 16-byte aligned (the host checks): 16 bytes of
+// each input a thread, the same arithmetic per element. The flat loop above divides a 64-bit
+// index per element in its fused form and moves 2 or 4 bytes a load; on an H200 (2026-11-30) the
+// fused form ran at 0.32 of copy bandwidth and 62 us a launch in a 4 x 512 prefill.
+template <typename T>
+__global__ void swiglu_vec_kernel(const T* gate, const T* up, T* out, int64_t vectors) {
+  constexpr int E = 16 / sizeof(T);
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t v = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; v < vectors; v += stride) {
+    float g[E], u[E];
+    load16(gate + v * E, g);
+    load16(up + v * E, u);
+#pragma unroll
+    for (int e = 0; e < E; ++e) g[e] = __fmul_rn(silu(g[e]), u[e]);
+    store16(out + v * E, g);
+  }
+}
+
+// One row per blockIdx.y (and its vectors over blockIdx.x): no division.
+constexpr int vec_threads = 128;
+template <typename T>
+__global__ void swiglu_fused_vec_kernel(const T* gate_up, T* out, int64_t dim) {
+  constexpr int E = 16 / sizeof(T);
+  const int64_t v = int64_t{blockIdx.x} * vec_threads + threadIdx.x;
+  if (v * E >= dim) return;
+  const int64_t r = blockIdx.y;
+  const T* gate = gate_up + r * 2 * dim + v * E;
+  float g[E], u[E];
+  load16(gate, g);
+  load16(gate + dim, u);
+#pragma unroll
+  for (int e = 0; e < E; ++e) g[e] = __fmul_rn(silu(g[e]), u[e]);
+  store16(out + r * dim + v * E, g);
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
 template <typename T>
 kernel_status launch(const swiglu_args& a, cudaStream_t stream) {
   const int64_t n = a.rows * a.dim;
+  constexpr int64_t E = 16 / sizeof(T);
+  const bool vectorizable = a.dim % E == 0 && aligned16(a.out) &&
+                            (a.gate_up != nullptr ? aligned16(a.gate_up)
+                                                  : aligned16(a.gate) && aligned16(a.up));
+  if (vectorizable && a.gate_up != nullptr && a.rows <= 65535) {
+    const dim3 grid(static_cast<unsigned>((a.dim / E + vec_threads - 1) / vec_threads),
+                    static_cast<unsigned>(a.rows));
+    swiglu_fused_vec_kernel<T><<<grid, vec_threads, 0, stream>>>(static_cast<const T*>(a.gate_up),
+                                                                 static_cast<T*>(a.out), a.dim);
+    return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+  }
+  if (vectorizable && a.gate_up == nullptr) {
+    const int64_t vectors = n / E;
+    const auto blocks = static_cast<unsigned>(
+        std::min((vectors + threads_per_block - 1) / threads_per_block, max_blocks));
+    swiglu_vec_kernel<T><<<blocks, threads_per_block, 0, stream>>>(
+        static_cast<const T*>(a.gate), static_cast<const T*>(a.up), static_cast<T*>(a.out), vectors);
+    return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+  }
   const auto blocks =
       static_cast<unsigned>(std::min((n + threads_per_block - 1) / threads_per_block, max_blocks));
   if (a.gate_up != nullptr)

@@ -117,33 +117,38 @@ void check_swiglu(size_t rows, size_t dim, bool fused, dtype dt, uint64_t seed) 
 
 TEST(cuda_swiglu, matches_cpu_reference) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
-  // tiny-v3's expert (32) and dense (128) widths, DeepSeek-V3's expert width (2048), odd sizes.
+  // tiny-v3's expert (32) and dense (128) widths, DeepSeek-V3's expert width (2048), v2-lite's
+  // (1408: a row's vectors over two blocks), odd sizes (one element a thread).
   for (const auto& [rows, dim] :
-       {std::pair<size_t, size_t>{1, 1}, {7, 32}, {37, 1000}, {5, 2048}, {129, 33}, {3, 128}})
+       {std::pair<size_t, size_t>{1, 1}, {7, 32}, {37, 1000}, {5, 2048}, {12, 1408}, {129, 33}, {3, 128}})
     for (bool fused : {false, true})
       for (dtype dt : {dtype::f32, dtype::bf16}) check_swiglu(rows, dim, fused, dt, rows * dim);
 }
 
+// An odd width (one element a thread) and one of whole 16-byte vectors.
 TEST(cuda_swiglu, in_place_over_gate) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
-  const size_t rows = 19, dim = 301;
-  const auto gate = swiglu_gate_values(rows * dim, 3);
-  const auto up = random_floats(rows * dim, 4);
-  std::vector<float> want(rows * dim), got(rows * dim);
-  ASSERT_EQ(cpu::swiglu(gate.data(), up.data(), want.data(), rows, dim), kernel_status::ok);
-  device_buffer d_gate(gate.size() * 4), d_up(up.size() * 4);
-  ASSERT_TRUE(upload(d_gate, gate) && upload(d_up, up));
-  cuda::swiglu_args a;
-  a.gate = d_gate.get();
-  a.up = d_up.get();
-  a.out = d_gate.get();
-  a.rows = rows;
-  a.dim = dim;
-  ASSERT_EQ(cuda::swiglu_run(a, nullptr), kernel_status::ok);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  ASSERT_TRUE(download(d_gate, got));
-  for (size_t i = 0; i < got.size(); ++i)
-    ASSERT_TRUE(f32_close(got[i], want[i], std::fabs(want[i]))) << i;
+  for (const size_t dim : {size_t{301}, size_t{304}}) {
+    SCOPED_TRACE(::testing::Message() << "dim " << dim);
+    const size_t rows = 19;
+    const auto gate = swiglu_gate_values(rows * dim, 3);
+    const auto up = random_floats(rows * dim, 4);
+    std::vector<float> want(rows * dim), got(rows * dim);
+    ASSERT_EQ(cpu::swiglu(gate.data(), up.data(), want.data(), rows, dim), kernel_status::ok);
+    device_buffer d_gate(gate.size() * 4), d_up(up.size() * 4);
+    ASSERT_TRUE(upload(d_gate, gate) && upload(d_up, up));
+    cuda::swiglu_args a;
+    a.gate = d_gate.get();
+    a.up = d_up.get();
+    a.out = d_gate.get();
+    a.rows = rows;
+    a.dim = dim;
+    ASSERT_EQ(cuda::swiglu_run(a, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_TRUE(download(d_gate, got));
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_TRUE(f32_close(got[i], want[i], std::fabs(want[i]))) << i;
+  }
 }
 
 TEST(cuda_swiglu, can_run_rejects_bad_arguments) {
