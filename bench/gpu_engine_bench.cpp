@@ -20,6 +20,9 @@
 //
 // Decode runs twice per batch on the same prompts: from CUDA graphs (the engine's
 // decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up.
+// Prefill runs once more with the routed experts on cuBLAS's grouped GEMM
+// ("prefill_cublas_grouped_experts", gpu_engine_options::cublas_grouped_experts), with its
+// speed-up over our grouped GEMM kernel.
 // Batches within the engine's skinny_rows (its few-row projections on skinny_linear.hpp's kernel)
 // run once more on a second engine whose projections all go through cuBLASLt
 // ("decode_cublaslt_projections"), with the kernel's speed-up.
@@ -422,6 +425,18 @@ int main(int argc, char** argv) {
                                  {"held", g.num_graphs}, {"device_bytes", g.device_bytes},
                                  {"host_bytes", g.host_bytes},
                                  {"last_fallback_reason", g.last_fallback_reason}};
+  }
+  // Prefill with the routed experts on cuBLAS's grouped GEMM (cublas_grouped_experts), on a
+  // second engine over the same weights, against ours above.
+  {
+    auto blas_options = eo;
+    blas_options.cublas_grouped_experts = true;
+    auto blas_engine = me::gpu_engine::create(shared, blas_options);
+    if (!blas_engine) fail("engine (cublas_grouped_experts)", blas_engine.error());
+    runner blas_run(*blas_engine, s);
+    json p = blas_run.prefill();
+    p["speedup_over_ours"] = p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
+    out["prefill_cublas_grouped_experts"] = p;
   }
   // The few-row projections on cuBLASLt instead (skinny_rows 0), for the batches that use the
   // skinny kernel, on a second engine over the same weights: the kernel's effect on the step.

@@ -390,6 +390,31 @@ class forward {
     g.scale_ld = w.scale_ld;
   }
 
+  /// One grouped expert product: through cuBLAS's grouped GEMM when `blas` (the offsets are on
+  /// the host; `product` picks its scratch, 0 or 1), else, or where cuBLAS refuses the
+  /// problems, our kernel.
+  caf::error experts_product(const kcu::grouped_gemm_args& g, bool blas, int64_t product,
+                             const char* what) {
+    if (blas) {
+      const int64_t scratch = 3 * g.num_experts * product;
+      kcu::cublas_grouped_args a;
+      a.x = g.x;
+      a.weights = g.weights;
+      a.y = g.y;
+      a.offsets = m_.host_offsets;
+      a.num_rows = g.num_rows;
+      a.num_experts = g.num_experts;
+      a.n = g.n;
+      a.k = g.k;
+      a.dt = g.dt;
+      a.host_pointers = m_.host_pointers + scratch;
+      a.device_pointers = m_.device_pointers + scratch;
+      const kernel_status st = m_.blas->run(a, m_.stream);
+      if (st != kernel_status::unsupported_shape) return check(st, what);
+    }
+    return check(kcu::grouped_gemm_run(g, m_.stream), what);
+  }
+
   /// Routed experts (gate, permute, grouped products, weighted combine) plus the shared
   /// experts, into ffn_out: the reference's moe_layer_output order (routed rows summed in k
   /// order from zero, then the shared output added).
@@ -444,6 +469,16 @@ class forward {
     pr.num_rows = rows;
     pr.dt = m_.dt;
     if ((err = check(kcu::permute_rows_run(pr, m_.stream), "permute rows"))) return err;
+    // cuBLAS's grouped GEMM needs the experts' row offsets on the host: a prefill copies them
+    // and waits (a decode step may be replayed from a graph, which cannot).
+    const bool blas = !s_.decode && m_.blas != nullptr && !w.experts_gate_up.fp8() &&
+                      !w.experts_down.fp8();
+    if (blas) {
+      if ((err = runtime::copy_async(m_.host_offsets, b_.expert_offsets,
+                                     static_cast<size_t>(E + 1) * sizeof(int32_t), m_.stream)) ||
+          (err = runtime::cuda_error(cudaStreamSynchronize(m_.stream), "expert offsets to the host")))
+        return err;
+    }
     kcu::grouped_gemm_args gg;
     gg.x = b_.expert_rows;
     gg.expert_offsets = b_.expert_offsets;
@@ -454,7 +489,7 @@ class forward {
     gg.n = 2 * I;
     gg.k = D;
     gg.dt = gg.y_dt = m_.dt;
-    if ((err = check(kcu::grouped_gemm_run(gg, m_.stream), "experts gate|up"))) return err;
+    if ((err = experts_product(gg, blas, 0, "experts gate|up"))) return err;
     kcu::swiglu_args s;
     s.gate_up = b_.gate_up;
     s.out = b_.act;
@@ -467,7 +502,7 @@ class forward {
     gg.y = b_.expert_out;
     gg.n = D;
     gg.k = I;
-    if ((err = check(kcu::grouped_gemm_run(gg, m_.stream), "experts down"))) return err;
+    if ((err = experts_product(gg, blas, 1, "experts down"))) return err;
     kcu::unpermute_args u;
     u.y = b_.expert_out;
     u.weight = b_.topk_weight;

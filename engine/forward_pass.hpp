@@ -27,6 +27,7 @@
 #include "engine/device_weights.hpp"
 #include "kernels/cpu/mla_attention.hpp"
 #include "kernels/cuda/gemm.hpp"
+#include "kernels/cuda/grouped_gemm_cublas.hpp"
 #include "kernels/dtype.hpp"
 #include "model/config.hpp"
 
@@ -54,6 +55,13 @@ struct model_state {
   void* fp8_expanded = nullptr;  ///< weights->max_fp8_linear_elements() bf16, or null
   /// Products of at most this many rows run on kernels/cuda/skinny_linear.hpp (0: none).
   int64_t skinny_rows = 0;
+  /// Prefill's routed experts through cuBLAS's grouped GEMM when set: the expert offsets come
+  /// to host_offsets ((E + 1) int32, pinned), the operands' addresses go through
+  /// host_pointers (pinned) and device_pointers (device), 6 * E each (gate|up, then down).
+  kernels::cuda::cublas_grouped_gemm* blas = nullptr;
+  int32_t* host_offsets = nullptr;
+  const void** host_pointers = nullptr;
+  void** device_pointers = nullptr;
 
   /// Layer l's pool in the cache.
   [[nodiscard]] void* cache_pool(int64_t layer) const noexcept;

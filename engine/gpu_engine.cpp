@@ -15,6 +15,7 @@
 #include "kernels/cpu/rope.hpp"
 #include "kernels/cuda/gemm.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
+#include "kernels/cuda/grouped_gemm_cublas.hpp"
 #include "kernels/cuda/mla_decode.hpp"
 #include "kernels/cuda/mla_prefill.hpp"
 #include "kernels/cuda/moe_gate.hpp"
@@ -142,10 +143,11 @@ struct gpu_engine::state {
   // it gives its blocks back to CUDA, and the stream outlives them all.
   runtime::cuda_stream stream;
   std::unique_ptr<runtime::caching_device_allocator> allocator;
-  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace, fp8_expanded;
+  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace, fp8_expanded, blas_pointers;
   std::optional<device_weights> weights;
   kcu::gemm_lt gemm;
-  runtime::pinned_host_buffer staging;
+  kcu::cublas_grouped_gemm blas;  // with cublas_grouped_experts only
+  runtime::pinned_host_buffer staging, blas_host;
   model::cache_block_allocator blocks;
   std::unordered_map<uint64_t, int64_t> lengths;
   int64_t num_moe_layers = 0;
@@ -442,6 +444,21 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
     s->fp8_expanded = std::move(*expanded);
   }
 
+  // cuBLAS's grouped GEMM for prefill's experts: the expert offsets' pinned landing place and
+  // the operand addresses' scratch, for both products of a layer.
+  if (options.cublas_grouped_experts && c.n_routed_experts > 0) {
+    if (const auto st = kcu::cublas_grouped_gemm::create(s->blas); st != kernels::kernel_status::ok)
+      return model::make_error(model_errc::kernel_failed,
+                               "gpu engine: cuBLAS: " + std::string(kernels::to_string(st)));
+    const auto E = static_cast<size_t>(c.n_routed_experts);
+    auto host = runtime::pinned_host_buffer::allocate((E + 1) * sizeof(int32_t) + 6 * E * sizeof(void*));
+    if (!host) return host.error();
+    s->blas_host = std::move(*host);
+    auto pointers = s->allocator->allocate(6 * E * sizeof(void*), s->key());
+    if (!pointers) return pointers.error();
+    s->blas_pointers = std::move(*pointers);
+  }
+
   detail::model_state& m = s->model;
   m.config = &s->config;
   m.dt = options.dtype;
@@ -459,6 +476,14 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   m.stream = s->stream.get();
   m.fp8_block_scaled = options.fp8 == gpu_engine_options::fp8_products::block_scaled;
   m.skinny_rows = options.skinny_rows;
+  if (s->blas_host.size_bytes() > 0) {
+    // The pointers first (8-byte aligned at the buffer's start), then the offsets.
+    const auto E = static_cast<size_t>(c.n_routed_experts);
+    m.blas = &s->blas;
+    m.host_pointers = static_cast<const void**>(s->blas_host.data());
+    m.host_offsets = reinterpret_cast<int32_t*>(static_cast<char*>(s->blas_host.data()) + 6 * E * sizeof(void*));
+    m.device_pointers = static_cast<void**>(s->blas_pointers.data());
+  }
   m.fp8_expanded = s->fp8_expanded.data();
   // The host tables above must outlive their copies.
   if (auto err = s->stream.synchronize()) return err;

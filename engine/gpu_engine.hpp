@@ -68,6 +68,13 @@ struct gpu_engine_options {
   /// graph and eager steps take the same kernel. Shapes the kernel refuses (k not a multiple of
   /// one 16-byte load, misaligned rows) use cuBLASLt.
   int64_t skinny_rows = 4;
+  /// Prefill's routed experts through cuBLAS's grouped GEMM (kernels/cuda/grouped_gemm_cublas.hpp)
+  /// instead of our grouped GEMM kernel: each MoE layer copies its experts' row offsets to the
+  /// host and waits for them (a prefill is never replayed from a graph; decode keeps ours).
+  /// Off until a card measures it faster: moe_bench_gpu_engine reports the prefill both ways
+  /// ("prefill_cublas_grouped_experts"). FP8 experts keep ours, which reads their FP8 tiles, and
+  /// so does a product cuBLAS refuses.
+  bool cublas_grouped_experts = false;
   /// Replay decode steps from CUDA graphs (engine/decode_graphs.hpp): one launch per step
   /// instead of ~30 per layer. A batch is padded to the next power of two up to 256 and its
   /// block table to the next power-of-two width; each (batch, width, return_logits) gets its

@@ -692,6 +692,52 @@ TEST_P(gpu_engine_test, few_row_projections_match_cublaslts) {
   EXPECT_EQ(stats.num_fallbacks, 0u);
 }
 
+// Prefill's routed experts through cuBLAS's grouped GEMM (cublas_grouped_experts; the stand-in
+// in the emulator) against our kernel, every position's logits: the products differ in the order
+// of float32 sums only, the difference graph_tolerance() bounds. Then a decode step on each
+// (both on our kernel, from caches the two prefills wrote). An FP8 checkpoint keeps its experts
+// on our kernel with the option on: the same logits, bit for bit, as without it.
+TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
+  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+  const auto ids = g.ids("input_ids");
+  auto ours = make_gpu(32, 4);
+  auto blas = make_gpu(32, 4, [](auto& o) { o.cublas_grouped_experts = true; });
+  const auto a = slice(ids, 0, 9), b = slice(ids, seq_len, 5);
+  const model::sequence_input seqs[] = {{1, a}, {2, b}};
+  engine::gpu_prefill_options all;
+  all.all_logits = true;
+  const auto want = ours.prefill(seqs, all);
+  const auto got = blas.prefill(seqs, all);
+  ASSERT_TRUE(want) << error_text(want.error());
+  ASSERT_TRUE(got) << error_text(got.error());
+  expect_same_step(*want, *got, a.size() + b.size(), "prefill");
+  const model::decode_input step[] = {{1, want->greedy_tokens.at(a.size() - 1)},
+                                      {2, want->greedy_tokens.back()}};
+  const auto want_next = ours.decode(step);
+  const auto got_next = blas.decode(step);
+  ASSERT_TRUE(want_next && got_next);
+  expect_same_step(*want_next, *got_next, 2, "decode after");
+
+  if (GetParam().dt != dtype::bf16) return;  // FP8 weights stay FP8 in bf16 engines only
+  const auto kept = load_fixture("small-v3-fp8", /*keep_fp8=*/true);
+  ASSERT_TRUE(kept);
+  const auto fp8 = golden_file::open(fixture_dir("small-v3-fp8") / "golden.safetensors");
+  const auto prompt_ids = fp8.ids("greedy_prompt");
+  const model::sequence_input prompt[] = {{1, prompt_ids}};
+  engine::gpu_engine_options o;
+  o.dtype = dtype::bf16;
+  o.cache.num_blocks = 64;
+  o.cache.block_size = 16;
+  auto plain = gpu_engine::create(kept, o);
+  o.cublas_grouped_experts = true;
+  auto with_option = gpu_engine::create(kept, o);
+  ASSERT_TRUE(plain && with_option);
+  const auto p = plain->prefill(prompt), q = with_option->prefill(prompt);
+  ASSERT_TRUE(p) << error_text(p.error());
+  ASSERT_TRUE(q) << error_text(q.error());
+  EXPECT_EQ(max_abs_diff(p->logits.data(), q->logits.data(), p->logits.size()), 0.0f);
+}
+
 TEST_P(gpu_engine_test, decode_graphs_beyond_their_limit_drop_the_least_recently_used) {
   const auto stats = decode_with_and_without_graphs([](auto& o) { o.max_decode_graphs = 1; });
   EXPECT_EQ(stats.num_fallbacks, 0u) << stats.last_fallback_reason;
