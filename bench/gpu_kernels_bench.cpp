@@ -622,14 +622,7 @@ int main(int argc, char** argv) {
           const auto d = kc::linear_desc(x.p, weight(turn++), y.p, rows, p.k, p.n, ab, c);
           check(lt.run(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "gemm");
         });
-        kc::skinny_linear_args a;
-        a.x = x.p;
-        a.y = y.p;
-        a.rows = rows;
-        a.n = p.n;
-        a.k = p.k;
-        a.x_dt = a.w_dt = ab;
-        a.y_dt = c;
+        auto a = kc::skinny_linear_desc(x.p, nullptr, y.p, rows, p.k, p.n, ab, c);
         const double skinny_ms = median_ms(reps, [&] {
           a.w = weight(turn++);
           check(kc::skinny_linear_run(a, nullptr), "skinny_linear");

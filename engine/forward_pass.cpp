@@ -97,25 +97,11 @@ class forward {
       return std::nullopt;
     return check(kcu::skinny_linear_run(a, m_.stream), what);
   }
-  static kcu::skinny_linear_args skinny_args(dtype ab, dtype c, const void* x, const void* w, void* y,
-                                             int64_t rows, int64_t in, int64_t out, float beta) {
-    kcu::skinny_linear_args a;
-    a.x = x;
-    a.w = w;
-    a.y = y;
-    a.rows = rows;
-    a.n = out;
-    a.k = in;
-    a.x_dt = a.w_dt = ab;
-    a.y_dt = c;
-    a.beta = beta;
-    return a;
-  }
 
   /// y (rows, out) = x (rows, in) . w (out, in)^T + beta * y: x and w of `ab`, y of `c`.
   caf::error linear_as(dtype ab, dtype c, const void* x, const void* w, void* y, int64_t rows,
                        int64_t in, int64_t out, const char* what, float beta = 0.0f) {
-    if (auto done = skinny(skinny_args(ab, c, x, w, y, rows, in, out, beta), what)) return *done;
+    if (auto done = skinny(kcu::skinny_linear_desc(x, w, y, rows, in, out, ab, c, beta), what)) return *done;
     return gemm(kcu::linear_desc(x, w, y, rows, in, out, ab, c, beta), what);
   }
   /// The same, everything in the step's dtype.
@@ -128,7 +114,7 @@ class forward {
                     int64_t out, const char* what, float beta = 0.0f) {
     if (!w.fp8()) return linear(x, w.data, y, rows, in, out, what, beta);
     // A few rows: the FP8 bytes stream as they are, expanded in registers (`expand`'s values).
-    auto few = skinny_args(m_.dt, m_.dt, x, w.data, y, rows, in, out, beta);
+    auto few = kcu::skinny_linear_desc(x, w.data, y, rows, in, out, m_.dt, m_.dt, beta);
     few.w_dt = dtype::f8_e4m3;
     few.w_scale = w.scale;
     few.block_rows = w.block_rows;

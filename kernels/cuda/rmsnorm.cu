@@ -13,6 +13,22 @@ using detail::store16;
 
 constexpr int threads_per_row = 256;
 
+// The sum of every thread's v over a threads_per_row block (a fixed tree: lanes, then warps),
+// returned to all of them.
+__device__ float block_sum(float v) {
+  __shared__ float partial[threads_per_row / 32];
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float s = threadIdx.x < threads_per_row / 32 ? partial[threadIdx.x] : 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffff, s, offset);
+    if (threadIdx.x == 0) partial[0] = s;
+  }
+  __syncthreads();
+  return partial[0];
+}
+
 // One block per row; a block-wide reduction of the sum of squares.
 template <typename T>
 __global__ void rmsnorm_kernel(const T* x, T* residual, const float* weight, T* out,
@@ -30,17 +46,7 @@ __global__ void rmsnorm_kernel(const T* x, T* residual, const float* weight, T* 
     }
     sum_sq += v * v;
   }
-  __shared__ float partial[threads_per_row / 32];
-  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffff, sum_sq, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum_sq;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float s = threadIdx.x < threads_per_row / 32 ? partial[threadIdx.x] : 0.0f;
-    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffff, s, offset);
-    if (threadIdx.x == 0) partial[0] = s;
-  }
-  __syncthreads();
-  const float inv = rsqrtf(partial[0] / static_cast<float>(dim) + eps);
+  const float inv = rsqrtf(block_sum(sum_sq) / static_cast<float>(dim) + eps);
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
     // Re-read what was stored: the norm applies to the rounded residual sum, as on the host.
     const float v = rr ? load(static_cast<const T*>(rr), i) : load(xr, i);
@@ -99,17 +105,7 @@ __global__ void rmsnorm_vec_kernel(const T* x, T* residual, const float* weight,
     if (threadIdx.x + j * threads_per_row < vectors)
 #pragma unroll
       for (int e = 0; e < E; ++e) sum_sq += v[j][e] * v[j][e];
-  __shared__ float partial[threads_per_row / 32];
-  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffff, sum_sq, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum_sq;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float s = threadIdx.x < threads_per_row / 32 ? partial[threadIdx.x] : 0.0f;
-    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffff, s, offset);
-    if (threadIdx.x == 0) partial[0] = s;
-  }
-  __syncthreads();
-  const float inv = rsqrtf(partial[0] / static_cast<float>(dim) + eps);
+  const float inv = rsqrtf(block_sum(sum_sq) / static_cast<float>(dim) + eps);
 #pragma unroll
   for (int j = 0; j < max_vectors; ++j) {
     const int64_t q = threadIdx.x + j * threads_per_row;

@@ -58,6 +58,24 @@ struct skinny_linear_args {
   int64_t scale_ld = 0;
 };
 
+/// y(rows, out_features) = x(rows, in_features) . w(out_features, in_features)^T + beta * y, x
+/// and w of `ab`, y of `c`: the arguments for it, as gemm.hpp's linear_desc makes cuBLASLt's.
+[[nodiscard]] inline skinny_linear_args skinny_linear_desc(const void* x, const void* w, void* y, int64_t rows,
+                                                           int64_t in_features, int64_t out_features, dtype ab,
+                                                           dtype c, float beta = 0.0f) noexcept {
+  skinny_linear_args a;
+  a.x = x;
+  a.w = w;
+  a.y = y;
+  a.rows = rows;
+  a.n = out_features;
+  a.k = in_features;
+  a.x_dt = a.w_dt = ab;
+  a.y_dt = c;
+  a.beta = beta;
+  return a;
+}
+
 /// Host-side checks. ok; unsupported_dtype for dtypes outside the combinations above;
 /// unsupported_shape for negative sizes, rows above skinny_linear_max_rows, k == 0 (with n and
 /// rows not 0), a null pointer (where rows * n > 0), x or w not 16-byte aligned, k not a multiple

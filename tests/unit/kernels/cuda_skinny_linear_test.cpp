@@ -85,17 +85,7 @@ void expect_matches(const device_buffer& dy, dtype y_dt, const product& p, int64
 
 cuda::skinny_linear_args product_args(const device_buffer& x, const device_buffer& w, const device_buffer& y,
                                       int64_t rows, int64_t n, int64_t k, dtype dt, dtype y_dt, float beta) {
-  cuda::skinny_linear_args a;
-  a.x = x.get();
-  a.w = w.get();
-  a.y = y.get();
-  a.rows = rows;
-  a.n = n;
-  a.k = k;
-  a.x_dt = a.w_dt = dt;
-  a.y_dt = y_dt;
-  a.beta = beta;
-  return a;
+  return cuda::skinny_linear_desc(x.get(), w.get(), y.get(), rows, k, n, dt, y_dt, beta);
 }
 
 struct float_case {
