@@ -50,7 +50,8 @@ struct permute_plan_args {
 /// num_tokens * top_k > INT32_MAX, or a null pointer (all but expert_offsets may be null when
 /// num_tokens * top_k == 0).
 [[nodiscard]] kernel_status permute_plan_can_run(const permute_plan_args& a) noexcept;
-/// Three launches on `stream` (count, scan, place).
+/// One launch on `stream` for up to 1024 entries (a decode step), else three (count, scan,
+/// place); the same plan either way.
 [[nodiscard]] kernel_status permute_plan_run(const permute_plan_args& a,
                                              cudaStream_t stream) noexcept;
 
