@@ -529,7 +529,8 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t lightHandle, cublasL
 // scalars). The sizes are read when the call is made, as cuBLAS reads its host arrays; the
 // device arrays of operand addresses when the queued work runs, as a kernel reads them (the
 // copy that fills them is queued before). An operand outside every device allocation aborts the
-// run with a message, as a fault would end one on a card.
+// run with a message, as a fault would end one on a card. MOE_EMU_FAKE_CUBLAS_REFUSE_GROUPED=1
+// makes it answer CUBLAS_STATUS_NOT_SUPPORTED (the callers' fallback tests set it).
 struct cublasContext {
   cudaStream_t stream = nullptr;
 };
@@ -608,6 +609,9 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOpe
   if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (Atype != Btype || Atype != Ctype || (Atype != CUDA_R_16BF && Atype != CUDA_R_32F) ||
       computeType != CUBLAS_COMPUTE_32F)
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  // Tests of the callers' fallback: refuse as cuBLAS refuses problems it has no kernel for.
+  if (const char* v = std::getenv("MOE_EMU_FAKE_CUBLAS_REFUSE_GROUPED"); v != nullptr && v[0] == '1')
     return CUBLAS_STATUS_NOT_SUPPORTED;
   if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
   std::vector<grouped_problem> ps;

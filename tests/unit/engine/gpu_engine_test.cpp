@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <iostream>
 #include <numeric>
@@ -737,6 +738,32 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
   ASSERT_TRUE(q) << error_text(q.error());
   EXPECT_EQ(max_abs_diff(p->logits.data(), q->logits.data(), p->logits.size()), 0.0f);
 }
+
+#ifdef MOE_EMU_FAKE_CUDART
+// The emulator's cuBLAS stand-in refusing the grouped problems, as cuBLAS refuses what it has no
+// kernel for: each product falls back to our kernel, so the prefill is ours, bit for bit.
+TEST_P(gpu_engine_test, a_refused_cublas_grouped_product_falls_back_to_ours) {
+  struct refusal {
+    refusal() { ::setenv("MOE_EMU_FAKE_CUBLAS_REFUSE_GROUPED", "1", 1); }
+    ~refusal() { ::unsetenv("MOE_EMU_FAKE_CUBLAS_REFUSE_GROUPED"); }
+  } refuse;
+  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+  const auto ids = g.ids("input_ids");
+  auto ours = make_gpu(32, 4);
+  auto blas = make_gpu(32, 4, [](auto& o) { o.cublas_grouped_experts = true; });
+  const auto a = slice(ids, 0, 9);
+  const model::sequence_input seqs[] = {{1, a}};
+  engine::gpu_prefill_options all;
+  all.all_logits = true;
+  const auto want = ours.prefill(seqs, all);
+  const auto got = blas.prefill(seqs, all);
+  ASSERT_TRUE(want) << error_text(want.error());
+  ASSERT_TRUE(got) << error_text(got.error());
+  ASSERT_EQ(got->logits.size(), want->logits.size());
+  EXPECT_EQ(max_abs_diff(got->logits.data(), want->logits.data(), want->logits.size()), 0.0f);
+  EXPECT_EQ(got->greedy_tokens, want->greedy_tokens);
+}
+#endif
 
 TEST_P(gpu_engine_test, decode_graphs_beyond_their_limit_drop_the_least_recently_used) {
   const auto stats = decode_with_and_without_graphs([](auto& o) { o.max_decode_graphs = 1; });
