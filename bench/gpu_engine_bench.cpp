@@ -23,6 +23,8 @@
 // Prefill runs once more with the routed experts on cuBLAS's grouped GEMM
 // ("prefill_cublas_grouped_experts", gpu_engine_options::cublas_grouped_experts), with its
 // speed-up over our grouped GEMM kernel.
+// Batches past skinny_rows (up to 64) run once more with their projections on the grouped expert
+// GEMM as one expert ("decode_grouped_dense", gpu_engine_options::grouped_dense_rows).
 // Batches within the engine's skinny_rows (its few-row projections on skinny_linear.hpp's kernel)
 // run once more on a second engine whose projections all go through cuBLASLt
 // ("decode_cublaslt_projections"), with the kernel's speed-up.
@@ -437,6 +439,28 @@ int main(int argc, char** argv) {
     json p = blas_run.prefill();
     p["speedup_over_ours"] = p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
     out["prefill_cublas_grouped_experts"] = p;
+  }
+  // Decode batches past skinny_rows with their products on the grouped GEMM as one expert
+  // (grouped_dense_rows), on a second engine over the same weights, against the default's.
+  bool mid_rows = false;
+  for (int b : s.decode_batches)
+    mid_rows = mid_rows || (b > eo.skinny_rows && b <= me::gpu_engine_options::max_grouped_dense_rows);
+  if (mid_rows) {
+    auto dense_options = eo;
+    dense_options.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
+    auto dense_engine = me::gpu_engine::create(shared, dense_options);
+    if (!dense_engine) fail("engine (grouped_dense_rows)", dense_engine.error());
+    runner dense_run(*dense_engine, s);
+    out["decode_grouped_dense"] = json::array();
+    for (int b : s.decode_batches) {
+      if (b <= eo.skinny_rows || b > me::gpu_engine_options::max_grouped_dense_rows) continue;
+      std::vector<int32_t> tokens;
+      json d = dense_run.decode(b, s.graphs, tokens);
+      for (const auto& ours : out["decode"])
+        if (ours["batch"] == b)
+          d["speedup_over_default"] = d["tokens_per_s"].get<double>() / ours["tokens_per_s"].get<double>();
+      out["decode_grouped_dense"].push_back(d);
+    }
   }
   // The few-row projections on cuBLASLt instead (skinny_rows 0), for the batches that use the
   // skinny kernel, on a second engine over the same weights: the kernel's effect on the step.

@@ -58,6 +58,10 @@ struct model_state {
   /// Prefill's routed experts through cuBLAS's grouped GEMM when set: the expert offsets come
   /// to host_offsets ((E + 1) int32, pinned), the operands' addresses go through
   /// host_pointers (pinned) and device_pointers (device), 6 * E each (gate|up, then down).
+  /// Products of (skinny_rows, grouped_dense_rows] rows run on the grouped GEMM as one expert,
+  /// its offsets {0, rows} at one_expert_offsets + 2 * rows (device, rows <= grouped_dense_rows).
+  int64_t grouped_dense_rows = 0;
+  const int32_t* one_expert_offsets = nullptr;
   kernels::cuda::cublas_grouped_gemm* blas = nullptr;
   int32_t* host_offsets = nullptr;
   const void** host_pointers = nullptr;

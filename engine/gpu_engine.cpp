@@ -7,6 +7,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include "base/assert.hpp"
 #include "engine/decode_graphs.hpp"
@@ -143,7 +144,8 @@ struct gpu_engine::state {
   // it gives its blocks back to CUDA, and the stream outlives them all.
   runtime::cuda_stream stream;
   std::unique_ptr<runtime::caching_device_allocator> allocator;
-  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace, fp8_expanded, blas_pointers;
+  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace, fp8_expanded, blas_pointers,
+      one_expert_offsets;
   std::optional<device_weights> weights;
   kcu::gemm_lt gemm;
   kcu::cublas_grouped_gemm blas;  // with cublas_grouped_experts only
@@ -365,6 +367,10 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   if (options.skinny_rows < 0 || options.skinny_rows > kernels::cuda::skinny_linear_max_rows)
     return bad_input("skinny_rows must be within 0 .. " +
                      std::to_string(kernels::cuda::skinny_linear_max_rows));
+  if (options.grouped_dense_rows < 0 ||
+      options.grouped_dense_rows > gpu_engine_options::max_grouped_dense_rows)
+    return bad_input("grouped_dense_rows must be within 0 .. " +
+                     std::to_string(gpu_engine_options::max_grouped_dense_rows));
   auto rope = model::rope_kernel_params(c);
   if (!rope) return rope.error();
   if (auto err = check_kernel_limits(c)) return err;
@@ -459,6 +465,18 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
     s->blas_pointers = std::move(*pointers);
   }
 
+  // The grouped GEMM's offsets for a product of r rows as one expert: {0, r} at 2 r.
+  std::vector<int32_t> one_expert(2 * (gpu_engine_options::max_grouped_dense_rows + 1));
+  if (options.grouped_dense_rows > 0) {
+    for (size_t r = 0; 2 * r < one_expert.size(); ++r) one_expert[2 * r + 1] = static_cast<int32_t>(r);
+    auto table = s->allocator->allocate(one_expert.size() * sizeof(int32_t), s->key());
+    if (!table) return table.error();
+    s->one_expert_offsets = std::move(*table);
+    if (auto err = runtime::copy_async(s->one_expert_offsets.data(), one_expert.data(),
+                                       one_expert.size() * sizeof(int32_t), s->stream.get()))
+      return err;
+  }
+
   detail::model_state& m = s->model;
   m.config = &s->config;
   m.dt = options.dtype;
@@ -476,6 +494,8 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   m.stream = s->stream.get();
   m.fp8_block_scaled = options.fp8 == gpu_engine_options::fp8_products::block_scaled;
   m.skinny_rows = options.skinny_rows;
+  m.grouped_dense_rows = options.grouped_dense_rows;
+  m.one_expert_offsets = static_cast<const int32_t*>(s->one_expert_offsets.data());
   if (s->blas_host.size_bytes() > 0) {
     // The pointers first (8-byte aligned at the buffer's start), then the offsets.
     const auto E = static_cast<size_t>(c.n_routed_experts);

@@ -739,6 +739,50 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
   EXPECT_EQ(max_abs_diff(p->logits.data(), q->logits.data(), p->logits.size()), 0.0f);
 }
 
+// Decode products on the grouped expert GEMM as one expert (grouped_dense_rows; skinny_rows 0 so
+// that the batches of 4 and 2 rows of that comparison take it) against the eager engine's
+// (skinny kernel and cuBLASLt): float32 sums in another order, graph_tolerance()'s bound. Then
+// FP8 weights, which that kernel reads as FP8 tiles, against the engine expanding them.
+TEST_P(gpu_engine_test, decode_products_on_the_grouped_gemm_match_cublaslts) {
+  const auto stats = decode_with_and_without_graphs([](auto& o) {
+    o.skinny_rows = 0;
+    o.grouped_dense_rows = engine::gpu_engine_options::max_grouped_dense_rows;
+  });
+  EXPECT_EQ(stats.num_fallbacks, 0u);
+
+  if (GetParam().dt != dtype::bf16) return;  // FP8 weights stay FP8 in bf16 engines only
+  const auto kept = load_fixture("small-v3-fp8", /*keep_fp8=*/true);
+  ASSERT_TRUE(kept);
+  const auto g = golden_file::open(fixture_dir("small-v3-fp8") / "golden.safetensors");
+  const auto prompt_ids = g.ids("greedy_prompt");
+  engine::gpu_engine_options o;
+  o.dtype = dtype::bf16;
+  o.cache.num_blocks = 64;
+  o.cache.block_size = 16;
+  o.fp8 = engine::gpu_engine_options::fp8_products::expand;
+  o.skinny_rows = 0;
+  auto expand = gpu_engine::create(kept, o);
+  o.grouped_dense_rows = engine::gpu_engine_options::max_grouped_dense_rows;
+  auto grouped = gpu_engine::create(kept, o);
+  ASSERT_TRUE(expand && grouped);
+  vocab_ = static_cast<size_t>(kept->config.vocab_size);
+  // Two sequences decoding together: steps of 2 rows.
+  const model::sequence_input seqs[] = {{1, prompt_ids}, {2, prompt_ids}};
+  const auto first = expand->prefill(seqs);
+  ASSERT_TRUE(first) << error_text(first.error());
+  ASSERT_TRUE(grouped->prefill(seqs));
+  std::vector<int32_t> next = first->greedy_tokens;
+  for (int step = 0; step < 4; ++step) {
+    const model::decode_input batch[] = {{1, next[0]}, {2, next[1]}};
+    const auto want = expand->decode(batch);
+    const auto got = grouped->decode(batch);
+    ASSERT_TRUE(want) << error_text(want.error());
+    ASSERT_TRUE(got) << error_text(got.error());
+    expect_same_step(*want, *got, 2, "FP8 decode step " + std::to_string(step));
+    next = want->greedy_tokens;
+  }
+}
+
 #ifdef MOE_EMU_FAKE_CUDART
 // The emulator's cuBLAS stand-in refusing the grouped problems, as cuBLAS refuses what it has no
 // kernel for: each product falls back to our kernel, so the prefill is ours, bit for bit.
@@ -955,6 +999,12 @@ TEST(gpu_engine_options, decode_graph_limits_are_checked_before_any_device_work)
   EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
   EXPECT_NE(error_text(e.error()).find("max_decode_graphs"), std::string::npos)
       << error_text(e.error());
+  o = {};
+  o.grouped_dense_rows = engine::gpu_engine_options::max_grouped_dense_rows + 1;
+  e = gpu_engine::create(ckpt, o);
+  ASSERT_FALSE(e);
+  EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
+  EXPECT_NE(error_text(e.error()).find("grouped_dense_rows"), std::string::npos) << error_text(e.error());
   o = {};
   o.skinny_rows = kernels::cuda::skinny_linear_max_rows + 1;
   e = gpu_engine::create(ckpt, o);
