@@ -437,14 +437,16 @@ int main(int argc, char** argv) {
     if (!blas_engine) fail("engine (cublas_grouped_experts)", blas_engine.error());
     runner blas_run(*blas_engine, s);
     json p = blas_run.prefill();
-    p["speedup_over_ours"] = p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
+    p["speedup_over_ours"] =
+        p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
     out["prefill_cublas_grouped_experts"] = p;
   }
   // Decode batches past skinny_rows with their products on the grouped GEMM as one expert
   // (grouped_dense_rows), on a second engine over the same weights, against the default's.
   bool mid_rows = false;
   for (int b : s.decode_batches)
-    mid_rows = mid_rows || (b > eo.skinny_rows && b <= me::gpu_engine_options::max_grouped_dense_rows);
+    mid_rows =
+        mid_rows || (b > eo.skinny_rows && b <= me::gpu_engine_options::max_grouped_dense_rows);
   if (mid_rows) {
     auto dense_options = eo;
     dense_options.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
@@ -458,7 +460,8 @@ int main(int argc, char** argv) {
       json d = dense_run.decode(b, s.graphs, tokens);
       for (const auto& ours : out["decode"])
         if (ours["batch"] == b)
-          d["speedup_over_default"] = d["tokens_per_s"].get<double>() / ours["tokens_per_s"].get<double>();
+          d["speedup_over_default"] =
+              d["tokens_per_s"].get<double>() / ours["tokens_per_s"].get<double>();
       out["decode_grouped_dense"].push_back(d);
     }
   }
@@ -479,7 +482,8 @@ int main(int argc, char** argv) {
       json d = lt_run.decode(b, s.graphs, tokens);
       for (const auto& ours : out["decode"])
         if (ours["batch"] == b)
-          d["skinny_speedup"] = ours["tokens_per_s"].get<double>() / d["tokens_per_s"].get<double>();
+          d["skinny_speedup"] =
+              ours["tokens_per_s"].get<double>() / d["tokens_per_s"].get<double>();
       out["decode_cublaslt_projections"].push_back(d);
     }
   }

@@ -522,10 +522,18 @@ int main(int argc, char** argv) {
       const double dense_ms = gemm_ms(rows, n, k, x.p, w.p, y.p);  // expert 0's weight, all rows
       const double flops = 2.0 * rows * n * k;
       const double weight_gbs = (2.0 * used_experts * n * k + 2.0 * rows * (k + n)) / (grouped_ms * 1e6);
-      json entry = {{"tokens", tokens}, {"rows", rows}, {"experts", experts}, {"experts_in_use", used_experts},
-                    {"n", n}, {"k", k}, {"grouped_ms", grouped_ms}, {"grouped_TFLOPs", flops / (grouped_ms * 1e9)},
-                    {"dense_cublaslt_ms", dense_ms}, {"dense_TFLOPs", flops / (dense_ms * 1e9)},
-                    {"grouped_over_dense_time", grouped_ms / dense_ms}, {"grouped_weight_GBps", weight_gbs},
+      json entry = {{"tokens", tokens},
+                    {"rows", rows},
+                    {"experts", experts},
+                    {"experts_in_use", used_experts},
+                    {"n", n},
+                    {"k", k},
+                    {"grouped_ms", grouped_ms},
+                    {"grouped_TFLOPs", flops / (grouped_ms * 1e9)},
+                    {"dense_cublaslt_ms", dense_ms},
+                    {"dense_TFLOPs", flops / (dense_ms * 1e9)},
+                    {"grouped_over_dense_time", grouped_ms / dense_ms},
+                    {"grouped_weight_GBps", weight_gbs},
                     {"grouped_weight_vs_copy", weight_gbs / copy_gbs}};
       // The vendor's grouped product on the same problems: cuBLAS's cublasGemmGroupedBatchedEx
       // (one problem per expert in use, sizes from the host, as a prefill could have them after
@@ -554,7 +562,8 @@ int main(int argc, char** argv) {
         c_ptr.push_back(static_cast<char*>(y.p) + int64_t{offsets[e]} * n * 2);
       }
       const auto groups = static_cast<int>(ta.size());
-      device_mem a_dev(groups * sizeof(void*)), b_dev(groups * sizeof(void*)), c_dev(groups * sizeof(void*));
+      device_mem a_dev(groups * sizeof(void*)), b_dev(groups * sizeof(void*)),
+          c_dev(groups * sizeof(void*));
       cudaMemcpy(a_dev.p, a_ptr.data(), groups * sizeof(void*), cudaMemcpyHostToDevice);
       cudaMemcpy(b_dev.p, b_ptr.data(), groups * sizeof(void*), cudaMemcpyHostToDevice);
       cudaMemcpy(c_dev.p, c_ptr.data(), groups * sizeof(void*), cudaMemcpyHostToDevice);
@@ -594,11 +603,16 @@ int main(int argc, char** argv) {
       bool f32;  // the router (f32 everything) and the head (f32 out)
     };
     const proj projs[] = {
-        {"q_proj", 16 * 192, 2048, 7 + 1, false},     {"kv_a_latent", 512, 2048, 8, false},
-        {"kv_a_rope", 64, 2048, 8, false},            {"o_proj", 2048, 2048, 8, false},
-        {"router", 64, 2048, 7, true},                {"shared_gate_up", 2 * 2 * 1408, 2048, 7, false},
-        {"shared_down", 2048, 2 * 1408, 7, false},    {"dense_gate_up", 2 * 10944, 2048, 1, false},
-        {"dense_down", 2048, 10944, 1, false},        {"lm_head", 102400, 2048, 1, false},
+        {"q_proj", 16 * 192, 2048, 7 + 1, false},
+        {"kv_a_latent", 512, 2048, 8, false},
+        {"kv_a_rope", 64, 2048, 8, false},
+        {"o_proj", 2048, 2048, 8, false},
+        {"router", 64, 2048, 7, true},
+        {"shared_gate_up", 2 * 2 * 1408, 2048, 7, false},
+        {"shared_down", 2048, 2 * 1408, 7, false},
+        {"dense_gate_up", 2 * 10944, 2048, 1, false},
+        {"dense_down", 2048, 10944, 1, false},
+        {"lm_head", 102400, 2048, 1, false},
     };
     const size_t rotate_bytes = size_t{256} << 20;
     json skinny = json::object();
@@ -628,9 +642,14 @@ int main(int argc, char** argv) {
           check(kc::skinny_linear_run(a, nullptr), "skinny_linear");
         });
         const double gbs = static_cast<double>(w_bytes) / (skinny_ms * 1e6);
-        json e = {{"name", p.name}, {"n", p.n}, {"k", p.k}, {"cublaslt_us", lt_ms * 1e3},
-                  {"skinny_us", skinny_ms * 1e3}, {"cublaslt_over_skinny", lt_ms / skinny_ms},
-                  {"skinny_weight_GBps", gbs}, {"skinny_vs_copy", gbs / copy_gbs},
+        json e = {{"name", p.name},
+                  {"n", p.n},
+                  {"k", p.k},
+                  {"cublaslt_us", lt_ms * 1e3},
+                  {"skinny_us", skinny_ms * 1e3},
+                  {"cublaslt_over_skinny", lt_ms / skinny_ms},
+                  {"skinny_weight_GBps", gbs},
+                  {"skinny_vs_copy", gbs / copy_gbs},
                   {"cublaslt_vs_copy", static_cast<double>(w_bytes) / (lt_ms * 1e6) / copy_gbs}};
         if (ab == dtype::bf16) {
           // The same shape with FP8 weights (128 x 128 blocks) on the skinny kernel.
@@ -654,7 +673,8 @@ int main(int argc, char** argv) {
         skinny_step_us += static_cast<double>(p.per_step) * skinny_ms * 1e3;
         entries.push_back(e);
       }
-      skinny[std::to_string(rows)] = {{"shapes", entries}, {"cublaslt_step_us", lt_step_us},
+      skinny[std::to_string(rows)] = {{"shapes", entries},
+                                      {"cublaslt_step_us", lt_step_us},
                                       {"skinny_step_us", skinny_step_us},
                                       {"cublaslt_over_skinny_step", lt_step_us / skinny_step_us}};
     }
@@ -679,19 +699,30 @@ int main(int argc, char** argv) {
       auto weight = [&](size_t i) { return static_cast<char*>(w.p) + (i % copies) * w_bytes; };
       size_t turn = 0;
       const double lt_ms = median_ms(reps, [&] {
-        const auto d = kc::linear_desc(x.p, weight(turn++), y.p, rows, p.k, p.n, dtype::bf16, dtype::bf16);
+        const auto d =
+            kc::linear_desc(x.p, weight(turn++), y.p, rows, p.k, p.n, dtype::bf16, dtype::bf16);
         check(lt.run(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "gemm");
       });
-      kc::grouped_gemm_args g{x.p, static_cast<const int32_t*>(offsets_d.p), nullptr, y.p, rows, 1, p.n, p.k,
+      kc::grouped_gemm_args g{x.p,         static_cast<const int32_t*>(offsets_d.p),
+                              nullptr,     y.p,
+                              rows,        1,
+                              p.n,         p.k,
                               dtype::bf16, dtype::bf16};
       const double grouped_ms = median_ms(reps, [&] {
         g.weights = weight(turn++);
         check(kc::grouped_gemm_run(g, nullptr), "grouped_gemm");
       });
-      const auto vs_copy = [&](double ms) { return static_cast<double>(w_bytes) / (ms * 1e6) / copy_gbs; };
-      dense32.push_back({{"name", p.name}, {"n", p.n}, {"k", p.k}, {"cublaslt_us", lt_ms * 1e3},
-                         {"grouped_one_expert_us", grouped_ms * 1e3}, {"cublaslt_over_grouped", lt_ms / grouped_ms},
-                         {"cublaslt_vs_copy", vs_copy(lt_ms)}, {"grouped_vs_copy", vs_copy(grouped_ms)}});
+      const auto vs_copy = [&](double ms) {
+        return static_cast<double>(w_bytes) / (ms * 1e6) / copy_gbs;
+      };
+      dense32.push_back({{"name", p.name},
+                         {"n", p.n},
+                         {"k", p.k},
+                         {"cublaslt_us", lt_ms * 1e3},
+                         {"grouped_one_expert_us", grouped_ms * 1e3},
+                         {"cublaslt_over_grouped", lt_ms / grouped_ms},
+                         {"cublaslt_vs_copy", vs_copy(lt_ms)},
+                         {"grouped_vs_copy", vs_copy(grouped_ms)}});
     }
     out["dense_32_rows_cublaslt_vs_grouped"] = dense32;
   }

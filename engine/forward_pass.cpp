@@ -101,8 +101,9 @@ class forward {
   /// The product on the grouped expert GEMM as one expert, where the step's rows are in
   /// (skinny_rows, grouped_dense_rows] and the kernel takes it (no beta: it overwrites y);
   /// nullopt: the caller uses cuBLASLt.
-  std::optional<caf::error> as_one_expert(const void* x, const device_matrix& w, void* y, int64_t rows,
-                                          int64_t in, int64_t out, dtype c, float beta, const char* what) {
+  std::optional<caf::error> as_one_expert(const void* x, const device_matrix& w, void* y,
+                                          int64_t rows, int64_t in, int64_t out, dtype c,
+                                          float beta, const char* what) {
     if (rows <= m_.skinny_rows || rows > m_.grouped_dense_rows || beta != 0.0f || c != m_.dt ||
         m_.dt != dtype::bf16)
       return std::nullopt;
@@ -123,7 +124,8 @@ class forward {
   /// y (rows, out) = x (rows, in) . w (out, in)^T + beta * y: x and w of `ab`, y of `c`.
   caf::error linear_as(dtype ab, dtype c, const void* x, const void* w, void* y, int64_t rows,
                        int64_t in, int64_t out, const char* what, float beta = 0.0f) {
-    if (auto done = skinny(kcu::skinny_linear_desc(x, w, y, rows, in, out, ab, c, beta), what)) return *done;
+    if (auto done = skinny(kcu::skinny_linear_desc(x, w, y, rows, in, out, ab, c, beta), what))
+      return *done;
     return gemm(kcu::linear_desc(x, w, y, rows, in, out, ab, c, beta), what);
   }
   /// The same, everything in the step's dtype.
@@ -480,12 +482,13 @@ class forward {
     if ((err = check(kcu::permute_rows_run(pr, m_.stream), "permute rows"))) return err;
     // cuBLAS's grouped GEMM needs the experts' row offsets on the host: a prefill copies them
     // and waits (a decode step may be replayed from a graph, which cannot).
-    const bool blas = !s_.decode && m_.blas != nullptr && !w.experts_gate_up.fp8() &&
-                      !w.experts_down.fp8();
+    const bool blas =
+        !s_.decode && m_.blas != nullptr && !w.experts_gate_up.fp8() && !w.experts_down.fp8();
     if (blas) {
       if ((err = runtime::copy_async(m_.host_offsets, b_.expert_offsets,
                                      static_cast<size_t>(E + 1) * sizeof(int32_t), m_.stream)) ||
-          (err = runtime::cuda_error(cudaStreamSynchronize(m_.stream), "expert offsets to the host")))
+          (err =
+               runtime::cuda_error(cudaStreamSynchronize(m_.stream), "expert offsets to the host")))
         return err;
     }
     kcu::grouped_gemm_args gg;

@@ -457,7 +457,8 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
       return model::make_error(model_errc::kernel_failed,
                                "gpu engine: cuBLAS: " + std::string(kernels::to_string(st)));
     const auto E = static_cast<size_t>(c.n_routed_experts);
-    auto host = runtime::pinned_host_buffer::allocate((E + 1) * sizeof(int32_t) + 6 * E * sizeof(void*));
+    auto host =
+        runtime::pinned_host_buffer::allocate((E + 1) * sizeof(int32_t) + 6 * E * sizeof(void*));
     if (!host) return host.error();
     s->blas_host = std::move(*host);
     auto pointers = s->allocator->allocate(6 * E * sizeof(void*), s->key());
@@ -468,7 +469,8 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   // The grouped GEMM's offsets for a product of r rows as one expert: {0, r} at 2 r.
   std::vector<int32_t> one_expert(2 * (gpu_engine_options::max_grouped_dense_rows + 1));
   if (options.grouped_dense_rows > 0) {
-    for (size_t r = 0; 2 * r < one_expert.size(); ++r) one_expert[2 * r + 1] = static_cast<int32_t>(r);
+    for (size_t r = 0; 2 * r < one_expert.size(); ++r)
+      one_expert[2 * r + 1] = static_cast<int32_t>(r);
     auto table = s->allocator->allocate(one_expert.size() * sizeof(int32_t), s->key());
     if (!table) return table.error();
     s->one_expert_offsets = std::move(*table);
@@ -501,7 +503,8 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
     const auto E = static_cast<size_t>(c.n_routed_experts);
     m.blas = &s->blas;
     m.host_pointers = static_cast<const void**>(s->blas_host.data());
-    m.host_offsets = reinterpret_cast<int32_t*>(static_cast<char*>(s->blas_host.data()) + 6 * E * sizeof(void*));
+    m.host_offsets =
+        reinterpret_cast<int32_t*>(static_cast<char*>(s->blas_host.data()) + 6 * E * sizeof(void*));
     m.device_pointers = static_cast<void**>(s->blas_pointers.data());
   }
   m.fp8_expanded = s->fp8_expanded.data();

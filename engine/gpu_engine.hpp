@@ -76,11 +76,11 @@ struct gpu_engine_options {
   /// so does a product cuBLAS refuses.
   bool cublas_grouped_experts = false;
   /// Products of more than skinny_rows and at most this many rows (decode at batch 16 to 64,
-  /// after the graphs' padding, and prefills of as few tokens), with bf16 or FP8 weights, no residual add and the step's dtype
-  /// out, run on the grouped expert GEMM as one expert: its decode tiling streamed the experts'
-  /// weights at 0.87 of copy bandwidth on an H200, where cuBLASLt's tiles reached 0.18 to 0.58
-  /// of it at 32 rows. 0 .. max_grouped_dense_rows; 0 (the default until a card measures it:
-  /// moe_bench_gpu_engine's decode_grouped_dense) keeps cuBLASLt.
+  /// after the graphs' padding, and prefills of as few tokens), with bf16 or FP8 weights, no
+  /// residual add and the step's dtype out, run on the grouped expert GEMM as one expert: its
+  /// decode tiling streamed the experts' weights at 0.87 of copy bandwidth on an H200, where
+  /// cuBLASLt's tiles reached 0.18 to 0.58 of it at 32 rows. 0 .. max_grouped_dense_rows; 0 (the
+  /// default until a card measures it: moe_bench_gpu_engine's decode_grouped_dense) keeps cuBLASLt.
   int64_t grouped_dense_rows = 0;
   static constexpr int64_t max_grouped_dense_rows = 64;
   /// Replay decode steps from CUDA graphs (engine/decode_graphs.hpp): one launch per step

@@ -1,7 +1,6 @@
 #include "kernels/cuda/grouped_gemm_cublas.hpp"
 
 #include <cublas_v2.h>
-
 #include <vector>
 
 namespace moe::kernels::cuda {
@@ -95,16 +94,16 @@ kernel_status cublas_grouped_gemm::run(const cublas_grouped_args& a, cudaStream_
   }
   if (groups == 0 || a.n == 0) return kernel_status::ok;
   // Each array is copied whole-E apart, so the device arrays keep the same layout.
-  if (cudaMemcpyAsync(a.device_pointers, a.host_pointers, 3 * static_cast<size_t>(E) * sizeof(void*),
-                      cudaMemcpyHostToDevice, stream) != cudaSuccess)
+  if (cudaMemcpyAsync(a.device_pointers, a.host_pointers,
+                      3 * static_cast<size_t>(E) * sizeof(void*), cudaMemcpyHostToDevice,
+                      stream) != cudaSuccess)
     return kernel_status::launch_failed;
   if (cublasSetStream(h, stream) != CUBLAS_STATUS_SUCCESS) return kernel_status::launch_failed;
   const cudaDataType_t t = a.dt == dtype::bf16 ? CUDA_R_16BF : CUDA_R_32F;
   const cublasStatus_t st = cublasGemmGroupedBatchedEx(
       h, p.trans_a.data(), p.trans_b.data(), p.m.data(), p.n.data(), p.k.data(), p.alpha.data(),
       a.device_pointers, t, p.lda.data(), a.device_pointers + E, t, p.ldb.data(), p.beta.data(),
-      a.device_pointers + 2 * E, t, p.ldc.data(), groups,
-      p.group_size.data(), CUBLAS_COMPUTE_32F);
+      a.device_pointers + 2 * E, t, p.ldc.data(), groups, p.group_size.data(), CUBLAS_COMPUTE_32F);
   if (st == CUBLAS_STATUS_SUCCESS) return kernel_status::ok;
   if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE)
     return kernel_status::unsupported_shape;

@@ -34,7 +34,8 @@ struct cublas_grouped_args {
   const void* x = nullptr;        ///< (num_rows, k) of dt, rows grouped by expert
   const void* weights = nullptr;  ///< (num_experts, n, k) of dt
   void* y = nullptr;              ///< (num_rows, n) of dt; rows no expert owns are not written
-  const int32_t* offsets = nullptr;  ///< HOST (num_experts + 1): expert e owns rows [offsets[e], offsets[e + 1])
+  const int32_t* offsets =
+      nullptr;  ///< HOST (num_experts + 1): expert e owns rows [offsets[e], offsets[e + 1])
   int64_t num_rows = 0;
   int64_t num_experts = 0;
   int64_t n = 0;

@@ -101,8 +101,8 @@ __global__ void place_kernel(const int32_t* topk_idx, int64_t n, int num_experts
 // took ~2.8 us each, 21 a decode step, on an H200 (2026-11-30).
 constexpr int small_plan_entries = 1024;
 
-__global__ void small_plan_kernel(const int32_t* topk_idx, int n, int num_experts, int32_t* expert_offsets,
-                                  int32_t* positions, int32_t* inverse) {
+__global__ void small_plan_kernel(const int32_t* topk_idx, int n, int num_experts,
+                                  int32_t* expert_offsets, int32_t* positions, int32_t* inverse) {
   __shared__ int32_t ids[small_plan_entries];
   __shared__ int32_t ends[permute_max_experts];  // counts, then their inclusive scan
   const int tid = static_cast<int>(threadIdx.x);
@@ -213,7 +213,8 @@ __global__ void unpermute_kernel(const T* y, const float* weight, const int32_t*
 // Whether every row of a (rows, dim) matrix of T at p starts 16-byte aligned.
 template <typename T>
 bool rows_aligned16(const void* p, int64_t dim) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && dim * static_cast<int64_t>(sizeof(T)) % 16 == 0;
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 &&
+         dim * static_cast<int64_t>(sizeof(T)) % 16 == 0;
 }
 
 template <typename T>
@@ -222,11 +223,11 @@ kernel_status launch_permute_rows(const permute_rows_args& a, cudaStream_t strea
   const auto* x = static_cast<const T*>(a.x);
   auto* permuted = static_cast<T*>(a.permuted);
   if (rows_aligned16<T>(a.x, a.dim) && rows_aligned16<T>(a.permuted, a.dim))
-    permute_rows_kernel<T, true><<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k,
-                                                                      a.dim, a.num_rows);
+    permute_rows_kernel<T, true>
+        <<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k, a.dim, a.num_rows);
   else
-    permute_rows_kernel<T, false><<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k,
-                                                                       a.dim, a.num_rows);
+    permute_rows_kernel<T, false>
+        <<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k, a.dim, a.num_rows);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -236,11 +237,11 @@ kernel_status launch_unpermute(const unpermute_args& a, cudaStream_t stream) {
   const auto* y = static_cast<const T*>(a.y);
   auto* out = static_cast<T*>(a.out);
   if (rows_aligned16<T>(a.y, a.dim) && rows_aligned16<T>(a.out, a.dim))
-    unpermute_kernel<T, true><<<tokens, threads_per_block, 0, stream>>>(y, a.weight, a.positions, out, a.top_k,
-                                                                        a.dim, a.num_rows);
+    unpermute_kernel<T, true><<<tokens, threads_per_block, 0, stream>>>(
+        y, a.weight, a.positions, out, a.top_k, a.dim, a.num_rows);
   else
-    unpermute_kernel<T, false><<<tokens, threads_per_block, 0, stream>>>(y, a.weight, a.positions, out, a.top_k,
-                                                                         a.dim, a.num_rows);
+    unpermute_kernel<T, false><<<tokens, threads_per_block, 0, stream>>>(
+        y, a.weight, a.positions, out, a.top_k, a.dim, a.num_rows);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -274,8 +275,8 @@ kernel_status permute_plan_run(const permute_plan_args& a, cudaStream_t stream) 
   const int64_t n = a.num_tokens * a.top_k;
   const auto num_experts = static_cast<int>(a.num_experts);
   if (n <= small_plan_entries) {
-    small_plan_kernel<<<1, small_plan_entries, 0, stream>>>(a.topk_idx, static_cast<int>(n), num_experts,
-                                                             a.expert_offsets, a.positions, a.inverse);
+    small_plan_kernel<<<1, small_plan_entries, 0, stream>>>(
+        a.topk_idx, static_cast<int>(n), num_experts, a.expert_offsets, a.positions, a.inverse);
     return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
   }
   // With no entries the offsets are still written (all zero) by the first two steps.

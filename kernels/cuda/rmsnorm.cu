@@ -71,8 +71,8 @@ __device__ inline float stored(float v, const __nv_bfloat16*) {
 }
 
 template <typename T>
-__global__ void rmsnorm_vec_kernel(const T* x, T* residual, const float* weight, T* out, int64_t dim,
-                                   float eps) {
+__global__ void rmsnorm_vec_kernel(const T* x, T* residual, const float* weight, T* out,
+                                   int64_t dim, float eps) {
   constexpr int E = 16 / sizeof(T);
   const int64_t base = int64_t{blockIdx.x} * dim;
   const int64_t vectors = dim / E;
@@ -93,7 +93,7 @@ __global__ void rmsnorm_vec_kernel(const T* x, T* residual, const float* weight,
     for (int j = 0; j < max_vectors; ++j) {
       const int64_t q = threadIdx.x + j * threads_per_row;
       if (q >= vectors) continue;
-      // The norm applies to the stored (rounded) residual sum, as on the host.
+        // The norm applies to the stored (rounded) residual sum, as on the host.
 #pragma unroll
       for (int e = 0; e < E; ++e) v[j][e] = stored(v[j][e] + r[j][e], x);
       store16(residual + base + q * E, v[j]);
@@ -139,9 +139,11 @@ kernel_status launch(const rmsnorm_args& a, cudaStream_t stream) {
   auto* residual = static_cast<T*>(a.residual);
   auto* out = static_cast<T*>(a.out);
   if (vectorized)
-    rmsnorm_vec_kernel<T><<<rows, threads_per_row, 0, stream>>>(x, residual, a.weight, out, a.dim, a.eps);
+    rmsnorm_vec_kernel<T>
+        <<<rows, threads_per_row, 0, stream>>>(x, residual, a.weight, out, a.dim, a.eps);
   else
-    rmsnorm_kernel<T><<<rows, threads_per_row, 0, stream>>>(x, residual, a.weight, out, a.dim, a.eps);
+    rmsnorm_kernel<T>
+        <<<rows, threads_per_row, 0, stream>>>(x, residual, a.weight, out, a.dim, a.eps);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 

@@ -79,13 +79,15 @@ __global__ void sample_greedy_kernel(const T* logits, int32_t* tokens, int64_t v
       for (int u = 0; u < vectors_in_flight; ++u)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          best = better_of(best, candidate{x[u][j], static_cast<int32_t>(4 * (v + u * threads_per_row) + j)});
+          best = better_of(
+              best, candidate{x[u][j], static_cast<int32_t>(4 * (v + u * threads_per_row) + j)});
     }
     for (; v < vectors; v += threads_per_row) {
       float x[4];
       load4(row + 4 * v, x);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) best = better_of(best, candidate{x[j], static_cast<int32_t>(4 * v + j)});
+      for (int j = 0; j < 4; ++j)
+        best = better_of(best, candidate{x[j], static_cast<int32_t>(4 * v + j)});
     }
     tail = vectors * 4;
   }
@@ -106,7 +108,8 @@ template <typename T>
 kernel_status launch(const sample_greedy_args& a, cudaStream_t stream) {
   const auto rows = static_cast<unsigned>(a.rows);
   const auto* logits = static_cast<const T*>(a.logits);
-  const bool aligned = reinterpret_cast<uintptr_t>(a.logits) % (4 * sizeof(T)) == 0 && a.vocab % 4 == 0;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(a.logits) % (4 * sizeof(T)) == 0 && a.vocab % 4 == 0;
   if (aligned)
     sample_greedy_kernel<T, true><<<rows, threads_per_row, 0, stream>>>(logits, a.tokens, a.vocab);
   else

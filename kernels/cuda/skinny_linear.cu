@@ -69,15 +69,15 @@ __device__ __forceinline__ float bf16_high(uint32_t word) {
   return __uint_as_float(word & 0xffff0000u);
 }
 
-__device__ __forceinline__ void unpack(const uint4& u, float (&f)[4], weight_f32, const fp8_grid&, int64_t,
-                                       int64_t) {
+__device__ __forceinline__ void unpack(const uint4& u, float (&f)[4], weight_f32, const fp8_grid&,
+                                       int64_t, int64_t) {
   f[0] = __uint_as_float(u.x);
   f[1] = __uint_as_float(u.y);
   f[2] = __uint_as_float(u.z);
   f[3] = __uint_as_float(u.w);
 }
-__device__ __forceinline__ void unpack(const uint4& u, float (&f)[8], weight_bf16, const fp8_grid&, int64_t,
-                                       int64_t) {
+__device__ __forceinline__ void unpack(const uint4& u, float (&f)[8], weight_bf16, const fp8_grid&,
+                                       int64_t, int64_t) {
   const uint32_t words[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -151,7 +151,8 @@ __global__ void __launch_bounds__(threads_per_block)
 #pragma unroll
       for (int u = 0; u < unroll; ++u)
         if (c0 + 32 * u < end)
-          chunk[u] = load_streaming<typename W::chunk>(w_row + (c0 + 32 * u) * sizeof(typename W::chunk));
+          chunk[u] =
+              load_streaming<typename W::chunk>(w_row + (c0 + 32 * u) * sizeof(typename W::chunk));
 #pragma unroll
       for (int u = 0; u < unroll; ++u) {
         const int64_t c = c0 + 32 * u;
@@ -172,7 +173,8 @@ __global__ void __launch_bounds__(threads_per_block)
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     if (r >= rows) break;
-    for (int offset = 16; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+    for (int offset = 16; offset > 0; offset /= 2)
+      acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
   }
   if (lane == 0)
 #pragma unroll

@@ -60,9 +60,10 @@ struct skinny_linear_args {
 
 /// y(rows, out_features) = x(rows, in_features) . w(out_features, in_features)^T + beta * y, x
 /// and w of `ab`, y of `c`: the arguments for it, as gemm.hpp's linear_desc makes cuBLASLt's.
-[[nodiscard]] inline skinny_linear_args skinny_linear_desc(const void* x, const void* w, void* y, int64_t rows,
-                                                           int64_t in_features, int64_t out_features, dtype ab,
-                                                           dtype c, float beta = 0.0f) noexcept {
+[[nodiscard]] inline skinny_linear_args skinny_linear_desc(const void* x, const void* w, void* y,
+                                                           int64_t rows, int64_t in_features,
+                                                           int64_t out_features, dtype ab, dtype c,
+                                                           float beta = 0.0f) noexcept {
   skinny_linear_args a;
   a.x = x;
   a.w = w;
@@ -83,6 +84,7 @@ struct skinny_linear_args {
 /// below 1, block_cols not a multiple of 8 or a scale_ld below ceil(k / block_cols), or
 /// sizes whose products pass int64. A caller with a refused shape uses cuBLASLt (gemm.hpp).
 [[nodiscard]] kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept;
-[[nodiscard]] kernel_status skinny_linear_run(const skinny_linear_args& a, cudaStream_t stream) noexcept;
+[[nodiscard]] kernel_status skinny_linear_run(const skinny_linear_args& a,
+                                              cudaStream_t stream) noexcept;
 
 }  // namespace moe::kernels::cuda

@@ -84,9 +84,9 @@ template <typename T>
 kernel_status launch(const swiglu_args& a, cudaStream_t stream) {
   const int64_t n = a.rows * a.dim;
   constexpr int64_t E = 16 / sizeof(T);
-  const bool vectorizable = a.dim % E == 0 && aligned16(a.out) &&
-                            (a.gate_up != nullptr ? aligned16(a.gate_up)
-                                                  : aligned16(a.gate) && aligned16(a.up));
+  const bool vectorizable =
+      a.dim % E == 0 && aligned16(a.out) &&
+      (a.gate_up != nullptr ? aligned16(a.gate_up) : aligned16(a.gate) && aligned16(a.up));
   if (vectorizable && a.gate_up != nullptr && a.rows <= 65535) {
     const dim3 grid(static_cast<unsigned>((a.dim / E + vec_threads - 1) / vec_threads),
                     static_cast<unsigned>(a.rows));
@@ -98,8 +98,9 @@ kernel_status launch(const swiglu_args& a, cudaStream_t stream) {
     const int64_t vectors = n / E;
     const auto blocks = static_cast<unsigned>(
         std::min((vectors + threads_per_block - 1) / threads_per_block, max_blocks));
-    swiglu_vec_kernel<T><<<blocks, threads_per_block, 0, stream>>>(
-        static_cast<const T*>(a.gate), static_cast<const T*>(a.up), static_cast<T*>(a.out), vectors);
+    swiglu_vec_kernel<T><<<blocks, threads_per_block, 0, stream>>>(static_cast<const T*>(a.gate),
+                                                                   static_cast<const T*>(a.up),
+                                                                   static_cast<T*>(a.out), vectors);
     return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
   }
   const auto blocks =

@@ -544,8 +544,8 @@ struct grouped_problem {
   int count;
 };
 
-void grouped_compute(const std::vector<grouped_problem>& ps, uint32_t type, const void* const* a_arr,
-                     const void* const* b_arr, void* const* c_arr) {
+void grouped_compute(const std::vector<grouped_problem>& ps, uint32_t type,
+                     const void* const* a_arr, const void* const* b_arr, void* const* c_arr) {
   const size_t es = type_bytes(type);
   int64_t index = 0;
   for (const grouped_problem& p : ps)
@@ -553,25 +553,31 @@ void grouped_compute(const std::vector<grouped_problem>& ps, uint32_t type, cons
       const auto* A = static_cast<const unsigned char*>(a_arr[index]);
       const auto* B = static_cast<const unsigned char*>(b_arr[index]);
       auto* C = static_cast<unsigned char*>(c_arr[index]);
-      const int64_t a_cols = p.ta == CUBLAS_OP_N ? p.k : p.m, b_cols = p.tb == CUBLAS_OP_N ? p.n : p.k;
+      const int64_t a_cols = p.ta == CUBLAS_OP_N ? p.k : p.m,
+                    b_cols = p.tb == CUBLAS_OP_N ? p.n : p.k;
       const bool ok = emu::is_device_range(A, static_cast<size_t>(int64_t{p.lda} * a_cols) * es) &&
                       emu::is_device_range(B, static_cast<size_t>(int64_t{p.ldb} * b_cols) * es) &&
                       emu::is_device_range(C, static_cast<size_t>(int64_t{p.ldc} * p.n) * es);
       if (!ok) {
-        std::fprintf(stderr, "emu (fake cuBLAS): grouped problem %lld reaches outside its device allocation\n",
-                     static_cast<long long>(index));
+        std::fprintf(
+            stderr,
+            "emu (fake cuBLAS): grouped problem %lld reaches outside its device allocation\n",
+            static_cast<long long>(index));
         std::abort();
       }
       for (int j = 0; j < p.n; ++j)
         for (int i = 0; i < p.m; ++i) {
           float sum = 0.0f;
           for (int l = 0; l < p.k; ++l) {
-            const int64_t ai = p.ta == CUBLAS_OP_N ? i + int64_t{l} * p.lda : l + int64_t{i} * p.lda;
-            const int64_t bi = p.tb == CUBLAS_OP_N ? l + int64_t{j} * p.ldb : j + int64_t{l} * p.ldb;
+            const int64_t ai =
+                p.ta == CUBLAS_OP_N ? i + int64_t{l} * p.lda : l + int64_t{i} * p.lda;
+            const int64_t bi =
+                p.tb == CUBLAS_OP_N ? l + int64_t{j} * p.ldb : j + int64_t{l} * p.ldb;
             sum += load(A, type, ai) * load(B, type, bi);
           }
           const int64_t ci = i + int64_t{j} * p.ldc;
-          const float v = p.beta != 0.0f ? p.alpha * sum + p.beta * load(C, type, ci) : p.alpha * sum;
+          const float v =
+              p.beta != 0.0f ? p.alpha * sum + p.beta * load(C, type, ci) : p.alpha * sum;
           store(C, type, ci, v);
         }
     }
@@ -598,28 +604,29 @@ cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, cudaStream_t stream) {
   return CUBLAS_STATUS_SUCCESS;
 }
 
-cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOperation_t transa_array[],
-                                          const cublasOperation_t transb_array[], const int m_array[],
-                                          const int n_array[], const int k_array[], const void* alpha_array,
-                                          const void* const Aarray[], cudaDataType_t Atype, const int lda_array[],
-                                          const void* const Barray[], cudaDataType_t Btype, const int ldb_array[],
-                                          const void* beta_array, void* const Carray[], cudaDataType_t Ctype,
-                                          const int ldc_array[], int group_count, const int group_size[],
-                                          cublasComputeType_t computeType) {
+cublasStatus_t cublasGemmGroupedBatchedEx(
+    cublasHandle_t handle, const cublasOperation_t transa_array[],
+    const cublasOperation_t transb_array[], const int m_array[], const int n_array[],
+    const int k_array[], const void* alpha_array, const void* const Aarray[], cudaDataType_t Atype,
+    const int lda_array[], const void* const Barray[], cudaDataType_t Btype, const int ldb_array[],
+    const void* beta_array, void* const Carray[], cudaDataType_t Ctype, const int ldc_array[],
+    int group_count, const int group_size[], cublasComputeType_t computeType) {
   if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (Atype != Btype || Atype != Ctype || (Atype != CUDA_R_16BF && Atype != CUDA_R_32F) ||
       computeType != CUBLAS_COMPUTE_32F)
     return CUBLAS_STATUS_NOT_SUPPORTED;
   // Tests of the callers' fallback: refuse as cuBLAS refuses problems it has no kernel for.
-  if (const char* v = std::getenv("MOE_EMU_FAKE_CUBLAS_REFUSE_GROUPED"); v != nullptr && v[0] == '1')
+  if (const char* v = std::getenv("MOE_EMU_FAKE_CUBLAS_REFUSE_GROUPED");
+      v != nullptr && v[0] == '1')
     return CUBLAS_STATUS_NOT_SUPPORTED;
   if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
   std::vector<grouped_problem> ps;
   const auto* alpha = static_cast<const float*>(alpha_array);
   const auto* beta = static_cast<const float*>(beta_array);
   for (int g = 0; g < group_count; ++g) {
-    const grouped_problem p{transa_array[g], transb_array[g], m_array[g], n_array[g], k_array[g],
-                            lda_array[g],    ldb_array[g],    ldc_array[g], alpha[g],  beta[g], group_size[g]};
+    const grouped_problem p{transa_array[g], transb_array[g], m_array[g],   n_array[g],
+                            k_array[g],      lda_array[g],    ldb_array[g], ldc_array[g],
+                            alpha[g],        beta[g],         group_size[g]};
     const int a_rows = p.ta == CUBLAS_OP_N ? p.m : p.k, b_rows = p.tb == CUBLAS_OP_N ? p.k : p.n;
     if (p.m < 0 || p.n < 0 || p.k < 0 || p.count < 0 || p.lda < std::max(1, a_rows) ||
         p.ldb < std::max(1, b_rows) || p.ldc < std::max(1, p.m))

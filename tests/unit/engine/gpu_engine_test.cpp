@@ -1004,7 +1004,8 @@ TEST(gpu_engine_options, decode_graph_limits_are_checked_before_any_device_work)
   e = gpu_engine::create(ckpt, o);
   ASSERT_FALSE(e);
   EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
-  EXPECT_NE(error_text(e.error()).find("grouped_dense_rows"), std::string::npos) << error_text(e.error());
+  EXPECT_NE(error_text(e.error()).find("grouped_dense_rows"), std::string::npos)
+      << error_text(e.error());
   o = {};
   o.skinny_rows = kernels::cuda::skinny_linear_max_rows + 1;
   e = gpu_engine::create(ckpt, o);

@@ -34,7 +34,8 @@ std::vector<int32_t> offsets_of(const std::vector<int32_t>& counts) {
   return o;
 }
 
-void check_product(const std::vector<int32_t>& counts, int64_t spare_rows, int64_t n, int64_t k, dtype dt) {
+void check_product(const std::vector<int32_t>& counts, int64_t spare_rows, int64_t n, int64_t k,
+                   dtype dt) {
   SCOPED_TRACE(::testing::Message() << counts.size() << " experts, n " << n << " k " << k
                                     << (dt == dtype::f32 ? " f32" : " bf16"));
   const auto offsets = offsets_of(counts);
@@ -44,9 +45,10 @@ void check_product(const std::vector<int32_t>& counts, int64_t spare_rows, int64
   const auto w = stored(random_floats(static_cast<size_t>(E * n * k), 12 + k), dt);
   const float canary = stored({12345.0f}, dt)[0];
   std::vector<float> want(static_cast<size_t>(rows * n), canary);
-  ASSERT_EQ(cpu::grouped_gemm(x.data(), offsets.data(), static_cast<size_t>(E), w.data(), want.data(),
-                              static_cast<size_t>(rows), static_cast<size_t>(n), static_cast<size_t>(k)),
-            kernel_status::ok);
+  ASSERT_EQ(
+      cpu::grouped_gemm(x.data(), offsets.data(), static_cast<size_t>(E), w.data(), want.data(),
+                        static_cast<size_t>(rows), static_cast<size_t>(n), static_cast<size_t>(k)),
+      kernel_status::ok);
   auto dx = to_device(x, dt), dw = to_device(w, dt);
   auto dy = to_device(std::vector<float>(want.size(), canary), dt);
   device_buffer device_pointers(3 * static_cast<size_t>(E) * sizeof(void*));
@@ -84,9 +86,10 @@ void check_product(const std::vector<int32_t>& counts, int64_t spare_rows, int64
       while (offsets[static_cast<size_t>(e + 1)] <= r) ++e;
       double s = 0;
       for (int64_t l = 0; l < k; ++l)
-        s += std::fabs(double{x[static_cast<size_t>(r * k + l)]} * w[static_cast<size_t>((e * n + c) * k + l)]);
-      const double tol = static_cast<double>(k) * per_k * s + (dt == dtype::bf16 ? 0x1p-8 * std::fabs(want[i]) : 0.0) +
-                         1e-30;
+        s += std::fabs(double{x[static_cast<size_t>(r * k + l)]} *
+                       w[static_cast<size_t>((e * n + c) * k + l)]);
+      const double tol = static_cast<double>(k) * per_k * s +
+                         (dt == dtype::bf16 ? 0x1p-8 * std::fabs(want[i]) : 0.0) + 1e-30;
       ASSERT_LE(std::fabs(double{got[i]} - want[i]), tol) << "row " << r << " col " << c;
     }
 }
@@ -116,7 +119,8 @@ TEST(cuda_grouped_gemm_cublas, can_run_rejects_bad_arguments) {
   EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_shape);
   bad = a;
   bad.num_rows = 6;
-  EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_shape) << "offsets past the rows";
+  EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_shape)
+      << "offsets past the rows";
   bad = a;
   bad.host_pointers = nullptr;
   EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_shape);
@@ -125,7 +129,8 @@ TEST(cuda_grouped_gemm_cublas, can_run_rejects_bad_arguments) {
   EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_shape);
   bad = a;
   bad.dt = dtype::f8_e4m3;
-  EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_dtype) << "FP8 is grouped_gemm_run's";
+  EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_dtype)
+      << "FP8 is grouped_gemm_run's";
   bad = a;
   bad.k = int64_t{INT32_MAX} + 1;
   EXPECT_EQ(cuda::cublas_grouped_can_run(bad), kernel_status::unsupported_shape);

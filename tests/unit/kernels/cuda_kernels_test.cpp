@@ -119,8 +119,8 @@ TEST(cuda_swiglu, matches_cpu_reference) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   // tiny-v3's expert (32) and dense (128) widths, DeepSeek-V3's expert width (2048), v2-lite's
   // (1408: a row's vectors over two blocks), odd sizes (one element a thread).
-  for (const auto& [rows, dim] :
-       {std::pair<size_t, size_t>{1, 1}, {7, 32}, {37, 1000}, {5, 2048}, {12, 1408}, {129, 33}, {3, 128}})
+  for (const auto& [rows, dim] : {std::pair<size_t, size_t>{1, 1}, {7, 32}, {37, 1000}, {5, 2048},
+                                  {12, 1408}, {129, 33}, {3, 128}})
     for (bool fused : {false, true})
       for (dtype dt : {dtype::f32, dtype::bf16}) check_swiglu(rows, dim, fused, dt, rows * dim);
 }
@@ -813,10 +813,12 @@ TEST(cuda_rmsnorm, matches_cpu_reference_with_and_without_the_residual) {
     size_t rows, dim;
     dtype dt;
   };
-  for (const shape& c : {shape{3, 2048, dtype::bf16}, shape{2, 7168, dtype::bf16}, shape{5, 1000, dtype::f32},
-                         shape{2, 4096, dtype::f32}, shape{2, 7168, dtype::f32}, shape{2, 1001, dtype::bf16},
-                         shape{1, 64, dtype::bf16}, shape{3, 13, dtype::f32}})
-    for (const bool with_residual : {false, true}) check_rmsnorm(c.rows, c.dim, c.dt, with_residual);
+  for (const shape& c :
+       {shape{3, 2048, dtype::bf16}, shape{2, 7168, dtype::bf16}, shape{5, 1000, dtype::f32},
+        shape{2, 4096, dtype::f32}, shape{2, 7168, dtype::f32}, shape{2, 1001, dtype::bf16},
+        shape{1, 64, dtype::bf16}, shape{3, 13, dtype::f32}})
+    for (const bool with_residual : {false, true})
+      check_rmsnorm(c.rows, c.dim, c.dt, with_residual);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -867,8 +869,8 @@ TEST(cuda_sample_greedy, matches_cpu_reference) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   // DeepSeek-V3's vocabulary (129280), v2-lite's (102400: several full rounds of vector loads),
   // tiny-v3's (512), odd (one element at a time) and tiny ones.
-  for (const auto& [rows, vocab] :
-       {std::pair<size_t, size_t>{9, 129280}, {1, 102400}, {8, 512}, {7, 1000}, {3, 1}, {2, 513}, {11, 31}})
+  for (const auto& [rows, vocab] : {std::pair<size_t, size_t>{9, 129280}, {1, 102400}, {8, 512},
+                                    {7, 1000}, {3, 1}, {2, 513}, {11, 31}})
     for (dtype dt : {dtype::f32, dtype::bf16}) check_sample_greedy(rows, vocab, dt, rows + vocab);
 }
 

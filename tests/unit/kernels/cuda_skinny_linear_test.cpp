@@ -44,7 +44,8 @@ product reference(const std::vector<float>& x, const std::vector<float>& w, int6
     for (int64_t c = 0; c < n; ++c) {
       double s = 0, a = 0;
       for (int64_t i = 0; i < k; ++i) {
-        const double v = double{x[static_cast<size_t>(r * k + i)]} * w[static_cast<size_t>(c * k + i)];
+        const double v =
+            double{x[static_cast<size_t>(r * k + i)]} * w[static_cast<size_t>(c * k + i)];
         s += v;
         a += std::fabs(v);
       }
@@ -83,26 +84,29 @@ void expect_matches(const device_buffer& dy, dtype y_dt, const product& p, int64
   }
 }
 
-cuda::skinny_linear_args product_args(const device_buffer& x, const device_buffer& w, const device_buffer& y,
-                                      int64_t rows, int64_t n, int64_t k, dtype dt, dtype y_dt, float beta) {
+cuda::skinny_linear_args product_args(const device_buffer& x, const device_buffer& w,
+                                      const device_buffer& y, int64_t rows, int64_t n, int64_t k,
+                                      dtype dt, dtype y_dt, float beta) {
   return cuda::skinny_linear_desc(x.get(), w.get(), y.get(), rows, k, n, dt, y_dt, beta);
 }
 
 struct float_case {
   int64_t rows, n, k;
-  dtype dt;    // x and w
+  dtype dt;  // x and w
   dtype y_dt;
   float beta;
 };
 
 void check_float_case(const float_case& c) {
-  SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " n " << c.n << " k " << c.k << (c.dt == dtype::f32 ? " f32" : " bf16")
-                                    << (c.y_dt == dtype::f32 ? " -> f32" : " -> bf16") << " beta "
-                                    << c.beta);
+  SCOPED_TRACE(::testing::Message()
+               << "rows " << c.rows << " n " << c.n << " k " << c.k
+               << (c.dt == dtype::f32 ? " f32" : " bf16")
+               << (c.y_dt == dtype::f32 ? " -> f32" : " -> bf16") << " beta " << c.beta);
   const auto seed = static_cast<uint64_t>(c.rows * 1000003 + c.n * 1009 + c.k);
   const auto x = stored(random_floats(static_cast<size_t>(c.rows * c.k), seed), c.dt);
   const auto w = stored(random_floats(static_cast<size_t>(c.n * c.k), seed + 1), c.dt);
-  const auto y0 = stored(random_floats(static_cast<size_t>(c.rows * c.n), seed + 2, -4.0f, 4.0f), c.y_dt);
+  const auto y0 =
+      stored(random_floats(static_cast<size_t>(c.rows * c.n), seed + 2, -4.0f, 4.0f), c.y_dt);
   const auto p = reference(x, w, c.rows, c.n, c.k, c.beta, y0);
   auto dx = to_device(x, c.dt), dw = to_device(w, c.dt), dy = to_device(y0, c.y_dt);
   auto a = product_args(*dx, *dw, *dy, c.rows, c.n, c.k, c.dt, c.y_dt, c.beta);
@@ -174,10 +178,10 @@ TEST(cuda_skinny_linear, can_run_rejects_bad_arguments) {
 TEST(cuda_skinny_linear, bf16_and_f32_products_match_the_exact_sum) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   const float_case cases[] = {
-      {1, 300, 64, dtype::bf16, dtype::bf16, 0.0f},   {3, 37, 1024, dtype::bf16, dtype::bf16, 0.0f},
-      {8, 40, 256, dtype::bf16, dtype::f32, 0.0f},    {2, 24, 4096, dtype::bf16, dtype::f32, 1.0f},
-      {5, 96, 512, dtype::bf16, dtype::bf16, 1.0f},   {1, 8, 4096, dtype::f32, dtype::f32, 0.0f},
-      {4, 130, 128, dtype::f32, dtype::f32, 1.0f},    {7, 17, 48, dtype::f32, dtype::bf16, 0.0f},
+      {1, 300, 64, dtype::bf16, dtype::bf16, 0.0f}, {3, 37, 1024, dtype::bf16, dtype::bf16, 0.0f},
+      {8, 40, 256, dtype::bf16, dtype::f32, 0.0f},  {2, 24, 4096, dtype::bf16, dtype::f32, 1.0f},
+      {5, 96, 512, dtype::bf16, dtype::bf16, 1.0f}, {1, 8, 4096, dtype::f32, dtype::f32, 0.0f},
+      {4, 130, 128, dtype::f32, dtype::f32, 1.0f},  {7, 17, 48, dtype::f32, dtype::bf16, 0.0f},
   };
   for (const auto& c : cases) check_float_case(c);
 }
@@ -210,10 +214,8 @@ TEST(cuda_skinny_linear, fp8_weights_match_their_bf16_expansion) {
     float beta;
   };
   const fp8_case cases[] = {
-      {1, 200, 384, 128, 128, 4, dtype::bf16, 0.0f},
-      {4, 40, 2048, 128, 128, 16, dtype::f32, 1.0f},
-      {8, 33, 96, 8, 32, 0, dtype::f32, 0.0f},
-      {3, 70, 160, 16, 16, 12, dtype::bf16, 1.0f},
+      {1, 200, 384, 128, 128, 4, dtype::bf16, 0.0f}, {4, 40, 2048, 128, 128, 16, dtype::f32, 1.0f},
+      {8, 33, 96, 8, 32, 0, dtype::f32, 0.0f},       {3, 70, 160, 16, 16, 12, dtype::bf16, 1.0f},
       {2, 19, 1024, 5, 8, 0, dtype::f32, 0.0f},
   };
   for (const auto& c : cases) {
@@ -231,7 +233,8 @@ TEST(cuda_skinny_linear, fp8_weights_match_their_bf16_expansion) {
     const int64_t ld = c.scale_ld > 0 ? c.scale_ld : scols;
     std::vector<float> packed(static_cast<size_t>(srows * scols));
     for (auto& s : packed)
-      s = std::ldexp(1.0f + static_cast<float>(rng() % 1024) / 1024.0f, -10 - static_cast<int>(rng() % 4));
+      s = std::ldexp(1.0f + static_cast<float>(rng() % 1024) / 1024.0f,
+                     -10 - static_cast<int>(rng() % 4));
     std::vector<float> padded(static_cast<size_t>(srows * ld), nan_f);
     for (int64_t r = 0; r < srows; ++r)
       for (int64_t j = 0; j < scols; ++j)
@@ -242,7 +245,8 @@ TEST(cuda_skinny_linear, fp8_weights_match_their_bf16_expansion) {
     w = bf16_rounded(w);
 
     const auto x = bf16_rounded(random_floats(static_cast<size_t>(c.rows * c.k), seed + 1));
-    const auto y0 = stored(random_floats(static_cast<size_t>(c.rows * c.n), seed + 2, -4.0f, 4.0f), c.y_dt);
+    const auto y0 =
+        stored(random_floats(static_cast<size_t>(c.rows * c.n), seed + 2, -4.0f, 4.0f), c.y_dt);
     const auto p = reference(x, w, c.rows, c.n, c.k, c.beta, y0);
     auto dx = to_device(x, dtype::bf16), dy = to_device(y0, c.y_dt);
     auto dw = to_device(codes), ds = to_device(padded);
