@@ -20,14 +20,14 @@
 //
 // Decode runs twice per batch on the same prompts: from CUDA graphs (the engine's
 // decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up.
-// Prefill runs once more with the routed experts on cuBLAS's grouped GEMM
-// ("prefill_cublas_grouped_experts", gpu_engine_options::cublas_grouped_experts), with its
-// speed-up over our grouped GEMM kernel.
-// Batches past skinny_rows (up to 64) run once more with their projections on the grouped expert
-// GEMM as one expert ("decode_grouped_dense", gpu_engine_options::grouped_dense_rows).
-// Batches within the engine's skinny_rows (its few-row projections on skinny_linear.hpp's kernel)
-// run once more on a second engine whose projections all go through cuBLASLt
-// ("decode_cublaslt_projections"), with the kernel's speed-up.
+// The engine options still off until a card measures them run on a second engine over the same
+// weights: prefill with the routed experts on cuBLAS's grouped GEMM
+// ("prefill_cublas_grouped_experts", gpu_engine_options::cublas_grouped_experts), and the
+// batches past skinny_rows (up to 64) with their projections on the grouped expert GEMM as one
+// expert ("decode_grouped_dense", gpu_engine_options::grouped_dense_rows), each with its
+// speed-up over the default engine. Batches within the engine's skinny_rows (its few-row
+// projections on skinny_linear.hpp's kernel) run once more on a third engine whose projections
+// all go through cuBLASLt ("decode_cublaslt_projections"), with the kernel's speed-up.
 //
 // With --fp8 (a list of gpu_engine_options::fp8_products: block_scaled, expand), the same
 // weights are then quantized to FP8 (model::quantize_fp8: 128x128 blocks, as DeepSeek-V3's) and
@@ -428,36 +428,27 @@ int main(int argc, char** argv) {
                                  {"host_bytes", g.host_bytes},
                                  {"last_fallback_reason", g.last_fallback_reason}};
   }
-  // Prefill with the routed experts on cuBLAS's grouped GEMM (cublas_grouped_experts), on a
-  // second engine over the same weights, against ours above.
+  // The options still off until measured, on a second engine over the same weights: prefill
+  // with the routed experts on cuBLAS's grouped GEMM (cublas_grouped_experts; a prefill of
+  // hundreds of rows takes no other new path), and the decode batches past skinny_rows with
+  // their products on the grouped GEMM as one expert (grouped_dense_rows; decode takes no
+  // cuBLAS path): each against the default engine's figure.
   {
-    auto blas_options = eo;
-    blas_options.cublas_grouped_experts = true;
-    auto blas_engine = me::gpu_engine::create(shared, blas_options);
-    if (!blas_engine) fail("engine (cublas_grouped_experts)", blas_engine.error());
-    runner blas_run(*blas_engine, s);
-    json p = blas_run.prefill();
+    auto alt_options = eo;
+    alt_options.cublas_grouped_experts = true;
+    alt_options.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
+    auto alt_engine = me::gpu_engine::create(shared, alt_options);
+    if (!alt_engine) fail("engine (options off by default)", alt_engine.error());
+    runner alt_run(*alt_engine, s);
+    json p = alt_run.prefill();
     p["speedup_over_ours"] =
         p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
     out["prefill_cublas_grouped_experts"] = p;
-  }
-  // Decode batches past skinny_rows with their products on the grouped GEMM as one expert
-  // (grouped_dense_rows), on a second engine over the same weights, against the default's.
-  bool mid_rows = false;
-  for (int b : s.decode_batches)
-    mid_rows =
-        mid_rows || (b > eo.skinny_rows && b <= me::gpu_engine_options::max_grouped_dense_rows);
-  if (mid_rows) {
-    auto dense_options = eo;
-    dense_options.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
-    auto dense_engine = me::gpu_engine::create(shared, dense_options);
-    if (!dense_engine) fail("engine (grouped_dense_rows)", dense_engine.error());
-    runner dense_run(*dense_engine, s);
     out["decode_grouped_dense"] = json::array();
     for (int b : s.decode_batches) {
       if (b <= eo.skinny_rows || b > me::gpu_engine_options::max_grouped_dense_rows) continue;
       std::vector<int32_t> tokens;
-      json d = dense_run.decode(b, s.graphs, tokens);
+      json d = alt_run.decode(b, s.graphs, tokens);
       for (const auto& ours : out["decode"])
         if (ours["batch"] == b)
           d["speedup_over_default"] =
