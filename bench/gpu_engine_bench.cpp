@@ -35,7 +35,7 @@
 // each with its ratio to the bf16 engine's figures of the same run ("fp8").
 //
 //   moe_bench_gpu_engine [--preset v2lite-8L] [--peer peer.json] [--out engine.json] [--no-graphs]
-//                        [--fp8 block_scaled,expand]
+//                        [--no-variants] [--fp8 block_scaled,expand]
 // Exits 2, with a JSON {"skipped": reason}, where there is no GPU.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -88,6 +88,7 @@ struct settings {
   int check_tokens = 24;
   int check_steps = 8;
   bool graphs = true;
+  bool variants = true;  // the A/B engines (options off by default, skinny_rows 0)
   std::vector<std::string> fp8;
   std::string peer, out;
 };
@@ -339,6 +340,8 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--check-steps", s.check_steps, "decode steps of that check")->check(CLI::NonNegativeNumber);
   app.add_flag("!--no-graphs", s.graphs, "decode eagerly only (no CUDA graphs)");
+  app.add_flag("!--no-variants", s.variants,
+               "skip the engines with other options (the A/B figures)");
   app.add_option("--fp8", s.fp8, "also FP8 weights, with these products (block_scaled, expand)")
       ->delimiter(',')
       ->check(CLI::IsMember({"block_scaled", "expand"}));
@@ -433,7 +436,7 @@ int main(int argc, char** argv) {
   // hundreds of rows takes no other new path), and the decode batches past skinny_rows with
   // their products on the grouped GEMM as one expert (grouped_dense_rows; decode takes no
   // cuBLAS path): each against the default engine's figure.
-  {
+  if (s.variants) {
     auto alt_options = eo;
     alt_options.cublas_grouped_experts = true;
     alt_options.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
@@ -459,7 +462,7 @@ int main(int argc, char** argv) {
   // The few-row projections on cuBLASLt instead (skinny_rows 0), for the batches that use the
   // skinny kernel, on a second engine over the same weights: the kernel's effect on the step.
   bool few_rows = false;
-  for (int b : s.decode_batches) few_rows = few_rows || b <= eo.skinny_rows;
+  for (int b : s.decode_batches) few_rows = few_rows || (s.variants && b <= eo.skinny_rows);
   if (few_rows) {
     auto lt_options = eo;
     lt_options.skinny_rows = 0;

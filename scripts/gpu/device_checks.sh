@@ -76,7 +76,7 @@ sed -n '/^{/,/^}/p' "$logs/bench_gpu_kernels.log" > "$logs/bench_gpu_kernels.jso
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 step ncu_engine 120 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
   --launch-count 4000 "$bundle/bin/moe_bench_gpu_engine" --reps 1 --decode-steps 2 \
-  --check-tokens 0 --no-graphs --out "$logs/ncu_engine_bench.json"
+  --check-tokens 0 --no-graphs --no-variants --out "$logs/ncu_engine_bench.json"
 python3 scripts/gpu/ncu_summary.py "$logs/ncu_engine.log" > "$logs/ncu_summary.json" 2>&1
 for f in peer_transformers.json bench_gpu_engine.json bench_gpu_kernels.json ncu_summary.json; do
   [[ -s "$logs/$f" ]] && cp "$logs/$f" "$out/"
