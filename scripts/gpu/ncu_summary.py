@@ -26,6 +26,7 @@ FAMILIES = [
     ("mla_cache_append", "cache append"),
     ("moe_gate", "gate"),
     ("permute", "permute/unpermute"),
+    ("small_plan_kernel", "permute plan"),
     ("count_kernel", "permute plan"),
     ("scan_kernel", "permute plan"),
     ("place_kernel", "permute plan"),
@@ -35,6 +36,7 @@ FAMILIES = [
     ("gather_rows", "gather"),
     ("convert", "convert"),
     ("sample_greedy", "sampling"),
+    ("skinny_linear", "few-row linear"),
 ]
 
 
@@ -42,6 +44,7 @@ def family(name):
     for key, label in FAMILIES:
         if key in name:
             return label
+    # cuBLASLt's kernels, and cuBLAS's (its grouped GEMM, with cublas_grouped_experts).
     return "cuBLASLt" if any(k in name for k in ("gemm", "nvjet", "xmma", "cutlass", "splitK")) else "other: " + name[:60]
 
 
