@@ -434,7 +434,19 @@ class forward {
     const int64_t rows = T_ * k;
     caf::error err;
     const void* router_in = b_.mlp_in;
-    if (m_.dt != dtype::f32) {  // the gate runs in float32, as transformers'
+    // The gate runs in float32, as transformers'. A few rows take the bf16 input straight into
+    // the skinny kernel, which widens it exactly (one launch instead of a conversion and a
+    // product); otherwise the input is converted first.
+    std::optional<caf::error> routed;
+    if (m_.dt != dtype::f32) {
+      auto r = kcu::skinny_linear_desc(b_.mlp_in, w.router, b_.router_logits, T_, D, E, m_.dt,
+                                       dtype::f32);
+      r.w_dt = dtype::f32;
+      routed = skinny(r, "router");
+    }
+    if (routed) {
+      if (*routed) return *routed;
+    } else if (m_.dt != dtype::f32) {
       kcu::convert_args cv;
       cv.in = b_.mlp_in;
       cv.out = b_.mlp_in_f32;
@@ -444,8 +456,8 @@ class forward {
       if ((err = check(kcu::convert_run(cv, m_.stream), "router input to f32"))) return err;
       router_in = b_.mlp_in_f32;
     }
-    if ((err = linear_as(dtype::f32, dtype::f32, router_in, w.router, b_.router_logits, T_, D, E,
-                         "router")))
+    if (!routed && (err = linear_as(dtype::f32, dtype::f32, router_in, w.router, b_.router_logits,
+                                    T_, D, E, "router")))
       return err;
     kcu::moe_gate_args g;
     g.params.num_experts = static_cast<size_t>(E);

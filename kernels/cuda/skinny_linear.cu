@@ -113,6 +113,14 @@ __device__ __forceinline__ void load_x(const float* p, float (&f)[N]) {
 }
 template <int N>
 __device__ __forceinline__ void load_x(const bf16* p, float (&f)[N]) {
+  if constexpr (N == 4) {  // the four columns of an f32 weight's chunk: 8 bytes
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    f[0] = bf16_low(u.x);
+    f[1] = bf16_high(u.x);
+    f[2] = bf16_low(u.y);
+    f[3] = bf16_high(u.y);
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < N / 8; ++i) {
     const uint4 u = load_cached(p + 8 * i);
@@ -237,7 +245,9 @@ kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept {
   if (!float_dt || (a.y_dt != dtype::f32 && a.y_dt != dtype::bf16))
     return kernel_status::unsupported_dtype;
   const bool fp8 = a.w_dt == dtype::f8_e4m3;
-  if (a.w_dt != a.x_dt && !(fp8 && a.x_dt == dtype::bf16)) return kernel_status::unsupported_dtype;
+  // x and w alike, or bf16 x with an FP8 or f32 weight (the router's: its bf16 input widened).
+  if (a.w_dt != a.x_dt && !((fp8 || a.w_dt == dtype::f32) && a.x_dt == dtype::bf16))
+    return kernel_status::unsupported_dtype;
   if (a.rows < 0 || a.n < 0 || a.k < 0 || a.rows > skinny_linear_max_rows)
     return kernel_status::unsupported_shape;
   // n * k and rows * n index elements (and n * k * 4 bytes) without overflow.
@@ -262,8 +272,10 @@ kernel_status skinny_linear_run(const skinny_linear_args& a, cudaStream_t stream
   if (auto s = skinny_linear_can_run(a); s != kernel_status::ok) return s;
   if (a.rows * a.n == 0) return kernel_status::ok;
   if (a.w_dt == dtype::f8_e4m3) return launch_out<bf16, weight_fp8>(a, stream);
-  if (a.x_dt == dtype::bf16) return launch_out<bf16, weight_bf16>(a, stream);
-  return launch_out<float, weight_f32>(a, stream);
+  if (a.w_dt == dtype::f32)
+    return a.x_dt == dtype::bf16 ? launch_out<bf16, weight_f32>(a, stream)
+                                 : launch_out<float, weight_f32>(a, stream);
+  return launch_out<bf16, weight_bf16>(a, stream);
 }
 
 }  // namespace moe::kernels::cuda

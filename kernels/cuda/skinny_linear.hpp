@@ -9,7 +9,8 @@
 // where there are too few columns to keep the card's memory busy), and reads x through the L1
 // cache (every warp reads all of it).
 //
-// Weights: f32 or bf16 (the dtype of x), or FP8 e4m3 with float32 block scales and bf16 x: the
+// Weights: f32 or bf16 (the dtype of x; an f32 weight also takes bf16 x, widened exactly, as
+// the router's bf16 input), or FP8 e4m3 with float32 block scales and bf16 x: the
 // FP8 bytes are what streams (half of bf16's), and each element is expanded as fp8_dequantize
 // expands it, bf16(e4m3 * scale), before its product; the sums run in the same order as for a
 // bf16 weight, so the result equals, bit for bit, this kernel's on the weight fp8_dequantize
@@ -47,7 +48,7 @@ struct skinny_linear_args {
   int64_t n = 0;
   int64_t k = 0;
   dtype x_dt = dtype::bf16;  ///< f32 or bf16
-  dtype w_dt = dtype::bf16;  ///< x_dt, or f8_e4m3 (with bf16 x)
+  dtype w_dt = dtype::bf16;  ///< x_dt; or, with bf16 x, f8_e4m3 or f32 (x widened exactly)
   dtype y_dt = dtype::bf16;  ///< f32 or bf16
   float beta = 0.0f;
   /// FP8 weights: w_scale[(i / block_rows) * scale_ld + j / block_cols] scales w[i, j]

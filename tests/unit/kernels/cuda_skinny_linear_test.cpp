@@ -151,7 +151,8 @@ TEST(cuda_skinny_linear, can_run_rejects_bad_arguments) {
       {"negative n", good, [](args& a) { a.n = -1; }, shape},
       {"n * k overflows", good, [](args& a) { a.n = INT64_MAX / 4; }, shape},
       {"nothing to compute", good, [](args& a) { a.rows = 0, a.x = a.w = a.y = nullptr; }, ok},
-      {"mixed x and w", good, [](args& a) { a.w_dt = dtype::f32; }, type},
+      {"bf16 x, f32 w (the router's)", good, [](args& a) { a.w_dt = dtype::f32; }, ok},
+      {"f32 x, bf16 w", good, [](args& a) { a.x_dt = dtype::f32; }, type},
       {"integer y", good, [](args& a) { a.y_dt = dtype::i32; }, type},
       {"f16", good, [](args& a) { a.x_dt = a.w_dt = dtype::f16; }, type},
       {"f32, k % 4 == 0", good, [](args& a) { a.x_dt = a.w_dt = dtype::f32, a.k = 12; }, ok},
@@ -184,6 +185,32 @@ TEST(cuda_skinny_linear, bf16_and_f32_products_match_the_exact_sum) {
       {4, 130, 128, dtype::f32, dtype::f32, 1.0f},  {7, 17, 48, dtype::f32, dtype::bf16, 0.0f},
   };
   for (const auto& c : cases) check_float_case(c);
+}
+
+// bf16 x with an f32 weight (the router's product on its bf16 input): x widened exactly, the
+// same bits as the f32 product on x converted to f32 first.
+TEST(cuda_skinny_linear, bf16_input_with_f32_weight_is_the_f32_product_of_its_widening) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  for (const int64_t rows : {int64_t{1}, int64_t{3}, int64_t{8}}) {
+    const int64_t n = 64, k = 2048;
+    SCOPED_TRACE(::testing::Message() << "rows " << rows);
+    const auto x = stored(random_floats(static_cast<size_t>(rows * k), 41 + rows), dtype::bf16);
+    const auto w = random_floats(static_cast<size_t>(n * k), 42);
+    auto dx16 = to_device(x, dtype::bf16), dx32 = to_device(x, dtype::f32), dw = to_device(w, dtype::f32);
+    device_buffer y16(rows * n * 4), y32(rows * n * 4);
+    auto a = product_args(*dx32, *dw, y32, rows, n, k, dtype::f32, dtype::f32, 0.0f);
+    ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+    a.x = dx16->get();
+    a.x_dt = dtype::bf16;
+    a.y = y16.get();
+    ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto got = fetch<float>(y16, rows * n), want = fetch<float>(y32, rows * n);
+    EXPECT_EQ(got, want);
+    const auto p = reference(x, w, rows, n, k, 0.0f, {});
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_LE(std::fabs(double{got[i]} - p.want[i]), sum_tolerance(k, p.mag[i])) << "output " << i;
+  }
 }
 
 // The same inputs give the same bits: each lane's order and the reduction trees are fixed.
