@@ -154,10 +154,13 @@ echo "==> fault: SIGKILL node n1 while requests generate $(elapsed)"
 pids=()
 for i in 1 2 3 4; do
   "$MOE" submit --address "127.0.0.1:$API" --secret-file "$TMP/secret" --prompt-ids "$i,17,42,$i" \
-    --max-new-tokens 120 --stream >"$TMP/inflight.$i" 2>&1 & pids+=($!)
+    --max-new-tokens 1000 --stream >"$TMP/inflight.$i" 2>&1 & pids+=($!)
 done
 # Killed once every request has streamed a token (not after a fixed sleep: a slower build, e.g.
-# the sanitizer stage's, had not submitted them yet, and nothing was replayed).
+# the sanitizer stage's, had not submitted them yet, and nothing was replayed). Each request is
+# long enough (1000 tokens, seconds on any build) that those on n1 are still generating by the
+# time the last has started: with 120 tokens, a CI run whose submits started far apart saw n1's
+# requests finish before the kill, and nothing was replayed.
 for _ in $(seq 600); do
   streaming=0
   for i in 1 2 3 4; do [[ -s $TMP/inflight.$i ]] && streaming=$((streaming + 1)); done
