@@ -24,6 +24,19 @@ __device__ inline void store(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16_rn(v);
 }
 
+/// Whether p may be read or written 16 bytes at a time (the host decides on the vector forms).
+__host__ __device__ inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+/// The two bf16 values of a 32-bit word (the lower address first), exactly.
+__device__ inline float bf16_low(uint32_t word) {
+  return __uint_as_float(word << 16);
+}
+__device__ inline float bf16_high(uint32_t word) {
+  return __uint_as_float(word & 0xffff0000u);
+}
+
 // 16 bytes of a row as floats, and back (bf16 rounded to nearest even, as store does). p must
 // be 16-byte aligned.
 __device__ inline void load16(const float* p, float (&v)[4]) {
@@ -38,8 +51,8 @@ __device__ inline void load16(const __nv_bfloat16* p, float (&v)[8]) {
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    v[2 * i] = __uint_as_float(words[i] << 16);
-    v[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    v[2 * i] = bf16_low(words[i]);
+    v[2 * i + 1] = bf16_high(words[i]);
   }
 }
 __device__ inline void store16(float* p, const float (&v)[4]) {

@@ -16,6 +16,7 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
+using detail::aligned16;
 using detail::store;
 
 // ---------------------------------------------------------------------------------------------
@@ -621,10 +622,6 @@ grid_shape grid_of(const grouped_gemm_args& a) noexcept {
   g.n_tiles = (a.n + g.bn - 1) / g.bn;
   g.blocks = g.n_tiles * ((a.num_rows + g.bm - 1) / g.bm + a.num_experts);
   return g;
-}
-
-bool aligned16(const void* p) noexcept {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 template <class Tiles, class TOut, class Loader>

@@ -36,19 +36,26 @@ __global__ void count_kernel(const int32_t* topk_idx, int64_t n, int32_t* expert
   }
 }
 
+// buf[0 .. n) becomes its inclusive prefix sum (Hillis-Steele), one thread per entry of a block
+// of at least n threads; every thread of the block calls it.
+__device__ void block_inclusive_scan(int32_t* buf, int n) {
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int d = 1; d < n; d *= 2) {
+    const int32_t add = tid >= d && tid < n ? buf[tid - d] : 0;
+    __syncthreads();
+    if (tid < n) buf[tid] += add;
+    __syncthreads();
+  }
+}
+
 // Plan step 2: one block turns the counts in expert_offsets[1..E] into their inclusive scan, so
-// expert_offsets becomes the exclusive offsets (Hillis-Steele over at most 1024 entries).
+// expert_offsets becomes the exclusive offsets (over at most 1024 entries).
 __global__ void scan_kernel(int32_t* expert_offsets, int num_experts) {
   __shared__ int32_t buf[scan_threads];
   const int tid = static_cast<int>(threadIdx.x);
   buf[tid] = tid < num_experts ? expert_offsets[tid + 1] : 0;
   __syncthreads();
-  for (int d = 1; d < scan_threads; d *= 2) {
-    const int32_t add = tid >= d ? buf[tid - d] : 0;
-    __syncthreads();
-    buf[tid] += add;
-    __syncthreads();
-  }
+  block_inclusive_scan(buf, num_experts);
   if (tid < num_experts) expert_offsets[tid + 1] = buf[tid];
 }
 
@@ -114,12 +121,7 @@ __global__ void small_plan_kernel(const int32_t* topk_idx, int n, int num_expert
     for (int j = 0; j < n; ++j) count += ids[j] == tid ? 1 : 0;
   ends[tid] = count;
   __syncthreads();
-  for (int d = 1; d < num_experts; d *= 2) {
-    const int32_t add = tid >= d ? ends[tid - d] : 0;
-    __syncthreads();
-    ends[tid] += add;
-    __syncthreads();
-  }
+  block_inclusive_scan(ends, num_experts);
   if (tid == 0) expert_offsets[0] = 0;
   if (tid < num_experts) expert_offsets[tid + 1] = ends[tid];
   if (tid >= n) return;  // after the last barrier
@@ -213,8 +215,7 @@ __global__ void unpermute_kernel(const T* y, const float* weight, const int32_t*
 // Whether every row of a (rows, dim) matrix of T at p starts 16-byte aligned.
 template <typename T>
 bool rows_aligned16(const void* p, int64_t dim) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 &&
-         dim * static_cast<int64_t>(sizeof(T)) % 16 == 0;
+  return detail::aligned16(p) && dim * static_cast<int64_t>(sizeof(T)) % 16 == 0;
 }
 
 template <typename T>

@@ -6,6 +6,7 @@
 namespace moe::kernels::cuda {
 namespace {
 
+using detail::aligned16;
 using detail::load;
 using detail::load16;
 using detail::store;
@@ -122,10 +123,6 @@ __global__ void rmsnorm_vec_kernel(const T* x, T* residual, const float* weight,
     for (int e = 0; e < E; ++e) y[e] = w[e] * (v[j][e] * inv);
     store16(out + base + q * E, y);
   }
-}
-
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 template <typename T>

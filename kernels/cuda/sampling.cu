@@ -42,18 +42,14 @@ __device__ candidate warp_best(candidate c) {
 
 // Four consecutive elements from a 4-element-aligned position (16 bytes of f32, 8 of bf16).
 __device__ void load4(const float* p, float (&v)[4]) {
-  const float4 q = *reinterpret_cast<const float4*>(p);
-  v[0] = q.x;
-  v[1] = q.y;
-  v[2] = q.z;
-  v[3] = q.w;
+  detail::load16(p, v);
 }
 __device__ void load4(const __nv_bfloat16* p, float (&v)[4]) {
   const uint2 q = *reinterpret_cast<const uint2*>(p);
-  v[0] = __uint_as_float(q.x << 16);
-  v[1] = __uint_as_float(q.x & 0xffff0000u);
-  v[2] = __uint_as_float(q.y << 16);
-  v[3] = __uint_as_float(q.y & 0xffff0000u);
+  v[0] = detail::bf16_low(q.x);
+  v[1] = detail::bf16_high(q.x);
+  v[2] = detail::bf16_low(q.y);
+  v[3] = detail::bf16_high(q.y);
 }
 
 // One block per row. ranks_before is a total order, so the best of any partition of the row,

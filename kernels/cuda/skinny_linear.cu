@@ -10,6 +10,9 @@ namespace moe::kernels::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using detail::aligned16;
+using detail::bf16_high;
+using detail::bf16_low;
 using detail::load;
 using detail::store;
 
@@ -59,14 +62,6 @@ __device__ __forceinline__ Chunk load_streaming(const void* p) {
 }
 __device__ __forceinline__ uint4 load_cached(const void* p) {
   return __ldg(static_cast<const uint4*>(p));
-}
-
-// The two bf16 halves of a 32-bit word, exactly.
-__device__ __forceinline__ float bf16_low(uint32_t word) {
-  return __uint_as_float(word << 16);
-}
-__device__ __forceinline__ float bf16_high(uint32_t word) {
-  return __uint_as_float(word & 0xffff0000u);
 }
 
 __device__ __forceinline__ void unpack(const uint4& u, float (&f)[4], weight_f32, const fp8_grid&,
@@ -232,10 +227,6 @@ kernel_status launch(const skinny_linear_args& a, cudaStream_t stream) {
 template <class TX, class W>
 kernel_status launch_out(const skinny_linear_args& a, cudaStream_t stream) {
   return a.y_dt == dtype::f32 ? launch<TX, W, float>(a, stream) : launch<TX, W, bf16>(a, stream);
-}
-
-bool aligned16(const void* p) noexcept {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 }  // namespace
