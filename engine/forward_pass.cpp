@@ -98,13 +98,13 @@ class forward {
     return check(kcu::skinny_linear_run(a, m_.stream), what);
   }
 
-  /// The product on the grouped expert GEMM as one expert, where the step's rows are in
-  /// (skinny_rows, grouped_dense_rows] and the kernel takes it (no beta: it overwrites y);
-  /// nullopt: the caller uses cuBLASLt.
+  /// The product (y of the step's dtype) on the grouped expert GEMM as one expert, where the
+  /// step's rows are in (skinny_rows, grouped_dense_rows] and the kernel takes it (no beta: it
+  /// overwrites y); nullopt: the caller uses cuBLASLt.
   std::optional<caf::error> as_one_expert(const void* x, const device_matrix& w, void* y,
-                                          int64_t rows, int64_t in, int64_t out, dtype c,
-                                          float beta, const char* what) {
-    if (rows <= m_.skinny_rows || rows > m_.grouped_dense_rows || beta != 0.0f || c != m_.dt ||
+                                          int64_t rows, int64_t in, int64_t out, float beta,
+                                          const char* what) {
+    if (rows <= m_.skinny_rows || rows > m_.grouped_dense_rows || beta != 0.0f ||
         m_.dt != dtype::bf16)
       return std::nullopt;
     kcu::grouped_gemm_args g;
@@ -136,7 +136,7 @@ class forward {
   /// A projection's product, its weight of the step's dtype or FP8; beta 0 or 1.
   caf::error linear(const void* x, const device_matrix& w, void* y, int64_t rows, int64_t in,
                     int64_t out, const char* what, float beta = 0.0f) {
-    if (auto done = as_one_expert(x, w, y, rows, in, out, m_.dt, beta, what)) return *done;
+    if (auto done = as_one_expert(x, w, y, rows, in, out, beta, what)) return *done;
     if (!w.fp8()) return linear(x, w.data, y, rows, in, out, what, beta);
     // A few rows: the FP8 bytes stream as they are, expanded in registers (`expand`'s values).
     auto few = kcu::skinny_linear_desc(x, w.data, y, rows, in, out, m_.dt, m_.dt, beta);

@@ -467,8 +467,9 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   }
 
   // The grouped GEMM's offsets for a product of r rows as one expert: {0, r} at 2 r.
-  std::vector<int32_t> one_expert(2 * (gpu_engine_options::max_grouped_dense_rows + 1));
+  std::vector<int32_t> one_expert;  // outlives its copy (the synchronisation below)
   if (options.grouped_dense_rows > 0) {
+    one_expert.assign(2 * (gpu_engine_options::max_grouped_dense_rows + 1), 0);
     for (size_t r = 0; 2 * r < one_expert.size(); ++r)
       one_expert[2 * r + 1] = static_cast<int32_t>(r);
     auto table = s->allocator->allocate(one_expert.size() * sizeof(int32_t), s->key());
