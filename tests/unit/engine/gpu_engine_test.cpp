@@ -999,19 +999,19 @@ TEST(gpu_engine_options, decode_graph_limits_are_checked_before_any_device_work)
   EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
   EXPECT_NE(error_text(e.error()).find("max_decode_graphs"), std::string::npos)
       << error_text(e.error());
+  // Options past their bounds: a bad_input naming the option.
+  const auto expect_refused = [&](const engine::gpu_engine_options& bad, const char* option) {
+    auto r = gpu_engine::create(ckpt, bad);
+    ASSERT_FALSE(r) << option;
+    EXPECT_EQ(code_of(r.error()), model::model_errc::bad_input) << option;
+    EXPECT_NE(error_text(r.error()).find(option), std::string::npos) << error_text(r.error());
+  };
   o = {};
   o.grouped_dense_rows = engine::gpu_engine_options::max_grouped_dense_rows + 1;
-  e = gpu_engine::create(ckpt, o);
-  ASSERT_FALSE(e);
-  EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
-  EXPECT_NE(error_text(e.error()).find("grouped_dense_rows"), std::string::npos)
-      << error_text(e.error());
+  expect_refused(o, "grouped_dense_rows");
   o = {};
   o.skinny_rows = kernels::cuda::skinny_linear_max_rows + 1;
-  e = gpu_engine::create(ckpt, o);
-  ASSERT_FALSE(e);
-  EXPECT_EQ(code_of(e.error()), model::model_errc::bad_input);
-  EXPECT_NE(error_text(e.error()).find("skinny_rows"), std::string::npos) << error_text(e.error());
+  expect_refused(o, "skinny_rows");
   // The scratch block of the graphs' padding rows takes the last int32 block id.
   o = {};
   o.cache.num_blocks = INT32_MAX;

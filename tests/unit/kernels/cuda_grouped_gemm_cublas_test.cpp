@@ -28,12 +28,6 @@ using cpu::testing::random_floats;
 
 namespace {
 
-std::vector<int32_t> offsets_of(const std::vector<int32_t>& counts) {
-  std::vector<int32_t> o(counts.size() + 1, 0);
-  for (size_t e = 0; e < counts.size(); ++e) o[e + 1] = o[e] + counts[e];
-  return o;
-}
-
 void check_product(const std::vector<int32_t>& counts, int64_t spare_rows, int64_t n, int64_t k,
                    dtype dt) {
   SCOPED_TRACE(::testing::Message() << counts.size() << " experts, n " << n << " k " << k

@@ -128,12 +128,6 @@ float element_of(const std::vector<unsigned char>& bytes, size_t i, dtype dt) {
   return from_bf16(h);
 }
 
-std::vector<int32_t> offsets_of(const std::vector<int32_t>& counts) {
-  std::vector<int32_t> offsets(counts.size() + 1, 0);
-  std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1);
-  return offsets;
-}
-
 // 64 experts routed unevenly: empty experts, single rows, experts of more than one tile of
 // either bf16 tiling (16-row narrow, 128-row wide) and of the 64-row f32 tiling, the rest small.
 std::vector<int32_t> v2lite_counts() {

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -164,6 +165,14 @@ inline ::testing::AssertionResult bf16_within_one_ulp(uint16_t got, float want) 
   if (bf16_ulps_apart(got, to_bf16(want)) <= 1) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "got " << from_bf16(got) << ", want " << want
                                        << " (rounded " << from_bf16(to_bf16(want)) << ")";
+}
+
+// Row offsets (counts.size() + 1, from 0) of consecutive groups of counts[e] rows: a grouped
+// product's expert offsets.
+inline std::vector<int32_t> offsets_of(const std::vector<int32_t>& counts) {
+  std::vector<int32_t> offsets(counts.size() + 1, 0);
+  std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1);
+  return offsets;
 }
 
 inline std::vector<int32_t> random_ints(size_t n, int32_t lo, int32_t hi, uint64_t seed) {
