@@ -46,6 +46,7 @@
 #include <functional>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -281,6 +282,13 @@ json targets(const json& ours) {
   return t;
 }
 
+/// The tokens/s of the decode entry for `batch` in a "decode" array, if it has one.
+std::optional<double> tokens_per_s_at(const json& decodes, int batch) {
+  for (const auto& d : decodes)
+    if (d["batch"] == batch) return d["tokens_per_s"].get<double>();
+  return std::nullopt;
+}
+
 /// The --fp8 runs: the weights quantized, then per mode an engine keeping them FP8, its prefill
 /// and graph decode, and the ratios to the bf16 figures in `bf16`.
 json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_options eo,
@@ -307,9 +315,8 @@ json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_optio
     for (int b : s.decode_batches) {
       std::vector<int32_t> tokens;
       json d = run.decode(b, s.graphs, tokens);
-      for (const auto& w : bf16["decode"])
-        if (w["batch"] == b)
-          d["speedup_over_bf16"] = d["tokens_per_s"].get<double>() / w["tokens_per_s"].get<double>();
+      if (const auto base = tokens_per_s_at(bf16["decode"], b))
+        d["speedup_over_bf16"] = d["tokens_per_s"].get<double>() / *base;
       m["decode"].push_back(d);
     }
     r[mode] = m;
@@ -452,10 +459,8 @@ int main(int argc, char** argv) {
       if (b <= eo.skinny_rows || b > me::gpu_engine_options::max_grouped_dense_rows) continue;
       std::vector<int32_t> tokens;
       json d = alt_run.decode(b, s.graphs, tokens);
-      for (const auto& ours : out["decode"])
-        if (ours["batch"] == b)
-          d["speedup_over_default"] =
-              d["tokens_per_s"].get<double>() / ours["tokens_per_s"].get<double>();
+      if (const auto base = tokens_per_s_at(out["decode"], b))
+        d["speedup_over_default"] = d["tokens_per_s"].get<double>() / *base;
       out["decode_grouped_dense"].push_back(d);
     }
   }
@@ -474,10 +479,8 @@ int main(int argc, char** argv) {
       if (b > eo.skinny_rows) continue;
       std::vector<int32_t> tokens;
       json d = lt_run.decode(b, s.graphs, tokens);
-      for (const auto& ours : out["decode"])
-        if (ours["batch"] == b)
-          d["skinny_speedup"] =
-              ours["tokens_per_s"].get<double>() / d["tokens_per_s"].get<double>();
+      if (const auto ours = tokens_per_s_at(out["decode"], b))
+        d["skinny_speedup"] = *ours / d["tokens_per_s"].get<double>();
       out["decode_cublaslt_projections"].push_back(d);
     }
   }

@@ -62,6 +62,18 @@ struct device_mem {
   device_mem& operator=(const device_mem&) = delete;
 };
 
+// Enough copies of a weight of `bytes` to pass 256 MiB, handed out in turn: no launch finds its
+// weight in the 50 MB L2, as a decode step, which reads each weight once, does not.
+struct rotated_weight {
+  explicit rotated_weight(size_t bytes_)
+      : bytes(bytes_), copies(std::max<size_t>(1, ((size_t{256} << 20) + bytes_ - 1) / bytes_)),
+        mem(copies * bytes_) {}
+  void* next() { return static_cast<char*>(mem.p) + (turn++ % copies) * bytes; }
+  size_t bytes, copies;
+  device_mem mem;
+  size_t turn = 0;
+};
+
 // Fills with small bf16/f32-representable values so products stay finite.
 void fill_bf16(void* p, size_t n) {
   std::vector<__nv_bfloat16> h(n);
@@ -614,7 +626,6 @@ int main(int argc, char** argv) {
         {"dense_down", 2048, 10944, 1, false},
         {"lm_head", 102400, 2048, 1, false},
     };
-    const size_t rotate_bytes = size_t{256} << 20;
     json skinny = json::object();
     for (int64_t rows : {1, 2, 4, 8}) {
       json entries = json::array();
@@ -624,21 +635,19 @@ int main(int argc, char** argv) {
         const dtype ab = router ? dtype::f32 : dtype::bf16;
         const dtype c = p.f32 ? dtype::f32 : dtype::bf16;
         const size_t w_bytes = static_cast<size_t>(p.n * p.k) * moe::kernels::dtype_bytes(ab);
-        const size_t copies = std::max<size_t>(1, (rotate_bytes + w_bytes - 1) / w_bytes);
-        device_mem w(copies * w_bytes), x(rows * p.k * 4), y(rows * p.n * 4);
+        rotated_weight w(w_bytes);
+        device_mem x(rows * p.k * 4), y(rows * p.n * 4);
         if (ab == dtype::bf16) {
-          fill_bf16(w.p, copies * w_bytes / 2);
+          fill_bf16(w.mem.p, w.copies * w_bytes / 2);
           fill_bf16(x.p, rows * p.k);
         }
-        auto weight = [&](size_t i) { return static_cast<char*>(w.p) + (i % copies) * w_bytes; };
-        size_t turn = 0;
         const double lt_ms = median_ms(reps, [&] {
-          const auto d = kc::linear_desc(x.p, weight(turn++), y.p, rows, p.k, p.n, ab, c);
+          const auto d = kc::linear_desc(x.p, w.next(), y.p, rows, p.k, p.n, ab, c);
           check(lt.run(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "gemm");
         });
         auto a = kc::skinny_linear_desc(x.p, nullptr, y.p, rows, p.k, p.n, ab, c);
         const double skinny_ms = median_ms(reps, [&] {
-          a.w = weight(turn++);
+          a.w = w.next();
           check(kc::skinny_linear_run(a, nullptr), "skinny_linear");
         });
         const double gbs = static_cast<double>(w_bytes) / (skinny_ms * 1e6);
@@ -653,17 +662,16 @@ int main(int argc, char** argv) {
                   {"cublaslt_vs_copy", static_cast<double>(w_bytes) / (lt_ms * 1e6) / copy_gbs}};
         if (ab == dtype::bf16) {
           // The same shape with FP8 weights (128 x 128 blocks) on the skinny kernel.
-          const size_t q_bytes = static_cast<size_t>(p.n * p.k);
-          const size_t q_copies = std::max<size_t>(1, (rotate_bytes + q_bytes - 1) / q_bytes);
+          rotated_weight q(static_cast<size_t>(p.n * p.k));
           const int64_t scale_ld = kc::fp8_weight_scale_ld(p.k);
           const size_t s_floats = static_cast<size_t>((p.n + 127) / 128 * scale_ld);
-          device_mem q(q_copies * q_bytes), sc(s_floats * 4);
+          device_mem sc(s_floats * 4);
           kc::skinny_linear_args f = a;
           f.w_dt = dtype::f8_e4m3;
           f.w_scale = static_cast<const float*>(sc.p);
           f.scale_ld = scale_ld;
           const double fp8_ms = median_ms(reps, [&] {
-            f.w = static_cast<char*>(q.p) + (turn++ % q_copies) * q_bytes;
+            f.w = q.next();
             check(kc::skinny_linear_run(f, nullptr), "skinny_linear fp8");
           });
           e["skinny_fp8_us"] = fp8_ms * 1e3;
@@ -692,15 +700,13 @@ int main(int argc, char** argv) {
     for (const auto& p : projs) {
       if (p.f32) continue;
       const size_t w_bytes = static_cast<size_t>(p.n * p.k) * 2;
-      const size_t copies = std::max<size_t>(1, (rotate_bytes + w_bytes - 1) / w_bytes);
-      device_mem w(copies * w_bytes), x(rows * p.k * 2), y(rows * p.n * 2);
-      fill_bf16(w.p, copies * w_bytes / 2);
+      rotated_weight w(w_bytes);
+      device_mem x(rows * p.k * 2), y(rows * p.n * 2);
+      fill_bf16(w.mem.p, w.copies * w_bytes / 2);
       fill_bf16(x.p, rows * p.k);
-      auto weight = [&](size_t i) { return static_cast<char*>(w.p) + (i % copies) * w_bytes; };
-      size_t turn = 0;
       const double lt_ms = median_ms(reps, [&] {
         const auto d =
-            kc::linear_desc(x.p, weight(turn++), y.p, rows, p.k, p.n, dtype::bf16, dtype::bf16);
+            kc::linear_desc(x.p, w.next(), y.p, rows, p.k, p.n, dtype::bf16, dtype::bf16);
         check(lt.run(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "gemm");
       });
       kc::grouped_gemm_args g{x.p,         static_cast<const int32_t*>(offsets_d.p),
@@ -709,7 +715,7 @@ int main(int argc, char** argv) {
                               p.n,         p.k,
                               dtype::bf16, dtype::bf16};
       const double grouped_ms = median_ms(reps, [&] {
-        g.weights = weight(turn++);
+        g.weights = w.next();
         check(kc::grouped_gemm_run(g, nullptr), "grouped_gemm");
       });
       const auto vs_copy = [&](double ms) {
