@@ -41,6 +41,7 @@
 #include <functional>
 #include <iostream>
 #include <numeric>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -171,6 +172,27 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     EXPECT_TRUE(e) << error_text(e.error());
     return std::move(*e);
   }
+  /// `seqs` prefilled, every position's logits, on an engine with our grouped GEMM (`ours`,
+  /// `want`) and on one with cublas_grouped_experts (`blas`, `got`); the engines stay for the
+  /// caller's decode steps. Empty when a prefill failed (a test failure is recorded).
+  struct prefill_pair {
+    gpu_engine ours, blas;
+    engine::gpu_step_result want, got;
+  };
+  std::optional<prefill_pair> prefill_with_and_without_cublas(
+      std::span<const model::sequence_input> seqs) {
+    auto ours = make_gpu(32, 4);
+    auto blas = make_gpu(32, 4, [](auto& o) { o.cublas_grouped_experts = true; });
+    engine::gpu_prefill_options all;
+    all.all_logits = true;
+    auto want = ours.prefill(seqs, all);
+    auto got = blas.prefill(seqs, all);
+    EXPECT_TRUE(want) << error_text(want.error());
+    EXPECT_TRUE(got) << error_text(got.error());
+    if (!want || !got) return std::nullopt;
+    return prefill_pair{std::move(ours), std::move(blas), std::move(*want), std::move(*got)};
+  }
+
   model::reference_engine make_reference() {
     auto e = model::reference_engine::create(ckpt_);
     EXPECT_TRUE(e) << error_text(e.error());
@@ -701,21 +723,15 @@ TEST_P(gpu_engine_test, few_row_projections_match_cublaslts) {
 TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
   const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
   const auto ids = g.ids("input_ids");
-  auto ours = make_gpu(32, 4);
-  auto blas = make_gpu(32, 4, [](auto& o) { o.cublas_grouped_experts = true; });
   const auto a = slice(ids, 0, 9), b = slice(ids, seq_len, 5);
   const model::sequence_input seqs[] = {{1, a}, {2, b}};
-  engine::gpu_prefill_options all;
-  all.all_logits = true;
-  const auto want = ours.prefill(seqs, all);
-  const auto got = blas.prefill(seqs, all);
-  ASSERT_TRUE(want) << error_text(want.error());
-  ASSERT_TRUE(got) << error_text(got.error());
-  expect_same_step(*want, *got, a.size() + b.size(), "prefill");
-  const model::decode_input step[] = {{1, want->greedy_tokens.at(a.size() - 1)},
-                                      {2, want->greedy_tokens.back()}};
-  const auto want_next = ours.decode(step);
-  const auto got_next = blas.decode(step);
+  auto both = prefill_with_and_without_cublas(seqs);
+  ASSERT_TRUE(both);
+  expect_same_step(both->want, both->got, a.size() + b.size(), "prefill");
+  const model::decode_input step[] = {{1, both->want.greedy_tokens.at(a.size() - 1)},
+                                      {2, both->want.greedy_tokens.back()}};
+  const auto want_next = both->ours.decode(step);
+  const auto got_next = both->blas.decode(step);
   ASSERT_TRUE(want_next && got_next);
   expect_same_step(*want_next, *got_next, 2, "decode after");
 
@@ -793,19 +809,15 @@ TEST_P(gpu_engine_test, a_refused_cublas_grouped_product_falls_back_to_ours) {
   } refuse;
   const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
   const auto ids = g.ids("input_ids");
-  auto ours = make_gpu(32, 4);
-  auto blas = make_gpu(32, 4, [](auto& o) { o.cublas_grouped_experts = true; });
   const auto a = slice(ids, 0, 9);
   const model::sequence_input seqs[] = {{1, a}};
-  engine::gpu_prefill_options all;
-  all.all_logits = true;
-  const auto want = ours.prefill(seqs, all);
-  const auto got = blas.prefill(seqs, all);
-  ASSERT_TRUE(want) << error_text(want.error());
-  ASSERT_TRUE(got) << error_text(got.error());
-  ASSERT_EQ(got->logits.size(), want->logits.size());
-  EXPECT_EQ(max_abs_diff(got->logits.data(), want->logits.data(), want->logits.size()), 0.0f);
-  EXPECT_EQ(got->greedy_tokens, want->greedy_tokens);
+  const auto both = prefill_with_and_without_cublas(seqs);
+  ASSERT_TRUE(both);
+  const auto& want = both->want.logits;
+  const auto& got = both->got.logits;
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(max_abs_diff(got.data(), want.data(), want.size()), 0.0f);
+  EXPECT_EQ(both->got.greedy_tokens, both->want.greedy_tokens);
 }
 #endif
 
