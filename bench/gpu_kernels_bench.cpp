@@ -66,7 +66,8 @@ struct device_mem {
 // weight in the 50 MB L2, as a decode step, which reads each weight once, does not.
 struct rotated_weight {
   explicit rotated_weight(size_t bytes_)
-      : bytes(bytes_), copies(std::max<size_t>(1, ((size_t{256} << 20) + bytes_ - 1) / bytes_)),
+      : bytes(bytes_),
+        copies(std::max<size_t>(1, ((size_t{256} << 20) + bytes_ - 1) / bytes_)),
         mem(copies * bytes_) {}
   void* next() { return static_cast<char*>(mem.p) + (turn++ % copies) * bytes; }
   size_t bytes, copies;
