@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/grouped_gemm.hpp"
+#include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wmma_shared.cuh"
 
 namespace moe::kernels::cuda {
@@ -533,6 +534,176 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
 }
 
 // ---------------------------------------------------------------------------------------------
+// bf16 on Hopper's warpgroup MMA (sm_90): the wide tiles' work, many rows per expert, on wgmma.
+//
+// A block of two warpgroups computes a (128, 256) tile of y, warpgroup g its rows 64 g .. 64 g
+// + 63 over all 256 columns (m64n256k16: 128 float32 accumulators a thread). A k step of 64 is
+// one stage, x's (128, 64) and the weight's (256, 64) rows, K-major with the 128-byte swizzle of
+// wgmma.cuh (48 KiB), filled by cp.async, 4 stages (192 KiB: one block per SM). A step waits for
+// its copies, fences them for the async proxy (which wgmma reads through), meets the block's
+// barrier, queues the copies of step + 3 into the stage step - 1 used (free: each warpgroup
+// waited for its products of step - 1 before the barrier), then issues its 4 k16 products and
+// waits for them. The tensor cores idle only over that barrier and the copies' issue, against
+// ~1000 cycles of products a step.
+struct wgmma_tiles {
+  static constexpr int bm = 128, bn = 256, bk = 64, stages = 4, threads = 256;
+  static constexpr int a_bytes = bm * bk * 2, b_bytes = bn * bk * 2;
+  static constexpr int stage_bytes = a_bytes + b_bytes;
+  // + 1024: the stages start at the first 1024-byte aligned shared address (the swizzle's unit).
+  static constexpr size_t smem_bytes = size_t{stages} * stage_bytes + 1024;
+  // The epilogue stages the tile in TOut, rows of bn + 8 (a warp's 8 rows of a column block then
+  // fall on different banks).
+  static constexpr int out_ld = bn + 8;
+  // The copies: thread t moves 16-byte chunk t % 8 of rows t / 8 + 32 i.
+  static constexpr int rows_per_pass = threads / 8;
+  static_assert(size_t{bm} * out_ld * sizeof(float) <= size_t{stages} * stage_bytes);
+  static_assert(bm == wide_tiles::bm && bn == wide_tiles::bn,
+                "grid_of sizes the grid of both wide kernels alike");
+};
+
+// Queues one k step's copies into a stage. Rows past the tile's rows (x) or past n (weights), and
+// chunks past k, are zero-filled (src-size 0: nothing is read).
+struct wgmma_loader {
+  const bf16* a;      // this thread's first row of x, at its chunk
+  const bf16* b;      // this thread's first weight row, at its chunk
+  const bf16* dummy;  // a valid, aligned address for the zero fills
+  int64_t stride;     // elements between this thread's rows (32 rows)
+  int32_t a_rows, b_rows;  // this thread's rows that exist: first a_rows of 4, b_rows of 8
+  int32_t chunk, k;
+  uint32_t dst;  // byte offset of this thread's first chunk in a tile
+
+  __device__ void operator()(unsigned char* stage, int32_t k0) const {
+    const bool in_k = k0 + 8 * chunk < k;
+#pragma unroll
+    for (int i = 0; i < wgmma_tiles::bm / wgmma_tiles::rows_per_pass; ++i) {
+      const bool ok = in_k && i < a_rows;
+      __pipeline_memcpy_async(stage + dst + i * wgmma_tiles::rows_per_pass * 128,
+                              ok ? a + i * stride + k0 : dummy, 16, ok ? 0 : 16);
+    }
+#pragma unroll
+    for (int i = 0; i < wgmma_tiles::bn / wgmma_tiles::rows_per_pass; ++i) {
+      const bool ok = in_k && i < b_rows;
+      __pipeline_memcpy_async(stage + wgmma_tiles::a_bytes + dst +
+                                  i * wgmma_tiles::rows_per_pass * 128,
+                              ok ? b + i * stride + k0 : dummy, 16, ok ? 0 : 16);
+    }
+  }
+};
+
+__device__ inline void store_pair(bf16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+__device__ inline void store_pair(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+
+template <class TOut>
+__global__ void __launch_bounds__(wgmma_tiles::threads, 1)
+    grouped_gemm_wgmma_kernel(const bf16* x, const int32_t* offsets, const bf16* w, TOut* y,
+                              int32_t num_rows, int num_experts, int32_t n, int32_t k,
+                              int32_t n_tiles, bool vector_out) {
+  using T = wgmma_tiles;
+  extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
+  __shared__ int64_t scan[T::threads];
+  __shared__ int32_t found[3];
+  const int64_t block = blockIdx.x;
+  find_tile<T::bm, T::threads>(offsets, num_experts, num_rows, block / n_tiles, scan, found);
+  const int32_t expert = found[0];
+  if (expert < 0) return;  // the whole block: past the last tile of this routing
+  const int32_t row0 = found[1], rows = found[2];
+  const int32_t col0 = static_cast<int32_t>(block % n_tiles) * T::bn;
+  const int32_t cols = std::min(int32_t{T::bn}, n - col0);
+  const int tid = static_cast<int>(threadIdx.x);
+  // The stages from the first 1024-byte aligned shared address on (the swizzle is a function of
+  // the address bits).
+  const uint32_t base = detail::shared_offset(grouped_gemm_smem);
+  const uint32_t tiles_at = (base + 1023u) / 1024u * 1024u;
+  unsigned char* tiles = grouped_gemm_smem + (tiles_at - base);
+  auto stage = [tiles](int s) { return tiles + static_cast<size_t>(s) * T::stage_bytes; };
+
+  wgmma_loader load;
+  {
+    const int chunk = tid % 8, first = tid / 8;
+    load.stride = int64_t{T::rows_per_pass} * k;
+    load.a = x + (int64_t{row0} + first) * k + 8 * chunk;
+    load.b = w + (int64_t{expert} * n + col0 + first) * k + 8 * chunk;
+    load.dummy = x;
+    load.a_rows = (rows - first + T::rows_per_pass - 1) / T::rows_per_pass;
+    load.b_rows = (cols - first + T::rows_per_pass - 1) / T::rows_per_pass;
+    load.chunk = chunk;
+    load.k = k;
+    load.dst = static_cast<uint32_t>(first * 128 + ((chunk ^ (first % 8)) * 16));
+  }
+
+  // Warpgroup g's rows; one whose rows are all past the tile's (a small expert's last tile)
+  // skips the products (a warpgroup-uniform branch, as wgmma requires).
+  const int group = tid / 128;
+  const bool busy = group * 64 < rows;
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+
+  const int32_t k_steps = (k + T::bk - 1) / T::bk;
+  for (int s = 0; s < T::stages - 1; ++s) {
+    if (s < k_steps) load(stage(s), s * T::bk);
+    __pipeline_commit();
+  }
+  for (int32_t step = 0; step < k_steps; ++step) {
+    __pipeline_wait_prior(T::stages - 2);
+    detail::fence_proxy_async_shared();
+    __syncthreads();
+    const int32_t next = step + T::stages - 1;
+    if (next < k_steps) load(stage(next % T::stages), next * T::bk);
+    __pipeline_commit();
+    if (!busy) continue;
+    const uint32_t a_at = tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes +
+                          static_cast<uint32_t>(group) * 64 * 128;
+    const uint32_t b_at =
+        tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes + T::a_bytes;
+    detail::fence_operands(acc);
+    detail::wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < T::bk / 16; ++j)
+      detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(a_at + 32 * j),
+                                    detail::sw128_descriptor(b_at + 32 * j));
+    detail::wgmma_commit();
+    detail::wgmma_wait<0>();
+    detail::fence_operands(acc);
+  }
+
+  // Epilogue: the tile through shared memory in TOut (rounded once), then out in 16-byte rows.
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every warpgroup is past its last products: the stages are free
+  TOut* out = reinterpret_cast<TOut*>(tiles);
+  {
+    const int warp = (tid % 128) / 32, lane = tid % 32;
+    const int r = group * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c, acc[4 * j + 2 * h],
+                   acc[4 * j + 2 * h + 1]);
+  }
+  __syncthreads();
+  TOut* y_tile = y + int64_t{row0} * n + col0;
+  if (vector_out) {
+    constexpr int per = 16 / sizeof(TOut);
+    const int chunks = (cols + per - 1) / per;  // cols % per == 0 here (n % per == 0)
+    for (int i = tid; i < rows * chunks; i += T::threads) {
+      const int r = i / chunks, c = (i % chunks) * per;
+      *reinterpret_cast<uint4*>(y_tile + int64_t{r} * n + c) =
+          *reinterpret_cast<const uint4*>(out + r * T::out_ld + c);
+    }
+  } else {
+    for (int i = tid; i < rows * cols; i += T::threads) {
+      const int r = i / cols, c = i % cols;
+      y_tile[int64_t{r} * n + c] = out[r * T::out_ld + c];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // f32 on CUDA cores: 64x64 tiles, 16 x 16 threads of 4 x 4 outputs each (rows ty + 16 i,
 // columns tx + 16 j, so a warp's shared reads are broadcasts or conflict-free). Every output is
 // a chain of fmaf over k in order, from 0.
@@ -666,8 +837,45 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   return launch_mma<Tiles, TOut, element_loader<Tiles, false>>(a, stream);
 }
 
+// Whether the current device is an sm_90 card (the wgmma kernel's only target).
+bool hopper() noexcept {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9;
+}
+
+// The wgmma kernel's own conditions (grouped_gemm.hpp's wgmma), the device's aside.
+bool wgmma_fits(const grouped_gemm_args& a) noexcept {
+  return a.wgmma && a.dt == dtype::bf16 && a.weight_scale == nullptr && !narrow(a) &&
+         a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights);
+}
+
+template <class TOut>
+kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
+  auto* kernel = grouped_gemm_wgmma_kernel<TOut>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(wgmma_tiles::smem_bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return kernel_status::launch_failed;
+  }
+  const grid_shape g = grid_of(a);
+  const bool vector_out = aligned16(a.y) && a.n % (16 / sizeof(TOut)) == 0;
+  kernel<<<static_cast<unsigned>(g.blocks), wgmma_tiles::threads, wgmma_tiles::smem_bytes,
+           stream>>>(static_cast<const bf16*>(a.x), a.expert_offsets,
+                     static_cast<const bf16*>(a.weights), static_cast<TOut*>(a.y),
+                     static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
+                     static_cast<int32_t>(a.n), static_cast<int32_t>(a.k),
+                     static_cast<int32_t>(g.n_tiles), vector_out);
+  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+}
+
 template <class TOut>
 kernel_status launch_bf16(const grouped_gemm_args& a, cudaStream_t stream) {
+  if (wgmma_fits(a) && hopper()) return launch_wgmma<TOut>(a, stream);
   return narrow(a) ? launch_mma<narrow_tiles, TOut>(a, stream)
                    : launch_mma<wide_tiles, TOut>(a, stream);
 }
@@ -711,6 +919,11 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
   if (a.expert_offsets == nullptr || a.y == nullptr) return kernel_status::unsupported_shape;
   if (a.k > 0 && (a.x == nullptr || a.weights == nullptr)) return kernel_status::unsupported_shape;
   return kernel_status::ok;
+}
+
+bool grouped_gemm_uses_wgmma(const grouped_gemm_args& a) noexcept {
+  return grouped_gemm_can_run(a) == kernel_status::ok && a.num_rows > 0 && a.n > 0 &&
+         wgmma_fits(a) && hopper();
 }
 
 kernel_status grouped_gemm_run(const grouped_gemm_args& a, cudaStream_t stream) noexcept {

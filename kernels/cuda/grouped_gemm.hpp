@@ -8,7 +8,8 @@
 // finds its (expert, row tile) by scanning the offsets; blocks past the rows in use exit.
 //
 // Element types (x and weights, y):
-//   bf16, bf16 or f32   tensor cores (WMMA bf16 16x16x16), float32 accumulation
+//   bf16, bf16 or f32   tensor cores (WMMA bf16 16x16x16, or on request Hopper's wgmma for
+//                       many rows per expert), float32 accumulation
 //   f32,  f32           CUDA cores, float32 fused multiply-adds in k order (no TF32)
 // FP8 weights (DeepSeek-V3's e4m3 with float32 block scales, weight_scale set) with bf16 x: each
 // weight element becomes bf16(e4m3 * scale) in shared memory right before the products, the
@@ -65,6 +66,14 @@ struct grouped_gemm_args {
   int64_t scale_block_rows = 128;
   int64_t scale_block_cols = 128;
   int64_t scale_ld = 0;  ///< floats between grid rows; 0: ceil(k / scale_block_cols)
+
+  /// On an sm_90 card, the wide tiling (num_rows >= 64 * num_experts: prefill, training) with
+  /// bf16 weights runs on Hopper's warpgroup MMA (wgmma: 128x256 tiles of two warpgroups, k
+  /// steps of 64 in a 128-byte swizzled layout) instead of WMMA, when k % 8 == 0 and x and the
+  /// weights are 16-byte aligned; ignored otherwise (another card, FP8 weights, few rows). The
+  /// results differ from WMMA's only in the float32 summation order. Off by default until a
+  /// card measures it (bench/gpu_kernels_bench.cpp's grouped_gemm_bf16).
+  bool wgmma = false;
 };
 
 /// Host-side checks only (no GPU needed): ok, unsupported_dtype, or unsupported_shape for
@@ -74,6 +83,10 @@ struct grouped_gemm_args {
 /// with FP8 weights also dt not bf16 (unsupported_dtype), block sizes below 1 or scale_ld below
 /// ceil(k / scale_block_cols).
 [[nodiscard]] kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept;
+
+/// Whether grouped_gemm_run would take the wgmma kernel for these arguments on the current device
+/// (for tests and benchmarks to report which kernel they measured).
+[[nodiscard]] bool grouped_gemm_uses_wgmma(const grouped_gemm_args& a) noexcept;
 
 /// One launch on `stream`. launch_failed when CUDA refuses it (e.g. a device older than sm_80,
 /// which lacks bf16 tensor cores and asynchronous copies).

@@ -1,7 +1,7 @@
 // Host emulation of the few CUDA device features our kernels use: every CUDA thread of a block
 // is a fiber on one OS thread; __syncthreads, __syncwarp, shuffles and ballots are barriers (a
 // divergent barrier deadlocks and aborts). Device memory is host memory. WMMA and the cp.async
-// pipeline primitives: wmma_emulator.hpp, included at the end.
+// pipeline primitives: wmma_emulator.hpp, included at the end; wgmma: wgmma_emulator.hpp.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cuda_bf16.h>
@@ -367,6 +367,7 @@ using std::max;
 #define cudaFuncSetAttribute(...) ::emu::func_set_attribute(__VA_ARGS__)
 
 #include "wmma_emulator.hpp"
+#include "wgmma_emulator.hpp"
 
 
 // The runtime API, on host memory; MOE_EMU_FAKE_CUDART: fake_cudart.cpp defines the functions
@@ -379,4 +380,16 @@ using std::max;
 #define cudaMemset(d, v, n) (std::memset((d), (v), (n)), cudaSuccess)
 #define cudaDeviceSynchronize() cudaSuccess
 #define cudaGetDeviceCount(c) (*(c) = 1, cudaSuccess)
+#define cudaGetDevice(d) (*(d) = 0, cudaSuccess)
+// An H100/H200 (sm_90), as fake_cudart.cpp says too: the kernels that choose by the card take
+// their Hopper paths here.
+namespace emu {
+inline int device_attribute(cudaDeviceAttr attr) {
+  if (attr == cudaDevAttrComputeCapabilityMajor) return 9;
+  if (attr == cudaDevAttrComputeCapabilityMinor) return 0;
+  std::fprintf(stderr, "emu: device attribute %d is not emulated\n", static_cast<int>(attr));
+  std::abort();
+}
+}  // namespace emu
+#define cudaDeviceGetAttribute(v, attr, d) (*(v) = ::emu::device_attribute(attr), cudaSuccess)
 #endif  // MOE_EMU_FAKE_CUDART

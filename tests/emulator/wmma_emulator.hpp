@@ -32,13 +32,33 @@ struct async_copy {
   unsigned size;
   uint64_t group;  // the commit group it belongs to (the number of commits before it)
 };
+// A wgmma issued and not yet computed (wgmma_emulator.hpp): its thread's accumulators, the
+// operands' descriptors, and the commit group it belongs to.
+struct pending_wgmma {
+  float* d;
+  int n;
+  uint64_t a, b;
+  uint64_t group;
+};
 struct thread_collectives {
   uint64_t wmma_calls = 0;
   uint64_t wmma_signature = 0;
   uint64_t committed = 0;           // pipeline groups committed
   std::vector<async_copy> pending;  // issued, not yet written to shared memory
+  // wgmma: the calls (every thread of a warpgroup must make the same), whether a wgmma.fence
+  // came since the last wait, the groups committed and the products not yet computed.
+  uint64_t wgmma_calls = 0;
+  uint64_t wgmma_signature = 0;
+  bool wgmma_fenced = false;
+  uint64_t wgmma_committed = 0;
+  std::vector<pending_wgmma> wgmma_pending;
+  // 16-byte chunks of dynamic shared memory this thread's cp.async wrote since its last
+  // fence.proxy.async: wgmma (the async proxy) must not read them yet.
+  std::vector<size_t> unfenced;
 };
 inline std::vector<thread_collectives> collectives;
+// Per 16-byte chunk of dynamic shared memory: written by some thread's cp.async, not yet fenced.
+inline std::vector<unsigned char> unfenced_chunks;
 
 inline thread_collectives& my_collectives() {
   return collectives[cur->tid.x];
@@ -50,7 +70,12 @@ inline void collective_begin(unsigned nthreads) {
     auto& c = collectives[t];
     c.wmma_calls = c.wmma_signature = c.committed = 0;
     c.pending.clear();  // a copy never waited for dies with the block's shared memory
+    c.wgmma_calls = c.wgmma_signature = c.wgmma_committed = 0;
+    c.wgmma_fenced = false;
+    c.wgmma_pending.clear();
+    c.unfenced.clear();
   }
+  unfenced_chunks.assign(dynamic_smem.size() / 16 + 1, 0);
 }
 
 // Every lane must have made the same WMMA calls as its warp's lane 0 (same order, pointers,
@@ -66,6 +91,20 @@ inline void collective_end(unsigned block, unsigned nthreads) {
                    "other pointers/strides (a divergent or lane-dependent warp-wide call)\n",
                    block, t / 32, t % 32, static_cast<unsigned long long>(mine.wmma_calls),
                    static_cast<unsigned long long>(first.wmma_calls));
+      std::abort();
+    }
+    const auto& leader = collectives[t - t % 128];
+    if (mine.wgmma_calls != leader.wgmma_calls || mine.wgmma_signature != leader.wgmma_signature) {
+      std::fprintf(stderr,
+                   "emu: block %u warpgroup %u: thread %u made %llu wgmma calls, thread 0 %llu, "
+                   "or with other descriptors (a divergent warpgroup-wide call)\n",
+                   block, t / 128, t % 128, static_cast<unsigned long long>(mine.wgmma_calls),
+                   static_cast<unsigned long long>(leader.wgmma_calls));
+      std::abort();
+    }
+    if (!mine.wgmma_pending.empty()) {
+      std::fprintf(stderr, "emu: block %u thread %u exited with a wgmma never waited for\n",
+                   block, t);
       std::abort();
     }
   }
@@ -255,9 +294,17 @@ inline void __pipeline_wait_prior(size_t prior) {
   const uint64_t complete = mine.committed > prior ? mine.committed - prior : 0;
   size_t kept = 0;
   for (auto& c : mine.pending) {
-    if (c.group < complete)
+    if (c.group < complete) {
       std::memcpy(c.dst, c.bytes, c.size);
-    else
+      // Into dynamic shared memory: the async proxy (wgmma) may not read it before this thread's
+      // fence.proxy.async.
+      const auto* base = ::emu::dynamic_smem.data();
+      if (c.dst >= base && c.dst < base + ::emu::dynamic_smem.size()) {
+        const auto chunk = static_cast<size_t>(c.dst - base) / 16;
+        ::emu::unfenced_chunks[chunk] = 1;
+        mine.unfenced.push_back(chunk);
+      }
+    } else
       mine.pending[kept++] = c;
   }
   mine.pending.resize(kept);

@@ -169,13 +169,14 @@ struct grouped_case {
   int64_t num_rows = 0;  // the host's bound, >= sum(counts); it picks the tiling
   dtype dt = dtype::bf16, y_dt = dtype::bf16;
   size_t x_misalign_elements = 0;  // x starts this many elements into its buffer
+  bool wgmma = false;              // grouped_gemm_args::wgmma
 };
 
 std::string describe(const grouped_case& c) {
   return "n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
          " experts=" + std::to_string(c.counts.size()) + " num_rows=" + std::to_string(c.num_rows) +
          " " + std::string(to_string(c.dt)) + "->" + std::string(to_string(c.y_dt)) +
-         (c.x_misalign_elements ? " misaligned x" : "");
+         (c.x_misalign_elements ? " misaligned x" : "") + (c.wgmma ? " wgmma" : "");
 }
 
 // Runs one case on the GPU and checks it against the double definition, the CPU reference and
@@ -218,6 +219,7 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
   a.k = c.k;
   a.dt = c.dt;
   a.y_dt = c.y_dt;
+  a.wgmma = c.wgmma;
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = download(dy);
@@ -505,6 +507,64 @@ TEST(cuda_grouped_gemm, odd_shapes_match_reference) {
     expect_matches_reference(misaligned, 23);
     expect_matches_reference({7, 5, counts, num_rows, dtype::bf16, dtype::bf16}, 24);
   }
+}
+
+// Hopper's wgmma kernel (sm_90 only; the emulator emulates one), which takes the wide tiling's
+// cases: v2lite's shapes, experts of one row, of 130 rows (a second tile of 2 rows: the second
+// warpgroup idle), n past one 256-column tile and a partial one, k with a tail of 8 (264 =
+// 4 x 64 + 8) and k == 0, float32 and bf16 out, y rows not 16-byte multiples (element stores).
+// What it must refuse (k % 8 != 0, a misaligned x, few rows per expert) takes WMMA, and says so.
+TEST(cuda_grouped_gemm, wgmma_matches_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "the wgmma kernel runs on sm_90 cards only";
+  const auto counts = v2lite_counts();
+  auto wide = [](grouped_case c) {
+    c.wgmma = true;
+    return c;
+  };
+  for (const dtype y_dt : {dtype::bf16, dtype::f32})
+    expect_matches_reference(
+        wide({2 * 1408 / v2lite_n_divisor, 2048, counts, 64 * 64, dtype::bf16, y_dt}), 13);
+  expect_matches_reference(wide({2048 / v2lite_n_divisor, 1408, counts, 64 * 64, dtype::bf16,
+                                 dtype::bf16}),
+                           14);
+  const std::vector<int32_t> few{0, 1, 33, 130, 17};
+  const int64_t rows = 64 * 5 + 3;
+  expect_matches_reference(wide({300, 264, few, rows, dtype::bf16, dtype::bf16}), 26);
+  expect_matches_reference(wide({520, 64, few, rows, dtype::bf16, dtype::f32}), 27);
+  expect_matches_reference(wide({131, 264, few, rows, dtype::bf16, dtype::bf16}), 28);
+  expect_matches_reference(wide({40, 0, {2, 0, 3}, 192, dtype::bf16, dtype::bf16}), 29);
+
+  cuda::grouped_gemm_args a;
+  a.x = a.weights = a.y = reinterpret_cast<void*>(uintptr_t{4096});
+  a.expert_offsets = reinterpret_cast<const int32_t*>(uintptr_t{4096});
+  a.num_rows = rows;
+  a.num_experts = 5;
+  a.n = 300;
+  a.k = 264;
+  a.wgmma = true;
+  EXPECT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
+  auto b = a;
+  b.k = 77;
+  EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(b)) << "k % 8 != 0";
+  b = a;
+  b.x = reinterpret_cast<void*>(uintptr_t{4098});
+  EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(b)) << "misaligned x";
+  b = a;
+  b.num_rows = 181;
+  EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(b)) << "the narrow tiling";
+  b = a;
+  b.wgmma = false;
+  EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(b)) << "not asked for";
+  b = a;
+  b.weight_scale = reinterpret_cast<const float*>(uintptr_t{4096});
+  EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(b)) << "FP8 weights";
+  for (const grouped_case& c : {grouped_case{131, 77, few, rows, dtype::bf16, dtype::bf16},
+                                grouped_case{131, 264, few, 181, dtype::bf16, dtype::bf16}})
+    expect_matches_reference(wide(c), 30);
 }
 
 // FP8 weights, both tilings: v2lite's expert shapes (the asynchronous path; in the emulator n is
