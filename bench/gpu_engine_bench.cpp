@@ -25,7 +25,9 @@
 // ("prefill_cublas_grouped_experts", gpu_engine_options::cublas_grouped_experts), and the
 // batches past skinny_rows (up to 64) with their projections on the grouped expert GEMM as one
 // expert ("decode_grouped_dense", gpu_engine_options::grouped_dense_rows), each with its
-// speed-up over the default engine. Batches within the engine's skinny_rows (its few-row
+// speed-up over the default engine; and on a third, prefill with the routed experts on Hopper's
+// wgmma ("prefill_wgmma_experts", gpu_engine_options::wgmma_experts). "expert_kernels" says
+// which kernel each engine's routed-expert products ran on. Batches within the engine's skinny_rows (its few-row
 // projections on skinny_linear.hpp's kernel) run once more on a third engine whose projections
 // all go through cuBLASLt ("decode_cublaslt_projections"), with the kernel's speed-up.
 //
@@ -289,6 +291,13 @@ std::optional<double> tokens_per_s_at(const json& decodes, int batch) {
   return std::nullopt;
 }
 
+/// Which kernels ran an engine's routed-expert products (gpu_engine::expert_kernel_stats), so
+/// that a figure says what it measured (wgmma needs an sm_90 card, cuBLAS may refuse).
+json expert_kernels_json(const me::gpu_engine& e) {
+  const auto k = e.expert_kernel_stats();
+  return {{"grouped_gemm", k.grouped_gemm}, {"wgmma", k.wgmma}, {"cublas", k.cublas}};
+}
+
 /// The --fp8 runs: the weights quantized, then per mode an engine keeping them FP8, its prefill
 /// and graph decode, and the ratios to the bf16 figures in `bf16`.
 json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_options eo,
@@ -430,6 +439,7 @@ int main(int argc, char** argv) {
     }
     out["decode_eager"].push_back(eager);
   }
+  out["expert_kernels"] = expert_kernels_json(*engine);
   if (s.graphs) {
     const auto g = engine->decode_graph_stats();
     out["decode_graph_stats"] = {{"captured", g.num_captured}, {"replays", g.num_replays},
@@ -453,7 +463,22 @@ int main(int argc, char** argv) {
     json p = alt_run.prefill();
     p["speedup_over_ours"] =
         p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
+    p["expert_kernels"] = expert_kernels_json(*alt_engine);
     out["prefill_cublas_grouped_experts"] = p;
+    {
+      // Prefill with the routed experts on Hopper's wgmma (wgmma_experts): a third engine, as
+      // the cuBLAS one above takes those products itself.
+      auto wgmma_options = eo;
+      wgmma_options.wgmma_experts = true;
+      auto wgmma_engine = me::gpu_engine::create(shared, wgmma_options);
+      if (!wgmma_engine) fail("engine (wgmma_experts)", wgmma_engine.error());
+      runner wgmma_run(*wgmma_engine, s);
+      json w = wgmma_run.prefill();
+      w["speedup_over_ours"] =
+          w["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
+      w["expert_kernels"] = expert_kernels_json(*wgmma_engine);
+      out["prefill_wgmma_experts"] = w;
+    }
     out["decode_grouped_dense"] = json::array();
     for (int b : s.decode_batches) {
       if (b <= eo.skinny_rows || b > me::gpu_engine_options::max_grouped_dense_rows) continue;

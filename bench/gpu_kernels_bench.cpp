@@ -548,6 +548,18 @@ int main(int argc, char** argv) {
                     {"grouped_over_dense_time", grouped_ms / dense_ms},
                     {"grouped_weight_GBps", weight_gbs},
                     {"grouped_weight_vs_copy", weight_gbs / copy_gbs}};
+      // The same kernel on Hopper's wgmma (grouped_gemm_args::wgmma: the wide tiling only, so
+      // the prefill rows, on an sm_90 card), the same problems.
+      kc::grouped_gemm_args hopper = g;
+      hopper.wgmma = true;
+      if (kc::grouped_gemm_uses_wgmma(hopper)) {
+        const double wgmma_ms =
+            median_ms(reps, [&] { check(kc::grouped_gemm_run(hopper, nullptr), "grouped_gemm wgmma"); });
+        entry["wgmma_ms"] = wgmma_ms;
+        entry["wgmma_TFLOPs"] = flops / (wgmma_ms * 1e9);
+        entry["wgmma_over_dense_time"] = wgmma_ms / dense_ms;
+        entry["grouped_over_wgmma_time"] = grouped_ms / wgmma_ms;
+      }
       // The vendor's grouped product on the same problems: cuBLAS's cublasGemmGroupedBatchedEx
       // (one problem per expert in use, sizes from the host, as a prefill could have them after
       // one copy of the counts). Column-major: y_e^T (n x rows_e) = W_e (k x n)^T . x_e^T.

@@ -404,8 +404,10 @@ class forward {
   /// One grouped expert product: through cuBLAS's grouped GEMM when `blas` (the offsets are on
   /// the host; `product` picks its scratch, 0 or 1), else, or where cuBLAS refuses the
   /// problems, our kernel.
-  caf::error experts_product(const kcu::grouped_gemm_args& g, bool blas, int64_t product,
+  caf::error experts_product(kcu::grouped_gemm_args g, bool blas, int64_t product,
                              const char* what) {
+    gpu_expert_kernel_stats ignored;
+    gpu_expert_kernel_stats& counts = m_.expert_kernels != nullptr ? *m_.expert_kernels : ignored;
     if (blas) {
       const int64_t scratch = 3 * g.num_experts * product;
       kcu::cublas_grouped_args a;
@@ -421,9 +423,16 @@ class forward {
       a.host_pointers = m_.host_pointers + scratch;
       a.device_pointers = m_.device_pointers + scratch;
       const kernel_status st = m_.blas->run(a, m_.stream);
-      if (st != kernel_status::unsupported_shape) return check(st, what);
+      if (st != kernel_status::unsupported_shape) {
+        if (st == kernel_status::ok) ++counts.cublas;
+        return check(st, what);
+      }
     }
-    return check(kcu::grouped_gemm_run(g, m_.stream), what);
+    g.wgmma = m_.wgmma_experts;
+    const bool wgmma = g.wgmma && kcu::grouped_gemm_uses_wgmma(g);
+    const kernel_status st = kcu::grouped_gemm_run(g, m_.stream);
+    if (st == kernel_status::ok) ++(wgmma ? counts.wgmma : counts.grouped_gemm);
+    return check(st, what);
   }
 
   /// Routed experts (gate, permute, grouped products, weighted combine) plus the shared

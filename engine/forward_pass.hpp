@@ -25,6 +25,7 @@
 
 #include "base/error.hpp"
 #include "engine/device_weights.hpp"
+#include "engine/gpu_engine.hpp"
 #include "kernels/cpu/mla_attention.hpp"
 #include "kernels/cuda/gemm.hpp"
 #include "kernels/cuda/grouped_gemm_cublas.hpp"
@@ -63,6 +64,10 @@ struct model_state {
   int64_t grouped_dense_rows = 0;
   const int32_t* one_expert_offsets = nullptr;
   kernels::cuda::cublas_grouped_gemm* blas = nullptr;
+  /// The routed experts' wide products on wgmma where the card has it (grouped_gemm_args::wgmma).
+  bool wgmma_experts = false;
+  /// Counts each routed-expert product queued, by kernel (the engine's, outliving the steps).
+  gpu_expert_kernel_stats* expert_kernels = nullptr;
   int32_t* host_offsets = nullptr;
   const void** host_pointers = nullptr;
   void** device_pointers = nullptr;

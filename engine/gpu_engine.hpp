@@ -75,6 +75,12 @@ struct gpu_engine_options {
   /// ("prefill_cublas_grouped_experts"). FP8 experts keep ours, which reads their FP8 tiles, and
   /// so does a product cuBLAS refuses.
   bool cublas_grouped_experts = false;
+  /// On an sm_90 card, the routed experts' products of many rows per expert (prefill: the
+  /// grouped GEMM's wide tiling) on Hopper's warpgroup MMA (kernels/cuda/grouped_gemm.hpp's
+  /// `wgmma`) instead of WMMA, bf16 experts only. Off until a card measures it faster:
+  /// moe_bench_gpu_engine reports the prefill both ways ("prefill_wgmma_experts").
+  /// expert_kernel_stats() says which kernel ran.
+  bool wgmma_experts = false;
   /// Products of more than skinny_rows and at most this many rows (decode at batch 16 to 64,
   /// after the graphs' padding, and prefills of as few tokens), with bf16 or FP8 weights, no
   /// residual add and the step's dtype out, run on the grouped expert GEMM as one expert: its
@@ -116,6 +122,15 @@ struct gpu_decode_graph_stats {
   size_t device_bytes = 0;     ///< their arenas
   size_t host_bytes = 0;       ///< their pinned staging buffers
   std::string last_fallback_reason;  ///< the key and the error of the last failure
+};
+
+/// Which kernel ran the routed experts' grouped products (two per MoE layer and step) of the
+/// steps queued kernel by kernel: prefills and eager decode steps (a decode graph's replays
+/// re-run what its capture queued and are not counted).
+struct gpu_expert_kernel_stats {
+  uint64_t grouped_gemm = 0;  ///< kernels/cuda/grouped_gemm.hpp: WMMA (f32: CUDA cores)
+  uint64_t wgmma = 0;         ///< the same on Hopper's wgmma (wgmma_experts)
+  uint64_t cublas = 0;        ///< cuBLAS's grouped GEMM (cublas_grouped_experts)
 };
 
 struct gpu_prefill_options {
@@ -184,6 +199,7 @@ class gpu_engine {
   [[nodiscard]] size_t weight_bytes() const noexcept;
   [[nodiscard]] size_t cache_bytes() const noexcept;
   [[nodiscard]] gpu_decode_graph_stats decode_graph_stats() const;
+  [[nodiscard]] gpu_expert_kernel_stats expert_kernel_stats() const noexcept;
 
  private:
   struct state;

@@ -728,6 +728,9 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
   auto both = prefill_with_and_without_cublas(seqs);
   ASSERT_TRUE(both);
   expect_same_step(both->want, both->got, a.size() + b.size(), "prefill");
+  EXPECT_EQ(both->blas.expert_kernel_stats().cublas, 4u);  // 2 MoE layers' 2 products
+  EXPECT_EQ(both->blas.expert_kernel_stats().grouped_gemm, 0u);
+  EXPECT_EQ(both->ours.expert_kernel_stats().cublas, 0u);
   const model::decode_input step[] = {{1, both->want.greedy_tokens.at(a.size() - 1)},
                                       {2, both->want.greedy_tokens.back()}};
   const auto want_next = both->ours.decode(step);
@@ -753,6 +756,47 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
   ASSERT_TRUE(p) << error_text(p.error());
   ASSERT_TRUE(q) << error_text(q.error());
   EXPECT_EQ(max_abs_diff(p->logits.data(), q->logits.data(), p->logits.size()), 0.0f);
+}
+
+// Prefill's routed experts on Hopper's wgmma (wgmma_experts; the fake runtime is an sm_90 card,
+// the emulator runs the kernel) against WMMA: 300 tokens, so that 1200 routed rows over 16
+// experts take the grouped GEMM's wide tiling, which is what the option changes. Every
+// position's logits within graph_tolerance() (float32 sums in another order), the kernel
+// counts saying which ran: the bf16 engine's 4 products (2 MoE layers) on wgmma, the f32
+// engine's on CUDA cores whatever the option. Then a decode step on each (narrow: WMMA).
+TEST_P(gpu_engine_test, wgmma_experts_match_wmma_in_prefill) {
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";
+  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+  const auto ids = g.ids("input_ids");
+  std::vector<int32_t> prompt(300);
+  for (size_t i = 0; i < prompt.size(); ++i)
+    prompt[i] = (ids[i % ids.size()] + static_cast<int32_t>(3 * (i / ids.size()))) %
+                static_cast<int32_t>(vocab_);
+  auto ours = make_gpu(40, 16);
+  auto hopper = make_gpu(40, 16, [](auto& o) { o.wgmma_experts = true; });
+  const model::sequence_input s[] = {{1, prompt}};
+  engine::gpu_prefill_options all;
+  all.all_logits = true;
+  const auto want = ours.prefill(s, all);
+  const auto got = hopper.prefill(s, all);
+  ASSERT_TRUE(want) << error_text(want.error());
+  ASSERT_TRUE(got) << error_text(got.error());
+  expect_same_step(*want, *got, static_cast<int64_t>(prompt.size()), "prefill");
+  const bool bf16 = GetParam().dt == dtype::bf16;
+  EXPECT_EQ(ours.expert_kernel_stats().wgmma, 0u);
+  EXPECT_EQ(ours.expert_kernel_stats().grouped_gemm, 4u);
+  EXPECT_EQ(hopper.expert_kernel_stats().wgmma, bf16 ? 4u : 0u);
+  EXPECT_EQ(hopper.expert_kernel_stats().grouped_gemm, bf16 ? 0u : 4u);
+  EXPECT_EQ(hopper.expert_kernel_stats().cublas, 0u);
+
+  const model::decode_input step[] = {{1, want->greedy_tokens.back()}};
+  const auto want_next = ours.decode(step);
+  const auto got_next = hopper.decode(step);
+  ASSERT_TRUE(want_next && got_next);
+  expect_same_step(*want_next, *got_next, 1, "decode after");
 }
 
 // Decode products on the grouped expert GEMM as one expert (grouped_dense_rows; skinny_rows 0 so
