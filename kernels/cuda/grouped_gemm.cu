@@ -544,7 +544,8 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
 // barrier, queues the copies of step + 3 into the stage step - 1 used (free: each warpgroup
 // waited for its products of step - 1 before the barrier), then issues its 4 k16 products and
 // waits for them. The tensor cores idle only over that barrier and the copies' issue, against
-// ~1000 cycles of products a step.
+// ~1000 cycles of products a step. A tile of at most 64 rows splits its columns between the
+// warpgroups instead of its rows (below).
 struct wgmma_tiles {
   static constexpr int bm = 128, bn = 256, bk = 64, stages = 4, threads = 256;
   static constexpr int a_bytes = bm * bk * 2, b_bytes = bn * bk * 2;
@@ -635,11 +636,15 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     load.dst = static_cast<uint32_t>(first * 128 + ((chunk ^ (first % 8)) * 16));
   }
 
-  // Warpgroup g's rows; one whose rows are all past the tile's (a small expert's last tile)
-  // skips the products (a warpgroup-uniform branch, as wgmma requires).
+  // Warpgroup g's rows 64 g .. 64 g + 63. A tile of at most 64 rows (an expert's last or only
+  // one) splits the columns instead, warpgroup g taking the 64 rows by columns 128 g .. 128 g +
+  // 127 (m64n128k16 into the first 64 accumulators), so that both warpgroups' products count;
+  // one whose columns are all past n skips its products (warpgroup-uniform, as wgmma requires).
   const int group = tid / 128;
-  const bool busy = group * 64 < rows;
+  const bool split = rows <= 64;
+  const bool busy = !split || group * 128 < cols;
   float acc[128];
+  float(&half)[64] = *reinterpret_cast<float(*)[64]>(acc);
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
 
@@ -656,16 +661,25 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     if (next < k_steps) load(stage(next % T::stages), next * T::bk);
     __pipeline_commit();
     if (!busy) continue;
-    const uint32_t a_at = tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes +
-                          static_cast<uint32_t>(group) * 64 * 128;
+    // Rows are 128 bytes: warpgroup g's 64 rows of x start 64 g rows in, its 128 weight rows
+    // (split) 128 g rows in; both 1024-byte aligned, as the swizzle needs.
+    const uint32_t stage_at = tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes;
+    const uint32_t a_at = stage_at + (split ? 0u : static_cast<uint32_t>(group) * 64 * 128);
     const uint32_t b_at =
-        tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes + T::a_bytes;
+        stage_at + T::a_bytes + (split ? static_cast<uint32_t>(group) * 128 * 128 : 0u);
     detail::fence_operands(acc);
     detail::wgmma_fence();
+    if (split) {
 #pragma unroll
-    for (int j = 0; j < T::bk / 16; ++j)
-      detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(a_at + 32 * j),
-                                    detail::sw128_descriptor(b_at + 32 * j));
+      for (int j = 0; j < T::bk / 16; ++j)
+        detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(a_at + 32 * j),
+                                      detail::sw128_descriptor(b_at + 32 * j));
+    } else {
+#pragma unroll
+      for (int j = 0; j < T::bk / 16; ++j)
+        detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(a_at + 32 * j),
+                                      detail::sw128_descriptor(b_at + 32 * j));
+    }
     detail::wgmma_commit();
     detail::wgmma_wait<0>();
     detail::fence_operands(acc);
@@ -677,13 +691,17 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
   TOut* out = reinterpret_cast<TOut*>(tiles);
   {
     const int warp = (tid % 128) / 32, lane = tid % 32;
-    const int r = group * 64 + warp * 16 + lane / 4, c = 2 * (lane % 4);
+    const int r = (split ? 0 : group * 64) + warp * 16 + lane / 4;
+    const int c = (split ? group * 128 : 0) + 2 * (lane % 4);
+    const int column_blocks = split ? 16 : 32;
 #pragma unroll
     for (int j = 0; j < 32; ++j)
+      if (j < column_blocks) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c, acc[4 * j + 2 * h],
-                   acc[4 * j + 2 * h + 1]);
+        for (int h = 0; h < 2; ++h)
+          store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c, acc[4 * j + 2 * h],
+                     acc[4 * j + 2 * h + 1]);
+      }
   }
   __syncthreads();
   TOut* y_tile = y + int64_t{row0} * n + col0;
