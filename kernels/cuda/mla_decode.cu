@@ -153,6 +153,7 @@ struct decode_params {
   int64_t split_len;
   float scale_log2;   // softmax_scale * log2(e): the kernel works in exp2
   bool vector_loads;  // entries are 16-byte aligned and a whole number of 16-byte vectors
+  bool q_vector;      // q_latent and q_pe rows are 16-byte aligned whole 16-byte vectors
 };
 
 // Shared memory of one decode block, in floats (every part a multiple of 4: float4-aligned).
@@ -507,45 +508,74 @@ __global__ void __launch_bounds__(tc_threads, 2)
 
   const int32_t* table_row = p.block_table + b * p.max_blocks_per_seq;
   const int chunks_per_row = e / 8;  // 16-byte copies
-  // Issues the copies of the tile at `tile_begin` into stage `s`: zeros (and valid = 0) for a
-  // token past the split or with a block id outside the pool, so p = 0 never meets NaN.
-  // A warp per row, its lanes over the row's 16-byte chunks. Token positions fit int32
-  // (mla_decode_can_run bounds the table's capacity), so the divisions are 32-bit.
+  const int lane = tid % 32;
+  // Each lane looks up the cache slot of one token of a tile: its entry's offset in the pool, or
+  // -1 for a token past the split or a block id outside the pool. One load per lane, all in
+  // flight together (looked up row by row, each copy waited on its table load: ~1 us a tile on
+  // an H200). Token positions fit int32 (mla_decode_can_run bounds the table's capacity), so
+  // the divisions are 32-bit.
   const int block_size = static_cast<int>(p.block_size);
-  const auto issue = [&](int64_t tile_begin, int s) {
-    for (int j = static_cast<int>(threadIdx.x / 32); j < tc_tile; j += tc_warps) {
-      const int64_t token = tile_begin + j;
-      const bf16* entry = nullptr;
-      if (token < end) {
-        const int t = static_cast<int>(token);
-        const int32_t id = table_row[t / block_size];
-        if (id >= 0 && id < p.num_blocks)
-          entry = p.pool + (int64_t{id} * block_size + t % block_size) * e;
-      }
+  const auto slot_of = [&](int64_t tile_begin) -> int64_t {
+    const int64_t token = tile_begin + lane;
+    if (token >= end) return -1;
+    const int t = static_cast<int>(token);
+    const int32_t id = table_row[t / block_size];
+    if (id < 0 || id >= p.num_blocks) return -1;
+    return (int64_t{id} * block_size + t % block_size) * e;
+  };
+  // Issues the copies of a tile into stage `s`, `slot` from slot_of: zeros (and valid = 0) for a
+  // token without an entry, so p = 0 never meets NaN. A warp per row, its lanes over the row's
+  // 16-byte chunks.
+  const auto issue = [&](int64_t slot, int s) {
+#pragma unroll
+    for (int i = 0; i < tc_tile / tc_warps; ++i) {
+      const int j = tid / 32 + i * tc_warps;
+      const int64_t at = __shfl_sync(0xffffffffu, slot, j);
       bf16* dst = kv(s) + j * row;
-      for (int k = static_cast<int>(threadIdx.x % 32); k < chunks_per_row; k += 32) {
-        if (entry != nullptr)
-          __pipeline_memcpy_async(dst + 8 * k, entry + 8 * k, 16);
+      for (int k = lane; k < chunks_per_row; k += 32) {
+        if (at >= 0)
+          __pipeline_memcpy_async(dst + 8 * k, p.pool + at + 8 * k, 16);
         else
           __pipeline_memcpy_async(dst + 8 * k, p.pool, 16, 16);  // zero fill, nothing read
       }
-      if (threadIdx.x % 32 == 0) valid[s * tc_tile + j] = entry != nullptr ? 1.0f : 0.0f;
+      if (lane == 0) valid[s * tc_tile + j] = at >= 0 ? 1.0f : 0.0f;
     }
   };
-  issue(begin, 0);
-  __pipeline_commit();
+  issue(slot_of(begin), 0);
 
-  // The group's queries, raw bf16 (the scale is applied to the float32 scores).
-  for (int i = tid; i < tc_heads * e; i += tc_threads) {
-    const int h = i / e, k = i % e;
-    bf16 v = __float2bfloat16_rn(0.0f);
-    if (h < group_heads) {
+  // The group's queries, raw bf16 (the scale is applied to the float32 scores): copied with the
+  // first tile (one commit group) where their rows are whole 16-byte vectors, so that every
+  // load is in flight at once; element by element otherwise.
+  if (p.q_vector) {
+    const int q_chunks = e / 8, r_chunks = r / 8;
+    for (int i = tid; i < tc_heads * q_chunks; i += tc_threads) {
+      const int h = i / q_chunks, c = i % q_chunks;
+      bf16* dst = q_s + h * row + 8 * c;
+      if (h >= group_heads) {
+        __pipeline_memcpy_async(dst, p.q_latent, 16, 16);  // zero fill
+        continue;
+      }
       const int hh = head0 + h;
-      v = k < r ? p.q_latent[(b * p.num_heads + hh) * r + k]
-                : p.q_pe[b * p.q_pe_token_stride + hh * p.q_pe_head_stride + (k - r)];
+      const bf16* src =
+          c < r_chunks ? p.q_latent + (b * p.num_heads + hh) * r + 8 * c
+                       : p.q_pe + b * p.q_pe_token_stride + hh * p.q_pe_head_stride + 8 * (c - r_chunks);
+      __pipeline_memcpy_async(dst, src, 16);
     }
-    q_s[h * row + k] = v;
+  } else {
+    for (int i = tid; i < tc_heads * e; i += tc_threads) {
+      const int h = i / e, k = i % e;
+      bf16 v = __float2bfloat16_rn(0.0f);
+      if (h < group_heads) {
+        const int hh = head0 + h;
+        v = k < r ? p.q_latent[(b * p.num_heads + hh) * r + k]
+                  : p.q_pe[b * p.q_pe_token_stride + hh * p.q_pe_head_stride + (k - r)];
+      }
+      q_s[h * row + k] = v;
+    }
   }
+  __pipeline_commit();
+  // The next tile's slots, looked up a tile ahead: the load is in flight over this tile's work.
+  int64_t next_slot = slot_of(begin + tc_tile);
 
   const int warp = tid / 32;
   // Scores: this warp's token tile and part of E.
@@ -565,8 +595,9 @@ __global__ void __launch_bounds__(tc_threads, 2)
   int stage = 0;
   for (int64_t tile_begin = begin; tile_begin < end; tile_begin += tc_tile, stage ^= 1) {
     // The other stage was last read before the previous tile's final barrier.
-    if (tile_begin + tc_tile < end) issue(tile_begin + tc_tile, stage ^ 1);
+    if (tile_begin + tc_tile < end) issue(next_slot, stage ^ 1);
     __pipeline_commit();
+    next_slot = slot_of(tile_begin + 2 * tc_tile);
     __pipeline_wait_prior(1);
     __syncthreads();
     const bf16* tile = kv(stage);
@@ -743,6 +774,11 @@ kernel_status launch_decode(const mla_decode_args& a, const mla_decode_plan& pla
   p.scale_log2 = a.softmax_scale * log2e;
   p.vector_loads = (p.entry_dim * sizeof(T)) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(a.pool) % 16 == 0;
+  constexpr int64_t per16 = 16 / sizeof(T);
+  p.q_vector = reinterpret_cast<uintptr_t>(a.q_latent) % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(a.q_pe) % 16 == 0 && p.latent_dim % per16 == 0 &&
+               dr % per16 == 0 && p.q_pe_token_stride % per16 == 0 &&
+               p.q_pe_head_stride % per16 == 0;
   const int64_t rows = a.batch * plan.num_splits * a.num_heads;
   if (plan.num_splits > 1) {
     p.part_out = static_cast<float*>(workspace);

@@ -147,6 +147,19 @@ T shfl_xor(unsigned mask, T v, int off) {
   syncwarp();
   return r;
 }
+// __shfl_sync: lane `src` of the warp's value (src taken modulo 32, as with the default width).
+template <class T>
+T shfl(unsigned mask, T v, int src) {
+  if (mask != 0xffffffffu) { std::fprintf(stderr, "emu: partial mask\n"); std::abort(); }
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  slots[warp()][lane()] = b;
+  syncwarp();
+  T r;
+  std::memcpy(&r, &slots[warp()][src & 31], sizeof(T));
+  syncwarp();
+  return r;
+}
 inline unsigned ballot(unsigned mask, bool p) {
   if (mask != 0xffffffffu) { std::fprintf(stderr, "emu: partial mask\n"); std::abort(); }
   slots[warp()][lane()] = p ? 1 : 0;
@@ -334,6 +347,7 @@ cudaError_t func_set_attribute(A&&...) {
 #define __syncthreads() ::emu::syncthreads()
 #define __syncwarp(...) ::emu::syncwarp()
 #define __shfl_xor_sync(m, v, o) ::emu::shfl_xor((m), (v), (o))
+#define __shfl_sync(m, v, s) ::emu::shfl((m), (v), (s))
 #define __ballot_sync(m, p) ::emu::ballot((m), (p))
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline float __fadd_rn(float a, float b) { return a + b; }

@@ -281,10 +281,9 @@ struct decode_case {
   size_t latent_dim, rope_dim, num_heads, block_size;
   std::vector<int32_t> seq_lens;
   int64_t max_seq_len_hint = 0;
+  // q_pe lives inside q (B, H, dn + dr) after each head's dn nope values, as the model leaves it.
+  size_t nope_dim = 128;
 };
-
-// q_pe lives inside q (B, H, dn + dr) after each head's dn nope values, as the model leaves it.
-constexpr size_t decode_nope_dim = 128;
 
 void check_decode(const decode_case& c, dtype dt, uint64_t seed) {
   SCOPED_TRACE(::testing::Message()
@@ -296,14 +295,14 @@ void check_decode(const decode_case& c, dtype dt, uint64_t seed) {
   const host_tensor pool(random_floats(pool_floats(cache.layout), seed + 1, -1.0f, 1.0f), dt);
   // Queries of a few units, so the scores spread (std ~1) and the softmax is far from uniform.
   const host_tensor q_latent(random_floats(batch * H * R, seed + 2, -2.0f, 2.0f), dt);
-  const size_t q_row = decode_nope_dim + dr;
+  const size_t q_row = c.nope_dim + dr;
   const host_tensor q(random_floats(batch * H * q_row, seed + 3, -2.0f, 2.0f), dt);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(decode_nope_dim + dr));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.nope_dim + dr));
 
   std::vector<float> want(batch * H * R);
   cpu::mla_decode_args ref;
   ref.q_latent = q_latent.values.data();
-  ref.q_pe = q.values.data() + decode_nope_dim;
+  ref.q_pe = q.values.data() + c.nope_dim;
   ref.q_pe_token_stride = H * q_row;
   ref.q_pe_head_stride = q_row;
   ref.block_table = cache.block_table.data();
@@ -337,7 +336,7 @@ void check_decode(const decode_case& c, dtype dt, uint64_t seed) {
   poison(d_workspace);
   a.pool = d_pool.get();
   a.q_latent = d_q_latent.get();
-  a.q_pe = static_cast<const char*>(d_q.get()) + decode_nope_dim * dtype_bytes(dt);
+  a.q_pe = static_cast<const char*>(d_q.get()) + c.nope_dim * dtype_bytes(dt);
   a.block_table = d_table.as<int32_t>();
   a.seq_lens = d_lens.as<int32_t>();
   a.out_latent = d_out.get();
@@ -363,6 +362,9 @@ TEST(cuda_mla_decode, matches_cpu_reference) {
       {32, 0, 2, 7, {50}},
       // DeepSeek-V3's 128 heads per rank: 8 head groups.
       {512, 64, 128, 64, {5, 33}},
+      // A tensor-core width (R 128) whose q_pe rows are not 16-byte vectors (nope dim 4): the
+      // queries come in element by element.
+      {128, 16, 16, 16, {40, 70}, 0, 4},
   };
   uint64_t seed = 10;
   for (const auto& c : cases)
