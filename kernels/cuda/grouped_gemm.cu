@@ -26,8 +26,8 @@ using detail::store;
 // Blocks are numbered n tile fastest, so the blocks in flight together share their rows of x
 // (read once from memory, then from L2) and sweep one expert's weight at a time. Expert e's rows
 // are cut into ceil(count_e / BM) tiles of BM rows; the tiles of all experts are numbered in
-// expert order. sum_e ceil(count_e / BM) < num_rows / BM + num_experts, so a grid of
-// ceil(num_rows / BM) + num_experts row tiles covers every routing of num_rows rows.
+// expert order; the grid has as many row tiles as the worst routing of num_rows rows can need
+// (row_tiles_bound, below), and blocks past this routing's last tile exit.
 
 // Expert e's rows, clamped into [0, num_rows] so that no offset, however wrong, sends a block
 // outside x or y. For valid offsets the clamp changes nothing.
@@ -796,6 +796,16 @@ bool narrow(const grouped_gemm_args& a) noexcept {
   return a.num_rows < 64 * a.num_experts;
 }
 
+// The most row tiles any routing of num_rows rows over num_experts experts needs: expert e's
+// ceil(c_e / bm) <= (c_e + bm - 1) / bm where c_e > 0, and at most min(num_experts, num_rows)
+// experts have rows, so the sum is at most (num_rows + min(num_experts, num_rows) (bm - 1)) / bm.
+// At decode (a few rows over many experts) that is a few tiles where ceil(num_rows / bm) +
+// num_experts was dozens: every block past the routing's tiles still searched the offsets and
+// held its shared memory before exiting.
+int64_t row_tiles_bound(int64_t num_rows, int64_t num_experts, int64_t bm) noexcept {
+  return (num_rows + std::min(num_experts, num_rows) * (bm - 1)) / bm;
+}
+
 grid_shape grid_of(const grouped_gemm_args& a) noexcept {
   grid_shape g;
   if (a.dt == dtype::f32) {
@@ -809,7 +819,7 @@ grid_shape grid_of(const grouped_gemm_args& a) noexcept {
     g.bn = wide_tiles::bn;
   }
   g.n_tiles = (a.n + g.bn - 1) / g.bn;
-  g.blocks = g.n_tiles * ((a.num_rows + g.bm - 1) / g.bm + a.num_experts);
+  g.blocks = g.n_tiles * row_tiles_bound(a.num_rows, a.num_experts, g.bm);
   return g;
 }
 

@@ -617,6 +617,24 @@ TEST(cuda_grouped_gemm, more_experts_than_threads_match_reference) {
   }
 }
 
+// Routings that need every row tile of the grid (it is sized for the worst routing of num_rows
+// rows: each of min(experts, num_rows) experts with 1 row more than a whole number of tiles):
+// a block short and the last tile is never computed. Narrow (16-row tiles: one row for each of
+// 6 of 64 experts, a batch-1 decode's routing; 17 rows for each of 4), wide (128: 129 and 1, on
+// WMMA and on wgmma) and f32 (64: 65, 1 and 1).
+TEST(cuda_grouped_gemm, routings_that_need_every_tile_of_the_grid) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  std::vector<int32_t> decode(64, 0);
+  for (const size_t e : {3, 9, 17, 30, 41, 63}) decode[e] = 1;
+  expect_matches_reference({72, 64, decode, 6, dtype::bf16, dtype::bf16}, 81);
+  expect_matches_reference({72, 64, {17, 17, 17, 17}, 68, dtype::bf16, dtype::f32}, 82);
+  grouped_case wide{300, 64, {129, 1}, 130, dtype::bf16, dtype::bf16};
+  expect_matches_reference(wide, 83);
+  wide.wgmma = true;
+  expect_matches_reference(wide, 84);
+  expect_matches_reference({72, 40, {65, 1, 1}, 67, dtype::f32, dtype::f32}, 85);
+}
+
 // k == 0: an empty sum, zeros in every row in use.
 TEST(cuda_grouped_gemm, empty_sum_writes_zeros) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
