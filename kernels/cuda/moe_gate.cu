@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/moe_gate.hpp"
 
@@ -6,7 +8,15 @@ namespace {
 
 using detail::ranks_before;
 
-constexpr int threads_per_block = 256;
+constexpr int max_threads_per_block = 256;
+
+// One thread per expert up to 256 (whole warps, at least top_k for the final step): v2-lite's 64
+// experts in 256-thread blocks left three quarters of each block idle and fit a quarter as many
+// blocks (tokens) on an SM at once.
+int threads_for(int num_experts, int top_k) {
+  const int wanted = std::max(num_experts, top_k);
+  return std::min(max_threads_per_block, (wanted + 31) / 32 * 32);
+}
 constexpr int max_groups = static_cast<int>(moe_gate_max_experts / 2);  // groups hold >= 2
 
 // One block per token; the token's scores live in shared memory. The selections are rank
@@ -121,7 +131,8 @@ kernel_status moe_gate_run(const moe_gate_args& a, cudaStream_t stream) noexcept
   if (auto s = moe_gate_can_run(a); s != kernel_status::ok) return s;
   if (a.num_tokens == 0) return kernel_status::ok;
   const cpu::moe_gate_params& p = a.params;
-  moe_gate_kernel<<<static_cast<unsigned>(a.num_tokens), threads_per_block, 0, stream>>>(
+  const int threads = threads_for(static_cast<int>(p.num_experts), static_cast<int>(p.top_k));
+  moe_gate_kernel<<<static_cast<unsigned>(a.num_tokens), threads, 0, stream>>>(
       a.logits, a.bias, a.topk_idx, a.topk_weight, static_cast<int>(p.num_experts),
       static_cast<int>(p.num_groups), static_cast<int>(p.topk_group), static_cast<int>(p.top_k),
       p.norm_topk_prob, p.routed_scaling_factor);
