@@ -26,10 +26,10 @@
 // batches past skinny_rows (up to 64) with their projections on the grouped expert GEMM as one
 // expert ("decode_grouped_dense", gpu_engine_options::grouped_dense_rows), each with its
 // speed-up over the default engine; and on a third, prefill with the routed experts on Hopper's
-// wgmma ("prefill_wgmma_experts", gpu_engine_options::wgmma_experts). "expert_kernels" says
-// which kernel each engine's routed-expert products ran on. Batches within the engine's skinny_rows (its few-row
-// projections on skinny_linear.hpp's kernel) run once more on a third engine whose projections
-// all go through cuBLASLt ("decode_cublaslt_projections"), with the kernel's speed-up.
+// wgmma ("prefill_wgmma_experts", gpu_engine_options::wgmma_experts). Batches within the
+// engine's skinny_rows (its few-row projections on skinny_linear.hpp's kernel) run once more on
+// a fourth engine whose projections all go through cuBLASLt ("decode_cublaslt_projections"),
+// with the kernel's speed-up. "kernels" says which kernels each engine's products ran on.
 //
 // With --fp8 (a list of gpu_engine_options::fp8_products: block_scaled, expand), the same
 // weights are then quantized to FP8 (model::quantize_fp8: 128x128 blocks, as DeepSeek-V3's) and
@@ -291,11 +291,14 @@ std::optional<double> tokens_per_s_at(const json& decodes, int batch) {
   return std::nullopt;
 }
 
-/// Which kernels ran an engine's routed-expert products (gpu_engine::expert_kernel_stats), so
-/// that a figure says what it measured (wgmma needs an sm_90 card, cuBLAS may refuse).
-json expert_kernels_json(const me::gpu_engine& e) {
-  const auto k = e.expert_kernel_stats();
-  return {{"grouped_gemm", k.grouped_gemm}, {"wgmma", k.wgmma}, {"cublas", k.cublas}};
+/// Which kernels ran an engine's products (gpu_engine::kernel_stats), so that a figure says
+/// what it measured (wgmma needs an sm_90 card, cuBLAS may refuse a product).
+json kernels_json(const me::gpu_engine& e) {
+  const auto k = e.kernel_stats();
+  return {{"experts_grouped_gemm", k.experts_grouped_gemm},
+          {"experts_wgmma", k.experts_wgmma},
+          {"experts_cublas", k.experts_cublas},
+          {"dense_as_one_expert", k.dense_as_one_expert}};
 }
 
 /// The --fp8 runs: the weights quantized, then per mode an engine keeping them FP8, its prefill
@@ -439,7 +442,7 @@ int main(int argc, char** argv) {
     }
     out["decode_eager"].push_back(eager);
   }
-  out["expert_kernels"] = expert_kernels_json(*engine);
+  out["kernels"] = kernels_json(*engine);
   if (s.graphs) {
     const auto g = engine->decode_graph_stats();
     out["decode_graph_stats"] = {{"captured", g.num_captured}, {"replays", g.num_replays},
@@ -463,7 +466,7 @@ int main(int argc, char** argv) {
     json p = alt_run.prefill();
     p["speedup_over_ours"] =
         p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
-    p["expert_kernels"] = expert_kernels_json(*alt_engine);
+    p["kernels"] = kernels_json(*alt_engine);
     out["prefill_cublas_grouped_experts"] = p;
     {
       // Prefill with the routed experts on Hopper's wgmma (wgmma_experts): a third engine, as
@@ -476,7 +479,7 @@ int main(int argc, char** argv) {
       json w = wgmma_run.prefill();
       w["speedup_over_ours"] =
           w["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
-      w["expert_kernels"] = expert_kernels_json(*wgmma_engine);
+      w["kernels"] = kernels_json(*wgmma_engine);
       out["prefill_wgmma_experts"] = w;
     }
     out["decode_grouped_dense"] = json::array();

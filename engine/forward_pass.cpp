@@ -98,14 +98,13 @@ class forward {
     return check(kcu::skinny_linear_run(a, m_.stream), what);
   }
 
-  /// The product (y of the step's dtype) on the grouped expert GEMM as one expert, where the
-  /// step's rows are in (skinny_rows, grouped_dense_rows] and the kernel takes it (no beta: it
-  /// overwrites y); nullopt: the caller uses cuBLASLt.
+  /// The product (x and w of the step's dtype or w FP8, y of y_dt, beta for the residual add) on
+  /// the grouped expert GEMM as one expert, where the step's rows are in (skinny_rows,
+  /// grouped_dense_rows] and the kernel takes it; nullopt: the caller uses cuBLASLt.
   std::optional<caf::error> as_one_expert(const void* x, const device_matrix& w, void* y,
                                           int64_t rows, int64_t in, int64_t out, float beta,
-                                          const char* what) {
-    if (rows <= m_.skinny_rows || rows > m_.grouped_dense_rows || beta != 0.0f ||
-        m_.dt != dtype::bf16)
+                                          const char* what, dtype y_dt) {
+    if (rows <= m_.skinny_rows || rows > m_.grouped_dense_rows || m_.dt != dtype::bf16)
       return std::nullopt;
     kcu::grouped_gemm_args g;
     g.x = x;
@@ -116,14 +115,27 @@ class forward {
     g.num_experts = 1;
     g.n = out;
     g.k = in;
-    g.dt = g.y_dt = m_.dt;
+    g.dt = m_.dt;
+    g.y_dt = y_dt;
+    g.beta = beta;
     if (kcu::grouped_gemm_can_run(g) != kernel_status::ok) return std::nullopt;
-    return check(kcu::grouped_gemm_run(g, m_.stream), what);
+    const kernel_status st = kcu::grouped_gemm_run(g, m_.stream);
+    if (st == kernel_status::ok) count(&gpu_kernel_stats::dense_as_one_expert);
+    return check(st, what);
+  }
+
+  void count(uint64_t gpu_kernel_stats::*product) const {
+    if (m_.kernels != nullptr) ++(m_.kernels->*product);
   }
 
   /// y (rows, out) = x (rows, in) . w (out, in)^T + beta * y: x and w of `ab`, y of `c`.
   caf::error linear_as(dtype ab, dtype c, const void* x, const void* w, void* y, int64_t rows,
                        int64_t in, int64_t out, const char* what, float beta = 0.0f) {
+    if (ab == m_.dt) {
+      device_matrix plain;
+      plain.data = w;
+      if (auto done = as_one_expert(x, plain, y, rows, in, out, beta, what, c)) return *done;
+    }
     if (auto done = skinny(kcu::skinny_linear_desc(x, w, y, rows, in, out, ab, c, beta), what))
       return *done;
     return gemm(kcu::linear_desc(x, w, y, rows, in, out, ab, c, beta), what);
@@ -136,8 +148,8 @@ class forward {
   /// A projection's product, its weight of the step's dtype or FP8; beta 0 or 1.
   caf::error linear(const void* x, const device_matrix& w, void* y, int64_t rows, int64_t in,
                     int64_t out, const char* what, float beta = 0.0f) {
-    if (auto done = as_one_expert(x, w, y, rows, in, out, beta, what)) return *done;
     if (!w.fp8()) return linear(x, w.data, y, rows, in, out, what, beta);
+    if (auto done = as_one_expert(x, w, y, rows, in, out, beta, what, m_.dt)) return *done;
     // A few rows: the FP8 bytes stream as they are, expanded in registers (`expand`'s values).
     auto few = kcu::skinny_linear_desc(x, w.data, y, rows, in, out, m_.dt, m_.dt, beta);
     few.w_dt = dtype::f8_e4m3;
@@ -406,8 +418,6 @@ class forward {
   /// problems, our kernel.
   caf::error experts_product(kcu::grouped_gemm_args g, bool blas, int64_t product,
                              const char* what) {
-    gpu_expert_kernel_stats ignored;
-    gpu_expert_kernel_stats& counts = m_.expert_kernels != nullptr ? *m_.expert_kernels : ignored;
     if (blas) {
       const int64_t scratch = 3 * g.num_experts * product;
       kcu::cublas_grouped_args a;
@@ -424,14 +434,15 @@ class forward {
       a.device_pointers = m_.device_pointers + scratch;
       const kernel_status st = m_.blas->run(a, m_.stream);
       if (st != kernel_status::unsupported_shape) {
-        if (st == kernel_status::ok) ++counts.cublas;
+        if (st == kernel_status::ok) count(&gpu_kernel_stats::experts_cublas);
         return check(st, what);
       }
     }
     g.wgmma = m_.wgmma_experts;
     const bool wgmma = g.wgmma && kcu::grouped_gemm_uses_wgmma(g);
     const kernel_status st = kcu::grouped_gemm_run(g, m_.stream);
-    if (st == kernel_status::ok) ++(wgmma ? counts.wgmma : counts.grouped_gemm);
+    if (st == kernel_status::ok)
+      count(wgmma ? &gpu_kernel_stats::experts_wgmma : &gpu_kernel_stats::experts_grouped_gemm);
     return check(st, what);
   }
 

@@ -66,8 +66,8 @@ struct model_state {
   kernels::cuda::cublas_grouped_gemm* blas = nullptr;
   /// The routed experts' wide products on wgmma where the card has it (grouped_gemm_args::wgmma).
   bool wgmma_experts = false;
-  /// Counts each routed-expert product queued, by kernel (the engine's, outliving the steps).
-  gpu_expert_kernel_stats* expert_kernels = nullptr;
+  /// Counts the products queued, by kernel (the engine's, outliving the steps).
+  gpu_kernel_stats* kernels = nullptr;
   int32_t* host_offsets = nullptr;
   const void** host_pointers = nullptr;
   void** device_pointers = nullptr;

@@ -153,7 +153,7 @@ struct gpu_engine::state {
   model::cache_block_allocator blocks;
   std::unordered_map<uint64_t, int64_t> lengths;
   int64_t num_moe_layers = 0;
-  gpu_expert_kernel_stats expert_kernels;
+  gpu_kernel_stats kernels;
   detail::model_state model;
   // Last, so released first: the graphs' arenas go back to the allocator while it exists.
   detail::decode_graph_cache graphs;
@@ -500,7 +500,7 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   m.skinny_rows = options.skinny_rows;
   m.grouped_dense_rows = options.grouped_dense_rows;
   m.wgmma_experts = options.wgmma_experts;
-  m.expert_kernels = &s->expert_kernels;
+  m.kernels = &s->kernels;
   m.one_expert_offsets = static_cast<const int32_t*>(s->one_expert_offsets.data());
   if (s->blas_host.size_bytes() > 0) {
     // The pointers first (8-byte aligned at the buffer's start), then the offsets.
@@ -650,8 +650,8 @@ size_t gpu_engine::weight_bytes() const noexcept { return state_->weights->size_
 size_t gpu_engine::cache_bytes() const noexcept { return state_->cache.size_bytes(); }
 gpu_decode_graph_stats gpu_engine::decode_graph_stats() const { return state_->graphs.stats(); }
 
-gpu_expert_kernel_stats gpu_engine::expert_kernel_stats() const noexcept {
-  return state_->expert_kernels;
+gpu_kernel_stats gpu_engine::kernel_stats() const noexcept {
+  return state_->kernels;
 }
 
 }  // namespace moe::engine

@@ -79,11 +79,12 @@ struct gpu_engine_options {
   /// grouped GEMM's wide tiling) on Hopper's warpgroup MMA (kernels/cuda/grouped_gemm.hpp's
   /// `wgmma`) instead of WMMA, bf16 experts only. Off until a card measures it faster:
   /// moe_bench_gpu_engine reports the prefill both ways ("prefill_wgmma_experts").
-  /// expert_kernel_stats() says which kernel ran.
+  /// kernel_stats() says which kernel ran.
   bool wgmma_experts = false;
   /// Products of more than skinny_rows and at most this many rows (decode at batch 16 to 64,
-  /// after the graphs' padding, and prefills of as few tokens), with bf16 or FP8 weights, no
-  /// residual add and the step's dtype out, run on the grouped expert GEMM as one expert: its
+  /// after the graphs' padding, and prefills of as few tokens), with bf16 or FP8 weights, the
+  /// residual adds and the LM head's float32 logits included, run on the grouped expert GEMM as
+  /// one expert (its row tiles of a weight slice together, so the slice is read once): its
   /// decode tiling streamed the experts' weights at 0.87 of copy bandwidth on an H200, where
   /// cuBLASLt's tiles reached 0.18 to 0.58 of it at 32 rows. 0 .. max_grouped_dense_rows; 0 (the
   /// default until a card measures it: moe_bench_gpu_engine's decode_grouped_dense) keeps cuBLASLt.
@@ -124,13 +125,16 @@ struct gpu_decode_graph_stats {
   std::string last_fallback_reason;  ///< the key and the error of the last failure
 };
 
-/// Which kernel ran the routed experts' grouped products (two per MoE layer and step) of the
-/// steps queued kernel by kernel: prefills and eager decode steps (a decode graph's replays
-/// re-run what its capture queued and are not counted).
-struct gpu_expert_kernel_stats {
-  uint64_t grouped_gemm = 0;  ///< kernels/cuda/grouped_gemm.hpp: WMMA (f32: CUDA cores)
-  uint64_t wgmma = 0;         ///< the same on Hopper's wgmma (wgmma_experts)
-  uint64_t cublas = 0;        ///< cuBLAS's grouped GEMM (cublas_grouped_experts)
+/// Which kernels ran the products the options above choose between, counted as steps are
+/// queued: prefills, eager decode steps and decode graph captures (a graph's replays re-run
+/// what its capture queued and are not counted).
+struct gpu_kernel_stats {
+  /// The routed experts' grouped products (two per MoE layer and step), on
+  uint64_t experts_grouped_gemm = 0;  ///< kernels/cuda/grouped_gemm.hpp: WMMA (f32: CUDA cores)
+  uint64_t experts_wgmma = 0;         ///< the same on Hopper's wgmma (wgmma_experts)
+  uint64_t experts_cublas = 0;        ///< cuBLAS's grouped GEMM (cublas_grouped_experts)
+  /// Dense products run on the grouped GEMM as one expert (grouped_dense_rows).
+  uint64_t dense_as_one_expert = 0;
 };
 
 struct gpu_prefill_options {
@@ -199,7 +203,7 @@ class gpu_engine {
   [[nodiscard]] size_t weight_bytes() const noexcept;
   [[nodiscard]] size_t cache_bytes() const noexcept;
   [[nodiscard]] gpu_decode_graph_stats decode_graph_stats() const;
-  [[nodiscard]] gpu_expert_kernel_stats expert_kernel_stats() const noexcept;
+  [[nodiscard]] gpu_kernel_stats kernel_stats() const noexcept;
 
  private:
   struct state;

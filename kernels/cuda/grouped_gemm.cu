@@ -18,6 +18,7 @@ namespace {
 namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 using detail::aligned16;
+using detail::load;
 using detail::store;
 
 // ---------------------------------------------------------------------------------------------
@@ -35,6 +36,25 @@ __device__ inline void expert_rows(const int32_t* offsets, int e, int32_t num_ro
                                    int32_t& hi) {
   lo = std::min(std::max(offsets[e], 0), num_rows);
   hi = std::min(std::max(offsets[e + 1], lo), num_rows);
+}
+
+// Which (row tile, column tile) block b computes. Column tiles vary fastest, except with one
+// expert (a dense product run through this kernel): there the row tiles of one column slice
+// run together, so its slice of the weight comes from memory once and from L2 for the other
+// row tiles (column-first, a weight wider than L2 would be streamed once per row tile).
+struct tile_order {
+  int32_t n_tiles = 1, m_tiles = 1;
+  bool m_fastest = false;
+  __device__ int64_t m_tile(int64_t b) const { return m_fastest ? b % m_tiles : b / n_tiles; }
+  __device__ int32_t n_tile(int64_t b) const {
+    return static_cast<int32_t>(m_fastest ? b / m_tiles : b % n_tiles);
+  }
+};
+
+// y[i] = v + beta * y[i], the old y read only where beta != 0, the sum rounded once.
+template <class T>
+__device__ inline void store_beta(T* y, int64_t i, float v, float beta) {
+  store(y, i, beta == 0.0f ? v : fmaf(beta, load(y, i), v));
 }
 
 // Finds row tile `m_tile` of a BM-row tiling: each thread counts the tiles of a contiguous run
@@ -389,17 +409,17 @@ template <class Tiles, class TOut, class Loader>
 __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
     grouped_gemm_mma_kernel(const bf16* x, const int32_t* offsets, const void* w, fp8_scales sc,
                             TOut* y, int32_t num_rows, int num_experts, int32_t n, int32_t k,
-                            int32_t n_tiles) {
+                            tile_order order, float beta) {
   extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
   __shared__ int64_t scan[Tiles::threads];
   __shared__ int32_t found[3];
   const int64_t block = blockIdx.x;
-  find_tile<Tiles::bm, Tiles::threads>(offsets, num_experts, num_rows, block / n_tiles, scan,
+  find_tile<Tiles::bm, Tiles::threads>(offsets, num_experts, num_rows, order.m_tile(block), scan,
                                        found);
   const int32_t expert = found[0];
   if (expert < 0) return;  // the whole block: past the last tile of this routing
   const int32_t row0 = found[1], rows = found[2];
-  const int32_t col0 = static_cast<int32_t>(block % n_tiles) * Tiles::bn;
+  const int32_t col0 = order.n_tile(block) * Tiles::bn;
   const int32_t cols = std::min(int32_t{Tiles::bn}, n - col0);
   const bf16* a_src = x + int64_t{row0} * k;
   unsigned char* smem = grouped_gemm_smem;
@@ -525,7 +545,8 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
 #pragma unroll
         for (int e = lane; e < 256; e += 32) {
           const int r = r0 + e / 16, c = c0 + e % 16;
-          if (r < rows && c < cols) store(y, int64_t{row0 + r} * n + col0 + c, scratch[e]);
+          if (r < rows && c < cols)
+            store_beta(y, int64_t{row0 + r} * n + col0 + c, scratch[e], beta);
         }
         __syncwarp();  // the next fragment overwrites the scratch
       }
@@ -602,17 +623,17 @@ template <class TOut>
 __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     grouped_gemm_wgmma_kernel(const bf16* x, const int32_t* offsets, const bf16* w, TOut* y,
                               int32_t num_rows, int num_experts, int32_t n, int32_t k,
-                              int32_t n_tiles, bool vector_out) {
+                              tile_order order, bool vector_out) {
   using T = wgmma_tiles;
   extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
   __shared__ int64_t scan[T::threads];
   __shared__ int32_t found[3];
   const int64_t block = blockIdx.x;
-  find_tile<T::bm, T::threads>(offsets, num_experts, num_rows, block / n_tiles, scan, found);
+  find_tile<T::bm, T::threads>(offsets, num_experts, num_rows, order.m_tile(block), scan, found);
   const int32_t expert = found[0];
   if (expert < 0) return;  // the whole block: past the last tile of this routing
   const int32_t row0 = found[1], rows = found[2];
-  const int32_t col0 = static_cast<int32_t>(block % n_tiles) * T::bn;
+  const int32_t col0 = order.n_tile(block) * T::bn;
   const int32_t cols = std::min(int32_t{T::bn}, n - col0);
   const int tid = static_cast<int>(threadIdx.x);
   // The stages from the first 1024-byte aligned shared address on (the swizzle is a function of
@@ -731,7 +752,7 @@ constexpr int simt_bm = 64, simt_bn = 64, simt_bk = 16, simt_threads = 256;
 __global__ void __launch_bounds__(simt_threads)
     grouped_gemm_simt_kernel(const float* x, const int32_t* offsets, const float* w, float* y,
                              int32_t num_rows, int num_experts, int32_t n, int32_t k,
-                             int32_t n_tiles) {
+                             tile_order order, float beta) {
   // k-major, so the inner loop reads a row of each; +4 keeps the transposing stores from all
   // landing in one bank.
   __shared__ float as[simt_bk][simt_bm + 4];
@@ -739,11 +760,12 @@ __global__ void __launch_bounds__(simt_threads)
   __shared__ int64_t scan[simt_threads];
   __shared__ int32_t found[3];
   const int64_t block = blockIdx.x;
-  find_tile<simt_bm, simt_threads>(offsets, num_experts, num_rows, block / n_tiles, scan, found);
+  find_tile<simt_bm, simt_threads>(offsets, num_experts, num_rows, order.m_tile(block), scan,
+                                   found);
   const int32_t expert = found[0];
   if (expert < 0) return;
   const int32_t row0 = found[1], rows = found[2];
-  const int32_t col0 = static_cast<int32_t>(block % n_tiles) * simt_bn;
+  const int32_t col0 = order.n_tile(block) * simt_bn;
   const int32_t cols = std::min(int32_t{simt_bn}, n - col0);
   const float* a_src = x + int64_t{row0} * k;
   const float* b_src = w + (int64_t{expert} * n + col0) * k;
@@ -777,7 +799,7 @@ __global__ void __launch_bounds__(simt_threads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int r = ty + 16 * i, c = tx + 16 * j;
-      if (r < rows && c < cols) y[int64_t{row0 + r} * n + col0 + c] = acc[i][j];
+      if (r < rows && c < cols) store_beta(y, int64_t{row0 + r} * n + col0 + c, acc[i][j], beta);
     }
 }
 static_assert(simt_bm == simt_bn, "the tile loader fills as and bs in one loop");
@@ -787,7 +809,11 @@ static_assert(simt_bm == simt_bn, "the tile loader fills as and bs in one loop")
 
 struct grid_shape {
   int bm = 0, bn = 0;
-  int64_t n_tiles = 0, blocks = 0;
+  int64_t n_tiles = 0, m_tiles = 0, blocks = 0;
+  // The kernels' view (grouped_gemm_can_run bounds the grid to int32 blocks).
+  [[nodiscard]] tile_order order(const grouped_gemm_args& a) const noexcept {
+    return {static_cast<int32_t>(n_tiles), static_cast<int32_t>(m_tiles), a.num_experts == 1};
+  }
 };
 
 // Fewer than 64 rows per expert on average: decode-like, the narrow tiles. The choice depends
@@ -819,7 +845,8 @@ grid_shape grid_of(const grouped_gemm_args& a) noexcept {
     g.bn = wide_tiles::bn;
   }
   g.n_tiles = (a.n + g.bn - 1) / g.bn;
-  g.blocks = g.n_tiles * row_tiles_bound(a.num_rows, a.num_experts, g.bm);
+  g.m_tiles = row_tiles_bound(a.num_rows, a.num_experts, g.bm);
+  g.blocks = g.n_tiles * g.m_tiles;
   return g;
 }
 
@@ -849,7 +876,7 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   kernel<<<static_cast<unsigned>(g.blocks), Tiles::threads, Loader::smem_bytes, stream>>>(
       static_cast<const bf16*>(a.x), a.expert_offsets, a.weights, sc, static_cast<TOut*>(a.y),
       static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
-      static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), static_cast<int32_t>(g.n_tiles));
+      static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), g.order(a), a.beta);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -878,7 +905,8 @@ bool hopper() noexcept {
 
 // The wgmma kernel's own conditions (grouped_gemm.hpp's wgmma), the device's aside.
 bool wgmma_fits(const grouped_gemm_args& a) noexcept {
-  return a.wgmma && a.dt == dtype::bf16 && a.weight_scale == nullptr && !narrow(a) &&
+  return a.wgmma && a.dt == dtype::bf16 && a.weight_scale == nullptr && a.beta == 0.0f &&
+         !narrow(a) &&
          a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights);
 }
 
@@ -897,7 +925,7 @@ kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
                      static_cast<const bf16*>(a.weights), static_cast<TOut*>(a.y),
                      static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
                      static_cast<int32_t>(a.n), static_cast<int32_t>(a.k),
-                     static_cast<int32_t>(g.n_tiles), vector_out);
+                     g.order(a), vector_out);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -913,7 +941,7 @@ kernel_status launch_f32(const grouped_gemm_args& a, cudaStream_t stream) {
   grouped_gemm_simt_kernel<<<static_cast<unsigned>(g.blocks), simt_threads, 0, stream>>>(
       static_cast<const float*>(a.x), a.expert_offsets, static_cast<const float*>(a.weights),
       static_cast<float*>(a.y), static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
-      static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), static_cast<int32_t>(g.n_tiles));
+      static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), g.order(a), a.beta);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 

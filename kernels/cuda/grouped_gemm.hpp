@@ -42,7 +42,7 @@ namespace moe::kernels::cuda {
 inline constexpr int64_t grouped_gemm_max_experts = 1024;
 
 /// For each expert e and each row r in [expert_offsets[e], expert_offsets[e + 1]):
-///   y[r, :] = x[r, :] . weights[e]^T        (1, n) = (1, k) . (k, n)
+///   y[r, :] = x[r, :] . weights[e]^T (+ beta * y[r, :])        (1, n) = (1, k) . (k, n)
 /// accumulated in float32, rounded once to y_dt. Rows of y past expert_offsets[num_experts] are
 /// untouched. k == 0 writes zeros.
 struct grouped_gemm_args {
@@ -56,6 +56,9 @@ struct grouped_gemm_args {
   int64_t k = 0;             ///< input features
   dtype dt = dtype::bf16;    ///< x and weights: bf16 or f32 (x: bf16 with FP8 weights)
   dtype y_dt = dtype::bf16;  ///< bf16 or f32 for bf16 inputs; f32 for f32 inputs
+  /// y = x . w^T + beta * y for the rows in use: the old y read (in y_dt) only where beta != 0,
+  /// the sum rounded once (a residual add, as cuBLASLt's beta). Not with `wgmma`.
+  float beta = 0.0f;
 
   /// FP8 weights: when set, `weights` holds (num_experts, n, k) e4m3 bytes, read as ONE
   /// (num_experts * n, k) matrix with this block-scale grid: row r of expert e scales by
@@ -70,9 +73,9 @@ struct grouped_gemm_args {
   /// On an sm_90 card, the wide tiling (num_rows >= 64 * num_experts: prefill, training) with
   /// bf16 weights runs on Hopper's warpgroup MMA (wgmma: 128x256 tiles of two warpgroups, k
   /// steps of 64 in a 128-byte swizzled layout) instead of WMMA, when k % 8 == 0 and x and the
-  /// weights are 16-byte aligned; ignored otherwise (another card, FP8 weights, few rows). The
-  /// results differ from WMMA's only in the float32 summation order. Off by default until a
-  /// card measures it (bench/gpu_kernels_bench.cpp's grouped_gemm_bf16).
+  /// weights are 16-byte aligned, beta 0; ignored otherwise (another card, FP8 weights, few
+  /// rows). The results differ from WMMA's only in the float32 summation order. Off by default
+  /// until a card measures it (bench/gpu_kernels_bench.cpp's grouped_gemm_bf16).
   bool wgmma = false;
 };
 

@@ -728,9 +728,9 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
   auto both = prefill_with_and_without_cublas(seqs);
   ASSERT_TRUE(both);
   expect_same_step(both->want, both->got, a.size() + b.size(), "prefill");
-  EXPECT_EQ(both->blas.expert_kernel_stats().cublas, 4u);  // 2 MoE layers' 2 products
-  EXPECT_EQ(both->blas.expert_kernel_stats().grouped_gemm, 0u);
-  EXPECT_EQ(both->ours.expert_kernel_stats().cublas, 0u);
+  EXPECT_EQ(both->blas.kernel_stats().experts_cublas, 4u);  // 2 MoE layers' 2 products
+  EXPECT_EQ(both->blas.kernel_stats().experts_grouped_gemm, 0u);
+  EXPECT_EQ(both->ours.kernel_stats().experts_cublas, 0u);
   const model::decode_input step[] = {{1, both->want.greedy_tokens.at(a.size() - 1)},
                                       {2, both->want.greedy_tokens.back()}};
   const auto want_next = both->ours.decode(step);
@@ -786,11 +786,11 @@ TEST_P(gpu_engine_test, wgmma_experts_match_wmma_in_prefill) {
   ASSERT_TRUE(got) << error_text(got.error());
   expect_same_step(*want, *got, static_cast<int64_t>(prompt.size()), "prefill");
   const bool bf16 = GetParam().dt == dtype::bf16;
-  EXPECT_EQ(ours.expert_kernel_stats().wgmma, 0u);
-  EXPECT_EQ(ours.expert_kernel_stats().grouped_gemm, 4u);
-  EXPECT_EQ(hopper.expert_kernel_stats().wgmma, bf16 ? 4u : 0u);
-  EXPECT_EQ(hopper.expert_kernel_stats().grouped_gemm, bf16 ? 0u : 4u);
-  EXPECT_EQ(hopper.expert_kernel_stats().cublas, 0u);
+  EXPECT_EQ(ours.kernel_stats().experts_wgmma, 0u);
+  EXPECT_EQ(ours.kernel_stats().experts_grouped_gemm, 4u);
+  EXPECT_EQ(hopper.kernel_stats().experts_wgmma, bf16 ? 4u : 0u);
+  EXPECT_EQ(hopper.kernel_stats().experts_grouped_gemm, bf16 ? 0u : 4u);
+  EXPECT_EQ(hopper.kernel_stats().experts_cublas, 0u);
 
   const model::decode_input step[] = {{1, want->greedy_tokens.back()}};
   const auto want_next = ours.decode(step);
@@ -841,6 +841,10 @@ TEST_P(gpu_engine_test, decode_products_on_the_grouped_gemm_match_cublaslts) {
     expect_same_step(*want, *got, 2, "FP8 decode step " + std::to_string(step));
     next = want->greedy_tokens;
   }
+  // Every projection of those steps, the residual adds (o_proj, the down projections) and the
+  // LM head (float32 out) included, where the grouped GEMM took it.
+  EXPECT_EQ(expand->kernel_stats().dense_as_one_expert, 0u);
+  EXPECT_GT(grouped->kernel_stats().dense_as_one_expert, 0u);
 }
 
 #ifdef MOE_EMU_FAKE_CUDART

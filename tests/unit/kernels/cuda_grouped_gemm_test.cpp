@@ -170,13 +170,15 @@ struct grouped_case {
   dtype dt = dtype::bf16, y_dt = dtype::bf16;
   size_t x_misalign_elements = 0;  // x starts this many elements into its buffer
   bool wgmma = false;              // grouped_gemm_args::wgmma
+  float beta = 0.0f;               // grouped_gemm_args::beta: y holds y0 in the rows in use
 };
 
 std::string describe(const grouped_case& c) {
   return "n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
          " experts=" + std::to_string(c.counts.size()) + " num_rows=" + std::to_string(c.num_rows) +
          " " + std::string(to_string(c.dt)) + "->" + std::string(to_string(c.y_dt)) +
-         (c.x_misalign_elements ? " misaligned x" : "") + (c.wgmma ? " wgmma" : "");
+         (c.x_misalign_elements ? " misaligned x" : "") + (c.wgmma ? " wgmma" : "") +
+         (c.beta != 0.0f ? " beta=" + std::to_string(c.beta) : "");
 }
 
 // Runs one case on the GPU and checks it against the double definition, the CPU reference and
@@ -207,6 +209,12 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
   ASSERT_TRUE(upload(dw, as_bytes(w, c.dt).data(), dw.bytes()));
   ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
   ASSERT_EQ(cudaMemset(dy.get(), sentinel, dy.bytes()), cudaSuccess);
+  // With beta, the rows in use start as y0 (on the bf16 grid where y is bf16: what is read).
+  std::vector<float> y0;
+  if (c.beta != 0.0f) {
+    y0 = random_values(rows_in_use * n, seed + 2, c.y_dt == dtype::bf16);
+    ASSERT_TRUE(upload(dy, as_bytes(y0, c.y_dt).data(), y0.size() * y_bytes));
+  }
 
   cuda::grouped_gemm_args a;
   a.x = static_cast<const char*>(dx.get()) + x_at;
@@ -220,6 +228,7 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
   a.dt = c.dt;
   a.y_dt = c.y_dt;
   a.wgmma = c.wgmma;
+  a.beta = c.beta;
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = download(dy);
@@ -238,13 +247,15 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
         exact += p;
         magnitude += std::fabs(p);
       }
+      const double added = y0.empty() ? 0.0 : double{c.beta} * y0[r * n + j];
+      exact += added;
       const double g = element_of(got, r * n + j, c.y_dt);
       const double t = tol.of(exact, magnitude);
       ASSERT_LE(std::fabs(g - exact), t)
           << "row " << r << " (expert " << e << ") col " << j << ": got " << g << ", exact "
           << exact << ", S " << magnitude;
-      ASSERT_LE(std::fabs(g - want[r * n + j]), t + tol.cpu_reference(magnitude))
-          << "row " << r << " col " << j << ": cpu " << want[r * n + j];
+      ASSERT_LE(std::fabs(g - (want[r * n + j] + added)), t + tol.cpu_reference(magnitude))
+          << "row " << r << " col " << j << ": cpu " << want[r * n + j] << " + " << added;
     }
   }
   for (size_t b = rows_in_use * n * y_bytes; b < got.size(); ++b)
@@ -633,6 +644,37 @@ TEST(cuda_grouped_gemm, routings_that_need_every_tile_of_the_grid) {
   wide.wgmma = true;
   expect_matches_reference(wide, 84);
   expect_matches_reference({72, 40, {65, 1, 1}, 67, dtype::f32, dtype::f32}, 85);
+}
+
+// beta (y = x . w^T + beta * y, the residual add of a dense product run as one expert): one
+// expert of 40 rows (three 16-row tiles, taken row tiles first) over 3 column tiles, bf16 and
+// f32 out; the wide tiling (which wgmma then declines); f32 on CUDA cores with beta 0.5.
+TEST(cuda_grouped_gemm, beta_adds_the_old_output) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  for (const dtype y_dt : {dtype::bf16, dtype::f32}) {
+    grouped_case one{150, 96, {40}, 40, dtype::bf16, y_dt};
+    one.beta = 1.0f;
+    expect_matches_reference(one, 91);
+  }
+  grouped_case wide{300, 64, {129, 1, 70}, 200, dtype::bf16, dtype::bf16};
+  wide.beta = 1.0f;
+  expect_matches_reference(wide, 92);
+  wide.wgmma = true;
+  expect_matches_reference(wide, 93);
+  grouped_case simt{72, 40, {65, 0, 3}, 68, dtype::f32, dtype::f32};
+  simt.beta = 0.5f;
+  expect_matches_reference(simt, 94);
+
+  cuda::grouped_gemm_args a;
+  a.x = a.weights = a.y = reinterpret_cast<void*>(uintptr_t{4096});
+  a.expert_offsets = reinterpret_cast<const int32_t*>(uintptr_t{4096});
+  a.num_rows = 200;
+  a.num_experts = 3;
+  a.n = 300;
+  a.k = 64;
+  a.wgmma = true;
+  a.beta = 1.0f;
+  EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(a)) << "beta is WMMA's";
 }
 
 // k == 0: an empty sum, zeros in every row in use.
