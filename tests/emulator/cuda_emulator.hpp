@@ -135,21 +135,9 @@ inline void syncwarp() {
   }
   while (warp_gen[w] == g) yield();
 }
+// Every lane publishes v, then reads lane src's (src taken modulo 32, as with the default width).
 template <class T>
-T shfl_xor(unsigned mask, T v, int off) {
-  if (mask != 0xffffffffu) { std::fprintf(stderr, "emu: partial mask\n"); std::abort(); }
-  uint64_t b = 0;
-  std::memcpy(&b, &v, sizeof(T));
-  slots[warp()][lane()] = b;
-  syncwarp();
-  T r;
-  std::memcpy(&r, &slots[warp()][lane() ^ off], sizeof(T));
-  syncwarp();
-  return r;
-}
-// __shfl_sync: lane `src` of the warp's value (src taken modulo 32, as with the default width).
-template <class T>
-T shfl(unsigned mask, T v, int src) {
+T exchange(unsigned mask, T v, int src) {
   if (mask != 0xffffffffu) { std::fprintf(stderr, "emu: partial mask\n"); std::abort(); }
   uint64_t b = 0;
   std::memcpy(&b, &v, sizeof(T));
@@ -159,6 +147,14 @@ T shfl(unsigned mask, T v, int src) {
   std::memcpy(&r, &slots[warp()][src & 31], sizeof(T));
   syncwarp();
   return r;
+}
+template <class T>
+T shfl_xor(unsigned mask, T v, int off) {
+  return exchange(mask, v, lane() ^ off);
+}
+template <class T>
+T shfl(unsigned mask, T v, int src) {
+  return exchange(mask, v, src);
 }
 inline unsigned ballot(unsigned mask, bool p) {
   if (mask != 0xffffffffu) { std::fprintf(stderr, "emu: partial mask\n"); std::abort(); }

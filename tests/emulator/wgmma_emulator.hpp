@@ -43,9 +43,7 @@ enum call : uint64_t { fence = 11, mma, commit, wait };
 
 inline void note(uint64_t kind, uint64_t a = 0, uint64_t b = 0, uint64_t c = 0) {
   auto& m = my_collectives();
-  ++m.wgmma_calls;
-  for (const uint64_t v : {kind, a, b, c})
-    m.wgmma_signature = (m.wgmma_signature ^ v) * 0x100000001b3ull + 0x9e3779b97f4a7c15ull;
+  note_call(m.wgmma_calls, m.wgmma_signature, {kind, a, b, c});
 }
 
 // The byte offset in dynamic shared memory of element (row, k) of a K-major, 128-byte swizzled

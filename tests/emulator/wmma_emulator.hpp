@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -81,27 +82,24 @@ inline void collective_begin(unsigned nthreads) {
 // Every lane must have made the same WMMA calls as its warp's lane 0 (same order, pointers,
 // strides and layouts). Checked once per block: it catches a call that only some lanes make or
 // make differently, not two sequences that differ only in how they interleave with barriers.
+// The same for wgmma over each warpgroup (128 threads), and no wgmma may be left unwaited.
 inline void collective_end(unsigned block, unsigned nthreads) {
+  using record = thread_collectives;
+  const auto expect_same = [block](unsigned t, unsigned unit, uint64_t record::*calls,
+                                   uint64_t record::*signature, const char* what) {
+    const record &mine = collectives[t], &first = collectives[t - t % unit];
+    if (mine.*calls == first.*calls && mine.*signature == first.*signature) return;
+    std::fprintf(stderr,
+                 "emu: block %u: thread %u made %llu %s calls, the first of its %u threads %llu, "
+                 "or with other arguments (a divergent or thread-dependent collective call)\n",
+                 block, t, static_cast<unsigned long long>(mine.*calls), what, unit,
+                 static_cast<unsigned long long>(first.*calls));
+    std::abort();
+  };
   for (unsigned t = 0; t < nthreads; ++t) {
+    expect_same(t, 32, &record::wmma_calls, &record::wmma_signature, "WMMA");
+    expect_same(t, 128, &record::wgmma_calls, &record::wgmma_signature, "wgmma");
     const auto& mine = collectives[t];
-    const auto& first = collectives[t - t % 32];
-    if (mine.wmma_calls != first.wmma_calls || mine.wmma_signature != first.wmma_signature) {
-      std::fprintf(stderr,
-                   "emu: block %u warp %u: lane %u made %llu WMMA calls, lane 0 %llu, or with "
-                   "other pointers/strides (a divergent or lane-dependent warp-wide call)\n",
-                   block, t / 32, t % 32, static_cast<unsigned long long>(mine.wmma_calls),
-                   static_cast<unsigned long long>(first.wmma_calls));
-      std::abort();
-    }
-    const auto& leader = collectives[t - t % 128];
-    if (mine.wgmma_calls != leader.wgmma_calls || mine.wgmma_signature != leader.wgmma_signature) {
-      std::fprintf(stderr,
-                   "emu: block %u warpgroup %u: thread %u made %llu wgmma calls, thread 0 %llu, "
-                   "or with other descriptors (a divergent warpgroup-wide call)\n",
-                   block, t / 128, t % 128, static_cast<unsigned long long>(mine.wgmma_calls),
-                   static_cast<unsigned long long>(leader.wgmma_calls));
-      std::abort();
-    }
     if (!mine.wgmma_pending.empty()) {
       std::fprintf(stderr, "emu: block %u thread %u exited with a wgmma never waited for\n",
                    block, t);
@@ -110,13 +108,17 @@ inline void collective_end(unsigned block, unsigned nthreads) {
   }
 }
 
+// Folds a call's kind and arguments into a thread's running signature of its calls.
+inline void note_call(uint64_t& calls, uint64_t& signature, std::initializer_list<uint64_t> call) {
+  ++calls;
+  for (const uint64_t v : call) signature = (signature ^ v) * 0x100000001b3ull + 0x9e3779b97f4a7c15ull;
+}
+
 inline void note_wmma_call(uint64_t kind, const void* p = nullptr, uint64_t ldm = 0,
                            uint64_t layout = 0) {
   auto& c = my_collectives();
-  ++c.wmma_calls;
-  for (const uint64_t v :
-       {kind, static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)), ldm, layout})
-    c.wmma_signature = (c.wmma_signature ^ v) * 0x100000001b3ull + 0x9e3779b97f4a7c15ull;
+  note_call(c.wmma_calls, c.wmma_signature,
+            {kind, static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)), ldm, layout});
 }
 
 [[noreturn]] inline void emu_fail(const char* what) {

@@ -193,6 +193,18 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     return prefill_pair{std::move(ours), std::move(blas), std::move(*want), std::move(*got)};
   }
 
+  /// A tiny-v3 prompt of `length` tokens: the golden input ids over and over, each repetition
+  /// shifted by `shift` more (within the vocabulary), so that the tokens do not repeat.
+  std::vector<int32_t> repeated_prompt(size_t length, int32_t shift) const {
+    const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+    const auto ids = g.ids("input_ids");
+    std::vector<int32_t> prompt(length);
+    for (size_t i = 0; i < prompt.size(); ++i)
+      prompt[i] = (ids[i % ids.size()] + shift * static_cast<int32_t>(i / ids.size())) %
+                  static_cast<int32_t>(vocab_);
+    return prompt;
+  }
+
   model::reference_engine make_reference() {
     auto e = model::reference_engine::create(ckpt_);
     EXPECT_TRUE(e) << error_text(e.error());
@@ -628,12 +640,7 @@ TEST_P(gpu_engine_test, released_blocks_are_reused_without_stale_state) {
 TEST_P(gpu_engine_test, a_long_context_decodes_through_split_attention) {
   // 300 cached tokens: the decode kernel cuts the sequence into several splits and combines
   // them (kernels/cuda/mla_decode.hpp), which short sequences never do.
-  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
-  const auto ids = g.ids("input_ids");
-  std::vector<int32_t> prompt(300);
-  for (size_t i = 0; i < prompt.size(); ++i)
-    prompt[i] = (ids[i % ids.size()] + static_cast<int32_t>(7 * (i / ids.size()))) %
-                static_cast<int32_t>(vocab_);
+  const auto prompt = repeated_prompt(300, 7);
   auto gpu = make_gpu(/*num_blocks=*/40, /*block_size=*/16);
   auto ref = make_reference();
   const model::sequence_input s[] = {{9, prompt}};
@@ -769,12 +776,7 @@ TEST_P(gpu_engine_test, wgmma_experts_match_wmma_in_prefill) {
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
   if (major != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";
-  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
-  const auto ids = g.ids("input_ids");
-  std::vector<int32_t> prompt(300);
-  for (size_t i = 0; i < prompt.size(); ++i)
-    prompt[i] = (ids[i % ids.size()] + static_cast<int32_t>(3 * (i / ids.size()))) %
-                static_cast<int32_t>(vocab_);
+  const auto prompt = repeated_prompt(300, 3);
   auto ours = make_gpu(40, 16);
   auto hopper = make_gpu(40, 16, [](auto& o) { o.wgmma_experts = true; });
   const model::sequence_input s[] = {{1, prompt}};
