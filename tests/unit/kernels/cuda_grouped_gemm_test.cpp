@@ -520,6 +520,20 @@ TEST(cuda_grouped_gemm, odd_shapes_match_reference) {
   }
 }
 
+// Arguments asking for the wgmma kernel, with aligned stand-in pointers (for
+// grouped_gemm_uses_wgmma, which reads nothing).
+cuda::grouped_gemm_args wgmma_request(int64_t rows, int64_t experts, int64_t n, int64_t k) {
+  cuda::grouped_gemm_args a;
+  a.x = a.weights = a.y = reinterpret_cast<void*>(uintptr_t{4096});
+  a.expert_offsets = reinterpret_cast<const int32_t*>(uintptr_t{4096});
+  a.num_rows = rows;
+  a.num_experts = experts;
+  a.n = n;
+  a.k = k;
+  a.wgmma = true;
+  return a;
+}
+
 // Hopper's wgmma kernel (sm_90 only; the emulator emulates one), which takes the wide tiling's
 // cases: v2lite's shapes, experts of one row, of 130 rows (a second tile of 2 rows: the second
 // warpgroup idle), n past one 256-column tile and a partial one, k with a tail of 8 (264 =
@@ -549,14 +563,7 @@ TEST(cuda_grouped_gemm, wgmma_matches_reference) {
   expect_matches_reference(wide({131, 264, few, rows, dtype::bf16, dtype::bf16}), 28);
   expect_matches_reference(wide({40, 0, {2, 0, 3}, 192, dtype::bf16, dtype::bf16}), 29);
 
-  cuda::grouped_gemm_args a;
-  a.x = a.weights = a.y = reinterpret_cast<void*>(uintptr_t{4096});
-  a.expert_offsets = reinterpret_cast<const int32_t*>(uintptr_t{4096});
-  a.num_rows = rows;
-  a.num_experts = 5;
-  a.n = 300;
-  a.k = 264;
-  a.wgmma = true;
+  auto a = wgmma_request(rows, 5, 300, 264);
   EXPECT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
   auto b = a;
   b.k = 77;
@@ -665,14 +672,7 @@ TEST(cuda_grouped_gemm, beta_adds_the_old_output) {
   simt.beta = 0.5f;
   expect_matches_reference(simt, 94);
 
-  cuda::grouped_gemm_args a;
-  a.x = a.weights = a.y = reinterpret_cast<void*>(uintptr_t{4096});
-  a.expert_offsets = reinterpret_cast<const int32_t*>(uintptr_t{4096});
-  a.num_rows = 200;
-  a.num_experts = 3;
-  a.n = 300;
-  a.k = 64;
-  a.wgmma = true;
+  auto a = wgmma_request(200, 3, 300, 64);
   a.beta = 1.0f;
   EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(a)) << "beta is WMMA's";
 }
