@@ -25,13 +25,9 @@ __global__ void rope_kernel(T* x, int64_t num_vectors, int64_t num_heads, int64_
   const int lane = static_cast<int>(threadIdx.x % 32);
   if (vector >= num_vectors) return;
   const int64_t t = vector / num_heads, h = vector - t * num_heads;
-  const int32_t position = positions[t];
-  // The caller's guarantee, not checkable on the host: an outside position leaves x as it was.
-  if (position < 0 || position >= table_positions) return;
+  // The vector's elements and its position are loaded together, then the position's cos and sin:
+  // two memory latencies before the stores, not three (the vector waited on the position).
   T* v = x + t * token_stride + h * head_stride;
-  const float* c = cos + int64_t{position} * half;
-  const float* s = sin + int64_t{position} * half;
-
   float evens[max_pairs_per_lane] = {};
   float odds[max_pairs_per_lane] = {};
 #pragma unroll
@@ -42,12 +38,27 @@ __global__ void rope_kernel(T* x, int64_t num_vectors, int64_t num_heads, int64_
       odds[j] = load(v, 2 * i + 1);
     }
   }
-  __syncwarp();
+  const int32_t position = positions[t];
+  // The caller's guarantee, not checkable on the host: an outside position leaves x as it was.
+  // Warp-uniform (one vector per warp), so the whole warp leaves.
+  if (position < 0 || position >= table_positions) return;
+  const float* c = cos + int64_t{position} * half;
+  const float* s = sin + int64_t{position} * half;
+  float cs[max_pairs_per_lane] = {}, sn[max_pairs_per_lane] = {};
 #pragma unroll
   for (int j = 0; j < max_pairs_per_lane; ++j) {
     const int i = lane + 32 * j;
     if (i < half) {
-      const float ci = c[i], si = s[i];
+      cs[j] = c[i];
+      sn[j] = s[i];
+    }
+  }
+  __syncwarp();  // every lane's loads before any lane's stores (the vector is rewritten in place)
+#pragma unroll
+  for (int j = 0; j < max_pairs_per_lane; ++j) {
+    const int i = lane + 32 * j;
+    if (i < half) {
+      const float ci = cs[j], si = sn[j];
       // Separately rounded products: what the host computes, and no FMA contraction.
       store(v, i, __fsub_rn(__fmul_rn(evens[j], ci), __fmul_rn(odds[j], si)));
       store(v, i + half, __fadd_rn(__fmul_rn(odds[j], ci), __fmul_rn(evens[j], si)));
