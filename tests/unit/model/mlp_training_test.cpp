@@ -100,7 +100,6 @@ class gradient_check {
   gradient_check(tiny_model& m, int64_t layer, uint32_t seed, std::vector<int32_t> cu_seqlens = {},
                  double balance_alpha = 0.0, float dy_scale = 1.0f)
       : m_(m),
-        layer_(layer),
         rng_(seed),
         block_(bind(m, layer)),
         cu_seqlens_(std::move(cu_seqlens)),
@@ -152,7 +151,6 @@ class gradient_check {
   }
 
   tiny_model& m_;
-  int64_t layer_;
   std::mt19937 rng_;
   mlp_training_block block_;
   std::vector<int32_t> cu_seqlens_;
