@@ -533,14 +533,23 @@ class forward {
     gg.n = 2 * I;
     gg.k = D;
     gg.dt = gg.y_dt = m_.dt;
-    if ((err = experts_product(gg, blas, 0, "experts gate|up"))) return err;
-    kcu::swiglu_args s;
-    s.gate_up = b_.gate_up;
-    s.out = b_.act;
-    s.rows = rows;
-    s.dim = I;
-    s.dt = m_.dt;
-    if ((err = check(kcu::swiglu_run(s, m_.stream), "experts swiglu"))) return err;
+    // On the wgmma kernel, the gate|up product and SwiGLU are one launch, the activation
+    // straight into act (grouped_gemm_args::fuse_swiglu); otherwise the product, then swiglu.
+    auto fused = gg;
+    fused.y = b_.act;
+    fused.wgmma = fused.fuse_swiglu = m_.wgmma_experts;
+    if (!blas && fused.wgmma && kcu::grouped_gemm_uses_wgmma(fused)) {
+      if ((err = experts_product(fused, false, 0, "experts gate|up + swiglu"))) return err;
+    } else {
+      if ((err = experts_product(gg, blas, 0, "experts gate|up"))) return err;
+      kcu::swiglu_args s;
+      s.gate_up = b_.gate_up;
+      s.out = b_.act;
+      s.rows = rows;
+      s.dim = I;
+      s.dt = m_.dt;
+      if ((err = check(kcu::swiglu_run(s, m_.stream), "experts swiglu"))) return err;
+    }
     gg.x = b_.act;
     set_weights(gg, w.experts_down);
     gg.y = b_.expert_out;

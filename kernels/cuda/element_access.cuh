@@ -24,6 +24,13 @@ __device__ inline void store(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16_rn(v);
 }
 
+/// silu(x) = x / (1 + exp(-x)) (SwiGLU's activation; swiglu.cu and the grouped GEMM's fused
+/// epilogue). exp(-x) overflows to inf for x < -88 and x / inf = -0: the right limit, no NaN (as
+/// on the host).
+__device__ inline float silu(float x) {
+  return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x)));
+}
+
 /// Whether p may be read or written 16 bytes at a time (the host decides on the vector forms).
 __host__ __device__ inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;

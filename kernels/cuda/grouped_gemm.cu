@@ -584,13 +584,17 @@ struct wgmma_tiles {
 };
 
 // Queues one k step's copies into a stage. Rows past the tile's rows (x) or past n (weights), and
-// chunks past k, are zero-filled (src-size 0: nothing is read).
+// chunks past k, are zero-filled (src-size 0: nothing is read). The weight tile's rows come in
+// two halves of 128: rows 128 on in memory, or with a fused SwiGLU the up rows of the gate rows
+// of the first half (`second` elements on).
 struct wgmma_loader {
   const bf16* a;      // this thread's first row of x, at its chunk
   const bf16* b;      // this thread's first weight row, at its chunk
   const bf16* dummy;  // a valid, aligned address for the zero fills
   int64_t stride;     // elements between this thread's rows (32 rows)
-  int32_t a_rows, b_rows;  // this thread's rows that exist: first a_rows of 4, b_rows of 8
+  int64_t second;     // elements from b to this thread's first row of the second half
+  int32_t a_rows;     // this thread's rows of x that exist: the first a_rows of 4
+  int32_t b_rows_lo, b_rows_hi;  // of its 4 weight rows in each half
   int32_t chunk, k;
   uint32_t dst;  // byte offset of this thread's first chunk in a tile
 
@@ -602,12 +606,15 @@ struct wgmma_loader {
       __pipeline_memcpy_async(stage + dst + i * wgmma_tiles::rows_per_pass * 128,
                               ok ? a + i * stride + k0 : dummy, 16, ok ? 0 : 16);
     }
+    constexpr int half = wgmma_tiles::bn / wgmma_tiles::rows_per_pass / 2;
 #pragma unroll
-    for (int i = 0; i < wgmma_tiles::bn / wgmma_tiles::rows_per_pass; ++i) {
-      const bool ok = in_k && i < b_rows;
+    for (int i = 0; i < 2 * half; ++i) {
+      const int j = i % half;
+      const bool ok = in_k && j < (i < half ? b_rows_lo : b_rows_hi);
       __pipeline_memcpy_async(stage + wgmma_tiles::a_bytes + dst +
                                   i * wgmma_tiles::rows_per_pass * 128,
-                              ok ? b + i * stride + k0 : dummy, 16, ok ? 0 : 16);
+                              ok ? b + (i < half ? 0 : second) + j * stride + k0 : dummy, 16,
+                              ok ? 0 : 16);
     }
   }
 };
@@ -619,7 +626,11 @@ __device__ inline void store_pair(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
-template <class TOut>
+// Swiglu: each expert's weight is its stacked (gate; up) projection of n = 2 I rows, and y (rows,
+// I) gets silu(x . gate^T) * (x . up^T) from the float32 products, rounded once: a block's 256
+// weight rows are gate rows col0 .. col0 + 127 and the up rows of the same columns, so a
+// thread's accumulator column blocks j and j + 16 are the gate and up of one output column.
+template <class TOut, bool Swiglu>
 __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     grouped_gemm_wgmma_kernel(const bf16* x, const int32_t* offsets, const bf16* w, TOut* y,
                               int32_t num_rows, int num_experts, int32_t n, int32_t k,
@@ -633,8 +644,11 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
   const int32_t expert = found[0];
   if (expert < 0) return;  // the whole block: past the last tile of this routing
   const int32_t row0 = found[1], rows = found[2];
-  const int32_t col0 = order.n_tile(block) * T::bn;
-  const int32_t cols = std::min(int32_t{T::bn}, n - col0);
+  // Output columns: 256 of y's n a block, or with Swiglu 128 of its I = n / 2.
+  constexpr int32_t out_bn = Swiglu ? T::bn / 2 : T::bn;
+  const int32_t out_n = Swiglu ? n / 2 : n;
+  const int32_t col0 = order.n_tile(block) * out_bn;
+  const int32_t cols = std::min(out_bn, out_n - col0);
   const int tid = static_cast<int>(threadIdx.x);
   // The stages from the first 1024-byte aligned shared address on (the swizzle is a function of
   // the address bits).
@@ -646,26 +660,40 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
   wgmma_loader load;
   {
     const int chunk = tid % 8, first = tid / 8;
+    const auto passes = [first](int32_t count) {  // of rows first + 32 i below count
+      return (count - first + T::rows_per_pass - 1) / T::rows_per_pass;
+    };
     load.stride = int64_t{T::rows_per_pass} * k;
     load.a = x + (int64_t{row0} + first) * k + 8 * chunk;
     load.b = w + (int64_t{expert} * n + col0 + first) * k + 8 * chunk;
     load.dummy = x;
-    load.a_rows = (rows - first + T::rows_per_pass - 1) / T::rows_per_pass;
-    load.b_rows = (cols - first + T::rows_per_pass - 1) / T::rows_per_pass;
+    load.a_rows = passes(rows);
+    if constexpr (Swiglu) {
+      load.second = int64_t{out_n} * k;  // the up rows of the same columns
+      load.b_rows_lo = load.b_rows_hi = passes(cols);
+    } else {
+      load.second = int64_t{T::bn / 2} * k;
+      load.b_rows_lo = std::min(passes(cols), 4);
+      load.b_rows_hi = std::max(passes(cols) - 4, 0);
+    }
     load.chunk = chunk;
     load.k = k;
     load.dst = static_cast<uint32_t>(first * 128 + ((chunk ^ (first % 8)) * 16));
   }
 
   // Warpgroup g's rows 64 g .. 64 g + 63. A tile of at most 64 rows (an expert's last or only
-  // one) splits the columns instead, warpgroup g taking the 64 rows by columns 128 g .. 128 g +
-  // 127 (m64n128k16 into the first 64 accumulators), so that both warpgroups' products count;
-  // one whose columns are all past n skips its products (warpgroup-uniform, as wgmma requires).
+  // one) splits the columns instead, so that both warpgroups' products count: warpgroup g takes
+  // the 64 rows by weight rows 128 g .. 128 g + 127 (m64n128k16 into the first 64
+  // accumulators), or with Swiglu by output columns 64 g .. 64 g + 63 (m64n64k16 over their gate
+  // rows into the first 32, over their up rows into the next 32). One whose columns are all past
+  // n skips its products (warpgroup-uniform, as wgmma requires).
   const int group = tid / 128;
   const bool split = rows <= 64;
-  const bool busy = !split || group * 128 < cols;
+  const bool busy = !split || group * (Swiglu ? 64 : 128) < cols;
   float acc[128];
   float(&half)[64] = *reinterpret_cast<float(*)[64]>(acc);
+  float(&quarter0)[32] = *reinterpret_cast<float(*)[32]>(acc);
+  float(&quarter1)[32] = *reinterpret_cast<float(*)[32]>(acc + 32);
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
 
@@ -682,24 +710,31 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     if (next < k_steps) load(stage(next % T::stages), next * T::bk);
     __pipeline_commit();
     if (!busy) continue;
-    // Rows are 128 bytes: warpgroup g's 64 rows of x start 64 g rows in, its 128 weight rows
-    // (split) 128 g rows in; both 1024-byte aligned, as the swizzle needs.
+    // Rows are 128 bytes and every operand below starts a multiple of 8 rows into a 1024-byte
+    // aligned tile, as the swizzle needs.
     const uint32_t stage_at = tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes;
-    const uint32_t a_at = stage_at + (split ? 0u : static_cast<uint32_t>(group) * 64 * 128);
-    const uint32_t b_at =
-        stage_at + T::a_bytes + (split ? static_cast<uint32_t>(group) * 128 * 128 : 0u);
+    const uint32_t b_at = stage_at + T::a_bytes;
+    const auto g = static_cast<uint32_t>(group);
     detail::fence_operands(acc);
     detail::wgmma_fence();
-    if (split) {
+    if (!split) {
 #pragma unroll
       for (int j = 0; j < T::bk / 16; ++j)
-        detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(a_at + 32 * j),
+        detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(stage_at + g * 64 * 128 + 32 * j),
                                       detail::sw128_descriptor(b_at + 32 * j));
+    } else if constexpr (Swiglu) {
+#pragma unroll
+      for (int j = 0; j < T::bk / 16; ++j) {
+        const uint64_t a = detail::sw128_descriptor(stage_at + 32 * j);
+        detail::wgmma_m64n64k16_bf16(quarter0, a, detail::sw128_descriptor(b_at + g * 64 * 128 + 32 * j));
+        detail::wgmma_m64n64k16_bf16(quarter1, a,
+                                     detail::sw128_descriptor(b_at + (128 + g * 64) * 128 + 32 * j));
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < T::bk / 16; ++j)
-        detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(a_at + 32 * j),
-                                      detail::sw128_descriptor(b_at + 32 * j));
+        detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(stage_at + 32 * j),
+                                      detail::sw128_descriptor(b_at + g * 128 * 128 + 32 * j));
     }
     detail::wgmma_commit();
     detail::wgmma_wait<0>();
@@ -711,33 +746,58 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
   __syncthreads();  // every warpgroup is past its last products: the stages are free
   TOut* out = reinterpret_cast<TOut*>(tiles);
   {
+    // Thread (warp w, lane l) of its warpgroup holds column blocks j of rows 16 w + l / 4 (+ 8).
     const int warp = (tid % 128) / 32, lane = tid % 32;
     const int r = (split ? 0 : group * 64) + warp * 16 + lane / 4;
-    const int c = (split ? group * 128 : 0) + 2 * (lane % 4);
-    const int column_blocks = split ? 16 : 32;
+    if constexpr (Swiglu) {
+      // Output column block j: gate in block j, up in block j + 16 (split: j + 8 of 8 blocks).
+      // Two loops, so that every accumulator index is a constant (a computed one would put the
+      // accumulators in local memory).
+      const auto activate = [&](int j, int h, int gate, int up, int c) {
+        store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c,
+                   __fmul_rn(detail::silu(acc[gate]), acc[up]),
+                   __fmul_rn(detail::silu(acc[gate + 1]), acc[up + 1]));
+      };
+      if (split) {
 #pragma unroll
-    for (int j = 0; j < 32; ++j)
-      if (j < column_blocks) {
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c, acc[4 * j + 2 * h],
-                     acc[4 * j + 2 * h + 1]);
+          for (int h = 0; h < 2; ++h)
+            activate(j, h, 4 * j + 2 * h, 4 * j + 2 * h + 32, group * 64 + 2 * (lane % 4));
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            activate(j, h, 4 * j + 2 * h, 4 * j + 2 * h + 64, 2 * (lane % 4));
       }
+    } else {
+      const int c = (split ? group * 128 : 0) + 2 * (lane % 4);
+      const int column_blocks = split ? 16 : 32;
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        if (j < column_blocks) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c, acc[4 * j + 2 * h],
+                       acc[4 * j + 2 * h + 1]);
+        }
+    }
   }
   __syncthreads();
-  TOut* y_tile = y + int64_t{row0} * n + col0;
+  TOut* y_tile = y + int64_t{row0} * out_n + col0;
   if (vector_out) {
     constexpr int per = 16 / sizeof(TOut);
-    const int chunks = (cols + per - 1) / per;  // cols % per == 0 here (n % per == 0)
+    const int chunks = (cols + per - 1) / per;  // cols % per == 0 here (out_n % per == 0)
     for (int i = tid; i < rows * chunks; i += T::threads) {
       const int r = i / chunks, c = (i % chunks) * per;
-      *reinterpret_cast<uint4*>(y_tile + int64_t{r} * n + c) =
+      *reinterpret_cast<uint4*>(y_tile + int64_t{r} * out_n + c) =
           *reinterpret_cast<const uint4*>(out + r * T::out_ld + c);
     }
   } else {
     for (int i = tid; i < rows * cols; i += T::threads) {
       const int r = i / cols, c = i % cols;
-      y_tile[int64_t{r} * n + c] = out[r * T::out_ld + c];
+      y_tile[int64_t{r} * out_n + c] = out[r * T::out_ld + c];
     }
   }
 }
@@ -910,16 +970,18 @@ bool wgmma_fits(const grouped_gemm_args& a) noexcept {
          a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights);
 }
 
-template <class TOut>
+template <class TOut, bool Swiglu>
 kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
-  auto* kernel = grouped_gemm_wgmma_kernel<TOut>;
+  auto* kernel = grouped_gemm_wgmma_kernel<TOut, Swiglu>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(wgmma_tiles::smem_bytes)) != cudaSuccess) {
     (void)cudaGetLastError();
     return kernel_status::launch_failed;
   }
+  // With Swiglu a block's 128 output columns are its 256 weight rows: the same grid.
   const grid_shape g = grid_of(a);
-  const bool vector_out = aligned16(a.y) && a.n % (16 / sizeof(TOut)) == 0;
+  const int64_t out_n = Swiglu ? a.n / 2 : a.n;
+  const bool vector_out = aligned16(a.y) && out_n % (16 / sizeof(TOut)) == 0;
   kernel<<<static_cast<unsigned>(g.blocks), wgmma_tiles::threads, wgmma_tiles::smem_bytes,
            stream>>>(static_cast<const bf16*>(a.x), a.expert_offsets,
                      static_cast<const bf16*>(a.weights), static_cast<TOut*>(a.y),
@@ -931,7 +993,9 @@ kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
 
 template <class TOut>
 kernel_status launch_bf16(const grouped_gemm_args& a, cudaStream_t stream) {
-  if (wgmma_fits(a) && hopper()) return launch_wgmma<TOut>(a, stream);
+  if (wgmma_fits(a) && hopper())
+    return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, stream) : launch_wgmma<TOut, false>(a, stream);
+  if (a.fuse_swiglu) return kernel_status::unsupported_shape;  // the wgmma kernel's alone
   return narrow(a) ? launch_mma<narrow_tiles, TOut>(a, stream)
                    : launch_mma<wide_tiles, TOut>(a, stream);
 }
@@ -961,6 +1025,9 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
       return kernel_status::unsupported_shape;
   }
   if (a.num_experts < 1 || a.num_experts > grouped_gemm_max_experts)
+    return kernel_status::unsupported_shape;
+  if (a.fuse_swiglu && (!a.wgmma || a.n % 2 != 0 || a.dt != dtype::bf16 ||
+                       a.weight_scale != nullptr || a.beta != 0.0f))
     return kernel_status::unsupported_shape;
   // Rows and columns are int32 on the device (the offsets are); elements are int64.
   if (a.num_rows < 0 || a.n < 0 || a.k < 0 || a.num_rows > INT32_MAX || a.n > INT32_MAX ||

@@ -77,6 +77,14 @@ struct grouped_gemm_args {
   /// rows). The results differ from WMMA's only in the float32 summation order. Off by default
   /// until a card measures it (bench/gpu_kernels_bench.cpp's grouped_gemm_bf16).
   bool wgmma = false;
+  /// With the wgmma kernel only: each expert's weight is its stacked (gate; up) projection, n = 2 I
+  /// rows (I gate rows, then I up rows), and y, (num_rows, I) of y_dt, gets
+  /// silu(x . gate^T) * (x . up^T) (swiglu.hpp's activation) from the float32 products, rounded
+  /// once, where the unfused path rounds the products to y_dt, then applies swiglu_run: no
+  /// (rows, 2 I) intermediate and no second launch. Host checks refuse it without `wgmma`, with
+  /// n odd, FP8 weights or beta; grouped_gemm_run refuses (unsupported_shape) a call the wgmma
+  /// kernel does not take (grouped_gemm_uses_wgmma says which will).
+  bool fuse_swiglu = false;
 };
 
 /// Host-side checks only (no GPU needed): ok, unsupported_dtype, or unsupported_shape for

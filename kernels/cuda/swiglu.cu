@@ -13,15 +13,11 @@ using detail::load;
 using detail::load16;
 using detail::store;
 using detail::store16;
+using detail::silu;
 
 constexpr int threads_per_block = 256;
 // Enough blocks to fill an H200 many times over; the grid-stride loop covers the rest.
 constexpr int64_t max_blocks = int64_t{1} << 16;
-
-// exp(-x) overflows to inf for x < -88 and x / inf = -0: the right limit, no NaN (as on the host).
-__device__ float silu(float x) {
-  return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x)));
-}
 
 // A flat grid-stride loop over rows * dim: coalesced whatever dim is, and every element is
 // read and written by the same thread, which is what makes out == gate or out == up safe.

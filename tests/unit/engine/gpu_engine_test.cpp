@@ -766,39 +766,36 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
 }
 
 // Prefill's routed experts on Hopper's wgmma (wgmma_experts; the fake runtime is an sm_90 card,
-// the emulator runs the kernel) against WMMA: 300 tokens, so that 1200 routed rows over 16
-// experts take the grouped GEMM's wide tiling, which is what the option changes. Every
-// position's logits within graph_tolerance() (float32 sums in another order), the kernel
-// counts saying which ran: the bf16 engine's 4 products (2 MoE layers) on wgmma, the f32
-// engine's on CUDA cores whatever the option. Then a decode step on each (narrow: WMMA).
-TEST_P(gpu_engine_test, wgmma_experts_match_wmma_in_prefill) {
+// the emulator runs the kernel): 300 tokens, so that 1200 routed rows over 16 experts take the
+// grouped GEMM's wide tiling, which is what the option changes. The bf16 engine's gate|up
+// product and SwiGLU are then one launch (fuse_swiglu), which skips rounding gate and up to
+// bf16 before the activation, so it is held to the reference engine's bounds (as every bf16
+// engine is: a near-tie of the gate may route a token differently from the WMMA engine, and the
+// exemption for such tokens is the reference comparison's): every token's experts, the last
+// position's logits, then a decode step's. The kernel counts say which ran: the bf16 engine's 4 products (2 MoE layers) on wgmma,
+// the f32 engine's on CUDA cores whatever the option, and without the option none on wgmma.
+TEST_P(gpu_engine_test, wgmma_experts_match_the_reference_in_prefill) {
   int device = 0, major = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
   if (major != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";
   const auto prompt = repeated_prompt(300, 3);
-  auto ours = make_gpu(40, 16);
   auto hopper = make_gpu(40, 16, [](auto& o) { o.wgmma_experts = true; });
+  auto ref = make_reference();
   const model::sequence_input s[] = {{1, prompt}};
-  engine::gpu_prefill_options all;
-  all.all_logits = true;
-  const auto want = ours.prefill(s, all);
-  const auto got = hopper.prefill(s, all);
-  ASSERT_TRUE(want) << error_text(want.error());
-  ASSERT_TRUE(got) << error_text(got.error());
-  expect_same_step(*want, *got, static_cast<int64_t>(prompt.size()), "prefill");
+  const auto first = prefill_both(hopper, ref, s, false, "prefill").reference;
+  ASSERT_FALSE(first.empty());
   const bool bf16 = GetParam().dt == dtype::bf16;
-  EXPECT_EQ(ours.kernel_stats().experts_wgmma, 0u);
-  EXPECT_EQ(ours.kernel_stats().experts_grouped_gemm, 4u);
   EXPECT_EQ(hopper.kernel_stats().experts_wgmma, bf16 ? 4u : 0u);
   EXPECT_EQ(hopper.kernel_stats().experts_grouped_gemm, bf16 ? 0u : 4u);
   EXPECT_EQ(hopper.kernel_stats().experts_cublas, 0u);
+  const model::decode_input step[] = {{1, argmax(first.data(), vocab_)}};
+  ASSERT_FALSE(decode_both(hopper, ref, step, "decode after").reference.empty());
 
-  const model::decode_input step[] = {{1, want->greedy_tokens.back()}};
-  const auto want_next = ours.decode(step);
-  const auto got_next = hopper.decode(step);
-  ASSERT_TRUE(want_next && got_next);
-  expect_same_step(*want_next, *got_next, 1, "decode after");
+  auto ours = make_gpu(40, 16);
+  ASSERT_TRUE(ours.prefill(s));
+  EXPECT_EQ(ours.kernel_stats().experts_wgmma, 0u);
+  EXPECT_EQ(ours.kernel_stats().experts_grouped_gemm, 4u);
 }
 
 // Decode products on the grouped expert GEMM as one expert (grouped_dense_rows; skinny_rows 0 so

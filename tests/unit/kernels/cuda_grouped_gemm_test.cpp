@@ -653,6 +653,105 @@ TEST(cuda_grouped_gemm, routings_that_need_every_tile_of_the_grid) {
   expect_matches_reference({72, 40, {65, 1, 1}, 67, dtype::f32, dtype::f32}, 85);
 }
 
+// fuse_swiglu on the wgmma kernel: y (rows, I) = silu(x . gate^T) * (x . up^T) of each expert's
+// stacked (gate; up) weight, against the activation of the exact products. Tolerance: each
+// product is off by the kernel's bound t (as above); silu's slope is within [-0.1, 1.1], so the
+// result moves by at most 1.1 t |up| + |silu(gate)| t + t^2, plus silu's own float32 evaluation
+// (expf within 2 ulp, a division and a product: 2^-20 of |result|) and the one rounding to y_dt.
+void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
+  SCOPED_TRACE(describe(c) + " fused swiglu");
+  const auto num_experts = static_cast<int64_t>(c.counts.size());
+  const auto offsets = offsets_of(c.counts);
+  const auto rows = static_cast<size_t>(c.num_rows), n = static_cast<size_t>(c.n),
+             k = static_cast<size_t>(c.k), inter = n / 2;
+  const auto rows_in_use = static_cast<size_t>(offsets.back());
+  const auto x = random_values(rows * k, seed, true);
+  const auto w = random_values(static_cast<size_t>(num_experts) * n * k, seed + 1, true);
+  const size_t y_bytes = dtype_bytes(c.y_dt);
+  device_buffer dx(rows * k * 2), dw(w.size() * 2), doff(offsets.size() * 4),
+      dy(rows * inter * y_bytes + canary_bytes);
+  ASSERT_TRUE(upload(dx, as_bytes(x, dtype::bf16).data(), dx.bytes()));
+  ASSERT_TRUE(upload(dw, as_bytes(w, dtype::bf16).data(), dw.bytes()));
+  ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
+  ASSERT_EQ(cudaMemset(dy.get(), sentinel, dy.bytes()), cudaSuccess);
+  cuda::grouped_gemm_args a;
+  a.x = dx.get();
+  a.expert_offsets = static_cast<const int32_t*>(doff.get());
+  a.weights = dw.get();
+  a.y = dy.get();
+  a.num_rows = c.num_rows;
+  a.num_experts = num_experts;
+  a.n = c.n;
+  a.k = c.k;
+  a.y_dt = c.y_dt;
+  a.wgmma = a.fuse_swiglu = true;
+  ASSERT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto got = download(dy);
+
+  const tolerance tol{dtype::bf16, dtype::f32, c.k};  // a product's bound, before any rounding
+  size_t e = 0;
+  for (size_t r = 0; r < rows_in_use; ++r) {
+    while (static_cast<size_t>(offsets[e + 1]) <= r) ++e;
+    for (size_t j = 0; j < inter; ++j) {
+      double gate = 0.0, up = 0.0, gate_mag = 0.0, up_mag = 0.0;
+      for (size_t i = 0; i < k; ++i) {
+        const double xv = x[r * k + i], gv = w[(e * n + j) * k + i], uv = w[(e * n + inter + j) * k + i];
+        gate += xv * gv;
+        up += xv * uv;
+        gate_mag += std::fabs(xv * gv);
+        up_mag += std::fabs(xv * uv);
+      }
+      const double silu = gate / (1.0 + std::exp(-gate)), want = silu * up;
+      const double tg = tol.of(gate, gate_mag), tu = tol.of(up, up_mag);
+      double bound = 1.1 * tg * std::fabs(up) + std::fabs(silu) * tu + tg * tu +
+                     0x1.0p-20 * std::fabs(want);
+      if (c.y_dt == dtype::bf16) bound += 0x1.0p-8 * (std::fabs(want) + bound);
+      const double g = element_of(got, r * inter + j, c.y_dt);
+      ASSERT_LE(std::fabs(g - want), bound)
+          << "row " << r << " (expert " << e << ") col " << j << ": got " << g << ", want " << want;
+    }
+  }
+  for (size_t b = rows_in_use * inter * y_bytes; b < got.size(); ++b)
+    ASSERT_EQ(got[b], sentinel) << "byte " << b << " of y past the rows in use was written";
+}
+
+// fuse_swiglu: v2lite's gate|up shapes (cut to 1/16 of the columns in the emulator), experts of
+// 1, 17, 33 and 130 rows (the split tiles), I past one 128-column tile and partial (I = 150),
+// bf16 and f32 out; and the refusals: not on WMMA, n odd, FP8 weights, beta, no wgmma.
+TEST(cuda_grouped_gemm, fused_swiglu_matches_the_activation_of_the_products) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "the fused SwiGLU is the wgmma kernel's, sm_90 cards only";
+  expect_fused_swiglu_matches(
+      {2 * 1408 / v2lite_n_divisor, 2048, v2lite_counts(), 64 * 64, dtype::bf16, dtype::bf16}, 101);
+  const std::vector<int32_t> few{0, 1, 33, 130, 17};
+  for (const dtype y_dt : {dtype::bf16, dtype::f32})
+    expect_fused_swiglu_matches({300, 264, few, 64 * 5 + 3, dtype::bf16, y_dt}, 102);
+
+  auto a = wgmma_request(64 * 5 + 3, 5, 300, 264);
+  a.fuse_swiglu = true;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+  auto b = a;
+  b.n = 301;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "n odd";
+  b = a;
+  b.wgmma = false;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "no wgmma";
+  b = a;
+  b.beta = 1.0f;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "beta";
+  b = a;
+  b.weight_scale = reinterpret_cast<const float*>(uintptr_t{4096});
+  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "FP8 weights";
+  b = a;
+  b.num_rows = 181;  // the narrow tiling: WMMA, which has no fused form
+  EXPECT_EQ(cuda::grouped_gemm_run(b, nullptr), kernel_status::unsupported_shape);
+}
+
 // beta (y = x . w^T + beta * y, the residual add of a dense product run as one expert): one
 // expert of 40 rows (three 16-row tiles, taken row tiles first) over 3 column tiles, bf16 and
 // f32 out; the wide tiling (which wgmma then declines); f32 on CUDA cores with beta 0.5.
