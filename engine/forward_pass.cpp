@@ -389,18 +389,23 @@ class forward {
     return norm(b_.x, nullptr, a.post_norm, b_.mlp_in, T_, d_.D, "post-attention norm");
   }
 
-  /// out (rows, hidden) = beta * out + down(silu(gate(in)) * up(in)).
-  caf::error mlp(const device_mlp& w, const void* in, int64_t rows, void* out, float beta) {
-    const int64_t D = d_.D, I = w.intermediate;
+  /// act (rows, dim) = silu(gate) * up of gate_up's (rows, 2 dim) stacked halves.
+  caf::error swiglu(int64_t rows, int64_t dim, const char* what) {
     kcu::swiglu_args s;
     s.gate_up = b_.gate_up;
     s.out = b_.act;
     s.rows = rows;
-    s.dim = I;
+    s.dim = dim;
     s.dt = m_.dt;
+    return check(kcu::swiglu_run(s, m_.stream), what);
+  }
+
+  /// out (rows, hidden) = beta * out + down(silu(gate(in)) * up(in)).
+  caf::error mlp(const device_mlp& w, const void* in, int64_t rows, void* out, float beta) {
+    const int64_t D = d_.D, I = w.intermediate;
     caf::error err;
     if ((err = linear(in, w.gate_up, b_.gate_up, rows, D, 2 * I, "mlp gate|up")) ||
-        (err = check(kcu::swiglu_run(s, m_.stream), "mlp swiglu")))
+        (err = swiglu(rows, I, "mlp swiglu")))
       return err;
     return linear(b_.act, w.down, out, rows, I, D, "mlp down", beta);
   }
@@ -541,14 +546,9 @@ class forward {
     if (!blas && fused.wgmma && kcu::grouped_gemm_uses_wgmma(fused)) {
       if ((err = experts_product(fused, false, 0, "experts gate|up + swiglu"))) return err;
     } else {
-      if ((err = experts_product(gg, blas, 0, "experts gate|up"))) return err;
-      kcu::swiglu_args s;
-      s.gate_up = b_.gate_up;
-      s.out = b_.act;
-      s.rows = rows;
-      s.dim = I;
-      s.dt = m_.dt;
-      if ((err = check(kcu::swiglu_run(s, m_.stream), "experts swiglu"))) return err;
+      if ((err = experts_product(gg, blas, 0, "experts gate|up")) ||
+          (err = swiglu(rows, I, "experts swiglu")))
+        return err;
     }
     gg.x = b_.act;
     set_weights(gg, w.experts_down);

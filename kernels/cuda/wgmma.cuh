@@ -22,6 +22,13 @@
 #define MOE_WGMMA_PTX 1
 #endif
 
+// An MMA wrapper's body outside sm_90a: the emulator's product, or a trap.
+#if defined(MOE_CUDA_EMULATOR)
+#define MOE_WGMMA_ELSEWHERE(n) ::emu::wgmma_bf16(d, n, a, b)
+#else
+#define MOE_WGMMA_ELSEWHERE(n) ((void)d, (void)a, (void)b, __trap())
+#endif
+
 namespace moe::kernels::cuda::detail {
 
 /// p's address in the shared state space (what descriptors take).
@@ -144,13 +151,8 @@ __device__ inline void wgmma_m64n256k16_bf16(float (&d)[128], uint64_t a, uint64
         "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(a), "l"(b)
       : "memory");
-#elif defined(MOE_CUDA_EMULATOR)
-  ::emu::wgmma_bf16(d, 256, a, b);
 #else
-  (void)d;
-  (void)a;
-  (void)b;
-  __trap();
+  MOE_WGMMA_ELSEWHERE(256);
 #endif
 }
 
@@ -178,13 +180,8 @@ __device__ inline void wgmma_m64n128k16_bf16(float (&d)[64], uint64_t a, uint64_
         "+f"(d[62]), "+f"(d[63])
       : "l"(a), "l"(b)
       : "memory");
-#elif defined(MOE_CUDA_EMULATOR)
-  ::emu::wgmma_bf16(d, 128, a, b);
 #else
-  (void)d;
-  (void)a;
-  (void)b;
-  __trap();
+  MOE_WGMMA_ELSEWHERE(128);
 #endif
 }
 
@@ -203,14 +200,11 @@ __device__ inline void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t a, uint64_t
         "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(a), "l"(b)
       : "memory");
-#elif defined(MOE_CUDA_EMULATOR)
-  ::emu::wgmma_bf16(d, 64, a, b);
 #else
-  (void)d;
-  (void)a;
-  (void)b;
-  __trap();
+  MOE_WGMMA_ELSEWHERE(64);
 #endif
 }
 
 }  // namespace moe::kernels::cuda::detail
+
+#undef MOE_WGMMA_ELSEWHERE

@@ -181,6 +181,25 @@ std::string describe(const grouped_case& c) {
          (c.beta != 0.0f ? " beta=" + std::to_string(c.beta) : "");
 }
 
+// The kernel's arguments for a case, over its device buffers.
+cuda::grouped_gemm_args args_of(const grouped_case& c, const void* x, const device_buffer& offsets,
+                                const device_buffer& weights, device_buffer& y) {
+  cuda::grouped_gemm_args a;
+  a.x = x;
+  a.expert_offsets = static_cast<const int32_t*>(offsets.get());
+  a.weights = weights.get();
+  a.y = y.get();
+  a.num_rows = c.num_rows;
+  a.num_experts = static_cast<int64_t>(c.counts.size());
+  a.n = c.n;
+  a.k = c.k;
+  a.dt = c.dt;
+  a.y_dt = c.y_dt;
+  a.wgmma = c.wgmma;
+  a.beta = c.beta;
+  return a;
+}
+
 // Runs one case on the GPU and checks it against the double definition, the CPU reference and
 // the untouched bytes.
 void expect_matches_reference(const grouped_case& c, uint64_t seed) {
@@ -216,19 +235,7 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
     ASSERT_TRUE(upload(dy, as_bytes(y0, c.y_dt).data(), y0.size() * y_bytes));
   }
 
-  cuda::grouped_gemm_args a;
-  a.x = static_cast<const char*>(dx.get()) + x_at;
-  a.expert_offsets = static_cast<const int32_t*>(doff.get());
-  a.weights = dw.get();
-  a.y = dy.get();
-  a.num_rows = c.num_rows;
-  a.num_experts = num_experts;
-  a.n = c.n;
-  a.k = c.k;
-  a.dt = c.dt;
-  a.y_dt = c.y_dt;
-  a.wgmma = c.wgmma;
-  a.beta = c.beta;
+  auto a = args_of(c, static_cast<const char*>(dx.get()) + x_at, doff, dw, dy);
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = download(dy);
@@ -674,16 +681,7 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
   ASSERT_TRUE(upload(dw, as_bytes(w, dtype::bf16).data(), dw.bytes()));
   ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
   ASSERT_EQ(cudaMemset(dy.get(), sentinel, dy.bytes()), cudaSuccess);
-  cuda::grouped_gemm_args a;
-  a.x = dx.get();
-  a.expert_offsets = static_cast<const int32_t*>(doff.get());
-  a.weights = dw.get();
-  a.y = dy.get();
-  a.num_rows = c.num_rows;
-  a.num_experts = num_experts;
-  a.n = c.n;
-  a.k = c.k;
-  a.y_dt = c.y_dt;
+  auto a = args_of(c, dx.get(), doff, dw, dy);
   a.wgmma = a.fuse_swiglu = true;
   ASSERT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
