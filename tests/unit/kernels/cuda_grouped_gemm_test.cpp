@@ -547,11 +547,7 @@ cuda::grouped_gemm_args wgmma_request(int64_t rows, int64_t experts, int64_t n, 
 // 4 x 64 + 8) and k == 0, float32 and bf16 out, y rows not 16-byte multiples (element stores).
 // What it must refuse (k % 8 != 0, a misaligned x, few rows per expert) takes WMMA, and says so.
 TEST(cuda_grouped_gemm, wgmma_matches_reference) {
-  MOE_KERNELS_SKIP_WITHOUT_GPU();
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
-  if (major != 9) GTEST_SKIP() << "the wgmma kernel runs on sm_90 cards only";
+  MOE_KERNELS_SKIP_WITHOUT_SM90();
   const auto counts = v2lite_counts();
   auto wide = [](grouped_case c) {
     c.wgmma = true;
@@ -719,11 +715,7 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
 // 1, 17, 33 and 130 rows (the split tiles), I past one 128-column tile and partial (I = 150),
 // bf16 and f32 out; and the refusals: not on WMMA, n odd, FP8 weights, beta, no wgmma.
 TEST(cuda_grouped_gemm, fused_swiglu_matches_the_activation_of_the_products) {
-  MOE_KERNELS_SKIP_WITHOUT_GPU();
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
-  if (major != 9) GTEST_SKIP() << "the fused SwiGLU is the wgmma kernel's, sm_90 cards only";
+  MOE_KERNELS_SKIP_WITHOUT_SM90();
   expect_fused_swiglu_matches(
       {2 * 1408 / v2lite_n_divisor, 2048, v2lite_counts(), 64 * 64, dtype::bf16, dtype::bf16}, 101);
   const std::vector<int32_t> few{0, 1, 33, 130, 17};

@@ -50,11 +50,7 @@ void expect_probe_matches(int n, uint32_t seed) {
 }
 
 TEST(cuda_wgmma, one_group_matches_the_host_product) {
-  MOE_KERNELS_SKIP_WITHOUT_GPU();
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
-  if (major != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";
+  MOE_KERNELS_SKIP_WITHOUT_SM90();
   expect_probe_matches(256, 5);
   expect_probe_matches(128, 7);
 }
