@@ -10,7 +10,10 @@
 //    cuBLASLt refuses the FP8 product, its entry says so ("fp8_refused") instead of a time;
 //  - the few-row decode projections (skinny_linear.hpp) against cuBLASLt on the same shapes, per
 //    shape and summed over a decode step, with bf16 and FP8 weights; and at 32 rows cuBLASLt
-//    against the grouped expert GEMM run as one expert.
+//    against the grouped expert GEMM run as one expert;
+//  - the grouped expert GEMM against one dense cuBLASLt product of the same FLOPs and against
+//    cuBLAS's grouped GEMM; on an sm_90 card also its wgmma kernel, and that kernel with the
+//    SwiGLU fused against the product followed by swiglu_run.
 // Times are CUDA-event medians over --reps launches after warm-up. Prints one JSON object.
 //
 //   moe_bench_gpu_kernels [--reps 20] [--square 8192]
@@ -559,6 +562,27 @@ int main(int argc, char** argv) {
         entry["wgmma_TFLOPs"] = flops / (wgmma_ms * 1e9);
         entry["wgmma_over_dense_time"] = wgmma_ms / dense_ms;
         entry["grouped_over_wgmma_time"] = grouped_ms / wgmma_ms;
+        // Fused with SwiGLU (this is the gate|up product: its activation, (rows, n / 2), in
+        // place of the (rows, n) product), against the product and swiglu_run after it.
+        kc::grouped_gemm_args fused = hopper;
+        fused.fuse_swiglu = true;
+        device_mem act(rows * (n / 2) * 2);
+        fused.y = act.p;
+        kc::swiglu_args s;
+        s.gate_up = y.p;
+        s.out = act.p;
+        s.rows = rows;
+        s.dim = n / 2;
+        s.dt = dtype::bf16;
+        const double fused_ms =
+            median_ms(reps, [&] { check(kc::grouped_gemm_run(fused, nullptr), "grouped_gemm fused swiglu"); });
+        const double unfused_ms = median_ms(reps, [&] {
+          check(kc::grouped_gemm_run(hopper, nullptr), "grouped_gemm wgmma");
+          check(kc::swiglu_run(s, nullptr), "swiglu");
+        });
+        entry["wgmma_fused_swiglu_ms"] = fused_ms;
+        entry["wgmma_then_swiglu_ms"] = unfused_ms;
+        entry["fused_swiglu_speedup"] = unfused_ms / fused_ms;
       }
       // The vendor's grouped product on the same problems: cuBLAS's cublasGemmGroupedBatchedEx
       // (one problem per expert in use, sizes from the host, as a prefill could have them after
