@@ -584,19 +584,26 @@ struct wgmma_tiles {
 };
 
 // Queues one k step's copies into a stage. Rows past the tile's rows (x) or past n (weights), and
-// chunks past k, are zero-filled (src-size 0: nothing is read). The weight tile's rows come in
-// two halves of 128: rows 128 on in memory, or with a fused SwiGLU the up rows of the gate rows
-// of the first half (`second` elements on).
+// chunks past k, are zero-filled (src-size 0: nothing is read). Thread t copies chunk t % 8 of
+// the tile rows t / 8 + 32 i; weight tile row r is the weight's row col0 + r, or with a fused
+// SwiGLU (`Swiglu`) the tile holds 64-row runs of gate and up rows in turn (gate 0-63, up 0-63,
+// gate 64-127, up 64-127 of the block's 128 columns), so that any 128 consecutive tile rows a
+// warpgroup multiplies hold the gate and the up rows of the same columns.
+template <bool Swiglu>
 struct wgmma_loader {
   const bf16* a;      // this thread's first row of x, at its chunk
-  const bf16* b;      // this thread's first weight row, at its chunk
+  const bf16* b;      // this thread's first weight row (gate row, with Swiglu), at its chunk
   const bf16* dummy;  // a valid, aligned address for the zero fills
   int64_t stride;     // elements between this thread's rows (32 rows)
-  int64_t second;     // elements from b to this thread's first row of the second half
+  int64_t up;         // Swiglu: elements from a gate row to the up row of the same column
   int32_t a_rows;     // this thread's rows of x that exist: the first a_rows of 4
-  int32_t b_rows_lo, b_rows_hi;  // of its 4 weight rows in each half
+  uint32_t b_valid;   // bit i: pass i's weight row exists
   int32_t chunk, k;
   uint32_t dst;  // byte offset of this thread's first chunk in a tile
+
+  // Pass i's weight row, in units of 32 columns from the thread's first (and whether an up row).
+  __device__ static constexpr int column_run(int i) { return Swiglu ? 2 * (i >> 2) + (i & 1) : i; }
+  __device__ static constexpr bool up_row(int i) { return Swiglu && (i & 2) != 0; }
 
   __device__ void operator()(unsigned char* stage, int32_t k0) const {
     const bool in_k = k0 + 8 * chunk < k;
@@ -606,15 +613,13 @@ struct wgmma_loader {
       __pipeline_memcpy_async(stage + dst + i * wgmma_tiles::rows_per_pass * 128,
                               ok ? a + i * stride + k0 : dummy, 16, ok ? 0 : 16);
     }
-    constexpr int half = wgmma_tiles::bn / wgmma_tiles::rows_per_pass / 2;
 #pragma unroll
-    for (int i = 0; i < 2 * half; ++i) {
-      const int j = i % half;
-      const bool ok = in_k && j < (i < half ? b_rows_lo : b_rows_hi);
+    for (int i = 0; i < wgmma_tiles::bn / wgmma_tiles::rows_per_pass; ++i) {
+      const bool ok = in_k && (b_valid >> i & 1u) != 0;
+      const bf16* src = b + (up_row(i) ? up : 0) + column_run(i) * stride + k0;
       __pipeline_memcpy_async(stage + wgmma_tiles::a_bytes + dst +
                                   i * wgmma_tiles::rows_per_pass * 128,
-                              ok ? b + (i < half ? 0 : second) + j * stride + k0 : dummy, 16,
-                              ok ? 0 : 16);
+                              ok ? src : dummy, 16, ok ? 0 : 16);
     }
   }
 };
@@ -628,8 +633,9 @@ __device__ inline void store_pair(float* p, float a, float b) {
 
 // Swiglu: each expert's weight is its stacked (gate; up) projection of n = 2 I rows, and y (rows,
 // I) gets silu(x . gate^T) * (x . up^T) from the float32 products, rounded once: a block's 256
-// weight rows are gate rows col0 .. col0 + 127 and the up rows of the same columns, so a
-// thread's accumulator column blocks j and j + 16 are the gate and up of one output column.
+// weight rows are the gate and up rows of its 128 output columns, in 64-row runs (the loader), so
+// the products are the unfused kernel's and a thread's accumulators hold the gate and the up of
+// the same output columns 8 column blocks apart.
 template <class TOut, bool Swiglu>
 __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     grouped_gemm_wgmma_kernel(const bf16* x, const int32_t* offsets, const bf16* w, TOut* y,
@@ -657,25 +663,18 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
   unsigned char* tiles = grouped_gemm_smem + (tiles_at - base);
   auto stage = [tiles](int s) { return tiles + static_cast<size_t>(s) * T::stage_bytes; };
 
-  wgmma_loader load;
+  wgmma_loader<Swiglu> load;
   {
     const int chunk = tid % 8, first = tid / 8;
-    const auto passes = [first](int32_t count) {  // of rows first + 32 i below count
-      return (count - first + T::rows_per_pass - 1) / T::rows_per_pass;
-    };
     load.stride = int64_t{T::rows_per_pass} * k;
     load.a = x + (int64_t{row0} + first) * k + 8 * chunk;
     load.b = w + (int64_t{expert} * n + col0 + first) * k + 8 * chunk;
     load.dummy = x;
-    load.a_rows = passes(rows);
-    if constexpr (Swiglu) {
-      load.second = int64_t{out_n} * k;  // the up rows of the same columns
-      load.b_rows_lo = load.b_rows_hi = passes(cols);
-    } else {
-      load.second = int64_t{T::bn / 2} * k;
-      load.b_rows_lo = std::min(passes(cols), 4);
-      load.b_rows_hi = std::max(passes(cols) - 4, 0);
-    }
+    load.a_rows = (rows - first + T::rows_per_pass - 1) / T::rows_per_pass;
+    load.up = int64_t{out_n} * k;  // Swiglu: the up rows follow the I gate rows
+    load.b_valid = 0;
+    for (int i = 0; i < T::bn / T::rows_per_pass; ++i)
+      if (first + T::rows_per_pass * load.column_run(i) < cols) load.b_valid |= 1u << i;
     load.chunk = chunk;
     load.k = k;
     load.dst = static_cast<uint32_t>(first * 128 + ((chunk ^ (first % 8)) * 16));
@@ -683,17 +682,14 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
 
   // Warpgroup g's rows 64 g .. 64 g + 63. A tile of at most 64 rows (an expert's last or only
   // one) splits the columns instead, so that both warpgroups' products count: warpgroup g takes
-  // the 64 rows by weight rows 128 g .. 128 g + 127 (m64n128k16 into the first 64
-  // accumulators), or with Swiglu by output columns 64 g .. 64 g + 63 (m64n64k16 over their gate
-  // rows into the first 32, over their up rows into the next 32). One whose columns are all past
+  // the 64 rows by weight tile rows 128 g .. 128 g + 127 (m64n128k16 into the first 64
+  // accumulators: output columns 128 g.., or with Swiglu 64 g..). One whose columns are all past
   // n skips its products (warpgroup-uniform, as wgmma requires).
   const int group = tid / 128;
   const bool split = rows <= 64;
   const bool busy = !split || group * (Swiglu ? 64 : 128) < cols;
   float acc[128];
   float(&half)[64] = *reinterpret_cast<float(*)[64]>(acc);
-  float(&quarter0)[32] = *reinterpret_cast<float(*)[32]>(acc);
-  float(&quarter1)[32] = *reinterpret_cast<float(*)[32]>(acc + 32);
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
 
@@ -722,14 +718,6 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
       for (int j = 0; j < T::bk / 16; ++j)
         detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(stage_at + g * 64 * 128 + 32 * j),
                                       detail::sw128_descriptor(b_at + 32 * j));
-    } else if constexpr (Swiglu) {
-#pragma unroll
-      for (int j = 0; j < T::bk / 16; ++j) {
-        const uint64_t a = detail::sw128_descriptor(stage_at + 32 * j);
-        detail::wgmma_m64n64k16_bf16(quarter0, a, detail::sw128_descriptor(b_at + g * 64 * 128 + 32 * j));
-        detail::wgmma_m64n64k16_bf16(quarter1, a,
-                                     detail::sw128_descriptor(b_at + (128 + g * 64) * 128 + 32 * j));
-      }
     } else {
 #pragma unroll
       for (int j = 0; j < T::bk / 16; ++j)
@@ -750,10 +738,12 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     const int warp = (tid % 128) / 32, lane = tid % 32;
     const int r = (split ? 0 : group * 64) + warp * 16 + lane / 4;
     if constexpr (Swiglu) {
-      // Output column block j: gate in block j, up in block j + 16 (split: j + 8 of 8 blocks).
-      // Two loops, so that every accumulator index is a constant (a computed one would put the
+      // Output column block j's gate is accumulator column block j + 8 (j / 8) (the tile's
+      // 64-row runs), its up the block 8 further (split: blocks j and j + 8 of the 16). Two
+      // loops, so that every accumulator index is a constant (a computed one would put the
       // accumulators in local memory).
-      const auto activate = [&](int j, int h, int gate, int up, int c) {
+      const auto activate = [&](int j, int h, int gate_block, int c) {
+        const int gate = 4 * gate_block + 2 * h, up = gate + 32;
         store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c,
                    __fmul_rn(detail::silu(acc[gate]), acc[up]),
                    __fmul_rn(detail::silu(acc[gate + 1]), acc[up + 1]));
@@ -762,14 +752,12 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            activate(j, h, 4 * j + 2 * h, 4 * j + 2 * h + 32, group * 64 + 2 * (lane % 4));
+          for (int h = 0; h < 2; ++h) activate(j, h, j, group * 64 + 2 * (lane % 4));
       } else {
 #pragma unroll
         for (int j = 0; j < 16; ++j)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            activate(j, h, 4 * j + 2 * h, 4 * j + 2 * h + 64, 2 * (lane % 4));
+          for (int h = 0; h < 2; ++h) activate(j, h, j + 8 * (j / 8), 2 * (lane % 4));
       }
     } else {
       const int c = (split ? group * 128 : 0) + 2 * (lane % 4);

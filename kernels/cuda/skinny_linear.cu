@@ -114,16 +114,16 @@ __device__ __forceinline__ void load_x(const bf16* p, float (&f)[N]) {
     f[1] = bf16_high(u.x);
     f[2] = bf16_low(u.y);
     f[3] = bf16_high(u.y);
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int i = 0; i < N / 8; ++i) {
-    const uint4 u = load_cached(p + 8 * i);
-    const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+    for (int i = 0; i < N / 8; ++i) {
+      const uint4 u = load_cached(p + 8 * i);
+      const uint32_t words[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      f[8 * i + 2 * j] = bf16_low(words[j]);
-      f[8 * i + 2 * j + 1] = bf16_high(words[j]);
+      for (int j = 0; j < 4; ++j) {
+        f[8 * i + 2 * j] = bf16_low(words[j]);
+        f[8 * i + 2 * j + 1] = bf16_high(words[j]);
+      }
     }
   }
 }
