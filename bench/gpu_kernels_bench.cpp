@@ -556,8 +556,8 @@ int main(int argc, char** argv) {
       kc::grouped_gemm_args hopper = g;
       hopper.wgmma = true;
       if (kc::grouped_gemm_uses_wgmma(hopper)) {
-        const double wgmma_ms =
-            median_ms(reps, [&] { check(kc::grouped_gemm_run(hopper, nullptr), "grouped_gemm wgmma"); });
+        const double wgmma_ms = median_ms(
+            reps, [&] { check(kc::grouped_gemm_run(hopper, nullptr), "grouped_gemm wgmma"); });
         entry["wgmma_ms"] = wgmma_ms;
         entry["wgmma_TFLOPs"] = flops / (wgmma_ms * 1e9);
         entry["wgmma_over_dense_time"] = wgmma_ms / dense_ms;
@@ -574,8 +574,9 @@ int main(int argc, char** argv) {
         s.rows = rows;
         s.dim = n / 2;
         s.dt = dtype::bf16;
-        const double fused_ms =
-            median_ms(reps, [&] { check(kc::grouped_gemm_run(fused, nullptr), "grouped_gemm fused swiglu"); });
+        const double fused_ms = median_ms(reps, [&] {
+          check(kc::grouped_gemm_run(fused, nullptr), "grouped_gemm fused swiglu");
+        });
         const double unfused_ms = median_ms(reps, [&] {
           check(kc::grouped_gemm_run(hopper, nullptr), "grouped_gemm wgmma");
           check(kc::swiglu_run(s, nullptr), "swiglu");

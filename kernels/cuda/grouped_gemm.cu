@@ -617,9 +617,9 @@ struct wgmma_loader {
     for (int i = 0; i < wgmma_tiles::bn / wgmma_tiles::rows_per_pass; ++i) {
       const bool ok = in_k && (b_valid >> i & 1u) != 0;
       const bf16* src = b + (up_row(i) ? up : 0) + column_run(i) * stride + k0;
-      __pipeline_memcpy_async(stage + wgmma_tiles::a_bytes + dst +
-                                  i * wgmma_tiles::rows_per_pass * 128,
-                              ok ? src : dummy, 16, ok ? 0 : 16);
+      __pipeline_memcpy_async(
+          stage + wgmma_tiles::a_bytes + dst + i * wgmma_tiles::rows_per_pass * 128,
+          ok ? src : dummy, 16, ok ? 0 : 16);
     }
   }
 };
@@ -716,7 +716,8 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     if (!split) {
 #pragma unroll
       for (int j = 0; j < T::bk / 16; ++j)
-        detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(stage_at + g * 64 * 128 + 32 * j),
+        detail::wgmma_m64n256k16_bf16(acc,
+                                      detail::sw128_descriptor(stage_at + g * 64 * 128 + 32 * j),
                                       detail::sw128_descriptor(b_at + 32 * j));
     } else {
 #pragma unroll
@@ -923,8 +924,8 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   }
   kernel<<<static_cast<unsigned>(g.blocks), Tiles::threads, Loader::smem_bytes, stream>>>(
       static_cast<const bf16*>(a.x), a.expert_offsets, a.weights, sc, static_cast<TOut*>(a.y),
-      static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
-      static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), g.order(a), a.beta);
+      static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts), static_cast<int32_t>(a.n),
+      static_cast<int32_t>(a.k), g.order(a), a.beta);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -954,8 +955,7 @@ bool hopper() noexcept {
 // The wgmma kernel's own conditions (grouped_gemm.hpp's wgmma), the device's aside.
 bool wgmma_fits(const grouped_gemm_args& a) noexcept {
   return a.wgmma && a.dt == dtype::bf16 && a.weight_scale == nullptr && a.beta == 0.0f &&
-         !narrow(a) &&
-         a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights);
+         !narrow(a) && a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights);
 }
 
 template <class TOut, bool Swiglu>
@@ -974,15 +974,15 @@ kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
            stream>>>(static_cast<const bf16*>(a.x), a.expert_offsets,
                      static_cast<const bf16*>(a.weights), static_cast<TOut*>(a.y),
                      static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
-                     static_cast<int32_t>(a.n), static_cast<int32_t>(a.k),
-                     g.order(a), vector_out);
+                     static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), g.order(a), vector_out);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
 template <class TOut>
 kernel_status launch_bf16(const grouped_gemm_args& a, cudaStream_t stream) {
   if (wgmma_fits(a) && hopper())
-    return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, stream) : launch_wgmma<TOut, false>(a, stream);
+    return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, stream)
+                         : launch_wgmma<TOut, false>(a, stream);
   if (a.fuse_swiglu) return kernel_status::unsupported_shape;  // the wgmma kernel's alone
   return narrow(a) ? launch_mma<narrow_tiles, TOut>(a, stream)
                    : launch_mma<wide_tiles, TOut>(a, stream);
@@ -1015,7 +1015,7 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
   if (a.num_experts < 1 || a.num_experts > grouped_gemm_max_experts)
     return kernel_status::unsupported_shape;
   if (a.fuse_swiglu && (!a.wgmma || a.n % 2 != 0 || a.dt != dtype::bf16 ||
-                       a.weight_scale != nullptr || a.beta != 0.0f))
+                        a.weight_scale != nullptr || a.beta != 0.0f))
     return kernel_status::unsupported_shape;
   // Rows and columns are int32 on the device (the offsets are); elements are int64.
   if (a.num_rows < 0 || a.n < 0 || a.k < 0 || a.num_rows > INT32_MAX || a.n > INT32_MAX ||

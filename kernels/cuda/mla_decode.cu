@@ -556,9 +556,9 @@ __global__ void __launch_bounds__(tc_threads, 2)
         continue;
       }
       const int hh = head0 + h;
-      const bf16* src =
-          c < r_chunks ? p.q_latent + (b * p.num_heads + hh) * r + 8 * c
-                       : p.q_pe + b * p.q_pe_token_stride + hh * p.q_pe_head_stride + 8 * (c - r_chunks);
+      const bf16* src = c < r_chunks ? p.q_latent + (b * p.num_heads + hh) * r + 8 * c
+                                     : p.q_pe + b * p.q_pe_token_stride + hh * p.q_pe_head_stride +
+                                           8 * (c - r_chunks);
       __pipeline_memcpy_async(dst, src, 16);
     }
   } else {

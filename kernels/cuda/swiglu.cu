@@ -11,9 +11,9 @@ namespace {
 using detail::aligned16;
 using detail::load;
 using detail::load16;
+using detail::silu;
 using detail::store;
 using detail::store16;
-using detail::silu;
 
 constexpr int threads_per_block = 256;
 // Enough blocks to fill an H200 many times over; the grid-stride loop covers the rest.

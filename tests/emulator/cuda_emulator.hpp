@@ -376,9 +376,8 @@ using std::max;
 // Variadic: a kernel named with several template arguments has commas in it.
 #define cudaFuncSetAttribute(...) ::emu::func_set_attribute(__VA_ARGS__)
 
-#include "wmma_emulator.hpp"
 #include "wgmma_emulator.hpp"
-
+#include "wmma_emulator.hpp"
 
 // The runtime API, on host memory; MOE_EMU_FAKE_CUDART: fake_cudart.cpp defines the functions
 // instead (streams, events, errors and graph capture, for code that uses more than these).

@@ -1,5 +1,5 @@
 // Hopper's warpgroup MMA (kernels/cuda/wgmma.cuh) for the CUDA emulator; cuda_emulator.hpp
-// includes this after wmma_emulator.hpp, whose per-thread records it extends. What the kernels
+// includes this at its end. It extends wmma_emulator.hpp's per-thread records. What the kernels
 // use and nothing more: bf16 operands in shared memory, K-major with the 128-byte swizzle,
 // float32 accumulators; another swizzle or a base offset fails rather than run untested.
 //
@@ -19,6 +19,8 @@
 
 #include <cstdint>
 #include <cstring>
+
+#include "wmma_emulator.hpp"  // the per-thread records this extends
 
 namespace emu {
 
@@ -91,8 +93,7 @@ inline void compute(const pending_wgmma& p) {
       for (int c = 0; c < 2; ++c) {
         const int row = 16 * w + l / 4 + 8 * h, col = 8 * j + 2 * (l % 4) + c;
         double sum = 0.0;
-        for (int k = 0; k < 16; ++k)
-          sum += static_cast<double>(a.value(row, k) * b.value(col, k));
+        for (int k = 0; k < 16; ++k) sum += static_cast<double>(a.value(row, k) * b.value(col, k));
         p.d[4 * j + 2 * h + c] += static_cast<float>(sum);
       }
 }

@@ -101,8 +101,8 @@ inline void collective_end(unsigned block, unsigned nthreads) {
     expect_same(t, 128, &record::wgmma_calls, &record::wgmma_signature, "wgmma");
     const auto& mine = collectives[t];
     if (!mine.wgmma_pending.empty()) {
-      std::fprintf(stderr, "emu: block %u thread %u exited with a wgmma never waited for\n",
-                   block, t);
+      std::fprintf(stderr, "emu: block %u thread %u exited with a wgmma never waited for\n", block,
+                   t);
       std::abort();
     }
   }
@@ -111,7 +111,8 @@ inline void collective_end(unsigned block, unsigned nthreads) {
 // Folds a call's kind and arguments into a thread's running signature of its calls.
 inline void note_call(uint64_t& calls, uint64_t& signature, std::initializer_list<uint64_t> call) {
   ++calls;
-  for (const uint64_t v : call) signature = (signature ^ v) * 0x100000001b3ull + 0x9e3779b97f4a7c15ull;
+  for (const uint64_t v : call)
+    signature = (signature ^ v) * 0x100000001b3ull + 0x9e3779b97f4a7c15ull;
 }
 
 inline void note_wmma_call(uint64_t kind, const void* p = nullptr, uint64_t ldm = 0,

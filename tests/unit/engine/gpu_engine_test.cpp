@@ -772,8 +772,9 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
 // bf16 before the activation, so it is held to the reference engine's bounds (as every bf16
 // engine is: a near-tie of the gate may route a token differently from the WMMA engine, and the
 // exemption for such tokens is the reference comparison's): every token's experts, the last
-// position's logits, then a decode step's. The kernel counts say which ran: the bf16 engine's 4 products (2 MoE layers) on wgmma,
-// the f32 engine's on CUDA cores whatever the option, and without the option none on wgmma.
+// position's logits, then a decode step's. The kernel counts say which ran: the bf16 engine's 4
+// products (2 MoE layers) on wgmma, the f32 engine's on CUDA cores whatever the option, and without
+// the option none on wgmma.
 TEST_P(gpu_engine_test, wgmma_experts_match_the_reference_in_prefill) {
   int device = 0, major = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);

@@ -556,9 +556,8 @@ TEST(cuda_grouped_gemm, wgmma_matches_reference) {
   for (const dtype y_dt : {dtype::bf16, dtype::f32})
     expect_matches_reference(
         wide({2 * 1408 / v2lite_n_divisor, 2048, counts, 64 * 64, dtype::bf16, y_dt}), 13);
-  expect_matches_reference(wide({2048 / v2lite_n_divisor, 1408, counts, 64 * 64, dtype::bf16,
-                                 dtype::bf16}),
-                           14);
+  expect_matches_reference(
+      wide({2048 / v2lite_n_divisor, 1408, counts, 64 * 64, dtype::bf16, dtype::bf16}), 14);
   const std::vector<int32_t> few{0, 1, 33, 130, 17};
   const int64_t rows = 64 * 5 + 3;
   expect_matches_reference(wide({300, 264, few, rows, dtype::bf16, dtype::bf16}), 26);
@@ -691,7 +690,8 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
     for (size_t j = 0; j < inter; ++j) {
       double gate = 0.0, up = 0.0, gate_mag = 0.0, up_mag = 0.0;
       for (size_t i = 0; i < k; ++i) {
-        const double xv = x[r * k + i], gv = w[(e * n + j) * k + i], uv = w[(e * n + inter + j) * k + i];
+        const double xv = x[r * k + i], gv = w[(e * n + j) * k + i],
+                     uv = w[(e * n + inter + j) * k + i];
         gate += xv * gv;
         up += xv * uv;
         gate_mag += std::fabs(xv * gv);
@@ -699,8 +699,8 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
       }
       const double silu = gate / (1.0 + std::exp(-gate)), want = silu * up;
       const double tg = tol.of(gate, gate_mag), tu = tol.of(up, up_mag);
-      double bound = 1.1 * tg * std::fabs(up) + std::fabs(silu) * tu + tg * tu +
-                     0x1.0p-20 * std::fabs(want);
+      double bound =
+          1.1 * tg * std::fabs(up) + std::fabs(silu) * tu + tg * tu + 0x1.0p-20 * std::fabs(want);
       if (c.y_dt == dtype::bf16) bound += 0x1.0p-8 * (std::fabs(want) + bound);
       const double g = element_of(got, r * inter + j, c.y_dt);
       ASSERT_LE(std::fabs(g - want), bound)

@@ -44,14 +44,14 @@ inline const std::string& cuda_unavailable_reason() {
   } while (false)
 
 // Hopper's wgmma kernels: skip (with the reason) without a GPU or on a card other than sm_90.
-#define MOE_KERNELS_SKIP_WITHOUT_SM90()                                                   \
-  do {                                                                                    \
-    MOE_KERNELS_SKIP_WITHOUT_GPU();                                                       \
-    int device_ = 0, major_ = 0;                                                          \
-    ASSERT_EQ(cudaGetDevice(&device_), cudaSuccess);                                      \
+#define MOE_KERNELS_SKIP_WITHOUT_SM90()                                                    \
+  do {                                                                                     \
+    MOE_KERNELS_SKIP_WITHOUT_GPU();                                                        \
+    int device_ = 0, major_ = 0;                                                           \
+    ASSERT_EQ(cudaGetDevice(&device_), cudaSuccess);                                       \
     ASSERT_EQ(cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, device_), \
-              cudaSuccess);                                                               \
-    if (major_ != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";                    \
+              cudaSuccess);                                                                \
+    if (major_ != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";                     \
   } while (false)
 
 // Owns one cudaMalloc allocation.

@@ -29,7 +29,8 @@ std::vector<float> small_integers(size_t n, uint32_t seed) {
 
 void expect_probe_matches(int n, uint32_t seed) {
   SCOPED_TRACE("n = " + std::to_string(n));
-  const auto a = small_integers(64 * 64, seed), b = small_integers(static_cast<size_t>(n) * 64, seed + 1);
+  const auto a = small_integers(64 * 64, seed),
+             b = small_integers(static_cast<size_t>(n) * 64, seed + 1);
   device_buffer da(a.size() * 2), db(b.size() * 2), dd(static_cast<size_t>(64 * n) * 4);
   ASSERT_TRUE(upload(da, to_bf16(a)) && upload(db, to_bf16(b)));
   ASSERT_EQ(wgmma_probe_run(da.get(), db.get(), static_cast<float*>(dd.get()), n, nullptr),

@@ -11,7 +11,8 @@ namespace {
 namespace detail = ::moe::kernels::cuda::detail;
 constexpr int probe_threads = 128;
 
-__global__ void wgmma_probe_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, float* d, int n) {
+__global__ void wgmma_probe_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, float* d,
+                                   int n) {
   extern __shared__ __align__(128) unsigned char probe_smem[];
   const int tid = static_cast<int>(threadIdx.x);
   // a's 64 rows, then b's n rows, from the first 1024-byte aligned shared address: row r's
@@ -67,8 +68,8 @@ __global__ void wgmma_probe_kernel(const __nv_bfloat16* a, const __nv_bfloat16* 
 cudaError_t wgmma_probe_run(const void* a, const void* b, float* d, int n, cudaStream_t stream) {
   if (n != 128 && n != 256) return cudaErrorInvalidValue;
   const size_t smem = static_cast<size_t>(64 + n) * 128 + 1024;  // + the alignment's slack
-  wgmma_probe_kernel<<<1, probe_threads, smem, stream>>>(static_cast<const __nv_bfloat16*>(a),
-                                                        static_cast<const __nv_bfloat16*>(b), d, n);
+  wgmma_probe_kernel<<<1, probe_threads, smem, stream>>>(
+      static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(b), d, n);
   return cudaGetLastError();
 }
 
