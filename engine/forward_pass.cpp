@@ -444,10 +444,20 @@ class forward {
       }
     }
     g.wgmma = m_.wgmma_experts;
-    const bool wgmma = g.wgmma && kcu::grouped_gemm_uses_wgmma(g);
-    const kernel_status st = kcu::grouped_gemm_run(g, m_.stream);
-    if (st == kernel_status::ok)
-      count(wgmma ? &gpu_kernel_stats::experts_wgmma : &gpu_kernel_stats::experts_grouped_gemm);
+    return *grouped_run(g, what);
+  }
+
+  /// Our grouped kernel's launch, counted by the kernel it took. With fuse_swiglu, a call the
+  /// wgmma kernel does not take is refused before any launch: nullopt, and the caller runs the
+  /// product and swiglu apart.
+  std::optional<caf::error> grouped_run(const kcu::grouped_gemm_args& g, const char* what) {
+    auto launched = kcu::grouped_gemm_kernel::none;
+    const kernel_status st = kcu::grouped_gemm_run(g, m_.stream, &launched);
+    if (g.fuse_swiglu && st == kernel_status::unsupported_shape) return std::nullopt;
+    if (launched == kcu::grouped_gemm_kernel::wgmma)
+      count(&gpu_kernel_stats::experts_wgmma);
+    else if (launched != kcu::grouped_gemm_kernel::none)
+      count(&gpu_kernel_stats::experts_grouped_gemm);
     return check(st, what);
   }
 
@@ -540,15 +550,18 @@ class forward {
     gg.dt = gg.y_dt = m_.dt;
     // On the wgmma kernel, the gate|up product and SwiGLU are one launch, the activation
     // straight into act (grouped_gemm_args::fuse_swiglu); otherwise the product, then swiglu.
-    auto fused = gg;
-    fused.y = b_.act;
-    fused.wgmma = fused.fuse_swiglu = m_.wgmma_experts;
-    if (!blas && fused.wgmma && kcu::grouped_gemm_uses_wgmma(fused)) {
-      if ((err = experts_product(fused, false, 0, "experts gate|up + swiglu"))) return err;
-    } else {
-      if ((err = experts_product(gg, blas, 0, "experts gate|up")) ||
-          (err = swiglu(rows, I, "experts swiglu")))
-        return err;
+    std::optional<caf::error> fused_run;
+    if (!blas && m_.wgmma_experts) {
+      auto fused = gg;
+      fused.y = b_.act;
+      fused.wgmma = fused.fuse_swiglu = true;
+      fused_run = grouped_run(fused, "experts gate|up + swiglu");
+    }
+    if (fused_run) {
+      if (*fused_run) return *fused_run;
+    } else if ((err = experts_product(gg, blas, 0, "experts gate|up")) ||
+               (err = swiglu(rows, I, "experts swiglu"))) {
+      return err;
     }
     gg.x = b_.act;
     set_weights(gg, w.experts_down);

@@ -7,6 +7,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "kernels/cuda/device_arch.hpp"
 #include "kernels/cuda/fp8_dequantize.hpp"
 
 namespace moe::kernels::cuda {
@@ -189,14 +190,8 @@ bool set_attribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t att
 // The VEC128/BLK128x128 modes exist on compute capability 9.0 only (Blackwell's block scaling is
 // the MX formats); elsewhere a missing algorithm is the architecture's, not the shape's.
 kernel_status fp8_refusal() {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return kernel_status::unsupported_arch;
-  }
-  return major == 9 && minor == 0 ? kernel_status::unsupported_shape : kernel_status::unsupported_arch;
+  return detail::current_device_is_sm90() ? kernel_status::unsupported_shape
+                                          : kernel_status::unsupported_arch;
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <mma.h>
 
+#include "kernels/cuda/device_arch.hpp"
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/grouped_gemm.hpp"
 #include "kernels/cuda/wgmma.cuh"
@@ -941,17 +942,6 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   return launch_mma<Tiles, TOut, element_loader<Tiles, false>>(a, stream);
 }
 
-// Whether the current device is an sm_90 card (the wgmma kernel's only target).
-bool hopper() noexcept {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major == 9;
-}
-
 // The wgmma kernel's own conditions (grouped_gemm.hpp's wgmma), the device's aside.
 bool wgmma_fits(const grouped_gemm_args& a) noexcept {
   return a.wgmma && a.dt == dtype::bf16 && a.weight_scale == nullptr && a.beta == 0.0f &&
@@ -979,8 +969,9 @@ kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
 }
 
 template <class TOut>
-kernel_status launch_bf16(const grouped_gemm_args& a, cudaStream_t stream) {
-  if (wgmma_fits(a) && hopper())
+kernel_status launch_bf16(const grouped_gemm_args& a, grouped_gemm_kernel kernel,
+                          cudaStream_t stream) {
+  if (kernel == grouped_gemm_kernel::wgmma)
     return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, stream)
                          : launch_wgmma<TOut, false>(a, stream);
   if (a.fuse_swiglu) return kernel_status::unsupported_shape;  // the wgmma kernel's alone
@@ -1034,18 +1025,26 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
 
 bool grouped_gemm_uses_wgmma(const grouped_gemm_args& a) noexcept {
   return grouped_gemm_can_run(a) == kernel_status::ok && a.num_rows > 0 && a.n > 0 &&
-         wgmma_fits(a) && hopper();
+         wgmma_fits(a) && detail::current_device_is_sm90();
 }
 
-kernel_status grouped_gemm_run(const grouped_gemm_args& a, cudaStream_t stream) noexcept {
-  if (auto s = grouped_gemm_can_run(a); s != kernel_status::ok) return s;
-  if (a.num_rows == 0 || a.n == 0) return kernel_status::ok;
-  switch (a.dt) {
-    case dtype::bf16:
-      return a.y_dt == dtype::bf16 ? launch_bf16<bf16>(a, stream) : launch_bf16<float>(a, stream);
-    case dtype::f32: return launch_f32(a, stream);
-    default: return kernel_status::unsupported_dtype;
+kernel_status grouped_gemm_run(const grouped_gemm_args& a, cudaStream_t stream,
+                               grouped_gemm_kernel* launched) noexcept {
+  grouped_gemm_kernel took = grouped_gemm_kernel::none;
+  kernel_status s = grouped_gemm_can_run(a);
+  if (s == kernel_status::ok && a.num_rows > 0 && a.n > 0) {
+    if (a.dt == dtype::bf16) {
+      took = wgmma_fits(a) && detail::current_device_is_sm90() ? grouped_gemm_kernel::wgmma
+                                                               : grouped_gemm_kernel::wmma;
+      s = a.y_dt == dtype::bf16 ? launch_bf16<bf16>(a, took, stream)
+                                : launch_bf16<float>(a, took, stream);
+    } else {
+      took = grouped_gemm_kernel::simt;
+      s = launch_f32(a, stream);
+    }
   }
+  if (launched != nullptr) *launched = s == kernel_status::ok ? took : grouped_gemm_kernel::none;
+  return s;
 }
 
 }  // namespace moe::kernels::cuda

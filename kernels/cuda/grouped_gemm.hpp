@@ -99,9 +99,19 @@ struct grouped_gemm_args {
 /// (for tests and benchmarks to report which kernel they measured).
 [[nodiscard]] bool grouped_gemm_uses_wgmma(const grouped_gemm_args& a) noexcept;
 
+/// The kernel a grouped_gemm_run call launched.
+enum class grouped_gemm_kernel : uint8_t {
+  none,   ///< nothing: refused, or no rows or columns
+  wgmma,  ///< Hopper's wgmma (grouped_gemm_args::wgmma)
+  wmma,   ///< WMMA tensor cores (bf16 x)
+  simt,   ///< CUDA cores (f32)
+};
+
 /// One launch on `stream`. launch_failed when CUDA refuses it (e.g. a device older than sm_80,
-/// which lacks bf16 tensor cores and asynchronous copies).
-[[nodiscard]] kernel_status grouped_gemm_run(const grouped_gemm_args& a,
-                                             cudaStream_t stream) noexcept;
+/// which lacks bf16 tensor cores and asynchronous copies). `launched`, when given, gets the
+/// kernel the call launched (none unless the result is ok and there was work): the caller's
+/// account of which kernel ran, without asking grouped_gemm_uses_wgmma first.
+[[nodiscard]] kernel_status grouped_gemm_run(const grouped_gemm_args& a, cudaStream_t stream,
+                                             grouped_gemm_kernel* launched = nullptr) noexcept;
 
 }  // namespace moe::kernels::cuda

@@ -14,6 +14,7 @@
 namespace moe::kernels::cuda {
 namespace {
 
+using detail::aligned16;
 using detail::load;
 using detail::store;
 
@@ -476,8 +477,7 @@ static_assert(tc_shared_bytes <= 113 * 1024, "two blocks per SM");
 bool tc_supported(const mla_decode_args& a) {
   const auto r = static_cast<int64_t>(a.layout.latent_dim);
   const auto e = r + static_cast<int64_t>(a.layout.rope_dim);
-  return a.dt == dtype::bf16 && r % (16 * tc_warps) == 0 && e % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(a.pool) % 16 == 0;
+  return a.dt == dtype::bf16 && r % (16 * tc_warps) == 0 && e % 16 == 0 && aligned16(a.pool);
 }
 
 __global__ void __launch_bounds__(tc_threads, 2)
@@ -772,11 +772,9 @@ kernel_status launch_decode(const mla_decode_args& a, const mla_decode_plan& pla
   p.num_splits = static_cast<int>(plan.num_splits);
   p.split_len = plan.split_len;
   p.scale_log2 = a.softmax_scale * log2e;
-  p.vector_loads = (p.entry_dim * sizeof(T)) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(a.pool) % 16 == 0;
+  p.vector_loads = (p.entry_dim * sizeof(T)) % 16 == 0 && aligned16(a.pool);
   constexpr int64_t per16 = 16 / sizeof(T);
-  p.q_vector = reinterpret_cast<uintptr_t>(a.q_latent) % 16 == 0 &&
-               reinterpret_cast<uintptr_t>(a.q_pe) % 16 == 0 && p.latent_dim % per16 == 0 &&
+  p.q_vector = aligned16(a.q_latent) && aligned16(a.q_pe) && p.latent_dim % per16 == 0 &&
                dr % per16 == 0 && p.q_pe_token_stride % per16 == 0 &&
                p.q_pe_head_stride % per16 == 0;
   const int64_t rows = a.batch * plan.num_splits * a.num_heads;

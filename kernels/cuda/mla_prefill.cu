@@ -544,9 +544,9 @@ kernel_status launch_tensor_cores(const mla_prefill_args& a, cudaStream_t stream
   p.scale_log2 = a.softmax_scale * log2e;
   // 16-byte copies need every row start 16-byte aligned (pointers, and strides of 8 elements)
   // and the nope/rope/value widths in whole 8-element chunks; the model's packed buffers are.
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  p.vec16 = dn % 8 == 0 && dr % 8 == 0 && dv % 8 == 0 && aligned(p.q) && aligned(p.v) &&
-            (dn == 0 || aligned(p.k_nope)) && (dr == 0 || aligned(p.k_pe));
+  p.vec16 = dn % 8 == 0 && dr % 8 == 0 && dv % 8 == 0 && detail::aligned16(p.q) &&
+            detail::aligned16(p.v) && (dn == 0 || detail::aligned16(p.k_nope)) &&
+            (dr == 0 || detail::aligned16(p.k_pe));
   for (int64_t stride : {p.q_token_stride, p.q_head_stride, p.k_nope_token_stride,
                          p.k_nope_head_stride, p.k_pe_token_stride, p.v_token_stride,
                          p.v_head_stride})

@@ -776,10 +776,7 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
 // products (2 MoE layers) on wgmma, the f32 engine's on CUDA cores whatever the option, and without
 // the option none on wgmma.
 TEST_P(gpu_engine_test, wgmma_experts_match_the_reference_in_prefill) {
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
-  if (major != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";
+  MOE_KERNELS_SKIP_WITHOUT_SM90();
   const auto prompt = repeated_prompt(300, 3);
   auto hopper = make_gpu(40, 16, [](auto& o) { o.wgmma_experts = true; });
   auto ref = make_reference();

@@ -236,7 +236,14 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
   }
 
   auto a = args_of(c, static_cast<const char*>(dx.get()) + x_at, doff, dw, dy);
-  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  // The kernel the call reports is the one grouped_gemm_uses_wgmma predicts, by dtype otherwise.
+  const auto expected = a.num_rows == 0 || a.n == 0        ? cuda::grouped_gemm_kernel::none
+                        : c.dt == dtype::f32               ? cuda::grouped_gemm_kernel::simt
+                        : cuda::grouped_gemm_uses_wgmma(a) ? cuda::grouped_gemm_kernel::wgmma
+                                                           : cuda::grouped_gemm_kernel::wmma;
+  auto launched = cuda::grouped_gemm_kernel::none;
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr, &launched), kernel_status::ok);
+  EXPECT_EQ(launched, expected);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = download(dy);
   ASSERT_EQ(got.size(), dy.bytes());
@@ -679,7 +686,9 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
   auto a = args_of(c, dx.get(), doff, dw, dy);
   a.wgmma = a.fuse_swiglu = true;
   ASSERT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
-  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  auto launched = cuda::grouped_gemm_kernel::none;
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr, &launched), kernel_status::ok);
+  EXPECT_EQ(launched, cuda::grouped_gemm_kernel::wgmma);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = download(dy);
 
@@ -739,7 +748,9 @@ TEST(cuda_grouped_gemm, fused_swiglu_matches_the_activation_of_the_products) {
   EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "FP8 weights";
   b = a;
   b.num_rows = 181;  // the narrow tiling: WMMA, which has no fused form
-  EXPECT_EQ(cuda::grouped_gemm_run(b, nullptr), kernel_status::unsupported_shape);
+  auto launched = cuda::grouped_gemm_kernel::wmma;
+  EXPECT_EQ(cuda::grouped_gemm_run(b, nullptr, &launched), kernel_status::unsupported_shape);
+  EXPECT_EQ(launched, cuda::grouped_gemm_kernel::none) << "refused before any launch";
 }
 
 // beta (y = x . w^T + beta * y, the residual add of a dense product run as one expert): one

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/device_arch.hpp"
 #include "kernels/dtype.hpp"
 
 namespace moe::kernels::cuda_testing {
@@ -43,15 +44,15 @@ inline const std::string& cuda_unavailable_reason() {
       GTEST_SKIP() << "no GPU: " << reason;                              \
   } while (false)
 
-// Hopper's wgmma kernels: skip (with the reason) without a GPU or on a card other than sm_90.
-#define MOE_KERNELS_SKIP_WITHOUT_SM90()                                                    \
-  do {                                                                                     \
-    MOE_KERNELS_SKIP_WITHOUT_GPU();                                                        \
-    int device_ = 0, major_ = 0;                                                           \
-    ASSERT_EQ(cudaGetDevice(&device_), cudaSuccess);                                       \
-    ASSERT_EQ(cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, device_), \
-              cudaSuccess);                                                                \
-    if (major_ != 9) GTEST_SKIP() << "wgmma runs on sm_90 cards only";                     \
+// Hopper's wgmma kernels: skip (with the reason) without a GPU or on a card other than 9.0.
+#define MOE_KERNELS_SKIP_WITHOUT_SM90()                                                        \
+  do {                                                                                         \
+    MOE_KERNELS_SKIP_WITHOUT_GPU();                                                            \
+    const auto cc_ = ::moe::kernels::cuda::detail::current_compute_capability();               \
+    ASSERT_TRUE(cc_.has_value()) << "the device's compute capability could not be read";       \
+    if (cc_->major != 9 || cc_->minor != 0)                                                    \
+      GTEST_SKIP() << "wgmma runs on compute capability 9.0 only, this card is " << cc_->major \
+                   << "." << cc_->minor;                                                       \
   } while (false)
 
 // Owns one cudaMalloc allocation.
