@@ -278,7 +278,10 @@ TEST(recovery, a_step_failing_before_a_groups_down_event_is_replayed_after_the_f
 // A data-plane receive from the dead node's peer fails only when UCX gives up on the endpoint,
 // which can be after the failover is done: that failure is still the node's, and replayed.
 TEST(recovery, a_lost_peers_error_after_the_failover_is_replayed) {
-  const auto jobs = workload(24, 30);
+  // Long requests: shard 0 must still be taking steps when the failover is done and the failure
+  // is armed (with 30 tokens, a loaded CI machine once finished them all while the test polled
+  // for the recovery, and no step was left to fail).
+  const auto jobs = workload(24, 200);
   controller_limits lim;
   lim.max_running_requests = 12;
   const auto baseline = fault_free(even_layout(2, 3, 16), jobs, lim);
