@@ -263,14 +263,38 @@ inline void mma_sync(float_accumulator& d,
 
 }  // namespace nvcuda::wmma
 
-// cp.async as cuda_pipeline_primitives.h spells it. A copy reads its source when issued and
-// writes its destination when a __pipeline_wait_prior covers its group: one valid schedule of an
-// asynchronous copy (the latest the hardware may write), so a thread that reads a destination
-// before waiting sees the old bytes (the NaN poison or the previous stage) and the results show
-// it. Limitations: it is one schedule, not all of them. A kernel that writes a copy's source, or
-// stores to its destination, between issue and wait (a race on the GPU) gets the one outcome
-// here; and another thread reading the destination after the issuing thread's wait but without
-// the barrier that should follow is caught only in the fiber orders that run it first (EMU_ORDER).
+// cp.async as cuda_pipeline_primitives.h spells it. A copy reads its source when issued and, by
+// default, writes its destination when a __pipeline_wait_prior covers its group: the latest the
+// hardware may, so a thread that reads a destination before waiting sees the old bytes (the NaN
+// poison or the previous stage) and the results show it. EMU_ASYNC=early writes it at issue
+// instead, the earliest the hardware may: a copy queued into a stage that another thread, or a
+// pending wgmma, still reads (a missing barrier or wgmma wait before reusing a stage) then
+// overwrites it under that reader. Each is one schedule, not all of them: a kernel that writes a
+// copy's source, or stores to its destination, between issue and wait (a race on the GPU) gets
+// one outcome here; and another thread reading the destination after the issuing thread's wait
+// but without the barrier that should follow is caught only in the fiber orders that run it
+// first (EMU_ORDER).
+namespace emu {
+inline bool async_copies_early() {
+  static const bool early = [] {
+    const char* e = std::getenv("EMU_ASYNC");
+    return e != nullptr && std::strcmp(e, "early") == 0;
+  }();
+  return early;
+}
+// The copy lands: into dynamic shared memory, the async proxy (wgmma) may not read it before
+// the issuing thread's fence.proxy.async.
+inline void land(const async_copy& c, thread_collectives& mine) {
+  std::memcpy(c.dst, c.bytes, c.size);
+  const auto* base = dynamic_smem.data();
+  if (c.dst >= base && c.dst < base + dynamic_smem.size()) {
+    const auto chunk = static_cast<size_t>(c.dst - base) / 16;
+    unfenced_chunks[chunk] = 1;
+    mine.unfenced.push_back(chunk);
+  }
+}
+}  // namespace emu
+
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align,
                                     size_t zfill = 0) {
   if ((size_and_align != 4 && size_and_align != 8 && size_and_align != 16) ||
@@ -286,7 +310,10 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_
   c.group = mine.committed;
   std::memcpy(c.bytes, src, size_and_align - zfill);
   std::memset(c.bytes + (size_and_align - zfill), 0, zfill);
-  mine.pending.push_back(c);
+  if (::emu::async_copies_early())
+    ::emu::land(c, mine);
+  else
+    mine.pending.push_back(c);
 }
 inline void __pipeline_commit() {
   ++::emu::my_collectives().committed;
@@ -297,17 +324,9 @@ inline void __pipeline_wait_prior(size_t prior) {
   const uint64_t complete = mine.committed > prior ? mine.committed - prior : 0;
   size_t kept = 0;
   for (auto& c : mine.pending) {
-    if (c.group < complete) {
-      std::memcpy(c.dst, c.bytes, c.size);
-      // Into dynamic shared memory: the async proxy (wgmma) may not read it before this thread's
-      // fence.proxy.async.
-      const auto* base = ::emu::dynamic_smem.data();
-      if (c.dst >= base && c.dst < base + ::emu::dynamic_smem.size()) {
-        const auto chunk = static_cast<size_t>(c.dst - base) / 16;
-        ::emu::unfenced_chunks[chunk] = 1;
-        mine.unfenced.push_back(chunk);
-      }
-    } else
+    if (c.group < complete)
+      ::emu::land(c, mine);
+    else
       mine.pending[kept++] = c;
   }
   mine.pending.resize(kept);
