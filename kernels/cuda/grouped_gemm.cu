@@ -563,11 +563,12 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
 // one stage, x's (128, 64) and the weight's (256, 64) rows, K-major with the 128-byte swizzle of
 // wgmma.cuh (48 KiB), filled by cp.async, 4 stages (192 KiB: one block per SM). A step waits for
 // its copies, fences them for the async proxy (which wgmma reads through), meets the block's
-// barrier, queues the copies of step + 3 into the stage step - 1 used (free: each warpgroup
-// waited for its products of step - 1 before the barrier), then issues its 4 k16 products and
-// waits for them. The tensor cores idle only over that barrier and the copies' issue, against
-// ~1000 cycles of products a step. A tile of at most 64 rows splits its columns between the
-// warpgroups instead of its rows (below).
+// barrier, issues its 4 k16 products and waits for those of the step before (one group stays in
+// flight), meets a second barrier (every warpgroup is then done with step - 1's stage) and
+// queues the copies of step + 3 into that stage. The products of a step (~1000 cycles) thus
+// run over both barriers, the copies' issue and the next step's wait: the tensor cores idle
+// only where a step's copies arrive late. A tile of at most 64 rows splits its columns between
+// the warpgroups instead of its rows (below).
 struct wgmma_tiles {
   static constexpr int bm = 128, bn = 256, bk = 64, stages = 4, threads = 256;
   static constexpr int a_bytes = bm * bk * 2, b_bytes = bn * bk * 2;
@@ -702,34 +703,45 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
   for (int32_t step = 0; step < k_steps; ++step) {
     __pipeline_wait_prior(T::stages - 2);
     detail::fence_proxy_async_shared();
-    __syncthreads();
+    __syncthreads();  // step's stage, copied by every thread, is complete
+    if (busy) {
+      // Rows are 128 bytes and every operand below starts a multiple of 8 rows into a
+      // 1024-byte aligned tile, as the swizzle needs.
+      const uint32_t stage_at =
+          tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes;
+      const uint32_t b_at = stage_at + T::a_bytes;
+      const auto g = static_cast<uint32_t>(group);
+      detail::fence_operands(acc);
+      detail::wgmma_fence();
+      // Each branch commits its own group: a commit after the branches join made ptxas close
+      // each branch's group and add an empty one at the join, so that waiting for all but the
+      // newest group waited for the products too.
+      if (!split) {
+#pragma unroll
+        for (int j = 0; j < T::bk / 16; ++j)
+          detail::wgmma_m64n256k16_bf16(
+              acc, detail::sw128_descriptor(stage_at + g * 64 * 128 + 32 * j),
+              detail::sw128_descriptor(b_at + 32 * j));
+        detail::wgmma_commit();
+      } else {
+#pragma unroll
+        for (int j = 0; j < T::bk / 16; ++j)
+          detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(stage_at + 32 * j),
+                                        detail::sw128_descriptor(b_at + g * 128 * 128 + 32 * j));
+        detail::wgmma_commit();
+      }
+      // The products of step - 1 are done; step's keep the tensor cores busy over the barrier
+      // and the copies' issue below.
+      detail::wgmma_wait<1>();
+      detail::fence_operands(acc);
+    }
+    __syncthreads();  // every warpgroup is past its products of step - 1: their stage is free
     const int32_t next = step + T::stages - 1;
     if (next < k_steps) load(stage(next % T::stages), next * T::bk);
     __pipeline_commit();
-    if (!busy) continue;
-    // Rows are 128 bytes and every operand below starts a multiple of 8 rows into a 1024-byte
-    // aligned tile, as the swizzle needs.
-    const uint32_t stage_at = tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes;
-    const uint32_t b_at = stage_at + T::a_bytes;
-    const auto g = static_cast<uint32_t>(group);
-    detail::fence_operands(acc);
-    detail::wgmma_fence();
-    if (!split) {
-#pragma unroll
-      for (int j = 0; j < T::bk / 16; ++j)
-        detail::wgmma_m64n256k16_bf16(acc,
-                                      detail::sw128_descriptor(stage_at + g * 64 * 128 + 32 * j),
-                                      detail::sw128_descriptor(b_at + 32 * j));
-    } else {
-#pragma unroll
-      for (int j = 0; j < T::bk / 16; ++j)
-        detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(stage_at + 32 * j),
-                                      detail::sw128_descriptor(b_at + g * 128 * 128 + 32 * j));
-    }
-    detail::wgmma_commit();
-    detail::wgmma_wait<0>();
-    detail::fence_operands(acc);
   }
+  detail::wgmma_wait<0>();
+  detail::fence_operands(acc);
 
   // Epilogue: the tile through shared memory in TOut (rounded once), then out in 16-byte rows.
   __pipeline_wait_prior(0);
