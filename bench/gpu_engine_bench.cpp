@@ -20,16 +20,18 @@
 //
 // Decode runs twice per batch on the same prompts: from CUDA graphs (the engine's
 // decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up.
-// The engine options still off until a card measures them run on a second engine over the same
-// weights: prefill with the routed experts on cuBLAS's grouped GEMM
-// ("prefill_cublas_grouped_experts", gpu_engine_options::cublas_grouped_experts), and the
-// batches past skinny_rows (up to 64) with their projections on the grouped expert GEMM as one
-// expert ("decode_grouped_dense", gpu_engine_options::grouped_dense_rows), each with its
-// speed-up over the default engine; and on a third, prefill with the routed experts on Hopper's
-// wgmma ("prefill_wgmma_experts", gpu_engine_options::wgmma_experts). Batches within the
-// engine's skinny_rows (its few-row projections on skinny_linear.hpp's kernel) run once more on
-// a fourth engine whose projections all go through cuBLASLt ("decode_cublaslt_projections"),
-// with the kernel's speed-up. "kernels" says which kernels each engine's products ran on.
+// Then, unless --no-variants, the engine options still off until a card measures them, each on
+// its own engine over the same weights with its ratio to the default engine: prefill with the
+// routed experts on cuBLAS's grouped GEMM ("prefill_cublas_grouped_experts",
+// gpu_engine_options::cublas_grouped_experts); the batches past skinny_rows (up to 64) with
+// their projections on the grouped expert GEMM as one expert ("decode_grouped_dense",
+// grouped_dense_rows); the batches within skinny_rows (their few-row projections on
+// skinny_linear.hpp's kernel) with every projection on cuBLASLt instead
+// ("decode_cublaslt_projections", the kernel's speed-up); and last, unless --no-wgmma, prefill
+// with the routed experts on Hopper's wgmma ("prefill_wgmma_experts", wgmma_experts).
+// "kernels" says which kernels each engine's products ran on. A variant that fails is recorded
+// as {"error": ...} in its place and the run goes on; --out is rewritten after every stage, so a
+// run cut short keeps what it measured.
 //
 // With --fp8 (a list of gpu_engine_options::fp8_products: block_scaled, expand), the same
 // weights are then quantized to FP8 (model::quantize_fp8: 128x128 blocks, as DeepSeek-V3's) and
@@ -37,7 +39,7 @@
 // each with its ratio to the bf16 engine's figures of the same run ("fp8").
 //
 //   moe_bench_gpu_engine [--preset v2lite-8L] [--peer peer.json] [--out engine.json] [--no-graphs]
-//                        [--no-variants] [--fp8 block_scaled,expand]
+//                        [--no-variants] [--no-wgmma] [--fp8 block_scaled,expand]
 // Exits 2, with a JSON {"skipped": reason}, where there is no GPU.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -79,6 +81,15 @@ double median(std::vector<double> v) {
   std::exit(1);
 }
 
+/// A stage's failure as its figures' place in the JSON: {"error": what and why}.
+json error_json(const std::string& what, const caf::error& e) {
+  return {{"error", what + ": " + moe::error_text(e)}};
+}
+
+bool failed(const json& figures) {
+  return figures.is_object() && figures.contains("error");
+}
+
 struct settings {
   std::string preset = "v2lite-8L";
   int prefill_batch = 4;
@@ -92,6 +103,7 @@ struct settings {
   int check_steps = 8;
   bool graphs = true;
   bool variants = true;  // the A/B engines (options off by default, skinny_rows 0)
+  bool wgmma = true;     // among them, the wgmma_experts engine
   std::vector<std::string> fp8;
   std::string peer, out;
 };
@@ -121,7 +133,7 @@ class runner {
       const auto t = clock_type::now();
       auto got = e_.prefill(seqs, o);
       const double s = seconds_since(t);
-      if (!got) fail("prefill", got.error());
+      if (!got) return error_json("prefill", got.error());
       for (const auto& q : seqs) e_.release(q.id);
       if (r >= 0) times.push_back(s);
     }
@@ -149,7 +161,7 @@ class runner {
       me::gpu_prefill_options po;
       po.return_logits = false;
       auto first = e_.prefill(seqs, po);
-      if (!first) fail("prefill before decode", first.error());
+      if (!first) return error_json("prefill before decode", first.error());
       std::vector<moe::model::decode_input> step(static_cast<size_t>(batch));
       for (size_t i = 0; i < step.size(); ++i) step[i] = {seqs[i].id, first->greedy_tokens[i]};
       me::gpu_decode_options o;
@@ -159,7 +171,7 @@ class runner {
       const auto t = clock_type::now();
       for (int k = 0; k < s_.decode_steps; ++k) {
         auto got = e_.decode(step, o);
-        if (!got) fail("decode at batch " + std::to_string(batch), got.error());
+        if (!got) return error_json("decode at batch " + std::to_string(batch), got.error());
         for (size_t i = 0; i < step.size(); ++i) step[i].token = got->greedy_tokens[i];
         tokens.insert(tokens.end(), got->greedy_tokens.begin(), got->greedy_tokens.end());
       }
@@ -287,7 +299,7 @@ json targets(const json& ours) {
 /// The tokens/s of the decode entry for `batch` in a "decode" array, if it has one.
 std::optional<double> tokens_per_s_at(const json& decodes, int batch) {
   for (const auto& d : decodes)
-    if (d["batch"] == batch) return d["tokens_per_s"].get<double>();
+    if (!failed(d) && d.value("batch", -1) == batch) return d["tokens_per_s"].get<double>();
   return std::nullopt;
 }
 
@@ -307,7 +319,7 @@ json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_optio
               const settings& s, const json& bf16) {
   json r = json::object();
   auto t = clock_type::now();
-  if (auto err = moe::model::quantize_fp8(*host)) fail("quantize_fp8", err);
+  if (auto err = moe::model::quantize_fp8(*host)) return error_json("quantize_fp8", err);
   r["quantize_seconds"] = seconds_since(t);
   const std::shared_ptr<const moe::model::checkpoint> ckpt = std::move(host);
   for (const std::string& mode : s.fp8) {
@@ -315,19 +327,23 @@ json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_optio
                               : me::gpu_engine_options::fp8_products::block_scaled;
     t = clock_type::now();
     auto engine = me::gpu_engine::create(ckpt, eo);
-    if (!engine) fail("fp8 engine (" + mode + ")", engine.error());
+    if (!engine) {
+      r[mode] = error_json("fp8 engine (" + mode + ")", engine.error());
+      continue;
+    }
     json m = {{"upload_seconds", seconds_since(t)}, {"weight_bytes", engine->weight_bytes()}};
     m["weight_bytes_vs_bf16"] = static_cast<double>(engine->weight_bytes()) /
                                 bf16["weight_bytes"].get<double>();
     runner run(*engine, s);
     m["prefill"] = run.prefill();
-    m["prefill"]["speedup_over_bf16"] = m["prefill"]["tokens_per_s"].get<double>() /
-                                        bf16["prefill"]["tokens_per_s"].get<double>();
+    if (!failed(m["prefill"]))
+      m["prefill"]["speedup_over_bf16"] = m["prefill"]["tokens_per_s"].get<double>() /
+                                          bf16["prefill"]["tokens_per_s"].get<double>();
     m["decode"] = json::array();
     for (int b : s.decode_batches) {
       std::vector<int32_t> tokens;
       json d = run.decode(b, s.graphs, tokens);
-      if (const auto base = tokens_per_s_at(bf16["decode"], b))
+      if (const auto base = tokens_per_s_at(bf16["decode"], b); base && !failed(d))
         d["speedup_over_bf16"] = d["tokens_per_s"].get<double>() / *base;
       m["decode"].push_back(d);
     }
@@ -336,10 +352,15 @@ json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_optio
   return r;
 }
 
+/// Writes the figures so far to `path` (if any): after every stage, so that a run cut short,
+/// or one whose CUDA context a later stage broke, still leaves what it measured.
+void save(const json& j, const std::string& path) {
+  if (!path.empty()) std::ofstream(path) << j.dump(2) << "\n";
+}
+
 void emit(const json& j, const std::string& path) {
-  const std::string text = j.dump(2);
-  std::printf("%s\n", text.c_str());
-  if (!path.empty()) std::ofstream(path) << text << "\n";
+  std::printf("%s\n", j.dump(2).c_str());
+  save(j, path);
 }
 
 }  // namespace
@@ -361,6 +382,7 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-graphs", s.graphs, "decode eagerly only (no CUDA graphs)");
   app.add_flag("!--no-variants", s.variants,
                "skip the engines with other options (the A/B figures)");
+  app.add_flag("!--no-wgmma", s.wgmma, "among those, skip the wgmma_experts engine");
   app.add_option("--fp8", s.fp8, "also FP8 weights, with these products (block_scaled, expand)")
       ->delimiter(',')
       ->check(CLI::IsMember({"block_scaled", "expand"}));
@@ -417,8 +439,18 @@ int main(int argc, char** argv) {
   out["weight_bytes"] = engine->weight_bytes();
   out["cache_bytes"] = engine->cache_bytes();
 
+  // The default engine's figures are the run's point: a failure there ends it (exit 1), with
+  // what was measured before it in --out.
+  auto require = [&](const json& figures) {
+    if (!failed(figures)) return;
+    out["error"] = figures["error"];
+    save(out, s.out);
+    std::fprintf(stderr, "moe_bench_gpu_engine: %s\n", figures["error"].get<std::string>().c_str());
+    std::exit(1);
+  };
   runner run(*engine, s);
   out["prefill"] = run.prefill();
+  require(out["prefill"]);
   // "decode": the serving path (graphs unless --no-graphs); "decode_eager": every step
   // launched kernel by kernel at the graph's padded shape, on the same prompts, with how many of
   // its greedy tokens the graph run reproduced (all of them: the same kernels on the same
@@ -428,8 +460,10 @@ int main(int argc, char** argv) {
   for (int b : s.decode_batches) {
     std::vector<int32_t> eager_tokens, graph_tokens;
     json eager = run.decode(b, false, eager_tokens);
+    require(eager);
     if (s.graphs) {
       json graphed = run.decode(b, true, graph_tokens);
+      require(graphed);
       size_t same = 0;
       for (size_t i = 0; i < std::min(eager_tokens.size(), graph_tokens.size()); ++i)
         same += eager_tokens[i] == graph_tokens[i] ? 1 : 0;
@@ -451,78 +485,7 @@ int main(int argc, char** argv) {
                                  {"host_bytes", g.host_bytes},
                                  {"last_fallback_reason", g.last_fallback_reason}};
   }
-  // The options still off until measured, on a second engine over the same weights: prefill
-  // with the routed experts on cuBLAS's grouped GEMM (cublas_grouped_experts; a prefill of
-  // hundreds of rows takes no other new path), and the decode batches past skinny_rows with
-  // their products on the grouped GEMM as one expert (grouped_dense_rows; decode takes no
-  // cuBLAS path): each against the default engine's figure.
-  if (s.variants) {
-    auto alt_options = eo;
-    alt_options.cublas_grouped_experts = true;
-    alt_options.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
-    auto alt_engine = me::gpu_engine::create(shared, alt_options);
-    if (!alt_engine) fail("engine (options off by default)", alt_engine.error());
-    runner alt_run(*alt_engine, s);
-    json p = alt_run.prefill();
-    p["speedup_over_ours"] =
-        p["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
-    p["kernels"] = kernels_json(*alt_engine);
-    out["prefill_cublas_grouped_experts"] = p;
-    {
-      // Prefill with the routed experts on Hopper's wgmma (wgmma_experts): a third engine, as
-      // the cuBLAS one above takes those products itself.
-      auto wgmma_options = eo;
-      wgmma_options.wgmma_experts = true;
-      auto wgmma_engine = me::gpu_engine::create(shared, wgmma_options);
-      if (!wgmma_engine) fail("engine (wgmma_experts)", wgmma_engine.error());
-      runner wgmma_run(*wgmma_engine, s);
-      json w = wgmma_run.prefill();
-      w["speedup_over_ours"] =
-          w["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
-      w["kernels"] = kernels_json(*wgmma_engine);
-      out["prefill_wgmma_experts"] = w;
-    }
-    out["decode_grouped_dense"] = json::array();
-    for (int b : s.decode_batches) {
-      if (b <= eo.skinny_rows || b > me::gpu_engine_options::max_grouped_dense_rows) continue;
-      std::vector<int32_t> tokens;
-      json d = alt_run.decode(b, s.graphs, tokens);
-      if (const auto base = tokens_per_s_at(out["decode"], b))
-        d["speedup_over_default"] = d["tokens_per_s"].get<double>() / *base;
-      out["decode_grouped_dense"].push_back(d);
-    }
-  }
-  // The few-row projections on cuBLASLt instead (skinny_rows 0), for the batches that use the
-  // skinny kernel, on a second engine over the same weights: the kernel's effect on the step.
-  bool few_rows = false;
-  for (int b : s.decode_batches) few_rows = few_rows || (s.variants && b <= eo.skinny_rows);
-  if (few_rows) {
-    auto lt_options = eo;
-    lt_options.skinny_rows = 0;
-    auto lt_engine = me::gpu_engine::create(shared, lt_options);
-    if (!lt_engine) fail("engine (skinny_rows 0)", lt_engine.error());
-    runner lt_run(*lt_engine, s);
-    out["decode_cublaslt_projections"] = json::array();
-    for (int b : s.decode_batches) {
-      if (b > eo.skinny_rows) continue;
-      std::vector<int32_t> tokens;
-      json d = lt_run.decode(b, s.graphs, tokens);
-      if (const auto ours = tokens_per_s_at(out["decode"], b))
-        d["skinny_speedup"] = *ours / d["tokens_per_s"].get<double>();
-      out["decode_cublaslt_projections"].push_back(d);
-    }
-  }
-  if (s.check_tokens == 0 && s.fp8.empty()) shared.reset();
   out["targets"] = targets(out);
-  if (shared && s.check_tokens > 0) {
-    t = clock_type::now();
-    out["check_against_reference"] = check_against_reference(*engine, shared, s);
-    out["check_against_reference"]["seconds"] = seconds_since(t);
-  }
-  if (!s.fp8.empty()) {
-    { const me::gpu_engine released = std::move(*engine); }  // its device memory back first
-    out["fp8"] = fp8_runs(std::move(shared), eo, s, out);
-  }
   if (!s.peer.empty()) {
     std::ifstream in(s.peer);
     const json peer = json::parse(in, nullptr, /*allow_exceptions=*/false);
@@ -532,6 +495,92 @@ int main(int argc, char** argv) {
       out["transformers"] = peer;
       out["vs_transformers"] = against_peer(out, peer);
     }
+  }
+  if (s.check_tokens > 0) {
+    t = clock_type::now();
+    out["check_against_reference"] = check_against_reference(*engine, shared, s);
+    out["check_against_reference"]["seconds"] = seconds_since(t);
+  }
+  save(out, s.out);
+
+  // The A/B engines over the same weights, each figure with its ratio to the default engine's.
+  // A variant that fails is recorded as {"error": ...} and the run goes on (a broken CUDA
+  // context then fails the later stages too, each recorded); the file is rewritten after each.
+  // The wgmma engine runs last of them: its kernel is the newest (--no-wgmma leaves it out).
+  const double prefill_base = out["prefill"]["tokens_per_s"].get<double>();
+  auto prefill_variant = [&](const char* key, const char* what, auto set_option) {
+    auto options = eo;
+    set_option(options);
+    auto variant = me::gpu_engine::create(shared, options);
+    if (!variant) {
+      out[key] = error_json(std::string{"engine ("} + what + ")", variant.error());
+    } else {
+      runner variant_run(*variant, s);
+      json p = variant_run.prefill();
+      if (!failed(p)) {
+        p["speedup_over_ours"] = p["tokens_per_s"].get<double>() / prefill_base;
+        p["kernels"] = kernels_json(*variant);
+      }
+      out[key] = p;
+    }
+    save(out, s.out);
+  };
+  // The decode figures of `batches` on an engine with set_option applied, each given its ratio
+  // to the default engine's figure of the same batch by ratio(figures, default tokens/s).
+  auto decode_variant = [&](const char* key, const char* what, const std::vector<int>& batches,
+                            auto set_option, auto ratio) {
+    if (batches.empty()) return;
+    auto options = eo;
+    set_option(options);
+    auto variant = me::gpu_engine::create(shared, options);
+    out[key] = json::array();
+    if (!variant) {
+      out[key].push_back(error_json(std::string{"engine ("} + what + ")", variant.error()));
+    } else {
+      runner variant_run(*variant, s);
+      for (int b : batches) {
+        std::vector<int32_t> tokens;
+        json d = variant_run.decode(b, s.graphs, tokens);
+        if (const auto base = tokens_per_s_at(out["decode"], b); base && !failed(d))
+          ratio(d, *base);
+        out[key].push_back(d);
+      }
+    }
+    save(out, s.out);
+  };
+  if (s.variants) {
+    // Prefill with the routed experts on cuBLAS's grouped GEMM (a prefill of hundreds of rows
+    // takes no other new path).
+    prefill_variant("prefill_cublas_grouped_experts", "cublas_grouped_experts",
+                    [](me::gpu_engine_options& o) { o.cublas_grouped_experts = true; });
+    // The batches past skinny_rows with their projections on the grouped GEMM as one expert.
+    std::vector<int> grouped_batches, skinny_batches;
+    for (int b : s.decode_batches) {
+      if (b > eo.skinny_rows && b <= me::gpu_engine_options::max_grouped_dense_rows)
+        grouped_batches.push_back(b);
+      if (b <= eo.skinny_rows) skinny_batches.push_back(b);
+    }
+    decode_variant(
+        "decode_grouped_dense", "grouped_dense_rows", grouped_batches,
+        [](me::gpu_engine_options& o) {
+          o.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
+        },
+        [](json& d, double base) {
+          d["speedup_over_default"] = d["tokens_per_s"].get<double>() / base;
+        });
+    // The batches within skinny_rows with every projection on cuBLASLt (skinny_rows 0): the
+    // few-row kernel's effect on the step.
+    decode_variant(
+        "decode_cublaslt_projections", "skinny_rows 0", skinny_batches,
+        [](me::gpu_engine_options& o) { o.skinny_rows = 0; },
+        [](json& d, double base) { d["skinny_speedup"] = base / d["tokens_per_s"].get<double>(); });
+    if (s.wgmma)
+      prefill_variant("prefill_wgmma_experts", "wgmma_experts",
+                      [](me::gpu_engine_options& o) { o.wgmma_experts = true; });
+  }
+  if (!s.fp8.empty()) {
+    { const me::gpu_engine released = std::move(*engine); }  // its device memory back first
+    out["fp8"] = fp8_runs(std::move(shared), eo, s, out);
   }
   emit(out, s.out);
   return 0;

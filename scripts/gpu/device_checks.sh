@@ -63,8 +63,12 @@ step cli_gpu_engine 60 bash tests/cli/run_contracts.sh "$bundle/bin/moe" tests/d
 # The peer before our engine, so that the engine's JSON carries the ratios.
 step peer_transformers 180 python3 bench/peer/transformers_peer.py \
   --config "$bundle/v2lite-8L/config.json" --out "$logs/peer_transformers.json"
-# Then the same weights in FP8 (both kinds of products), with ratios to the bf16 figures.
-step bench_gpu_engine 240 "$bundle/bin/moe_bench_gpu_engine" --fp8 block_scaled,expand \
+# Then the same weights in FP8 (both kinds of products), with ratios to the bf16 figures. The
+# wgmma_experts engine only where the wgmma kernel's own tests passed: a fault there would break
+# the process's CUDA context, and the stages after it (the FP8 runs) with it.
+wgmma=()
+[[ $(grep -Ec '^test_kernels_cuda_(wgmma|grouped_gemm) rc=0 ' "$summary") == 2 ]] || wgmma=(--no-wgmma)
+step bench_gpu_engine 240 "$bundle/bin/moe_bench_gpu_engine" --fp8 block_scaled,expand "${wgmma[@]}" \
   --peer "$logs/peer_transformers.json" --out "$logs/bench_gpu_engine.json"
 step bench_gpu_kernels 120 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
 # The kernels' JSON is the log's stdout part; keep a clean copy.
