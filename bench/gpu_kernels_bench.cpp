@@ -12,8 +12,8 @@
 //    shape and summed over a decode step, with bf16 and FP8 weights; and at 32 rows cuBLASLt
 //    against the grouped expert GEMM run as one expert;
 //  - the grouped expert GEMM against one dense cuBLASLt product of the same FLOPs and against
-//    cuBLAS's grouped GEMM; on an sm_90 card also its wgmma kernel, and that kernel with the
-//    SwiGLU fused against the product followed by swiglu_run.
+//    cuBLAS's grouped GEMM; on an sm_90 card also its wgmma kernel, fed by TMA and by cp.async,
+//    and that kernel with the SwiGLU fused against the product followed by swiglu_run.
 // Times are CUDA-event medians over --reps launches after warm-up. Prints one JSON object.
 //
 //   moe_bench_gpu_kernels [--reps 20] [--square 8192]
@@ -552,16 +552,28 @@ int main(int argc, char** argv) {
                     {"grouped_weight_GBps", weight_gbs},
                     {"grouped_weight_vs_copy", weight_gbs / copy_gbs}};
       // The same kernel on Hopper's wgmma (grouped_gemm_args::wgmma: the wide tiling only, so
-      // the prefill rows, on an sm_90 card), the same problems.
+      // the prefill rows, on an sm_90 card), the same problems: fed by TMA (the default, "wgmma")
+      // and by cp.async ("wgmma_cp_async"), with which kernel each call reported.
       kc::grouped_gemm_args hopper = g;
       hopper.wgmma = true;
       if (kc::grouped_gemm_uses_wgmma(hopper)) {
-        const double wgmma_ms = median_ms(
-            reps, [&] { check(kc::grouped_gemm_run(hopper, nullptr), "grouped_gemm wgmma"); });
+        auto launched = kc::grouped_gemm_kernel::none;
+        const double wgmma_ms = median_ms(reps, [&] {
+          check(kc::grouped_gemm_run(hopper, nullptr, &launched), "grouped_gemm wgmma");
+        });
         entry["wgmma_ms"] = wgmma_ms;
         entry["wgmma_TFLOPs"] = flops / (wgmma_ms * 1e9);
+        entry["wgmma_by_tma"] = launched == kc::grouped_gemm_kernel::wgmma_tma;
         entry["wgmma_over_dense_time"] = wgmma_ms / dense_ms;
         entry["grouped_over_wgmma_time"] = grouped_ms / wgmma_ms;
+        kc::grouped_gemm_args copies = hopper;
+        copies.tma = false;
+        const double cp_async_ms = median_ms(reps, [&] {
+          check(kc::grouped_gemm_run(copies, nullptr), "grouped_gemm wgmma cp.async");
+        });
+        entry["wgmma_cp_async_ms"] = cp_async_ms;
+        entry["wgmma_cp_async_TFLOPs"] = flops / (cp_async_ms * 1e9);
+        entry["tma_speedup_over_cp_async"] = cp_async_ms / wgmma_ms;
         // Fused with SwiGLU (this is the gate|up product: its activation, (rows, n / 2), in
         // place of the (rows, n) product), against the product and swiglu_run after it.
         kc::grouped_gemm_args fused = hopper;

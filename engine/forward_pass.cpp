@@ -454,7 +454,8 @@ class forward {
     auto launched = kcu::grouped_gemm_kernel::none;
     const kernel_status st = kcu::grouped_gemm_run(g, m_.stream, &launched);
     if (g.fuse_swiglu && st == kernel_status::unsupported_shape) return std::nullopt;
-    if (launched == kcu::grouped_gemm_kernel::wgmma)
+    if (launched == kcu::grouped_gemm_kernel::wgmma ||
+        launched == kcu::grouped_gemm_kernel::wgmma_tma)
       count(&gpu_kernel_stats::experts_wgmma);
     else if (launched != kcu::grouped_gemm_kernel::none)
       count(&gpu_kernel_stats::experts_grouped_gemm);

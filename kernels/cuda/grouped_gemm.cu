@@ -6,10 +6,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <mma.h>
+#include <optional>
 
 #include "kernels/cuda/device_arch.hpp"
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/grouped_gemm.hpp"
+#include "kernels/cuda/tensor_map.hpp"
+#include "kernels/cuda/tma.cuh"
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wmma_shared.cuh"
 
@@ -633,6 +636,74 @@ __device__ inline void store_pair(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
+// The epilogue both wgmma kernels share. Warpgroup `group`'s accumulators (thread t of it) into
+// the tile `out` in TOut, rows wgmma_tiles::out_ld apart, rounded once: thread (warp w, lane l)
+// holds column blocks j of rows 16 w + l / 4 (+ 8) of its warpgroup's 64 rows (split: both
+// warpgroups' rows 0-63, warpgroup g's columns from 128 g, or 64 g with Swiglu).
+template <class TOut, bool Swiglu>
+__device__ void stage_accumulators(const float (&acc)[128], TOut* out, int group, int t,
+                                   bool split) {
+  using T = wgmma_tiles;
+  const int warp = t / 32, lane = t % 32;
+  const int r = (split ? 0 : group * 64) + warp * 16 + lane / 4;
+  if constexpr (Swiglu) {
+    // Output column block j's gate is accumulator column block j + 8 (j / 8) (the tile's
+    // 64-row runs), its up the block 8 further (split: blocks j and j + 8 of the 16). Two
+    // loops, so that every accumulator index is a constant (a computed one would put the
+    // accumulators in local memory).
+    const auto activate = [&](int j, int h, int gate_block, int c) {
+      const int gate = 4 * gate_block + 2 * h, up = gate + 32;
+      store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c,
+                 __fmul_rn(detail::silu(acc[gate]), acc[up]),
+                 __fmul_rn(detail::silu(acc[gate + 1]), acc[up + 1]));
+    };
+    if (split) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) activate(j, h, j, group * 64 + 2 * (lane % 4));
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) activate(j, h, j + 8 * (j / 8), 2 * (lane % 4));
+    }
+  } else {
+    const int c = (split ? group * 128 : 0) + 2 * (lane % 4);
+    const int column_blocks = split ? 16 : 32;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+      if (j < column_blocks) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c, acc[4 * j + 2 * h],
+                     acc[4 * j + 2 * h + 1]);
+      }
+  }
+}
+
+// The staged tile's rows x cols out to y_tile (rows out_n apart), by `threads` threads: 16-byte
+// stores where vector_out (y and out_n 16-byte multiples), else element by element.
+template <class TOut>
+__device__ void store_tile(const TOut* out, TOut* y_tile, int rows, int cols, int32_t out_n,
+                           bool vector_out, int tid, int threads) {
+  using T = wgmma_tiles;
+  if (vector_out) {
+    constexpr int per = 16 / sizeof(TOut);
+    const int chunks = (cols + per - 1) / per;  // cols % per == 0 here (out_n % per == 0)
+    for (int i = tid; i < rows * chunks; i += threads) {
+      const int r = i / chunks, c = (i % chunks) * per;
+      *reinterpret_cast<uint4*>(y_tile + int64_t{r} * out_n + c) =
+          *reinterpret_cast<const uint4*>(out + r * T::out_ld + c);
+    }
+  } else {
+    for (int i = tid; i < rows * cols; i += threads) {
+      const int r = i / cols, c = i % cols;
+      y_tile[int64_t{r} * out_n + c] = out[r * T::out_ld + c];
+    }
+  }
+}
+
 // Swiglu: each expert's weight is its stacked (gate; up) projection of n = 2 I rows, and y (rows,
 // I) gets silu(x . gate^T) * (x . up^T) from the float32 products, rounded once: a block's 256
 // weight rows are the gate and up rows of its 128 output columns, in 64-row runs (the loader), so
@@ -747,61 +818,141 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
   __pipeline_wait_prior(0);
   __syncthreads();  // every warpgroup is past its last products: the stages are free
   TOut* out = reinterpret_cast<TOut*>(tiles);
-  {
-    // Thread (warp w, lane l) of its warpgroup holds column blocks j of rows 16 w + l / 4 (+ 8).
-    const int warp = (tid % 128) / 32, lane = tid % 32;
-    const int r = (split ? 0 : group * 64) + warp * 16 + lane / 4;
-    if constexpr (Swiglu) {
-      // Output column block j's gate is accumulator column block j + 8 (j / 8) (the tile's
-      // 64-row runs), its up the block 8 further (split: blocks j and j + 8 of the 16). Two
-      // loops, so that every accumulator index is a constant (a computed one would put the
-      // accumulators in local memory).
-      const auto activate = [&](int j, int h, int gate_block, int c) {
-        const int gate = 4 * gate_block + 2 * h, up = gate + 32;
-        store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c,
-                   __fmul_rn(detail::silu(acc[gate]), acc[up]),
-                   __fmul_rn(detail::silu(acc[gate + 1]), acc[up + 1]));
-      };
-      if (split) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) activate(j, h, j, group * 64 + 2 * (lane % 4));
-      } else {
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) activate(j, h, j + 8 * (j / 8), 2 * (lane % 4));
-      }
-    } else {
-      const int c = (split ? group * 128 : 0) + 2 * (lane % 4);
-      const int column_blocks = split ? 16 : 32;
-#pragma unroll
-      for (int j = 0; j < 32; ++j)
-        if (j < column_blocks) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            store_pair(out + (r + 8 * h) * T::out_ld + 8 * j + c, acc[4 * j + 2 * h],
-                       acc[4 * j + 2 * h + 1]);
-        }
+  stage_accumulators<TOut, Swiglu>(acc, out, group, tid % 128, split);
+  __syncthreads();
+  store_tile(out, y + int64_t{row0} * out_n + col0, rows, cols, out_n, vector_out, tid, T::threads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same wgmma tiles fed by TMA (tma.cuh), warp-specialized: warpgroup 0 is the producer, one
+// of its threads issuing each stage's copies (x's 128 rows in one box, the weight's 256 rows in
+// four 64-row boxes: the Swiglu runs of wgmma_loader, or plain consecutive rows); warpgroups 1
+// and 2 multiply, exactly as in grouped_gemm_wgmma_kernel. Stage s has two barriers: `full`,
+// whose phase completes when the producer has armed it and the copies' bytes have landed, and
+// `empty`, which each of the 8 consumer warps arrives on once its products of the stage are done
+// (wgmma.wait_group 1 at the next step), and which the producer waits for before refilling the
+// stage. The consumer warps issue no copies and meet no block barrier in the main loop: the
+// tensor cores wait only for data. Rows of a box past the tile's rows or columns (another
+// expert's, or past the matrix: zeros) give outputs no one stores; k past the matrix reads zeros.
+struct tma_tiles {
+  static constexpr int threads = 384;
+  static constexpr int stages = wgmma_tiles::stages;
+  static constexpr int w_box_rows = 64;
+  // The stages, then the barriers: full[stages], empty[stages].
+  static constexpr size_t barriers_at = size_t{stages} * wgmma_tiles::stage_bytes;
+  static constexpr size_t smem_bytes = barriers_at + 2 * stages * 8 + 1024;
+};
+
+template <class TOut, bool Swiglu>
+__global__ void __launch_bounds__(tma_tiles::threads, 1)
+    grouped_gemm_tma_kernel(const __grid_constant__ CUtensorMap x_map,
+                            const __grid_constant__ CUtensorMap w_map, const int32_t* offsets,
+                            TOut* y, int32_t num_rows, int num_experts, int32_t n, int32_t k,
+                            tile_order order, bool vector_out) {
+  using T = wgmma_tiles;
+  using M = tma_tiles;
+  extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
+  __shared__ int64_t scan[M::threads];
+  __shared__ int32_t found[3];
+  const int64_t block = blockIdx.x;
+  find_tile<T::bm, M::threads>(offsets, num_experts, num_rows, order.m_tile(block), scan, found);
+  const int32_t expert = found[0];
+  if (expert < 0) return;  // the whole block: past the last tile of this routing
+  const int32_t row0 = found[1], rows = found[2];
+  constexpr int32_t out_bn = Swiglu ? T::bn / 2 : T::bn;
+  const int32_t out_n = Swiglu ? n / 2 : n;
+  const int32_t col0 = order.n_tile(block) * out_bn;
+  const int32_t cols = std::min(out_bn, out_n - col0);
+  const int tid = static_cast<int>(threadIdx.x);
+  const uint32_t base = detail::shared_offset(grouped_gemm_smem);
+  const uint32_t tiles_at = (base + 1023u) / 1024u * 1024u;
+  unsigned char* tiles = grouped_gemm_smem + (tiles_at - base);
+  const auto stage_at = [tiles_at](int s) {
+    return tiles_at + static_cast<uint32_t>(s) * T::stage_bytes;
+  };
+  const auto full = [tiles_at](int s) {
+    return tiles_at + static_cast<uint32_t>(M::barriers_at) + 8u * static_cast<uint32_t>(s);
+  };
+  const auto empty = [full](int s) { return full(M::stages + s); };
+  if (tid == 0) {
+    for (int s = 0; s < M::stages; ++s) {
+      detail::mbarrier_init(full(s), 1);
+      detail::mbarrier_init(empty(s), 8);  // the consumer warps
     }
+    detail::fence_mbarrier_init();
   }
   __syncthreads();
-  TOut* y_tile = y + int64_t{row0} * out_n + col0;
-  if (vector_out) {
-    constexpr int per = 16 / sizeof(TOut);
-    const int chunks = (cols + per - 1) / per;  // cols % per == 0 here (out_n % per == 0)
-    for (int i = tid; i < rows * chunks; i += T::threads) {
-      const int r = i / chunks, c = (i % chunks) * per;
-      *reinterpret_cast<uint4*>(y_tile + int64_t{r} * out_n + c) =
-          *reinterpret_cast<const uint4*>(out + r * T::out_ld + c);
+
+  const int32_t k_steps = (k + T::bk - 1) / T::bk;
+  const int wg = tid / 128;
+  const bool split = rows <= 64;
+  float acc[128];
+  float(&half)[64] = *reinterpret_cast<float(*)[64]>(acc);
+  if (wg == 0) {
+    if (tid == 0) {
+      // Weight tile row run i (64 rows) comes from the expert's row: plain, col0 + 64 i; with
+      // Swiglu, gate and up rows of the block's columns in turn (wgmma_loader's layout).
+      const int64_t w_row0 = int64_t{expert} * n + col0;
+      for (int32_t step = 0; step < k_steps; ++step) {
+        const int s = step % M::stages;
+        if (step >= M::stages)
+          detail::mbarrier_wait(empty(s), static_cast<uint32_t>((step / M::stages - 1) & 1));
+        detail::mbarrier_arrive_expect_tx(full(s), T::stage_bytes);
+        const int32_t k0 = step * T::bk;
+        detail::tma_load_2d(stage_at(s), &x_map, full(s), k0, row0);
+#pragma unroll
+        for (int i = 0; i < T::bn / M::w_box_rows; ++i) {
+          const int64_t w_row =
+              Swiglu ? w_row0 + (i & 1) * int64_t{out_n} + 64 * (i >> 1) : w_row0 + 64 * i;
+          detail::tma_load_2d(stage_at(s) + T::a_bytes + i * M::w_box_rows * 128, &w_map, full(s),
+                              k0, static_cast<int32_t>(w_row));
+        }
+      }
     }
   } else {
-    for (int i = tid; i < rows * cols; i += T::threads) {
-      const int r = i / cols, c = i % cols;
-      y_tile[int64_t{r} * out_n + c] = out[r * T::out_ld + c];
+    const int group = wg - 1;
+    const bool busy = !split || group * (Swiglu ? 64 : 128) < cols;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    const auto g = static_cast<uint32_t>(group);
+    for (int32_t step = 0; step < k_steps; ++step) {
+      const int s = step % M::stages;
+      detail::mbarrier_wait(full(s), static_cast<uint32_t>((step / M::stages) & 1));
+      if (busy) {
+        const uint32_t a_at = stage_at(s), b_at = a_at + T::a_bytes;
+        detail::fence_operands(acc);
+        detail::wgmma_fence();
+        if (!split) {
+#pragma unroll
+          for (int j = 0; j < T::bk / 16; ++j)
+            detail::wgmma_m64n256k16_bf16(acc,
+                                          detail::sw128_descriptor(a_at + g * 64 * 128 + 32 * j),
+                                          detail::sw128_descriptor(b_at + 32 * j));
+          detail::wgmma_commit();
+        } else {
+#pragma unroll
+          for (int j = 0; j < T::bk / 16; ++j)
+            detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(a_at + 32 * j),
+                                          detail::sw128_descriptor(b_at + g * 128 * 128 + 32 * j));
+          detail::wgmma_commit();
+        }
+        detail::wgmma_wait<1>();  // step - 1's products are done
+        detail::fence_operands(acc);
+      }
+      // One arrival per warp, once every lane of it is past its wait (which the .aligned wait
+      // implies on the card; the emulator's lanes are separate fibers).
+      __syncwarp();
+      if (step > 0 && tid % 32 == 0) detail::mbarrier_arrive(empty((step - 1) % M::stages));
     }
+    detail::wgmma_wait<0>();
+    detail::fence_operands(acc);
   }
+
+  __syncthreads();  // every product is done: the stages are free for the epilogue
+  TOut* out = reinterpret_cast<TOut*>(tiles);
+  if (wg > 0) stage_accumulators<TOut, Swiglu>(acc, out, wg - 1, tid % 128, split);
+  __syncthreads();
+  store_tile(out, y + int64_t{row0} * out_n + col0, rows, cols, out_n, vector_out, tid, M::threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -980,9 +1131,44 @@ kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
+// The TMA kernel's maps for a call, when it can take it: k > 0 (a map has no empty dimension)
+// and every weight row a TMA coordinate (int32).
+struct tma_maps {
+  CUtensorMap x, w;
+};
+std::optional<tma_maps> tma_maps_of(const grouped_gemm_args& a) noexcept {
+  if (!a.tma || a.k == 0 || a.num_experts * a.n > INT32_MAX) return std::nullopt;
+  const auto x = detail::bf16_tensor_map(a.x, a.num_rows, a.k, wgmma_tiles::bm);
+  const auto w =
+      detail::bf16_tensor_map(a.weights, a.num_experts * a.n, a.k, tma_tiles::w_box_rows);
+  if (!x || !w) return std::nullopt;
+  return tma_maps{*x, *w};
+}
+
+template <class TOut, bool Swiglu>
+kernel_status launch_tma(const grouped_gemm_args& a, const tma_maps& maps, cudaStream_t stream) {
+  auto* kernel = grouped_gemm_tma_kernel<TOut, Swiglu>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(tma_tiles::smem_bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return kernel_status::launch_failed;
+  }
+  const grid_shape g = grid_of(a);
+  const int64_t out_n = Swiglu ? a.n / 2 : a.n;
+  const bool vector_out = aligned16(a.y) && out_n % (16 / sizeof(TOut)) == 0;
+  kernel<<<static_cast<unsigned>(g.blocks), tma_tiles::threads, tma_tiles::smem_bytes, stream>>>(
+      maps.x, maps.w, a.expert_offsets, static_cast<TOut*>(a.y), static_cast<int32_t>(a.num_rows),
+      static_cast<int>(a.num_experts), static_cast<int32_t>(a.n), static_cast<int32_t>(a.k),
+      g.order(a), vector_out);
+  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+}
+
 template <class TOut>
 kernel_status launch_bf16(const grouped_gemm_args& a, grouped_gemm_kernel kernel,
-                          cudaStream_t stream) {
+                          const tma_maps* maps, cudaStream_t stream) {
+  if (kernel == grouped_gemm_kernel::wgmma_tma)
+    return a.fuse_swiglu ? launch_tma<TOut, true>(a, *maps, stream)
+                         : launch_tma<TOut, false>(a, *maps, stream);
   if (kernel == grouped_gemm_kernel::wgmma)
     return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, stream)
                          : launch_wgmma<TOut, false>(a, stream);
@@ -1046,10 +1232,15 @@ kernel_status grouped_gemm_run(const grouped_gemm_args& a, cudaStream_t stream,
   kernel_status s = grouped_gemm_can_run(a);
   if (s == kernel_status::ok && a.num_rows > 0 && a.n > 0) {
     if (a.dt == dtype::bf16) {
-      took = wgmma_fits(a) && detail::current_device_is_sm90() ? grouped_gemm_kernel::wgmma
-                                                               : grouped_gemm_kernel::wmma;
-      s = a.y_dt == dtype::bf16 ? launch_bf16<bf16>(a, took, stream)
-                                : launch_bf16<float>(a, took, stream);
+      std::optional<tma_maps> maps;
+      took = grouped_gemm_kernel::wmma;
+      if (wgmma_fits(a) && detail::current_device_is_sm90()) {
+        maps = tma_maps_of(a);
+        took = maps ? grouped_gemm_kernel::wgmma_tma : grouped_gemm_kernel::wgmma;
+      }
+      const tma_maps* m = maps ? &*maps : nullptr;
+      s = a.y_dt == dtype::bf16 ? launch_bf16<bf16>(a, took, m, stream)
+                                : launch_bf16<float>(a, took, m, stream);
     } else {
       took = grouped_gemm_kernel::simt;
       s = launch_f32(a, stream);

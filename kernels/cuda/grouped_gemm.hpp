@@ -77,6 +77,11 @@ struct grouped_gemm_args {
   /// rows). The results differ from WMMA's only in the float32 summation order. Off by default
   /// until a card measures it (bench/gpu_kernels_bench.cpp's grouped_gemm_bf16).
   bool wgmma = false;
+  /// With `wgmma`: the operands come in by TMA, one thread of a producer warpgroup issuing each
+  /// stage's copies while two warpgroups multiply (warp-specialized), where the driver encodes
+  /// the tensor maps (k > 0, num_experts * n <= INT32_MAX); false, or where it cannot: by
+  /// cp.async, every thread copying between its products. The same products either way.
+  bool tma = true;
   /// With the wgmma kernel only: each expert's weight is its stacked (gate; up) projection, n = 2 I
   /// rows (I gate rows, then I up rows), and y, (num_rows, I) of y_dt, gets
   /// silu(x . gate^T) * (x . up^T) (swiglu.hpp's activation) from the float32 products, rounded
@@ -101,10 +106,11 @@ struct grouped_gemm_args {
 
 /// The kernel a grouped_gemm_run call launched.
 enum class grouped_gemm_kernel : uint8_t {
-  none,   ///< nothing: refused, or no rows or columns
-  wgmma,  ///< Hopper's wgmma (grouped_gemm_args::wgmma)
-  wmma,   ///< WMMA tensor cores (bf16 x)
-  simt,   ///< CUDA cores (f32)
+  none,       ///< nothing: refused, or no rows or columns
+  wgmma,      ///< Hopper's wgmma fed by cp.async (grouped_gemm_args::wgmma)
+  wgmma_tma,  ///< Hopper's wgmma fed by TMA (grouped_gemm_args::tma)
+  wmma,       ///< WMMA tensor cores (bf16 x)
+  simt,       ///< CUDA cores (f32)
 };
 
 /// One launch on `stream`. launch_failed when CUDA refuses it (e.g. a device older than sm_80,

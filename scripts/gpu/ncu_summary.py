@@ -21,6 +21,7 @@ UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "mse
 # Kernel families by a substring of the demangled name, first match wins.
 FAMILIES = [
     ("grouped_gemm_wgmma", "grouped expert GEMM (wgmma)"),
+    ("grouped_gemm_tma", "grouped expert GEMM (wgmma, TMA)"),
     ("grouped_gemm", "grouped expert GEMM"),
     ("mla_decode", "MLA decode"),
     ("mla_prefill", "MLA prefill"),

@@ -1,7 +1,8 @@
 // Host emulation of the few CUDA device features our kernels use: every CUDA thread of a block
 // is a fiber on one OS thread; __syncthreads, __syncwarp, shuffles and ballots are barriers (a
 // divergent barrier deadlocks and aborts). Device memory is host memory. WMMA and the cp.async
-// pipeline primitives: wmma_emulator.hpp, included at the end; wgmma: wgmma_emulator.hpp.
+// pipeline primitives: wmma_emulator.hpp, included at the end; wgmma: wgmma_emulator.hpp; TMA
+// and mbarriers: tma_emulator.hpp.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cuda_bf16.h>
@@ -207,6 +208,8 @@ inline void prepare(fiber& f) {
 }
 
 inline uint64_t num_blocks_run = 0;
+// Says what a deadlocked block's fibers wait for beyond barriers (tma_emulator.hpp's mbarriers).
+inline void (*describe_waits)() = nullptr;
 
 // Dynamic shared memory of the current launch: refilled with 0xff bytes (NaN floats) for every
 // block, so a read of a never-written element shows up as a NaN in the result. 128-byte aligned
@@ -278,6 +281,7 @@ inline void run_block(unsigned b, unsigned nthreads) {
     if (all_done) break;
     if (events == before) {
       std::fprintf(stderr, "emu: deadlock in block %u (divergent barrier)\n", b);
+      if (describe_waits != nullptr) describe_waits();
       std::abort();
     }
   }
@@ -376,6 +380,7 @@ using std::max;
 // Variadic: a kernel named with several template arguments has commas in it.
 #define cudaFuncSetAttribute(...) ::emu::func_set_attribute(__VA_ARGS__)
 
+#include "tma_emulator.hpp"
 #include "wgmma_emulator.hpp"
 #include "wmma_emulator.hpp"
 

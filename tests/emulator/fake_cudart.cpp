@@ -365,6 +365,14 @@ cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, in
   }
 }
 
+// The driver functions the engine's code looks up: the tensor-map encoder (tma_emulator.hpp).
+cudaError_t CUDARTAPI cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int,
+                                                       unsigned long long,
+                                                       cudaDriverEntryPointQueryResult* status) {
+  if (symbol == nullptr || fn == nullptr) return fail(cudaErrorInvalidValue);
+  return ::emu::driver_entry_point(symbol, fn, status);
+}
+
 // The versions of the headers it was built with: the stand-in is runtime and driver both.
 cudaError_t CUDARTAPI cudaRuntimeGetVersion(int* version) {
   if (version == nullptr) return fail(cudaErrorInvalidValue);

@@ -100,6 +100,22 @@ inline void compute(const pending_wgmma& p) {
 
 }  // namespace wgmma_detail
 
+// A pending wgmma's operands span whole 128-byte rows: [row of start, + rows / 8 groups). Each
+// warpgroup's threads issue the same products, so its first thread's records stand for it.
+inline void expect_no_pending_reader(size_t offset, size_t size) {
+  const uint64_t lo = shared_base + offset, hi = lo + size;
+  for (size_t t = 0; t < collectives.size() && t < block_dim.x; t += 128)
+    for (const auto& p : collectives[t].wgmma_pending) {
+      const auto overlaps = [&](uint64_t desc, int rows) {
+        const wgmma_detail::operand o(desc);
+        const uint64_t first = o.start - o.start % 128;
+        return lo < first + static_cast<uint64_t>(rows / 8) * o.stride && first < hi;
+      };
+      if (overlaps(p.a, 64) || overlaps(p.b, p.n))
+        emu_fail("an asynchronous copy landed on an operand of a wgmma not yet waited for");
+    }
+}
+
 inline void wgmma_fence() {
   wgmma_detail::note(wgmma_detail::fence);
   my_collectives().wgmma_fenced = true;

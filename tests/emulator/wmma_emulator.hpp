@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <map>
 #include <type_traits>
 #include <vector>
 
@@ -61,6 +62,22 @@ inline std::vector<thread_collectives> collectives;
 // Per 16-byte chunk of dynamic shared memory: written by some thread's cp.async, not yet fenced.
 inline std::vector<unsigned char> unfenced_chunks;
 
+// The block's mbarriers and its TMA copies not yet landed (tma_emulator.hpp), by the barrier's
+// shared address.
+struct mbarrier_state {
+  uint32_t arrivals = 0;  // a phase's, as initialised
+  uint32_t pending = 0;   // arrivals the current phase still waits for
+  int64_t tx = 0;         // bytes it still expects
+  uint32_t parity = 0;    // the current phase's parity
+};
+struct tma_copy {
+  uint32_t bar;                      // the barrier it completes on
+  size_t dst;                        // offset in dynamic shared memory
+  std::vector<unsigned char> bytes;  // what lands there, swizzled already
+};
+inline std::map<uint32_t, mbarrier_state> mbarriers;
+inline std::vector<tma_copy> tma_in_flight;
+
 inline thread_collectives& my_collectives() {
   return collectives[cur->tid.x];
 }
@@ -77,6 +94,8 @@ inline void collective_begin(unsigned nthreads) {
     c.unfenced.clear();
   }
   unfenced_chunks.assign(dynamic_smem.size() / 16 + 1, 0);
+  mbarriers.clear();
+  tma_in_flight.clear();
 }
 
 // Every lane must have made the same WMMA calls as its warp's lane 0 (same order, pointers,
@@ -96,6 +115,10 @@ inline void collective_end(unsigned block, unsigned nthreads) {
                  static_cast<unsigned long long>(first.*calls));
     std::abort();
   };
+  if (!tma_in_flight.empty()) {
+    std::fprintf(stderr, "emu: block %u exited with a TMA copy no thread waited for\n", block);
+    std::abort();
+  }
   for (unsigned t = 0; t < nthreads; ++t) {
     expect_same(t, 32, &record::wmma_calls, &record::wmma_signature, "WMMA");
     expect_same(t, 128, &record::wgmma_calls, &record::wgmma_signature, "wgmma");
@@ -282,11 +305,17 @@ inline bool async_copies_early() {
   }();
   return early;
 }
+// Fails when bytes [offset, offset + size) of dynamic shared memory hold an operand of a wgmma
+// not yet complete (wgmma_emulator.hpp): a copy landing there races with the tensor cores.
+inline void expect_no_pending_reader(size_t offset, size_t size);
+
 // The copy lands: into dynamic shared memory, the async proxy (wgmma) may not read it before
 // the issuing thread's fence.proxy.async.
 inline void land(const async_copy& c, thread_collectives& mine) {
-  std::memcpy(c.dst, c.bytes, c.size);
   const auto* base = dynamic_smem.data();
+  if (c.dst >= base && c.dst < base + dynamic_smem.size())
+    expect_no_pending_reader(static_cast<size_t>(c.dst - base), c.size);
+  std::memcpy(c.dst, c.bytes, c.size);
   if (c.dst >= base && c.dst < base + dynamic_smem.size()) {
     const auto chunk = static_cast<size_t>(c.dst - base) / 16;
     unfenced_chunks[chunk] = 1;

@@ -170,6 +170,7 @@ struct grouped_case {
   dtype dt = dtype::bf16, y_dt = dtype::bf16;
   size_t x_misalign_elements = 0;  // x starts this many elements into its buffer
   bool wgmma = false;              // grouped_gemm_args::wgmma
+  bool tma = true;                 // grouped_gemm_args::tma (with wgmma)
   float beta = 0.0f;               // grouped_gemm_args::beta: y holds y0 in the rows in use
 };
 
@@ -177,7 +178,8 @@ std::string describe(const grouped_case& c) {
   return "n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
          " experts=" + std::to_string(c.counts.size()) + " num_rows=" + std::to_string(c.num_rows) +
          " " + std::string(to_string(c.dt)) + "->" + std::string(to_string(c.y_dt)) +
-         (c.x_misalign_elements ? " misaligned x" : "") + (c.wgmma ? " wgmma" : "") +
+         (c.x_misalign_elements ? " misaligned x" : "") +
+         (c.wgmma ? (c.tma ? " wgmma (TMA)" : " wgmma (cp.async)") : "") +
          (c.beta != 0.0f ? " beta=" + std::to_string(c.beta) : "");
 }
 
@@ -196,6 +198,7 @@ cuda::grouped_gemm_args args_of(const grouped_case& c, const void* x, const devi
   a.dt = c.dt;
   a.y_dt = c.y_dt;
   a.wgmma = c.wgmma;
+  a.tma = c.tma;
   a.beta = c.beta;
   return a;
 }
@@ -237,10 +240,11 @@ void expect_matches_reference(const grouped_case& c, uint64_t seed) {
 
   auto a = args_of(c, static_cast<const char*>(dx.get()) + x_at, doff, dw, dy);
   // The kernel the call reports is the one grouped_gemm_uses_wgmma predicts, by dtype otherwise.
-  const auto expected = a.num_rows == 0 || a.n == 0        ? cuda::grouped_gemm_kernel::none
-                        : c.dt == dtype::f32               ? cuda::grouped_gemm_kernel::simt
-                        : cuda::grouped_gemm_uses_wgmma(a) ? cuda::grouped_gemm_kernel::wgmma
-                                                           : cuda::grouped_gemm_kernel::wmma;
+  const auto expected = a.num_rows == 0 || a.n == 0         ? cuda::grouped_gemm_kernel::none
+                        : c.dt == dtype::f32                ? cuda::grouped_gemm_kernel::simt
+                        : !cuda::grouped_gemm_uses_wgmma(a) ? cuda::grouped_gemm_kernel::wmma
+                        : a.tma && a.k > 0                  ? cuda::grouped_gemm_kernel::wgmma_tma
+                                                            : cuda::grouped_gemm_kernel::wgmma;
   auto launched = cuda::grouped_gemm_kernel::none;
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr, &launched), kernel_status::ok);
   EXPECT_EQ(launched, expected);
@@ -551,26 +555,30 @@ cuda::grouped_gemm_args wgmma_request(int64_t rows, int64_t experts, int64_t n, 
 // Hopper's wgmma kernel (sm_90 only; the emulator emulates one), which takes the wide tiling's
 // cases: v2lite's shapes, experts of one row, of 130 rows (a second tile of 2 rows: the second
 // warpgroup idle), n past one 256-column tile and a partial one, k with a tail of 8 (264 =
-// 4 x 64 + 8) and k == 0, float32 and bf16 out, y rows not 16-byte multiples (element stores).
+// 4 x 64 + 8) and k == 0, float32 and bf16 out, y rows not 16-byte multiples (element stores);
+// fed by TMA (k == 0 then takes cp.async: a tensor map has no empty dimension) and by cp.async.
 // What it must refuse (k % 8 != 0, a misaligned x, few rows per expert) takes WMMA, and says so.
 TEST(cuda_grouped_gemm, wgmma_matches_reference) {
   MOE_KERNELS_SKIP_WITHOUT_SM90();
   const auto counts = v2lite_counts();
-  auto wide = [](grouped_case c) {
-    c.wgmma = true;
-    return c;
-  };
-  for (const dtype y_dt : {dtype::bf16, dtype::f32})
-    expect_matches_reference(
-        wide({2 * 1408 / v2lite_n_divisor, 2048, counts, 64 * 64, dtype::bf16, y_dt}), 13);
-  expect_matches_reference(
-      wide({2048 / v2lite_n_divisor, 1408, counts, 64 * 64, dtype::bf16, dtype::bf16}), 14);
   const std::vector<int32_t> few{0, 1, 33, 130, 17};
   const int64_t rows = 64 * 5 + 3;
-  expect_matches_reference(wide({300, 264, few, rows, dtype::bf16, dtype::bf16}), 26);
-  expect_matches_reference(wide({520, 64, few, rows, dtype::bf16, dtype::f32}), 27);
-  expect_matches_reference(wide({131, 264, few, rows, dtype::bf16, dtype::bf16}), 28);
-  expect_matches_reference(wide({40, 0, {2, 0, 3}, 192, dtype::bf16, dtype::bf16}), 29);
+  for (const bool tma : {true, false}) {
+    auto wide = [tma](grouped_case c) {
+      c.wgmma = true;
+      c.tma = tma;
+      return c;
+    };
+    for (const dtype y_dt : {dtype::bf16, dtype::f32})
+      expect_matches_reference(
+          wide({2 * 1408 / v2lite_n_divisor, 2048, counts, 64 * 64, dtype::bf16, y_dt}), 13);
+    expect_matches_reference(
+        wide({2048 / v2lite_n_divisor, 1408, counts, 64 * 64, dtype::bf16, dtype::bf16}), 14);
+    expect_matches_reference(wide({300, 264, few, rows, dtype::bf16, dtype::bf16}), 26);
+    expect_matches_reference(wide({520, 64, few, rows, dtype::bf16, dtype::f32}), 27);
+    expect_matches_reference(wide({131, 264, few, rows, dtype::bf16, dtype::bf16}), 28);
+    expect_matches_reference(wide({40, 0, {2, 0, 3}, 192, dtype::bf16, dtype::bf16}), 29);
+  }
 
   auto a = wgmma_request(rows, 5, 300, 264);
   EXPECT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
@@ -590,8 +598,11 @@ TEST(cuda_grouped_gemm, wgmma_matches_reference) {
   b.weight_scale = reinterpret_cast<const float*>(uintptr_t{4096});
   EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(b)) << "FP8 weights";
   for (const grouped_case& c : {grouped_case{131, 77, few, rows, dtype::bf16, dtype::bf16},
-                                grouped_case{131, 264, few, 181, dtype::bf16, dtype::bf16}})
-    expect_matches_reference(wide(c), 30);
+                                grouped_case{131, 264, few, 181, dtype::bf16, dtype::bf16}}) {
+    grouped_case declined = c;
+    declined.wgmma = true;
+    expect_matches_reference(declined, 30);
+  }
 }
 
 // FP8 weights, both tilings: v2lite's expert shapes (the asynchronous path; in the emulator n is
@@ -688,7 +699,8 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
   ASSERT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
   auto launched = cuda::grouped_gemm_kernel::none;
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr, &launched), kernel_status::ok);
-  EXPECT_EQ(launched, cuda::grouped_gemm_kernel::wgmma);
+  EXPECT_EQ(launched,
+            c.tma ? cuda::grouped_gemm_kernel::wgmma_tma : cuda::grouped_gemm_kernel::wgmma);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = download(dy);
 
@@ -725,11 +737,18 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
 // bf16 and f32 out; and the refusals: not on WMMA, n odd, FP8 weights, beta, no wgmma.
 TEST(cuda_grouped_gemm, fused_swiglu_matches_the_activation_of_the_products) {
   MOE_KERNELS_SKIP_WITHOUT_SM90();
-  expect_fused_swiglu_matches(
-      {2 * 1408 / v2lite_n_divisor, 2048, v2lite_counts(), 64 * 64, dtype::bf16, dtype::bf16}, 101);
-  const std::vector<int32_t> few{0, 1, 33, 130, 17};
-  for (const dtype y_dt : {dtype::bf16, dtype::f32})
-    expect_fused_swiglu_matches({300, 264, few, 64 * 5 + 3, dtype::bf16, y_dt}, 102);
+  for (const bool tma : {true, false}) {
+    grouped_case v2lite{
+        2 * 1408 / v2lite_n_divisor, 2048, v2lite_counts(), 64 * 64, dtype::bf16, dtype::bf16};
+    v2lite.tma = tma;
+    expect_fused_swiglu_matches(v2lite, 101);
+    const std::vector<int32_t> few{0, 1, 33, 130, 17};
+    for (const dtype y_dt : {dtype::bf16, dtype::f32}) {
+      grouped_case c{300, 264, few, 64 * 5 + 3, dtype::bf16, y_dt};
+      c.tma = tma;
+      expect_fused_swiglu_matches(c, 102);
+    }
+  }
 
   auto a = wgmma_request(64 * 5 + 3, 5, 300, 264);
   a.fuse_swiglu = true;
