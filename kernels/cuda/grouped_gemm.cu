@@ -636,6 +636,73 @@ __device__ inline void store_pair(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
+// Where a wgmma block works (both wgmma kernels): row tile order.m_tile(block) of the routing
+// (find_tile), rows row0.. of expert `expert`, and output columns col0.. of out_n (256 of y's n,
+// or with Swiglu 128 of its I = n / 2). false: the block is past the routing's last tile.
+struct wgmma_tile {
+  int32_t expert, row0, rows, col0, cols, out_n;
+};
+template <bool Swiglu, int Threads>
+__device__ bool locate_wgmma_tile(const int32_t* offsets, int num_experts, int32_t num_rows,
+                                  int32_t n, tile_order order, wgmma_tile& t) {
+  __shared__ int64_t scan[Threads];
+  __shared__ int32_t found[3];
+  const int64_t block = blockIdx.x;
+  find_tile<wgmma_tiles::bm, Threads>(offsets, num_experts, num_rows, order.m_tile(block), scan,
+                                      found);
+  t.expert = found[0];
+  if (t.expert < 0) return false;
+  t.row0 = found[1];
+  t.rows = found[2];
+  constexpr int32_t out_bn = Swiglu ? wgmma_tiles::bn / 2 : wgmma_tiles::bn;
+  t.out_n = Swiglu ? n / 2 : n;
+  t.col0 = order.n_tile(block) * out_bn;
+  t.cols = std::min(out_bn, t.out_n - t.col0);
+  return true;
+}
+
+// The dynamic buffer's first 1024-byte aligned byte, as a shared address and a pointer (the
+// swizzle is a function of the address bits: the stages start there).
+struct stage_base {
+  uint32_t at;
+  unsigned char* p;
+};
+__device__ inline stage_base aligned_stages(unsigned char* smem) {
+  const uint32_t base = detail::shared_offset(smem);
+  const uint32_t at = (base + 1023u) / 1024u * 1024u;
+  return {at, smem + (at - base)};
+}
+
+// Warpgroup g's products of one stage (x's rows at a_at, the weight's at b_at), one commit
+// group, then the wait for all but that group: the products of the stage before are done
+// after it. A tile of at most 64 rows (`split`) multiplies its 64 rows by weight tile rows
+// 128 g .. 128 g + 127 (m64n128k16 into the first 64 accumulators); otherwise warpgroup g's
+// rows 64 g .. 64 g + 63 by all 256 (m64n256k16). Each branch commits its own group: a commit
+// after the branches join made ptxas close each branch's group and add an empty one at the
+// join, so that waiting for all but the newest group waited for the products too.
+__device__ inline void wgmma_stage(float (&acc)[128], uint32_t a_at, uint32_t b_at, uint32_t g,
+                                   bool split) {
+  using T = wgmma_tiles;
+  float(&half)[64] = *reinterpret_cast<float(*)[64]>(acc);
+  detail::fence_operands(acc);
+  detail::wgmma_fence();
+  if (!split) {
+#pragma unroll
+    for (int j = 0; j < T::bk / 16; ++j)
+      detail::wgmma_m64n256k16_bf16(acc, detail::sw128_descriptor(a_at + g * 64 * 128 + 32 * j),
+                                    detail::sw128_descriptor(b_at + 32 * j));
+    detail::wgmma_commit();
+  } else {
+#pragma unroll
+    for (int j = 0; j < T::bk / 16; ++j)
+      detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(a_at + 32 * j),
+                                    detail::sw128_descriptor(b_at + g * 128 * 128 + 32 * j));
+    detail::wgmma_commit();
+  }
+  detail::wgmma_wait<1>();
+  detail::fence_operands(acc);
+}
+
 // The epilogue both wgmma kernels share. Warpgroup `group`'s accumulators (thread t of it) into
 // the tile `out` in TOut, rows wgmma_tiles::out_ld apart, rounded once: thread (warp w, lane l)
 // holds column blocks j of rows 16 w + l / 4 (+ 8) of its warpgroup's 64 rows (split: both
@@ -716,24 +783,12 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
                               tile_order order, bool vector_out) {
   using T = wgmma_tiles;
   extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
-  __shared__ int64_t scan[T::threads];
-  __shared__ int32_t found[3];
-  const int64_t block = blockIdx.x;
-  find_tile<T::bm, T::threads>(offsets, num_experts, num_rows, order.m_tile(block), scan, found);
-  const int32_t expert = found[0];
-  if (expert < 0) return;  // the whole block: past the last tile of this routing
-  const int32_t row0 = found[1], rows = found[2];
-  // Output columns: 256 of y's n a block, or with Swiglu 128 of its I = n / 2.
-  constexpr int32_t out_bn = Swiglu ? T::bn / 2 : T::bn;
-  const int32_t out_n = Swiglu ? n / 2 : n;
-  const int32_t col0 = order.n_tile(block) * out_bn;
-  const int32_t cols = std::min(out_bn, out_n - col0);
+  wgmma_tile tile;
+  if (!locate_wgmma_tile<Swiglu, T::threads>(offsets, num_experts, num_rows, n, order, tile))
+    return;  // the whole block: past the last tile of this routing
+  const auto [expert, row0, rows, col0, cols, out_n] = tile;
   const int tid = static_cast<int>(threadIdx.x);
-  // The stages from the first 1024-byte aligned shared address on (the swizzle is a function of
-  // the address bits).
-  const uint32_t base = detail::shared_offset(grouped_gemm_smem);
-  const uint32_t tiles_at = (base + 1023u) / 1024u * 1024u;
-  unsigned char* tiles = grouped_gemm_smem + (tiles_at - base);
+  const auto [tiles_at, tiles] = aligned_stages(grouped_gemm_smem);
   auto stage = [tiles](int s) { return tiles + static_cast<size_t>(s) * T::stage_bytes; };
 
   wgmma_loader<Swiglu> load;
@@ -753,16 +808,14 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     load.dst = static_cast<uint32_t>(first * 128 + ((chunk ^ (first % 8)) * 16));
   }
 
-  // Warpgroup g's rows 64 g .. 64 g + 63. A tile of at most 64 rows (an expert's last or only
-  // one) splits the columns instead, so that both warpgroups' products count: warpgroup g takes
-  // the 64 rows by weight tile rows 128 g .. 128 g + 127 (m64n128k16 into the first 64
-  // accumulators: output columns 128 g.., or with Swiglu 64 g..). One whose columns are all past
-  // n skips its products (warpgroup-uniform, as wgmma requires).
+  // A tile of at most 64 rows (an expert's last or only one) splits the columns between the
+  // warpgroups instead of the rows (wgmma_stage), so that both warpgroups' products count: output
+  // columns 128 g.., or with Swiglu 64 g... One whose columns are all past n skips its products
+  // (warpgroup-uniform, as wgmma requires).
   const int group = tid / 128;
   const bool split = rows <= 64;
   const bool busy = !split || group * (Swiglu ? 64 : 128) < cols;
   float acc[128];
-  float(&half)[64] = *reinterpret_cast<float(*)[64]>(acc);
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
 
@@ -776,35 +829,9 @@ __global__ void __launch_bounds__(wgmma_tiles::threads, 1)
     detail::fence_proxy_async_shared();
     __syncthreads();  // step's stage, copied by every thread, is complete
     if (busy) {
-      // Rows are 128 bytes and every operand below starts a multiple of 8 rows into a
-      // 1024-byte aligned tile, as the swizzle needs.
-      const uint32_t stage_at =
-          tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes;
-      const uint32_t b_at = stage_at + T::a_bytes;
-      const auto g = static_cast<uint32_t>(group);
-      detail::fence_operands(acc);
-      detail::wgmma_fence();
-      // Each branch commits its own group: a commit after the branches join made ptxas close
-      // each branch's group and add an empty one at the join, so that waiting for all but the
-      // newest group waited for the products too.
-      if (!split) {
-#pragma unroll
-        for (int j = 0; j < T::bk / 16; ++j)
-          detail::wgmma_m64n256k16_bf16(
-              acc, detail::sw128_descriptor(stage_at + g * 64 * 128 + 32 * j),
-              detail::sw128_descriptor(b_at + 32 * j));
-        detail::wgmma_commit();
-      } else {
-#pragma unroll
-        for (int j = 0; j < T::bk / 16; ++j)
-          detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(stage_at + 32 * j),
-                                        detail::sw128_descriptor(b_at + g * 128 * 128 + 32 * j));
-        detail::wgmma_commit();
-      }
-      // The products of step - 1 are done; step's keep the tensor cores busy over the barrier
-      // and the copies' issue below.
-      detail::wgmma_wait<1>();
-      detail::fence_operands(acc);
+      // step's products keep the tensor cores busy over the barrier and the copies' issue below.
+      const uint32_t a_at = tiles_at + static_cast<uint32_t>(step % T::stages) * T::stage_bytes;
+      wgmma_stage(acc, a_at, a_at + T::a_bytes, static_cast<uint32_t>(group), split);
     }
     __syncthreads();  // every warpgroup is past its products of step - 1: their stage is free
     const int32_t next = step + T::stages - 1;
@@ -852,21 +879,12 @@ __global__ void __launch_bounds__(tma_tiles::threads, 1)
   using T = wgmma_tiles;
   using M = tma_tiles;
   extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
-  __shared__ int64_t scan[M::threads];
-  __shared__ int32_t found[3];
-  const int64_t block = blockIdx.x;
-  find_tile<T::bm, M::threads>(offsets, num_experts, num_rows, order.m_tile(block), scan, found);
-  const int32_t expert = found[0];
-  if (expert < 0) return;  // the whole block: past the last tile of this routing
-  const int32_t row0 = found[1], rows = found[2];
-  constexpr int32_t out_bn = Swiglu ? T::bn / 2 : T::bn;
-  const int32_t out_n = Swiglu ? n / 2 : n;
-  const int32_t col0 = order.n_tile(block) * out_bn;
-  const int32_t cols = std::min(out_bn, out_n - col0);
+  wgmma_tile tile;
+  if (!locate_wgmma_tile<Swiglu, M::threads>(offsets, num_experts, num_rows, n, order, tile))
+    return;  // the whole block: past the last tile of this routing
+  const auto [expert, row0, rows, col0, cols, out_n] = tile;
   const int tid = static_cast<int>(threadIdx.x);
-  const uint32_t base = detail::shared_offset(grouped_gemm_smem);
-  const uint32_t tiles_at = (base + 1023u) / 1024u * 1024u;
-  unsigned char* tiles = grouped_gemm_smem + (tiles_at - base);
+  const auto [tiles_at, tiles] = aligned_stages(grouped_gemm_smem);
   const auto stage_at = [tiles_at](int s) {
     return tiles_at + static_cast<uint32_t>(s) * T::stage_bytes;
   };
@@ -887,7 +905,6 @@ __global__ void __launch_bounds__(tma_tiles::threads, 1)
   const int wg = tid / 128;
   const bool split = rows <= 64;
   float acc[128];
-  float(&half)[64] = *reinterpret_cast<float(*)[64]>(acc);
   if (wg == 0) {
     if (tid == 0) {
       // Weight tile row run i (64 rows) comes from the expert's row: plain, col0 + 64 i; with
@@ -918,27 +935,7 @@ __global__ void __launch_bounds__(tma_tiles::threads, 1)
     for (int32_t step = 0; step < k_steps; ++step) {
       const int s = step % M::stages;
       detail::mbarrier_wait(full(s), static_cast<uint32_t>((step / M::stages) & 1));
-      if (busy) {
-        const uint32_t a_at = stage_at(s), b_at = a_at + T::a_bytes;
-        detail::fence_operands(acc);
-        detail::wgmma_fence();
-        if (!split) {
-#pragma unroll
-          for (int j = 0; j < T::bk / 16; ++j)
-            detail::wgmma_m64n256k16_bf16(acc,
-                                          detail::sw128_descriptor(a_at + g * 64 * 128 + 32 * j),
-                                          detail::sw128_descriptor(b_at + 32 * j));
-          detail::wgmma_commit();
-        } else {
-#pragma unroll
-          for (int j = 0; j < T::bk / 16; ++j)
-            detail::wgmma_m64n128k16_bf16(half, detail::sw128_descriptor(a_at + 32 * j),
-                                          detail::sw128_descriptor(b_at + g * 128 * 128 + 32 * j));
-          detail::wgmma_commit();
-        }
-        detail::wgmma_wait<1>();  // step - 1's products are done
-        detail::fence_operands(acc);
-      }
+      if (busy) wgmma_stage(acc, stage_at(s), stage_at(s) + T::a_bytes, g, split);
       // One arrival per warp, once every lane of it is past its wait (which the .aligned wait
       // implies on the card; the emulator's lanes are separate fibers).
       __syncwarp();
@@ -1111,26 +1108,6 @@ bool wgmma_fits(const grouped_gemm_args& a) noexcept {
          !narrow(a) && a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights);
 }
 
-template <class TOut, bool Swiglu>
-kernel_status launch_wgmma(const grouped_gemm_args& a, cudaStream_t stream) {
-  auto* kernel = grouped_gemm_wgmma_kernel<TOut, Swiglu>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(wgmma_tiles::smem_bytes)) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return kernel_status::launch_failed;
-  }
-  // With Swiglu a block's 128 output columns are its 256 weight rows: the same grid.
-  const grid_shape g = grid_of(a);
-  const int64_t out_n = Swiglu ? a.n / 2 : a.n;
-  const bool vector_out = aligned16(a.y) && out_n % (16 / sizeof(TOut)) == 0;
-  kernel<<<static_cast<unsigned>(g.blocks), wgmma_tiles::threads, wgmma_tiles::smem_bytes,
-           stream>>>(static_cast<const bf16*>(a.x), a.expert_offsets,
-                     static_cast<const bf16*>(a.weights), static_cast<TOut*>(a.y),
-                     static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
-                     static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), g.order(a), vector_out);
-  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
-}
-
 // The TMA kernel's maps for a call, when it can take it: k > 0 (a map has no empty dimension)
 // and every weight row a TMA coordinate (int32).
 struct tma_maps {
@@ -1145,33 +1122,46 @@ std::optional<tma_maps> tma_maps_of(const grouped_gemm_args& a) noexcept {
   return tma_maps{*x, *w};
 }
 
+// The wgmma kernel by TMA where `maps` is given, else by cp.async.
 template <class TOut, bool Swiglu>
-kernel_status launch_tma(const grouped_gemm_args& a, const tma_maps& maps, cudaStream_t stream) {
-  auto* kernel = grouped_gemm_tma_kernel<TOut, Swiglu>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(tma_tiles::smem_bytes)) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return kernel_status::launch_failed;
-  }
+kernel_status launch_wgmma(const grouped_gemm_args& a, const tma_maps* maps, cudaStream_t stream) {
+  // With Swiglu a block's 128 output columns are its 256 weight rows: the same grid.
   const grid_shape g = grid_of(a);
+  const auto blocks = static_cast<unsigned>(g.blocks);
   const int64_t out_n = Swiglu ? a.n / 2 : a.n;
   const bool vector_out = aligned16(a.y) && out_n % (16 / sizeof(TOut)) == 0;
-  kernel<<<static_cast<unsigned>(g.blocks), tma_tiles::threads, tma_tiles::smem_bytes, stream>>>(
-      maps.x, maps.w, a.expert_offsets, static_cast<TOut*>(a.y), static_cast<int32_t>(a.num_rows),
-      static_cast<int>(a.num_experts), static_cast<int32_t>(a.n), static_cast<int32_t>(a.k),
-      g.order(a), vector_out);
+  auto* y = static_cast<TOut*>(a.y);
+  const auto rows = static_cast<int32_t>(a.num_rows), n = static_cast<int32_t>(a.n),
+             k = static_cast<int32_t>(a.k);
+  const auto experts = static_cast<int>(a.num_experts);
+  const auto allow_smem = [](auto* kernel, size_t bytes) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes)) == cudaSuccess)
+      return true;
+    (void)cudaGetLastError();
+    return false;
+  };
+  if (maps != nullptr) {
+    auto* kernel = grouped_gemm_tma_kernel<TOut, Swiglu>;
+    if (!allow_smem(kernel, tma_tiles::smem_bytes)) return kernel_status::launch_failed;
+    kernel<<<blocks, tma_tiles::threads, tma_tiles::smem_bytes, stream>>>(
+        maps->x, maps->w, a.expert_offsets, y, rows, experts, n, k, g.order(a), vector_out);
+  } else {
+    auto* kernel = grouped_gemm_wgmma_kernel<TOut, Swiglu>;
+    if (!allow_smem(kernel, wgmma_tiles::smem_bytes)) return kernel_status::launch_failed;
+    kernel<<<blocks, wgmma_tiles::threads, wgmma_tiles::smem_bytes, stream>>>(
+        static_cast<const bf16*>(a.x), a.expert_offsets, static_cast<const bf16*>(a.weights), y,
+        rows, experts, n, k, g.order(a), vector_out);
+  }
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
 template <class TOut>
 kernel_status launch_bf16(const grouped_gemm_args& a, grouped_gemm_kernel kernel,
                           const tma_maps* maps, cudaStream_t stream) {
-  if (kernel == grouped_gemm_kernel::wgmma_tma)
-    return a.fuse_swiglu ? launch_tma<TOut, true>(a, *maps, stream)
-                         : launch_tma<TOut, false>(a, *maps, stream);
-  if (kernel == grouped_gemm_kernel::wgmma)
-    return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, stream)
-                         : launch_wgmma<TOut, false>(a, stream);
+  if (kernel == grouped_gemm_kernel::wgmma || kernel == grouped_gemm_kernel::wgmma_tma)
+    return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, maps, stream)
+                         : launch_wgmma<TOut, false>(a, maps, stream);
   if (a.fuse_swiglu) return kernel_status::unsupported_shape;  // the wgmma kernel's alone
   return narrow(a) ? launch_mma<narrow_tiles, TOut>(a, stream)
                    : launch_mma<wide_tiles, TOut>(a, stream);
