@@ -28,7 +28,8 @@
 // grouped_dense_rows); the batches within skinny_rows (their few-row projections on
 // skinny_linear.hpp's kernel) with every projection on cuBLASLt instead
 // ("decode_cublaslt_projections", the kernel's speed-up); and last, unless --no-wgmma, prefill
-// with the routed experts on Hopper's wgmma ("prefill_wgmma_experts", wgmma_experts).
+// with the routed experts on Hopper's wgmma ("prefill_wgmma_experts", wgmma_experts). With
+// --wgmma-experts the default engine itself has wgmma_experts (and that variant is not run).
 // "kernels" says which kernels each engine's products ran on. A variant that fails is recorded
 // as {"error": ...} in its place and the run goes on; --out is rewritten after every stage, so a
 // run cut short keeps what it measured.
@@ -39,7 +40,8 @@
 // each with its ratio to the bf16 engine's figures of the same run ("fp8").
 //
 //   moe_bench_gpu_engine [--preset v2lite-8L] [--peer peer.json] [--out engine.json] [--no-graphs]
-//                        [--no-variants] [--no-wgmma] [--fp8 block_scaled,expand]
+//                        [--no-variants] [--no-wgmma] [--wgmma-experts]
+//                        [--fp8 block_scaled,expand]
 // Exits 2, with a JSON {"skipped": reason}, where there is no GPU.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -104,6 +106,7 @@ struct settings {
   bool graphs = true;
   bool variants = true;  // the A/B engines (options off by default, skinny_rows 0)
   bool wgmma = true;     // among them, the wgmma_experts engine
+  bool wgmma_experts = false;  // the default engine with wgmma_experts (then no such variant)
   std::vector<std::string> fp8;
   std::string peer, out;
 };
@@ -383,6 +386,8 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-variants", s.variants,
                "skip the engines with other options (the A/B figures)");
   app.add_flag("!--no-wgmma", s.wgmma, "among those, skip the wgmma_experts engine");
+  app.add_flag("--wgmma-experts", s.wgmma_experts,
+               "the default engine with wgmma_experts (e.g. for a profile of that path)");
   app.add_option("--fp8", s.fp8, "also FP8 weights, with these products (block_scaled, expand)")
       ->delimiter(',')
       ->check(CLI::IsMember({"block_scaled", "expand"}));
@@ -419,6 +424,8 @@ int main(int argc, char** argv) {
   me::gpu_engine_options eo;
   eo.dtype = moe::kernels::dtype::bf16;
   eo.decode_graphs = s.graphs;
+  eo.wgmma_experts = s.wgmma_experts;
+  out["wgmma_experts"] = s.wgmma_experts;
   eo.cache.block_size = s.block_size;
   eo.cache.num_blocks = (tokens_cached + s.block_size - 1) / s.block_size + 2 * max_batch;
   t = clock_type::now();
@@ -574,7 +581,7 @@ int main(int argc, char** argv) {
         "decode_cublaslt_projections", "skinny_rows 0", skinny_batches,
         [](me::gpu_engine_options& o) { o.skinny_rows = 0; },
         [](json& d, double base) { d["skinny_speedup"] = base / d["tokens_per_s"].get<double>(); });
-    if (s.wgmma)
+    if (s.wgmma && !s.wgmma_experts)
       prefill_variant("prefill_wgmma_experts", "wgmma_experts",
                       [](me::gpu_engine_options& o) { o.wgmma_experts = true; });
   }

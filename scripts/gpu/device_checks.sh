@@ -77,10 +77,14 @@ sed -n '/^{/,/^}/p' "$logs/bench_gpu_kernels.log" > "$logs/bench_gpu_kernels.jso
 # alone) over a short run: three prefills of 4 x 512, then at batch 1 and 32 twice a prefill of
 # 128 tokens and two decode steps. scripts/gpu/ncu_summary.py splits the CSV (in
 # results.tar.gz) into those forward passes and sums each kernel's time.
+# Prefill's routed experts on the wgmma kernel where its tests passed (the option the A/B
+# figures above decide on): the profile then shows what stands after it.
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+profiled=()
+((${#wgmma[@]} == 0)) && profiled=(--wgmma-experts)
 step ncu_engine 120 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
   --launch-count 4000 "$bundle/bin/moe_bench_gpu_engine" --reps 1 --decode-steps 2 \
-  --check-tokens 0 --no-graphs --no-variants --out "$logs/ncu_engine_bench.json"
+  --check-tokens 0 --no-graphs --no-variants "${profiled[@]}" --out "$logs/ncu_engine_bench.json"
 python3 scripts/gpu/ncu_summary.py "$logs/ncu_engine.log" > "$logs/ncu_summary.json" 2>&1
 for f in peer_transformers.json bench_gpu_engine.json bench_gpu_kernels.json ncu_summary.json; do
   [[ -s "$logs/$f" ]] && cp "$logs/$f" "$out/"

@@ -126,7 +126,23 @@ def main():
             fail(f"fp8 {mode}: decode batches {m['decode']}")
         for d in m["decode"]:
             positive(d, "speedup_over_bf16", f"fp8 {mode} decode batch {d['batch']}")
-    print(f"bench_smoke: every stage ran ({len(json.dumps(j))} bytes of JSON)")
+
+    # --wgmma-experts: the default engine's routed experts on wgmma (the Nsight pass's profile).
+    profiled = os.path.join(work, "bench_gpu_engine_wgmma.json")
+    cmd = [binary, "--preset", "tiny", "--prefill-batch", "1", "--prefill-len", "256",
+           "--context", "8", "--decode-steps", "2", "--decode-batch", "1", "--reps", "1",
+           "--check-tokens", "0", "--no-graphs", "--no-variants", "--wgmma-experts",
+           "--out", profiled]
+    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         timeout=300)
+    if run.returncode != 0:
+        fail(f"--wgmma-experts: exit {run.returncode}\n{run.stderr[-4000:]}")
+    with open(profiled) as f:
+        w = json.load(f)
+    if not w.get("wgmma_experts") or w["kernels"]["experts_wgmma"] == 0 or \
+            "prefill_wgmma_experts" in w:
+        fail(f"--wgmma-experts: {w.get('kernels')}, keys {sorted(w)}")
+    print(f"bench_smoke: every stage ran ({len(json.dumps(j))} bytes of JSON), and --wgmma-experts")
 
 
 if __name__ == "__main__":
