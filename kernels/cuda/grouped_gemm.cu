@@ -926,6 +926,9 @@ __global__ void __launch_bounds__(tma_tiles::threads, 1)
         }
       }
     }
+    // Warp 0's other lanes wait here for the producing lane, so that the warp meets the block's
+    // barrier below converged (an aligned barrier with a warp's lanes diverged is undefined).
+    __syncwarp();
   } else {
     const int group = wg - 1;
     const bool busy = !split || group * (Swiglu ? 64 : 128) < cols;
