@@ -58,6 +58,15 @@ for t in test_runtime_device_allocator test_runtime_gpu test_runtime_nccl_multi_
   [[ -x "$bundle/bin/$t" ]] || { echo "$t rc=missing" | tee -a "$summary"; continue; }
   step "$t" 120 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
 done
+# Where the Hopper kernels' own tests failed, their cases once more under compute-sanitizer's
+# memcheck (an out-of-bounds or misaligned access, a bad TMA map, named with its kernel and
+# address): a diagnosis for the next session, run only then (it is slow).
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for t in test_kernels_cuda_wgmma test_kernels_cuda_grouped_gemm; do
+  grep -q "^$t rc=0 " "$summary" || [[ ! -x $sanitizer || ! -x "$bundle/bin/$t" ]] ||
+    step "memcheck_$t" 90 "$sanitizer" --tool memcheck --print-limit 20 "$bundle/bin/$t" \
+      --gtest_filter='cuda_wgmma.*:cuda_tma.*:cuda_grouped_gemm.wgmma*:cuda_grouped_gemm.fused*'
+done
 # `moe run --engine gpu` as a user runs it (tests/cli's contract: transformers' tokens in f32).
 step cli_gpu_engine 60 bash tests/cli/run_contracts.sh "$bundle/bin/moe" tests/data gpu_engine_greedy
 # The peer before our engine, so that the engine's JSON carries the ratios.
