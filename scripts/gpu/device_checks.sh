@@ -9,7 +9,7 @@
 #   peer_transformers.json, bench_gpu_engine.json, bench_gpu_kernels.json   the figures
 #   ncu_summary.json        the engine's kernel time by family (scripts/gpu/ncu_summary.py)
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 out=${OUT:-out/gpu}
 mkdir -p "$out"
 [[ -f gpu-bundle/bundle.tar.xz ]] || { echo "device_checks: run scripts/gpu/bundle.sh first" >&2; exit 2; }
