@@ -5,7 +5,8 @@
 //   status  joins each node with the cluster's credentials and prints its state; exit 0 when
 //           every node is up, 3 otherwise.
 //   down    asks each node to shut down (falls back to SIGTERM, then SIGKILL, through the pid
-//           file), then removes the run dir.
+//           file; a remote node is stopped once its control port stops taking connections), then
+//           removes the run dir.
 // The run dir: --run-dir, else ${XDG_RUNTIME_DIR:-/tmp}/moe-<cluster name>/.
 #include <fmt/format.h>
 #include <signal.h>
@@ -16,6 +17,7 @@
 #include <thread>
 
 #include "actors/node_client.hpp"
+#include "cli/chaos_socket.hpp"
 #include "cli/command.hpp"
 #include "cli/local_processes.hpp"
 #include "cli/node_support.hpp"
@@ -288,9 +290,26 @@ int run_down(const cluster_options& o, const runtime::cluster_config& cfg) {
           }
         }
       }
-    } else if (pid == 0 && asked && gk) {
-      how = "not stopped: " + error_text(asked);  // a remote node we could not ask
-      ++failures;
+    } else if (pid == 0) {
+      // A remote node has no pid here to watch: whether its control port still takes a
+      // connection says whether it is still there (a node that took the request closes it on
+      // its way out; one that did not answer, or refused, may still run).
+      const host_port at{t.node->host, t.port};
+      const auto answering = [&] { return static_cast<bool>(connect_tcp(at, call_timeout)); };
+      if (!asked) {
+        const auto deadline = std::chrono::steady_clock::now() + grace;
+        while (answering() && std::chrono::steady_clock::now() < deadline)
+          std::this_thread::sleep_for(milliseconds(100));
+        if (answering()) {
+          how = fmt::format("still answering {}s after the shutdown request",
+                            std::chrono::duration_cast<std::chrono::seconds>(grace).count());
+          ++failures;
+        }
+      } else if (answering()) {
+        how =
+            "not stopped: it takes connections but not the shutdown request: " + error_text(asked);
+        ++failures;
+      }
     }
     fmt::print("{}: {}\n", t.node->name, how);
     std::error_code ec;

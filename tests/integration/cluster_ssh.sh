@@ -32,7 +32,11 @@ exec bash -c "$5"
 SSH
 chmod +x "$TMP/ssh"
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Free on the address the nodes bind as well as on loopback (a node left by another run holds
+# ADDR's port, which a loopback probe does not see).
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && ! (exec 3<>"/dev/tcp/$ADDR/$1") 2>/dev/null
+}
 BASE=
 for base in $(seq 30011 89 39000); do
   ok=1
@@ -86,4 +90,8 @@ kill -TERM "$SERVE_PID"; wait "$SERVE_PID"; SERVE_PID=
 echo "==> moe cluster down"
 "$MOE" cluster down --config "$TMP/cluster.yaml" --run-dir "$TMP/run" --timeout 30 || fail "cluster down"
 [[ ! -d $TMP/run ]] || fail "the run dir is still there"
+# The nodes are remote to `moe cluster down` (no pid files): it must have seen them go.
+for port in $((BASE + 10)) $((BASE + 20)); do
+  port_free "$port" || fail "a node still listens on $ADDR:$port after cluster down"
+done
 echo "ok"
