@@ -293,12 +293,21 @@ int run_down(const cluster_options& o, const runtime::cluster_config& cfg) {
     } else if (pid == 0) {
       // A remote node has no pid here to watch: whether its control port still takes a
       // connection says whether it is still there (a node that took the request closes it on
-      // its way out; one that did not answer, or refused, may still run).
+      // its way out). A request that could not be made while the port answers (a busy node, a
+      // slow handshake) is made again until the deadline.
       const host_port at{t.node->host, t.port};
       const auto answering = [&] { return static_cast<bool>(connect_tcp(at, call_timeout)); };
+      const auto deadline = std::chrono::steady_clock::now() + grace;
+      while (asked && answering() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(milliseconds(200));
+        auto again = actors::connect_gatekeeper(sys, t.node->host, t.port, call_timeout);
+        asked = again ? actors::request_node_shutdown(sys, *again, credentials(cfg), call_timeout)
+                      : again.error();
+      }
       if (!asked) {
-        const auto deadline = std::chrono::steady_clock::now() + grace;
-        while (answering() && std::chrono::steady_clock::now() < deadline)
+        how = "shut down on request";
+        const auto gone_by = std::chrono::steady_clock::now() + grace;
+        while (answering() && std::chrono::steady_clock::now() < gone_by)
           std::this_thread::sleep_for(milliseconds(100));
         if (answering()) {
           how = fmt::format("still answering {}s after the shutdown request",
