@@ -169,15 +169,21 @@ TEST(controller, a_full_queue_answers_overloaded_and_loses_nothing) {
   caf::scoped_actor self{h.sys};
   std::vector<uint64_t> accepted;
   int overloaded = 0;
-  for (int i = 0; i < 8; ++i) {
-    self->request(h.controller, caf::infinite, submit_atom::value, job_of({1, 2, 3}, 30),
-                  caf::actor{self})
-        .receive([&](uint64_t id) { accepted.push_back(id); },
-                 [&](const caf::error& e) {
-                   EXPECT_NE(error_text(e).find("overloaded"), std::string::npos) << error_text(e);
-                   ++overloaded;
-                 });
-  }
+  // All eight submits are in the controller's mailbox before the first answer is read: sent one
+  // at a time, each after the answer to the one before, a fast run could finish the running
+  // job between two of them, and nothing would ever be refused.
+  using handle = decltype(self->request(h.controller, caf::infinite, submit_atom::value,
+                                        job_of({1, 2, 3}, 30), caf::actor{self}));
+  std::vector<handle> submits;
+  for (int i = 0; i < 8; ++i)
+    submits.push_back(self->request(h.controller, caf::infinite, submit_atom::value,
+                                    job_of({1, 2, 3}, 30), caf::actor{self}));
+  for (auto& submit : submits)
+    submit.receive([&](uint64_t id) { accepted.push_back(id); },
+                   [&](const caf::error& e) {
+                     EXPECT_NE(error_text(e).find("overloaded"), std::string::npos) << error_text(e);
+                     ++overloaded;
+                   });
   EXPECT_GT(overloaded, 0);
   EXPECT_EQ(accepted.size() + overloaded, 8u);
   // Every accepted request completes.
