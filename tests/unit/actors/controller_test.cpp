@@ -181,7 +181,8 @@ TEST(controller, a_full_queue_answers_overloaded_and_loses_nothing) {
   for (auto& submit : submits)
     submit.receive([&](uint64_t id) { accepted.push_back(id); },
                    [&](const caf::error& e) {
-                     EXPECT_NE(error_text(e).find("overloaded"), std::string::npos) << error_text(e);
+                     EXPECT_NE(error_text(e).find("overloaded"), std::string::npos)
+                         << error_text(e);
                      ++overloaded;
                    });
   EXPECT_GT(overloaded, 0);
