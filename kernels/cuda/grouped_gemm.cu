@@ -1063,16 +1063,21 @@ grid_shape grid_of(const grouped_gemm_args& a) noexcept {
   return g;
 }
 
+// Past 48 KiB of dynamic shared memory a kernel must opt in. A host-side attribute, not a
+// stream operation; false (the error cleared) where CUDA refuses it.
+template <class Kernel>
+bool opt_in_shared_memory(Kernel* kernel, size_t bytes) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)) == cudaSuccess)
+    return true;
+  (void)cudaGetLastError();
+  return false;
+}
+
 template <class Tiles, class TOut, class Loader>
 kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   auto* kernel = grouped_gemm_mma_kernel<Tiles, TOut, Loader>;
-  // Past 48 KiB of dynamic shared memory a kernel must opt in. A host-side attribute, not a
-  // stream operation.
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(Loader::smem_bytes)) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return kernel_status::launch_failed;
-  }
+  if (!opt_in_shared_memory(kernel, Loader::smem_bytes)) return kernel_status::launch_failed;
   // All of the SM's unified memory as shared memory, so that min_blocks blocks fit (two narrow
   // ones take 219 KB with their static arrays). A hint: a refusal only costs occupancy.
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
@@ -1105,10 +1110,12 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   return launch_mma<Tiles, TOut, element_loader<Tiles, false>>(a, stream);
 }
 
-// The wgmma kernel's own conditions (grouped_gemm.hpp's wgmma), the device's aside.
-bool wgmma_fits(const grouped_gemm_args& a) noexcept {
+// Whether a call the host checks passed takes a wgmma kernel: its own conditions
+// (grouped_gemm.hpp's wgmma) on an sm_90 card.
+bool takes_wgmma(const grouped_gemm_args& a) noexcept {
   return a.wgmma && a.dt == dtype::bf16 && a.weight_scale == nullptr && a.beta == 0.0f &&
-         !narrow(a) && a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights);
+         !narrow(a) && a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights) &&
+         detail::current_device_is_sm90();
 }
 
 // The TMA kernel's maps for a call, when it can take it: k > 0 (a map has no empty dimension)
@@ -1137,21 +1144,14 @@ kernel_status launch_wgmma(const grouped_gemm_args& a, const tma_maps* maps, cud
   const auto rows = static_cast<int32_t>(a.num_rows), n = static_cast<int32_t>(a.n),
              k = static_cast<int32_t>(a.k);
   const auto experts = static_cast<int>(a.num_experts);
-  const auto allow_smem = [](auto* kernel, size_t bytes) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes)) == cudaSuccess)
-      return true;
-    (void)cudaGetLastError();
-    return false;
-  };
   if (maps != nullptr) {
     auto* kernel = grouped_gemm_tma_kernel<TOut, Swiglu>;
-    if (!allow_smem(kernel, tma_tiles::smem_bytes)) return kernel_status::launch_failed;
+    if (!opt_in_shared_memory(kernel, tma_tiles::smem_bytes)) return kernel_status::launch_failed;
     kernel<<<blocks, tma_tiles::threads, tma_tiles::smem_bytes, stream>>>(
         maps->x, maps->w, a.expert_offsets, y, rows, experts, n, k, g.order(a), vector_out);
   } else {
     auto* kernel = grouped_gemm_wgmma_kernel<TOut, Swiglu>;
-    if (!allow_smem(kernel, wgmma_tiles::smem_bytes)) return kernel_status::launch_failed;
+    if (!opt_in_shared_memory(kernel, wgmma_tiles::smem_bytes)) return kernel_status::launch_failed;
     kernel<<<blocks, wgmma_tiles::threads, wgmma_tiles::smem_bytes, stream>>>(
         static_cast<const bf16*>(a.x), a.expert_offsets, static_cast<const bf16*>(a.weights), y,
         rows, experts, n, k, g.order(a), vector_out);
@@ -1216,7 +1216,7 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
 
 bool grouped_gemm_uses_wgmma(const grouped_gemm_args& a) noexcept {
   return grouped_gemm_can_run(a) == kernel_status::ok && a.num_rows > 0 && a.n > 0 &&
-         wgmma_fits(a) && detail::current_device_is_sm90();
+         takes_wgmma(a);
 }
 
 kernel_status grouped_gemm_run(const grouped_gemm_args& a, cudaStream_t stream,
@@ -1227,7 +1227,7 @@ kernel_status grouped_gemm_run(const grouped_gemm_args& a, cudaStream_t stream,
     if (a.dt == dtype::bf16) {
       std::optional<tma_maps> maps;
       took = grouped_gemm_kernel::wmma;
-      if (wgmma_fits(a) && detail::current_device_is_sm90()) {
+      if (takes_wgmma(a)) {
         maps = tma_maps_of(a);
         took = maps ? grouped_gemm_kernel::wgmma_tma : grouped_gemm_kernel::wgmma;
       }
