@@ -186,10 +186,7 @@ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int3
     for (uint32_t e = 0; e < f.box[0]; ++e) {
       const int64_t row = int64_t{c1} + r, col = int64_t{c0} + e;
       uint32_t at = r * row_bytes + e * 2;  // from dst
-      if (f.swizzle_128 != 0) {
-        const uint32_t address = dst + at;
-        at = (address ^ (((address >> 7) & 7u) << 4)) - dst;
-      }
+      if (f.swizzle_128 != 0) at = swizzle128(dst + at) - dst;
       if (row < 0 || col < 0 || static_cast<uint64_t>(row) >= f.dims[1] ||
           static_cast<uint64_t>(col) >= f.dims[0])
         continue;  // zero fill

@@ -33,6 +33,12 @@ inline uint32_t shared_offset(const void* p) {
   return shared_base + static_cast<uint32_t>(c - dynamic_smem.data());
 }
 
+// The 128-byte swizzle on a shared address, as the tensor cores read and TMA writes it: address
+// bits 4-6 ^= bits 7-9.
+inline uint32_t swizzle128(uint32_t address) {
+  return address ^ (((address >> 7) & 7u) << 4);
+}
+
 inline void fence_proxy_async() {
   auto& mine = my_collectives();
   for (const size_t chunk : mine.unfenced) unfenced_chunks[chunk] = 0;
@@ -64,7 +70,7 @@ struct operand {
   size_t at(int row, int k) const {
     const uint32_t logical = start + static_cast<uint32_t>(row / 8) * stride +
                              static_cast<uint32_t>(row % 8) * 128 + static_cast<uint32_t>(k) * 2;
-    const uint32_t physical = logical ^ (((logical >> 7) & 7u) << 4);
+    const uint32_t physical = swizzle128(logical);
     if (physical < shared_base || physical + 2 > shared_base + dynamic_smem_bytes)
       emu_fail("wgmma: an operand outside the launch's dynamic shared memory");
     return physical - shared_base;
