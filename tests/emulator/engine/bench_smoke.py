@@ -37,6 +37,24 @@ def errors(node, path="$"):
             yield from errors(v, f"{path}[{i}]")
 
 
+def run_bench(binary, args, out, timeout, what):
+    """Runs the benchmark writing to `out`; its JSON, checked to be what it also printed."""
+    if os.path.exists(out):
+        os.remove(out)
+    run = subprocess.run([binary, "--preset", "tiny", "--prefill-batch", "1",
+                          "--prefill-len", "256", "--context", "8", "--decode-steps", "2",
+                          "--reps", "1"] + args + ["--out", out],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         timeout=timeout)
+    if run.returncode != 0:
+        fail(f"{what}: exit {run.returncode}\n{run.stderr[-4000:]}")
+    with open(out) as f:
+        j = json.load(f)
+    if json.loads(run.stdout) != j:
+        fail(f"{what}: the JSON printed and the one written differ")
+    return j
+
+
 def main():
     if len(sys.argv) != 3:
         fail(__doc__.strip().splitlines()[-1])
@@ -49,23 +67,12 @@ def main():
         json.dump({"prefill": {"tokens_per_s": 100.0},
                    "decode": [{"batch": 1, "tokens_per_s": 10.0},
                               {"batch": 8, "tokens_per_s": 20.0}]}, f)
-    if os.path.exists(out):
-        os.remove(out)
     # tiny: 16 experts, 4 per token; 256 prompt tokens give 1024 expert rows, enough for the
     # grouped GEMM's wide tiling (64 rows per expert), which wgmma_experts needs. Batch 1 is
     # within the default skinny_rows (4), batch 8 past it (the grouped-dense variant's).
-    cmd = [binary, "--preset", "tiny", "--prefill-batch", "1", "--prefill-len", "256",
-           "--context", "8", "--decode-steps", "2", "--decode-batch", "1,8", "--reps", "1",
-           "--check-tokens", "4", "--check-steps", "1", "--fp8", "block_scaled,expand",
-           "--peer", peer, "--out", out]
-    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         timeout=540)
-    if run.returncode != 0:
-        fail(f"exit {run.returncode}\n{run.stderr[-4000:]}")
-    with open(out) as f:
-        j = json.load(f)
-    if json.loads(run.stdout) != j:
-        fail("the JSON printed and the one written differ")
+    j = run_bench(binary, ["--decode-batch", "1,8", "--check-tokens", "4", "--check-steps", "1",
+                           "--fp8", "block_scaled,expand", "--peer", peer], out, 540,
+                  "every stage")
     found = list(errors(j))
     if found:
         fail("stages failed: " + "; ".join(f"{p}: {e}" for p, e in found))
@@ -128,17 +135,9 @@ def main():
             positive(d, "speedup_over_bf16", f"fp8 {mode} decode batch {d['batch']}")
 
     # --wgmma-experts: the default engine's routed experts on wgmma (the Nsight pass's profile).
-    profiled = os.path.join(work, "bench_gpu_engine_wgmma.json")
-    cmd = [binary, "--preset", "tiny", "--prefill-batch", "1", "--prefill-len", "256",
-           "--context", "8", "--decode-steps", "2", "--decode-batch", "1", "--reps", "1",
-           "--check-tokens", "0", "--no-graphs", "--no-variants", "--wgmma-experts",
-           "--out", profiled]
-    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         timeout=300)
-    if run.returncode != 0:
-        fail(f"--wgmma-experts: exit {run.returncode}\n{run.stderr[-4000:]}")
-    with open(profiled) as f:
-        w = json.load(f)
+    w = run_bench(binary, ["--decode-batch", "1", "--check-tokens", "0", "--no-graphs",
+                           "--no-variants", "--wgmma-experts"],
+                  os.path.join(work, "bench_gpu_engine_wgmma.json"), 300, "--wgmma-experts")
     if not w.get("wgmma_experts") or w["kernels"]["experts_wgmma"] == 0 or \
             "prefill_wgmma_experts" in w:
         fail(f"--wgmma-experts: {w.get('kernels')}, keys {sorted(w)}")
