@@ -386,20 +386,26 @@ cudaError_t CUDARTAPI cudaDriverGetVersion(int* version) {
   return cudaSuccess;
 }
 
-// The fields runtime/devices.cpp reads, matching the attributes above; memory: the host's.
+// The fields runtime/devices.cpp reads, from the attributes above; memory: the host's.
 cudaError_t CUDARTAPI cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   if (prop == nullptr) return fail(cudaErrorInvalidValue);
   if (device != 0) return fail(cudaErrorInvalidDevice);
+  const auto attribute = [](cudaDeviceAttr attr) {
+    int v = 0;
+    (void)cudaDeviceGetAttribute(&v, attr, 0);
+    return v;
+  };
   *prop = cudaDeviceProp{};
   std::snprintf(prop->name, sizeof(prop->name), "%s", "emulated sm_90 (tests/emulator)");
-  prop->major = 9;
-  prop->minor = 0;
-  prop->multiProcessorCount = 132;
-  prop->warpSize = 32;
-  prop->maxThreadsPerBlock = 1024;
-  prop->sharedMemPerBlock = 48 * 1024;
-  prop->sharedMemPerBlockOptin = 227 * 1024;
-  prop->l2CacheSize = 50 * 1024 * 1024;
+  prop->major = attribute(cudaDevAttrComputeCapabilityMajor);
+  prop->minor = attribute(cudaDevAttrComputeCapabilityMinor);
+  prop->multiProcessorCount = attribute(cudaDevAttrMultiProcessorCount);
+  prop->warpSize = attribute(cudaDevAttrWarpSize);
+  prop->maxThreadsPerBlock = attribute(cudaDevAttrMaxThreadsPerBlock);
+  prop->sharedMemPerBlock = static_cast<size_t>(attribute(cudaDevAttrMaxSharedMemoryPerBlock));
+  prop->sharedMemPerBlockOptin =
+      static_cast<size_t>(attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  prop->l2CacheSize = attribute(cudaDevAttrL2CacheSize);
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   prop->totalGlobalMem =
       pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) : 0;
