@@ -1118,13 +1118,13 @@ bool takes_wgmma(const grouped_gemm_args& a) noexcept {
          detail::current_device_is_sm90();
 }
 
-// The TMA kernel's maps for a call, when it can take it: k > 0 (a map has no empty dimension)
-// and every weight row a TMA coordinate (int32).
+// The TMA kernel's maps for a call, when it can take it: every weight row a TMA coordinate
+// (int32), and maps the driver encodes (k == 0 has none: a map has no empty dimension).
 struct tma_maps {
   CUtensorMap x, w;
 };
 std::optional<tma_maps> tma_maps_of(const grouped_gemm_args& a) noexcept {
-  if (!a.tma || a.k == 0 || a.num_experts * a.n > INT32_MAX) return std::nullopt;
+  if (!a.tma || a.num_experts * a.n > INT32_MAX) return std::nullopt;
   const auto x = detail::bf16_tensor_map(a.x, a.num_rows, a.k, wgmma_tiles::bm);
   const auto w =
       detail::bf16_tensor_map(a.weights, a.num_experts * a.n, a.k, tma_tiles::w_box_rows);
