@@ -32,10 +32,10 @@ __device__ float block_sum(float v) {
 
 // One block per row; a block-wide reduction of the sum of squares.
 template <typename T>
-__global__ void rmsnorm_kernel(const T* x, T* residual, const float* weight, T* out,
-                               int64_t dim, float eps) {
+__global__ void rmsnorm_kernel(const T* x, int64_t x_stride, T* residual, const float* weight,
+                               T* out, int64_t dim, float eps) {
   const int64_t row = blockIdx.x;
-  const T* xr = x + row * dim;
+  const T* xr = x + row * x_stride;
   T* rr = residual ? residual + row * dim : nullptr;
   T* outr = out + row * dim;
   float sum_sq = 0.0f;
@@ -72,16 +72,17 @@ __device__ inline float stored(float v, const __nv_bfloat16*) {
 }
 
 template <typename T>
-__global__ void rmsnorm_vec_kernel(const T* x, T* residual, const float* weight, T* out,
-                                   int64_t dim, float eps) {
+__global__ void rmsnorm_vec_kernel(const T* x, int64_t x_stride, T* residual, const float* weight,
+                                   T* out, int64_t dim, float eps) {
   constexpr int E = 16 / sizeof(T);
   const int64_t base = int64_t{blockIdx.x} * dim;
+  const T* xr = x + int64_t{blockIdx.x} * x_stride;
   const int64_t vectors = dim / E;
   float v[max_vectors][E];
 #pragma unroll
   for (int j = 0; j < max_vectors; ++j) {
     const int64_t q = threadIdx.x + j * threads_per_row;
-    if (q < vectors) load16(x + base + q * E, v[j]);
+    if (q < vectors) load16(xr + q * E, v[j]);
   }
   if (residual != nullptr) {
     float r[max_vectors][E];
@@ -128,19 +129,20 @@ __global__ void rmsnorm_vec_kernel(const T* x, T* residual, const float* weight,
 template <typename T>
 kernel_status launch(const rmsnorm_args& a, cudaStream_t stream) {
   constexpr int64_t E = 16 / sizeof(T);
+  const int64_t x_stride = a.x_stride == 0 ? a.dim : a.x_stride;
   const bool vectorized = a.dim % E == 0 && a.dim / E <= int64_t{threads_per_row} * max_vectors &&
-                          aligned16(a.x) && aligned16(a.weight) && aligned16(a.out) &&
-                          (a.residual == nullptr || aligned16(a.residual));
+                          x_stride % E == 0 && aligned16(a.x) && aligned16(a.weight) &&
+                          aligned16(a.out) && (a.residual == nullptr || aligned16(a.residual));
   const auto rows = static_cast<unsigned>(a.rows);
   const auto* x = static_cast<const T*>(a.x);
   auto* residual = static_cast<T*>(a.residual);
   auto* out = static_cast<T*>(a.out);
   if (vectorized)
     rmsnorm_vec_kernel<T>
-        <<<rows, threads_per_row, 0, stream>>>(x, residual, a.weight, out, a.dim, a.eps);
+        <<<rows, threads_per_row, 0, stream>>>(x, x_stride, residual, a.weight, out, a.dim, a.eps);
   else
     rmsnorm_kernel<T>
-        <<<rows, threads_per_row, 0, stream>>>(x, residual, a.weight, out, a.dim, a.eps);
+        <<<rows, threads_per_row, 0, stream>>>(x, x_stride, residual, a.weight, out, a.dim, a.eps);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -149,6 +151,7 @@ kernel_status launch(const rmsnorm_args& a, cudaStream_t stream) {
 kernel_status rmsnorm_can_run(const rmsnorm_args& a) noexcept {
   if (a.dt != dtype::f32 && a.dt != dtype::bf16) return kernel_status::unsupported_dtype;
   if (a.rows < 0 || a.dim <= 0 || a.rows > 0x7fffffff) return kernel_status::unsupported_shape;
+  if (a.x_stride != 0 && a.x_stride < a.dim) return kernel_status::unsupported_shape;
   if (!a.x || !a.weight || !a.out) return kernel_status::unsupported_shape;
   return kernel_status::ok;
 }

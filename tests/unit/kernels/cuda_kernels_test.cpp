@@ -760,10 +760,21 @@ TEST(cuda_permute, can_run_rejects_bad_arguments) {
 // a thread, then a tree: ~2^-18 of the sum of squares, half of that on the scale, a few ulps
 // more for rsqrtf and the two products: 4e-6 of the value) or, in bf16, one bf16 ulp.
 
-void check_rmsnorm(size_t rows, size_t dim, dtype dt, bool with_residual) {
-  SCOPED_TRACE(::testing::Message() << "rows " << rows << " dim " << dim << " " << to_string(dt)
-                                    << (with_residual ? " with residual" : ""));
+// x_stride > dim: x's rows are slices of wider rows whose other columns hold 1e30 (any of them
+// read would show).
+void check_rmsnorm(size_t rows, size_t dim, dtype dt, bool with_residual, size_t x_stride = 0) {
+  SCOPED_TRACE(::testing::Message()
+               << "rows " << rows << " dim " << dim << " " << to_string(dt)
+               << (with_residual ? " with residual" : "") << " x stride " << x_stride);
   const auto x = stored(random_floats(rows * dim, rows * 31 + dim, -2.0f, 2.0f), dt);
+  std::vector<float> wide = x;
+  if (x_stride > 0) {
+    wide.assign(rows * x_stride, 1e30f);
+    for (size_t r = 0; r < rows; ++r)
+      std::copy_n(x.begin() + static_cast<std::ptrdiff_t>(r * dim), dim,
+                  wide.begin() + static_cast<std::ptrdiff_t>(r * x_stride));
+    wide = stored(wide, dt);
+  }
   const auto r0 = stored(random_floats(rows * dim, rows * 37 + dim, -3.0f, 3.0f), dt);
   const auto w = random_floats(dim, dim, 0.5f, 1.5f);
   std::vector<float> sum = x;
@@ -774,7 +785,7 @@ void check_rmsnorm(size_t rows, size_t dim, dtype dt, bool with_residual) {
   std::vector<float> want(rows * dim);
   ASSERT_EQ(cpu::rmsnorm(sum.data(), w.data(), want.data(), rows, dim, 1e-6f), kernel_status::ok);
 
-  auto dx = to_device(x, dt), dr = to_device(r0, dt), dw = to_device(w, dtype::f32);
+  auto dx = to_device(wide, dt), dr = to_device(r0, dt), dw = to_device(w, dtype::f32);
   auto dout = to_device(std::vector<float>(rows * dim, nan_f), dt);
   cuda::rmsnorm_args a;
   a.x = dx->get();
@@ -783,6 +794,7 @@ void check_rmsnorm(size_t rows, size_t dim, dtype dt, bool with_residual) {
   a.out = dout->get();
   a.rows = static_cast<int64_t>(rows);
   a.dim = static_cast<int64_t>(dim);
+  a.x_stride = static_cast<int64_t>(x_stride);
   a.eps = 1e-6f;
   a.dt = dt;
   ASSERT_EQ(cuda::rmsnorm_run(a, nullptr), kernel_status::ok);
@@ -819,6 +831,31 @@ TEST(cuda_rmsnorm, matches_cpu_reference_with_and_without_the_residual) {
         shape{1, 64, dtype::bf16}, shape{3, 13, dtype::f32}})
     for (const bool with_residual : {false, true})
       check_rmsnorm(c.rows, c.dim, c.dt, with_residual);
+}
+
+// The latent's slice of the layer's fused input projection (v2-lite: 512 of 3648 columns), on
+// the vectorized kernel and, with a row stride no 16-byte vector divides, on the scalar one.
+TEST(cuda_rmsnorm, a_slice_of_wider_rows_reads_only_its_columns) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  check_rmsnorm(3, 512, dtype::bf16, false, 3648);
+  check_rmsnorm(3, 512, dtype::bf16, false, 517);
+  check_rmsnorm(2, 256, dtype::f32, true, 260);
+  check_rmsnorm(2, 256, dtype::f32, false, 257);
+}
+
+TEST(cuda_rmsnorm, can_run_rejects_a_stride_below_the_row) {
+  cuda::rmsnorm_args a;
+  a.x = fake_ptr();
+  a.weight = fake<float>();
+  a.out = fake_ptr();
+  a.rows = 2;
+  a.dim = 512;
+  a.dt = dtype::bf16;
+  EXPECT_EQ(cuda::rmsnorm_can_run(a), kernel_status::ok);
+  a.x_stride = 511;
+  EXPECT_EQ(cuda::rmsnorm_can_run(a), kernel_status::unsupported_shape);
+  a.x_stride = 512;
+  EXPECT_EQ(cuda::rmsnorm_can_run(a), kernel_status::ok);
 }
 
 // ---------------------------------------------------------------------------------------------
