@@ -313,7 +313,9 @@ json kernels_json(const me::gpu_engine& e) {
   return {{"experts_grouped_gemm", k.experts_grouped_gemm},
           {"experts_wgmma", k.experts_wgmma},
           {"experts_cublas", k.experts_cublas},
-          {"dense_as_one_expert", k.dense_as_one_expert}};
+          {"dense_as_one_expert", k.dense_as_one_expert},
+          {"fp8_block_scaled", k.fp8_block_scaled},
+          {"fp8_expanded", k.fp8_expanded}};
 }
 
 /// The --fp8 runs: the weights quantized, then per mode an engine keeping them FP8, its prefill
@@ -350,6 +352,7 @@ json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_optio
         d["speedup_over_bf16"] = d["tokens_per_s"].get<double>() / *base;
       m["decode"].push_back(d);
     }
+    m["kernels"] = kernels_json(*engine);
     r[mode] = m;
   }
   return r;

@@ -665,9 +665,7 @@ int main(int argc, char** argv) {
       bool f32;  // the router (f32 everything) and the head (f32 out)
     };
     const proj projs[] = {
-        {"q_proj", 16 * 192, 2048, 7 + 1, false},
-        {"kv_a_latent", 512, 2048, 8, false},
-        {"kv_a_rope", 64, 2048, 8, false},
+        {"q_proj+kv_a_proj", 16 * 192 + 512 + 64, 2048, 7 + 1, false},
         {"o_proj", 2048, 2048, 8, false},
         {"router", 64, 2048, 7, true},
         {"shared_gate_up", 2 * 2 * 1408, 2048, 7, false},

@@ -151,12 +151,21 @@ class weight_planner {
 
   /// A projection from `parts`, stacked: FP8 when every part is FP8 and the engine is bf16,
   /// otherwise of the engine's dtype. `experts`: the routed experts' stack (the grouped GEMM
-  /// reads it as FP8 itself; the other products may expand theirs).
-  void matrix(const std::vector<part>& parts, device_matrix& m, bool experts = false) {
+  /// reads it as FP8 itself; the other products may expand theirs). `rows`, when set, gets the
+  /// matrix's row count: the parts' rows, or for an FP8 stack whose last part ends in a partial
+  /// block when `pad_fp8` (the others' blocks whole), that rounded up to whole blocks with zero
+  /// rows: the block-scaled product takes only whole 128-row blocks, and zero rows add zero
+  /// columns to its output.
+  void matrix(const std::vector<part>& parts, device_matrix& m, bool experts = false,
+              int64_t* rows = nullptr, bool pad_fp8 = false) {
     if (err_ || parts.empty()) return;
+    if (rows != nullptr) {
+      *rows = 0;
+      for (const auto& p : parts) *rows += p.rows;
+    }
     bool all_fp8 = dt_ == dtype::bf16;
     for (const auto& p : parts) all_fp8 = all_fp8 && ckpt_.find_fp8(p.name) != nullptr;
-    if (all_fp8) return fp8_matrix(parts, m, experts);
+    if (all_fp8) return fp8_matrix(parts, m, experts, pad_fp8 ? rows : nullptr);
     std::vector<source_run> runs;
     for (const auto& p : parts) {
       const float* data = floats(p.name, p.shape);
@@ -179,7 +188,7 @@ class weight_planner {
   }
 
   // The float32 values of a tensor, expanding a kept FP8 one on the host (once, however many
-  // parts read it: kv_a's latent and k_pe rows); null after an error.
+  // parts read it); null after an error.
   const float* floats(const std::string& name, const std::vector<int64_t>& shape) {
     if (const model::fp8_tensor* f = ckpt_.find_fp8(name)) {
       if (!check_shape(name, *f, shape)) return nullptr;
@@ -204,7 +213,8 @@ class weight_planner {
     return false;
   }
 
-  void fp8_matrix(const std::vector<part>& parts, device_matrix& m, bool experts) {
+  void fp8_matrix(const std::vector<part>& parts, device_matrix& m, bool experts,
+                  int64_t* padded_rows) {
     std::vector<const model::fp8_tensor*> tensors;
     for (const auto& p : parts) {
       const model::fp8_tensor* f = ckpt_.find_fp8(p.name);
@@ -231,6 +241,11 @@ class weight_planner {
     const int64_t ld = (grid_cols + 3) / 4 * 4;
     int64_t total_rows = 0;
     for (const auto& p : parts) total_rows += p.rows;
+    // Zero rows complete the last block, whose grid row the loop below fills from the last
+    // part's block (zero values times any scale are zero).
+    const int64_t pad = padded_rows != nullptr && h == first.block_rows && total_rows % h != 0
+                            ? h - total_rows % h
+                            : 0;
     std::vector<float>& grid = owned_scales_.emplace_back(
         static_cast<size_t>((total_rows + h - 1) / h * ld), 0.0f);
     std::vector<source_run> runs;
@@ -245,6 +260,14 @@ class weight_planner {
       }
       runs.push_back({f.values.data() + p.row0 * cols, static_cast<size_t>(p.rows * cols)});
       at += p.rows;
+    }
+    if (pad > 0) {
+      // e4m3's zero is the byte 0.
+      const std::vector<uint8_t>& zeros =
+          owned_bytes_.emplace_back(static_cast<size_t>(pad * cols), uint8_t{0});
+      runs.push_back({zeros.data(), zeros.size()});
+      total_rows += pad;
+      *padded_rows = total_rows;
     }
     ++num_fp8_;
     if (!experts) max_linear_elements_ = std::max(max_linear_elements_, total_rows * cols);
@@ -265,6 +288,7 @@ class weight_planner {
   int64_t max_linear_elements_ = 0;
   std::map<std::string, model::host_tensor, std::less<>> expanded_;
   std::deque<std::vector<float>> owned_scales_;
+  std::deque<std::vector<uint8_t>> owned_bytes_;
 };
 
 }  // namespace
@@ -307,16 +331,16 @@ caf::expected<device_weights> device_weights::upload(const model::checkpoint& ck
     const std::string p = "model.layers." + std::to_string(l) + ".";
     const std::string s = p + "self_attn.";
     planner.tensor(p + "input_layernorm.weight", {D}, dtype::f32, as_float(a.input_norm));
-    if (const int64_t QR = c.q_lora_rank.value_or(0); QR > 0) {
-      planner.matrix(s + "q_a_proj.weight", {QR, D}, a.q_a_proj);
+    const int64_t QR = c.q_lora_rank.value_or(0);
+    const std::string q_name = s + (QR > 0 ? "q_a_proj.weight" : "q_proj.weight");
+    const int64_t Q = QR > 0 ? QR : H * qk;
+    planner.matrix(
+        {{q_name, {Q, D}, 0, Q}, {s + "kv_a_proj_with_mqa.weight", {R + dr, D}, 0, R + dr}},
+        a.input_proj, /*experts=*/false, &a.input_proj_rows, /*pad_fp8=*/true);
+    if (QR > 0) {
       planner.tensor(s + "q_a_layernorm.weight", {QR}, dtype::f32, as_float(a.q_a_norm));
-      planner.matrix(s + "q_b_proj.weight", {H * qk, QR}, a.q_proj);
-    } else {
-      planner.matrix(s + "q_proj.weight", {H * qk, D}, a.q_proj);
+      planner.matrix(s + "q_b_proj.weight", {H * qk, QR}, a.q_b_proj);
     }
-    const std::vector<int64_t> kv_a_shape{R + dr, D};
-    planner.matrix({{s + "kv_a_proj_with_mqa.weight", kv_a_shape, 0, R}}, a.kv_a_latent);
-    planner.matrix({{s + "kv_a_proj_with_mqa.weight", kv_a_shape, R, dr}}, a.kv_a_rope);
     planner.tensor(s + "kv_a_layernorm.weight", {R}, dtype::f32, as_float(a.kv_a_norm));
     planner.tensor(s + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), R}, dt,
                    as_void(a.kv_b_proj));

@@ -24,9 +24,14 @@
 //    the [gate | up] rows the fused SwiGLU kernel takes;
 //  - a MoE layer's routed experts are stacked as (num_experts, 2 * moe_intermediate, hidden)
 //    and (num_experts, hidden, moe_intermediate): the grouped GEMM's (E, n, k) weights;
-//  - kv_a_proj_with_mqa is split into its latent rows and its k_pe rows, two tensors, so that
-//    the latent comes out of its product contiguous for the norm kernel and both operands keep
-//    the allocation's alignment (cuBLASLt's heuristics assume 256-byte aligned operands);
+//  - the projections of a layer's normed input, q_a_proj (q_proj without q_lora_rank) and
+//    kv_a_proj_with_mqa, are stacked as one (Q + R + dr, hidden) matrix, so that one product
+//    gives each token's [q (or q_a) | latent | k_pe] row: one launch instead of three per layer
+//    (a decode step's products are short, so each launch costs about as much as its bytes);
+//    the consumers read their slice with the row's stride. Q (3072 or 1536 for the DeepSeek
+//    shapes) is a multiple of 128, so FP8 weights keep their 128-row blocks, and an FP8 stack
+//    gets zero rows up to whole blocks (576 of kv_a's rows end in half a block), so that the
+//    block-scaled product, which takes whole blocks only, takes it;
 //  - RMSNorm scales, the router's weight and its correction bias stay float32 whatever the
 //    dtype (the norm kernel takes float32 scales; the gate runs in float32, as transformers).
 //
@@ -69,11 +74,12 @@ struct device_mlp {
 
 struct device_attention {
   const float* input_norm = nullptr;  ///< (hidden) f32
-  device_matrix q_a_proj;             ///< (q_lora_rank, hidden); null without q_lora_rank
+  /// (Q + R + dr, hidden): q_a_proj's (Q = q_lora_rank) or q_proj's (Q = H * (dn + dr)) rows,
+  /// then kv_a_proj_with_mqa's (the latent's R rows, k_pe's dr).
+  device_matrix input_proj;
+  int64_t input_proj_rows = 0;        ///< Q + R + dr, or FP8's rounded up to whole blocks
   const float* q_a_norm = nullptr;    ///< (q_lora_rank) f32; null without q_lora_rank
-  device_matrix q_proj;               ///< (H * (dn + dr), q_lora_rank) q_b_proj, or (.., hidden)
-  device_matrix kv_a_latent;          ///< (R, hidden): kv_a_proj_with_mqa's first R rows
-  device_matrix kv_a_rope;            ///< (dr, hidden): its last dr rows (k_pe)
+  device_matrix q_b_proj;             ///< (H * (dn + dr), q_lora_rank); null without it
   const float* kv_a_norm = nullptr;   ///< (R) f32
   const void* kv_b_proj = nullptr;    ///< (H * (dn + dv), R) of the dtype, never FP8 (see above)
   device_matrix o_proj;               ///< (hidden, H * dv)

@@ -46,10 +46,13 @@ struct dims {
         qk(c.qk_head_dim()),
         R(c.kv_lora_rank),
         QR(c.q_lora_rank.value_or(0)),
+        Q(QR > 0 ? QR : H * qk),
         E(c.n_routed_experts),
         top_k(c.num_experts_per_tok),
         V(c.vocab_size) {}
-  int64_t D, H, dn, dr, dv, qk, R, QR, E, top_k, V;
+  int64_t D, H, dn, dr, dv, qk, R, QR;
+  int64_t Q;  ///< the input projection's q part: q_a (q_lora_rank) or q itself
+  int64_t E, top_k, V;
 };
 
 /// One step's passes; each queues kernels on m.stream and answers the first kernel refusal.
@@ -183,6 +186,7 @@ class forward {
         const kernel_status st =
             m_.gemm->run_fp8_linear(d, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream);
         if (st == kernel_status::ok) {
+          count(&gpu_kernel_stats::fp8_block_scaled);
           if (beta == 0.0f) return {};
           kcu::accumulate_args acc;
           acc.x = b_.fp8_y;
@@ -213,14 +217,16 @@ class forward {
     f.block_cols = w.block_cols;
     f.scale_ld = w.scale_ld;
     f.beta = beta;
-    return check(m_.gemm->run_fp8_linear_fallback(f, m_.gemm_workspace, m_.gemm_workspace_bytes,
-                                                  m_.stream),
-                 what);
+    const kernel_status st =
+        m_.gemm->run_fp8_linear_fallback(f, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream);
+    if (st == kernel_status::ok) count(&gpu_kernel_stats::fp8_expanded);
+    return check(st, what);
   }
 
-  /// out = norm(x) (x += residual first when residual is set: residual keeps the sum).
+  /// out = norm(x) (x += residual first when residual is set: residual keeps the sum); x's
+  /// rows x_stride apart (0: dim).
   caf::error norm(const void* x, void* residual, const float* weight, void* out, int64_t rows,
-                  int64_t dim, const char* what) {
+                  int64_t dim, const char* what, int64_t x_stride = 0) {
     kcu::rmsnorm_args a;
     a.x = x;
     a.residual = residual;
@@ -228,39 +234,49 @@ class forward {
     a.out = out;
     a.rows = rows;
     a.dim = dim;
+    a.x_stride = x_stride;
     a.eps = m_.eps;
     a.dt = m_.dt;
     return check(kcu::rmsnorm_run(a, m_.stream), what);
+  }
+
+  /// The step's q (T, H, dn + dr), row stride q_stride(): q_b_proj's output with q_lora_rank,
+  /// else the first columns of the input projection's rows.
+  [[nodiscard]] void* q() const noexcept { return d_.QR > 0 ? b_.q : b_.proj; }
+  [[nodiscard]] int64_t q_stride() const noexcept { return d_.QR > 0 ? d_.H * d_.qk : P(); }
+  /// The width of the input projection's output rows: [q or q_a | latent | k_pe], and with FP8
+  /// weights maybe zero columns after them (device_attention::input_proj_rows).
+  [[nodiscard]] int64_t P() const { return m_.weights->layer(layer_).attention.input_proj_rows; }
+  /// The step's k_pe (T, dr): after the latent in the input projection's rows (stride P()).
+  [[nodiscard]] void* k_pe() const noexcept {
+    return const_cast<void*>(offset(b_.proj, d_.Q + d_.R, m_.dt));
   }
 
   /// The layer's input norm (fusing the previous FFN's residual add), the projections, RoPE
   /// and the cache append: as attention_block::project.
   caf::error project() {
     const device_attention& a = m_.weights->layer(layer_).attention;
-    const int64_t D = d_.D, H = d_.H, qk = d_.qk, R = d_.R, dr = d_.dr;
+    const int64_t D = d_.D, H = d_.H, qk = d_.qk, R = d_.R, dr = d_.dr, P = this->P();
     caf::error err;
     if ((err = layer_ == 0 ? norm(b_.x, nullptr, a.input_norm, b_.normed, T_, D, "input norm")
                            : norm(b_.ffn_out, b_.x, a.input_norm, b_.normed, T_, D,
                                   "residual + input norm")))
       return err;
-    if (d_.QR > 0) {
-      if ((err = linear(b_.normed, a.q_a_proj, b_.q_a, T_, D, d_.QR, "q_a_proj")) ||
-          (err = norm(b_.q_a, nullptr, a.q_a_norm, b_.q_a, T_, d_.QR, "q_a norm")) ||
-          (err = linear(b_.q_a, a.q_proj, b_.q, T_, d_.QR, H * qk, "q_b_proj")))
-        return err;
-    } else if ((err = linear(b_.normed, a.q_proj, b_.q, T_, D, H * qk, "q_proj"))) {
+    // [q or q_a | latent | k_pe] of every token in one product.
+    if ((err = linear(b_.normed, a.input_proj, b_.proj, T_, D, P, "q_a_proj|q_proj + kv_a_proj")))
       return err;
-    }
-    // kv_a_proj's latent rows, then its k_pe rows: two outputs, each contiguous.
-    if ((err = linear(b_.normed, a.kv_a_latent, b_.latent, T_, D, R, "kv_a_proj (latent)")) ||
-        (err = linear(b_.normed, a.kv_a_rope, b_.k_pe, T_, D, dr, "kv_a_proj (k_pe)")) ||
-        (err = norm(b_.latent, nullptr, a.kv_a_norm, b_.latent, T_, R, "kv_a norm")))
+    if (d_.QR > 0 &&
+        ((err = norm(b_.proj, nullptr, a.q_a_norm, b_.q_a, T_, d_.QR, "q_a norm", P)) ||
+         (err = linear(b_.q_a, a.q_b_proj, b_.q, T_, d_.QR, H * qk, "q_b_proj"))))
+      return err;
+    if ((err = norm(offset(b_.proj, d_.Q, m_.dt), nullptr, a.kv_a_norm, b_.latent, T_, R,
+                    "kv_a norm", P)))
       return err;
     kcu::rope_args r;
-    r.x = const_cast<void*>(offset(b_.q, d_.dn, m_.dt));
+    r.x = const_cast<void*>(offset(q(), d_.dn, m_.dt));
     r.num_tokens = T_;
     r.num_heads = H;
-    r.token_stride = H * qk;
+    r.token_stride = q_stride();
     r.head_stride = qk;
     r.head_dim = dr;
     r.positions = b_.positions;
@@ -269,9 +285,9 @@ class forward {
     r.table_positions = m_.rope_positions;
     r.dt = m_.dt;
     if ((err = check(kcu::rope_run(r, m_.stream), "rope(q)"))) return err;
-    r.x = b_.k_pe;
+    r.x = k_pe();
     r.num_heads = 1;
-    r.token_stride = dr;
+    r.token_stride = P;
     r.head_stride = dr;
     if ((err = check(kcu::rope_run(r, m_.stream), "rope(k)"))) return err;
     kcu::mla_cache_append_args ca;
@@ -279,8 +295,8 @@ class forward {
     ca.pool = m_.cache_pool(layer_);
     ca.latent = b_.latent;
     ca.latent_stride = R;
-    ca.k_pe = b_.k_pe;
-    ca.k_pe_stride = dr;
+    ca.k_pe = k_pe();
+    ca.k_pe_stride = P;
     ca.slot_mapping = b_.slots;
     ca.num_tokens = T_;
     ca.dt = m_.dt;
@@ -294,14 +310,14 @@ class forward {
     if (auto err = linear(b_.latent, a.kv_b_proj, b_.kv, T_, d_.R, H * (dn + dv), "kv_b_proj"))
       return err;
     kcu::mla_prefill_args p;
-    p.q = b_.q;
-    p.q_token_stride = H * d_.qk;
+    p.q = q();
+    p.q_token_stride = q_stride();
     p.q_head_stride = d_.qk;
     p.k_nope = b_.kv;
     p.k_nope_token_stride = H * (dn + dv);
     p.k_nope_head_stride = dn + dv;
-    p.k_pe = b_.k_pe;
-    p.k_pe_token_stride = d_.dr;
+    p.k_pe = k_pe();
+    p.k_pe_token_stride = P();
     p.v = offset(b_.kv, dn, m_.dt);
     p.v_token_stride = H * (dn + dv);
     p.v_head_stride = dn + dv;
@@ -328,8 +344,8 @@ class forward {
     g.m = T_;
     g.n = R;
     g.k = dn;
-    g.a = b_.q;
-    g.lda = H * qk;
+    g.a = q();
+    g.lda = q_stride();
     g.b = a.kv_b_proj;
     g.ldb = R;
     g.c = b_.q_latent;
@@ -344,8 +360,8 @@ class forward {
     dec.layout = m_.cache_layout;
     dec.pool = m_.cache_pool(layer_);
     dec.q_latent = b_.q_latent;
-    dec.q_pe = offset(b_.q, dn, m_.dt);
-    dec.q_pe_token_stride = H * qk;
+    dec.q_pe = offset(q(), dn, m_.dt);
+    dec.q_pe_token_stride = q_stride();
     dec.q_pe_head_stride = qk;
     dec.block_table = b_.block_table;
     dec.max_blocks_per_seq = s_.max_blocks;
@@ -681,10 +697,15 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
   take(b.ffn_out, Tp * D * es);
   take(b.normed, T * D * es);
   take(b.mlp_in, T * D * es);
-  if (d.QR > 0) take(b.q_a, Tp * static_cast<size_t>(d.QR) * es);
-  take(b.q, Tp * H * static_cast<size_t>(d.qk) * es);
-  take(b.latent, Tp * R * es);
-  take(b.k_pe, Tp * static_cast<size_t>(d.dr) * es);
+  int64_t widest_proj = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    widest_proj = std::max(widest_proj, m.weights->layer(l).attention.input_proj_rows);
+  take(b.proj, Tp * static_cast<size_t>(widest_proj) * es);
+  if (d.QR > 0) {
+    take(b.q_a, Tp * static_cast<size_t>(d.QR) * es);
+    take(b.q, Tp * H * static_cast<size_t>(d.qk) * es);
+  }
+  take(b.latent, T * R * es);
   take(b.attn, T * H * static_cast<size_t>(d.dv) * es);
   if (s.decode) {
     take(b.q_latent, T * H * R * es);

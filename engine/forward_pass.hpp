@@ -8,8 +8,8 @@
 //  - the residual add after each FFN is fused into the next RMSNorm (the next layer's input
 //    norm, or the final norm): x += ffn_out, then norm(x), as one kernel; the sum is rounded to
 //    the storage dtype before it is normed, exactly as the reference's separate add;
-//  - kv_a_proj runs as two products (the latent rows, then the k_pe rows of the same weight),
-//    so the latent comes out contiguous for the norm kernel;
+//  - q_a_proj (q_proj without q_lora_rank) and kv_a_proj are one product over their stacked
+//    weights (device_weights.hpp), each row's slices read in place with the row's stride;
 //  - gate and up projections are one product over their stacked weights;
 //  - with block-scaled FP8 products (model_state::fp8_block_scaled), o_proj and the shared
 //    experts' down projection cannot add into their output: they write a scratch that a
@@ -106,10 +106,10 @@ struct step_buffers {
   void* ffn_out = nullptr;   ///< (T, hidden): the last FFN's output, not yet added to x
   void* normed = nullptr;    ///< (T, hidden)
   void* mlp_in = nullptr;    ///< (T, hidden): post-attention-normed
-  void* q_a = nullptr;       ///< (T, q_lora_rank)
-  void* q = nullptr;         ///< (T, H, dn + dr)
-  void* latent = nullptr;    ///< (T, R)
-  void* k_pe = nullptr;      ///< (T, dr)
+  void* proj = nullptr;      ///< (T, Q + R + dr): [q or q_a | latent | k_pe], the latter roped
+  void* q_a = nullptr;       ///< (T, q_lora_rank) normed; with q_lora_rank only
+  void* q = nullptr;         ///< (T, H, dn + dr); with q_lora_rank only (else inside proj)
+  void* latent = nullptr;    ///< (T, R) normed
   void* kv = nullptr;        ///< prefill: (T, H, dn + dv)
   void* attn = nullptr;      ///< (T, H * dv)
   void* q_latent = nullptr;  ///< decode: (B, H, R)

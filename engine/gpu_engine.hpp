@@ -137,6 +137,11 @@ struct gpu_kernel_stats {
   uint64_t experts_cublas = 0;        ///< cuBLAS's grouped GEMM (cublas_grouped_experts)
   /// Dense products run on the grouped GEMM as one expert (grouped_dense_rows).
   uint64_t dense_as_one_expert = 0;
+  /// Products of FP8 weights beyond skinny_rows (fp8_products): on cuBLASLt's block-scaled
+  /// FP8 product, or with the weight expanded to bf16 first (`expand`, or a shape the
+  /// block-scaled product does not take).
+  uint64_t fp8_block_scaled = 0;
+  uint64_t fp8_expanded = 0;
 };
 
 struct gpu_prefill_options {

@@ -133,6 +133,11 @@ def main():
             fail(f"fp8 {mode}: decode batches {m['decode']}")
         for d in m["decode"]:
             positive(d, "speedup_over_bf16", f"fp8 {mode} decode batch {d['batch']}")
+        # Some products ran on the FP8 weights, and `expand` never on the block-scaled product.
+        k = m["kernels"]
+        if k["fp8_block_scaled"] + k["fp8_expanded"] == 0 or \
+                (mode == "expand" and k["fp8_block_scaled"] != 0):
+            fail(f"fp8 {mode}: kernels {k}")
 
     # --wgmma-experts: the default engine's routed experts on wgmma (the Nsight pass's profile).
     w = run_bench(binary, ["--decode-batch", "1", "--check-tokens", "0", "--no-graphs",

@@ -49,6 +49,7 @@
 #include "engine/decode_graphs.hpp"
 #include "engine/gpu_engine.hpp"
 #include "kernels/cuda/skinny_linear.hpp"
+#include "model/init_model.hpp"
 #include "model/model_errc.hpp"
 #include "model/reference_engine.hpp"
 #include "tests/golden/golden_data.hpp"
@@ -432,6 +433,37 @@ TEST_P(gpu_engine_test, an_fp8_checkpoint_gives_its_greedy_tokens) {
   greedy_run("small-v3-fp8");
 }
 
+// v2-lite (the benchmark's model) has no q_lora_rank: q_proj's rows lead the layer's stacked
+// input projection and q is read in place inside its output rows, where every fixture (all
+// with q_lora_rank) reads q_b_proj's own output. tiny-v3's shapes without q_lora_rank, random
+// weights: prefill with every position's logits, then decode, against the reference engine.
+// In f32 only: random weights leave the gate's scores and the logits nearly tied, so in bf16 a
+// token routed to other experts has no meaningful top 5 to hold it to (the layout is the same
+// in both dtypes).
+TEST_P(gpu_engine_test, a_model_without_q_lora_rank_matches_the_reference) {
+  if (GetParam().dt != dtype::f32) GTEST_SKIP() << "f32 only: random weights' near-ties";
+  auto config = ckpt_->config;
+  config.q_lora_rank.reset();
+  model::init_options init;
+  init.seed = 11;
+  auto random = model::random_checkpoint(config, init);
+  ASSERT_TRUE(random) << error_text(random.error());
+  ckpt_ = std::make_shared<const model::checkpoint>(std::move(*random));
+  auto gpu = make_gpu();
+  auto ref = make_reference();
+  const auto prompt = repeated_prompt(40, 5);
+  const model::sequence_input seq[] = {{1, prompt}};
+  const auto first = prefill_both(gpu, ref, seq, /*all_logits=*/true, "prefill");
+  ASSERT_EQ(first.reference.size(), prompt.size() * vocab_);
+  int32_t token = argmax(first.reference.data() + (prompt.size() - 1) * vocab_, vocab_);
+  for (int step = 0; step < 4; ++step) {
+    const model::decode_input next[] = {{1, token}};
+    const auto out = decode_both(gpu, ref, next, "decode " + std::to_string(step));
+    ASSERT_EQ(out.reference.size(), vocab_);
+    token = argmax(out.reference.data(), vocab_);
+  }
+}
+
 namespace {
 
 /// Prefill of the golden prompt, then greedy decode (each engine fed its own tokens): every
@@ -495,8 +527,8 @@ TEST_P(gpu_engine_test, kept_fp8_weights_expand_to_the_dequantised_engines_logit
 
 // fp8_products::block_scaled (the default): products whose weight is in 128x128 blocks with n and
 // k multiples of 128 quantize their input to e4m3 per 128 columns and run cuBLASLt's
-// block-scaled FP8 product (small-v3-fp8: kv_a's latent rows, o_proj, the dense MLP; q_a, q_b,
-// k_pe and the shared experts expand their weights). That is not an exactness path: an e4m3
+// block-scaled FP8 product (small-v3-fp8: o_proj and the dense MLP; the stacked q_a and kv_a
+// rows, q_b and the shared experts expand their weights). That is not an exactness path: an e4m3
 // input keeps 3 significant bits (relative rounding up to 2^-4), so logits move by far more
 // than bf16's. What is asserted is that it computes the same function: each row's logits within
 // cosine 0.95 of the expanding engine's, greedy choices equal where the expanding engine's top-1
@@ -561,6 +593,54 @@ TEST_P(gpu_engine_test, block_scaled_fp8_products_stay_close_to_the_expanded_one
   std::cout << "[ bf16 ] block-scaled FP8 vs expanded: worst cosine " << worst_cosine
             << ", max |logit difference| " << worst_diff << ", " << same_tokens << " of " << steps
             << " greedy tokens the same\n";
+}
+
+// The stacked input projection of an FP8 checkpoint: q_a's rows fill whole 128-row blocks (as
+// DeepSeek-V3's 1536 and v2-lite's 3072 do), kv_a's 576 end in half a block. Zero rows complete
+// it, so the block-scaled product takes the stack. small-v3-fp8's shapes with q_lora_rank 256
+// (256 + 128 + 16 rows, padded to 512), random weights quantized as DeepSeek-V3's: the input
+// projection of every layer runs block-scaled, where with q_lora_rank 192 (blocks of 64 rows
+// then) it expands, and the logits stay within the bound of the test above of `expand`'s.
+TEST_P(gpu_engine_test, an_fp8_input_projection_padded_to_whole_blocks_runs_block_scaled) {
+  if (GetParam().dt != dtype::bf16) GTEST_SKIP() << "FP8 weights stay FP8 in bf16 engines only";
+  const auto base = load_fixture("small-v3-fp8");
+  ASSERT_TRUE(base);
+  vocab_ = static_cast<size_t>(base->config.vocab_size);
+  const auto prompt = repeated_prompt(40, 3);
+  const int64_t layers = base->config.num_hidden_layers;
+  engine::gpu_kernel_stats stats[2];
+  for (const int64_t q_lora_rank : {192, 256}) {
+    SCOPED_TRACE(::testing::Message() << "q_lora_rank " << q_lora_rank);
+    auto config = base->config;
+    config.q_lora_rank = q_lora_rank;
+    model::init_options init;
+    init.seed = 5;
+    auto random = model::random_checkpoint(config, init);
+    ASSERT_TRUE(random) << error_text(random.error());
+    ASSERT_FALSE(model::quantize_fp8(*random));
+    ckpt_ = std::make_shared<const model::checkpoint>(std::move(*random));
+    auto expand =
+        make_gpu(64, 16, [](auto& o) { o.fp8 = engine::gpu_engine_options::fp8_products::expand; });
+    auto scaled = make_gpu(
+        64, 16, [](auto& o) { o.fp8 = engine::gpu_engine_options::fp8_products::block_scaled; });
+    const model::sequence_input seq[] = {{1, prompt}};
+    auto want = expand.prefill(seq);
+    auto got = scaled.prefill(seq);
+    ASSERT_TRUE(want) << error_text(want.error());
+    ASSERT_TRUE(got) << error_text(got.error());
+    ASSERT_EQ(got->logits.size(), want->logits.size());
+    double dot = 0, ww = 0, gg = 0;
+    for (size_t j = 0; j < want->logits.size(); ++j) {
+      dot += double{want->logits[j]} * got->logits[j];
+      ww += double{want->logits[j]} * want->logits[j];
+      gg += double{got->logits[j]} * got->logits[j];
+    }
+    EXPECT_GT(dot / std::sqrt(ww * gg), 0.95);
+    stats[q_lora_rank == 256 ? 1 : 0] = scaled.kernel_stats();
+    EXPECT_EQ(expand.kernel_stats().fp8_block_scaled, 0u);
+  }
+  EXPECT_EQ(stats[1].fp8_block_scaled, stats[0].fp8_block_scaled + static_cast<uint64_t>(layers));
+  EXPECT_EQ(stats[1].fp8_expanded + static_cast<uint64_t>(layers), stats[0].fp8_expanded);
 }
 
 TEST_P(gpu_engine_test, every_position_of_a_batch_matches_the_reference_and_transformers) {
