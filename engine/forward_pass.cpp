@@ -284,12 +284,12 @@ class forward {
     r.sin = m_.rope_sin;
     r.table_positions = m_.rope_positions;
     r.dt = m_.dt;
-    if ((err = check(kcu::rope_run(r, m_.stream), "rope(q)"))) return err;
-    r.x = k_pe();
-    r.num_heads = 1;
-    r.token_stride = P;
-    r.head_stride = dr;
-    if ((err = check(kcu::rope_run(r, m_.stream), "rope(k)"))) return err;
+    kcu::rope_args k = r;
+    k.x = k_pe();
+    k.num_heads = 1;
+    k.token_stride = P;
+    k.head_stride = dr;
+    if ((err = check(kcu::rope_pair_run(r, k, m_.stream), "rope(q, k)"))) return err;
     kcu::mla_cache_append_args ca;
     ca.layout = m_.cache_layout;
     ca.pool = m_.cache_pool(layer_);

@@ -17,17 +17,29 @@ constexpr int max_pairs_per_lane = static_cast<int>(rope_max_head_dim / 2 / 32);
 // then the warp synchronises (which orders the memory accesses of its lanes), then all write.
 // Both early returns are uniform across the warp (a warp has one vector and one position), so
 // the full-mask __syncwarp is reached by all 32 lanes or by none.
+//
+// A launch rotates one or two sets of vectors (q's heads and k_pe: one launch a layer instead of
+// two); a warp's vector lies in one set, so the choice between them is warp-uniform too.
 template <typename T>
-__global__ void rope_kernel(T* x, int64_t num_vectors, int64_t num_heads, int64_t token_stride,
-                            int64_t head_stride, int half, const int32_t* positions,
-                            const float* cos, const float* sin, int64_t table_positions) {
-  const int64_t vector = int64_t{blockIdx.x} * warps_per_block + threadIdx.x / 32;
+struct vector_set {
+  T* x;
+  int64_t num_vectors, num_heads, token_stride, head_stride;
+};
+
+template <typename T>
+__global__ void rope_kernel(vector_set<T> first, vector_set<T> second, int half,
+                            const int32_t* positions, const float* cos, const float* sin,
+                            int64_t table_positions) {
+  int64_t vector = int64_t{blockIdx.x} * warps_per_block + threadIdx.x / 32;
   const int lane = static_cast<int>(threadIdx.x % 32);
-  if (vector >= num_vectors) return;
-  const int64_t t = vector / num_heads, h = vector - t * num_heads;
+  if (vector >= first.num_vectors + second.num_vectors) return;
+  const bool in_first = vector < first.num_vectors;
+  const vector_set<T>& set = in_first ? first : second;
+  if (!in_first) vector -= first.num_vectors;
+  const int64_t t = vector / set.num_heads, h = vector - t * set.num_heads;
   // The vector's elements and its position are loaded together, then the position's cos and sin:
   // two memory latencies before the stores, not three (the vector waited on the position).
-  T* v = x + t * token_stride + h * head_stride;
+  T* v = set.x + t * set.token_stride + h * set.head_stride;
   float evens[max_pairs_per_lane] = {};
   float odds[max_pairs_per_lane] = {};
 #pragma unroll
@@ -67,13 +79,31 @@ __global__ void rope_kernel(T* x, int64_t num_vectors, int64_t num_heads, int64_
 }
 
 template <typename T>
-kernel_status launch(const rope_args& a, cudaStream_t stream) {
-  const int64_t num_vectors = a.num_tokens * a.num_heads;
+vector_set<T> set_of(const rope_args* a) {
+  if (a == nullptr) return {nullptr, 0, 1, 0, 0};
+  return {static_cast<T*>(a->x), a->num_tokens * a->num_heads, a->num_heads, a->token_stride,
+          a->head_stride};
+}
+
+// a's vectors, then b's (when set: it shares a's positions, tables, head_dim and dt).
+template <typename T>
+kernel_status launch(const rope_args& a, const rope_args* b, cudaStream_t stream) {
+  const vector_set<T> first = set_of<T>(&a), second = set_of<T>(b);
+  const int64_t num_vectors = first.num_vectors + second.num_vectors;
+  if (num_vectors == 0) return kernel_status::ok;
   const auto blocks = static_cast<unsigned>((num_vectors + warps_per_block - 1) / warps_per_block);
-  rope_kernel<T><<<blocks, warps_per_block * 32, 0, stream>>>(
-      static_cast<T*>(a.x), num_vectors, a.num_heads, a.token_stride, a.head_stride,
-      static_cast<int>(a.head_dim / 2), a.positions, a.cos, a.sin, a.table_positions);
+  rope_kernel<T>
+      <<<blocks, warps_per_block * 32, 0, stream>>>(first, second, static_cast<int>(a.head_dim / 2),
+                                                    a.positions, a.cos, a.sin, a.table_positions);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+}
+
+kernel_status dispatch(const rope_args& a, const rope_args* b, cudaStream_t stream) {
+  switch (a.dt) {
+    case dtype::f32: return launch<float>(a, b, stream);
+    case dtype::bf16: return launch<__nv_bfloat16>(a, b, stream);
+    default: return kernel_status::unsupported_dtype;
+  }
 }
 
 }  // namespace
@@ -103,12 +133,26 @@ kernel_status rope_can_run(const rope_args& a) noexcept {
 
 kernel_status rope_run(const rope_args& a, cudaStream_t stream) noexcept {
   if (auto s = rope_can_run(a); s != kernel_status::ok) return s;
-  if (a.num_tokens == 0 || a.num_heads == 0) return kernel_status::ok;
-  switch (a.dt) {
-    case dtype::f32: return launch<float>(a, stream);
-    case dtype::bf16: return launch<__nv_bfloat16>(a, stream);
-    default: return kernel_status::unsupported_dtype;
-  }
+  return dispatch(a, nullptr, stream);
+}
+
+kernel_status rope_pair_can_run(const rope_args& a, const rope_args& b) noexcept {
+  if (auto s = rope_can_run(a); s != kernel_status::ok) return s;
+  if (auto s = rope_can_run(b); s != kernel_status::ok) return s;
+  if (b.dt != a.dt) return kernel_status::unsupported_dtype;
+  if (b.num_tokens != a.num_tokens || b.head_dim != a.head_dim || b.positions != a.positions ||
+      b.cos != a.cos || b.sin != a.sin || b.table_positions != a.table_positions)
+    return kernel_status::unsupported_shape;
+  // Both sets' vectors count in the one grid.
+  const int64_t heads = a.num_heads + b.num_heads;
+  if (heads > INT32_MAX || (heads > 0 && a.num_tokens > INT32_MAX / heads))
+    return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
+kernel_status rope_pair_run(const rope_args& a, const rope_args& b, cudaStream_t stream) noexcept {
+  if (auto s = rope_pair_can_run(a, b); s != kernel_status::ok) return s;
+  return dispatch(a, &b, stream);
 }
 
 }  // namespace moe::kernels::cuda

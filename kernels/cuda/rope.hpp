@@ -58,4 +58,13 @@ struct rope_args {
 [[nodiscard]] kernel_status rope_can_run(const rope_args& a) noexcept;
 [[nodiscard]] kernel_status rope_run(const rope_args& a, cudaStream_t stream) noexcept;
 
+/// Two sets of vectors in one launch (a layer's q heads and its k_pe): each rotated exactly as
+/// rope_run would, the same bits. b shares a's num_tokens, head_dim, positions, tables and dt;
+/// the two sets must not overlap (the caller's guarantee, not checked). What rope_can_run says
+/// of either, unsupported_dtype or unsupported_shape where b differs from a in what it shares,
+/// unsupported_shape past INT32_MAX vectors in all.
+[[nodiscard]] kernel_status rope_pair_can_run(const rope_args& a, const rope_args& b) noexcept;
+[[nodiscard]] kernel_status rope_pair_run(const rope_args& a, const rope_args& b,
+                                          cudaStream_t stream) noexcept;
+
 }  // namespace moe::kernels::cuda

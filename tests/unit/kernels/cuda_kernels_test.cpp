@@ -334,6 +334,79 @@ TEST(cuda_rope, matches_cpu_reference) {
     for (dtype dt : {dtype::f32, dtype::bf16}) check_rope(c, dt, c.num_tokens * 131 + c.num_heads);
 }
 
+// q's heads and k_pe in one launch, laid out as the engine's input projection rows without
+// q_lora_rank ([q (H, dn + dr) | latent (R) | k_pe (dr)]): the same bits as two rope_run calls,
+// and nothing else in the rows touched.
+TEST(cuda_rope, a_pair_of_sets_gives_the_bits_of_two_launches) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const auto params = deepseek_v3_rope();
+  const size_t T = 19, H = 3, dn = 16, dr = 64, R = 40, half = dr / 2, table_positions = 64;
+  const size_t row = H * (dn + dr) + R + dr;
+  std::vector<float> cos(table_positions * half), sin(table_positions * half);
+  ASSERT_EQ(cpu::rope_cos_sin_table(params, 0, table_positions, cos.data(), sin.data()),
+            kernel_status::ok);
+  const auto positions = random_ints(T, 0, static_cast<int32_t>(table_positions) - 1, 3);
+  device_buffer d_pos(T * 4), d_cos(cos.size() * 4), d_sin(sin.size() * 4);
+  ASSERT_TRUE(upload(d_pos, positions) && upload(d_cos, cos) && upload(d_sin, sin));
+  for (dtype dt : {dtype::f32, dtype::bf16}) {
+    SCOPED_TRACE(to_string(dt));
+    const auto rows = stored(random_floats(T * row, 7, -2.0f, 2.0f), dt);
+    auto one = to_device(rows, dt), two = to_device(rows, dt);
+    const size_t es = dtype_bytes(dt);
+    const auto args = [&](device_buffer& b) {
+      cuda::rope_args q;
+      q.x = static_cast<char*>(b.get()) + dn * es;
+      q.num_tokens = static_cast<int64_t>(T);
+      q.num_heads = static_cast<int64_t>(H);
+      q.token_stride = static_cast<int64_t>(row);
+      q.head_stride = static_cast<int64_t>(dn + dr);
+      q.head_dim = static_cast<int64_t>(dr);
+      q.positions = d_pos.as<int32_t>();
+      q.cos = d_cos.as<float>();
+      q.sin = d_sin.as<float>();
+      q.table_positions = static_cast<int64_t>(table_positions);
+      q.dt = dt;
+      cuda::rope_args k = q;
+      k.x = static_cast<char*>(b.get()) + (H * (dn + dr) + R) * es;
+      k.num_heads = 1;
+      k.head_stride = static_cast<int64_t>(dr);
+      return std::pair{q, k};
+    };
+    const auto [q1, k1] = args(*one);
+    ASSERT_EQ(cuda::rope_pair_run(q1, k1, nullptr), kernel_status::ok);
+    const auto [q2, k2] = args(*two);
+    ASSERT_EQ(cuda::rope_run(q2, nullptr), kernel_status::ok);
+    ASSERT_EQ(cuda::rope_run(k2, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<uint8_t> a(T * row * es), b(T * row * es), before(T * row * es);
+    ASSERT_TRUE(download(*one, a) && download(*two, b));
+    EXPECT_EQ(a, b);
+    // The latent and the nope parts stayed as they were; the rotated parts changed.
+    ASSERT_TRUE(download(*to_device(rows, dt), before));
+    size_t changed = 0;
+    for (size_t t = 0; t < T; ++t)
+      for (size_t i = 0; i < row * es; ++i) {
+        const size_t col = i / es;
+        const bool rotated =
+            col >= H * (dn + dr) + R || (col < H * (dn + dr) && col % (dn + dr) >= dn);
+        const size_t at = t * row * es + i;
+        if (!rotated) ASSERT_EQ(a[at], before[at]) << "token " << t << " column " << col;
+        changed += a[at] != before[at] ? 1 : 0;
+      }
+    EXPECT_GT(changed, T * (H + 1) * dr * es / 2);
+
+    auto other = k1;  // a set that does not share the positions
+    other.positions = q1.positions + 1;
+    EXPECT_EQ(cuda::rope_pair_can_run(q1, other), kernel_status::unsupported_shape);
+    other = k1;
+    other.head_dim = 32;
+    EXPECT_EQ(cuda::rope_pair_run(q1, other, nullptr), kernel_status::unsupported_shape);
+    other = k1;
+    other.dt = dt == dtype::f32 ? dtype::bf16 : dtype::f32;
+    EXPECT_EQ(cuda::rope_pair_can_run(q1, other), kernel_status::unsupported_dtype);
+  }
+}
+
 TEST(cuda_rope, can_run_rejects_bad_arguments) {
   cuda::rope_args a;
   a.x = fake_ptr();
