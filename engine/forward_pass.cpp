@@ -256,7 +256,7 @@ class forward {
   /// and the cache append: as attention_block::project.
   caf::error project() {
     const device_attention& a = m_.weights->layer(layer_).attention;
-    const int64_t D = d_.D, H = d_.H, qk = d_.qk, R = d_.R, dr = d_.dr, P = this->P();
+    const int64_t D = d_.D, H = d_.H, qk = d_.qk, dr = d_.dr, P = this->P();
     caf::error err;
     if ((err = layer_ == 0 ? norm(b_.x, nullptr, a.input_norm, b_.normed, T_, D, "input norm")
                            : norm(b_.ffn_out, b_.x, a.input_norm, b_.normed, T_, D,
@@ -268,9 +268,6 @@ class forward {
     if (d_.QR > 0 &&
         ((err = norm(b_.proj, nullptr, a.q_a_norm, b_.q_a, T_, d_.QR, "q_a norm", P)) ||
          (err = linear(b_.q_a, a.q_b_proj, b_.q, T_, d_.QR, H * qk, "q_b_proj"))))
-      return err;
-    if ((err = norm(offset(b_.proj, d_.Q, m_.dt), nullptr, a.kv_a_norm, b_.latent, T_, R,
-                    "kv_a norm", P)))
       return err;
     kcu::rope_args r;
     r.x = const_cast<void*>(offset(q(), d_.dn, m_.dt));
@@ -290,17 +287,21 @@ class forward {
     k.token_stride = P;
     k.head_stride = dr;
     if ((err = check(kcu::rope_pair_run(r, k, m_.stream), "rope(q, k)"))) return err;
+    // kv_a_layernorm on the way into the cache: the normed latent into its slot and b_.latent.
     kcu::mla_cache_append_args ca;
     ca.layout = m_.cache_layout;
     ca.pool = m_.cache_pool(layer_);
-    ca.latent = b_.latent;
-    ca.latent_stride = R;
+    ca.latent = offset(b_.proj, d_.Q, m_.dt);
+    ca.latent_stride = P;
     ca.k_pe = k_pe();
     ca.k_pe_stride = P;
     ca.slot_mapping = b_.slots;
     ca.num_tokens = T_;
     ca.dt = m_.dt;
-    return check(kcu::mla_cache_append_run(ca, m_.stream), "cache append");
+    ca.latent_norm = a.kv_a_norm;
+    ca.latent_norm_eps = m_.eps;
+    ca.latent_out = b_.latent;
+    return check(kcu::mla_cache_append_run(ca, m_.stream), "kv_a norm + cache append");
   }
 
   /// Causal attention over the decompressed keys and values of the step's own tokens.

@@ -10,6 +10,9 @@
 //    the storage dtype before it is normed, exactly as the reference's separate add;
 //  - q_a_proj (q_proj without q_lora_rank) and kv_a_proj are one product over their stacked
 //    weights (device_weights.hpp), each row's slices read in place with the row's stride;
+//  - q's heads and k_pe are rotated in one launch (rope_pair_run), and kv_a_layernorm is
+//    applied by the cache append (mla_cache_append_args::latent_norm), which also writes the
+//    normed latent that prefill's kv_b product reads;
 //  - gate and up projections are one product over their stacked weights;
 //  - with block-scaled FP8 products (model_state::fp8_block_scaled), o_proj and the shared
 //    experts' down projection cannot add into their output: they write a scratch that a

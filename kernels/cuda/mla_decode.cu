@@ -48,18 +48,51 @@ __device__ void warp_copy(T* dst, const T* src, int n, int lane) {
   }
 }
 
+// The latent normed on the way in: a warp's sum of squares (lanes, then a butterfly), then
+// rmsnorm's out = weight * (v * rsqrt(mean + eps)), rounded once to T, into the entry (when it
+// has one) and into latent_out.
+template <typename T>
+__device__ void warp_norm_latent(T* entry, T* latent_out, const T* latent, const float* weight,
+                                 float eps, int n, int lane) {
+  float sum_sq = 0.0f;
+  for (int base = 0; base < n; base += 32 * copy_in_flight) {
+    float v[copy_in_flight];
+#pragma unroll
+    for (int u = 0; u < copy_in_flight; ++u) {
+      const int i = base + u * 32 + lane;
+      v[u] = i < n ? load(latent, i) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < copy_in_flight; ++u) sum_sq += v[u] * v[u];
+  }
+  for (int offset = 16; offset > 0; offset /= 2)
+    sum_sq += __shfl_xor_sync(0xffffffff, sum_sq, offset);
+  const float inv = rsqrtf(sum_sq / static_cast<float>(n) + eps);
+  for (int i = lane; i < n; i += 32) {
+    const float y = weight[i] * (load(latent, i) * inv);
+    if (entry != nullptr) store(entry, i, y);
+    store(latent_out, i, y);
+  }
+}
+
 template <typename T>
 __global__ void mla_cache_append_kernel(T* pool, const T* latent, int64_t latent_stride,
                                         const T* k_pe, int64_t k_pe_stride,
                                         const int64_t* slot_mapping, int64_t num_tokens,
-                                        int64_t num_slots, int latent_dim, int rope_dim) {
+                                        int64_t num_slots, int latent_dim, int rope_dim,
+                                        const float* norm_weight, float eps, T* latent_out) {
   const int64_t t = int64_t{blockIdx.x} * append_tokens_per_block + threadIdx.x / 32;
   if (t >= num_tokens) return;
   const int64_t slot = slot_mapping[t];
-  if (slot < 0 || slot >= num_slots) return;  // padding, or outside the caller's guarantee
-  T* entry = pool + slot * (latent_dim + rope_dim);
+  // padding, or outside the caller's guarantee: no entry (a normed latent is still written out)
+  const bool has_entry = slot >= 0 && slot < num_slots;
+  T* entry = has_entry ? pool + slot * (latent_dim + rope_dim) : nullptr;
   const int lane = static_cast<int>(threadIdx.x % 32);
-  warp_copy(entry, latent + t * latent_stride, latent_dim, lane);
+  if (norm_weight != nullptr)
+    warp_norm_latent(entry, latent_out + t * latent_dim, latent + t * latent_stride, norm_weight,
+                     eps, latent_dim, lane);
+  if (!has_entry) return;
+  if (norm_weight == nullptr) warp_copy(entry, latent + t * latent_stride, latent_dim, lane);
   warp_copy(entry + latent_dim, k_pe + t * k_pe_stride, rope_dim, lane);
 }
 
@@ -73,7 +106,7 @@ kernel_status launch_append(const mla_cache_append_args& a, cudaStream_t stream)
       a.latent_stride == 0 ? r : a.latent_stride, static_cast<const T*>(a.k_pe),
       a.k_pe_stride == 0 ? dr : a.k_pe_stride, a.slot_mapping, a.num_tokens,
       static_cast<int64_t>(a.layout.num_blocks * a.layout.block_size), static_cast<int>(r),
-      static_cast<int>(dr));
+      static_cast<int>(dr), a.latent_norm, a.latent_norm_eps, static_cast<T*>(a.latent_out));
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -829,6 +862,9 @@ kernel_status mla_cache_append_can_run(const mla_cache_append_args& a) noexcept 
   if (a.num_tokens == 0) return kernel_status::ok;
   if (a.pool == nullptr || a.latent == nullptr || a.slot_mapping == nullptr ||
       (dr > 0 && a.k_pe == nullptr))
+    return kernel_status::unsupported_shape;
+  if (a.latent_norm != nullptr &&
+      (a.latent_out == nullptr || !std::isfinite(a.latent_norm_eps) || a.latent_norm_eps < 0.0f))
     return kernel_status::unsupported_shape;
   return kernel_status::ok;
 }

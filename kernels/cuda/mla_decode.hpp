@@ -59,6 +59,10 @@ inline constexpr int64_t mla_decode_max_splits = 64;
 
 /// Writes tokens' latents and rotary keys into their slots of the pool: the raw element type is
 /// copied, so bf16 moves bit for bit. Slots outside [0, num_blocks * block_size) are skipped.
+/// With latent_norm, the latent is RMSNormed on the way (kv_a_layernorm: one launch instead of
+/// a norm and a copy): weight * (v * rsqrt(mean(v^2) + eps)) in float32, as rmsnorm.hpp's kernel
+/// (the sum of squares reduced in another order), rounded once to `dt`, into the entry and into
+/// latent_out, which gets every token's normed latent, skipped slots' too.
 struct mla_cache_append_args {
   cpu::mla_cache_layout layout;          ///< num_blocks, block_size, latent_dim R, rope_dim dr
   void* pool = nullptr;                  ///< (num_blocks, block_size, R + dr) of `dt`, device
@@ -69,12 +73,16 @@ struct mla_cache_append_args {
   const int64_t* slot_mapping = nullptr; ///< (num_tokens) int64, device; negative skips
   int64_t num_tokens = 0;
   dtype dt = dtype::f32;                 ///< f32 or bf16, for the pool and both inputs
+  const float* latent_norm = nullptr;    ///< optional (R) float32: norm the latent with it
+  float latent_norm_eps = 1e-6f;
+  void* latent_out = nullptr;            ///< with latent_norm: (num_tokens, R) of `dt`, packed
 };
 
 /// ok, unsupported_dtype, or unsupported_shape for a bad layout (a zero size, R or dr above
 /// cpu::mla_max_dim, a pool past int64 elements), negative sizes or strides, a stride below its
-/// row width, num_tokens > INT32_MAX, or a null pointer (null is accepted when num_tokens == 0,
-/// and k_pe when dr == 0).
+/// row width, num_tokens > INT32_MAX, a null pointer (null is accepted when num_tokens == 0,
+/// and k_pe when dr == 0), or latent_norm without latent_out or with a negative or non-finite
+/// eps.
 [[nodiscard]] kernel_status mla_cache_append_can_run(const mla_cache_append_args& a) noexcept;
 [[nodiscard]] kernel_status mla_cache_append_run(const mla_cache_append_args& a,
                                                  cudaStream_t stream) noexcept;

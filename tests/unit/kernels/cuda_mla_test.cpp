@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "kernels/cpu/mla_attention.hpp"
+#include "kernels/cpu/rmsnorm.hpp"
 #include "kernels/cuda/mla_decode.hpp"
 #include "kernels/cuda/mla_prefill.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
@@ -197,6 +198,75 @@ void check_append(size_t latent_dim, size_t rope_dim, size_t block_size, dtype d
   for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << "pool element " << i;
 }
 
+// With latent_norm: the latent RMSNormed on the way in (cpu::rmsnorm's values within rmsnorm's
+// bounds: 4e-6 relative in f32, one bf16 ulp), into the entry and into latent_out for every
+// token, the padding's too; k_pe and every other slot exact.
+void check_normed_append(size_t latent_dim, size_t rope_dim, dtype dt, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message()
+               << "normed: R " << latent_dim << " dr " << rope_dim << " " << to_string(dt));
+  cpu::mla_cache_layout layout{5, 4, latent_dim, rope_dim};
+  const size_t num_slots = layout.num_blocks * layout.block_size;
+  const size_t num_tokens = 9, row = 3 + latent_dim + rope_dim + 2;  // [q.. | c | k_pe | ..]
+  const host_tensor rows(random_floats(num_tokens * row, seed, -2.0f, 2.0f), dt);
+  const host_tensor pool(random_floats(pool_floats(layout), seed + 1, -1.0f, 1.0f), dt);
+  const auto weight = random_floats(latent_dim, seed + 2, 0.5f, 1.5f);
+  std::vector<int64_t> slots(num_tokens);
+  for (size_t t = 0; t < num_tokens; ++t) slots[t] = static_cast<int64_t>((t * 7) % num_slots);
+  slots[4] = -1;
+
+  std::vector<float> normed(num_tokens * latent_dim);
+  for (size_t t = 0; t < num_tokens; ++t)
+    ASSERT_EQ(cpu::rmsnorm(rows.values.data() + t * row + 3, weight.data(),
+                           normed.data() + t * latent_dim, 1, latent_dim, 1e-6f),
+              kernel_status::ok);
+  std::vector<float> want = pool.values;
+  ASSERT_EQ(
+      cpu::mla_cache_append(layout, want.data(), normed.data(), latent_dim,
+                            rows.values.data() + 3 + latent_dim, row, slots.data(), num_tokens),
+      kernel_status::ok);
+
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const size_t es = dtype_bytes(dt);
+  device_buffer d_pool(pool.bytes(dt)), d_rows(rows.bytes(dt)), d_slots(num_tokens * 8),
+      d_weight(latent_dim * 4), d_out(num_tokens * latent_dim * es);
+  ASSERT_TRUE(pool.upload_to(d_pool, dt) && rows.upload_to(d_rows, dt) && upload(d_slots, slots) &&
+              upload(d_weight, weight));
+  cuda::mla_cache_append_args a;
+  a.layout = layout;
+  a.pool = d_pool.get();
+  a.latent = static_cast<const char*>(d_rows.get()) + 3 * es;
+  a.latent_stride = static_cast<int64_t>(row);
+  a.k_pe = static_cast<const char*>(d_rows.get()) + (3 + latent_dim) * es;
+  a.k_pe_stride = static_cast<int64_t>(row);
+  a.slot_mapping = d_slots.as<int64_t>();
+  a.num_tokens = static_cast<int64_t>(num_tokens);
+  a.dt = dt;
+  a.latent_norm = d_weight.as<float>();
+  a.latent_out = d_out.get();
+  ASSERT_EQ(cuda::mla_cache_append_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto close = [&](const device_buffer& d, const std::vector<float>& w, const char* what) {
+    if (dt == dtype::f32) {
+      const auto got = fetch<float>(d, w.size());
+      for (size_t i = 0; i < w.size(); ++i)
+        ASSERT_TRUE(f32_close(got[i], w[i], 4.0 * std::fabs(w[i]))) << what << " " << i;
+    } else {
+      const auto got = fetch<uint16_t>(d, w.size());
+      for (size_t i = 0; i < w.size(); ++i)
+        ASSERT_TRUE(bf16_within_one_ulp(got[i], w[i])) << what << " " << i;
+    }
+  };
+  close(d_pool, want, "pool element");
+  close(d_out, normed, "latent_out element");
+}
+
+TEST(cuda_mla_cache_append, a_normed_latent_matches_cpu_rmsnorm_then_append) {
+  for (dtype dt : {dtype::f32, dtype::bf16}) {
+    check_normed_append(512, 64, dt, 4);  // DeepSeek's, a lane's 16 values in two rounds
+    check_normed_append(37, 5, dt, 5);    // odd widths
+  }
+}
+
 TEST(cuda_mla_cache_append, matches_cpu_reference) {
   for (dtype dt : {dtype::f32, dtype::bf16}) {
     check_append(512, 64, 64, dt, 1);  // DeepSeek-V3
@@ -227,6 +297,15 @@ TEST(cuda_mla_cache_append, can_run_rejects_bad_arguments) {
            cuda::mla_cache_append_run(b, nullptr) == kernel_status::unsupported_shape;
   };
   auto b = a;
+  b.latent_norm = fake<float>();  // without latent_out
+  EXPECT_TRUE(refused(b));
+  b.latent_out = fake_ptr();
+  EXPECT_EQ(cuda::mla_cache_append_can_run(b), kernel_status::ok);
+  b.latent_norm_eps = -1.0f;
+  EXPECT_TRUE(refused(b));
+  b.latent_norm_eps = std::nanf("");
+  EXPECT_TRUE(refused(b));
+  b = a;
   b.layout.num_blocks = 0;
   EXPECT_TRUE(refused(b));
   b = a;
