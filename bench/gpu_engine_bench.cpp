@@ -155,6 +155,7 @@ class runner {
     std::mt19937 rng(static_cast<uint32_t>(batch));
     std::vector<double> times;
     const int runs = std::max(1, s_.reps / 2);
+    const uint64_t captured_before = e_.decode_graph_stats().num_captured;
     for (int r = -1; r < runs; ++r) {
       std::vector<std::vector<int32_t>> prompts;
       std::vector<moe::model::sequence_input> seqs;
@@ -183,9 +184,17 @@ class runner {
       if (r >= 0) times.push_back(s);
     }
     const double s = median(times);
-    return {{"batch", batch}, {"context", s_.context}, {"steps", s_.decode_steps},
-            {"graphs", use_graph}, {"ms_per_token", 1e3 * s / s_.decode_steps},
-            {"tokens_per_s", static_cast<double>(batch) * s_.decode_steps / s}, {"times", times}};
+    json out = {{"batch", batch},
+                {"context", s_.context},
+                {"steps", s_.decode_steps},
+                {"graphs", use_graph},
+                {"ms_per_token", 1e3 * s / s_.decode_steps},
+                {"tokens_per_s", static_cast<double>(batch) * s_.decode_steps / s},
+                {"times", times}};
+    // The launches one step replays: the nodes of the graph this batch captured (last).
+    if (const auto g = e_.decode_graph_stats(); use_graph && g.num_captured > captured_before)
+      out["graph_nodes"] = g.last_graph_nodes;
+    return out;
   }
 
  private:
@@ -489,10 +498,14 @@ int main(int argc, char** argv) {
   out["kernels"] = kernels_json(*engine);
   if (s.graphs) {
     const auto g = engine->decode_graph_stats();
-    out["decode_graph_stats"] = {{"captured", g.num_captured}, {"replays", g.num_replays},
-                                 {"fallbacks", g.num_fallbacks}, {"evicted", g.num_evicted},
-                                 {"held", g.num_graphs}, {"device_bytes", g.device_bytes},
+    out["decode_graph_stats"] = {{"captured", g.num_captured},
+                                 {"replays", g.num_replays},
+                                 {"fallbacks", g.num_fallbacks},
+                                 {"evicted", g.num_evicted},
+                                 {"held", g.num_graphs},
+                                 {"device_bytes", g.device_bytes},
                                  {"host_bytes", g.host_bytes},
+                                 {"last_graph_nodes", g.last_graph_nodes},
                                  {"last_fallback_reason", g.last_fallback_reason}};
   }
   out["targets"] = targets(out);

@@ -111,6 +111,12 @@ caf::expected<cuda_graph> cuda_graph::capture(cudaStream_t stream,
     leave_capture(stream);
     return err;
   }
+  size_t num_nodes = 0;
+  if (auto e = runtime::cuda_error(cudaGraphGetNodes(graph.get(), nullptr, &num_nodes),
+                                   "cudaGraphGetNodes")) {
+    leave_capture(stream);
+    return e;
+  }
   cudaGraphExec_t exec = nullptr;
   if (auto e = runtime::cuda_error(cudaGraphInstantiate(&exec, graph.get(), 0),
                                    "cudaGraphInstantiate")) {
@@ -120,6 +126,7 @@ caf::expected<cuda_graph> cuda_graph::capture(cudaStream_t stream,
   }
   cuda_graph out;
   out.exec_.reset(exec);
+  out.num_nodes_ = num_nodes;
   return out;
 }
 
@@ -147,6 +154,7 @@ void decode_graph_cache::insert(const decode_graph_key& key, std::unique_ptr<dec
   graph->last_used = ++clock_;
   stats_.device_bytes += graph->arena.size_bytes();
   stats_.host_bytes += graph->staging.size_bytes();
+  stats_.last_graph_nodes = graph->graph.num_nodes();
   graphs_.emplace(key, std::move(graph));
   ++stats_.num_captured;
 }

@@ -74,9 +74,13 @@ class cuda_graph {
   /// Queues one replay on `stream`.
   [[nodiscard]] caf::error launch(cudaStream_t stream) const;
   [[nodiscard]] explicit operator bool() const noexcept { return exec_ != nullptr; }
+  /// The captured graph's nodes (kernels, copies, library calls' launches): what one replay
+  /// launches.
+  [[nodiscard]] size_t num_nodes() const noexcept { return num_nodes_; }
 
  private:
   std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, cuda_graph_exec_deleter> exec_;
+  size_t num_nodes_ = 0;
 };
 
 /// Ends a capture `stream` may still be in (discarding its graph) and clears CUDA's last

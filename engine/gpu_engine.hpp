@@ -124,6 +124,8 @@ struct gpu_decode_graph_stats {
   int64_t num_graphs = 0;      ///< held now
   size_t device_bytes = 0;     ///< their arenas
   size_t host_bytes = 0;       ///< their pinned staging buffers
+  /// Nodes of the graph captured last: the kernels (and copies) one decode step launches.
+  size_t last_graph_nodes = 0;
   std::string last_fallback_reason;  ///< the key and the error of the last failure
 };
 

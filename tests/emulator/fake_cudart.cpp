@@ -711,6 +711,16 @@ cudaError_t CUDARTAPI cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptu
   return cudaSuccess;
 }
 
+// The count only: the emulator's nodes have no handles to give out.
+cudaError_t CUDARTAPI cudaGraphGetNodes(cudaGraph_t graph, cudaGraphNode_t* nodes,
+                                        size_t* numNodes) {
+  guard g(lock_of_all());
+  if (numNodes == nullptr || graphs().count(graph) == 0) return fail(cudaErrorInvalidValue);
+  if (nodes != nullptr) return fail(cudaErrorNotSupported);
+  *numNodes = graph->nodes.size();
+  return cudaSuccess;
+}
+
 cudaError_t CUDARTAPI cudaGraphInstantiate(cudaGraphExec_t* pGraphExec, cudaGraph_t graph,
                                            unsigned long long flags) {
   guard g(lock_of_all());

@@ -86,6 +86,9 @@ def main():
         positive(d, "speedup_over_eager", f"decode batch {b}")
         if d["tokens_compared"] != b * 2:
             fail(f"decode batch {b}: {d['tokens_compared']} tokens compared, expected {b * 2}")
+        # The launches a step replays: at least a few per layer of the tiny model's 3.
+        if not 3 * 10 <= d.get("graph_nodes", 0) <= 3 * 40:
+            fail(f"decode batch {b}: graph_nodes {d.get('graph_nodes')}")
     stats = j["decode_graph_stats"]
     if stats["captured"] < 1 or stats["replays"] < 1:
         fail(f"no decode graph was replayed: {stats}")
