@@ -27,7 +27,9 @@
 // their projections on the grouped expert GEMM as one expert ("decode_grouped_dense",
 // grouped_dense_rows); the batches within skinny_rows (their few-row projections on
 // skinny_linear.hpp's kernel) with every projection on cuBLASLt instead
-// ("decode_cublaslt_projections", the kernel's speed-up); and last, unless --no-wgmma, prefill
+// ("decode_cublaslt_projections", the kernel's speed-up); every decode batch with the shared
+// experts on the step's one stream ("decode_one_stream", overlap_shared_experts off: the
+// overlap's speed-up); and last, unless --no-wgmma, prefill
 // with the routed experts on Hopper's wgmma ("prefill_wgmma_experts", wgmma_experts). With
 // --wgmma-experts the default engine itself has wgmma_experts (and that variant is not run).
 // "kernels" says which kernels each engine's products ran on. A variant that fails is recorded
@@ -597,6 +599,13 @@ int main(int argc, char** argv) {
         "decode_cublaslt_projections", "skinny_rows 0", skinny_batches,
         [](me::gpu_engine_options& o) { o.skinny_rows = 0; },
         [](json& d, double base) { d["skinny_speedup"] = base / d["tokens_per_s"].get<double>(); });
+    // Every decode batch with the shared experts on the step's one stream: the overlap's effect.
+    decode_variant(
+        "decode_one_stream", "overlap_shared_experts false", s.decode_batches,
+        [](me::gpu_engine_options& o) { o.overlap_shared_experts = false; },
+        [](json& d, double base) {
+          d["overlap_speedup"] = base / d["tokens_per_s"].get<double>();
+        });
     if (s.wgmma && !s.wgmma_experts)
       prefill_variant("prefill_wgmma_experts", "wgmma_experts",
                       [](me::gpu_engine_options& o) { o.wgmma_experts = true; });

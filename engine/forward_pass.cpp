@@ -59,7 +59,14 @@ struct dims {
 class forward {
  public:
   forward(const model_state& m, const step_shape& s, const step_buffers& b)
-      : m_(m), c_(*m.config), s_(s), b_(b), d_(*m.config), T_(s.num_tokens) {}
+      : m_(m),
+        c_(*m.config),
+        s_(s),
+        b_(b),
+        d_(*m.config),
+        T_(s.num_tokens),
+        stream_(m.stream),
+        workspace_(m.gemm_workspace) {}
 
   caf::error run() {
     kcu::gather_rows_args g;
@@ -70,7 +77,7 @@ class forward {
     g.num_ids = T_;
     g.dim = d_.D;
     g.dt = m_.dt;
-    if (auto err = check(kcu::gather_rows_run(g, m_.stream), "embedding")) return err;
+    if (auto err = check(kcu::gather_rows_run(g, stream_), "embedding")) return err;
     for (int64_t l = 0; l < c_.num_hidden_layers; ++l) {
       layer_ = l;
       if (auto err = attention()) return err;
@@ -90,7 +97,7 @@ class forward {
   }
 
   caf::error gemm(const kcu::gemm_desc& g, const char* what) {
-    return check(m_.gemm->run(g, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream), what);
+    return check(m_.gemm->run(g, workspace_, m_.gemm_workspace_bytes, stream_), what);
   }
 
   /// The few-row product on skinny_linear.hpp's kernel where the step has few enough rows and
@@ -98,7 +105,7 @@ class forward {
   std::optional<caf::error> skinny(const kcu::skinny_linear_args& a, const char* what) {
     if (a.rows > m_.skinny_rows || kcu::skinny_linear_can_run(a) != kernel_status::ok)
       return std::nullopt;
-    return check(kcu::skinny_linear_run(a, m_.stream), what);
+    return check(kcu::skinny_linear_run(a, stream_), what);
   }
 
   /// The product (x and w of the step's dtype or w FP8, y of y_dt, beta for the residual add) on
@@ -122,7 +129,7 @@ class forward {
     g.y_dt = y_dt;
     g.beta = beta;
     if (kcu::grouped_gemm_can_run(g) != kernel_status::ok) return std::nullopt;
-    const kernel_status st = kcu::grouped_gemm_run(g, m_.stream);
+    const kernel_status st = kcu::grouped_gemm_run(g, stream_);
     if (st == kernel_status::ok) count(&gpu_kernel_stats::dense_as_one_expert);
     return check(st, what);
   }
@@ -182,9 +189,9 @@ class forward {
         q.x_dt = m_.dt;
         q.layout = kcu::fp8_scale_layout::group_major;
         q.scale_ld = d.m;
-        if (auto err = check(kcu::fp8_quantize_run(q, m_.stream), what)) return err;
+        if (auto err = check(kcu::fp8_quantize_run(q, stream_), what)) return err;
         const kernel_status st =
-            m_.gemm->run_fp8_linear(d, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream);
+            m_.gemm->run_fp8_linear(d, workspace_, m_.gemm_workspace_bytes, stream_);
         if (st == kernel_status::ok) {
           count(&gpu_kernel_stats::fp8_block_scaled);
           if (beta == 0.0f) return {};
@@ -193,7 +200,7 @@ class forward {
           acc.y = y;
           acc.count = rows * out;
           acc.dt = m_.dt;
-          return check(kcu::accumulate_run(acc, m_.stream), what);
+          return check(kcu::accumulate_run(acc, stream_), what);
         }
         // A shape or card cuBLASLt has no block-scaled algorithm for: the expansion below.
         if (st != kernel_status::unsupported_shape && st != kernel_status::unsupported_arch)
@@ -218,7 +225,7 @@ class forward {
     f.scale_ld = w.scale_ld;
     f.beta = beta;
     const kernel_status st =
-        m_.gemm->run_fp8_linear_fallback(f, m_.gemm_workspace, m_.gemm_workspace_bytes, m_.stream);
+        m_.gemm->run_fp8_linear_fallback(f, workspace_, m_.gemm_workspace_bytes, stream_);
     if (st == kernel_status::ok) count(&gpu_kernel_stats::fp8_expanded);
     return check(st, what);
   }
@@ -237,7 +244,7 @@ class forward {
     a.x_stride = x_stride;
     a.eps = m_.eps;
     a.dt = m_.dt;
-    return check(kcu::rmsnorm_run(a, m_.stream), what);
+    return check(kcu::rmsnorm_run(a, stream_), what);
   }
 
   /// The step's q (T, H, dn + dr), row stride q_stride(): q_b_proj's output with q_lora_rank,
@@ -286,7 +293,7 @@ class forward {
     k.num_heads = 1;
     k.token_stride = P;
     k.head_stride = dr;
-    if ((err = check(kcu::rope_pair_run(r, k, m_.stream), "rope(q, k)"))) return err;
+    if ((err = check(kcu::rope_pair_run(r, k, stream_), "rope(q, k)"))) return err;
     // kv_a_layernorm on the way into the cache: the normed latent into its slot and b_.latent.
     kcu::mla_cache_append_args ca;
     ca.layout = m_.cache_layout;
@@ -301,7 +308,7 @@ class forward {
     ca.latent_norm = a.kv_a_norm;
     ca.latent_norm_eps = m_.eps;
     ca.latent_out = b_.latent;
-    return check(kcu::mla_cache_append_run(ca, m_.stream), "kv_a norm + cache append");
+    return check(kcu::mla_cache_append_run(ca, stream_), "kv_a norm + cache append");
   }
 
   /// Causal attention over the decompressed keys and values of the step's own tokens.
@@ -333,7 +340,7 @@ class forward {
     p.v_dim = dv;
     p.softmax_scale = m_.softmax_scale;
     p.dt = m_.dt;
-    return check(kcu::mla_prefill_run(p, m_.stream), "mla prefill");
+    return check(kcu::mla_prefill_run(p, stream_), "mla prefill");
   }
 
   /// One query per sequence against the paged latent cache, kv_b_proj absorbed on both sides
@@ -373,9 +380,9 @@ class forward {
     dec.softmax_scale = m_.softmax_scale;
     dec.max_seq_len = s_.max_seq_len;
     dec.dt = m_.dt;
-    if (auto err = check(kcu::mla_decode_run(dec, b_.mla_workspace, b_.mla_workspace_bytes,
-                                             m_.stream),
-                         "mla decode"))
+    if (auto err =
+            check(kcu::mla_decode_run(dec, b_.mla_workspace, b_.mla_workspace_bytes, stream_),
+                  "mla decode"))
       return err;
     kcu::gemm_desc o;  // attn[b, h, :] = out_latent[b, h, :] . W_UV[h]^T (R, dv)
     o.trans_b = kcu::transpose::yes;
@@ -407,14 +414,14 @@ class forward {
   }
 
   /// act (rows, dim) = silu(gate) * up of gate_up's (rows, 2 dim) stacked halves.
-  caf::error swiglu(int64_t rows, int64_t dim, const char* what) {
+  caf::error swiglu(const void* gate_up, void* act, int64_t rows, int64_t dim, const char* what) {
     kcu::swiglu_args s;
-    s.gate_up = b_.gate_up;
-    s.out = b_.act;
+    s.gate_up = gate_up;
+    s.out = act;
     s.rows = rows;
     s.dim = dim;
     s.dt = m_.dt;
-    return check(kcu::swiglu_run(s, m_.stream), what);
+    return check(kcu::swiglu_run(s, stream_), what);
   }
 
   /// out (rows, hidden) = beta * out + down(silu(gate(in)) * up(in)).
@@ -422,7 +429,7 @@ class forward {
     const int64_t D = d_.D, I = w.intermediate;
     caf::error err;
     if ((err = linear(in, w.gate_up, b_.gate_up, rows, D, 2 * I, "mlp gate|up")) ||
-        (err = swiglu(rows, I, "mlp swiglu")))
+        (err = swiglu(b_.gate_up, b_.act, rows, I, "mlp swiglu")))
       return err;
     return linear(b_.act, w.down, out, rows, I, D, "mlp down", beta);
   }
@@ -454,7 +461,7 @@ class forward {
       a.dt = g.dt;
       a.host_pointers = m_.host_pointers + scratch;
       a.device_pointers = m_.device_pointers + scratch;
-      const kernel_status st = m_.blas->run(a, m_.stream);
+      const kernel_status st = m_.blas->run(a, stream_);
       if (st != kernel_status::unsupported_shape) {
         if (st == kernel_status::ok) count(&gpu_kernel_stats::experts_cublas);
         return check(st, what);
@@ -469,7 +476,7 @@ class forward {
   /// product and swiglu apart.
   std::optional<caf::error> grouped_run(const kcu::grouped_gemm_args& g, const char* what) {
     auto launched = kcu::grouped_gemm_kernel::none;
-    const kernel_status st = kcu::grouped_gemm_run(g, m_.stream, &launched);
+    const kernel_status st = kcu::grouped_gemm_run(g, stream_, &launched);
     if (g.fuse_swiglu && st == kernel_status::unsupported_shape) return std::nullopt;
     if (launched == kcu::grouped_gemm_kernel::wgmma ||
         launched == kcu::grouped_gemm_kernel::wgmma_tma)
@@ -481,8 +488,27 @@ class forward {
 
   /// Routed experts (gate, permute, grouped products, weighted combine) plus the shared
   /// experts, into ffn_out: the reference's moe_layer_output order (routed rows summed in k
-  /// order from zero, then the shared output added).
+  /// order from zero, then the shared output added). In decode steps with a side stream
+  /// (model_state::side_stream) the shared experts' first two kernels run beside the routed
+  /// ones (shared_experts_aside).
   caf::error moe(const device_moe& w) {
+    if (!w.shared) return routed_experts(w);
+    if (b_.shared_act == nullptr) {  // one stream
+      if (auto err = routed_experts(w)) return err;
+      return mlp(*w.shared, b_.mlp_in, T_, b_.ffn_out, 1.0f);
+    }
+    caf::error err = shared_experts_aside(*w.shared);
+    if (!err) err = routed_experts(w);
+    // Joined whatever happened, so that none of the step's work is left unordered.
+    const cudaError_t joined = cudaStreamWaitEvent(stream_, m_.shared_done, 0);
+    if (err) return err;
+    if ((err = runtime::cuda_error(joined, "waiting for the shared experts"))) return err;
+    return linear(b_.shared_act, w.shared->down, b_.ffn_out, T_, w.shared->intermediate, d_.D,
+                  "shared experts down", 1.0f);
+  }
+
+  /// The routed experts' part of moe(), into ffn_out.
+  caf::error routed_experts(const device_moe& w) {
     const int64_t D = d_.D, E = d_.E, k = d_.top_k, I = c_.moe_intermediate_size;
     const int64_t rows = T_ * k;
     caf::error err;
@@ -506,7 +532,7 @@ class forward {
       cv.count = T_ * D;
       cv.in_dt = m_.dt;
       cv.out_dt = dtype::f32;
-      if ((err = check(kcu::convert_run(cv, m_.stream), "router input to f32"))) return err;
+      if ((err = check(kcu::convert_run(cv, stream_), "router input to f32"))) return err;
       router_in = b_.mlp_in_f32;
     }
     if (!routed && (err = linear_as(dtype::f32, dtype::f32, router_in, w.router, b_.router_logits,
@@ -525,7 +551,7 @@ class forward {
     g.topk_idx = topk_idx;
     g.topk_weight = b_.topk_weight;
     g.num_tokens = T_;
-    if ((err = check(kcu::moe_gate_run(g, m_.stream), "gate"))) return err;
+    if ((err = check(kcu::moe_gate_run(g, stream_), "gate"))) return err;
     kcu::permute_plan_args plan;
     plan.topk_idx = topk_idx;
     plan.num_tokens = T_;
@@ -534,7 +560,7 @@ class forward {
     plan.expert_offsets = b_.expert_offsets;
     plan.positions = b_.expert_positions;
     plan.inverse = b_.expert_inverse;
-    if ((err = check(kcu::permute_plan_run(plan, m_.stream), "permute plan"))) return err;
+    if ((err = check(kcu::permute_plan_run(plan, stream_), "permute plan"))) return err;
     kcu::permute_rows_args pr;
     pr.x = b_.mlp_in;
     pr.positions = b_.expert_positions;
@@ -544,16 +570,15 @@ class forward {
     pr.dim = D;
     pr.num_rows = rows;
     pr.dt = m_.dt;
-    if ((err = check(kcu::permute_rows_run(pr, m_.stream), "permute rows"))) return err;
+    if ((err = check(kcu::permute_rows_run(pr, stream_), "permute rows"))) return err;
     // cuBLAS's grouped GEMM needs the experts' row offsets on the host: a prefill copies them
     // and waits (a decode step may be replayed from a graph, which cannot).
     const bool blas =
         !s_.decode && m_.blas != nullptr && !w.experts_gate_up.fp8() && !w.experts_down.fp8();
     if (blas) {
       if ((err = runtime::copy_async(m_.host_offsets, b_.expert_offsets,
-                                     static_cast<size_t>(E + 1) * sizeof(int32_t), m_.stream)) ||
-          (err =
-               runtime::cuda_error(cudaStreamSynchronize(m_.stream), "expert offsets to the host")))
+                                     static_cast<size_t>(E + 1) * sizeof(int32_t), stream_)) ||
+          (err = runtime::cuda_error(cudaStreamSynchronize(stream_), "expert offsets to the host")))
         return err;
     }
     kcu::grouped_gemm_args gg;
@@ -578,7 +603,7 @@ class forward {
     if (fused_run) {
       if (*fused_run) return *fused_run;
     } else if ((err = experts_product(gg, blas, 0, "experts gate|up")) ||
-               (err = swiglu(rows, I, "experts swiglu"))) {
+               (err = swiglu(b_.gate_up, b_.act, rows, I, "experts swiglu"))) {
       return err;
     }
     gg.x = b_.act;
@@ -597,9 +622,34 @@ class forward {
     u.dim = D;
     u.num_rows = rows;
     u.dt = m_.dt;
-    if ((err = check(kcu::unpermute_run(u, m_.stream), "combine"))) return err;
-    if (w.shared) return mlp(*w.shared, b_.mlp_in, T_, b_.ffn_out, 1.0f);
-    return {};
+    return check(kcu::unpermute_run(u, stream_), "combine");
+  }
+
+  /// The shared experts' gate|up product and SwiGLU into shared_act, queued on the side stream
+  /// after what the step queued so far, while the routed experts run on the step's stream (a
+  /// decode step's small kernels leave most of the card idle). moe() waits for shared_done
+  /// before the down product adds into ffn_out: the same sum, in the same order, as without.
+  /// Nothing they touch is touched by the routed path meanwhile: their own buffers, the side
+  /// cuBLASLt workspace, and the FP8 scratch, which the routed path does not use.
+  caf::error shared_experts_aside(const device_mlp& w) {
+    if (auto err = runtime::cuda_error(cudaEventRecord(m_.shared_start, stream_),
+                                       "cudaEventRecord (shared experts)"))
+      return err;
+    if (auto err = runtime::cuda_error(cudaStreamWaitEvent(m_.side_stream, m_.shared_start, 0),
+                                       "cudaStreamWaitEvent (shared experts)"))
+      return err;
+    stream_ = m_.side_stream;
+    workspace_ = m_.side_gemm_workspace;
+    const int64_t I = w.intermediate;
+    caf::error err =
+        linear(b_.mlp_in, w.gate_up, b_.shared_gate_up, T_, d_.D, 2 * I, "shared experts gate|up");
+    if (!err) err = swiglu(b_.shared_gate_up, b_.shared_act, T_, I, "shared experts swiglu");
+    // Joined back even after an error, so that no work of the step is left unordered.
+    const cudaError_t recorded = cudaEventRecord(m_.shared_done, stream_);
+    stream_ = m_.stream;
+    workspace_ = m_.gemm_workspace;
+    if (err) return err;
+    return runtime::cuda_error(recorded, "cudaEventRecord (shared experts done)");
   }
 
   caf::error ffn() {
@@ -629,7 +679,7 @@ class forward {
       g.num_ids = rows;
       g.dim = D;
       g.dt = m_.dt;
-      if ((err = check(kcu::gather_rows_run(g, m_.stream), "last rows"))) return err;
+      if ((err = check(kcu::gather_rows_run(g, stream_), "last rows"))) return err;
       head_in = b_.head_in;
     }
     if ((err = linear_as(m_.dt, dtype::f32, head_in, m_.weights->lm_head(), b_.logits, rows, D,
@@ -641,7 +691,7 @@ class forward {
     sg.rows = rows;
     sg.vocab = V;
     sg.dt = dtype::f32;
-    return check(kcu::sample_greedy_run(sg, m_.stream), "greedy sampling");
+    return check(kcu::sample_greedy_run(sg, stream_), "greedy sampling");
   }
 
   const model_state& m_;
@@ -650,6 +700,10 @@ class forward {
   const step_buffers& b_;
   const dims d_;
   const int64_t T_;
+  // Where kernels are queued now: the step's stream, or the side stream (and its cuBLASLt
+  // workspace) while the shared experts overlap the routed ones.
+  cudaStream_t stream_;
+  void* workspace_;
   int64_t layer_ = -1;
   int64_t moe_ordinal_ = 0;  // MoE layers run so far: this one's slice of topk_idx
 };
@@ -740,6 +794,11 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
   }
   take(b.gate_up, 2 * widest * es);
   take(b.act, widest * es);
+  if (s.decode && d.E > 0 && c.n_shared_experts > 0 && m.side_stream != nullptr) {
+    const size_t shared = Tp * static_cast<size_t>(c.shared_intermediate_size());
+    take(b.shared_gate_up, 2 * shared * es);
+    take(b.shared_act, shared * es);
+  }
   if (fp8_rows) {
     // The widest input of a projection: hidden, q_lora_rank, H * dv or an MLP's intermediate.
     const size_t widest_in = std::max(

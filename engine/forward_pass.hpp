@@ -53,6 +53,14 @@ struct model_state {
   void* gemm_workspace = nullptr;
   size_t gemm_workspace_bytes = 0;
   cudaStream_t stream = nullptr;
+  /// Decode steps run the shared experts' first two kernels on side_stream, forked after
+  /// shared_start and joined at shared_done (both recorded by the step), with a cuBLASLt
+  /// workspace of their own (gemm_workspace_bytes); null: no overlap
+  /// (gpu_engine_options::overlap_shared_experts off).
+  cudaStream_t side_stream = nullptr;
+  cudaEvent_t shared_start = nullptr;
+  cudaEvent_t shared_done = nullptr;
+  void* side_gemm_workspace = nullptr;
   /// FP8 weights' products outside the grouped GEMM: block-scaled (inputs quantized to e4m3)
   /// where cuBLASLt takes them, else the weight expanded into fp8_expanded and a bf16 product.
   bool fp8_block_scaled = false;
@@ -129,6 +137,10 @@ struct step_buffers {
   void* expert_rows = nullptr;  ///< (T * top_k, hidden)
   void* gate_up = nullptr;      ///< (rows, 2 * intermediate), the widest MLP's
   void* act = nullptr;          ///< (rows, intermediate)
+  /// Decode with the shared experts overlapped (model_state::side_stream): their own
+  /// (T, 2 * shared intermediate) and (T, shared intermediate); null otherwise.
+  void* shared_gate_up = nullptr;
+  void* shared_act = nullptr;
   void* expert_out = nullptr;   ///< (T * top_k, hidden)
   void* head_in = nullptr;      ///< (num_logit_rows, hidden) when not every row gets logits
   // Block-scaled FP8 products: T padded to 32 rows (fp8_linear_rows; the buffers such a product

@@ -143,9 +143,12 @@ struct gpu_engine::state {
   // Declaration order is release order reversed: allocations go back to the allocator before
   // it gives its blocks back to CUDA, and the stream outlives them all.
   runtime::cuda_stream stream;
+  // overlap_shared_experts only: the side stream and the events that fork and join it.
+  std::optional<runtime::cuda_stream> side_stream;
+  std::optional<runtime::cuda_event> shared_start, shared_done;
   std::unique_ptr<runtime::caching_device_allocator> allocator;
-  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace, fp8_expanded, blas_pointers,
-      one_expert_offsets;
+  runtime::device_allocation cache, rope_cos, rope_sin, gemm_workspace, side_gemm_workspace,
+      fp8_expanded, blas_pointers, one_expert_offsets;
   std::optional<device_weights> weights;
   kcu::gemm_lt gemm;
   kcu::cublas_grouped_gemm blas;  // with cublas_grouped_experts only
@@ -442,6 +445,20 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   auto workspace = s->allocator->allocate(kcu::gemm_workspace_bytes, s->key());
   if (!workspace) return workspace.error();
   s->gemm_workspace = std::move(*workspace);
+  if (options.overlap_shared_experts && c.n_routed_experts > 0 && c.n_shared_experts > 0) {
+    auto side = runtime::cuda_stream::create();
+    if (!side) return side.error();
+    s->side_stream = std::move(*side);
+    for (auto* event : {&s->shared_start, &s->shared_done}) {
+      auto e = runtime::cuda_event::create();
+      if (!e) return e.error();
+      *event = std::move(*e);
+    }
+    // Used only between the fork and the join, which the step's stream waits for.
+    auto side_workspace = s->allocator->allocate(kcu::gemm_workspace_bytes, s->key());
+    if (!side_workspace) return side_workspace.error();
+    s->side_gemm_workspace = std::move(*side_workspace);
+  }
 
   // Where an FP8 weight is expanded for its product (fp8_products::expand, and the fallback of
   // block_scaled): the largest one outside the routed experts, in bf16.
@@ -496,6 +513,12 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   m.gemm_workspace = s->gemm_workspace.data();
   m.gemm_workspace_bytes = kcu::gemm_workspace_bytes;
   m.stream = s->stream.get();
+  if (s->side_stream) {
+    m.side_stream = s->side_stream->get();
+    m.shared_start = s->shared_start->get();
+    m.shared_done = s->shared_done->get();
+    m.side_gemm_workspace = s->side_gemm_workspace.data();
+  }
   m.fp8_block_scaled = options.fp8 == gpu_engine_options::fp8_products::block_scaled;
   m.skinny_rows = options.skinny_rows;
   m.grouped_dense_rows = options.grouped_dense_rows;

@@ -92,6 +92,13 @@ struct gpu_engine_options {
   /// default until a card measures it: moe_bench_gpu_engine's decode_grouped_dense) keeps cuBLASLt.
   int64_t grouped_dense_rows = 0;
   static constexpr int64_t max_grouped_dense_rows = 64;
+  /// Decode steps run the shared experts' gate|up product and SwiGLU on a second stream while
+  /// the routed experts' gate, permutation and grouped products run on the engine's (forked and
+  /// joined by events, in the decode graphs too): at small batches each of those kernels leaves
+  /// most of the card idle. The shared experts' down product adds into the output after both,
+  /// so the values are the same bits either way. Costs a stream, two events and a second
+  /// cuBLASLt workspace. Off: all on one stream (moe_bench_gpu_engine measures both).
+  bool overlap_shared_experts = true;
   /// Replay decode steps from CUDA graphs (engine/decode_graphs.hpp): one launch per step
   /// instead of ~30 per layer. A batch is padded to the next power of two up to 256 and its
   /// block table to the next power-of-two width; each (batch, width, return_logits) gets its

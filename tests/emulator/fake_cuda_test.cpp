@@ -1,7 +1,8 @@
 // The stand-ins the engine's emulated test links (fake_cudart.cpp, fake_cublaslt.cpp) do what
 // that test relies on and could not tell apart from a fake that is too lenient: a capture
 // records without running, a replay runs what was recorded (reading host buffers as they are
-// then), a refused call invalidates the capture, copies past an allocation are refused, and the
+// then), a stream forked by an event joins the capture and must be joined back, a refused call
+// invalidates the capture, copies past an allocation are refused, and the
 // products follow cuBLASLt's column-major definition (transposes, leading dimensions, strided
 // batches, bf16 rounding, beta == 0 not reading C).
 #include <cublasLt.h>
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -54,6 +56,69 @@ TEST(emulated_cuda_runtime, a_capture_records_and_a_replay_runs) {
   EXPECT_EQ(out[63], 5);
   EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
   EXPECT_EQ(cudaFreeHost(pinned), cudaSuccess);
+  EXPECT_EQ(cudaFree(dev), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+// A second stream forked from a capture by an event joins it: its work is recorded, not run,
+// and replayed; the capture ends only once the origin waited for all of it.
+TEST(emulated_cuda_runtime, a_forked_stream_joins_the_capture) {
+  stream_owner main, side;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&join, cudaEventDisableTiming), cudaSuccess);
+  void* dev = nullptr;
+  ASSERT_EQ(cudaMalloc(&dev, 64), cudaSuccess);
+  ASSERT_EQ(cudaMemsetAsync(dev, 0, 64, main.s), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(main.s), cudaSuccess);
+  const auto capture_fork = [&](bool joined) {
+    EXPECT_EQ(cudaStreamBeginCapture(main.s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    EXPECT_EQ(cudaEventRecord(fork, main.s), cudaSuccess);
+    EXPECT_EQ(cudaStreamWaitEvent(side.s, fork, 0), cudaSuccess);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    EXPECT_EQ(cudaStreamIsCapturing(side.s, &status), cudaSuccess);
+    EXPECT_EQ(status, cudaStreamCaptureStatusActive);
+    EXPECT_EQ(cudaMemsetAsync(dev, 3, 32, side.s), cudaSuccess);
+    EXPECT_EQ(cudaEventRecord(join, side.s), cudaSuccess);
+    if (joined) {
+      EXPECT_EQ(cudaStreamWaitEvent(main.s, join, 0), cudaSuccess);
+    }
+    EXPECT_EQ(cudaMemsetAsync(static_cast<char*>(dev) + 32, 4, 32, main.s), cudaSuccess);
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(main.s, &graph);
+    EXPECT_EQ(cudaStreamIsCapturing(side.s, &status), cudaSuccess);
+    EXPECT_EQ(status, cudaStreamCaptureStatusNone) << "the side stream left the capture";
+    return std::pair{end, graph};
+  };
+
+  auto [unjoined, none] = capture_fork(false);
+  EXPECT_EQ(unjoined, cudaErrorStreamCaptureUnjoined);
+  EXPECT_EQ(none, nullptr);
+  (void)cudaGetLastError();
+
+  auto [end, graph] = capture_fork(true);
+  ASSERT_EQ(end, cudaSuccess);
+  ASSERT_NE(graph, nullptr);
+  std::vector<unsigned char> out(64, 7);
+  ASSERT_EQ(cudaMemcpy(out.data(), dev, 64, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(out[0], 0) << "the side stream's work ran during the capture";
+  size_t nodes = 0;
+  ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &nodes), cudaSuccess);
+  EXPECT_EQ(nodes, 2u);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, main.s), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(main.s), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(out.data(), dev, 64, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(out[0], 3);
+  EXPECT_EQ(out[63], 4);
+  // The side stream takes eager work again.
+  EXPECT_EQ(cudaMemsetAsync(dev, 0, 64, side.s), cudaSuccess);
+  EXPECT_EQ(cudaStreamSynchronize(side.s), cudaSuccess);
+  EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(fork), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(join), cudaSuccess);
   EXPECT_EQ(cudaFree(dev), cudaSuccess);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }

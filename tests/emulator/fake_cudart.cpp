@@ -56,6 +56,13 @@ struct CUstream_st {
   std::thread::id capture_thread;
   std::vector<std::function<void()>> captured;
   std::vector<std::function<void()>> pending;  // MOE_EMU_STREAMS=deferred
+  // A stream that waited on an event recorded in another's capture joins that capture: its work
+  // goes into origin's graph (in the order the host queues it, which is a valid order of the
+  // graph's dependencies) until the capture ends, which fails with cudaErrorStreamCaptureUnjoined
+  // unless origin waited on an event recorded here after this stream's last work.
+  CUstream_st* origin = nullptr;
+  size_t joined_work = 0;  // work queued while joined
+  size_t waited_work = 0;  // of which origin has waited for this much
 };
 struct CUgraph_st {
   std::vector<std::function<void()>> nodes;
@@ -67,6 +74,7 @@ struct CUevent_st {
   unsigned flags = cudaEventDefault;
   bool recorded = false;
   bool captured = false;  // last recorded in a capturing stream
+  size_t joined_work = 0;  // recorded in a joined stream: the work before it
   CUstream_st* stream = nullptr;
   std::chrono::steady_clock::time_point when;
 };
@@ -219,6 +227,12 @@ bool pageable(const void* p) {
 cudaError_t submit_locked(cudaStream_t stream, node work) {
   CUstream_st* s = resolve(stream);
   if (s == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  if (s->origin != nullptr) {
+    if (s->origin->invalidated) return fail(cudaErrorStreamCaptureInvalidated);
+    s->origin->captured.push_back(std::move(work));
+    ++s->joined_work;
+    return cudaSuccess;
+  }
   if (s->capturing) {
     if (s->invalidated) return fail(cudaErrorStreamCaptureInvalidated);
     s->captured.push_back(std::move(work));
@@ -298,6 +312,7 @@ const char* CUDARTAPI cudaGetErrorName(cudaError_t error) {
     case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
     case cudaErrorStreamCaptureImplicit: return "cudaErrorStreamCaptureImplicit";
     case cudaErrorStreamCaptureWrongThread: return "cudaErrorStreamCaptureWrongThread";
+    case cudaErrorStreamCaptureUnjoined: return "cudaErrorStreamCaptureUnjoined";
     case cudaErrorCapturedEvent: return "cudaErrorCapturedEvent";
     default: return "cudaErrorUnknown";
   }
@@ -321,6 +336,8 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t error) {
       return "operation would make the legacy stream depend on a capturing blocking stream";
     case cudaErrorStreamCaptureWrongThread:
       return "attempt to terminate a thread-local capture sequence from another thread";
+    case cudaErrorStreamCaptureUnjoined:
+      return "capture sequence contains a fork that was not joined to the primary stream";
     case cudaErrorCapturedEvent:
       return "operation not permitted on an event last recorded in a capturing stream";
     default: return "unknown error (emulated CUDA runtime)";
@@ -578,6 +595,10 @@ cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t stream) {
   guard g(lock_of_all());
   CUstream_st* s = resolve(stream);
   if (s == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  if (s->origin != nullptr) {
+    s->origin->invalidated = true;
+    return fail(cudaErrorStreamCaptureUnsupported);
+  }
   if (s->capturing) {
     s->invalidated = true;
     return fail(cudaErrorStreamCaptureUnsupported);
@@ -590,6 +611,10 @@ cudaError_t CUDARTAPI cudaStreamQuery(cudaStream_t stream) {
   guard g(lock_of_all());
   CUstream_st* s = resolve(stream);
   if (s == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  if (s->origin != nullptr) {
+    s->origin->invalidated = true;
+    return fail(cudaErrorStreamCaptureUnsupported);
+  }
   if (s->capturing) {
     s->invalidated = true;
     return fail(cudaErrorStreamCaptureUnsupported);
@@ -603,6 +628,18 @@ cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event
   (void)flags;
   CUstream_st* s = resolve(stream);
   if (s == nullptr || events().count(event) == 0) return fail(cudaErrorInvalidResourceHandle);
+  if (event->captured && event->stream != nullptr) {
+    CUstream_st* from = event->stream;
+    CUstream_st* capture = from->origin != nullptr ? from->origin : from;
+    if (s == capture) {
+      // The capture's own stream waits for a joined one: that much of its work is joined.
+      if (from != s) from->waited_work = std::max(from->waited_work, event->joined_work);
+    } else if (s->origin == nullptr && !s->capturing) {
+      s->origin = capture;
+      s->joined_work = s->waited_work = 0;
+    }
+    return cudaSuccess;
+  }
   // Streams run one after the other here: the work before the event runs first.
   if (event->stream != nullptr && event->stream != s && !event->captured) flush(event->stream);
   return cudaSuccess;
@@ -635,8 +672,9 @@ cudaError_t CUDARTAPI cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (s == nullptr || events().count(event) == 0) return fail(cudaErrorInvalidResourceHandle);
   event->stream = s;
   event->recorded = true;
-  event->captured = s->capturing;
-  if (s->capturing) return cudaSuccess;
+  event->captured = s->capturing || s->origin != nullptr;
+  event->joined_work = s->joined_work;
+  if (event->captured) return cudaSuccess;
   return submit_locked(stream, [event] { event->when = std::chrono::steady_clock::now(); });
 }
 
@@ -687,6 +725,19 @@ cudaError_t CUDARTAPI cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* pGr
   if (s->mode != cudaStreamCaptureModeRelaxed && s->capture_thread != std::this_thread::get_id())
     return fail(cudaErrorStreamCaptureWrongThread);
   s->capturing = false;
+  // The streams that joined this capture leave it; one with work the capture never waited for
+  // breaks it.
+  for (CUstream_st* joined : streams()) {
+    if (joined->origin != s) continue;
+    if (joined->joined_work > joined->waited_work && !s->invalidated) {
+      s->invalidated = true;
+      std::vector<node>().swap(s->captured);
+      joined->origin = nullptr;
+      *pGraph = nullptr;
+      return fail(cudaErrorStreamCaptureUnjoined);
+    }
+    joined->origin = nullptr;
+  }
   std::vector<node> nodes;
   nodes.swap(s->captured);
   if (s->invalidated) {
@@ -705,9 +756,10 @@ cudaError_t CUDARTAPI cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptu
   if (pCaptureStatus == nullptr) return fail(cudaErrorInvalidValue);
   CUstream_st* s = resolve(stream);
   if (s == nullptr) return fail(cudaErrorInvalidResourceHandle);
-  *pCaptureStatus = !s->capturing  ? cudaStreamCaptureStatusNone
-                    : s->invalidated ? cudaStreamCaptureStatusInvalidated
-                                     : cudaStreamCaptureStatusActive;
+  const CUstream_st* capture = s->origin != nullptr ? s->origin : s;
+  *pCaptureStatus = !capture->capturing    ? cudaStreamCaptureStatusNone
+                    : capture->invalidated ? cudaStreamCaptureStatusInvalidated
+                                           : cudaStreamCaptureStatusActive;
   return cudaSuccess;
 }
 

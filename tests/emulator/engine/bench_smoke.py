@@ -125,6 +125,11 @@ def main():
     if [d["batch"] for d in lt] != [1]:
         fail(f"decode_cublaslt_projections batches: {lt}")
     positive(lt[0], "skinny_speedup", "decode_cublaslt_projections")
+    one = j["decode_one_stream"]
+    if [d["batch"] for d in one] != [1, 8]:
+        fail(f"decode_one_stream batches: {one}")
+    for d in one:
+        positive(d, "overlap_speedup", f"decode_one_stream batch {d['batch']}")
 
     fp8 = j["fp8"]
     for mode in ("block_scaled", "expand"):

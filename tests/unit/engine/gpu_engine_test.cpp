@@ -792,6 +792,45 @@ TEST_P(gpu_engine_test, decode_graphs_give_the_eager_engines_tokens_and_logits) 
   EXPECT_GT(stats.host_bytes, 0u);
 }
 
+// overlap_shared_experts (on by default) runs the shared experts' first two kernels on a second
+// stream: the same bits as one stream, from graphs (the fork and join captured) and eagerly, on
+// the skinny kernel and (skinny_rows 0) on cuBLASLt with the side stream's own workspace.
+TEST_P(gpu_engine_test, overlapped_shared_experts_give_the_same_bits_as_one_stream) {
+  const auto g = golden_file::open(fixture_dir("tiny-v3") / "golden.safetensors");
+  const auto ids = g.ids("input_ids");
+  const auto a = slice(ids, 0, 5), b = slice(ids, 3, 4);
+  for (const int64_t skinny_rows : {4, 0}) {
+    SCOPED_TRACE(::testing::Message() << "skinny_rows " << skinny_rows);
+    auto one = make_gpu(32, 4, [&](auto& o) {
+      o.overlap_shared_experts = false;
+      o.skinny_rows = skinny_rows;
+    });
+    auto two = make_gpu(32, 4, [&](auto& o) { o.skinny_rows = skinny_rows; });
+    const model::sequence_input seqs[] = {{1, a}, {2, b}};
+    const auto first = one.prefill(seqs);
+    ASSERT_TRUE(first) << error_text(first.error());
+    ASSERT_TRUE(two.prefill(seqs));
+    std::vector<int32_t> next = first->greedy_tokens;
+    for (int step = 0; step < 5; ++step) {
+      const model::decode_input batch[] = {{1, next[0]}, {2, next[1]}};
+      engine::gpu_decode_options o;
+      o.use_graph = step != 3;  // one eager step between the replays
+      auto want = one.decode(batch, o);
+      auto got = two.decode(batch, o);
+      ASSERT_TRUE(want) << error_text(want.error());
+      ASSERT_TRUE(got) << error_text(got.error());
+      EXPECT_EQ(got->greedy_tokens, want->greedy_tokens) << "step " << step;
+      EXPECT_EQ(got->logits, want->logits) << "step " << step;
+      next = want->greedy_tokens;
+    }
+    const auto stats = two.decode_graph_stats();
+    EXPECT_EQ(stats.num_fallbacks, 0u) << stats.last_fallback_reason;
+    EXPECT_GT(stats.num_replays, 0u);
+    // The side stream's kernels are in the graph, the fork and join only edges between them.
+    EXPECT_EQ(stats.last_graph_nodes, one.decode_graph_stats().last_graph_nodes);
+  }
+}
+
 // The few-row projections on kernels/cuda/skinny_linear.hpp (the default skinny_rows, 4) against
 // cuBLASLt for every product (skinny_rows 0, on the graphed engine of that comparison): the
 // batches there pad to 4 and 2 rows, so every decode projection of one engine runs on the kernel
