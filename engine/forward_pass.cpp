@@ -250,7 +250,7 @@ class forward {
   /// The step's q (T, H, dn + dr), row stride q_stride(): q_b_proj's output with q_lora_rank,
   /// else the first columns of the input projection's rows.
   [[nodiscard]] void* q() const noexcept { return d_.QR > 0 ? b_.q : b_.proj; }
-  [[nodiscard]] int64_t q_stride() const noexcept { return d_.QR > 0 ? d_.H * d_.qk : P(); }
+  [[nodiscard]] int64_t q_stride() const { return d_.QR > 0 ? d_.H * d_.qk : P(); }
   /// The width of the input projection's output rows: [q or q_a | latent | k_pe], and with FP8
   /// weights maybe zero columns after them (device_attention::input_proj_rows).
   [[nodiscard]] int64_t P() const { return m_.weights->layer(layer_).attention.input_proj_rows; }
