@@ -390,7 +390,9 @@ TEST(cuda_rope, a_pair_of_sets_gives_the_bits_of_two_launches) {
         const bool rotated =
             col >= H * (dn + dr) + R || (col < H * (dn + dr) && col % (dn + dr) >= dn);
         const size_t at = t * row * es + i;
-        if (!rotated) ASSERT_EQ(a[at], before[at]) << "token " << t << " column " << col;
+        if (!rotated) {
+          ASSERT_EQ(a[at], before[at]) << "token " << t << " column " << col;
+        }
         changed += a[at] != before[at] ? 1 : 0;
       }
     EXPECT_GT(changed, T * (H + 1) * dr * es / 2);
