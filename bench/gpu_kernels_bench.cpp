@@ -18,16 +18,16 @@
 //
 //   moe_bench_gpu_kernels [--reps 20] [--square 8192]
 // Exits 2, with a JSON {"skipped": reason}, where no GPU exists.
-#include <cublas_v2.h>
+#include <CLI/CLI.hpp>
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
-
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cstdio>
+#include <cublas_v2.h>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -196,6 +196,46 @@ int main(int argc, char** argv) {
     a.dt = dtype::f32;
     const double ms = median_ms(reps, [&] { check(kc::sample_greedy_run(a, nullptr), "sample_greedy"); });
     bandwidth_entry("sample_greedy_f32_32x129280", 4.0 * rows * vocab, ms);
+
+    // The same rows drawn by sample_run (logits of a trained model's spread, N(0, 3)), each
+    // kind of parameters on every row: its time and its ratio to the greedy kernel's above.
+    std::vector<float> host(static_cast<size_t>(rows * vocab));
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    for (float& v : host) v = normal(rng);
+    cudaMemcpy(logits.p, host.data(), host.size() * 4, cudaMemcpyHostToDevice);
+    device_mem params(rows * sizeof(kc::sample_row));
+    kc::sample_args sa;
+    sa.logits = static_cast<const float*>(logits.p);
+    sa.params = static_cast<const kc::sample_row*>(params.p);
+    sa.tokens = static_cast<int32_t*>(tokens.p);
+    sa.rows = rows;
+    sa.vocab = vocab;
+    json sampled = json::object();
+    const struct {
+      const char* name;
+      float temperature;
+      int32_t top_k;
+      float top_p;
+    } kinds[] = {{"greedy", 0.0f, 0, 1.0f},
+                 {"temperature_0.8", 0.8f, 0, 1.0f},
+                 {"top_k_50_top_p_0.9", 0.8f, 50, 0.9f},
+                 {"top_p_0.9", 0.8f, 0, 0.9f}};
+    for (const auto& k : kinds) {
+      std::vector<kc::sample_row> rows_params(static_cast<size_t>(rows));
+      for (size_t r = 0; r < rows_params.size(); ++r)
+        rows_params[r] = {k.temperature, k.top_k, k.top_p, 0, 11 + r, 0};
+      cudaMemcpy(params.p, rows_params.data(), rows_params.size() * sizeof(kc::sample_row),
+                 cudaMemcpyHostToDevice);
+      const double sms = median_ms(reps, [&] { check(kc::sample_run(sa, nullptr), "sample"); });
+      std::vector<int32_t> drawn(static_cast<size_t>(rows));
+      cudaMemcpy(drawn.data(), tokens.p, drawn.size() * 4, cudaMemcpyDeviceToHost);
+      sampled[k.name] = {
+          {"us", sms * 1e3},
+          {"vs_greedy_kernel", sms / ms},
+          {"rows_left_to_host", std::count(drawn.begin(), drawn.end(), kc::sample_on_host)}};
+    }
+    out["sample_f32_32x129280"] = sampled;
   }
 
   // MLA decode at v2lite-8L's shapes (16 heads, latent 512, rotary 64, bf16 paged cache in blocks

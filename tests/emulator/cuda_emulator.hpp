@@ -361,6 +361,17 @@ inline float __uint_as_float(unsigned v) {
   std::memcpy(&f, &v, 4);
   return f;
 }
+inline unsigned __float_as_uint(float v) {
+  unsigned u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+// Fibers switch only at barriers, so a read-modify-write is never interleaved with another.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p += v;
+  return old;
+}
 // Cache hints mean nothing here.
 template <class T>
 T __ldg(const T* p) {
@@ -372,10 +383,11 @@ T __ldcs(const T* p) {
 }
 // CUDA's rsqrtf is within 2 ulp; the exact value is within that.
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-using std::isnan;
 using std::exp;
-using std::min;
+using std::isfinite;
+using std::isnan;
 using std::max;
+using std::min;
 #define __launch_bounds__(...)
 // Variadic: a kernel named with several template arguments has commas in it.
 #define cudaFuncSetAttribute(...) ::emu::func_set_attribute(__VA_ARGS__)

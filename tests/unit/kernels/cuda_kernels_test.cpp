@@ -1015,5 +1015,229 @@ TEST(cuda_sample_greedy, can_run_rejects_bad_arguments) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// sampling (temperature, top-k, top-p)
+
+// What cpu::sample draws for this row, and whether the device must leave the row to the host:
+// cpu::sample refuses the parameters, top-k above the candidates, or top-p alone whose nucleus
+// (found here as cpu::sample finds it) reaches past them.
+struct sample_expectation {
+  int32_t token = 0;
+  bool on_host = false;
+};
+
+sample_expectation expected_sample(const float* row, size_t vocab, const cuda::sample_row& p) {
+  sample_expectation e;
+  std::vector<double> probs(vocab);
+  std::vector<int32_t> order(vocab);
+  cpu::sample_args a;
+  a.logits = row;
+  a.vocab = vocab;
+  a.params = {p.temperature, static_cast<size_t>(std::max(p.top_k, 0)), p.top_p};
+  a.seed = p.seed;
+  a.offset = p.offset;
+  a.probs_workspace = probs.data();
+  a.order_workspace = order.data();
+  if (p.top_k < 0 || cpu::sample(a, &e.token) != kernel_status::ok) {
+    e.on_host = true;
+    return e;
+  }
+  const auto cap = static_cast<size_t>(cuda::sample_max_candidates);
+  const bool greedy = p.temperature == 0.0f || p.top_k == 1;
+  int32_t best = 0;
+  EXPECT_EQ(cpu::sample_greedy(row, vocab, &best), kernel_status::ok);
+  // No candidates are ranked for a greedy row, nor for one whose best logit is not finite.
+  if (greedy || vocab <= cap || !std::isfinite(row[best])) return e;
+  if (p.top_k > 0) {
+    e.on_host = static_cast<size_t>(p.top_k) > cap;
+    return e;
+  }
+  if (p.top_p >= 1.0f) return e;
+  // Top-p alone: the nucleus's size, as cpu::sample measures it.
+  std::vector<int32_t> idx(vocab);
+  for (size_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
+  std::sort(idx.begin(), idx.end(), [&](int32_t x, int32_t y) {
+    const float vx = row[x], vy = row[y];
+    if (std::isnan(vx) != std::isnan(vy)) return std::isnan(vy);
+    if (!std::isnan(vx) && vx != vy) return vx > vy;
+    return x < y;
+  });
+  const float max_logit = row[idx[0]];
+  std::vector<double> w(vocab);
+  double total = 0.0;
+  for (size_t i = 0; i < vocab; ++i) {
+    const float l = row[idx[i]];
+    w[i] = std::isnan(l) ? 0.0 : std::exp((static_cast<double>(l) - max_logit) / p.temperature);
+    total += w[i];
+  }
+  double cum = 0.0;
+  size_t nucleus = vocab;
+  for (size_t i = 0; i < vocab; ++i) {
+    cum += w[i];
+    if (cum >= static_cast<double>(p.top_p) * total) {
+      nucleus = i + 1;
+      break;
+    }
+  }
+  e.on_host = nucleus > cap;
+  return e;
+}
+
+void check_sample(size_t vocab, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "vocab " << vocab);
+  struct params {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+  };
+  const float nan_param = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<params> kinds = {
+      {0.0f, 0, 1.0f},    {1.0f, 0, 1.0f},   {0.7f, 0, 1.0f},      {0.7f, 50, 1.0f},
+      {1.3f, 0, 0.9f},    {0.8f, 200, 0.5f}, {1.0f, 1, 1.0f},      {2.0f, 1024, 1.0f},
+      {1.0f, 1025, 1.0f}, {1.0f, 7, 0.3f},   {0.5f, 0, 0.999f},    {1.0f, 0, 1e-6f},
+      {-1.0f, 0, 1.0f},   {1.0f, 0, 0.0f},   {nan_param, 0, 1.0f}, {1.0f, -3, 1.0f},
+      {1e-3f, 0, 1.0f},   {50.0f, 3, 0.7f},
+  };
+  // Row patterns: random logits of a few spreads (flat rows have large nuclei), ties at the top,
+  // NaNs and -inf among them, one finite value among -inf, all NaN.
+  const size_t patterns = 7;
+  const size_t rows = patterns * kinds.size();
+  std::vector<float> logits(rows * vocab);
+  std::vector<cuda::sample_row> p(rows);
+  std::mt19937_64 rng(seed);
+  for (size_t r = 0; r < rows; ++r) {
+    float* row = logits.data() + r * vocab;
+    const size_t pattern = r / kinds.size();
+    const float spread = pattern == 0 ? 0.5f : pattern == 1 ? 3.0f : 12.0f;
+    const auto values = random_floats(vocab, seed + r, -spread, spread);
+    std::copy(values.begin(), values.end(), row);
+    if (pattern == 3)  // a tie at the top, and many below
+      for (size_t i = 0; i < vocab; i += 3) row[i] = i % 2 == 0 ? 4.0f : 3.0f;
+    if (pattern == 4)
+      for (size_t i = 0; i < vocab; i += 4) row[i] = i % 8 == 0 ? nan_f : -inf_f;
+    if (pattern == 5) {
+      std::fill(row, row + vocab, -inf_f);
+      row[rng() % vocab] = 1.0f;
+    }
+    if (pattern == 6) std::fill(row, row + vocab, nan_f);
+    const params& k = kinds[r % kinds.size()];
+    p[r].temperature = k.temperature;
+    p[r].top_k = k.top_k;
+    p[r].top_p = k.top_p;
+    p[r].seed = rng();
+    p[r].offset = rng() % 1000;
+  }
+
+  device_buffer d_logits(logits.size() * 4), d_params(rows * sizeof(cuda::sample_row)),
+      d_tokens(rows * 4);
+  ASSERT_TRUE(upload(d_logits, logits));
+  ASSERT_EQ(
+      cudaMemcpy(d_params.get(), p.data(), rows * sizeof(cuda::sample_row), cudaMemcpyHostToDevice),
+      cudaSuccess);
+  cuda::sample_args a;
+  a.logits = d_logits.as<float>();
+  a.params = static_cast<const cuda::sample_row*>(d_params.get());
+  a.tokens = d_tokens.as<int32_t>();
+  a.rows = static_cast<int64_t>(rows);
+  a.vocab = static_cast<int64_t>(vocab);
+  ASSERT_EQ(cuda::sample_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<int32_t> got(rows);
+  ASSERT_TRUE(download(d_tokens, got));
+  size_t drawn = 0, left = 0;
+  for (size_t r = 0; r < rows; ++r) {
+    SCOPED_TRACE(::testing::Message() << "row " << r << " (pattern " << r / kinds.size()
+                                      << ", parameters " << r % kinds.size() << ")");
+    const auto want = expected_sample(logits.data() + r * vocab, vocab, p[r]);
+    if (want.on_host) {
+      EXPECT_EQ(got[r], cuda::sample_on_host);
+      ++left;
+    } else {
+      EXPECT_EQ(got[r], want.token);
+      drawn += p[r].temperature > 0.0f && p[r].top_k != 1;
+    }
+  }
+  // The cases are not all refusals or greedy: most rows drew.
+  EXPECT_GT(drawn, rows / 2);
+  if (vocab > static_cast<size_t>(cuda::sample_max_candidates)) {
+    EXPECT_GT(left, patterns);
+  }
+}
+
+TEST(cuda_sample, matches_cpu_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  // DeepSeek-V3's vocabulary, one past the candidates, a few below them (every row ranked on
+  // the device), and odd sizes (element loads).
+  for (size_t vocab : {size_t{129280}, size_t{3001}, size_t{1024}, size_t{700}, size_t{37}})
+    check_sample(vocab, 500 + vocab);
+}
+
+TEST(cuda_sample, the_same_draw_whatever_the_rows_around_it) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  // A row's token depends on its logits and (seed, offset) only: drawn alone or among others,
+  // and again, it is the same.
+  const size_t vocab = 5000, rows = 6;
+  auto logits = random_floats(rows * vocab, 91, -4.0f, 4.0f);
+  std::vector<cuda::sample_row> p(rows);
+  for (size_t r = 0; r < rows; ++r) {
+    p[r].temperature = 0.9f;
+    p[r].top_k = r % 2 == 0 ? 40 : 0;
+    p[r].seed = 1234;
+    p[r].offset = r;
+  }
+  const auto run = [&](size_t first, size_t count) {
+    device_buffer d_logits(count * vocab * 4), d_params(count * sizeof(cuda::sample_row)),
+        d_tokens(count * 4);
+    std::vector<float> part(logits.begin() + static_cast<std::ptrdiff_t>(first * vocab),
+                            logits.begin() + static_cast<std::ptrdiff_t>((first + count) * vocab));
+    EXPECT_TRUE(upload(d_logits, part));
+    EXPECT_EQ(cudaMemcpy(d_params.get(), p.data() + first, count * sizeof(cuda::sample_row),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    cuda::sample_args a;
+    a.logits = d_logits.as<float>();
+    a.params = static_cast<const cuda::sample_row*>(d_params.get());
+    a.tokens = d_tokens.as<int32_t>();
+    a.rows = static_cast<int64_t>(count);
+    a.vocab = static_cast<int64_t>(vocab);
+    EXPECT_EQ(cuda::sample_run(a, nullptr), kernel_status::ok);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<int32_t> got(count);
+    EXPECT_TRUE(download(d_tokens, got));
+    return got;
+  };
+  const auto all = run(0, rows);
+  EXPECT_EQ(run(0, rows), all);
+  for (size_t r = 0; r < rows; ++r) EXPECT_EQ(run(r, 1).at(0), all[r]) << "row " << r;
+}
+
+TEST(cuda_sample, can_run_rejects_bad_arguments) {
+  cuda::sample_args a;
+  a.logits = fake<float>();
+  a.params = fake<cuda::sample_row>();
+  a.tokens = fake<int32_t>();
+  a.rows = 4;
+  a.vocab = 129280;
+  EXPECT_EQ(cuda::sample_can_run(a), kernel_status::ok);
+  const auto expect = [&](kernel_status want, auto mutate) {
+    auto b = a;
+    mutate(b);
+    EXPECT_EQ(cuda::sample_can_run(b), want);
+    EXPECT_EQ(cuda::sample_run(b, nullptr), want);
+  };
+  expect(kernel_status::unsupported_shape, [](cuda::sample_args& b) { b.vocab = 0; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_args& b) { b.vocab = INT32_MAX; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_args& b) { b.rows = -1; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_args& b) { b.params = nullptr; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_args& b) { b.logits = nullptr; });
+  expect(kernel_status::unsupported_shape, [](cuda::sample_args& b) { b.tokens = nullptr; });
+  expect(kernel_status::ok, [](cuda::sample_args& b) {
+    b.rows = 0;
+    b.logits = nullptr;
+    b.params = nullptr;
+    b.tokens = nullptr;
+  });
+}
+
 }  // namespace
 }  // namespace moe::kernels
