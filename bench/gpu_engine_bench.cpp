@@ -169,7 +169,7 @@ class runner {
       auto first = e_.prefill(seqs, po);
       if (!first) return error_json("prefill before decode", first.error());
       std::vector<moe::model::decode_input> step(static_cast<size_t>(batch));
-      for (size_t i = 0; i < step.size(); ++i) step[i] = {seqs[i].id, first->greedy_tokens[i]};
+      for (size_t i = 0; i < step.size(); ++i) step[i] = {seqs[i].id, first->tokens[i]};
       me::gpu_decode_options o;
       o.return_logits = false;
       o.use_graph = use_graph;
@@ -178,8 +178,8 @@ class runner {
       for (int k = 0; k < s_.decode_steps; ++k) {
         auto got = e_.decode(step, o);
         if (!got) return error_json("decode at batch " + std::to_string(batch), got.error());
-        for (size_t i = 0; i < step.size(); ++i) step[i].token = got->greedy_tokens[i];
-        tokens.insert(tokens.end(), got->greedy_tokens.begin(), got->greedy_tokens.end());
+        for (size_t i = 0; i < step.size(); ++i) step[i].token = got->tokens[i];
+        tokens.insert(tokens.end(), got->tokens.begin(), got->tokens.end());
       }
       const double s = seconds_since(t);
       for (const auto& q : seqs) e_.release(q.id);
@@ -255,14 +255,14 @@ json check_against_reference(me::gpu_engine& gpu, std::shared_ptr<const moe::mod
                      {"greedy_agrees", gpu_token == want_token}});
     return want_token;
   };
-  int32_t token = compare(g->logits, r->logits, g->greedy_tokens[0]);
+  int32_t token = compare(g->logits, r->logits, g->tokens[0]);
   for (int step = 0; step < s.check_steps; ++step) {
     const moe::model::decode_input d[] = {{id, token}};
     auto gd = gpu.decode(d);
     if (!gd) return {{"error", "gpu decode: " + moe::error_text(gd.error())}};
     auto rd = ref->decode(d);
     if (!rd) return {{"error", "reference decode: " + moe::error_text(rd.error())}};
-    token = compare(gd->logits, *rd, gd->greedy_tokens[0]);
+    token = compare(gd->logits, *rd, gd->tokens[0]);
   }
   gpu.release(id);
   size_t agree = 0;

@@ -3,15 +3,16 @@
 // Output contracts (checked by tests and by comparisons against other implementations):
 //   moe run ... prints the generated token ids, space-separated, on one line of stdout;
 //   moe run ... --max-new-tokens 0 --dump-logits F writes float32 `logits` [1, T, vocab].
+#include <climits>
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstring>
 #include <memory>
 
 #include "cli/command.hpp"
 #include "cli/prompt_ids.hpp"
+#include "kernels/cpu/sampling.hpp"
 #include "model/checkpoint.hpp"
 #include "model/config.hpp"
 #include "model/init_model.hpp"
@@ -70,13 +71,21 @@ void print_tokens(const std::vector<int32_t>& tokens) {
   fmt::print("{}\n", line);
 }
 
-/// --engine gpu: greedy decoding on the GPU engine, with the reference path's output contract
-/// (and its stop rule: a stop token ends the output and is kept).
+/// The sampling the generation flags ask for: greedy without any; top-k / top-p without a
+/// temperature sample at temperature 1, as Hugging Face does.
+kernels::cpu::sampling_params sampling_of(const generation_flags& g) {
+  kernels::cpu::sampling_params p{0.0f, 0, 1.0f};
+  if (!g.temperature && g.top_k <= 0 && g.top_p >= 1.0f) return p;
+  p.temperature = g.temperature ? *g.temperature : 1.0f;
+  p.top_p = g.top_p;
+  p.top_k = static_cast<size_t>(g.top_k);
+  return p;
+}
+
+/// --engine gpu: the GPU engine, with the reference path's output contract and the same tokens
+/// for the same logits (its sampler draws what cpu::sample draws, seed and offsets included;
+/// the stop rule: a stop token ends the output and is kept).
 int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
-  if (o.gen.temperature || o.gen.top_k > 0 || o.gen.top_p < 1.0f)
-    return fail("run", model::make_error(model::model_errc::bad_input,
-                                         "--engine gpu decodes greedily: --temperature, --top-k "
-                                         "and --top-p need --engine reference"));
 #ifndef MOE_HAVE_ENGINE
   (void)prompt;
   return fail("run", model::make_error(model::model_errc::bad_input,
@@ -104,12 +113,17 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
   const int64_t vocab = ckpt->config.vocab_size;
   auto engine = engine::gpu_engine::create(std::make_shared<const model::checkpoint>(std::move(*ckpt)), eo);
   if (!engine) return fail("run", engine.error());
-  // One prefill serves both: with every position's logits when they are dumped, whose last
-  // row's greedy token is the first generated one.
+  // Each draw's offset is the number of tokens drawn before it, as model::generate counts.
+  engine::gpu_row_sampling row;
+  row.params = sampling_of(o.gen);
+  row.seed = o.gen.seed;
+  // One prefill serves both: with every position's logits when they are dumped (the first
+  // token then drawn from the last row here, as the device would), else drawing it.
   const model::sequence_input seq[] = {{1, prompt}};
   engine::gpu_prefill_options po;
   po.all_logits = !o.dump_logits.empty();
   po.return_logits = po.all_logits;
+  if (!po.all_logits) po.sampling = std::span(&row, 1);
   auto first = engine->prefill(seq, po);
   if (!first) return fail("run", first.error());
   if (po.all_logits)
@@ -117,15 +131,32 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
       return fail("run", err);
   std::vector<int32_t> tokens;
   if (o.gen.max_new_tokens > 0) {
-    tokens.push_back(first->greedy_tokens.back());
+    int32_t token = first->tokens.back();
+    if (po.all_logits) {
+      std::vector<double> probs(static_cast<size_t>(vocab));
+      std::vector<int32_t> order(static_cast<size_t>(vocab));
+      kernels::cpu::sample_args a;
+      a.logits = first->logits.data() + (prompt.size() - 1) * static_cast<size_t>(vocab);
+      a.vocab = static_cast<size_t>(vocab);
+      a.params = row.params;
+      a.seed = row.seed;
+      a.probs_workspace = probs.data();
+      a.order_workspace = order.data();
+      if (kernels::cpu::sample(a, &token) != kernels::kernel_status::ok)
+        return fail(
+            "run", model::make_error(model::model_errc::bad_input, "sampling parameters rejected"));
+    }
+    tokens.push_back(token);
     engine::gpu_decode_options dopt;
     dopt.return_logits = false;
+    dopt.sampling = std::span(&row, 1);
     while (static_cast<int64_t>(tokens.size()) < o.gen.max_new_tokens &&
            std::find(stops.begin(), stops.end(), tokens.back()) == stops.end()) {
+      row.offset = tokens.size();
       const model::decode_input step[] = {{1, tokens.back()}};
       auto next = engine->decode(step, dopt);
       if (!next) return fail("run", next.error());
-      tokens.push_back(next->greedy_tokens.at(0));
+      tokens.push_back(next->tokens.at(0));
     }
   }
   print_tokens(tokens);
@@ -159,16 +190,7 @@ int run_model(const run_options& o) {
   model::generation_request req;
   req.prompt = prompt;
   req.max_new_tokens = o.gen.max_new_tokens;
-  if (o.gen.temperature) {
-    req.sampling.temperature = *o.gen.temperature;
-    req.sampling.top_p = o.gen.top_p;
-    req.sampling.top_k = static_cast<size_t>(o.gen.top_k);
-  } else if (o.gen.top_k > 0 || o.gen.top_p < 1.0f) {
-    // top-k / top-p without a temperature sample at temperature 1, as Hugging Face does.
-    req.sampling.temperature = 1.0f;
-    req.sampling.top_p = o.gen.top_p;
-    req.sampling.top_k = static_cast<size_t>(o.gen.top_k);
-  }
+  req.sampling = sampling_of(o.gen);
   req.seed = o.gen.seed;
   if (!o.gen.stop_ids.empty()) {
     auto stop = parse_token_ids(o.gen.stop_ids, "--stop-ids");
@@ -192,8 +214,7 @@ void add_run_command(CLI::App& app, command_context& ctx) {
   add_generation_flags(*cmd, o->gen);
   cmd->add_option("--dump-logits", o->dump_logits,
                   "Write the prompt's logits as float32 `logits` [1, T, vocab] to this file");
-  cmd->add_option("--engine", o->engine,
-                  "reference (CPU, float32) or gpu (one GPU, greedy decoding; CUDA builds)")
+  cmd->add_option("--engine", o->engine, "reference (CPU, float32) or gpu (one GPU; CUDA builds)")
       ->check(CLI::IsMember({"reference", "gpu"}));
   cmd->add_option("--gpu-dtype", o->gpu_dtype, "The GPU engine's dtype: bf16 or f32")
       ->check(CLI::IsMember({"bf16", "f32"}));

@@ -685,13 +685,13 @@ class forward {
     if ((err = linear_as(m_.dt, dtype::f32, head_in, m_.weights->lm_head(), b_.logits, rows, D,
                          V, "lm head")))
       return err;
-    kcu::sample_greedy_args sg;
-    sg.logits = b_.logits;
-    sg.tokens = b_.tokens;
-    sg.rows = rows;
-    sg.vocab = V;
-    sg.dt = dtype::f32;
-    return check(kcu::sample_greedy_run(sg, stream_), "greedy sampling");
+    kcu::sample_args sa;
+    sa.logits = b_.logits;
+    sa.params = b_.sampling;
+    sa.tokens = b_.tokens;
+    sa.rows = rows;
+    sa.vocab = V;
+    return check(kcu::sample_run(sa, stream_), "sampling");
   }
 
   const model_state& m_;
@@ -741,6 +741,7 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
     take(b.cu_seqlens, (S + 1) * sizeof(int32_t));
     take(b.last_rows, S * sizeof(int32_t));
   }
+  take(b.sampling, rows * sizeof(kcu::sample_row));
   b.metadata_bytes = used;
 
   const auto D = static_cast<size_t>(d.D), H = static_cast<size_t>(d.H);

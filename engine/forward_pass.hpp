@@ -32,6 +32,7 @@
 #include "kernels/cpu/mla_attention.hpp"
 #include "kernels/cuda/gemm.hpp"
 #include "kernels/cuda/grouped_gemm_cublas.hpp"
+#include "kernels/cuda/sampling.hpp"
 #include "kernels/dtype.hpp"
 #include "model/config.hpp"
 
@@ -110,6 +111,8 @@ struct step_buffers {
   int32_t* last_rows = nullptr;    ///< prefill: (S) each sequence's last token
   int32_t* block_table = nullptr;  ///< decode: (B, max_blocks)
   int32_t* seq_lens = nullptr;     ///< decode: (B) cached tokens, the new one included
+  /// (num_logit_rows): how each row's token is drawn (greedy by default)
+  kernels::cuda::sample_row* sampling = nullptr;
   size_t metadata_bytes = 0;
 
   // Activations, of dt unless noted.
@@ -149,7 +152,7 @@ struct step_buffers {
   float* fp8_x_scale = nullptr;    ///< (widest input / 128 groups, Tp) f32, group-major
   void* fp8_y = nullptr;           ///< (Tp, hidden)
   float* logits = nullptr;      ///< (num_logit_rows, vocab) f32
-  int32_t* tokens = nullptr;    ///< (num_logit_rows): the greedy choice of each row
+  int32_t* tokens = nullptr;    ///< (num_logit_rows): each row's token (sampling.hpp's sample_run)
 };
 
 /// Sets every pointer of `b` for `shape`, from `base` (null: only measures), and returns the

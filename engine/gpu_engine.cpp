@@ -14,6 +14,7 @@
 #include "engine/device_weights.hpp"
 #include "engine/forward_pass.hpp"
 #include "kernels/cpu/rope.hpp"
+#include "kernels/cpu/sampling.hpp"
 #include "kernels/cuda/gemm.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
 #include "kernels/cuda/grouped_gemm_cublas.hpp"
@@ -21,6 +22,7 @@
 #include "kernels/cuda/mla_prefill.hpp"
 #include "kernels/cuda/moe_gate.hpp"
 #include "kernels/cuda/rope.hpp"
+#include "kernels/cuda/sampling.hpp"
 #include "kernels/cuda/skinny_linear.hpp"
 #include "model/cache_blocks.hpp"
 #include "model/model_errc.hpp"
@@ -72,6 +74,39 @@ struct metadata_view {
   }
 };
 
+/// Refuses what cpu::sample would refuse, and a list that is not one per row.
+caf::error check_sampling(std::span<const gpu_row_sampling> sampling, int64_t rows) {
+  if (sampling.empty()) return {};
+  if (static_cast<int64_t>(sampling.size()) != rows)
+    return bad_input("sampling has " + std::to_string(sampling.size()) + " entries for " +
+                     std::to_string(rows) + " rows");
+  for (size_t i = 0; i < sampling.size(); ++i) {
+    const auto& p = sampling[i].params;
+    if (!(p.temperature >= 0.0f) || !(p.top_p > 0.0f && p.top_p <= 1.0f))
+      return bad_input("sampling of row " + std::to_string(i) +
+                       ": temperature must be >= 0 and top_p within (0, 1]");
+  }
+  return {};
+}
+
+/// The device rows of a step's sampling: greedy past `sampling` (padding rows, or none given).
+void fill_sampling(kcu::sample_row* rows, int64_t num_rows,
+                   std::span<const gpu_row_sampling> sampling) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    kcu::sample_row r;
+    if (i < static_cast<int64_t>(sampling.size())) {
+      const gpu_row_sampling& s = sampling[static_cast<size_t>(i)];
+      r.temperature = s.params.temperature;
+      // Past INT32_MAX is past any vocabulary: the same as the vocabulary's size.
+      r.top_k = static_cast<int32_t>(std::min<size_t>(s.params.top_k, INT32_MAX));
+      r.top_p = s.params.top_p;
+      r.seed = s.seed;
+      r.offset = s.offset;
+    }
+    rows[i] = r;
+  }
+}
+
 /// A step's results, copied off the staging buffer: the first `rows` rows (a padded decode
 /// step's padding rows are dropped), and each MoE layer's first `routing_entries` choices when
 /// the step captured the routing.
@@ -84,8 +119,8 @@ gpu_step_result read_results(const char* host, const detail::step_results_layout
     out.logits.resize(n * static_cast<size_t>(vocab));
     std::memcpy(out.logits.data(), host, out.logits.size() * sizeof(float));
   }
-  out.greedy_tokens.resize(n);
-  std::memcpy(out.greedy_tokens.data(), host + r.logits_bytes, n * sizeof(int32_t));
+  out.tokens.resize(n);
+  std::memcpy(out.tokens.data(), host + r.logits_bytes, n * sizeof(int32_t));
   if (r.routing_bytes == 0) return out;
   const char* routing = host + r.logits_bytes + r.tokens_bytes;
   const size_t layer_bytes = r.routing_per_layer * sizeof(int32_t);
@@ -119,19 +154,29 @@ struct gpu_engine::state {
   using fill_fn = std::function<void(const detail::step_buffers&, const metadata_view&)>;
   using eager_fn = std::function<caf::expected<gpu_step_result>()>;
   /// A step of `shape`, returning its first real_rows rows (fewer in a padded decode step).
+  /// Its rows are drawn as `sampling` says (rows the device left to the host included).
   caf::expected<gpu_step_result> run_step(const detail::step_shape& shape, bool return_logits,
                                           bool capture_routing, const fill_fn& fill,
-                                          int64_t real_rows);
-  void fill_decode(std::span<const model::decode_input> batch, const detail::step_shape& shape,
+                                          int64_t real_rows,
+                                          std::span<const gpu_row_sampling> sampling);
+  void fill_decode(std::span<const model::decode_input> batch,
+                   std::span<const gpu_row_sampling> sampling, const detail::step_shape& shape,
                    const detail::step_buffers& b, const metadata_view& host) const;
   caf::expected<gpu_step_result> decode_graphed(std::span<const model::decode_input> batch,
+                                                std::span<const gpu_row_sampling> sampling,
                                                 const detail::step_shape& shape,
                                                 bool return_logits);
   caf::expected<gpu_step_result> replay(detail::decode_graph& g,
-                                        std::span<const model::decode_input> batch);
+                                        std::span<const model::decode_input> batch,
+                                        std::span<const gpu_row_sampling> sampling);
   caf::expected<gpu_step_result> first_graph_step(const detail::decode_graph_key& key,
                                                   std::span<const model::decode_input> batch,
+                                                  std::span<const gpu_row_sampling> sampling,
                                                   const eager_fn& eager);
+  /// Draws on the host the rows the device left to it (kcu::sample_on_host), from the step's
+  /// logits: those returned, or the row copied from `device_logits` (the step is drained).
+  caf::error draw_on_host(gpu_step_result& out, const float* device_logits,
+                          std::span<const gpu_row_sampling> sampling) const;
   /// A decode step padded to a graph's buckets: the shape of the graph of (batch, blocks), and of
   /// every eager step that falls in those buckets.
   [[nodiscard]] detail::step_shape padded_decode_shape(int64_t batch, int64_t blocks) const;
@@ -171,11 +216,9 @@ caf::error gpu_engine::state::ensure_staging(size_t bytes) {
   return {};
 }
 
-caf::expected<gpu_step_result> gpu_engine::state::run_step(const detail::step_shape& shape,
-                                                           bool return_logits,
-                                                           bool capture_routing,
-                                                           const fill_fn& fill,
-                                                           int64_t real_rows) {
+caf::expected<gpu_step_result> gpu_engine::state::run_step(
+    const detail::step_shape& shape, bool return_logits, bool capture_routing, const fill_fn& fill,
+    int64_t real_rows, std::span<const gpu_row_sampling> sampling) {
   if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
   detail::step_buffers dev;
   const size_t arena_bytes = detail::carve_step_buffers(model, shape, nullptr, dev);
@@ -196,14 +239,55 @@ caf::expected<gpu_step_result> gpu_engine::state::run_step(const detail::step_sh
   const size_t routing_entries =
       shape.decode ? static_cast<size_t>(real_rows * config.num_experts_per_tok)
                    : results.routing_per_layer;
-  return read_results(host, results, config.vocab_size, real_rows,
-                      capture_routing ? shape.num_moe_layers : 0, routing_entries);
+  gpu_step_result out = read_results(host, results, config.vocab_size, real_rows,
+                                     capture_routing ? shape.num_moe_layers : 0, routing_entries);
+  if (auto e = draw_on_host(out, dev.logits, sampling)) return e;
+  return out;
+}
+
+caf::error gpu_engine::state::draw_on_host(gpu_step_result& out, const float* device_logits,
+                                           std::span<const gpu_row_sampling> sampling) const {
+  const auto vocab = static_cast<size_t>(config.vocab_size);
+  std::vector<float> row;
+  std::vector<double> probs;
+  std::vector<int32_t> order;
+  for (size_t i = 0; i < out.tokens.size(); ++i) {
+    if (out.tokens[i] != kcu::sample_on_host) continue;
+    if (i >= sampling.size())
+      return model::make_error(model_errc::kernel_failed,
+                               "gpu engine: the device left a greedy row to the host");
+    const float* logits = nullptr;
+    if (!out.logits.empty()) {
+      logits = out.logits.data() + i * vocab;
+    } else {
+      row.resize(vocab);
+      if (auto err = runtime::cuda_error(cudaMemcpy(row.data(), device_logits + i * vocab,
+                                                    vocab * sizeof(float), cudaMemcpyDeviceToHost),
+                                         "cudaMemcpy (a row's logits)"))
+        return err;
+      logits = row.data();
+    }
+    probs.resize(vocab);
+    order.resize(vocab);
+    kernels::cpu::sample_args a;
+    a.logits = logits;
+    a.vocab = vocab;
+    a.params = sampling[i].params;
+    a.seed = sampling[i].seed;
+    a.offset = sampling[i].offset;
+    a.probs_workspace = probs.data();
+    a.order_workspace = order.data();
+    if (kernels::cpu::sample(a, &out.tokens[i]) != kernels::kernel_status::ok)
+      return bad_input("sampling of row " + std::to_string(i) + " was refused");
+  }
+  return {};
 }
 
 void gpu_engine::state::fill_decode(std::span<const model::decode_input> batch,
-                                    const detail::step_shape& shape,
-                                    const detail::step_buffers& b,
+                                    std::span<const gpu_row_sampling> sampling,
+                                    const detail::step_shape& shape, const detail::step_buffers& b,
                                     const metadata_view& host) const {
+  fill_sampling(host(b.sampling), shape.num_logit_rows, sampling);
   int32_t* ids = host(b.token_ids);
   int32_t* positions = host(b.positions);
   int64_t* slots = host(b.slots);
@@ -270,14 +354,15 @@ caf::expected<std::unique_ptr<detail::decode_graph>> gpu_engine::state::make_gra
 }
 
 caf::expected<gpu_step_result> gpu_engine::state::decode_graphed(
-    std::span<const model::decode_input> batch, const detail::step_shape& shape,
-    bool return_logits) {
+    std::span<const model::decode_input> batch, std::span<const gpu_row_sampling> sampling,
+    const detail::step_shape& shape, bool return_logits) {
   const eager_fn eager = [&] {
-    return run_step(shape, return_logits, false,
-                    [&](const detail::step_buffers& b, const metadata_view& host) {
-                      fill_decode(batch, shape, b, host);
-                    },
-                    static_cast<int64_t>(batch.size()));
+    return run_step(
+        shape, return_logits, false,
+        [&](const detail::step_buffers& b, const metadata_view& host) {
+          fill_decode(batch, sampling, shape, b, host);
+        },
+        static_cast<int64_t>(batch.size()), sampling);
   };
   const detail::decode_graph_key k{detail::decode_batch_bucket(shape.num_seqs),
                                    detail::decode_block_bucket(shape.max_blocks), return_logits};
@@ -288,8 +373,8 @@ caf::expected<gpu_step_result> gpu_engine::state::decode_graphed(
   }
   if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
   detail::decode_graph* g = graphs.find(k);
-  if (g == nullptr) return first_graph_step(k, batch, eager);
-  auto out = replay(*g, batch);
+  if (g == nullptr) return first_graph_step(k, batch, sampling, eager);
+  auto out = replay(*g, batch, sampling);
   if (out) {
     graphs.count_replay();
     return out;
@@ -300,15 +385,19 @@ caf::expected<gpu_step_result> gpu_engine::state::decode_graphed(
 }
 
 caf::expected<gpu_step_result> gpu_engine::state::replay(
-    detail::decode_graph& g, std::span<const model::decode_input> batch) {
+    detail::decode_graph& g, std::span<const model::decode_input> batch,
+    std::span<const gpu_row_sampling> sampling) {
   char* host = static_cast<char*>(g.staging.data());
-  fill_decode(batch, g.shape, g.buffers,
+  fill_decode(batch, sampling, g.shape, g.buffers,
               metadata_view{host, static_cast<const char*>(g.arena.data())});
   caf::error err = g.graph.launch(stream.get());
   const caf::error sync_err = stream.synchronize();
   if (err) return err;
   if (sync_err) return sync_err;
-  return read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0, 0);
+  gpu_step_result out =
+      read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0, 0);
+  if (auto e = draw_on_host(out, g.buffers.logits, sampling)) return e;
+  return out;
 }
 
 /// A key's first step runs eagerly in the graph's own buffers and shapes, then the same work is
@@ -317,7 +406,7 @@ caf::expected<gpu_step_result> gpu_engine::state::replay(
 /// eager run, so a capture that fails afterwards costs nothing but the graph.
 caf::expected<gpu_step_result> gpu_engine::state::first_graph_step(
     const detail::decode_graph_key& k, std::span<const model::decode_input> batch,
-    const eager_fn& eager) {
+    std::span<const gpu_row_sampling> sampling, const eager_fn& eager) {
   auto made = make_graph(k);
   if (!made) {
     graphs.mark_unfit(k, "buffers: " + error_text(made.error()));
@@ -325,7 +414,7 @@ caf::expected<gpu_step_result> gpu_engine::state::first_graph_step(
   }
   detail::decode_graph& g = **made;
   char* host = static_cast<char*>(g.staging.data());
-  fill_decode(batch, g.shape, g.buffers,
+  fill_decode(batch, sampling, g.shape, g.buffers,
               metadata_view{host, static_cast<const char*>(g.arena.data())});
   caf::error err = detail::enqueue_step(model, g.shape, g.buffers, g.results, host);
   const caf::error sync_err = stream.synchronize();
@@ -336,6 +425,7 @@ caf::expected<gpu_step_result> gpu_engine::state::first_graph_step(
   }
   gpu_step_result out =
       read_results(host, g.results, config.vocab_size, static_cast<int64_t>(batch.size()), 0, 0);
+  if (auto e = draw_on_host(out, g.buffers.logits, sampling)) return e;
   auto graph = detail::cuda_graph::capture(stream.get(), [&]() -> caf::error {
     if (auto e = detail::enqueue_step(model, g.shape, g.buffers, g.results, host)) return e;
     if (options.decode_graph_capture_hook) return options.decode_graph_capture_hook(stream.get());
@@ -562,6 +652,9 @@ caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequen
     longest = std::max<int64_t>(longest, static_cast<int64_t>(q.tokens.size()));
   }
   if (num_tokens > INT32_MAX) return bad_input("more than 2^31 - 1 tokens in one prefill");
+  if (options.all_logits && !options.sampling.empty())
+    return bad_input("sampling draws each sequence's next token: not with all_logits");
+  if (auto err = check_sampling(options.sampling, static_cast<int64_t>(seqs.size()))) return err;
   // All sequences' blocks or none, so a full cache changes nothing.
   for (size_t i = 0; i < seqs.size(); ++i) {
     if (auto err = s.blocks.reserve(seqs[i].id, static_cast<int64_t>(seqs[i].tokens.size()))) {
@@ -575,25 +668,28 @@ caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequen
   shape.max_seq_len = longest;
   shape.num_logit_rows = options.all_logits ? num_tokens : shape.num_seqs;
   shape.num_moe_layers = s.num_moe_layers;
-  auto out = s.run_step(shape, options.return_logits, options.capture_routing,
-                        [&](const detail::step_buffers& b, const metadata_view& host) {
-    int32_t* ids = host(b.token_ids);
-    int32_t* positions = host(b.positions);
-    int64_t* slots = host(b.slots);
-    int32_t* cu = host(b.cu_seqlens);
-    int32_t* last = host(b.last_rows);
-    int32_t t = 0;
-    cu[0] = 0;
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      for (size_t p = 0; p < seqs[i].tokens.size(); ++p, ++t) {
-        ids[t] = seqs[i].tokens[p];
-        positions[t] = static_cast<int32_t>(p);
-        slots[t] = s.blocks.slot(seqs[i].id, static_cast<int64_t>(p));
-      }
-      cu[i + 1] = t;
-      last[i] = t - 1;
-    }
-  }, shape.num_logit_rows);
+  auto out = s.run_step(
+      shape, options.return_logits, options.capture_routing,
+      [&](const detail::step_buffers& b, const metadata_view& host) {
+        int32_t* ids = host(b.token_ids);
+        int32_t* positions = host(b.positions);
+        int64_t* slots = host(b.slots);
+        int32_t* cu = host(b.cu_seqlens);
+        int32_t* last = host(b.last_rows);
+        fill_sampling(host(b.sampling), shape.num_logit_rows, options.sampling);
+        int32_t t = 0;
+        cu[0] = 0;
+        for (size_t i = 0; i < seqs.size(); ++i) {
+          for (size_t p = 0; p < seqs[i].tokens.size(); ++p, ++t) {
+            ids[t] = seqs[i].tokens[p];
+            positions[t] = static_cast<int32_t>(p);
+            slots[t] = s.blocks.slot(seqs[i].id, static_cast<int64_t>(p));
+          }
+          cu[i + 1] = t;
+          last[i] = t - 1;
+        }
+      },
+      shape.num_logit_rows, options.sampling);
   if (!out) {
     for (const auto& q : seqs) s.blocks.release(q.id);
     return out.error();
@@ -621,6 +717,7 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
                        " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
     longest = std::max(longest, it->second + 1);
   }
+  if (auto err = check_sampling(options.sampling, static_cast<int64_t>(batch.size()))) return err;
   for (const auto& d : batch)
     if (auto err = s.blocks.reserve(d.id, s.lengths[d.id] + 1)) return err;
   size_t max_blocks = 1;
@@ -642,12 +739,13 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
   }
   // Routing capture is for tests and analysis: not worth a graph of its own.
   auto out = s.options.decode_graphs && options.use_graph && !options.capture_routing
-                 ? s.decode_graphed(batch, shape, options.return_logits)
-                 : s.run_step(shape, options.return_logits, options.capture_routing,
-                              [&](const detail::step_buffers& b, const metadata_view& host) {
-                                s.fill_decode(batch, shape, b, host);
-                              },
-                              static_cast<int64_t>(batch.size()));
+                 ? s.decode_graphed(batch, options.sampling, shape, options.return_logits)
+                 : s.run_step(
+                       shape, options.return_logits, options.capture_routing,
+                       [&](const detail::step_buffers& b, const metadata_view& host) {
+                         s.fill_decode(batch, options.sampling, shape, b, host);
+                       },
+                       static_cast<int64_t>(batch.size()), options.sampling);
   if (!out) return out.error();
   for (const auto& d : batch) ++s.lengths[d.id];
   return out;

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "base/error.hpp"
+#include "kernels/cpu/sampling.hpp"
 #include "kernels/dtype.hpp"
 #include "model/checkpoint.hpp"
 #include "model/latent_cache.hpp"
@@ -153,17 +154,36 @@ struct gpu_kernel_stats {
   uint64_t fp8_expanded = 0;
 };
 
+/// How one row's token is drawn: kernels::cpu::sample's parameters and its counter-based draw
+/// (seed, offset: the tokens that request sampled so far). The device draws the token
+/// cpu::sample draws from the row's logits (kernels/cuda/sampling.hpp: exactly, except where the
+/// draw falls within float rounding of a boundary between two tokens); rows the device leaves
+/// to the host (top_k above 1024, top-p alone with a nucleus past the 1024 most likely tokens)
+/// are drawn there by cpu::sample from the same logits.
+struct gpu_row_sampling {
+  kernels::cpu::sampling_params params{0.0f, 0, 1.0f};  ///< temperature 0 (the default): greedy
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+};
+
 struct gpu_prefill_options {
   bool all_logits = false;       ///< logits for every position, not only each sequence's last
   /// Copy the logits to the host. Off: only the greedy tokens come back (a greedy server's
   /// step then moves a few bytes, not rows x vocab floats: 13 MB at batch 32 of a 102400 vocab).
   bool return_logits = true;
   bool capture_routing = false;  ///< each MoE layer's top-k expert choices
+  /// Empty: greedy. Otherwise one per sequence, in order (not with all_logits). A
+  /// temperature below 0 or NaN, or top_p outside (0, 1], is model_errc::bad_input before
+  /// anything runs.
+  std::span<const gpu_row_sampling> sampling;
 };
 
 struct gpu_decode_options {
   bool return_logits = true;     ///< as gpu_prefill_options::return_logits
   bool capture_routing = false;  ///< each MoE layer's top-k expert choices
+  /// Empty: greedy. Otherwise one per batch row, as gpu_prefill_options::sampling. Decode graphs
+  /// read them as data: a step replays its graph whatever its rows' sampling.
+  std::span<const gpu_row_sampling> sampling;
   /// With the engine's decode_graphs on: false runs this step eagerly, at the graph's padded
   /// shape (the graph path's yardstick in tests and benchmarks: the same work, launched kernel
   /// by kernel). Ignored when decode_graphs is off.
@@ -175,9 +195,9 @@ struct gpu_step_result {
   /// (rows, vocab) float32: a prefill's sequences (or every position with all_logits), a
   /// decode's batch, in the order given. Empty when the step's return_logits was off.
   std::vector<float> logits;
-  /// (rows): the argmax of each row of logits, chosen on the device (lowest index on ties, as
-  /// kernels::cpu::sample_greedy).
-  std::vector<int32_t> greedy_tokens;
+  /// (rows): each row's next token, chosen on the device: the argmax of its logits (lowest
+  /// index on ties, as kernels::cpu::sample_greedy), or drawn as the step's `sampling` says.
+  std::vector<int32_t> tokens;
   /// capture_routing: per MoE layer (in layer order), (tokens, top_k) expert ids, each token's
   /// choices in descending score order; tokens packed as the step gave them.
   std::vector<std::vector<int32_t>> routing;

@@ -543,8 +543,6 @@ case_gpu_engine_greedy() {
   local prompt want
   prompt=$(st ints "$GOLDEN" greedy_prompt 0 ,) || { fail "cannot read greedy_prompt"; return; }
   want=$(st ints "$GOLDEN" greedy_tokens 0 " ") || { fail "cannot read greedy_tokens"; return; }
-  moe run --model "$TINY" --prompt-ids "$prompt" --max-new-tokens 4 --engine gpu --temperature 0.7
-  expect_clear_error run "--engine gpu decodes greedily"
   moe run --model "$TINY" --prompt-ids "$prompt" --max-new-tokens 4 --fp8 expand
   expect_clear_error run "--fp8 and --gpu-dtype need --engine gpu"
   moe run --model "$TINY" --prompt-ids "$prompt" --max-new-tokens 16 --engine gpu --gpu-dtype f32
@@ -556,6 +554,26 @@ case_gpu_engine_greedy() {
   expect_success || return
   if [[ $(cat "$TMP/out") != "$want" ]]; then
     fail "f32 GPU greedy tokens differ from transformers'"
+    show_last
+  fi
+  # Sampled: the reference engine's tokens for the same flags (f32 logits within ~1e-5 of the
+  # reference's; the device draws what cpu::sample draws), with and without the dumped logits
+  # (the first token then drawn on the host).
+  local sampled=(--temperature 0.8 --top-k 20 --top-p 0.95 --seed 7 --max-new-tokens 16)
+  moe run --model "$TINY" --prompt-ids "$prompt" "${sampled[@]}"
+  expect_success || return
+  want=$(cat "$TMP/out")
+  moe run --model "$TINY" --prompt-ids "$prompt" "${sampled[@]}" --engine gpu --gpu-dtype f32
+  expect_success || return
+  if [[ $(cat "$TMP/out") != "$want" ]]; then
+    fail "f32 GPU sampled tokens differ from the reference engine's"
+    show_last
+  fi
+  moe run --model "$TINY" --prompt-ids "$prompt" "${sampled[@]}" --engine gpu --gpu-dtype f32 \
+    --dump-logits "$TMP/sampled_logits.safetensors"
+  expect_success || return
+  if [[ $(cat "$TMP/out") != "$want" ]]; then
+    fail "f32 GPU sampled tokens with --dump-logits differ from the reference engine's"
     show_last
   fi
   moe run --model "$TINY" --prompt-ids "$(st ints "$GOLDEN" input_ids 0 ,)" --max-new-tokens 0 \

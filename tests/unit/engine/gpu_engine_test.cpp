@@ -257,7 +257,7 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
         exempt.push_back(token_exempt[first_of[i] + seqs[i].tokens.size() - 1]);
     }
     expect_rows_close(*got, want->logits, exempt, what);
-    return {want->logits, got->greedy_tokens};
+    return {want->logits, got->tokens};
   }
 
   /// Decodes on both engines. The reference tells only how many tokens each expert got
@@ -289,7 +289,7 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     EXPECT_EQ(moe, got->routing.size()) << what;
     if (differs) ++flipped_;
     expect_rows_close(*got, *want, std::vector<bool>(batch.size(), differs), what);
-    return {*want, got->greedy_tokens};
+    return {*want, got->tokens};
   }
 
   /// Each row of `got` within the case's tolerance of `want`, and the device's greedy choice
@@ -301,12 +301,12 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     const float tol = GetParam().tolerance;
     ASSERT_EQ(got.logits.size(), want.size()) << what;
     const size_t rows = want.size() / vocab_;
-    ASSERT_EQ(got.greedy_tokens.size(), rows) << what;
+    ASSERT_EQ(got.tokens.size(), rows) << what;
     for (size_t r = 0; r < rows; ++r) {
       const float* g = got.logits.data() + r * vocab_;
       const float* w = want.data() + r * vocab_;
       const float diff = max_abs_diff(g, w, vocab_);
-      EXPECT_EQ(got.greedy_tokens[r], argmax(g, vocab_)) << what << " row " << r;
+      EXPECT_EQ(got.tokens[r], argmax(g, vocab_)) << what << " row " << r;
       if (r < exempt.size() && exempt[r]) {
         worst_exempt_ = std::max(worst_exempt_, diff);
         const float ref_top = g[argmax(w, vocab_)];
@@ -317,7 +317,7 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
       worst_ = std::max(worst_, diff);
       EXPECT_LE(diff, tol) << what << " row " << r;
       if (top1_margin(w, vocab_) > 2 * tol) {
-        EXPECT_EQ(got.greedy_tokens[r], argmax(w, vocab_)) << what << " row " << r;
+        EXPECT_EQ(got.tokens[r], argmax(w, vocab_)) << what << " row " << r;
       }
     }
   }
@@ -333,8 +333,8 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
 
   void expect_same_step(const engine::gpu_step_result& eager, const engine::gpu_step_result& got,
                         size_t rows, const std::string& what) {
-    ASSERT_EQ(eager.greedy_tokens.size(), rows) << what;
-    ASSERT_EQ(got.greedy_tokens.size(), rows) << what;
+    ASSERT_EQ(eager.tokens.size(), rows) << what;
+    ASSERT_EQ(got.tokens.size(), rows) << what;
     ASSERT_EQ(got.logits.size(), eager.logits.size()) << what;
     if (eager.logits.empty()) return;
     for (size_t r = 0; r < rows; ++r) {
@@ -343,9 +343,9 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
       const float diff = max_abs_diff(e, g, vocab_);
       worst_graph_ = std::max(worst_graph_, diff);
       EXPECT_LE(diff, graph_tolerance()) << what << " row " << r;
-      EXPECT_EQ(got.greedy_tokens[r], argmax(g, vocab_)) << what << " row " << r;
+      EXPECT_EQ(got.tokens[r], argmax(g, vocab_)) << what << " row " << r;
       if (top1_margin(e, vocab_) > graph_margin()) {
-        EXPECT_EQ(got.greedy_tokens[r], eager.greedy_tokens[r]) << what << " row " << r;
+        EXPECT_EQ(got.tokens[r], eager.tokens[r]) << what << " row " << r;
       }
     }
   }
@@ -372,7 +372,7 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
     EXPECT_TRUE(graphed.prefill(seqs));
     if (!first) return {};
     std::vector<uint64_t> live = {1, 2, 3};
-    std::vector<int32_t> next = first->greedy_tokens;
+    std::vector<int32_t> next = first->tokens;
     for (int step = 0; step < 8; ++step) {
       if (step == 6) {
         eager.release(2);
@@ -389,7 +389,7 @@ class gpu_engine_test : public ::testing::TestWithParam<engine_case> {
       EXPECT_TRUE(got) << what << ": " << error_text(got.error());
       if (!want || !got) return graphed.decode_graph_stats();
       expect_same_step(*want, *got, batch.size(), what);
-      next = want->greedy_tokens;
+      next = want->tokens;
     }
     EXPECT_EQ(graphed.cached_tokens(1), 5 + 8);
     EXPECT_EQ(graphed.cached_tokens(3), 2 + 8);
@@ -477,7 +477,7 @@ std::vector<engine::gpu_step_result> greedy_steps(gpu_engine& e, const std::vect
   if (!first) return out;
   out.push_back(std::move(*first));
   while (out.size() < steps) {
-    const model::decode_input step[] = {{1, out.back().greedy_tokens.at(0)}};
+    const model::decode_input step[] = {{1, out.back().tokens.at(0)}};
     auto next = e.decode(step);
     EXPECT_TRUE(next) << error_text(next.error());
     if (!next) break;
@@ -518,7 +518,7 @@ TEST_P(gpu_engine_test, kept_fp8_weights_expand_to_the_dequantised_engines_logit
   const auto got = greedy_steps(*fp8, prompt, steps);
   ASSERT_EQ(got.size(), want.size());
   for (size_t i = 0; i < want.size(); ++i) {
-    EXPECT_EQ(got[i].greedy_tokens, want[i].greedy_tokens) << "step " << i;
+    EXPECT_EQ(got[i].tokens, want[i].tokens) << "step " << i;
     ASSERT_EQ(got[i].logits.size(), want[i].logits.size()) << "step " << i;
     EXPECT_EQ(max_abs_diff(got[i].logits.data(), want[i].logits.data(), want[i].logits.size()), 0.0f)
         << "step " << i;
@@ -563,7 +563,7 @@ TEST_P(gpu_engine_test, block_scaled_fp8_products_stay_close_to_the_expanded_one
   ASSERT_TRUE(first) << error_text(first.error());
   got.push_back(std::move(*first));
   for (size_t i = 1; i < steps; ++i) {
-    const model::decode_input step[] = {{1, want[i - 1].greedy_tokens.at(0)}};
+    const model::decode_input step[] = {{1, want[i - 1].tokens.at(0)}};
     auto next = scaled.decode(step);
     ASSERT_TRUE(next) << error_text(next.error());
     got.push_back(std::move(*next));
@@ -584,9 +584,9 @@ TEST_P(gpu_engine_test, block_scaled_fp8_products_stay_close_to_the_expanded_one
     worst_cosine = std::min(worst_cosine, cosine);
     worst_diff = std::max(worst_diff, max_abs_diff(h.data(), w.data(), w.size()));
     EXPECT_GT(cosine, 0.95f) << "step " << i;
-    same_tokens += got[i].greedy_tokens == want[i].greedy_tokens ? 1 : 0;
+    same_tokens += got[i].tokens == want[i].tokens ? 1 : 0;
     if (top1_margin(w.data(), vocab_) > 0.5f) {
-      EXPECT_EQ(got[i].greedy_tokens, want[i].greedy_tokens) << "step " << i;
+      EXPECT_EQ(got[i].tokens, want[i].tokens) << "step " << i;
     }
   }
   EXPECT_GT(worst_diff, 0.0f) << "the block-scaled products never ran";
@@ -810,7 +810,7 @@ TEST_P(gpu_engine_test, overlapped_shared_experts_give_the_same_bits_as_one_stre
     const auto first = one.prefill(seqs);
     ASSERT_TRUE(first) << error_text(first.error());
     ASSERT_TRUE(two.prefill(seqs));
-    std::vector<int32_t> next = first->greedy_tokens;
+    std::vector<int32_t> next = first->tokens;
     for (int step = 0; step < 5; ++step) {
       const model::decode_input batch[] = {{1, next[0]}, {2, next[1]}};
       engine::gpu_decode_options o;
@@ -819,9 +819,9 @@ TEST_P(gpu_engine_test, overlapped_shared_experts_give_the_same_bits_as_one_stre
       auto got = two.decode(batch, o);
       ASSERT_TRUE(want) << error_text(want.error());
       ASSERT_TRUE(got) << error_text(got.error());
-      EXPECT_EQ(got->greedy_tokens, want->greedy_tokens) << "step " << step;
+      EXPECT_EQ(got->tokens, want->tokens) << "step " << step;
       EXPECT_EQ(got->logits, want->logits) << "step " << step;
-      next = want->greedy_tokens;
+      next = want->tokens;
     }
     const auto stats = two.decode_graph_stats();
     EXPECT_EQ(stats.num_fallbacks, 0u) << stats.last_fallback_reason;
@@ -857,8 +857,8 @@ TEST_P(gpu_engine_test, cublas_grouped_experts_match_ours_in_prefill) {
   EXPECT_EQ(both->blas.kernel_stats().experts_cublas, 4u);  // 2 MoE layers' 2 products
   EXPECT_EQ(both->blas.kernel_stats().experts_grouped_gemm, 0u);
   EXPECT_EQ(both->ours.kernel_stats().experts_cublas, 0u);
-  const model::decode_input step[] = {{1, both->want.greedy_tokens.at(a.size() - 1)},
-                                      {2, both->want.greedy_tokens.back()}};
+  const model::decode_input step[] = {{1, both->want.tokens.at(a.size() - 1)},
+                                      {2, both->want.tokens.back()}};
   const auto want_next = both->ours.decode(step);
   const auto got_next = both->blas.decode(step);
   ASSERT_TRUE(want_next && got_next);
@@ -947,7 +947,7 @@ TEST_P(gpu_engine_test, decode_products_on_the_grouped_gemm_match_cublaslts) {
   const auto first = expand->prefill(seqs);
   ASSERT_TRUE(first) << error_text(first.error());
   ASSERT_TRUE(grouped->prefill(seqs));
-  std::vector<int32_t> next = first->greedy_tokens;
+  std::vector<int32_t> next = first->tokens;
   for (int step = 0; step < 4; ++step) {
     const model::decode_input batch[] = {{1, next[0]}, {2, next[1]}};
     const auto want = expand->decode(batch);
@@ -955,7 +955,7 @@ TEST_P(gpu_engine_test, decode_products_on_the_grouped_gemm_match_cublaslts) {
     ASSERT_TRUE(want) << error_text(want.error());
     ASSERT_TRUE(got) << error_text(got.error());
     expect_same_step(*want, *got, 2, "FP8 decode step " + std::to_string(step));
-    next = want->greedy_tokens;
+    next = want->tokens;
   }
   // Every projection of those steps, the residual adds (o_proj, the down projections) and the
   // LM head (float32 out) included, where the grouped GEMM took it.
@@ -981,7 +981,7 @@ TEST_P(gpu_engine_test, a_refused_cublas_grouped_product_falls_back_to_ours) {
   const auto& got = both->got.logits;
   ASSERT_EQ(got.size(), want.size());
   EXPECT_EQ(max_abs_diff(got.data(), want.data(), want.size()), 0.0f);
-  EXPECT_EQ(both->got.greedy_tokens, both->want.greedy_tokens);
+  EXPECT_EQ(both->got.tokens, both->want.tokens);
 }
 #endif
 
@@ -1047,8 +1047,8 @@ TEST_P(gpu_engine_test, decode_without_logits_gives_the_same_tokens) {
     auto first_without = without.prefill(seqs, no_logits_prefill);
     ASSERT_TRUE(first_without) << error_text(first_without.error());
     EXPECT_TRUE(first_without->logits.empty()) << mode;
-    EXPECT_EQ(first_without->greedy_tokens, first->greedy_tokens) << mode;
-    std::vector<int32_t> next = first->greedy_tokens;
+    EXPECT_EQ(first_without->tokens, first->tokens) << mode;
+    std::vector<int32_t> next = first->tokens;
     engine::gpu_decode_options no_logits;
     no_logits.return_logits = false;
     for (int step = 0; step < 5; ++step) {
@@ -1060,8 +1060,8 @@ TEST_P(gpu_engine_test, decode_without_logits_gives_the_same_tokens) {
       ASSERT_TRUE(got) << what << ": " << error_text(got.error());
       EXPECT_EQ(want->logits.size(), 2 * vocab_) << what;
       EXPECT_TRUE(got->logits.empty()) << what;
-      EXPECT_EQ(got->greedy_tokens, want->greedy_tokens) << what;
-      next = want->greedy_tokens;
+      EXPECT_EQ(got->tokens, want->tokens) << what;
+      next = want->tokens;
     }
     for (const auto* e : {&with, &without}) {
       const auto stats = e->decode_graph_stats();
@@ -1070,6 +1070,141 @@ TEST_P(gpu_engine_test, decode_without_logits_gives_the_same_tokens) {
       EXPECT_EQ(stats.num_replays > 0, graphs) << mode;
     }
   }
+}
+
+namespace {
+
+/// cpu::sample's draw from one row of logits.
+int32_t cpu_draw(const float* row, size_t vocab, const engine::gpu_row_sampling& s) {
+  std::vector<double> probs(vocab);
+  std::vector<int32_t> order(vocab);
+  kernels::cpu::sample_args a;
+  a.logits = row;
+  a.vocab = vocab;
+  a.params = s.params;
+  a.seed = s.seed;
+  a.offset = s.offset;
+  a.probs_workspace = probs.data();
+  a.order_workspace = order.data();
+  int32_t token = -1;
+  EXPECT_EQ(kernels::cpu::sample(a, &token), kernels::kernel_status::ok);
+  return token;
+}
+
+/// The tokens cpu::sample's top-p keeps from this row (the whole ranking's prefix).
+size_t nucleus_size(const float* row, size_t vocab, const kernels::cpu::sampling_params& p) {
+  std::vector<float> v(row, row + vocab);
+  std::sort(v.begin(), v.end(), std::greater<>());
+  double total = 0.0, cum = 0.0;
+  for (const float l : v) total += std::exp((static_cast<double>(l) - v[0]) / p.temperature);
+  for (size_t i = 0; i < vocab; ++i) {
+    cum += std::exp((static_cast<double>(v[i]) - v[0]) / p.temperature);
+    if (cum >= static_cast<double>(p.top_p) * total) return i + 1;
+  }
+  return vocab;
+}
+
+}  // namespace
+
+TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps_logits) {
+  // A vocabulary past the device sampler's 1024 candidates, so that a flat row's top-p nucleus
+  // is drawn on the host: random weights give flat rows.
+  auto config = ckpt_->config;
+  config.vocab_size = 3000;
+  model::init_options init;
+  init.seed = 5;
+  auto random = model::random_checkpoint(config, init);
+  ASSERT_TRUE(random) << error_text(random.error());
+  ckpt_ = std::make_shared<const model::checkpoint>(std::move(*random));
+  vocab_ = 3000;
+  // Greedy, temperature alone, top-k with top-p, top-p alone (a nucleus of more than 1024).
+  std::vector<engine::gpu_row_sampling> sampling(4);
+  sampling[1].params = {0.8f, 0, 1.0f};
+  sampling[2].params = {0.7f, 40, 0.9f};
+  sampling[3].params = {1.5f, 0, 0.999f};
+  for (size_t i = 0; i < sampling.size(); ++i) sampling[i].seed = 100 + i;
+  for (const bool graphs : {false, true}) {
+    const std::string mode = graphs ? "graphs" : "eager";
+    for (auto& s : sampling) s.offset = 0;
+    auto with = make_gpu(64, 4, [&](auto& o) { o.decode_graphs = graphs; });
+    auto without = make_gpu(64, 4, [&](auto& o) { o.decode_graphs = graphs; });
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<model::sequence_input> seqs;
+    for (int32_t i = 0; i < 4; ++i) prompts.push_back(repeated_prompt(5 + 3 * i, i + 1));
+    for (size_t i = 0; i < prompts.size(); ++i) seqs.push_back({i + 1, prompts[i]});
+    engine::gpu_prefill_options po;
+    po.sampling = sampling;
+    auto first = with.prefill(seqs, po);
+    ASSERT_TRUE(first) << mode << ": " << error_text(first.error());
+    po.return_logits = false;
+    auto first_without = without.prefill(seqs, po);
+    ASSERT_TRUE(first_without) << mode << ": " << error_text(first_without.error());
+    std::vector<int32_t> tokens = first->tokens;
+    EXPECT_EQ(first_without->tokens, tokens) << mode;
+    ASSERT_EQ(tokens.size(), 4u) << mode;
+    for (size_t i = 0; i < 4; ++i)
+      EXPECT_EQ(tokens[i], cpu_draw(first->logits.data() + i * vocab_, vocab_, sampling[i]))
+          << mode << " prefill row " << i;
+    size_t on_host = 0;
+    for (int step = 0; step < 5; ++step) {
+      const std::string what = mode + " decode step " + std::to_string(step);
+      std::vector<model::decode_input> batch;
+      for (size_t i = 0; i < 4; ++i) batch.push_back({i + 1, tokens[i]});
+      for (auto& s : sampling) ++s.offset;
+      engine::gpu_decode_options d;
+      d.sampling = sampling;
+      auto got = with.decode(batch, d);
+      ASSERT_TRUE(got) << what << ": " << error_text(got.error());
+      d.return_logits = false;
+      auto got_without = without.decode(batch, d);
+      ASSERT_TRUE(got_without) << what << ": " << error_text(got_without.error());
+      for (size_t i = 0; i < 4; ++i) {
+        const float* row = got->logits.data() + i * vocab_;
+        EXPECT_EQ(got->tokens[i], cpu_draw(row, vocab_, sampling[i])) << what << " row " << i;
+        if (i == 0) {
+          EXPECT_EQ(got->tokens[i], argmax(row, vocab_)) << what;
+        }
+        if (i == 3) on_host += nucleus_size(row, vocab_, sampling[3].params) > 1024;
+      }
+      EXPECT_EQ(got_without->tokens, got->tokens) << what;
+      tokens = got->tokens;
+    }
+    // The host's draws were exercised, and the decode steps were replayed from graphs.
+    EXPECT_GT(on_host, 0u) << mode;
+    EXPECT_EQ(with.decode_graph_stats().num_replays > 0, graphs) << mode;
+    EXPECT_EQ(with.decode_graph_stats().num_fallbacks, 0u) << mode;
+  }
+  // The prefill's draws too, and refusals before anything runs.
+  auto e = make_gpu(64, 4);
+  std::vector<int32_t> prompt = repeated_prompt(9, 2);
+  const model::sequence_input one[] = {{1, prompt}, {2, prompt}};
+  engine::gpu_prefill_options po;
+  std::vector<engine::gpu_row_sampling> two(sampling.begin() + 2, sampling.end());
+  po.sampling = two;
+  auto first = e.prefill(one, po);
+  ASSERT_TRUE(first) << error_text(first.error());
+  for (size_t i = 0; i < 2; ++i)
+    EXPECT_EQ(first->tokens[i], cpu_draw(first->logits.data() + i * vocab_, vocab_, two[i]))
+        << "prefill row " << i;
+  const model::sequence_input other[] = {{3, prompt}};
+  po.sampling = std::span(two).first(1);
+  po.all_logits = true;
+  auto refused = e.prefill(other, po);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(code_of(refused.error()), model::model_errc::bad_input);
+  engine::gpu_decode_options d;
+  d.sampling = two;  // two entries for one row
+  const model::decode_input step[] = {{1, first->tokens[0]}};
+  refused = e.decode(step, d);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(code_of(refused.error()), model::model_errc::bad_input);
+  two[0].params.top_p = 0.0f;
+  d.sampling = std::span(two).first(1);
+  refused = e.decode(step, d);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(code_of(refused.error()), model::model_errc::bad_input);
+  EXPECT_EQ(e.cached_tokens(1), static_cast<int64_t>(prompt.size()));
+  EXPECT_EQ(e.cached_tokens(3), 0);
 }
 
 TEST_P(gpu_engine_test, use_graph_false_runs_a_step_eagerly_on_a_graph_engine) {
@@ -1096,7 +1231,7 @@ TEST_P(gpu_engine_test, use_graph_false_runs_a_step_eagerly_on_a_graph_engine) {
   ASSERT_TRUE(plain.prefill(seqs));
   engine::gpu_decode_options eager;
   eager.use_graph = false;
-  std::vector<int32_t> next = first->greedy_tokens;
+  std::vector<int32_t> next = first->tokens;
   for (int step = 0; step < 3; ++step) {
     std::vector<model::decode_input> batch;
     for (size_t i = 0; i < next.size(); ++i) batch.push_back({i + 1, next[i]});
@@ -1108,9 +1243,9 @@ TEST_P(gpu_engine_test, use_graph_false_runs_a_step_eagerly_on_a_graph_engine) {
     ASSERT_TRUE(replayed) << error_text(replayed.error());
     ASSERT_TRUE(want) << error_text(want.error());
     EXPECT_EQ(got->logits, replayed->logits) << what;  // the same kernels on the same shapes
-    EXPECT_EQ(got->greedy_tokens, replayed->greedy_tokens) << what;
+    EXPECT_EQ(got->tokens, replayed->tokens) << what;
     expect_same_step(*want, *got, batch.size(), what);
-    next = got->greedy_tokens;
+    next = got->tokens;
   }
   const auto stats = eager_steps.decode_graph_stats();
   EXPECT_EQ(stats.num_captured, 0u);
@@ -1124,10 +1259,10 @@ TEST_P(gpu_engine_test, use_graph_false_runs_a_step_eagerly_on_a_graph_engine) {
   routed.capture_routing = true;
   auto with_routing = eager_steps.decode(batch, routed);
   ASSERT_TRUE(with_routing) << error_text(with_routing.error());
-  EXPECT_EQ(with_routing->greedy_tokens.size(), batch.size());
+  EXPECT_EQ(with_routing->tokens.size(), batch.size());
   for (const auto& layer : with_routing->routing) EXPECT_EQ(layer.size(), batch.size() * top_k_);
   // And the next step with graphs allowed does use one.
-  for (size_t i = 0; i < batch.size(); ++i) batch[i].token = with_routing->greedy_tokens[i];
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].token = with_routing->tokens[i];
   ASSERT_TRUE(eager_steps.decode(batch));
   EXPECT_EQ(eager_steps.decode_graph_stats().num_captured, 1u);
 }
