@@ -286,6 +286,16 @@ int main(int argc, char** argv) {
     bandwidth_entry(name.c_str(), 2.0 * batch * tokens * entry, ms);
     out["bandwidth"][name]["splits"] = kc::mla_decode_make_plan(a).num_splits;
     out["bandwidth"][name]["us"] = ms * 1e3;
+    // The same with one-tile splits (min_split_tokens 32): more, shorter blocks.
+    a.min_split_tokens = 32;
+    const size_t short_bytes = kc::mla_decode_workspace_bytes(a);
+    device_mem short_workspace(std::max<size_t>(short_bytes, 256));
+    const double short_ms = median_ms(reps, [&] {
+      check(kc::mla_decode_run(a, short_workspace.p, short_bytes, nullptr), "mla_decode");
+    });
+    out["bandwidth"][name]["min_split_32"] = {{"splits", kc::mla_decode_make_plan(a).num_splits},
+                                              {"us", short_ms * 1e3},
+                                              {"speedup_over_default", ms / short_ms}};
   }
 
   // MLA prefill (causal, decompressed keys and values) over 4 packed sequences of 512 tokens,

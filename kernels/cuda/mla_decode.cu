@@ -155,7 +155,6 @@ constexpr int decode_col_vecs =  // float4 column groups per thread: 2
     static_cast<int>(mla_decode_max_latent_dim) / (4 * decode_col_threads);
 constexpr int decode_chunks = static_cast<int>(mla_decode_max_entry_dim + 127) / 128;  // 5 float4s
 constexpr int64_t decode_target_blocks = 264;  // 2 per SM on H100/H200 (132 SMs)
-constexpr int64_t decode_min_split_tokens = 128;
 constexpr float log2e = 1.4426950408889634f;
 
 static_assert(decode_tile == 32, "the softmax step gives each lane one token");
@@ -773,10 +772,26 @@ __global__ void mla_decode_combine_kernel(const float* part_out, const float* pa
   }
   __syncthreads();
   const float l = total;
+  // The partials are loaded combine_batch at a time before they are summed, so their loads are
+  // in flight together (one at a time, each behind its split's test, the loop was a chain of
+  // memory latencies as long as the splits). A skipped split's partial may be stale: it is
+  // loaded but never added, so the sum is the same as adding only the others, in split order.
+  constexpr int combine_batch = 8;
   for (int col = static_cast<int>(threadIdx.x); col < latent_dim; col += combine_threads) {
+    const float* column = part_out + first * latent_dim + col;
+    const int64_t split_stride = int64_t{num_heads} * latent_dim;
     float o = 0.0f;
-    for (int s = 0; s < num_splits; ++s)
-      if (weight[s] > 0.0f) o = fmaf(weight[s], part_out[(first + s * num_heads) * latent_dim + col], o);
+    int s = 0;
+    for (; s + combine_batch <= num_splits; s += combine_batch) {
+      float v[combine_batch];
+#pragma unroll
+      for (int u = 0; u < combine_batch; ++u) v[u] = column[(s + u) * split_stride];
+#pragma unroll
+      for (int u = 0; u < combine_batch; ++u)
+        if (weight[s + u] > 0.0f) o = fmaf(weight[s + u], v[u], o);
+    }
+    for (; s < num_splits; ++s)
+      if (weight[s] > 0.0f) o = fmaf(weight[s], column[s * split_stride], o);
     store(out, (b * num_heads + h) * latent_dim + col, l > 0.0f ? o / l : 0.0f);
   }
 }
@@ -892,7 +907,9 @@ mla_decode_plan mla_decode_make_plan(const mla_decode_args& a) noexcept {
   const int64_t base_blocks = std::max<int64_t>(1, a.batch * plan.num_head_groups);
   // Rounded down: a few blocks past the target would make a second, nearly empty wave.
   const int64_t wanted = std::max<int64_t>(1, decode_target_blocks / base_blocks);
-  const int64_t by_length = (max_len + decode_min_split_tokens - 1) / decode_min_split_tokens;
+  const int64_t min_split =
+      a.min_split_tokens > 0 ? a.min_split_tokens : mla_decode_default_min_split_tokens;
+  const int64_t by_length = (max_len + min_split - 1) / min_split;
   const int64_t splits = std::clamp<int64_t>(std::min(wanted, by_length), 1, mla_decode_max_splits);
   const int64_t per_split = (max_len + splits - 1) / splits;
   plan.split_len = (per_split + decode_tile - 1) / decode_tile * decode_tile;
@@ -909,8 +926,8 @@ kernel_status mla_decode_can_run(const mla_decode_args& a) noexcept {
     return kernel_status::unsupported_shape;
   if (a.num_heads < 1 || a.num_heads > INT32_MAX / mla_decode_max_latent_dim || a.batch < 0 ||
       a.batch > INT32_MAX || a.max_blocks_per_seq < 0 || a.max_blocks_per_seq > INT32_MAX ||
-      a.max_seq_len < 0 || a.q_pe_token_stride < 0 || a.q_pe_head_stride < 0 ||
-      a.q_pe_token_stride > INT32_MAX || a.q_pe_head_stride > INT32_MAX)
+      a.max_seq_len < 0 || a.min_split_tokens < 0 || a.q_pe_token_stride < 0 ||
+      a.q_pe_head_stride < 0 || a.q_pe_token_stride > INT32_MAX || a.q_pe_head_stride > INT32_MAX)
     return kernel_status::unsupported_shape;
   if (!std::isfinite(a.softmax_scale)) return kernel_status::unsupported_shape;
   // seq_lens are int32: a table row longer than that could not be used anyway.

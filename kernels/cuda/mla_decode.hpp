@@ -106,12 +106,20 @@ struct mla_decode_args {
   /// longer sequence is still attended in full, its last split doing the extra tokens.
   int64_t max_seq_len = 0;
   dtype dt = dtype::f32;                  ///< f32 or bf16, for the pool, q and out_latent
+  /// The fewest tokens the plan gives a split (rounded up to the 32-token tile); 0: the default,
+  /// mla_decode_default_min_split_tokens. Fewer tokens a split make more, shorter blocks: at a
+  /// short context and a small batch the grid is a few blocks, each walking its tiles one after
+  /// another while the card idles (the kernel benchmark measures both at 160 tokens).
+  int64_t min_split_tokens = 0;
 };
+
+/// The plan's shortest split unless mla_decode_args::min_split_tokens says otherwise.
+inline constexpr int64_t mla_decode_default_min_split_tokens = 128;
 
 /// How a decode is cut: one block per (sequence, split, head group). Splits cover split_len
 /// tokens each (a multiple of the 32-token tile), the last one up to the end of its sequence.
-/// Chosen to give the GPU a few hundred blocks (tuned for ~132 SMs), each split at least 128
-/// tokens, at most mla_decode_max_splits.
+/// Chosen to give the GPU a few hundred blocks (tuned for ~132 SMs), each split at least
+/// min_split_tokens (128 by default), at most mla_decode_max_splits.
 struct mla_decode_plan {
   int64_t num_head_groups = 0;  ///< ceil(H / 16)
   int64_t num_splits = 0;       ///< >= 1
@@ -121,7 +129,8 @@ struct mla_decode_plan {
 /// ok, unsupported_dtype, or unsupported_shape for a bad layout (as for mla_cache_append), R or
 /// R + dr above the limits above, num_heads < 1, batch < 0, more than INT32_MAX blocks in the
 /// grid or the table, a null pointer (null is accepted when batch == 0; block_table when
-/// max_blocks_per_seq == 0; q_pe when dr == 0), negative strides, or a non-finite scale.
+/// max_blocks_per_seq == 0; q_pe when dr == 0), negative strides or min_split_tokens, or a
+/// non-finite scale.
 [[nodiscard]] kernel_status mla_decode_can_run(const mla_decode_args& a) noexcept;
 /// The cut run() makes; meaningful only where mla_decode_can_run answers ok.
 [[nodiscard]] mla_decode_plan mla_decode_make_plan(const mla_decode_args& a) noexcept;

@@ -362,6 +362,7 @@ struct decode_case {
   int64_t max_seq_len_hint = 0;
   // q_pe lives inside q (B, H, dn + dr) after each head's dn nope values, as the model leaves it.
   size_t nope_dim = 128;
+  int64_t min_split_tokens = 0;
 };
 
 void check_decode(const decode_case& c, dtype dt, uint64_t seed) {
@@ -403,6 +404,7 @@ void check_decode(const decode_case& c, dtype dt, uint64_t seed) {
   a.num_heads = static_cast<int64_t>(H);
   a.softmax_scale = scale;
   a.max_seq_len = c.max_seq_len_hint;
+  a.min_split_tokens = c.min_split_tokens;
   a.dt = dt;
   const size_t workspace_bytes = cuda::mla_decode_workspace_bytes(a);
   device_buffer d_pool(pool.bytes(dt)), d_q_latent(q_latent.bytes(dt)), d_q(q.bytes(dt)),
@@ -463,6 +465,14 @@ TEST(cuda_mla_decode, long_sequence_across_many_splits) {
   // A bound from the host that is too small: the last split must take the rest.
   c.max_seq_len_hint = 200;
   check_decode(c, dtype::f32, 41);
+  // Short splits: twice the default's 24 (48 of two tiles, the most splits would be 64 of 48
+  // tokens), the short sequence's past its end empty (their poisoned partials loaded by the
+  // combine and left out).
+  c.max_seq_len_hint = 0;
+  c.min_split_tokens = 32;
+  shape.min_split_tokens = 32;
+  ASSERT_EQ(cuda::mla_decode_make_plan(shape).num_splits, 48);
+  for (dtype dt : {dtype::f32, dtype::bf16}) check_decode(c, dt, 43);
   // An odd block size across splits.
   check_decode({40, 8, 3, 5, {1000, 0, 999}}, dtype::bf16, 42);
 }
@@ -680,6 +690,18 @@ TEST(cuda_mla_decode, plan_splits_long_sequences_and_sizes_the_workspace) {
   a.num_heads = 16;
   a.batch = 512;
   EXPECT_EQ(cuda::mla_decode_make_plan(a).num_splits, 1);
+  // Shorter splits on request: a 160-token context at batch 1 in one-tile splits (rounded up
+  // to the tile), and the workspace they need.
+  a.batch = 1;
+  a.max_seq_len = 160;
+  EXPECT_EQ(cuda::mla_decode_make_plan(a).num_splits, 2);
+  a.min_split_tokens = 20;
+  plan = cuda::mla_decode_make_plan(a);
+  EXPECT_EQ(plan.split_len, 32);
+  EXPECT_EQ(plan.num_splits, 5);
+  EXPECT_EQ(cuda::mla_decode_workspace_bytes(a), size_t{5} * 16 * (512 + 2) * 4);
+  a.min_split_tokens = -1;
+  EXPECT_EQ(cuda::mla_decode_can_run(a), kernel_status::unsupported_shape);
 }
 
 // ---------------------------------------------------------------------------------------------
