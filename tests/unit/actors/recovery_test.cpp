@@ -212,7 +212,10 @@ using actors::testing::counter;
 }  // namespace
 
 TEST(recovery, a_lost_attention_shard_loses_no_request_and_changes_no_token) {
-  const auto jobs = workload(24, 30);
+  // 200-token requests: the fault comes after 24 tokens have reached this test, and with 30
+  // (a whole run took 0.2 s) a CI run once saw every request finished before the down event
+  // reached the controller (none to replay).
+  const auto jobs = workload(24, 200);
   // At most 12 running per shard: shard 1 surely holds requests when it is lost.
   controller_limits lim;
   lim.max_running_requests = 12;
@@ -236,7 +239,7 @@ TEST(recovery, a_lost_attention_shard_loses_no_request_and_changes_no_token) {
 // its shard meanwhile fails at once with request_receiver_down. Its requests wait for the event
 // and are replayed then, like those of the shard's other steps.
 TEST(recovery, a_shard_step_failing_before_the_down_event_is_replayed_when_it_comes) {
-  const auto jobs = workload(24, 30);
+  const auto jobs = workload(24, 200);  // long enough to be in flight at the fault (above)
   controller_limits lim;
   lim.max_running_requests = 12;
   const auto baseline = fault_free(even_layout(2, 3, 16), jobs, lim);
