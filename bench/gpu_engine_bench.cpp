@@ -19,7 +19,9 @@
 // tokens routed to the same experts at every MoE layer. It runs after the timings.
 //
 // Decode runs twice per batch on the same prompts: from CUDA graphs (the engine's
-// decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up.
+// decode_graphs; "decode") and kernel by kernel ("decode_eager"), with the graphs' speed-up;
+// then once more with every row sampled ("decode_sampled": temperature 0.7, top-p 0.9 drawn by
+// the device's sampler; "sampling_cost", the greedy step's speed over it).
 // Then, unless --no-variants, the engine options still off until a card measures them, each on
 // its own engine over the same weights with its ratio to the default engine: prefill with the
 // routed experts on cuBLAS's grouped GEMM ("prefill_cublas_grouped_experts",
@@ -148,11 +150,13 @@ class runner {
             {"tokens_per_s", tokens / s}, {"times", times}};
   }
 
-  /// Prefills `batch` prompts, then times decode_steps greedy steps fed their own tokens; each
-  /// run (a warm-up, then max(1, reps / 2)) takes fresh prompts from a generator seeded by the
-  /// batch, so the eager and the graph runs of a batch decode the same prompts. `tokens` gets
-  /// the last run's generated tokens.
-  json decode(int batch, bool use_graph, std::vector<int32_t>& tokens) {
+  /// Prefills `batch` prompts, then times decode_steps steps fed their own tokens, greedy or,
+  /// with `sampling`, every row drawn with those parameters (its own seed, the offset counting
+  /// its draws); each run (a warm-up, then max(1, reps / 2)) takes fresh prompts from a
+  /// generator seeded by the batch, so the eager and the graph runs of a batch decode the same
+  /// prompts. `tokens` gets the last run's generated tokens.
+  json decode(int batch, bool use_graph, std::vector<int32_t>& tokens,
+              const std::optional<moe::kernels::cpu::sampling_params>& sampling = std::nullopt) {
     const int64_t vocab = e_.config().vocab_size;
     std::mt19937 rng(static_cast<uint32_t>(batch));
     std::vector<double> times;
@@ -164,8 +168,11 @@ class runner {
       for (int i = 0; i < batch; ++i)
         prompts.push_back(random_tokens(rng, vocab, static_cast<size_t>(s_.context)));
       for (size_t i = 0; i < prompts.size(); ++i) seqs.push_back({next_id_++, prompts[i]});
+      std::vector<me::gpu_row_sampling> rows(sampling ? static_cast<size_t>(batch) : 0);
+      for (size_t i = 0; i < rows.size(); ++i) rows[i] = {*sampling, 1000 + i, 0};
       me::gpu_prefill_options po;
       po.return_logits = false;
+      po.sampling = rows;
       auto first = e_.prefill(seqs, po);
       if (!first) return error_json("prefill before decode", first.error());
       std::vector<moe::model::decode_input> step(static_cast<size_t>(batch));
@@ -173,9 +180,11 @@ class runner {
       me::gpu_decode_options o;
       o.return_logits = false;
       o.use_graph = use_graph;
+      o.sampling = rows;
       tokens.clear();
       const auto t = clock_type::now();
       for (int k = 0; k < s_.decode_steps; ++k) {
+        for (auto& row : rows) ++row.offset;
         auto got = e_.decode(step, o);
         if (!got) return error_json("decode at batch " + std::to_string(batch), got.error());
         for (size_t i = 0; i < step.size(); ++i) step[i].token = got->tokens[i];
@@ -496,6 +505,16 @@ int main(int argc, char** argv) {
       out["decode"].push_back(eager);
     }
     out["decode_eager"].push_back(eager);
+  }
+  // The serving path again with every row sampled (temperature 0.7, top-p 0.9: the device's
+  // sampler instead of its argmax), and the cost of it on the whole step.
+  out["decode_sampled"] = json::array();
+  for (int b : s.decode_batches) {
+    std::vector<int32_t> tokens;
+    json d = run.decode(b, s.graphs, tokens, moe::kernels::cpu::sampling_params{0.7f, 0, 0.9f});
+    if (const auto base = tokens_per_s_at(out["decode"], b); base && !failed(d))
+      d["sampling_cost"] = *base / d["tokens_per_s"].get<double>();
+    out["decode_sampled"].push_back(d);
   }
   out["kernels"] = kernels_json(*engine);
   if (s.graphs) {

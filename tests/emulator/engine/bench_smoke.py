@@ -89,6 +89,11 @@ def main():
         # The launches a step replays: at least a few per layer of the tiny model's 3.
         if not 3 * 10 <= d.get("graph_nodes", 0) <= 3 * 40:
             fail(f"decode batch {b}: graph_nodes {d.get('graph_nodes')}")
+    sampled = j["decode_sampled"]
+    if [d["batch"] for d in sampled] != [1, 8]:
+        fail(f"decode_sampled batches: {sampled}")
+    for d in sampled:
+        positive(d, "sampling_cost", f"decode_sampled batch {d['batch']}")
     stats = j["decode_graph_stats"]
     if stats["captured"] < 1 or stats["replays"] < 1:
         fail(f"no decode graph was replayed: {stats}")
