@@ -61,6 +61,23 @@ __device__ inline void store_beta(T* y, int64_t i, float v, float beta) {
   store(y, i, beta == 0.0f ? v : fmaf(beta, load(y, i), v));
 }
 
+// Where a tile's rows of x come from: row0 + r of x, or with a gather map (x_entries) the row
+// entries[row0 + r] / per_row of the unpermuted x (permute_plan's inverse and top_k: the token
+// of each expert row), so that no permuted copy of x is made.
+template <class T>
+struct x_source {
+  const T* x;
+  const int32_t* entries;  // null: x is already grouped by expert
+  int32_t per_row;
+  int32_t row0;
+  int32_t k;
+  __device__ __forceinline__ const T* row(int32_t r) const {
+    const int64_t at =
+        entries == nullptr ? int64_t{row0} + r : int64_t{entries[row0 + r] / per_row};
+    return x + at * k;
+  }
+};
+
 // Finds row tile `m_tile` of a BM-row tiling: each thread counts the tiles of a contiguous run
 // of experts, a block-wide scan turns the counts into each run's first tile, and the thread
 // whose run holds m_tile walks it. Writes found = {expert, first row, rows} or expert = -1 when
@@ -204,6 +221,22 @@ __device__ __forceinline__ void copy_chunks(T* dst, int dst_ld, const T* src, in
     }
 }
 
+// The same for rows each at its own address (x's rows through a gather map): src[p] is pass p's
+// row at this thread's chunk, `at` the step's offset into it.
+template <int Passes, int RowsPerPass, class T>
+__device__ __forceinline__ void copy_rows(T* dst, int dst_ld, const T* const (&src)[Passes],
+                                          int32_t at, int32_t left, bool in_k) {
+#pragma unroll
+  for (int p = 0; p < Passes; ++p)
+    if (p * RowsPerPass < left) {
+      T* d = dst + p * RowsPerPass * dst_ld;
+      if (in_k)
+        __pipeline_memcpy_async(d, src[p] + at, 16);
+      else
+        __pipeline_memcpy_async(d, src[p] + at, 16, 16);
+    }
+}
+
 // Queues k steps of the tiles into a stage. Rows past the tile's rows (x) or past n (weights)
 // are not loaded at all: an output element depends only on its own row of x and its own row of
 // the weight, and those outputs are never stored. Columns past k are zero-filled in both
@@ -220,14 +253,14 @@ struct async_loader : bf16_stage_layout<Tiles> {
   static constexpr int a_passes = Tiles::bm / rows_per_pass, b_passes = Tiles::bn / rows_per_pass;
   static_assert(Tiles::threads % chunks == 0 && Tiles::bm % rows_per_pass == 0 &&
                 Tiles::bn % rows_per_pass == 0);
-  const bf16* a;  // this thread's first row of x and of the weight, at its chunk column
-  const bf16* b;
-  int64_t stride;          // rows_per_pass rows
-  int32_t a_left, b_left;  // rows of the tile from this thread's first row on
+  const bf16* a[a_passes];  // this thread's rows of x, at its chunk column
+  const bf16* b;            // and its first row of the weight
+  int64_t stride;           // rows_per_pass rows of the weight
+  int32_t a_left, b_left;   // rows of the tile from this thread's first row on
   int32_t kc, k;
   int dst;  // offset of this thread's first chunk in a stage's x tile
 
-  __device__ __forceinline__ async_loader(const bf16* a_src, int32_t a_rows, const void* w,
+  __device__ __forceinline__ async_loader(const x_source<bf16>& xs, int32_t a_rows, const void* w,
                                           int64_t w_row0, int32_t b_rows, int32_t k_,
                                           const fp8_scales&)
       : k(k_) {
@@ -235,10 +268,12 @@ struct async_loader : bf16_stage_layout<Tiles> {
     const int tid = static_cast<int>(threadIdx.x);
     const int row = tid / chunks;
     kc = (tid % chunks) * 8;
-    a = a_src + int64_t{row} * k + kc;
+    a_left = a_rows - row;
+#pragma unroll
+    for (int p = 0; p < a_passes; ++p)  // rows past the tile are never copied
+      a[p] = (p * rows_per_pass < a_left ? xs.row(row + p * rows_per_pass) : xs.x) + kc;
     b = b_src + int64_t{row} * k + kc;
     stride = int64_t{rows_per_pass} * k;
-    a_left = a_rows - row;
     b_left = b_rows - row;
     dst = row * Tiles::ld + kc;
   }
@@ -247,7 +282,7 @@ struct async_loader : bf16_stage_layout<Tiles> {
     bf16* stage = reinterpret_cast<bf16*>(stage_bytes);
     const bool in_k = k0 + kc < k;
     const int32_t at = in_k ? k0 : -kc;
-    copy_chunks<a_passes, rows_per_pass>(stage + dst, Tiles::ld, a + at, stride, a_left, in_k);
+    copy_rows<a_passes, rows_per_pass>(stage + dst, Tiles::ld, a, at, a_left, in_k);
     copy_chunks<b_passes, rows_per_pass>(stage + dst + Tiles::bm * Tiles::ld, Tiles::ld, b + at,
                                          stride, b_left, in_k);
   }
@@ -273,16 +308,16 @@ __device__ __forceinline__ uint32_t bf16_bits(bf16 v) {
 // converted on the way.
 template <class Tiles, bool Fp8>
 struct element_loader : bf16_stage_layout<Tiles> {
-  const bf16* a_src;
+  x_source<bf16> xs;
   const void* w;
   int64_t w_row0;
   int32_t a_rows, b_rows, k;
   fp8_scales sc;
 
-  __device__ __forceinline__ element_loader(const bf16* a_src_, int32_t a_rows_, const void* w_,
-                                            int64_t w_row0_, int32_t b_rows_, int32_t k_,
-                                            const fp8_scales& sc_)
-      : a_src(a_src_), w(w_), w_row0(w_row0_), a_rows(a_rows_), b_rows(b_rows_), k(k_), sc(sc_) {}
+  __device__ __forceinline__ element_loader(const x_source<bf16>& xs_, int32_t a_rows_,
+                                            const void* w_, int64_t w_row0_, int32_t b_rows_,
+                                            int32_t k_, const fp8_scales& sc_)
+      : xs(xs_), w(w_), w_row0(w_row0_), a_rows(a_rows_), b_rows(b_rows_), k(k_), sc(sc_) {}
 
   // Element c of the weight's row `row` of the tile.
   __device__ __forceinline__ bf16 weight(int row, int32_t c) const {
@@ -305,7 +340,7 @@ struct element_loader : bf16_stage_layout<Tiles> {
       const int row = is_a ? r : r - Tiles::bm;
       if (row >= (is_a ? a_rows : b_rows)) continue;
       const int32_t c = k0 + kk;
-      stage[r * Tiles::ld + kk] = c >= k ? zero : is_a ? a_src[int64_t{row} * k + c] : weight(row, c);
+      stage[r * Tiles::ld + kk] = c >= k ? zero : is_a ? xs.row(row)[c] : weight(row, c);
     }
   }
 };
@@ -339,9 +374,9 @@ struct fp8_async_loader {
                 Tiles::threads % b_chunks == 0 && Tiles::bm % a_rows_per_pass == 0 &&
                 Tiles::bn % b_rows_per_pass == 0);
 
-  const bf16* a;     // this thread's first row of x, at its chunk column
-  const uint8_t* b;  // and of the weight
-  int64_t a_stride, b_stride;
+  const bf16* a[a_passes];  // this thread's rows of x, at its chunk column
+  const uint8_t* b;         // and its first row of the weight
+  int64_t b_stride;
   int32_t a_left, b_left;
   int32_t a_kc, b_kc, k;
   int a_dst, b_row;
@@ -353,16 +388,17 @@ struct fp8_async_loader {
     return reinterpret_cast<const bf16*>(smem + Tiles::stages * stage_bytes + (step & 1) * b_bytes);
   }
 
-  __device__ __forceinline__ fp8_async_loader(const bf16* a_src, int32_t a_rows, const void* w,
-                                              int64_t w_row0, int32_t b_rows, int32_t k_,
-                                              const fp8_scales& sc_)
+  __device__ __forceinline__ fp8_async_loader(const x_source<bf16>& xs, int32_t a_rows,
+                                              const void* w, int64_t w_row0, int32_t b_rows,
+                                              int32_t k_, const fp8_scales& sc_)
       : k(k_), sc(sc_) {
     const int tid = static_cast<int>(threadIdx.x);
     const int a_row = tid / a_chunks;
     a_kc = (tid % a_chunks) * 8;
-    a = a_src + int64_t{a_row} * k + a_kc;
-    a_stride = int64_t{a_rows_per_pass} * k;
     a_left = a_rows - a_row;
+#pragma unroll
+    for (int p = 0; p < a_passes; ++p)  // rows past the tile are never copied
+      a[p] = (p * a_rows_per_pass < a_left ? xs.row(a_row + p * a_rows_per_pass) : xs.x) + a_kc;
     a_dst = a_row * Tiles::ld + a_kc;
     b_row = tid / b_chunks;
     b_kc = (tid % b_chunks) * 16;
@@ -376,8 +412,8 @@ struct fp8_async_loader {
 
   __device__ __forceinline__ void operator()(unsigned char* stage, int32_t k0) const {
     const bool a_in_k = k0 + a_kc < k, b_in_k = k0 + b_kc < k;
-    copy_chunks<a_passes, a_rows_per_pass>(reinterpret_cast<bf16*>(stage) + a_dst, Tiles::ld,
-                                           a + (a_in_k ? k0 : -a_kc), a_stride, a_left, a_in_k);
+    copy_rows<a_passes, a_rows_per_pass>(reinterpret_cast<bf16*>(stage) + a_dst, Tiles::ld, a,
+                                         a_in_k ? k0 : -a_kc, a_left, a_in_k);
     copy_chunks<b_passes, b_rows_per_pass>(stage + x_bytes + b_row * Tiles::bk + b_kc, Tiles::bk,
                                            b + (b_in_k ? k0 : -b_kc), b_stride, b_left, b_in_k);
   }
@@ -411,8 +447,9 @@ struct fp8_async_loader {
 
 template <class Tiles, class TOut, class Loader>
 __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
-    grouped_gemm_mma_kernel(const bf16* x, const int32_t* offsets, const void* w, fp8_scales sc,
-                            TOut* y, int32_t num_rows, int num_experts, int32_t n, int32_t k,
+    grouped_gemm_mma_kernel(const bf16* x, const int32_t* x_entries, int32_t entries_per_row,
+                            const int32_t* offsets, const void* w, fp8_scales sc, TOut* y,
+                            int32_t num_rows, int num_experts, int32_t n, int32_t k,
                             tile_order order, float beta) {
   extern __shared__ __align__(128) unsigned char grouped_gemm_smem[];
   __shared__ int64_t scan[Tiles::threads];
@@ -425,7 +462,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
   const int32_t row0 = found[1], rows = found[2];
   const int32_t col0 = order.n_tile(block) * Tiles::bn;
   const int32_t cols = std::min(int32_t{Tiles::bn}, n - col0);
-  const bf16* a_src = x + int64_t{row0} * k;
+  const x_source<bf16> xs{x, x_entries, entries_per_row, row0, k};
   unsigned char* smem = grouped_gemm_smem;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int mn_warp = warp % Tiles::mn_warps, warp_k = warp / Tiles::mn_warps;
@@ -446,7 +483,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
   // The pipeline: stage s % Stages holds k step s. Every thread commits one group per step
   // (empty past the last), so "all but the newest Stages - 2 groups" is always "up to this step".
   const int32_t k_steps = (k + Tiles::bk - 1) / Tiles::bk;
-  const Loader load(a_src, rows, w, int64_t{expert} * n + col0, cols, k, sc);
+  const Loader load(xs, rows, w, int64_t{expert} * n + col0, cols, k, sc);
   auto stage = [smem](int s) { return smem + static_cast<size_t>(s) * Loader::stage_bytes; };
   for (int s = 0; s < Tiles::stages - 1; ++s) {
     if (s < k_steps) load(stage(s), s * Tiles::bk);
@@ -963,9 +1000,9 @@ __global__ void __launch_bounds__(tma_tiles::threads, 1)
 constexpr int simt_bm = 64, simt_bn = 64, simt_bk = 16, simt_threads = 256;
 
 __global__ void __launch_bounds__(simt_threads)
-    grouped_gemm_simt_kernel(const float* x, const int32_t* offsets, const float* w, float* y,
-                             int32_t num_rows, int num_experts, int32_t n, int32_t k,
-                             tile_order order, float beta) {
+    grouped_gemm_simt_kernel(const float* x, const int32_t* x_entries, int32_t entries_per_row,
+                             const int32_t* offsets, const float* w, float* y, int32_t num_rows,
+                             int num_experts, int32_t n, int32_t k, tile_order order, float beta) {
   // k-major, so the inner loop reads a row of each; +4 keeps the transposing stores from all
   // landing in one bank.
   __shared__ float as[simt_bk][simt_bm + 4];
@@ -980,7 +1017,7 @@ __global__ void __launch_bounds__(simt_threads)
   const int32_t row0 = found[1], rows = found[2];
   const int32_t col0 = order.n_tile(block) * simt_bn;
   const int32_t cols = std::min(int32_t{simt_bn}, n - col0);
-  const float* a_src = x + int64_t{row0} * k;
+  const x_source<float> xs{x, x_entries, entries_per_row, row0, k};
   const float* b_src = w + (int64_t{expert} * n + col0) * k;
   const int tid = static_cast<int>(threadIdx.x), tx = tid % 16, ty = tid / 16;
 
@@ -989,7 +1026,7 @@ __global__ void __launch_bounds__(simt_threads)
     for (int i = tid; i < simt_bm * simt_bk; i += simt_threads) {
       const int r = i / simt_bk, kk = i % simt_bk;
       const bool in_k = k0 + kk < k;
-      as[kk][r] = r < rows && in_k ? a_src[int64_t{r} * k + k0 + kk] : 0.0f;
+      as[kk][r] = r < rows && in_k ? xs.row(r)[k0 + kk] : 0.0f;
       bs[kk][r] = r < cols && in_k ? b_src[int64_t{r} * k + k0 + kk] : 0.0f;
     }
     __syncthreads();
@@ -1092,9 +1129,10 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
     sc.ld = a.scale_ld > 0 ? a.scale_ld : (a.k + a.scale_block_cols - 1) / a.scale_block_cols;
   }
   kernel<<<static_cast<unsigned>(g.blocks), Tiles::threads, Loader::smem_bytes, stream>>>(
-      static_cast<const bf16*>(a.x), a.expert_offsets, a.weights, sc, static_cast<TOut*>(a.y),
-      static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts), static_cast<int32_t>(a.n),
-      static_cast<int32_t>(a.k), g.order(a), a.beta);
+      static_cast<const bf16*>(a.x), a.x_entries, static_cast<int32_t>(a.entries_per_x_row),
+      a.expert_offsets, a.weights, sc, static_cast<TOut*>(a.y), static_cast<int32_t>(a.num_rows),
+      static_cast<int>(a.num_experts), static_cast<int32_t>(a.n), static_cast<int32_t>(a.k),
+      g.order(a), a.beta);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -1114,8 +1152,8 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
 // (grouped_gemm.hpp's wgmma) on an sm_90 card.
 bool takes_wgmma(const grouped_gemm_args& a) noexcept {
   return a.wgmma && a.dt == dtype::bf16 && a.weight_scale == nullptr && a.beta == 0.0f &&
-         !narrow(a) && a.k % 8 == 0 && aligned16(a.x) && aligned16(a.weights) &&
-         detail::current_device_is_sm90();
+         a.x_entries == nullptr && !narrow(a) && a.k % 8 == 0 && aligned16(a.x) &&
+         aligned16(a.weights) && detail::current_device_is_sm90();
 }
 
 // The TMA kernel's maps for a call, when it can take it: every weight row a TMA coordinate
@@ -1173,9 +1211,10 @@ kernel_status launch_bf16(const grouped_gemm_args& a, grouped_gemm_kernel kernel
 kernel_status launch_f32(const grouped_gemm_args& a, cudaStream_t stream) {
   const grid_shape g = grid_of(a);
   grouped_gemm_simt_kernel<<<static_cast<unsigned>(g.blocks), simt_threads, 0, stream>>>(
-      static_cast<const float*>(a.x), a.expert_offsets, static_cast<const float*>(a.weights),
-      static_cast<float*>(a.y), static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts),
-      static_cast<int32_t>(a.n), static_cast<int32_t>(a.k), g.order(a), a.beta);
+      static_cast<const float*>(a.x), a.x_entries, static_cast<int32_t>(a.entries_per_x_row),
+      a.expert_offsets, static_cast<const float*>(a.weights), static_cast<float*>(a.y),
+      static_cast<int32_t>(a.num_rows), static_cast<int>(a.num_experts), static_cast<int32_t>(a.n),
+      static_cast<int32_t>(a.k), g.order(a), a.beta);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -1197,7 +1236,10 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
   if (a.num_experts < 1 || a.num_experts > grouped_gemm_max_experts)
     return kernel_status::unsupported_shape;
   if (a.fuse_swiglu && (!a.wgmma || a.n % 2 != 0 || a.dt != dtype::bf16 ||
-                        a.weight_scale != nullptr || a.beta != 0.0f))
+                        a.weight_scale != nullptr || a.beta != 0.0f || a.x_entries != nullptr))
+    return kernel_status::unsupported_shape;
+  if (a.x_entries != nullptr && (a.entries_per_x_row < 1 || a.entries_per_x_row > INT32_MAX ||
+                                 a.num_x_rows < 0 || (a.k > 0 && a.num_x_rows > INT64_MAX / a.k)))
     return kernel_status::unsupported_shape;
   // Rows and columns are int32 on the device (the offsets are); elements are int64.
   if (a.num_rows < 0 || a.n < 0 || a.k < 0 || a.num_rows > INT32_MAX || a.n > INT32_MAX ||

@@ -47,6 +47,7 @@ inline constexpr int64_t grouped_gemm_max_experts = 1024;
 /// untouched. k == 0 writes zeros.
 struct grouped_gemm_args {
   const void* x = nullptr;                  ///< (num_rows, k) of `dt`, rows grouped by expert
+                                            ///< (or gathered: x_entries)
   const int32_t* expert_offsets = nullptr;  ///< (num_experts + 1) int32, device
   const void* weights = nullptr;            ///< (num_experts, n, k) of `dt`: nn.Linear per expert
   void* y = nullptr;                        ///< (num_rows, n) of `y_dt`, not overlapping x
@@ -82,6 +83,17 @@ struct grouped_gemm_args {
   /// the tensor maps (k > 0, num_experts * n <= INT32_MAX); false, or where it cannot: by
   /// cp.async, every thread copying between its products. The same products either way.
   bool tma = true;
+  /// A gather map instead of grouped rows: when set, row r of the product reads x's row
+  /// x_entries[r] / entries_per_x_row, x being the layer's input as the tokens come,
+  /// (num_x_rows, k): permute_plan's `inverse` with top_k gives each expert row its token, so
+  /// the permute_rows copy is not needed. Device data, the caller's guarantee for every row in
+  /// use (r < expert_offsets[num_experts]): 0 <= x_entries[r] < num_x_rows * entries_per_x_row.
+  /// The products are the same, bit for bit, as on the permuted copy. The WMMA and CUDA-core
+  /// kernels gather; the wgmma ones do not (a call that sets it is not taken by them, whatever
+  /// `wgmma` says).
+  const int32_t* x_entries = nullptr;
+  int64_t entries_per_x_row = 1;  ///< [1, INT32_MAX]
+  int64_t num_x_rows = 0;         ///< rows of x with x_entries
   /// With the wgmma kernel only: each expert's weight is its stacked (gate; up) projection, n = 2 I
   /// rows (I gate rows, then I up rows), and y, (num_rows, I) of y_dt, gets
   /// silu(x . gate^T) * (x . up^T) (swiglu.hpp's activation) from the float32 products, rounded
@@ -97,7 +109,8 @@ struct grouped_gemm_args {
 /// INT32_MAX, a grid past 2^31 - 1 blocks, element offsets past int64, or a null pointer
 /// (expert_offsets and y are needed whenever num_rows * n > 0, x and weights when k > 0 too);
 /// with FP8 weights also dt not bf16 (unsupported_dtype), block sizes below 1 or scale_ld below
-/// ceil(k / scale_block_cols).
+/// ceil(k / scale_block_cols); with x_entries entries_per_x_row outside [1, INT32_MAX], a
+/// negative num_x_rows, x's elements past int64, or fuse_swiglu.
 [[nodiscard]] kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept;
 
 /// Whether grouped_gemm_run would take the wgmma kernel for these arguments on the current device

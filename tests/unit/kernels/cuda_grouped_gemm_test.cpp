@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "kernels/cpu/grouped_gemm.hpp"
+#include "kernels/cpu/permute.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
 #include "model/dequantize.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
@@ -435,6 +436,30 @@ TEST(cuda_grouped_gemm, can_run_rejects_bad_arguments) {
     EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_dtype);
   }
 
+  // A gather map: entries per x row in [1, INT32_MAX], x's rows counted; not with fuse_swiglu.
+  {
+    const int32_t entries[10] = {};
+    a = good;
+    a.x_entries = entries;
+    a.entries_per_x_row = 6;
+    a.num_x_rows = 2;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::ok);
+    for (const int64_t per : {int64_t{0}, int64_t{-1}, int64_t{INT32_MAX} + 1}) {
+      cuda::grouped_gemm_args b = a;
+      b.entries_per_x_row = per;
+      EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << per;
+    }
+    cuda::grouped_gemm_args b = a;
+    b.num_x_rows = -1;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape);
+    b = a;
+    b.num_x_rows = INT64_MAX / 8;  // k = 16: x's elements past int64
+    EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape);
+    b = a;
+    b.wgmma = b.fuse_swiglu = true;
+    EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape);
+  }
+
   // Experts in [1, grouped_gemm_max_experts].
   for (const int64_t e : {int64_t{0}, int64_t{-1}, cuda::grouped_gemm_max_experts + 1}) {
     a = good;
@@ -794,6 +819,147 @@ TEST(cuda_grouped_gemm, beta_adds_the_old_output) {
   auto a = wgmma_request(200, 3, 300, 64);
   a.beta = 1.0f;
   EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(a)) << "beta is WMMA's";
+}
+
+// A gather map (x_entries) instead of a permuted copy of x: the same products, bit for bit, on
+// every kernel that gathers (WMMA narrow and wide, with 16-byte copies and element loads, FP8
+// weights both ways, CUDA cores), beta included; with `wgmma` the call runs on WMMA.
+struct gather_case {
+  int64_t tokens = 0, top_k = 0, experts = 0, n = 0, k = 0;
+  dtype dt = dtype::bf16, y_dt = dtype::bf16;
+  bool fp8 = false;
+  bool wgmma = false;
+  float beta = 0.0f;
+};
+
+void expect_gather_matches_the_permuted_copy(const gather_case& c, uint64_t seed) {
+  SCOPED_TRACE("gather tokens=" + std::to_string(c.tokens) + " top_k=" + std::to_string(c.top_k) +
+               " experts=" + std::to_string(c.experts) + " n=" + std::to_string(c.n) + " k=" +
+               std::to_string(c.k) + " " + std::string(to_string(c.dt)) + (c.fp8 ? " fp8" : "") +
+               (c.wgmma ? " wgmma requested" : "") + (c.beta != 0.0f ? " beta" : ""));
+  const auto T = static_cast<size_t>(c.tokens), K = static_cast<size_t>(c.top_k),
+             E = static_cast<size_t>(c.experts), n = static_cast<size_t>(c.n),
+             k = static_cast<size_t>(c.k);
+  const size_t rows = T * K;
+  // Each token's top_k distinct experts, skewed towards the low ones.
+  std::vector<int32_t> topk(rows);
+  uint64_t s = seed;
+  for (size_t t = 0; t < T; ++t)
+    for (size_t j = 0; j < K; ++j) {
+      int32_t e = 0;
+      bool fresh = false;
+      while (!fresh) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        const uint64_t r = s >> 33;
+        e = static_cast<int32_t>(r % 3 == 0 ? r % E : r % (E / 2 + 1));
+        fresh = std::find(topk.begin() + t * K, topk.begin() + t * K + j, e) ==
+                topk.begin() + t * K + j;
+      }
+      topk[t * K + j] = e;
+    }
+  std::vector<int32_t> offsets(E + 1), positions(rows), inverse(rows);
+  ASSERT_EQ(
+      cpu::permute_plan(topk.data(), T, K, E, offsets.data(), positions.data(), inverse.data()),
+      kernel_status::ok);
+  const bool bf16_in = c.dt == dtype::bf16;
+  const auto x = random_values(T * k, seed + 1, bf16_in);
+  std::vector<float> permuted(rows * k);
+  for (size_t r = 0; r < rows; ++r)
+    std::copy_n(x.begin() + static_cast<std::ptrdiff_t>(inverse[r] / K * k), k,
+                permuted.begin() + static_cast<std::ptrdiff_t>(r * k));
+  const size_t in_bytes = dtype_bytes(c.dt), y_bytes = dtype_bytes(c.y_dt);
+  // Weights: of the input dtype, or e4m3 bytes (NaN codes avoided) with 2^-9 block scales.
+  std::vector<unsigned char> w;
+  if (c.fp8) {
+    w.resize(E * n * k);
+    for (auto& b : w) {
+      s = s * 6364136223846793005ull + 1442695040888963407ull;
+      b = static_cast<unsigned char>(s >> 56);
+      if ((b & 0x7f) == 0x7f) b ^= 1;
+    }
+  } else {
+    w = as_bytes(shared_random_values(E * n * k, seed + 2, bf16_in), c.dt);
+  }
+  const int64_t grid_rows = (c.experts * c.n + 127) / 128, grid_cols = (c.k + 127) / 128;
+  const std::vector<float> scale(static_cast<size_t>(grid_rows * grid_cols), 1.0f / 512);
+  std::vector<unsigned char> y0(rows * n * y_bytes, sentinel);
+  if (c.beta != 0.0f) {
+    const auto v = as_bytes(random_values(rows * n, seed + 3, c.y_dt == dtype::bf16), c.y_dt);
+    std::copy(v.begin(), v.end(), y0.begin());
+  }
+
+  device_buffer dx(T * k * in_bytes), dp(rows * k * in_bytes), dw(w.size()), ds(scale.size() * 4),
+      doff(offsets.size() * 4), dinv(rows * 4), dy_copy(y0.size()), dy_gather(y0.size());
+  ASSERT_TRUE(upload(dx, as_bytes(x, c.dt).data(), dx.bytes()));
+  ASSERT_TRUE(upload(dp, as_bytes(permuted, c.dt).data(), dp.bytes()));
+  ASSERT_TRUE(upload(dw, w.data(), dw.bytes()));
+  ASSERT_TRUE(upload(ds, scale.data(), ds.bytes()));
+  ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
+  ASSERT_TRUE(upload(dinv, inverse.data(), dinv.bytes()));
+  ASSERT_TRUE(upload(dy_copy, y0.data(), y0.size()));
+  ASSERT_TRUE(upload(dy_gather, y0.data(), y0.size()));
+
+  cuda::grouped_gemm_args a;
+  a.x = dp.get();
+  a.expert_offsets = static_cast<const int32_t*>(doff.get());
+  a.weights = dw.get();
+  a.y = dy_copy.get();
+  a.num_rows = static_cast<int64_t>(rows);
+  a.num_experts = c.experts;
+  a.n = c.n;
+  a.k = c.k;
+  a.dt = c.dt;
+  a.y_dt = c.y_dt;
+  a.beta = c.beta;
+  if (c.fp8) a.weight_scale = static_cast<const float*>(ds.get());
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
+  a.x = dx.get();
+  a.x_entries = static_cast<const int32_t*>(dinv.get());
+  a.entries_per_x_row = c.top_k;
+  a.num_x_rows = c.tokens;
+  a.y = dy_gather.get();
+  a.wgmma = c.wgmma;
+  EXPECT_FALSE(cuda::grouped_gemm_uses_wgmma(a));
+  auto launched = cuda::grouped_gemm_kernel::none;
+  ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr, &launched), kernel_status::ok);
+  EXPECT_EQ(launched,
+            c.dt == dtype::f32 ? cuda::grouped_gemm_kernel::simt : cuda::grouped_gemm_kernel::wmma);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto want = download(dy_copy), got = download(dy_gather);
+  ASSERT_EQ(got.size(), want.size());
+  size_t nonzero = 0;
+  for (size_t b = 0; b < got.size(); b += y_bytes) {
+    ASSERT_EQ(std::memcmp(got.data() + b, want.data() + b, y_bytes), 0)
+        << "element " << b / y_bytes << " (row " << b / y_bytes / n << ")";
+    nonzero += element_of(got, b / y_bytes, c.y_dt) != 0.0f;
+  }
+  EXPECT_GT(nonzero, got.size() / y_bytes / 2);  // the case multiplies something
+}
+
+TEST(cuda_grouped_gemm, a_gather_map_gives_the_products_of_the_permuted_copy) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  uint64_t seed = 300;
+  // Decode (narrow tiles): one token, a batch; prefill (wide tiles).
+  for (const dtype y_dt : {dtype::bf16, dtype::f32}) {
+    expect_gather_matches_the_permuted_copy({1, 6, 64, 96, 256, dtype::bf16, y_dt}, seed++);
+    expect_gather_matches_the_permuted_copy({12, 4, 16, 160, 128, dtype::bf16, y_dt}, seed++);
+    expect_gather_matches_the_permuted_copy({96, 2, 3, 300, 64, dtype::bf16, y_dt}, seed++);
+  }
+  // Element loads (k not a multiple of 8), FP8 weights (copies, and element loads), beta,
+  // CUDA cores, and wgmma asked for.
+  expect_gather_matches_the_permuted_copy({9, 3, 8, 70, 45, dtype::bf16, dtype::bf16}, seed++);
+  gather_case fp8{10, 4, 12, 128, 256, dtype::bf16, dtype::bf16, true};
+  expect_gather_matches_the_permuted_copy(fp8, seed++);
+  fp8.tokens = 100;
+  fp8.k = 136;
+  expect_gather_matches_the_permuted_copy(fp8, seed++);
+  gather_case with_beta{7, 2, 4, 96, 128, dtype::bf16, dtype::bf16};
+  with_beta.beta = 1.0f;
+  expect_gather_matches_the_permuted_copy(with_beta, seed++);
+  expect_gather_matches_the_permuted_copy({40, 3, 5, 72, 40, dtype::f32, dtype::f32}, seed++);
+  gather_case wgmma{128, 2, 2, 256, 64, dtype::bf16, dtype::bf16};
+  wgmma.wgmma = true;
+  expect_gather_matches_the_permuted_copy(wgmma, seed++);
 }
 
 // k == 0: an empty sum, zeros in every row in use.
