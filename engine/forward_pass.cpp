@@ -561,26 +561,10 @@ class forward {
     plan.positions = b_.expert_positions;
     plan.inverse = b_.expert_inverse;
     if ((err = check(kcu::permute_plan_run(plan, stream_), "permute plan"))) return err;
-    kcu::permute_rows_args pr;
-    pr.x = b_.mlp_in;
-    pr.positions = b_.expert_positions;
-    pr.permuted = b_.expert_rows;
-    pr.num_tokens = T_;
-    pr.top_k = k;
-    pr.dim = D;
-    pr.num_rows = rows;
-    pr.dt = m_.dt;
-    if ((err = check(kcu::permute_rows_run(pr, stream_), "permute rows"))) return err;
     // cuBLAS's grouped GEMM needs the experts' row offsets on the host: a prefill copies them
     // and waits (a decode step may be replayed from a graph, which cannot).
     const bool blas =
         !s_.decode && m_.blas != nullptr && !w.experts_gate_up.fp8() && !w.experts_down.fp8();
-    if (blas) {
-      if ((err = runtime::copy_async(m_.host_offsets, b_.expert_offsets,
-                                     static_cast<size_t>(E + 1) * sizeof(int32_t), stream_)) ||
-          (err = runtime::cuda_error(cudaStreamSynchronize(stream_), "expert offsets to the host")))
-        return err;
-    }
     kcu::grouped_gemm_args gg;
     gg.x = b_.expert_rows;
     gg.expert_offsets = b_.expert_offsets;
@@ -591,6 +575,35 @@ class forward {
     gg.n = 2 * I;
     gg.k = D;
     gg.dt = gg.y_dt = m_.dt;
+    gg.wgmma = m_.wgmma_experts;
+    // Our WMMA and CUDA-core kernels read each expert row's token from mlp_in through the plan
+    // (grouped_gemm_args::x_entries: the same products, one launch and a copy of the routed
+    // rows fewer); cuBLAS and the wgmma kernels read the rows permute_rows lays out.
+    if (!blas && !kcu::grouped_gemm_uses_wgmma(gg)) {
+      gg.x = b_.mlp_in;
+      gg.x_entries = b_.expert_inverse;
+      gg.entries_per_x_row = k;
+      gg.num_x_rows = T_;
+    } else {
+      if (b_.expert_rows == nullptr)
+        return check(kernel_status::unsupported_shape, "permute rows (no buffer for them)");
+      kcu::permute_rows_args pr;
+      pr.x = b_.mlp_in;
+      pr.positions = b_.expert_positions;
+      pr.permuted = b_.expert_rows;
+      pr.num_tokens = T_;
+      pr.top_k = k;
+      pr.dim = D;
+      pr.num_rows = rows;
+      pr.dt = m_.dt;
+      if ((err = check(kcu::permute_rows_run(pr, stream_), "permute rows"))) return err;
+    }
+    if (blas) {
+      if ((err = runtime::copy_async(m_.host_offsets, b_.expert_offsets,
+                                     static_cast<size_t>(E + 1) * sizeof(int32_t), stream_)) ||
+          (err = runtime::cuda_error(cudaStreamSynchronize(stream_), "expert offsets to the host")))
+        return err;
+    }
     // On the wgmma kernel, the gate|up product and SwiGLU are one launch, the activation
     // straight into act (grouped_gemm_args::fuse_swiglu); otherwise the product, then swiglu.
     std::optional<caf::error> fused_run;
@@ -606,7 +619,8 @@ class forward {
                (err = swiglu(b_.gate_up, b_.act, rows, I, "experts swiglu"))) {
       return err;
     }
-    gg.x = b_.act;
+    gg.x = b_.act;  // grouped by expert already
+    gg.x_entries = nullptr;
     set_weights(gg, w.experts_down);
     gg.y = b_.expert_out;
     gg.n = D;
@@ -790,7 +804,8 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
     take(b.expert_offsets, (static_cast<size_t>(d.E) + 1) * sizeof(int32_t));
     take(b.expert_positions, T * k * sizeof(int32_t));
     take(b.expert_inverse, T * k * sizeof(int32_t));
-    take(b.expert_rows, T * k * D * es);
+    // Only cuBLAS's grouped GEMM and the wgmma kernels (prefill) read a permuted copy.
+    if (!s.decode && (m.blas != nullptr || m.wgmma_experts)) take(b.expert_rows, T * k * D * es);
     take(b.expert_out, T * k * D * es);
   }
   take(b.gate_up, 2 * widest * es);

@@ -137,7 +137,9 @@ struct step_buffers {
   int32_t* expert_offsets = nullptr;    ///< (E + 1)
   int32_t* expert_positions = nullptr;  ///< (T, top_k)
   int32_t* expert_inverse = nullptr;    ///< (T * top_k)
-  void* expert_rows = nullptr;  ///< (T * top_k, hidden)
+  /// (T * top_k, hidden): the routed rows grouped by expert, for the kernels that do not gather
+  /// (prefill with cuBLAS's grouped GEMM or wgmma_experts); null otherwise
+  void* expert_rows = nullptr;
   void* gate_up = nullptr;      ///< (rows, 2 * intermediate), the widest MLP's
   void* act = nullptr;          ///< (rows, intermediate)
   /// Decode with the shared experts overlapped (model_state::side_stream): their own
