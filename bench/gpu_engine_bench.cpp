@@ -34,6 +34,8 @@
 // overlap's speed-up); and last, unless --no-wgmma, prefill
 // with the routed experts on Hopper's wgmma ("prefill_wgmma_experts", wgmma_experts). With
 // --wgmma-experts the default engine itself has wgmma_experts (and that variant is not run).
+// Then "measured_best": every option this run measured faster than the default, together on
+// one engine, with the targets (what the defaults would give following this run).
 // "kernels" says which kernels each engine's products ran on. A variant that fails is recorded
 // as {"error": ...} in its place and the run goes on; --out is rewritten after every stage, so a
 // run cut short keeps what it measured.
@@ -380,6 +382,76 @@ json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_optio
 
 /// Writes the figures so far to `path` (if any): after every stage, so that a run cut short,
 /// or one whose CUDA context a later stage broke, still leaves what it measured.
+/// Every option the A/B runs above measured faster than the default, together on one engine:
+/// the figures the defaults would give if each followed this run's measurements, with the
+/// issue's targets and the ratios to the default engine. Prefill's routed experts take the
+/// faster of cuBLAS's grouped GEMM and wgmma where it beat ours; a decode option changes where
+/// every batch it was measured at agrees.
+json measured_best(const json& out, const me::gpu_engine_options& eo,
+                   std::shared_ptr<const moe::model::checkpoint> weights, const settings& s) {
+  const auto ratio = [&](const char* key, const char* field) -> std::optional<double> {
+    if (!out.contains(key) || failed(out[key]) || !out[key].contains(field)) return std::nullopt;
+    return out[key][field].get<double>();
+  };
+  const auto every_batch = [&](const char* key, const char* field, bool (*wins)(double)) {
+    if (!out.contains(key) || !out[key].is_array() || out[key].empty()) return false;
+    for (const auto& d : out[key])
+      if (failed(d) || !d.contains(field) || !wins(d[field].get<double>())) return false;
+    return true;
+  };
+  me::gpu_engine_options best = eo;
+  double prefill_gain = 1.0;
+  if (const auto r = ratio("prefill_cublas_grouped_experts", "speedup_over_ours");
+      r && *r > prefill_gain) {
+    prefill_gain = *r;
+    best.cublas_grouped_experts = true;
+  }
+  if (const auto r = ratio("prefill_wgmma_experts", "speedup_over_ours"); r && *r > prefill_gain) {
+    best.cublas_grouped_experts = false;  // cuBLAS would take the products first
+    best.wgmma_experts = true;
+  }
+  if (every_batch("decode_grouped_dense", "speedup_over_default", [](double v) { return v > 1; }))
+    best.grouped_dense_rows = me::gpu_engine_options::max_grouped_dense_rows;
+  if (every_batch("decode_cublaslt_projections", "skinny_speedup", [](double v) { return v < 1; }))
+    best.skinny_rows = 0;
+  if (every_batch("decode_one_stream", "overlap_speedup", [](double v) { return v < 1; }))
+    best.overlap_shared_experts = false;
+  json m = {{"options",
+             {{"cublas_grouped_experts", best.cublas_grouped_experts},
+              {"wgmma_experts", best.wgmma_experts},
+              {"grouped_dense_rows", best.grouped_dense_rows},
+              {"skinny_rows", best.skinny_rows},
+              {"overlap_shared_experts", best.overlap_shared_experts}}}};
+  if (best.cublas_grouped_experts == eo.cublas_grouped_experts &&
+      best.wgmma_experts == eo.wgmma_experts && best.grouped_dense_rows == eo.grouped_dense_rows &&
+      best.skinny_rows == eo.skinny_rows &&
+      best.overlap_shared_experts == eo.overlap_shared_experts) {
+    m["same_as_default"] = true;
+    return m;
+  }
+  auto engine = me::gpu_engine::create(std::move(weights), best);
+  if (!engine) {
+    m["error"] = error_json("engine (measured best)", engine.error())["error"];
+    return m;
+  }
+  runner run(*engine, s);
+  m["prefill"] = run.prefill();
+  if (!failed(m["prefill"]))
+    m["prefill"]["speedup_over_default"] =
+        m["prefill"]["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
+  m["decode"] = json::array();
+  for (int b : s.decode_batches) {
+    std::vector<int32_t> tokens;
+    json d = run.decode(b, s.graphs, tokens);
+    if (const auto base = tokens_per_s_at(out["decode"], b); base && !failed(d))
+      d["speedup_over_default"] = d["tokens_per_s"].get<double>() / *base;
+    m["decode"].push_back(d);
+  }
+  m["kernels"] = kernels_json(*engine);
+  m["targets"] = targets(m);
+  return m;
+}
+
 void save(const json& j, const std::string& path) {
   if (!path.empty()) std::ofstream(path) << j.dump(2) << "\n";
 }
@@ -628,6 +700,8 @@ int main(int argc, char** argv) {
     if (s.wgmma && !s.wgmma_experts)
       prefill_variant("prefill_wgmma_experts", "wgmma_experts",
                       [](me::gpu_engine_options& o) { o.wgmma_experts = true; });
+    out["measured_best"] = measured_best(out, eo, shared, s);
+    save(out, s.out);
   }
   if (!s.fp8.empty()) {
     { const me::gpu_engine released = std::move(*engine); }  // its device memory back first

@@ -136,6 +136,21 @@ def main():
     for d in one:
         positive(d, "overlap_speedup", f"decode_one_stream batch {d['batch']}")
 
+    # The options this run measured faster, together: either the default's own, or an engine
+    # of their own with the prefill, every decode batch and the targets.
+    best = j["measured_best"]
+    if set(best["options"]) != {"cublas_grouped_experts", "wgmma_experts", "grouped_dense_rows",
+                                "skinny_rows", "overlap_shared_experts"}:
+        fail(f"measured_best options: {best['options']}")
+    if not best.get("same_as_default"):
+        positive(best["prefill"], "speedup_over_default", "measured_best prefill")
+        if [d["batch"] for d in best["decode"]] != [1, 8]:
+            fail(f"measured_best decode batches: {best['decode']}")
+        for d in best["decode"]:
+            positive(d, "speedup_over_default", f"measured_best decode batch {d['batch']}")
+        if not best["targets"]:
+            fail("measured_best has no targets")
+
     fp8 = j["fp8"]
     for mode in ("block_scaled", "expand"):
         m = fp8[mode]
