@@ -102,7 +102,8 @@ __device__ candidate row_best(const T* row, int64_t vocab, candidate* partial, c
 }
 
 template <typename T, bool Vectorized>
-__global__ void sample_greedy_kernel(const T* logits, int32_t* tokens, int64_t vocab) {
+__global__ void __launch_bounds__(threads_per_row)
+    sample_greedy_kernel(const T* logits, int32_t* tokens, int64_t vocab) {
   __shared__ candidate partial[warps_per_row];
   __shared__ candidate best;
   const candidate c =
@@ -367,7 +368,8 @@ __device__ int32_t draw_ranked(const float* row, int64_t vocab, int n, const sam
   return s.token;
 }
 
-__global__ void sample_kernel(const float* logits, const sample_row* params, int32_t* tokens,
+__global__ void __launch_bounds__(threads_per_row)
+    sample_kernel(const float* logits, const sample_row* params, int32_t* tokens,
                               int64_t vocab, bool vectorized) {
   __shared__ sample_shared s;
   const float* row = logits + int64_t{blockIdx.x} * vocab;
