@@ -158,8 +158,7 @@ struct gpu_kernel_stats {
 /// (seed, offset: the tokens that request sampled so far). The device draws the token
 /// cpu::sample draws from the row's logits (kernels/cuda/sampling.hpp: exactly, except where the
 /// draw falls within float rounding of a boundary between two tokens); rows the device leaves
-/// to the host (top_k above 1024, top-p alone with a nucleus past the 1024 most likely tokens)
-/// are drawn there by cpu::sample from the same logits.
+/// to the host (top_k above 1024) are drawn there by cpu::sample from the same logits.
 struct gpu_row_sampling {
   kernels::cpu::sampling_params params{0.0f, 0, 1.0f};  ///< temperature 0 (the default): greedy
   uint64_t seed = 0;

@@ -125,7 +125,8 @@ __global__ void __launch_bounds__(threads_per_row)
 //    counts do not depend on the schedule), gathered, and sorted in shared memory (bitonic, on
 //    (key, index): ties by index). From there thread 0 runs the CPU's loops over the ranked
 //    candidates: their total (top-p alone: the whole row's, summed in chunks as above), the
-//    nucleus, the draw. A top-p nucleus that the candidates do not reach is left to the host.
+//    nucleus, the draw. A top-p nucleus wider than the candidates is found by its mass over the
+//    whole row instead (first_crossing), and the draw in it likewise.
 // Weights are exp((double(l) - max) / T) in double, NaN weighs 0: the CPU's expression.
 
 constexpr int sample_candidates = static_cast<int>(sample_max_candidates);
@@ -164,6 +165,9 @@ struct sample_shared {
   int32_t less[threads_per_row];        // per thread: its chunk's keys below the selected one
   int32_t equal[threads_per_row];       // ... and equal to it
   int32_t hist[256];
+  double bins[warps_per_row][16];  // mass histograms, one per warp
+  double before;                   // the mass ranked before the selected bucket
+  float value;                     // the selected value
   uint32_t digit;
   int32_t remaining;
   int32_t chosen;
@@ -230,6 +234,123 @@ __device__ int32_t draw_in_vocabulary_order(const float* row, int64_t vocab, flo
   }
   __syncthreads();
   return s.token;
+}
+
+// The element, in rank order, at which the prefix mass first reaches `mass` (>=; with strict,
+// first passes it), and the prefix mass through it: top-p alone over a nucleus wider than the
+// candidates. Its key is found 4 bits at a time from mass histograms over the row (each thread
+// sums its chunk in index order, a warp adds its lanes in a fixed tree of shuffles, one thread
+// adds the warps in order: the same sums every run), the rounding of the sums being the only
+// difference from the CPU's running sum; then, among the elements of that value (one weight
+// each), the one in index order. Where no bucket reaches the mass (it rounds past the row's
+// total), the last element with any. Every thread gets the result.
+struct mass_hit {
+  uint64_t rank = 0;  // (key << 32 | index): the rank order
+  double through = 0.0;
+};
+
+__device__ mass_hit first_crossing(const float* row, int64_t vocab, int64_t chunk, float max_logit,
+                                   double inv_t, double mass, bool strict, sample_shared& s) {
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int64_t begin = min(vocab, tid * chunk), end = min(vocab, begin + chunk);
+  const auto reaches = [&](double v) { return strict ? v > mass : v >= mass; };
+  uint32_t prefix = 0, mask = 0;
+  double before = 0.0;
+  for (int shift = 28; shift >= 0; shift -= 4) {
+    double bins[16];
+#pragma unroll
+    for (int d = 0; d < 16; ++d) bins[d] = 0.0;
+    for (int64_t i = begin; i < end; ++i) {
+      const float l = row[i];
+      const uint32_t key = rank_key(l);
+      if ((key & mask) == prefix) bins[(key >> shift) & 0xfu] += weight(l, max_logit, inv_t);
+    }
+#pragma unroll
+    for (int d = 0; d < 16; ++d) {
+      double v = bins[d];
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0) s.bins[warp][d] = v;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      int chosen = -1, last = -1;
+      double at = before, at_last = before;
+      for (int d = 0; d < 16 && chosen < 0; ++d) {
+        double bucket = 0.0;
+        for (int w = 0; w < warps_per_row; ++w) bucket += s.bins[w][d];
+        if (bucket > 0.0) {
+          last = d;
+          at_last = at;
+        }
+        if (reaches(at + bucket) && bucket > 0.0)
+          chosen = d;
+        else
+          at += bucket;
+      }
+      s.digit = static_cast<uint32_t>(chosen >= 0 ? chosen : last);
+      s.before = chosen >= 0 ? at : at_last;
+    }
+    __syncthreads();
+    prefix |= s.digit << shift;
+    mask = mask | (0xfu << shift);
+    before = s.before;
+    __syncthreads();  // s.digit and s.before are rewritten by the next pass
+  }
+  // The elements of the selected value: which of them, in index order, reaches the mass.
+  const uint32_t selected = prefix;
+  int32_t ties = 0;
+  for (int64_t i = begin; i < end; ++i) ties += rank_key(row[i]) == selected;
+  s.less[tid] = ties;
+  __syncthreads();
+  if (tid == 0) {
+    int32_t count = 0;
+    for (int t = 0; t < threads_per_row; ++t) {
+      const int32_t c = s.less[t];
+      s.less[t] = count;
+      count += c;
+    }
+    s.remaining = count;
+  }
+  __syncthreads();
+  const int32_t count = s.remaining;
+  if (ties > 0 && s.less[tid] == 0)  // the thread holding the first of them
+    for (int64_t i = begin; i < end; ++i)
+      if (rank_key(row[i]) == selected) {
+        s.value = row[i];
+        break;
+      }
+  __syncthreads();
+  if (tid == 0) {
+    const double w = weight(s.value, max_logit, inv_t);
+    // The first j whose prefix before + (j + 1) w reaches the mass; the last where none does.
+    int32_t j = count - 1;
+    if (w > 0.0) {
+      const double need = (mass - before) / w;
+      int64_t guess = need <= 0.0 ? 0 : static_cast<int64_t>(ceil(need)) - 1;
+      guess = guess < 0 ? 0 : guess > count - 1 ? count - 1 : guess;
+      while (guess > 0 && reaches(before + static_cast<double>(guess) * w)) --guess;
+      while (guess < count - 1 && !reaches(before + static_cast<double>(guess + 1) * w)) ++guess;
+      j = static_cast<int32_t>(guess);
+    }
+    s.chosen = j;
+    s.before = before + static_cast<double>(j + 1) * w;
+  }
+  __syncthreads();
+  const int32_t j = s.chosen;
+  if (j >= s.less[tid] && j < s.less[tid] + ties) {
+    int32_t seen = s.less[tid];
+    for (int64_t i = begin; i < end; ++i)
+      if (rank_key(row[i]) == selected && seen++ == j) {
+        s.token = static_cast<int32_t>(i);
+        break;
+      }
+  }
+  __syncthreads();
+  mass_hit hit;
+  hit.rank = (static_cast<uint64_t>(selected) << 32) | static_cast<uint32_t>(s.token);
+  hit.through = s.before;
+  __syncthreads();  // s is reused by the caller
+  return hit;
 }
 
 // top-k and/or top-p over the n most likely tokens (n <= sample_candidates).
@@ -333,7 +454,7 @@ __device__ int32_t draw_ranked(const float* row, int64_t vocab, int n, const sam
     }
     int kept = n;
     double kept_total = total;
-    bool on_host = false;
+    bool beyond = false;
     if (p.top_p < 1.0f) {
       const double cut = static_cast<double>(p.top_p) * total;
       double cum = 0.0;
@@ -346,10 +467,10 @@ __device__ int32_t draw_ranked(const float* row, int64_t vocab, int n, const sam
         }
       }
       kept_total = cum;
-      on_host = !reached && !all_ranked;  // the nucleus goes on past the candidates
+      beyond = !reached && !all_ranked;  // the nucleus goes on past the candidates
     }
-    int32_t token = sample_on_host;
-    if (!on_host) {
+    int32_t token = sample_on_host;  // with `beyond`: drawn below, over the whole row
+    if (!beyond) {
       const double target = u * kept_total;
       double cum = 0.0;
       int chosen = -1;
@@ -365,7 +486,18 @@ __device__ int32_t draw_ranked(const float* row, int64_t vocab, int n, const sam
     s.token = token;
   }
   __syncthreads();
-  return s.token;
+  const int32_t token = s.token;
+  if (token != sample_on_host) return token;
+  __syncthreads();  // s.token is read: first_crossing may write it
+  // Top-p alone with a nucleus wider than the candidates: the nucleus's end, then the draw in
+  // it, by the mass over the whole row (never past the nucleus's end, whatever the rounding).
+  const mass_hit last =
+      first_crossing(row, vocab, chunk, max_logit, inv_t, static_cast<double>(p.top_p) * row_total,
+                     /*strict=*/false, s);
+  const mass_hit drawn =
+      first_crossing(row, vocab, chunk, max_logit, inv_t, u * last.through, /*strict=*/true, s);
+  return static_cast<int32_t>(
+      static_cast<uint32_t>(drawn.rank <= last.rank ? drawn.rank : last.rank));
 }
 
 __global__ void __launch_bounds__(threads_per_row)

@@ -33,9 +33,9 @@ struct sample_greedy_args {
 [[nodiscard]] kernel_status sample_greedy_run(const sample_greedy_args& a,
                                               cudaStream_t stream) noexcept;
 
-/// The most ranked candidates sample_run keeps on the device: top-k up to this many, and top-p
-/// whose nucleus lies within this many of the most likely tokens. Rows needing more are left to
-/// the host (sample_on_host).
+/// The most ranked candidates sample_run sorts on the device: top-k up to this many, and top-p
+/// whose nucleus lies within this many of the most likely tokens (a wider one is found by its
+/// mass over the whole row instead). top_k above it is left to the host (sample_on_host).
 inline constexpr int64_t sample_max_candidates = 1024;
 /// A row's token when the device leaves it to the caller: run cpu::sample on that row's logits
 /// with its parameters (it also says what is wrong with parameters cpu::sample refuses).
@@ -60,15 +60,14 @@ struct sample_args {
   int64_t vocab = 0;
 };
 
-/// tokens[r] = cpu::sample's token for row r with params[r], or sample_on_host where the row
-/// needs more than sample_max_candidates ranked candidates (top_k above it, or top-p alone
-/// whose nucleus reaches past the sample_max_candidates most likely tokens) or cpu::sample
-/// refuses the parameters. The weights are the CPU's (exp in double of the same double
-/// expression); their sums run in the CPU's order wherever the CPU sums ranked candidates
-/// (top-k), and in chunks otherwise (temperature alone; top-p alone's normaliser over the
-/// vocabulary): there the token can differ from the CPU's only where the draw falls within
-/// the sums' rounding (~1e-15 relative) of a boundary between two tokens. The same inputs give
-/// the same tokens on every run (no atomics in any sum).
+/// tokens[r] = cpu::sample's token for row r with params[r], or sample_on_host where top_k
+/// exceeds sample_max_candidates (and the vocabulary) or cpu::sample refuses the parameters.
+/// The weights are the CPU's (exp in double of the same double expression); their sums run in
+/// the CPU's order wherever the CPU sums ranked candidates (top-k), and in chunks, or by value
+/// buckets for a top-p nucleus wider than the candidates, otherwise (temperature alone; top-p
+/// alone's normaliser over the vocabulary): there the token can differ from the CPU's only
+/// where the draw falls within the sums' rounding (~1e-15 relative) of a boundary between two
+/// tokens. The same inputs give the same tokens on every run (no atomics in any sum).
 /// ok, or unsupported_shape for vocab outside [1, INT32_MAX - 1], rows < 0 or > INT32_MAX, or a
 /// null pointer (null is accepted when rows == 0).
 [[nodiscard]] kernel_status sample_can_run(const sample_args& a) noexcept;

@@ -1107,8 +1107,9 @@ size_t nucleus_size(const float* row, size_t vocab, const kernels::cpu::sampling
 }  // namespace
 
 TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps_logits) {
-  // A vocabulary past the device sampler's 1024 candidates, so that a flat row's top-p nucleus
-  // is drawn on the host: random weights give flat rows.
+  // A vocabulary past the device sampler's 1024 candidates: random weights give flat rows,
+  // whose top-p nucleus is wider than them (found by its mass on the device), and top_k 2000 is
+  // drawn on the host.
   auto config = ckpt_->config;
   config.vocab_size = 3000;
   model::init_options init;
@@ -1117,11 +1118,14 @@ TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps
   ASSERT_TRUE(random) << error_text(random.error());
   ckpt_ = std::make_shared<const model::checkpoint>(std::move(*random));
   vocab_ = 3000;
-  // Greedy, temperature alone, top-k with top-p, top-p alone (a nucleus of more than 1024).
-  std::vector<engine::gpu_row_sampling> sampling(4);
+  // Greedy, temperature alone, top-k with top-p, top-p alone (a nucleus of more than 1024),
+  // top-k past the candidates (the host's).
+  std::vector<engine::gpu_row_sampling> sampling(5);
   sampling[1].params = {0.8f, 0, 1.0f};
   sampling[2].params = {0.7f, 40, 0.9f};
   sampling[3].params = {1.5f, 0, 0.999f};
+  sampling[4].params = {1.2f, 2000, 1.0f};
+  const size_t rows = sampling.size();
   for (size_t i = 0; i < sampling.size(); ++i) sampling[i].seed = 100 + i;
   for (const bool graphs : {false, true}) {
     const std::string mode = graphs ? "graphs" : "eager";
@@ -1130,7 +1134,8 @@ TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps
     auto without = make_gpu(64, 4, [&](auto& o) { o.decode_graphs = graphs; });
     std::vector<std::vector<int32_t>> prompts;
     std::vector<model::sequence_input> seqs;
-    for (int32_t i = 0; i < 4; ++i) prompts.push_back(repeated_prompt(5 + 3 * i, i + 1));
+    for (int32_t i = 0; i < static_cast<int32_t>(rows); ++i)
+      prompts.push_back(repeated_prompt(5 + 3 * i, i + 1));
     for (size_t i = 0; i < prompts.size(); ++i) seqs.push_back({i + 1, prompts[i]});
     engine::gpu_prefill_options po;
     po.sampling = sampling;
@@ -1141,15 +1146,15 @@ TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps
     ASSERT_TRUE(first_without) << mode << ": " << error_text(first_without.error());
     std::vector<int32_t> tokens = first->tokens;
     EXPECT_EQ(first_without->tokens, tokens) << mode;
-    ASSERT_EQ(tokens.size(), 4u) << mode;
-    for (size_t i = 0; i < 4; ++i)
+    ASSERT_EQ(tokens.size(), rows) << mode;
+    for (size_t i = 0; i < rows; ++i)
       EXPECT_EQ(tokens[i], cpu_draw(first->logits.data() + i * vocab_, vocab_, sampling[i]))
           << mode << " prefill row " << i;
-    size_t on_host = 0;
+    size_t wide = 0;
     for (int step = 0; step < 5; ++step) {
       const std::string what = mode + " decode step " + std::to_string(step);
       std::vector<model::decode_input> batch;
-      for (size_t i = 0; i < 4; ++i) batch.push_back({i + 1, tokens[i]});
+      for (size_t i = 0; i < rows; ++i) batch.push_back({i + 1, tokens[i]});
       for (auto& s : sampling) ++s.offset;
       engine::gpu_decode_options d;
       d.sampling = sampling;
@@ -1158,19 +1163,20 @@ TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps
       d.return_logits = false;
       auto got_without = without.decode(batch, d);
       ASSERT_TRUE(got_without) << what << ": " << error_text(got_without.error());
-      for (size_t i = 0; i < 4; ++i) {
+      for (size_t i = 0; i < rows; ++i) {
         const float* row = got->logits.data() + i * vocab_;
         EXPECT_EQ(got->tokens[i], cpu_draw(row, vocab_, sampling[i])) << what << " row " << i;
         if (i == 0) {
           EXPECT_EQ(got->tokens[i], argmax(row, vocab_)) << what;
         }
-        if (i == 3) on_host += nucleus_size(row, vocab_, sampling[3].params) > 1024;
+        if (i == 3) wide += nucleus_size(row, vocab_, sampling[3].params) > 1024;
       }
       EXPECT_EQ(got_without->tokens, got->tokens) << what;
       tokens = got->tokens;
     }
-    // The host's draws were exercised, and the decode steps were replayed from graphs.
-    EXPECT_GT(on_host, 0u) << mode;
+    // Nuclei wider than the candidates were drawn (row 3; row 4 is always the host's), and the
+    // decode steps were replayed from graphs.
+    EXPECT_GT(wide, 0u) << mode;
     EXPECT_EQ(with.decode_graph_stats().num_replays > 0, graphs) << mode;
     EXPECT_EQ(with.decode_graph_stats().num_fallbacks, 0u) << mode;
   }
@@ -1179,7 +1185,7 @@ TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps
   std::vector<int32_t> prompt = repeated_prompt(9, 2);
   const model::sequence_input one[] = {{1, prompt}, {2, prompt}};
   engine::gpu_prefill_options po;
-  std::vector<engine::gpu_row_sampling> two(sampling.begin() + 2, sampling.end());
+  std::vector<engine::gpu_row_sampling> two(sampling.begin() + 2, sampling.begin() + 4);
   po.sampling = two;
   auto first = e.prefill(one, po);
   ASSERT_TRUE(first) << error_text(first.error());

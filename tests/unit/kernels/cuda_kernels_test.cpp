@@ -1019,8 +1019,7 @@ TEST(cuda_sample_greedy, can_run_rejects_bad_arguments) {
 // sampling (temperature, top-k, top-p)
 
 // What cpu::sample draws for this row, and whether the device must leave the row to the host:
-// cpu::sample refuses the parameters, top-k above the candidates, or top-p alone whose nucleus
-// (found here as cpu::sample finds it) reaches past them.
+// cpu::sample refuses the parameters, or top-k above the candidates (and the vocabulary).
 struct sample_expectation {
   int32_t token = 0;
   bool on_host = false;
@@ -1048,39 +1047,27 @@ sample_expectation expected_sample(const float* row, size_t vocab, const cuda::s
   EXPECT_EQ(cpu::sample_greedy(row, vocab, &best), kernel_status::ok);
   // No candidates are ranked for a greedy row, nor for one whose best logit is not finite.
   if (greedy || vocab <= cap || !std::isfinite(row[best])) return e;
-  if (p.top_k > 0) {
-    e.on_host = static_cast<size_t>(p.top_k) > cap;
-    return e;
-  }
-  if (p.top_p >= 1.0f) return e;
-  // Top-p alone: the nucleus's size, as cpu::sample measures it.
-  std::vector<int32_t> idx(vocab);
-  for (size_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
-  std::sort(idx.begin(), idx.end(), [&](int32_t x, int32_t y) {
-    const float vx = row[x], vy = row[y];
-    if (std::isnan(vx) != std::isnan(vy)) return std::isnan(vy);
-    if (!std::isnan(vx) && vx != vy) return vx > vy;
-    return x < y;
-  });
-  const float max_logit = row[idx[0]];
-  std::vector<double> w(vocab);
-  double total = 0.0;
-  for (size_t i = 0; i < vocab; ++i) {
-    const float l = row[idx[i]];
-    w[i] = std::isnan(l) ? 0.0 : std::exp((static_cast<double>(l) - max_logit) / p.temperature);
-    total += w[i];
-  }
-  double cum = 0.0;
-  size_t nucleus = vocab;
-  for (size_t i = 0; i < vocab; ++i) {
-    cum += w[i];
-    if (cum >= static_cast<double>(p.top_p) * total) {
-      nucleus = i + 1;
-      break;
-    }
-  }
-  e.on_host = nucleus > cap;
+  e.on_host = static_cast<size_t>(p.top_k) > cap;
   return e;
+}
+
+// The size of cpu::sample's top-p nucleus (top-p alone) for this row: past the candidates, the
+// device finds it by mass.
+size_t top_p_nucleus(const float* row, size_t vocab, const cuda::sample_row& p) {
+  std::vector<float> v(row, row + vocab);
+  std::sort(v.begin(), v.end(), [](float x, float y) {
+    if (std::isnan(x) != std::isnan(y)) return std::isnan(y);
+    return !std::isnan(x) && x > y;
+  });
+  if (!std::isfinite(v[0])) return 0;
+  double total = 0.0, cum = 0.0;
+  for (const float l : v)
+    total += std::isnan(l) ? 0.0 : std::exp((static_cast<double>(l) - v[0]) / p.temperature);
+  for (size_t i = 0; i < vocab; ++i) {
+    cum += std::isnan(v[i]) ? 0.0 : std::exp((static_cast<double>(v[i]) - v[0]) / p.temperature);
+    if (cum >= static_cast<double>(p.top_p) * total) return i + 1;
+  }
+  return vocab;
 }
 
 void check_sample(size_t vocab, uint64_t seed) {
@@ -1144,23 +1131,28 @@ void check_sample(size_t vocab, uint64_t seed) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<int32_t> got(rows);
   ASSERT_TRUE(download(d_tokens, got));
-  size_t drawn = 0, left = 0;
+  size_t drawn = 0, left = 0, wide = 0;
   for (size_t r = 0; r < rows; ++r) {
     SCOPED_TRACE(::testing::Message() << "row " << r << " (pattern " << r / kinds.size()
                                       << ", parameters " << r % kinds.size() << ")");
-    const auto want = expected_sample(logits.data() + r * vocab, vocab, p[r]);
+    const float* row = logits.data() + r * vocab;
+    const auto want = expected_sample(row, vocab, p[r]);
     if (want.on_host) {
       EXPECT_EQ(got[r], cuda::sample_on_host);
       ++left;
     } else {
       EXPECT_EQ(got[r], want.token);
       drawn += p[r].temperature > 0.0f && p[r].top_k != 1;
+      if (p[r].top_k == 0 && p[r].top_p < 1.0f && p[r].temperature > 0.0f)
+        wide += top_p_nucleus(row, vocab, p[r]) > static_cast<size_t>(cuda::sample_max_candidates);
     }
   }
-  // The cases are not all refusals or greedy: most rows drew.
+  // The cases are not all refusals or greedy: most rows drew; past the candidates, some top-p
+  // nuclei were found by their mass, and top_k 1025 went to the host.
   EXPECT_GT(drawn, rows / 2);
   if (vocab > static_cast<size_t>(cuda::sample_max_candidates)) {
     EXPECT_GT(left, patterns);
+    EXPECT_GT(wide, 2u);
   }
 }
 
