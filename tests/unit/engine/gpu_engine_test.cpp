@@ -33,6 +33,8 @@
 //   - a greedy token is compared only where the reference's top-1 margin exceeds twice the
 //     bound; the goldens' narrowest margins (~6e-3) are below it, so one token in 16 of each
 //     fixture's greedy path may legitimately differ (it does: the output says which).
+#include "engine/gpu_engine.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -47,7 +49,7 @@
 #include <vector>
 
 #include "engine/decode_graphs.hpp"
-#include "engine/gpu_engine.hpp"
+#include "kernels/cuda/sampling.hpp"
 #include "kernels/cuda/skinny_linear.hpp"
 #include "model/init_model.hpp"
 #include "model/model_errc.hpp"
@@ -1091,19 +1093,6 @@ int32_t cpu_draw(const float* row, size_t vocab, const engine::gpu_row_sampling&
   return token;
 }
 
-/// The tokens cpu::sample's top-p keeps from this row (the whole ranking's prefix).
-size_t nucleus_size(const float* row, size_t vocab, const kernels::cpu::sampling_params& p) {
-  std::vector<float> v(row, row + vocab);
-  std::sort(v.begin(), v.end(), std::greater<>());
-  double total = 0.0, cum = 0.0;
-  for (const float l : v) total += std::exp((static_cast<double>(l) - v[0]) / p.temperature);
-  for (size_t i = 0; i < vocab; ++i) {
-    cum += std::exp((static_cast<double>(v[i]) - v[0]) / p.temperature);
-    if (cum >= static_cast<double>(p.top_p) * total) return i + 1;
-  }
-  return vocab;
-}
-
 }  // namespace
 
 TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps_logits) {
@@ -1169,7 +1158,11 @@ TEST_P(gpu_engine_test, sampled_tokens_are_the_cpu_samplers_draws_from_the_steps
         if (i == 0) {
           EXPECT_EQ(got->tokens[i], argmax(row, vocab_)) << what;
         }
-        if (i == 3) wide += nucleus_size(row, vocab_, sampling[3].params) > 1024;
+        if (i == 3) {
+          const auto& q = sampling[3].params;
+          wide += kernels::cuda_testing::top_p_nucleus_size(row, vocab_, q.temperature, q.top_p) >
+                  static_cast<size_t>(kernels::cuda::sample_max_candidates);
+        }
       }
       EXPECT_EQ(got_without->tokens, got->tokens) << what;
       tokens = got->tokens;

@@ -1051,23 +1051,27 @@ sample_expectation expected_sample(const float* row, size_t vocab, const cuda::s
   return e;
 }
 
-// The size of cpu::sample's top-p nucleus (top-p alone) for this row: past the candidates, the
-// device finds it by mass.
-size_t top_p_nucleus(const float* row, size_t vocab, const cuda::sample_row& p) {
-  std::vector<float> v(row, row + vocab);
-  std::sort(v.begin(), v.end(), [](float x, float y) {
-    if (std::isnan(x) != std::isnan(y)) return std::isnan(y);
-    return !std::isnan(x) && x > y;
-  });
-  if (!std::isfinite(v[0])) return 0;
-  double total = 0.0, cum = 0.0;
-  for (const float l : v)
-    total += std::isnan(l) ? 0.0 : std::exp((static_cast<double>(l) - v[0]) / p.temperature);
-  for (size_t i = 0; i < vocab; ++i) {
-    cum += std::isnan(v[i]) ? 0.0 : std::exp((static_cast<double>(v[i]) - v[0]) / p.temperature);
-    if (cum >= static_cast<double>(p.top_p) * total) return i + 1;
-  }
-  return vocab;
+// sample_run over (rows, vocab) logits with one parameter row each: the tokens it draws, in
+// `got` (left as it was on a fatal failure).
+void sample_on_device(const std::vector<float>& logits, const std::vector<cuda::sample_row>& p,
+                      size_t vocab, std::vector<int32_t>& got) {
+  const size_t rows = p.size();
+  device_buffer d_logits(logits.size() * 4), d_params(rows * sizeof(cuda::sample_row)),
+      d_tokens(rows * 4);
+  ASSERT_TRUE(upload(d_logits, logits));
+  ASSERT_EQ(
+      cudaMemcpy(d_params.get(), p.data(), rows * sizeof(cuda::sample_row), cudaMemcpyHostToDevice),
+      cudaSuccess);
+  cuda::sample_args a;
+  a.logits = d_logits.as<float>();
+  a.params = static_cast<const cuda::sample_row*>(d_params.get());
+  a.tokens = d_tokens.as<int32_t>();
+  a.rows = static_cast<int64_t>(rows);
+  a.vocab = static_cast<int64_t>(vocab);
+  ASSERT_EQ(cuda::sample_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  got.resize(rows);
+  ASSERT_TRUE(download(d_tokens, got));
 }
 
 void check_sample(size_t vocab, uint64_t seed) {
@@ -1115,22 +1119,8 @@ void check_sample(size_t vocab, uint64_t seed) {
     p[r].offset = rng() % 1000;
   }
 
-  device_buffer d_logits(logits.size() * 4), d_params(rows * sizeof(cuda::sample_row)),
-      d_tokens(rows * 4);
-  ASSERT_TRUE(upload(d_logits, logits));
-  ASSERT_EQ(
-      cudaMemcpy(d_params.get(), p.data(), rows * sizeof(cuda::sample_row), cudaMemcpyHostToDevice),
-      cudaSuccess);
-  cuda::sample_args a;
-  a.logits = d_logits.as<float>();
-  a.params = static_cast<const cuda::sample_row*>(d_params.get());
-  a.tokens = d_tokens.as<int32_t>();
-  a.rows = static_cast<int64_t>(rows);
-  a.vocab = static_cast<int64_t>(vocab);
-  ASSERT_EQ(cuda::sample_run(a, nullptr), kernel_status::ok);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<int32_t> got(rows);
-  ASSERT_TRUE(download(d_tokens, got));
+  std::vector<int32_t> got;
+  ASSERT_NO_FATAL_FAILURE(sample_on_device(logits, p, vocab, got));
   size_t drawn = 0, left = 0, wide = 0;
   for (size_t r = 0; r < rows; ++r) {
     SCOPED_TRACE(::testing::Message() << "row " << r << " (pattern " << r / kinds.size()
@@ -1144,7 +1134,8 @@ void check_sample(size_t vocab, uint64_t seed) {
       EXPECT_EQ(got[r], want.token);
       drawn += p[r].temperature > 0.0f && p[r].top_k != 1;
       if (p[r].top_k == 0 && p[r].top_p < 1.0f && p[r].temperature > 0.0f)
-        wide += top_p_nucleus(row, vocab, p[r]) > static_cast<size_t>(cuda::sample_max_candidates);
+        wide += top_p_nucleus_size(row, vocab, p[r].temperature, p[r].top_p) >
+                static_cast<size_t>(cuda::sample_max_candidates);
     }
   }
   // The cases are not all refusals or greedy: most rows drew; past the candidates, some top-p
@@ -1178,24 +1169,14 @@ TEST(cuda_sample, the_same_draw_whatever_the_rows_around_it) {
     p[r].offset = r;
   }
   const auto run = [&](size_t first, size_t count) {
-    device_buffer d_logits(count * vocab * 4), d_params(count * sizeof(cuda::sample_row)),
-        d_tokens(count * 4);
-    std::vector<float> part(logits.begin() + static_cast<std::ptrdiff_t>(first * vocab),
-                            logits.begin() + static_cast<std::ptrdiff_t>((first + count) * vocab));
-    EXPECT_TRUE(upload(d_logits, part));
-    EXPECT_EQ(cudaMemcpy(d_params.get(), p.data() + first, count * sizeof(cuda::sample_row),
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
-    cuda::sample_args a;
-    a.logits = d_logits.as<float>();
-    a.params = static_cast<const cuda::sample_row*>(d_params.get());
-    a.tokens = d_tokens.as<int32_t>();
-    a.rows = static_cast<int64_t>(count);
-    a.vocab = static_cast<int64_t>(vocab);
-    EXPECT_EQ(cuda::sample_run(a, nullptr), kernel_status::ok);
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<int32_t> got(count);
-    EXPECT_TRUE(download(d_tokens, got));
+    const std::vector<float> part(
+        logits.begin() + static_cast<std::ptrdiff_t>(first * vocab),
+        logits.begin() + static_cast<std::ptrdiff_t>((first + count) * vocab));
+    const std::vector<cuda::sample_row> params(
+        p.begin() + static_cast<std::ptrdiff_t>(first),
+        p.begin() + static_cast<std::ptrdiff_t>(first + count));
+    std::vector<int32_t> got;
+    sample_on_device(part, params, vocab, got);
     return got;
   };
   const auto all = run(0, rows);

@@ -208,4 +208,30 @@ T* fake() {
 constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
 constexpr float inf_f = std::numeric_limits<float>::infinity();
 
+// ---------------------------------------------------------------------------------------------
+// Sampling.
+
+// How many tokens cpu::sample's top-p (top-p alone) keeps from this row: the shortest prefix of
+// its ranking (NaN last, weighing nothing) whose mass reaches top_p of the row's; 0 when the
+// best logit is not finite (the sampler then takes the argmax). The device sampler sorts up to
+// cuda::sample_max_candidates of them and finds a wider nucleus by its mass.
+inline size_t top_p_nucleus_size(const float* row, size_t vocab, float temperature, float top_p) {
+  std::vector<float> v(row, row + vocab);
+  std::sort(v.begin(), v.end(), [](float x, float y) {
+    if (std::isnan(x) != std::isnan(y)) return std::isnan(y);
+    return !std::isnan(x) && x > y;
+  });
+  if (!std::isfinite(v[0])) return 0;
+  const auto weight = [&](float l) {
+    return std::isnan(l) ? 0.0 : std::exp((static_cast<double>(l) - v[0]) / temperature);
+  };
+  double total = 0.0, cum = 0.0;
+  for (const float l : v) total += weight(l);
+  for (size_t i = 0; i < vocab; ++i) {
+    cum += weight(v[i]);
+    if (cum >= static_cast<double>(top_p) * total) return i + 1;
+  }
+  return vocab;
+}
+
 }  // namespace moe::kernels::cuda_testing
