@@ -340,6 +340,28 @@ json kernels_json(const me::gpu_engine& e) {
           {"fp8_expanded", k.fp8_expanded}};
 }
 
+/// An engine's prefill, its decode at every batch (graphs as the settings say) and which
+/// kernels ran them, each figure with `ratio_key`: its speed over the same figure in `base`.
+json figures_against(me::gpu_engine& engine, const settings& s, const json& base,
+                     const char* ratio_key) {
+  runner run(engine, s);
+  json m = json::object();
+  m["prefill"] = run.prefill();
+  if (!failed(m["prefill"]))
+    m["prefill"][ratio_key] =
+        m["prefill"]["tokens_per_s"].get<double>() / base["prefill"]["tokens_per_s"].get<double>();
+  m["decode"] = json::array();
+  for (int b : s.decode_batches) {
+    std::vector<int32_t> tokens;
+    json d = run.decode(b, s.graphs, tokens);
+    if (const auto reference = tokens_per_s_at(base["decode"], b); reference && !failed(d))
+      d[ratio_key] = d["tokens_per_s"].get<double>() / *reference;
+    m["decode"].push_back(d);
+  }
+  m["kernels"] = kernels_json(engine);
+  return m;
+}
+
 /// The --fp8 runs: the weights quantized, then per mode an engine keeping them FP8, its prefill
 /// and graph decode, and the ratios to the bf16 figures in `bf16`.
 json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_options eo,
@@ -361,27 +383,12 @@ json fp8_runs(std::shared_ptr<moe::model::checkpoint> host, me::gpu_engine_optio
     json m = {{"upload_seconds", seconds_since(t)}, {"weight_bytes", engine->weight_bytes()}};
     m["weight_bytes_vs_bf16"] = static_cast<double>(engine->weight_bytes()) /
                                 bf16["weight_bytes"].get<double>();
-    runner run(*engine, s);
-    m["prefill"] = run.prefill();
-    if (!failed(m["prefill"]))
-      m["prefill"]["speedup_over_bf16"] = m["prefill"]["tokens_per_s"].get<double>() /
-                                          bf16["prefill"]["tokens_per_s"].get<double>();
-    m["decode"] = json::array();
-    for (int b : s.decode_batches) {
-      std::vector<int32_t> tokens;
-      json d = run.decode(b, s.graphs, tokens);
-      if (const auto base = tokens_per_s_at(bf16["decode"], b); base && !failed(d))
-        d["speedup_over_bf16"] = d["tokens_per_s"].get<double>() / *base;
-      m["decode"].push_back(d);
-    }
-    m["kernels"] = kernels_json(*engine);
+    m.update(figures_against(*engine, s, bf16, "speedup_over_bf16"));
     r[mode] = m;
   }
   return r;
 }
 
-/// Writes the figures so far to `path` (if any): after every stage, so that a run cut short,
-/// or one whose CUDA context a later stage broke, still leaves what it measured.
 /// Every option the A/B runs above measured faster than the default, together on one engine:
 /// the figures the defaults would give if each followed this run's measurements, with the
 /// issue's targets and the ratios to the default engine. Prefill's routed experts take the
@@ -434,24 +441,13 @@ json measured_best(const json& out, const me::gpu_engine_options& eo,
     m["error"] = error_json("engine (measured best)", engine.error())["error"];
     return m;
   }
-  runner run(*engine, s);
-  m["prefill"] = run.prefill();
-  if (!failed(m["prefill"]))
-    m["prefill"]["speedup_over_default"] =
-        m["prefill"]["tokens_per_s"].get<double>() / out["prefill"]["tokens_per_s"].get<double>();
-  m["decode"] = json::array();
-  for (int b : s.decode_batches) {
-    std::vector<int32_t> tokens;
-    json d = run.decode(b, s.graphs, tokens);
-    if (const auto base = tokens_per_s_at(out["decode"], b); base && !failed(d))
-      d["speedup_over_default"] = d["tokens_per_s"].get<double>() / *base;
-    m["decode"].push_back(d);
-  }
-  m["kernels"] = kernels_json(*engine);
+  m.update(figures_against(*engine, s, out, "speedup_over_default"));
   m["targets"] = targets(m);
   return m;
 }
 
+/// Writes the figures so far to `path` (if any): after every stage, so that a run cut short,
+/// or one whose CUDA context a later stage broke, still leaves what it measured.
 void save(const json& j, const std::string& path) {
   if (!path.empty()) std::ofstream(path) << j.dump(2) << "\n";
 }
