@@ -579,7 +579,8 @@ class forward {
     // Our WMMA and CUDA-core kernels read each expert row's token from mlp_in through the plan
     // (grouped_gemm_args::x_entries: the same products, one launch and a copy of the routed
     // rows fewer); cuBLAS and the wgmma kernels read the rows permute_rows lays out.
-    if (!blas && !kcu::grouped_gemm_uses_wgmma(gg)) {
+    const bool gather = !blas && !kcu::grouped_gemm_uses_wgmma(gg);
+    if (gather) {
       gg.x = b_.mlp_in;
       gg.x_entries = b_.expert_inverse;
       gg.entries_per_x_row = k;
@@ -607,7 +608,7 @@ class forward {
     // On the wgmma kernel, the gate|up product and SwiGLU are one launch, the activation
     // straight into act (grouped_gemm_args::fuse_swiglu); otherwise the product, then swiglu.
     std::optional<caf::error> fused_run;
-    if (!blas && m_.wgmma_experts) {
+    if (!blas && !gather) {  // the wgmma kernel takes this product
       auto fused = gg;
       fused.y = b_.act;
       fused.wgmma = fused.fuse_swiglu = true;
