@@ -9,7 +9,8 @@
 //    same shape, and the activation quantization it needs against the copy bandwidth. Where
 //    cuBLASLt refuses the FP8 product, its entry says so ("fp8_refused") instead of a time;
 //  - the few-row decode projections (skinny_linear.hpp) against cuBLASLt on the same shapes, per
-//    shape and summed over a decode step, with bf16 and FP8 weights; and at 32 rows cuBLASLt
+//    shape and summed over a decode step (the absorbed attention's two batched per-head products
+//    included), with bf16 and FP8 weights; and at 32 rows cuBLASLt
 //    against the grouped expert GEMM run as one expert;
 //  - the grouped expert GEMM against one dense cuBLASLt product of the same FLOPs and against
 //    cuBLAS's grouped GEMM; on an sm_90 card also its wgmma kernel, fed by TMA and by cp.async,
@@ -778,6 +779,55 @@ int main(int argc, char** argv) {
         lt_step_us += static_cast<double>(p.per_step) * lt_ms * 1e3;
         skinny_step_us += static_cast<double>(p.per_step) * skinny_ms * 1e3;
         entries.push_back(e);
+      }
+      // The absorbed attention's per-head products (16 heads, one strided batch each, kv_b_proj
+      // read in place): q_nope . W_UK ((k, n) rows on the skinny kernel) and out_latent . W_UV^T.
+      {
+        const int64_t H = 16, dn = 128, dv = 128, R = 512, qk = 192;
+        const size_t w_bytes = static_cast<size_t>(H * (dn + dv) * R) * 2;
+        rotated_weight w(w_bytes);
+        fill_bf16(w.mem.p, w.copies * w_bytes / 2);
+        device_mem q(rows * H * qk * 2), latent(rows * H * R * 2), attn(rows * H * dv * 2);
+        fill_bf16(q.p, rows * H * qk);
+        fill_bf16(latent.p, rows * H * R);
+        for (const bool absorb_q : {true, false}) {
+          kc::gemm_desc g;
+          g.m = rows;
+          g.batch_count = H;
+          g.stride_b = (dn + dv) * R;
+          g.ldb = R;
+          if (absorb_q) {
+            g.n = R, g.k = dn, g.a = q.p, g.lda = H * qk, g.stride_a = qk;
+            g.c = latent.p, g.ldc = H * R, g.stride_c = R;
+          } else {
+            g.trans_b = kc::transpose::yes;
+            g.n = dv, g.k = R, g.a = latent.p, g.lda = H * R, g.stride_a = R;
+            g.c = attn.p, g.ldc = H * dv, g.stride_c = dv;
+          }
+          const int64_t w_offset = absorb_q ? 0 : dn * R;
+          const double lt_ms = median_ms(reps, [&] {
+            g.b = static_cast<const uint16_t*>(w.next()) + w_offset;
+            check(lt.run(g, workspace.p, kc::gemm_workspace_bytes, nullptr), "absorbed gemm");
+          });
+          kc::skinny_linear_args a;
+          a.x = g.a, a.y = g.c, a.rows = rows, a.n = g.n, a.k = g.k;
+          a.w_layout =
+              absorb_q ? kc::skinny_weight_layout::k_by_n : kc::skinny_weight_layout::n_by_k;
+          a.ldx = g.lda, a.ldw = g.ldb, a.ldy = g.ldc;
+          a.batch = H, a.stride_x = g.stride_a, a.stride_w = g.stride_b, a.stride_y = g.stride_c;
+          const double skinny_ms = median_ms(reps, [&] {
+            a.w = static_cast<const uint16_t*>(w.next()) + w_offset;
+            check(kc::skinny_linear_run(a, nullptr), "skinny_linear batched");
+          });
+          const double read = static_cast<double>(H * (absorb_q ? dn : dv) * R * 2);
+          entries.push_back({{"name", absorb_q ? "absorb_q_16_heads" : "absorb_out_16_heads"},
+                             {"cublaslt_us", lt_ms * 1e3},
+                             {"skinny_us", skinny_ms * 1e3},
+                             {"cublaslt_over_skinny", lt_ms / skinny_ms},
+                             {"skinny_vs_copy", read / (skinny_ms * 1e6) / copy_gbs}});
+          lt_step_us += 8 * lt_ms * 1e3;  // every layer, both absorbed products
+          skinny_step_us += 8 * skinny_ms * 1e3;
+        }
       }
       skinny[std::to_string(rows)] = {{"shapes", entries},
                                       {"cublaslt_step_us", lt_step_us},

@@ -108,6 +108,35 @@ class forward {
     return check(kcu::skinny_linear_run(a, stream_), what);
   }
 
+  /// A strided batch of products (the absorbed attention's, one per head) on skinny_linear.hpp's
+  /// kernel, as one launch, where the step has few enough rows and the kernel takes the shape;
+  /// cuBLASLt's strided batch otherwise.
+  caf::error batched(const kcu::gemm_desc& g, const char* what) {
+    if (g.trans_a == kcu::transpose::no && g.alpha == 1.0f) {
+      kcu::skinny_linear_args a;
+      a.x = g.a;
+      a.w = g.b;
+      a.y = g.c;
+      a.rows = g.m;
+      a.n = g.n;
+      a.k = g.k;
+      a.x_dt = a.w_dt = g.ab_dt;
+      a.y_dt = g.c_dt;
+      a.beta = g.beta;
+      a.w_layout = g.trans_b == kcu::transpose::yes ? kcu::skinny_weight_layout::n_by_k
+                                                    : kcu::skinny_weight_layout::k_by_n;
+      a.ldx = g.lda;
+      a.ldw = g.ldb;
+      a.ldy = g.ldc;
+      a.batch = g.batch_count;
+      a.stride_x = g.stride_a;
+      a.stride_w = g.stride_b;
+      a.stride_y = g.stride_c;
+      if (auto done = skinny(a, what)) return *done;
+    }
+    return gemm(g, what);
+  }
+
   /// The product (x and w of the step's dtype or w FP8, y of y_dt, beta for the residual add) on
   /// the grouped expert GEMM as one expert, where the step's rows are in (skinny_rows,
   /// grouped_dense_rows] and the kernel takes it; nullopt: the caller uses cuBLASLt.
@@ -344,7 +373,8 @@ class forward {
   }
 
   /// One query per sequence against the paged latent cache, kv_b_proj absorbed on both sides
-  /// (as kernels::cpu::mla_absorb_q / mla_absorb_out, per head as one strided batch).
+  /// (as kernels::cpu::mla_absorb_q / mla_absorb_out, per head as one strided batch: the skinny
+  /// kernel's at few rows, cuBLASLt's above).
   caf::error attend_decode() {
     const device_attention& a = m_.weights->layer(layer_).attention;
     const int64_t H = d_.H, dn = d_.dn, dv = d_.dv, R = d_.R, qk = d_.qk;
@@ -363,7 +393,7 @@ class forward {
     g.stride_a = qk;
     g.stride_b = (dn + dv) * R;
     g.stride_c = R;
-    if (auto err = gemm(g, "absorb q")) return err;
+    if (auto err = batched(g, "absorb q")) return err;
     kcu::mla_decode_args dec;
     dec.layout = m_.cache_layout;
     dec.pool = m_.cache_pool(layer_);
@@ -400,7 +430,7 @@ class forward {
     o.stride_a = R;
     o.stride_b = (dn + dv) * R;
     o.stride_c = dv;
-    return gemm(o, "absorb out");
+    return batched(o, "absorb out");
   }
 
   caf::error attention() {

@@ -128,18 +128,28 @@ __device__ __forceinline__ void load_x(const bf16* p, float (&f)[N]) {
   }
 }
 
-// One column (output feature) per warp, or k_split warps per column, each over a contiguous
-// slice of k's chunks; R rows at most (rows at run time). Every lane sums its chunks in
-// order; the warp's lanes, then the column's warps (in order), are summed by a fixed tree.
+// Row strides and the batch's offsets, in elements (skinny_linear_args's, zeros resolved).
+struct strides {
+  int64_t ldx, ldw, ldy;
+  int64_t batch_x, batch_w, batch_y;
+};
+
+// n_by_k: one column (output feature) per warp, or k_split warps per column, each over a
+// contiguous slice of k's chunks; R rows at most (rows at run time); blockIdx.y is the product
+// of the batch. Every lane sums its chunks in order; the warp's lanes, then the column's warps
+// (in order), are summed by a fixed tree.
 template <class TX, class W, class TY, int R>
 __global__ void __launch_bounds__(threads_per_block)
     skinny_linear_kernel(const TX* x, const void* w, TY* y, int rows, int64_t n, int64_t k,
-                         float beta, int k_split, fp8_grid grid) {
+                         float beta, int k_split, fp8_grid grid, strides st) {
   constexpr int V = W::elements;
   __shared__ float partial[warps_per_block][R];
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t col = int64_t{blockIdx.x} * (warps_per_block / k_split) + warp / k_split;
   const int part = warp % k_split;
+  x += blockIdx.y * st.batch_x;
+  w = static_cast<const char*>(w) + blockIdx.y * st.batch_w * W::bytes;
+  y += blockIdx.y * st.batch_y;
 
   float acc[R];
 #pragma unroll
@@ -148,7 +158,7 @@ __global__ void __launch_bounds__(threads_per_block)
     const int64_t chunks = k / V;
     const int64_t per_part = (chunks + k_split - 1) / k_split;
     const int64_t begin = part * per_part, end = std::min(chunks, begin + per_part);
-    const char* w_row = static_cast<const char*>(w) + col * k * W::bytes;
+    const char* w_row = static_cast<const char*>(w) + col * st.ldw * W::bytes;
     for (int64_t c0 = begin + lane; c0 < end; c0 += 32 * unroll) {
       typename W::chunk chunk[unroll];
 #pragma unroll
@@ -166,7 +176,7 @@ __global__ void __launch_bounds__(threads_per_block)
         for (int r = 0; r < R; ++r) {
           if (r >= rows) break;
           float xf[V];
-          load_x(x + r * k + c * V, xf);
+          load_x(x + r * st.ldx + c * V, xf);
 #pragma unroll
           for (int v = 0; v < V; ++v) acc[r] = fmaf(xf[v], wf[v], acc[r]);
         }
@@ -186,21 +196,126 @@ __global__ void __launch_bounds__(threads_per_block)
   if (part == 0 && col < n && lane < rows) {
     float s = 0.0f;
     for (int p = 0; p < k_split; ++p) s += partial[warp + p][lane];
-    const int64_t i = lane * n + col;
+    const int64_t i = lane * st.ldy + col;
     if (beta != 0.0f) s = __fadd_rn(s, __fmul_rn(beta, load(y, i)));
     store(y, i, s);
   }
 }
 
+// k_by_n: each lane owns one chunk of W::elements consecutive columns (one load of a weight
+// row), a warp 32 chunks, the block's kn_warps warps contiguous slices of k for the same
+// columns; blockIdx.y is the product of the batch. Each lane sums its slice of k in order for
+// every (row, column) it owns; the warps' sums meet in a fixed tree through shared memory
+// ((w0 + w4) + (w2 + w6)) + ((w1 + w5) + (w3 + w7)), so the same inputs give the same bits.
+constexpr int kn_warps = warps_per_block;
+constexpr int kn_unroll = 8;  // weight rows in flight per lane: a k slice of 16 in two rounds
+
+template <class TX, class W, class TY, int R>
+__global__ void __launch_bounds__(threads_per_block)
+    skinny_linear_kn_kernel(const TX* x, const void* w, TY* y, int rows, int64_t n, int64_t k,
+                            float beta, strides st) {
+  constexpr int V = W::elements;
+  // Half the warps' sums at a time: 32 KiB at 8 rows of bf16 chunks.
+  __shared__ float exchange[kn_warps / 2][R][32 * V];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  x += blockIdx.y * st.batch_x;
+  w = static_cast<const char*>(w) + blockIdx.y * st.batch_w * W::bytes;
+  y += blockIdx.y * st.batch_y;
+  const int64_t col0 = (int64_t{blockIdx.x} * 32 + lane) * V;
+  const bool active = col0 < n;  // n is a multiple of V: a chunk is whole or absent
+  const int64_t per_warp = (k + kn_warps - 1) / kn_warps;
+  const int64_t begin = std::min(k, warp * per_warp), end = std::min(k, begin + per_warp);
+
+  float acc[R][V];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[r][v] = 0.0f;
+  if (active) {
+    const char* w_col = static_cast<const char*>(w) + col0 * W::bytes;
+    for (int64_t d0 = begin; d0 < end; d0 += kn_unroll) {
+      typename W::chunk chunk[kn_unroll];
+#pragma unroll
+      for (int u = 0; u < kn_unroll; ++u)
+        if (d0 + u < end)
+          chunk[u] = load_streaming<typename W::chunk>(w_col + (d0 + u) * st.ldw * W::bytes);
+#pragma unroll
+      for (int u = 0; u < kn_unroll; ++u) {
+        const int64_t d = d0 + u;
+        if (d >= end) break;
+        float wf[V];
+        unpack(chunk[u], wf, W{}, fp8_grid{}, 0, 0);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (r >= rows) break;
+          const float xv = load(x, r * st.ldx + d);  // the warp's lanes read one element
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[r][v] = fmaf(xv, wf[v], acc[r][v]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int half = kn_warps / 2; half > 0; half /= 2) {
+    if (warp >= half && warp < 2 * half)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int v = 0; v < V; ++v) exchange[warp - half][r][lane * V + v] = acc[r][v];
+    __syncthreads();
+    if (warp < half)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[r][v] += exchange[warp][r][lane * V + v];
+    __syncthreads();
+  }
+  if (warp != 0 || !active) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t i = r * st.ldy + col0 + v;
+      float s = acc[r][v];
+      if (beta != 0.0f) s = __fadd_rn(s, __fmul_rn(beta, load(y, i)));
+      store(y, i, s);
+    }
+  }
+}
+
+strides strides_of(const skinny_linear_args& a) {
+  const bool kn = a.w_layout == skinny_weight_layout::k_by_n;
+  return strides{a.ldx > 0 ? a.ldx : a.k,
+                 a.ldw > 0 ? a.ldw : (kn ? a.n : a.k),
+                 a.ldy > 0 ? a.ldy : a.n,
+                 a.stride_x,
+                 a.stride_w,
+                 a.stride_y};
+}
+
 template <class TX, class W, class TY, int R>
 kernel_status launch_rows(const skinny_linear_args& a, cudaStream_t stream) {
+  const auto batch = static_cast<unsigned>(a.batch);
+  if (a.w_layout == skinny_weight_layout::k_by_n) {
+    if constexpr (W::bytes == 1) {
+      return kernel_status::unsupported_dtype;  // refused by can_run; never instantiated
+    } else {
+      const int64_t cols_per_block = 32 * W::elements;
+      const dim3 blocks(static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block), batch);
+      skinny_linear_kn_kernel<TX, W, TY, R><<<blocks, threads_per_block, 0, stream>>>(
+          static_cast<const TX*>(a.x), a.w, static_cast<TY*>(a.y), static_cast<int>(a.rows), a.n,
+          a.k, a.beta, strides_of(a));
+      return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+    }
+  }
   const int64_t chunks = a.k / W::elements;
   int k_split = 1;
-  while (k_split < warps_per_block && a.n * k_split < target_warps &&
+  while (k_split < warps_per_block && a.n * a.batch * k_split < target_warps &&
          chunks / (2 * k_split) >= min_chunks_per_warp)
     k_split *= 2;
   const int64_t cols_per_block = warps_per_block / k_split;
-  const auto blocks = static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block);
+  const dim3 blocks(static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block), batch);
   fp8_grid grid;
   if constexpr (W::bytes == 1) {
     grid.scale = a.w_scale;
@@ -210,7 +325,7 @@ kernel_status launch_rows(const skinny_linear_args& a, cudaStream_t stream) {
   }
   skinny_linear_kernel<TX, W, TY, R><<<blocks, threads_per_block, 0, stream>>>(
       static_cast<const TX*>(a.x), a.w, static_cast<TY*>(a.y), static_cast<int>(a.rows), a.n, a.k,
-      a.beta, k_split, grid);
+      a.beta, k_split, grid, strides_of(a));
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -239,17 +354,39 @@ kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept {
   // x and w alike, or bf16 x with an FP8 or f32 weight (the router's: its bf16 input widened).
   if (a.w_dt != a.x_dt && !((fp8 || a.w_dt == dtype::f32) && a.x_dt == dtype::bf16))
     return kernel_status::unsupported_dtype;
-  if (a.rows < 0 || a.n < 0 || a.k < 0 || a.rows > skinny_linear_max_rows)
+  const bool kn = a.w_layout == skinny_weight_layout::k_by_n;
+  if (kn && fp8) return kernel_status::unsupported_dtype;
+  if (a.w_layout != skinny_weight_layout::n_by_k && !kn) return kernel_status::unsupported_shape;
+  if (a.rows < 0 || a.n < 0 || a.k < 0 || a.rows > skinny_linear_max_rows || a.batch < 1 ||
+      a.batch > 65535 || (a.batch > 1 && (fp8 || a.stride_y == 0)))
     return kernel_status::unsupported_shape;
-  // n * k and rows * n index elements (and n * k * 4 bytes) without overflow.
-  if (a.k > 0 && a.n > INT64_MAX / 8 / a.k) return kernel_status::unsupported_shape;
+  if (a.ldx < 0 || a.ldw < 0 || a.ldy < 0 || a.stride_x < 0 || a.stride_w < 0 || a.stride_y < 0)
+    return kernel_status::unsupported_shape;
+  const strides st = strides_of(a);
+  if (st.ldx < a.k || st.ldw < (kn ? a.n : a.k) || st.ldy < a.n)
+    return kernel_status::unsupported_shape;
+  // Every element offset (and 8 times it, a byte offset of f32 with room) fits int64: the last
+  // product's last row plus a row, for each matrix.
+  constexpr int64_t limit = INT64_MAX / 8;
+  const auto span_fits = [&](int64_t batch_stride, int64_t rows, int64_t ld) {
+    if (batch_stride > 0 && a.batch - 1 > limit / batch_stride) return false;
+    if (ld > 0 && rows > limit / ld) return false;
+    return (a.batch - 1) * batch_stride <= limit - rows * ld;
+  };
+  if (!span_fits(st.batch_x, a.rows, st.ldx) || !span_fits(st.batch_y, a.rows, st.ldy) ||
+      !span_fits(st.batch_w, kn ? a.k : a.n, st.ldw))
+    return kernel_status::unsupported_shape;
   if (a.rows * a.n == 0) return kernel_status::ok;
   if (a.k == 0 || a.x == nullptr || a.w == nullptr || a.y == nullptr)
     return kernel_status::unsupported_shape;
   if (!aligned16(a.x) || !aligned16(a.w)) return kernel_status::unsupported_shape;
-  // Elements per load of w (and 16 bytes of x, whose rows must stay aligned).
+  // Elements per load of w: its rows, and with n_by_k x's (16 bytes of x a load, or 8 of bf16
+  // beside an f32 weight), must stay aligned to them. k_by_n reads x an element at a time.
   const int64_t per_load = a.w_dt == dtype::f32 ? 4 : 8;
-  if (a.k % per_load != 0) return kernel_status::unsupported_shape;
+  const auto whole = [&](int64_t v) { return v % per_load == 0; };
+  if (!whole(kn ? a.n : a.k) || !whole(st.ldw) || !whole(st.batch_w))
+    return kernel_status::unsupported_shape;
+  if (!kn && (!whole(st.ldx) || !whole(st.batch_x))) return kernel_status::unsupported_shape;
   if (fp8) {
     if (a.w_scale == nullptr || a.block_rows < 1 || a.block_cols < 1 || a.block_cols % 8 != 0)
       return kernel_status::unsupported_shape;

@@ -9,6 +9,12 @@
 // where there are too few columns to keep the card's memory busy), and reads x through the L1
 // cache (every warp reads all of it).
 //
+// The absorbed attention's per-head products (decode: q_nope . W_UK and out_latent . W_UV^T,
+// 2 x 16 heads a layer of v2-lite) run as one batched launch each, reading kv_b_proj's slices
+// and the strided activations in place. W_UK is read as (k, n) rows (k_by_n): each lane then
+// owns 8 consecutive output columns (one 16-byte load of a weight row), the block's 8 warps
+// split k, and their sums meet in a fixed tree.
+//
 // Weights: f32 or bf16 (the dtype of x; an f32 weight also takes bf16 x, widened exactly, as
 // the router's bf16 input), or FP8 e4m3 with float32 block scales and bf16 x: the
 // FP8 bytes are what streams (half of bf16's), and each element is expanded as fp8_dequantize
@@ -39,14 +45,31 @@ namespace moe::kernels::cuda {
 /// cuBLASLt's tensor-core kernels are the better choice well before 16.
 inline constexpr int64_t skinny_linear_max_rows = 8;
 
-/// y(rows, n) = x(rows, k) . w(n, k)^T + beta * y, every matrix packed row-major.
+/// How w is laid out: nn.Linear's (n, k) rows, y = x . w^T (every projection); or (k, n) rows,
+/// y = x . w (the absorbed attention's q product reads kv_b_proj's W_UK that way, in place).
+enum class skinny_weight_layout : uint8_t { n_by_k, k_by_n };
+
+/// y(rows, n) = x(rows, k) . w(n, k)^T + beta * y (or x . w(k, n) with k_by_n), row-major, for
+/// each of `batch` products.
 struct skinny_linear_args {
   const void* x = nullptr;  ///< (rows, k) of x_dt
-  const void* w = nullptr;  ///< (n, k) of w_dt
+  const void* w = nullptr;  ///< (n, k) of w_dt; (k, n) with k_by_n
   void* y = nullptr;        ///< (rows, n) of y_dt; read only when beta != 0; not overlapping x
   int64_t rows = 0;         ///< 0 .. skinny_linear_max_rows
   int64_t n = 0;
   int64_t k = 0;
+  skinny_weight_layout w_layout = skinny_weight_layout::n_by_k;
+  /// Row strides in elements; 0: packed (x: k; w: k, or n with k_by_n; y: n).
+  int64_t ldx = 0;
+  int64_t ldw = 0;
+  int64_t ldy = 0;
+  /// Products of this shape in one launch (1 .. 65535: the absorbed attention's, one per head):
+  /// product i reads x + i * stride_x and w + i * stride_w and writes y + i * stride_y
+  /// (elements). FP8 weights: one product.
+  int64_t batch = 1;
+  int64_t stride_x = 0;
+  int64_t stride_w = 0;
+  int64_t stride_y = 0;
   dtype x_dt = dtype::bf16;  ///< f32 or bf16
   dtype w_dt = dtype::bf16;  ///< x_dt; or, with bf16 x, f8_e4m3 or f32 (x widened exactly)
   dtype y_dt = dtype::bf16;  ///< f32 or bf16
@@ -78,12 +101,15 @@ struct skinny_linear_args {
   return a;
 }
 
-/// Host-side checks. ok; unsupported_dtype for dtypes outside the combinations above;
-/// unsupported_shape for negative sizes, rows above skinny_linear_max_rows, k == 0 (with n and
-/// rows not 0), a null pointer (where rows * n > 0), x or w not 16-byte aligned, k not a multiple
-/// of the elements one load of w holds (4 f32, 8 bf16 or FP8), an FP8 block grid with blocks
-/// below 1, block_cols not a multiple of 8 or a scale_ld below ceil(k / block_cols), or
-/// sizes whose products pass int64. A caller with a refused shape uses cuBLASLt (gemm.hpp).
+/// Host-side checks. ok; unsupported_dtype for dtypes outside the combinations above (FP8 only
+/// with n_by_k); unsupported_shape for negative sizes or strides, rows above
+/// skinny_linear_max_rows, batch outside 1 .. 65535 (or above 1 with FP8 or stride_y 0), k == 0
+/// (with n and rows not 0), a null pointer (where rows * n > 0), x or w not 16-byte aligned, a row
+/// stride below its row, the dimension w's loads run along (k, or n with k_by_n) or a stride of x
+/// (with n_by_k) or w not a multiple of the elements one load of w holds (4 f32, 8 bf16 or FP8), an
+/// FP8 block grid with blocks below 1, block_cols not a multiple of 8 or a scale_ld below
+/// ceil(k / block_cols), or sizes whose offsets pass int64. A caller with a refused shape uses
+/// cuBLASLt (gemm.hpp).
 [[nodiscard]] kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept;
 [[nodiscard]] kernel_status skinny_linear_run(const skinny_linear_args& a,
                                               cudaStream_t stream) noexcept;

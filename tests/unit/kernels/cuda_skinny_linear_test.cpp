@@ -164,6 +164,38 @@ TEST(cuda_skinny_linear, can_run_rejects_bad_arguments) {
       {"FP8 blocks 0 high", fp8, [](args& a) { a.block_rows = 0; }, shape},
       {"two column blocks, one scale a row", fp8, [](args& a) { a.scale_ld = 1; }, shape},
       {"FP8 with f32 x", fp8, [](args& a) { a.x_dt = dtype::f32; }, type},
+      // Batches, strides and the (k, n) layout (the absorbed attention's products).
+      {"two products", good, [](args& a) { a.batch = 2, a.stride_y = 5; }, ok},
+      {"no product", good, [](args& a) { a.batch = 0; }, shape},
+      {"65536 products", good, [](args& a) { a.batch = 65536, a.stride_y = 5; }, shape},
+      {"two products into one y", good, [](args& a) { a.batch = 2; }, shape},
+      {"FP8, two products", fp8, [](args& a) { a.batch = 2, a.stride_y = 5; }, shape},
+      {"negative stride", good, [](args& a) { a.stride_x = -8; }, shape},
+      {"x rows overlap", good, [](args& a) { a.ldx = 56; }, shape},
+      {"y rows overlap", good, [](args& a) { a.ldy = 4; }, shape},
+      {"x rows 72 apart", good, [](args& a) { a.ldx = 72; }, ok},
+      {"x rows 68 apart (misaligned)", good, [](args& a) { a.ldx = 68; }, shape},
+      {"w rows 68 apart (misaligned)", good, [](args& a) { a.ldw = 68; }, shape},
+      {"x products 4 apart (misaligned)", good,
+       [](args& a) { a.batch = 2, a.stride_x = 4, a.stride_y = 5; }, shape},
+      {"products pass int64", good,
+       [](args& a) { a.batch = 3, a.stride_w = INT64_MAX / 128 * 8, a.stride_y = 5; }, shape},
+      {"k_by_n, n a whole load", good,
+       [](args& a) { a.w_layout = cuda::skinny_weight_layout::k_by_n, a.n = 16, a.k = 7; }, ok},
+      {"k_by_n, x rows 7 apart", good,
+       [](args& a) {
+         a.w_layout = cuda::skinny_weight_layout::k_by_n, a.n = 16, a.k = 7, a.ldx = 7;
+       },
+       ok},
+      {"k_by_n, n not a whole load", good,
+       [](args& a) { a.w_layout = cuda::skinny_weight_layout::k_by_n; }, shape},
+      {"k_by_n, w rows shorter than n", good,
+       [](args& a) { a.w_layout = cuda::skinny_weight_layout::k_by_n, a.n = 16, a.ldw = 8; },
+       shape},
+      {"k_by_n with FP8", fp8,
+       [](args& a) { a.w_layout = cuda::skinny_weight_layout::k_by_n, a.n = 16; }, type},
+      {"unknown layout", good,
+       [](args& a) { a.w_layout = static_cast<cuda::skinny_weight_layout>(7); }, shape},
   };
   for (const auto& c : changes) {
     auto a = c.base;
@@ -185,6 +217,92 @@ TEST(cuda_skinny_linear, bf16_and_f32_products_match_the_exact_sum) {
       {4, 130, 128, dtype::f32, dtype::f32, 1.0f},  {7, 17, 48, dtype::f32, dtype::bf16, 0.0f},
   };
   for (const auto& c : cases) check_float_case(c);
+}
+
+// A batch of products laid out as the absorbed attention's (decode): product h reads its rows
+// of x as a column slice of wider rows (x[r, h k .. h k + k)), its weight from a stack whose
+// slices sit `pad` rows apart (kv_b_proj's W_UK and W_UV of head h), and writes a column slice
+// of y; both weight layouts, rows across the bounds, both dtypes, beta 0 and 1. Every element
+// between the slices is NaN, in x, in w (where a misread would reach a sum) and in y (where a
+// stray write would show and beta would read it).
+struct batch_case {
+  cuda::skinny_weight_layout layout;
+  int64_t batch, rows, n, k, pad;
+  dtype dt, y_dt;
+  float beta;
+};
+
+void check_batch_case(const batch_case& c) {
+  const bool kn = c.layout == cuda::skinny_weight_layout::k_by_n;
+  SCOPED_TRACE(::testing::Message()
+               << (kn ? "k_by_n" : "n_by_k") << " batch " << c.batch << " rows " << c.rows << " n "
+               << c.n << " k " << c.k << (c.dt == dtype::f32 ? " f32" : " bf16")
+               << (c.y_dt == dtype::f32 ? " -> f32" : " -> bf16") << " beta " << c.beta);
+  const int64_t ldx = c.batch * c.k, ldy = c.batch * c.n;
+  const int64_t w_rows = kn ? c.k : c.n, ldw = kn ? c.n : c.k;
+  const int64_t stride_w = (w_rows + c.pad) * ldw;
+  const float nan = std::nanf("");
+  const auto seed = static_cast<uint64_t>(c.batch * 7919 + c.rows * 104729 + c.n * 31 + c.k);
+  auto x = stored(random_floats(static_cast<size_t>(c.rows * ldx), seed), c.dt);
+  auto w = stored(random_floats(static_cast<size_t>(c.batch * stride_w), seed + 1), c.dt);
+  auto y0 = stored(random_floats(static_cast<size_t>(c.rows * ldy), seed + 2, -4.0f, 4.0f), c.y_dt);
+  for (int64_t h = 0; h < c.batch; ++h)
+    for (int64_t i = w_rows * ldw; i < stride_w; ++i)
+      w[static_cast<size_t>(h * stride_w + i)] = nan;
+  // Each product's operands, packed, for the reference; y0's slices keep their random values.
+  std::vector<double> want(static_cast<size_t>(c.rows * ldy)), mag(want.size());
+  for (int64_t h = 0; h < c.batch; ++h) {
+    std::vector<float> xh(static_cast<size_t>(c.rows * c.k)), wh(static_cast<size_t>(c.n * c.k)),
+        yh(static_cast<size_t>(c.rows * c.n));
+    for (int64_t r = 0; r < c.rows; ++r)
+      for (int64_t i = 0; i < c.k; ++i)
+        xh[static_cast<size_t>(r * c.k + i)] = x[static_cast<size_t>(r * ldx + h * c.k + i)];
+    for (int64_t j = 0; j < c.n; ++j)
+      for (int64_t i = 0; i < c.k; ++i)
+        wh[static_cast<size_t>(j * c.k + i)] =
+            w[static_cast<size_t>(h * stride_w + (kn ? i * ldw + j : j * ldw + i))];
+    for (int64_t r = 0; r < c.rows; ++r)
+      for (int64_t j = 0; j < c.n; ++j)
+        yh[static_cast<size_t>(r * c.n + j)] = y0[static_cast<size_t>(r * ldy + h * c.n + j)];
+    const auto p = reference(xh, wh, c.rows, c.n, c.k, c.beta, yh);
+    for (int64_t r = 0; r < c.rows; ++r)
+      for (int64_t j = 0; j < c.n; ++j) {
+        want[static_cast<size_t>(r * ldy + h * c.n + j)] = p.want[static_cast<size_t>(r * c.n + j)];
+        mag[static_cast<size_t>(r * ldy + h * c.n + j)] = p.mag[static_cast<size_t>(r * c.n + j)];
+      }
+  }
+  auto dx = to_device(x, c.dt), dw = to_device(w, c.dt), dy = to_device(y0, c.y_dt);
+  cuda::skinny_linear_args a = cuda::skinny_linear_desc(dx->get(), dw->get(), dy->get(), c.rows,
+                                                        c.k, c.n, c.dt, c.y_dt, c.beta);
+  a.w_layout = c.layout;
+  a.batch = c.batch;
+  a.ldx = ldx;
+  a.ldy = ldy;
+  a.stride_x = c.k;
+  a.stride_w = stride_w;
+  a.stride_y = c.n;
+  ASSERT_EQ(cuda::skinny_linear_can_run(a), kernel_status::ok);
+  ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  expect_matches(*dy, c.y_dt, product{want, mag}, c.k);
+}
+
+TEST(cuda_skinny_linear, batched_strided_products_in_both_weight_layouts) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  using enum cuda::skinny_weight_layout;
+  const batch_case cases[] = {
+      // v2-lite's absorbed products, scaled down in heads: q . W_UK (k_by_n) and o . W_UV^T.
+      {k_by_n, 3, 1, 512, 128, 128, dtype::bf16, dtype::bf16, 0.0f},
+      {n_by_k, 3, 1, 128, 512, 128, dtype::bf16, dtype::bf16, 0.0f},
+      {k_by_n, 2, 8, 64, 40, 3, dtype::bf16, dtype::f32, 1.0f},
+      {n_by_k, 2, 8, 40, 64, 3, dtype::bf16, dtype::f32, 1.0f},
+      // A k that leaves some warps of a k_by_n block no rows; columns past the last whole warp.
+      {k_by_n, 4, 3, 264, 5, 0, dtype::bf16, dtype::bf16, 0.0f},
+      {k_by_n, 1, 5, 36, 300, 1, dtype::f32, dtype::f32, 1.0f},
+      {n_by_k, 5, 2, 7, 1024, 2, dtype::f32, dtype::bf16, 0.0f},
+      {k_by_n, 2, 4, 8, 1, 0, dtype::f32, dtype::bf16, 1.0f},
+  };
+  for (const auto& c : cases) check_batch_case(c);
 }
 
 // bf16 x with an f32 weight (the router's product on its bf16 input): x widened exactly, the
