@@ -14,7 +14,8 @@
 //    against the grouped expert GEMM run as one expert;
 //  - the grouped expert GEMM against one dense cuBLASLt product of the same FLOPs and against
 //    cuBLAS's grouped GEMM; on an sm_90 card also its wgmma kernel, fed by TMA and by cp.async,
-//    and that kernel with the SwiGLU fused against the product followed by swiglu_run.
+//    and that kernel, and the WMMA one, with the SwiGLU fused against the product followed by
+//    swiglu_run.
 // Times are CUDA-event medians over --reps launches after warm-up. Prints one JSON object.
 //
 //   moe_bench_gpu_kernels [--reps 20] [--square 8192]
@@ -30,6 +31,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/fp8_dequantize.hpp"
@@ -602,6 +604,35 @@ int main(int argc, char** argv) {
                     {"grouped_over_dense_time", grouped_ms / dense_ms},
                     {"grouped_weight_GBps", weight_gbs},
                     {"grouped_weight_vs_copy", weight_gbs / copy_gbs}};
+      // A product with the SwiGLU fused (the gate|up product's activation, (rows, n / 2), in
+      // place of its (rows, n) result) against the product and swiglu_run after it: {fused,
+      // unfused} ms. Our WMMA kernel's is what a bf16 engine runs for the routed experts.
+      device_mem act(rows * (n / 2) * 2);
+      const auto swiglu_timings = [&](const kc::grouped_gemm_args& product) {
+        kc::grouped_gemm_args fused = product;
+        fused.fuse_swiglu = true;
+        fused.y = act.p;
+        kc::swiglu_args s;
+        s.gate_up = product.y;
+        s.out = act.p;
+        s.rows = rows;
+        s.dim = n / 2;
+        s.dt = dtype::bf16;
+        const double fused_ms = median_ms(reps, [&] {
+          check(kc::grouped_gemm_run(fused, nullptr), "grouped_gemm fused swiglu");
+        });
+        const double unfused_ms = median_ms(reps, [&] {
+          check(kc::grouped_gemm_run(product, nullptr), "grouped_gemm");
+          check(kc::swiglu_run(s, nullptr), "swiglu");
+        });
+        return std::pair{fused_ms, unfused_ms};
+      };
+      {
+        const auto [fused_ms, unfused_ms] = swiglu_timings(g);
+        entry["fused_swiglu_ms"] = fused_ms;
+        entry["then_swiglu_ms"] = unfused_ms;
+        entry["wmma_fused_swiglu_speedup"] = unfused_ms / fused_ms;
+      }
       // The same kernel on Hopper's wgmma (grouped_gemm_args::wgmma: the wide tiling only, so
       // the prefill rows, on an sm_90 card), the same problems: fed by TMA (the default, "wgmma")
       // and by cp.async ("wgmma_cp_async"), with which kernel each call reported.
@@ -625,25 +656,7 @@ int main(int argc, char** argv) {
         entry["wgmma_cp_async_ms"] = cp_async_ms;
         entry["wgmma_cp_async_TFLOPs"] = flops / (cp_async_ms * 1e9);
         entry["tma_speedup_over_cp_async"] = cp_async_ms / wgmma_ms;
-        // Fused with SwiGLU (this is the gate|up product: its activation, (rows, n / 2), in
-        // place of the (rows, n) product), against the product and swiglu_run after it.
-        kc::grouped_gemm_args fused = hopper;
-        fused.fuse_swiglu = true;
-        device_mem act(rows * (n / 2) * 2);
-        fused.y = act.p;
-        kc::swiglu_args s;
-        s.gate_up = y.p;
-        s.out = act.p;
-        s.rows = rows;
-        s.dim = n / 2;
-        s.dt = dtype::bf16;
-        const double fused_ms = median_ms(reps, [&] {
-          check(kc::grouped_gemm_run(fused, nullptr), "grouped_gemm fused swiglu");
-        });
-        const double unfused_ms = median_ms(reps, [&] {
-          check(kc::grouped_gemm_run(hopper, nullptr), "grouped_gemm wgmma");
-          check(kc::swiglu_run(s, nullptr), "swiglu");
-        });
+        const auto [fused_ms, unfused_ms] = swiglu_timings(hopper);
         entry["wgmma_fused_swiglu_ms"] = fused_ms;
         entry["wgmma_then_swiglu_ms"] = unfused_ms;
         entry["fused_swiglu_speedup"] = unfused_ms / fused_ms;

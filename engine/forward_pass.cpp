@@ -472,38 +472,42 @@ class forward {
     g.scale_ld = w.scale_ld;
   }
 
-  /// One grouped expert product: through cuBLAS's grouped GEMM when `blas` (the offsets are on
-  /// the host; `product` picks its scratch, 0 or 1), else, or where cuBLAS refuses the
-  /// problems, our kernel.
+  /// One grouped expert product: through cuBLAS's grouped GEMM when `blas`, else, or where
+  /// cuBLAS refuses the problems, our kernel.
   caf::error experts_product(kcu::grouped_gemm_args g, bool blas, int64_t product,
                              const char* what) {
-    if (blas) {
-      const int64_t scratch = 3 * g.num_experts * product;
-      kcu::cublas_grouped_args a;
-      a.x = g.x;
-      a.weights = g.weights;
-      a.y = g.y;
-      a.offsets = m_.host_offsets;
-      a.num_rows = g.num_rows;
-      a.num_experts = g.num_experts;
-      a.n = g.n;
-      a.k = g.k;
-      a.dt = g.dt;
-      a.host_pointers = m_.host_pointers + scratch;
-      a.device_pointers = m_.device_pointers + scratch;
-      const kernel_status st = m_.blas->run(a, stream_);
-      if (st != kernel_status::unsupported_shape) {
-        if (st == kernel_status::ok) count(&gpu_kernel_stats::experts_cublas);
-        return check(st, what);
-      }
-    }
+    if (blas)
+      if (auto done = cublas_product(g, product, what)) return *done;
     g.wgmma = m_.wgmma_experts;
     return *grouped_run(g, what);
   }
 
+  /// The product on cuBLAS's grouped GEMM (the offsets are on the host; `product` picks its
+  /// scratch, 0 or 1); nullopt where cuBLAS refuses the problems.
+  std::optional<caf::error> cublas_product(const kcu::grouped_gemm_args& g, int64_t product,
+                                           const char* what) {
+    const int64_t scratch = 3 * g.num_experts * product;
+    kcu::cublas_grouped_args a;
+    a.x = g.x;
+    a.weights = g.weights;
+    a.y = g.y;
+    a.offsets = m_.host_offsets;
+    a.num_rows = g.num_rows;
+    a.num_experts = g.num_experts;
+    a.n = g.n;
+    a.k = g.k;
+    a.dt = g.dt;
+    a.host_pointers = m_.host_pointers + scratch;
+    a.device_pointers = m_.device_pointers + scratch;
+    const kernel_status st = m_.blas->run(a, stream_);
+    if (st == kernel_status::unsupported_shape) return std::nullopt;
+    if (st == kernel_status::ok) count(&gpu_kernel_stats::experts_cublas);
+    return check(st, what);
+  }
+
   /// Our grouped kernel's launch, counted by the kernel it took. With fuse_swiglu, a call the
-  /// wgmma kernel does not take is refused before any launch: nullopt, and the caller runs the
-  /// product and swiglu apart.
+  /// kernels refuse (unsupported_shape, before any launch) gives nullopt, and the caller runs
+  /// the product and swiglu apart.
   std::optional<caf::error> grouped_run(const kcu::grouped_gemm_args& g, const char* what) {
     auto launched = kcu::grouped_gemm_kernel::none;
     const kernel_status st = kcu::grouped_gemm_run(g, stream_, &launched);
@@ -635,21 +639,26 @@ class forward {
           (err = runtime::cuda_error(cudaStreamSynchronize(stream_), "expert offsets to the host")))
         return err;
     }
-    // On the wgmma kernel, the gate|up product and SwiGLU are one launch, the activation
-    // straight into act (grouped_gemm_args::fuse_swiglu); otherwise the product, then swiglu.
-    std::optional<caf::error> fused_run;
-    if (!blas && !gather) {  // the wgmma kernel takes this product
+    // On our bf16 kernels (WMMA, gathering or not, and wgmma) the gate|up product and SwiGLU
+    // are one launch, the activation of the float32 products straight into act
+    // (grouped_gemm_args::fuse_swiglu: no (rows, 2 I) intermediate, no second launch); on
+    // cuBLAS (unless it refuses the problems) and in f32 the product, then swiglu.
+    std::optional<caf::error> gate_up;
+    if (blas) {
+      gate_up = cublas_product(gg, 0, "experts gate|up");
+      if (gate_up && !*gate_up) gate_up = swiglu(b_.gate_up, b_.act, rows, I, "experts swiglu");
+    }
+    if (!gate_up && m_.dt == dtype::bf16) {
       auto fused = gg;
       fused.y = b_.act;
-      fused.wgmma = fused.fuse_swiglu = true;
-      fused_run = grouped_run(fused, "experts gate|up + swiglu");
+      fused.fuse_swiglu = true;
+      gate_up = grouped_run(fused, "experts gate|up + swiglu");
     }
-    if (fused_run) {
-      if (*fused_run) return *fused_run;
-    } else if ((err = experts_product(gg, blas, 0, "experts gate|up")) ||
-               (err = swiglu(b_.gate_up, b_.act, rows, I, "experts swiglu"))) {
-      return err;
+    if (!gate_up) {
+      if ((err = *grouped_run(gg, "experts gate|up"))) return err;
+      gate_up = swiglu(b_.gate_up, b_.act, rows, I, "experts swiglu");
     }
+    if (*gate_up) return *gate_up;
     gg.x = b_.act;  // grouped by expert already
     gg.x_entries = nullptr;
     set_weights(gg, w.experts_down);

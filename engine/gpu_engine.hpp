@@ -79,9 +79,8 @@ struct gpu_engine_options {
   bool cublas_grouped_experts = false;
   /// On an sm_90 card, the routed experts' products of many rows per expert (prefill: the
   /// grouped GEMM's wide tiling) on Hopper's warpgroup MMA (kernels/cuda/grouped_gemm.hpp's
-  /// `wgmma`) instead of WMMA, bf16 experts only, the gate|up product and SwiGLU in one launch
-  /// (`fuse_swiglu`: the activation of the float32 products, which the unfused path rounds to
-  /// bf16 first). Off until a card measures it faster:
+  /// `wgmma`) instead of WMMA, bf16 experts only (the gate|up product and SwiGLU in one launch
+  /// there too, as on WMMA: `fuse_swiglu`). Off until a card measures it faster:
   /// moe_bench_gpu_engine reports the prefill both ways ("prefill_wgmma_experts").
   /// kernel_stats() says which kernel ran.
   bool wgmma_experts = false;

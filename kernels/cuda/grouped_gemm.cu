@@ -193,6 +193,26 @@ struct fp8_scales {
 // element_loader put the weight's rows right after x's, in the stage; fp8_async_loader
 // copies raw bytes into the stage and converts them into one of two bf16 buffers after the
 // stages (`converts`).
+// The weight rows a tile reads: tile row t is row first + t of the stacked (experts * n, k)
+// weight; with a fused SwiGLU the tile's second half (t >= bn / 2) holds the up rows of the
+// first half's gate rows instead: row first + t + jump (jump = I - bn / 2). `valid`: the rows of
+// the tile (of each half, fused) that are inside the weight, i.e. the tile's columns of y.
+struct weight_rows {
+  int64_t first = 0;
+  int64_t jump = 0;
+  int32_t valid = 0;
+};
+
+// Tile row t's place in its run (the tile, or its half with Swiglu), and its weight row.
+template <bool Swiglu, int Split>
+__device__ __forceinline__ int run_index(int t) {
+  return Swiglu && t >= Split ? t - Split : t;
+}
+template <bool Swiglu, int Split>
+__device__ __forceinline__ int64_t weight_row(const weight_rows& wr, int t) {
+  return wr.first + t + (Swiglu && t >= Split ? wr.jump : 0);
+}
+
 template <class Tiles>
 struct bf16_stage_layout {
   static constexpr bool converts = false;
@@ -206,14 +226,17 @@ struct bf16_stage_layout {
 // Queues this thread's 16-byte chunk of up to Passes rows, RowsPerPass rows apart (dst_ld
 // elements in the stage, src_stride in memory), for the rows the tile still has (left); past k
 // (in_k false) a 0-byte copy of the row start (a valid, aligned address) and 16 bytes of zeros.
-template <int Passes, int RowsPerPass, class T>
+// Passes from the tile's row Split on read `jump` elements further and count their rows from
+// Split (a fused SwiGLU's up half); Split = Passes * RowsPerPass: one run.
+template <int Passes, int RowsPerPass, int Split, class T>
 __device__ __forceinline__ void copy_chunks(T* dst, int dst_ld, const T* src, int64_t src_stride,
-                                            int32_t left, bool in_k) {
+                                            int64_t jump, int32_t left, bool in_k) {
+  static_assert(Split % RowsPerPass == 0, "a pass's rows lie in one run");
 #pragma unroll
   for (int p = 0; p < Passes; ++p)
-    if (p * RowsPerPass < left) {
+    if (run_index<true, Split>(p * RowsPerPass) < left) {
       T* d = dst + p * RowsPerPass * dst_ld;
-      const T* from = src + p * src_stride;
+      const T* from = src + p * src_stride + (p * RowsPerPass >= Split ? jump : 0);
       if (in_k)
         __pipeline_memcpy_async(d, from, 16);
       else
@@ -246,8 +269,10 @@ __device__ __forceinline__ void copy_rows(T* dst, int dst_ld, const T* const (&s
 // or wholly past k): 16-byte cp.async copies. Consecutive threads take consecutive chunks of a row, so a
 // warp reads whole runs; each thread keeps the same chunk column and rows `rows_per_pass` apart
 // in every step, so its addresses are worked out once per block and a step adds only k0.
-template <class Tiles>
+template <class Tiles, bool Swiglu>
 struct async_loader : bf16_stage_layout<Tiles> {
+  static constexpr bool swiglu = Swiglu;
+  static constexpr int split = Swiglu ? Tiles::bn / 2 : Tiles::bn;
   static constexpr int chunks = Tiles::bk / 8;
   static constexpr int rows_per_pass = Tiles::threads / chunks;
   static constexpr int a_passes = Tiles::bm / rows_per_pass, b_passes = Tiles::bn / rows_per_pass;
@@ -256,15 +281,15 @@ struct async_loader : bf16_stage_layout<Tiles> {
   const bf16* a[a_passes];  // this thread's rows of x, at its chunk column
   const bf16* b;            // and its first row of the weight
   int64_t stride;           // rows_per_pass rows of the weight
-  int32_t a_left, b_left;   // rows of the tile from this thread's first row on
+  int64_t jump;             // Swiglu: from a gate row to its up row, past the tile's half
+  int32_t a_left, b_left;   // rows of the tile (of a half) from this thread's first row on
   int32_t kc, k;
   int dst;  // offset of this thread's first chunk in a stage's x tile
 
   __device__ __forceinline__ async_loader(const x_source<bf16>& xs, int32_t a_rows, const void* w,
-                                          int64_t w_row0, int32_t b_rows, int32_t k_,
-                                          const fp8_scales&)
+                                          const weight_rows& wr, int32_t k_, const fp8_scales&)
       : k(k_) {
-    const bf16* b_src = static_cast<const bf16*>(w) + w_row0 * k_;
+    const bf16* b_src = static_cast<const bf16*>(w) + wr.first * k_;
     const int tid = static_cast<int>(threadIdx.x);
     const int row = tid / chunks;
     kc = (tid % chunks) * 8;
@@ -274,7 +299,8 @@ struct async_loader : bf16_stage_layout<Tiles> {
       a[p] = (p * rows_per_pass < a_left ? xs.row(row + p * rows_per_pass) : xs.x) + kc;
     b = b_src + int64_t{row} * k + kc;
     stride = int64_t{rows_per_pass} * k;
-    b_left = b_rows - row;
+    jump = wr.jump * k;
+    b_left = wr.valid - row;
     dst = row * Tiles::ld + kc;
   }
 
@@ -283,11 +309,10 @@ struct async_loader : bf16_stage_layout<Tiles> {
     const bool in_k = k0 + kc < k;
     const int32_t at = in_k ? k0 : -kc;
     copy_rows<a_passes, rows_per_pass>(stage + dst, Tiles::ld, a, at, a_left, in_k);
-    copy_chunks<b_passes, rows_per_pass>(stage + dst + Tiles::bm * Tiles::ld, Tiles::ld, b + at,
-                                         stride, b_left, in_k);
+    copy_chunks<b_passes, rows_per_pass, split>(stage + dst + Tiles::bm * Tiles::ld, Tiles::ld,
+                                                b + at, stride, jump, b_left, in_k);
   }
 };
-
 
 // FP8 weights. A weight element becomes bf16(e4m3 * scale): one float32 product rounded once,
 // as fp8_dequantize_kernel computes it.
@@ -306,22 +331,24 @@ __device__ __forceinline__ uint32_t bf16_bits(bf16 v) {
 // Element loads and plain shared stores (k % 8 != 0 or unaligned pointers; with FP8 weights
 // also k % 16 != 0, or block columns that 16-element chunks would straddle), FP8 weight elements
 // converted on the way.
-template <class Tiles, bool Fp8>
+template <class Tiles, bool Fp8, bool Swiglu>
 struct element_loader : bf16_stage_layout<Tiles> {
+  static constexpr bool swiglu = Swiglu;
+  static constexpr int split = Swiglu ? Tiles::bn / 2 : Tiles::bn;
   x_source<bf16> xs;
   const void* w;
-  int64_t w_row0;
-  int32_t a_rows, b_rows, k;
+  weight_rows wr;
+  int32_t a_rows, k;
   fp8_scales sc;
 
   __device__ __forceinline__ element_loader(const x_source<bf16>& xs_, int32_t a_rows_,
-                                            const void* w_, int64_t w_row0_, int32_t b_rows_,
-                                            int32_t k_, const fp8_scales& sc_)
-      : xs(xs_), w(w_), w_row0(w_row0_), a_rows(a_rows_), b_rows(b_rows_), k(k_), sc(sc_) {}
+                                            const void* w_, const weight_rows& wr_, int32_t k_,
+                                            const fp8_scales& sc_)
+      : xs(xs_), w(w_), wr(wr_), a_rows(a_rows_), k(k_), sc(sc_) {}
 
   // Element c of the weight's row `row` of the tile.
   __device__ __forceinline__ bf16 weight(int row, int32_t c) const {
-    const int64_t r = w_row0 + row;
+    const int64_t r = weight_row<Swiglu, split>(wr, row);
     if constexpr (Fp8) {
       const float s = sc.scale[r / sc.block_rows * sc.ld + c / sc.block_cols];
       return dequantize_e4m3(static_cast<const uint8_t*>(w)[r * k + c], s);
@@ -338,7 +365,7 @@ struct element_loader : bf16_stage_layout<Tiles> {
       const int r = i / Tiles::bk, kk = i % Tiles::bk;
       const bool is_a = r < Tiles::bm;
       const int row = is_a ? r : r - Tiles::bm;
-      if (row >= (is_a ? a_rows : b_rows)) continue;
+      if (is_a ? row >= a_rows : run_index<Swiglu, split>(row) >= wr.valid) continue;
       const int32_t c = k0 + kk;
       stage[r * Tiles::ld + kk] = c >= k ? zero : is_a ? xs.row(row)[c] : weight(row, c);
     }
@@ -351,8 +378,10 @@ struct element_loader : bf16_stage_layout<Tiles> {
 // own copies need no barrier to be visible to it) into one of two bf16 tiles, before the step's
 // barrier publishes them. Two suffice: the barrier of step s comes after every warp's products of
 // step s - 1, so converting step s + 1 cannot overwrite a tile still being read.
-template <class Tiles>
+template <class Tiles, bool Swiglu>
 struct fp8_async_loader {
+  static constexpr bool swiglu = Swiglu;
+  static constexpr int split = Swiglu ? Tiles::bn / 2 : Tiles::bn;
   static constexpr bool converts = true;
   static constexpr size_t x_bytes = size_t{Tiles::bm} * Tiles::ld * sizeof(bf16);
   static constexpr size_t stage_bytes = x_bytes + size_t{Tiles::bn} * Tiles::bk;
@@ -377,6 +406,7 @@ struct fp8_async_loader {
   const bf16* a[a_passes];  // this thread's rows of x, at its chunk column
   const uint8_t* b;         // and its first row of the weight
   int64_t b_stride;
+  int64_t b_jump;  // Swiglu: from a gate row to its up row, past the tile's half
   int32_t a_left, b_left;
   int32_t a_kc, b_kc, k;
   int a_dst, b_row;
@@ -389,8 +419,8 @@ struct fp8_async_loader {
   }
 
   __device__ __forceinline__ fp8_async_loader(const x_source<bf16>& xs, int32_t a_rows,
-                                              const void* w, int64_t w_row0, int32_t b_rows,
-                                              int32_t k_, const fp8_scales& sc_)
+                                              const void* w, const weight_rows& wr, int32_t k_,
+                                              const fp8_scales& sc_)
       : k(k_), sc(sc_) {
     const int tid = static_cast<int>(threadIdx.x);
     const int a_row = tid / a_chunks;
@@ -402,20 +432,23 @@ struct fp8_async_loader {
     a_dst = a_row * Tiles::ld + a_kc;
     b_row = tid / b_chunks;
     b_kc = (tid % b_chunks) * 16;
-    b = static_cast<const uint8_t*>(w) + (w_row0 + b_row) * k + b_kc;
+    b = static_cast<const uint8_t*>(w) + (wr.first + b_row) * k + b_kc;
     b_stride = int64_t{b_rows_per_pass} * k;
-    b_left = b_rows - b_row;
+    b_jump = wr.jump * k;
+    b_left = wr.valid - b_row;
 #pragma unroll
     for (int p = 0; p < b_passes; ++p)
-      scale_row[p] = (w_row0 + b_row + p * b_rows_per_pass) / sc.block_rows * sc.ld;
+      scale_row[p] =
+          weight_row<Swiglu, split>(wr, b_row + p * b_rows_per_pass) / sc.block_rows * sc.ld;
   }
 
   __device__ __forceinline__ void operator()(unsigned char* stage, int32_t k0) const {
     const bool a_in_k = k0 + a_kc < k, b_in_k = k0 + b_kc < k;
     copy_rows<a_passes, a_rows_per_pass>(reinterpret_cast<bf16*>(stage) + a_dst, Tiles::ld, a,
                                          a_in_k ? k0 : -a_kc, a_left, a_in_k);
-    copy_chunks<b_passes, b_rows_per_pass>(stage + x_bytes + b_row * Tiles::bk + b_kc, Tiles::bk,
-                                           b + (b_in_k ? k0 : -b_kc), b_stride, b_left, b_in_k);
+    copy_chunks<b_passes, b_rows_per_pass, split>(stage + x_bytes + b_row * Tiles::bk + b_kc,
+                                                  Tiles::bk, b + (b_in_k ? k0 : -b_kc), b_stride,
+                                                  b_jump, b_left, b_in_k);
   }
 
   // After this thread's copies of step k0 have landed: its 16-byte pieces of the weight, as bf16.
@@ -426,7 +459,7 @@ struct fp8_async_loader {
     const int64_t scale_col = in_k ? (k0 + b_kc) / sc.block_cols : 0;
 #pragma unroll
     for (int p = 0; p < b_passes; ++p)
-      if (p * b_rows_per_pass < b_left) {
+      if (run_index<true, split>(p * b_rows_per_pass) < b_left) {
         const int row = b_row + p * b_rows_per_pass;
         const uint4 bytes = *reinterpret_cast<const uint4*>(ws + row * Tiles::bk + b_kc);
         const float s = in_k ? sc.scale[scale_row[p] + scale_col] : 0.0f;
@@ -460,8 +493,20 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
   const int32_t expert = found[0];
   if (expert < 0) return;  // the whole block: past the last tile of this routing
   const int32_t row0 = found[1], rows = found[2];
-  const int32_t col0 = order.n_tile(block) * Tiles::bn;
-  const int32_t cols = std::min(int32_t{Tiles::bn}, n - col0);
+  // Without Swiglu the tile's bn columns of y are weight rows col0 .. col0 + bn - 1 of the
+  // expert. With it, y has n / 2 columns (the activations), of which the tile computes bn / 2
+  // from col0: its first half reads their gate rows, its second half their up rows.
+  constexpr bool swiglu = Loader::swiglu;
+  constexpr int split = swiglu ? Tiles::bn / 2 : Tiles::bn;
+  const int32_t out_n = swiglu ? n / 2 : n;
+  const int32_t col0 = order.n_tile(block) * split;
+  const int32_t cols = std::min(int32_t{split}, out_n - col0);  // of each half with Swiglu
+  weight_rows wr;
+  wr.first = int64_t{expert} * n + col0;
+  wr.jump = swiglu ? out_n - split : 0;
+  wr.valid = cols;
+  // Whether tile column c (or a 16-column fragment starting there) has a column of y.
+  const auto col_in_use = [cols](int c) { return run_index<swiglu, split>(c) < cols; };
   const x_source<bf16> xs{x, x_entries, entries_per_row, row0, k};
   unsigned char* smem = grouped_gemm_smem;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -473,7 +518,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
   // Fragments wholly past the tile's rows or past n are skipped where Tiles::skip_fragments, and
   // a warp whose whole share is past them skips the products altogether (one uniform branch per
   // step: a small expert's last wide tile).
-  const bool warp_busy = warp_row0 < rows && warp_col0 < cols;
+  const bool warp_busy = warp_row0 < rows && col_in_use(warp_col0);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tiles::frags_m][Tiles::frags_n];
 #pragma unroll
   for (int i = 0; i < Tiles::frags_m; ++i)
@@ -483,7 +528,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
   // The pipeline: stage s % Stages holds k step s. Every thread commits one group per step
   // (empty past the last), so "all but the newest Stages - 2 groups" is always "up to this step".
   const int32_t k_steps = (k + Tiles::bk - 1) / Tiles::bk;
-  const Loader load(xs, rows, w, int64_t{expert} * n + col0, cols, k, sc);
+  const Loader load(xs, rows, w, wr, k, sc);
   auto stage = [smem](int s) { return smem + static_cast<size_t>(s) * Loader::stage_bytes; };
   for (int s = 0; s < Tiles::stages - 1; ++s) {
     if (s < k_steps) load(stage(s), s * Tiles::bk);
@@ -513,7 +558,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
       detail::wmma_b_col b[Tiles::frags_n];
 #pragma unroll
       for (int j = 0; j < Tiles::frags_n; ++j)
-        if (!Tiles::skip_fragments || warp_col0 + j * 16 < cols)
+        if (!Tiles::skip_fragments || col_in_use(warp_col0 + j * 16))
           detail::load_shared(b[j], bs + (warp_col0 + j * 16) * Tiles::ld + kk, Tiles::ld);
 #pragma unroll
       for (int i = 0; i < Tiles::frags_m; ++i) {
@@ -522,7 +567,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
           detail::load_shared(a, as + (warp_row0 + i * 16) * Tiles::ld + kk, Tiles::ld);
 #pragma unroll
           for (int j = 0; j < Tiles::frags_n; ++j)
-            if (!Tiles::skip_fragments || warp_col0 + j * 16 < cols)
+            if (!Tiles::skip_fragments || col_in_use(warp_col0 + j * 16))
               wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
         }
       }
@@ -545,27 +590,70 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
       for (int i = 0; i < Tiles::frags_m; ++i)
 #pragma unroll
         for (int j = 0; j < Tiles::frags_n; ++j)
-          if (warp_row0 + i * 16 < rows && warp_col0 + j * 16 < cols)
+          if (warp_row0 + i * 16 < rows && col_in_use(warp_col0 + j * 16))
             wmma::store_matrix_sync(mine + (i * Tiles::frags_n + j) * 256, acc[i][j], 16,
                                     wmma::mem_row_major);
     }
     __syncthreads();
-    if (warp_k > 0) return;  // after the block's last barrier
+    if (warp_k == 0) {
 #pragma unroll
-    for (int kw = 1; kw < Tiles::warps_k; ++kw) {
-      const float* theirs = partials + (size_t(kw - 1) * Tiles::mn_warps + mn_warp) * per_warp;
+      for (int kw = 1; kw < Tiles::warps_k; ++kw) {
+        const float* theirs = partials + (size_t(kw - 1) * Tiles::mn_warps + mn_warp) * per_warp;
+#pragma unroll
+        for (int i = 0; i < Tiles::frags_m; ++i)
+#pragma unroll
+          for (int j = 0; j < Tiles::frags_n; ++j)
+            if (warp_row0 + i * 16 < rows && col_in_use(warp_col0 + j * 16)) {
+              wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+              wmma::load_matrix_sync(part, theirs + (i * Tiles::frags_n + j) * 256, 16,
+                                     wmma::mem_row_major);
+#pragma unroll
+              for (int t = 0; t < part.num_elements; ++t) acc[i][j].x[t] += part.x[t];
+            }
+      }
+    }
+    if (!swiglu && warp_k > 0) return;  // after the block's last barrier
+  }
+
+  // Fused SwiGLU: the warps of the tile's up half (warp_col0 >= split) hand their sums through
+  // shared memory to the warp of the same rows and gate columns, which keeps
+  // silu(gate) * up and stores it below. The two fragments have the same (opaque) layout, so
+  // their elements pair one to one.
+  if constexpr (swiglu) {
+    constexpr size_t per_warp = size_t{Tiles::frags_m} * Tiles::frags_n * 256;
+    constexpr int half_warps_n = Tiles::warps_n / 2;
+    static_assert(Tiles::warps_n % 2 == 0 && Tiles::warp_cols * half_warps_n == split,
+                  "each warp's columns lie in one half");
+    static_assert((Tiles::scratch_floats + Tiles::mn_warps / 2 * per_warp) * sizeof(float) <=
+                      Loader::smem_bytes,
+                  "the up halves fit beside the epilogue's scratches");
+    const bool up_half = warp_col0 >= split;
+    // The pair's slot: its warp row and its column among the gate half's warps.
+    const int pair =
+        mn_warp / Tiles::warps_n * half_warps_n + mn_warp % Tiles::warps_n % half_warps_n;
+    float* ups = smem_floats + Tiles::scratch_floats + pair * per_warp;
+    if constexpr (Tiles::warps_k > 1) __syncthreads();  // the partials are read: reuse them
+    if (warp_k == 0 && up_half)
 #pragma unroll
       for (int i = 0; i < Tiles::frags_m; ++i)
 #pragma unroll
         for (int j = 0; j < Tiles::frags_n; ++j)
-          if (warp_row0 + i * 16 < rows && warp_col0 + j * 16 < cols) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
-            wmma::load_matrix_sync(part, theirs + (i * Tiles::frags_n + j) * 256, 16,
-                                   wmma::mem_row_major);
+          if (warp_row0 + i * 16 < rows && col_in_use(warp_col0 + j * 16))
+            wmma::store_matrix_sync(ups + (i * Tiles::frags_n + j) * 256, acc[i][j], 16,
+                                    wmma::mem_row_major);
+    __syncthreads();
+    if (warp_k > 0 || up_half) return;  // after the block's last barrier
 #pragma unroll
-            for (int t = 0; t < part.num_elements; ++t) acc[i][j].x[t] += part.x[t];
-          }
-    }
+    for (int i = 0; i < Tiles::frags_m; ++i)
+#pragma unroll
+      for (int j = 0; j < Tiles::frags_n; ++j)
+        if (warp_row0 + i * 16 < rows && col_in_use(warp_col0 + j * 16)) {
+          wmma::fragment<wmma::accumulator, 16, 16, 16, float> up;
+          wmma::load_matrix_sync(up, ups + (i * Tiles::frags_n + j) * 256, 16, wmma::mem_row_major);
+#pragma unroll
+          for (int t = 0; t < up.num_elements; ++t)
+            acc[i][j].x[t] = __fmul_rn(detail::silu(acc[i][j].x[t]), up.x[t]);
+        }
   }
 
   // Epilogue: each fragment goes through a per-warp 16x16 float32 scratch (fragment layouts are
@@ -587,7 +675,7 @@ __global__ void __launch_bounds__(Tiles::threads, Tiles::min_blocks)
         for (int e = lane; e < 256; e += 32) {
           const int r = r0 + e / 16, c = c0 + e % 16;
           if (r < rows && c < cols)
-            store_beta(y, int64_t{row0 + r} * n + col0 + c, scratch[e], beta);
+            store_beta(y, int64_t{row0 + r} * out_n + col0 + c, scratch[e], beta);
         }
         __syncwarp();  // the next fragment overwrites the scratch
       }
@@ -1136,16 +1224,23 @@ kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
-template <class Tiles, class TOut>
+template <class Tiles, class TOut, bool Swiglu>
 kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
   const bool aligned = aligned16(a.x) && aligned16(a.weights);
   if (a.weight_scale != nullptr) {
     if (a.k % 16 == 0 && aligned && a.scale_block_cols % 16 == 0)
-      return launch_mma<Tiles, TOut, fp8_async_loader<Tiles>>(a, stream);
-    return launch_mma<Tiles, TOut, element_loader<Tiles, true>>(a, stream);
+      return launch_mma<Tiles, TOut, fp8_async_loader<Tiles, Swiglu>>(a, stream);
+    return launch_mma<Tiles, TOut, element_loader<Tiles, true, Swiglu>>(a, stream);
   }
-  if (a.k % 8 == 0 && aligned) return launch_mma<Tiles, TOut, async_loader<Tiles>>(a, stream);
-  return launch_mma<Tiles, TOut, element_loader<Tiles, false>>(a, stream);
+  if (a.k % 8 == 0 && aligned)
+    return launch_mma<Tiles, TOut, async_loader<Tiles, Swiglu>>(a, stream);
+  return launch_mma<Tiles, TOut, element_loader<Tiles, false, Swiglu>>(a, stream);
+}
+
+template <class TOut, bool Swiglu>
+kernel_status launch_mma(const grouped_gemm_args& a, cudaStream_t stream) {
+  return narrow(a) ? launch_mma<narrow_tiles, TOut, Swiglu>(a, stream)
+                   : launch_mma<wide_tiles, TOut, Swiglu>(a, stream);
 }
 
 // Whether a call the host checks passed takes a wgmma kernel: its own conditions
@@ -1203,9 +1298,7 @@ kernel_status launch_bf16(const grouped_gemm_args& a, grouped_gemm_kernel kernel
   if (kernel == grouped_gemm_kernel::wgmma || kernel == grouped_gemm_kernel::wgmma_tma)
     return a.fuse_swiglu ? launch_wgmma<TOut, true>(a, maps, stream)
                          : launch_wgmma<TOut, false>(a, maps, stream);
-  if (a.fuse_swiglu) return kernel_status::unsupported_shape;  // the wgmma kernel's alone
-  return narrow(a) ? launch_mma<narrow_tiles, TOut>(a, stream)
-                   : launch_mma<wide_tiles, TOut>(a, stream);
+  return a.fuse_swiglu ? launch_mma<TOut, true>(a, stream) : launch_mma<TOut, false>(a, stream);
 }
 
 kernel_status launch_f32(const grouped_gemm_args& a, cudaStream_t stream) {
@@ -1235,8 +1328,7 @@ kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept {
   }
   if (a.num_experts < 1 || a.num_experts > grouped_gemm_max_experts)
     return kernel_status::unsupported_shape;
-  if (a.fuse_swiglu && (!a.wgmma || a.n % 2 != 0 || a.dt != dtype::bf16 ||
-                        a.weight_scale != nullptr || a.beta != 0.0f || a.x_entries != nullptr))
+  if (a.fuse_swiglu && (a.n % 2 != 0 || a.dt != dtype::bf16 || a.beta != 0.0f))
     return kernel_status::unsupported_shape;
   if (a.x_entries != nullptr && (a.entries_per_x_row < 1 || a.entries_per_x_row > INT32_MAX ||
                                  a.num_x_rows < 0 || (a.k > 0 && a.num_x_rows > INT64_MAX / a.k)))

@@ -94,13 +94,15 @@ struct grouped_gemm_args {
   const int32_t* x_entries = nullptr;
   int64_t entries_per_x_row = 1;  ///< [1, INT32_MAX]
   int64_t num_x_rows = 0;         ///< rows of x with x_entries
-  /// With the wgmma kernel only: each expert's weight is its stacked (gate; up) projection, n = 2 I
-  /// rows (I gate rows, then I up rows), and y, (num_rows, I) of y_dt, gets
-  /// silu(x . gate^T) * (x . up^T) (swiglu.hpp's activation) from the float32 products, rounded
-  /// once, where the unfused path rounds the products to y_dt, then applies swiglu_run: no
-  /// (rows, 2 I) intermediate and no second launch. Host checks refuse it without `wgmma`, with
-  /// n odd, FP8 weights or beta; grouped_gemm_run refuses (unsupported_shape) a call the wgmma
-  /// kernel does not take (grouped_gemm_uses_wgmma says which will).
+  /// bf16 x: each expert's weight is its stacked (gate; up) projection, n = 2 I rows (I gate
+  /// rows, then I up rows), and y, (num_rows, I) of y_dt, gets silu(x . gate^T) * (x . up^T)
+  /// (swiglu.hpp's activation) from the float32 products, rounded once, where the unfused path
+  /// rounds the products to y_dt, then applies swiglu_run: no (rows, 2 I) intermediate and no
+  /// second launch. A tile computes bn / 2 activations: its first half of columns reads their
+  /// gate rows, its second half their up rows (the wgmma kernels: alternating 64-row runs;
+  /// WMMA: two halves in different warps, paired through shared memory). Every kernel of bf16
+  /// x takes it (FP8 weights and the gather map included); host checks refuse it with n odd,
+  /// f32 x or beta.
   bool fuse_swiglu = false;
 };
 
@@ -110,7 +112,7 @@ struct grouped_gemm_args {
 /// (expert_offsets and y are needed whenever num_rows * n > 0, x and weights when k > 0 too);
 /// with FP8 weights also dt not bf16 (unsupported_dtype), block sizes below 1 or scale_ld below
 /// ceil(k / scale_block_cols); with x_entries entries_per_x_row outside [1, INT32_MAX], a
-/// negative num_x_rows, x's elements past int64, or fuse_swiglu.
+/// negative num_x_rows or x's elements past int64; with fuse_swiglu n odd, f32 x or beta.
 [[nodiscard]] kernel_status grouped_gemm_can_run(const grouped_gemm_args& a) noexcept;
 
 /// Whether grouped_gemm_run would take the wgmma kernel for these arguments on the current device

@@ -296,12 +296,14 @@ struct fp8_case {
   int64_t scale_ld_pad = 0;  // extra floats per scale row
   dtype y_dt = dtype::bf16;
   size_t x_misalign_elements = 0;
+  bool fuse_swiglu = false;  // both products with the SwiGLU fused (y: n / 2 columns)
 };
 
 void expect_fp8_matches_dequantized(const fp8_case& c, uint64_t seed) {
-  SCOPED_TRACE("fp8 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " rows=" +
-               std::to_string(c.num_rows) + " blocks " + std::to_string(c.block_rows) + "x" +
-               std::to_string(c.block_cols) + (c.x_misalign_elements ? " misaligned x" : ""));
+  SCOPED_TRACE("fp8 n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
+               " rows=" + std::to_string(c.num_rows) + " blocks " + std::to_string(c.block_rows) +
+               "x" + std::to_string(c.block_cols) + (c.x_misalign_elements ? " misaligned x" : "") +
+               (c.fuse_swiglu ? " fused swiglu" : ""));
   const auto num_experts = static_cast<int64_t>(c.counts.size());
   const auto offsets = offsets_of(c.counts);
   const auto rows = static_cast<size_t>(c.num_rows), k = static_cast<size_t>(c.k);
@@ -355,6 +357,7 @@ void expect_fp8_matches_dequantized(const fp8_case& c, uint64_t seed) {
   a.k = c.k;
   a.dt = dtype::bf16;
   a.y_dt = c.y_dt;
+  a.fuse_swiglu = c.fuse_swiglu;
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
   a.weights = dq.get();
   a.y = dy_fp8.get();
@@ -367,10 +370,11 @@ void expect_fp8_matches_dequantized(const fp8_case& c, uint64_t seed) {
   const auto want = download(dy_bf16), got = download(dy_fp8);
   ASSERT_EQ(got.size(), want.size());
   const size_t y_bytes = dtype_bytes(c.y_dt);
-  const size_t written = static_cast<size_t>(offsets.back()) * static_cast<size_t>(c.n) * y_bytes;
+  const auto out_n = static_cast<size_t>(c.fuse_swiglu ? c.n / 2 : c.n);
+  const size_t written = static_cast<size_t>(offsets.back()) * out_n * y_bytes;
   for (size_t b = 0; b < got.size(); b += y_bytes) {
     ASSERT_EQ(std::memcmp(got.data() + b, want.data() + b, y_bytes), 0)
-        << "element " << b / y_bytes << " (row " << b / y_bytes / static_cast<size_t>(c.n) << ")";
+        << "element " << b / y_bytes << " (row " << b / y_bytes / out_n << ")";
     if (b >= written) {
       ASSERT_EQ(got[b], sentinel) << "byte " << b << " past the rows in use";
     }
@@ -436,7 +440,7 @@ TEST(cuda_grouped_gemm, can_run_rejects_bad_arguments) {
     EXPECT_EQ(cuda::grouped_gemm_can_run(a), kernel_status::unsupported_dtype);
   }
 
-  // A gather map: entries per x row in [1, INT32_MAX], x's rows counted; not with fuse_swiglu.
+  // A gather map: entries per x row in [1, INT32_MAX], x's rows counted; with fuse_swiglu too.
   {
     const int32_t entries[10] = {};
     a = good;
@@ -457,7 +461,7 @@ TEST(cuda_grouped_gemm, can_run_rejects_bad_arguments) {
     EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape);
     b = a;
     b.wgmma = b.fuse_swiglu = true;
-    EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape);
+    EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::ok) << "fused on WMMA";
   }
 
   // Experts in [1, grouped_gemm_max_experts].
@@ -653,7 +657,17 @@ TEST(cuda_grouped_gemm, fp8_weights_match_the_dequantized_product) {
     misaligned.x_misalign_elements = 1;
     expect_fp8_matches_dequantized(misaligned, 46);
     expect_fp8_matches_dequantized({64, 256, few, num_rows, 64, 40}, 47);
+    // The SwiGLU fused (each half of a tile in its own rows of the scale grid), by copies and
+    // by element loads.
+    fp8_case fused{300, 256, few, num_rows, 32, 128};
+    fused.fuse_swiglu = true;
+    expect_fp8_matches_dequantized(fused, 48);
+    fused.block_cols = 40;
+    expect_fp8_matches_dequantized(fused, 49);
   }
+  fp8_case v2_fused{2 * 1408 / v2lite_n_divisor, 2048, counts, in_use, v2_rows, 128};
+  v2_fused.fuse_swiglu = true;
+  expect_fp8_matches_dequantized(v2_fused, 50);
 }
 
 TEST(cuda_grouped_gemm, f32_matches_reference) {
@@ -698,8 +712,9 @@ TEST(cuda_grouped_gemm, routings_that_need_every_tile_of_the_grid) {
   expect_matches_reference({72, 40, {65, 1, 1}, 67, dtype::f32, dtype::f32}, 85);
 }
 
-// fuse_swiglu on the wgmma kernel: y (rows, I) = silu(x . gate^T) * (x . up^T) of each expert's
-// stacked (gate; up) weight, against the activation of the exact products. Tolerance: each
+// fuse_swiglu (on the wgmma kernel where the case asks for it, else on WMMA): y (rows, I) =
+// silu(x . gate^T) * (x . up^T) of each expert's stacked (gate; up) weight, against the
+// activation of the exact products. Tolerance: each
 // product is off by the kernel's bound t (as above); silu's slope is within [-0.1, 1.1], so the
 // result moves by at most 1.1 t |up| + |silu(gate)| t + t^2, plus silu's own float32 evaluation
 // (expf within 2 ulp, a division and a product: 2^-20 of |result|) and the one rounding to y_dt.
@@ -713,19 +728,21 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
   const auto x = random_values(rows * k, seed, true);
   const auto w = random_values(static_cast<size_t>(num_experts) * n * k, seed + 1, true);
   const size_t y_bytes = dtype_bytes(c.y_dt);
-  device_buffer dx(rows * k * 2), dw(w.size() * 2), doff(offsets.size() * 4),
+  const size_t x_at = c.x_misalign_elements * 2;
+  device_buffer dx(x_at + rows * k * 2), dw(w.size() * 2), doff(offsets.size() * 4),
       dy(rows * inter * y_bytes + canary_bytes);
-  ASSERT_TRUE(upload(dx, as_bytes(x, dtype::bf16).data(), dx.bytes()));
+  ASSERT_TRUE(upload(dx, as_bytes(x, dtype::bf16).data(), rows * k * 2, x_at));
   ASSERT_TRUE(upload(dw, as_bytes(w, dtype::bf16).data(), dw.bytes()));
   ASSERT_TRUE(upload(doff, offsets.data(), doff.bytes()));
   ASSERT_EQ(cudaMemset(dy.get(), sentinel, dy.bytes()), cudaSuccess);
-  auto a = args_of(c, dx.get(), doff, dw, dy);
-  a.wgmma = a.fuse_swiglu = true;
-  ASSERT_TRUE(cuda::grouped_gemm_uses_wgmma(a));
+  auto a = args_of(c, static_cast<const char*>(dx.get()) + x_at, doff, dw, dy);
+  a.fuse_swiglu = true;
+  ASSERT_EQ(cuda::grouped_gemm_uses_wgmma(a), c.wgmma);
   auto launched = cuda::grouped_gemm_kernel::none;
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr, &launched), kernel_status::ok);
-  EXPECT_EQ(launched,
-            c.tma ? cuda::grouped_gemm_kernel::wgmma_tma : cuda::grouped_gemm_kernel::wgmma);
+  EXPECT_EQ(launched, !c.wgmma ? cuda::grouped_gemm_kernel::wmma
+                      : c.tma  ? cuda::grouped_gemm_kernel::wgmma_tma
+                               : cuda::grouped_gemm_kernel::wgmma);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = download(dy);
 
@@ -757,19 +774,21 @@ void expect_fused_swiglu_matches(const grouped_case& c, uint64_t seed) {
     ASSERT_EQ(got[b], sentinel) << "byte " << b << " of y past the rows in use was written";
 }
 
-// fuse_swiglu: v2lite's gate|up shapes (cut to 1/16 of the columns in the emulator), experts of
-// 1, 17, 33 and 130 rows (the split tiles), I past one 128-column tile and partial (I = 150),
-// bf16 and f32 out; and the refusals: not on WMMA, n odd, FP8 weights, beta, no wgmma.
+// fuse_swiglu on wgmma: v2lite's gate|up shapes (cut to 1/16 of the columns in the emulator),
+// experts of 1, 17, 33 and 130 rows (the split tiles), I past one 128-column tile and partial
+// (I = 150), bf16 and f32 out; and the refusals: n odd, beta, f32.
 TEST(cuda_grouped_gemm, fused_swiglu_matches_the_activation_of_the_products) {
   MOE_KERNELS_SKIP_WITHOUT_SM90();
   for (const bool tma : {true, false}) {
     grouped_case v2lite{
         2 * 1408 / v2lite_n_divisor, 2048, v2lite_counts(), 64 * 64, dtype::bf16, dtype::bf16};
+    v2lite.wgmma = true;
     v2lite.tma = tma;
     expect_fused_swiglu_matches(v2lite, 101);
     const std::vector<int32_t> few{0, 1, 33, 130, 17};
     for (const dtype y_dt : {dtype::bf16, dtype::f32}) {
       grouped_case c{300, 264, few, 64 * 5 + 3, dtype::bf16, y_dt};
+      c.wgmma = true;
       c.tma = tma;
       expect_fused_swiglu_matches(c, 102);
     }
@@ -782,19 +801,39 @@ TEST(cuda_grouped_gemm, fused_swiglu_matches_the_activation_of_the_products) {
   b.n = 301;
   EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "n odd";
   b = a;
-  b.wgmma = false;
-  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "no wgmma";
-  b = a;
   b.beta = 1.0f;
   EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "beta";
   b = a;
-  b.weight_scale = reinterpret_cast<const float*>(uintptr_t{4096});
-  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "FP8 weights";
+  b.dt = b.y_dt = dtype::f32;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::unsupported_shape) << "f32";
   b = a;
-  b.num_rows = 181;  // the narrow tiling: WMMA, which has no fused form
-  auto launched = cuda::grouped_gemm_kernel::wmma;
-  EXPECT_EQ(cuda::grouped_gemm_run(b, nullptr, &launched), kernel_status::unsupported_shape);
-  EXPECT_EQ(launched, cuda::grouped_gemm_kernel::none) << "refused before any launch";
+  b.wgmma = false;
+  EXPECT_EQ(cuda::grouped_gemm_can_run(b), kernel_status::ok) << "WMMA fuses too";
+}
+
+// fuse_swiglu on WMMA: a tile's first half reads its activations' gate rows and its second half
+// their up rows (the narrow tiles' 32 + 32 of 64 columns, the wide tiles' 128 + 128 of 256, the
+// halves in different warps, paired through shared memory; split k at decode). v2lite's
+// gate|up shapes on both tilings (a decode's rows, a prefill's); experts of 1, 17, 33 and 130
+// rows with I = 150 (a partial last tile in both halves) and I = 40 (one partial tile: whole
+// warps of each half idle); bf16 and f32 out; a misaligned x (element loads).
+TEST(cuda_grouped_gemm, fused_swiglu_on_wmma_matches_the_activation_of_the_products) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const auto counts = v2lite_counts();
+  const int64_t in_use = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  for (const int64_t num_rows : {in_use, int64_t{64 * 64}})
+    expect_fused_swiglu_matches(
+        {2 * 1408 / v2lite_n_divisor, 2048, counts, num_rows, dtype::bf16, dtype::bf16}, 111);
+  const std::vector<int32_t> few{0, 1, 33, 130, 17};
+  uint64_t seed = 112;
+  for (const int64_t num_rows : {int64_t{181}, int64_t{64 * 5 + 3}})
+    for (const dtype y_dt : {dtype::bf16, dtype::f32}) {
+      expect_fused_swiglu_matches({300, 264, few, num_rows, dtype::bf16, y_dt}, seed++);
+      expect_fused_swiglu_matches({80, 136, few, num_rows, dtype::bf16, y_dt}, seed++);
+      grouped_case misaligned{300, 264, few, num_rows, dtype::bf16, y_dt};
+      misaligned.x_misalign_elements = 1;
+      expect_fused_swiglu_matches(misaligned, seed++);
+    }
 }
 
 // beta (y = x . w^T + beta * y, the residual add of a dense product run as one expert): one
@@ -830,13 +869,15 @@ struct gather_case {
   bool fp8 = false;
   bool wgmma = false;
   float beta = 0.0f;
+  bool fuse_swiglu = false;  // both products with the SwiGLU fused
 };
 
 void expect_gather_matches_the_permuted_copy(const gather_case& c, uint64_t seed) {
   SCOPED_TRACE("gather tokens=" + std::to_string(c.tokens) + " top_k=" + std::to_string(c.top_k) +
-               " experts=" + std::to_string(c.experts) + " n=" + std::to_string(c.n) + " k=" +
-               std::to_string(c.k) + " " + std::string(to_string(c.dt)) + (c.fp8 ? " fp8" : "") +
-               (c.wgmma ? " wgmma requested" : "") + (c.beta != 0.0f ? " beta" : ""));
+               " experts=" + std::to_string(c.experts) + " n=" + std::to_string(c.n) +
+               " k=" + std::to_string(c.k) + " " + std::string(to_string(c.dt)) +
+               (c.fp8 ? " fp8" : "") + (c.wgmma ? " wgmma requested" : "") +
+               (c.beta != 0.0f ? " beta" : "") + (c.fuse_swiglu ? " fused swiglu" : ""));
   const auto T = static_cast<size_t>(c.tokens), K = static_cast<size_t>(c.top_k),
              E = static_cast<size_t>(c.experts), n = static_cast<size_t>(c.n),
              k = static_cast<size_t>(c.k);
@@ -911,6 +952,7 @@ void expect_gather_matches_the_permuted_copy(const gather_case& c, uint64_t seed
   a.dt = c.dt;
   a.y_dt = c.y_dt;
   a.beta = c.beta;
+  a.fuse_swiglu = c.fuse_swiglu;
   if (c.fp8) a.weight_scale = static_cast<const float*>(ds.get());
   ASSERT_EQ(cuda::grouped_gemm_run(a, nullptr), kernel_status::ok);
   a.x = dx.get();
@@ -960,6 +1002,15 @@ TEST(cuda_grouped_gemm, a_gather_map_gives_the_products_of_the_permuted_copy) {
   gather_case wgmma{128, 2, 2, 256, 64, dtype::bf16, dtype::bf16};
   wgmma.wgmma = true;
   expect_gather_matches_the_permuted_copy(wgmma, seed++);
+  // The SwiGLU fused (the engine's decode and prefill gate|up): narrow, wide (wgmma asked for:
+  // not taken with a gather map), FP8.
+  for (gather_case fused : {gather_case{1, 6, 64, 96, 256, dtype::bf16, dtype::bf16},
+                            gather_case{96, 2, 3, 300, 64, dtype::bf16, dtype::f32},
+                            gather_case{10, 4, 12, 128, 256, dtype::bf16, dtype::bf16, true}}) {
+    fused.fuse_swiglu = true;
+    fused.wgmma = true;
+    expect_gather_matches_the_permuted_copy(fused, seed++);
+  }
 }
 
 // k == 0: an empty sum, zeros in every row in use.
