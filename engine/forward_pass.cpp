@@ -184,19 +184,41 @@ class forward {
                     const char* what, float beta = 0.0f) {
     return linear_as(m_.dt, m_.dt, x, w, y, rows, in, out, what, beta);
   }
+  /// skinny_linear.hpp's arguments for a projection's product, its weight of the step's dtype
+  /// or FP8 (streamed as FP8, expanded in registers).
+  kcu::skinny_linear_args few_rows(const void* x, const device_matrix& w, void* y, int64_t rows,
+                                   int64_t in, int64_t out, float beta = 0.0f) const {
+    auto few = kcu::skinny_linear_desc(x, w.data, y, rows, in, out, m_.dt, m_.dt, beta);
+    if (w.fp8()) {
+      few.w_dt = dtype::f8_e4m3;
+      few.w_scale = w.scale;
+      few.block_rows = w.block_rows;
+      few.block_cols = w.block_cols;
+      few.scale_ld = w.scale_ld;
+    }
+    return few;
+  }
+
+  /// act (rows, I) = SwiGLU of the stacked gate|up product of x (rows, D): within skinny_rows
+  /// one skinny_linear launch with the activation fused (its float32 sums activated: in f32
+  /// the values of the two launches, in bf16 without the products' rounding, as the routed
+  /// experts' fused product), else the product into gate_up, then swiglu.
+  caf::error gate_up_swiglu(const void* x, const device_matrix& w, void* gate_up, void* act,
+                            int64_t rows, int64_t I, const char* what) {
+    auto fused = few_rows(x, w, act, rows, d_.D, I);
+    fused.swiglu = true;
+    if (auto done = skinny(fused, what)) return *done;
+    if (auto err = linear(x, w, gate_up, rows, d_.D, 2 * I, what)) return err;
+    return swiglu(gate_up, act, rows, I, what);
+  }
+
   /// A projection's product, its weight of the step's dtype or FP8; beta 0 or 1.
   caf::error linear(const void* x, const device_matrix& w, void* y, int64_t rows, int64_t in,
                     int64_t out, const char* what, float beta = 0.0f) {
     if (!w.fp8()) return linear(x, w.data, y, rows, in, out, what, beta);
     if (auto done = as_one_expert(x, w, y, rows, in, out, beta, what, m_.dt)) return *done;
     // A few rows: the FP8 bytes stream as they are, expanded in registers (`expand`'s values).
-    auto few = kcu::skinny_linear_desc(x, w.data, y, rows, in, out, m_.dt, m_.dt, beta);
-    few.w_dt = dtype::f8_e4m3;
-    few.w_scale = w.scale;
-    few.block_rows = w.block_rows;
-    few.block_cols = w.block_cols;
-    few.scale_ld = w.scale_ld;
-    if (auto done = skinny(few, what)) return *done;
+    if (auto done = skinny(few_rows(x, w, y, rows, in, out, beta), what)) return *done;
     if (m_.fp8_block_scaled && w.block_rows == 128 && w.block_cols == 128 && b_.fp8_x != nullptr &&
         (beta == 0.0f || beta == 1.0f)) {
       kcu::fp8_linear_desc d;
@@ -457,9 +479,8 @@ class forward {
   /// out (rows, hidden) = beta * out + down(silu(gate(in)) * up(in)).
   caf::error mlp(const device_mlp& w, const void* in, int64_t rows, void* out, float beta) {
     const int64_t D = d_.D, I = w.intermediate;
-    caf::error err;
-    if ((err = linear(in, w.gate_up, b_.gate_up, rows, D, 2 * I, "mlp gate|up")) ||
-        (err = swiglu(b_.gate_up, b_.act, rows, I, "mlp swiglu")))
+    if (auto err =
+            gate_up_swiglu(in, w.gate_up, b_.gate_up, b_.act, rows, I, "mlp gate|up + swiglu"))
       return err;
     return linear(b_.act, w.down, out, rows, I, D, "mlp down", beta);
   }
@@ -695,9 +716,8 @@ class forward {
     stream_ = m_.side_stream;
     workspace_ = m_.side_gemm_workspace;
     const int64_t I = w.intermediate;
-    caf::error err =
-        linear(b_.mlp_in, w.gate_up, b_.shared_gate_up, T_, d_.D, 2 * I, "shared experts gate|up");
-    if (!err) err = swiglu(b_.shared_gate_up, b_.shared_act, T_, I, "shared experts swiglu");
+    const caf::error err = gate_up_swiglu(b_.mlp_in, w.gate_up, b_.shared_gate_up, b_.shared_act,
+                                          T_, I, "shared experts gate|up + swiglu");
     // Joined back even after an error, so that no work of the step is left unordered.
     const cudaError_t recorded = cudaEventRecord(m_.shared_done, stream_);
     stream_ = m_.stream;

@@ -137,13 +137,15 @@ struct strides {
 // n_by_k: one column (output feature) per warp, or k_split warps per column, each over a
 // contiguous slice of k's chunks; R rows at most (rows at run time); blockIdx.y is the product
 // of the batch. Every lane sums its chunks in order; the warp's lanes, then the column's warps
-// (in order), are summed by a fixed tree.
-template <class TX, class W, class TY, int R>
+// (in order), are summed by a fixed tree. Swiglu: column j's warp streams two weight rows, j
+// (gate) and n + j (up), over the same x, and stores silu(gate) * up.
+template <class TX, class W, class TY, int R, bool Swiglu>
 __global__ void __launch_bounds__(threads_per_block)
     skinny_linear_kernel(const TX* x, const void* w, TY* y, int rows, int64_t n, int64_t k,
                          float beta, int k_split, fp8_grid grid, strides st) {
   constexpr int V = W::elements;
-  __shared__ float partial[warps_per_block][R];
+  constexpr int P = Swiglu ? 2 : 1;  // weight rows per output column
+  __shared__ float partial[warps_per_block][P][R];
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t col = int64_t{blockIdx.x} * (warps_per_block / k_split) + warp / k_split;
   const int part = warp % k_split;
@@ -151,52 +153,72 @@ __global__ void __launch_bounds__(threads_per_block)
   w = static_cast<const char*>(w) + blockIdx.y * st.batch_w * W::bytes;
   y += blockIdx.y * st.batch_y;
 
-  float acc[R];
+  float acc[P][R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+  for (int q = 0; q < P; ++q)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[q][r] = 0.0f;
   if (col < n) {
     const int64_t chunks = k / V;
     const int64_t per_part = (chunks + k_split - 1) / k_split;
     const int64_t begin = part * per_part, end = std::min(chunks, begin + per_part);
-    const char* w_row = static_cast<const char*>(w) + col * st.ldw * W::bytes;
+    const char* w_row[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      w_row[q] = static_cast<const char*>(w) + (col + q * n) * st.ldw * W::bytes;
     for (int64_t c0 = begin + lane; c0 < end; c0 += 32 * unroll) {
-      typename W::chunk chunk[unroll];
+      typename W::chunk chunk[P][unroll];
 #pragma unroll
       for (int u = 0; u < unroll; ++u)
         if (c0 + 32 * u < end)
-          chunk[u] =
-              load_streaming<typename W::chunk>(w_row + (c0 + 32 * u) * sizeof(typename W::chunk));
+#pragma unroll
+          for (int q = 0; q < P; ++q)
+            chunk[q][u] = load_streaming<typename W::chunk>(
+                w_row[q] + (c0 + 32 * u) * sizeof(typename W::chunk));
 #pragma unroll
       for (int u = 0; u < unroll; ++u) {
         const int64_t c = c0 + 32 * u;
         if (c >= end) break;
-        float wf[V];
-        unpack(chunk[u], wf, W{}, grid, col, c * V);
+        float wf[P][V];
+#pragma unroll
+        for (int q = 0; q < P; ++q) unpack(chunk[q][u], wf[q], W{}, grid, col + q * n, c * V);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           if (r >= rows) break;
           float xf[V];
           load_x(x + r * st.ldx + c * V, xf);
 #pragma unroll
-          for (int v = 0; v < V; ++v) acc[r] = fmaf(xf[v], wf[v], acc[r]);
+          for (int q = 0; q < P; ++q)
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[q][r] = fmaf(xf[v], wf[q][v], acc[q][r]);
         }
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-    for (int offset = 16; offset > 0; offset /= 2)
-      acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
-  }
+  for (int q = 0; q < P; ++q)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= rows) break;
+      for (int offset = 16; offset > 0; offset /= 2)
+        acc[q][r] += __shfl_xor_sync(0xffffffffu, acc[q][r], offset);
+    }
   if (lane == 0)
 #pragma unroll
-    for (int r = 0; r < R; ++r) partial[warp][r] = acc[r];
+    for (int q = 0; q < P; ++q)
+#pragma unroll
+      for (int r = 0; r < R; ++r) partial[warp][q][r] = acc[q][r];
   __syncthreads();
   if (part == 0 && col < n && lane < rows) {
-    float s = 0.0f;
-    for (int p = 0; p < k_split; ++p) s += partial[warp + p][lane];
+    float sum[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      sum[q] = 0.0f;
+      for (int p = 0; p < k_split; ++p) sum[q] += partial[warp + p][q][lane];
+    }
     const int64_t i = lane * st.ldy + col;
+    float s = sum[0];
+    if constexpr (Swiglu) s = __fmul_rn(detail::silu(sum[0]), sum[P - 1]);
     if (beta != 0.0f) s = __fadd_rn(s, __fmul_rn(beta, load(y, i)));
     store(y, i, s);
   }
@@ -323,9 +345,11 @@ kernel_status launch_rows(const skinny_linear_args& a, cudaStream_t stream) {
     grid.block_cols = a.block_cols;
     grid.scale_ld = a.scale_ld > 0 ? a.scale_ld : (a.k + a.block_cols - 1) / a.block_cols;
   }
-  skinny_linear_kernel<TX, W, TY, R><<<blocks, threads_per_block, 0, stream>>>(
-      static_cast<const TX*>(a.x), a.w, static_cast<TY*>(a.y), static_cast<int>(a.rows), a.n, a.k,
-      a.beta, k_split, grid, strides_of(a));
+  auto* kernel = a.swiglu ? skinny_linear_kernel<TX, W, TY, R, true>
+                          : skinny_linear_kernel<TX, W, TY, R, false>;
+  kernel<<<blocks, threads_per_block, 0, stream>>>(static_cast<const TX*>(a.x), a.w,
+                                                   static_cast<TY*>(a.y), static_cast<int>(a.rows),
+                                                   a.n, a.k, a.beta, k_split, grid, strides_of(a));
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -356,6 +380,7 @@ kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept {
     return kernel_status::unsupported_dtype;
   const bool kn = a.w_layout == skinny_weight_layout::k_by_n;
   if (kn && fp8) return kernel_status::unsupported_dtype;
+  if (a.swiglu && (kn || a.batch != 1 || a.beta != 0.0f)) return kernel_status::unsupported_shape;
   if (a.w_layout != skinny_weight_layout::n_by_k && !kn) return kernel_status::unsupported_shape;
   if (a.rows < 0 || a.n < 0 || a.k < 0 || a.rows > skinny_linear_max_rows || a.batch < 1 ||
       a.batch > 65535 || (a.batch > 1 && (fp8 || a.stride_y == 0)))
@@ -374,7 +399,7 @@ kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept {
     return (a.batch - 1) * batch_stride <= limit - rows * ld;
   };
   if (!span_fits(st.batch_x, a.rows, st.ldx) || !span_fits(st.batch_y, a.rows, st.ldy) ||
-      !span_fits(st.batch_w, kn ? a.k : a.n, st.ldw))
+      !span_fits(st.batch_w, kn ? a.k : (a.swiglu ? 2 : 1) * a.n, st.ldw))
     return kernel_status::unsupported_shape;
   if (a.rows * a.n == 0) return kernel_status::ok;
   if (a.k == 0 || a.x == nullptr || a.w == nullptr || a.y == nullptr)

@@ -70,6 +70,12 @@ struct skinny_linear_args {
   int64_t stride_x = 0;
   int64_t stride_w = 0;
   int64_t stride_y = 0;
+  /// SwiGLU fused (n_by_k, one product, beta 0): w holds 2 n rows, the stacked gate|up
+  /// projection (n gate rows, then n up rows), and y(rows, n) gets silu(x . gate^T) * (x . up^T)
+  /// (swiglu.hpp's activation) from the float32 sums, rounded once: each column's warp streams
+  /// its gate and its up row over the same x. One launch and no (rows, 2 n) intermediate where
+  /// the product and swiglu_run round the sums to y_dt first.
+  bool swiglu = false;
   dtype x_dt = dtype::bf16;  ///< f32 or bf16
   dtype w_dt = dtype::bf16;  ///< x_dt; or, with bf16 x, f8_e4m3 or f32 (x widened exactly)
   dtype y_dt = dtype::bf16;  ///< f32 or bf16
@@ -103,7 +109,8 @@ struct skinny_linear_args {
 
 /// Host-side checks. ok; unsupported_dtype for dtypes outside the combinations above (FP8 only
 /// with n_by_k); unsupported_shape for negative sizes or strides, rows above
-/// skinny_linear_max_rows, batch outside 1 .. 65535 (or above 1 with FP8 or stride_y 0), k == 0
+/// skinny_linear_max_rows, batch outside 1 .. 65535 (or above 1 with FP8 or stride_y 0), swiglu
+/// with k_by_n, a batch or beta, k == 0
 /// (with n and rows not 0), a null pointer (where rows * n > 0), x or w not 16-byte aligned, a row
 /// stride below its row, the dimension w's loads run along (k, or n with k_by_n) or a stride of x
 /// (with n_by_k) or w not a multiple of the elements one load of w holds (4 f32, 8 bf16 or FP8), an

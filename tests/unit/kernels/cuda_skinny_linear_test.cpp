@@ -196,6 +196,16 @@ TEST(cuda_skinny_linear, can_run_rejects_bad_arguments) {
        [](args& a) { a.w_layout = cuda::skinny_weight_layout::k_by_n, a.n = 16; }, type},
       {"unknown layout", good,
        [](args& a) { a.w_layout = static_cast<cuda::skinny_weight_layout>(7); }, shape},
+      {"SwiGLU fused", good, [](args& a) { a.swiglu = true; }, ok},
+      {"SwiGLU fused, FP8", fp8, [](args& a) { a.swiglu = true; }, ok},
+      {"SwiGLU fused with beta", good, [](args& a) { a.swiglu = true, a.beta = 1.0f; }, shape},
+      {"SwiGLU fused, two products", good,
+       [](args& a) { a.swiglu = true, a.batch = 2, a.stride_y = 5; }, shape},
+      {"SwiGLU fused, k_by_n", good,
+       [](args& a) { a.swiglu = true, a.w_layout = cuda::skinny_weight_layout::k_by_n, a.n = 16; },
+       shape},
+      {"SwiGLU fused, 2n rows pass int64", good,
+       [](args& a) { a.swiglu = true, a.n = INT64_MAX / 8 / 64 / 2 + 1; }, shape},
   };
   for (const auto& c : changes) {
     auto a = c.base;
@@ -305,6 +315,53 @@ TEST(cuda_skinny_linear, batched_strided_products_in_both_weight_layouts) {
   for (const auto& c : cases) check_batch_case(c);
 }
 
+// The SwiGLU fused: y (rows, n) = silu(x . gate^T) * (x . up^T) of a stacked (2 n, k) gate|up
+// weight, against the activation of the exact products. Tolerance as in the grouped GEMM's
+// fused test: each product within its bound t above; silu's slope lies in [-0.1, 1.1], so the
+// result moves by at most 1.1 t_g |up| + |silu(gate)| t_u + t_g t_u, plus silu's own float32
+// evaluation (2^-20 of the result) and the one rounding to y_dt.
+TEST(cuda_skinny_linear, fused_swiglu_is_the_activation_of_the_two_products) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const float_case cases[] = {
+      {1, 300, 64, dtype::bf16, dtype::bf16, 0.0f}, {3, 37, 1024, dtype::bf16, dtype::f32, 0.0f},
+      {8, 40, 256, dtype::bf16, dtype::bf16, 0.0f}, {2, 12, 4096, dtype::f32, dtype::f32, 0.0f},
+      {5, 96, 512, dtype::f32, dtype::bf16, 0.0f},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " n " << c.n << " k " << c.k
+                                      << (c.dt == dtype::f32 ? " f32" : " bf16")
+                                      << (c.y_dt == dtype::f32 ? " -> f32" : " -> bf16"));
+    const auto seed = static_cast<uint64_t>(c.rows * 7 + c.n * 1009 + c.k);
+    const auto x = stored(random_floats(static_cast<size_t>(c.rows * c.k), seed), c.dt);
+    const auto w = stored(random_floats(static_cast<size_t>(2 * c.n * c.k), seed + 1), c.dt);
+    const auto p = reference(x, w, c.rows, 2 * c.n, c.k, 0.0f, {});
+    auto dx = to_device(x, c.dt), dw = to_device(w, c.dt);
+    device_buffer dy(static_cast<size_t>(c.rows * c.n) * 4);
+    auto a = product_args(*dx, *dw, dy, c.rows, c.n, c.k, c.dt, c.y_dt, 0.0f);
+    a.swiglu = true;
+    ASSERT_EQ(cuda::skinny_linear_run(a, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto got = c.y_dt == dtype::f32 ? fetch<float>(dy, static_cast<size_t>(c.rows * c.n))
+                                          : std::vector<float>{};
+    const auto got16 = c.y_dt == dtype::bf16
+                           ? fetch<uint16_t>(dy, static_cast<size_t>(c.rows * c.n))
+                           : std::vector<uint16_t>{};
+    for (int64_t r = 0; r < c.rows; ++r)
+      for (int64_t j = 0; j < c.n; ++j) {
+        const auto g = static_cast<size_t>(r * 2 * c.n + j), u = g + static_cast<size_t>(c.n);
+        const double gate = p.want[g], up = p.want[u];
+        const double silu = gate / (1.0 + std::exp(-gate)), want = silu * up;
+        const double tg = sum_tolerance(c.k, p.mag[g]), tu = sum_tolerance(c.k, p.mag[u]);
+        double bound =
+            1.1 * tg * std::fabs(up) + std::fabs(silu) * tu + tg * tu + 0x1.0p-20 * std::fabs(want);
+        if (c.y_dt == dtype::bf16) bound += 0x1.0p-8 * (std::fabs(want) + bound);
+        const auto i = static_cast<size_t>(r * c.n + j);
+        const double v = c.y_dt == dtype::f32 ? double{got[i]} : double{from_bf16(got16[i])};
+        ASSERT_LE(std::fabs(v - want), bound) << "row " << r << " col " << j;
+      }
+  }
+}
+
 // bf16 x with an f32 weight (the router's product on its bf16 input): x widened exactly, the
 // same bits as the f32 product on x converted to f32 first.
 TEST(cuda_skinny_linear, bf16_input_with_f32_weight_is_the_f32_product_of_its_widening) {
@@ -361,7 +418,7 @@ TEST(cuda_skinny_linear, fp8_weights_match_their_bf16_expansion) {
   const fp8_case cases[] = {
       {1, 200, 384, 128, 128, 4, dtype::bf16, 0.0f}, {4, 40, 2048, 128, 128, 16, dtype::f32, 1.0f},
       {8, 33, 96, 8, 32, 0, dtype::f32, 0.0f},       {3, 70, 160, 16, 16, 12, dtype::bf16, 1.0f},
-      {2, 19, 1024, 5, 8, 0, dtype::f32, 0.0f},
+      {2, 19, 1024, 5, 8, 0, dtype::f32, 0.0f},      {5, 64, 256, 16, 32, 0, dtype::bf16, 0.0f},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " n " << c.n << " k " << c.k
@@ -415,6 +472,22 @@ TEST(cuda_skinny_linear, fp8_weights_match_their_bf16_expansion) {
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const size_t bytes = p.want.size() * dtype_bytes(c.y_dt);
     EXPECT_EQ(fetch<uint8_t>(*dy, bytes), fetch<uint8_t>(*dy16, bytes));
+
+    // With the SwiGLU fused (the weight as a stacked gate|up of n / 2 each; the up half's
+    // scales in their own grid rows): the FP8 and the bf16 weight again give the same bits.
+    if (c.beta != 0.0f || c.n % 2 != 0) continue;
+    auto fused = a;
+    fused.swiglu = true;
+    fused.n = c.n / 2;
+    auto f8 = to_device(y0, c.y_dt), f16 = to_device(y0, c.y_dt);
+    fused.y = f16->get();
+    ASSERT_EQ(cuda::skinny_linear_run(fused, nullptr), kernel_status::ok);
+    fused.w = dw->get();
+    fused.w_dt = dtype::f8_e4m3;
+    fused.y = f8->get();
+    ASSERT_EQ(cuda::skinny_linear_run(fused, nullptr), kernel_status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(fetch<uint8_t>(*f8, bytes / 2), fetch<uint8_t>(*f16, bytes / 2));
   }
 }
 
