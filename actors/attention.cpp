@@ -124,20 +124,13 @@ caf::error sample_all(pointer self, step_context& ctx, const std::vector<float>&
                       step_result& out) {
   const auto& c = self->state.weights->config;
   const size_t V = static_cast<size_t>(c.vocab_size);
-  std::vector<double> probs(V);
-  std::vector<int32_t> order(V);
+  kc::sampler sampler(V);
   for (size_t i = 0; i < ctx.job.request.entries.size(); ++i) {
     const auto& e = ctx.job.request.entries[i];
-    kc::sample_args a;
-    a.logits = logits.data() + i * V;
-    a.vocab = V;
-    a.params = {e.sampling.temperature, e.sampling.top_k, e.sampling.top_p};
-    a.seed = e.sampling.seed;
-    a.offset = e.sample_offset;
-    a.probs_workspace = probs.data();
-    a.order_workspace = order.data();
     int32_t token = 0;
-    if (kc::sample(a, &token) != kernels::kernel_status::ok)
+    if (sampler.draw(logits.data() + i * V,
+                     {e.sampling.temperature, e.sampling.top_k, e.sampling.top_p}, e.sampling.seed,
+                     e.sample_offset, &token) != kernels::kernel_status::ok)
       return model::make_error(model::model_errc::bad_input,
                                "sequence " + std::to_string(e.sequence) + ": sampling parameters rejected");
     out.sequences.push_back(e.sequence);

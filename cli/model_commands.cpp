@@ -133,16 +133,9 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
   if (o.gen.max_new_tokens > 0) {
     int32_t token = first->tokens.back();
     if (po.all_logits) {
-      std::vector<double> probs(static_cast<size_t>(vocab));
-      std::vector<int32_t> order(static_cast<size_t>(vocab));
-      kernels::cpu::sample_args a;
-      a.logits = first->logits.data() + (prompt.size() - 1) * static_cast<size_t>(vocab);
-      a.vocab = static_cast<size_t>(vocab);
-      a.params = row.params;
-      a.seed = row.seed;
-      a.probs_workspace = probs.data();
-      a.order_workspace = order.data();
-      if (kernels::cpu::sample(a, &token) != kernels::kernel_status::ok)
+      kernels::cpu::sampler sampler(static_cast<size_t>(vocab));
+      if (sampler.draw(first->logits.data() + (prompt.size() - 1) * static_cast<size_t>(vocab),
+                       row.params, row.seed, 0, &token) != kernels::kernel_status::ok)
         return fail(
             "run", model::make_error(model::model_errc::bad_input, "sampling parameters rejected"));
     }

@@ -249,8 +249,7 @@ caf::error gpu_engine::state::draw_on_host(gpu_step_result& out, const float* de
                                            std::span<const gpu_row_sampling> sampling) const {
   const auto vocab = static_cast<size_t>(config.vocab_size);
   std::vector<float> row;
-  std::vector<double> probs;
-  std::vector<int32_t> order;
+  kernels::cpu::sampler sampler(vocab);
   for (size_t i = 0; i < out.tokens.size(); ++i) {
     if (out.tokens[i] != kcu::sample_on_host) continue;
     if (i >= sampling.size())
@@ -267,17 +266,8 @@ caf::error gpu_engine::state::draw_on_host(gpu_step_result& out, const float* de
         return err;
       logits = row.data();
     }
-    probs.resize(vocab);
-    order.resize(vocab);
-    kernels::cpu::sample_args a;
-    a.logits = logits;
-    a.vocab = vocab;
-    a.params = sampling[i].params;
-    a.seed = sampling[i].seed;
-    a.offset = sampling[i].offset;
-    a.probs_workspace = probs.data();
-    a.order_workspace = order.data();
-    if (kernels::cpu::sample(a, &out.tokens[i]) != kernels::kernel_status::ok)
+    if (sampler.draw(logits, sampling[i].params, sampling[i].seed, sampling[i].offset,
+                     &out.tokens[i]) != kernels::kernel_status::ok)
       return bad_input("sampling of row " + std::to_string(i) + " was refused");
   }
   return {};

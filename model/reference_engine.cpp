@@ -308,20 +308,12 @@ caf::expected<std::vector<std::vector<int32_t>>> generate(
   };
   auto pre = engine.prefill(seqs);
   if (!pre) return pre.error();
-  std::vector<double> probs(V);
-  std::vector<int32_t> order(V);
+  kc::sampler sampler(V);
   std::vector<bool> done(n, false);
   auto take = [&](size_t i, const float* logits) -> caf::error {
-    kc::sample_args a;
-    a.logits = logits;
-    a.vocab = V;
-    a.params = requests[i].sampling;
-    a.seed = requests[i].seed;
-    a.offset = out[i].size();
-    a.probs_workspace = probs.data();
-    a.order_workspace = order.data();
     int32_t token = 0;
-    if (kc::sample(a, &token) != kernel_status::ok)
+    if (sampler.draw(logits, requests[i].sampling, requests[i].seed, out[i].size(), &token) !=
+        kernel_status::ok)
       return make_error(model_errc::bad_input, "sampling parameters rejected");
     out[i].push_back(token);
     const auto& stops = requests[i].stop_token_ids;

@@ -115,4 +115,22 @@ kernel_status sample(const sample_args& a, int32_t* token) noexcept {
   return kernel_status::ok;
 }
 
+kernel_status sampler::draw(const float* logits, const sampling_params& params, uint64_t seed,
+                            uint64_t offset, int32_t* token) {
+  sample_args a;
+  a.logits = logits;
+  a.vocab = vocab_;
+  a.params = params;
+  a.seed = seed;
+  a.offset = offset;
+  const bool greedy = params.temperature == 0.0f || params.top_k == 1;
+  if (!greedy && vocab_ <= INT32_MAX && probs_.size() != vocab_) {  // else refused below
+    probs_.resize(vocab_);
+    order_.resize(vocab_);
+  }
+  a.probs_workspace = probs_.empty() ? nullptr : probs_.data();
+  a.order_workspace = order_.empty() ? nullptr : order_.data();
+  return sample(a, token);
+}
+
 }  // namespace moe::kernels::cpu

@@ -7,11 +7,12 @@
 // after a failover from (seed, offset) alone, and a GPU sampler can reproduce the same u.
 //
 // Thread safety: pure functions; the caller owns the logits, the workspace and the output.
-// Concurrent calls need distinct workspaces.
+// Concurrent calls need distinct workspaces (a sampler each).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "kernels/kernel_status.hpp"
 
@@ -58,5 +59,24 @@ struct sample_args {
 /// pointer. A row whose largest logit is not finite (all -inf or NaN, or a +inf) falls back to
 /// greedy.
 [[nodiscard]] kernel_status sample(const sample_args& a, int32_t* token) noexcept;
+
+/// sample() with its two workspaces owned: one per thread (or step, or request loop) drawing
+/// any number of rows of one vocabulary. The workspaces are allocated on the first draw that
+/// needs them (greedy rows never do) and reused after.
+class sampler {
+ public:
+  explicit sampler(size_t vocab) : vocab_(vocab) {}
+
+  /// sample()'s token for vocab() logits with these parameters and this draw; its status.
+  [[nodiscard]] kernel_status draw(const float* logits, const sampling_params& params,
+                                   uint64_t seed, uint64_t offset, int32_t* token);
+
+  [[nodiscard]] size_t vocab() const noexcept { return vocab_; }
+
+ private:
+  size_t vocab_;
+  std::vector<double> probs_;
+  std::vector<int32_t> order_;
+};
 
 }  // namespace moe::kernels::cpu

@@ -1103,18 +1103,9 @@ namespace {
 
 /// cpu::sample's draw from one row of logits.
 int32_t cpu_draw(const float* row, size_t vocab, const engine::gpu_row_sampling& s) {
-  std::vector<double> probs(vocab);
-  std::vector<int32_t> order(vocab);
-  kernels::cpu::sample_args a;
-  a.logits = row;
-  a.vocab = vocab;
-  a.params = s.params;
-  a.seed = s.seed;
-  a.offset = s.offset;
-  a.probs_workspace = probs.data();
-  a.order_workspace = order.data();
+  kernels::cpu::sampler sampler(vocab);
   int32_t token = -1;
-  EXPECT_EQ(kernels::cpu::sample(a, &token), kernels::kernel_status::ok);
+  EXPECT_EQ(sampler.draw(row, s.params, s.seed, s.offset, &token), kernels::kernel_status::ok);
   return token;
 }
 

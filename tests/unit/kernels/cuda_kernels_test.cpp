@@ -1027,17 +1027,10 @@ struct sample_expectation {
 
 sample_expectation expected_sample(const float* row, size_t vocab, const cuda::sample_row& p) {
   sample_expectation e;
-  std::vector<double> probs(vocab);
-  std::vector<int32_t> order(vocab);
-  cpu::sample_args a;
-  a.logits = row;
-  a.vocab = vocab;
-  a.params = {p.temperature, static_cast<size_t>(std::max(p.top_k, 0)), p.top_p};
-  a.seed = p.seed;
-  a.offset = p.offset;
-  a.probs_workspace = probs.data();
-  a.order_workspace = order.data();
-  if (p.top_k < 0 || cpu::sample(a, &e.token) != kernel_status::ok) {
+  cpu::sampler sampler(vocab);
+  if (p.top_k < 0 ||
+      sampler.draw(row, {p.temperature, static_cast<size_t>(std::max(p.top_k, 0)), p.top_p}, p.seed,
+                   p.offset, &e.token) != kernel_status::ok) {
     e.on_host = true;
     return e;
   }

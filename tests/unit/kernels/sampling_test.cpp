@@ -9,22 +9,13 @@
 namespace moe::kernels::cpu {
 namespace {
 
-// Owns the scratch a sample call needs.
-struct sampler {
-  explicit sampler(std::vector<float> l) : logits(std::move(l)), probs(logits.size()),
-                                            order(logits.size()) {}
+// One row of logits drawn from through a cpu::sampler (which owns sample()'s workspaces).
+struct row {
+  explicit row(std::vector<float> l) : logits(std::move(l)), s(logits.size()) {}
 
   int32_t draw(const sampling_params& p, uint64_t seed, uint64_t offset) {
-    sample_args a;
-    a.logits = logits.data();
-    a.vocab = logits.size();
-    a.params = p;
-    a.seed = seed;
-    a.offset = offset;
-    a.probs_workspace = probs.data();
-    a.order_workspace = order.data();
     int32_t token = -1;
-    EXPECT_EQ(sample(a, &token), kernel_status::ok);
+    EXPECT_EQ(s.draw(logits.data(), p, seed, offset, &token), kernel_status::ok);
     return token;
   }
 
@@ -36,8 +27,7 @@ struct sampler {
   }
 
   std::vector<float> logits;
-  std::vector<double> probs;
-  std::vector<int32_t> order;
+  sampler s;
 };
 
 std::vector<float> log_of(const std::vector<double>& probs) {
@@ -72,7 +62,7 @@ TEST(sampling, uniform_is_splitmix64) {
 }
 
 TEST(sampling, temperature_zero_and_top_k_one_are_greedy) {
-  sampler s({0.1f, 2.0f, 1.9f, 2.0f});
+  row s({0.1f, 2.0f, 1.9f, 2.0f});
   for (uint64_t i = 0; i < 50; ++i) {
     EXPECT_EQ(s.draw({.temperature = 0.0f}, 7, i), 1);
     EXPECT_EQ(s.draw({.temperature = 5.0f, .top_k = 1}, 7, i), 1);
@@ -80,7 +70,7 @@ TEST(sampling, temperature_zero_and_top_k_one_are_greedy) {
 }
 
 TEST(sampling, same_seed_and_offset_give_the_same_token) {
-  sampler s(log_of({0.25, 0.25, 0.25, 0.25}));
+  row s(log_of({0.25, 0.25, 0.25, 0.25}));
   std::vector<int32_t> first, again, other_seed;
   for (uint64_t i = 0; i < 64; ++i) {
     first.push_back(s.draw({}, 1234, i));
@@ -93,7 +83,7 @@ TEST(sampling, same_seed_and_offset_give_the_same_token) {
 
 TEST(sampling, follows_the_distribution) {
   const std::vector<double> p{0.1, 0.2, 0.3, 0.4};
-  sampler s(log_of(p));
+  row s(log_of(p));
   const auto freq = s.histogram({}, 99, 20000);
   for (size_t i = 0; i < p.size(); ++i) EXPECT_NEAR(freq[i], p[i], 0.015) << i;
   // The same with the ranking path (top_p just below 1 keeps all four here).
@@ -103,13 +93,13 @@ TEST(sampling, follows_the_distribution) {
 
 TEST(sampling, temperature_sharpens) {
   // p ~ [1, 2]; at temperature 0.5, p ~ [1, 4].
-  sampler s(log_of({1.0 / 3, 2.0 / 3}));
+  row s(log_of({1.0 / 3, 2.0 / 3}));
   const auto freq = s.histogram({.temperature = 0.5f}, 5, 20000);
   EXPECT_NEAR(freq[1], 0.8, 0.015);
 }
 
 TEST(sampling, top_k_keeps_the_k_best_renormalised) {
-  sampler s(log_of({0.1, 0.4, 0.2, 0.3}));
+  row s(log_of({0.1, 0.4, 0.2, 0.3}));
   const auto freq = s.histogram({.top_k = 2}, 11, 20000);
   EXPECT_EQ(freq[0], 0.0);
   EXPECT_EQ(freq[2], 0.0);
@@ -118,7 +108,7 @@ TEST(sampling, top_k_keeps_the_k_best_renormalised) {
 }
 
 TEST(sampling, top_p_keeps_the_smallest_set_reaching_p) {
-  sampler s(log_of({0.1, 0.4, 0.2, 0.3}));
+  row s(log_of({0.1, 0.4, 0.2, 0.3}));
   // Ranked 0.4, 0.3, 0.2, 0.1: mass 0.4 < 0.5 <= 0.7, so tokens 1 and 3 remain.
   const auto freq = s.histogram({.top_p = 0.5f}, 13, 20000);
   EXPECT_EQ(freq[0] + freq[2], 0.0);
@@ -131,24 +121,26 @@ TEST(sampling, top_p_keeps_the_smallest_set_reaching_p) {
 
 TEST(sampling, masked_and_degenerate_logits) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  sampler masked({neg_inf, 0.0f, NAN, 0.0f});  // only tokens 1 and 3 have mass
+  row masked({neg_inf, 0.0f, NAN, 0.0f});  // only tokens 1 and 3 have mass
   const auto freq = masked.histogram({}, 23, 4000);
   EXPECT_EQ(freq[0] + freq[2], 0.0);
   EXPECT_NEAR(freq[1], 0.5, 0.04);
 
-  sampler nothing({neg_inf, neg_inf, neg_inf});
+  row nothing({neg_inf, neg_inf, neg_inf});
   EXPECT_EQ(nothing.draw({}, 1, 0), 0);  // no finite logit: greedy
-  sampler infinite({0.0f, std::numeric_limits<float>::infinity()});
+  row infinite({0.0f, std::numeric_limits<float>::infinity()});
   EXPECT_EQ(infinite.draw({}, 1, 0), 1);
 }
 
 TEST(sampling, bad_arguments_are_refused) {
-  sampler s({0.0f, 1.0f});
+  const std::vector<float> logits{0.0f, 1.0f};
+  std::vector<double> probs(2);
+  std::vector<int32_t> order(2);
   sample_args a;
-  a.logits = s.logits.data();
+  a.logits = logits.data();
   a.vocab = 2;
-  a.probs_workspace = s.probs.data();
-  a.order_workspace = s.order.data();
+  a.probs_workspace = probs.data();
+  a.order_workspace = order.data();
   int32_t token = -1;
   auto refused = [&](sampling_params p) {
     a.params = p;
@@ -164,6 +156,17 @@ TEST(sampling, bad_arguments_are_refused) {
   a.vocab = 0;
   EXPECT_TRUE(refused({.temperature = 0.0f}));
   EXPECT_EQ(sample(a, nullptr), kernel_status::unsupported_shape);
+
+  // The row refuses what sample() refuses, and draws after a refusal as before it.
+  sampler s(2);
+  EXPECT_EQ(s.draw(logits.data(), {.top_p = 0.0f}, 1, 0, &token), kernel_status::unsupported_shape);
+  EXPECT_EQ(s.draw(logits.data(), {.temperature = NAN}, 1, 0, &token),
+            kernel_status::unsupported_shape);
+  EXPECT_EQ(s.draw(nullptr, {}, 1, 0, &token), kernel_status::unsupported_shape);
+  EXPECT_EQ(s.draw(logits.data(), {}, 1, 0, nullptr), kernel_status::unsupported_shape);
+  EXPECT_EQ(sampler(0).draw(logits.data(), {}, 1, 0, &token), kernel_status::unsupported_shape);
+  EXPECT_EQ(s.draw(logits.data(), {.temperature = 0.0f}, 1, 0, &token), kernel_status::ok);
+  EXPECT_EQ(token, 1);
 }
 
 }  // namespace
