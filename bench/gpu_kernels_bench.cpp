@@ -10,7 +10,8 @@
 //    cuBLASLt refuses the FP8 product, its entry says so ("fp8_refused") instead of a time;
 //  - the few-row decode projections (skinny_linear.hpp) against cuBLASLt on the same shapes, per
 //    shape and summed over a decode step (the absorbed attention's two batched per-head products
-//    included), with bf16 and FP8 weights; and at 32 rows cuBLASLt
+//    included), with bf16 and FP8 weights; past 8 rows (16, 32, 64) the small-weight products
+//    the engine keeps on that kernel (the absorbed ones, the router); and at 32 rows cuBLASLt
 //    against the grouped expert GEMM run as one expert;
 //  - the grouped expert GEMM against one dense cuBLASLt product of the same FLOPs and against
 //    cuBLAS's grouped GEMM; on an sm_90 card also its wgmma kernel, fed by TMA and by cp.async,
@@ -36,6 +37,7 @@
 
 #include "kernels/cuda/fp8_dequantize.hpp"
 #include "kernels/cuda/fp8_quantize.hpp"
+#include "kernels/cuda/gather.hpp"
 #include "kernels/cuda/gemm.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
 #include "kernels/cuda/mla_decode.hpp"
@@ -738,6 +740,56 @@ int main(int argc, char** argv) {
         {"dense_down", 2048, 10944, 1, false},
         {"lm_head", 102400, 2048, 1, false},
     };
+    // The absorbed attention's per-head products (16 heads, one strided batch each, kv_b_proj
+    // read in place): q_nope . W_UK ((k, n) rows on the skinny kernel) and out_latent . W_UV^T,
+    // at `rows` rows, into `entries` and a step's sums (8 layers).
+    const auto absorbed = [&](int64_t rows, json& entries, double& lt_step_us,
+                              double& skinny_step_us) {
+      const int64_t H = 16, dn = 128, dv = 128, R = 512, qk = 192;
+      const size_t w_bytes = static_cast<size_t>(H * (dn + dv) * R) * 2;
+      rotated_weight w(w_bytes);
+      fill_bf16(w.mem.p, w.copies * w_bytes / 2);
+      device_mem q(rows * H * qk * 2), latent(rows * H * R * 2), attn(rows * H * dv * 2);
+      fill_bf16(q.p, rows * H * qk);
+      fill_bf16(latent.p, rows * H * R);
+      for (const bool absorb_q : {true, false}) {
+        kc::gemm_desc g;
+        g.m = rows;
+        g.batch_count = H;
+        g.stride_b = (dn + dv) * R;
+        g.ldb = R;
+        if (absorb_q) {
+          g.n = R, g.k = dn, g.a = q.p, g.lda = H * qk, g.stride_a = qk;
+          g.c = latent.p, g.ldc = H * R, g.stride_c = R;
+        } else {
+          g.trans_b = kc::transpose::yes;
+          g.n = dv, g.k = R, g.a = latent.p, g.lda = H * R, g.stride_a = R;
+          g.c = attn.p, g.ldc = H * dv, g.stride_c = dv;
+        }
+        const int64_t w_offset = absorb_q ? 0 : dn * R;
+        const double lt_ms = median_ms(reps, [&] {
+          g.b = static_cast<const uint16_t*>(w.next()) + w_offset;
+          check(lt.run(g, workspace.p, kc::gemm_workspace_bytes, nullptr), "absorbed gemm");
+        });
+        kc::skinny_linear_args a;
+        a.x = g.a, a.y = g.c, a.rows = rows, a.n = g.n, a.k = g.k;
+        a.w_layout = absorb_q ? kc::skinny_weight_layout::k_by_n : kc::skinny_weight_layout::n_by_k;
+        a.ldx = g.lda, a.ldw = g.ldb, a.ldy = g.ldc;
+        a.batch = H, a.stride_x = g.stride_a, a.stride_w = g.stride_b, a.stride_y = g.stride_c;
+        const double skinny_ms = median_ms(reps, [&] {
+          a.w = static_cast<const uint16_t*>(w.next()) + w_offset;
+          check(kc::skinny_linear_run(a, nullptr), "skinny_linear batched");
+        });
+        const double read = static_cast<double>(H * (absorb_q ? dn : dv) * R * 2);
+        entries.push_back({{"name", absorb_q ? "absorb_q_16_heads" : "absorb_out_16_heads"},
+                           {"cublaslt_us", lt_ms * 1e3},
+                           {"skinny_us", skinny_ms * 1e3},
+                           {"cublaslt_over_skinny", lt_ms / skinny_ms},
+                           {"skinny_vs_copy", read / (skinny_ms * 1e6) / copy_gbs}});
+        lt_step_us += 8 * lt_ms * 1e3;  // every layer, both absorbed products
+        skinny_step_us += 8 * skinny_ms * 1e3;
+      }
+    };
     json skinny = json::object();
     for (int64_t rows : {1, 2, 4, 8}) {
       json entries = json::array();
@@ -793,61 +845,56 @@ int main(int argc, char** argv) {
         skinny_step_us += static_cast<double>(p.per_step) * skinny_ms * 1e3;
         entries.push_back(e);
       }
-      // The absorbed attention's per-head products (16 heads, one strided batch each, kv_b_proj
-      // read in place): q_nope . W_UK ((k, n) rows on the skinny kernel) and out_latent . W_UV^T.
-      {
-        const int64_t H = 16, dn = 128, dv = 128, R = 512, qk = 192;
-        const size_t w_bytes = static_cast<size_t>(H * (dn + dv) * R) * 2;
-        rotated_weight w(w_bytes);
-        fill_bf16(w.mem.p, w.copies * w_bytes / 2);
-        device_mem q(rows * H * qk * 2), latent(rows * H * R * 2), attn(rows * H * dv * 2);
-        fill_bf16(q.p, rows * H * qk);
-        fill_bf16(latent.p, rows * H * R);
-        for (const bool absorb_q : {true, false}) {
-          kc::gemm_desc g;
-          g.m = rows;
-          g.batch_count = H;
-          g.stride_b = (dn + dv) * R;
-          g.ldb = R;
-          if (absorb_q) {
-            g.n = R, g.k = dn, g.a = q.p, g.lda = H * qk, g.stride_a = qk;
-            g.c = latent.p, g.ldc = H * R, g.stride_c = R;
-          } else {
-            g.trans_b = kc::transpose::yes;
-            g.n = dv, g.k = R, g.a = latent.p, g.lda = H * R, g.stride_a = R;
-            g.c = attn.p, g.ldc = H * dv, g.stride_c = dv;
-          }
-          const int64_t w_offset = absorb_q ? 0 : dn * R;
-          const double lt_ms = median_ms(reps, [&] {
-            g.b = static_cast<const uint16_t*>(w.next()) + w_offset;
-            check(lt.run(g, workspace.p, kc::gemm_workspace_bytes, nullptr), "absorbed gemm");
-          });
-          kc::skinny_linear_args a;
-          a.x = g.a, a.y = g.c, a.rows = rows, a.n = g.n, a.k = g.k;
-          a.w_layout =
-              absorb_q ? kc::skinny_weight_layout::k_by_n : kc::skinny_weight_layout::n_by_k;
-          a.ldx = g.lda, a.ldw = g.ldb, a.ldy = g.ldc;
-          a.batch = H, a.stride_x = g.stride_a, a.stride_w = g.stride_b, a.stride_y = g.stride_c;
-          const double skinny_ms = median_ms(reps, [&] {
-            a.w = static_cast<const uint16_t*>(w.next()) + w_offset;
-            check(kc::skinny_linear_run(a, nullptr), "skinny_linear batched");
-          });
-          const double read = static_cast<double>(H * (absorb_q ? dn : dv) * R * 2);
-          entries.push_back({{"name", absorb_q ? "absorb_q_16_heads" : "absorb_out_16_heads"},
-                             {"cublaslt_us", lt_ms * 1e3},
-                             {"skinny_us", skinny_ms * 1e3},
-                             {"cublaslt_over_skinny", lt_ms / skinny_ms},
-                             {"skinny_vs_copy", read / (skinny_ms * 1e6) / copy_gbs}});
-          lt_step_us += 8 * lt_ms * 1e3;  // every layer, both absorbed products
-          skinny_step_us += 8 * skinny_ms * 1e3;
-        }
-      }
+      absorbed(rows, entries, lt_step_us, skinny_step_us);
       skinny[std::to_string(rows)] = {{"shapes", entries},
                                       {"cublaslt_step_us", lt_step_us},
                                       {"skinny_step_us", skinny_step_us},
                                       {"cublaslt_over_skinny_step", lt_step_us / skinny_step_us}};
     }
     out["skinny_linear_vs_cublaslt"] = skinny;
+
+    // Past 8 rows the engine keeps the products of small weights on the skinny kernel (passes of
+    // 8 rows, the later ones reading the weight from L2) up to 64 rows: the absorbed products as
+    // above, and the router (bf16 input widened in the kernel, float32 weight and logits)
+    // against the conversion of its input and cuBLASLt's float32 product.
+    json small = json::object();
+    for (int64_t rows : {16, 32, 64}) {
+      json entries = json::array();
+      double lt_step_us = 0, skinny_step_us = 0;
+      absorbed(rows, entries, lt_step_us, skinny_step_us);
+      const int64_t n = 64, k = 2048;
+      rotated_weight w(static_cast<size_t>(n * k) * 4);
+      device_mem x16(rows * k * 2), x32(rows * k * 4), y(rows * n * 4);
+      fill_bf16(x16.p, rows * k);
+      kc::convert_args cv;
+      cv.in = x16.p;
+      cv.out = x32.p;
+      cv.count = rows * k;
+      cv.in_dt = dtype::bf16;
+      cv.out_dt = dtype::f32;
+      const double lt_ms = median_ms(reps, [&] {
+        check(kc::convert_run(cv, nullptr), "convert");
+        const auto d = kc::linear_desc(x32.p, w.next(), y.p, rows, k, n, dtype::f32, dtype::f32);
+        check(lt.run(d, workspace.p, kc::gemm_workspace_bytes, nullptr), "router gemm");
+      });
+      auto a = kc::skinny_linear_desc(x16.p, nullptr, y.p, rows, k, n, dtype::bf16, dtype::f32);
+      a.w_dt = dtype::f32;
+      const double skinny_ms = median_ms(reps, [&] {
+        a.w = w.next();
+        check(kc::skinny_linear_run(a, nullptr), "skinny_linear router");
+      });
+      entries.push_back({{"name", "router"},
+                         {"convert_cublaslt_us", lt_ms * 1e3},
+                         {"skinny_us", skinny_ms * 1e3},
+                         {"cublaslt_over_skinny", lt_ms / skinny_ms}});
+      lt_step_us += 7 * lt_ms * 1e3;
+      skinny_step_us += 7 * skinny_ms * 1e3;
+      small[std::to_string(rows)] = {{"shapes", entries},
+                                     {"cublaslt_step_us", lt_step_us},
+                                     {"skinny_step_us", skinny_step_us},
+                                     {"cublaslt_over_skinny_step", lt_step_us / skinny_step_us}};
+    }
+    out["skinny_small_weights_vs_cublaslt"] = small;
 
     // Batch 32 is past the skinny kernel: its products stay on cuBLASLt, whose tiles stream
     // ~10 MB weights at a fifth of copy bandwidth there (the first H200 run). The grouped

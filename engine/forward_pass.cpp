@@ -103,13 +103,32 @@ class forward {
   /// The few-row product on skinny_linear.hpp's kernel where the step has few enough rows and
   /// the kernel takes the shape; nullopt: the caller uses cuBLASLt.
   std::optional<caf::error> skinny(const kcu::skinny_linear_args& a, const char* what) {
-    if (a.rows > m_.skinny_rows || kcu::skinny_linear_can_run(a) != kernel_status::ok)
+    return skinny_upto(a, what, m_.skinny_rows);
+  }
+
+  /// The rows up to which a product whose weight stays in L2 (the router's 0.5 MB, the absorbed
+  /// attention's 2 MB a layer of v2-lite) takes the skinny kernel, in passes of 8 rows, the
+  /// later ones reading the weight from L2: at batch 32 that is one launch instead of cuBLASLt's
+  /// strided batch, or of a conversion and a float32 product for the router.
+  static constexpr int64_t small_weight_rows = 64;
+
+  /// skinny() for such a product: up to small_weight_rows rows (or skinny_rows if more); never
+  /// with skinny_rows 0, which keeps every product on cuBLASLt.
+  std::optional<caf::error> skinny_small_weight(const kcu::skinny_linear_args& a,
+                                                const char* what) {
+    if (m_.skinny_rows == 0) return std::nullopt;
+    return skinny_upto(a, what, std::max(m_.skinny_rows, small_weight_rows));
+  }
+
+  std::optional<caf::error> skinny_upto(const kcu::skinny_linear_args& a, const char* what,
+                                        int64_t max_rows) {
+    if (a.rows > max_rows || kcu::skinny_linear_can_run(a) != kernel_status::ok)
       return std::nullopt;
     return check(kcu::skinny_linear_run(a, stream_), what);
   }
 
   /// A strided batch of products (the absorbed attention's, one per head) on skinny_linear.hpp's
-  /// kernel, as one launch, where the step has few enough rows and the kernel takes the shape;
+  /// kernel, as one launch, up to small_weight_rows rows where the kernel takes the shape;
   /// cuBLASLt's strided batch otherwise.
   caf::error batched(const kcu::gemm_desc& g, const char* what) {
     if (g.trans_a == kcu::transpose::no && g.alpha == 1.0f) {
@@ -132,7 +151,7 @@ class forward {
       a.stride_x = g.stride_a;
       a.stride_w = g.stride_b;
       a.stride_y = g.stride_c;
-      if (auto done = skinny(a, what)) return *done;
+      if (auto done = skinny_small_weight(a, what)) return *done;
     }
     return gemm(g, what);
   }
@@ -568,16 +587,13 @@ class forward {
     const int64_t rows = T_ * k;
     caf::error err;
     const void* router_in = b_.mlp_in;
-    // The gate runs in float32, as transformers'. A few rows take the bf16 input straight into
-    // the skinny kernel, which widens it exactly (one launch instead of a conversion and a
-    // product); otherwise the input is converted first.
-    std::optional<caf::error> routed;
-    if (m_.dt != dtype::f32) {
-      auto r = kcu::skinny_linear_desc(b_.mlp_in, w.router, b_.router_logits, T_, D, E, m_.dt,
-                                       dtype::f32);
-      r.w_dt = dtype::f32;
-      routed = skinny(r, "router");
-    }
+    // The gate runs in float32, as transformers'. Up to small_weight_rows rows take the bf16
+    // input straight into the skinny kernel, which widens it exactly (one launch instead of a
+    // conversion and a product); otherwise the input is converted first.
+    auto r =
+        kcu::skinny_linear_desc(b_.mlp_in, w.router, b_.router_logits, T_, D, E, m_.dt, dtype::f32);
+    r.w_dt = dtype::f32;
+    std::optional<caf::error> routed = skinny_small_weight(r, "router");
     if (routed) {
       if (*routed) return *routed;
     } else if (m_.dt != dtype::f32) {

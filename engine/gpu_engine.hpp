@@ -62,7 +62,8 @@ struct gpu_engine_options {
   };
   fp8_products fp8 = fp8_products::block_scaled;
   /// Products of at most this many rows (decode at small batches; the absorbed attention's
-  /// per-head products too, one batched launch each) run on the weight-streaming
+  /// per-head products too, one batched launch each, and with the router up to 64 rows, their
+  /// weights being small enough to re-read from L2) run on the weight-streaming
   /// kernel of kernels/cuda/skinny_linear.hpp instead of cuBLASLt, whose kernels are tiled for
   /// many rows; an FP8 weight then streams as FP8 and is expanded to bf16 in registers (the
   /// values of `expand`, whichever `fp8` says). 0 .. kernels::cuda::skinny_linear_max_rows (8);

@@ -134,6 +134,17 @@ struct strides {
   int64_t batch_x, batch_w, batch_y;
 };
 
+// Rows past skinny_linear_max_rows run in passes of that many, blockIdx.z the pass, each
+// streaming the whole weight again (from L2 where it is small: the router's, the absorbed
+// attention's). Moves x and y to the pass's first row; its rows.
+template <int R, class TX, class TY>
+__device__ __forceinline__ int pass_rows(const TX*& x, TY*& y, int rows, const strides& st) {
+  const int first = static_cast<int>(blockIdx.z) * static_cast<int>(skinny_linear_max_rows);
+  x += first * st.ldx;
+  y += first * st.ldy;
+  return min(rows - first, R);
+}
+
 // n_by_k: one column (output feature) per warp, or k_split warps per column, each over a
 // contiguous slice of k's chunks; R rows at most (rows at run time); blockIdx.y is the product
 // of the batch. Every lane sums its chunks in order; the warp's lanes, then the column's warps
@@ -152,6 +163,7 @@ __global__ void __launch_bounds__(threads_per_block)
   x += blockIdx.y * st.batch_x;
   w = static_cast<const char*>(w) + blockIdx.y * st.batch_w * W::bytes;
   y += blockIdx.y * st.batch_y;
+  rows = pass_rows<R>(x, y, rows, st);
 
   float acc[P][R];
 #pragma unroll
@@ -243,6 +255,7 @@ __global__ void __launch_bounds__(threads_per_block)
   x += blockIdx.y * st.batch_x;
   w = static_cast<const char*>(w) + blockIdx.y * st.batch_w * W::bytes;
   y += blockIdx.y * st.batch_y;
+  rows = pass_rows<R>(x, y, rows, st);
   const int64_t col0 = (int64_t{blockIdx.x} * 32 + lane) * V;
   const bool active = col0 < n;  // n is a multiple of V: a chunk is whole or absent
   const int64_t per_warp = (k + kn_warps - 1) / kn_warps;
@@ -319,12 +332,15 @@ strides strides_of(const skinny_linear_args& a) {
 template <class TX, class W, class TY, int R>
 kernel_status launch_rows(const skinny_linear_args& a, cudaStream_t stream) {
   const auto batch = static_cast<unsigned>(a.batch);
+  const auto passes =
+      static_cast<unsigned>((a.rows + skinny_linear_max_rows - 1) / skinny_linear_max_rows);
   if (a.w_layout == skinny_weight_layout::k_by_n) {
     if constexpr (W::bytes == 1) {
       return kernel_status::unsupported_dtype;  // refused by can_run; never instantiated
     } else {
       const int64_t cols_per_block = 32 * W::elements;
-      const dim3 blocks(static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block), batch);
+      const dim3 blocks(static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block), batch,
+                        passes);
       skinny_linear_kn_kernel<TX, W, TY, R><<<blocks, threads_per_block, 0, stream>>>(
           static_cast<const TX*>(a.x), a.w, static_cast<TY*>(a.y), static_cast<int>(a.rows), a.n,
           a.k, a.beta, strides_of(a));
@@ -337,7 +353,8 @@ kernel_status launch_rows(const skinny_linear_args& a, cudaStream_t stream) {
          chunks / (2 * k_split) >= min_chunks_per_warp)
     k_split *= 2;
   const int64_t cols_per_block = warps_per_block / k_split;
-  const dim3 blocks(static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block), batch);
+  const dim3 blocks(static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block), batch,
+                    passes);
   fp8_grid grid;
   if constexpr (W::bytes == 1) {
     grid.scale = a.w_scale;
@@ -382,7 +399,7 @@ kernel_status skinny_linear_can_run(const skinny_linear_args& a) noexcept {
   if (kn && fp8) return kernel_status::unsupported_dtype;
   if (a.swiglu && (kn || a.batch != 1 || a.beta != 0.0f)) return kernel_status::unsupported_shape;
   if (a.w_layout != skinny_weight_layout::n_by_k && !kn) return kernel_status::unsupported_shape;
-  if (a.rows < 0 || a.n < 0 || a.k < 0 || a.rows > skinny_linear_max_rows || a.batch < 1 ||
+  if (a.rows < 0 || a.n < 0 || a.k < 0 || a.rows > skinny_linear_max_rows * 65535 || a.batch < 1 ||
       a.batch > 65535 || (a.batch > 1 && (fp8 || a.stride_y == 0)))
     return kernel_status::unsupported_shape;
   if (a.ldx < 0 || a.ldw < 0 || a.ldy < 0 || a.stride_x < 0 || a.stride_w < 0 || a.stride_y < 0)

@@ -40,9 +40,12 @@
 
 namespace moe::kernels::cuda {
 
-/// The most rows one launch takes. Each row adds a load of x and a multiply-add per weight
-/// element; at 8 rows the CUDA cores, not memory, set the pace on an H200-class card, and
-/// cuBLASLt's tensor-core kernels are the better choice well before 16.
+/// The rows one pass over the weight takes. Each row adds a load of x and a multiply-add per
+/// weight element; at 8 rows the CUDA cores, not memory, set the pace on an H200-class card, and
+/// cuBLASLt's tensor-core kernels are the better choice for a large weight well before 16.
+/// More rows run as passes of 8 in the same launch, each streaming the weight again: for a small
+/// weight (the router's 0.5 MB, the absorbed attention's 2 MB a layer of v2-lite) the passes
+/// after the first find it in L2.
 inline constexpr int64_t skinny_linear_max_rows = 8;
 
 /// How w is laid out: nn.Linear's (n, k) rows, y = x . w^T (every projection); or (k, n) rows,
@@ -55,7 +58,7 @@ struct skinny_linear_args {
   const void* x = nullptr;  ///< (rows, k) of x_dt
   const void* w = nullptr;  ///< (n, k) of w_dt; (k, n) with k_by_n
   void* y = nullptr;        ///< (rows, n) of y_dt; read only when beta != 0; not overlapping x
-  int64_t rows = 0;         ///< 0 .. skinny_linear_max_rows
+  int64_t rows = 0;         ///< 0 .. 65535 passes of skinny_linear_max_rows
   int64_t n = 0;
   int64_t k = 0;
   skinny_weight_layout w_layout = skinny_weight_layout::n_by_k;
@@ -108,7 +111,7 @@ struct skinny_linear_args {
 }
 
 /// Host-side checks. ok; unsupported_dtype for dtypes outside the combinations above (FP8 only
-/// with n_by_k); unsupported_shape for negative sizes or strides, rows above
+/// with n_by_k); unsupported_shape for negative sizes or strides, rows above 65535 passes of
 /// skinny_linear_max_rows, batch outside 1 .. 65535 (or above 1 with FP8 or stride_y 0), swiglu
 /// with k_by_n, a batch or beta, k == 0
 /// (with n and rows not 0), a null pointer (where rows * n > 0), x or w not 16-byte aligned, a row

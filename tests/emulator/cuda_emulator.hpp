@@ -308,11 +308,14 @@ struct launcher {
     grid_dim = grid;
     block_dim.x = block;
     dynamic_smem_bytes = smem;
-    for (unsigned y = 0; y < grid.y; ++y) {
-      block_idx.y = y;
-      for (unsigned b = 0; b < grid.x; ++b) run_block(b, block);
+    for (unsigned z = 0; z < grid.z; ++z) {
+      block_idx.z = z;
+      for (unsigned y = 0; y < grid.y; ++y) {
+        block_idx.y = y;
+        for (unsigned b = 0; b < grid.x; ++b) run_block(b, block);
+      }
     }
-    block_idx.y = 0;
+    block_idx.y = block_idx.z = 0;
   }
   template <class... A>
   void operator()(A&&... a) const {

@@ -142,7 +142,10 @@ TEST(cuda_skinny_linear, can_run_rejects_bad_arguments) {
              ok = kernel_status::ok;
   const change changes[] = {
       {"as given", good, [](args&) {}, ok},
-      {"too many rows", good, [](args& a) { a.rows = cuda::skinny_linear_max_rows + 1; }, shape},
+      {"rows past one pass", good, [](args& a) { a.rows = cuda::skinny_linear_max_rows + 1; }, ok},
+      {"65535 passes", good, [](args& a) { a.rows = cuda::skinny_linear_max_rows * 65535; }, ok},
+      {"too many rows", good, [](args& a) { a.rows = cuda::skinny_linear_max_rows * 65535 + 1; },
+       shape},
       {"k not a multiple of 8 bf16", good, [](args& a) { a.k = 60; }, shape},
       {"x misaligned", good, [](args& a) { a.x = storage + 2; }, shape},
       {"w misaligned", good, [](args& a) { a.w = storage + 8; }, shape},
@@ -214,17 +217,25 @@ TEST(cuda_skinny_linear, can_run_rejects_bad_arguments) {
   }
 }
 
-// Row counts across the instantiated bounds (1, 2, 4, 8: 3, 5 and 8 exercise the masks), widths
+// Row counts across the instantiated bounds (1, 2, 4, 8: 3, 5 and 8 exercise the masks) and
+// past one pass (16, 19), widths
 // that give one warp per column and k split over 2, 4 and 8 warps (a k of 1024 bf16 with few
 // columns splits in two, 4096 in four, f32 4096 over 8 columns in eight), both output dtypes, and
 // beta 1 (the residual add of o_proj and the MLP's down projection).
 TEST(cuda_skinny_linear, bf16_and_f32_products_match_the_exact_sum) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   const float_case cases[] = {
-      {1, 300, 64, dtype::bf16, dtype::bf16, 0.0f}, {3, 37, 1024, dtype::bf16, dtype::bf16, 0.0f},
-      {8, 40, 256, dtype::bf16, dtype::f32, 0.0f},  {2, 24, 4096, dtype::bf16, dtype::f32, 1.0f},
-      {5, 96, 512, dtype::bf16, dtype::bf16, 1.0f}, {1, 8, 4096, dtype::f32, dtype::f32, 0.0f},
-      {4, 130, 128, dtype::f32, dtype::f32, 1.0f},  {7, 17, 48, dtype::f32, dtype::bf16, 0.0f},
+      {1, 300, 64, dtype::bf16, dtype::bf16, 0.0f},
+      {3, 37, 1024, dtype::bf16, dtype::bf16, 0.0f},
+      {8, 40, 256, dtype::bf16, dtype::f32, 0.0f},
+      {2, 24, 4096, dtype::bf16, dtype::f32, 1.0f},
+      {5, 96, 512, dtype::bf16, dtype::bf16, 1.0f},
+      {1, 8, 4096, dtype::f32, dtype::f32, 0.0f},
+      {4, 130, 128, dtype::f32, dtype::f32, 1.0f},
+      {7, 17, 48, dtype::f32, dtype::bf16, 0.0f},
+      // Past one pass of 8 rows: a whole second pass, and a last pass of 3.
+      {16, 40, 256, dtype::bf16, dtype::bf16, 1.0f},
+      {19, 24, 4096, dtype::bf16, dtype::f32, 0.0f},
   };
   for (const auto& c : cases) check_float_case(c);
 }
@@ -311,6 +322,9 @@ TEST(cuda_skinny_linear, batched_strided_products_in_both_weight_layouts) {
       {k_by_n, 1, 5, 36, 300, 1, dtype::f32, dtype::f32, 1.0f},
       {n_by_k, 5, 2, 7, 1024, 2, dtype::f32, dtype::bf16, 0.0f},
       {k_by_n, 2, 4, 8, 1, 0, dtype::f32, dtype::bf16, 1.0f},
+      // Past one pass of 8 rows (a batch-32 decode's absorbed products; a last pass of 5).
+      {k_by_n, 3, 32, 512, 128, 128, dtype::bf16, dtype::bf16, 0.0f},
+      {n_by_k, 3, 21, 128, 512, 128, dtype::bf16, dtype::bf16, 0.0f},
   };
   for (const auto& c : cases) check_batch_case(c);
 }
@@ -325,7 +339,7 @@ TEST(cuda_skinny_linear, fused_swiglu_is_the_activation_of_the_two_products) {
   const float_case cases[] = {
       {1, 300, 64, dtype::bf16, dtype::bf16, 0.0f}, {3, 37, 1024, dtype::bf16, dtype::f32, 0.0f},
       {8, 40, 256, dtype::bf16, dtype::bf16, 0.0f}, {2, 12, 4096, dtype::f32, dtype::f32, 0.0f},
-      {5, 96, 512, dtype::f32, dtype::bf16, 0.0f},
+      {5, 96, 512, dtype::f32, dtype::bf16, 0.0f},  {11, 20, 256, dtype::bf16, dtype::bf16, 0.0f},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " n " << c.n << " k " << c.k
