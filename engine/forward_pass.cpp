@@ -622,7 +622,6 @@ class forward {
     g.topk_idx = topk_idx;
     g.topk_weight = b_.topk_weight;
     g.num_tokens = T_;
-    if ((err = check(kcu::moe_gate_run(g, stream_), "gate"))) return err;
     kcu::permute_plan_args plan;
     plan.topk_idx = topk_idx;
     plan.num_tokens = T_;
@@ -631,7 +630,15 @@ class forward {
     plan.expert_offsets = b_.expert_offsets;
     plan.positions = b_.expert_positions;
     plan.inverse = b_.expert_inverse;
-    if ((err = check(kcu::permute_plan_run(plan, stream_), "permute plan"))) return err;
+    // The gate and the plan in one launch (the same outputs) for up to moe_gate_plan_max_entries
+    // routed rows (a decode step, a short prefill), else apart.
+    if (kcu::moe_gate_plan_can_run(g, plan) == kernel_status::ok) {
+      if ((err = check(kcu::moe_gate_plan_run(g, plan, stream_), "gate + permute plan")))
+        return err;
+    } else if ((err = check(kcu::moe_gate_run(g, stream_), "gate")) ||
+               (err = check(kcu::permute_plan_run(plan, stream_), "permute plan"))) {
+      return err;
+    }
     // cuBLAS's grouped GEMM needs the experts' row offsets on the host: a prefill copies them
     // and waits (a decode step may be replayed from a graph, which cannot).
     const bool blas =

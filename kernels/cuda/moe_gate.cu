@@ -2,11 +2,10 @@
 
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/moe_gate.hpp"
+#include "kernels/cuda/routing.cuh"
 
 namespace moe::kernels::cuda {
 namespace {
-
-using detail::ranks_before;
 
 constexpr int max_threads_per_block = 256;
 
@@ -19,10 +18,18 @@ int threads_for(int num_experts, int top_k) {
 }
 constexpr int max_groups = static_cast<int>(moe_gate_max_experts / 2);  // groups hold >= 2
 
-// One block per token; the token's scores live in shared memory. The selections are rank
-// counts under the total order ranks_before (an element's rank is how many others rank before
-// it), which is exactly what the host's partial_sort with that comparator produces, needs no
-// sorting network, and is independent of the thread schedule.
+// Shared bytes of one token slot of moe_gate_plan_kernel, 16-byte aligned, and of the kernel.
+__host__ __device__ constexpr size_t gate_plan_slot_bytes(int64_t num_experts, int64_t num_groups,
+                                                          int64_t top_k) {
+  const auto bytes = static_cast<size_t>((2 * num_experts + num_groups + top_k) * 4 + num_groups);
+  return (bytes + 15) / 16 * 16;
+}
+constexpr size_t plan_shared_bytes(int64_t slots, size_t slot_bytes) {
+  return static_cast<size_t>(slots) * slot_bytes +
+         (detail::small_plan_entries + permute_max_experts) * sizeof(int32_t);
+}
+
+// One block per token; the token's scores live in shared memory.
 __global__ void moe_gate_kernel(const float* logits, const float* bias, int32_t* topk_idx,
                                 float* topk_weight, int num_experts, int num_groups, int topk_group,
                                 int top_k, bool norm_topk_prob, float routed_scaling_factor) {
@@ -31,82 +38,55 @@ __global__ void moe_gate_kernel(const float* logits, const float* bias, int32_t*
   __shared__ float group_scores[max_groups];
   __shared__ bool group_kept[max_groups];
   __shared__ int32_t chosen[moe_gate_max_top_k];
-
   const int64_t t = blockIdx.x;
-  const int tid = static_cast<int>(threadIdx.x);
-  const float* row = logits + t * num_experts;
-  const int group_size = num_experts / num_groups;
-
-  for (int e = tid; e < num_experts; e += blockDim.x) {
-    // exp in double, rounded once: the correctly rounded expf, which glibc's expf (the host's
-    // std::exp(float)) matches but in the rare last-ulp case. CUDA's expf is up to 2 ulp off.
-    const float ex = static_cast<float>(exp(-static_cast<double>(row[e])));
-    const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, ex));
-    scores[e] = s;
-    biased[e] = __fadd_rn(s, bias != nullptr ? bias[e] : 0.0f);
-  }
-  __syncthreads();
-
-  // Every group kept (v2-lite's one group, say): nothing to mask, and the group scores (a serial
-  // scan of each group by one thread) are not needed. The condition is the block's, so its
-  // barriers are reached by every thread or by none.
-  if (topk_group < num_groups) {
-    // Group score: the two best biased scores of each group (one thread per group).
-    for (int g = tid; g < num_groups; g += blockDim.x) {
-      const int first = g * group_size;
-      int best = first, second = first + 1;
-      if (ranks_before(biased[second], second, biased[best], best)) {
-        best = first + 1;
-        second = first;
-      }
-      for (int e = first + 2; e < first + group_size; ++e) {
-        if (ranks_before(biased[e], e, biased[best], best)) {
-          second = best;
-          best = e;
-        } else if (ranks_before(biased[e], e, biased[second], second)) {
-          second = e;
-        }
-      }
-      group_scores[g] = __fadd_rn(biased[best], biased[second]);
-    }
-    __syncthreads();
-
-    for (int g = tid; g < num_groups; g += blockDim.x) {
-      int rank = 0;
-      for (int h = 0; h < num_groups; ++h)
-        rank += ranks_before(group_scores[h], h, group_scores[g], g) ? 1 : 0;
-      group_kept[g] = rank < topk_group;
-    }
-    __syncthreads();
-
-    for (int e = tid; e < num_experts; e += blockDim.x)
-      if (!group_kept[e / group_size]) biased[e] = __int_as_float(0xff800000);  // -inf
-    __syncthreads();
-  }
-
-  // Every expert is ranked, masked ones included: when kept experts are NaN, a masked -inf
-  // ranks before them, as on the host. The count stops once it reaches top_k (not chosen).
-  for (int e = tid; e < num_experts; e += blockDim.x) {
-    const float v = biased[e];
-    int rank = 0;
-    for (int f = 0; f < num_experts && rank < top_k; ++f)
-      rank += ranks_before(biased[f], f, v, e) ? 1 : 0;
-    if (rank < top_k) chosen[rank] = e;
-  }
-  __syncthreads();
-
-  // Each of the first top_k threads sums the same scores in the same order (the host's), so
-  // all see one denominator, and writes its own entry.
-  if (tid < top_k) {
-    float sum = 0.0f;
-    for (int i = 0; i < top_k; ++i) sum = __fadd_rn(sum, scores[chosen[i]]);
-    const float denom = norm_topk_prob ? __fadd_rn(sum, 1e-20f) : 1.0f;
-    const int32_t e = chosen[tid];
-    topk_idx[t * top_k + tid] = e;
-    topk_weight[t * top_k + tid] = __fmul_rn(__fdiv_rn(scores[e], denom), routed_scaling_factor);
-  }
+  detail::gate_token(logits + t * num_experts, bias, topk_idx + t * top_k, topk_weight + t * top_k,
+                     num_experts, num_groups, topk_group, top_k, norm_topk_prob,
+                     routed_scaling_factor, static_cast<int>(threadIdx.x),
+                     static_cast<int>(blockDim.x),
+                     {scores, biased, group_scores, group_kept, chosen});
 }
 
+// The gate and the plan in one block of small_plan_entries threads: the tokens go through the
+// gate `slots` at a time (each slot a group of `threads` threads with its own shared memory, as
+// one moe_gate_kernel block), their choices also into shared memory, then the plan over them.
+__global__ void __launch_bounds__(detail::small_plan_entries)
+    moe_gate_plan_kernel(const float* logits, const float* bias, int32_t* topk_idx,
+                         float* topk_weight, int num_tokens, int num_experts, int num_groups,
+                         int topk_group, int top_k, bool norm_topk_prob,
+                         float routed_scaling_factor, int threads, int32_t* expert_offsets,
+                         int32_t* positions, int32_t* inverse) {
+  extern __shared__ float4 gate_plan_shared[];
+  const int slots = detail::small_plan_entries / threads;
+  const int tid = static_cast<int>(threadIdx.x), slot = tid / threads, t = tid % threads;
+  // Per slot: scores and biased (num_experts floats each), the group scores (num_groups floats),
+  // the chosen (top_k ints), the kept flags (num_groups bools); then the ids and the plan's ends.
+  const size_t per_slot = gate_plan_slot_bytes(num_experts, num_groups, top_k);
+  unsigned char* mine = reinterpret_cast<unsigned char*>(gate_plan_shared) + slot * per_slot;
+  detail::gate_scratch s;
+  s.scores = reinterpret_cast<float*>(mine);
+  s.biased = s.scores + num_experts;
+  s.group_scores = s.biased + num_experts;
+  s.chosen = reinterpret_cast<int32_t*>(s.group_scores + num_groups);
+  s.group_kept = reinterpret_cast<bool*>(s.chosen + top_k);
+  int32_t* ids = reinterpret_cast<int32_t*>(reinterpret_cast<unsigned char*>(gate_plan_shared) +
+                                            slots * per_slot);
+  int32_t* ends = ids + detail::small_plan_entries;
+  const int n = num_tokens * top_k;
+  for (int t0 = 0; t0 < num_tokens; t0 += slots) {
+    const int token = t0 + slot;
+    const bool active = slot < slots && token < num_tokens;
+    detail::gate_token(active ? logits + int64_t{token} * num_experts : nullptr, bias,
+                       topk_idx + int64_t{token} * top_k, topk_weight + int64_t{token} * top_k,
+                       num_experts, num_groups, topk_group, top_k, norm_topk_prob,
+                       routed_scaling_factor, t, threads, s);
+    // The token's choices, as the plan reads them (complete since gate_token's last barrier).
+    if (active && t < top_k) ids[token * top_k + t] = s.chosen[t];
+    __syncthreads();  // the slots' scratch is reused by the next round
+  }
+  if (tid >= n) ids[tid] = -1;
+  __syncthreads();
+  detail::small_plan(ids, n, num_experts, ends, expert_offsets, positions, inverse);
+}
 }  // namespace
 
 kernel_status moe_gate_can_run(const moe_gate_args& a) noexcept {
@@ -136,6 +116,43 @@ kernel_status moe_gate_run(const moe_gate_args& a, cudaStream_t stream) noexcept
       a.logits, a.bias, a.topk_idx, a.topk_weight, static_cast<int>(p.num_experts),
       static_cast<int>(p.num_groups), static_cast<int>(p.topk_group), static_cast<int>(p.top_k),
       p.norm_topk_prob, p.routed_scaling_factor);
+  return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
+}
+
+kernel_status moe_gate_plan_can_run(const moe_gate_args& gate,
+                                    const permute_plan_args& plan) noexcept {
+  if (auto s = moe_gate_can_run(gate); s != kernel_status::ok) return s;
+  if (auto s = permute_plan_can_run(plan); s != kernel_status::ok) return s;
+  if (plan.topk_idx != gate.topk_idx || plan.num_tokens != gate.num_tokens ||
+      plan.top_k != static_cast<int64_t>(gate.params.top_k) ||
+      gate.num_tokens * plan.top_k > moe_gate_plan_max_entries)
+    return kernel_status::unsupported_shape;
+  return kernel_status::ok;
+}
+
+kernel_status moe_gate_plan_run(const moe_gate_args& gate, const permute_plan_args& plan,
+                                cudaStream_t stream) noexcept {
+  if (auto s = moe_gate_plan_can_run(gate, plan); s != kernel_status::ok) return s;
+  const cpu::moe_gate_params& p = gate.params;
+  const auto experts = static_cast<int>(p.num_experts), groups = static_cast<int>(p.num_groups),
+             top_k = static_cast<int>(p.top_k);
+  const int threads = threads_for(experts, top_k);
+  const int slots = detail::small_plan_entries / threads;
+  const size_t bytes = plan_shared_bytes(slots, gate_plan_slot_bytes(experts, groups, top_k));
+  // Past 48 KiB (hundreds of experts) the kernel must opt in: to the most any call can ask (the
+  // widest gate, four slots of 256 threads), the same value from every caller.
+  constexpr size_t most =
+      plan_shared_bytes(detail::small_plan_entries / max_threads_per_block,
+                        gate_plan_slot_bytes(moe_gate_max_experts, max_groups, moe_gate_max_top_k));
+  static_assert(most <= 227 * 1024);
+  if (bytes > 48 * 1024 &&
+      cudaFuncSetAttribute(moe_gate_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(most)) != cudaSuccess)
+    return kernel_status::launch_failed;
+  moe_gate_plan_kernel<<<1, detail::small_plan_entries, bytes, stream>>>(
+      gate.logits, gate.bias, gate.topk_idx, gate.topk_weight, static_cast<int>(gate.num_tokens),
+      experts, groups, static_cast<int>(p.topk_group), top_k, p.norm_topk_prob,
+      p.routed_scaling_factor, threads, plan.expert_offsets, plan.positions, plan.inverse);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 

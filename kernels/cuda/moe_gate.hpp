@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "kernels/cpu/moe_gate.hpp"
+#include "kernels/cuda/permute.hpp"
 #include "kernels/kernel_status.hpp"
 
 namespace moe::kernels::cuda {
@@ -45,5 +46,20 @@ struct moe_gate_args {
 /// > INT32_MAX, or a null logits/topk_idx/topk_weight (null is accepted when num_tokens == 0).
 [[nodiscard]] kernel_status moe_gate_can_run(const moe_gate_args& a) noexcept;
 [[nodiscard]] kernel_status moe_gate_run(const moe_gate_args& a, cudaStream_t stream) noexcept;
+
+/// The most entries (num_tokens * top_k) moe_gate_plan_run takes: a decode step's.
+inline constexpr int64_t moe_gate_plan_max_entries = 1024;
+
+/// moe_gate_run, then permute_plan_run (permute.hpp) over the topk_idx it wrote, in ONE launch
+/// of one block: the tokens' gates a few at a time (each as moe_gate_run's block computes it),
+/// their choices kept in shared memory for the plan. The outputs of both, bit for bit, one
+/// launch fewer per MoE layer at decode. ok; what moe_gate_can_run or permute_plan_can_run
+/// refuses; unsupported_shape where the plan is not over the gate's output (another topk_idx,
+/// num_tokens or top_k) or num_tokens * top_k passes moe_gate_plan_max_entries.
+[[nodiscard]] kernel_status moe_gate_plan_can_run(const moe_gate_args& gate,
+                                                  const permute_plan_args& plan) noexcept;
+[[nodiscard]] kernel_status moe_gate_plan_run(const moe_gate_args& gate,
+                                              const permute_plan_args& plan,
+                                              cudaStream_t stream) noexcept;
 
 }  // namespace moe::kernels::cuda

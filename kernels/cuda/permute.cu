@@ -4,6 +4,7 @@
 
 #include "kernels/cuda/element_access.cuh"
 #include "kernels/cuda/permute.hpp"
+#include "kernels/cuda/routing.cuh"
 
 namespace moe::kernels::cuda {
 namespace {
@@ -38,18 +39,6 @@ __global__ void count_kernel(const int32_t* topk_idx, int64_t n, int32_t* expert
   }
 }
 
-// buf[0 .. n) becomes its inclusive prefix sum (Hillis-Steele), one thread per entry of a block
-// of at least n threads; every thread of the block calls it.
-__device__ void block_inclusive_scan(int32_t* buf, int n) {
-  const int tid = static_cast<int>(threadIdx.x);
-  for (int d = 1; d < n; d *= 2) {
-    const int32_t add = tid >= d && tid < n ? buf[tid - d] : 0;
-    __syncthreads();
-    if (tid < n) buf[tid] += add;
-    __syncthreads();
-  }
-}
-
 // Plan step 2: one block turns the counts in expert_offsets[1..E] into their inclusive scan, so
 // expert_offsets becomes the exclusive offsets (over at most 1024 entries).
 __global__ void scan_kernel(int32_t* expert_offsets, int num_experts) {
@@ -57,7 +46,7 @@ __global__ void scan_kernel(int32_t* expert_offsets, int num_experts) {
   const int tid = static_cast<int>(threadIdx.x);
   buf[tid] = tid < num_experts ? expert_offsets[tid + 1] : 0;
   __syncthreads();
-  block_inclusive_scan(buf, num_experts);
+  detail::block_inclusive_scan(buf, num_experts);
   if (tid < num_experts) expert_offsets[tid + 1] = buf[tid];
 }
 
@@ -116,40 +105,18 @@ __global__ void place_kernel(const int32_t* topk_idx, int64_t n, int num_experts
 }
 
 // A decode-sized plan (at most small_plan_entries entries) in one block and one launch instead of
-// three: the ids in shared memory; thread e counts expert e's entries; a scan of the counts over
-// the experts; thread j places entry j after the earlier entries of its expert (counted in index
-// order: the stable order of the CPU plan, as the three-launch form gives). The three launches
-// took ~2.8 us each, 21 a decode step, on an H200 (2026-11-30).
-constexpr int small_plan_entries = 1024;
+// three (routing.cuh's small_plan). The three launches took ~2.8 us each, 21 a decode step, on an
+// H200 (2026-11-30).
+using detail::small_plan_entries;
 
 __global__ void small_plan_kernel(const int32_t* topk_idx, int n, int num_experts,
                                   int32_t* expert_offsets, int32_t* positions, int32_t* inverse) {
   __shared__ int32_t ids[small_plan_entries];
   __shared__ int32_t ends[permute_max_experts];  // counts, then their inclusive scan
   const int tid = static_cast<int>(threadIdx.x);
-  const int32_t id = tid < n ? topk_idx[tid] : -1;
-  ids[tid] = id;
+  ids[tid] = tid < n ? topk_idx[tid] : -1;
   __syncthreads();
-  int32_t count = 0;
-  if (tid < num_experts)
-    for (int j = 0; j < n; ++j) count += ids[j] == tid ? 1 : 0;
-  ends[tid] = count;
-  __syncthreads();
-  block_inclusive_scan(ends, num_experts);
-  if (tid == 0) expert_offsets[0] = 0;
-  if (tid < num_experts) expert_offsets[tid + 1] = ends[tid];
-  if (tid >= n) return;  // after the last barrier
-  if (id < 0 || id >= num_experts) {
-    positions[tid] = -1;
-  } else {
-    int32_t before = 0;
-    for (int j = 0; j < tid; ++j) before += ids[j] == id ? 1 : 0;
-    const int32_t row = (id == 0 ? 0 : ends[id - 1]) + before;
-    positions[tid] = row;
-    inverse[row] = tid;
-  }
-  // Rows past the last in use: disjoint from the rows written above.
-  if (tid >= ends[num_experts - 1]) inverse[tid] = -1;
+  detail::small_plan(ids, n, num_experts, ends, expert_offsets, positions, inverse);
 }
 
 // One block per entry: copies x's row of its token to its row of permuted. The raw element

@@ -596,6 +596,111 @@ TEST(cuda_moe_gate, can_run_rejects_bad_arguments) {
   EXPECT_EQ(cuda::moe_gate_run(empty, nullptr), kernel_status::ok);
 }
 
+// The gate and the plan in one launch (moe_gate_plan_run) against moe_gate_run and then
+// permute_plan_run: every output bit for bit. The same special rows as above (ties, NaN,
+// infinities), with and without a bias; token counts from one to the 1024-entry limit, several
+// rounds of token slots (v2-lite's 64 experts: 16 tokens a round), a slot count that does not
+// divide the block (96 threads a token), and the widest gate (four slots over 51 KiB of shared
+// memory: the kernel's opt-in).
+void check_moe_gate_plan(const cpu::moe_gate_params& p, size_t num_tokens, bool with_bias,
+                         uint64_t seed) {
+  const size_t E = p.num_experts, n = num_tokens * p.top_k;
+  SCOPED_TRACE(::testing::Message()
+               << "E " << E << " groups " << p.num_groups << " topk_group " << p.topk_group
+               << " top_k " << p.top_k << " tokens " << num_tokens << " bias " << with_bias);
+  auto logits = random_floats(num_tokens * E, seed, -6.0f, 6.0f);
+  if (num_tokens > 4) {
+    std::fill(logits.begin(), logits.begin() + E, 0.25f);
+    for (size_t e = 0; e < E; e += 3) logits[E + e] = nan_f;
+    std::fill(logits.begin() + 2 * E, logits.begin() + 3 * E, nan_f);
+    logits[3 * E] = inf_f;
+    logits[3 * E + E / 2] = inf_f;
+  }
+  const auto bias = random_floats(E, seed + 1, -0.05f, 0.05f);
+  device_buffer d_logits(logits.size() * 4), d_bias(E * 4);
+  ASSERT_TRUE(upload(d_logits, logits) && upload(d_bias, bias));
+  // Each output's bytes after a run (every buffer starts as 0x5a bytes).
+  const auto run = [&](bool fused) {
+    device_buffer idx(n * 4), w(n * 4), offsets((E + 1) * 4), positions(n * 4), inverse(n * 4);
+    for (auto* b : {&idx, &w, &offsets, &positions, &inverse})
+      EXPECT_EQ(cudaMemset(b->get(), 0x5a, b->bytes()), cudaSuccess);
+    cuda::moe_gate_args g;
+    g.params = p;
+    g.logits = d_logits.as<float>();
+    g.bias = with_bias ? d_bias.as<float>() : nullptr;
+    g.topk_idx = idx.as<int32_t>();
+    g.topk_weight = w.as<float>();
+    g.num_tokens = static_cast<int64_t>(num_tokens);
+    cuda::permute_plan_args pl;
+    pl.topk_idx = g.topk_idx;
+    pl.num_tokens = g.num_tokens;
+    pl.top_k = static_cast<int64_t>(p.top_k);
+    pl.num_experts = static_cast<int64_t>(E);
+    pl.expert_offsets = offsets.as<int32_t>();
+    pl.positions = positions.as<int32_t>();
+    pl.inverse = inverse.as<int32_t>();
+    if (fused) {
+      EXPECT_EQ(cuda::moe_gate_plan_run(g, pl, nullptr), kernel_status::ok);
+    } else {
+      EXPECT_EQ(cuda::moe_gate_run(g, nullptr), kernel_status::ok);
+      EXPECT_EQ(cuda::permute_plan_run(pl, nullptr), kernel_status::ok);
+    }
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<std::vector<uint8_t>> out;
+    for (auto* b : {&idx, &w, &offsets, &positions, &inverse}) {
+      out.emplace_back(b->bytes());
+      EXPECT_TRUE(download(*b, out.back()));
+    }
+    return out;
+  };
+  const auto want = run(false), got = run(true);
+  const char* names[] = {"topk_idx", "topk_weight", "expert_offsets", "positions", "inverse"};
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i], want[i]) << names[i];
+}
+
+TEST(cuda_moe_gate, gate_and_plan_in_one_launch_match_the_two_kernels) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  for (size_t tokens : {size_t{1}, size_t{5}, size_t{16}, size_t{17}, size_t{170}})
+    check_moe_gate_plan(gate_params(64, 1, 1, 6), tokens, tokens % 2 == 1, 900 + tokens);
+  for (size_t tokens : {size_t{1}, size_t{9}, size_t{128}})
+    check_moe_gate_plan(gate_params(256, 8, 4, 8), tokens, true, 910 + tokens);
+  check_moe_gate_plan(gate_params(96, 8, 3, 5), 33, true, 920);        // 96 threads a token
+  check_moe_gate_plan(gate_params(16, 4, 2, 4), 7, false, 921);        // tiny-v3
+  check_moe_gate_plan(gate_params(1024, 512, 16, 32), 32, true, 922);  // 1024 entries, 51 KiB
+}
+
+TEST(cuda_moe_gate, gate_and_plan_can_run_rejects_a_plan_of_other_entries) {
+  cuda::moe_gate_args g;
+  g.params = gate_params(64, 1, 1, 6);
+  g.logits = fake<float>();
+  g.topk_idx = fake<int32_t>();
+  g.topk_weight = fake<float>();
+  g.num_tokens = 5;
+  cuda::permute_plan_args pl;
+  pl.topk_idx = g.topk_idx;
+  pl.num_tokens = 5;
+  pl.top_k = 6;
+  pl.num_experts = 64;
+  pl.expert_offsets = fake<int32_t>();
+  pl.positions = fake<int32_t>();
+  pl.inverse = fake<int32_t>();
+  EXPECT_EQ(cuda::moe_gate_plan_can_run(g, pl), kernel_status::ok);
+  const auto refused = [&](auto mutate) {
+    auto gg = g;
+    auto pp = pl;
+    mutate(gg, pp);
+    EXPECT_EQ(cuda::moe_gate_plan_can_run(gg, pp), kernel_status::unsupported_shape);
+    EXPECT_EQ(cuda::moe_gate_plan_run(gg, pp, nullptr), kernel_status::unsupported_shape);
+  };
+  static const int32_t elsewhere[1] = {};
+  refused([](auto&, auto& pp) { pp.topk_idx = elsewhere; });
+  refused([](auto&, auto& pp) { pp.num_tokens = 4; });
+  refused([](auto&, auto& pp) { pp.top_k = 5; });
+  refused([](auto& gg, auto& pp) { gg.num_tokens = pp.num_tokens = 171; });  // 1026 entries
+  refused([](auto& gg, auto&) { gg.params.top_k = 0; });                     // the gate's own
+  refused([](auto&, auto& pp) { pp.expert_offsets = nullptr; });             // the plan's own
+}
+
 // ---------------------------------------------------------------------------------------------
 // permute
 
