@@ -26,6 +26,7 @@ FAMILIES = [
     ("mla_decode", "MLA decode"),
     ("mla_prefill", "MLA prefill"),
     ("mla_cache_append", "cache append"),
+    ("moe_gate_plan", "gate + permute plan"),
     ("moe_gate", "gate"),
     ("permute", "permute/unpermute"),
     ("small_plan_kernel", "permute plan"),
@@ -38,6 +39,7 @@ FAMILIES = [
     ("gather_rows", "gather"),
     ("convert", "convert"),
     ("sample_greedy", "sampling"),
+    ("sample_kernel", "sampling"),
     ("skinny_linear", "few-row linear"),
 ]
 
