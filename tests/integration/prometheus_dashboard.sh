@@ -58,9 +58,13 @@ chmod 600 "$TMP/secret"
 read -r N0_CONTROL N0_METRICS N1_CONTROL N1_METRICS N2_CONTROL N2_METRICS CONTROL API METRICS PROM_PORT \
   < <(python3 "$HELPER" free-ports 10) || fail "no free ports"
 # YAML's JSON form: `moe` reads it, and make_scrape_config.py does without PyYAML.
+# The failure timeout is generous: the only failure the test wants is n1's SIGKILL, which the
+# coordinator sees at once as a lost connection (cause "exit"). With 2 s, a CI run of the
+# sanitizer build under a parallel ctest once had n2 answer no heartbeat for 2 s while it
+# trained, took it down as a timeout, and failed the training job.
 cat >"$TMP/cluster.json" <<EOF
 {
-  "cluster": {"name": "prometheus-test", "secret": "$SECRET", "heartbeat_interval_ms": 200, "failure_timeout_ms": 2000},
+  "cluster": {"name": "prometheus-test", "secret": "$SECRET", "heartbeat_interval_ms": 200, "failure_timeout_ms": 15000},
   "nodes": [
     {"name": "n0", "host": "127.0.0.1", "control_port": $N0_CONTROL, "metrics_port": $N0_METRICS,
      "devices": {"cpu_slots": 1}, "memory": "2GiB"},
