@@ -771,11 +771,7 @@ int main(int argc, char** argv) {
           g.b = static_cast<const uint16_t*>(w.next()) + w_offset;
           check(lt.run(g, workspace.p, kc::gemm_workspace_bytes, nullptr), "absorbed gemm");
         });
-        kc::skinny_linear_args a;
-        a.x = g.a, a.y = g.c, a.rows = rows, a.n = g.n, a.k = g.k;
-        a.w_layout = absorb_q ? kc::skinny_weight_layout::k_by_n : kc::skinny_weight_layout::n_by_k;
-        a.ldx = g.lda, a.ldw = g.ldb, a.ldy = g.ldc;
-        a.batch = H, a.stride_x = g.stride_a, a.stride_w = g.stride_b, a.stride_y = g.stride_c;
+        kc::skinny_linear_args a = *kc::skinny_linear_of(g);
         const double skinny_ms = median_ms(reps, [&] {
           a.w = static_cast<const uint16_t*>(w.next()) + w_offset;
           check(kc::skinny_linear_run(a, nullptr), "skinny_linear batched");

@@ -131,28 +131,8 @@ class forward {
   /// kernel, as one launch, up to small_weight_rows rows where the kernel takes the shape;
   /// cuBLASLt's strided batch otherwise.
   caf::error batched(const kcu::gemm_desc& g, const char* what) {
-    if (g.trans_a == kcu::transpose::no && g.alpha == 1.0f) {
-      kcu::skinny_linear_args a;
-      a.x = g.a;
-      a.w = g.b;
-      a.y = g.c;
-      a.rows = g.m;
-      a.n = g.n;
-      a.k = g.k;
-      a.x_dt = a.w_dt = g.ab_dt;
-      a.y_dt = g.c_dt;
-      a.beta = g.beta;
-      a.w_layout = g.trans_b == kcu::transpose::yes ? kcu::skinny_weight_layout::n_by_k
-                                                    : kcu::skinny_weight_layout::k_by_n;
-      a.ldx = g.lda;
-      a.ldw = g.ldb;
-      a.ldy = g.ldc;
-      a.batch = g.batch_count;
-      a.stride_x = g.stride_a;
-      a.stride_w = g.stride_b;
-      a.stride_y = g.stride_c;
-      if (auto done = skinny_small_weight(a, what)) return *done;
-    }
+    if (const auto a = kcu::skinny_linear_of(g))
+      if (auto done = skinny_small_weight(*a, what)) return *done;
     return gemm(g, what);
   }
 

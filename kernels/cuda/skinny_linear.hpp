@@ -34,7 +34,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <optional>
 
+#include "kernels/cuda/gemm.hpp"
 #include "kernels/dtype.hpp"
 #include "kernels/kernel_status.hpp"
 
@@ -107,6 +109,35 @@ struct skinny_linear_args {
   a.x_dt = a.w_dt = ab;
   a.y_dt = c;
   a.beta = beta;
+  return a;
+}
+
+/// The arguments for the product a gemm_desc describes (gemm.hpp: trans_b for nn.Linear's
+/// n_by_k weight, else k_by_n; its strided batch as this kernel's batch), so that a caller can
+/// try this kernel before cuBLASLt; nullopt where the desc has no form here (trans_a, alpha other
+/// than 1). skinny_linear_can_run decides the rest.
+[[nodiscard]] inline std::optional<skinny_linear_args> skinny_linear_of(
+    const gemm_desc& g) noexcept {
+  if (g.trans_a != transpose::no || g.alpha != 1.0f) return std::nullopt;
+  skinny_linear_args a;
+  a.x = g.a;
+  a.w = g.b;
+  a.y = g.c;
+  a.rows = g.m;
+  a.n = g.n;
+  a.k = g.k;
+  a.x_dt = a.w_dt = g.ab_dt;
+  a.y_dt = g.c_dt;
+  a.beta = g.beta;
+  a.w_layout =
+      g.trans_b == transpose::yes ? skinny_weight_layout::n_by_k : skinny_weight_layout::k_by_n;
+  a.ldx = g.lda;
+  a.ldw = g.ldb;
+  a.ldy = g.ldc;
+  a.batch = g.batch_count;
+  a.stride_x = g.stride_a;
+  a.stride_w = g.stride_b;
+  a.stride_y = g.stride_c;
   return a;
 }
 
