@@ -476,14 +476,10 @@ cpu::moe_gate_params gate_params(size_t experts, size_t groups, size_t topk_grou
 }
 
 // Adds to *bit_identical and *num_weights how many of the weights match the CPU's to the bit.
-void check_moe_gate(const cpu::moe_gate_params& p, size_t num_tokens, bool with_bias, uint64_t seed,
-                    size_t* bit_identical, size_t* num_weights) {
-  const size_t E = p.num_experts;
-  SCOPED_TRACE(::testing::Message()
-               << "E " << E << " groups " << p.num_groups << " topk_group " << p.topk_group
-               << " top_k " << p.top_k << " tokens " << num_tokens << " bias " << with_bias);
+// Random gate logits with special rows where there are enough tokens: all equal (every tie goes
+// by index), some NaN, all NaN, infinities.
+std::vector<float> gate_logits(size_t num_tokens, size_t E, uint64_t seed) {
   auto logits = random_floats(num_tokens * E, seed, -6.0f, 6.0f);
-  // Special rows: all equal (every tie goes by index), some NaN, all NaN, infinities.
   if (num_tokens > 4) {
     std::fill(logits.begin(), logits.begin() + E, 0.25f);
     for (size_t e = 0; e < E; e += 3) logits[E + e] = nan_f;
@@ -492,6 +488,16 @@ void check_moe_gate(const cpu::moe_gate_params& p, size_t num_tokens, bool with_
     logits[3 * E + 1] = -inf_f;
     logits[3 * E + E / 2] = inf_f;
   }
+  return logits;
+}
+
+void check_moe_gate(const cpu::moe_gate_params& p, size_t num_tokens, bool with_bias, uint64_t seed,
+                    size_t* bit_identical, size_t* num_weights) {
+  const size_t E = p.num_experts;
+  SCOPED_TRACE(::testing::Message()
+               << "E " << E << " groups " << p.num_groups << " topk_group " << p.topk_group
+               << " top_k " << p.top_k << " tokens " << num_tokens << " bias " << with_bias);
+  const auto logits = gate_logits(num_tokens, E, seed);
   std::vector<float> bias;
   if (with_bias) bias = random_floats(E, seed + 1, -0.05f, 0.05f);
 
@@ -597,25 +603,18 @@ TEST(cuda_moe_gate, can_run_rejects_bad_arguments) {
 }
 
 // The gate and the plan in one launch (moe_gate_plan_run) against moe_gate_run and then
-// permute_plan_run: every output bit for bit. The same special rows as above (ties, NaN,
-// infinities), with and without a bias; token counts from one to the 1024-entry limit, several
-// rounds of token slots (v2-lite's 64 experts: 16 tokens a round), a slot count that does not
-// divide the block (96 threads a token), and the widest gate (four slots over 51 KiB of shared
-// memory: the kernel's opt-in).
+// permute_plan_run: every output bit for bit. The same logits as above (gate_logits), with and
+// without a bias; token counts from one to the 1024-entry limit, several rounds of token slots
+// (v2-lite's 64 experts: 16 tokens a round), a slot count that does not divide the block (96
+// threads a token), and the widest gate (four slots over 51 KiB of shared memory: the kernel's
+// opt-in).
 void check_moe_gate_plan(const cpu::moe_gate_params& p, size_t num_tokens, bool with_bias,
                          uint64_t seed) {
   const size_t E = p.num_experts, n = num_tokens * p.top_k;
   SCOPED_TRACE(::testing::Message()
                << "E " << E << " groups " << p.num_groups << " topk_group " << p.topk_group
                << " top_k " << p.top_k << " tokens " << num_tokens << " bias " << with_bias);
-  auto logits = random_floats(num_tokens * E, seed, -6.0f, 6.0f);
-  if (num_tokens > 4) {
-    std::fill(logits.begin(), logits.begin() + E, 0.25f);
-    for (size_t e = 0; e < E; e += 3) logits[E + e] = nan_f;
-    std::fill(logits.begin() + 2 * E, logits.begin() + 3 * E, nan_f);
-    logits[3 * E] = inf_f;
-    logits[3 * E + E / 2] = inf_f;
-  }
+  const auto logits = gate_logits(num_tokens, E, seed);
   const auto bias = random_floats(E, seed + 1, -0.05f, 0.05f);
   device_buffer d_logits(logits.size() * 4), d_bias(E * 4);
   ASSERT_TRUE(upload(d_logits, logits) && upload(d_bias, bias));
