@@ -336,7 +336,7 @@ kernel_status launch_rows(const skinny_linear_args& a, cudaStream_t stream) {
       static_cast<unsigned>((a.rows + skinny_linear_max_rows - 1) / skinny_linear_max_rows);
   if (a.w_layout == skinny_weight_layout::k_by_n) {
     if constexpr (W::bytes == 1) {
-      return kernel_status::unsupported_dtype;  // refused by can_run; never instantiated
+      return kernel_status::unsupported_dtype;  // can_run refuses FP8 with k_by_n: never reached
     } else {
       const int64_t cols_per_block = 32 * W::elements;
       const dim3 blocks(static_cast<unsigned>((a.n + cols_per_block - 1) / cols_per_block), batch,
