@@ -217,10 +217,10 @@ class node_processes {
   std::vector<std::string> names_;
 };
 
-uint16_t free_port() {
-  auto p = moe::cli::free_loopback_port();
+std::vector<uint16_t> free_ports(size_t count) {
+  auto p = moe::cli::free_loopback_ports(count);
   if (!p) throw bench_failure(moe::error_text(p.error()));
-  return *p;
+  return std::move(*p);
 }
 
 std::string random_secret() {
@@ -401,10 +401,13 @@ int run(const options& o) {
   const std::string secret = random_secret();
   std::string yaml = "cluster:\n  name: bench-cluster\n  secret: \"" + secret + "\"\n";
   yaml += "nodes:\n";
+  const auto ports = free_ports(4);
   for (int i = 0; i < 2; ++i) {
-    yaml += "  - name: n" + std::to_string(i) + "\n    host: 127.0.0.1\n    control_port: " +
-            std::to_string(free_port()) + "\n    metrics_port: " + std::to_string(free_port()) +
-            "\n    devices: {cpu_slots: " + std::to_string(o.cpu_slots_per_node) + "}\n    memory: 8GiB\n";
+    yaml += "  - name: n" + std::to_string(i) +
+            "\n    host: 127.0.0.1\n    control_port: " + std::to_string(ports[2 * i]) +
+            "\n    metrics_port: " + std::to_string(ports[2 * i + 1]) +
+            "\n    devices: {cpu_slots: " + std::to_string(o.cpu_slots_per_node) +
+            "}\n    memory: 8GiB\n";
   }
   yaml += "model:\n  preset: " + o.preset + "\n  seed: 0\n";
   yaml += "attention_shards: 1\nexpert_groups:\n  count: " + std::to_string(o.groups) + "\n";

@@ -77,16 +77,12 @@ caf::expected<std::unique_ptr<local_nodes>> local_nodes::start(const runtime::cl
   if (::mkdtemp(tmpl.data()) == nullptr)
     return make_error(process_errc::io_error, "cannot create a run directory under " + fs::temp_directory_path().string());
   n->dir_ = tmpl;  // mode 0700: the config below holds the secret
-  std::vector<uint16_t> ports;
-  for (int i = 0; i < 2 * count; ++i) {
-    auto p = free_loopback_port();
-    if (!p) return p.error();
-    ports.push_back(*p);
-  }
+  auto ports = free_loopback_ports(2 * static_cast<size_t>(count));
+  if (!ports) return ports.error();
   const auto file = n->dir_ / "cluster.yaml";
   {
     std::ofstream out(file);
-    out << split_config_yaml(base, count, ports, random_secret());
+    out << split_config_yaml(base, count, *ports, random_secret());
     if (!out) return make_error(process_errc::io_error, "cannot write " + file.string());
   }
   auto cfg = runtime::load_cluster_config(file);

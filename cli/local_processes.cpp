@@ -15,6 +15,7 @@
 #include <fstream>
 #include <thread>
 
+#include "cli/chaos_socket.hpp"
 
 namespace moe::cli {
 
@@ -125,18 +126,27 @@ std::string tail_of_file(const std::filesystem::path& path, size_t max_lines) {
   return out;
 }
 
-caf::expected<uint16_t> free_loopback_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return make_error(process_errc::spawn_failed, "socket() failed");
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
-                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
-  ::close(fd);
-  if (!ok) return make_error(process_errc::spawn_failed, "cannot find a free port on 127.0.0.1");
-  return ntohs(a.sin_port);
+caf::expected<std::vector<uint16_t>> free_loopback_ports(size_t count) {
+  // Every socket stays bound until all are: the kernel hands a port it just took back out
+  // again, so closing each before asking for the next once gave a node the same control and
+  // metrics port.
+  std::vector<unique_fd> held;
+  std::vector<uint16_t> ports;
+  for (size_t i = 0; i < count; ++i) {
+    unique_fd fd(::socket(AF_INET, SOCK_STREAM, 0));
+    if (!fd) return make_error(process_errc::spawn_failed, "socket() failed");
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const uint16_t port = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0
+                              ? local_port(fd.get())
+                              : uint16_t{0};
+    if (port == 0)
+      return make_error(process_errc::spawn_failed, "cannot find a free port on 127.0.0.1");
+    ports.push_back(port);
+    held.push_back(std::move(fd));
+  }
+  return ports;
 }
 
 std::filesystem::path cluster_run_dir(const std::string& run_dir, const std::string& cluster_name) {

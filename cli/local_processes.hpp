@@ -52,9 +52,9 @@ void signal_process_group(pid_t pid, int sig);
 /// The last `max_lines` lines of a file (for error messages about a node that did not start).
 [[nodiscard]] std::string tail_of_file(const std::filesystem::path& path, size_t max_lines);
 
-/// A TCP port on 127.0.0.1 that the kernel just handed out. Free again when this returns: a
-/// node that loses the race for it fails to start and says so.
-[[nodiscard]] caf::expected<uint16_t> free_loopback_port();
+/// `count` distinct TCP ports on 127.0.0.1 that the kernel just handed out. Free again when this
+/// returns: a node that loses the race for one fails to start and says so.
+[[nodiscard]] caf::expected<std::vector<uint16_t>> free_loopback_ports(size_t count);
 
 /// Where `moe cluster` keeps a cluster's logs and pid files: `run_dir` when non-empty, else
 /// ${XDG_RUNTIME_DIR:-/tmp}/moe-<cluster_name>. `moe chaos` finds the nodes there too.

@@ -25,7 +25,7 @@
 using namespace moe;
 using namespace moe::actors;
 using namespace std::chrono_literals;
-using moe::test::free_port;
+using moe::test::free_ports;
 using moe::test::node_child;
 
 namespace {
@@ -68,7 +68,7 @@ std::optional<member_event> await_state(caf::scoped_actor& self, const std::stri
 TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong_secret) {
   const auto dir = std::filesystem::temp_directory_path() / ("moe_membership_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
-  const uint16_t p0 = free_port(), m0 = free_port(), p1 = free_port(), m1 = free_port();
+  const auto [p0, m0, p1, m1] = free_ports<4>();
   const std::string good = yaml("right-secret", p0, m0, p1, m1);
   std::ofstream(dir / "good.yaml") << good;
   node_child n0((dir / "good.yaml").string(), "n0", (dir / "n0.log").string());

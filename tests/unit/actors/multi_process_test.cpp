@@ -8,8 +8,10 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <array>
 #include <chrono>
 #include <fstream>
+#include <stdexcept>
 #include <thread>
 
 #include "actors/actor_types.hpp"
@@ -22,7 +24,7 @@
 using namespace moe;
 using namespace moe::actors;
 using namespace std::chrono_literals;
-using moe::test::free_port;
+using moe::test::free_ports;
 using moe::test::node_child;
 
 namespace {
@@ -50,7 +52,7 @@ runtime::actor_system_config make_config() {
 /// n1/cpu0 and n1/cpu1.
 struct two_nodes {
   std::filesystem::path dir;
-  uint16_t ports[4];
+  std::array<uint16_t, 4> ports = free_ports<4>();
   std::string yaml(const std::string& secret) const {
     auto node = [&](const char* name, int i) {
       return std::string("  - {name: ") + name + ", host: 127.0.0.1, control_port: " + std::to_string(ports[2 * i]) +
@@ -63,14 +65,13 @@ struct two_nodes {
   }
   two_nodes() : dir(std::filesystem::temp_directory_path() / ("moe_multi_process_" + std::to_string(::getpid()))) {
     std::filesystem::create_directories(dir);
-    for (auto& p : ports) p = free_port();
     std::ofstream(dir / "cluster.yaml") << yaml("right-secret");
   }
   ~two_nodes() { std::filesystem::remove_all(dir); }
   runtime::cluster_config config(const std::string& secret = "right-secret") const {
     auto c = runtime::parse_cluster_config(yaml(secret), (dir / "cluster.yaml").string());
-    EXPECT_TRUE(c) << error_text(c.error());
-    return *c;
+    if (!c) throw std::runtime_error(error_text(c.error()));
+    return std::move(*c);
   }
   std::string file() const { return (dir / "cluster.yaml").string(); }
   std::string log(const char* name) const { return (dir / (std::string(name) + ".log")).string(); }

@@ -7,17 +7,25 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 
 #include "cli/local_processes.hpp"
 
 namespace moe::test {
 
-// A free loopback port (a small race until the node binds it; the node fails loudly if it lost it).
-inline uint16_t free_port() {
-  auto p = cli::free_loopback_port();
-  return p ? *p : 0;
+// `N` distinct free loopback ports (a small race until the nodes bind them; a node fails loudly
+// if it lost one). Throws when the kernel has none, which fails the test that asked.
+template <size_t N>
+std::array<uint16_t, N> free_ports() {
+  auto p = cli::free_loopback_ports(N);
+  if (!p) throw std::runtime_error("no free loopback ports: " + caf::to_string(p.error()));
+  std::array<uint16_t, N> out{};
+  std::copy(p->begin(), p->end(), out.begin());
+  return out;
 }
 
 /// A `moe node` child in a session of its own; SIGKILLed and reaped on destruction.
