@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "actors/actor_metrics.hpp"
+#include "actors/detached_work.hpp"
 #include "base/assert.hpp"
 #include "actors/training_owner.hpp"
 #include "model/mlp_block.hpp"
@@ -570,8 +571,6 @@ caf::expected<int64_t> train_restore(pointer self, const owner_state& snapshot, 
   return snapshot.optimizer_steps;
 }
 
-using load_replicas_atom = caf::atom_constant<caf::atom("load_repl")>;
-
 // Loads the version's missing replicas on a thread of its own, then binds the version.
 caf::result<prepare_result> prepare(pointer self, group_layout& g) {
   auto& st = self->state;
@@ -723,32 +722,32 @@ caf::result<prepare_result> prepare(pointer self, group_layout& g) {
   // The read can take long (a real expert is tens of MB): a detached worker does it, and this
   // group answers batches meanwhile.
   auto loaded = std::make_shared<caf::expected<model::checkpoint>>(model::checkpoint{});
-  auto worker = self->spawn<caf::detached>(
-      [loaded, dir = st.options.checkpoint_dir, cfg = st.config, missing, urgent = g.urgent,
-       load_shared](caf::blocking_actor* b) {
-        b->receive([&](load_replicas_atom) {
-          // Background work: SCHED_IDLE, so that it runs only on cores the serving threads leave
-          // idle. A lower nice value is not enough: steps are chains of short messages, and each
-          // hop waits for a core a niced but runnable loader holds (measured: a 4x longer step
-          // with nice 10, 2.4x with SCHED_IDLE, on 2 cores shared with 4 loaders).
-          sched_param idle{};
-          if (!urgent) ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
-          model::load_options o;
-          o.filter = [&missing, load_shared](std::string_view name) {
-            if (load_shared && name.find(".mlp.shared_experts.") != std::string_view::npos) return true;
-            auto key = replica_of(name);
-            return key && missing.count(*key) != 0;
-          };
-          o.mtp = model::mtp_policy::skip;
-          o.progress = false;
-          *loaded = model::load_checkpoint(dir, cfg, o);
-          return true;
-        });
-      });
   const auto count = static_cast<int64_t>(missing.size());
-  self->request(worker, caf::infinite, load_replicas_atom::value)
-      .then([loaded, finish, count](bool) mutable { finish(std::move(*loaded), count); },
-            [finish](caf::error& err) mutable { finish(std::move(err), 0); });
+  run_detached(
+      self,
+      [loaded, dir = st.options.checkpoint_dir, cfg = st.config, missing, urgent = g.urgent,
+       load_shared] {
+        // Background work: SCHED_IDLE, so that it runs only on cores the serving threads leave
+        // idle. A lower nice value is not enough: steps are chains of short messages, and each
+        // hop waits for a core a niced but runnable loader holds (measured: a 4x longer step
+        // with nice 10, 2.4x with SCHED_IDLE, on 2 cores shared with 4 loaders).
+        sched_param idle{};
+        if (!urgent) ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &idle);
+        model::load_options o;
+        o.filter = [&missing, load_shared](std::string_view name) {
+          if (load_shared && name.find(".mlp.shared_experts.") != std::string_view::npos)
+            return true;
+          auto key = replica_of(name);
+          return key && missing.count(*key) != 0;
+        };
+        o.mtp = model::mtp_policy::skip;
+        o.progress = false;
+        *loaded = model::load_checkpoint(dir, cfg, o);
+      },
+      [loaded, finish, count](caf::error err) mutable {
+        if (err) return finish(std::move(err), 0);
+        finish(std::move(*loaded), count);
+      });
   return rp;
 }
 

@@ -9,6 +9,7 @@
 
 #include "actors/attention.hpp"
 #include "actors/cluster_messages.hpp"
+#include "actors/detached_work.hpp"
 #include "actors/expert_group.hpp"
 #include "actors/router.hpp"
 #include "actors/weights_loading.hpp"
@@ -25,6 +26,8 @@ struct node_agent_state {
   std::optional<model::model_config> config;
   std::vector<caf::actor> owned;  // what this agent spawned (linked while it runs)
   caf::actor owner;               // the coordinator of the open session, if any
+  uint64_t generation = 0;        // bumped whenever the agent drops its actors: weights
+                                  // loaded before that are not spawned after it
   static inline const char* name = "node_agent";
 };
 
@@ -38,6 +41,7 @@ void own(pointer self, caf::actor a) {
 
 // Ends the actors spawned so far (a session closed, or its coordinator is gone).
 void drop_actors(pointer self) {
+  ++self->state.generation;
   for (auto& a : self->state.owned) {
     self->unlink_from(a);
     self->send_exit(a, caf::exit_reason::user_shutdown);
@@ -110,11 +114,46 @@ caf::expected<const model::model_config*> model_config_of(node_agent_state& st) 
   return &*st.config;
 }
 
+// Reading a node's part of a checkpoint takes minutes for a large model. On the agent's own
+// thread it would hold up heartbeats (the membership would call a loading node down after
+// failure_timeout_ms) and a coordinator's close_session; a detached worker reads it instead.
+// Its weights come back to the agent, which spawns and owns the actors, unless the session
+// that asked has closed meanwhile.
+template <class Loaded, class Spawn, class Handles>
+void load_then_spawn(pointer self, std::function<Loaded()> load, Spawn spawn,
+                     caf::typed_response_promise<Handles> rp) {
+  auto loaded = std::make_shared<std::optional<Loaded>>();
+  run_detached(
+      self,
+      [loaded, load = std::move(load), before = self->state.options.before_loading] {
+        if (before) before();
+        *loaded = load();
+      },
+      [self, loaded, spawn, rp,
+       generation = self->state.generation](caf::error err) mutable -> void {
+        auto& st = self->state;
+        if (!err && generation != st.generation)
+          err = make_error(node_errc::bad_request,
+                           "node " + st.options.node +
+                               ": its session closed while the weights of the actors it "
+                               "asked for loaded");
+        if (err) {
+          rp.deliver(std::move(err));
+          return;
+        }
+        auto handles = spawn(std::move(**loaded));
+        if (handles)
+          rp.deliver(std::move(*handles));
+        else
+          rp.deliver(std::move(handles.error()));
+      });
+}
+
 caf::result<group_handles> spawn_groups(pointer self, const scheduler::placement& p) {
   auto& st = self->state;
   auto cfg = model_config_of(st);
   if (!cfg) return cfg.error();
-  group_handles out;
+  std::vector<expert_group_options> local;
   for (const auto& g : p.expert_groups) {
     if (g.device.node != st.options.node) continue;
     expert_group_options o;
@@ -125,16 +164,33 @@ caf::result<group_handles> spawn_groups(pointer self, const scheduler::placement
     o.transport = st.options.transport;
     o.placement_version = p.version;
     o.checkpoint_dir = st.options.model_dir;
-    auto weights = load_weights_part(st.options.model_dir, **cfg,
-                                     [&o](std::string_view n) { return expert_group_needs(o, n); });
-    if (!weights) return weights.error();
-    auto actor = spawn_expert_group(self->system(), std::move(*weights), o);
-    if (!actor) return actor.error();
-    own(self, caf::actor_cast<caf::actor>(*actor));
-    out.groups.push_back(g.group);
-    out.handles.push_back(*actor);
+    local.push_back(std::move(o));
   }
-  return out;
+  using parts = std::vector<caf::expected<model::checkpoint>>;
+  auto rp = self->make_response_promise<group_handles>();
+  load_then_spawn<parts>(
+      self,
+      [local, dir = st.options.model_dir, config = **cfg] {
+        parts out;
+        for (const auto& o : local)
+          out.push_back(load_weights_part(
+              dir, config, [&o](std::string_view n) { return expert_group_needs(o, n); }));
+        return out;
+      },
+      [self, local](parts weights) -> caf::expected<group_handles> {
+        group_handles out;
+        for (size_t i = 0; i < local.size(); ++i) {
+          if (!weights[i]) return weights[i].error();
+          auto actor = spawn_expert_group(self->system(), std::move(*weights[i]), local[i]);
+          if (!actor) return actor.error();
+          own(self, caf::actor_cast<caf::actor>(*actor));
+          out.groups.push_back(local[i].group);
+          out.handles.push_back(*actor);
+        }
+        return out;
+      },
+      rp);
+  return rp;
 }
 
 caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement& p,
@@ -152,41 +208,53 @@ caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement
     routes.push_back({all_groups.handles[static_cast<size_t>(it - all_groups.groups.begin())],
                       g.experts, g.holds_shared_experts});
   }
-  shard_handles out;
-  std::shared_ptr<const model::checkpoint> gate_weights, attention_weights;
-  for (const auto& a : p.attention) {
-    if (a.device.node != st.options.node) continue;
-    if (!gate_weights) {
-      auto gw = load_weights(st.options.model_dir, **cfg, router_needs);
-      if (!gw) return gw.error();
-      auto aw = load_weights(st.options.model_dir, **cfg, attention_needs);
-      if (!aw) return aw.error();
-      gate_weights = *gw;
-      attention_weights = *aw;
-    }
-    router_options ro;
-    ro.shard = a.shard;
-    ro.placement_version = p.version;
-    ro.groups = routes;
-    ro.metrics = st.options.metrics;
-    ro.transport = st.options.transport;
-    ro.load_window_steps = st.options.load_window_steps;
-    auto router = spawn_router(self->system(), gate_weights, ro);
-    if (!router) return router.error();
-    own(self, caf::actor_cast<caf::actor>(*router));
-    attention_options ao;
-    ao.shard = a.shard;
-    ao.cache = st.options.cache;
-    ao.metrics = st.options.metrics;
-    ao.transport = st.options.transport;
-    auto shard = spawn_attention(self->system(), attention_weights, *router, ao);
-    if (!shard) return shard.error();
-    own(self, caf::actor_cast<caf::actor>(*shard));
-    out.shards.push_back(a.shard);
-    out.handles.push_back(*shard);
-    out.routers.push_back(*router);
-  }
-  return out;
+  std::vector<int32_t> local;
+  for (const auto& a : p.attention)
+    if (a.device.node == st.options.node) local.push_back(a.shard);
+  // Every shard of the node shares one copy of the gate and attention weights.
+  struct shared_weights {
+    caf::expected<std::shared_ptr<const model::checkpoint>> gate, attention;
+  };
+  auto rp = self->make_response_promise<shard_handles>();
+  load_then_spawn<shared_weights>(
+      self,
+      [any = !local.empty(), dir = st.options.model_dir, config = **cfg] {
+        if (!any) return shared_weights{nullptr, nullptr};
+        return shared_weights{load_weights(dir, config, router_needs),
+                              load_weights(dir, config, attention_needs)};
+      },
+      [self, local, routes, version = p.version](shared_weights w) -> caf::expected<shard_handles> {
+        auto& st = self->state;
+        if (!w.gate) return w.gate.error();
+        if (!w.attention) return w.attention.error();
+        shard_handles out;
+        for (const int32_t shard : local) {
+          router_options ro;
+          ro.shard = shard;
+          ro.placement_version = version;
+          ro.groups = routes;
+          ro.metrics = st.options.metrics;
+          ro.transport = st.options.transport;
+          ro.load_window_steps = st.options.load_window_steps;
+          auto router = spawn_router(self->system(), *w.gate, ro);
+          if (!router) return router.error();
+          own(self, caf::actor_cast<caf::actor>(*router));
+          attention_options ao;
+          ao.shard = shard;
+          ao.cache = st.options.cache;
+          ao.metrics = st.options.metrics;
+          ao.transport = st.options.transport;
+          auto handle = spawn_attention(self->system(), *w.attention, *router, ao);
+          if (!handle) return handle.error();
+          own(self, caf::actor_cast<caf::actor>(*handle));
+          out.shards.push_back(shard);
+          out.handles.push_back(*handle);
+          out.routers.push_back(*router);
+        }
+        return out;
+      },
+      rp);
+  return rp;
 }
 
 }  // namespace

@@ -2,7 +2,9 @@
 // scheduler assigns to its node: it loads just their weights from the checkpoint, spawns them
 // (linked to itself, so they end with it) and hands their handles to whoever assembles the
 // graph. Spawning is two-phase because routers need every expert group's handle: first the
-// expert groups of all nodes, then the attention shards with their co-located routers.
+// expert groups of all nodes, then the attention shards with their co-located routers. The
+// weights are read on a thread of their own, so the agent answers heartbeats and session
+// requests while a large checkpoint loads.
 #pragma once
 
 #include <caf/atom.hpp>
@@ -13,6 +15,7 @@
 #include <caf/typed_actor.hpp>
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -116,6 +119,9 @@ struct node_agent_options {
   tensor_transport transport;
   /// Steps each router counts expert load over (config rebalancing.load_window_steps).
   int64_t load_window_steps = 1024;
+  /// Tests only: called on the loading thread before each spawn request's weights are read
+  /// (holding it shows the agent answering meanwhile).
+  std::function<void()> before_loading;
 };
 
 [[nodiscard]] node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options options);
