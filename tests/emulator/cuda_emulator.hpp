@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <new>
 #include <tuple>
 #include <vector>
@@ -289,6 +290,48 @@ inline void run_block(unsigned b, unsigned nthreads) {
   ++num_blocks_run;
 }
 
+// The card's launch limits (sm_90), so that a launch the card would refuse fails here too,
+// where a host run would otherwise go through: at most 1024 threads a block; grid y and z at
+// most 65535, no dimension 0; dynamic shared memory above 48 KiB only for a kernel opted in by
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) to at least that much, and never above
+// 227 KiB. Such a launch is a bug in the caller, not a condition to handle: it aborts.
+inline constexpr size_t default_dynamic_smem = 48 * 1024;
+inline constexpr size_t max_dynamic_smem = 227 * 1024;
+using any_function = void (*)();
+inline std::vector<std::pair<any_function, size_t>> dynamic_smem_opt_ins;
+inline std::mutex dynamic_smem_opt_ins_lock;  // host threads may launch side by side
+
+template <class F>
+cudaError_t func_set_attribute(F* fn, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || static_cast<size_t>(value) > max_dynamic_smem) return cudaErrorInvalidValue;
+  const auto key = reinterpret_cast<any_function>(fn);
+  std::lock_guard<std::mutex> g(dynamic_smem_opt_ins_lock);
+  for (auto& [f, bytes] : dynamic_smem_opt_ins)
+    if (f == key) return bytes = static_cast<size_t>(value), cudaSuccess;
+  dynamic_smem_opt_ins.emplace_back(key, static_cast<size_t>(value));
+  return cudaSuccess;
+}
+
+template <class F>
+void check_launch(F* fn, dim3e grid, unsigned block, size_t smem) {
+  auto refuse = [&](const char* why) {
+    std::fprintf(stderr, "emu: the card would refuse this launch (grid %u x %u x %u, %u threads, %zu bytes of dynamic shared memory): %s\n",
+                 grid.x, grid.y, grid.z, block, smem, why);
+    std::abort();
+  };
+  if (block == 0 || block > 1024) refuse("a block has 1 to 1024 threads");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) refuse("a grid dimension is 0");
+  if (grid.y > 65535 || grid.z > 65535) refuse("grid y and z are at most 65535");
+  if (smem > max_dynamic_smem) refuse("more than 227 KiB of dynamic shared memory");
+  if (smem <= default_dynamic_smem) return;
+  const auto key = reinterpret_cast<any_function>(fn);
+  std::lock_guard<std::mutex> g(dynamic_smem_opt_ins_lock);
+  for (const auto& [f, bytes] : dynamic_smem_opt_ins)
+    if (f == key && bytes >= smem) return;
+  refuse("more than 48 KiB of dynamic shared memory without cudaFuncSetAttribute(MaxDynamicSharedMemorySize) to as much");
+}
+
 // Where launches go when a stand-in CUDA runtime is linked (tests/emulator/fake_cudart.cpp, which
 // sets it): it runs the launch at once, keeps it for the graph its stream is capturing (a
 // closure holding a copy of the arguments, as CUDA copies them at capture), or refuses it with
@@ -319,6 +362,7 @@ struct launcher {
   }
   template <class... A>
   void operator()(A&&... a) const {
+    check_launch(fn, grid, block, smem);
     std::tuple<P...> args(static_cast<P>(a)...);
     if (launch_hook == nullptr) return run(fn, grid, block, smem, args);
     launch_hook(stream, [f = fn, g = grid, b = block, s = smem, args]() mutable {
@@ -337,10 +381,6 @@ launcher<P...> launch(void (*fn)(P...), dim3 grid, unsigned block, size_t smem =
   return {fn, dim3e{grid.x, grid.y, grid.z}, block, smem, stream};
 }
 // Launch limits mean nothing here: every block runs on the host.
-template <class... A>
-cudaError_t func_set_attribute(A&&...) {
-  return cudaSuccess;
-}
 }  // namespace emu
 
 #define threadIdx (::emu::cur->tid)
