@@ -166,6 +166,7 @@ caf::result<group_handles> spawn_groups(pointer self, const scheduler::placement
     o.checkpoint_dir = st.options.model_dir;
     local.push_back(std::move(o));
   }
+  if (local.empty()) return group_handles{};
   using parts = std::vector<caf::expected<model::checkpoint>>;
   auto rp = self->make_response_promise<group_handles>();
   load_then_spawn<parts>(
@@ -211,6 +212,7 @@ caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement
   std::vector<int32_t> local;
   for (const auto& a : p.attention)
     if (a.device.node == st.options.node) local.push_back(a.shard);
+  if (local.empty()) return shard_handles{};
   // Every shard of the node shares one copy of the gate and attention weights.
   struct shared_weights {
     caf::expected<std::shared_ptr<const model::checkpoint>> gate, attention;
@@ -218,8 +220,7 @@ caf::result<shard_handles> spawn_shards(pointer self, const scheduler::placement
   auto rp = self->make_response_promise<shard_handles>();
   load_then_spawn<shared_weights>(
       self,
-      [any = !local.empty(), dir = st.options.model_dir, config = **cfg] {
-        if (!any) return shared_weights{nullptr, nullptr};
+      [dir = st.options.model_dir, config = **cfg] {
         return shared_weights{load_weights(dir, config, router_needs),
                               load_weights(dir, config, attention_needs)};
       },

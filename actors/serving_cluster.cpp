@@ -258,21 +258,22 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
   // Phase 1: every node's expert groups; phase 2: attention shards and routers, which need them.
   // Each phase asks every node at once, so the nodes read their weights side by side, and
   // waits for all the answers (the first error fails the start once no node is still loading).
-  auto ask_groups = [&](const node_agent_actor& agent) {
-    return self->request(agent, caf::infinite, spawn_groups_atom::value, s->placement_);
+  auto from_every_node = [&](auto on_answer, const auto&... request) {
+    std::vector<decltype(self->request(s->agents_.front(), caf::infinite, request...))> pending;
+    for (auto& agent : s->agents_)
+      pending.push_back(self->request(agent, caf::infinite, request...));
+    for (auto& r : pending)
+      r.receive(on_answer, [&](caf::error& e) {
+        if (!failure) failure = std::move(e);
+      });
   };
-  std::vector<decltype(ask_groups(s->agents_.front()))> group_requests;
-  for (auto& agent : s->agents_) group_requests.push_back(ask_groups(agent));
   group_handles groups;
-  for (auto& r : group_requests)
-    r.receive(
-        [&](group_handles& g) {
-          groups.groups.insert(groups.groups.end(), g.groups.begin(), g.groups.end());
-          groups.handles.insert(groups.handles.end(), g.handles.begin(), g.handles.end());
-        },
-        [&](caf::error& e) {
-          if (!failure) failure = std::move(e);
-        });
+  from_every_node(
+      [&](group_handles& g) {
+        groups.groups.insert(groups.groups.end(), g.groups.begin(), g.groups.end());
+        groups.handles.insert(groups.handles.end(), g.handles.begin(), g.handles.end());
+      },
+      spawn_groups_atom::value, s->placement_);
   if (failure) return failure;
   struct spawned_shard {
     int32_t id;
@@ -280,21 +281,13 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     router_actor router;
   };
   std::vector<spawned_shard> shards;
-  auto ask_shards = [&](const node_agent_actor& agent) {
-    return self->request(agent, caf::infinite, spawn_shards_atom::value, s->placement_, groups);
-  };
-  std::vector<decltype(ask_shards(s->agents_.front()))> shard_requests;
-  for (auto& agent : s->agents_) shard_requests.push_back(ask_shards(agent));
-  for (auto& r : shard_requests)
-    r.receive(
-        [&](shard_handles& h) {
-          for (size_t i = 0; i < h.shards.size(); ++i)
-            shards.push_back(
-                {h.shards[i], h.handles[i], i < h.routers.size() ? h.routers[i] : router_actor{}});
-        },
-        [&](caf::error& e) {
-          if (!failure) failure = std::move(e);
-        });
+  from_every_node(
+      [&](shard_handles& h) {
+        for (size_t i = 0; i < h.shards.size(); ++i)
+          shards.push_back(
+              {h.shards[i], h.handles[i], i < h.routers.size() ? h.routers[i] : router_actor{}});
+      },
+      spawn_shards_atom::value, s->placement_, groups);
   if (failure) return failure;
   std::sort(shards.begin(), shards.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
   std::vector<int32_t> shard_ids;
