@@ -19,6 +19,7 @@
 #include "model/config.hpp"
 #include "runtime/actor_system.hpp"
 #include "scheduler/placement.hpp"
+#include "training_helpers.hpp"
 
 using namespace moe;
 using namespace moe::actors;
@@ -28,14 +29,6 @@ namespace {
 
 std::filesystem::path tiny() {
   return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3";
-}
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
 }
 
 /// Holds the agent's loading thread until released; says when it has got there.
@@ -70,7 +63,7 @@ scheduler::placement one_node_placement() {
 }
 
 struct agent_fixture {
-  runtime::actor_system_config sys_cfg = make_config();
+  runtime::actor_system_config sys_cfg = actors::testing::local_system_config();
   caf::actor_system sys{sys_cfg};
   load_gate gate;
   node_agent_actor agent;
