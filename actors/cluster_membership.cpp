@@ -268,7 +268,10 @@ cluster_membership_actor spawn_cluster_membership(caf::actor_system& sys, cluste
         [self](membership_tick_atom) { tick(self); },
     };
   };
-  return sys.spawn(impl, std::move(options));
+  // A thread of its own: on the shared pool, a pool held by long compute would hold the ticks too,
+  // and a node that died meanwhile would be called down (and its requests failed over) only once
+  // the pool frees.
+  return sys.spawn<caf::detached>(impl, std::move(options));
 }
 
 }  // namespace moe::actors

@@ -15,7 +15,8 @@
 // depended on a node instead of letting them hang.
 //
 // Ownership: the actor owns its view of the cluster; subscribers are monitored and dropped when
-// they end. Thread safety: an actor; talk to it with messages only.
+// they end. Thread safety: an actor; talk to it with messages only. It is detached (a thread of
+// its own), so a worker pool held by the process's other actors delays no tick.
 #pragma once
 
 #include <caf/fwd.hpp>

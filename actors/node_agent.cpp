@@ -288,7 +288,10 @@ node_agent_actor spawn_node_agent(caf::actor_system& sys, node_agent_options opt
         },
     };
   };
-  return sys.spawn(impl, std::move(options));
+  // A thread of its own: the actors it spawns compute on CAF's worker pool (a CPU expert group's
+  // forward can hold a worker for seconds), and a heartbeat queued behind them would get a live
+  // node called down.
+  return sys.spawn<caf::detached>(impl, std::move(options));
 }
 
 }  // namespace moe::actors

@@ -3,8 +3,9 @@
 // (linked to itself, so they end with it) and hands their handles to whoever assembles the
 // graph. Spawning is two-phase because routers need every expert group's handle: first the
 // expert groups of all nodes, then the attention shards with their co-located routers. The
-// weights are read on a thread of their own, so the agent answers heartbeats and session
-// requests while a large checkpoint loads.
+// agent is detached (a thread of its own, not CAF's worker pool, which its actors' compute may
+// hold), and the weights are read on yet another thread, so the agent answers heartbeats and
+// session requests while its actors compute and while a large checkpoint loads.
 #pragma once
 
 #include <caf/atom.hpp>

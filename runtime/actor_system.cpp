@@ -16,7 +16,14 @@ actor_system_config::actor_system_config() : actor_system_config(options{}) {}
 
 actor_system_config::actor_system_config(const options& opts) {
   add_message_types<caf::id_block::moe>();
-  if (opts.load_middleman) load<caf::io::middleman>();
+  if (opts.load_middleman) {
+    load<caf::io::middleman>();
+    // Incoming messages are deserialized on the middleman's I/O thread, not by BASP workers on
+    // the scheduler's pool: a pool held by long compute would otherwise hold every message behind
+    // it (CAF delivers them in order), heartbeats and their answers included, and get live nodes
+    // called down. Our control messages are small; tensors travel over the data plane.
+    set("middleman.workers", size_t{0});
+  }
   if (opts.tls) {
     MOE_ASSERT(opts.load_middleman);  // CAF's openssl module runs on the middleman's multiplexer
     load<caf::openssl::manager>();

@@ -1,7 +1,8 @@
 // cluster_membership against real `moe node` processes: it joins both nodes, notices a
 // SIGKILLed node at once (down message), a SIGSTOPped one after the failure timeout
 // (heartbeats), and a coordinator with the wrong secret ends up refused. Every child is a
-// session leader and is killed and reaped, whatever the test's outcome.
+// session leader and is killed and reaped, whatever the test's outcome. With the coordinator's
+// worker pool held, a stopped node is still called down on time and a live one is not.
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 #include <gtest/gtest.h>
@@ -15,10 +16,12 @@
 
 #include <chrono>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "actors/actor_types.hpp"
 #include "actors/cluster_membership.hpp"
+#include "busy_worker.hpp"
 #include "node_children.hpp"
 #include "runtime/actor_system.hpp"
 
@@ -145,6 +148,81 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   EXPECT_NE(text.find("moe_cluster_node_failures_total{cause=\"timeout\"} 1"), std::string::npos) << text;
   EXPECT_NE(text.find("moe_cluster_failure_detection_seconds_count 2"), std::string::npos) << text;
   EXPECT_NE(text.find("moe_cluster_nodes{state=\"down\"} 2"), std::string::npos) << text;
+
+  caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
+  std::filesystem::remove_all(dir);
+}
+
+// The coordinator's actors share CAF's worker pool with the membership (the controller, the API,
+// in a small cluster attention and expert groups too). While that pool is held, a node that stops
+// is still called down on time, and a live one is not: the membership has a thread of its own and
+// heartbeat answers are read off the wire without a pool worker. Here the coordinator has one
+// worker, held throughout.
+TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only_them) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("moe_membership_busy_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto [p0, m0, p1, m1] = free_ports<4>();
+  const std::string good = yaml("right-secret", p0, m0, p1, m1);
+  std::ofstream(dir / "good.yaml") << good;
+  node_child n0((dir / "good.yaml").string(), "n0", (dir / "n0.log").string());
+  node_child n1((dir / "good.yaml").string(), "n1", (dir / "n1.log").string());
+
+  auto cfg = runtime::parse_cluster_config(good, "good.yaml");
+  ASSERT_TRUE(cfg) << error_text(cfg.error());
+  runtime::actor_system_config::options so;
+  so.num_worker_threads = 1;
+  runtime::actor_system_config sys_cfg{so};
+  add_actor_message_types(sys_cfg);
+  caf::actor_system sys{sys_cfg};
+  caf::scoped_actor self{sys};
+  cluster_membership_options o;
+  o.config = *cfg;
+  o.join_retry = 100ms;
+  auto membership = spawn_cluster_membership(sys, o);
+  self->send(membership, member_subscribe_atom::value, caf::actor_cast<caf::actor>(self));
+  auto states = [&] {
+    std::map<std::string, member_state> out;
+    self->request(membership, 10s, members_atom::value)
+        .receive(
+            [&](member_list& l) {
+              for (const auto& m : l.members) out[m.node] = m.state;
+            },
+            [&](caf::error& e) { ADD_FAILURE() << sys.render(e); });
+    return out;
+  };
+  const std::map<std::string, member_state> both_up{{"n0", member_state::up},
+                                                    {"n1", member_state::up}};
+  const auto up_by = std::chrono::steady_clock::now() + 60s;
+  while (states() != both_up && std::chrono::steady_clock::now() < up_by)
+    std::this_thread::sleep_for(100ms);
+  ASSERT_EQ(states(), both_up);
+  // The joins' events are not the test's: drop them.
+  for (bool more = true; more;)
+    self->receive([](const member_event&) {},
+                  caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
+
+  moe::test::busy_worker busy{sys};
+  ASSERT_TRUE(busy.held());
+
+  // n1 stops answering; the event arrives while the pool is still held.
+  n1.signal(SIGSTOP);
+  std::string log;
+  auto down1 = await_state(self, "n1", member_state::down, 30s, log);
+  // n0 meanwhile stays up: another failure timeout with the pool held changes nothing.
+  std::this_thread::sleep_for(std::chrono::milliseconds(cfg->failure_timeout_ms));
+  for (bool more = true; more;)
+    self->receive(
+        [&](const member_event& ev) {
+          log += ev.node + ": " + to_string(ev.from) + " -> " + to_string(ev.to) + " (" +
+                 ev.reason + ")\n";
+        },
+        caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
+  busy.release();
+  n1.kill_and_reap();
+  ASSERT_TRUE(down1) << "events:\n" << log;
+  EXPECT_EQ(log.find("n0:"), std::string::npos) << "events:\n" << log;
+  EXPECT_EQ(states().at("n0"), member_state::up);
 
   caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
   std::filesystem::remove_all(dir);

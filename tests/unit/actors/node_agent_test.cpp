@@ -1,11 +1,13 @@
 // The node agent while it reads weights: heartbeats and session requests are answered as the
 // checkpoint loads (a large model takes minutes; the membership calls a node down after
 // failure_timeout_ms without an answer), and weights loaded for a session that closed meanwhile
-// spawn nothing. The load is held by node_agent_options::before_loading.
+// spawn nothing. The load is held by node_agent_options::before_loading. Heartbeats from another
+// process are also answered while every worker of the node's pool is busy.
 
 #include "actors/node_agent.hpp"
 
 #include <caf/all.hpp>
+#include <caf/io/middleman.hpp>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -16,6 +18,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/cluster_messages.hpp"
 #include "base/error.hpp"
+#include "busy_worker.hpp"
 #include "model/config.hpp"
 #include "runtime/actor_system.hpp"
 #include "scheduler/placement.hpp"
@@ -170,4 +173,53 @@ TEST(node_agent, weights_loaded_for_a_closed_session_spawn_nothing) {
   self->request(f.agent, caf::infinite, spawn_groups_atom::value, one_node_placement())
       .receive([](group_handles& g) { EXPECT_EQ(g.handles.size(), 1u); },
                [](caf::error& e) { ADD_FAILURE() << error_text(e); });
+}
+
+// A node's actors compute on CAF's worker pool (a CPU expert group's forward can hold a worker
+// for seconds). Heartbeats must not queue behind them: the agent has a thread of its own, and a
+// heartbeat arriving over the network is read off the wire without a pool worker. Here the node
+// side has one worker and a busy actor holds it while the coordinator side asks, remotely.
+TEST(node_agent, answers_remote_heartbeats_while_every_worker_is_busy) {
+  runtime::actor_system_config::options no;
+  no.num_worker_threads = 1;
+  runtime::actor_system_config node_cfg{no};
+  add_actor_message_types(node_cfg);
+  caf::actor_system node_sys{node_cfg};
+  runtime::actor_system_config coord_cfg{runtime::actor_system_config::options{}};
+  add_actor_message_types(coord_cfg);
+  caf::actor_system coord_sys{coord_cfg};
+
+  node_agent_options o;
+  o.node = "n0";
+  o.model_dir = tiny();
+  auto agent = spawn_node_agent(node_sys, std::move(o));
+  auto port = node_sys.middleman().publish(agent, 0, "127.0.0.1");
+  ASSERT_TRUE(port) << error_text(port.error());
+  auto remote = coord_sys.middleman().remote_actor<node_agent_actor>("127.0.0.1", *port);
+  ASSERT_TRUE(remote) << error_text(remote.error());
+
+  // Once warm: the connection is up and every handshake is done before the pool is taken.
+  caf::scoped_actor self{coord_sys};
+  runtime::node_heartbeat hb;
+  self->request(*remote, 30s, runtime::heartbeat_atom::value, hb)
+      .receive([](const runtime::node_heartbeat&) {},
+               [](caf::error& e) { FAIL() << "no heartbeat answer when idle: " << error_text(e); });
+
+  moe::test::busy_worker busy{node_sys};
+  ASSERT_TRUE(busy.held());
+
+  hb.sequence = 11;
+  bool answered = false;
+  self->request(*remote, 10s, runtime::heartbeat_atom::value, hb)
+      .receive(
+          [&](const runtime::node_heartbeat& r) {
+            answered = true;
+            EXPECT_EQ(r.sequence, 11u);
+          },
+          [&](caf::error& e) {
+            ADD_FAILURE() << "no heartbeat answer while the pool is busy: " << error_text(e);
+          });
+  busy.release();
+  EXPECT_TRUE(answered);
+  caf::anon_send_exit(agent, caf::exit_reason::user_shutdown);
 }
