@@ -17,6 +17,7 @@
 #include <chrono>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <thread>
 
 #include "actors/actor_types.hpp"
@@ -66,18 +67,36 @@ std::optional<member_event> await_state(caf::scoped_actor& self, const std::stri
   return std::nullopt;
 }
 
+/// Two `moe node` processes (n0, n1) of one good config in a directory of their own, removed at
+/// the end.
+struct two_nodes {
+  std::filesystem::path dir;
+  std::string yaml_text;
+  std::unique_ptr<node_child> n0, n1;
+  explicit two_nodes(const std::string& tag)
+      : dir(std::filesystem::temp_directory_path() / (tag + std::to_string(::getpid()))) {
+    std::filesystem::create_directories(dir);
+    const auto [p0, m0, p1, m1] = free_ports<4>();
+    yaml_text = yaml("right-secret", p0, m0, p1, m1);
+    std::ofstream(dir / "good.yaml") << yaml_text;
+    n0 = std::make_unique<node_child>((dir / "good.yaml").string(), "n0", (dir / "n0.log").string());
+    n1 = std::make_unique<node_child>((dir / "good.yaml").string(), "n1", (dir / "n1.log").string());
+  }
+  ~two_nodes() {
+    n0.reset();
+    n1.reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+};
+
 }  // namespace
 
 TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong_secret) {
-  const auto dir = std::filesystem::temp_directory_path() / ("moe_membership_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const auto [p0, m0, p1, m1] = free_ports<4>();
-  const std::string good = yaml("right-secret", p0, m0, p1, m1);
-  std::ofstream(dir / "good.yaml") << good;
-  node_child n0((dir / "good.yaml").string(), "n0", (dir / "n0.log").string());
-  node_child n1((dir / "good.yaml").string(), "n1", (dir / "n1.log").string());
-
-  auto cfg = runtime::parse_cluster_config(good, "good.yaml");
+  two_nodes nodes("moe_membership_");
+  node_child& n0 = *nodes.n0;
+  node_child& n1 = *nodes.n1;
+  auto cfg = runtime::parse_cluster_config(nodes.yaml_text, "good.yaml");
   ASSERT_TRUE(cfg) << error_text(cfg.error());
   auto sys_cfg = make_config();
   caf::actor_system sys{sys_cfg};
@@ -150,7 +169,6 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   EXPECT_NE(text.find("moe_cluster_nodes{state=\"down\"} 2"), std::string::npos) << text;
 
   caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
-  std::filesystem::remove_all(dir);
 }
 
 // The coordinator's actors share CAF's worker pool with the membership (the controller, the API,
@@ -159,16 +177,8 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
 // heartbeat answers are read off the wire without a pool worker. Here the coordinator has one
 // worker, held throughout.
 TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only_them) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("moe_membership_busy_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const auto [p0, m0, p1, m1] = free_ports<4>();
-  const std::string good = yaml("right-secret", p0, m0, p1, m1);
-  std::ofstream(dir / "good.yaml") << good;
-  node_child n0((dir / "good.yaml").string(), "n0", (dir / "n0.log").string());
-  node_child n1((dir / "good.yaml").string(), "n1", (dir / "n1.log").string());
-
-  auto cfg = runtime::parse_cluster_config(good, "good.yaml");
+  two_nodes nodes("moe_membership_busy_");
+  auto cfg = runtime::parse_cluster_config(nodes.yaml_text, "good.yaml");
   ASSERT_TRUE(cfg) << error_text(cfg.error());
   runtime::actor_system_config::options so;
   so.num_worker_threads = 1;
@@ -206,7 +216,7 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   ASSERT_TRUE(busy.held());
 
   // n1 stops answering; the event arrives while the pool is still held.
-  n1.signal(SIGSTOP);
+  nodes.n1->signal(SIGSTOP);
   std::string log;
   auto down1 = await_state(self, "n1", member_state::down, 30s, log);
   // n0 meanwhile stays up: another failure timeout with the pool held changes nothing.
@@ -219,11 +229,10 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
         },
         caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
   busy.release();
-  n1.kill_and_reap();
+  nodes.n1->kill_and_reap();
   ASSERT_TRUE(down1) << "events:\n" << log;
   EXPECT_EQ(log.find("n0:"), std::string::npos) << "events:\n" << log;
   EXPECT_EQ(states().at("n0"), member_state::up);
 
   caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
-  std::filesystem::remove_all(dir);
 }
