@@ -20,6 +20,7 @@
 #include "client/job_client.hpp"
 #include "model/training_checkpoint.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 #include "tests/golden/golden_data.hpp"
 
 using namespace moe;
@@ -35,17 +36,8 @@ std::vector<int32_t> golden_ids(const std::string& name) {
   return moe::testing::golden_file::open(tiny() / "golden.safetensors").ids(name);
 }
 
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  actors::add_actor_message_types(cfg);
-  return cfg;
-}
-
 struct api_cluster {
-  runtime::actor_system_config cfg = make_config();
+  runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   std::unique_ptr<actors::local_cluster> cluster;
   actors::controller_actor controller;

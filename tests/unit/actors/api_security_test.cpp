@@ -30,6 +30,7 @@
 #include "client/job_client.hpp"
 #include "protocol/api.capnp.h"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 #include "tests/unit/actors/fake_controller.hpp"
 #include "tests/unit/actors/fake_training_jobs.hpp"
 #include "tests/unit/runtime/tls_test_certs.hpp"
@@ -42,15 +43,6 @@ namespace {
 namespace wire = moe::protocol::capnp;
 
 const std::string secret = "the api security test's secret";
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  actors::add_actor_message_types(cfg);
-  return cfg;
-}
 
 bool is(const caf::error& e, client::client_errc code) {
   return e.category() == caf::atom("client") && e.code() == static_cast<uint8_t>(code);
@@ -112,7 +104,7 @@ class api_security_test : public ::testing::Test {
     return client::job_client::connect(host, server->port(), s, o);
   }
 
-  runtime::actor_system_config cfg = make_config();
+  runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   std::shared_ptr<actors::testing::fake_controller_log> log =
       std::make_shared<actors::testing::fake_controller_log>();

@@ -21,6 +21,7 @@
 #include "client/job_client.hpp"
 #include "protocol/api.capnp.h"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 #include "tests/unit/actors/fake_controller.hpp"
 
 using namespace moe;
@@ -30,15 +31,6 @@ using actors::testing::fake_controller_options;
 namespace {
 
 const std::string secret = "correct horse battery staple";
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  actors::add_actor_message_types(cfg);
-  return cfg;
-}
 
 client::generation_request_spec spec_of(std::vector<int32_t> prompt, int64_t n) {
   client::generation_request_spec s;
@@ -188,7 +180,7 @@ class api_server_test : public ::testing::Test {
     rebalancer = sys.spawn(fake_rebalancer, std::move(answers), rebalance_calls);
   }
 
-  runtime::actor_system_config cfg = make_config();
+  runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   std::shared_ptr<actors::testing::fake_controller_log> log =
       std::make_shared<actors::testing::fake_controller_log>();

@@ -20,6 +20,7 @@
 #include "protocol/api.capnp.h"
 #include "protocol/api_codec.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 #include "tests/unit/actors/fake_controller.hpp"
 #include "tests/unit/actors/fake_training_jobs.hpp"
 
@@ -31,15 +32,6 @@ using actors::testing::fake_training_options;
 namespace {
 
 const std::string secret = "training api test secret";
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  actors::add_actor_message_types(cfg);
-  return cfg;
-}
 
 std::vector<int32_t> corpus_of(size_t n) {
   std::vector<int32_t> out;
@@ -103,7 +95,7 @@ class api_training_test : public ::testing::Test {
     return done();
   }
 
-  runtime::actor_system_config cfg = make_config();
+  runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   std::shared_ptr<actors::testing::fake_training_log> log =
       std::make_shared<actors::testing::fake_training_log>();

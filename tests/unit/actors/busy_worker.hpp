@@ -7,21 +7,25 @@
 
 #include <chrono>
 #include <future>
+#include <memory>
 
 namespace moe::test {
 
 class busy_worker {
  public:
   /// Takes a worker and returns once it holds it (held() says whether it got there in 30 s).
-  explicit busy_worker(caf::actor_system& sys) {
-    hog_ = sys.spawn([this](caf::event_based_actor*) -> caf::behavior {
-      return {[this](caf::atom_value) {
-        busy_.set_value();
-        released_.wait();
+  explicit busy_worker(caf::actor_system& sys) : state_(std::make_shared<state>()) {
+    // The hog shares the promises instead of pointing into this object: it may still be on its
+    // way out of wait() when this object is gone.
+    hog_ = sys.spawn([st = state_](caf::event_based_actor*) -> caf::behavior {
+      return {[st](caf::atom_value) {
+        st->busy.set_value();
+        st->released.wait();
       }};
     });
     caf::anon_send(hog_, caf::atom("hold"));
-    held_ = busy_.get_future().wait_for(std::chrono::seconds(30)) == std::future_status::ready;
+    held_ =
+        state_->busy.get_future().wait_for(std::chrono::seconds(30)) == std::future_status::ready;
   }
   busy_worker(const busy_worker&) = delete;
   busy_worker& operator=(const busy_worker&) = delete;
@@ -33,15 +37,18 @@ class busy_worker {
   [[nodiscard]] bool held() const noexcept { return held_; }
 
   void release() {
-    if (!released_flag_) release_.set_value();
-    released_flag_ = true;
+    if (!released_) state_->release.set_value();
+    released_ = true;
   }
 
  private:
-  std::promise<void> busy_, release_;
-  std::shared_future<void> released_ = release_.get_future().share();
+  struct state {
+    std::promise<void> busy, release;
+    std::shared_future<void> released = release.get_future().share();
+  };
+  std::shared_ptr<state> state_;
   bool held_ = false;
-  bool released_flag_ = false;
+  bool released_ = false;
   caf::actor hog_;
 };
 

@@ -25,6 +25,7 @@
 #include "busy_worker.hpp"
 #include "node_children.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 
 using namespace moe;
 using namespace moe::actors;
@@ -33,14 +34,6 @@ using moe::test::free_ports;
 using moe::test::node_child;
 
 namespace {
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
-}
 
 std::string yaml(const std::string& secret, uint16_t p0, uint16_t m0, uint16_t p1, uint16_t m1) {
   auto node = [](const char* name, uint16_t p, uint16_t m) {
@@ -98,7 +91,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   node_child& n1 = *nodes.n1;
   auto cfg = runtime::parse_cluster_config(nodes.yaml_text, "good.yaml");
   ASSERT_TRUE(cfg) << error_text(cfg.error());
-  auto sys_cfg = make_config();
+  auto sys_cfg = moe::actors::testing::networked_system_config();
   caf::actor_system sys{sys_cfg};
   caf::scoped_actor self{sys};
   auto registry = std::make_shared<prometheus::Registry>();
@@ -180,10 +173,7 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   two_nodes nodes("moe_membership_busy_");
   auto cfg = runtime::parse_cluster_config(nodes.yaml_text, "good.yaml");
   ASSERT_TRUE(cfg) << error_text(cfg.error());
-  runtime::actor_system_config::options so;
-  so.num_worker_threads = 1;
-  runtime::actor_system_config sys_cfg{so};
-  add_actor_message_types(sys_cfg);
+  auto sys_cfg = moe::actors::testing::networked_system_config(1);
   caf::actor_system sys{sys_cfg};
   caf::scoped_actor self{sys};
   cluster_membership_options o;

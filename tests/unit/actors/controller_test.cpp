@@ -13,6 +13,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/local_cluster.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 
 using namespace moe;
 using namespace moe::actors;
@@ -21,17 +22,8 @@ namespace {
 
 std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
 
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
-}
-
 struct harness {
-  runtime::actor_system_config cfg = make_config();
+  runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   std::unique_ptr<local_cluster> cluster;
   controller_actor controller;

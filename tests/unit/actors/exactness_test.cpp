@@ -11,6 +11,7 @@
 #include "actors/local_cluster.hpp"
 #include "protocol/load_report_codec.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 #include "tests/golden/golden_data.hpp"
 
 using namespace moe;
@@ -67,20 +68,12 @@ std::vector<layout_case> layouts() {
 
 class actor_exactness : public ::testing::TestWithParam<layout_case> {
  protected:
-  static runtime::actor_system_config make_config() {
-    runtime::actor_system_config::options o;
-    o.load_middleman = false;
-    o.num_worker_threads = 2;
-    runtime::actor_system_config cfg{o};
-    actors::add_actor_message_types(cfg);
-    return cfg;
-  }
 };
 
 }  // namespace
 
 TEST_P(actor_exactness, greedy_tokens_equal_golden_and_reference) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   auto cluster = actors::local_cluster::start(sys, tiny(), GetParam().layout);
   ASSERT_TRUE(cluster) << error_text(cluster.error());
@@ -116,7 +109,7 @@ TEST_P(actor_exactness, greedy_tokens_equal_golden_and_reference) {
 }
 
 TEST_P(actor_exactness, prefill_logits_match_golden) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   auto cluster = actors::local_cluster::start(sys, tiny(), GetParam().layout);
   ASSERT_TRUE(cluster) << error_text(cluster.error());

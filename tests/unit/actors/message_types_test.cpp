@@ -11,19 +11,12 @@
 #include "actors/node_agent.hpp"
 #include "runtime/actor_system.hpp"
 #include "scheduler/scheduler_actor.hpp"
+#include "system_config.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 
 namespace {
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
-}
 
 template <class T>
 T round_trip(caf::actor_system& sys, T value) {
@@ -39,7 +32,7 @@ T round_trip(caf::actor_system& sys, T value) {
 }  // namespace
 
 TEST(message_types, every_type_is_registered_by_name) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   for (const char* name :
        {"moe::actors::tensor_ref", "moe::actors::expert_batch", "moe::actors::expert_result",
@@ -56,7 +49,7 @@ TEST(message_types, every_type_is_registered_by_name) {
 }
 
 TEST(message_types, data_plane_handles_carry_shape_and_id_but_never_the_bytes) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   expert_batch b;
   b.layer = 3;
@@ -78,7 +71,7 @@ TEST(message_types, data_plane_handles_carry_shape_and_id_but_never_the_bytes) {
 }
 
 TEST(message_types, control_messages_round_trip) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   step_request req;
   req.step = 7;
@@ -111,7 +104,7 @@ TEST(message_types, control_messages_round_trip) {
 }
 
 TEST(message_types, cluster_control_messages_round_trip) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   node_status st;
   st.info = {"n1", "10.0.0.2", 7110, 7122, 8, 0, 4242, "10.0.0.2:40001/2"};
@@ -163,7 +156,7 @@ TEST(message_types, cluster_control_messages_round_trip) {
 // between processes: every element needs a type ID (the expert groups' train_grads carries a
 // std::vector<int64_t> of replicated (layer, expert) pairs, which once had none).
 TEST(message_types, training_requests_serialise_as_whole_messages) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   train_update u;
   u.expert_loads = {1, 2};

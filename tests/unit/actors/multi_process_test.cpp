@@ -17,6 +17,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/rebalancer.hpp"
 #include "actors/serving_cluster.hpp"
+#include "system_config.hpp"
 #include "tests/golden/golden_data.hpp"
 #include "node_children.hpp"
 #include "runtime/actor_system.hpp"
@@ -37,14 +38,6 @@ std::vector<int32_t> golden_ids(const std::string& name) {
 
 std::vector<float> golden_floats(const std::string& name) {
   return moe::testing::golden_file::open(tiny() / "golden.safetensors").floats(name);
-}
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
 }
 
 /// Two nodes of two CPU slots each: the scheduler puts the attention shard on n0/cpu0 and
@@ -131,7 +124,7 @@ TEST(multi_process, two_node_processes_reproduce_golden_tokens_and_logits) {
   two_nodes env;
   node_child n0(env.file(), "n0", env.log("n0"));
   node_child n1(env.file(), "n1", env.log("n1"));
-  auto sys_cfg = make_config();
+  auto sys_cfg = moe::actors::testing::networked_system_config();
   caf::actor_system sys{sys_cfg};
   caf::scoped_actor self{sys};
   const auto cfg = env.config();
@@ -222,7 +215,7 @@ TEST(multi_process, a_killed_node_loses_no_job_and_changes_no_token) {
   two_nodes env;
   node_child n0(env.file(), "n0", env.log("n0"));
   node_child n1(env.file(), "n1", env.log("n1"));
-  auto sys_cfg = make_config();
+  auto sys_cfg = moe::actors::testing::networked_system_config();
   caf::actor_system sys{sys_cfg};
   caf::scoped_actor self{sys};
   auto cluster = serving_cluster::start(sys, env.config(), join_options());

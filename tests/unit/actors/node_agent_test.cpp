@@ -22,7 +22,7 @@
 #include "model/config.hpp"
 #include "runtime/actor_system.hpp"
 #include "scheduler/placement.hpp"
-#include "training_helpers.hpp"
+#include "system_config.hpp"
 
 using namespace moe;
 using namespace moe::actors;
@@ -180,13 +180,9 @@ TEST(node_agent, weights_loaded_for_a_closed_session_spawn_nothing) {
 // heartbeat arriving over the network is read off the wire without a pool worker. Here the node
 // side has one worker and a busy actor holds it while the coordinator side asks, remotely.
 TEST(node_agent, answers_remote_heartbeats_while_every_worker_is_busy) {
-  runtime::actor_system_config::options no;
-  no.num_worker_threads = 1;
-  runtime::actor_system_config node_cfg{no};
-  add_actor_message_types(node_cfg);
+  auto node_cfg = actors::testing::networked_system_config(1);
   caf::actor_system node_sys{node_cfg};
-  runtime::actor_system_config coord_cfg{runtime::actor_system_config::options{}};
-  add_actor_message_types(coord_cfg);
+  auto coord_cfg = actors::testing::networked_system_config();
   caf::actor_system coord_sys{coord_cfg};
 
   node_agent_options o;

@@ -25,6 +25,7 @@
 #include "protocol/load_report_codec.hpp"
 #include "runtime/actor_system.hpp"
 #include "runtime/cluster_config.hpp"
+#include "system_config.hpp"
 #include "tests/unit/model/tiny_training_data.hpp"
 
 using namespace moe;
@@ -34,15 +35,6 @@ using namespace std::chrono_literals;
 namespace {
 
 std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
-}
 
 constexpr int64_t hidden = 64;
 const std::vector<int64_t> moe_layers = {1, 2};
@@ -92,7 +84,7 @@ uint64_t expert_bytes() {
 }  // namespace
 
 TEST(expert_group_versions, prepare_loads_new_replicas_serves_both_versions_and_commit_frees_the_old) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
   auto group = spawn_group(sys, {0, 1, 2, 3});
@@ -160,7 +152,7 @@ TEST(expert_group_versions, prepare_loads_new_replicas_serves_both_versions_and_
 }
 
 TEST(router_layouts, a_router_switches_only_to_a_layout_that_covers_every_expert) {
-  auto cfg = make_config();
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
   auto cluster = local_cluster::start(sys, tiny(), even_layout(1, 2, 16));
@@ -269,7 +261,7 @@ std::string scrape(const serving_cluster& c) {
 }  // namespace
 
 TEST(online_rebalance, skewed_load_gets_balanced_and_greedy_tokens_do_not_change) {
-  auto sys_cfg = make_config();
+  auto sys_cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{sys_cfg};
   const auto jobs = skewed_jobs(6, 6);
   std::vector<std::vector<int32_t>> reference;
@@ -322,7 +314,7 @@ TEST(online_rebalance, skewed_load_gets_balanced_and_greedy_tokens_do_not_change
 }
 
 TEST(online_rebalance, a_periodic_rebalance_moves_on_its_own) {
-  auto sys_cfg = make_config();
+  auto sys_cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{sys_cfg};
   auto cluster = serving_cluster::start(sys, serving_config(-1, 1), local_options());
   ASSERT_TRUE(cluster) << error_text(cluster.error());
@@ -346,7 +338,7 @@ TEST(online_rebalance, a_periodic_rebalance_moves_on_its_own) {
 }
 
 TEST(online_rebalance, a_rebalance_while_jobs_generate_loses_nothing_and_changes_no_token) {
-  auto sys_cfg = make_config();
+  auto sys_cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{sys_cfg};
   const auto warmup = skewed_jobs(4, 4);
   const auto jobs = skewed_jobs(6, 24);
@@ -424,7 +416,7 @@ TEST(online_rebalance, a_trained_cluster_moves_its_trained_experts_and_trains_on
       m->update_routing_bias(h.bias_update_speed);
     }
   }
-  auto sys_cfg = make_config();
+  auto sys_cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{sys_cfg};
   auto cluster = serving_cluster::start(sys, serving_config(), local_options());
   ASSERT_TRUE(cluster) << error_text(cluster.error());

@@ -17,6 +17,7 @@
 #include "actors/trainer.hpp"
 #include "runtime/actor_system.hpp"
 #include "runtime/data_plane.hpp"
+#include "system_config.hpp"
 #include "tests/unit/actors/failover_fixture.hpp"
 
 using namespace moe;
@@ -26,15 +27,6 @@ using namespace std::chrono_literals;
 namespace {
 
 std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
-
-runtime::actor_system_config make_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
-}
 
 using fail_steps_atom = caf::atom_constant<caf::atom("fail_steps")>;
 using failed_atom = caf::atom_constant<caf::atom("failed")>;
@@ -82,7 +74,7 @@ struct harness_options {
 
 // Shards 0 and 1 run on nodes "a0" and "a1"; expert group g runs on node "g<g>".
 struct harness {
-  runtime::actor_system_config cfg = make_config();
+  runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   std::unique_ptr<local_cluster> cluster;
   controller_actor controller;

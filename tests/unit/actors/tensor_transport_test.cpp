@@ -10,6 +10,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/tensor_transport.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 
 using namespace moe;
 using namespace std::chrono_literals;
@@ -101,11 +102,7 @@ TEST(tensor_exchange, a_frame_of_another_shape_is_rejected_and_bad_pushes_are_re
 }
 
 TEST(tensor_fetcher, fetches_remote_tensors_and_times_out_on_missing_ones) {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  actors::add_actor_message_types(cfg);
+  auto cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   auto a = start_exchange(1), b = start_exchange(2);
   ASSERT_TRUE(a && b);

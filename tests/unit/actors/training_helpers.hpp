@@ -21,6 +21,7 @@
 #include "model/optimizer.hpp"
 #include "model/training_model.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
 #include "tests/unit/model/tiny_training_data.hpp"
 
 namespace moe::actors::testing {
@@ -116,15 +117,6 @@ inline caf::error save_checkpoint(caf::actor_system& sys, const trainer_actor& t
 }
 
 /// An actor system for a cluster in this process (no middleman).
-inline runtime::actor_system_config local_system_config() {
-  runtime::actor_system_config::options o;
-  o.load_middleman = false;
-  o.num_worker_threads = 2;
-  runtime::actor_system_config cfg{o};
-  add_actor_message_types(cfg);
-  return cfg;
-}
-
 /// tiny-v3 as a local_cluster of `layout` with a trainer; both end with it.
 struct training_cluster {
   std::unique_ptr<local_cluster> cluster;
