@@ -199,7 +199,9 @@ caf::expected<std::unique_ptr<node_process>> node_process::start(caf::actor_syst
   gs.on_shutdown = std::make_shared<std::function<void()>>(std::move(options.on_shutdown));
   gs.started = clock_type::now();
   auto bound_port = gs.bound_port;
-  p->gatekeeper_ = sys.spawn(gatekeeper_impl, std::move(gs));
+  // A thread of its own, like the agent's: a coordinator's join and an operator's status request
+  // are answered while the node's actors hold every worker of the pool.
+  p->gatekeeper_ = sys.spawn<caf::detached>(gatekeeper_impl, std::move(gs));
   const uint16_t want_port = runtime::node_control_port(config, *index);
   auto port = runtime::publish_control(sys, p->gatekeeper_, want_port, host, /*reuse_addr=*/true);
   if (!port) {

@@ -6,10 +6,14 @@
 // peer presenting the cluster's name and secret (compared in constant time). Refusals are
 // logged without the secret and counted (moe_node_refused_joins_total).
 //
+// The gatekeeper and the agent are detached actors (a thread each): they answer while the node's
+// actors hold every worker of CAF's pool with their compute.
+//
 // Lifecycle: start() brings the agent, the gatekeeper (published) and the metrics endpoint up;
 // stop() unpublishes the gatekeeper, ends the agent (and the actors linked to it) and stops the
-// metrics endpoint. A shutdown request calls options.on_shutdown from a CAF worker thread: it
-// must only wake the owner (the `moe node` command raises SIGTERM at itself), never call stop().
+// metrics endpoint. A shutdown request calls options.on_shutdown from the gatekeeper's thread:
+// it must only wake the owner (the `moe node` command raises SIGTERM at itself), never call
+// stop().
 // Thread safety: start/stop from one thread; accessors are safe after start.
 #pragma once
 
