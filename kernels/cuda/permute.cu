@@ -16,13 +16,19 @@ using detail::store16;
 
 constexpr int threads_per_block = 256;
 constexpr int warps_per_block = threads_per_block / 32;
-constexpr int place_batch = 8;  // chunks of place_kernel whose ids are loaded together
 constexpr int scan_threads = static_cast<int>(permute_max_experts);
+// The prefill-sized plan's count and place blocks: 32 warps, so that each walks a 32nd of the
+// entries (a 2048-token prefill's 12288 entries: 12 steps of 32 a warp).
+constexpr int plan_threads = 1024;
+constexpr int plan_warps = plan_threads / 32;
+// Steps of 32 ids a warp loads together before it uses any of them (one memory latency a batch).
+constexpr int ids_in_flight = 8;
 
 // Plan step 1: one block per expert counts its entries into expert_offsets[e + 1].
 // Integer counts, so the result does not depend on the order of the additions.
-__global__ void count_kernel(const int32_t* topk_idx, int64_t n, int32_t* expert_offsets) {
-  __shared__ int32_t warp_sums[warps_per_block];
+__global__ void __launch_bounds__(plan_threads)
+    count_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int32_t* expert_offsets) {
+  __shared__ int32_t warp_sums[plan_warps];
   const auto e = static_cast<int32_t>(blockIdx.x);
   int32_t count = 0;
 #pragma unroll 8
@@ -33,7 +39,7 @@ __global__ void count_kernel(const int32_t* topk_idx, int64_t n, int32_t* expert
   __syncthreads();
   if (threadIdx.x == 0) {
     int32_t total = 0;
-    for (int w = 0; w < warps_per_block; ++w) total += warp_sums[w];
+    for (int w = 0; w < plan_warps; ++w) total += warp_sums[w];
     expert_offsets[e + 1] = total;
     if (e == 0) expert_offsets[0] = 0;
   }
@@ -50,48 +56,66 @@ __global__ void scan_kernel(int32_t* expert_offsets, int num_experts) {
   if (tid < num_experts) expert_offsets[tid + 1] = buf[tid];
 }
 
-// Plan step 3: one block per expert walks the entries in index order, a block-wide chunk at a
-// time; an entry's row is the expert's start + the matches in earlier chunks + those before it
-// in this chunk (earlier warps' ballot counts, then its own warp's lower lanes). This is the
-// stable order of the CPU plan. Every thread runs the same number of chunks, so the full-mask
-// ballot and the barriers are reached by all.
-__global__ void place_kernel(const int32_t* topk_idx, int64_t n, int num_experts,
-                             const int32_t* expert_offsets, int32_t* positions, int32_t* inverse) {
-  __shared__ int32_t warp_counts[warps_per_block];
+// The steps [first, last) of 32 entries that warp `warp` of a place block owns: the entries cut
+// into plan_warps contiguous spans of whole steps, in index order (some empty when n is small).
+struct warp_span {
+  int64_t first, last;  // entries
+};
+__device__ inline warp_span span_of(int warp, int64_t n) {
+  const int64_t steps = (n + 31) / 32;
+  const int64_t span = (steps + plan_warps - 1) / plan_warps * 32;
+  const int64_t first = std::min(n, int64_t{warp} * span);
+  return {first, std::min(n, first + span)};
+}
+
+// Calls f(j, ballot) for each 32-entry step of the span, in index order, j being this lane's
+// entry and ballot the lanes whose entry is expert e's. Warp-uniform bounds: every lane takes
+// every ballot.
+template <class F>
+__device__ inline void for_each_step(const int32_t* __restrict__ topk_idx, warp_span s, int32_t e,
+                                     int lane, F&& f) {
+  for (int64_t base = s.first; base < s.last; base += 32 * ids_in_flight) {
+    int32_t ids[ids_in_flight];
+#pragma unroll
+    for (int u = 0; u < ids_in_flight; ++u) {
+      const int64_t j = base + 32 * u + lane;
+      ids[u] = j < s.last ? topk_idx[j] : -1;  // never e (>= 0) past the span
+    }
+#pragma unroll
+    for (int u = 0; u < ids_in_flight; ++u)
+      if (base + 32 * u < s.last) f(base + 32 * u + lane, __ballot_sync(0xffffffff, ids[u] == e));
+  }
+}
+
+// Plan step 3: one block per expert places its entries in index order, the stable order of the
+// CPU plan. Warp w walks its span (span_of) twice: first counting the expert's entries there,
+// then, after one barrier, placing each after the expert's start, the entries of the spans
+// before its own, of its earlier steps and of its lower lanes. Nothing waits on a barrier
+// between steps: a block of 256 threads that walked the entries together, a barrier per 256,
+// spent ~30 us of an H200 prefill layer (12288 entries) mostly at its barriers.
+__global__ void __launch_bounds__(plan_threads)
+    place_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int num_experts,
+                 const int32_t* __restrict__ expert_offsets, int32_t* __restrict__ positions,
+                 int32_t* __restrict__ inverse) {
+  __shared__ int32_t warp_counts[plan_warps];
   const auto e = static_cast<int32_t>(blockIdx.x);
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  const warp_span span = span_of(warp, n);
+  int32_t count = 0;
+  for_each_step(topk_idx, span, e, lane,
+                [&](int64_t, unsigned ballot) { count += __popc(ballot); });
+  if (lane == 0) warp_counts[warp] = count;
+  __syncthreads();
   int32_t next_row = expert_offsets[e];
-  // The ids of place_batch chunks are loaded together, then placed chunk by chunk: each chunk
-  // has two barriers, and a load waited on before each (one chunk at a time) cost a memory
-  // latency per 256 entries, ~15 us of a prefill's plan on an H200.
-  for (int64_t base = 0; base < n; base += int64_t{place_batch} * threads_per_block) {
-    int32_t ids[place_batch];
-#pragma unroll
-    for (int i = 0; i < place_batch; ++i) {
-      const int64_t j = base + int64_t{i} * threads_per_block + threadIdx.x;
-      ids[i] = j < n ? topk_idx[j] : -1;  // never e (>= 0) past n
+  for (int w = 0; w < warp; ++w) next_row += warp_counts[w];
+  for_each_step(topk_idx, span, e, lane, [&](int64_t j, unsigned ballot) {
+    if ((ballot >> lane & 1u) != 0) {
+      const int32_t row = next_row + __popc(ballot & ((1u << lane) - 1u));
+      positions[j] = row;
+      inverse[row] = static_cast<int32_t>(j);
     }
-#pragma unroll
-    for (int i = 0; i < place_batch; ++i) {
-      const int64_t j = base + int64_t{i} * threads_per_block + threadIdx.x;
-      const bool match = ids[i] == e;
-      const unsigned ballot = __ballot_sync(0xffffffff, match);
-      if (lane == 0) warp_counts[warp] = __popc(ballot);
-      __syncthreads();
-      int32_t before = 0, chunk_total = 0;
-      for (int w = 0; w < warps_per_block; ++w) {
-        if (w < warp) before += warp_counts[w];
-        chunk_total += warp_counts[w];
-      }
-      if (match) {
-        const int32_t row = next_row + before + __popc(ballot & ((1u << lane) - 1u));
-        positions[j] = row;
-        inverse[row] = static_cast<int32_t>(j);
-      }
-      next_row += chunk_total;
-      __syncthreads();  // warp_counts is rewritten by the next chunk
-    }
-  }
+    next_row += __popc(ballot);
+  });
 
   // What no expert's block writes: -1 for skipped ids and for the rows past the last in use.
   // Spread over the whole grid; disjoint from the writes above.
@@ -119,34 +143,48 @@ __global__ void small_plan_kernel(const int32_t* topk_idx, int n, int num_expert
   detail::small_plan(ids, n, num_experts, ends, expert_offsets, positions, inverse);
 }
 
-// One block per entry: copies x's row of its token to its row of permuted. The raw element
-// type is copied, so bf16 is moved bit for bit. Vectorized (rows 16-byte aligned, the host
-// checks): 16 bytes a thread and step, so a 2048-wide bf16 row is one step of 256 threads. One
-// element at a time, each load waits behind the store before it (which may alias it as far as
-// the compiler knows): on an H200 (2026-11-30) this kernel and unpermute's averaged 10 us a
-// launch in a batch-1 decode step, for 6 rows of 4 KiB.
+// One warp per entry, warps_per_block entries a block: copies x's row of its token to its row
+// of permuted. The raw element type is copied, so bf16 is moved bit for bit. Vectorized (rows
+// 16-byte aligned, the host checks): each lane loads ids_in_flight 16-byte vectors before it
+// stores any (a 2048-wide bf16 row is one such batch of the warp). One block per entry with one
+// vector a thread waited on the position and then on the row, one 4 KiB row in flight a block:
+// on an H200 (2026-11-30) 0.29 of a plain copy's bandwidth at 4096 tokens x 8 x 7168.
 template <typename T, bool Vectorized>
-__global__ void permute_rows_kernel(const T* x, const int32_t* positions, T* permuted,
-                                    int64_t top_k, int64_t dim, int64_t num_rows) {
-  const int64_t j = blockIdx.x;
+__global__ void permute_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ positions,
+                                    T* __restrict__ permuted, int64_t n, int64_t top_k, int64_t dim,
+                                    int64_t num_rows) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t j = int64_t{blockIdx.x} * warps_per_block + threadIdx.x / 32;
+  if (j >= n) return;
   const int32_t row = positions[j];
   if (row < 0 || row >= num_rows) return;  // skipped, or outside the caller's guarantee
   const T* src = x + (j / top_k) * dim;
   T* dst = permuted + int64_t{row} * dim;
   if constexpr (Vectorized) {
     const int64_t vectors = dim * static_cast<int64_t>(sizeof(T)) / 16;
-    for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x)
-      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    const auto* s = reinterpret_cast<const uint4*>(src);
+    auto* d = reinterpret_cast<uint4*>(dst);
+    for (int64_t base = lane; base < vectors; base += 32 * ids_in_flight) {
+      uint4 v[ids_in_flight];
+#pragma unroll
+      for (int u = 0; u < ids_in_flight; ++u)
+        if (base + 32 * u < vectors) v[u] = s[base + 32 * u];
+#pragma unroll
+      for (int u = 0; u < ids_in_flight; ++u)
+        if (base + 32 * u < vectors) d[base + 32 * u] = v[u];
+    }
   } else {
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+    for (int64_t i = lane; i < dim; i += 32) dst[i] = src[i];
   }
 }
 
 // One block per token; each thread owns columns (16 bytes of them where rows are 16-byte
 // aligned) and sums its token's k rows in k order: the same arithmetic per element either way.
 // The k rows are read rows_in_flight at a time (positions, then the rows, then the sums), so
-// that a thread waits once per group rather than twice per row.
-constexpr int rows_in_flight = 4;
+// that a thread waits once per group rather than twice per row: 8, one group for the top 6 of
+// v2-lite and the top 8 of DeepSeek-V3 (4 took two, and reached 0.46 of a copy's bandwidth on an
+// H200 at 4096 tokens x 8 x 7168, 2026-11-30).
+constexpr int rows_in_flight = 8;
 
 template <typename T, bool Vectorized>
 __global__ void unpermute_kernel(const T* y, const float* weight, const int32_t* positions, T* out,
@@ -201,15 +239,16 @@ bool rows_aligned16(const void* p, int64_t dim) {
 
 template <typename T>
 kernel_status launch_permute_rows(const permute_rows_args& a, cudaStream_t stream) {
-  const auto n = static_cast<unsigned>(a.num_tokens * a.top_k);
+  const int64_t n = a.num_tokens * a.top_k;
+  const auto blocks = static_cast<unsigned>((n + warps_per_block - 1) / warps_per_block);
   const auto* x = static_cast<const T*>(a.x);
   auto* permuted = static_cast<T*>(a.permuted);
   if (rows_aligned16<T>(a.x, a.dim) && rows_aligned16<T>(a.permuted, a.dim))
-    permute_rows_kernel<T, true>
-        <<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k, a.dim, a.num_rows);
+    permute_rows_kernel<T, true><<<blocks, threads_per_block, 0, stream>>>(
+        x, a.positions, permuted, n, a.top_k, a.dim, a.num_rows);
   else
-    permute_rows_kernel<T, false>
-        <<<n, threads_per_block, 0, stream>>>(x, a.positions, permuted, a.top_k, a.dim, a.num_rows);
+    permute_rows_kernel<T, false><<<blocks, threads_per_block, 0, stream>>>(
+        x, a.positions, permuted, n, a.top_k, a.dim, a.num_rows);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }
 
@@ -262,13 +301,13 @@ kernel_status permute_plan_run(const permute_plan_args& a, cudaStream_t stream) 
     return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
   }
   // With no entries the offsets are still written (all zero) by the first two steps.
-  count_kernel<<<static_cast<unsigned>(num_experts), threads_per_block, 0, stream>>>(
-      a.topk_idx, n, a.expert_offsets);
+  count_kernel<<<static_cast<unsigned>(num_experts), plan_threads, 0, stream>>>(a.topk_idx, n,
+                                                                                a.expert_offsets);
   if (cudaGetLastError() != cudaSuccess) return kernel_status::launch_failed;
   scan_kernel<<<1, scan_threads, 0, stream>>>(a.expert_offsets, num_experts);
   if (cudaGetLastError() != cudaSuccess) return kernel_status::launch_failed;
   if (n == 0) return kernel_status::ok;
-  place_kernel<<<static_cast<unsigned>(num_experts), threads_per_block, 0, stream>>>(
+  place_kernel<<<static_cast<unsigned>(num_experts), plan_threads, 0, stream>>>(
       a.topk_idx, n, num_experts, a.expert_offsets, a.positions, a.inverse);
   return cudaGetLastError() == cudaSuccess ? kernel_status::ok : kernel_status::launch_failed;
 }

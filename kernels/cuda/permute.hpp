@@ -4,10 +4,11 @@
 //   permute_rows:  x -> permuted, each token's row copied to the rows of its experts
 //   unpermute:     y -> out, the weighted combine, a float32 sum in k order
 // The positions are those of the CPU plan bit for bit: each expert's rows are placed by one
-// block scanning the entries in index order with ballots and block prefix sums, so nothing
-// depends on atomics or thread order. The combine adds the same rounded products in the same
-// order as the host, so f32 results are bit-identical too (against a host build without FMA
-// contraction, which our default x86-64 flags give).
+// block, its warps counting and then placing the expert's entries of consecutive spans with
+// ballots and a prefix over the spans, so nothing depends on atomics or thread order. The
+// combine adds the same rounded products in the same order as the host, so f32 results are
+// bit-identical too (against a host build without FMA contraction, which our default x86-64 flags
+// give).
 //
 // Device data the host cannot check are the caller's guarantee: positions come from
 // permute_plan over the same topk_idx (distinct where >= 0). A position outside [0, num_rows)
@@ -33,8 +34,9 @@ inline constexpr int64_t permute_max_experts = 1024;
 
 /// An entry j = t * top_k + k is the assignment of token t to expert topk_idx[j]; an id outside
 /// [0, num_experts) is skipped (position -1), e.g. an expert not local to this group.
-/// Work is O(num_experts * num_tokens * top_k) reads from L2 (each expert's block reads every
-/// id, twice): fine for a decode or prefill batch, not meant for millions of entries.
+/// Work is O(num_experts * num_tokens * top_k) reads from L2 (each expert's blocks read every
+/// id three times: once counting, twice placing): fine for a decode or prefill batch, not meant
+/// for millions of entries.
 struct permute_plan_args {
   const int32_t* topk_idx = nullptr;  ///< (num_tokens, top_k) int32, device
   int64_t num_tokens = 0;

@@ -707,12 +707,14 @@ struct host_plan {
   std::vector<int32_t> offsets, positions, inverse;
 };
 
-void check_permute(size_t num_tokens, size_t top_k, size_t num_experts, size_t dim, uint64_t seed) {
+// The plan of `idx` (num_tokens x top_k ids), then the rows and the combine through it, against
+// the CPU's.
+void check_permute_ids(const std::vector<int32_t>& idx, size_t num_tokens, size_t top_k,
+                       size_t num_experts, size_t dim, uint64_t seed) {
   SCOPED_TRACE(::testing::Message() << "tokens " << num_tokens << " top_k " << top_k << " experts "
                                     << num_experts << " dim " << dim);
   const size_t n = num_tokens * top_k;
-  // A few ids fall outside [0, num_experts): skipped.
-  const auto idx = random_ints(n, -2, static_cast<int32_t>(num_experts) + 1, seed);
+  ASSERT_EQ(idx.size(), n);
   host_plan want{std::vector<int32_t>(num_experts + 1), std::vector<int32_t>(n),
                  std::vector<int32_t>(n)};
   ASSERT_EQ(cpu::permute_plan(idx.data(), num_tokens, top_k, num_experts, want.offsets.data(),
@@ -823,6 +825,13 @@ void check_permute(size_t num_tokens, size_t top_k, size_t num_experts, size_t d
   }
 }
 
+void check_permute(size_t num_tokens, size_t top_k, size_t num_experts, size_t dim, uint64_t seed) {
+  // A few ids fall outside [0, num_experts): skipped.
+  check_permute_ids(
+      random_ints(num_tokens * top_k, -2, static_cast<int32_t>(num_experts) + 1, seed), num_tokens,
+      top_k, num_experts, dim, seed);
+}
+
 TEST(cuda_permute, matches_cpu_reference) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   // (tokens, top_k, experts, dim): tiny-v3 (16 experts, top 4, hidden 64), DeepSeek-V3
@@ -838,6 +847,19 @@ TEST(cuda_permute, matches_cpu_reference) {
         {33, 3, 7, 129},
         {0, 8, 16, 64}})
     check_permute(num_tokens, top_k, num_experts, dim, num_tokens * 17 + num_experts);
+}
+
+// Skewed routings of prefill-sized batches (more than one block's entries: the three-launch
+// plan): every entry on one expert, every entry but the last skipped, and each of the place
+// kernel's warp spans ending inside an expert's run (runs of 37, a prime, across the spans).
+TEST(cuda_permute, skewed_routings_match_cpu_reference) {
+  MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const size_t tokens = 1031, top_k = 6, experts = 64, n = tokens * top_k;
+  std::vector<int32_t> one(n, 17), last_only(n, -1), runs(n);
+  last_only.back() = 63;
+  for (size_t j = 0; j < n; ++j) runs[j] = static_cast<int32_t>(j / 37 % experts);
+  for (const auto* idx : {&one, &last_only, &runs})
+    check_permute_ids(*idx, tokens, top_k, experts, 9, n);
 }
 
 TEST(cuda_permute, can_run_rejects_bad_arguments) {
