@@ -45,6 +45,11 @@ std::string yaml(const std::string& secret, uint16_t p0, uint16_t m0, uint16_t p
          node("n1", p1, m1) + "model: {preset: tiny}\nports: {control: 0, api: 0, metrics: 0}\n";
 }
 
+/// One line of a test's event log: "n1: up -> down (reason)".
+std::string describe(const member_event& ev) {
+  return ev.node + ": " + to_string(ev.from) + " -> " + to_string(ev.to) + " (" + ev.reason + ")\n";
+}
+
 /// Waits (bounded) for the event that moves `node` to `state`; the events seen go to `log`.
 std::optional<member_event> await_state(caf::scoped_actor& self, const std::string& node, member_state state,
                                         std::chrono::seconds bound, std::string& log) {
@@ -54,10 +59,20 @@ std::optional<member_event> await_state(caf::scoped_actor& self, const std::stri
     self->receive([&](const member_event& ev) { got = ev; },
                   caf::after(std::chrono::milliseconds(200)) >> [] {});
     if (!got) continue;
-    log += got->node + ": " + to_string(got->from) + " -> " + to_string(got->to) + " (" + got->reason + ")\n";
+    log += describe(*got);
     if (got->node == node && got->to == state) return got;
   }
   return std::nullopt;
+}
+
+/// Takes every event already in the mailbox, without waiting; logged unless `log` is null.
+void drain_events(caf::scoped_actor& self, std::string* log) {
+  for (bool more = true; more;)
+    self->receive(
+        [&](const member_event& ev) {
+          if (log != nullptr) *log += describe(ev);
+        },
+        caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
 }
 
 /// Two `moe node` processes (n0, n1) of one good config in a directory of their own, removed at
@@ -109,7 +124,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   while (!(up0 && up1) && std::chrono::steady_clock::now() < deadline) {
     self->receive(
         [&](const member_event& ev) {
-          log += ev.node + " -> " + to_string(ev.to) + " (" + ev.reason + ")\n";
+          log += describe(ev);
           if (ev.to == member_state::up) (ev.node == "n0" ? up0 : up1) = true;
         },
         caf::after(200ms) >> [] {});
@@ -197,10 +212,7 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   while (states() != both_up && std::chrono::steady_clock::now() < up_by)
     std::this_thread::sleep_for(100ms);
   ASSERT_EQ(states(), both_up);
-  // The joins' events are not the test's: drop them.
-  for (bool more = true; more;)
-    self->receive([](const member_event&) {},
-                  caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
+  drain_events(self, nullptr);  // the joins' events are not the test's
 
   moe::test::busy_worker busy{sys};
   ASSERT_TRUE(busy.held());
@@ -211,13 +223,7 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   auto down1 = await_state(self, "n1", member_state::down, 30s, log);
   // n0 meanwhile stays up: another failure timeout with the pool held changes nothing.
   std::this_thread::sleep_for(std::chrono::milliseconds(cfg->failure_timeout_ms));
-  for (bool more = true; more;)
-    self->receive(
-        [&](const member_event& ev) {
-          log += ev.node + ": " + to_string(ev.from) + " -> " + to_string(ev.to) + " (" +
-                 ev.reason + ")\n";
-        },
-        caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
+  drain_events(self, &log);
   busy.release();
   nodes.n1->kill_and_reap();
   ASSERT_TRUE(down1) << "events:\n" << log;
