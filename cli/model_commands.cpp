@@ -82,6 +82,28 @@ kernels::cpu::sampling_params sampling_of(const generation_flags& g) {
   return p;
 }
 
+/// The latent cache one generation needs: the prompt, then max_new_tokens - 1 tokens fed back
+/// (at least one step's room), in 16-token blocks, and one more. Refused up front where that is
+/// past the model's positions: the reference engine's default cache would otherwise fill after
+/// generating part of the answer, with an error about cache blocks, and a cache sized for an
+/// absurd --max-new-tokens would not fit in memory.
+caf::expected<model::latent_cache_options> cache_for(const model::model_config& c,
+                                                     size_t prompt_tokens, int64_t max_new_tokens) {
+  const auto prompt = static_cast<uint64_t>(prompt_tokens);
+  const auto fed = static_cast<uint64_t>(std::max<int64_t>(max_new_tokens, 1)) - 1;
+  const auto positions = static_cast<uint64_t>(std::max<int64_t>(c.max_position_embeddings, 0));
+  if (prompt > positions || fed > positions - prompt)
+    return model::make_error(
+        model::model_errc::bad_input,
+        fmt::format("--max-new-tokens {} with a {}-token prompt needs {} positions, more than the "
+                    "model's {} (max_position_embeddings)",
+                    max_new_tokens, prompt, prompt + fed, positions));
+  model::latent_cache_options o;
+  o.block_size = 16;
+  o.num_blocks = static_cast<int64_t>((prompt + fed + 1 + 15) / 16 + 1);
+  return o;
+}
+
 /// --engine gpu: the GPU engine, with the reference path's output contract and the same tokens
 /// for the same logits (its sampler draws what cpu::sample draws, seed and offsets included;
 /// the stop rule: a stop token ends the output and is kept).
@@ -100,6 +122,8 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
   const bool fp8 = o.fp8 != "off";
   auto ckpt = open_model(o.model_dir, fp8);
   if (!ckpt) return fail("run", ckpt.error());
+  auto cache = cache_for(ckpt->config, prompt.size(), o.gen.max_new_tokens);
+  if (!cache) return fail("run", cache.error());
   // A checkpoint stored without FP8 weights is quantized as DeepSeek-V3's were.
   if (fp8 && ckpt->fp8.empty())
     if (auto err = model::quantize_fp8(*ckpt)) return fail("run", err);
@@ -107,9 +131,7 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
   eo.dtype = o.gpu_dtype == "f32" ? kernels::dtype::f32 : kernels::dtype::bf16;
   eo.fp8 = o.fp8 == "expand" ? engine::gpu_engine_options::fp8_products::expand
                              : engine::gpu_engine_options::fp8_products::block_scaled;
-  eo.cache.block_size = 16;
-  eo.cache.num_blocks =
-      (static_cast<int64_t>(prompt.size()) + std::max<int64_t>(o.gen.max_new_tokens, 1) + 15) / 16 + 1;
+  eo.cache = *cache;
   const int64_t vocab = ckpt->config.vocab_size;
   auto engine = engine::gpu_engine::create(std::make_shared<const model::checkpoint>(std::move(*ckpt)), eo);
   if (!engine) return fail("run", engine.error());
@@ -168,7 +190,11 @@ int run_model(const run_options& o) {
   auto opened = open_model(o.model_dir);
   if (!opened) return fail("run", opened.error());
   auto ckpt = std::make_shared<const model::checkpoint>(std::move(*opened));
-  auto engine = model::reference_engine::create(ckpt);
+  model::engine_options eo;
+  auto cache = cache_for(ckpt->config, prompt.size(), o.gen.max_new_tokens);
+  if (!cache) return fail("run", cache.error());
+  eo.cache = *cache;
+  auto engine = model::reference_engine::create(ckpt, eo);
   if (!engine) return fail("run", engine.error());
   if (!o.dump_logits.empty()) {
     const model::sequence_input seq[] = {{1, prompt}};

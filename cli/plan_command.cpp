@@ -3,10 +3,10 @@
 // placement under "placement", with the cluster name, the model and the memory model used.
 // Errors: "moe plan: error: ..." on stderr, exit status 1.
 #include <fmt/format.h>
-
 #include <nlohmann/json.hpp>
 
 #include "cli/command.hpp"
+#include "cli/flag_checks.hpp"
 #include "model/weights.hpp"
 #include "runtime/cluster_config.hpp"
 #include "scheduler/placement.hpp"
@@ -80,10 +80,10 @@ void add_plan_command(CLI::App& app, command_context& ctx) {
   cmd->add_flag("--json", o->json, "Print JSON instead of tables");
   cmd->add_option("--bytes-per-param", o->bytes_per_param,
                   "Bytes per weight and KV-cache value (4: float32 on the CPU, 2: bf16)")
-      ->check(CLI::Range(1, 8));
+      ->check(whole_number(1, 8));
   cmd->add_option("--kv-cache-tokens", o->kv_cache_tokens,
                   "KV-cache tokens per attention shard (default: from the batching limits)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(whole_number(0));
   cmd->callback([o, &ctx] { ctx.exit_code = plan(*o); });
 }
 

@@ -10,15 +10,17 @@
 // "layer_moves".
 // Prints the balance figures; exit 0, or 1 with the reason for a bad trace or previous plan.
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
-#include <limits>
+#include <cmath>
 #include <fstream>
-#include <nlohmann/json.hpp>
+#include <limits>
 #include <optional>
 
 #include "cli/command.hpp"
+#include "cli/flag_checks.hpp"
 #include "scheduler/expert_plan.hpp"
 #include "scheduler/plan_transition.hpp"
 #include "scheduler/scheduler_errc.hpp"
@@ -158,7 +160,7 @@ void add_plan_experts_command(CLI::App& app, command_context& ctx) {
   cmd->add_flag("--node-local", o->node_local, "Keep every routing group on one node whatever it costs");
   cmd->add_option("--hierarchy-tolerance", o->tolerance,
                   "GPU balance the group-per-node rule may cost per layer (default 0.02 = 2%)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(real_number(0.0, HUGE_VAL));
   auto* previous = cmd->add_option("--previous", o->previous,
                                    "The plan served now (a --out file of this command): keep as many "
                                    "experts on their GPUs as possible, and report the moves (replicas "
@@ -166,7 +168,7 @@ void add_plan_experts_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--max-moves", o->max_moves,
                   "Most replicas to load over all layers (needs --previous): the best plan within "
                   "that many moves; 0 keeps the previous plan (default: no limit)")
-      ->check(CLI::Range(int64_t{0}, std::numeric_limits<int64_t>::max()))
+      ->check(whole_number(0))
       ->needs(previous);
   cmd->callback([o, &ctx] { ctx.exit_code = plan_experts(*o); });
 }

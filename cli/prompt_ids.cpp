@@ -1,9 +1,12 @@
 #include "cli/prompt_ids.hpp"
 
-#include <charconv>
 #include <climits>
+
+#include <charconv>
+#include <cmath>
 #include <string>
 
+#include "cli/flag_checks.hpp"
 #include "model/model_errc.hpp"
 
 namespace moe::cli {
@@ -36,13 +39,13 @@ caf::expected<std::vector<int32_t>> parse_token_ids(std::string_view text, std::
 void add_generation_flags(CLI::App& cmd, generation_flags& f) {
   cmd.add_option("--prompt-ids", f.prompt_ids, "Prompt token ids, comma-separated")->required();
   cmd.add_option("--max-new-tokens", f.max_new_tokens, "Tokens to generate (0: none)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(whole_number(0));
   cmd.add_option("--temperature", f.temperature, "Sampling temperature (default: greedy)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(real_number(0.0, HUGE_VAL));
   cmd.add_option("--top-p", f.top_p, "Nucleus sampling mass, in (0, 1]")
-      ->check(CLI::Range(0.0f, 1.0f));
+      ->check(real_number(0.0, 1.0, /*low_open=*/true));
   cmd.add_option("--top-k", f.top_k, "Sample among the k most likely tokens (0: all)")
-      ->check(CLI::Range(int64_t{0}, int64_t{UINT32_MAX}));
+      ->check(whole_number(0, UINT32_MAX));
   cmd.add_option("--seed", f.seed, "Sampling seed");
   cmd.add_option("--stop-ids", f.stop_ids, "Stop token ids, comma-separated");
 }

@@ -74,6 +74,19 @@ expect_success() {
   fi
 }
 
+# stderr_mentions NEEDLE...: every NEEDLE (fixed strings) is in stderr; a failure for each one
+# that is not.
+stderr_mentions() {
+  local needle ok=1
+  for needle in "$@"; do
+    if ! grep -qF -- "$needle" "$TMP/err"; then
+      fail "stderr does not mention '$needle'"
+      ok=0
+    fi
+  done
+  ((ok))
+}
+
 # expect_clear_error CMD NEEDLE...: exit 1, the `moe CMD: error:` prefix, and every NEEDLE
 # (fixed strings) in stderr.
 expect_clear_error() {
@@ -89,13 +102,7 @@ expect_clear_error() {
     fail "stderr lacks the 'moe $cmd: error:' prefix"
     ok=0
   fi
-  local needle
-  for needle in "$@"; do
-    if ! grep -qF -- "$needle" "$TMP/err"; then
-      fail "stderr does not mention '$needle'"
-      ok=0
-    fi
-  done
+  stderr_mentions "$@" || ok=0
   ((ok)) || show_last
   ((ok))
 }
@@ -114,6 +121,12 @@ expect_refused() {
     show_last
     return 1
   fi
+}
+
+# expect_refused_saying NEEDLE...: expect_refused, and every NEEDLE (fixed strings) in stderr.
+expect_refused_saying() {
+  expect_refused || return 1
+  stderr_mentions "$@" || { show_last; return 1; }
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -511,20 +524,46 @@ case_train_config_data() {
 case_bad_cli_arguments() {
   # shellcheck disable=SC2054  # the commas are inside one argument, the prompt
   local base=(--model "$TINY" --prompt-ids 5,17,42)
+  # Each refusal names the flag, the value and what is expected, in words (CLI11's own range
+  # checks printed "not in range 0.000000 to 1797693134862315708...", 309 digits).
   moe run "${base[@]}" --max-new-tokens -1
-  expect_refused
+  expect_refused_saying "--max-new-tokens: -1 is not a whole number >= 0"
+  moe run "${base[@]}" --max-new-tokens 1.5
+  expect_refused_saying "--max-new-tokens: '1.5' is not a whole number >= 0"
   moe run "${base[@]}" --max-new-tokens 4 --top-p 2
-  expect_refused
+  expect_refused_saying "--top-p: 2 is not a number in (0, 1]"
+  moe run "${base[@]}" --max-new-tokens 4 --top-p 0
+  expect_refused_saying "--top-p: 0 is not a number in (0, 1]"
   moe run "${base[@]}" --max-new-tokens 4 --temperature -1
-  expect_refused
+  expect_refused_saying "--temperature: -1 is not a finite number >= 0"
+  moe run "${base[@]}" --max-new-tokens 4 --temperature nan
+  expect_refused_saying "--temperature: nan is not a finite number >= 0"
   moe run "${base[@]}" --max-new-tokens 4 --top-k -5
-  expect_refused
+  expect_refused_saying "--top-k: -5 is not a whole number in [0, 4294967295]"
+  if grep -qF "0.000000" "$TMP/err"; then
+    fail "a bound printed with %f"
+    show_last
+  fi
   moe run --prompt-ids 5,17,42 --max-new-tokens 4
   expect_refused
   moe run --model "$TINY" --max-new-tokens 4
   expect_refused
   moe run --model "$TINY" --prompt-ids 5,abc --max-new-tokens 4
   expect_refused
+}
+
+# The cache is sized for the request: a generation past the reference engine's default cache
+# (256 blocks of 16 tokens, which ended such a run with "latent cache: 1 more blocks needed")
+# completes; one that needs more positions than the model has is refused before any work,
+# naming the limit.
+case_generation_length() {
+  moe run --model "$TINY" --prompt-ids 5,17 --max-new-tokens 4200
+  expect_success || return
+  is_id_line "$(cat "$TMP/out")" 4200 512 || fail "expected 4200 ids in [0, 512) on one line"
+  moe run --model "$TINY" --prompt-ids 5,17 --max-new-tokens 163840
+  expect_clear_error run "needs 163841 positions" "163840 (max_position_embeddings)"
+  moe run --model "$TINY" --prompt-ids 5,17 --max-new-tokens 9223372036854775807
+  expect_clear_error run "max_position_embeddings"
 }
 
 # An empty prompt has nothing to condition on; it must be refused, not replaced by some

@@ -1,0 +1,22 @@
+// Checks of numeric flags whose refusals read plainly: "--top-p: 0 is not a number in (0, 1]".
+// CLI11's own checks (NonNegativeNumber, Range) print their bounds with %f, so a user who passed
+// --max-new-tokens -1 read "not in range 0.000000 to 17976931348623157..." (309 digits).
+// Thread safety: the validators are pure functions of the flag's text.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <limits>
+
+namespace moe::cli {
+
+/// A whole number in [low, high], written in decimal ("1.5", "abc" and "-1" for low 0 are refused).
+[[nodiscard]] CLI::Validator whole_number(int64_t low,
+                                          int64_t high = std::numeric_limits<int64_t>::max());
+
+/// A finite number in [low, high], or in (low, high] with `low_open` (NaN and infinities are
+/// refused; high may be infinity: no upper bound).
+[[nodiscard]] CLI::Validator real_number(double low, double high, bool low_open = false);
+
+}  // namespace moe::cli
