@@ -243,6 +243,7 @@ int run_demo(const std::string& config_file, int processes) {
     nodes = std::move(*started);
     cfg = nodes->config();
     fmt::print("started {} node processes (logs in {})\n", processes - 1, nodes->run_dir().string());
+    std::fflush(stdout);  // piped or redirected, the line would wait for the training's flush
   }
   // The demo's clients are its own threads on loopback, with no CA to check a certificate
   // against: its API stays plain TCP whatever api.tls says.

@@ -89,8 +89,11 @@ caf::expected<std::unique_ptr<local_nodes>> local_nodes::start(const runtime::cl
   if (!cfg) return cfg.error();
   n->config_ = std::move(*cfg);
   for (const auto& node : n->config_.nodes) {
-    auto pid = spawn_detached({self_executable(), "node", "--config", file.string(), "--name", node.name},
-                              n->dir_ / (node.name + ".log"));
+    // The nodes end with this thread (the demo's main thread) even where no destructor runs:
+    // a demo killed, or ended by SIGPIPE or Ctrl-C, left every node running.
+    auto pid =
+        spawn_detached({self_executable(), "node", "--config", file.string(), "--name", node.name},
+                       n->dir_ / (node.name + ".log"), on_spawner_exit::terminate);
     if (!pid) return pid.error();
     n->pids_.push_back(*pid);
   }

@@ -4,7 +4,9 @@
 //
 // Ownership: RAII. Destruction stops every node (SIGTERM to its process group, SIGKILL after a
 // grace period), reaps it and removes the run dir; a node that failed to start is reported
-// with the end of its log. Thread safety: one owner thread.
+// with the end of its log. Where no destructor runs (the owner killed, or ended by a signal), the
+// kernel sends each node SIGTERM when the thread that started them ends; the run dir, with the
+// nodes' logs, then stays. Thread safety: one owner thread, which must outlive the nodes' use.
 #pragma once
 
 #include <sys/types.h>

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -39,7 +40,8 @@ bool is_local_host(const std::string& host) {
   return host == full || host == full.substr(0, full.find('.'));
 }
 
-caf::expected<pid_t> spawn_detached(const std::vector<std::string>& argv, const std::filesystem::path& log) {
+caf::expected<pid_t> spawn_detached(const std::vector<std::string>& argv,
+                                    const std::filesystem::path& log, on_spawner_exit when) {
   if (argv.empty()) return make_error(process_errc::spawn_failed, "spawn: empty command");
   // Everything the child needs is prepared before fork: after it only async-signal-safe calls.
   std::vector<char*> args;
@@ -48,6 +50,7 @@ caf::expected<pid_t> spawn_detached(const std::vector<std::string>& argv, const 
   const int log_fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd < 0) return make_error(process_errc::io_error, "cannot open " + log.string() + ": " + std::strerror(errno));
   const int null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) {
     const int err = errno;
@@ -57,6 +60,10 @@ caf::expected<pid_t> spawn_detached(const std::vector<std::string>& argv, const 
   }
   if (pid == 0) {
     ::setsid();
+    if (when == on_spawner_exit::terminate) {
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (::getppid() != parent) _exit(127);  // the spawner was gone before the prctl
+    }
     // Signals blocked by the parent stay blocked across exec: unblock them for the node.
     sigset_t none;
     sigemptyset(&none);

@@ -31,11 +31,21 @@ enum class process_errc : uint8_t {
 /// True for 127.0.0.0/8, ::1, localhost and this machine's host name (short or full).
 [[nodiscard]] bool is_local_host(const std::string& host);
 
+/// What a spawned process does when the thread that spawned it ends, however it ends (an exit,
+/// a crash, SIGKILL): `moe cluster up`'s nodes keep running; a demo's end with the demo.
+enum class on_spawner_exit : uint8_t {
+  keep_running,
+  terminate,  ///< SIGTERM from the kernel (PR_SET_PDEATHSIG): no destructor needs to run
+};
+
 /// Forks and execs `argv` in a session of its own (setsid: a terminal's Ctrl-C or the death of
 /// `moe cluster up` does not reach it), stdin from /dev/null, stdout and stderr appended to
-/// `log`. Returns the child's pid, which is also its process group id.
-[[nodiscard]] caf::expected<pid_t> spawn_detached(const std::vector<std::string>& argv,
-                                                  const std::filesystem::path& log);
+/// `log`. Returns the child's pid, which is also its process group id. With
+/// on_spawner_exit::terminate the calling thread must live as long as the process should (the
+/// kernel ties it to the thread, not to this process).
+[[nodiscard]] caf::expected<pid_t> spawn_detached(
+    const std::vector<std::string>& argv, const std::filesystem::path& log,
+    on_spawner_exit when = on_spawner_exit::keep_running);
 
 /// Running and not a zombie. A pid of ours that has exited is reaped here.
 [[nodiscard]] bool process_running(pid_t pid);

@@ -491,6 +491,43 @@ case_demo_runs() {
     fail "the demo's greedy generation changed between runs"
 }
 
+# `moe demo --processes N` killed outright (SIGKILL: no destructor of its runs) takes its node
+# processes with it: the kernel sends each SIGTERM when the demo ends. Before, a demo killed, or
+# ended by Ctrl-C or a closed output pipe, left every node running.
+case_demo_nodes_end_with_it() {
+  MOE_MODEL_CACHE="$TMP/cache" "$MOE" demo --processes 3 >"$TMP/out" 2>"$TMP/err" &
+  local demo=$! dir="" i
+  # Bounded by the nodes' start-up; the demo says where they run as soon as they are started.
+  for ((i = 0; i < 600; i++)); do
+    dir=$(sed -n 's/^started [0-9]* node processes (logs in \(.*\))$/\1/p' "$TMP/out")
+    [[ -n $dir ]] && break
+    sleep 0.1
+  done
+  if [[ -z $dir ]]; then
+    fail "the demo did not say where its nodes run: $(head -c 2000 "$TMP/out") $(head -c 2000 "$TMP/err")"
+    kill -9 "$demo"
+    return
+  fi
+  # Both nodes running their own command line (forked, the line is printed; exec may follow).
+  local count=0
+  for ((i = 0; i < 300 && count != 2; i++)); do
+    count=$(pgrep -f -- "$dir/cluster.yaml" | wc -l)
+    ((count == 2)) || sleep 0.1
+  done
+  ((count == 2)) || fail "expected 2 node processes of $dir, found $count"
+  kill -9 "$demo"
+  wait "$demo" 2>/dev/null
+  for ((i = 0; i < 300; i++)); do
+    pgrep -f -- "$dir/cluster.yaml" >/dev/null || break
+    sleep 0.1
+  done
+  if pgrep -f -- "$dir/cluster.yaml" >/dev/null; then
+    fail "node processes still run 30 s after the demo was killed: $(pgrep -af -- "$dir/cluster.yaml")"
+    pkill -9 -f -- "$dir/cluster.yaml"
+  fi
+  rm -rf "$dir"
+}
+
 # `moe train --config --data`: training through a cluster's actors from a text file, a training
 # checkpoint that serving loads, and clear errors for bad input.
 case_train_config_data() {
