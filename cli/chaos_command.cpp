@@ -30,6 +30,7 @@
 #include "cli/chaos_proxy.hpp"
 #include "cli/client_secret.hpp"
 #include "cli/command.hpp"
+#include "cli/flag_checks.hpp"
 #include "cli/local_processes.hpp"
 
 namespace moe::cli {
@@ -305,7 +306,9 @@ void add_chaos_command(CLI::App& app, command_context& ctx) {
     sub->add_option("--kind", o->kind, "truncated, oversized, random, wrong-version, a comma-separated list, or all (default)");
     sub->add_option("--count", o->count, "Send each frame this many times (default 1)");
     sub->add_option("--seed", o->seed, "Seed of the random frames (default 1)");
-    sub->add_option("--timeout", o->timeout_s, "Seconds to wait for the server's reaction (default 2)");
+    sub->add_option("--timeout", o->timeout_s,
+                    "Seconds to wait for the server's reaction (default 2)")
+        ->check(timeout_seconds());
     sub->add_option("--secret", o->secret, "The cluster secret: wrong-version then reaches the version check");
     sub->add_option("--secret-file", o->secret_file, "A file whose first line is the cluster secret");
     sub->callback([o, &ctx] { ctx.exit_code = run_garbage(*o); });

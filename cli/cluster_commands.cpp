@@ -25,6 +25,7 @@
 #include "actors/serving_cluster.hpp"
 #include "cli/command.hpp"
 #include "cli/embedded_config.hpp"
+#include "cli/flag_checks.hpp"
 #include "cli/cluster_training.hpp"
 #include "cli/local_nodes.hpp"
 #include "cli/node_support.hpp"
@@ -384,7 +385,9 @@ void add_serve_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--secret-file", o->secret_file, "Read the cluster secret from this file (overrides cluster.secret)");
   cmd->add_flag("--join-nodes", o->join_nodes,
                 "The config's nodes run as `moe node` processes (moe cluster up): join them and place the actors there");
-  cmd->add_option("--join-timeout", o->join_timeout_s, "--join-nodes: seconds to wait for every node (default 60)");
+  cmd->add_option("--join-timeout", o->join_timeout_s,
+                  "--join-nodes: seconds to wait for every node (default 60)")
+      ->check(timeout_seconds());
   cmd->callback([o, &ctx] { ctx.exit_code = run_serve(*o); });
 }
 

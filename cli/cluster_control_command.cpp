@@ -19,6 +19,7 @@
 #include "actors/node_client.hpp"
 #include "cli/chaos_socket.hpp"
 #include "cli/command.hpp"
+#include "cli/flag_checks.hpp"
 #include "cli/local_processes.hpp"
 #include "cli/node_support.hpp"
 
@@ -342,7 +343,9 @@ void add_cluster_command(CLI::App& app, command_context& ctx) {
     sub->add_option("--secret-file", o->secret_file, "Read the cluster secret from this file");
     sub->add_option("--run-dir", o->run_dir, "Logs and pid files (default ${XDG_RUNTIME_DIR:-/tmp}/moe-CLUSTER)");
     sub->add_option("--node", o->node, "Only this node");
-    sub->add_option("--call-timeout", o->call_timeout_s, "Seconds for each call to a node (default 2)");
+    sub->add_option("--call-timeout", o->call_timeout_s,
+                    "Seconds for each call to a node (default 2)")
+        ->check(timeout_seconds());
   };
   struct sub_command {
     const char* name;
@@ -360,12 +363,16 @@ void add_cluster_command(CLI::App& app, command_context& ctx) {
     common(sub);
     if (std::string(s.name) == "up") {
       sub->add_flag("--dry-run", o->dry_run, "Print the commands that would run; start nothing");
-      sub->add_option("--timeout", o->timeout_s, "Seconds to wait for each node to answer (default 30)");
+      sub->add_option("--timeout", o->timeout_s,
+                      "Seconds to wait for each node to answer (default 30)")
+          ->check(timeout_seconds());
       sub->add_option("--ssh", o->ssh, "ssh command for remote nodes (default ssh)");
       sub->add_option("--remote-moe", o->remote_moe, "moe on remote hosts (default: moe from PATH)");
     }
     if (std::string(s.name) == "down") {
-      sub->add_option("--timeout", o->timeout_s, "Seconds for each node's stop, all steps together (default 30)");
+      sub->add_option("--timeout", o->timeout_s,
+                      "Seconds for each node's stop, all steps together (default 30)")
+          ->check(timeout_seconds());
     }
     sub->callback([o, run = s.run, name = std::string(s.name), &ctx] {
       auto cfg = load_cluster_with_secret(o->config, o->secret_file);

@@ -19,4 +19,10 @@ namespace moe::cli {
 /// refused; high may be infinity: no upper bound).
 [[nodiscard]] CLI::Validator real_number(double low, double high, bool low_open = false);
 
+/// A timeout in seconds: a number in (0, 1e6] (about 11 days: far past any wait, and its
+/// milliseconds fit an int64 where a larger one would overflow the conversion).
+[[nodiscard]] inline CLI::Validator timeout_seconds() {
+  return real_number(0.0, 1e6, /*low_open=*/true);
+}
+
 }  // namespace moe::cli

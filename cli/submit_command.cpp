@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "cli/command.hpp"
+#include "cli/flag_checks.hpp"
 #include "cli/prompt_ids.hpp"
 #include "cli/client_secret.hpp"
 #include "client/job_client.hpp"
@@ -99,9 +100,11 @@ void add_submit_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--secret", o->secret, "The cluster secret (visible in ps: prefer the others)");
   cmd->add_option("--secret-file", o->secret_file, "A file whose first line is the cluster secret");
   add_generation_flags(*cmd, o->gen);
-  cmd->add_option("--deadline-ms", o->deadline_ms,
-                  "Fail the request unless it finishes within this many milliseconds (0: the cluster's "
-                  "batching.request_timeout_ms)");
+  cmd->add_option(
+         "--deadline-ms", o->deadline_ms,
+         "Fail the request unless it finishes within this many milliseconds (0: the cluster's "
+         "batching.request_timeout_ms)")
+      ->check(whole_number(0));
   cmd->add_flag("--stream", o->stream, "Print tokens as they arrive");
   add_api_tls_flags(*cmd, o->tls);
   cmd->footer("The secret may also come from the environment variable MOE_CLUSTER_SECRET.");

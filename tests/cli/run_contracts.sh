@@ -581,6 +581,17 @@ case_bad_cli_arguments() {
     fail "a bound printed with %f"
     show_last
   fi
+  # Timeouts: a negative one was taken as given ("not up after -5s", after starting the node).
+  local config="$DATA/../../deploy/local.yaml" run_dir="$TMP/run"
+  moe cluster up --config "$config" --run-dir "$run_dir" --timeout -5
+  expect_refused_saying "--timeout: -5 is not a number in (0, 1000000]"
+  [[ -e $run_dir ]] && fail "cluster up with a refused --timeout created $run_dir"
+  moe cluster status --config "$config" --run-dir "$run_dir" --call-timeout 0
+  expect_refused_saying "--call-timeout: 0 is not a number in (0, 1000000]"
+  moe serve --config "$config" --join-nodes --join-timeout 1e300
+  expect_refused_saying "--join-timeout: 1e300 is not a number in (0, 1000000]"
+  moe submit --address 127.0.0.1:9 --secret s --prompt-ids 5 --deadline-ms -5
+  expect_refused_saying "--deadline-ms: -5 is not a whole number >= 0"
   moe run --prompt-ids 5,17,42 --max-new-tokens 4
   expect_refused
   moe run --model "$TINY" --max-new-tokens 4
