@@ -380,8 +380,10 @@ void add_serve_command(CLI::App& app, command_context& ctx) {
   auto* cmd = app.add_subcommand("serve", "Run a cluster and its job API until SIGINT/SIGTERM");
   cmd->add_option("--config", o->config, "Cluster config (YAML, docs/configuration.md)")->required();
   cmd->add_option("--host", o->host, "Address the API and metrics endpoints bind");
-  cmd->add_option("--api-port", o->api_port, "Override ports.api (0: ephemeral)");
-  cmd->add_option("--metrics-port", o->metrics_port, "Override ports.metrics (0: ephemeral)");
+  cmd->add_option("--api-port", o->api_port, "Override ports.api (0: ephemeral)")
+      ->check(whole_number(0, 65535));
+  cmd->add_option("--metrics-port", o->metrics_port, "Override ports.metrics (0: ephemeral)")
+      ->check(whole_number(0, 65535));
   cmd->add_option("--secret-file", o->secret_file, "Read the cluster secret from this file (overrides cluster.secret)");
   cmd->add_flag("--join-nodes", o->join_nodes,
                 "The config's nodes run as `moe node` processes (moe cluster up): join them and place the actors there");

@@ -590,6 +590,8 @@ case_bad_cli_arguments() {
   expect_refused_saying "--call-timeout: 0 is not a number in (0, 1000000]"
   moe serve --config "$config" --join-nodes --join-timeout 1e300
   expect_refused_saying "--join-timeout: 1e300 is not a number in (0, 1000000]"
+  moe serve --config "$config" --api-port 70000
+  expect_refused_saying "--api-port: 70000 is not a whole number in [0, 65535]"
   moe submit --address 127.0.0.1:9 --secret s --prompt-ids 5 --deadline-ms -5
   expect_refused_saying "--deadline-ms: -5 is not a whole number >= 0"
   moe run --prompt-ids 5,17,42 --max-new-tokens 4
