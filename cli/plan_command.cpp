@@ -3,6 +3,7 @@
 // placement under "placement", with the cluster name, the model and the memory model used.
 // Errors: "moe plan: error: ..." on stderr, exit status 1.
 #include <fmt/format.h>
+
 #include <nlohmann/json.hpp>
 
 #include "cli/command.hpp"

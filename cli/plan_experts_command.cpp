@@ -10,13 +10,13 @@
 // "layer_moves".
 // Prints the balance figures; exit 0, or 1 with the reason for a bad trace or previous plan.
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <fstream>
 #include <limits>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <optional>
 
 #include "cli/command.hpp"

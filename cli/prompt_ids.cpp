@@ -1,8 +1,7 @@
 #include "cli/prompt_ids.hpp"
 
-#include <climits>
-
 #include <charconv>
+#include <climits>
 #include <cmath>
 #include <string>
 
