@@ -8,12 +8,16 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <utility>
+#include <vector>
 
 #include "actors/serving_cluster.hpp"
 #include "base/constant_time.hpp"
 #include "monitoring/metrics_server.hpp"
+#include "runtime/actor_system.hpp"
 #include "runtime/control_plane.hpp"
 
 namespace moe::actors {
@@ -58,6 +62,10 @@ struct node_metrics {
 namespace {
 
 using clock_type = std::chrono::steady_clock;
+
+// How long stop() waits for its detached actors to be released: each ends at its next message,
+// and the BASP broker reads the down messages they leave it within milliseconds.
+constexpr std::chrono::seconds release_timeout{10};
 
 
 struct gatekeeper_state {
@@ -241,16 +249,39 @@ void node_process::stop() {
   wake_.notify_all();
   if (uptime_thread_.joinable()) uptime_thread_.join();
   if (metrics_) metrics_->up.Set(0);
+  // The gatekeeper and the agent are detached actors that coordinators hold proxies of: awaited
+  // below, once both have been told, while the middleman still runs (runtime::await_released
+  // says why the process could not exit otherwise).
+  std::vector<std::pair<const char*, caf::actor_addr>> ending;
   if (gatekeeper_) {
     if (info_.control_port != 0) (void)runtime::unpublish_control(*sys_, gatekeeper_, info_.control_port);
+    ending.emplace_back("gatekeeper", gatekeeper_.address());
     caf::anon_send_exit(gatekeeper_, caf::exit_reason::user_shutdown);
     gatekeeper_ = nullptr;
   }
   // The agent's spawned actors are linked to it: they end with it.
-  if (agent_) caf::anon_send_exit(agent_, caf::exit_reason::user_shutdown);
-  agent_ = nullptr;
-  if (transport_.fetcher) caf::anon_send_exit(transport_.fetcher, caf::exit_reason::user_shutdown);
-  transport_ = {};  // the last owner of the exchange stops its data plane
+  if (agent_) {
+    ending.emplace_back("agent", agent_.address());
+    caf::anon_send_exit(agent_, caf::exit_reason::user_shutdown);
+    agent_ = nullptr;
+  }
+  if (transport_.fetcher) {
+    // Ended, not released: its fetch timers hold it for up to the fetch timeout, which is
+    // harmless as it is not detached. Its state shares the exchange.
+    caf::scoped_actor self{*sys_};
+    caf::anon_send_exit(transport_.fetcher, caf::exit_reason::user_shutdown);
+    self->wait_for(transport_.fetcher);
+  }
+  const auto deadline = clock_type::now() + release_timeout;
+  for (const auto& [what, addr] : ending) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock_type::now());
+    if (!runtime::await_released(addr, std::max(left, std::chrono::milliseconds(0))))
+      spdlog::warn("node {}: its {} is still referenced {} s after it was told to stop; the process may not exit",
+                   info_.name, what, std::chrono::duration_cast<std::chrono::seconds>(release_timeout).count());
+  }
+  // Its other owners (the agent, the fetcher) are gone: the data plane stops here, before stop()
+  // returns.
+  transport_ = {};
   if (metrics_server_) metrics_server_->stop();
 }
 

@@ -18,6 +18,7 @@
 #include "model/init_model.hpp"
 #include "model/model_errc.hpp"
 #include "monitoring/metrics_server.hpp"
+#include "runtime/actor_system.hpp"
 #include "scheduler/model_memory.hpp"
 
 namespace moe::actors {
@@ -425,8 +426,14 @@ void serving_cluster::stop() {
       self->request(a, std::chrono::seconds(5), close_session_atom::value).receive([](caf::atom_value) {},
                                                                                   [](caf::error&) {});
     }
+    // A detached actor the nodes hold proxies of (their sessions' owner): the system could not
+    // be destroyed were it still referenced then (runtime::await_released says why).
+    const auto membership = membership_.address();
     caf::anon_send_exit(membership_, caf::exit_reason::user_shutdown);
     membership_ = nullptr;
+    if (!runtime::await_released(membership, std::chrono::seconds(10)))
+      spdlog::warn("the cluster membership actor is still referenced 10 s after it was told to stop; the process "
+                   "may not exit");
   } else {
     // The node agents own their actors (linked): ending an agent ends them.
     for (auto& a : agents_) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);

@@ -1,7 +1,11 @@
 #include "runtime/actor_system.hpp"
 
+#include <caf/actor_control_block.hpp>
 #include <caf/io/middleman.hpp>
 #include <caf/openssl/manager.hpp>
+
+#include <algorithm>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -47,6 +51,23 @@ actor_system_config::actor_system_config(const options& opts) {
   // No console logger and no caf-application.ini lookup surprises from CAF itself: our CLI
   // owns the command line, so CAF must not try to parse it.
   set("logger.console", caf::atom("none"));
+}
+
+bool await_released(const caf::actor_addr& who, std::chrono::milliseconds timeout) {
+  // The weak reference in `who` keeps the control block readable. Its strong count is read, not
+  // upgraded: upgrading would itself hold the actor for a moment.
+  const caf::actor_control_block* ctrl = who.get();
+  if (ctrl == nullptr) return true;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  // Polled: CAF has no hook for an actor's destruction. The broker reads its mailbox within
+  // milliseconds, so the waits start short.
+  auto pause = std::chrono::microseconds(100);
+  while (ctrl->strong_refs.load(std::memory_order_acquire) != 0) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(pause);
+    pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(10));
+  }
+  return true;
 }
 
 }  // namespace moe::runtime

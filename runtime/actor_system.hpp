@@ -4,8 +4,10 @@
 // Thread safety: build one config per actor_system, on the thread that creates the system.
 #pragma once
 
+#include <caf/actor_addr.hpp>
 #include <caf/actor_system_config.hpp>
 
+#include <chrono>
 #include <cstddef>
 #include <optional>
 #include <string>
@@ -36,5 +38,20 @@ class actor_system_config : public caf::actor_system_config {
   actor_system_config();
   explicit actor_system_config(const options& opts);
 };
+
+/// Blocks until nothing holds `who` any more (no strong reference is left, so the actor has been
+/// destroyed), at most `timeout`; true when released, false at the deadline. A null address is
+/// released.
+///
+/// Why: CAF 0.17.6 ends a detached actor's thread only once its actor object is destroyed, and
+/// caf::actor_system's destructor, after it has stopped the middleman, waits for every such
+/// thread. When another process holds a proxy of the actor, the BASP broker monitors it, and the
+/// down message the actor sends it on exit carries a strong reference to the actor (as its
+/// sender). An actor that ended a moment before the system's destructor ran could leave that
+/// message unread when the middleman stopped: the destructor then waited forever, and a node
+/// that had logged "stopped" never exited. So whoever stops a detached actor that other
+/// processes know waits for it here, while the middleman still runs, before the system goes;
+/// its own handles to the actor must be dropped first.
+[[nodiscard]] bool await_released(const caf::actor_addr& who, std::chrono::milliseconds timeout);
 
 }  // namespace moe::runtime
