@@ -22,6 +22,8 @@ MOE=$(realpath "$1")
 ROOT=$(realpath "$2")
 MODEL=$ROOT/tests/data/tiny-v3
 GOLDEN=$MODEL/golden.safetensors
+# shellcheck source=../tools/stacks.sh
+source "$ROOT/tests/tools/stacks.sh"
 
 step() { echo "==> $*"; }
 skip() {
@@ -392,14 +394,18 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Waits at most SECONDS for a child to exit; its exit status, or 255 when it is still running
-# (cleanup then kills it). Bounded, so a hung process fails the test well before ctest's timeout.
+# (cleanup then kills it, after its threads' backtraces went to stderr). Bounded, so a hung process
+# fails the test well before ctest's timeout.
 wait_exit() {  # PID SECONDS
   local i
   for ((i = 0; i < $2 * 10; i++)); do
     kill -0 "$1" 2>/dev/null || break
     sleep 0.1
   done
-  kill -0 "$1" 2>/dev/null && return 255
+  if kill -0 "$1" 2>/dev/null; then
+    dump_stacks "$1"
+    return 255
+  fi
   wait "$1"
 }
 step "stopping moe serve (SIGTERM), then the nodes (SIGTERM)"
