@@ -292,7 +292,8 @@ void add_chaos_command(CLI::App& app, command_context& ctx) {
         ->check(CLI::IsMember({"both", "to-server", "to-client"}));
     auto* da = sub->add_option("--drop-after", *drop, "Cut each connection after this many bytes (both ways)");
     sub->add_option("--delay-ms", o->delay_ms, "Hold every chunk this long (latency)");
-    sub->add_option("--seed", o->seed, "Seed of the corruption (default 1): the same seed flips the same bytes");
+    sub->add_option("--seed", o->seed, "Seed of the corruption (default 1): the same seed flips the same bytes")
+        ->check(seed_number());
     sub->callback([o, drop, da, &ctx] {
       if (da->count() > 0) o->drop_after = *drop;
       ctx.exit_code = run_proxy(*o);
@@ -305,7 +306,7 @@ void add_chaos_command(CLI::App& app, command_context& ctx) {
     sub->add_option("--address", o->address, "HOST:PORT: the job API or a node's control port")->required();
     sub->add_option("--kind", o->kind, "truncated, oversized, random, wrong-version, a comma-separated list, or all (default)");
     sub->add_option("--count", o->count, "Send each frame this many times (default 1)");
-    sub->add_option("--seed", o->seed, "Seed of the random frames (default 1)");
+    sub->add_option("--seed", o->seed, "Seed of the random frames (default 1)")->check(seed_number());
     sub->add_option("--timeout", o->timeout_s,
                     "Seconds to wait for the server's reaction (default 2)")
         ->check(timeout_seconds());

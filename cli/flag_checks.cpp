@@ -41,6 +41,24 @@ CLI::Validator whole_number(int64_t low, int64_t high) {
       what);
 }
 
+CLI::Validator seed_number() {
+  const std::string what = fmt::format("a whole number in [0, {}]", std::numeric_limits<uint64_t>::max());
+  return CLI::Validator(
+      [what](std::string& text) -> std::string {
+        uint64_t v = 0;
+        switch (parse_all(text, v)) {
+          case parsed::ok: return {};
+          case parsed::out_of_range: return text + " is not " + what;
+          case parsed::malformed: break;
+        }
+        // from_chars reads no sign into an unsigned: a negative number is a number all the same.
+        int64_t negative = 0;
+        if (parse_all(text, negative) == parsed::ok) return text + " is not " + what;
+        return "'" + text + "' is not " + what;
+      },
+      what);
+}
+
 CLI::Validator real_number(double low, double high, bool low_open) {
   const std::string what =
       std::isinf(high) ? fmt::format("a finite number {} {}", low_open ? ">" : ">=", low)

@@ -15,6 +15,9 @@ namespace moe::cli {
 [[nodiscard]] CLI::Validator whole_number(int64_t low,
                                           int64_t high = std::numeric_limits<int64_t>::max());
 
+/// A seed: a whole number in [0, 2^64 - 1] (CLI11 alone read "-1" as 2^64 - 1).
+[[nodiscard]] CLI::Validator seed_number();
+
 /// A finite number in [low, high], or in (low, high] with `low_open` (NaN and infinities are
 /// refused; high may be infinity: no upper bound).
 [[nodiscard]] CLI::Validator real_number(double low, double high, bool low_open = false);

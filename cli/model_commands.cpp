@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "cli/command.hpp"
+#include "cli/flag_checks.hpp"
 #include "cli/prompt_ids.hpp"
 #include "kernels/cpu/sampling.hpp"
 #include "model/checkpoint.hpp"
@@ -258,7 +259,7 @@ void add_init_model_command(CLI::App& app, command_context& ctx) {
   auto* cmd = app.add_subcommand("init-model", "Write a randomly initialised checkpoint");
   cmd->add_option("--preset", o->preset, "One of: " + presets)->required();
   cmd->add_option("--out", o->out, "Output directory")->required();
-  cmd->add_option("--seed", o->seed, "Random seed");
+  cmd->add_option("--seed", o->seed, "Random seed")->check(seed_number());
   cmd->add_option("--dtype", o->dtype, "f32 or bf16")->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_flag("--config-only", o->config_only, "Write config.json alone, no weights");
   cmd->callback([o, &ctx] {

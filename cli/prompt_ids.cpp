@@ -45,7 +45,7 @@ void add_generation_flags(CLI::App& cmd, generation_flags& f) {
       ->check(real_number(0.0, 1.0, /*low_open=*/true));
   cmd.add_option("--top-k", f.top_k, "Sample among the k most likely tokens (0: all)")
       ->check(whole_number(0, UINT32_MAX));
-  cmd.add_option("--seed", f.seed, "Sampling seed");
+  cmd.add_option("--seed", f.seed, "Sampling seed")->check(seed_number());
   cmd.add_option("--stop-ids", f.stop_ids, "Stop token ids, comma-separated");
 }
 

@@ -31,6 +31,7 @@
 #include "actors/serving_cluster.hpp"
 #include "cli/cluster_training.hpp"
 #include "cli/command.hpp"
+#include "cli/flag_checks.hpp"
 #include "cli/node_support.hpp"
 #include "model/tokenizer.hpp"
 #include "kernels/dtype.hpp"
@@ -286,7 +287,8 @@ void add_train_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--batch", o->batch, "With --config: sequences per step (default 8)");
   cmd->add_option("--warmup-steps", o->warmup_steps, "With --config: linear warmup steps before the cosine decay (default 0)");
   cmd->add_option("--min-lr", o->min_lr, "With --config: the learning rate the cosine decay ends at (default 0)");
-  cmd->add_option("--seed", o->seed, "With --config: the order in which the corpus is visited (default 0)");
+  cmd->add_option("--seed", o->seed, "With --config: the order in which the corpus is visited (default 0)")
+      ->check(seed_number());
   cmd->add_flag("--join-nodes", o->join_nodes, "With --config: the nodes run as `moe node` processes; join them");
   cmd->add_option("--secret-file", o->secret_file, "With --config: read the cluster secret from this file");
   cmd->add_option("--model", o->model, "Checkpoint directory (hub layout)");

@@ -594,6 +594,14 @@ case_bad_cli_arguments() {
   expect_refused_saying "--api-port: 70000 is not a whole number in [0, 65535]"
   moe submit --address 127.0.0.1:9 --secret s --prompt-ids 5 --deadline-ms -5
   expect_refused_saying "--deadline-ms: -5 is not a whole number >= 0"
+  # Seeds: CLI11 alone read -1 as 2^64 - 1 and went on.
+  moe run "${base[@]}" --max-new-tokens 4 --seed -1
+  expect_refused_saying "--seed: -1 is not a whole number in [0, 18446744073709551615]"
+  moe init-model --preset tiny --config-only --out "$TMP/seeded" --seed -1
+  expect_refused_saying "--seed: -1 is not a whole number in [0, 18446744073709551615]"
+  [[ -e $TMP/seeded ]] && fail "init-model with a refused --seed wrote $TMP/seeded"
+  moe init-model --preset tiny --config-only --out "$TMP/seeded" --seed 18446744073709551615
+  expect_success
   moe run --prompt-ids 5,17,42 --max-new-tokens 4
   expect_refused
   moe run --model "$TINY" --max-new-tokens 4
