@@ -12,137 +12,44 @@
 namespace moe::model {
 
 namespace kc = kernels::cpu;
-
-namespace {
-
-caf::error check(kernels::kernel_status s, const char* what, int64_t layer) {
-  if (s == kernels::kernel_status::ok) return {};
-  return make_error(model_errc::kernel_failed, "layer " + std::to_string(layer) + ": " + what +
-                                                   ": " + std::string(kernels::to_string(s)));
-}
-
-template <class T>
-void ensure(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
-
-}  // namespace
+using detail::ensure_size;
 
 caf::expected<attention_block> attention_block::bind(const model_config& c, int64_t layer,
                                                      const weight_lookup& weights) {
+  auto w = detail::attention_weights::bind(c, layer, weights);
+  if (!w) return w.error();
   attention_block b;
-  b.layer_ = layer;
-  b.hidden_ = c.hidden_size;
-  b.num_heads_ = c.num_attention_heads;
-  b.nope_ = c.qk_nope_head_dim;
-  b.rope_ = c.qk_rope_head_dim;
-  b.v_dim_ = c.v_head_dim;
-  b.latent_dim_ = c.kv_lora_rank;
-  b.q_rank_ = c.q_lora_rank.value_or(0);
-  b.eps_ = static_cast<float>(c.rms_norm_eps);
-  auto rope = rope_kernel_params(c);
-  if (!rope) return rope.error();
-  b.rope_params_ = *rope;
-  b.softmax_scale_ = static_cast<float>(attention_softmax_scale(c));
-
-  const std::string p = "model.layers." + std::to_string(layer) + ".";
-  const std::string a = p + "self_attn.";
-  const int64_t qk = b.nope_ + b.rope_;
-  auto get = [&](const std::string& name, std::initializer_list<int64_t> shape,
-                 const float*& out) -> caf::error {
-    std::vector<int64_t> s(shape);
-    auto r = weights(name, s);
-    if (!r) return r.error();
-    out = *r;
-    return {};
-  };
-  caf::error err;
-  if ((err = get(p + "input_layernorm.weight", {b.hidden_}, b.input_norm_))) return err;
-  if (b.q_rank_ > 0) {
-    if ((err = get(a + "q_a_proj.weight", {b.q_rank_, b.hidden_}, b.q_a_proj_))) return err;
-    if ((err = get(a + "q_a_layernorm.weight", {b.q_rank_}, b.q_a_norm_))) return err;
-    if ((err = get(a + "q_b_proj.weight", {b.num_heads_ * qk, b.q_rank_}, b.q_b_proj_))) return err;
-  } else {
-    if ((err = get(a + "q_proj.weight", {b.num_heads_ * qk, b.hidden_}, b.q_b_proj_))) return err;
-  }
-  if ((err = get(a + "kv_a_proj_with_mqa.weight", {b.latent_dim_ + b.rope_, b.hidden_},
-                 b.kv_a_proj_)))
-    return err;
-  if ((err = get(a + "kv_a_layernorm.weight", {b.latent_dim_}, b.kv_a_norm_))) return err;
-  if ((err = get(a + "kv_b_proj.weight", {b.num_heads_ * (b.nope_ + b.v_dim_), b.latent_dim_},
-                 b.kv_b_proj_)))
-    return err;
-  if ((err = get(a + "o_proj.weight", {b.hidden_, b.num_heads_ * b.v_dim_}, b.o_proj_))) return err;
-  if ((err = get(p + "post_attention_layernorm.weight", {b.hidden_}, b.post_norm_))) return err;
+  b.w_ = *w;
   return b;
 }
 
 caf::error attention_block::project(const float* x, size_t T, std::span<const int64_t> positions,
                                     std::span<const int64_t> slots, latent_cache& cache) {
-  const size_t D = hidden_, H = num_heads_, dn = nope_, dr = rope_, R = latent_dim_;
+  const size_t D = w_.hidden, H = w_.num_heads, dn = w_.nope, dr = w_.rope, R = w_.latent_dim;
   const size_t qk = dn + dr;
   if (positions.size() != T || slots.size() != T) {
     return make_error(model_errc::bad_input, "attention: positions/slots do not match the tokens");
   }
-  ensure(normed_, T * D);
-  ensure(q_, T * H * qk);
-  ensure(ckv_, T * (R + dr));
-  ensure(latent_, T * R);
-  caf::error err;
-  if ((err = check(kc::rmsnorm(x, input_norm_, normed_.data(), T, D, eps_), "input norm", layer_)))
+  ensure_size(normed_, T * D);
+  ensure_size(q_, T * H * qk);
+  ensure_size(ckv_, T * (R + dr));
+  ensure_size(latent_, T * R);
+  if (w_.q_rank > 0) ensure_size(q_a_, T * w_.q_rank);
+  if (auto err = w_.project(
+          x, T, positions.data(),
+          {normed_.data(), q_a_.data(), q_a_.data(), q_.data(), ckv_.data(), latent_.data()}))
     return err;
-  if (q_rank_ > 0) {
-    const size_t QR = q_rank_;
-    ensure(q_a_, T * QR);
-    if ((err = check(kc::linear(normed_.data(), q_a_proj_, q_a_.data(), T, D, QR), "q_a_proj",
-                     layer_)))
-      return err;
-    if ((err = check(kc::rmsnorm(q_a_.data(), q_a_norm_, q_a_.data(), T, QR, eps_), "q_a norm",
-                     layer_)))
-      return err;
-    if ((err = check(kc::linear(q_a_.data(), q_b_proj_, q_.data(), T, QR, H * qk), "q_b_proj",
-                     layer_)))
-      return err;
-  } else if ((err = check(kc::linear(normed_.data(), q_b_proj_, q_.data(), T, D, H * qk),
-                          "q_proj", layer_))) {
-    return err;
-  }
-  if ((err = check(kc::linear(normed_.data(), kv_a_proj_, ckv_.data(), T, D, R + dr),
-                   "kv_a_proj", layer_)))
-    return err;
-  for (size_t t = 0; t < T; ++t) {
-    if ((err = check(kc::rmsnorm(ckv_.data() + t * (R + dr), kv_a_norm_, latent_.data() + t * R, 1,
-                                 R, eps_),
-                     "kv_a norm", layer_)))
-      return err;
-  }
-  kc::rope_apply_args qa;
-  qa.x = q_.data() + dn;
-  qa.num_tokens = T;
-  qa.num_heads = H;
-  qa.token_stride = H * qk;
-  qa.head_stride = qk;
-  if ((err = check(kc::rope_apply(rope_params_, qa, positions.data()), "rope(q)", layer_)))
-    return err;
-  kc::rope_apply_args ka;
-  ka.x = ckv_.data() + R;
-  ka.num_tokens = T;
-  ka.num_heads = 1;
-  ka.token_stride = R + dr;
-  ka.head_stride = dr;
-  if ((err = check(kc::rope_apply(rope_params_, ka, positions.data()), "rope(k)", layer_)))
-    return err;
-  return check(kc::mla_cache_append(cache.layout(), cache.pool(layer_), latent_.data(), R,
-                                    ckv_.data() + R, R + dr, slots.data(), T),
-               "cache append", layer_);
+  return w_.check(kc::mla_cache_append(cache.layout(), cache.pool(w_.layer), latent_.data(), R,
+                                       ckv_.data() + R, R + dr, slots.data(), T),
+                  "cache append");
 }
 
 caf::error attention_block::finish(float* x, float* mlp_in, size_t T) {
-  const size_t D = hidden_, H = num_heads_, dv = v_dim_;
+  const size_t D = w_.hidden, H = w_.num_heads, dv = w_.v_dim;
   // x += attn . o_proj^T: the residual add rides on the GEMM's beta.
-  if (auto err = check(kc::linear(attn_.data(), o_proj_, x, T, H * dv, D, 1.0f), "o_proj", layer_))
+  if (auto err = w_.check(kc::linear(attn_.data(), w_.o_proj, x, T, H * dv, D, 1.0f), "o_proj"))
     return err;
-  return check(kc::rmsnorm(x, post_norm_, mlp_in, T, D, eps_), "post-attention norm", layer_);
+  return w_.check(kc::rmsnorm(x, w_.post_norm, mlp_in, T, D, w_.eps), "post-attention norm");
 }
 
 caf::error attention_block::prefill(float* x, float* mlp_in, size_t T,
@@ -152,17 +59,17 @@ caf::error attention_block::prefill(float* x, float* mlp_in, size_t T,
     return make_error(model_errc::bad_input, "attention: cu_seqlens do not cover the tokens");
   }
   if (auto err = project(x, T, layout.positions, layout.slots, cache)) return err;
-  const size_t H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
-  ensure(kv_, T * H * (dn + dv));
-  ensure(attn_, T * H * dv);
-  if (auto err = check(kc::linear(latent_.data(), kv_b_proj_, kv_.data(), T, R, H * (dn + dv)),
-                       "kv_b_proj", layer_))
+  const size_t H = w_.num_heads, dn = w_.nope, dr = w_.rope, dv = w_.v_dim, R = w_.latent_dim;
+  ensure_size(kv_, T * H * (dn + dv));
+  ensure_size(attn_, T * H * dv);
+  if (auto err = w_.check(kc::linear(latent_.data(), w_.kv_b_proj, kv_.data(), T, R, H * (dn + dv)),
+                          "kv_b_proj"))
     return err;
   const auto a = detail::mla_attention_views<kc::mla_prefill_args>(
-      q_.data(), kv_.data(), ckv_.data(), attn_.data(), {H, dn, dr, dv, R}, softmax_scale_);
+      q_.data(), kv_.data(), ckv_.data(), attn_.data(), {H, dn, dr, dv, R}, w_.softmax_scale);
   const size_t num_seqs = layout.cu_seqlens.size() - 1;
-  if (auto err = check(kc::mla_prefill(a, layout.cu_seqlens.data(), nullptr, num_seqs),
-                       "mla prefill", layer_))
+  if (auto err =
+          w_.check(kc::mla_prefill(a, layout.cu_seqlens.data(), nullptr, num_seqs), "mla prefill"))
     return err;
   return finish(x, mlp_in, T);
 }
@@ -174,14 +81,14 @@ caf::error attention_block::decode(float* x, float* mlp_in, size_t B, const deco
     return make_error(model_errc::bad_input, "attention: decode layout does not match the batch");
   }
   if (auto err = project(x, B, layout.positions, layout.slots, cache)) return err;
-  const size_t H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
-  ensure(q_latent_, B * H * R);
-  ensure(out_latent_, B * H * R);
-  ensure(attn_, B * H * dv);
+  const size_t H = w_.num_heads, dn = w_.nope, dr = w_.rope, dv = w_.v_dim, R = w_.latent_dim;
+  ensure_size(q_latent_, B * H * R);
+  ensure_size(out_latent_, B * H * R);
+  ensure_size(attn_, B * H * dv);
   const kc::mla_absorb_dims dims{H, dn, dv, R};
-  if (auto err = check(kc::mla_absorb_q(dims, q_.data(), H * (dn + dr), dn + dr, kv_b_proj_,
-                                        q_latent_.data(), B),
-                       "absorb q", layer_))
+  if (auto err = w_.check(kc::mla_absorb_q(dims, q_.data(), H * (dn + dr), dn + dr, w_.kv_b_proj,
+                                           q_latent_.data(), B),
+                          "absorb q"))
     return err;
   kc::mla_decode_args a;
   a.q_latent = q_latent_.data();
@@ -194,11 +101,12 @@ caf::error attention_block::decode(float* x, float* mlp_in, size_t B, const deco
   a.out_latent = out_latent_.data();
   a.batch = B;
   a.num_heads = H;
-  a.softmax_scale = softmax_scale_;
-  if (auto err = check(kc::mla_decode(cache.layout(), cache.pool(layer_), a), "mla decode", layer_))
+  a.softmax_scale = w_.softmax_scale;
+  if (auto err = w_.check(kc::mla_decode(cache.layout(), cache.pool(w_.layer), a), "mla decode"))
     return err;
-  if (auto err = check(kc::mla_absorb_out(dims, out_latent_.data(), kv_b_proj_, attn_.data(), B),
-                       "absorb out", layer_))
+  if (auto err =
+          w_.check(kc::mla_absorb_out(dims, out_latent_.data(), w_.kv_b_proj, attn_.data(), B),
+                   "absorb out"))
     return err;
   return finish(x, mlp_in, B);
 }

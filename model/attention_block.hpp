@@ -15,6 +15,7 @@
 
 #include "base/error.hpp"
 #include "kernels/cpu/rope.hpp"
+#include "model/attention_weights.hpp"
 #include "model/config.hpp"
 #include "model/latent_cache.hpp"
 #include "model/weight_lookup.hpp"
@@ -51,7 +52,7 @@ class attention_block {
   [[nodiscard]] caf::error decode(float* x, float* mlp_in, size_t batch,
                                   const decode_layout& layout, latent_cache& cache);
 
-  [[nodiscard]] int64_t layer() const noexcept { return layer_; }
+  [[nodiscard]] int64_t layer() const noexcept { return w_.layer; }
 
  private:
   // Projections shared by both paths: q (T, H, dn + dr) with rope applied to its rope part,
@@ -60,22 +61,7 @@ class attention_block {
                      std::span<const int64_t> slots, latent_cache& cache);
   caf::error finish(float* x, float* mlp_in, size_t num_tokens);
 
-  int64_t layer_ = 0;
-  int64_t hidden_ = 0, num_heads_ = 0, nope_ = 0, rope_ = 0, v_dim_ = 0, latent_dim_ = 0;
-  int64_t q_rank_ = 0;  // 0: plain q_proj
-  float eps_ = 1e-6f;
-  float softmax_scale_ = 0.0f;
-  kernels::cpu::rope_params rope_params_;
-
-  const float* input_norm_ = nullptr;  // (hidden)
-  const float* q_a_proj_ = nullptr;    // (q_rank, hidden)
-  const float* q_a_norm_ = nullptr;    // (q_rank)
-  const float* q_b_proj_ = nullptr;    // (H * (dn + dr), q_rank), or q_proj (.., hidden)
-  const float* kv_a_proj_ = nullptr;   // (R + dr, hidden)
-  const float* kv_a_norm_ = nullptr;   // (R)
-  const float* kv_b_proj_ = nullptr;   // (H * (dn + dv), R)
-  const float* o_proj_ = nullptr;      // (hidden, H * dv)
-  const float* post_norm_ = nullptr;   // (hidden)
+  detail::attention_weights w_;
 
   std::vector<float> normed_, q_a_, q_, ckv_, latent_, kv_, attn_, q_latent_, out_latent_;
 };

@@ -13,42 +13,9 @@
 namespace moe::model {
 
 namespace kc = kernels::cpu;
-
-namespace {
-
-caf::error check(kernels::kernel_status s, const char* what, int64_t layer) {
-  if (s == kernels::kernel_status::ok) return {};
-  return make_error(model_errc::kernel_failed, "layer " + std::to_string(layer) + ": " + what +
-                                                   ": " + std::string(kernels::to_string(s)));
-}
-
-template <class T>
-void ensure(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
-
-// Where q's and k_pe's rotary vectors sit, for rope_apply and rope_backward alike.
-kc::rope_apply_args q_rope_args(float* q, size_t T, size_t H, size_t dn, size_t dr) {
-  kc::rope_apply_args a;
-  a.x = q + dn;
-  a.num_tokens = T;
-  a.num_heads = H;
-  a.token_stride = H * (dn + dr);
-  a.head_stride = dn + dr;
-  return a;
-}
-
-kc::rope_apply_args k_rope_args(float* ckv, size_t T, size_t R, size_t dr) {
-  kc::rope_apply_args a;
-  a.x = ckv + R;
-  a.num_tokens = T;
-  a.num_heads = 1;
-  a.token_stride = R + dr;
-  a.head_stride = dr;
-  return a;
-}
-
-}  // namespace
+using detail::ensure_size;
+using detail::k_rope_args;
+using detail::q_rope_args;
 
 // --- attention_grads ------------------------------------------------------------------------
 
@@ -82,51 +49,10 @@ void attention_grads::zero() {
 
 caf::expected<attention_training_block> attention_training_block::bind(
     const model_config& c, int64_t layer, const weight_lookup& weights) {
-  // The lookups mirror attention_block::bind; the two blocks bind the same tensors.
+  auto w = detail::attention_weights::bind(c, layer, weights);
+  if (!w) return w.error();
   attention_training_block b;
-  b.layer_ = layer;
-  b.hidden_ = c.hidden_size;
-  b.num_heads_ = c.num_attention_heads;
-  b.nope_ = c.qk_nope_head_dim;
-  b.rope_ = c.qk_rope_head_dim;
-  b.v_dim_ = c.v_head_dim;
-  b.latent_dim_ = c.kv_lora_rank;
-  b.q_rank_ = c.q_lora_rank.value_or(0);
-  b.eps_ = static_cast<float>(c.rms_norm_eps);
-  auto rope = rope_kernel_params(c);
-  if (!rope) return rope.error();
-  b.rope_params_ = *rope;
-  b.softmax_scale_ = static_cast<float>(attention_softmax_scale(c));
-
-  const std::string p = "model.layers." + std::to_string(layer) + ".";
-  const std::string a = p + "self_attn.";
-  const int64_t qk = b.nope_ + b.rope_;
-  auto get = [&](const std::string& name, std::initializer_list<int64_t> shape,
-                 const float*& out) -> caf::error {
-    std::vector<int64_t> s(shape);
-    auto r = weights(name, s);
-    if (!r) return r.error();
-    out = *r;
-    return {};
-  };
-  caf::error err;
-  if ((err = get(p + "input_layernorm.weight", {b.hidden_}, b.input_norm_))) return err;
-  if (b.q_rank_ > 0) {
-    if ((err = get(a + "q_a_proj.weight", {b.q_rank_, b.hidden_}, b.q_a_proj_))) return err;
-    if ((err = get(a + "q_a_layernorm.weight", {b.q_rank_}, b.q_a_norm_))) return err;
-    if ((err = get(a + "q_b_proj.weight", {b.num_heads_ * qk, b.q_rank_}, b.q_b_proj_))) return err;
-  } else {
-    if ((err = get(a + "q_proj.weight", {b.num_heads_ * qk, b.hidden_}, b.q_b_proj_))) return err;
-  }
-  if ((err = get(a + "kv_a_proj_with_mqa.weight", {b.latent_dim_ + b.rope_, b.hidden_},
-                 b.kv_a_proj_)))
-    return err;
-  if ((err = get(a + "kv_a_layernorm.weight", {b.latent_dim_}, b.kv_a_norm_))) return err;
-  if ((err = get(a + "kv_b_proj.weight", {b.num_heads_ * (b.nope_ + b.v_dim_), b.latent_dim_},
-                 b.kv_b_proj_)))
-    return err;
-  if ((err = get(a + "o_proj.weight", {b.hidden_, b.num_heads_ * b.v_dim_}, b.o_proj_))) return err;
-  if ((err = get(p + "post_attention_layernorm.weight", {b.hidden_}, b.post_norm_))) return err;
+  b.w_ = *w;
   return b;
 }
 
@@ -156,62 +82,35 @@ caf::error attention_training_block::forward(float* x, float* mlp_in, size_t T,
     for (int32_t t = cu_seqlens_[s]; t < cu_seqlens_[s + 1]; ++t) positions_[t] = t - cu_seqlens_[s];
   }
 
-  const size_t D = hidden_, H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
+  const size_t D = w_.hidden, H = w_.num_heads, dn = w_.nope, dr = w_.rope, dv = w_.v_dim,
+               R = w_.latent_dim;
   const size_t qk = dn + dr;
   x_in_.assign(x, x + T * D);
-  ensure(normed_, T * D);
-  ensure(q_, T * H * qk);
-  ensure(ckv_, T * (R + dr));
-  ensure(latent_, T * R);
-  ensure(kv_, T * H * (dn + dv));
-  ensure(lse_, T * H);
-  ensure(attn_, T * H * dv);
+  ensure_size(normed_, T * D);
+  ensure_size(q_, T * H * qk);
+  ensure_size(ckv_, T * (R + dr));
+  ensure_size(latent_, T * R);
+  ensure_size(kv_, T * H * (dn + dv));
+  ensure_size(lse_, T * H);
+  ensure_size(attn_, T * H * dv);
+  if (w_.q_rank > 0) {
+    ensure_size(q_a_raw_, T * w_.q_rank);
+    ensure_size(q_a_, T * w_.q_rank);
+  }
   caf::error err;
-  if ((err = check(kc::rmsnorm(x, input_norm_, normed_.data(), T, D, eps_), "input norm", layer_)))
+  if ((err = w_.project(
+           x, T, positions_.data(),
+           {normed_.data(), q_a_raw_.data(), q_a_.data(), q_.data(), ckv_.data(), latent_.data()})))
     return err;
-  if (q_rank_ > 0) {
-    const size_t QR = q_rank_;
-    ensure(q_a_raw_, T * QR);
-    ensure(q_a_, T * QR);
-    if ((err = check(kc::linear(normed_.data(), q_a_proj_, q_a_raw_.data(), T, D, QR), "q_a_proj",
-                     layer_)))
-      return err;
-    if ((err = check(kc::rmsnorm(q_a_raw_.data(), q_a_norm_, q_a_.data(), T, QR, eps_),
-                     "q_a norm", layer_)))
-      return err;
-    if ((err = check(kc::linear(q_a_.data(), q_b_proj_, q_.data(), T, QR, H * qk), "q_b_proj",
-                     layer_)))
-      return err;
-  } else if ((err = check(kc::linear(normed_.data(), q_b_proj_, q_.data(), T, D, H * qk),
-                          "q_proj", layer_))) {
-    return err;
-  }
-  if ((err = check(kc::linear(normed_.data(), kv_a_proj_, ckv_.data(), T, D, R + dr),
-                   "kv_a_proj", layer_)))
-    return err;
-  for (size_t t = 0; t < T; ++t) {
-    if ((err = check(kc::rmsnorm(ckv_.data() + t * (R + dr), kv_a_norm_, latent_.data() + t * R, 1,
-                                 R, eps_),
-                     "kv_a norm", layer_)))
-      return err;
-  }
-  if ((err = check(kc::rope_apply(rope_params_, q_rope_args(q_.data(), T, H, dn, dr),
-                                  positions_.data()),
-                   "rope(q)", layer_)))
-    return err;
-  if ((err = check(kc::rope_apply(rope_params_, k_rope_args(ckv_.data(), T, R, dr),
-                                  positions_.data()),
-                   "rope(k)", layer_)))
-    return err;
-  if ((err = check(kc::linear(latent_.data(), kv_b_proj_, kv_.data(), T, R, H * (dn + dv)),
-                   "kv_b_proj", layer_)))
+  if ((err = w_.check(kc::linear(latent_.data(), w_.kv_b_proj, kv_.data(), T, R, H * (dn + dv)),
+                      "kv_b_proj")))
     return err;
   if ((err = attend(T))) return err;
   // x += attn . o_proj^T: the residual add rides on the GEMM's beta, as in attention_block.
-  if ((err = check(kc::linear(attn_.data(), o_proj_, x, T, H * dv, D, 1.0f), "o_proj", layer_)))
+  if ((err = w_.check(kc::linear(attn_.data(), w_.o_proj, x, T, H * dv, D, 1.0f), "o_proj")))
     return err;
   x_mid_.assign(x, x + T * D);
-  if ((err = check(kc::rmsnorm(x, post_norm_, mlp_in, T, D, eps_), "post-attention norm", layer_)))
+  if ((err = w_.check(kc::rmsnorm(x, w_.post_norm, mlp_in, T, D, w_.eps), "post-attention norm")))
     return err;
   saved_tokens_ = T;
   return {};
@@ -221,9 +120,9 @@ caf::error attention_training_block::forward(float* x, float* mlp_in, size_t T,
 // log-sum-exp the forward saves and the backward reads.
 template <class Args>
 Args attention_training_block::attention_args() {
-  const size_t H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
+  const size_t H = w_.num_heads, dn = w_.nope, dr = w_.rope, dv = w_.v_dim, R = w_.latent_dim;
   auto a = detail::mla_attention_views<Args>(q_.data(), kv_.data(), ckv_.data(), attn_.data(),
-                                             {H, dn, dr, dv, R}, softmax_scale_);
+                                             {H, dn, dr, dv, R}, w_.softmax_scale);
   a.lse = lse_.data();
   return a;
 }
@@ -231,34 +130,35 @@ Args attention_training_block::attention_args() {
 // Causal attention per sequence and head, saving each row's log-sum-exp so that backward
 // recomputes the probabilities from it.
 caf::error attention_training_block::attend(size_t /*T*/) {
-  return check(kc::mla_prefill(attention_args<kc::mla_prefill_args>(), cu_seqlens_.data(),
-                               nullptr, cu_seqlens_.size() - 1),
-               "attention", layer_);
+  return w_.check(kc::mla_prefill(attention_args<kc::mla_prefill_args>(), cu_seqlens_.data(),
+                                  nullptr, cu_seqlens_.size() - 1),
+                  "attention");
 }
 
 // --- backward -------------------------------------------------------------------------------
 
 caf::error attention_training_block::check_grads(const attention_grads& g) const {
-  const size_t D = hidden_, H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
-  const size_t QR = q_rank_, q_in = QR > 0 ? QR : D;
+  const size_t D = w_.hidden, H = w_.num_heads, dn = w_.nope, dr = w_.rope, dv = w_.v_dim,
+               R = w_.latent_dim;
+  const size_t QR = w_.q_rank, q_in = QR > 0 ? QR : D;
   const bool ok = g.input_layernorm.size() == D && g.q_a_proj.size() == QR * D &&
                   g.q_a_layernorm.size() == QR && g.q_b_proj.size() == H * (dn + dr) * q_in &&
                   g.kv_a_proj_with_mqa.size() == (R + dr) * D && g.kv_a_layernorm.size() == R &&
                   g.kv_b_proj.size() == H * (dn + dv) * R && g.o_proj.size() == D * H * dv &&
                   g.post_attention_layernorm.size() == D;
   if (ok) return {};
-  return make_error(model_errc::bad_input,
-                    "attention training: gradients not sized for layer " + std::to_string(layer_) +
-                        " (use attention_grads::for_config)");
+  return make_error(model_errc::bad_input, "attention training: gradients not sized for layer " +
+                                               std::to_string(w_.layer) +
+                                               " (use attention_grads::for_config)");
 }
 
 // dq (T, H, dn + dr); dk_nope and dv into dkv_ (kv_b_proj's output gradient) as k_nope and v
 // sit in kv_; dk_pe, summed over the heads, into dckv_'s rope part (kv_a_proj's).
 caf::error attention_training_block::attend_backward(size_t T) {
-  const size_t H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
-  ensure(dq_, T * H * (dn + dr));
-  ensure(dkv_, T * H * (dn + dv));
-  ensure(dckv_, T * (R + dr));
+  const size_t H = w_.num_heads, dn = w_.nope, dr = w_.rope, dv = w_.v_dim, R = w_.latent_dim;
+  ensure_size(dq_, T * H * (dn + dr));
+  ensure_size(dkv_, T * H * (dn + dv));
+  ensure_size(dckv_, T * (R + dr));
   auto a = attention_args<kc::mla_prefill_backward_args>();
   a.dout = dattn_.data();
   a.dq = dq_.data();
@@ -270,8 +170,8 @@ caf::error attention_training_block::attend_backward(size_t T) {
   a.dv = dkv_.data() + dn;
   a.dv_token_stride = a.v_token_stride;
   a.dv_head_stride = a.v_head_stride;
-  return check(kc::mla_prefill_backward(a, cu_seqlens_.data(), cu_seqlens_.size() - 1),
-               "attention backward", layer_);
+  return w_.check(kc::mla_prefill_backward(a, cu_seqlens_.data(), cu_seqlens_.size() - 1),
+                  "attention backward");
 }
 
 caf::error attention_training_block::backward(const float* dx_out, const float* dmlp_in,
@@ -286,85 +186,89 @@ caf::error attention_training_block::backward(const float* dx_out, const float* 
   if (dx_out == nullptr || dmlp_in == nullptr || dx_in == nullptr) {
     return make_error(model_errc::bad_input, "attention training: null gradients");
   }
-  const size_t D = hidden_, H = num_heads_, dn = nope_, dr = rope_, dv = v_dim_, R = latent_dim_;
+  const size_t D = w_.hidden, H = w_.num_heads, dn = w_.nope, dr = w_.rope, dv = w_.v_dim,
+               R = w_.latent_dim;
   const size_t qk = dn + dr;
   caf::error err;
 
   // Post-attention norm; dx_mid = dx_out + its input gradient.
   dx_mid_.assign(dx_out, dx_out + T * D);
-  if ((err = check(kc::rmsnorm_backward(x_mid_.data(), post_norm_, dmlp_in, dx_mid_.data(),
-                                        grads.post_attention_layernorm.data(), T, D, eps_,
-                                        /*accumulate=*/true),
-                   "post-attention norm backward", layer_)))
+  if ((err = w_.check(kc::rmsnorm_backward(x_mid_.data(), w_.post_norm, dmlp_in, dx_mid_.data(),
+                                           grads.post_attention_layernorm.data(), T, D, w_.eps,
+                                           /*accumulate=*/true),
+                      "post-attention norm backward")))
     return err;
   // o_proj; the residual passes dx_mid straight to dx_in.
-  ensure(dattn_, T * H * dv);
-  if ((err = check(kc::linear_backward(attn_.data(), o_proj_, dx_mid_.data(), dattn_.data(),
-                                       grads.o_proj.data(), T, H * dv, D),
-                   "o_proj backward", layer_)))
+  ensure_size(dattn_, T * H * dv);
+  if ((err = w_.check(kc::linear_backward(attn_.data(), w_.o_proj, dx_mid_.data(), dattn_.data(),
+                                          grads.o_proj.data(), T, H * dv, D),
+                      "o_proj backward")))
     return err;
   if ((err = attend_backward(T))) return err;
 
   // Rotary parts: undo the rotation of the gradients (dq's rope part, dk_pe in dckv_).
-  if ((err = check(kc::rope_backward(rope_params_, q_rope_args(dq_.data(), T, H, dn, dr),
-                                     positions_.data()),
-                   "rope(q) backward", layer_)))
+  if ((err = w_.check(kc::rope_backward(w_.rope_params, q_rope_args(dq_.data(), T, H, dn, dr),
+                                        positions_.data()),
+                      "rope(q) backward")))
     return err;
-  if ((err = check(kc::rope_backward(rope_params_, k_rope_args(dckv_.data(), T, R, dr),
-                                     positions_.data()),
-                   "rope(k) backward", layer_)))
+  if ((err = w_.check(kc::rope_backward(w_.rope_params, k_rope_args(dckv_.data(), T, R, dr),
+                                        positions_.data()),
+                      "rope(k) backward")))
     return err;
 
   // kv_b_proj, then kv_a_layernorm row by row into dckv_'s latent part.
-  ensure(dlatent_, T * R);
-  if ((err = check(kc::linear_backward(latent_.data(), kv_b_proj_, dkv_.data(), dlatent_.data(),
-                                       grads.kv_b_proj.data(), T, R, H * (dn + dv)),
-                   "kv_b_proj backward", layer_)))
+  ensure_size(dlatent_, T * R);
+  if ((err =
+           w_.check(kc::linear_backward(latent_.data(), w_.kv_b_proj, dkv_.data(), dlatent_.data(),
+                                        grads.kv_b_proj.data(), T, R, H * (dn + dv)),
+                    "kv_b_proj backward")))
     return err;
   for (size_t t = 0; t < T; ++t) {
-    if ((err = check(kc::rmsnorm_backward(ckv_.data() + t * (R + dr), kv_a_norm_,
-                                          dlatent_.data() + t * R, dckv_.data() + t * (R + dr),
-                                          grads.kv_a_layernorm.data(), 1, R, eps_),
-                     "kv_a norm backward", layer_)))
+    if ((err = w_.check(kc::rmsnorm_backward(ckv_.data() + t * (R + dr), w_.kv_a_norm,
+                                             dlatent_.data() + t * R, dckv_.data() + t * (R + dr),
+                                             grads.kv_a_layernorm.data(), 1, R, w_.eps),
+                        "kv_a norm backward")))
       return err;
   }
-  ensure(dnormed_, T * D);
-  if ((err = check(kc::linear_backward(normed_.data(), kv_a_proj_, dckv_.data(), dnormed_.data(),
-                                       grads.kv_a_proj_with_mqa.data(), T, D, R + dr),
-                   "kv_a_proj backward", layer_)))
+  ensure_size(dnormed_, T * D);
+  if ((err =
+           w_.check(kc::linear_backward(normed_.data(), w_.kv_a_proj, dckv_.data(), dnormed_.data(),
+                                        grads.kv_a_proj_with_mqa.data(), T, D, R + dr),
+                    "kv_a_proj backward")))
     return err;
 
   // Query path, accumulating into dnormed.
-  if (q_rank_ > 0) {
-    const size_t QR = q_rank_;
-    ensure(dq_a_, T * QR);
-    ensure(dq_a_raw_, T * QR);
-    if ((err = check(kc::linear_backward(q_a_.data(), q_b_proj_, dq_.data(), dq_a_.data(),
-                                         grads.q_b_proj.data(), T, QR, H * qk),
-                     "q_b_proj backward", layer_)))
+  if (w_.q_rank > 0) {
+    const size_t QR = w_.q_rank;
+    ensure_size(dq_a_, T * QR);
+    ensure_size(dq_a_raw_, T * QR);
+    if ((err = w_.check(kc::linear_backward(q_a_.data(), w_.q_b_proj, dq_.data(), dq_a_.data(),
+                                            grads.q_b_proj.data(), T, QR, H * qk),
+                        "q_b_proj backward")))
       return err;
-    if ((err = check(kc::rmsnorm_backward(q_a_raw_.data(), q_a_norm_, dq_a_.data(),
-                                          dq_a_raw_.data(), grads.q_a_layernorm.data(), T, QR,
-                                          eps_),
-                     "q_a norm backward", layer_)))
+    if ((err = w_.check(
+             kc::rmsnorm_backward(q_a_raw_.data(), w_.q_a_norm, dq_a_.data(), dq_a_raw_.data(),
+                                  grads.q_a_layernorm.data(), T, QR, w_.eps),
+             "q_a norm backward")))
       return err;
-    if ((err = check(kc::linear_backward(normed_.data(), q_a_proj_, dq_a_raw_.data(),
-                                         dnormed_.data(), grads.q_a_proj.data(), T, D, QR,
-                                         /*accumulate=*/true),
-                     "q_a_proj backward", layer_)))
+    if ((err = w_.check(kc::linear_backward(normed_.data(), w_.q_a_proj, dq_a_raw_.data(),
+                                            dnormed_.data(), grads.q_a_proj.data(), T, D, QR,
+                                            /*accumulate=*/true),
+                        "q_a_proj backward")))
       return err;
-  } else if ((err = check(kc::linear_backward(normed_.data(), q_b_proj_, dq_.data(),
-                                              dnormed_.data(), grads.q_b_proj.data(), T, D,
-                                              H * qk, /*accumulate=*/true),
-                          "q_proj backward", layer_))) {
+  } else if ((err = w_.check(
+                  kc::linear_backward(normed_.data(), w_.q_b_proj, dq_.data(), dnormed_.data(),
+                                      grads.q_b_proj.data(), T, D, H * qk, /*accumulate=*/true),
+                  "q_proj backward"))) {
     return err;
   }
 
   // Input norm on top of the residual's share (dx_in may alias dx_out, consumed above).
   std::copy(dx_mid_.begin(), dx_mid_.begin() + static_cast<ptrdiff_t>(T * D), dx_in);
-  return check(kc::rmsnorm_backward(x_in_.data(), input_norm_, dnormed_.data(), dx_in,
-                                    grads.input_layernorm.data(), T, D, eps_, /*accumulate=*/true),
-               "input norm backward", layer_);
+  return w_.check(
+      kc::rmsnorm_backward(x_in_.data(), w_.input_norm, dnormed_.data(), dx_in,
+                           grads.input_layernorm.data(), T, D, w_.eps, /*accumulate=*/true),
+      "input norm backward");
 }
 
 }  // namespace moe::model

@@ -23,6 +23,7 @@
 
 #include "base/error.hpp"
 #include "kernels/cpu/rope.hpp"
+#include "model/attention_weights.hpp"
 #include "model/config.hpp"
 #include "model/weight_lookup.hpp"
 
@@ -92,7 +93,7 @@ class attention_training_block {
   [[nodiscard]] caf::error backward(const float* dx_out, const float* dmlp_in, float* dx_in,
                                     attention_grads& grads);
 
-  [[nodiscard]] int64_t layer() const noexcept { return layer_; }
+  [[nodiscard]] int64_t layer() const noexcept { return w_.layer; }
 
  private:
   caf::error check_grads(const attention_grads& g) const;
@@ -101,22 +102,7 @@ class attention_training_block {
   caf::error attend(size_t T);
   caf::error attend_backward(size_t T);
 
-  int64_t layer_ = 0;
-  int64_t hidden_ = 0, num_heads_ = 0, nope_ = 0, rope_ = 0, v_dim_ = 0, latent_dim_ = 0;
-  int64_t q_rank_ = 0;  // 0: plain q_proj
-  float eps_ = 1e-6f;
-  float softmax_scale_ = 0.0f;
-  kernels::cpu::rope_params rope_params_;
-
-  const float* input_norm_ = nullptr;  // (hidden)
-  const float* q_a_proj_ = nullptr;    // (q_rank, hidden)
-  const float* q_a_norm_ = nullptr;    // (q_rank)
-  const float* q_b_proj_ = nullptr;    // (H * (dn + dr), q_rank), or q_proj (.., hidden)
-  const float* kv_a_proj_ = nullptr;   // (R + dr, hidden)
-  const float* kv_a_norm_ = nullptr;   // (R)
-  const float* kv_b_proj_ = nullptr;   // (H * (dn + dv), R)
-  const float* o_proj_ = nullptr;      // (hidden, H * dv)
-  const float* post_norm_ = nullptr;   // (hidden)
+  detail::attention_weights w_;
 
   // Saved by forward for backward; saved_tokens_ is set only after a forward succeeded.
   std::optional<size_t> saved_tokens_;
