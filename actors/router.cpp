@@ -206,6 +206,35 @@ runtime::tensor_frame_meta frame_meta(const expert_batch& b) {
   return {protocol::frame_kind::activations, static_cast<uint32_t>(b.layer), b.step, b.placement_version};
 }
 
+// Sends one expert batch to group g and hands the rows it answers with, once local, to
+// take(out, p), which returns an error for a malformed answer. Any failure fails the route (its
+// promise answers once; other groups' answers are then ignored). False when nothing was sent.
+template <class Take>
+bool ask_group(pointer self, const std::shared_ptr<pending_route>& p, size_t g, expert_batch b, Take take) {
+  auto& st = self->state;
+  const auto& group = st.options.groups[g].handle;
+  if (auto err = export_tensor(st.options.transport, self->node(), group.node(), b.rows, frame_meta(b))) {
+    fail(*p, std::move(err));
+    return false;
+  }
+  ++p->outstanding;
+  self->request(group, caf::infinite, expert_forward_atom::value, std::move(b))
+      .then(
+          [self, p, take](expert_result& res) {
+            if (p->failed) return;
+            with_local_tensor(
+                self, self->state.options.transport, std::move(res.rows),
+                [self, p, take](tensor_ref& out) {
+                  if (p->failed) return;
+                  if (auto err = take(out, *p)) return fail(*p, std::move(err));
+                  if (--p->outstanding == 0) finish(self, *p);
+                },
+                [p](caf::error& err) { fail(*p, std::move(err)); });
+          },
+          [p](caf::error& err) { fail(*p, std::move(err)); });
+  return true;
+}
+
 caf::result<route_result> route(pointer self, route_request& req) {
   auto& st = self->state;
   auto gate = st.gates.find(req.layer);
@@ -286,32 +315,15 @@ caf::result<route_result> route(pointer self, route_request& req) {
       b.weights[i] = p->rows.weight_of_row[r];
     }
     b.rows = tensor_ref::wrap(std::move(in), {static_cast<int64_t>(rows.size()), st.hidden});
-    const auto& group = st.options.groups[g].handle;
-    if (auto err = export_tensor(st.options.transport, self->node(), group.node(), b.rows, frame_meta(b))) {
-      fail(*p, std::move(err));  // answers the request; groups already asked are ignored
-      return p->promise;
-    }
-    ++p->outstanding;
-    self->request(group, caf::infinite, expert_forward_atom::value, std::move(b))
-        .then(
-            [self, p, rows](expert_result& res) {
-              if (p->failed) return;
-              with_local_tensor(
-                  self, self->state.options.transport, std::move(res.rows),
-                  [self, p, rows](tensor_ref& out) {
-                    if (p->failed) return;
-                    const float* src = out.data();
-                    const size_t Dh = static_cast<size_t>(self->state.hidden);
-                    if (!src || out.num_elements() != static_cast<int64_t>(rows.size() * Dh))
-                      return fail(*p, model::make_error(model::model_errc::bad_input,
-                                                        "router: malformed expert result"));
-                    for (size_t i = 0; i < rows.size(); ++i)
-                      std::copy_n(src + i * Dh, Dh, p->rows_out.data() + static_cast<size_t>(rows[i]) * Dh);
-                    if (--p->outstanding == 0) finish(self, *p);
-                  },
-                  [p](caf::error& err) { fail(*p, std::move(err)); });
-            },
-            [p](caf::error& err) { fail(*p, std::move(err)); });
+    const auto take = [rows, D](tensor_ref& out, pending_route& route) -> caf::error {
+      const float* src = out.data();
+      if (!src || out.num_elements() != static_cast<int64_t>(rows.size() * D))
+        return model::make_error(model::model_errc::bad_input, "router: malformed expert result");
+      for (size_t i = 0; i < rows.size(); ++i)
+        std::copy_n(src + i * D, D, route.rows_out.data() + static_cast<size_t>(rows[i]) * D);
+      return {};
+    };
+    if (!ask_group(self, p, g, std::move(b), take)) return p->promise;  // groups already asked are ignored
   }
   if (st.shared_group) {
     // Every token goes to the shared experts: the input tensor is handed over as it is.
@@ -322,29 +334,13 @@ caf::result<route_result> route(pointer self, route_request& req) {
     b.rows = req.x;
     b.experts.assign(T, shared_expert_row);
     b.weights.assign(T, 1.0f);
-    const auto& group = st.options.groups[*st.shared_group].handle;
-    if (auto err = export_tensor(st.options.transport, self->node(), group.node(), b.rows, frame_meta(b))) {
-      fail(*p, std::move(err));  // answers the request; groups already asked are ignored
-      return p->promise;
-    }
-    ++p->outstanding;
-    self->request(group, caf::infinite, expert_forward_atom::value, std::move(b))
-        .then(
-            [self, p, T](expert_result& res) {
-              if (p->failed) return;
-              with_local_tensor(
-                  self, self->state.options.transport, std::move(res.rows),
-                  [self, p, T](tensor_ref& out) {
-                    if (p->failed) return;
-                    if (out.num_elements() != static_cast<int64_t>(T) * self->state.hidden)
-                      return fail(*p, model::make_error(model::model_errc::bad_input,
-                                                        "router: malformed shared-expert result"));
-                    p->shared = out.local;
-                    if (--p->outstanding == 0) finish(self, *p);
-                  },
-                  [p](caf::error& err) { fail(*p, std::move(err)); });
-            },
-            [p](caf::error& err) { fail(*p, std::move(err)); });
+    const auto take = [T, D](tensor_ref& out, pending_route& route) -> caf::error {
+      if (out.num_elements() != static_cast<int64_t>(T * D))
+        return model::make_error(model::model_errc::bad_input, "router: malformed shared-expert result");
+      route.shared = out.local;
+      return {};
+    };
+    if (!ask_group(self, p, *st.shared_group, std::move(b), take)) return p->promise;
   }
   if (p->outstanding == 0) finish(self, *p);
   return p->promise;
