@@ -2,8 +2,10 @@
 
 #include <fmt/format.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <fstream>
 #include <random>
 
@@ -29,7 +31,33 @@ std::string quoted(const std::string& s) {
   return out + "\"";
 }
 
+constexpr std::string_view run_dir_prefix = "moe-demo-";
+constexpr std::string_view owner_file = "demo.pid";
+
+bool process_exists(pid_t pid) { return ::kill(pid, 0) == 0 || errno != ESRCH; }
+
 }  // namespace
+
+size_t remove_stale_run_dirs(const fs::path& parent) {
+  std::error_code ec;
+  fs::directory_iterator it(parent, ec);
+  if (ec) return 0;
+  size_t removed = 0;
+  for (const auto& entry : it) {
+    const auto name = entry.path().filename().string();
+    if (!name.starts_with(run_dir_prefix)) continue;
+    struct stat st{};
+    if (::lstat(entry.path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid()) continue;
+    // A dir without a readable pid is being created by a demo starting now (or predates the pid
+    // file): left alone.
+    std::ifstream in(entry.path() / owner_file);
+    long pid = 0;
+    if (!(in >> pid) || pid <= 0 || process_exists(static_cast<pid_t>(pid))) continue;
+    fs::remove_all(entry.path(), ec);
+    if (!ec) ++removed;
+  }
+  return removed;
+}
 
 std::string split_config_yaml(const runtime::cluster_config& base, int count, const std::vector<uint16_t>& ports,
                               const std::string& secret) {
@@ -73,10 +101,17 @@ caf::expected<std::unique_ptr<local_nodes>> local_nodes::start(const runtime::cl
   if (count < 1 || base.nodes.empty())
     return make_error(process_errc::spawn_failed, "a local multi-process cluster needs at least one node");
   auto n = std::unique_ptr<local_nodes>(new local_nodes());
-  std::string tmpl = (fs::temp_directory_path() / "moe-demo-XXXXXX").string();
+  const auto parent = fs::temp_directory_path();
+  (void)remove_stale_run_dirs(parent);
+  std::string tmpl = (parent / (std::string(run_dir_prefix) + "XXXXXX")).string();
   if (::mkdtemp(tmpl.data()) == nullptr)
-    return make_error(process_errc::io_error, "cannot create a run directory under " + fs::temp_directory_path().string());
+    return make_error(process_errc::io_error, "cannot create a run directory under " + parent.string());
   n->dir_ = tmpl;  // mode 0700: the config below holds the secret
+  {
+    std::ofstream out(n->dir_ / owner_file);
+    out << ::getpid() << '\n';
+    if (!out) return make_error(process_errc::io_error, "cannot write " + (n->dir_ / owner_file).string());
+  }
   auto ports = free_loopback_ports(2 * static_cast<size_t>(count));
   if (!ports) return ports.error();
   const auto file = n->dir_ / "cluster.yaml";

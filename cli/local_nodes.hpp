@@ -6,7 +6,8 @@
 // grace period), reaps it and removes the run dir; a node that failed to start is reported
 // with the end of its log. Where no destructor runs (the owner killed, or ended by a signal), the
 // kernel sends each node SIGTERM when the thread that started them ends; the run dir, with the
-// nodes' logs, then stays. Thread safety: one owner thread, which must outlive the nodes' use.
+// nodes' logs, then stays until the next demo starts (remove_stale_run_dirs). Thread safety: one
+// owner thread, which must outlive the nodes' use.
 #pragma once
 
 #include <sys/types.h>
@@ -42,6 +43,12 @@ class local_nodes {
   runtime::cluster_config config_;
   std::vector<pid_t> pids_;
 };
+
+/// Removes the run dirs under `parent` (moe-demo-*, this user's) whose demo no longer runs: those
+/// whose pid file names a process that does not exist, as a demo killed before its destructor
+/// ran leaves them (with the cluster's secret). A dir without a readable pid file, a demo's
+/// starting now, is left alone. Returns how many were removed; never fails. Exposed for tests.
+size_t remove_stale_run_dirs(const std::filesystem::path& parent);
 
 /// The YAML of a config with `count` nodes split from `base`'s first node, on 127.0.0.1 with
 /// the given ports (control and metrics, per node) and secret. Exposed for tests.
