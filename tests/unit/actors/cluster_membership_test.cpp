@@ -75,6 +75,21 @@ void drain_events(caf::scoped_actor& self, std::string* log) {
         caf::after(std::chrono::milliseconds(0)) >> [&] { more = false; });
 }
 
+/// Ends a membership and waits until it is released. It is a detached actor the nodes hold
+/// proxies of: were it still referenced when the system goes, the system's destructor would wait
+/// for it forever (runtime::await_released says why). The events it sent `self` hold it as well,
+/// so they are drained while waiting.
+void stop_membership(caf::scoped_actor& self, cluster_membership_actor& membership) {
+  const auto addr = membership.address();
+  caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
+  membership = nullptr;
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  bool released = false;
+  while (!(released = runtime::await_released(addr, 100ms)) && std::chrono::steady_clock::now() < deadline)
+    drain_events(self, nullptr);
+  EXPECT_TRUE(released) << "the membership is still referenced 30 s after it was told to stop";
+}
+
 /// Two `moe node` processes (n0, n1) of one good config in a directory of their own, removed at
 /// the end.
 struct two_nodes {
@@ -152,7 +167,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
       EXPECT_EQ(m.state, member_state::refused) << m.node << ": " << m.reason;
       EXPECT_NE(m.reason.find("wrong cluster secret"), std::string::npos) << m.reason;
     }
-    caf::anon_send_exit(other, caf::exit_reason::user_shutdown);
+    stop_membership(self, other);
   }
 
   // SIGKILL: the connection drops and the monitor reports the agent down at once.
@@ -176,7 +191,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   EXPECT_NE(text.find("moe_cluster_failure_detection_seconds_count 2"), std::string::npos) << text;
   EXPECT_NE(text.find("moe_cluster_nodes{state=\"down\"} 2"), std::string::npos) << text;
 
-  caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
+  stop_membership(self, membership);
 }
 
 // The coordinator's actors share CAF's worker pool with the membership (the controller, the API,
@@ -230,5 +245,5 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   EXPECT_EQ(log.find("n0:"), std::string::npos) << "events:\n" << log;
   EXPECT_EQ(states().at("n0"), member_state::up);
 
-  caf::anon_send_exit(membership, caf::exit_reason::user_shutdown);
+  stop_membership(self, membership);
 }
