@@ -5,7 +5,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <fstream>
 #include <random>
 
@@ -34,8 +33,6 @@ std::string quoted(const std::string& s) {
 constexpr std::string_view run_dir_prefix = "moe-demo-";
 constexpr std::string_view owner_file = "demo.pid";
 
-bool process_exists(pid_t pid) { return ::kill(pid, 0) == 0 || errno != ESRCH; }
-
 }  // namespace
 
 size_t remove_stale_run_dirs(const fs::path& parent) {
@@ -50,9 +47,8 @@ size_t remove_stale_run_dirs(const fs::path& parent) {
     if (::lstat(entry.path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid()) continue;
     // A dir without a readable pid is being created by a demo starting now (or predates the pid
     // file): left alone.
-    std::ifstream in(entry.path() / owner_file);
-    long pid = 0;
-    if (!(in >> pid) || pid <= 0 || process_exists(static_cast<pid_t>(pid))) continue;
+    const auto pid = read_pid_file(entry.path() / owner_file);
+    if (!pid || process_running(*pid)) continue;
     fs::remove_all(entry.path(), ec);
     if (!ec) ++removed;
   }
@@ -107,11 +103,7 @@ caf::expected<std::unique_ptr<local_nodes>> local_nodes::start(const runtime::cl
   if (::mkdtemp(tmpl.data()) == nullptr)
     return make_error(process_errc::io_error, "cannot create a run directory under " + parent.string());
   n->dir_ = tmpl;  // mode 0700: the config below holds the secret
-  {
-    std::ofstream out(n->dir_ / owner_file);
-    out << ::getpid() << '\n';
-    if (!out) return make_error(process_errc::io_error, "cannot write " + (n->dir_ / owner_file).string());
-  }
+  if (auto err = write_pid_file(n->dir_ / owner_file, ::getpid())) return err;
   auto ports = free_loopback_ports(2 * static_cast<size_t>(count));
   if (!ports) return ports.error();
   const auto file = n->dir_ / "cluster.yaml";
