@@ -265,13 +265,7 @@ void node_process::stop() {
     caf::anon_send_exit(agent_, caf::exit_reason::user_shutdown);
     agent_ = nullptr;
   }
-  if (transport_.fetcher) {
-    // Ended, not released: its fetch timers hold it for up to the fetch timeout, which is
-    // harmless as it is not detached. Its state shares the exchange.
-    caf::scoped_actor self{*sys_};
-    caf::anon_send_exit(transport_.fetcher, caf::exit_reason::user_shutdown);
-    self->wait_for(transport_.fetcher);
-  }
+  end_tensor_fetcher(*sys_, transport_);
   const auto deadline = clock_type::now() + release_timeout;
   for (const auto& [what, addr] : ending) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock_type::now());

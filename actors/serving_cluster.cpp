@@ -439,13 +439,8 @@ void serving_cluster::stop() {
     for (auto& a : agents_) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
   }
   agents_.clear();
-  if (transport_.fetcher) {
-    // The fetcher shares the exchange: once it has ended, dropping ours stops the data plane
-    // here, before stop() returns, not whenever the fetcher's state happens to go.
-    caf::scoped_actor self{*sys_};
-    caf::anon_send_exit(transport_.fetcher, caf::exit_reason::user_shutdown);
-    self->wait_for(transport_.fetcher);
-  }
+  // The data plane stops here, before stop() returns.
+  end_tensor_fetcher(*sys_, transport_);
   transport_ = {};
   shards_.clear();
   routers_.clear();

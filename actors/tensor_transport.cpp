@@ -107,6 +107,14 @@ tensor_transport make_tensor_transport(caf::actor_system& sys, std::shared_ptr<r
   return t;
 }
 
+void end_tensor_fetcher(caf::actor_system& sys, tensor_transport& transport) {
+  if (!transport.fetcher) return;
+  caf::scoped_actor self{sys};
+  caf::anon_send_exit(transport.fetcher, caf::exit_reason::user_shutdown);
+  self->wait_for(transport.fetcher);
+  transport.fetcher = nullptr;
+}
+
 caf::error no_transport_error() {
   return runtime::make_error(runtime::data_plane_errc::invalid_argument,
                              "received a tensor from another process, but this process has no data plane");

@@ -51,6 +51,13 @@ struct tensor_transport {
 [[nodiscard]] tensor_transport make_tensor_transport(caf::actor_system& sys,
                                                      std::shared_ptr<runtime::tensor_exchange> exchange);
 
+/// Ends `transport`'s fetcher and waits until it has terminated; the exchange stays. Its state
+/// shares the exchange, so once this returns, dropping the owner's last reference
+/// (`transport = {}`) stops the data plane there and then, not whenever the fetcher's state
+/// happens to go. The fetcher is ended, not released: its fetch timers hold it for up to the
+/// fetch timeout, which is harmless as it is not detached. No fetcher: nothing to do.
+void end_tensor_fetcher(caf::actor_system& sys, tensor_transport& transport);
+
 /// True when `t` names bytes in another process that have to be fetched.
 [[nodiscard]] inline bool is_remote(const tensor_ref& t) noexcept { return !t.local && t.num_elements() > 0; }
 
