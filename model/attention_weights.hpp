@@ -12,6 +12,7 @@
 #include "kernels/cpu/rope.hpp"
 #include "kernels/kernel_status.hpp"
 #include "model/config.hpp"
+#include "model/scratch.hpp"
 #include "model/weight_lookup.hpp"
 
 namespace moe::model::detail {
@@ -61,12 +62,6 @@ struct attention_weights {
   [[nodiscard]] caf::error project(const float* x, size_t T, const Position* positions,
                                    const projections& out) const;
 };
-
-/// Grows a scratch buffer to at least n elements; never shrinks, so calls reuse it.
-template <class T>
-void ensure_size(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
 
 /// Where q's rotary parts sit in q (T, H, dn + dr), for rope_apply and rope_backward alike.
 kernels::cpu::rope_apply_args q_rope_args(float* q, size_t T, size_t H, size_t dn, size_t dr);

@@ -5,14 +5,13 @@
 #include <string>
 
 #include "model/model_errc.hpp"
+#include "model/scratch.hpp"
 
 namespace moe::model {
 
 namespace {
 
-void ensure(std::vector<float>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
+using detail::ensure_size;
 
 caf::error kernel_error(int64_t layer, const char* what) {
   return make_error(model_errc::kernel_failed,
@@ -97,7 +96,7 @@ caf::error mlp_training_block::forward_moe(const float* x, float* y, size_t T,
   const size_t D = hidden_;
   rows_ = make_expert_rows(gate_->routing(), gate_->routing_weights(), gate_->top_k());
   const size_t R = rows_.size();
-  ensure(rows_buf_, R * D);
+  ensure_size(rows_buf_, R * D);
   for (size_t r = 0; r < R; ++r)
     std::copy_n(x + static_cast<size_t>(rows_.token_of_row[r]) * D, D, rows_buf_.data() + r * D);
   rows_out_.resize(R * D);
@@ -115,7 +114,7 @@ caf::error mlp_training_block::forward_moe(const float* x, float* y, size_t T,
   const float* shared_out = nullptr;
   if (shared_) {
     shared_rows_.assign(T, static_cast<int32_t>(shared_experts_id));
-    ensure(shared_buf_, T * D);
+    ensure_size(shared_buf_, T * D);
     if (auto err = shared_->forward(x, shared_rows_, shared_buf_.data(), shared_pass_)) return err;
     shared_out = shared_buf_.data();
   }
@@ -164,7 +163,7 @@ caf::error mlp_training_block::backward_moe(const float* dy, float* dx, mlp_half
   }
 
   // Routed rows: d(out_r) = w_r * dy_t, and dL/dw_r = dy_t . out_r (out_r unweighted).
-  ensure(rows_buf_, R * D);  // d(out) of each row
+  ensure_size(rows_buf_, R * D);  // d(out) of each row
   d_weight_.resize(R);       // by row (t * k + j): the gate's (T, top_k) order
   for (size_t r = 0; r < R; ++r) {
     const float* dyt = dy + static_cast<size_t>(rows_.token_of_row[r]) * D;
@@ -178,7 +177,7 @@ caf::error mlp_training_block::backward_moe(const float* dy, float* dx, mlp_half
     }
     d_weight_[r] = static_cast<float>(g);
   }
-  ensure(d_rows_in_, R * D);
+  ensure_size(d_rows_in_, R * D);
   if (auto err =
           routed_->backward(routed_pass_, rows_buf_.data(), d_rows_in_.data(),
                             [&](int64_t e) { return &grads.experts[static_cast<size_t>(e)]; }))

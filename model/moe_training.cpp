@@ -11,6 +11,7 @@
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/swiglu.hpp"
 #include "model/model_errc.hpp"
+#include "model/scratch.hpp"
 
 namespace moe::model {
 
@@ -19,14 +20,12 @@ using kernels::kernel_status;
 
 namespace {
 
-void ensure(std::vector<float>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
+using detail::ensure_size;
 
-void ensure(mlp_saved& s, size_t n) {
-  ensure(s.gate, n);
-  ensure(s.up, n);
-  ensure(s.act, n);
+void ensure_size(mlp_saved& s, size_t n) {
+  ensure_size(s.gate, n);
+  ensure_size(s.up, n);
+  ensure_size(s.act, n);
 }
 
 caf::error bad_input(std::string what) {
@@ -143,7 +142,7 @@ bool mlp_backward(const mlp_weight_refs& m, const float* x, size_t rows, const m
   // Callers check their inputs; a mismatch here would let the kernels run off the buffers.
   MOE_ASSERT(grads.fits(m.hidden, m.intermediate));
   MOE_ASSERT(saved.gate.size() >= n && saved.up.size() >= n && saved.act.size() >= n);
-  ensure(scratch, n);
+  ensure_size(scratch, n);
   return backward_rows(m, x, rows, saved.gate.data(), saved.up.data(), saved.act.data(), dy, dx,
                        accumulate_dx, grads, scratch);
 }
@@ -288,7 +287,7 @@ caf::error gate_training::backward(const float* d_weight, float* dx, std::span<f
 
   // Through w = rsf * s / (sum s + 1e-20) (or rsf * s) and s = sigmoid(logit), to the chosen
   // logits; the others (and the choice itself) get nothing.
-  ensure(d_logits_, T * E);
+  ensure_size(d_logits_, T * E);
   std::fill_n(d_logits_.data(), T * E, 0.0f);
   const double rsf = routed_scaling_factor_;
   for (size_t t = 0; t < T; ++t) {
@@ -375,7 +374,7 @@ caf::error expert_training_set::forward(const float* x, std::span<const int32_t>
   pass.saved.gate.resize(R * I);
   pass.saved.up.resize(R * I);
   pass.saved.act.resize(R * I);
-  ensure(out_, R * D);
+  ensure_size(out_, R * D);
   const bool ok = for_each_run(expert_of_row, pass.order, [&](int32_t e, size_t begin, size_t end) {
     return forward_rows(experts_.at(e), pass.in.data() + begin * D, end - begin,
                         out_.data() + begin * D, pass.saved.gate.data() + begin * I,
@@ -424,9 +423,9 @@ caf::error expert_training_set::backward(const expert_pass& pass, const float* d
   });
   if (refused) return refused;
 
-  ensure(d_out_, R * D);
-  ensure(d_in_, R * D);
-  ensure(d_mlp_, R * I);
+  ensure_size(d_out_, R * D);
+  ensure_size(d_in_, R * D);
+  ensure_size(d_mlp_, R * I);
   for (size_t i = 0; i < R; ++i)
     std::copy_n(d_out + static_cast<size_t>(pass.order[i]) * D, D, d_out_.data() + i * D);
   size_t run = 0;

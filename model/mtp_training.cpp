@@ -9,6 +9,7 @@
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
 #include "model/model_errc.hpp"
+#include "model/scratch.hpp"
 #include "model/weights.hpp"
 
 namespace moe::model {
@@ -36,10 +37,7 @@ caf::error depth_error(const model_config& c, int64_t depth) {
                         std::to_string(c.num_nextn_predict_layers) + " (num_nextn_predict_layers)");
 }
 
-template <class T>
-void ensure(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
+using detail::ensure_size;
 
 // Copies packed row r of `packed` to row rows[r] of `full` (T, D) and zeroes every other row.
 void scatter_rows(const float* packed, std::span<const int32_t> rows, float* full, size_t T, size_t D) {
@@ -155,15 +153,15 @@ caf::error mtp_training_module::forward(const float* h_prev, const float* next_e
     cu_seqlens_.push_back(static_cast<int32_t>(rows_.size()));
   }
   const size_t R = rows_.size(), D = hidden_;
-  ensure(e_in_, R * D);
-  ensure(h_in_, R * D);
-  ensure(cat_, R * 2 * D);
-  ensure(x_, R * D);
-  ensure(mlp_in_, R * D);
-  ensure(mlp_out_, R * D);
-  ensure(normed_, R * D);
-  ensure(de_, R * D);
-  ensure(dh_, R * D);
+  ensure_size(e_in_, R * D);
+  ensure_size(h_in_, R * D);
+  ensure_size(cat_, R * 2 * D);
+  ensure_size(x_, R * D);
+  ensure_size(mlp_in_, R * D);
+  ensure_size(mlp_out_, R * D);
+  ensure_size(normed_, R * D);
+  ensure_size(de_, R * D);
+  ensure_size(dh_, R * D);
   gather_rows(next_emb, rows_, e_in_.data(), D);
   gather_rows(h_prev, rows_, h_in_.data(), D);
 
@@ -209,9 +207,9 @@ caf::error mtp_training_module::backward(const float* dnormed, const float* dh_o
     return make_error(model_errc::bad_input, "mtp: null gradient outputs");
 
   // dx: dL/d(block output) = shared_head.norm's backward of dnormed, plus dh_out.
-  ensure(dx_, R * D);
-  ensure(dmlp_in_, R * D);
-  ensure(dcat_, R * 2 * D);
+  ensure_size(dx_, R * D);
+  ensure_size(dmlp_in_, R * D);
+  ensure_size(dcat_, R * 2 * D);
   gather_rows(dnormed, rows_, dmlp_in_.data(), D);  // dmlp_in_ as scratch for dnormed
   gather_rows(dh_out, rows_, dx_.data(), D);
   caf::error err;

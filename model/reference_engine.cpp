@@ -9,6 +9,7 @@
 #include "kernels/cpu/gemm.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
 #include "model/model_errc.hpp"
+#include "model/scratch.hpp"
 
 namespace moe::model {
 
@@ -17,10 +18,7 @@ using kernels::kernel_status;
 
 namespace {
 
-template <class T>
-void ensure(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
+using detail::ensure_size;
 
 caf::error kernel_error(const char* what) {
   return make_error(model_errc::kernel_failed, std::string(what) + ": a kernel rejected its arguments");
@@ -144,26 +142,26 @@ caf::error reference_engine::run_ffn(int64_t layer, const float* mlp_in, float* 
   if (auto& dense = dense_[layer]) return dense->forward(mlp_in, T, x, 1.0f, scratch_);
   auto& m = *moe_[layer];
   const size_t k = m.router.top_k();
-  ensure(topk_idx_, T * k);
-  ensure(topk_weight_, T * k);
+  ensure_size(topk_idx_, T * k);
+  ensure_size(topk_weight_, T * k);
   if (auto err = m.router.route(mlp_in, T, topk_idx_.data(), topk_weight_.data())) return err;
   if (routing) routing->assign(topk_idx_.begin(), topk_idx_.begin() + T * k);
   auto& counts = expert_counts_[layer];
   for (size_t i = 0; i < T * k; ++i) ++counts[static_cast<size_t>(topk_idx_[i])];
   const expert_rows rows = make_expert_rows(std::span(topk_idx_).first(T * k),
                                             std::span(topk_weight_).first(T * k), k);
-  ensure(rows_in_, rows.size() * D);
-  ensure(rows_out_, rows.size() * D);
+  ensure_size(rows_in_, rows.size() * D);
+  ensure_size(rows_out_, rows.size() * D);
   if (kc::gather_rows(mlp_in, T, D, rows.token_of_row.data(), rows.size(), rows_in_.data()) !=
       kernel_status::ok)
     return kernel_error("expert dispatch");
   if (auto err = m.experts.run(rows_in_.data(), rows.size(), rows.expert_of_row.data(),
                                rows.weight_of_row.data(), rows_out_.data()))
     return err;
-  ensure(y_, T * D);
+  ensure_size(y_, T * D);
   const float* shared = nullptr;
   if (m.shared) {
-    ensure(shared_, T * D);
+    ensure_size(shared_, T * D);
     if (auto err = m.shared->forward(mlp_in, T, shared_.data(), 0.0f, scratch_)) return err;
     shared = shared_.data();
   }
@@ -194,8 +192,8 @@ caf::expected<prefill_result> reference_engine::prefill(std::span<const sequence
     cu.push_back(static_cast<int32_t>(ids.size()));
   }
   const size_t T = ids.size();
-  ensure(x_, T * D);
-  ensure(mlp_in_, T * D);
+  ensure_size(x_, T * D);
+  ensure_size(mlp_in_, T * D);
   if (auto err = head_->embed(ids, x_.data())) return err;
   // Reserve every sequence's blocks before touching the cache, so a full cache changes nothing.
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -265,8 +263,8 @@ caf::expected<std::vector<float>> reference_engine::decode(std::span<const decod
     positions[b] = it->second;
     seq_lens[b] = static_cast<int32_t>(it->second + 1);
   }
-  ensure(x_, B * D);
-  ensure(mlp_in_, B * D);
+  ensure_size(x_, B * D);
+  ensure_size(mlp_in_, B * D);
   if (auto err = head_->embed(ids, x_.data())) return err;
   for (size_t b = 0; b < B; ++b) {
     if (auto err = cache_->reserve(batch[b].id, positions[b] + 1)) return err;
