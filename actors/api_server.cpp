@@ -850,7 +850,9 @@ caf::expected<std::unique_ptr<api_server>> api_server::start(caf::actor_system& 
   auto p = std::make_unique<impl>(sys, std::move(controller), std::move(options));
   p->tls = kj::mv(tls);
   if (!p->options.training_jobs) {
-    p->training_unavailable = "no training jobs actor runs";
+    p->training_unavailable = p->options.training_unavailable.empty()
+                                  ? "no training jobs actor runs"
+                                  : p->options.training_unavailable;
   } else if (auto t = model::make_tokenizer(p->options.vocab_size); !t) {
     p->training_unavailable = error_text(t.error());
   } else {

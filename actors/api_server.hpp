@@ -68,6 +68,8 @@ struct api_server_options {
   /// Runs train(), trainingStatus(), cancelTraining() and checkpoint(); null: they fail with
   /// "unavailable: training is not enabled on this server (...)". Not owned.
   training_jobs_actor training_jobs;
+  /// Without training_jobs: why, in those parentheses (empty: "no training jobs actor runs").
+  std::string training_unavailable;
   /// The model's vocabulary, for the tokenizer of text corpora (model/tokenizer.hpp). One that
   /// no tokenizer fits (0: not given) turns training off as a missing actor does.
   int64_t vocab_size = 0;

@@ -1,19 +1,19 @@
 #include "actors/serving_cluster.hpp"
 
 #include <caf/all.hpp>
+#include <nlohmann/json.hpp>
 #include <prometheus/registry.h>
-
-#include <unistd.h>
+#include <spdlog/spdlog.h>
 
 #include <cstdlib>
 #include <numeric>
 #include <random>
 #include <set>
 #include <thread>
-#include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include "actors/api_server.hpp"
+#include "actors/engine_shard.hpp"
 #include "actors/rebalancer.hpp"
 #include "model/init_model.hpp"
 #include "model/model_errc.hpp"
@@ -107,6 +107,22 @@ bool all_nodes_local(const runtime::cluster_config& config) {
   });
 }
 
+controller_options controller_options_of(const runtime::cluster_config& config,
+                                         const model::model_config& model,
+                                         std::vector<attention_actor> shards,
+                                         std::shared_ptr<prometheus::Registry> registry) {
+  controller_options co;
+  co.shards = std::move(shards);
+  co.vocab_size = model.vocab_size;
+  co.limits.max_running_requests = config.batching.max_running_requests;
+  co.limits.max_batch_tokens = config.batching.max_batch_tokens;
+  co.limits.max_queue = config.batching.max_queue;
+  co.limits.max_new_tokens_limit = config.batching.max_new_tokens_limit;
+  co.metrics = std::move(registry);
+  co.request_timeout = std::chrono::milliseconds(config.batching.request_timeout_ms);
+  return co;
+}
+
 // What runs on each node: its attention shards (indices into the shard order) and its expert
 // groups (group ids); what a node failure takes with it.
 void node_contents(const scheduler::placement& p, const std::vector<int32_t>& shard_ids, controller_options& co) {
@@ -187,6 +203,10 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
       .receive([&](scheduler::placement& p) { s->placement_ = std::move(p); },
                [&](caf::error& e) { failure = std::move(e); });
   if (failure) return failure;
+  if (options.make_engine) {
+    if (auto err = s->start_engine_shards(config, options)) return err;
+    return s;
+  }
 
   if (options.join_nodes) {
     cluster_membership_options mo;
@@ -298,16 +318,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     shard_ids.push_back(sh.id);
   }
 
-  controller_options co;
-  co.shards = s->shards_;
-  co.vocab_size = model_cfg->vocab_size;
-  co.limits.max_running_requests = config.batching.max_running_requests;
-  co.limits.max_batch_tokens = config.batching.max_batch_tokens;
-  co.limits.max_queue = config.batching.max_queue;
-  co.limits.max_new_tokens_limit = config.batching.max_new_tokens_limit;
-  co.metrics = s->registry_;
+  auto co = controller_options_of(config, *model_cfg, s->shards_, s->registry_);
   if (options.join_nodes) node_contents(s->placement_, shard_ids, co);
-  co.request_timeout = std::chrono::milliseconds(config.batching.request_timeout_ms);
   s->controller_ = spawn_controller(sys, co);
   if (s->membership_)
     caf::anon_send(s->membership_, member_subscribe_atom::value, caf::actor_cast<caf::actor>(s->controller_));
@@ -369,25 +381,72 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     s->rebalancer_ = *rebalancer;
   }
 
+  if (auto err = s->start_endpoints(config, options,
+                                    describe(config, s->placement_, options.join_nodes), {}))
+    return err;
+  return s;
+}
+
+caf::error serving_cluster::start_engine_shards(const runtime::cluster_config& config,
+                                                const serving_options& options) {
+  if (options.join_nodes)
+    return make_error(
+        node_errc::bad_request,
+        "engine shards serve in the coordinator's process: not with join_nodes (--join-nodes)");
+  if (options.num_engine_shards < 1)
+    return make_error(node_errc::bad_request,
+                      "serving engine shards needs at least one (num_engine_shards)");
+  engine_shards_ = true;
+  const int64_t cache_tokens = scheduler::kv_cache_tokens_per_shard(config, model_);
+  protocol::api_cluster_description d;
+  d.name = config.name;
+  d.placement_version = placement_.version;
+  for (int i = 0; i < options.num_engine_shards; ++i) {
+    auto engine = options.make_engine(i, model_dir_, cache_tokens);
+    if (!engine)
+      return make_error(node_errc::bad_request,
+                        "engine shard " + std::to_string(i) + ": " + error_text(engine.error()));
+    const std::string node =
+        config.nodes.empty() ? std::string("local") : config.nodes.front().name;
+    d.actors.push_back({"engine_shard", std::to_string(i), node, (*engine)->device()});
+    engine_shard_options eo;
+    eo.shard = i;
+    eo.metrics = registry_;
+    shards_.push_back(spawn_engine_shard(*sys_, std::move(*engine), eo));
+  }
+  d.actors.push_back({"controller", "0", d.actors.front().node, ""});
+  controller_ = spawn_controller(*sys_, controller_options_of(config, model_, shards_, registry_));
+  rebalance_unavailable_ =
+      "this cluster serves whole-model engine shards, which hold every expert themselves";
+  return start_endpoints(
+      config, options, std::move(d),
+      "this cluster serves whole-model engine shards; training runs on the actor graph");
+}
+
+caf::error serving_cluster::start_endpoints(const runtime::cluster_config& config,
+                                            const serving_options& options,
+                                            protocol::api_cluster_description description,
+                                            std::string training_unavailable) {
   auto metrics = monitoring::metrics_server::start(
-      s->registry_, options.bind_host, options.metrics_port.value_or(config.ports.metrics));
+      registry_, options.bind_host, options.metrics_port.value_or(config.ports.metrics));
   if (!metrics) return metrics.error();
-  s->metrics_ = std::move(*metrics);
+  metrics_ = std::move(*metrics);
 
   api_server_options ao;
   ao.host = options.bind_host;
   ao.port = options.api_port.value_or(config.ports.api);
   ao.secret = config.secret;
-  ao.cluster = describe(config, s->placement_, options.join_nodes);
-  ao.rebalancer = s->rebalancer_;
-  ao.rebalance_unavailable = s->rebalance_unavailable_;
-  ao.training_jobs = s->training_jobs_;
-  ao.vocab_size = model_cfg->vocab_size;
+  ao.cluster = std::move(description);
+  ao.rebalancer = rebalancer_;
+  ao.rebalance_unavailable = rebalance_unavailable_;
+  ao.training_jobs = training_jobs_;
+  ao.training_unavailable = std::move(training_unavailable);
+  ao.vocab_size = model_.vocab_size;
   ao.tls = config.api_tls;
-  auto api = api_server::start(sys, s->controller_, ao);
+  auto api = api_server::start(*sys_, controller_, ao);
   if (!api) return api.error();
-  s->api_ = std::move(*api);
-  return s;
+  api_ = std::move(*api);
+  return {};
 }
 
 serving_cluster::~serving_cluster() { stop(); }
@@ -442,6 +501,15 @@ void serving_cluster::stop() {
   // The data plane stops here, before stop() returns.
   end_tensor_fetcher(*sys_, transport_);
   transport_ = {};
+  if (engine_shards_) {
+    // Detached (actors/engine_shard.hpp): ended and waited for here, so that no thread of theirs
+    // (nor the engine it owns) outlives stop().
+    caf::scoped_actor self{*sys_};
+    for (auto& shard : shards_) {
+      caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
+      self->wait_for(shard);
+    }
+  }
   shards_.clear();
   routers_.clear();
   if (scheduler_) caf::anon_send_exit(scheduler_, caf::exit_reason::user_shutdown);

@@ -16,6 +16,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -26,6 +27,8 @@
 #include "actors/rebalance_messages.hpp"
 #include "actors/trainer.hpp"
 #include "actors/training_jobs.hpp"
+#include "model/step_engine.hpp"
+#include "protocol/api_types.hpp"
 #include "runtime/cluster_config.hpp"
 #include "scheduler/placement.hpp"
 #include "scheduler/scheduler_actor.hpp"
@@ -55,6 +58,16 @@ struct serving_options {
   bool join_nodes = false;
   /// join_nodes: how long start() waits for every node to be up before it gives up.
   std::chrono::milliseconds join_timeout{60'000};
+  /// Makes shard `shard`'s engine from the model directory and the cluster's KV-cache budget
+  /// per shard, in tokens (scheduler::kv_cache_tokens_per_shard).
+  using engine_factory = std::function<caf::expected<std::unique_ptr<model::step_engine>>(
+      int shard, const std::filesystem::path& model_dir, int64_t cache_tokens)>;
+  /// Set: serve num_engine_shards whole-model engine shards (actors/engine_shard.hpp; e.g. the
+  /// GPU engine on each GPU: `moe serve --engine gpu`) behind the controller instead of the
+  /// actor graph. In this process only (not with join_nodes). Such a cluster neither trains nor
+  /// rebalances (it has no routers and no expert groups); its API says so.
+  engine_factory make_engine;
+  int num_engine_shards = 0;
 };
 
 /// `$MOE_MODEL_CACHE`, else `$XDG_CACHE_HOME/moe-runtime`, else `~/.cache/moe-runtime`.
@@ -99,10 +112,23 @@ class serving_cluster {
     return registry_;
   }
 
+  /// True when whole-model engine shards serve (serving_options::make_engine): shards() are
+  /// those; there are no routers, expert groups, rebalancer or trainer, and placement() is the
+  /// actor graph's that the config describes, unused.
+  [[nodiscard]] bool serves_engine_shards() const noexcept { return engine_shards_; }
+
   void stop();
 
  private:
   serving_cluster() = default;
+  [[nodiscard]] caf::error start_engine_shards(const runtime::cluster_config& config,
+                                               const serving_options& options);
+  /// The process's /metrics and the job API, in front of the controller.
+  [[nodiscard]] caf::error start_endpoints(const runtime::cluster_config& config,
+                                           const serving_options& options,
+                                           protocol::api_cluster_description description,
+                                           std::string training_unavailable);
+  bool engine_shards_ = false;
   caf::actor_system* sys_ = nullptr;
   scheduler::placement placement_;
   std::filesystem::path model_dir_;

@@ -4,17 +4,20 @@
 //                               --join-nodes the config's nodes are `moe node` processes (moe
 //                               cluster up): this process joins them, places the model's actors
 //                               there and keeps the controller, the job API and its /metrics.
+//   moe serve --config FILE --engine gpu|reference [--engine-shards N] [--gpu-dtype D] [--fp8 M]
+//                               whole-model engine shards (the GPU engine, one per GPU, or the
+//                               CPU reference engine) behind the same controller and job API.
 //   moe demo [--config FILE] [--processes N]
 //                               the embedded deploy/local.yaml with the embedded default model:
 //                               submits prompts concurrently through the API and shows what
 //                               happened (generations, placement, tokens per expert, metrics).
 //                               --processes N: this process plus N-1 `moe node` processes.
+#include <caf/all.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <httplib.h>
 #include <prometheus/registry.h>
 
-#include <caf/all.hpp>
 #include <csignal>
 #include <map>
 #include <sstream>
@@ -23,15 +26,22 @@
 #include "actors/actor_types.hpp"
 #include "actors/rebalancer.hpp"
 #include "actors/serving_cluster.hpp"
+#include "cli/cluster_training.hpp"
 #include "cli/command.hpp"
 #include "cli/embedded_config.hpp"
 #include "cli/flag_checks.hpp"
-#include "cli/cluster_training.hpp"
 #include "cli/local_nodes.hpp"
 #include "cli/node_support.hpp"
 #include "client/job_client.hpp"
+#include "model/checkpoint.hpp"
+#include "model/model_errc.hpp"
+#include "model/step_engine.hpp"
 #include "model/tokenizer.hpp"
 #include "runtime/actor_system.hpp"
+#include "runtime/devices.hpp"
+#ifdef MOE_HAVE_ENGINE
+#include "engine/gpu_step_engine.hpp"
+#endif
 
 namespace moe::cli {
 
@@ -60,7 +70,102 @@ struct serve_options {
   std::optional<uint16_t> api_port, metrics_port;
   bool join_nodes = false;
   double join_timeout_s = 60;
+  std::string engine = "actors";  // actors | gpu | reference
+  int engine_shards = 0;          // 0: one per GPU (gpu), 1 (reference)
+  std::string gpu_dtype = "bf16";
+  std::string fp8 = "off";
 };
+
+// --engine gpu|reference: how many whole-model shards, and the factory that makes each one's
+// engine. The checkpoint is read once, on the first shard's call, and shared by all.
+caf::error engine_shards_for(const serve_options& o, actors::serving_options& so) {
+  if (o.engine == "actors") {
+    if (o.engine_shards != 0 || o.gpu_dtype != "bf16" || o.fp8 != "off")
+      return model::make_error(
+          model::model_errc::bad_input,
+          "--engine-shards, --gpu-dtype and --fp8 choose whole-model engine shards: give "
+          "--engine gpu or --engine reference with them");
+    return {};
+  }
+  if (o.join_nodes)
+    return model::make_error(
+        model::model_errc::bad_input,
+        "--engine " + o.engine + " serves in this process: not with --join-nodes");
+  if (o.engine == "reference" && (o.gpu_dtype != "bf16" || o.fp8 != "off"))
+    return model::make_error(model::model_errc::bad_input,
+                             "--gpu-dtype and --fp8 are for --engine gpu");
+  struct shared_checkpoint {
+    std::shared_ptr<const model::checkpoint> ckpt;
+  };
+  auto loaded = std::make_shared<shared_checkpoint>();
+  auto load = [loaded, fp8 = o.fp8 != "off"](const std::filesystem::path& dir) -> caf::error {
+    if (loaded->ckpt) return {};
+    auto cfg = model::load_config(dir);
+    if (!cfg) return cfg.error();
+    model::load_options lo;
+    lo.keep_fp8 = fp8;
+    auto ckpt = model::load_checkpoint(dir, *cfg, lo);
+    if (!ckpt) return ckpt.error();
+    // A checkpoint stored without FP8 weights is quantized as DeepSeek-V3's were.
+    if (fp8 && ckpt->fp8.empty())
+      if (auto err = model::quantize_fp8(*ckpt)) return err;
+    loaded->ckpt = std::make_shared<const model::checkpoint>(std::move(*ckpt));
+    return {};
+  };
+  auto cache_of = [](int64_t tokens) {
+    model::latent_cache_options c;
+    c.block_size = 16;
+    c.num_blocks = std::max<int64_t>(1, (tokens + 15) / 16);
+    return c;
+  };
+  if (o.engine == "reference") {
+    so.num_engine_shards = o.engine_shards == 0 ? 1 : o.engine_shards;
+    so.make_engine = [loaded, load, cache_of](
+                         int, const std::filesystem::path& dir,
+                         int64_t tokens) -> caf::expected<std::unique_ptr<model::step_engine>> {
+      if (auto err = load(dir)) return err;
+      model::engine_options eo;
+      eo.cache = cache_of(tokens);
+      auto e = model::reference_engine::create(loaded->ckpt, eo);
+      if (!e) return e.error();
+      return std::make_unique<model::reference_step_engine>(std::move(*e));
+    };
+    return {};
+  }
+#ifndef MOE_HAVE_ENGINE
+  (void)load;
+  (void)cache_of;
+  return model::make_error(model::model_errc::bad_input,
+                           "--engine gpu: this build has no CUDA backend (no GPU)");
+#else
+  const auto devices = runtime::discover_devices();
+  const int found = static_cast<int>(devices.gpus.size());
+  if (found == 0)
+    return model::make_error(model::model_errc::bad_input,
+                             "--engine gpu: no GPU: " + devices.no_gpu_reason);
+  if (o.engine_shards > found)
+    return model::make_error(model::model_errc::bad_input,
+                             "--engine-shards " + std::to_string(o.engine_shards) +
+                                 ": one per GPU, and " + std::to_string(found) + " found");
+  so.num_engine_shards = o.engine_shards == 0 ? found : o.engine_shards;
+  engine::gpu_engine_options base;
+  base.dtype = o.gpu_dtype == "f32" ? kernels::dtype::f32 : kernels::dtype::bf16;
+  base.fp8 = o.fp8 == "expand" ? engine::gpu_engine_options::fp8_products::expand
+                               : engine::gpu_engine_options::fp8_products::block_scaled;
+  so.make_engine = [loaded, load, cache_of, base](
+                       int shard, const std::filesystem::path& dir,
+                       int64_t tokens) -> caf::expected<std::unique_ptr<model::step_engine>> {
+    if (auto err = load(dir)) return err;
+    auto eo = base;
+    eo.device = shard;
+    eo.cache = cache_of(tokens);
+    auto e = engine::gpu_engine::create(loaded->ckpt, eo);
+    if (!e) return e.error();
+    return std::make_unique<engine::gpu_step_engine>(std::move(*e), shard);
+  };
+  return {};
+#endif
+}
 
 int run_serve(const serve_options& o) {
   const sigset_t stop_signals = block_stop_signals();
@@ -74,13 +179,18 @@ int run_serve(const serve_options& o) {
   so.metrics_port = o.metrics_port;
   so.join_nodes = o.join_nodes;
   so.join_timeout = std::chrono::milliseconds(static_cast<int64_t>(o.join_timeout_s * 1000));
+  if (auto err = engine_shards_for(o, so)) return fail("serve", err);
   if (o.join_nodes)
     fmt::print("joining {} node process(es) of '{}' (at most {:.0f} s)\n", cfg->nodes.size(), cfg->name,
                o.join_timeout_s);
   std::fflush(stdout);
   auto cluster = actors::serving_cluster::start(sys, *cfg, so);
   if (!cluster) return fail("serve", cluster.error());
-  fmt::print("{}\n", scheduler::render_table((*cluster)->placement()));
+  if ((*cluster)->serves_engine_shards())
+    fmt::print("{} whole-model engine shard(s) ({}), no routers or expert groups\n",
+               (*cluster)->shards().size(), o.engine);
+  else
+    fmt::print("{}\n", scheduler::render_table((*cluster)->placement()));
   fmt::print("serving '{}' (model {}): API on {}:{}, metrics at {}{}\n", cfg->name,
              (*cluster)->model_dir().string(), o.host, (*cluster)->api_port(),
              (*cluster)->metrics_url(), cfg->api_tls ? " (API over TLS)" : "");
@@ -390,6 +500,23 @@ void add_serve_command(CLI::App& app, command_context& ctx) {
   cmd->add_option("--join-timeout", o->join_timeout_s,
                   "--join-nodes: seconds to wait for every node (default 60)")
       ->check(timeout_seconds());
+  cmd->add_option(
+         "--engine", o->engine,
+         "actors (the model cut into attention shards, routers and expert groups: the default), or "
+         "whole-model engine shards: gpu (the GPU engine, one shard per GPU; CUDA builds) or "
+         "reference (the CPU reference engine)")
+      ->check(CLI::IsMember({"actors", "gpu", "reference"}));
+  cmd->add_option(
+         "--engine-shards", o->engine_shards,
+         "--engine gpu|reference: how many shards (default: every GPU found; 1 for reference)")
+      ->check(whole_number(1, 1024));
+  cmd->add_option("--gpu-dtype", o->gpu_dtype, "--engine gpu: bf16 or f32")
+      ->check(CLI::IsMember({"bf16", "f32"}));
+  cmd->add_option("--fp8", o->fp8,
+                  "--engine gpu: FP8 weights (a checkpoint without them is quantized first): off, "
+                  "block_scaled "
+                  "(FP8 products) or expand (bf16 products)")
+      ->check(CLI::IsMember({"off", "block_scaled", "expand"}));
   cmd->callback([o, &ctx] { ctx.exit_code = run_serve(*o); });
 }
 

@@ -75,7 +75,7 @@ struct api_node {
 };
 
 struct api_actor_info {
-  std::string kind;  ///< "attention", "router", "expert_group", "controller", ...
+  std::string kind;  ///< "attention", "router", "expert_group", "engine_shard", "controller", ...
   std::string id;
   std::string node;
   std::string device;

@@ -69,6 +69,9 @@ for t in test_kernels_cuda_wgmma test_kernels_cuda_grouped_gemm; do
 done
 # `moe run --engine gpu` as a user runs it (tests/cli's contract: transformers' tokens in f32).
 step cli_gpu_engine 60 bash tests/cli/run_contracts.sh "$bundle/bin/moe" tests/data gpu_engine_greedy
+# `moe serve --engine gpu` (whole-model GPU shards behind the controller and the job API) and
+# `moe submit`, against `moe run --engine gpu` on the same model, in f32.
+step serve_gpu_engine 90 bash tests/integration/serve_submit.sh "$bundle/bin/moe" . gpu-f32
 # The peer before our engine, so that the engine's JSON carries the ratios.
 step peer_transformers 180 python3 bench/peer/transformers_peer.py \
   --config "$bundle/v2lite-8L/config.json" --out "$logs/peer_transformers.json"

@@ -2,11 +2,22 @@
 # `moe serve` and `moe submit` as two shells would run them, against `moe run`: a real serving
 # process from deploy/local.yaml (ephemeral ports), the C++ and the Python clients, then a clean
 # stop on SIGTERM. Greedy tokens through the cluster must equal the reference engine's.
+# ENGINE picks what serves: actors (the actor graph, the default), reference (two whole-model
+# shards of the CPU reference engine: `moe serve --engine reference`) or gpu-f32 (the GPU engine
+# in f32, one shard, compared with `moe run --engine gpu --gpu-dtype f32`; run on a GPU machine by
+# scripts/gpu/device_checks.sh).
 #
-#   serve_submit.sh MOE_BINARY REPO_ROOT
+#   serve_submit.sh MOE_BINARY REPO_ROOT [ENGINE]
 set -u
 MOE=$1
 ROOT=$2
+ENGINE=${3:-actors}
+case $ENGINE in
+  actors) SERVE_ARGS=() RUN_ARGS=() ;;
+  reference) SERVE_ARGS=(--engine reference --engine-shards 2) RUN_ARGS=() ;;
+  gpu-f32) SERVE_ARGS=(--engine gpu --gpu-dtype f32 --engine-shards 1) RUN_ARGS=(--engine gpu --gpu-dtype f32) ;;
+  *) echo "serve_submit.sh: unknown engine '$ENGINE' (actors, reference, gpu-f32)" >&2; exit 2 ;;
+esac
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/moe-serve-submit.XXXXXX") || exit 2
 SERVE_PID=
 cleanup() {
@@ -25,7 +36,7 @@ fail() {
 
 export MOE_MODEL_CACHE="$TMP/cache"
 SECRET=change-me-local-demo
-"$MOE" serve --config "$ROOT/deploy/local.yaml" --api-port 0 --metrics-port 0 \
+"$MOE" serve --config "$ROOT/deploy/local.yaml" --api-port 0 --metrics-port 0 "${SERVE_ARGS[@]}" \
   >"$TMP/serve.out" 2>"$TMP/serve.err" &
 SERVE_PID=$!
 for _ in $(seq 300); do
@@ -45,7 +56,7 @@ METRICS=$(sed -E 's/.*metrics at ([^ ]+).*/\1/' <<<"$LINE")
 echo "serve: port $PORT, model $MODEL, metrics $METRICS"
 
 for prompt in 5,17,42 462,30,311,358,271,451,176,144 1 100,200,300,400,500,7,8; do
-  want=$("$MOE" run --model "$MODEL" --prompt-ids "$prompt" --max-new-tokens 12)
+  want=$("$MOE" run --model "$MODEL" --prompt-ids "$prompt" --max-new-tokens 12 "${RUN_ARGS[@]}")
   got=$("$MOE" submit --address "127.0.0.1:$PORT" --secret "$SECRET" --prompt-ids "$prompt" \
         --max-new-tokens 12 2>"$TMP/submit.err")
   [[ $? -eq 0 ]] || fail "moe submit failed for $prompt: $(cat "$TMP/submit.err")"
@@ -62,7 +73,7 @@ grep -qi "unauthenticated" "$TMP/bad.err" || fail "wrong secret: unclear error: 
 # The Python client against the same running cluster (skipped without the project's venv).
 PY="${MOE_VENV:-$ROOT/.venv}/bin/python"
 if [[ -x $PY ]] && "$PY" -c "import capnp" 2>/dev/null; then
-  want=$("$MOE" run --model "$MODEL" --prompt-ids 9,99,199 --max-new-tokens 10)
+  want=$("$MOE" run --model "$MODEL" --prompt-ids 9,99,199 --max-new-tokens 10 "${RUN_ARGS[@]}")
   got=$(PYTHONPATH="$ROOT/python" "$PY" - "$PORT" "$SECRET" <<'PYEOF'
 import sys
 from moe_client import Client
@@ -82,7 +93,15 @@ if command -v curl >/dev/null; then
   curl -sf "$METRICS" >"$TMP/metrics" || fail "cannot scrape $METRICS"
   grep -q '^moe_controller_requests_total{outcome="finished"} [1-9]' "$TMP/metrics" ||
     fail "metrics lack finished requests"
-  grep -q '^moe_router_tokens_routed_total{' "$TMP/metrics" || fail "metrics lack routed tokens"
+  if [[ $ENGINE == actors ]]; then
+    grep -q '^moe_router_tokens_routed_total{' "$TMP/metrics" || fail "metrics lack routed tokens"
+  else
+    # Whole-model shards: no routers; the shards' own mailbox gauges, one per shard.
+    grep -q '^moe_router_tokens_routed_total{' "$TMP/metrics" && fail "engine shards exported router metrics"
+    grep -q "whole-model engine shard" "$TMP/serve.out" || fail "moe serve did not say it serves engine shards"
+    grep -q '^moe_actor_mailbox_depth{actor="attention",id="0"}' "$TMP/metrics" ||
+      fail "metrics lack the engine shard's mailbox gauge"
+  fi
 fi
 
 kill -TERM "$SERVE_PID"
