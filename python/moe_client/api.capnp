@@ -139,7 +139,7 @@ struct ClusterDescription {
   }
 
   struct ActorInfo {
-    kind @0 :Text;                 # "attention", "router", "expert_group", "controller", ...
+    kind @0 :Text;                 # "attention", "router", "expert_group", "engine_shard", "controller", ...
     id @1 :Text;
     node @2 :Text;
     device @3 :Text;
