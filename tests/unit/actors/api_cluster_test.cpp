@@ -3,8 +3,6 @@
 // status, cancel and the controller's own refusals come back through the API. Training through
 // the API: a text corpus trains a few steps on the real trainer, every step's event streams
 // back, and a checkpoint written through the API loads as a training checkpoint.
-#include "actors/api_server.hpp"
-
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 
@@ -14,6 +12,7 @@
 #include <unistd.h>
 
 #include "actors/actor_types.hpp"
+#include "actors/api_server.hpp"
 #include "actors/local_cluster.hpp"
 #include "actors/trainer.hpp"
 #include "actors/training_jobs.hpp"
@@ -22,19 +21,17 @@
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace std::chrono_literals;
 
+using moe::actors::testing::golden_ids;
+using moe::actors::testing::tiny;
+
 namespace {
 
 const std::string secret = "cluster secret for the api test";
-
-std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
-
-std::vector<int32_t> golden_ids(const std::string& name) {
-  return moe::testing::golden_file::open(tiny() / "golden.safetensors").ids(name);
-}
 
 struct api_cluster {
   runtime::actor_system_config cfg = moe::actors::testing::local_system_config();

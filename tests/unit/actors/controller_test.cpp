@@ -5,22 +5,23 @@
 
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
-
-#include <map>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
+
+#include <map>
 
 #include "actors/actor_types.hpp"
 #include "actors/local_cluster.hpp"
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 
-namespace {
+using moe::actors::testing::tiny;
 
-std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
+namespace {
 
 struct harness {
   runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
@@ -98,16 +99,10 @@ TEST(controller, concurrent_requests_each_get_what_they_get_alone) {
   ASSERT_EQ(finals.size(), jobs.size());
 
   // Alone: the reference engine, one request at a time.
-  auto cfg = model::load_config(tiny());
-  auto ckpt = model::load_checkpoint(tiny(), *cfg);
-  auto engine = model::reference_engine::create(std::make_shared<const model::checkpoint>(std::move(*ckpt)));
+  auto engine = model::reference_engine::create(moe::actors::testing::tiny_checkpoint());
   ASSERT_TRUE(engine);
   for (size_t i = 0; i < jobs.size(); ++i) {
-    model::generation_request r;
-    r.prompt = jobs[i].prompt;
-    r.max_new_tokens = jobs[i].max_new_tokens;
-    r.sampling = {jobs[i].sampling.temperature, jobs[i].sampling.top_k, jobs[i].sampling.top_p};
-    r.seed = jobs[i].sampling.seed;
+    const auto r = moe::actors::testing::reference_request_of(jobs[i]);
     auto alone = model::generate(*engine, std::span(&r, 1));
     ASSERT_TRUE(alone);
     EXPECT_EQ(streamed[ids[i]], (*alone)[0]) << "request " << i;

@@ -13,16 +13,14 @@
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 
+using moe::actors::testing::golden_ids;
+using moe::actors::testing::tiny;
+
 namespace {
-
-std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
-
-std::vector<int32_t> golden_ids(const std::string& name) {
-  return moe::testing::golden_file::open(tiny() / "golden.safetensors").ids(name);
-}
 
 std::vector<float> golden_floats(const std::string& name) {
   return moe::testing::golden_file::open(tiny() / "golden.safetensors").floats(name);
@@ -97,11 +95,7 @@ TEST_P(actor_exactness, greedy_tokens_equal_golden_and_reference) {
   ASSERT_TRUE(got) << error_text(got.error());
   EXPECT_EQ((*got)[0], golden_ids("greedy_tokens"));
 
-  auto cfg_model = model::load_config(tiny());
-  auto ckpt = model::load_checkpoint(tiny(), *cfg_model);
-  ASSERT_TRUE(ckpt);
-  auto engine = model::reference_engine::create(
-      std::make_shared<const model::checkpoint>(std::move(*ckpt)));
+  auto engine = model::reference_engine::create(moe::actors::testing::tiny_checkpoint());
   ASSERT_TRUE(engine);
   auto want = model::generate(*engine, reqs);
   ASSERT_TRUE(want);

@@ -17,10 +17,11 @@
 #include "actors/actor_types.hpp"
 #include "actors/rebalancer.hpp"
 #include "actors/serving_cluster.hpp"
-#include "system_config.hpp"
-#include "tests/golden/golden_data.hpp"
 #include "node_children.hpp"
 #include "runtime/actor_system.hpp"
+#include "system_config.hpp"
+#include "tests/golden/golden_data.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
@@ -28,13 +29,10 @@ using namespace std::chrono_literals;
 using moe::test::free_ports;
 using moe::test::node_child;
 
+using moe::actors::testing::golden_ids;
+using moe::actors::testing::tiny;
+
 namespace {
-
-std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
-
-std::vector<int32_t> golden_ids(const std::string& name) {
-  return moe::testing::golden_file::open(tiny() / "golden.safetensors").ids(name);
-}
 
 std::vector<float> golden_floats(const std::string& name) {
   return moe::testing::golden_file::open(tiny() / "golden.safetensors").floats(name);

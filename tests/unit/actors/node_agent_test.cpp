@@ -23,16 +23,15 @@
 #include "runtime/actor_system.hpp"
 #include "scheduler/placement.hpp"
 #include "system_config.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 using namespace std::chrono_literals;
 
-namespace {
+using moe::actors::testing::tiny;
 
-std::filesystem::path tiny() {
-  return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3";
-}
+namespace {
 
 /// Holds the agent's loading thread until released; says when it has got there.
 struct load_gate {

@@ -2,8 +2,6 @@
 // new replicas from the checkpoint; routers switch versions; a serving cluster under a skewed
 // workload rebalances (on demand, and while jobs are generating) to a better balance with
 // greedy tokens identical to a cluster that never rebalanced.
-#include "actors/rebalancer.hpp"
-
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 #include <prometheus/registry.h>
@@ -18,6 +16,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/expert_group.hpp"
 #include "actors/local_cluster.hpp"
+#include "actors/rebalancer.hpp"
 #include "actors/serving_cluster.hpp"
 #include "actors/weights_loading.hpp"
 #include "model/checkpoint.hpp"
@@ -27,14 +26,15 @@
 #include "runtime/cluster_config.hpp"
 #include "system_config.hpp"
 #include "tests/unit/model/tiny_training_data.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 using namespace std::chrono_literals;
 
-namespace {
+using moe::actors::testing::tiny;
 
-std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
+namespace {
 
 constexpr int64_t hidden = 64;
 const std::vector<int64_t> moe_layers = {1, 2};

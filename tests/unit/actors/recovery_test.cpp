@@ -19,14 +19,15 @@
 #include "runtime/data_plane.hpp"
 #include "system_config.hpp"
 #include "tests/unit/actors/failover_fixture.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 using namespace std::chrono_literals;
 
-namespace {
+using moe::actors::testing::tiny;
 
-std::filesystem::path tiny() { return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3"; }
+namespace {
 
 using fail_steps_atom = caf::atom_constant<caf::atom("fail_steps")>;
 using failed_atom = caf::atom_constant<caf::atom("failed")>;
