@@ -203,8 +203,11 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
       .receive([&](scheduler::placement& p) { s->placement_ = std::move(p); },
                [&](caf::error& e) { failure = std::move(e); });
   if (failure) return failure;
+  // Every shard's latent cache holds the config's KV budget per shard.
+  const auto cache =
+      model::latent_cache_holding(scheduler::kv_cache_tokens_per_shard(config, *model_cfg));
   if (options.make_engine) {
-    if (auto err = s->start_engine_shards(config, options)) return err;
+    if (auto err = s->start_engine_shards(config, options, cache)) return err;
     return s;
   }
 
@@ -244,9 +247,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
     cluster_session session;
     session.owner = caf::actor_cast<caf::actor>(s->membership_);
     session.model_dir = s->model_dir_.string();
-    session.cache_block_size = 16;
-    session.cache_num_blocks =
-        std::max<int64_t>(1, (scheduler::kv_cache_tokens_per_shard(config, *model_cfg) + 15) / 16);
+    session.cache_block_size = cache.block_size;
+    session.cache_num_blocks = cache.num_blocks;
     session.load_window_steps = config.rebalancing.load_window_steps;
     session.peers.push_back({sys.node(), s->transport_.exchange->address(), {}, 0});
     for (const auto& m : members->members) {
@@ -264,13 +266,11 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
       if (failure) return failure;
     }
   } else {
-    const int64_t tokens = scheduler::kv_cache_tokens_per_shard(config, *model_cfg);
     for (const auto& node : config.nodes) {
       node_agent_options o;
       o.node = node.name;
       o.model_dir = s->model_dir_;
-      o.cache.block_size = 16;
-      o.cache.num_blocks = std::max<int64_t>(1, (tokens + 15) / 16);
+      o.cache = cache;
       o.metrics = s->registry_;
       o.load_window_steps = config.rebalancing.load_window_steps;
       s->agents_.push_back(spawn_node_agent(sys, std::move(o)));
@@ -388,7 +388,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
 }
 
 caf::error serving_cluster::start_engine_shards(const runtime::cluster_config& config,
-                                                const serving_options& options) {
+                                                const serving_options& options,
+                                                const model::latent_cache_options& cache) {
   if (options.join_nodes)
     return make_error(
         node_errc::bad_request,
@@ -397,12 +398,11 @@ caf::error serving_cluster::start_engine_shards(const runtime::cluster_config& c
     return make_error(node_errc::bad_request,
                       "serving engine shards needs at least one (num_engine_shards)");
   engine_shards_ = true;
-  const int64_t cache_tokens = scheduler::kv_cache_tokens_per_shard(config, model_);
   protocol::api_cluster_description d;
   d.name = config.name;
   d.placement_version = placement_.version;
   for (int i = 0; i < options.num_engine_shards; ++i) {
-    auto engine = options.make_engine(i, model_dir_, cache_tokens);
+    auto engine = options.make_engine(i, model_dir_, cache);
     if (!engine)
       return make_error(node_errc::bad_request,
                         "engine shard " + std::to_string(i) + ": " + error_text(engine.error()));

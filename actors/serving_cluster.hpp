@@ -27,6 +27,7 @@
 #include "actors/rebalance_messages.hpp"
 #include "actors/trainer.hpp"
 #include "actors/training_jobs.hpp"
+#include "model/latent_cache.hpp"
 #include "model/step_engine.hpp"
 #include "protocol/api_types.hpp"
 #include "runtime/cluster_config.hpp"
@@ -58,10 +59,10 @@ struct serving_options {
   bool join_nodes = false;
   /// join_nodes: how long start() waits for every node to be up before it gives up.
   std::chrono::milliseconds join_timeout{60'000};
-  /// Makes shard `shard`'s engine from the model directory and the cluster's KV-cache budget
-  /// per shard, in tokens (scheduler::kv_cache_tokens_per_shard).
+  /// Makes shard `shard`'s engine from the model directory, with the latent cache the
+  /// cluster's KV-cache budget gives each shard (scheduler::kv_cache_tokens_per_shard).
   using engine_factory = std::function<caf::expected<std::unique_ptr<model::step_engine>>(
-      int shard, const std::filesystem::path& model_dir, int64_t cache_tokens)>;
+      int shard, const std::filesystem::path& model_dir, const model::latent_cache_options& cache)>;
   /// Set: serve num_engine_shards whole-model engine shards (actors/engine_shard.hpp; e.g. the
   /// GPU engine on each GPU: `moe serve --engine gpu`) behind the controller instead of the
   /// actor graph. In this process only (not with join_nodes). Such a cluster neither trains nor
@@ -122,7 +123,8 @@ class serving_cluster {
  private:
   serving_cluster() = default;
   [[nodiscard]] caf::error start_engine_shards(const runtime::cluster_config& config,
-                                               const serving_options& options);
+                                               const serving_options& options,
+                                               const model::latent_cache_options& cache);
   /// The process's /metrics and the job API, in front of the controller.
   [[nodiscard]] caf::error start_endpoints(const runtime::cluster_config& config,
                                            const serving_options& options,

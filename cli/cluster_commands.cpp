@@ -31,9 +31,11 @@
 #include "cli/embedded_config.hpp"
 #include "cli/flag_checks.hpp"
 #include "cli/local_nodes.hpp"
+#include "cli/model_loading.hpp"
 #include "cli/node_support.hpp"
 #include "client/job_client.hpp"
 #include "model/checkpoint.hpp"
+#include "model/latent_cache.hpp"
 #include "model/model_errc.hpp"
 #include "model/step_engine.hpp"
 #include "model/tokenizer.hpp"
@@ -100,32 +102,19 @@ caf::error engine_shards_for(const serve_options& o, actors::serving_options& so
   auto loaded = std::make_shared<shared_checkpoint>();
   auto load = [loaded, fp8 = o.fp8 != "off"](const std::filesystem::path& dir) -> caf::error {
     if (loaded->ckpt) return {};
-    auto cfg = model::load_config(dir);
-    if (!cfg) return cfg.error();
-    model::load_options lo;
-    lo.keep_fp8 = fp8;
-    auto ckpt = model::load_checkpoint(dir, *cfg, lo);
+    auto ckpt = open_model(dir, fp8);
     if (!ckpt) return ckpt.error();
-    // A checkpoint stored without FP8 weights is quantized as DeepSeek-V3's were.
-    if (fp8 && ckpt->fp8.empty())
-      if (auto err = model::quantize_fp8(*ckpt)) return err;
     loaded->ckpt = std::make_shared<const model::checkpoint>(std::move(*ckpt));
     return {};
   };
-  auto cache_of = [](int64_t tokens) {
-    model::latent_cache_options c;
-    c.block_size = 16;
-    c.num_blocks = std::max<int64_t>(1, (tokens + 15) / 16);
-    return c;
-  };
   if (o.engine == "reference") {
     so.num_engine_shards = o.engine_shards == 0 ? 1 : o.engine_shards;
-    so.make_engine = [loaded, load, cache_of](
-                         int, const std::filesystem::path& dir,
-                         int64_t tokens) -> caf::expected<std::unique_ptr<model::step_engine>> {
+    so.make_engine = [loaded, load](int, const std::filesystem::path& dir,
+                                    const model::latent_cache_options& cache)
+        -> caf::expected<std::unique_ptr<model::step_engine>> {
       if (auto err = load(dir)) return err;
       model::engine_options eo;
-      eo.cache = cache_of(tokens);
+      eo.cache = cache;
       auto e = model::reference_engine::create(loaded->ckpt, eo);
       if (!e) return e.error();
       return std::make_unique<model::reference_step_engine>(std::move(*e));
@@ -134,7 +123,6 @@ caf::error engine_shards_for(const serve_options& o, actors::serving_options& so
   }
 #ifndef MOE_HAVE_ENGINE
   (void)load;
-  (void)cache_of;
   return model::make_error(model::model_errc::bad_input,
                            "--engine gpu: this build has no CUDA backend (no GPU)");
 #else
@@ -148,17 +136,14 @@ caf::error engine_shards_for(const serve_options& o, actors::serving_options& so
                              "--engine-shards " + std::to_string(o.engine_shards) +
                                  ": one per GPU, and " + std::to_string(found) + " found");
   so.num_engine_shards = o.engine_shards == 0 ? found : o.engine_shards;
-  engine::gpu_engine_options base;
-  base.dtype = o.gpu_dtype == "f32" ? kernels::dtype::f32 : kernels::dtype::bf16;
-  base.fp8 = o.fp8 == "expand" ? engine::gpu_engine_options::fp8_products::expand
-                               : engine::gpu_engine_options::fp8_products::block_scaled;
-  so.make_engine = [loaded, load, cache_of, base](
+  so.make_engine = [loaded, load, base = gpu_engine_options_of(o.gpu_dtype, o.fp8)](
                        int shard, const std::filesystem::path& dir,
-                       int64_t tokens) -> caf::expected<std::unique_ptr<model::step_engine>> {
+                       const model::latent_cache_options& cache)
+      -> caf::expected<std::unique_ptr<model::step_engine>> {
     if (auto err = load(dir)) return err;
     auto eo = base;
     eo.device = shard;
-    eo.cache = cache_of(tokens);
+    eo.cache = cache;
     auto e = engine::gpu_engine::create(loaded->ckpt, eo);
     if (!e) return e.error();
     return std::make_unique<engine::gpu_step_engine>(std::move(*e), shard);

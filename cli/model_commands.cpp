@@ -12,6 +12,7 @@
 
 #include "cli/command.hpp"
 #include "cli/flag_checks.hpp"
+#include "cli/model_loading.hpp"
 #include "cli/prompt_ids.hpp"
 #include "kernels/cpu/sampling.hpp"
 #include "model/checkpoint.hpp"
@@ -31,15 +32,6 @@ namespace {
 int fail(const std::string& command, const caf::error& err) {
   fmt::print(stderr, "moe {}: error: {}\n", command, error_text(err));
   return 1;
-}
-
-/// keep_fp8: FP8 weights stay FP8 (model::load_options::keep_fp8).
-caf::expected<model::checkpoint> open_model(const std::string& dir, bool keep_fp8 = false) {
-  auto cfg = model::load_config(dir);
-  if (!cfg) return cfg.error();
-  model::load_options lo;
-  lo.keep_fp8 = keep_fp8;
-  return model::load_checkpoint(dir, *cfg, lo);
 }
 
 struct run_options {
@@ -120,18 +112,15 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
     if (!parsed) return fail("run", parsed.error());
     stops = *parsed;
   }
-  const bool fp8 = o.fp8 != "off";
-  auto ckpt = open_model(o.model_dir, fp8);
-  if (!ckpt) return fail("run", ckpt.error());
-  auto cache = cache_for(ckpt->config, prompt.size(), o.gen.max_new_tokens);
+  // The cache is checked before the weights are read (and maybe quantized): a bad
+  // --max-new-tokens fails at once.
+  auto cfg = model::load_config(o.model_dir);
+  if (!cfg) return fail("run", cfg.error());
+  auto cache = cache_for(*cfg, prompt.size(), o.gen.max_new_tokens);
   if (!cache) return fail("run", cache.error());
-  // A checkpoint stored without FP8 weights is quantized as DeepSeek-V3's were.
-  if (fp8 && ckpt->fp8.empty())
-    if (auto err = model::quantize_fp8(*ckpt)) return fail("run", err);
-  engine::gpu_engine_options eo;
-  eo.dtype = o.gpu_dtype == "f32" ? kernels::dtype::f32 : kernels::dtype::bf16;
-  eo.fp8 = o.fp8 == "expand" ? engine::gpu_engine_options::fp8_products::expand
-                             : engine::gpu_engine_options::fp8_products::block_scaled;
+  auto ckpt = open_model(o.model_dir, o.fp8 != "off");
+  if (!ckpt) return fail("run", ckpt.error());
+  auto eo = gpu_engine_options_of(o.gpu_dtype, o.fp8);
   eo.cache = *cache;
   const int64_t vocab = ckpt->config.vocab_size;
   auto engine = engine::gpu_engine::create(std::make_shared<const model::checkpoint>(std::move(*ckpt)), eo);

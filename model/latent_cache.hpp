@@ -21,6 +21,15 @@ struct latent_cache_options {
   int64_t block_size = 16;
 };
 
+/// The smallest cache of `block_size`-token blocks (block_size > 0) with room for `tokens`
+/// tokens, and at least one block: how a shard turns its token budget
+/// (scheduler::kv_cache_tokens_per_shard) into a cache.
+[[nodiscard]] constexpr latent_cache_options latent_cache_holding(int64_t tokens,
+                                                                  int64_t block_size = 16) {
+  const int64_t blocks = tokens > 0 ? (tokens + block_size - 1) / block_size : 0;
+  return {blocks > 0 ? blocks : 1, block_size};
+}
+
 class latent_cache {
  public:
   latent_cache(int64_t num_layers, int64_t latent_dim, int64_t rope_dim,

@@ -17,15 +17,14 @@
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 
-namespace {
+using moe::actors::testing::tiny;
 
-std::filesystem::path tiny() {
-  return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3";
-}
+namespace {
 
 runtime::cluster_config engine_config() {
   const std::string yaml =
@@ -47,17 +46,16 @@ serving_options engine_options(int shards, std::shared_ptr<int> calls) {
   o.api_port = 0;
   o.metrics_port = 0;
   o.num_engine_shards = shards;
-  o.make_engine = [calls](
-                      int, const std::filesystem::path& dir,
-                      int64_t cache_tokens) -> caf::expected<std::unique_ptr<model::step_engine>> {
+  o.make_engine = [calls](int, const std::filesystem::path& dir,
+                          const model::latent_cache_options& cache)
+      -> caf::expected<std::unique_ptr<model::step_engine>> {
     ++*calls;
     auto cfg = model::load_config(dir);
     if (!cfg) return cfg.error();
     auto ckpt = model::load_checkpoint(dir, *cfg);
     if (!ckpt) return ckpt.error();
     model::engine_options eo;
-    eo.cache.block_size = 16;
-    eo.cache.num_blocks = (cache_tokens + 15) / 16;
+    eo.cache = cache;
     auto e = model::reference_engine::create(
         std::make_shared<const model::checkpoint>(std::move(*ckpt)), eo);
     if (!e) return e.error();
@@ -89,10 +87,7 @@ TEST(engine_serving, clients_get_the_reference_engines_tokens_and_refusals_say_w
   EXPECT_FALSE(c.rebalancer());
 
   const auto golden = moe::testing::golden_file::open(tiny() / "golden.safetensors");
-  auto ckpt = model::load_checkpoint(tiny(), *model::load_config(tiny()));
-  ASSERT_TRUE(ckpt);
-  auto reference =
-      model::reference_engine::create(std::make_shared<const model::checkpoint>(std::move(*ckpt)));
+  auto reference = model::reference_engine::create(moe::actors::testing::tiny_checkpoint());
   ASSERT_TRUE(reference);
 
   // Four clients at once: the golden greedy prompt, and sampled requests.
@@ -165,10 +160,11 @@ TEST(engine_serving, a_shard_whose_engine_cannot_be_made_fails_the_start_and_nam
   auto o = engine_options(3, calls);
   auto good = o.make_engine;
   o.make_engine = [good](int shard, const std::filesystem::path& dir,
-                         int64_t tokens) -> caf::expected<std::unique_ptr<model::step_engine>> {
+                         const model::latent_cache_options& cache)
+      -> caf::expected<std::unique_ptr<model::step_engine>> {
     if (shard == 1)
       return model::make_error(model::model_errc::bad_input, "device 1 does not exist");
-    return good(shard, dir, tokens);
+    return good(shard, dir, cache);
   };
   auto cluster = serving_cluster::start(sys, engine_config(), o);
   ASSERT_FALSE(cluster);

@@ -1,8 +1,11 @@
 // The paged cache's bookkeeping (model/cache_blocks.hpp): reserve, slots, cache_full leaves
-// nothing allocated, release returns blocks for reuse (most recently freed first).
+// nothing allocated, release returns blocks for reuse (most recently freed first); and a token
+// budget as a cache (latent_cache_holding).
+#include "model/cache_blocks.hpp"
+
 #include <gtest/gtest.h>
 
-#include "model/cache_blocks.hpp"
+#include "model/latent_cache.hpp"
 #include "model/model_errc.hpp"
 
 using moe::model::cache_block_allocator;
@@ -38,4 +41,17 @@ TEST(cache_block_allocator, a_full_cache_allocates_nothing_and_release_frees) {
   EXPECT_EQ(a.capacity(1), 0);
   ASSERT_FALSE(a.reserve(2, 1));
   EXPECT_EQ(a.blocks(2).front(), last);
+}
+
+TEST(latent_cache_holding, rounds_a_token_budget_up_to_whole_blocks_and_never_to_none) {
+  using moe::model::latent_cache_holding;
+  EXPECT_EQ(latent_cache_holding(32).num_blocks, 2);
+  EXPECT_EQ(latent_cache_holding(33).num_blocks, 3);
+  EXPECT_EQ(latent_cache_holding(33).block_size, 16);
+  EXPECT_EQ(latent_cache_holding(1).num_blocks, 1);
+  EXPECT_EQ(latent_cache_holding(0).num_blocks, 1);
+  EXPECT_EQ(latent_cache_holding(-5).num_blocks, 1);
+  const auto wide = latent_cache_holding(100, 64);
+  EXPECT_EQ(wide.num_blocks, 2);
+  EXPECT_EQ(wide.block_size, 64);
 }
