@@ -45,6 +45,27 @@ class routed_tokens_counter {
   std::vector<std::vector<prometheus::Counter*>> counters_;  // [layer][expert]
 };
 
+/// Steps waiting behind the running one on attention shard `shard`.
+prometheus::Gauge* queued_steps_gauge(prometheus::Registry& r, const std::string& shard);
+/// Free blocks of attention shard `shard`'s latent KV cache (an attention shard of the actor
+/// graph or a whole-model engine shard).
+prometheus::Gauge* free_cache_blocks_gauge(prometheus::Registry& r, const std::string& shard);
+
+/// A whole-model engine shard's steps (actors/engine_shard.hpp), by phase: how long each took,
+/// the tokens it ran (a prefill's prompt tokens, a decode's sequences) and the steps that
+/// failed. Rates of the token counters are the shard's throughput: per GPU with --engine gpu.
+class engine_step_metrics {
+ public:
+  engine_step_metrics() = default;
+  engine_step_metrics(prometheus::Registry& r, const std::string& shard);
+  void observe(bool prefill, double seconds, int64_t tokens, bool ok);
+
+ private:
+  prometheus::Histogram* seconds_[2] = {nullptr, nullptr};  // [decode, prefill]
+  prometheus::Counter* tokens_[2] = {nullptr, nullptr};
+  prometheus::Counter* failures_[2] = {nullptr, nullptr};
+};
+
 /// Time an expert group spends per forward call.
 prometheus::Histogram* expert_forward_histogram(prometheus::Registry& r, const std::string& group);
 

@@ -533,16 +533,8 @@ caf::expected<attention_actor> spawn_attention(caf::actor_system& sys,
     if (opts.metrics) {
       const std::string id = std::to_string(opts.shard);
       st.mailbox = mailbox_gauge(*opts.metrics, "attention", id);
-      st.queued_steps = &prometheus::BuildGauge()
-                             .Name("moe_attention_queued_steps")
-                             .Help("Steps waiting behind the running one on an attention shard")
-                             .Register(*opts.metrics)
-                             .Add({{"shard", id}});
-      st.free_cache_blocks = &prometheus::BuildGauge()
-                                  .Name("moe_attention_free_cache_blocks")
-                                  .Help("Free blocks of the latent KV cache of a shard")
-                                  .Register(*opts.metrics)
-                                  .Add({{"shard", id}});
+      st.queued_steps = queued_steps_gauge(*opts.metrics, id);
+      st.free_cache_blocks = free_cache_blocks_gauge(*opts.metrics, id);
     }
     return {
         [self](step_atom, step_request& req) -> caf::result<step_result> {

@@ -2,6 +2,7 @@
 
 #include <caf/all.hpp>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -18,7 +19,9 @@ struct engine_shard_state {
   int shard = 0;
   tensor_transport transport;
   mailbox_gauge mailbox;
-  std::shared_ptr<prometheus::Registry> registry;  // keeps the gauge alive
+  prometheus::Gauge* free_cache_blocks = nullptr;
+  engine_step_metrics steps;
+  std::shared_ptr<prometheus::Registry> registry;  // keeps the metrics above alive
   static inline const char* name = "engine_shard";
 };
 
@@ -28,6 +31,11 @@ caf::error no_training(int shard) {
       "shard " + std::to_string(shard) +
           " runs the whole model on one engine and serves only: training runs on the "
           "actor graph (attention shards, routers, expert groups)");
+}
+
+void report_cache(engine_shard_state& st) {
+  if (st.free_cache_blocks)
+    st.free_cache_blocks->Set(static_cast<double>(st.engine->free_cache_blocks()));
 }
 
 caf::expected<step_result> run_step(engine_shard_state& st, const step_request& req,
@@ -45,8 +53,16 @@ caf::expected<step_result> run_step(engine_shard_state& st, const step_request& 
                     e.sample_offset});
     out.sequences.push_back(e.sequence);
   }
+  const auto started = std::chrono::steady_clock::now();
   auto r = req.prefill ? st.engine->prefill(seqs, req.want_logits)
                        : st.engine->decode(seqs, req.want_logits);
+  int64_t tokens = 0;
+  for (const auto& s : seqs) tokens += static_cast<int64_t>(s.tokens.size());
+  st.steps.observe(
+      req.prefill,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(), tokens,
+      static_cast<bool>(r));
+  report_cache(st);
   if (!r) return r.error();
   out.tokens = std::move(r->tokens);
   if (req.want_logits) {
@@ -56,8 +72,10 @@ caf::expected<step_result> run_step(engine_shard_state& st, const step_request& 
     if (auto err = export_tensor(st.transport, here, reply_to, out.logits, meta)) {
       // The tokens were computed and the cache advanced; a prefill that cannot answer must not
       // leave its sequences cached (the controller replays or fails them).
-      if (req.prefill)
+      if (req.prefill) {
         for (const auto& s : seqs) st.engine->release(s.id);
+        report_cache(st);
+      }
       return err;
     }
   }
@@ -78,8 +96,13 @@ attention_actor spawn_engine_shard(caf::actor_system& sys,
     st.shard = opts.shard;
     st.transport = opts.transport;
     st.registry = opts.metrics;
-    if (opts.metrics)
-      st.mailbox = mailbox_gauge(*opts.metrics, "attention", std::to_string(opts.shard));
+    if (opts.metrics) {
+      const std::string id = std::to_string(opts.shard);
+      st.mailbox = mailbox_gauge(*opts.metrics, "attention", id);
+      st.free_cache_blocks = free_cache_blocks_gauge(*opts.metrics, id);
+      st.steps = engine_step_metrics(*opts.metrics, id);
+      report_cache(st);
+    }
     return {
         [self](step_atom, step_request& req) -> caf::result<step_result> {
           self->state.mailbox.set(self->mailbox().size());
@@ -90,6 +113,7 @@ attention_actor spawn_engine_shard(caf::actor_system& sys,
         },
         [self](release_atom, std::vector<uint64_t>& ids) {
           for (auto id : ids) self->state.engine->release(id);
+          report_cache(self->state);
         },
         [self](train_step_atom, train_request&) -> caf::result<train_result> {
           return no_training(self->state.shard);

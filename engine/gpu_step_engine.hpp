@@ -21,6 +21,7 @@ class gpu_step_engine final : public model::step_engine {
                                            bool want_logits) override;
   void release(uint64_t id) override { engine_.release(id); }
   int64_t cached_tokens(uint64_t id) const override { return engine_.cached_tokens(id); }
+  int64_t free_cache_blocks() const override { return engine_.num_free_cache_blocks(); }
   const model::model_config& config() const override { return engine_.config(); }
   std::string device() const override;
 

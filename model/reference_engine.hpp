@@ -93,6 +93,7 @@ class reference_engine {
   /// Forgets a sequence and frees its cache blocks.
   void release(uint64_t id);
   [[nodiscard]] int64_t cached_tokens(uint64_t id) const noexcept;
+  [[nodiscard]] int64_t num_free_cache_blocks() const noexcept { return cache_->num_free_blocks(); }
 
   [[nodiscard]] const model_config& config() const noexcept { return ckpt_->config; }
 

@@ -56,6 +56,8 @@ class step_engine {
   /// Forgets a sequence and frees its cache; unknown ids are ignored.
   virtual void release(uint64_t id) = 0;
   [[nodiscard]] virtual int64_t cached_tokens(uint64_t id) const = 0;
+  /// Free blocks of its latent KV cache (what a shard reports: moe_attention_free_cache_blocks).
+  [[nodiscard]] virtual int64_t free_cache_blocks() const = 0;
   [[nodiscard]] virtual const model_config& config() const = 0;
   /// Where it runs and in what dtype, for people (e.g. "cpu f32", "cuda:0 bf16").
   [[nodiscard]] virtual std::string device() const = 0;
@@ -76,6 +78,7 @@ class reference_step_engine final : public step_engine {
   caf::expected<step_output> decode(std::span<const step_sequence> seqs, bool want_logits) override;
   void release(uint64_t id) override;
   int64_t cached_tokens(uint64_t id) const override;
+  int64_t free_cache_blocks() const override { return engine_.num_free_cache_blocks(); }
   const model_config& config() const override;
   std::string device() const override { return "cpu f32 (reference engine)"; }
 

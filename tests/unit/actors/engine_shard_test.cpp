@@ -1,7 +1,8 @@
 // Shards that run the whole model on one engine (actors/engine_shard.hpp), behind the real
 // controller: many concurrent requests, greedy and sampled, get the reference engine's tokens
 // alone (tiny-v3's golden continuation among them), as from the actor graph; a step's logits are
-// the engine's; bad steps are refused and leave the cache as it was; training is refused.
+// the engine's; bad steps are refused and leave the cache as it was; training is refused; the
+// shard reports its cache and its steps (docs/metrics.md).
 // The engine here is the reference engine (model::reference_step_engine); the GPU engine's
 // adapter is tested against it in tests/unit/engine/gpu_step_engine_test.cpp.
 #include "actors/engine_shard.hpp"
@@ -19,24 +20,16 @@
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tiny_fixture.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 using namespace std::chrono_literals;
 
+using moe::actors::testing::tiny;
+using moe::actors::testing::tiny_checkpoint;
+
 namespace {
-
-std::filesystem::path tiny() {
-  return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3";
-}
-
-std::shared_ptr<const model::checkpoint> tiny_checkpoint() {
-  auto cfg = model::load_config(tiny());
-  EXPECT_TRUE(cfg);
-  auto ckpt = model::load_checkpoint(tiny(), *cfg);
-  EXPECT_TRUE(ckpt);
-  return std::make_shared<const model::checkpoint>(std::move(*ckpt));
-}
 
 std::unique_ptr<model::step_engine> reference_shard_engine(int64_t cache_blocks = 64) {
   model::engine_options o;
@@ -143,11 +136,7 @@ TEST(engine_shard, concurrent_requests_through_the_controller_get_the_reference_
   auto engine = model::reference_engine::create(tiny_checkpoint());
   ASSERT_TRUE(engine);
   for (size_t i = 0; i < jobs.size(); ++i) {
-    model::generation_request r;
-    r.prompt = jobs[i].prompt;
-    r.max_new_tokens = jobs[i].max_new_tokens;
-    r.sampling = {jobs[i].sampling.temperature, jobs[i].sampling.top_k, jobs[i].sampling.top_p};
-    r.seed = jobs[i].sampling.seed;
+    const auto r = moe::actors::testing::reference_request_of(jobs[i]);
     auto alone = model::generate(*engine, std::span(&r, 1));
     ASSERT_TRUE(alone);
     EXPECT_EQ(streamed[ids[i]], (*alone)[0]) << "request " << i;
@@ -233,8 +222,11 @@ TEST(engine_shard, a_full_cache_fails_the_step_and_frees_what_it_took) {
   runtime::actor_system_config cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
+  auto registry = std::make_shared<prometheus::Registry>();
+  engine_shard_options o;
+  o.metrics = registry;
   // Two blocks of 16 tokens: a 20-token prompt beside a 16-token one does not fit.
-  auto shard = spawn_engine_shard(sys, reference_shard_engine(2), {});
+  auto shard = spawn_engine_shard(sys, reference_shard_engine(2), o);
   caf::error failure;
   step(self, shard,
        prefill_of(1, {{1, std::vector<int32_t>(16, 3)}, {2, std::vector<int32_t>(20, 4)}}),
@@ -243,9 +235,50 @@ TEST(engine_shard, a_full_cache_fails_the_step_and_frees_what_it_took) {
   EXPECT_EQ(failure.category(), caf::atom("model")) << error_text(failure);
   EXPECT_EQ(static_cast<model::model_errc>(failure.code()), model::model_errc::cache_full)
       << error_text(failure);
+  auto metrics = [&] { return prometheus::TextSerializer().Serialize(registry->Collect()); };
+  auto text = metrics();
+  EXPECT_NE(text.find("moe_attention_free_cache_blocks{shard=\"0\"} 2\n"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("moe_engine_step_failures_total{phase=\"prefill\",shard=\"0\"} 1\n"),
+            std::string::npos)
+      << text;
+
   failure = {};
-  step(self, shard, prefill_of(2, {{2, std::vector<int32_t>(20, 4)}}), &failure);
+  auto ran = step(self, shard, prefill_of(2, {{2, std::vector<int32_t>(20, 4)}}), &failure);
   EXPECT_FALSE(failure) << "the failed step kept blocks: " << error_text(failure);
+  step_request decode;
+  decode.step = 3;
+  decode.entries.push_back({2, {ran.tokens.at(0)}, {}, 0});
+  step(self, shard, decode, &failure);
+  EXPECT_FALSE(failure) << error_text(failure);
+  text = metrics();
+  EXPECT_NE(text.find("moe_attention_free_cache_blocks{shard=\"0\"} 0\n"), std::string::npos)
+      << text;
+  // The failed step's 36 prompt tokens are not counted; both prefills were timed.
+  EXPECT_NE(text.find("moe_engine_tokens_total{phase=\"prefill\",shard=\"0\"} 20\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("moe_engine_tokens_total{phase=\"decode\",shard=\"0\"} 1\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("moe_engine_step_seconds_count{phase=\"prefill\",shard=\"0\"} 2\n"),
+            std::string::npos)
+      << text;
+
+  // A release frees the blocks, and the gauge says so once it has run: a request answered
+  // after it (mailbox order) that runs no step, training's refusal, tells when.
+  caf::anon_send(shard, release_atom::value, std::vector<uint64_t>{2});
+  self->request(shard, 10s, train_state_atom::value)
+      .receive([](owner_state&) { ADD_FAILURE() << "answered"; }, [](caf::error&) {});
+  text = metrics();
+  EXPECT_NE(text.find("moe_attention_free_cache_blocks{shard=\"0\"} 2\n"), std::string::npos)
+      << text;
+  step(self, shard, decode, &failure);
+  EXPECT_TRUE(failure) << "a decode of a released sequence";
+  text = metrics();
+  EXPECT_NE(text.find("moe_engine_step_failures_total{phase=\"decode\",shard=\"0\"} 1\n"),
+            std::string::npos)
+      << text;
   caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
   self->wait_for(shard);
 }

@@ -145,10 +145,14 @@ TEST(gpu_step_engine, refused_steps_leave_nothing_cached) {
   ASSERT_FALSE(r);
   EXPECT_NE(error_text(r.error()).find("top_p"), std::string::npos) << error_text(r.error());
   EXPECT_EQ(gpu->cached_tokens(3), 0);
+  EXPECT_EQ(gpu->free_cache_blocks(), 32);
   seqs = {{1, good}};
   ASSERT_TRUE(gpu->prefill(seqs, false));
+  EXPECT_EQ(gpu->free_cache_blocks(), 31);           // three tokens in one 8-token block
   std::vector<model::step_sequence> two{{1, good}};  // three tokens where a decode takes one
   r = gpu->decode(two, false);
   ASSERT_FALSE(r);
   EXPECT_EQ(gpu->cached_tokens(1), 3);
+  gpu->release(1);
+  EXPECT_EQ(gpu->free_cache_blocks(), 32);
 }
