@@ -6,13 +6,14 @@
   prometheus_dashboard.py wait URL --targets N [--timeout S]
       Waits until the server at URL is ready and scrapes N targets, all up.
   prometheus_dashboard.py check URL DASHBOARD ALERT_RULES [--timeout S] [--skip-row ROW]...
-                          [--expect PROMQL]...
+                          [--only-row ROW]... [--expect PROMQL]...
       The alert rules loaded, healthy; then every query of the Grafana dashboard, its variables
       substituted for a 1 s scrape interval, returns data through /api/v1/query and, for graph
       panels, /api/v1/query_range: at least one series with a value that is not NaN, and, for a
       query over counters (rate, increase), one above zero: the load moved it. Each --expect
       query must return a non-empty result (e.g. an alert pending), and each query variable
-      (label_values) must offer values. Queries are retried until
+      (label_values) that a checked query uses must offer values. --skip-row leaves a row's
+      queries unchecked; --only-row checks only the rows named. Queries are retried until
       --timeout (data needs a few scrapes); what is still missing is printed with the response,
       the series of the metrics it names and the metric names the server has.
 """
@@ -149,6 +150,25 @@ def values_of(data):
     return []
 
 
+def uses_variable(dashboard, rows, name):
+    """Whether a panel of one of `rows` names $name in a query or repeats over it."""
+    pattern = re.compile(r"\$(\{" + re.escape(name) + r"[}:]|" + re.escape(name) + r"\b)")
+    found = False
+
+    def walk(panels, row):
+        nonlocal found
+        for p in panels:
+            if p.get("type") == "row":
+                row = p.get("title", "")
+                walk(p.get("panels", []), row)
+                continue
+            if row in rows and (p.get("repeat") == name or
+                                any(pattern.search(t.get("expr", "")) for t in p.get("targets", []))):
+                found = True
+    walk(dashboard.get("panels", []), "")
+    return found
+
+
 def over_counters(expr):
     return re.search(r"\b(rate|irate|increase)\s*\(", expr) is not None
 
@@ -174,7 +194,7 @@ def short(vals):
     return fmt(finite[0]) if finite[0] == finite[-1] else f"{fmt(finite[0])}..{fmt(finite[-1])}"
 
 
-def check(url, dashboard_path, rules_path, timeout, skip_rows, expects):
+def check(url, dashboard_path, rules_path, timeout, skip_rows, only_rows, expects):
     failures = []
     deadline = time.monotonic() + timeout
 
@@ -201,6 +221,11 @@ def check(url, dashboard_path, rules_path, timeout, skip_rows, expects):
     with open(dashboard_path, encoding="utf-8") as f:
         dashboard = json.load(f)
     queries = dashboard_queries(dashboard)
+    if only_rows:
+        missing = set(only_rows) - {q[0] for q in queries}
+        if missing:
+            failures.append(f"--only-row: the dashboard has no row {', '.join(sorted(missing))}")
+        skip_rows = sorted({q[0] for q in queries} - set(only_rows))
     skipped = [q for q in queries if q[0] in skip_rows]
     pending = [q for q in queries if q[0] not in skip_rows]
     start = time.time() - 120  # the range queries look back over the test's load
@@ -259,8 +284,9 @@ def check(url, dashboard_path, rules_path, timeout, skip_rows, expects):
         failures.append("metric names Prometheus has: " + " ".join(n for n in names if n.startswith("moe_")))
 
     # Query variables (label_values(METRIC, LABEL)): the values Grafana would offer.
+    checked_rows = {q[0] for q in queries if q not in skipped}
     for var in dashboard.get("templating", {}).get("list", []):
-        if var.get("type") != "query":
+        if var.get("type") != "query" or not uses_variable(dashboard, checked_rows, var["name"]):
             continue
         definition = var.get("definition") or (var.get("query") or {}).get("query", "")
         m = re.fullmatch(r"\s*label_values\(\s*([^,]+?)\s*,\s*(\w+)\s*\)\s*", definition)
@@ -315,6 +341,7 @@ def main():
     cp.add_argument("rules")
     cp.add_argument("--timeout", type=float, default=60)
     cp.add_argument("--skip-row", action="append", default=[])
+    cp.add_argument("--only-row", action="append", default=[])
     cp.add_argument("--expect", action="append", default=[])
     a = p.parse_args()
     if a.command == "free-ports":
@@ -322,7 +349,7 @@ def main():
         return 0
     if a.command == "wait":
         return wait(a.url, a.targets, a.timeout)
-    return check(a.url, a.dashboard, a.rules, a.timeout, a.skip_row, a.expect)
+    return check(a.url, a.dashboard, a.rules, a.timeout, a.skip_row, a.only_row, a.expect)
 
 
 if __name__ == "__main__":

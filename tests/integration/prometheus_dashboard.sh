@@ -121,7 +121,10 @@ for w in 1 2 3; do submits "$w" 8 & pids+=($!); done
 for p in "${pids[@]}"; do wait "$p" || fail "a moe submit failed"; done
 
 PY="${MOE_VENV:-$ROOT/.venv}/bin/python"
-SKIP_ROWS=()
+# The actor graph has no whole-model engine shards: integration.serve_submit_reference_engine
+# checks that row against a cluster of them.
+SKIP_ROWS=(--skip-row "Engine shards")
+TRAINING_UNCHECKED=0
 if [[ -x $PY ]] && "$PY" -c "import capnp" 2>/dev/null; then
   PYTHONPATH="$ROOT/python" "$PY" - "127.0.0.1:$API" "$SECRET" >"$TMP/train.log" 2>&1 <<'PYEOF' || fail "training through the job API"
 import sys
@@ -135,7 +138,8 @@ PYEOF
   tail -n 1 "$TMP/train.log"
 else
   echo "note: no project venv with pycapnp ($PY): nothing trains, the Training row is not checked"
-  SKIP_ROWS=(--skip-row Training)
+  SKIP_ROWS+=(--skip-row Training)
+  TRAINING_UNCHECKED=1
 fi
 
 "$MOE" rebalance --address "127.0.0.1:$API" --secret-file "$TMP/secret" >"$TMP/rebalance.out" 2>&1 ||
@@ -194,7 +198,7 @@ for _ in $(seq 100); do kill -0 "$(cat "$TMP/serve.pid")" 2>/dev/null || break; 
   echo "note: moe cluster down reported a problem (n1 was killed); the cleanup kills what is left"
 kill -TERM "$(cat "$TMP/prometheus.pid")"
 echo "done in $SECONDS s"
-if ((${#SKIP_ROWS[@]} > 0)); then
+if ((TRAINING_UNCHECKED)); then
   echo "SKIP: everything else passed, but the Training row was not checked (no venv with pycapnp: scripts/setup.sh)"
   exit 77
 fi

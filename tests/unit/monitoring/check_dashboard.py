@@ -54,7 +54,7 @@ def type_errors(expr):
 failures = []
 dashboard = json.loads((root / "monitoring/grafana/moe-runtime.json").read_text())
 rows = {p["title"] for p in dashboard["panels"] if p["type"] == "row"}
-for area in ("Serving", "Experts", "Cluster", "Transport", "Training"):
+for area in ("Serving", "Experts", "Cluster", "Transport", "Training", "Engine shards"):
     if area not in rows:
         failures.append(f"the dashboard has no {area} row")
 queries = 0
