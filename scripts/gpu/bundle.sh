@@ -18,7 +18,7 @@ fi
 targets=(test_runtime_gpu test_runtime_nccl_multi_process test_runtime_device_allocator
          test_kernels_cuda test_kernels_cuda_gemm test_kernels_cuda_gather test_kernels_cuda_skinny_linear
          test_kernels_cuda_mla test_kernels_cuda_wgmma test_kernels_cuda_grouped_gemm test_kernels_cuda_backward
-         test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu
+         test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu test_engine_gpu_serving
          moe_bench_gpu_kernels moe_bench_gpu_engine moe)
 ninja -C "$build" "${targets[@]}"
 
