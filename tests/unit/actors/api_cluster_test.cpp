@@ -17,6 +17,7 @@
 #include "actors/trainer.hpp"
 #include "actors/training_jobs.hpp"
 #include "client/job_client.hpp"
+#include "job_clients.hpp"
 #include "model/training_checkpoint.hpp"
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
@@ -27,6 +28,7 @@ using namespace moe;
 using namespace std::chrono_literals;
 
 using moe::actors::testing::golden_ids;
+using moe::actors::testing::spec_of;
 using moe::actors::testing::tiny;
 
 namespace {
@@ -91,13 +93,6 @@ struct api_cluster {
     return c ? std::move(*c) : nullptr;
   }
 };
-
-client::generation_request_spec spec_of(std::vector<int32_t> prompt, int64_t n) {
-  client::generation_request_spec s;
-  s.prompt = std::move(prompt);
-  s.max_new_tokens = n;
-  return s;
-}
 
 }  // namespace
 

@@ -5,10 +5,10 @@
 // more (a client that went away, a stopping server).
 #include "actors/api_server.hpp"
 
-#include <capnp/ez-rpc.h>
-#include <kj/async-io.h>
 #include <caf/all.hpp>
+#include <capnp/ez-rpc.h>
 #include <gtest/gtest.h>
+#include <kj/async-io.h>
 
 #include <atomic>
 #include <cmath>
@@ -19,6 +19,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/rebalancer.hpp"
 #include "client/job_client.hpp"
+#include "job_clients.hpp"
 #include "protocol/api.capnp.h"
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
@@ -27,17 +28,11 @@
 using namespace moe;
 using namespace std::chrono_literals;
 using actors::testing::fake_controller_options;
+using actors::testing::spec_of;
 
 namespace {
 
 const std::string secret = "correct horse battery staple";
-
-client::generation_request_spec spec_of(std::vector<int32_t> prompt, int64_t n) {
-  client::generation_request_spec s;
-  s.prompt = std::move(prompt);
-  s.max_new_tokens = n;
-  return s;
-}
 
 actors::generation_job job_of(const client::generation_request_spec& s) {
   actors::generation_job j;

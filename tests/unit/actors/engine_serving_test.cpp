@@ -8,11 +8,10 @@
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 
-#include <thread>
-
 #include "actors/actor_types.hpp"
 #include "actors/serving_cluster.hpp"
 #include "client/job_client.hpp"
+#include "job_clients.hpp"
 #include "model/model_errc.hpp"
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
@@ -22,6 +21,7 @@
 using namespace moe;
 using namespace moe::actors;
 
+using moe::actors::testing::spec_of;
 using moe::actors::testing::tiny;
 
 namespace {
@@ -64,13 +64,6 @@ serving_options engine_options(int shards, std::shared_ptr<int> calls) {
   return o;
 }
 
-client::generation_request_spec spec_of(std::vector<int32_t> prompt, int64_t n) {
-  client::generation_request_spec s;
-  s.prompt = std::move(prompt);
-  s.max_new_tokens = n;
-  return s;
-}
-
 }  // namespace
 
 TEST(engine_serving, clients_get_the_reference_engines_tokens_and_refusals_say_why) {
@@ -100,18 +93,8 @@ TEST(engine_serving, clients_get_the_reference_engines_tokens_and_refusals_say_w
     s.seed = static_cast<uint64_t>(100 + i);
     specs.push_back(s);
   }
-  std::vector<caf::expected<std::vector<int32_t>>> got(specs.size(), caf::error{});
-  std::vector<std::thread> clients;
-  for (size_t i = 0; i < specs.size(); ++i)
-    clients.emplace_back([&, i] {
-      auto cl = client::job_client::connect("127.0.0.1", c.api_port(), "engine-secret");
-      if (!cl) {
-        got[i] = cl.error();
-        return;
-      }
-      got[i] = (*cl)->generate(specs[i]);
-    });
-  for (auto& t : clients) t.join();
+  const auto got =
+      moe::actors::testing::generate_concurrently(c.api_port(), "engine-secret", specs);
   for (size_t i = 0; i < specs.size(); ++i) {
     ASSERT_TRUE(got[i]) << "client " << i << ": " << error_text(got[i].error());
     model::generation_request r;

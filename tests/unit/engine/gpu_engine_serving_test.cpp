@@ -11,23 +11,18 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
-#include <thread>
-
-#include "actors/actor_types.hpp"
 #include "actors/serving_cluster.hpp"
-#include "client/job_client.hpp"
 #include "engine/gpu_step_engine.hpp"
-#include "runtime/actor_system.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tests/unit/actors/job_clients.hpp"
+#include "tests/unit/actors/system_config.hpp"
+#include "tests/unit/actors/tiny_fixture.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
 
 using namespace moe;
+using moe::actors::testing::tiny;
 
 namespace {
-
-std::filesystem::path tiny() {
-  return std::filesystem::path(MOE_TEST_DATA_DIR) / "tiny-v3";
-}
 
 runtime::cluster_config gpu_config() {
   const std::string yaml =
@@ -49,10 +44,7 @@ TEST(gpu_engine_serving, clients_get_the_reference_engines_greedy_tokens_from_a_
   MOE_KERNELS_SKIP_WITHOUT_GPU();
   const auto ckpt = moe::testing::load_fixture("tiny-v3");
   ASSERT_TRUE(ckpt);
-  runtime::actor_system_config::options so;
-  so.num_worker_threads = 2;
-  runtime::actor_system_config sys_cfg{so};
-  actors::add_actor_message_types(sys_cfg);
+  auto sys_cfg = moe::actors::testing::local_system_config();
   caf::actor_system sys{sys_cfg};
 
   actors::serving_options o;
@@ -88,18 +80,7 @@ TEST(gpu_engine_serving, clients_get_the_reference_engines_greedy_tokens_from_a_
   specs[3].temperature = 0.9f;
   specs[3].top_k = 40;
   specs[3].seed = 11;
-  std::vector<caf::expected<std::vector<int32_t>>> got(specs.size(), caf::error{});
-  std::vector<std::thread> clients;
-  for (size_t i = 0; i < specs.size(); ++i)
-    clients.emplace_back([&, i] {
-      auto cl = client::job_client::connect("127.0.0.1", c.api_port(), "gpu-secret");
-      if (!cl) {
-        got[i] = cl.error();
-        return;
-      }
-      got[i] = (*cl)->generate(specs[i]);
-    });
-  for (auto& t : clients) t.join();
+  const auto got = moe::actors::testing::generate_concurrently(c.api_port(), "gpu-secret", specs);
 
   auto reference = model::reference_engine::create(ckpt);
   ASSERT_TRUE(reference);
