@@ -118,7 +118,7 @@ int run_on_gpu(const run_options& o, const std::vector<int32_t>& prompt) {
   if (!cfg) return fail("run", cfg.error());
   auto cache = cache_for(*cfg, prompt.size(), o.gen.max_new_tokens);
   if (!cache) return fail("run", cache.error());
-  auto ckpt = open_model(o.model_dir, o.fp8 != "off");
+  auto ckpt = open_model(o.model_dir, *cfg, o.fp8 != "off");
   if (!ckpt) return fail("run", ckpt.error());
   auto eo = gpu_engine_options_of(o.gpu_dtype, o.fp8);
   eo.cache = *cache;

@@ -7,9 +7,14 @@ namespace moe::cli {
 caf::expected<model::checkpoint> open_model(const std::filesystem::path& dir, bool fp8) {
   auto cfg = model::load_config(dir);
   if (!cfg) return cfg.error();
+  return open_model(dir, *cfg, fp8);
+}
+
+caf::expected<model::checkpoint> open_model(const std::filesystem::path& dir,
+                                            const model::model_config& config, bool fp8) {
   model::load_options lo;
   lo.keep_fp8 = fp8;
-  auto ckpt = model::load_checkpoint(dir, *cfg, lo);
+  auto ckpt = model::load_checkpoint(dir, config, lo);
   if (!ckpt) return ckpt.error();
   if (fp8 && ckpt->fp8.empty())
     if (auto err = model::quantize_fp8(*ckpt)) return err;

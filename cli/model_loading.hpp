@@ -8,6 +8,7 @@
 
 #include "base/error.hpp"
 #include "model/checkpoint.hpp"
+#include "model/config.hpp"
 #ifdef MOE_HAVE_ENGINE
 #include "engine/gpu_engine.hpp"
 #endif
@@ -19,6 +20,10 @@ namespace moe::cli {
 /// quantized as DeepSeek-V3's were (model::quantize_fp8).
 [[nodiscard]] caf::expected<model::checkpoint> open_model(const std::filesystem::path& dir,
                                                           bool fp8 = false);
+/// The same, with its config already read (model::load_config(dir)).
+[[nodiscard]] caf::expected<model::checkpoint> open_model(const std::filesystem::path& dir,
+                                                          const model::model_config& config,
+                                                          bool fp8);
 
 #ifdef MOE_HAVE_ENGINE
 /// The options of --gpu-dtype (bf16 | f32) and --fp8 (off | block_scaled | expand), values the
