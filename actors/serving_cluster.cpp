@@ -260,8 +260,8 @@ caf::expected<std::unique_ptr<serving_cluster>> serving_cluster::start(
       self->request(s->agents_[i], std::chrono::seconds(30), open_session_atom::value, session)
           .receive([](caf::atom_value) {},
                    [&](caf::error& e) {
-                     failure = make_error(node_errc::bad_request, "node " + config.nodes[i].name +
-                                                                      ": cannot open a session: " + error_text(e));
+                     failure = with_context(
+                         e, "node " + config.nodes[i].name + ": cannot open a session");
                    });
       if (failure) return failure;
     }
@@ -403,9 +403,7 @@ caf::error serving_cluster::start_engine_shards(const runtime::cluster_config& c
   d.placement_version = placement_.version;
   for (int i = 0; i < options.num_engine_shards; ++i) {
     auto engine = options.make_engine(i, model_dir_, cache);
-    if (!engine)
-      return make_error(node_errc::bad_request,
-                        "engine shard " + std::to_string(i) + ": " + error_text(engine.error()));
+    if (!engine) return with_context(engine.error(), "engine shard " + std::to_string(i));
     const std::string node =
         config.nodes.empty() ? std::string("local") : config.nodes.front().name;
     d.actors.push_back({"engine_shard", std::to_string(i), node, (*engine)->device()});

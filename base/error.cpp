@@ -11,4 +11,9 @@ std::string error_text(const caf::error& e) {
   return caf::to_string(e);
 }
 
+caf::error with_context(const caf::error& e, const std::string& what) {
+  if (!e) return e;
+  return caf::error(e.code(), e.category(), caf::make_message(what + ": " + error_text(e)));
+}
+
 }  // namespace moe

@@ -18,6 +18,11 @@ namespace moe {
 /// The reason text attached to an error made with make_error(code, text), else CAF's rendering.
 [[nodiscard]] std::string error_text(const caf::error& e);
 
+/// `e` with `what + ": "` before its reason, keeping its category and code, so that a caller
+/// several layers up still tells, say, a checkpoint that does not exist from a device out of
+/// memory. No error stays no error.
+[[nodiscard]] caf::error with_context(const caf::error& e, const std::string& what);
+
 }  // namespace moe
 
 /// Registers `enum_type` as a CAF error category named `category` (at most 10 characters).

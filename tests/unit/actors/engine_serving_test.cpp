@@ -154,6 +154,9 @@ TEST(engine_serving, a_shard_whose_engine_cannot_be_made_fails_the_start_and_nam
   EXPECT_NE(error_text(cluster.error()).find("engine shard 1: "), std::string::npos)
       << error_text(cluster.error());
   EXPECT_NE(error_text(cluster.error()).find("device 1 does not exist"), std::string::npos);
+  // The engine's own code reaches the caller: a bad checkpoint is not a bad request.
+  EXPECT_EQ(cluster.error().category(), caf::atom("model")) << error_text(cluster.error());
+  EXPECT_EQ(static_cast<model::model_errc>(cluster.error().code()), model::model_errc::bad_input);
 
   o = engine_options(1, calls);
   o.join_nodes = true;
