@@ -18,8 +18,11 @@ std::string nccl_version_string() {
 
 caf::error nccl_error(ncclResult_t status, const char* what) {
   if (status == ncclSuccess) return {};
-  return make_error(cuda_errc::failed,
-                    std::string(what) + ": NCCL error: " + ncclGetErrorString(status));
+  std::string text = std::string(what) + ": NCCL error: " + ncclGetErrorString(status);
+  // NCCL's own words say which rule broke ("Duplicate GPU detected : rank 0 and rank 1 ...").
+  const char* last = ncclGetLastError(nullptr);
+  if (last != nullptr && *last != '\0') text += std::string(" [") + last + "]";
+  return make_error(cuda_errc::failed, std::move(text));
 }
 
 caf::expected<std::vector<nccl_comm_ptr>> make_local_nccl_comms(const std::vector<int>& devices) {
@@ -77,13 +80,8 @@ caf::expected<nccl_comm_ptr> join_nccl_comm(const nccl_unique_id& id, int rank, 
   ncclComm_t comm = nullptr;
   const std::string what = "ncclCommInitRank(rank " + std::to_string(rank) + " of " +
                            std::to_string(world_size) + ", device " + std::to_string(device) + ")";
-  const ncclResult_t status = ncclCommInitRank(&comm, world_size, raw, rank);
-  if (status != ncclSuccess) {
-    // NCCL's own words say which rule broke ("Duplicate GPU detected : rank 0 and rank 1 ...").
-    const char* last = ncclGetLastError(nullptr);
-    const std::string detail = last != nullptr && *last != '\0' ? what + " [" + last + "]" : what;
-    return nccl_error(status, detail.c_str());
-  }
+  if (auto err = nccl_error(ncclCommInitRank(&comm, world_size, raw, rank), what.c_str()))
+    return err;
   return nccl_comm_ptr{comm};
 }
 

@@ -33,7 +33,8 @@ struct nccl_comm_deleter {
 };
 using nccl_comm_ptr = std::unique_ptr<std::remove_pointer_t<ncclComm_t>, nccl_comm_deleter>;
 
-/// Turns an NCCL status into an error naming `what`; ncclSuccess gives an empty error.
+/// Turns an NCCL status into an error naming `what`, with NCCL's last error message where it
+/// left one; ncclSuccess gives an empty error.
 [[nodiscard]] caf::error nccl_error(ncclResult_t status, const char* what);
 
 /// One communicator per listed device, all in this process (ncclCommInitAll).
