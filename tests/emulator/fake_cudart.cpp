@@ -100,6 +100,21 @@ bool deferred() {
 thread_local cudaError_t last_error = cudaSuccess;
 thread_local int current_device = 0;
 
+/// MOE_EMU_DEVICES (1 to 16, default 1): how many devices the emulator shows, e.g. for a world
+/// of NCCL ranks (fake_nccl.cpp), each on its own device. They share the host's memory.
+int device_count() {
+  static const int n = [] {
+    const char* e = std::getenv("MOE_EMU_DEVICES");
+    const int v = e != nullptr ? std::atoi(e) : 1;
+    return v >= 1 && v <= 16 ? v : 1;
+  }();
+  return n;
+}
+
+bool no_such_device(int device) {
+  return device < 0 || device >= device_count();
+}
+
 cudaError_t fail(cudaError_t e) {
   last_error = e;
   return e;
@@ -346,12 +361,12 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t error) {
 
 cudaError_t CUDARTAPI cudaGetDeviceCount(int* count) {
   if (count == nullptr) return fail(cudaErrorInvalidValue);
-  *count = 1;
+  *count = device_count();
   return cudaSuccess;
 }
 
 cudaError_t CUDARTAPI cudaSetDevice(int device) {
-  if (device != 0) return fail(cudaErrorInvalidDevice);
+  if (no_such_device(device)) return fail(cudaErrorInvalidDevice);
   current_device = device;
   return cudaSuccess;
 }
@@ -364,7 +379,7 @@ cudaError_t CUDARTAPI cudaGetDevice(int* device) {
 
 cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (value == nullptr) return fail(cudaErrorInvalidValue);
-  if (device != 0) return fail(cudaErrorInvalidDevice);
+  if (no_such_device(device)) return fail(cudaErrorInvalidDevice);
   switch (attr) {  // an H100/H200
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
@@ -406,7 +421,7 @@ cudaError_t CUDARTAPI cudaDriverGetVersion(int* version) {
 // The fields runtime/devices.cpp reads, from the attributes above; memory: the host's.
 cudaError_t CUDARTAPI cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   if (prop == nullptr) return fail(cudaErrorInvalidValue);
-  if (device != 0) return fail(cudaErrorInvalidDevice);
+  if (no_such_device(device)) return fail(cudaErrorInvalidDevice);
   const auto attribute = [](cudaDeviceAttr attr) {
     int v = 0;
     (void)cudaDeviceGetAttribute(&v, attr, 0);
