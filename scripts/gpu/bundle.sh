@@ -15,10 +15,10 @@ if [[ "${1:-}" != "--no-configure" ]]; then
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="90a-real;90-virtual" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=ON
 fi
-targets=(test_runtime_gpu test_runtime_nccl_multi_process test_runtime_device_allocator
+targets=(test_runtime_gpu test_runtime_nccl_multi_process test_runtime_nccl_world test_runtime_device_allocator
          test_kernels_cuda test_kernels_cuda_gemm test_kernels_cuda_gather test_kernels_cuda_skinny_linear
          test_kernels_cuda_mla test_kernels_cuda_wgmma test_kernels_cuda_grouped_gemm test_kernels_cuda_backward
-         test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu test_engine_gpu_serving
+         test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu test_engine_gpu_serving test_engine_expert_parallel
          moe_bench_gpu_kernels moe_bench_gpu_engine moe)
 ninja -C "$build" "${targets[@]}"
 

@@ -51,10 +51,10 @@ step() {  # step NAME SECONDS COMMAND...: output to $logs/NAME.log, one line in 
 { nvidia-smi; nvidia-smi -q -d CLOCK,POWER,MEMORY; } > "$logs/nvidia-smi.txt" 2>&1
 step versions 30 "$bundle/bin/moe" version
 # Correctness first: the kernels against their CPU references, then the engine.
-for t in test_runtime_device_allocator test_runtime_gpu test_runtime_nccl_multi_process \
+for t in test_runtime_device_allocator test_runtime_gpu test_runtime_nccl_multi_process test_runtime_nccl_world \
          test_kernels_cuda test_kernels_cuda_gather test_kernels_cuda_skinny_linear test_kernels_cuda_gemm \
          test_kernels_cuda_mla test_kernels_cuda_wgmma test_kernels_cuda_grouped_gemm test_kernels_cuda_backward \
-         test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu test_engine_gpu_serving; do
+         test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu test_engine_gpu_serving test_engine_expert_parallel; do
   [[ -x "$bundle/bin/$t" ]] || { echo "$t rc=missing" | tee -a "$summary"; continue; }
   step "$t" 120 "$bundle/bin/$t" --gtest_output="xml:$logs/$t.xml"
 done

@@ -1,0 +1,121 @@
+// A MoE layer's routed experts cut across the GPUs of an NCCL world (expert parallelism): rank r
+// holds experts [r L, (r + 1) L) of the layer's E (L = E / world size), every rank passes the
+// tokens it holds (attention is data parallel: each rank its own tokens, their count its own),
+// and every token's rows go to the ranks of its experts and come back as that token's weighted
+// sum of their outputs. One call, on every rank of the world, per layer and step:
+//
+//   permute_plan + permute_rows   this rank's rows sorted by expert, hence by destination rank
+//   header exchange               each peer gets, for each of its experts, how many rows come,
+//                                 and whether this rank refused its call (one small all-to-all
+//                                 and a stream sync: the receive sizes reach the host)
+//   dispatch                      the rows (all_to_all_rows), from each peer sorted by expert
+//   experts                       gate|up with SwiGLU and down (grouped_gemm), reading the
+//                                 received rows through a gather map sorted by local expert,
+//                                 the outputs put back in received order (gather_rows)
+//   combine                       the dispatch's plan reversed: every row back to its token's
+//                                 rank, in the order it left
+//   unpermute                     each token's sum over its k experts, in k order from zero
+//
+// Every product of a row depends on that row and its expert's weights alone, and the sum over k
+// runs in the same order, so a token's output is the same, bit for bit, whatever the world's
+// size and whatever the other ranks route (the tests hold a world of n to a world of one).
+//
+// A call one rank refuses (too many tokens, a missing pointer) still joins the header exchange,
+// so the refusal reaches every rank and each returns model_errc::bad_input naming the rank
+// instead of waiting on NCCL for rows that never come; nothing is dispatched. Device data the
+// host cannot check are the caller's guarantee: topk_idx from the gate (distinct per token; an
+// id outside [0, E) is skipped, as permute_plan skips it, and adds nothing to its token).
+//
+// The receive buffers hold the worst routing (every token of every rank to this rank's experts:
+// world size x max_tokens x top_k rows of D); two host syncs a call (the header's counts and
+// the plan's offsets), so a call is not captured in a CUDA graph.
+//
+// Ownership: owns its device and pinned buffers, not the communicator, the weights or the
+// caller's tensors. Thread safety: one thread at a time, on the communicator's device (NCCL's
+// rule for a communicator).
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "base/error.hpp"
+#include "kernels/dtype.hpp"
+#include "runtime/cuda_memory.hpp"
+
+namespace moe::engine {
+
+/// The layer's shape, the same on every rank.
+struct expert_parallel_shape {
+  int64_t num_experts = 0;   ///< E, all ranks together; a multiple of the world's size, <= 1024
+  int64_t dim = 0;           ///< D, the hidden size
+  int64_t intermediate = 0;  ///< I, each expert's
+  int64_t top_k = 0;         ///< experts per token
+  int64_t max_tokens = 0;    ///< the most tokens one rank passes to one call
+  kernels::dtype dt = kernels::dtype::bf16;  ///< activations and weights: bf16 or f32
+};
+
+/// This rank's experts, stacked as the single-GPU engine stacks a layer's.
+struct expert_parallel_weights {
+  const void* gate_up = nullptr;  ///< (L, 2 I, D) of dt: each expert's I gate rows, then I up rows
+  const void* down = nullptr;     ///< (L, D, I) of dt
+};
+
+class expert_parallel_moe {
+ public:
+  /// Buffers for `shape` on the communicator's device (the current one). model_errc::bad_input
+  /// for a shape the kernels cannot take or E not a multiple of the world's size; CUDA errors
+  /// (out of memory) as runtime's.
+  [[nodiscard]] static caf::expected<std::unique_ptr<expert_parallel_moe>> create(
+      ncclComm_t comm, const expert_parallel_shape& shape);
+
+  /// out (tokens, D) = for each token t, sum over its k experts e in k order of
+  /// topk_weight[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]); rows of dt. Collective: every
+  /// rank calls it, each with its own tokens (0 included). Blocks until the dispatch is queued
+  /// (two stream syncs); the rest is queued on `s`, the communicator's device's stream.
+  /// x: (tokens, D) of dt; topk_idx: (tokens, top_k) int32; topk_weight: (tokens, top_k) float32
+  /// (null: weights of 1); out: (tokens, D) of dt, not overlapping x.
+  caf::error forward(const void* x, const int32_t* topk_idx, const float* topk_weight,
+                     int64_t tokens, const expert_parallel_weights& w, void* out, cudaStream_t s);
+
+  [[nodiscard]] int rank() const noexcept { return rank_; }
+  [[nodiscard]] int world_size() const noexcept { return world_; }
+  [[nodiscard]] int64_t first_expert() const noexcept { return rank_ * local_; }
+  [[nodiscard]] int64_t local_experts() const noexcept { return local_; }
+  /// Rows each local expert took in the last call, from every rank: this rank's share of the
+  /// layer's load (what the scheduler's replication balances).
+  [[nodiscard]] const std::vector<int64_t>& last_expert_rows() const noexcept {
+    return expert_rows_;
+  }
+
+ private:
+  expert_parallel_moe() = default;
+  caf::error exchange_headers(const std::string& refusal, cudaStream_t s);
+  caf::error run_experts(int64_t recv_rows, const expert_parallel_weights& w, cudaStream_t s);
+
+  ncclComm_t comm_ = nullptr;
+  expert_parallel_shape shape_;
+  int rank_ = 0;
+  int world_ = 1;
+  int64_t local_ = 0;
+  int64_t send_capacity_ = 0;  // rows: max_tokens x top_k
+  int64_t recv_capacity_ = 0;  // rows: world x max_tokens x top_k
+
+  // Device buffers.
+  runtime::device_buffer offsets_, positions_, inverse_;  // permute_plan's, over all E experts
+  runtime::device_buffer send_rows_, home_rows_;          // (send_capacity, D)
+  runtime::device_buffer header_out_, header_in_;         // (world, L + 1) int32
+  runtime::device_buffer recv_rows_, act_, gate_up_, sorted_out_, recv_out_;
+  runtime::device_buffer local_offsets_, by_expert_, by_arrival_;  // the gather maps
+  // Pinned host staging for what crosses to and from the host.
+  runtime::pinned_host_buffer host_offsets_, host_header_, host_maps_;
+
+  std::vector<int64_t> send_counts_, recv_counts_;  // rows, per peer
+  std::vector<int64_t> expert_rows_;                // per local expert
+  std::vector<int32_t> peer_expert_rows_;           // (world, L): rows from each peer per expert
+};
+
+}  // namespace moe::engine

@@ -1,0 +1,368 @@
+// A MoE layer's routed experts cut across a world of ranks (engine/expert_parallel.hpp): each
+// rank holds its share of the experts and its own tokens (one rank none), and every token's
+// output must be the same, bit for bit, as in a world of one holding every expert and every
+// token, and within float32 rounding of a plain host reference. A refusal on one rank fails the
+// call on every rank, and the world goes on.
+//
+// Built against the emulator's CUDA runtime, kernels and NCCL (label unit, CI: worlds of up to
+// four emulated devices) and against the real ones (label gpu), where a world larger than the
+// machine's GPU count is skipped with the reason (one H200 runs the world of one).
+#include <gtest/gtest.h>
+
+#ifdef MOE_HAVE_CUDA
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "engine/expert_parallel.hpp"
+#include "model/model_errc.hpp"
+#include "runtime/cuda_memory.hpp"
+#include "tests/unit/runtime/nccl_world.hpp"
+
+using namespace moe;
+using kernels::dtype;
+using moe::test_support::cannot_form;
+using moe::test_support::rank_ctx;
+using moe::test_support::run_world;
+
+namespace {
+
+constexpr int64_t E = 12, D = 32, I = 16, K = 3, max_tokens = 16;
+
+/// Tokens rank r of a world of n holds: rank 1 none, the others a few of different counts.
+int64_t tokens_of(int rank) {
+  return rank == 1 ? 0 : 3 + 2 * rank;
+}
+
+/// Every expert's weights, all ranks' (each uploads its share): small values of both signs.
+struct layer {
+  std::vector<float> gate_up;  // (E, 2 I, D)
+  std::vector<float> down;     // (E, D, I)
+  layer() : gate_up(static_cast<size_t>(E * 2 * I * D)), down(static_cast<size_t>(E * D * I)) {
+    for (size_t i = 0; i < gate_up.size(); ++i)
+      gate_up[i] = 0.2f * std::sin(0.37f * static_cast<float>(i) + 0.1f);
+    for (size_t i = 0; i < down.size(); ++i)
+      down[i] = 0.2f * std::cos(0.53f * static_cast<float>(i) + 0.3f);
+  }
+};
+
+/// One rank's tokens: activations, routing (distinct experts per token; the last token of rank
+/// 2 has a skipped entry, -1) and the gate's weights.
+struct batch {
+  int64_t tokens = 0;
+  std::vector<float> x;       // (tokens, D)
+  std::vector<int32_t> idx;   // (tokens, K)
+  std::vector<float> weight;  // (tokens, K)
+};
+
+batch batch_of(int rank) {
+  batch b;
+  b.tokens = tokens_of(rank);
+  for (int64_t t = 0; t < b.tokens; ++t) {
+    for (int64_t d = 0; d < D; ++d)
+      b.x.push_back(std::sin(static_cast<float>(rank * 131 + t * 17 + d) * 0.29f));
+    const int64_t first = (rank * 5 + t * 7) % E;
+    for (int64_t j = 0; j < K; ++j) {
+      b.idx.push_back(static_cast<int32_t>((first + j * 4 + (j > 0 ? t % 3 : 0)) % E));
+      b.weight.push_back(0.25f + 0.125f * static_cast<float>(j + t % 2));
+    }
+    if (rank == 2 && t == b.tokens - 1) b.idx.back() = -1;
+  }
+  return b;
+}
+
+/// Rank r's tokens of every rank, one after another: the world of one's batch.
+batch concatenated(int n) {
+  batch all;
+  for (int r = 0; r < n; ++r) {
+    const batch b = batch_of(r);
+    all.tokens += b.tokens;
+    all.x.insert(all.x.end(), b.x.begin(), b.x.end());
+    all.idx.insert(all.idx.end(), b.idx.begin(), b.idx.end());
+    all.weight.insert(all.weight.end(), b.weight.begin(), b.weight.end());
+  }
+  return all;
+}
+
+float silu(float v) {
+  return v / (1.0f + std::exp(-v));
+}
+
+/// The layer on the host, in double: each token's weighted sum over its experts.
+std::vector<float> reference(const layer& w, const batch& b) {
+  std::vector<float> out(static_cast<size_t>(b.tokens * D), 0.0f);
+  for (int64_t t = 0; t < b.tokens; ++t) {
+    std::vector<double> acc(static_cast<size_t>(D), 0.0);
+    for (int64_t j = 0; j < K; ++j) {
+      const int32_t e = b.idx[static_cast<size_t>(t * K + j)];
+      if (e < 0 || e >= E) continue;
+      std::vector<double> act(static_cast<size_t>(I));
+      for (int64_t i = 0; i < I; ++i) {
+        double g = 0, u = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double xv = b.x[static_cast<size_t>(t * D + d)];
+          g += xv * w.gate_up[static_cast<size_t>((e * 2 * I + i) * D + d)];
+          u += xv * w.gate_up[static_cast<size_t>((e * 2 * I + I + i) * D + d)];
+        }
+        act[static_cast<size_t>(i)] = static_cast<double>(silu(static_cast<float>(g))) * u;
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        double y = 0;
+        for (int64_t i = 0; i < I; ++i)
+          y += act[static_cast<size_t>(i)] * w.down[static_cast<size_t>((e * D + d) * I + i)];
+        acc[static_cast<size_t>(d)] += b.weight[static_cast<size_t>(t * K + j)] * y;
+      }
+    }
+    for (int64_t d = 0; d < D; ++d)
+      out[static_cast<size_t>(t * D + d)] = static_cast<float>(acc[static_cast<size_t>(d)]);
+  }
+  return out;
+}
+
+/// Host floats as `dt` bytes, and back.
+std::vector<uint8_t> to_bytes(const std::vector<float>& v, dtype dt) {
+  std::vector<uint8_t> out(v.size() * kernels::dtype_bytes(dt));
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dt == dtype::f32) {
+      std::memcpy(out.data() + 4 * i, &v[i], 4);
+    } else {
+      const __nv_bfloat16 h = __float2bfloat16(v[i]);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
+  return out;
+}
+
+std::vector<float> from_bytes(const std::vector<uint8_t>& b, dtype dt) {
+  std::vector<float> out(b.size() / kernels::dtype_bytes(dt));
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (dt == dtype::f32) {
+      std::memcpy(&out[i], b.data() + 4 * i, 4);
+    } else {
+      __nv_bfloat16 h;
+      std::memcpy(&h, b.data() + 2 * i, 2);
+      out[i] = __bfloat162float(h);
+    }
+  }
+  return out;
+}
+
+caf::expected<runtime::device_buffer> upload(const void* data, size_t bytes) {
+  auto b = runtime::device_buffer::allocate(bytes > 0 ? bytes : 1);
+  if (b && bytes > 0)
+    if (auto err = b->copy_from_host(data, bytes)) return err;
+  return b;
+}
+
+/// One rank's layer on the device: its experts' weights and its tokens.
+struct rank_layer {
+  std::unique_ptr<engine::expert_parallel_moe> moe;
+  runtime::device_buffer gate_up, down, x, idx, weight, out;
+  int64_t tokens = 0;
+};
+
+/// Makes rank c's layer for `b` (the layer's experts [first, first + L) of `w`).
+void make_rank_layer(const rank_ctx& c, const layer& w, const batch& b, dtype dt, rank_layer& r) {
+  engine::expert_parallel_shape shape{E, D, I, K, std::max<int64_t>(max_tokens, b.tokens), dt};
+  auto moe = engine::expert_parallel_moe::create(c.comm, shape);
+  ASSERT_TRUE(moe) << error_text(moe.error());
+  r.moe = std::move(*moe);
+  const int64_t L = r.moe->local_experts(), first = r.moe->first_expert();
+  ASSERT_EQ(L, E / c.world);
+  ASSERT_EQ(first, c.rank * L);
+  const std::vector<float> gu(w.gate_up.begin() + first * 2 * I * D,
+                              w.gate_up.begin() + (first + L) * 2 * I * D);
+  const std::vector<float> dn(w.down.begin() + first * D * I, w.down.begin() + (first + L) * D * I);
+  const auto gu_bytes = to_bytes(gu, dt), dn_bytes = to_bytes(dn, dt), x_bytes = to_bytes(b.x, dt);
+  auto g = upload(gu_bytes.data(), gu_bytes.size());
+  auto d = upload(dn_bytes.data(), dn_bytes.size());
+  auto x = upload(x_bytes.data(), x_bytes.size());
+  auto idx = upload(b.idx.data(), b.idx.size() * sizeof(int32_t));
+  auto weight = upload(b.weight.data(), b.weight.size() * sizeof(float));
+  auto out = runtime::device_buffer::allocate(
+      static_cast<size_t>(std::max<int64_t>(b.tokens, 1) * D) * kernels::dtype_bytes(dt));
+  ASSERT_TRUE(g && d && x && idx && weight && out);
+  r.gate_up = std::move(*g);
+  r.down = std::move(*d);
+  r.x = std::move(*x);
+  r.idx = std::move(*idx);
+  r.weight = std::move(*weight);
+  r.out = std::move(*out);
+  r.tokens = b.tokens;
+}
+
+caf::error forward(rank_layer& r, int64_t tokens, cudaStream_t s) {
+  return r.moe->forward(r.x.data(), static_cast<const int32_t*>(r.idx.data()),
+                        static_cast<const float*>(r.weight.data()), tokens,
+                        {r.gate_up.data(), r.down.data()}, r.out.data(), s);
+}
+
+std::vector<float> result(const rank_layer& r, dtype dt, cudaStream_t s) {
+  std::vector<uint8_t> bytes(static_cast<size_t>(r.tokens * D) * kernels::dtype_bytes(dt));
+  EXPECT_FALSE(runtime::cuda_error(cudaStreamSynchronize(s), "forward"));
+  if (!bytes.empty()) {
+    EXPECT_FALSE(r.out.copy_to_host(bytes.data(), bytes.size()));
+  }
+  return from_bytes(bytes, dt);
+}
+
+/// Every rank's output in a world of n, rank by rank, and each rank's per-expert rows.
+struct world_result {
+  std::vector<std::vector<float>> out;
+  std::vector<std::vector<int64_t>> expert_rows;
+};
+
+world_result run_layer(int n, dtype dt, const layer& w, bool all_tokens_on_one_rank) {
+  world_result res;
+  res.out.resize(static_cast<size_t>(n));
+  res.expert_rows.resize(static_cast<size_t>(n));
+  std::mutex mu;
+  run_world(n, [&](const rank_ctx& c) {
+    const batch b = all_tokens_on_one_rank ? concatenated(4) : batch_of(c.rank);
+    rank_layer r;
+    make_rank_layer(c, w, b, dt, r);
+    if (!r.moe) return;
+    auto err = forward(r, b.tokens, c.stream);
+    ASSERT_FALSE(err) << "rank " << c.rank << ": " << error_text(err);
+    auto out = result(r, dt, c.stream);
+    std::lock_guard<std::mutex> lk(mu);
+    res.out[static_cast<size_t>(c.rank)] = std::move(out);
+    res.expert_rows[static_cast<size_t>(c.rank)] = r.moe->last_expert_rows();
+  });
+  return res;
+}
+
+struct world_and_dtype {
+  int world;
+  dtype dt;
+};
+
+void PrintTo(const world_and_dtype& p, std::ostream* os) {
+  *os << "world of " << p.world << (p.dt == dtype::f32 ? ", f32" : ", bf16");
+}
+
+class expert_parallel : public ::testing::TestWithParam<world_and_dtype> {};
+
+TEST_P(expert_parallel, every_token_gets_the_world_of_ones_output_bit_for_bit) {
+  const auto [n, dt] = GetParam();
+  if (auto why = cannot_form(n); !why.empty()) GTEST_SKIP() << why;
+  const layer w;
+  const world_result split = run_layer(n, dt, w, false);
+  if (::testing::Test::HasFatalFailure()) return;
+
+  // The world of one: every expert and the tokens of ranks 0..3 on one rank (those of ranks
+  // past n-1 included, so every world compares against the same run).
+  const world_result one = run_layer(1, dt, w, true);
+  ASSERT_EQ(one.out.size(), 1u);
+  const batch all = concatenated(4);
+  const std::vector<float> ref = reference(w, all);
+  ASSERT_EQ(one.out[0].size(), ref.size());
+  // float32: the kernels' sums against the host's in double; bf16: the rounding of the inputs,
+  // the activation and the output (2^-8 relative each) over sums of a few dozen terms.
+  const double tol = dt == dtype::f32 ? 1e-5 : 3e-2;
+  for (size_t i = 0; i < ref.size(); ++i)
+    ASSERT_NEAR(one.out[0][i], ref[i], tol * (1.0 + std::fabs(ref[i]))) << "element " << i;
+
+  size_t at = 0;
+  for (int r = 0; r < n; ++r) {
+    const auto& got = split.out[static_cast<size_t>(r)];
+    ASSERT_EQ(static_cast<int64_t>(got.size()), tokens_of(r) * D) << "rank " << r;
+    for (size_t i = 0; i < got.size(); ++i, ++at) {
+      // Bit for bit: the same products and sums, whichever rank ran them.
+      ASSERT_EQ(std::memcmp(&got[i], &one.out[0][at], sizeof(float)), 0)
+          << "rank " << r << ", element " << i << ": " << got[i] << " vs " << one.out[0][at];
+    }
+  }
+
+  // Every routed entry of every rank, counted once, by the rank holding its expert.
+  std::vector<int64_t> routed(static_cast<size_t>(E), 0);
+  for (int r = 0; r < n; ++r)
+    for (int32_t e : batch_of(r).idx)
+      if (e >= 0) ++routed[static_cast<size_t>(e)];
+  for (int r = 0; r < n; ++r) {
+    const auto& rows = split.expert_rows[static_cast<size_t>(r)];
+    ASSERT_EQ(static_cast<int64_t>(rows.size()), E / n);
+    for (int64_t j = 0; j < E / n; ++j)
+      EXPECT_EQ(rows[static_cast<size_t>(j)], routed[static_cast<size_t>(r * (E / n) + j)])
+          << "rank " << r << ", local expert " << j;
+  }
+}
+
+TEST_P(expert_parallel, one_ranks_refusal_fails_the_call_on_every_rank_and_the_world_goes_on) {
+  const auto [n, dt] = GetParam();
+  if (auto why = cannot_form(n); !why.empty()) GTEST_SKIP() << why;
+  const layer w;
+  const int refuser = n - 1;
+  run_world(n, [&](const rank_ctx& c) {
+    const batch b = batch_of(c.rank);
+    rank_layer r;
+    make_rank_layer(c, w, b, dt, r);
+    if (!r.moe) return;
+    // The refuser passes more tokens than the layer takes: no rank is left waiting for it.
+    auto err = forward(r, c.rank == refuser ? max_tokens + 1 : b.tokens, c.stream);
+    ASSERT_TRUE(err) << "rank " << c.rank;
+    EXPECT_EQ(err.category(), caf::atom("model"));
+    EXPECT_EQ(err.code(), static_cast<uint8_t>(model::model_errc::bad_input)) << error_text(err);
+    const std::string text = error_text(err);
+    if (c.rank == refuser) {
+      EXPECT_NE(text.find("17 tokens (this layer takes up to 16 a rank)"), std::string::npos)
+          << text;
+    } else {
+      EXPECT_NE(text.find("rank " + std::to_string(refuser) + " refused"), std::string::npos)
+          << text;
+    }
+    // The next call goes through on every rank.
+    err = forward(r, b.tokens, c.stream);
+    ASSERT_FALSE(err) << "rank " << c.rank << ": " << error_text(err);
+    const auto got = result(r, dt, c.stream);
+    const auto ref = reference(w, b);
+    const double tol = dt == dtype::f32 ? 1e-5 : 3e-2;
+    for (size_t i = 0; i < ref.size(); ++i)
+      ASSERT_NEAR(got[i], ref[i], tol * (1.0 + std::fabs(ref[i]))) << "rank " << c.rank;
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    worlds, expert_parallel,
+    ::testing::Values(world_and_dtype{1, dtype::f32}, world_and_dtype{2, dtype::f32},
+                      world_and_dtype{3, dtype::f32}, world_and_dtype{4, dtype::f32},
+                      world_and_dtype{1, dtype::bf16}, world_and_dtype{4, dtype::bf16}),
+    [](const ::testing::TestParamInfo<world_and_dtype>& info) {
+      return "world_of_" + std::to_string(info.param.world) +
+             (info.param.dt == dtype::f32 ? "_f32" : "_bf16");
+    });
+
+TEST(expert_parallel_shape, shapes_the_layer_cannot_take_are_refused_before_any_buffer) {
+  if (auto why = cannot_form(2); !why.empty()) GTEST_SKIP() << why;
+  run_world(2, [](const rank_ctx& c) {
+    const auto refused = [&](engine::expert_parallel_shape s, const std::string& words) {
+      auto m = engine::expert_parallel_moe::create(c.comm, s);
+      ASSERT_FALSE(m);
+      EXPECT_EQ(m.error().category(), caf::atom("model"));
+      EXPECT_NE(error_text(m.error()).find(words), std::string::npos) << error_text(m.error());
+    };
+    refused({7, D, I, K, max_tokens, dtype::f32},
+            "7 experts do not split evenly over a world of 2");
+    refused({E, D, I, E + 1, max_tokens, dtype::f32}, "top_k");
+    refused({E, D, 0, K, max_tokens, dtype::f32}, "must be positive");
+    refused({E, D, I, K, max_tokens, dtype::f8_e4m3}, "f32 or bf16");
+    refused({2048, D, I, K, max_tokens, dtype::f32}, "2048 experts (from 1 to 1024)");
+    auto none = engine::expert_parallel_moe::create(nullptr, {E, D, I, K, max_tokens, dtype::f32});
+    EXPECT_FALSE(none);
+  });
+}
+
+}  // namespace
+
+#else
+
+TEST(expert_parallel, skipped) {
+  GTEST_SKIP() << "no GPU: built without CUDA";
+}
+
+#endif  // MOE_HAVE_CUDA
