@@ -1,5 +1,6 @@
 #include "engine/expert_parallel.hpp"
 
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -68,11 +69,13 @@ caf::expected<std::unique_ptr<expert_parallel_moe>> expert_parallel_moe::create(
         std::to_string(shape.max_tokens) + ", " + std::to_string(shape.top_k));
   if (shape.dt != dtype::f32 && shape.dt != dtype::bf16)
     return bad_input("activations and weights must be f32 or bf16");
+  // Divided, not multiplied: a max_tokens near int64's limit must not wrap the product.
+  if (shape.max_tokens > INT32_MAX / shape.top_k / world)
+    return bad_input(std::to_string(world) + " ranks x " + std::to_string(shape.max_tokens) +
+                     " tokens x top_k " + std::to_string(shape.top_k) +
+                     " receive rows are past the kernels' int32 rows");
   const int64_t send_capacity = shape.max_tokens * shape.top_k;
   const int64_t recv_capacity = world * send_capacity;
-  if (recv_capacity > INT32_MAX)
-    return bad_input(std::to_string(recv_capacity) +
-                     " receive rows are past the kernels' int32 rows");
 
   std::unique_ptr<expert_parallel_moe> m(new expert_parallel_moe);
   m->comm_ = comm;

@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <ostream>
@@ -352,6 +353,9 @@ TEST(expert_parallel_shape, shapes_the_layer_cannot_take_are_refused_before_any_
     refused({E, D, 0, K, max_tokens, dtype::f32}, "must be positive");
     refused({E, D, I, K, max_tokens, dtype::f8_e4m3}, "f32 or bf16");
     refused({2048, D, I, K, max_tokens, dtype::f32}, "2048 experts (from 1 to 1024)");
+    refused({E, D, I, K, INT64_MAX / 2, dtype::f32},
+            "receive rows are past the kernels' int32 rows");
+    refused({E, D, I, K, INT32_MAX / 4, dtype::f32}, "2 ranks x 536870911 tokens x top_k 3");
     auto none = engine::expert_parallel_moe::create(nullptr, {E, D, I, K, max_tokens, dtype::f32});
     EXPECT_FALSE(none);
   });
