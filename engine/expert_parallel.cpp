@@ -1,7 +1,7 @@
 #include "engine/expert_parallel.hpp"
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 #include "kernels/cuda/gather.hpp"

@@ -10,8 +10,6 @@
 #include <gtest/gtest.h>
 
 #ifdef MOE_HAVE_CUDA
-#include <cuda_bf16.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,10 +21,15 @@
 #include "engine/expert_parallel.hpp"
 #include "model/model_errc.hpp"
 #include "runtime/cuda_memory.hpp"
+#include "tests/unit/kernels/cuda_test_support.hpp"
 #include "tests/unit/runtime/nccl_world.hpp"
 
 using namespace moe;
 using kernels::dtype;
+using kernels::cuda_testing::device_buffer;
+using kernels::cuda_testing::fetch;
+using kernels::cuda_testing::from_bf16;
+using kernels::cuda_testing::to_device;
 using moe::test_support::cannot_form;
 using moe::test_support::rank_ctx;
 using moe::test_support::run_world;
@@ -125,45 +128,10 @@ std::vector<float> reference(const layer& w, const batch& b) {
   return out;
 }
 
-/// Host floats as `dt` bytes, and back.
-std::vector<uint8_t> to_bytes(const std::vector<float>& v, dtype dt) {
-  std::vector<uint8_t> out(v.size() * kernels::dtype_bytes(dt));
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (dt == dtype::f32) {
-      std::memcpy(out.data() + 4 * i, &v[i], 4);
-    } else {
-      const __nv_bfloat16 h = __float2bfloat16(v[i]);
-      std::memcpy(out.data() + 2 * i, &h, 2);
-    }
-  }
-  return out;
-}
-
-std::vector<float> from_bytes(const std::vector<uint8_t>& b, dtype dt) {
-  std::vector<float> out(b.size() / kernels::dtype_bytes(dt));
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (dt == dtype::f32) {
-      std::memcpy(&out[i], b.data() + 4 * i, 4);
-    } else {
-      __nv_bfloat16 h;
-      std::memcpy(&h, b.data() + 2 * i, 2);
-      out[i] = __bfloat162float(h);
-    }
-  }
-  return out;
-}
-
-caf::expected<runtime::device_buffer> upload(const void* data, size_t bytes) {
-  auto b = runtime::device_buffer::allocate(bytes > 0 ? bytes : 1);
-  if (b && bytes > 0)
-    if (auto err = b->copy_from_host(data, bytes)) return err;
-  return b;
-}
-
 /// One rank's layer on the device: its experts' weights and its tokens.
 struct rank_layer {
   std::unique_ptr<engine::expert_parallel_moe> moe;
-  runtime::device_buffer gate_up, down, x, idx, weight, out;
+  std::unique_ptr<device_buffer> gate_up, down, x, idx, weight, out;
   int64_t tokens = 0;
 };
 
@@ -179,37 +147,26 @@ void make_rank_layer(const rank_ctx& c, const layer& w, const batch& b, dtype dt
   const std::vector<float> gu(w.gate_up.begin() + first * 2 * I * D,
                               w.gate_up.begin() + (first + L) * 2 * I * D);
   const std::vector<float> dn(w.down.begin() + first * D * I, w.down.begin() + (first + L) * D * I);
-  const auto gu_bytes = to_bytes(gu, dt), dn_bytes = to_bytes(dn, dt), x_bytes = to_bytes(b.x, dt);
-  auto g = upload(gu_bytes.data(), gu_bytes.size());
-  auto d = upload(dn_bytes.data(), dn_bytes.size());
-  auto x = upload(x_bytes.data(), x_bytes.size());
-  auto idx = upload(b.idx.data(), b.idx.size() * sizeof(int32_t));
-  auto weight = upload(b.weight.data(), b.weight.size() * sizeof(float));
-  auto out = runtime::device_buffer::allocate(
-      static_cast<size_t>(std::max<int64_t>(b.tokens, 1) * D) * kernels::dtype_bytes(dt));
-  ASSERT_TRUE(g && d && x && idx && weight && out);
-  r.gate_up = std::move(*g);
-  r.down = std::move(*d);
-  r.x = std::move(*x);
-  r.idx = std::move(*idx);
-  r.weight = std::move(*weight);
-  r.out = std::move(*out);
+  r.gate_up = to_device(gu, dt);
+  r.down = to_device(dn, dt);
+  r.x = to_device(b.x, dt);
+  r.idx = to_device(b.idx);
+  r.weight = to_device(b.weight);
+  r.out = std::make_unique<device_buffer>(static_cast<size_t>(std::max<int64_t>(b.tokens, 1) * D) *
+                                          kernels::dtype_bytes(dt));
+  ASSERT_NE(r.out->get(), nullptr);
   r.tokens = b.tokens;
 }
 
 caf::error forward(rank_layer& r, int64_t tokens, cudaStream_t s) {
-  return r.moe->forward(r.x.data(), static_cast<const int32_t*>(r.idx.data()),
-                        static_cast<const float*>(r.weight.data()), tokens,
-                        {r.gate_up.data(), r.down.data()}, r.out.data(), s);
+  return r.moe->forward(r.x->get(), r.idx->as<int32_t>(), r.weight->as<float>(), tokens,
+                        {r.gate_up->get(), r.down->get()}, r.out->get(), s);
 }
 
 std::vector<float> result(const rank_layer& r, dtype dt, cudaStream_t s) {
-  std::vector<uint8_t> bytes(static_cast<size_t>(r.tokens * D) * kernels::dtype_bytes(dt));
   EXPECT_FALSE(runtime::cuda_error(cudaStreamSynchronize(s), "forward"));
-  if (!bytes.empty()) {
-    EXPECT_FALSE(r.out.copy_to_host(bytes.data(), bytes.size()));
-  }
-  return from_bytes(bytes, dt);
+  const auto n = static_cast<size_t>(r.tokens * D);
+  return dt == dtype::f32 ? fetch<float>(*r.out, n) : from_bf16(fetch<uint16_t>(*r.out, n));
 }
 
 /// Every rank's output in a world of n, rank by rank, and each rank's per-expert rows.
