@@ -1,6 +1,7 @@
-// A stand-in for libnccl, for the emulator's tests (tests/emulator/runtime/): a world of ranks
-// in one process, one thread per rank, each on its own emulated device (MOE_EMU_DEVICES), so that
-// the expert exchange of runtime/nccl_all_to_all.cpp runs with two, three or four ranks in CI,
+// A stand-in for libnccl, for the emulator's tests (runtime_nccl_emulated and
+// engine_expert_parallel_emulated): a world of ranks in one process, one thread per rank, each on
+// its own emulated device (MOE_EMU_DEVICES), so that the expert exchange of
+// runtime/nccl_all_to_all.cpp runs with two, three or four ranks in CI,
 // which has no GPU (a card run with one GPU only ever forms a world of one).
 //
 // What it keeps of NCCL's contract: communicators made by ncclCommInitAll or by ncclCommInitRank
