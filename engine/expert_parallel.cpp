@@ -142,33 +142,14 @@ caf::error expert_parallel_moe::forward(const void* x, const int32_t* topk_idx,
   const int64_t k = shape_.top_k, D = shape_.dim, E = shape_.num_experts;
   const int64_t entries = T * k;
 
-  kcu::permute_plan_args plan;
-  plan.topk_idx = topk_idx;
-  plan.num_tokens = T;
-  plan.top_k = k;
-  plan.num_experts = E;
-  plan.expert_offsets = static_cast<int32_t*>(offsets_.data());
-  plan.positions = static_cast<int32_t*>(positions_.data());
-  plan.inverse = static_cast<int32_t*>(inverse_.data());
-  if (auto err = check(kcu::permute_plan_run(plan, s), "permute plan")) return err;
-  if (entries > 0) {
-    kcu::permute_rows_args pr;
-    pr.x = x;
-    pr.positions = plan.positions;
-    pr.permuted = send_rows_.data();
-    pr.num_tokens = T;
-    pr.top_k = k;
-    pr.dim = D;
-    pr.num_rows = entries;
-    pr.dt = shape_.dt;
-    if (auto err = check(kcu::permute_rows_run(pr, s), "permute rows")) return err;
+  // What fails here fails before any peer waits on this rank: it joins the exchange as a
+  // refusal, so that the world stays in step and every rank hears of it.
+  caf::error local = sort_rows(x, topk_idx, T, s);
+  if (local) {
+    refusal = error_text(local);
+    std::fill_n(static_cast<int32_t*>(host_offsets_.data()), E + 1, 0);
   }
-  if (auto err = runtime::copy_async(host_offsets_.data(), offsets_.data(),
-                                     static_cast<size_t>(E + 1) * sizeof(int32_t), s))
-    return err;
-  if (auto err = synchronize(s, "expert parallel: expert offsets to the host")) return err;
-
-  if (auto err = exchange_headers(refusal, s)) return err;
+  if (auto err = exchange_headers(refusal, s)) return local ? local : err;
 
   const int64_t bytes = D * static_cast<int64_t>(kernels::dtype_bytes(shape_.dt));
   const runtime::all_to_all_plan dispatch{send_counts_, recv_counts_, static_cast<size_t>(bytes)};
@@ -183,7 +164,7 @@ caf::error expert_parallel_moe::forward(const void* x, const int32_t* topk_idx,
   kcu::unpermute_args u;
   u.y = home_rows_.data();
   u.weight = topk_weight;
-  u.positions = plan.positions;
+  u.positions = static_cast<const int32_t*>(positions_.data());
   u.out = out;
   u.num_tokens = T;
   u.top_k = k;
@@ -193,9 +174,42 @@ caf::error expert_parallel_moe::forward(const void* x, const int32_t* topk_idx,
   return check(kcu::unpermute_run(u, s), "combine");
 }
 
+/// This rank's rows by expert (into send_rows_) and the experts' offsets on the host.
+caf::error expert_parallel_moe::sort_rows(const void* x, const int32_t* topk_idx, int64_t tokens,
+                                          cudaStream_t s) {
+  kcu::permute_plan_args plan;
+  plan.topk_idx = topk_idx;
+  plan.num_tokens = tokens;
+  plan.top_k = shape_.top_k;
+  plan.num_experts = shape_.num_experts;
+  plan.expert_offsets = static_cast<int32_t*>(offsets_.data());
+  plan.positions = static_cast<int32_t*>(positions_.data());
+  plan.inverse = static_cast<int32_t*>(inverse_.data());
+  if (auto err = check(kcu::permute_plan_run(plan, s), "permute plan")) return err;
+  const int64_t entries = plan.num_tokens * plan.top_k;
+  if (entries > 0) {
+    kcu::permute_rows_args pr;
+    pr.x = x;
+    pr.positions = plan.positions;
+    pr.permuted = send_rows_.data();
+    pr.num_tokens = plan.num_tokens;
+    pr.top_k = plan.top_k;
+    pr.dim = shape_.dim;
+    pr.num_rows = entries;
+    pr.dt = shape_.dt;
+    if (auto err = check(kcu::permute_rows_run(pr, s), "permute rows")) return err;
+  }
+  if (auto err =
+          runtime::copy_async(host_offsets_.data(), plan.expert_offsets,
+                              static_cast<size_t>(shape_.num_experts + 1) * sizeof(int32_t), s))
+    return err;
+  return synchronize(s, "expert parallel: expert offsets to the host");
+}
+
 /// Sends each peer [refused, rows for each of its experts] and reads the same from each, into
 /// send_counts_, recv_counts_ and peer_expert_rows_; fails on every rank if any refused.
 caf::error expert_parallel_moe::exchange_headers(const std::string& refusal, cudaStream_t s) {
+  ++rounds_;
   const int64_t L = local_, row = L + 1;
   const auto* offsets = static_cast<const int32_t*>(host_offsets_.data());
   auto* out = static_cast<int32_t*>(host_header_.data());

@@ -24,7 +24,11 @@
 // so the refusal reaches every rank and each returns model_errc::bad_input naming the rank
 // instead of waiting on NCCL for rows that never come; nothing is dispatched. Device data the
 // host cannot check are the caller's guarantee: topk_idx from the gate (distinct per token; an
-// id outside [0, E) is skipped, as permute_plan skips it, and adds nothing to its token).
+// id outside [0, E) is skipped, as permute_plan skips it, and adds nothing to its token). A
+// kernel or copy that fails before the exchange (sorting this rank's rows) is a refusal too:
+// that rank returns its error, the others bad_input naming it. One that fails after it (the
+// experts' products, the transfers) leaves the peers waiting in NCCL: the world is broken and
+// must be torn down, as after any failed collective.
 //
 // The receive buffers hold the worst routing (every token of every rank to this rank's experts:
 // world size x max_tokens x top_k rows of D); two host syncs a call (the header's counts and
@@ -90,9 +94,14 @@ class expert_parallel_moe {
   [[nodiscard]] const std::vector<int64_t>& last_expert_rows() const noexcept {
     return expert_rows_;
   }
+  /// Calls that reached the header exchange, refused ones included: each is one round of the
+  /// world's collectives, so a caller that must keep in step with its peers (the GPU engine
+  /// after a failed step) counts its rounds here.
+  [[nodiscard]] uint64_t rounds() const noexcept { return rounds_; }
 
  private:
   expert_parallel_moe() = default;
+  caf::error sort_rows(const void* x, const int32_t* topk_idx, int64_t tokens, cudaStream_t s);
   caf::error exchange_headers(const std::string& refusal, cudaStream_t s);
   caf::error run_experts(int64_t recv_rows, const expert_parallel_weights& w, cudaStream_t s);
 
@@ -116,6 +125,7 @@ class expert_parallel_moe {
   std::vector<int64_t> send_counts_, recv_counts_;  // rows, per peer
   std::vector<int64_t> expert_rows_;                // per local expert
   std::vector<int32_t> peer_expert_rows_;           // (world, L): rows from each peer per expert
+  uint64_t rounds_ = 0;
 };
 
 }  // namespace moe::engine
