@@ -294,12 +294,18 @@ class weight_planner {
 }  // namespace
 
 caf::expected<device_weights> device_weights::upload(const model::checkpoint& ckpt, dtype dt,
-                                                     cudaStream_t stream) {
+                                                     cudaStream_t stream, expert_range experts) {
   if (dt != dtype::bf16 && dt != dtype::f32)
     return model::make_error(model::model_errc::bad_input,
                              "gpu engine: weights dtype must be bf16 or f32, not " +
                                  std::string(kernels::to_string(dt)));
   const model::model_config& c = ckpt.config;
+  if (experts.count == 0) experts = {0, c.n_routed_experts};
+  if (experts.first < 0 || experts.count < 0 || experts.first > c.n_routed_experts - experts.count)
+    return model::make_error(model::model_errc::bad_input,
+                             "gpu engine: experts [" + std::to_string(experts.first) + ", " +
+                                 std::to_string(experts.first + experts.count) + ") of " +
+                                 std::to_string(c.n_routed_experts));
   device_weights w;
   w.dtype_ = dt;
   w.layers_.resize(static_cast<size_t>(c.num_hidden_layers));
@@ -356,7 +362,7 @@ caf::expected<device_weights> device_weights::upload(const model::checkpoint& ck
     planner.tensor(p + "mlp.gate.e_score_correction_bias", {E}, dtype::f32,
                    as_float(m.router_bias));
     std::vector<part> gate_up, down;
-    for (int64_t e = 0; e < E; ++e) {
+    for (int64_t e = experts.first; e < experts.first + experts.count; ++e) {
       gate_up.push_back({model::expert_weight_name(l, e, "gate_proj"), {I, D}, 0, I});
       gate_up.push_back({model::expert_weight_name(l, e, "up_proj"), {I, D}, 0, I});
       down.push_back({model::expert_weight_name(l, e, "down_proj"), {D, I}, 0, D});

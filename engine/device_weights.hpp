@@ -102,16 +102,26 @@ struct device_layer {
   std::optional<device_moe> moe;
 };
 
+/// Which of each MoE layer's routed experts a device holds: [first, first + count), stacked from
+/// 0 (expert parallelism: engine/expert_parallel.hpp). count 0: all of them.
+struct expert_range {
+  int64_t first = 0;
+  int64_t count = 0;
+};
+
 class device_weights {
  public:
   /// Converts and copies every tensor the forward pass needs (MTP modules are not uploaded),
   /// through a pinned staging buffer on `stream`; returns when the copies are done. FP8
-  /// weights (ckpt.fp8) stay FP8 when dtype is bf16.
+  /// weights (ckpt.fp8) stay FP8 when dtype is bf16. Of the routed experts, those of `experts`
+  /// only (the router keeps every expert's row).
   /// dtype: bf16 or f32. Errors: model_errc::missing_tensor / bad_tensor naming the tensor,
-  /// model_errc::bad_input for another dtype, CUDA errors (out_of_memory is transient).
+  /// model_errc::bad_input for another dtype or a range outside the experts, CUDA errors
+  /// (out_of_memory is transient).
   [[nodiscard]] static caf::expected<device_weights> upload(const model::checkpoint& ckpt,
                                                             kernels::dtype dtype,
-                                                            cudaStream_t stream);
+                                                            cudaStream_t stream,
+                                                            expert_range experts = {});
 
   [[nodiscard]] kernels::dtype storage_dtype() const noexcept { return dtype_; }
   [[nodiscard]] const void* embed() const noexcept { return embed_; }     ///< (vocab, hidden)

@@ -5,6 +5,7 @@
 #include <string>
 #include <type_traits>
 
+#include "engine/expert_parallel.hpp"
 #include "kernels/cuda/fp8_quantize.hpp"
 #include "kernels/cuda/gather.hpp"
 #include "kernels/cuda/grouped_gemm.hpp"
@@ -602,6 +603,15 @@ class forward {
     g.topk_idx = topk_idx;
     g.topk_weight = b_.topk_weight;
     g.num_tokens = T_;
+    if (m_.expert_parallel != nullptr) {
+      // Each token's rows go to the ranks holding its experts and come back as its weighted sum:
+      // one collective round of the world per MoE layer (engine/expert_parallel.hpp).
+      if ((err = check(kcu::moe_gate_run(g, stream_), "gate"))) return err;
+      ++m_.kernels->experts_parallel;
+      const expert_parallel_weights local{w.experts_gate_up.data, w.experts_down.data};
+      return m_.expert_parallel->forward(b_.mlp_in, topk_idx, b_.topk_weight, T_, local, b_.ffn_out,
+                                         stream_);
+    }
     kcu::permute_plan_args plan;
     plan.topk_idx = topk_idx;
     plan.num_tokens = T_;
@@ -858,12 +868,15 @@ size_t carve_step_buffers(const model_state& m, const step_shape& s, char* base,
   // The widest MLP's [gate | up] rows: a dense layer's, the shared experts' or the routed rows.
   size_t widest = Tp * static_cast<size_t>(c.intermediate_size);
   if (d.E > 0) {
-    widest = std::max({widest, Tp * static_cast<size_t>(c.shared_intermediate_size()),
-                       T * k * static_cast<size_t>(c.moe_intermediate_size)});
+    widest = std::max(widest, Tp * static_cast<size_t>(c.shared_intermediate_size()));
     if (m.dt != kernels::dtype::f32) take(b.mlp_in_f32, T * D * sizeof(float));
     take(b.router_logits, T * static_cast<size_t>(d.E) * sizeof(float));
     take(b.topk_idx, static_cast<size_t>(s.num_moe_layers) * T * k * sizeof(int32_t));
     take(b.topk_weight, T * k * sizeof(float));
+  }
+  // The routed rows' buffers, unless expert_parallel_moe runs them in its own.
+  if (d.E > 0 && m.expert_parallel == nullptr) {
+    widest = std::max(widest, T * k * static_cast<size_t>(c.moe_intermediate_size));
     take(b.expert_offsets, (static_cast<size_t>(d.E) + 1) * sizeof(int32_t));
     take(b.expert_positions, T * k * sizeof(int32_t));
     take(b.expert_inverse, T * k * sizeof(int32_t));

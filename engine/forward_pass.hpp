@@ -36,6 +36,10 @@
 #include "kernels/dtype.hpp"
 #include "model/config.hpp"
 
+namespace moe::engine {
+class expert_parallel_moe;
+}  // namespace moe::engine
+
 namespace moe::engine::detail {
 
 /// What the kernels of every step read and that outlives a step.
@@ -78,6 +82,10 @@ struct model_state {
   kernels::cuda::cublas_grouped_gemm* blas = nullptr;
   /// The routed experts' wide products on wgmma where the card has it (grouped_gemm_args::wgmma).
   bool wgmma_experts = false;
+  /// With expert parallelism (gpu_engine_options::expert_parallel), what runs every MoE layer's
+  /// routed experts across the world: one collective round a layer, on the step's stream; the
+  /// weights then hold this rank's experts only. Null: the local grouped GEMM, every expert.
+  expert_parallel_moe* expert_parallel = nullptr;
   /// Counts the products queued, by kernel (the engine's, outliving the steps).
   gpu_kernel_stats* kernels = nullptr;
   int32_t* host_offsets = nullptr;
@@ -187,8 +195,10 @@ struct step_results_layout {
 /// The whole step on m.stream: the metadata upload from `staging` (pinned; filled in `b`'s
 /// metadata layout), run_forward, the result downloads into `staging`. An eager step queues it
 /// and synchronises; a decode graph captures exactly this, so both run the same work. Nothing
-/// in it allocates or synchronises (capturable). On an error, work already queued stays queued:
-/// the caller drains the stream before it reuses `staging` or the arena.
+/// in it allocates or synchronises (capturable), but for expert parallelism's rounds
+/// (model_state::expert_parallel), which wait for their counts: such steps are never captured. On
+/// an error, work already queued stays queued: the caller drains the stream before it reuses
+/// `staging` or the arena.
 [[nodiscard]] caf::error enqueue_step(const model_state& m, const step_shape& shape,
                                       const step_buffers& b, const step_results_layout& r,
                                       void* staging);

@@ -12,6 +12,7 @@
 #include "base/assert.hpp"
 #include "engine/decode_graphs.hpp"
 #include "engine/device_weights.hpp"
+#include "engine/expert_parallel.hpp"
 #include "engine/forward_pass.hpp"
 #include "kernels/cpu/rope.hpp"
 #include "kernels/cpu/sampling.hpp"
@@ -182,6 +183,24 @@ struct gpu_engine::state {
   [[nodiscard]] detail::step_shape padded_decode_shape(int64_t batch, int64_t blocks) const;
   caf::expected<std::unique_ptr<detail::decode_graph>> make_graph(
       const detail::decode_graph_key& key);
+  caf::expected<gpu_step_result> prefill(std::span<const model::sequence_input> seqs,
+                                         const gpu_prefill_options& options);
+  caf::expected<gpu_step_result> decode(std::span<const model::decode_input> batch,
+                                        const gpu_decode_options& options);
+  /// With expert parallelism: this rank's part (no rows) of the MoE layers' rounds a step
+  /// begun at `before` (expert_parallel_moe::rounds()) did not reach, so that every rank makes
+  /// as many rounds a step, whatever failed. Each round still runs this rank's experts over
+  /// the rows its peers send. The first error, if any.
+  caf::error finish_rounds(uint64_t before);
+  /// `step()` (a prefill or a decode step), then, with expert parallelism, the rounds it did
+  /// not reach; the step's error first, else the rounds'.
+  template <class Step>
+  caf::expected<gpu_step_result> collective(const Step& step) {
+    const uint64_t before = expert_parallel ? expert_parallel->rounds() : 0;
+    caf::expected<gpu_step_result> out = step();
+    if (auto err = finish_rounds(before); err && out) return err;
+    return out;
+  }
 
   model::model_config config;
   gpu_engine_options options;
@@ -201,6 +220,10 @@ struct gpu_engine::state {
   model::cache_block_allocator blocks;
   std::unordered_map<uint64_t, int64_t> lengths;
   int64_t num_moe_layers = 0;
+  std::vector<int64_t> moe_layers;  // their indices, in order
+  // expert_parallel only: every MoE layer's routed experts across the world (its buffers are
+  // its own; released after the stream is drained, by ~state).
+  std::unique_ptr<expert_parallel_moe> expert_parallel;
   gpu_kernel_stats kernels;
   detail::model_state model;
   // Last, so released first: the graphs' arenas go back to the allocator while it exists.
@@ -430,6 +453,21 @@ caf::expected<gpu_step_result> gpu_engine::state::first_graph_step(
   return out;
 }
 
+caf::error gpu_engine::state::finish_rounds(uint64_t before) {
+  if (!expert_parallel) return {};
+  caf::error first;
+  // Every call is one round (expert_parallel_moe::rounds), so this ends.
+  for (uint64_t done = expert_parallel->rounds() - before;
+       done < static_cast<uint64_t>(num_moe_layers); done = expert_parallel->rounds() - before) {
+    const device_moe& w = *weights->layer(moe_layers[done]).moe;
+    caf::error err = expert_parallel->forward(nullptr, nullptr, nullptr, 0,
+                                              {w.experts_gate_up.data, w.experts_down.data},
+                                              nullptr, stream.get());
+    if (err && !first) first = with_context(err, "gpu engine: expert parallel round");
+  }
+  return first;
+}
+
 gpu_engine::gpu_engine(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
 gpu_engine::gpu_engine(gpu_engine&&) noexcept = default;
 gpu_engine& gpu_engine::operator=(gpu_engine&&) noexcept = default;
@@ -455,6 +493,19 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
       options.grouped_dense_rows > gpu_engine_options::max_grouped_dense_rows)
     return bad_input("grouped_dense_rows must be within 0 .. " +
                      std::to_string(gpu_engine_options::max_grouped_dense_rows));
+  if (const gpu_expert_parallel& ep = options.expert_parallel; ep.comm != nullptr) {
+    if (c.n_routed_experts == 0)
+      return bad_input("expert parallelism: the model has no routed experts");
+    if (ep.max_tokens < 1) return bad_input("expert parallelism: max_tokens must be positive");
+    if (options.decode_graphs)
+      return bad_input(
+          "expert parallelism: decode_graphs must be off (each MoE layer's round waits for its "
+          "row counts on the host, which a CUDA graph cannot hold)");
+    if (options.cublas_grouped_experts || options.wgmma_experts)
+      return bad_input(
+          "expert parallelism: cublas_grouped_experts and wgmma_experts must be off (the routed "
+          "experts run on expert_parallel_moe's grouped GEMM)");
+  }
   auto rope = model::rope_kernel_params(c);
   if (!rope) return rope.error();
   if (auto err = check_kernel_limits(c)) return err;
@@ -471,15 +522,38 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
   if (auto err = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice")) return err;
 
   auto s = std::make_unique<state>(c, options);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) s->num_moe_layers += c.is_moe_layer(l) ? 1 : 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    if (c.is_moe_layer(l)) s->moe_layers.push_back(l);
+  s->num_moe_layers = static_cast<int64_t>(s->moe_layers.size());
   auto stream = runtime::cuda_stream::create();
   if (!stream) return stream.error();
   s->stream = std::move(*stream);
   s->allocator = std::make_unique<runtime::caching_device_allocator>(
       std::make_unique<runtime::cuda_memory_source>(options.device));
-  auto weights = device_weights::upload(*ckpt, options.dtype, s->stream.get());
+  expert_range experts;  // all of them
+  if (options.expert_parallel.comm != nullptr) {
+    expert_parallel_shape shape;
+    shape.num_experts = c.n_routed_experts;
+    shape.dim = c.hidden_size;
+    shape.intermediate = c.moe_intermediate_size;
+    shape.top_k = c.num_experts_per_tok;
+    shape.max_tokens = options.expert_parallel.max_tokens;
+    shape.dt = options.dtype;
+    auto ep = expert_parallel_moe::create(options.expert_parallel.comm, shape);
+    if (!ep) return with_context(ep.error(), "gpu engine");
+    s->expert_parallel = std::move(*ep);
+    experts = {s->expert_parallel->first_expert(), s->expert_parallel->local_experts()};
+  }
+  auto weights = device_weights::upload(*ckpt, options.dtype, s->stream.get(), experts);
   if (!weights) return weights.error();
   s->weights.emplace(std::move(*weights));
+  if (s->expert_parallel)
+    for (const int64_t l : s->moe_layers)
+      if (s->weights->layer(l).moe->experts_gate_up.fp8() ||
+          s->weights->layer(l).moe->experts_down.fp8())
+        return bad_input(
+            "expert parallelism: the routed experts must be bf16 or f32, not FP8 (load the "
+            "checkpoint without keep_fp8)");
 
   const size_t es = kernels::dtype_bytes(options.dtype);
   kernels::cpu::mla_cache_layout layout;
@@ -615,6 +689,7 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
     m.device_pointers = static_cast<void**>(s->blas_pointers.data());
   }
   m.fp8_expanded = s->fp8_expanded.data();
+  m.expert_parallel = s->expert_parallel.get();
   // The host tables above must outlive their copies.
   if (auto err = s->stream.synchronize()) return err;
   return gpu_engine(std::move(s));
@@ -622,7 +697,17 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
 
 caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequence_input> seqs,
                                                    const gpu_prefill_options& options) {
-  state& s = *state_;
+  return state_->collective([&] { return state_->prefill(seqs, options); });
+}
+
+caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_input> batch,
+                                                  const gpu_decode_options& options) {
+  return state_->collective([&] { return state_->decode(batch, options); });
+}
+
+caf::expected<gpu_step_result> gpu_engine::state::prefill(
+    std::span<const model::sequence_input> seqs, const gpu_prefill_options& options) {
+  state& s = *this;
   const model::model_config& c = s.config;
   if (seqs.empty()) return gpu_step_result{};
   int64_t num_tokens = 0, longest = 0;
@@ -642,6 +727,11 @@ caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequen
     longest = std::max<int64_t>(longest, static_cast<int64_t>(q.tokens.size()));
   }
   if (num_tokens > INT32_MAX) return bad_input("more than 2^31 - 1 tokens in one prefill");
+  if (s.expert_parallel && num_tokens > s.options.expert_parallel.max_tokens)
+    return bad_input(std::to_string(num_tokens) +
+                     " tokens in one prefill, above expert "
+                     "parallelism's max_tokens " +
+                     std::to_string(s.options.expert_parallel.max_tokens));
   if (options.all_logits && !options.sampling.empty())
     return bad_input("sampling draws each sequence's next token: not with all_logits");
   if (auto err = check_sampling(options.sampling, static_cast<int64_t>(seqs.size()))) return err;
@@ -688,9 +778,9 @@ caf::expected<gpu_step_result> gpu_engine::prefill(std::span<const model::sequen
   return out;
 }
 
-caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_input> batch,
-                                                  const gpu_decode_options& options) {
-  state& s = *state_;
+caf::expected<gpu_step_result> gpu_engine::state::decode(std::span<const model::decode_input> batch,
+                                                         const gpu_decode_options& options) {
+  state& s = *this;
   const model::model_config& c = s.config;
   if (batch.empty()) return gpu_step_result{};
   std::unordered_set<uint64_t> seen;
@@ -708,6 +798,11 @@ caf::expected<gpu_step_result> gpu_engine::decode(std::span<const model::decode_
     longest = std::max(longest, it->second + 1);
   }
   if (auto err = check_sampling(options.sampling, static_cast<int64_t>(batch.size()))) return err;
+  if (s.expert_parallel &&
+      static_cast<int64_t>(batch.size()) > s.options.expert_parallel.max_tokens)
+    return bad_input("a batch of " + std::to_string(batch.size()) +
+                     ", above expert parallelism's max_tokens " +
+                     std::to_string(s.options.expert_parallel.max_tokens));
   for (const auto& d : batch)
     if (auto err = s.blocks.reserve(d.id, s.lengths[d.id] + 1)) return err;
   size_t max_blocks = 1;

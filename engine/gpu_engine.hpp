@@ -4,11 +4,11 @@
 // roundings differs) and is tested against it and against transformers' goldens.
 //
 // What lives on the device: the weights (device_weights.hpp, in bf16 or f32; a checkpoint's FP8
-// weights stay FP8 in a bf16 engine when it was loaded with model::load_options::keep_fp8), the paged latent
-// KV cache (num_blocks blocks of block_size tokens, every layer's pool alike; the block tables
-// are model::cache_block_allocator's bookkeeping on the host; one more block, never handed out,
-// is where a decode graph's padding rows write), YaRN's cos/sin tables (built on the host by
-// kernels::cpu::rope_cos_sin_table, uploaded once), cuBLASLt's workspace, each step's
+// weights stay FP8 in a bf16 engine when it was loaded with model::load_options::keep_fp8), the
+// paged latent KV cache (num_blocks blocks of block_size tokens, every layer's pool alike; the
+// block tables are model::cache_block_allocator's bookkeeping on the host; one more block, never
+// handed out, is where a decode graph's padding rows write), YaRN's cos/sin tables (built on the
+// host by kernels::cpu::rope_cos_sin_table, uploaded once), cuBLASLt's workspace, each step's
 // activations (one allocation from the caching device allocator), and with decode_graphs the
 // graphs with their own activations. Every kernel and copy runs on the engine's one stream; a
 // call returns when its results are on the host.
@@ -18,8 +18,12 @@
 // model's limit are model_errc::bad_input with the reason; a full cache is
 // model_errc::cache_full (transient: retry when sequences are released) and changes nothing.
 //
+// With gpu_engine_options::expert_parallel, the engine is one rank of an NCCL world holding its
+// share of the routed experts; each step is then collective (gpu_expert_parallel says how).
+//
 // Ownership: the engine shares the checkpoint (only while creating: the device copy is its
-// own) and owns every device resource, released after the stream is drained.
+// own) and owns every device resource, released after the stream is drained; not the NCCL
+// communicator, which must outlive it.
 // Thread safety: one thread at a time (a CUDA stream and plan caches inside).
 #pragma once
 
@@ -37,7 +41,31 @@
 #include "model/latent_cache.hpp"
 #include "model/reference_engine.hpp"
 
+// NCCL's communicator handle, as nccl.h declares it (this header stays free of NCCL's).
+struct ncclComm;
+typedef struct ncclComm* ncclComm_t;  // NOLINT(modernize-use-using): nccl.h's own spelling
+
 namespace moe::engine {
+
+/// Expert parallelism: the engine is one rank of an NCCL world (engine/expert_parallel.hpp).
+/// Each rank's engine holds the whole model but the routed experts, of which it holds its share
+/// (rank r of n: each MoE layer's experts [r E / n, (r + 1) E / n)), and runs its own sequences
+/// (attention is data parallel); every MoE layer sends each token's rows to the ranks of its
+/// experts and gets their weighted sum back. So a model whose experts do not fit one GPU is
+/// served by several, and each GPU reads only its experts' weights in a step.
+///
+/// Every prefill and decode call is then a collective step: every rank of the world makes its
+/// calls in the same order and number (prefill on one rank may meet decode on another), and a
+/// rank with nothing to run passes an empty batch, which still takes its part in each layer's
+/// round. A step one rank refuses (bad input, a full cache, more than max_tokens tokens) still
+/// takes its part (with no rows), so its peers' steps go through; a step that fails on a rank
+/// after its rows left (a kernel or NCCL failure) breaks the world, as any failed collective.
+struct gpu_expert_parallel {
+  ncclComm_t comm = nullptr;  ///< the world, on the engine's device; not owned. Null: off
+  /// The most tokens one step of this rank runs: a prefill's prompts together, a decode's
+  /// batch. Sizes the layer's receive buffers (world x max_tokens x top_k rows of hidden).
+  int64_t max_tokens = 0;
+};
 
 struct gpu_engine_options {
   /// Storage dtype of weights, activations and the cache: bf16 (serving) or f32 (exactness
@@ -115,6 +143,11 @@ struct gpu_engine_options {
   /// device memory the size of an eager step's activations at its padded shape (logits
   /// included: rows x vocab x 4 bytes with return_logits) and a pinned buffer of its results.
   int64_t max_decode_graphs = 32;
+  /// Off unless comm is set; then decode_graphs, cublas_grouped_experts and wgmma_experts must
+  /// be off (each layer's round waits for its counts on the host, which a graph cannot hold,
+  /// and the routed experts run on expert_parallel_moe's grouped GEMM), and the experts bf16 or
+  /// f32 (not FP8).
+  gpu_expert_parallel expert_parallel;
   /// Tests only (fault injection): called inside every decode graph capture, after the step
   /// is queued, with the engine's cudaStream_t. An error it returns, or a CUDA call it makes
   /// that the capture refuses (a synchronisation, say), fails that capture as a kernel refusal
@@ -146,6 +179,8 @@ struct gpu_kernel_stats {
   uint64_t experts_grouped_gemm = 0;  ///< kernels/cuda/grouped_gemm.hpp: WMMA (f32: CUDA cores)
   uint64_t experts_wgmma = 0;         ///< the same on Hopper's wgmma (wgmma_experts)
   uint64_t experts_cublas = 0;        ///< cuBLAS's grouped GEMM (cublas_grouped_experts)
+  /// MoE layers whose routed experts ran across the world (expert_parallel), one a layer and step.
+  uint64_t experts_parallel = 0;
   /// Dense products run on the grouped GEMM as one expert (grouped_dense_rows).
   uint64_t dense_as_one_expert = 0;
   /// Products of FP8 weights beyond skinny_rows (fp8_products): on cuBLASLt's block-scaled
@@ -219,12 +254,14 @@ class gpu_engine {
   ~gpu_engine();
 
   /// Runs new sequences' prompts (ids not yet cached, distinct) and caches them. On an error
-  /// nothing of these sequences stays cached.
+  /// nothing of these sequences stays cached. With expert_parallel, a collective step (see
+  /// gpu_expert_parallel): an empty `seqs` is this rank's part with nothing to run.
   [[nodiscard]] caf::expected<gpu_step_result> prefill(std::span<const model::sequence_input> seqs,
                                                        const gpu_prefill_options& options = {});
   /// One token per cached sequence (distinct ids) -> logits (B, vocab). On bad input nothing
   /// changes; on a full cache, sequences earlier in the batch may keep a block reserved for
-  /// their next token (as the reference engine).
+  /// their next token (as the reference engine). With expert_parallel, a collective step, as
+  /// prefill.
   [[nodiscard]] caf::expected<gpu_step_result> decode(std::span<const model::decode_input> batch,
                                                       const gpu_decode_options& options = {});
   /// Forgets a sequence and frees its cache blocks; unknown ids are ignored.
