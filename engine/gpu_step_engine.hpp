@@ -2,6 +2,9 @@
 // (actors/engine_shard.hpp) runs to serve the GPU engine behind the controller and the job API.
 // Tokens are drawn on the device (gpu_row_sampling: the reference sampler's draws from the
 // step's logits), so a step copies logits to the host only when asked for them.
+// An expert-parallel engine (gpu_engine_options::expert_parallel) refused here, by check_step,
+// would take no part in its world's step: such engines are driven through
+// expert_parallel_step_engine, which checks every rank's part before any runs.
 // Ownership: owns the engine. Thread safety: one thread at a time (the engine's stream).
 #pragma once
 

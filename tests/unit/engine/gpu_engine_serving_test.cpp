@@ -3,21 +3,25 @@
 // C++ job client over Cap'n Proto. Concurrent clients get tiny-v3's golden greedy continuation
 // and the reference engine's greedy tokens (f32 logits within ~1e-6 of the reference's, far
 // below these paths' top-1 margins: gpu_engine_test.cpp), sampled requests their full length;
-// describe() names the shard's device; the shard reports its steps on /metrics. Skipped without
-// a GPU; CI runs it in the emulator (tests/emulator/engine), where it is the only test of the GPU
-// engine behind the actors.
+// describe() names the shard's device; the shard reports its steps on /metrics. The same with the
+// shard an expert-parallel group of two GPUs (`moe serve --engine gpu --expert-parallel 2`:
+// engine::expert_parallel_step_engine, the routed experts split between them). Skipped without
+// a GPU (the group: without two); CI runs it in the emulator (tests/emulator/engine), where it
+// is the only test of the GPU engine behind the actors.
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
 #include "actors/serving_cluster.hpp"
+#include "engine/expert_parallel_step_engine.hpp"
 #include "engine/gpu_step_engine.hpp"
 #include "tests/golden/golden_data.hpp"
 #include "tests/unit/actors/job_clients.hpp"
 #include "tests/unit/actors/system_config.hpp"
 #include "tests/unit/actors/tiny_fixture.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
+#include "tests/unit/runtime/nccl_world.hpp"
 
 using namespace moe;
 using moe::actors::testing::tiny;
@@ -40,8 +44,13 @@ runtime::cluster_config gpu_config() {
 
 }  // namespace
 
-TEST(gpu_engine_serving, clients_get_the_reference_engines_greedy_tokens_from_a_gpu_shard) {
+/// GPUs per engine shard: 1, the GPU engine; more, an expert-parallel group.
+class gpu_engine_serving : public ::testing::TestWithParam<int> {};
+
+TEST_P(gpu_engine_serving, clients_get_the_reference_engines_greedy_tokens_from_a_gpu_shard) {
   MOE_KERNELS_SKIP_WITHOUT_GPU();
+  const int group = GetParam();
+  if (const auto why = moe::test_support::cannot_form(group); !why.empty()) GTEST_SKIP() << why;
   const auto ckpt = moe::testing::load_fixture("tiny-v3");
   ASSERT_TRUE(ckpt);
   auto sys_cfg = moe::actors::testing::local_system_config();
@@ -51,13 +60,22 @@ TEST(gpu_engine_serving, clients_get_the_reference_engines_greedy_tokens_from_a_
   o.api_port = 0;
   o.metrics_port = 0;
   o.num_engine_shards = 1;
-  o.make_engine = [ckpt](int shard, const std::filesystem::path&,
-                         const model::latent_cache_options& cache)
+  o.make_engine = [ckpt, group](int shard, const std::filesystem::path&,
+                                const model::latent_cache_options& cache)
       -> caf::expected<std::unique_ptr<model::step_engine>> {
     engine::gpu_engine_options eo;
     eo.dtype = kernels::dtype::f32;
     eo.device = shard;
     eo.cache = cache;
+    if (group > 1) {
+      engine::expert_parallel_group_options go;
+      go.engine = eo;
+      for (int r = 0; r < group; ++r) go.devices.push_back(r);
+      go.max_tokens_per_rank = 64;
+      auto g = engine::expert_parallel_step_engine::create(ckpt, go);
+      if (!g) return g.error();
+      return std::unique_ptr<model::step_engine>(std::move(*g));
+    }
     auto e = engine::gpu_engine::create(ckpt, eo);
     if (!e) return e.error();
     return std::make_unique<engine::gpu_step_engine>(std::move(*e), shard);
@@ -105,7 +123,7 @@ TEST(gpu_engine_serving, clients_get_the_reference_engines_greedy_tokens_from_a_
   for (const auto& a : d->actors)
     if (a.kind == "engine_shard") {
       described = true;
-      EXPECT_NE(a.device.find("cuda:0"), std::string::npos) << a.device;
+      EXPECT_NE(a.device.find(group > 1 ? "cuda:0,1" : "cuda:0"), std::string::npos) << a.device;
     }
   EXPECT_TRUE(described);
   const auto text = prometheus::TextSerializer().Serialize(c.registry()->Collect());
@@ -113,3 +131,6 @@ TEST(gpu_engine_serving, clients_get_the_reference_engines_greedy_tokens_from_a_
       << text;
   c.stop();
 }
+
+INSTANTIATE_TEST_SUITE_P(gpus_per_shard, gpu_engine_serving, ::testing::Values(1, 2),
+                         [](const auto& info) { return "of_" + std::to_string(info.param); });

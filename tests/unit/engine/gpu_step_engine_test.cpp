@@ -13,17 +13,15 @@
 
 #include <vector>
 
-#include "kernels/cpu/sampling.hpp"
 #include "model/model_errc.hpp"
 #include "tests/golden/golden_data.hpp"
+#include "tests/unit/engine/step_engine_checks.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
 
 using namespace moe;
 using namespace moe::testing;
 
 namespace {
-
-constexpr float logit_tolerance = 1e-3f;  // f32 throughout: gpu_engine_test.cpp's bound
 
 std::unique_ptr<engine::gpu_step_engine> make_gpu(
     const std::shared_ptr<const model::checkpoint>& ckpt) {
@@ -45,36 +43,6 @@ std::unique_ptr<model::reference_step_engine> make_reference(
   return std::make_unique<model::reference_step_engine>(std::move(*e));
 }
 
-// The step on both engines, with logits; the tokens: greedy rows the reference's, sampled rows
-// the CPU sampler's draw from the GPU step's own logits.
-void expect_same_step(model::step_engine& gpu, model::step_engine& ref,
-                      std::span<const model::step_sequence> seqs, bool prefill,
-                      const std::string& what) {
-  auto got = prefill ? gpu.prefill(seqs, true) : gpu.decode(seqs, true);
-  auto want = prefill ? ref.prefill(seqs, true) : ref.decode(seqs, true);
-  ASSERT_TRUE(got) << what << ": " << error_text(got.error());
-  ASSERT_TRUE(want) << what << ": " << error_text(want.error());
-  const size_t V = static_cast<size_t>(ref.config().vocab_size);
-  ASSERT_EQ(got->tokens.size(), seqs.size()) << what;
-  ASSERT_EQ(got->logits.size(), seqs.size() * V) << what;
-  kernels::cpu::sampler sampler(V);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    float worst = 0;
-    for (size_t v = 0; v < V; ++v)
-      worst = std::max(worst, std::abs(got->logits[i * V + v] - want->logits[i * V + v]));
-    EXPECT_LE(worst, logit_tolerance) << what << ", row " << i;
-    if (seqs[i].sampling.temperature == 0.0f) {
-      EXPECT_EQ(got->tokens[i], want->tokens[i]) << what << ", greedy row " << i;
-    } else {
-      int32_t drawn = -1;
-      ASSERT_EQ(sampler.draw(got->logits.data() + i * V, seqs[i].sampling, seqs[i].seed,
-                             seqs[i].offset, &drawn),
-                kernels::kernel_status::ok);
-      EXPECT_EQ(got->tokens[i], drawn) << what << ", sampled row " << i;
-    }
-  }
-}
-
 }  // namespace
 
 TEST(gpu_step_engine, steps_give_the_reference_step_engines_tokens) {
@@ -90,11 +58,7 @@ TEST(gpu_step_engine, steps_give_the_reference_step_engines_tokens) {
   std::vector<std::vector<int32_t>> prompts = {{ids.begin(), ids.begin() + 11},
                                                {ids.begin() + 3, ids.begin() + 5},
                                                {ids.begin() + 16, ids.begin() + 23}};
-  std::vector<model::step_sequence> seqs(3);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    seqs[i].id = 10 + i;
-    seqs[i].tokens = prompts[i];
-  }
+  std::vector<model::step_sequence> seqs = sequences_of(prompts, 10);
   seqs[1].sampling = {0.9f, 50, 0.9f};
   seqs[1].seed = 77;
   seqs[2].sampling = {1.2f, 0, 1.0f};
@@ -102,19 +66,8 @@ TEST(gpu_step_engine, steps_give_the_reference_step_engines_tokens) {
   expect_same_step(*gpu, *ref, seqs, true, "prefill");
   if (::testing::Test::HasFatalFailure()) return;
 
-  // Decode steps feed both engines the same tokens (fixed ones: a sampled row's token may
-  // legitimately differ between them near a boundary, and must not change what follows).
-  std::vector<int32_t> next(seqs.size());
-  for (int s = 0; s < 6; ++s) {
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      next[i] = static_cast<int32_t>((ids[static_cast<size_t>(s) + i] + 7 * s) % 512);
-      seqs[i].tokens = std::span(&next[i], 1);
-      seqs[i].offset = static_cast<uint64_t>(s + 1);
-    }
-    expect_same_step(*gpu, *ref, seqs, false, "decode " + std::to_string(s));
-    if (::testing::Test::HasFatalFailure()) return;
-  }
-  for (const auto& q : seqs) EXPECT_EQ(gpu->cached_tokens(q.id), ref->cached_tokens(q.id));
+  expect_same_decode_steps(*gpu, *ref, seqs, ids, 6);
+  if (::testing::Test::HasFatalFailure()) return;
 
   // Without logits, the same tokens (greedy rows: the device's choice either way).
   gpu->release(10);
