@@ -5,8 +5,11 @@
 //                               cluster up): this process joins them, places the model's actors
 //                               there and keeps the controller, the job API and its /metrics.
 //   moe serve --config FILE --engine gpu|reference [--engine-shards N] [--gpu-dtype D] [--fp8 M]
+//             [--expert-parallel G [--expert-parallel-tokens T]]
 //                               whole-model engine shards (the GPU engine, one per GPU, or the
-//                               CPU reference engine) behind the same controller and job API.
+//                               CPU reference engine) behind the same controller and job API;
+//                               with --expert-parallel, each shard a group of G GPUs splitting
+//                               the routed experts (engine/expert_parallel_step_engine.hpp).
 //   moe demo [--config FILE] [--processes N]
 //                               the embedded deploy/local.yaml with the embedded default model:
 //                               submits prompts concurrently through the API and shows what
@@ -42,6 +45,7 @@
 #include "runtime/actor_system.hpp"
 #include "runtime/devices.hpp"
 #ifdef MOE_HAVE_ENGINE
+#include "engine/expert_parallel_step_engine.hpp"
 #include "engine/gpu_step_engine.hpp"
 #endif
 
@@ -76,26 +80,29 @@ struct serve_options {
   int engine_shards = 0;          // 0: one per GPU (gpu), 1 (reference)
   std::string gpu_dtype = "bf16";
   std::string fp8 = "off";
+  int expert_parallel = 1;                // GPUs per engine shard, the experts split over them
+  int64_t expert_parallel_tokens = 4096;  // tokens one of them runs per round
 };
 
 // --engine gpu|reference: how many whole-model shards, and the factory that makes each one's
 // engine. The checkpoint is read once, on the first shard's call, and shared by all.
 caf::error engine_shards_for(const serve_options& o, actors::serving_options& so) {
   if (o.engine == "actors") {
-    if (o.engine_shards != 0 || o.gpu_dtype != "bf16" || o.fp8 != "off")
+    if (o.engine_shards != 0 || o.gpu_dtype != "bf16" || o.fp8 != "off" || o.expert_parallel != 1)
       return model::make_error(
           model::model_errc::bad_input,
-          "--engine-shards, --gpu-dtype and --fp8 choose whole-model engine shards: give "
-          "--engine gpu or --engine reference with them");
+          "--engine-shards, --gpu-dtype, --fp8 and --expert-parallel choose whole-model engine "
+          "shards: give --engine gpu or --engine reference with them");
     return {};
   }
   if (o.join_nodes)
     return model::make_error(
         model::model_errc::bad_input,
         "--engine " + o.engine + " serves in this process: not with --join-nodes");
-  if (o.engine == "reference" && (o.gpu_dtype != "bf16" || o.fp8 != "off"))
+  if (o.engine == "reference" &&
+      (o.gpu_dtype != "bf16" || o.fp8 != "off" || o.expert_parallel != 1))
     return model::make_error(model::model_errc::bad_input,
-                             "--gpu-dtype and --fp8 are for --engine gpu");
+                             "--gpu-dtype, --fp8 and --expert-parallel are for --engine gpu");
   struct shared_checkpoint {
     std::shared_ptr<const model::checkpoint> ckpt;
   };
@@ -131,11 +138,41 @@ caf::error engine_shards_for(const serve_options& o, actors::serving_options& so
   if (found == 0)
     return model::make_error(model::model_errc::bad_input,
                              "--engine gpu: no GPU: " + devices.no_gpu_reason);
-  if (o.engine_shards > found)
+  const int group = o.expert_parallel;  // GPUs per shard
+  if (group > found)
     return model::make_error(model::model_errc::bad_input,
-                             "--engine-shards " + std::to_string(o.engine_shards) +
-                                 ": one per GPU, and " + std::to_string(found) + " found");
-  so.num_engine_shards = o.engine_shards == 0 ? found : o.engine_shards;
+                             "--expert-parallel " + std::to_string(group) + ": " +
+                                 std::to_string(found) + " GPU(s) found");
+  if (o.engine_shards > found / group)
+    return model::make_error(model::model_errc::bad_input,
+                             "--engine-shards " + std::to_string(o.engine_shards) + ": " +
+                                 std::to_string(group) + " GPU(s) per shard, and " +
+                                 std::to_string(found) + " found");
+  so.num_engine_shards = o.engine_shards == 0 ? found / group : o.engine_shards;
+  if (group > 1 && o.fp8 != "off")
+    return model::make_error(model::model_errc::bad_input,
+                             "--expert-parallel takes bf16 or f32 experts: not with --fp8");
+  if (group > 1) {
+    // Shard i: GPUs [i G, (i + 1) G), each holding E / G experts of every MoE layer and its own
+    // share of the shard's sequences, with the shard's cache budget split between them.
+    so.make_engine = [loaded, load, group, tokens = o.expert_parallel_tokens,
+                      base = gpu_engine_options_of(o.gpu_dtype, o.fp8)](
+                         int shard, const std::filesystem::path& dir,
+                         const model::latent_cache_options& cache)
+        -> caf::expected<std::unique_ptr<model::step_engine>> {
+      if (auto err = load(dir)) return err;
+      engine::expert_parallel_group_options go;
+      go.engine = base;
+      go.engine.cache = cache;
+      go.engine.cache.num_blocks = std::max<int64_t>(1, (cache.num_blocks + group - 1) / group);
+      for (int r = 0; r < group; ++r) go.devices.push_back(shard * group + r);
+      go.max_tokens_per_rank = tokens;
+      auto e = engine::expert_parallel_step_engine::create(loaded->ckpt, go);
+      if (!e) return e.error();
+      return std::unique_ptr<model::step_engine>(std::move(*e));
+    };
+    return {};
+  }
   so.make_engine = [loaded, load, base = gpu_engine_options_of(o.gpu_dtype, o.fp8)](
                        int shard, const std::filesystem::path& dir,
                        const model::latent_cache_options& cache)
@@ -171,7 +208,10 @@ int run_serve(const serve_options& o) {
   std::fflush(stdout);
   auto cluster = actors::serving_cluster::start(sys, *cfg, so);
   if (!cluster) return fail("serve", cluster.error());
-  if ((*cluster)->serves_engine_shards())
+  if ((*cluster)->serves_engine_shards() && o.expert_parallel > 1)
+    fmt::print("{} engine shard(s) of {} GPUs each, the routed experts split over them\n",
+               (*cluster)->shards().size(), o.expert_parallel);
+  else if ((*cluster)->serves_engine_shards())
     fmt::print("{} whole-model engine shard(s) ({}), no routers or expert groups\n",
                (*cluster)->shards().size(), o.engine);
   else
@@ -502,6 +542,16 @@ void add_serve_command(CLI::App& app, command_context& ctx) {
                   "block_scaled "
                   "(FP8 products) or expand (bf16 products)")
       ->check(CLI::IsMember({"off", "block_scaled", "expand"}));
+  cmd->add_option("--expert-parallel", o->expert_parallel,
+                  "--engine gpu: GPUs per engine shard, each holding its share of every MoE "
+                  "layer's routed experts and of the shard's sequences (default 1: whole-model "
+                  "shards); the experts must split evenly; FP8 experts are not taken")
+      ->check(whole_number(1, 1024));
+  cmd->add_option(
+         "--expert-parallel-tokens", o->expert_parallel_tokens,
+         "--expert-parallel: tokens one GPU runs per round (a step's prompts together; the "
+         "longest prompt served); sizes the expert exchange's buffers (default 4096)")
+      ->check(whole_number(1, 1 << 20));
   cmd->callback([o, &ctx] { ctx.exit_code = run_serve(*o); });
 }
 

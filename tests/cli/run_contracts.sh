@@ -592,6 +592,13 @@ case_bad_cli_arguments() {
   expect_refused_saying "--join-timeout: 1e300 is not a number in (0, 1000000]"
   moe serve --config "$config" --api-port 70000
   expect_refused_saying "--api-port: 70000 is not a whole number in [0, 65535]"
+  # Expert-parallel engine shards: GPU engine shards only, and a group of at least one GPU.
+  moe serve --config "$config" --expert-parallel 0
+  expect_refused_saying "--expert-parallel: 0 is not a whole number in [1, 1024]"
+  moe serve --config "$config" --expert-parallel 2
+  expect_clear_error serve "--expert-parallel choose whole-model engine shards"
+  moe serve --config "$config" --engine reference --expert-parallel 2
+  expect_clear_error serve "--expert-parallel are for --engine gpu"
   moe submit --address 127.0.0.1:9 --secret s --prompt-ids 5 --deadline-ms -5
   expect_refused_saying "--deadline-ms: -5 is not a whole number >= 0"
   # Seeds: CLI11 alone read -1 as 2^64 - 1 and went on.
