@@ -455,7 +455,9 @@ caf::expected<gpu_step_result> gpu_engine::state::first_graph_step(
 
 caf::error gpu_engine::state::finish_rounds(uint64_t before) {
   if (!expert_parallel) return {};
-  caf::error first;
+  // A step refused on the host set no device, and this thread may have driven another since:
+  // the rounds' kernels must launch on the engine's.
+  caf::error first = runtime::cuda_error(cudaSetDevice(options.device), "cudaSetDevice");
   // Every call is one round (expert_parallel_moe::rounds), so this ends.
   for (uint64_t done = expert_parallel->rounds() - before;
        done < static_cast<uint64_t>(num_moe_layers); done = expert_parallel->rounds() - before) {
