@@ -21,8 +21,12 @@
 //  - cudaMalloc'd memory is filled with 0xff bytes (NaN in f32 and bf16), so a read of memory
 //    never written shows up; copies and memsets are checked against the allocations they touch
 //    (a copy running past the end of one, or a direction that contradicts its pointers, is
-//    cudaErrorInvalidValue, which CUDA leaves undefined) and handles against the live ones.
-// One device (compute capability 9.0). Not modelled: concurrency between streams (each runs in
+//    cudaErrorInvalidValue, which CUDA leaves undefined) and handles against the live ones;
+//  - a stream belongs to the device current when it was made, and a kernel launched on it from
+//    a thread whose current device is another fails (cudaErrorInvalidResourceHandle), as CUDA's
+//    does: a thread driving several devices must set each one before its launches.
+// One device by default (compute capability 9.0; MOE_EMU_DEVICES shows more, all sharing the
+// host's memory). Not modelled: concurrency between streams (each runs in
 // order; a wait on an event first runs the work recorded before it), memory limits, timing
 // (elapsed times are host time).
 //
@@ -50,6 +54,7 @@
 
 struct CUstream_st {
   unsigned flags = cudaStreamDefault;
+  int device = 0;  // current when it was created: the device its kernels run on
   bool capturing = false;
   bool invalidated = false;
   cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
@@ -269,6 +274,16 @@ cudaError_t submit_locked(cudaStream_t stream, node work) {
 }
 
 void launch_through_runtime(cudaStream_t stream, std::function<void()> launch) {
+  {
+    guard g(lock_of_all());
+    // CUDA: a kernel launch fails if it is issued to a stream that is not associated with the
+    // current device (a thread driving several devices must cudaSetDevice before each one's).
+    const CUstream_st* s = resolve(stream);
+    if (s != nullptr && s != &legacy_stream && s->device != current_device) {
+      (void)fail(cudaErrorInvalidResourceHandle);
+      return;
+    }
+  }
   (void)emu::submit(stream, std::move(launch));
 }
 
@@ -585,6 +600,7 @@ cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* pStream, unsigned 
   if (pStream == nullptr) return fail(cudaErrorInvalidValue);
   auto* s = new CUstream_st;
   s->flags = flags;
+  s->device = current_device;
   streams().insert(s);
   *pStream = s;
   return cudaSuccess;
