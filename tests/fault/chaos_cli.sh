@@ -61,6 +61,15 @@ settles() {
   done
   return 1
 }
+# reported FILE REGEX: whether a background process's log shows REGEX within 10 s. The proxy
+# writes its connection report after closing the sockets, so a client may finish first.
+reported() {
+  for _ in $(seq 100); do
+    grep -qE -- "$2" "$1" && return 0
+    sleep 0.1
+  done
+  return 1
+}
 expect 0 "SIGSTOP sent to node n0 \(pid $VICTIM" "$MOE" chaos stop --config "$TMP/c.yaml" --node n0 --run-dir "$TMP/run"
 settles "$VICTIM" '^T$' || fail "after chaos stop the process is in state '$(state "$VICTIM")', not T"
 expect 0 "SIGCONT sent" "$MOE" chaos cont --config "$TMP/c.yaml" --node n0 --run-dir "$TMP/run"
@@ -156,12 +165,12 @@ read -r sum_c _ _ _ <<<"$C"
 [[ $size_a -eq 20000 && $flips_a -gt 150 && $flips_a -lt 700 ]] || fail "rate 0.01: $size_a bytes, $flips_a bits flipped"
 [[ $sum_a == "$sum_b" ]] || fail "the same seed flipped different bits ($A / $B)"
 [[ $sum_a != "$sum_c" ]] || fail "different seeds flipped the same bits"
-grep -qE "conn 1 from .*: closed by the client; to server 20000 B \([0-9]+ bits flipped\)" "$TMP/seed5.out" ||
+reported "$TMP/seed5.out" "conn 1 from .*: closed by the client; to server 20000 B \([0-9]+ bits flipped\)" ||
   fail "the proxy's connection report: $(cat "$TMP/seed5.out")"
 proxy drop --drop-after 5000
 read -r _ size _ _ < <(roundtrip "$PROXY")
 [[ $size -lt 5000 ]] || fail "--drop-after 5000: $size bytes came back"
-grep -q "cut after 5000 bytes" "$TMP/drop.out" || fail "--drop-after not reported: $(cat "$TMP/drop.out")"
+reported "$TMP/drop.out" "cut after 5000 bytes" || fail "--drop-after not reported: $(cat "$TMP/drop.out")"
 proxy slow --delay-ms 300
 read -r _ size _ secs < <(roundtrip "$PROXY")
 [[ $size -eq 20000 ]] || fail "--delay-ms: $size bytes came back"
