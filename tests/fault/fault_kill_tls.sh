@@ -43,6 +43,9 @@ echo "    placement: n0: $(holdings n0); n1: $held; n2: $(holdings n2)"
   die "the placement changed: $VICTIM holds '$held', not attention shards only (adapt the config)"
 
 cluster_up
+# `cluster up` returns once n0 answers; n0 logs its "up: ... (TLS)" line only after it publishes
+# its control endpoint, so that line may land a moment after the answer.
+for _ in $(seq 100); do grep -q "(TLS)" "$RUN/n0.log" && break; sleep 0.1; done
 grep -q "(TLS)" "$RUN/n0.log" || die "n0 does not say it runs TLS: $(cat "$RUN/n0.log")"
 serve_start
 baseline

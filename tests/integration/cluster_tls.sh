@@ -60,6 +60,9 @@ if ! "$MOE" cluster up --config "$TMP/tls.yaml" --run-dir "$RUN" --timeout 60 >"
   cat "$RUN"/*.log >&2
   exit 1
 fi
+# `cluster up` returns once n0 answers; n0 logs its "up: ... (TLS)" line only after it publishes
+# its control endpoint, so that line may land a moment after the answer.
+for _ in $(seq 100); do grep -q "(TLS)" "$RUN/n0.log" && break; sleep 0.1; done
 grep -q "(TLS)" "$RUN/n0.log" || fail "n0's log does not say TLS: $(cat "$RUN/n0.log")"
 
 "$MOE" cluster status --config "$TMP/tls.yaml" --run-dir "$RUN" >"$TMP/status.out" 2>&1
