@@ -16,6 +16,8 @@ debian_packages=(
   # clang, its sanitizer and libFuzzer runtimes, llvm-symbolizer for their stack traces:
   # scripts/sanitize.sh
   clang libclang-rt-14-dev llvm-14
+  # every thread's stack when a test's own watchdog fires (tests/unit/actors/watchdog.hpp)
+  gdb
 )
 
 missing=()

@@ -3,35 +3,38 @@
 // (heartbeats), and a coordinator with the wrong secret ends up refused. Every child is a
 // session leader and is killed and reaped, whatever the test's outcome. With the coordinator's
 // worker pool held, a stopped node is still called down on time and a live one is not.
+#include "actors/cluster_membership.hpp"
+
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <thread>
+#include <unistd.h>
 
 #include "actors/actor_types.hpp"
-#include "actors/cluster_membership.hpp"
 #include "busy_worker.hpp"
 #include "node_children.hpp"
 #include "runtime/actor_system.hpp"
 #include "system_config.hpp"
+#include "watchdog.hpp"
 
 using namespace moe;
 using namespace moe::actors;
 using namespace std::chrono_literals;
 using moe::test::free_ports;
 using moe::test::node_child;
+using moe::test::watchdog;
 
 namespace {
 
@@ -90,6 +93,12 @@ void stop_membership(caf::scoped_actor& self, cluster_membership_actor& membersh
   EXPECT_TRUE(released) << "the membership is still referenced 30 s after it was told to stop";
 }
 
+/// Below ctest's 300 s, so that a hang says where it was (watchdog.hpp). A run takes about 2 s,
+/// under the sanitizers too.
+constexpr std::chrono::seconds test_limit{240};
+constexpr const char* teardown_phase =
+    "teardown: the scoped actor, the actor system (waits for every detached actor), the nodes";
+
 /// Two `moe node` processes (n0, n1) of one good config in a directory of their own, removed at
 /// the end.
 struct two_nodes {
@@ -116,6 +125,8 @@ struct two_nodes {
 }  // namespace
 
 TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong_secret) {
+  watchdog dog{test_limit};
+  dog.phase("the nodes join");
   two_nodes nodes("moe_membership_");
   node_child& n0 = *nodes.n0;
   node_child& n1 = *nodes.n1;
@@ -147,6 +158,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   ASSERT_TRUE(up0 && up1) << "events:\n" << log;
 
   // A second coordinator with the wrong secret: both nodes refuse it, and it does not retry.
+  dog.phase("a coordinator with the wrong secret");
   {
     auto wrong = o;
     wrong.config.secret = "wrong-secret";
@@ -171,6 +183,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   }
 
   // SIGKILL: the connection drops and the monitor reports the agent down at once.
+  dog.phase("n0 killed");
   n0.signal(SIGKILL);
   auto down0 = await_state(self, "n0", member_state::down, 30s, log);
   ASSERT_TRUE(down0) << "events:\n" << log;
@@ -178,6 +191,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   n0.kill_and_reap();
 
   // SIGSTOP: the connection stays open; only the missing heartbeats tell.
+  dog.phase("n1 stopped");
   n1.signal(SIGSTOP);
   auto down1 = await_state(self, "n1", member_state::down, 30s, log);
   n1.kill_and_reap();
@@ -191,7 +205,9 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   EXPECT_NE(text.find("moe_cluster_failure_detection_seconds_count 2"), std::string::npos) << text;
   EXPECT_NE(text.find("moe_cluster_nodes{state=\"down\"} 2"), std::string::npos) << text;
 
+  dog.phase("the membership stops");
   stop_membership(self, membership);
+  dog.phase(teardown_phase);
 }
 
 // The coordinator's actors share CAF's worker pool with the membership (the controller, the API,
@@ -200,6 +216,8 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
 // heartbeat answers are read off the wire without a pool worker. Here the coordinator has one
 // worker, held throughout.
 TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only_them) {
+  watchdog dog{test_limit};
+  dog.phase("the nodes join");
   two_nodes nodes("moe_membership_busy_");
   auto cfg = runtime::parse_cluster_config(nodes.yaml_text, "good.yaml");
   ASSERT_TRUE(cfg) << error_text(cfg.error());
@@ -229,6 +247,7 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   ASSERT_EQ(states(), both_up);
   drain_events(self, nullptr);  // the joins' events are not the test's
 
+  dog.phase("n1 stopped with the pool held");
   moe::test::busy_worker busy{sys};
   ASSERT_TRUE(busy.held());
 
@@ -245,5 +264,7 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   EXPECT_EQ(log.find("n0:"), std::string::npos) << "events:\n" << log;
   EXPECT_EQ(states().at("n0"), member_state::up);
 
+  dog.phase("the membership stops");
   stop_membership(self, membership);
+  dog.phase(teardown_phase);
 }
