@@ -149,10 +149,10 @@ caf::error engine_shards_for(const serve_options& o, actors::serving_options& so
                                  std::to_string(group) + " GPU(s) per shard, and " +
                                  std::to_string(found) + " found");
   so.num_engine_shards = o.engine_shards == 0 ? found / group : o.engine_shards;
-  if (group > 1 && o.fp8 != "off")
-    return model::make_error(model::model_errc::bad_input,
-                             "--expert-parallel takes bf16 or f32 experts: not with --fp8");
   if (group > 1) {
+    if (o.fp8 != "off")
+      return model::make_error(model::model_errc::bad_input,
+                               "--expert-parallel takes bf16 or f32 experts: not with --fp8");
     // Shard i: GPUs [i G, (i + 1) G), each holding E / G experts of every MoE layer and its own
     // share of the shard's sequences, with the shard's cache budget split between them.
     so.make_engine = [loaded, load, group, tokens = o.expert_parallel_tokens,

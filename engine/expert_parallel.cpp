@@ -232,8 +232,9 @@ caf::error expert_parallel_moe::exchange_headers(const std::string& refusal, cud
   if (!refusal.empty()) return bad_input("rank " + std::to_string(rank_) + ": " + refusal);
   for (int p = 0; p < world_; ++p)
     if (in[p * row] != 0)
-      return bad_input("rank " + std::to_string(p) +
-                       " refused its part of the step (its own error says why)");
+      return model::make_error(model::model_errc::peer_refused,
+                               "expert parallel: rank " + std::to_string(p) +
+                                   " refused its part of the step (its own error says why)");
   for (int p = 0; p < world_; ++p) {
     int64_t total = 0;
     for (int64_t j = 0; j < L; ++j) {

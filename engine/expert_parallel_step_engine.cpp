@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "engine/gpu_step_engine.hpp"
+#include "model/cache_blocks.hpp"
 #include "model/model_errc.hpp"
 #include "runtime/nccl_comm.hpp"
 
@@ -78,10 +79,6 @@ class rank_threads {
   std::vector<std::thread> threads_;
 };
 
-int64_t blocks_for(int64_t tokens, int64_t block_size) {
-  return (tokens + block_size - 1) / block_size;
-}
-
 }  // namespace
 
 struct expert_parallel_step_engine::state {
@@ -91,6 +88,7 @@ struct expert_parallel_step_engine::state {
   std::vector<runtime::nccl_comm_ptr> comms;
   std::vector<std::unique_ptr<gpu_step_engine>> ranks;
   std::unordered_map<uint64_t, int> rank_of;  // every cached sequence's rank
+  std::vector<int64_t> live;                  // sequences cached on each rank
   std::optional<rank_threads> threads;
 };
 
@@ -119,6 +117,7 @@ caf::expected<std::unique_ptr<expert_parallel_step_engine>> expert_parallel_step
     if (!e) return with_context(e.error(), "expert-parallel group: rank " + std::to_string(r));
     s->ranks.push_back(std::make_unique<gpu_step_engine>(std::move(*e), eo.device));
   }
+  s->live.assign(options.devices.size(), 0);
   s->threads.emplace(options.devices.size());
   return std::unique_ptr<expert_parallel_step_engine>(
       new expert_parallel_step_engine(std::move(s)));
@@ -143,12 +142,12 @@ caf::expected<model::step_output> expert_parallel_step_engine::prefill(
   // Each new sequence to the rank with the fewest sequences that has room for it (then the
   // most free blocks, then the lowest rank), counting what this step already gave each rank.
   const size_t n = s.ranks.size();
-  std::vector<int64_t> live(n, 0), free(n);
-  for (const auto& [id, r] : s.rank_of) ++live[static_cast<size_t>(r)];
+  std::vector<int64_t> live = s.live, free(n);
   for (size_t r = 0; r < n; ++r) free[r] = s.ranks[r]->free_cache_blocks();
   std::vector<std::vector<size_t>> assigned(n);
   for (size_t i = 0; i < seqs.size(); ++i) {
-    const int64_t need = blocks_for(static_cast<int64_t>(seqs[i].tokens.size()), block);
+    const int64_t need = model::cache_block_allocator::blocks_for(
+        static_cast<int64_t>(seqs[i].tokens.size()), block);
     std::optional<size_t> best;
     for (size_t r = 0; r < n; ++r) {
       if (free[r] < need) continue;
@@ -166,6 +165,7 @@ caf::expected<model::step_output> expert_parallel_step_engine::prefill(
   }
   auto out = run(seqs, assigned, false, want_logits);
   if (!out) return out.error();
+  s.live = std::move(live);
   for (size_t r = 0; r < n; ++r)
     for (const size_t i : assigned[r]) s.rank_of[seqs[i].id] = static_cast<int>(r);
   return out;
@@ -187,8 +187,9 @@ caf::expected<model::step_output> expert_parallel_step_engine::decode(
     if (!seen.insert(seqs[i].id).second) return bad_input(name + " is twice in the batch");
     const auto r = static_cast<size_t>(it->second);
     assigned[r].push_back(i);
-    // The new token opens a block when the cached ones fill theirs.
-    if (s.ranks[r]->cached_tokens(seqs[i].id) % block == 0) ++need[r];
+    const int64_t cached = s.ranks[r]->cached_tokens(seqs[i].id);
+    need[r] += model::cache_block_allocator::blocks_for(cached + 1, block) -
+               model::cache_block_allocator::blocks_for(cached, block);
   }
   for (size_t r = 0; r < n; ++r)
     if (need[r] > s.ranks[r]->free_cache_blocks())
@@ -211,6 +212,7 @@ caf::expected<model::step_output> expert_parallel_step_engine::run(
   std::vector<std::vector<size_t>> round(n);
   std::vector<caf::expected<model::step_output>> results(n, model::step_output{});
   caf::error failed;
+  bool failed_itself = false;  // whether `failed` is a rank's own error, not a peer's notice
   auto pending = [&] {
     for (size_t r = 0; r < n; ++r)
       if (next[r] < assigned[r].size()) return true;
@@ -238,7 +240,14 @@ caf::expected<model::step_output> expert_parallel_step_engine::run(
     ++rounds_;
     for (size_t r = 0; r < n; ++r) {
       if (!results[r]) {
-        if (!failed) failed = with_context(results[r].error(), "rank " + std::to_string(r));
+        // The lowest rank that failed on its own, rather than one told of a peer's refusal.
+        const caf::error& e = results[r].error();
+        const bool itself = !(e.category() == caf::atom("model") &&
+                              e.code() == static_cast<uint8_t>(model::model_errc::peer_refused));
+        if (!failed || (itself && !failed_itself)) {
+          failed = with_context(e, "rank " + std::to_string(r));
+          failed_itself = itself;
+        }
         continue;
       }
       for (size_t j = 0; j < round[r].size(); ++j) {
@@ -262,6 +271,7 @@ void expert_parallel_step_engine::release(uint64_t id) {
   auto it = state_->rank_of.find(id);
   if (it == state_->rank_of.end()) return;
   state_->ranks[static_cast<size_t>(it->second)]->release(id);
+  --state_->live[static_cast<size_t>(it->second)];
   state_->rank_of.erase(it);
 }
 

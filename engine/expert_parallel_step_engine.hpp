@@ -19,7 +19,8 @@
 // the blocks its sequences' next tokens need (transient; nothing changes). A rank's engine may
 // still refuse its part (a token outside the vocabulary): a prefill then releases every sequence
 // of the step, on every rank, and a decode returns the error with its other ranks' sequences
-// advanced (as the single-GPU engine's decode may keep a block for earlier sequences). A kernel
+// advanced (as the single-GPU engine's decode may keep a block for earlier sequences); the error
+// is the lowest such rank's own, not a peer's model_errc::peer_refused notice of it. A kernel
 // or NCCL failure breaks the world, as any failed collective: the group is then to be dropped.
 //
 // Ownership: owns its communicators, engines and threads (joined before the engines go, which go

@@ -16,8 +16,7 @@ cache_block_allocator::cache_block_allocator(int64_t num_blocks, int64_t block_s
 
 caf::error cache_block_allocator::reserve(uint64_t seq, int64_t num_tokens) {
   auto& owned = owned_[seq];
-  const int64_t needed =
-      (num_tokens + block_size_ - 1) / block_size_ - static_cast<int64_t>(owned.size());
+  const int64_t needed = blocks_for(num_tokens, block_size_) - static_cast<int64_t>(owned.size());
   if (needed <= 0) return {};
   if (needed > num_free_blocks()) {
     if (owned.empty()) owned_.erase(seq);

@@ -20,6 +20,13 @@ class cache_block_allocator {
   /// num_blocks > 0 and block_size > 0 (asserted).
   cache_block_allocator(int64_t num_blocks, int64_t block_size);
 
+  /// Blocks of `block_size` tokens that `num_tokens` tokens take (the rule reserve follows), for
+  /// callers that plan over several allocators.
+  [[nodiscard]] static constexpr int64_t blocks_for(int64_t num_tokens,
+                                                    int64_t block_size) noexcept {
+    return (num_tokens + block_size - 1) / block_size;
+  }
+
   /// Makes room for `seq` to hold `num_tokens` tokens (allocating blocks as needed).
   /// model_errc::cache_full (transient: retry when other sequences finish) when not enough
   /// free blocks remain; nothing is allocated then.

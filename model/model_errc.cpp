@@ -13,6 +13,7 @@ const char* to_string(model_errc e) noexcept {
     case model_errc::bad_input: return "bad_input";
     case model_errc::kernel_failed: return "kernel_failed";
     case model_errc::cache_full: return "cache_full";
+    case model_errc::peer_refused: return "peer_refused";
   }
   return "unknown";
 }
