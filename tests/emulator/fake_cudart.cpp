@@ -25,6 +25,8 @@
 //  - a stream belongs to the device current when it was made, and a kernel launched on it from
 //    a thread whose current device is another fails (cudaErrorInvalidResourceHandle), as CUDA's
 //    does: a thread driving several devices must set each one before its launches.
+// And, for tests of what a failed kernel leaves behind, emu::fail_launches (fake_cudart.hpp)
+// refuses a device's next launches as CUDA refuses a launch it cannot configure.
 // One device by default (compute capability 9.0; MOE_EMU_DEVICES shows more, all sharing the
 // host's memory). Not modelled: concurrency between streams (each runs in
 // order; a wait on an event first runs the work recorded before it), memory limits, timing
@@ -114,6 +116,12 @@ int device_count() {
     return v >= 1 && v <= 16 ? v : 1;
   }();
   return n;
+}
+
+// emu::fail_launches: how many of each device's next kernel launches fail, and with what.
+std::map<int, std::pair<int, cudaError_t>>& launches_to_fail() {
+  static std::map<int, std::pair<int, cudaError_t>> m;
+  return m;
 }
 
 bool no_such_device(int device) {
@@ -283,6 +291,13 @@ void launch_through_runtime(cudaStream_t stream, std::function<void()> launch) {
       (void)fail(cudaErrorInvalidResourceHandle);
       return;
     }
+    auto it = launches_to_fail().find(current_device);
+    if (it != launches_to_fail().end()) {
+      const cudaError_t error = it->second.second;
+      if (--it->second.first == 0) launches_to_fail().erase(it);
+      (void)fail(error);
+      return;
+    }
   }
   (void)emu::submit(stream, std::move(launch));
 }
@@ -314,6 +329,14 @@ bool is_device_range(const void* p, size_t bytes) {
   return base != 0 && reinterpret_cast<uintptr_t>(p) - base + bytes <= size;
 }
 
+void fail_launches(int device, int count, cudaError_t error) {
+  guard g(lock_of_all());
+  if (count > 0)
+    launches_to_fail()[device] = {count, error};
+  else
+    launches_to_fail().erase(device);
+}
+
 }  // namespace emu
 
 extern "C" {
@@ -331,6 +354,7 @@ const char* CUDARTAPI cudaGetErrorName(cudaError_t error) {
   switch (error) {
     case cudaSuccess: return "cudaSuccess";
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
@@ -352,6 +376,7 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t error) {
   switch (error) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";

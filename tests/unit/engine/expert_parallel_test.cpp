@@ -23,6 +23,9 @@
 #include "runtime/cuda_memory.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
 #include "tests/unit/runtime/nccl_world.hpp"
+#ifdef MOE_EMU_FAKE_CUDART
+#include "tests/emulator/fake_cudart.hpp"
+#endif
 
 using namespace moe;
 using kernels::dtype;
@@ -169,6 +172,19 @@ std::vector<float> result(const rank_layer& r, dtype dt, cudaStream_t s) {
   return dt == dtype::f32 ? fetch<float>(*r.out, n) : from_bf16(fetch<uint16_t>(*r.out, n));
 }
 
+/// Runs rank c's layer on its batch and holds its output to the host reference (1e-5 in f32,
+/// 3e-2 in bf16: the world test below says why).
+void expect_a_call_matches_the_reference(const rank_ctx& c, const layer& w, const batch& b,
+                                         dtype dt, rank_layer& r) {
+  const auto err = forward(r, b.tokens, c.stream);
+  ASSERT_FALSE(err) << "rank " << c.rank << ": " << error_text(err);
+  const auto got = result(r, dt, c.stream);
+  const auto ref = reference(w, b);
+  const double tol = dt == dtype::f32 ? 1e-5 : 3e-2;
+  for (size_t i = 0; i < ref.size(); ++i)
+    ASSERT_NEAR(got[i], ref[i], tol * (1.0 + std::fabs(ref[i]))) << "rank " << c.rank;
+}
+
 /// Every rank's output in a world of n, rank by rank, and each rank's per-expert rows.
 struct world_result {
   std::vector<std::vector<float>> out;
@@ -277,14 +293,43 @@ TEST_P(expert_parallel, one_ranks_refusal_fails_the_call_on_every_rank_and_the_w
           << text;
     }
     // The next call goes through on every rank.
-    err = forward(r, b.tokens, c.stream);
-    ASSERT_FALSE(err) << "rank " << c.rank << ": " << error_text(err);
-    const auto got = result(r, dt, c.stream);
-    const auto ref = reference(w, b);
-    const double tol = dt == dtype::f32 ? 1e-5 : 3e-2;
-    for (size_t i = 0; i < ref.size(); ++i)
-      ASSERT_NEAR(got[i], ref[i], tol * (1.0 + std::fabs(ref[i]))) << "rank " << c.rank;
+    expect_a_call_matches_the_reference(c, w, b, dt, r);
   });
+}
+
+// A kernel that fails while a rank sorts its rows (before the header exchange) is that rank's
+// refusal: it returns the kernel's error, its peers peer_refused naming it, and nobody waits in
+// NCCL. Only the emulator can make a launch fail on purpose (tests/emulator/fake_cudart.hpp).
+TEST_P(expert_parallel, a_kernel_failing_before_the_exchange_is_that_ranks_refusal) {
+#ifndef MOE_EMU_FAKE_CUDART
+  GTEST_SKIP() << "needs the emulator's launch failures (engine_expert_parallel_emulated)";
+#else
+  const auto [n, dt] = GetParam();
+  if (auto why = cannot_form(n); !why.empty()) GTEST_SKIP() << why;
+  const layer w;
+  const int failing = 0;  // rank 0 has tokens to sort (rank 1 has none)
+  run_world(n, [&](const rank_ctx& c) {
+    const batch b = batch_of(c.rank);
+    rank_layer r;
+    make_rank_layer(c, w, b, dt, r);
+    if (!r.moe) return;
+    if (c.rank == failing) emu::fail_launches(c.rank, 1, cudaErrorInvalidConfiguration);
+    auto err = forward(r, b.tokens, c.stream);
+    ASSERT_TRUE(err) << "rank " << c.rank;
+    const std::string text = error_text(err);
+    EXPECT_EQ(err.category(), caf::atom("model"));
+    if (c.rank == failing) {
+      EXPECT_EQ(err.code(), static_cast<uint8_t>(model::model_errc::kernel_failed)) << text;
+      EXPECT_NE(text.find("permute plan"), std::string::npos) << text;
+    } else {
+      EXPECT_EQ(err.code(), static_cast<uint8_t>(model::model_errc::peer_refused)) << text;
+      EXPECT_NE(text.find("rank " + std::to_string(failing) + " refused"), std::string::npos)
+          << text;
+    }
+    // The next call goes through on every rank.
+    expect_a_call_matches_the_reference(c, w, b, dt, r);
+  });
+#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(
