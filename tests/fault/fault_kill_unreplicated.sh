@@ -10,23 +10,9 @@
 #   fault_kill_unreplicated.sh MOE_BINARY REPO_ROOT
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" kill_unreplicated
 
-CONFIG=$TMP/cluster.yaml
-{
-  cluster_yaml 100 3000
-  printf 'nodes:\n'
-  node_yaml 0 1
-  node_yaml 1 1
-  node_yaml 2 1
-  model_yaml
-  printf 'attention_shards: 1\nexpert_groups: 3\n'
-} >"$CONFIG"
+three_node_config 100 3000
 
-VICTIM=
-for n in n2 n1 n0; do
-  held=$(holdings $n)
-  echo "    placement: $n: $held"
-  [[ -z $VICTIM && $held == *group:* && $held != *attention:* ]] && VICTIM=$n
-done
+pick_victim '*group:*'
 [[ -n $VICTIM ]] || die "no node holds expert groups without an attention shard (adapt the config)"
 [[ -n $(experts_elsewhere $VICTIM) ]] || die "every expert is on $VICTIM"
 

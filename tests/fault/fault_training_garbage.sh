@@ -13,16 +13,7 @@
 #   fault_training_garbage.sh MOE_BINARY REPO_ROOT
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" training_garbage
 
-CONFIG=$TMP/cluster.yaml
-{
-  cluster_yaml 100 3000
-  printf 'nodes:\n'
-  node_yaml 0 1
-  node_yaml 1 1
-  node_yaml 2 1
-  model_yaml
-  printf 'attention_shards: 1\nexpert_groups: 3\ntraining: {snapshot_every_steps: 5}\n'
-} >"$CONFIG"
+three_node_config 100 3000 'training: {snapshot_every_steps: 5}'
 VICTIM=n1
 [[ $(holdings $VICTIM) == *group:* ]] || die "$VICTIM holds no expert group: $(holdings $VICTIM) (adapt the config)"
 

@@ -12,24 +12,10 @@
 #   fault_training_stop.sh MOE_BINARY REPO_ROOT
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" training_stop
 
-CONFIG=$TMP/cluster.yaml
-{
-  cluster_yaml 200 1500
-  printf 'nodes:\n'
-  node_yaml 0 1
-  node_yaml 1 1
-  node_yaml 2 1
-  model_yaml
-  printf 'attention_shards: 1\nexpert_groups: 3\ntraining: {snapshot_every_steps: 5}\n'
-} >"$CONFIG"
+three_node_config 200 1500 'training: {snapshot_every_steps: 5}'
 
-VICTIM=
-for n in n2 n1 n0; do
-  held=$(holdings $n)
-  echo "    placement: $n: $held"
-  # Group 0 holds the shared experts too: they move with its routed experts.
-  [[ -z $VICTIM && $held == *group:0:* && $held != *attention:* ]] && VICTIM=$n
-done
+# Group 0 holds the shared experts too: they move with its routed experts.
+pick_victim '*group:0:*'
 [[ -n $VICTIM ]] || die "no node holds expert group 0 without an attention shard (adapt the config)"
 
 # The fault: SIGSTOP, held past the failure timeout (1.5 s) so that the heartbeat detection must

@@ -131,6 +131,36 @@ model_yaml() {
   printf 'ports: {control: %s, api: %s, metrics: %s}\n' $((BASE + 50)) $((BASE + 51)) $((BASE + 52))
 }
 
+# three_node_config HEARTBEAT_MS FAILURE_TIMEOUT_MS [LINE]: writes $CONFIG for the fault tests'
+# usual cluster: nodes n0, n1, n2 of one CPU slot each, one attention shard, three expert groups
+# without replicas, then LINE (a training block, say).
+three_node_config() {
+  CONFIG=$TMP/cluster.yaml
+  {
+    cluster_yaml "$1" "$2"
+    printf 'nodes:\n'
+    node_yaml 0 1
+    node_yaml 1 1
+    node_yaml 2 1
+    model_yaml
+    printf 'attention_shards: 1\nexpert_groups: 3\n'
+    if [[ -n ${3:-} ]]; then printf '%s\n' "$3"; fi
+  } >"$CONFIG"
+}
+
+# pick_victim PATTERN: prints each node's placement, and sets VICTIM to the first of n2, n1, n0
+# whose holdings match the glob PATTERN and include no attention shard (empty if none does).
+pick_victim() {
+  VICTIM=
+  local n held
+  for n in n2 n1 n0; do
+    held=$(holdings $n)
+    echo "    placement: $n: $held"
+    # shellcheck disable=SC2053  # PATTERN is a glob
+    if [[ -z $VICTIM && $held == $1 && $held != *attention:* ]]; then VICTIM=$n; fi
+  done
+}
+
 # holdings NODE: what `moe plan` places on NODE, one word per actor: "attention:0 group:1:0-7".
 holdings() {
   "$MOE" plan --config "$CONFIG" --json | python3 -c '
