@@ -862,4 +862,8 @@ gpu_kernel_stats gpu_engine::kernel_stats() const noexcept {
   return state_->kernels;
 }
 
+bool gpu_engine::expert_parallel() const noexcept {
+  return state_->expert_parallel != nullptr;
+}
+
 }  // namespace moe::engine

@@ -277,6 +277,8 @@ class gpu_engine {
   [[nodiscard]] size_t cache_bytes() const noexcept;
   [[nodiscard]] gpu_decode_graph_stats decode_graph_stats() const;
   [[nodiscard]] gpu_kernel_stats kernel_stats() const noexcept;
+  /// Whether this engine is one rank of an expert-parallel world (its steps are collective).
+  [[nodiscard]] bool expert_parallel() const noexcept;
 
  private:
   struct state;

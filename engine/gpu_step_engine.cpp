@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "model/model_errc.hpp"
+
 namespace moe::engine {
 
 namespace {
@@ -22,9 +24,21 @@ std::string gpu_step_engine::device() const {
          std::string(kernels::to_string(engine_.storage_dtype()));
 }
 
+caf::error gpu_step_engine::refused(caf::error refusal, bool decode) {
+  if (!engine_.expert_parallel()) return refusal;
+  auto idle = decode ? engine_.decode({}) : engine_.prefill({});
+  if (idle) return refusal;
+  // The world is broken (a failed collective); the refusal (check_step's, a model error) is
+  // still this step's answer.
+  return model::make_error(static_cast<model::model_errc>(refusal.code()),
+                           error_text(refusal) +
+                               "; and this rank's empty part of the expert-parallel step failed: " +
+                               error_text(idle.error()));
+}
+
 caf::expected<model::step_output> gpu_step_engine::prefill(
     std::span<const model::step_sequence> seqs, bool want_logits) {
-  if (auto err = model::check_step(seqs, false)) return err;
+  if (auto err = model::check_step(seqs, false)) return refused(std::move(err), false);
   std::vector<model::sequence_input> in;
   in.reserve(seqs.size());
   for (const auto& s : seqs) in.push_back({s.id, s.tokens});
@@ -39,7 +53,7 @@ caf::expected<model::step_output> gpu_step_engine::prefill(
 
 caf::expected<model::step_output> gpu_step_engine::decode(
     std::span<const model::step_sequence> seqs, bool want_logits) {
-  if (auto err = model::check_step(seqs, true)) return err;
+  if (auto err = model::check_step(seqs, true)) return refused(std::move(err), true);
   std::vector<model::decode_input> in;
   in.reserve(seqs.size());
   for (const auto& s : seqs) in.push_back({s.id, s.tokens[0]});

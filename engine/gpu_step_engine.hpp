@@ -2,9 +2,9 @@
 // (actors/engine_shard.hpp) runs to serve the GPU engine behind the controller and the job API.
 // Tokens are drawn on the device (gpu_row_sampling: the reference sampler's draws from the
 // step's logits), so a step copies logits to the host only when asked for them.
-// An expert-parallel engine (gpu_engine_options::expert_parallel) refused here, by check_step,
-// would take no part in its world's step: such engines are driven through
-// expert_parallel_step_engine, which checks every rank's part before any runs.
+// A step check_step refuses never reaches the engine; an expert-parallel engine
+// (gpu_engine_options::expert_parallel) still takes its part in the world's step then, as an
+// empty batch, so that its peers' steps go through.
 // Ownership: owns the engine. Thread safety: one thread at a time (the engine's stream).
 #pragma once
 
@@ -32,6 +32,9 @@ class gpu_step_engine final : public model::step_engine {
 
  private:
   void fill_sampling(std::span<const model::step_sequence> seqs);  // into sampling_
+  /// `refusal`, after this rank's empty part of the world's step when the engine is expert
+  /// parallel.
+  caf::error refused(caf::error refusal, bool decode);
   gpu_engine engine_;
   int device_ = 0;
   std::vector<gpu_row_sampling> sampling_;  // the step's rows, reused

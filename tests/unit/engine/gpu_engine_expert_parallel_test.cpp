@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <ostream>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "engine/gpu_engine.hpp"
+#include "engine/gpu_step_engine.hpp"
 #include "model/model_errc.hpp"
 #include "tests/golden/golden_data.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
@@ -264,6 +266,74 @@ TEST_P(gpu_engine_expert_parallel_test, a_step_one_rank_refuses_leaves_the_other
   auto& after = s[5][0].ids;  // the refused prefill's sequence is not there to decode
   after.erase(std::find(after.begin(), after.end(), s[4][0].prompts[0].id));
   run_script(s, world);
+}
+
+// The step engine over an expert-parallel engine (what an engine shard drives): a step its own
+// check refuses (check_step: sampling out of range) never reaches the engine, and the rank
+// still takes its part in the world's step, so its peers' prefills go through; so do every
+// rank's next steps. The tokens are those of one step engine holding every expert running each
+// rank's accepted steps.
+TEST_P(gpu_engine_expert_parallel_test, a_step_engines_own_refusal_still_takes_part) {
+  const int world = GetParam().world;
+  if (const auto why = cannot_form(world); !why.empty()) GTEST_SKIP() << why;
+  std::vector<owned_prompt> prompts;  // rank r's sequence
+  for (int r = 0; r < world; ++r)
+    prompts.push_back(prompt(static_cast<uint64_t>(100 * r + 1), 5 + static_cast<size_t>(r)));
+  auto greedy = [](const owned_prompt& q) { return model::step_sequence{q.id, q.tokens}; };
+  // Step 0: every rank prefills its prompt but rank 0, refused; step 1: rank 0 prefills again,
+  // the others decode; steps 2 and 3: every rank decodes. Tokens by rank, step by step.
+  auto steps_of = [&](model::step_engine& e, int r, bool refuse_first,
+                      const std::function<void(caf::expected<model::step_output>&)>& first)
+      -> std::vector<int32_t> {
+    const owned_prompt& q = prompts[static_cast<size_t>(r)];
+    std::vector<int32_t> tokens;
+    std::vector<model::step_sequence> step{greedy(q)};
+    if (refuse_first) step[0].sampling.temperature = -1.0f;
+    auto got = e.prefill(step, false);
+    first(got);
+    bool cached = !refuse_first && got;
+    if (cached) tokens.push_back(got->tokens.at(0));
+    for (int i = 1; i < 4; ++i) {
+      std::vector<int32_t> fed;
+      if (cached) {
+        fed = {tokens.back()};
+        got = e.decode(std::vector<model::step_sequence>{{q.id, fed}}, false);
+      } else {
+        got = e.prefill(std::vector<model::step_sequence>{greedy(q)}, false);
+        cached = static_cast<bool>(got);
+      }
+      EXPECT_TRUE(got) << "rank " << r << ", step " << i << ": " << error_text(got.error());
+      if (!got) break;
+      tokens.push_back(got->tokens.at(0));
+    }
+    return tokens;
+  };
+  std::vector<std::vector<int32_t>> want(static_cast<size_t>(world));
+  {
+    auto one = gpu_engine::create(ckpt_, options(0, nullptr));
+    ASSERT_TRUE(one) << error_text(one.error());
+    engine::gpu_step_engine e(std::move(*one), 0);
+    for (int r = 0; r < world; ++r)
+      want[static_cast<size_t>(r)] = steps_of(e, r, r == 0, [](auto&) {});
+  }
+  std::vector<std::vector<int32_t>> got(static_cast<size_t>(world));
+  run_world(world, [&](const rank_ctx& ctx) {
+    auto e = gpu_engine::create(ckpt_, options(ctx.rank, ctx.comm));
+    ASSERT_TRUE(e) << "rank " << ctx.rank << ": " << error_text(e.error());
+    engine::gpu_step_engine se(std::move(*e), ctx.rank);
+    got[static_cast<size_t>(ctx.rank)] =
+        steps_of(se, ctx.rank, ctx.rank == 0, [&](caf::expected<model::step_output>& first) {
+          if (ctx.rank == 0) {
+            ASSERT_FALSE(first) << "rank 0: sampling out of range was taken";
+            EXPECT_EQ(code_of(first.error()), model::model_errc::bad_input)
+                << error_text(first.error());
+          } else {
+            EXPECT_TRUE(first) << "rank " << ctx.rank << ": " << error_text(first.error());
+          }
+        });
+  });
+  for (int r = 0; r < world; ++r)
+    EXPECT_EQ(got[static_cast<size_t>(r)], want[static_cast<size_t>(r)]) << "rank " << r;
 }
 
 std::string case_name(const ::testing::TestParamInfo<world_case>& info) {
