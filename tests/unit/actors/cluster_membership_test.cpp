@@ -93,6 +93,24 @@ void stop_membership(caf::scoped_actor& self, cluster_membership_actor& membersh
   EXPECT_TRUE(released) << "the membership is still referenced 30 s after it was told to stop";
 }
 
+/// Stops a membership when the test leaves the scope, however it leaves it: an ASSERT that
+/// fails returns at once, and a membership left running would hang the system's destructor
+/// (stop_membership), turning the failure into a silent timeout.
+class stop_at_exit {
+ public:
+  stop_at_exit(caf::scoped_actor& self, cluster_membership_actor& membership)
+      : self_(self), membership_(membership) {}
+  stop_at_exit(const stop_at_exit&) = delete;
+  stop_at_exit& operator=(const stop_at_exit&) = delete;
+  ~stop_at_exit() {
+    if (membership_) stop_membership(self_, membership_);
+  }
+
+ private:
+  caf::scoped_actor& self_;
+  cluster_membership_actor& membership_;
+};
+
 /// Below ctest's 300 s, so that a hang says where it was (watchdog.hpp). A run takes about 2 s,
 /// under the sanitizers too.
 constexpr std::chrono::seconds test_limit{240};
@@ -141,6 +159,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
   o.metrics = registry;
   o.join_retry = 100ms;  // the nodes may still be starting
   auto membership = spawn_cluster_membership(sys, o);
+  stop_at_exit stop_membership_at_exit{self, membership};
   self->send(membership, member_subscribe_atom::value, caf::actor_cast<caf::actor>(self));
 
   // Both come up (whichever joins first); bounded by the nodes' start-up.
@@ -164,6 +183,7 @@ TEST(cluster_membership, detects_a_killed_and_a_stopped_node_and_refuses_a_wrong
     wrong.config.secret = "wrong-secret";
     wrong.metrics = nullptr;
     auto other = spawn_cluster_membership(sys, wrong);
+    stop_at_exit stop_other_at_exit{self, other};
     std::optional<member_list> members;
     for (int i = 0; i < 100; ++i) {
       self->request(other, 5s, members_atom::value).receive([&](member_list& l) { members = l; },
@@ -228,6 +248,7 @@ TEST(cluster_membership, a_busy_coordinator_pool_still_detects_failures_and_only
   o.config = *cfg;
   o.join_retry = 100ms;
   auto membership = spawn_cluster_membership(sys, o);
+  stop_at_exit stop_membership_at_exit{self, membership};
   self->send(membership, member_subscribe_atom::value, caf::actor_cast<caf::actor>(self));
   auto states = [&] {
     std::map<std::string, member_state> out;
