@@ -38,13 +38,16 @@ using moe::test::watchdog;
 
 namespace {
 
+/// The failure timeout (3 s) is not short: a node process of the sanitizer build on a loaded
+/// 2-core machine may stall for a second, and a node declared down by a stall fails the tests
+/// (the stopped one is still found within their 30 s waits).
 std::string yaml(const std::string& secret, uint16_t p0, uint16_t m0, uint16_t p1, uint16_t m1) {
   auto node = [](const char* name, uint16_t p, uint16_t m) {
     return std::string("  - {name: ") + name + ", host: 127.0.0.1, control_port: " + std::to_string(p) +
            ", metrics_port: " + std::to_string(m) + ", devices: {cpu_slots: 1}, memory: 1GiB}\n";
   };
   return "cluster:\n  name: membership-test\n  secret: " + secret +
-         "\n  heartbeat_interval_ms: 100\n  failure_timeout_ms: 1500\nnodes:\n" + node("n0", p0, m0) +
+         "\n  heartbeat_interval_ms: 100\n  failure_timeout_ms: 3000\nnodes:\n" + node("n0", p0, m0) +
          node("n1", p1, m1) + "model: {preset: tiny}\nports: {control: 0, api: 0, metrics: 0}\n";
 }
 
