@@ -23,9 +23,9 @@
 // A call one rank refuses (too many tokens, a missing pointer) still joins the header exchange,
 // so the refusal reaches every rank instead of leaving it waiting on NCCL for rows that never
 // come: the refusing rank returns model_errc::bad_input, the others model_errc::peer_refused
-// naming it; nothing is dispatched. Device data the
-// host cannot check are the caller's guarantee: topk_idx from the gate (distinct per token; an
-// id outside [0, E) is skipped, as permute_plan skips it, and adds nothing to its token). A
+// naming it; nothing is dispatched. Device data the host cannot check are the caller's
+// guarantee: topk_idx from the gate (distinct per token; an id outside [0, E) is skipped, as
+// permute_plan skips it, and adds nothing to its token). A
 // kernel or copy that fails before the exchange (sorting this rank's rows) is a refusal too:
 // that rank returns its error, the others peer_refused naming it. One that fails after it (the
 // experts' products, the transfers) leaves the peers waiting in NCCL: the world is broken and

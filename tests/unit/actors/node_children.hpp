@@ -1,17 +1,19 @@
 // Real `moe node` processes for tests: each child runs in a session of its own (so a signal
 // reaches its whole process group) and is killed and reaped on destruction, whatever the
-// test's outcome. MOE_BINARY_DIR comes from CMake.
+// test's outcome, and dies with the test process should that end without destructors (an
+// abort: a failed assertion of the library, the test's watchdog). MOE_BINARY_DIR comes from
+// CMake.
 #pragma once
-
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <signal.h>
 #include <stdexcept>
 #include <string>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "cli/local_processes.hpp"
 
@@ -32,9 +34,14 @@ std::array<uint16_t, N> free_ports() {
 class node_child {
  public:
   node_child(const std::string& config, const std::string& name, const std::string& log) {
+    const pid_t parent = ::getpid();
     pid_ = ::fork();
     if (pid_ == 0) {
       ::setsid();
+      // SIGKILL when the forking thread ends (a test's main thread: the test process). The
+      // parent may have gone before this line.
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) _exit(127);
       std::FILE* out = std::freopen(log.c_str(), "w", stdout);
       if (out != nullptr) ::dup2(::fileno(stdout), STDERR_FILENO);
       const std::string moe = std::string(MOE_BINARY_DIR) + "/cli/moe";
