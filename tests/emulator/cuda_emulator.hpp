@@ -335,8 +335,10 @@ void check_launch(F* fn, dim3e grid, unsigned block, size_t smem) {
 // Where launches go when a stand-in CUDA runtime is linked (tests/emulator/fake_cudart.cpp, which
 // sets it): it runs the launch at once, keeps it for the graph its stream is capturing (a
 // closure holding a copy of the arguments, as CUDA copies them at capture), or refuses it with
-// the runtime's last error. Null (the kernel tests' macros): every launch runs at once.
-inline void (*launch_hook)(cudaStream_t stream, std::function<void()> launch) = nullptr;
+// the runtime's last error. Null (the kernel tests' macros): every launch runs at once. `kernel`
+// is the kernel's name, as the source spells it without template arguments ("" when unknown).
+inline void (*launch_hook)(cudaStream_t stream, const char* kernel,
+                           std::function<void()> launch) = nullptr;
 
 template <class... P>
 struct launcher {
@@ -345,6 +347,7 @@ struct launcher {
   unsigned block;
   size_t smem;
   cudaStream_t stream;
+  const char* name = "";
   static void run(void (*fn)(P...), dim3e grid, unsigned block, size_t smem,
                   std::tuple<P...>& args) {
     entry = [&] { std::apply(fn, args); };
@@ -365,9 +368,8 @@ struct launcher {
     check_launch(fn, grid, block, smem);
     std::tuple<P...> args(static_cast<P>(a)...);
     if (launch_hook == nullptr) return run(fn, grid, block, smem, args);
-    launch_hook(stream, [f = fn, g = grid, b = block, s = smem, args]() mutable {
-      run(f, g, b, s, args);
-    });
+    launch_hook(stream, name,
+                [f = fn, g = grid, b = block, s = smem, args]() mutable { run(f, g, b, s, args); });
   }
 };
 template <class... P>
@@ -379,6 +381,14 @@ template <class... P>
 launcher<P...> launch(void (*fn)(P...), dim3 grid, unsigned block, size_t smem = 0,
                       cudaStream_t stream = nullptr) {
   return {fn, dim3e{grid.x, grid.y, grid.z}, block, smem, stream};
+}
+// What launch_syntax.py writes for a `<<<...>>>` launch: the same, with the kernel's name.
+template <class... P, class Grid>
+launcher<P...> launch_named(const char* name, void (*fn)(P...), Grid grid, unsigned block,
+                            size_t smem = 0, cudaStream_t stream = nullptr) {
+  launcher<P...> l = launch(fn, grid, block, smem, stream);
+  l.name = name;
+  return l;
 }
 // Launch limits mean nothing here: every block runs on the host.
 }  // namespace emu

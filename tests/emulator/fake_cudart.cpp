@@ -35,8 +35,6 @@
 // Thread safety: every call takes one lock; kernels run under it.
 #include "tests/emulator/fake_cudart.hpp"
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -46,7 +44,9 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
+#include <unistd.h>
 #include <utility>
 #include <vector>
 
@@ -118,9 +118,15 @@ int device_count() {
   return n;
 }
 
-// emu::fail_launches: how many of each device's next kernel launches fail, and with what.
-std::map<int, std::pair<int, cudaError_t>>& launches_to_fail() {
-  static std::map<int, std::pair<int, cudaError_t>> m;
+// emu::fail_launches: how many of each device's next kernel launches (of one kernel, or any)
+// fail, and with what.
+struct launch_failures {
+  int count = 0;
+  cudaError_t error = cudaSuccess;
+  std::string kernel;  // empty: any
+};
+std::map<int, launch_failures>& launches_to_fail() {
+  static std::map<int, launch_failures> m;
   return m;
 }
 
@@ -281,7 +287,7 @@ cudaError_t submit_locked(cudaStream_t stream, node work) {
   return cudaSuccess;
 }
 
-void launch_through_runtime(cudaStream_t stream, std::function<void()> launch) {
+void launch_through_runtime(cudaStream_t stream, const char* kernel, std::function<void()> launch) {
   {
     guard g(lock_of_all());
     // CUDA: a kernel launch fails if it is issued to a stream that is not associated with the
@@ -292,9 +298,10 @@ void launch_through_runtime(cudaStream_t stream, std::function<void()> launch) {
       return;
     }
     auto it = launches_to_fail().find(current_device);
-    if (it != launches_to_fail().end()) {
-      const cudaError_t error = it->second.second;
-      if (--it->second.first == 0) launches_to_fail().erase(it);
+    if (it != launches_to_fail().end() &&
+        (it->second.kernel.empty() || it->second.kernel == kernel)) {
+      const cudaError_t error = it->second.error;
+      if (--it->second.count == 0) launches_to_fail().erase(it);
       (void)fail(error);
       return;
     }
@@ -329,10 +336,10 @@ bool is_device_range(const void* p, size_t bytes) {
   return base != 0 && reinterpret_cast<uintptr_t>(p) - base + bytes <= size;
 }
 
-void fail_launches(int device, int count, cudaError_t error) {
+void fail_launches(int device, int count, cudaError_t error, std::string kernel) {
   guard g(lock_of_all());
   if (count > 0)
-    launches_to_fail()[device] = {count, error};
+    launches_to_fail()[device] = {count, error, std::move(kernel)};
   else
     launches_to_fail().erase(device);
 }

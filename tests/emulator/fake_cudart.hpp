@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <functional>
+#include <string>
 
 namespace emu {
 
@@ -16,10 +17,11 @@ namespace emu {
 /// destroyed stream, an invalidated capture), which also becomes the thread's last error.
 cudaError_t submit(cudaStream_t stream, std::function<void()> work);
 
-/// Makes the next `count` kernel launches on `device` fail with `error` (nothing runs; the
-/// launching thread's last error is set), as CUDA fails a launch it cannot configure; count 0
+/// Makes the next `count` kernel launches on `device` (of the kernel named `kernel`, as its source
+/// spells it without template arguments; empty: of any) fail with `error`: nothing runs and the
+/// launching thread's last error is set, as CUDA fails a launch it cannot configure. count 0
 /// clears it. For tests of what a failed kernel leaves behind.
-void fail_launches(int device, int count, cudaError_t error);
+void fail_launches(int device, int count, cudaError_t error, std::string kernel = {});
 
 /// True when [p, p + bytes) lies inside one live cudaMalloc allocation.
 bool is_device_range(const void* p, size_t bytes);

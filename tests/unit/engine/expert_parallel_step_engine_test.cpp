@@ -5,7 +5,8 @@
 // share passes max_tokens_per_rank) and decoded together, give the reference's greedy tokens,
 // the reference sampler's draws from the step's own logits for sampled rows, and logits within
 // the f32 engines' bound (step_engine_checks.hpp). Refused steps (before anything runs, or by one
-// rank's engine) leave nothing cached on any rank, and a full cache is found before a step runs.
+// rank's engine) leave nothing cached on any rank, a kernel failing on one rank makes that rank's
+// error the step's, and a full cache is found before a step runs.
 //
 // Built against the emulator (label unit, CI: groups of up to four emulated devices over the
 // stand-in for NCCL) and against the real runtime (label gpu), where a group larger than the
@@ -23,6 +24,9 @@
 #include "tests/unit/engine/step_engine_checks.hpp"
 #include "tests/unit/kernels/cuda_test_support.hpp"
 #include "tests/unit/runtime/nccl_world.hpp"
+#ifdef MOE_EMU_FAKE_CUDART
+#include "tests/emulator/fake_cudart.hpp"
+#endif
 
 using namespace moe;
 using namespace moe::testing;
@@ -156,6 +160,41 @@ TEST_P(expert_parallel_step_engine_test, refused_steps_leave_nothing_cached_on_a
   for (const auto& q : fill) EXPECT_EQ(group.cached_tokens(q.id), 8);
   for (const auto& q : fill) group.release(q.id);
   EXPECT_EQ(group.free_cache_blocks(), all_free);
+}
+
+// A kernel failing on one rank while it sorts its rows (before the exchange) is that rank's
+// refusal; its peers hear of it (peer_refused). The step's error is the failing rank's own, the
+// highest rank here, whose peers' notices come first in rank order; the step's sequences are
+// released on every rank, and the same prefill then goes through. Only the emulator can fail a
+// launch on purpose (tests/emulator/fake_cudart.hpp).
+TEST_P(expert_parallel_step_engine_test, a_ranks_failed_kernel_is_the_steps_error) {
+#ifndef MOE_EMU_FAKE_CUDART
+  GTEST_SKIP() << "needs the emulator's launch failures (engine_expert_parallel_emulated)";
+#else
+  const int world = GetParam();
+  auto made = make_group(ckpt_, world, 12);
+  ASSERT_TRUE(made) << error_text(made.error());
+  auto& group = **made;
+  const int64_t all_free = group.free_cache_blocks();
+  const std::vector<int32_t> good = prompt(0, 5);
+  std::vector<model::step_sequence> seqs;  // one a rank
+  for (int r = 0; r < world; ++r) seqs.push_back({static_cast<uint64_t>(10 + r), good});
+  const int failing = world - 1;  // on device world - 1 (first_devices)
+  // A few rows take the permute plan's one-block kernel.
+  emu::fail_launches(failing, 1, cudaErrorInvalidConfiguration, "small_plan_kernel");
+  auto r = group.prefill(seqs, false);
+  emu::fail_launches(failing, 0, cudaSuccess);  // disarmed, should it not have been spent
+  ASSERT_FALSE(r) << "the failed launch went unnoticed";
+  const std::string text = error_text(r.error());
+  EXPECT_EQ(code_of(r.error()), model::model_errc::kernel_failed) << text;
+  EXPECT_EQ(text.rfind("rank " + std::to_string(failing) + ": ", 0), 0u) << text;
+  EXPECT_NE(text.find("permute plan"), std::string::npos) << text;
+  for (const auto& q : seqs) EXPECT_EQ(group.cached_tokens(q.id), 0) << q.id;
+  EXPECT_EQ(group.free_cache_blocks(), all_free);
+  auto again = group.prefill(seqs, false);
+  ASSERT_TRUE(again) << error_text(again.error());
+  EXPECT_EQ(again->tokens.size(), seqs.size());
+#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(groups, expert_parallel_step_engine_test, ::testing::Values(1, 2, 4),

@@ -313,7 +313,9 @@ TEST_P(expert_parallel, a_kernel_failing_before_the_exchange_is_that_ranks_refus
     rank_layer r;
     make_rank_layer(c, w, b, dt, r);
     if (!r.moe) return;
-    if (c.rank == failing) emu::fail_launches(c.rank, 1, cudaErrorInvalidConfiguration);
+    // Its few rows take the permute plan's one-block kernel.
+    if (c.rank == failing)
+      emu::fail_launches(c.rank, 1, cudaErrorInvalidConfiguration, "small_plan_kernel");
     auto err = forward(r, b.tokens, c.stream);
     // Disarmed, should the failure not have been spent (a later launch must not meet it).
     if (c.rank == failing) emu::fail_launches(c.rank, 0, cudaSuccess);
