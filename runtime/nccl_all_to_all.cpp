@@ -1,7 +1,9 @@
 #include "runtime/nccl_all_to_all.hpp"
 
+#include <algorithm>
 #include <numeric>
 #include <string>
+#include <utility>
 
 #ifdef MOE_HAVE_CUDA
 #include "runtime/cuda_memory.hpp"
@@ -18,6 +20,46 @@ std::string counts_text(const std::vector<int64_t>& v) {
   return out + "]";
 }
 
+caf::error bad_plan(std::string why) {
+  return make_error(collective_errc::bad_plan, "all-to-all: " + std::move(why));
+}
+
+/// Whether peer after peer from row 0, the rows fit `capacity` (counts not negative). The total
+/// is compared as it grows, so a huge count cannot wrap the sum into a small one.
+bool packed_fits(const std::vector<int64_t>& rows, int64_t capacity) {
+  int64_t total = 0;
+  for (int64_t n : rows) {
+    if (n > capacity - total) return false;
+    total += n;
+  }
+  return true;
+}
+
+/// Explicit starts (none: packed, already checked): one per rank, each peer's range inside the
+/// buffer, and no two ranges sharing a row, so no peer's rows land on (or are read as) another's.
+caf::error check_starts(const char* what, const std::vector<int64_t>& at,
+                        const std::vector<int64_t>& rows, int64_t capacity) {
+  if (at.empty()) return {};
+  if (at.size() != rows.size())
+    return bad_plan(std::to_string(at.size()) + " " + what + " starts for a world of " +
+                    std::to_string(rows.size()));
+  std::vector<std::pair<int64_t, int64_t>> used;  // (start, rows) of the peers with rows
+  for (size_t r = 0; r < at.size(); ++r) {
+    if (rows[r] == 0) continue;  // nothing moves: where it would start does not matter
+    if (at[r] < 0 || at[r] > capacity || rows[r] > capacity - at[r])
+      return bad_plan("rank " + std::to_string(r) + ": " + std::to_string(rows[r]) + " rows to " +
+                      what + " from row " + std::to_string(at[r]) + " do not fit a buffer of " +
+                      std::to_string(capacity) + " rows");
+    used.emplace_back(at[r], rows[r]);
+  }
+  std::sort(used.begin(), used.end());
+  for (size_t i = 1; i < used.size(); ++i)
+    if (used[i - 1].first + used[i - 1].second > used[i].first)
+      return bad_plan(std::string(what) + " ranges overlap: " + counts_text(at) + " starts for " +
+                      counts_text(rows) + " rows");
+  return {};
+}
+
 }  // namespace
 
 caf::error make_error(collective_errc code, std::string text) {
@@ -32,37 +74,36 @@ int64_t all_to_all_plan::total_recv_rows() const noexcept {
   return std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
 }
 
-all_to_all_plan all_to_all_plan::reversed() const { return {recv_rows, send_rows, row_bytes}; }
+all_to_all_plan all_to_all_plan::reversed() const {
+  return {recv_rows, send_rows, row_bytes, recv_at, send_at};
+}
 
 caf::error check_all_to_all_plan(const all_to_all_plan& plan, int world_size, int64_t send_capacity_rows,
                                  int64_t recv_capacity_rows) {
-  auto bad = [](std::string why) { return make_error(collective_errc::bad_plan, "all-to-all: " + std::move(why)); };
-  if (world_size < 1) return bad("world size " + std::to_string(world_size));
+  if (world_size < 1) return bad_plan("world size " + std::to_string(world_size));
   const auto ws = static_cast<size_t>(world_size);
   if (plan.send_rows.size() != ws || plan.recv_rows.size() != ws)
-    return bad(std::to_string(plan.send_rows.size()) + " send and " + std::to_string(plan.recv_rows.size()) +
-               " receive counts for a world of " + std::to_string(world_size));
-  if (plan.row_bytes == 0) return bad("rows of 0 bytes");
-  // Totals are compared as they grow, so a huge count cannot wrap the sum into a small one.
-  int64_t send_total = 0, recv_total = 0;
-  bool fits = true;
+    return bad_plan(std::to_string(plan.send_rows.size()) + " send and " +
+                    std::to_string(plan.recv_rows.size()) + " receive counts for a world of " +
+                    std::to_string(world_size));
+  if (plan.row_bytes == 0) return bad_plan("rows of 0 bytes");
   for (int r = 0; r < world_size; ++r) {
     const auto s = plan.send_rows[static_cast<size_t>(r)], v = plan.recv_rows[static_cast<size_t>(r)];
     if (s < 0 || v < 0)
-      return bad("rank " + std::to_string(r) + ": " + std::to_string(s) + " rows to send, " + std::to_string(v) +
-                 " to receive");
-    if (fits && s <= send_capacity_rows - send_total && v <= recv_capacity_rows - recv_total) {
-      send_total += s;
-      recv_total += v;
-    } else {
-      fits = false;
-    }
+      return bad_plan("rank " + std::to_string(r) + ": " + std::to_string(s) + " rows to send, " +
+                      std::to_string(v) + " to receive");
   }
-  if (!fits)
-    return bad(counts_text(plan.send_rows) + " rows to send and " + counts_text(plan.recv_rows) +
-               " to receive do not fit buffers of " + std::to_string(send_capacity_rows) + " and " +
-               std::to_string(recv_capacity_rows) + " rows");
-  return {};
+  const bool send_fits =
+      plan.send_at.empty() ? packed_fits(plan.send_rows, send_capacity_rows) : true;
+  const bool recv_fits =
+      plan.recv_at.empty() ? packed_fits(plan.recv_rows, recv_capacity_rows) : true;
+  if (!send_fits || !recv_fits)
+    return bad_plan(counts_text(plan.send_rows) + " rows to send and " +
+                    counts_text(plan.recv_rows) + " to receive do not fit buffers of " +
+                    std::to_string(send_capacity_rows) + " and " +
+                    std::to_string(recv_capacity_rows) + " rows");
+  if (auto err = check_starts("send", plan.send_at, plan.send_rows, send_capacity_rows)) return err;
+  return check_starts("receive", plan.recv_at, plan.recv_rows, recv_capacity_rows);
 }
 
 #ifdef MOE_HAVE_CUDA
@@ -108,12 +149,14 @@ caf::error all_to_all_rows(ncclComm_t comm, const all_to_all_plan& plan, const v
   for (int r = 0; r < world; ++r) {
     const auto n_send = plan.send_rows[static_cast<size_t>(r)], n_recv = plan.recv_rows[static_cast<size_t>(r)];
     ncclResult_t st = ncclSuccess;
+    const int64_t from = plan.send_at.empty() ? send_at : plan.send_at[static_cast<size_t>(r)];
+    const int64_t to = plan.recv_at.empty() ? recv_at : plan.recv_at[static_cast<size_t>(r)];
     if (n_send > 0)
-      st = ncclSend(src + send_at * static_cast<int64_t>(plan.row_bytes), static_cast<size_t>(n_send) * plan.row_bytes,
-                    ncclUint8, r, comm, s);
+      st = ncclSend(src + from * static_cast<int64_t>(plan.row_bytes),
+                    static_cast<size_t>(n_send) * plan.row_bytes, ncclUint8, r, comm, s);
     if (st == ncclSuccess && n_recv > 0)
-      st = ncclRecv(dst + recv_at * static_cast<int64_t>(plan.row_bytes), static_cast<size_t>(n_recv) * plan.row_bytes,
-                    ncclUint8, r, comm, s);
+      st = ncclRecv(dst + to * static_cast<int64_t>(plan.row_bytes),
+                    static_cast<size_t>(n_recv) * plan.row_bytes, ncclUint8, r, comm, s);
     if (st != ncclSuccess) {
       ncclGroupEnd();
       return nccl_error(st, "all-to-all: ncclSend/ncclRecv");

@@ -38,6 +38,11 @@ struct all_to_all_plan {
   std::vector<int64_t> send_rows;
   std::vector<int64_t> recv_rows;
   size_t row_bytes = 0;
+  /// Where each peer's rows start in the send (receive) buffer, in rows. Empty: packed, peer
+  /// after peer from row 0. A round of a larger exchange (expert_parallel_moe's chunks) sends a
+  /// slice of each peer's rows and brings the outputs back to where their inputs were.
+  std::vector<int64_t> send_at = {};
+  std::vector<int64_t> recv_at = {};
 
   [[nodiscard]] int64_t total_send_rows() const noexcept;
   [[nodiscard]] int64_t total_recv_rows() const noexcept;
@@ -47,8 +52,10 @@ struct all_to_all_plan {
 
 /// Host-side checks of a plan against a world of `world_size` ranks and buffers holding
 /// `send_capacity_rows` and `recv_capacity_rows` rows: one count per rank, none negative,
-/// row_bytes > 0, totals within the buffers. An empty error when it holds; else
-/// collective_errc::bad_plan naming the rule and the values.
+/// row_bytes > 0, totals within the buffers; with explicit starts (send_at, recv_at), one per
+/// rank, each peer's rows within the buffer and no two peers' ranges in one buffer overlapping
+/// (a peer without rows has no range, whatever its start). An
+/// empty error when it holds; else collective_errc::bad_plan naming the rule and the values.
 [[nodiscard]] caf::error check_all_to_all_plan(const all_to_all_plan& plan, int world_size,
                                                int64_t send_capacity_rows,
                                                int64_t recv_capacity_rows);
@@ -72,7 +79,8 @@ namespace moe::runtime {
                                                                       void* scratch, cudaStream_t s);
 
 /// Queues the exchange of `plan` on `s`: rows [sum(send_rows[<r]), +send_rows[r]) of `send` go
-/// to rank r; rank r's rows land at [sum(recv_rows[<r]), +recv_rows[r]) of `recv`. The plan is
+/// to rank r; rank r's rows land at [sum(recv_rows[<r]), +recv_rows[r]) of `recv` (or from
+/// send_at[r] and at recv_at[r], where the plan gives them). The plan is
 /// checked first (nothing is queued if it is wrong). `send` and `recv` must not overlap.
 [[nodiscard]] caf::error all_to_all_rows(ncclComm_t comm, const all_to_all_plan& plan, const void* send,
                                          int64_t send_capacity_rows, void* recv, int64_t recv_capacity_rows,
