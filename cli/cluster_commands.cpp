@@ -5,7 +5,7 @@
 //                               cluster up): this process joins them, places the model's actors
 //                               there and keeps the controller, the job API and its /metrics.
 //   moe serve --config FILE --engine gpu|reference [--engine-shards N] [--gpu-dtype D] [--fp8 M]
-//             [--expert-parallel G [--expert-parallel-tokens T]]
+//             [--expert-parallel G [--expert-parallel-tokens T] [--expert-parallel-recv-rows R]]
 //                               whole-model engine shards (the GPU engine, one per GPU, or the
 //                               CPU reference engine) behind the same controller and job API;
 //                               with --expert-parallel, each shard a group of G GPUs splitting
@@ -82,11 +82,22 @@ struct serve_options {
   std::string fp8 = "off";
   int expert_parallel = 1;                // GPUs per engine shard, the experts split over them
   int64_t expert_parallel_tokens = 4096;  // tokens one of them runs per round
+  int64_t expert_parallel_recv_rows = 0;  // rows each one's exchange receives at once; 0: worst
 };
 
 // --engine gpu|reference: how many whole-model shards, and the factory that makes each one's
 // engine. The checkpoint is read once, on the first shard's call, and shared by all.
 caf::error engine_shards_for(const serve_options& o, actors::serving_options& so) {
+  if (o.expert_parallel_recv_rows != 0 && o.expert_parallel < 2)
+    return model::make_error(model::model_errc::bad_input,
+                             "--expert-parallel-recv-rows sizes the expert exchange of "
+                             "--expert-parallel groups of 2 or more GPUs");
+  if (o.expert_parallel_recv_rows != 0 && o.expert_parallel_recv_rows < o.expert_parallel)
+    return model::make_error(
+        model::model_errc::bad_input,
+        "--expert-parallel-recv-rows " + std::to_string(o.expert_parallel_recv_rows) +
+            ": at least a row for each of the group's " + std::to_string(o.expert_parallel) +
+            " GPUs (or 0 for the worst routing)");
   if (o.engine == "actors") {
     if (o.engine_shards != 0 || o.gpu_dtype != "bf16" || o.fp8 != "off" || o.expert_parallel != 1)
       return model::make_error(
@@ -155,10 +166,10 @@ caf::error engine_shards_for(const serve_options& o, actors::serving_options& so
                                "--expert-parallel takes bf16 or f32 experts: not with --fp8");
     // Shard i: GPUs [i G, (i + 1) G), each holding E / G experts of every MoE layer and its own
     // share of the shard's sequences, with the shard's cache budget split between them.
-    so.make_engine = [loaded, load, group, tokens = o.expert_parallel_tokens,
-                      base = gpu_engine_options_of(o.gpu_dtype, o.fp8)](
-                         int shard, const std::filesystem::path& dir,
-                         const model::latent_cache_options& cache)
+    so.make_engine =
+        [loaded, load, group, tokens = o.expert_parallel_tokens,
+         recv_rows = o.expert_parallel_recv_rows, base = gpu_engine_options_of(o.gpu_dtype, o.fp8)](
+            int shard, const std::filesystem::path& dir, const model::latent_cache_options& cache)
         -> caf::expected<std::unique_ptr<model::step_engine>> {
       if (auto err = load(dir)) return err;
       engine::expert_parallel_group_options go;
@@ -167,6 +178,7 @@ caf::error engine_shards_for(const serve_options& o, actors::serving_options& so
       go.engine.cache.num_blocks = std::max<int64_t>(1, (cache.num_blocks + group - 1) / group);
       for (int r = 0; r < group; ++r) go.devices.push_back(shard * group + r);
       go.max_tokens_per_rank = tokens;
+      go.recv_rows_per_rank = recv_rows;
       auto e = engine::expert_parallel_step_engine::create(loaded->ckpt, go);
       if (!e) return e.error();
       return std::unique_ptr<model::step_engine>(std::move(*e));
@@ -552,6 +564,12 @@ void add_serve_command(CLI::App& app, command_context& ctx) {
          "--expert-parallel: tokens one GPU runs per round (a step's prompts together; the "
          "longest prompt served); sizes the expert exchange's buffers (default 4096)")
       ->check(whole_number(1, 1 << 20));
+  cmd->add_option(
+         "--expert-parallel-recv-rows", o->expert_parallel_recv_rows,
+         "--expert-parallel: rows of hidden each GPU's expert exchange receives at once, at least "
+         "G; a round whose routing needs more runs in chunks (default 0: room for the worst "
+         "routing, G x tokens x top_k rows, one chunk always)")
+      ->check(whole_number(0, INT32_MAX));
   cmd->callback([o, &ctx] { ctx.exit_code = run_serve(*o); });
 }
 

@@ -35,14 +35,22 @@ caf::error synchronize(cudaStream_t s, const char* what) {
   return runtime::cuda_error(cudaStreamSynchronize(s), what);
 }
 
-/// Allocates each (buffer, bytes) pair; at least one byte each, so every pointer is live.
-caf::error allocate_all(std::initializer_list<std::pair<runtime::device_buffer*, size_t>> list) {
+/// Allocates each (buffer, bytes) pair, at least one byte each so that every pointer is live,
+/// and adds the bytes to `total`.
+caf::error allocate_all(size_t& total,
+                        std::initializer_list<std::pair<runtime::device_buffer*, size_t>> list) {
   for (const auto& [buffer, bytes] : list) {
     auto b = runtime::device_buffer::allocate(bytes > 0 ? bytes : 1);
     if (!b) return with_context(b.error(), "expert parallel: buffers");
     *buffer = std::move(*b);
+    total += bytes > 0 ? bytes : 1;
   }
   return {};
+}
+
+/// Rows of `count` that chunk c moves when a chunk moves at most `per_chunk`.
+int64_t chunk_rows(int64_t count, int64_t c, int64_t per_chunk) {
+  return std::clamp<int64_t>(count - c * per_chunk, 0, per_chunk);
 }
 
 }  // namespace
@@ -75,7 +83,17 @@ caf::expected<std::unique_ptr<expert_parallel_moe>> expert_parallel_moe::create(
                      " tokens x top_k " + std::to_string(shape.top_k) +
                      " receive rows are past the kernels' int32 rows");
   const int64_t send_capacity = shape.max_tokens * shape.top_k;
-  const int64_t recv_capacity = world * send_capacity;
+  const int64_t worst = world * send_capacity;
+  if (shape.recv_rows < 0 || (shape.recv_rows > 0 && shape.recv_rows < world))
+    return bad_input("receive buffers of " + std::to_string(shape.recv_rows) +
+                     " rows (0 for the worst routing, else at least a row for each of the " +
+                     std::to_string(world) + " ranks)");
+  const int64_t recv_capacity = shape.recv_rows == 0 ? worst : std::min(shape.recv_rows, worst);
+  const int64_t pair_rows = recv_capacity / world;
+  // Every chunk's gather maps, side by side: a call moves at most `worst` rows to this rank, in
+  // at most as many chunks as the largest send to one peer (send_capacity) takes.
+  const int64_t max_chunks = (send_capacity + pair_rows - 1) / pair_rows;
+  const int64_t map_ints = max_chunks * (E / world + 1) + 2 * worst;
 
   std::unique_ptr<expert_parallel_moe> m(new expert_parallel_moe);
   m->comm_ = comm;
@@ -85,16 +103,18 @@ caf::expected<std::unique_ptr<expert_parallel_moe>> expert_parallel_moe::create(
   m->local_ = E / world;
   m->send_capacity_ = send_capacity;
   m->recv_capacity_ = recv_capacity;
+  m->pair_rows_ = pair_rows;
   const size_t elem = kernels::dtype_bytes(shape.dt);
   const size_t D = static_cast<size_t>(shape.dim), I = static_cast<size_t>(shape.intermediate);
   const size_t send = static_cast<size_t>(send_capacity), recv = static_cast<size_t>(recv_capacity);
-  const size_t header = static_cast<size_t>(world) * static_cast<size_t>(m->local_ + 1) * 4;
+  const size_t header = static_cast<size_t>(world) * static_cast<size_t>(m->local_ + 2) * 4;
   const size_t i32 = sizeof(int32_t);
-  if (auto err = allocate_all({{&m->offsets_, static_cast<size_t>(E + 1) * i32},
+  const size_t maps = static_cast<size_t>(map_ints) * i32;
+  if (auto err = allocate_all(m->device_bytes_,
+                              {{&m->offsets_, static_cast<size_t>(E + 1) * i32},
                                {&m->positions_, send * i32},
                                {&m->inverse_, send * i32},
                                {&m->send_rows_, send * D * elem},
-                               {&m->home_rows_, send * D * elem},
                                {&m->header_out_, header},
                                {&m->header_in_, header},
                                {&m->recv_rows_, recv * D * elem},
@@ -102,16 +122,11 @@ caf::expected<std::unique_ptr<expert_parallel_moe>> expert_parallel_moe::create(
                                // f32 runs the gate|up product and SwiGLU apart (bf16 fuses them).
                                {&m->gate_up_, shape.dt == dtype::f32 ? recv * 2 * I * elem : 0},
                                {&m->sorted_out_, recv * D * elem},
-                               {&m->recv_out_, recv * D * elem},
-                               {&m->local_offsets_, static_cast<size_t>(m->local_ + 1) * i32},
-                               {&m->by_expert_, recv * i32},
-                               {&m->by_arrival_, recv * i32}}))
+                               {&m->maps_, maps}}))
     return err;
   auto host_offsets = runtime::pinned_host_buffer::allocate(static_cast<size_t>(E + 1) * i32);
   auto host_header = runtime::pinned_host_buffer::allocate(2 * header);
-  // The local offsets, then the two gather maps.
-  auto host_maps =
-      runtime::pinned_host_buffer::allocate((static_cast<size_t>(m->local_ + 1) + 2 * recv) * i32);
+  auto host_maps = runtime::pinned_host_buffer::allocate(maps);
   for (auto* b : {&host_offsets, &host_header, &host_maps})
     if (!*b) return with_context(b->error(), "expert parallel: pinned buffers");
   m->host_offsets_ = std::move(*host_offsets);
@@ -119,6 +134,7 @@ caf::expected<std::unique_ptr<expert_parallel_moe>> expert_parallel_moe::create(
   m->host_maps_ = std::move(*host_maps);
   m->send_counts_.assign(static_cast<size_t>(world), 0);
   m->recv_counts_.assign(static_cast<size_t>(world), 0);
+  m->send_start_.assign(static_cast<size_t>(world), 0);
   m->expert_rows_.assign(static_cast<size_t>(m->local_), 0);
   m->peer_expert_rows_.assign(static_cast<size_t>(world * m->local_), 0);
   return m;
@@ -141,6 +157,7 @@ caf::error expert_parallel_moe::forward(const void* x, const int32_t* topk_idx,
   const int64_t T = refusal.empty() ? tokens : 0;
   const int64_t k = shape_.top_k, D = shape_.dim, E = shape_.num_experts;
   const int64_t entries = T * k;
+  chunks_ = 0;
 
   // What fails here fails before any peer waits on this rank: it joins the exchange as a
   // refusal, so that the world stays in step and every rank hears of it.
@@ -151,18 +168,12 @@ caf::error expert_parallel_moe::forward(const void* x, const int32_t* topk_idx,
   }
   if (auto err = exchange_headers(refusal, s)) return local ? local : err;
 
-  const int64_t bytes = D * static_cast<int64_t>(kernels::dtype_bytes(shape_.dt));
-  const runtime::all_to_all_plan dispatch{send_counts_, recv_counts_, static_cast<size_t>(bytes)};
-  if (auto err = runtime::all_to_all_rows(comm_, dispatch, send_rows_.data(), send_capacity_,
-                                          recv_rows_.data(), recv_capacity_, s))
-    return with_context(err, "expert parallel: dispatch");
-  if (auto err = run_experts(dispatch.total_recv_rows(), w, s)) return err;
-  if (auto err = runtime::all_to_all_rows(comm_, dispatch.reversed(), recv_out_.data(),
-                                          recv_capacity_, home_rows_.data(), send_capacity_, s))
-    return with_context(err, "expert parallel: combine");
+  if (auto err = plan_chunks(s)) return err;
+  for (int64_t c = 0; c < chunks_; ++c)
+    if (auto err = run_chunk(c, w, s)) return err;
   if (T == 0) return {};
   kcu::unpermute_args u;
-  u.y = home_rows_.data();
+  u.y = send_rows_.data();  // every row's output, back where the row left from
   u.weight = topk_weight;
   u.positions = static_cast<const int32_t*>(positions_.data());
   u.out = out;
@@ -210,15 +221,21 @@ caf::error expert_parallel_moe::sort_rows(const void* x, const int32_t* topk_idx
 /// send_counts_, recv_counts_ and peer_expert_rows_; fails on every rank if any refused.
 caf::error expert_parallel_moe::exchange_headers(const std::string& refusal, cudaStream_t s) {
   ++rounds_;
-  const int64_t L = local_, row = L + 1;
+  const int64_t L = local_, row = L + 2;
   const auto* offsets = static_cast<const int32_t*>(host_offsets_.data());
   auto* out = static_cast<int32_t*>(host_header_.data());
   int32_t* in = out + world_ * row;
+  int32_t largest = 0;
+  for (int p = 0; p < world_; ++p) {
+    send_start_[static_cast<size_t>(p)] = offsets[p * L];
+    send_counts_[static_cast<size_t>(p)] = offsets[(p + 1) * L] - offsets[p * L];
+    largest = std::max(largest, offsets[(p + 1) * L] - offsets[p * L]);
+  }
   for (int p = 0; p < world_; ++p) {
     int32_t* h = out + p * row;
     h[0] = refusal.empty() ? 0 : 1;
-    for (int64_t j = 0; j < L; ++j) h[1 + j] = offsets[p * L + j + 1] - offsets[p * L + j];
-    send_counts_[static_cast<size_t>(p)] = offsets[(p + 1) * L] - offsets[p * L];
+    h[1] = largest;
+    for (int64_t j = 0; j < L; ++j) h[2 + j] = offsets[p * L + j + 1] - offsets[p * L + j];
   }
   const size_t header_bytes = static_cast<size_t>(world_ * row) * sizeof(int32_t);
   const std::vector<int64_t> one(static_cast<size_t>(world_), 1);
@@ -235,62 +252,127 @@ caf::error expert_parallel_moe::exchange_headers(const std::string& refusal, cud
       return model::make_error(model::model_errc::peer_refused,
                                "expert parallel: rank " + std::to_string(p) +
                                    " refused its part of the step (its own error says why)");
+  // Every rank reads every rank's largest send, so all agree on the busiest pair, hence on
+  // the number of chunks.
+  int64_t busiest = 0;
+  std::fill(expert_rows_.begin(), expert_rows_.end(), 0);
   for (int p = 0; p < world_; ++p) {
+    busiest = std::max<int64_t>(busiest, in[p * row + 1]);
     int64_t total = 0;
     for (int64_t j = 0; j < L; ++j) {
-      const int32_t n = in[p * row + 1 + j];
+      const int32_t n = in[p * row + 2 + j];
       peer_expert_rows_[static_cast<size_t>(p * L + j)] = n;
+      expert_rows_[static_cast<size_t>(j)] += n;
       total += n;
+      if (n < 0) total = send_capacity_ + 1;  // refused below
     }
     recv_counts_[static_cast<size_t>(p)] = total;
   }
+  // Every rank's counts come from its own permute plan, within max_tokens x top_k rows a peer;
+  // past that the world is broken (its ranks disagree on the shape), and the maps below would
+  // overrun their buffers.
+  for (int p = 0; p < world_; ++p)
+    if (in[p * row + 1] < 0 || in[p * row + 1] > send_capacity_ ||
+        recv_counts_[static_cast<size_t>(p)] > send_capacity_)
+      return model::make_error(model::model_errc::kernel_failed,
+                               "expert parallel: rank " + std::to_string(p) +
+                                   "'s header is past the layer's shape (" +
+                                   std::to_string(send_capacity_) + " rows a peer)");
+  chunks_ = (busiest + pair_rows_ - 1) / pair_rows_;
   return {};
 }
 
-/// The local experts over the `rows` received rows (peer by peer, each peer's by expert): the
-/// gather map by_expert_ reads them expert by expert, by_arrival_ puts the outputs back.
-caf::error expert_parallel_moe::run_experts(int64_t rows, const expert_parallel_weights& w,
+/// Every chunk's gather maps, side by side in host_maps_ and copied to maps_ at once. Chunk c
+/// takes rows [c P, c P + n) of each peer's (P: pair_rows_), peer after peer; for it:
+///   local offsets (L + 1)  where each local expert's rows start, read by expert
+///   by_expert (rows)       the arrival index of each row, read by expert
+///   by_arrival (rows)      the inverse: where each arrived row's output is, read by expert
+caf::error expert_parallel_moe::plan_chunks(cudaStream_t s) {
+  const int64_t L = local_, P = pair_rows_;
+  auto* maps = static_cast<int32_t*>(host_maps_.data());
+  maps_used_ = 0;
+  chunk_maps_.clear();
+  // Peer p's rows for local expert j are [first, first + n) of its rows, sorted by expert.
+  std::vector<int64_t> first(static_cast<size_t>(world_ * L));
+  for (int p = 0; p < world_; ++p)
+    for (int64_t j = 0, at = 0; j < L; ++j) {
+      first[static_cast<size_t>(p * L + j)] = at;
+      at += peer_expert_rows_[static_cast<size_t>(p * L + j)];
+    }
+  for (int64_t c = 0; c < chunks_; ++c) {
+    int64_t rows = 0;
+    for (int p = 0; p < world_; ++p) rows += chunk_rows(recv_counts_[static_cast<size_t>(p)], c, P);
+    int32_t* local_offsets = maps + maps_used_;
+    int32_t* by_expert = local_offsets + L + 1;
+    int32_t* by_arrival = by_expert + rows;
+    chunk_maps_.push_back({maps_used_, rows});
+    maps_used_ += L + 1 + 2 * rows;
+    int32_t next = 0;
+    for (int64_t j = 0; j < L; ++j) {
+      local_offsets[j] = next;
+      int64_t peer_start = 0;  // where peer p's rows of this chunk begin on arrival
+      for (int p = 0; p < world_; ++p) {
+        const int64_t from = first[static_cast<size_t>(p * L + j)];
+        const int64_t n = peer_expert_rows_[static_cast<size_t>(p * L + j)];
+        const int64_t lo = std::max(from, c * P), hi = std::min(from + n, c * P + P);
+        for (int64_t at = lo; at < hi; ++at) {
+          const int64_t arrival = peer_start + at - c * P;
+          by_expert[next] = static_cast<int32_t>(arrival);
+          by_arrival[arrival] = next++;
+        }
+        peer_start += chunk_rows(recv_counts_[static_cast<size_t>(p)], c, P);
+      }
+    }
+    local_offsets[L] = next;
+  }
+  if (maps_used_ == 0) return {};
+  return runtime::copy_async(maps_.data(), maps, static_cast<size_t>(maps_used_) * sizeof(int32_t),
+                             s);
+}
+
+/// Chunk c: each peer's slice of rows out, the local experts over what came in, the outputs
+/// back to where their rows left from.
+caf::error expert_parallel_moe::run_chunk(int64_t c, const expert_parallel_weights& w,
+                                          cudaStream_t s) {
+  const auto n = static_cast<size_t>(world_);
+  runtime::all_to_all_plan dispatch;
+  dispatch.row_bytes = static_cast<size_t>(shape_.dim) * kernels::dtype_bytes(shape_.dt);
+  dispatch.send_rows.resize(n);
+  dispatch.recv_rows.resize(n);
+  dispatch.send_at.resize(n);
+  for (size_t p = 0; p < n; ++p) {
+    dispatch.send_rows[p] = chunk_rows(send_counts_[p], c, pair_rows_);
+    dispatch.recv_rows[p] = chunk_rows(recv_counts_[p], c, pair_rows_);
+    dispatch.send_at[p] = send_start_[p] + c * pair_rows_;
+  }
+  if (auto err = runtime::all_to_all_rows(comm_, dispatch, send_rows_.data(), send_capacity_,
+                                          recv_rows_.data(), recv_capacity_, s))
+    return with_context(err, "expert parallel: dispatch");
+  if (auto err = run_experts(c, w, s)) return err;
+  if (auto err = runtime::all_to_all_rows(comm_, dispatch.reversed(), recv_rows_.data(),
+                                          recv_capacity_, send_rows_.data(), send_capacity_, s))
+    return with_context(err, "expert parallel: combine");
+  return {};
+}
+
+/// The local experts over chunk c's received rows (peer by peer, each peer's by expert): the
+/// gather map by_expert reads them expert by expert, and by_arrival puts each output at its
+/// row's arrival index in recv_rows_, whose inputs the gate|up product has read by then.
+caf::error expert_parallel_moe::run_experts(int64_t c, const expert_parallel_weights& w,
                                             cudaStream_t s) {
   const int64_t L = local_, D = shape_.dim, I = shape_.intermediate;
-  std::fill(expert_rows_.begin(), expert_rows_.end(), 0);
+  const auto [maps_at, rows] = chunk_maps_[static_cast<size_t>(c)];
   if (rows == 0) return {};
-  auto* local_offsets = static_cast<int32_t*>(host_maps_.data());
-  int32_t* by_expert = local_offsets + L + 1;
-  int32_t* by_arrival = by_expert + rows;
-  int32_t next = 0;
-  for (int64_t j = 0; j < L; ++j) {
-    local_offsets[j] = next;
-    int64_t peer_start = 0;  // where peer p's rows begin in the received rows
-    for (int p = 0; p < world_; ++p) {
-      int64_t at = peer_start;  // where its rows for expert j begin
-      for (int64_t q = 0; q < j; ++q) at += peer_expert_rows_[static_cast<size_t>(p * L + q)];
-      const int32_t n = peer_expert_rows_[static_cast<size_t>(p * L + j)];
-      for (int32_t r = 0; r < n; ++r) {
-        by_expert[next] = static_cast<int32_t>(at + r);
-        by_arrival[at + r] = next++;
-      }
-      expert_rows_[static_cast<size_t>(j)] += n;
-      peer_start += recv_counts_[static_cast<size_t>(p)];
-    }
-  }
-  local_offsets[L] = next;
-  const size_t i32 = sizeof(int32_t);
-  if (auto err = runtime::copy_async(local_offsets_.data(), local_offsets,
-                                     static_cast<size_t>(L + 1) * i32, s))
-    return err;
-  if (auto err =
-          runtime::copy_async(by_expert_.data(), by_expert, static_cast<size_t>(rows) * i32, s))
-    return err;
-  if (auto err =
-          runtime::copy_async(by_arrival_.data(), by_arrival, static_cast<size_t>(rows) * i32, s))
-    return err;
+  const int32_t* local_offsets = static_cast<const int32_t*>(maps_.data()) + maps_at;
+  const int32_t* by_expert = local_offsets + L + 1;
+  const int32_t* by_arrival = by_expert + rows;
 
   kcu::grouped_gemm_args g;
   g.x = recv_rows_.data();
-  g.x_entries = static_cast<const int32_t*>(by_expert_.data());
+  g.x_entries = by_expert;
   g.entries_per_x_row = 1;
   g.num_x_rows = rows;
-  g.expert_offsets = static_cast<const int32_t*>(local_offsets_.data());
+  g.expert_offsets = local_offsets;
   g.weights = w.gate_up;
   g.num_rows = rows;
   g.num_experts = L;
@@ -324,13 +406,17 @@ caf::error expert_parallel_moe::run_experts(int64_t rows, const expert_parallel_
   if (auto err = check(kcu::grouped_gemm_run(d, s), "experts down")) return err;
   kcu::gather_rows_args back;
   back.table = sorted_out_.data();
-  back.ids = static_cast<const int32_t*>(by_arrival_.data());
-  back.out = recv_out_.data();
+  back.ids = by_arrival;
+  back.out = recv_rows_.data();
   back.num_rows = rows;
   back.num_ids = rows;
   back.dim = D;
   back.dt = shape_.dt;
   return check(kcu::gather_rows_run(back, s), "experts' outputs back in arrival order");
+}
+
+size_t expert_parallel_moe::device_bytes() const noexcept {
+  return device_bytes_;
 }
 
 }  // namespace moe::engine

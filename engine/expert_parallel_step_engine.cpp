@@ -112,7 +112,8 @@ caf::expected<std::unique_ptr<expert_parallel_step_engine>> expert_parallel_step
     gpu_engine_options eo = options.engine;
     eo.device = options.devices[r];
     eo.decode_graphs = false;
-    eo.expert_parallel = {s->comms[r].get(), options.max_tokens_per_rank};
+    eo.expert_parallel = {s->comms[r].get(), options.max_tokens_per_rank,
+                          options.recv_rows_per_rank};
     auto e = gpu_engine::create(ckpt, eo);
     if (!e) return with_context(e.error(), "expert-parallel group: rank " + std::to_string(r));
     s->ranks.push_back(std::make_unique<gpu_step_engine>(std::move(*e), eo.device));

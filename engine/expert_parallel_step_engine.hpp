@@ -47,8 +47,13 @@ struct expert_parallel_group_options {
   /// must split evenly over them.
   std::vector<int> devices;
   /// The most tokens one rank runs in one round (a prefill's prompts together, a decode's
-  /// batch): bounds each rank's receive buffers (ranks x this x top_k rows of hidden).
+  /// batch): bounds each rank's send buffers (this x top_k rows of hidden) and, by default, its
+  /// receive buffers (ranks x this x top_k rows).
   int64_t max_tokens_per_rank = 2048;
+  /// Rows of hidden each rank's receive buffers hold (gpu_expert_parallel::recv_rows): 0 for the
+  /// worst routing; fewer, at least one a rank, bound each GPU's memory for the exchange, and
+  /// rounds whose routing needs more run their MoE layers in chunks (same results).
+  int64_t recv_rows_per_rank = 0;
 };
 
 class expert_parallel_step_engine final : public model::step_engine {

@@ -609,8 +609,11 @@ class forward {
       if ((err = check(kcu::moe_gate_run(g, stream_), "gate"))) return err;
       ++m_.kernels->experts_parallel;
       const expert_parallel_weights local{w.experts_gate_up.data, w.experts_down.data};
-      return m_.expert_parallel->forward(b_.mlp_in, topk_idx, b_.topk_weight, T_, local, b_.ffn_out,
-                                         stream_);
+      err = m_.expert_parallel->forward(b_.mlp_in, topk_idx, b_.topk_weight, T_, local, b_.ffn_out,
+                                        stream_);
+      m_.kernels->experts_parallel_chunks +=
+          static_cast<uint64_t>(m_.expert_parallel->last_chunks());
+      return err;
     }
     kcu::permute_plan_args plan;
     plan.topk_idx = topk_idx;

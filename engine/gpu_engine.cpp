@@ -541,6 +541,7 @@ caf::expected<gpu_engine> gpu_engine::create(std::shared_ptr<const model::checkp
     shape.top_k = c.num_experts_per_tok;
     shape.max_tokens = options.expert_parallel.max_tokens;
     shape.dt = options.dtype;
+    shape.recv_rows = options.expert_parallel.recv_rows;
     auto ep = expert_parallel_moe::create(options.expert_parallel.comm, shape);
     if (!ep) return with_context(ep.error(), "gpu engine");
     s->expert_parallel = std::move(*ep);

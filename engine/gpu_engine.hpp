@@ -63,8 +63,13 @@ namespace moe::engine {
 struct gpu_expert_parallel {
   ncclComm_t comm = nullptr;  ///< the world, on the engine's device; not owned. Null: off
   /// The most tokens one step of this rank runs: a prefill's prompts together, a decode's
-  /// batch. Sizes the layer's receive buffers (world x max_tokens x top_k rows of hidden).
+  /// batch. Sizes the layer's send buffers (max_tokens x top_k rows of hidden) and, by default,
+  /// its receive buffers (world x max_tokens x top_k rows: the worst routing).
   int64_t max_tokens = 0;
+  /// Rows of hidden the receive buffers hold (expert_parallel_shape::recv_rows): 0 for the worst
+  /// routing; fewer bound the layer's memory, and a round whose routing sends more than
+  /// recv_rows / world rows between two ranks runs in chunks, with the same results.
+  int64_t recv_rows = 0;
 };
 
 struct gpu_engine_options {
@@ -181,6 +186,9 @@ struct gpu_kernel_stats {
   uint64_t experts_cublas = 0;        ///< cuBLAS's grouped GEMM (cublas_grouped_experts)
   /// MoE layers whose routed experts ran across the world (expert_parallel), one a layer and step.
   uint64_t experts_parallel = 0;
+  /// The exchanges (dispatch, experts, combine) those layers ran: one a layer where the receive
+  /// buffers held the round's routing (none where no rank routed a row), more where they did not.
+  uint64_t experts_parallel_chunks = 0;
   /// Dense products run on the grouped GEMM as one expert (grouped_dense_rows).
   uint64_t dense_as_one_expert = 0;
   /// Products of FP8 weights beyond skinny_rows (fp8_products): on cuBLASLt's block-scaled

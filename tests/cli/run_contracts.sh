@@ -599,6 +599,12 @@ case_bad_cli_arguments() {
   expect_clear_error serve "--expert-parallel choose whole-model engine shards"
   moe serve --config "$config" --engine reference --expert-parallel 2
   expect_clear_error serve "--expert-parallel are for --engine gpu"
+  moe serve --config "$config" --engine gpu --expert-parallel-recv-rows 64
+  expect_clear_error serve "--expert-parallel-recv-rows sizes the expert exchange of --expert-parallel groups"
+  moe serve --config "$config" --engine gpu --expert-parallel 4 --expert-parallel-recv-rows 3
+  expect_clear_error serve "--expert-parallel-recv-rows 3: at least a row for each of the group's 4 GPUs"
+  moe serve --config "$config" --expert-parallel-recv-rows -1
+  expect_refused_saying "--expert-parallel-recv-rows: -1 is not a whole number in [0, 2147483647]"
   moe submit --address 127.0.0.1:9 --secret s --prompt-ids 5 --deadline-ms -5
   expect_refused_saying "--deadline-ms: -5 is not a whole number >= 0"
   # Seeds: CLI11 alone read -1 as 2^64 - 1 and went on.

@@ -46,8 +46,9 @@ std::vector<int> first_devices(int n) {
 
 caf::expected<std::unique_ptr<engine::expert_parallel_step_engine>> make_group(
     const std::shared_ptr<const model::checkpoint>& ckpt, int ranks, int64_t max_tokens,
-    int64_t num_blocks = 32) {
+    int64_t num_blocks = 32, int64_t recv_rows = 0) {
   engine::expert_parallel_group_options o;
+  o.recv_rows_per_rank = recv_rows;
   o.engine.dtype = kernels::dtype::f32;
   o.engine.cache.num_blocks = num_blocks;
   o.engine.cache.block_size = 8;
@@ -73,12 +74,20 @@ class expert_parallel_step_engine_test : public ::testing::TestWithParam<int> {
   std::vector<int32_t> ids_;
 };
 
-TEST_P(expert_parallel_step_engine_test, steps_give_the_reference_step_engines_tokens) {
-  const int world = GetParam();
+/// Five sequences prefilled and decoded `decode_steps` times on a group of `world` whose ranks
+/// receive at most `recv_rows` rows of an exchange at once (0: the worst routing), against the
+/// reference step engine.
+void expect_the_reference_steps(const std::shared_ptr<const model::checkpoint>& ckpt,
+                                const std::vector<int32_t>& ids, int world, int64_t recv_rows,
+                                int decode_steps) {
+  const auto prompt = [&](size_t begin, size_t length) {
+    return std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(begin),
+                                ids.begin() + static_cast<std::ptrdiff_t>(begin + length));
+  };
   // 35 prompt tokens, at most 12 a rank and round: a group of one runs the prefill in 4 rounds.
-  auto group = make_group(ckpt_, world, 12);
+  auto group = make_group(ckpt, world, 12, 32, recv_rows);
   ASSERT_TRUE(group) << error_text(group.error());
-  auto reference = model::reference_engine::create(ckpt_);
+  auto reference = model::reference_engine::create(ckpt);
   ASSERT_TRUE(reference) << error_text(reference.error());
   model::reference_step_engine ref(std::move(*reference));
   EXPECT_EQ((*group)->world_size(), world);
@@ -95,7 +104,7 @@ TEST_P(expert_parallel_step_engine_test, steps_give_the_reference_step_engines_t
   seqs[3].seed = 5;
   const int64_t free_before = (*group)->free_cache_blocks();
   expect_same_step(**group, ref, seqs, true, "prefill");
-  if (HasFatalFailure()) return;
+  if (::testing::Test::HasFatalFailure()) return;
   // Five sequences over the ranks, each rank some (one rank holds them all in a group of one).
   std::set<int> holders;
   for (const auto& q : seqs) holders.insert((*group)->rank_of(q.id));
@@ -106,16 +115,35 @@ TEST_P(expert_parallel_step_engine_test, steps_give_the_reference_step_engines_t
     EXPECT_EQ((*group)->rounds(), 4u);  // 11 | 2 + 7 | 9 | 6
   }
 
-  expect_same_decode_steps(**group, ref, seqs, ids_, 5);
-  if (HasFatalFailure()) return;
-  // Every rank ran each MoE layer of each round, whether it had sequences or not.
+  expect_same_decode_steps(**group, ref, seqs, ids, decode_steps);
+  if (::testing::Test::HasFatalFailure()) return;
+  // Every rank ran each MoE layer of each round, whether it had sequences or not; in one
+  // exchange a layer, or (small receive buffers) in more.
+  uint64_t layers = 0, chunks = 0;
   for (int r = 0; r < world; ++r) {
     const auto stats = (*group)->rank_engine(r).kernel_stats();
     EXPECT_GT(stats.experts_parallel, 0u) << "rank " << r;
+    if (recv_rows == 0) {
+      EXPECT_EQ(stats.experts_parallel_chunks, stats.experts_parallel) << "rank " << r;
+    }
+    layers += stats.experts_parallel;
+    chunks += stats.experts_parallel_chunks;
+  }
+  if (recv_rows > 0) {
+    EXPECT_GT(chunks, layers);
   }
   for (const auto& q : seqs) (*group)->release(q.id);
   EXPECT_EQ((*group)->free_cache_blocks(), free_before);
   EXPECT_EQ((*group)->rank_of(10), -1);
+}
+
+TEST_P(expert_parallel_step_engine_test, steps_give_the_reference_step_engines_tokens) {
+  expect_the_reference_steps(ckpt_, ids_, GetParam(), 0, 5);
+}
+
+TEST_P(expert_parallel_step_engine_test, small_receive_buffers_give_the_same_tokens_in_chunks) {
+  // Two rows a pair of ranks and chunk: a 12-token round of top-k rows takes many chunks.
+  expect_the_reference_steps(ckpt_, ids_, GetParam(), 2 * GetParam(), 2);
 }
 
 TEST_P(expert_parallel_step_engine_test, refused_steps_leave_nothing_cached_on_any_rank) {

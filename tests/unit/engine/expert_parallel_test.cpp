@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #ifdef MOE_HAVE_CUDA
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -96,6 +97,31 @@ batch concatenated(int n) {
   return all;
 }
 
+/// Every rank all tokens of ranks 0..3, routed mostly to the experts of rank 0 of a world of n
+/// (n >= 2): each token's first K - 1 entries there, its last on rank n - 1's experts. Rank
+/// n - 1's rows then start late in each sender's rows, and rank 0's many rows set the chunks.
+batch skewed(int n) {
+  batch b = concatenated(4);
+  const int64_t L = E / n;
+  for (int64_t t = 0; t < b.tokens; ++t)
+    for (int64_t j = 0; j < K; ++j)
+      b.idx[static_cast<size_t>(t * K + j)] =
+          static_cast<int32_t>(j < K - 1 ? (t + j) % L : E - 1 - t % L);
+  return b;
+}
+
+/// Which tokens each rank of a world of n passes.
+enum class layout { own, all, skewed };
+
+batch tokens_for(layout l, int rank, int n) {
+  switch (l) {
+    case layout::own: return batch_of(rank);
+    case layout::all: return concatenated(4);
+    case layout::skewed: return skewed(n);
+  }
+  return {};
+}
+
 float silu(float v) {
   return v / (1.0f + std::exp(-v));
 }
@@ -138,9 +164,12 @@ struct rank_layer {
   int64_t tokens = 0;
 };
 
-/// Makes rank c's layer for `b` (the layer's experts [first, first + L) of `w`).
-void make_rank_layer(const rank_ctx& c, const layer& w, const batch& b, dtype dt, rank_layer& r) {
-  engine::expert_parallel_shape shape{E, D, I, K, std::max<int64_t>(max_tokens, b.tokens), dt};
+/// Makes rank c's layer for `b` (the layer's experts [first, first + L) of `w`), with receive
+/// buffers of `recv_rows` rows (0: the worst routing).
+void make_rank_layer(const rank_ctx& c, const layer& w, const batch& b, dtype dt, rank_layer& r,
+                     int64_t recv_rows = 0) {
+  engine::expert_parallel_shape shape{E,  D,        I, K, std::max<int64_t>(max_tokens, b.tokens),
+                                      dt, recv_rows};
   auto moe = engine::expert_parallel_moe::create(c.comm, shape);
   ASSERT_TRUE(moe) << error_text(moe.error());
   r.moe = std::move(*moe);
@@ -185,28 +214,36 @@ void expect_a_call_matches_the_reference(const rank_ctx& c, const layer& w, cons
     ASSERT_NEAR(got[i], ref[i], tol * (1.0 + std::fabs(ref[i]))) << "rank " << c.rank;
 }
 
-/// Every rank's output in a world of n, rank by rank, and each rank's per-expert rows.
+/// Every rank's output in a world of n, rank by rank, each rank's per-expert rows, the chunks
+/// its call ran and the bytes its layer's buffers hold.
 struct world_result {
   std::vector<std::vector<float>> out;
   std::vector<std::vector<int64_t>> expert_rows;
+  std::vector<int64_t> chunks;
+  std::vector<size_t> device_bytes;
 };
 
-world_result run_layer(int n, dtype dt, const layer& w, bool all_tokens_on_one_rank) {
+world_result run_layer(int n, dtype dt, const layer& w, layout tokens, int64_t recv_rows = 0) {
   world_result res;
   res.out.resize(static_cast<size_t>(n));
   res.expert_rows.resize(static_cast<size_t>(n));
+  res.chunks.resize(static_cast<size_t>(n));
+  res.device_bytes.resize(static_cast<size_t>(n));
   std::mutex mu;
   run_world(n, [&](const rank_ctx& c) {
-    const batch b = all_tokens_on_one_rank ? concatenated(4) : batch_of(c.rank);
+    const batch b = tokens_for(tokens, c.rank, n);
     rank_layer r;
-    make_rank_layer(c, w, b, dt, r);
+    make_rank_layer(c, w, b, dt, r, recv_rows);
     if (!r.moe) return;
     auto err = forward(r, b.tokens, c.stream);
     ASSERT_FALSE(err) << "rank " << c.rank << ": " << error_text(err);
     auto out = result(r, dt, c.stream);
     std::lock_guard<std::mutex> lk(mu);
-    res.out[static_cast<size_t>(c.rank)] = std::move(out);
-    res.expert_rows[static_cast<size_t>(c.rank)] = r.moe->last_expert_rows();
+    const auto at = static_cast<size_t>(c.rank);
+    res.out[at] = std::move(out);
+    res.expert_rows[at] = r.moe->last_expert_rows();
+    res.chunks[at] = r.moe->last_chunks();
+    res.device_bytes[at] = r.moe->device_bytes();
   });
   return res;
 }
@@ -226,12 +263,12 @@ TEST_P(expert_parallel, every_token_gets_the_world_of_ones_output_bit_for_bit) {
   const auto [n, dt] = GetParam();
   if (auto why = cannot_form(n); !why.empty()) GTEST_SKIP() << why;
   const layer w;
-  const world_result split = run_layer(n, dt, w, false);
+  const world_result split = run_layer(n, dt, w, layout::own);
   if (::testing::Test::HasFatalFailure()) return;
 
   // The world of one: every expert and the tokens of ranks 0..3 on one rank (those of ranks
   // past n-1 included, so every world compares against the same run).
-  const world_result one = run_layer(1, dt, w, true);
+  const world_result one = run_layer(1, dt, w, layout::all);
   ASSERT_EQ(one.out.size(), 1u);
   const batch all = concatenated(4);
   const std::vector<float> ref = reference(w, all);
@@ -264,6 +301,52 @@ TEST_P(expert_parallel, every_token_gets_the_world_of_ones_output_bit_for_bit) {
     for (int64_t j = 0; j < E / n; ++j)
       EXPECT_EQ(rows[static_cast<size_t>(j)], routed[static_cast<size_t>(r * (E / n) + j)])
           << "rank " << r << ", local expert " << j;
+  }
+}
+
+TEST_P(expert_parallel, smaller_receive_buffers_run_in_chunks_and_change_no_bit) {
+  const auto [n, dt] = GetParam();
+  if (auto why = cannot_form(n); !why.empty()) GTEST_SKIP() << why;
+  const layer w;
+  // Each rank its own tokens, every rank all of them, and (worlds of 2 or more) all of them routed
+  // mostly to rank 0: the last rank's rows then start late in each sender's rows, so a late
+  // chunk's start for that pair, whose rows ran out, lies past the send buffer.
+  for (const layout tokens : {layout::own, layout::all, layout::skewed}) {
+    if (tokens == layout::skewed && n < 2) continue;
+    SCOPED_TRACE(tokens == layout::own   ? "each rank its own tokens"
+                 : tokens == layout::all ? "every rank all tokens"
+                                         : "every rank all tokens, mostly to rank 0");
+    const world_result whole = run_layer(n, dt, w, tokens);
+    if (::testing::Test::HasFatalFailure()) return;
+    for (int r = 0; r < n; ++r) EXPECT_EQ(whole.chunks[static_cast<size_t>(r)], 1) << "rank " << r;
+
+    // The busiest pair of ranks: what bounds the chunks a call needs.
+    int64_t busiest = 0;
+    for (int from = 0; from < n; ++from) {
+      std::vector<int64_t> to(static_cast<size_t>(n), 0);
+      for (int32_t e : tokens_for(tokens, from, n).idx)
+        if (e >= 0) ++to[static_cast<size_t>(e / (E / n))];
+      for (int64_t rows : to) busiest = std::max(busiest, rows);
+    }
+    EXPECT_GT(busiest, 3) << "the routing must need several chunks of 3 rows";
+    // One row a pair and chunk (the most chunks), then a few: the outputs, bit for bit, and
+    // each expert's rows are the whole exchange's, on every rank, in fewer bytes.
+    for (const int64_t per_pair : {int64_t{1}, int64_t{3}}) {
+      SCOPED_TRACE("rows a pair and chunk: " + std::to_string(per_pair));
+      const world_result chunked = run_layer(n, dt, w, tokens, per_pair * n);
+      if (::testing::Test::HasFatalFailure()) return;
+      for (int r = 0; r < n; ++r) {
+        const auto at = static_cast<size_t>(r);
+        EXPECT_EQ(chunked.chunks[at], (busiest + per_pair - 1) / per_pair) << "rank " << r;
+        EXPECT_LT(chunked.device_bytes[at], whole.device_bytes[at]) << "rank " << r;
+        EXPECT_EQ(chunked.expert_rows[at], whole.expert_rows[at]) << "rank " << r;
+        ASSERT_EQ(chunked.out[at].size(), whole.out[at].size()) << "rank " << r;
+        for (size_t i = 0; i < whole.out[at].size(); ++i)
+          ASSERT_EQ(std::memcmp(&chunked.out[at][i], &whole.out[at][i], sizeof(float)), 0)
+              << "rank " << r << ", element " << i << ": " << chunked.out[at][i] << " vs "
+              << whole.out[at][i];
+      }
+    }
   }
 }
 
@@ -364,6 +447,15 @@ TEST(expert_parallel_shape, shapes_the_layer_cannot_take_are_refused_before_any_
     refused({E, D, I, K, INT64_MAX / 2, dtype::f32},
             "receive rows are past the kernels' int32 rows");
     refused({E, D, I, K, INT32_MAX / 4, dtype::f32}, "2 ranks x 536870911 tokens x top_k 3");
+    refused({E, D, I, K, max_tokens, dtype::f32, 1},
+            "receive buffers of 1 rows (0 for the worst routing, else at least a row for each of "
+            "the 2 ranks)");
+    refused({E, D, I, K, max_tokens, dtype::f32, -4}, "receive buffers of -4 rows");
+    // A budget above the worst routing is the worst routing.
+    auto roomy = engine::expert_parallel_moe::create(
+        c.comm, {E, D, I, K, max_tokens, dtype::f32, 1'000'000});
+    ASSERT_TRUE(roomy) << error_text(roomy.error());
+    EXPECT_EQ((*roomy)->recv_capacity(), 2 * max_tokens * K);
     auto none = engine::expert_parallel_moe::create(nullptr, {E, D, I, K, max_tokens, dtype::f32});
     EXPECT_FALSE(none);
   });
