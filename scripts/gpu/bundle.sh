@@ -19,7 +19,7 @@ targets=(test_runtime_gpu test_runtime_nccl_multi_process test_runtime_nccl_worl
          test_kernels_cuda test_kernels_cuda_gemm test_kernels_cuda_gather test_kernels_cuda_skinny_linear
          test_kernels_cuda_mla test_kernels_cuda_wgmma test_kernels_cuda_grouped_gemm test_kernels_cuda_backward
          test_kernels_cuda_fp8_quantize test_kernels_cuda_fp8 test_engine_gpu test_engine_gpu_serving test_engine_expert_parallel
-         moe_bench_gpu_kernels moe_bench_gpu_engine moe)
+         moe_bench_gpu_kernels moe_bench_gpu_engine moe_bench_expert_parallel moe)
 ninja -C "$build" "${targets[@]}"
 
 rm -rf gpu-bundle

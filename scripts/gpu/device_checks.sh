@@ -85,6 +85,11 @@ step bench_gpu_engine 240 "$bundle/bin/moe_bench_gpu_engine" --fp8 block_scaled,
 step bench_gpu_kernels 120 "$bundle/bin/moe_bench_gpu_kernels" --reps 20
 # The kernels' JSON is the log's stdout part; keep a clean copy.
 sed -n '/^{/,/^}/p' "$logs/bench_gpu_kernels.log" > "$logs/bench_gpu_kernels.json"
+# One v2lite MoE layer's experts in a world of one (the one H200; its one pair is itself):
+# receive buffers of 1/2 to 1/8 of the worst routing (2 to 8 chunks) against the whole exchange,
+# at 32 and 4096 tokens: what bounding the exchange's memory costs.
+step bench_expert_parallel 60 "$bundle/bin/moe_bench_expert_parallel" --world 1 --reps 10 \
+  --out "$logs/bench_expert_parallel.json"
 # Where the engine's time goes: every kernel's duration (Nsight Compute, one metric, clocks left
 # alone) over a short run: three prefills of 4 x 512, then at batch 1 and 32 twice a prefill of
 # 128 tokens and two decode steps. scripts/gpu/ncu_summary.py splits the CSV (in
@@ -98,7 +103,8 @@ step ncu_engine 120 "$ncu" --clock-control none --metrics gpu__time_duration.sum
   --launch-count 4000 "$bundle/bin/moe_bench_gpu_engine" --reps 1 --decode-steps 2 \
   --check-tokens 0 --no-graphs --no-variants "${profiled[@]}" --out "$logs/ncu_engine_bench.json"
 python3 scripts/gpu/ncu_summary.py "$logs/ncu_engine.log" > "$logs/ncu_summary.json" 2>&1
-for f in peer_transformers.json bench_gpu_engine.json bench_gpu_kernels.json ncu_summary.json; do
+for f in peer_transformers.json bench_gpu_engine.json bench_gpu_kernels.json bench_expert_parallel.json \
+         ncu_summary.json; do
   [[ -s "$logs/$f" ]] && cp "$logs/$f" "$out/"
 done
 tar czf "$out/results.tar.gz" -C "$logs" .
