@@ -6,6 +6,8 @@
 #   chaos_cli.sh MOE_BINARY
 set -u
 MOE=$(realpath "$1")
+# shellcheck source=../tools/wait_for_line.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/wait_for_line.sh"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/moe-chaos-cli.XXXXXX") || exit 2
 PIDS=()
 cleanup() {
@@ -57,15 +59,6 @@ state() { ps -o stat= -p "$1" 2>/dev/null | cut -c1; }
 settles() {
   for _ in $(seq 50); do
     [[ $(state "$1") =~ $2 ]] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-# reported FILE REGEX: whether a background process's log shows REGEX within 10 s. The proxy
-# writes its connection report after closing the sockets, so a client may finish first.
-reported() {
-  for _ in $(seq 100); do
-    grep -qE -- "$2" "$1" && return 0
     sleep 0.1
   done
   return 1
@@ -165,12 +158,13 @@ read -r sum_c _ _ _ <<<"$C"
 [[ $size_a -eq 20000 && $flips_a -gt 150 && $flips_a -lt 700 ]] || fail "rate 0.01: $size_a bytes, $flips_a bits flipped"
 [[ $sum_a == "$sum_b" ]] || fail "the same seed flipped different bits ($A / $B)"
 [[ $sum_a != "$sum_c" ]] || fail "different seeds flipped the same bits"
-reported "$TMP/seed5.out" "conn 1 from .*: closed by the client; to server 20000 B \([0-9]+ bits flipped\)" ||
+# The proxy writes its connection report after closing the sockets, so a client may finish first.
+wait_for_line "$TMP/seed5.out" "conn 1 from .*: closed by the client; to server 20000 B \([0-9]+ bits flipped\)" ||
   fail "the proxy's connection report: $(cat "$TMP/seed5.out")"
 proxy drop --drop-after 5000
 read -r _ size _ _ < <(roundtrip "$PROXY")
 [[ $size -lt 5000 ]] || fail "--drop-after 5000: $size bytes came back"
-reported "$TMP/drop.out" "cut after 5000 bytes" || fail "--drop-after not reported: $(cat "$TMP/drop.out")"
+wait_for_line "$TMP/drop.out" "cut after 5000 bytes" || fail "--drop-after not reported: $(cat "$TMP/drop.out")"
 proxy slow --delay-ms 300
 read -r _ size _ secs < <(roundtrip "$PROXY")
 [[ $size -eq 20000 ]] || fail "--delay-ms: $size bytes came back"

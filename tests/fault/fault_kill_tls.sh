@@ -17,6 +17,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" "$1" "$2" kill_tls
 command -v openssl >/dev/null || skip "no openssl command (certificates are made with it)"
 # A CA and a certificate for the nodes; a stranger's from another CA.
 source "$ROOT/tests/tools/tls_certs.sh" "$TMP/tls"
+# shellcheck source=../tools/wait_for_line.sh
+source "$ROOT/tests/tools/wait_for_line.sh"
 tls_make_ca cluster-ca && tls_make_cert cluster-ca node && tls_make_ca other-ca && tls_make_cert other-ca stranger ||
   die "cannot make certificates with openssl"
 
@@ -45,8 +47,7 @@ echo "    placement: n0: $(holdings n0); n1: $held; n2: $(holdings n2)"
 cluster_up
 # `cluster up` returns once n0 answers; n0 logs its "up: ... (TLS)" line only after it publishes
 # its control endpoint, so that line may land a moment after the answer.
-for _ in $(seq 100); do grep -q "(TLS)" "$RUN/n0.log" && break; sleep 0.1; done
-grep -q "(TLS)" "$RUN/n0.log" || die "n0 does not say it runs TLS: $(cat "$RUN/n0.log")"
+wait_for_line "$RUN/n0.log" "\(TLS\)" || die "n0 does not say it runs TLS: $(cat "$RUN/n0.log")"
 serve_start
 baseline
 load_start --requests 600

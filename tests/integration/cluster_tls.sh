@@ -36,6 +36,8 @@ done
 
 # A CA and a node certificate, as docs/operations.md makes them.
 source "$(dirname "${BASH_SOURCE[0]}")/../tools/tls_certs.sh" "$TMP/tls"
+# shellcheck source=../tools/wait_for_line.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/wait_for_line.sh"
 tls_make_ca cluster-ca && tls_make_cert cluster-ca n0 && tls_make_ca other-ca && tls_make_cert other-ca stranger ||
   { echo "FAIL: cannot make certificates" >&2; exit 1; }
 
@@ -62,8 +64,7 @@ if ! "$MOE" cluster up --config "$TMP/tls.yaml" --run-dir "$RUN" --timeout 60 >"
 fi
 # `cluster up` returns once n0 answers; n0 logs its "up: ... (TLS)" line only after it publishes
 # its control endpoint, so that line may land a moment after the answer.
-for _ in $(seq 100); do grep -q "(TLS)" "$RUN/n0.log" && break; sleep 0.1; done
-grep -q "(TLS)" "$RUN/n0.log" || fail "n0's log does not say TLS: $(cat "$RUN/n0.log")"
+wait_for_line "$RUN/n0.log" "\(TLS\)" || fail "n0's log does not say TLS: $(cat "$RUN/n0.log")"
 
 "$MOE" cluster status --config "$TMP/tls.yaml" --run-dir "$RUN" >"$TMP/status.out" 2>&1
 rc=$?
