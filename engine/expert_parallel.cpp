@@ -290,7 +290,7 @@ caf::error expert_parallel_moe::exchange_headers(const std::string& refusal, cud
 caf::error expert_parallel_moe::plan_chunks(cudaStream_t s) {
   const int64_t L = local_, P = pair_rows_;
   auto* maps = static_cast<int32_t*>(host_maps_.data());
-  maps_used_ = 0;
+  int64_t maps_used = 0;  // int32s of host_maps_ written
   chunk_maps_.clear();
   // Peer p's rows for local expert j are [first, first + n) of its rows, sorted by expert.
   std::vector<int64_t> first(static_cast<size_t>(world_ * L));
@@ -302,11 +302,11 @@ caf::error expert_parallel_moe::plan_chunks(cudaStream_t s) {
   for (int64_t c = 0; c < chunks_; ++c) {
     int64_t rows = 0;
     for (int p = 0; p < world_; ++p) rows += chunk_rows(recv_counts_[static_cast<size_t>(p)], c, P);
-    int32_t* local_offsets = maps + maps_used_;
+    int32_t* local_offsets = maps + maps_used;
     int32_t* by_expert = local_offsets + L + 1;
     int32_t* by_arrival = by_expert + rows;
-    chunk_maps_.push_back({maps_used_, rows});
-    maps_used_ += L + 1 + 2 * rows;
+    chunk_maps_.push_back({maps_used, rows});
+    maps_used += L + 1 + 2 * rows;
     int32_t next = 0;
     for (int64_t j = 0; j < L; ++j) {
       local_offsets[j] = next;
@@ -325,8 +325,8 @@ caf::error expert_parallel_moe::plan_chunks(cudaStream_t s) {
     }
     local_offsets[L] = next;
   }
-  if (maps_used_ == 0) return {};
-  return runtime::copy_async(maps_.data(), maps, static_cast<size_t>(maps_used_) * sizeof(int32_t),
+  if (maps_used == 0) return {};
+  return runtime::copy_async(maps_.data(), maps, static_cast<size_t>(maps_used) * sizeof(int32_t),
                              s);
 }
 
@@ -413,10 +413,6 @@ caf::error expert_parallel_moe::run_experts(int64_t c, const expert_parallel_wei
   back.dim = D;
   back.dt = shape_.dt;
   return check(kcu::gather_rows_run(back, s), "experts' outputs back in arrival order");
-}
-
-size_t expert_parallel_moe::device_bytes() const noexcept {
-  return device_bytes_;
 }
 
 }  // namespace moe::engine

@@ -116,7 +116,7 @@ class expert_parallel_moe {
   /// Rows the receive buffers hold (shape.recv_rows, or the worst routing for 0).
   [[nodiscard]] int64_t recv_capacity() const noexcept { return recv_capacity_; }
   /// Device memory the layer's buffers hold, in bytes.
-  [[nodiscard]] size_t device_bytes() const noexcept;
+  [[nodiscard]] size_t device_bytes() const noexcept { return device_bytes_; }
 
  private:
   expert_parallel_moe() = default;
@@ -158,7 +158,6 @@ class expert_parallel_moe {
     int64_t rows = 0;  // rows the chunk brings to this rank
   };
   std::vector<chunk_maps> chunk_maps_;  // this call's, by chunk
-  int64_t maps_used_ = 0;               // int32s of host_maps_ this call's chunks wrote
   uint64_t rounds_ = 0;
 };
 
