@@ -225,16 +225,16 @@ caf::error expert_parallel_moe::exchange_headers(const std::string& refusal, cud
   const auto* offsets = static_cast<const int32_t*>(host_offsets_.data());
   auto* out = static_cast<int32_t*>(host_header_.data());
   int32_t* in = out + world_ * row;
-  int32_t largest = 0;
+  int64_t largest = 0;
   for (int p = 0; p < world_; ++p) {
     send_start_[static_cast<size_t>(p)] = offsets[p * L];
     send_counts_[static_cast<size_t>(p)] = offsets[(p + 1) * L] - offsets[p * L];
-    largest = std::max(largest, offsets[(p + 1) * L] - offsets[p * L]);
+    largest = std::max(largest, send_counts_[static_cast<size_t>(p)]);
   }
   for (int p = 0; p < world_; ++p) {
     int32_t* h = out + p * row;
     h[0] = refusal.empty() ? 0 : 1;
-    h[1] = largest;
+    h[1] = static_cast<int32_t>(largest);  // at most max_tokens x top_k
     for (int64_t j = 0; j < L; ++j) h[2 + j] = offsets[p * L + j + 1] - offsets[p * L + j];
   }
   const size_t header_bytes = static_cast<size_t>(world_ * row) * sizeof(int32_t);
@@ -254,30 +254,29 @@ caf::error expert_parallel_moe::exchange_headers(const std::string& refusal, cud
                                    " refused its part of the step (its own error says why)");
   // Every rank reads every rank's largest send, so all agree on the busiest pair, hence on
   // the number of chunks.
+  // Every rank's counts come from its own permute plan, within max_tokens x top_k rows a peer;
+  // past that (or below zero) the world is broken (its ranks disagree on the shape), and the
+  // maps would overrun their buffers.
   int64_t busiest = 0;
   std::fill(expert_rows_.begin(), expert_rows_.end(), 0);
   for (int p = 0; p < world_; ++p) {
     busiest = std::max<int64_t>(busiest, in[p * row + 1]);
+    bool consistent = in[p * row + 1] >= 0 && in[p * row + 1] <= send_capacity_;
     int64_t total = 0;
     for (int64_t j = 0; j < L; ++j) {
       const int32_t n = in[p * row + 2 + j];
       peer_expert_rows_[static_cast<size_t>(p * L + j)] = n;
       expert_rows_[static_cast<size_t>(j)] += n;
       total += n;
-      if (n < 0) total = send_capacity_ + 1;  // refused below
+      consistent = consistent && n >= 0;
     }
     recv_counts_[static_cast<size_t>(p)] = total;
-  }
-  // Every rank's counts come from its own permute plan, within max_tokens x top_k rows a peer;
-  // past that the world is broken (its ranks disagree on the shape), and the maps below would
-  // overrun their buffers.
-  for (int p = 0; p < world_; ++p)
-    if (in[p * row + 1] < 0 || in[p * row + 1] > send_capacity_ ||
-        recv_counts_[static_cast<size_t>(p)] > send_capacity_)
+    if (!consistent || total > send_capacity_)
       return model::make_error(model::model_errc::kernel_failed,
                                "expert parallel: rank " + std::to_string(p) +
                                    "'s header is past the layer's shape (" +
                                    std::to_string(send_capacity_) + " rows a peer)");
+  }
   chunks_ = (busiest + pair_rows_ - 1) / pair_rows_;
   return {};
 }
